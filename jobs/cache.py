@@ -1,0 +1,411 @@
+"""``pvu cache``: WebDataset shards -> per-(epoch, shard) Parquet cache of embeddings and losses.
+
+Runs on a local Ray by default, or on a cluster with ``--ray-address`` (what ``ray job submit``
+executes). Re-running the same command resumes: committed units are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any, Literal
+
+import fsspec
+import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline.augment import TransformConfig, resolve_transform
+from pipeline.backbone import BackboneInfo, describe_backbone
+from pipeline.manifest import Manifest
+from pipeline.shards import expand_shards, shard_names
+from pipeline.unit import Unit, UnitResult, UnitSettings
+from schemas import SCHEMA_VERSION
+
+log = logging.getLogger("pvu.cache")
+console = Console(stderr=True)
+
+
+class CacheJobConfig(BaseModel):
+    """The cache job's configuration, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shards: str
+    backbone: str
+    output: str
+    weights: str = "hub"
+    label_remap: str | None = None
+    epochs: int = Field(default=1, ge=1)
+    augment: Literal["train", "eval"] = "train"
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    actors: int | None = Field(default=None, ge=1)
+    gpus_per_actor: float | None = Field(default=None, ge=0)
+    cpus_per_actor: float | None = Field(default=None, gt=0)
+    image_key: str | None = None
+    label_key: str = "cls"
+    ray_address: str | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+    max_attempts: int = Field(default=3, ge=1)
+    input_size: int | None = Field(default=None, ge=8)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, weights: str) -> str:
+        if weights in ("hub", "random"):
+            return weights
+        fs, path = fsspec.core.url_to_fs(weights)
+        if not fs.isfile(path):
+            raise ValueError(f"'{weights}' is neither 'hub', 'random' nor an existing weights file")
+        return weights
+
+    @field_validator("label_remap")
+    @classmethod
+    def _remap_exists(cls, label_remap: str | None) -> str | None:
+        if label_remap is not None:
+            fs, path = fsspec.core.url_to_fs(label_remap)
+            if not fs.isfile(path):
+                raise ValueError(f"label remap file '{label_remap}' does not exist")
+        return label_remap
+
+    @model_validator(mode="after")
+    def _eval_has_one_epoch(self) -> CacheJobConfig:
+        if self.augment == "eval" and self.epochs != 1:
+            raise ValueError("--augment eval caches one un-augmented epoch (0); drop --epochs")
+        return self
+
+    def transform_config(self) -> TransformConfig:
+        """The augmentation settings; unset fields fall back to the backbone's data config."""
+        size = None if self.input_size is None else (3, self.input_size, self.input_size)
+        return TransformConfig(augment=self.augment, input_size=size)
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """Tar member extensions tried, in order, for a sample's image."""
+        return (self.image_key,) if self.image_key else ("jpg", "jpeg", "png", "webp")
+
+
+def project_version() -> str:
+    """The installed pvu version."""
+    try:
+        return version("pvu")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def file_digest(url: str | None) -> str | None:
+    """sha256 of a small file (the label remap), or None."""
+    if url is None:
+        return None
+    import hashlib
+
+    with fsspec.open(url, "rb") as handle:
+        return "sha256:" + hashlib.sha256(handle.read()).hexdigest()
+
+
+def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict) -> dict[str, Any]:
+    """What this cache is: the fields that must match for two runs to share an output prefix."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": info.name,
+        "weights_digest": info.weights_digest,
+        "embedding_dim": info.embedding_dim,
+        "num_classes": info.num_classes,
+        "transform": transform,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "label_remap_digest": file_digest(config.label_remap),
+        "project_version": project_version(),
+    }
+
+
+def plan_actors(
+    nodes: list[dict[str, float]],
+    *,
+    actors: int | None,
+    gpus_per_actor: float | None,
+    cpus_per_actor: float | None,
+) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) for a cluster whose nodes have ``nodes`` resources.
+
+    Defaults: one actor per GPU when the cluster has GPUs, each with its node's share of CPUs;
+    else one CPU actor per node using all of that node's CPUs.
+    """
+    total_gpus = sum(node.get("GPU", 0) for node in nodes)
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
+    if gpus > 0:
+        gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= gpus]
+        if not gpu_nodes:
+            raise ValueError(
+                f"--gpus-per-actor {gpus} but no node of the cluster has that many GPUs"
+            )
+        per_node = [math.floor(node["GPU"] / gpus) for node in gpu_nodes]
+        shares = [
+            node.get("CPU", 0) / count for node, count in zip(gpu_nodes, per_node, strict=True)
+        ]
+        cpus = cpus_per_actor or max(1.0, math.floor(min(shares)))
+        return actors or sum(per_node), gpus, cpus
+    cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
+    if not cpu_nodes:
+        raise ValueError("the Ray cluster has no CPUs to run cache actors on")
+    cpus = cpus_per_actor or float(min(cpu_nodes))
+    default_actors = sum(max(1, math.floor(node / cpus)) for node in cpu_nodes if node >= cpus)
+    return actors or max(1, default_actors), 0.0, cpus
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Resources of each alive Ray node."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def summarize(
+    results: list[UnitResult],
+    *,
+    already: int,
+    failed: dict[str, str],
+    seconds: float,
+    manifest: Manifest,
+) -> Table:
+    """The job's closing summary: units, rows, skips by reason, throughput, time per stage."""
+    rows = sum(result.rows for result in results)
+    table = Table(title="pvu cache: summary", show_header=False)
+    table.add_row("output", manifest.root)
+    table.add_row(
+        "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"
+    )
+    table.add_row("rows written", f"{rows:,}")
+    table.add_row("rows in cache", f"{sum(u['rows'] for u in manifest.units.values()):,}")
+    skipped: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    table.add_row(
+        "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    )
+    table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
+    stages: dict[str, float] = {}
+    for result in results:
+        for stage, value in result.timings.items():
+            stages[stage] = stages.get(stage, 0.0) + value
+    table.add_row(
+        "seconds by stage (all actors)",
+        ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
+    )
+    for relpath, error in sorted(failed.items()):
+        table.add_row(f"[red]FAILED {relpath}", error)
+    return table
+
+
+def run_cache(config: CacheJobConfig) -> int:
+    """Run the cache job; returns the number of units that failed permanently."""
+    from pipeline.distribute import ActorPool
+
+    urls = expand_shards(config.shards)
+    names = shard_names(urls)
+    info = describe_backbone(config.backbone, config.weights)
+    transform = resolve_transform(config.transform_config(), info.data_config)
+    provenance = build_provenance(config, info, transform)
+    manifest = Manifest.open(config.output, provenance)
+    units = [
+        Unit(source=url, shard=name, epoch=epoch)
+        for epoch in range(config.epochs)
+        for url, name in zip(urls, names, strict=True)
+    ]
+    todo = [unit for unit in units if not manifest.is_done(unit.relpath)]
+    log.info(
+        "%d shards x %d epochs = %d units; %d already committed, %d to do",
+        len(urls),
+        config.epochs,
+        len(units),
+        len(units) - len(todo),
+        len(todo),
+    )
+    settings = UnitSettings(
+        output=config.output,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        transform=transform,
+        provenance=provenance,
+        embedding_dim=info.embedding_dim,
+        dtype=config.dtype,
+        image_keys=config.image_keys,
+        label_key=config.label_key,
+        label_remap=config.label_remap,
+    )
+    started = time.monotonic()
+    results: list[UnitResult] = []
+    failed: dict[str, str] = {}
+    if todo:
+        connect_ray(config.ray_address)
+        size, gpus, cpus = plan_actors(
+            alive_node_resources(),
+            actors=config.actors,
+            gpus_per_actor=config.gpus_per_actor,
+            cpus_per_actor=config.cpus_per_actor,
+        )
+        log.info("%d actor(s), %g GPU and %g CPU each", size, gpus, cpus)
+        pool = ActorPool(
+            size=size,
+            gpus=gpus,
+            cpus=cpus,
+            backbone=config.backbone,
+            weights=config.weights,
+            settings=settings,
+            max_attempts=config.max_attempts,
+        )
+        images = 0
+        with Progress(
+            TextColumn("[bold]cache"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("units {task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("units", total=len(todo), rate="")
+
+            def on_result(result: UnitResult) -> None:
+                nonlocal images
+                manifest.record(result.relpath, result.manifest_entry())
+                images += result.rows
+                rate = images / max(time.monotonic() - started, 1e-9)
+                progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
+
+            report = pool.run(todo, on_result)
+        results, failed = report.results, report.failed
+        manifest.flush(force=True)
+    console.print(
+        summarize(
+            results,
+            already=len(units) - len(todo),
+            failed=failed,
+            seconds=time.monotonic() - started,
+            manifest=manifest,
+        )
+    )
+    return len(failed)
+
+
+def cache(
+    shards: Annotated[
+        str,
+        typer.Option(
+            help="Brace pattern (s3://b/train-{0000..2047}.tar), a "
+            "directory or prefix of .tar files, or a text file of URLs."
+        ),
+    ],
+    backbone: Annotated[str, typer.Option(help="timm model name, e.g. vit_base_patch16_224.")],
+    output: Annotated[str, typer.Option(help="Cache root: a local path or any fsspec URL.")],
+    weights: Annotated[
+        str, typer.Option(help="'hub', 'random', or a local safetensors / state-dict file.")
+    ] = "hub",
+    label_remap: Annotated[
+        str | None,
+        typer.Option(
+            help="File mapping shard labels to the classifier's indices (JSON or one per line)."
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 1,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="'train' (timm train transform, per epoch) or 'eval' (eval transform, epoch 0)."
+        ),
+    ] = "train",
+    seed: Annotated[
+        int, typer.Option(help="Global seed; augmentations are a function of (seed, epoch, key).")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per backbone forward.")] = 64,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="Backbone actors [default: one per GPU, or one per node on CPU clusters]."
+        ),
+    ] = None,
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option(help="GPUs per actor [default: 1 if the cluster has GPUs, else 0]."),
+    ] = None,
+    cpus_per_actor: Annotated[
+        float | None, typer.Option(help="CPUs per actor [default: the node's share].")
+    ] = None,
+    image_key: Annotated[
+        str | None,
+        typer.Option(help="Image member extension [default: first of jpg/jpeg/png/webp]."),
+    ] = None,
+    label_key: Annotated[str, typer.Option(help="Label member extension.")] = "cls",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address [default: start a local Ray].")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Stored embedding type: float16 or float32.")
+    ] = "float16",
+    max_attempts: Annotated[
+        int, typer.Option(help="Tries per unit before it counts as failed.")
+    ] = 3,
+    input_size: Annotated[
+        int | None, typer.Option(help="Square input size [default: the backbone's].")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Cache embeddings and per-sample losses of a frozen timm backbone over augmented epochs."""
+    setup_logging(verbose)
+    arguments = {k: v for k, v in locals().items() if k != "verbose"}
+    try:
+        config = CacheJobConfig(**arguments)
+    except ValidationError as error:
+        raise typer.BadParameter(_explain(error)) from None
+    try:
+        failures = run_cache(config)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    if failures:
+        console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
+        raise typer.Exit(code=1)
+
+
+def _explain(error: ValidationError) -> str:
+    return "; ".join(
+        f"--{str(part['loc'][0]).replace('_', '-') if part['loc'] else 'config'}: {part['msg']}"
+        for part in error.errors()
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    """Rich log lines on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+
+
+def main() -> None:
+    """``python -m jobs.cache``."""
+    typer.run(cache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""The ``pvu`` command: one sub-command per job."""
+
+from __future__ import annotations
+
+import typer
+
+from jobs.cache import cache
+
+app = typer.Typer(
+    help="pvu: pretrained visual uncertainties, cached at scale.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("cache")(cache)

@@ -1,0 +1,174 @@
+"""The frozen backbone: load a timm model once, then embedding, logits and loss in one forward."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from timm.data import resolve_model_data_config
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the driver needs to know about a backbone without running it."""
+
+    name: str
+    weights_digest: str
+    embedding_dim: int
+    num_classes: int
+    data_config: dict[str, Any]
+
+
+def _read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as handle:
+        return handle.read()
+
+
+def read_state_dict(url: str) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects."""
+    data = _read_bytes(url)
+    if url.endswith(".npz"):
+        raise ValueError(f"{url}: JAX .npz checkpoints are not loaded; convert to safetensors")
+    if url.endswith(".safetensors"):
+        state = load_safetensors(data)
+    else:
+        import io
+
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        for wrapper in _WRAPPER_KEYS:
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{url}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of the classifier stored in ``state`` for ``model``'s architecture."""
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    for name in names:
+        weight = state.get(f"{name}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def _weights_digest(name: str, weights: str) -> str:
+    if weights == "random":
+        return f"random:{name}:seed{RANDOM_INIT_SEED}"
+    if weights == "hub":
+        return f"hub:{name}"
+    return "sha256:" + hashlib.sha256(_read_bytes(weights)).hexdigest()
+
+
+def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
+    """The timm model ``name`` with ``weights``: ``hub``, ``random`` (seeded) or a local file.
+
+    A local file bypasses timm's pretrained loaders (so ``custom_load`` models never reach the
+    JAX ``.npz`` path) and decides the classifier's number of classes.
+    """
+    if weights == "hub":
+        model = timm.create_model(name, pretrained=True)
+    elif weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False)
+    else:
+        state = read_state_dict(weights)
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False)
+        num_classes = _classifier_rows(probe, state)
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return model.eval().requires_grad_(False)
+
+
+def _embedding_dim(model: torch.nn.Module, input_size: tuple[int, ...]) -> int:
+    with torch.inference_mode():
+        features = model.forward_features(torch.zeros(1, *input_size))
+        return int(model.forward_head(features, pre_logits=True).shape[-1])
+
+
+def describe_backbone(name: str, weights: str) -> BackboneInfo:
+    """Name, weights digest, embedding width, classes and data config of a backbone."""
+    model = create_backbone_model(name, weights)
+    data_config = resolve_model_data_config(model)
+    return BackboneInfo(
+        name=name,
+        weights_digest=_weights_digest(name, weights),
+        embedding_dim=_embedding_dim(model, data_config["input_size"]),
+        num_classes=int(model.num_classes),
+        data_config=data_config,
+    )
+
+
+def read_label_remap(url: str) -> np.ndarray:
+    """Shard label -> head index, from JSON (a list, or a dict of int keys) or one int per line.
+
+    Entries that are absent map to -1 (no class of the head).
+    """
+    text = _read_bytes(url).decode()
+    if url.endswith(".json"):
+        parsed = json.loads(text)
+        pairs = enumerate(parsed) if isinstance(parsed, list) else parsed.items()
+        mapping = {int(k): int(v) for k, v in pairs}
+    else:
+        lines = [line.split("#")[0].strip() for line in text.splitlines()]
+        mapping = {i: int(line) for i, line in enumerate(lines) if line}
+    if not mapping or min(mapping) < 0:
+        raise ValueError(f"{url}: label remap must map non-negative labels, got {len(mapping)}")
+    table = np.full(max(mapping) + 1, -1, dtype=np.int64)
+    for source, target in mapping.items():
+        table[source] = target
+    return table
+
+
+class Backbone:
+    """A frozen timm classifier on one device, loaded once and run under ``inference_mode``."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.num_classes = int(model.num_classes)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embedding, per-sample cross-entropy, argmax, max softmax probability and entropy."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        ):
+            features = self.model.forward_features(images)
+            embedding = self.model.forward_head(features, pre_logits=True)
+            logits = self.model.forward_head(features).float()
+        log_probs = F.log_softmax(logits, dim=-1)
+        max_log_prob, pred = log_probs.max(dim=-1)
+        return {
+            "embedding": embedding.float().cpu(),
+            "loss": F.nll_loss(log_probs, labels, reduction="none").cpu(),
+            "pred": pred.int().cpu(),
+            "max_prob": max_log_prob.exp().cpu(),
+            "entropy": -(log_probs.exp() * log_probs).sum(dim=-1).cpu(),
+        }

@@ -1,0 +1,47 @@
+"""A tiny timm classifier trained in seconds on small images: a non-random backbone for demos."""
+
+from __future__ import annotations
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.data import resolve_model_data_config
+
+
+def train_tiny_backbone(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    name: str = "resnet10t",
+    size: int = 32,
+    epochs: int = 3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A ``name`` classifier (random init, ``seed``) fit to uint8 RGB ``images`` (N, H, W, 3)."""
+    torch.manual_seed(seed)
+    num_classes = int(labels.max()) + 1
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    config = resolve_model_data_config(model)
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    inputs = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    inputs = (F.interpolate(inputs, size=(size, size), mode="bilinear") - mean) / std
+    targets = torch.from_numpy(labels).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(inputs)).split(batch_size):
+            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def save_backbone(model: torch.nn.Module, path: str) -> str:
+    """Write ``model``'s weights as safetensors (what ``--weights <file>`` reads)."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path

@@ -1,0 +1,183 @@
+"""Ray layer: a pool of backbone actors, pinned to GPUs or CPUs, that runs units of work.
+
+Ray only moves units and their results; the per-sample work is ``pipeline.unit``. A unit whose
+actor or node dies is given to another actor; a unit that raises is retried, then reported failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from pipeline.backbone import Backbone, create_backbone_model
+from pipeline.unit import Unit, UnitResult, UnitRunner, UnitSettings
+
+log = logging.getLogger(__name__)
+
+_ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def pick_device(gpu_ids: list, cuda_available: bool) -> torch.device:
+    """The GPU Ray assigned to this actor, else the CPU (logged when GPUs were assigned)."""
+    if gpu_ids and cuda_available:
+        return torch.device("cuda", 0)
+    if gpu_ids:
+        log.warning(
+            "Ray assigned GPU %s but CUDA is not available here: running on the CPU", gpu_ids
+        )
+    return torch.device("cpu")
+
+
+class CacheWorker:
+    """Holds one backbone on its device and runs units with it (the body of a Ray actor)."""
+
+    def __init__(self, backbone: str, weights: str, settings: UnitSettings) -> None:
+        context = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
+        model = create_backbone_model(backbone, weights)
+        self.runner = UnitRunner(Backbone(model, self.device), settings)
+        self.node_id = context.get_node_id()
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs: node, device, GPU ids and torch threads."""
+        return {
+            "node_id": self.node_id,
+            "device": str(self.device),
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "threads": torch.get_num_threads(),
+        }
+
+    def run(self, unit: Unit) -> UnitResult:
+        """Compute and commit one unit."""
+        return self.runner.run(unit)
+
+
+@dataclass
+class PoolReport:
+    """How a pool run went: results per unit, units that failed for good, actors replaced."""
+
+    results: list[UnitResult] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    actors_replaced: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ActorPool:
+    """Distributes units over ``size`` actors, each asking Ray for ``gpus`` and ``cpus``."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        gpus: float,
+        cpus: float,
+        backbone: str,
+        weights: str,
+        settings: UnitSettings,
+        max_attempts: int = 3,
+    ) -> None:
+        self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(CacheWorker)
+        self._args = (backbone, weights, settings)
+        self.size = size
+        self.max_attempts = max_attempts
+        self._idle: list[Any] = []
+        self._starting: dict[ray.ObjectRef, Any] = {}
+        self._running: dict[ray.ObjectRef, tuple[Any, Unit]] = {}
+        self._start_failures = 0
+
+    def _start_actor(self) -> None:
+        actor = self._actor_class.remote(*self._args)
+        self._starting[actor.describe.remote()] = actor
+
+    def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
+        """Run every unit once to completion (or failure); ``on_result`` sees each result."""
+        report = PoolReport()
+        pending = deque(units)
+        attempts: dict[str, int] = {}
+        for _ in range(min(self.size, len(pending))):
+            self._start_actor()
+        try:
+            while pending or self._running:
+                while pending and self._idle:
+                    actor, unit = self._idle.pop(), pending.popleft()
+                    self._running[actor.run.remote(unit)] = (actor, unit)
+                if not self._running and not self._starting:
+                    raise RuntimeError("no cache actor is alive and none is starting")
+                ready, _ = ray.wait([*self._running, *self._starting], num_returns=1, timeout=5)
+                for ref in ready:
+                    if ref in self._starting:
+                        self._on_started(ref, report)
+                    else:
+                        self._on_finished(ref, report, pending, attempts, on_result)
+        finally:
+            for actor in [*self._idle, *self._starting.values()]:
+                ray.kill(actor)
+            for actor, _ in self._running.values():
+                ray.kill(actor)
+        return report
+
+    def _on_started(self, ref: ray.ObjectRef, report: PoolReport) -> None:
+        actor = self._starting.pop(ref)
+        try:
+            description = ray.get(ref)
+        except _ACTOR_LOST as error:
+            self._start_failures += 1
+            if not report.workers and self._start_failures > self.size + 2:
+                raise RuntimeError(
+                    f"no cache actor could start; the last error: {error}"
+                ) from error
+            log.warning("cache actor lost while starting (%s); starting another", error)
+            report.actors_replaced += 1
+            self._start_actor()
+            return
+        report.workers.append(description)
+        log.info("cache actor ready: %s", description)
+        self._idle.append(actor)
+
+    def _on_finished(
+        self,
+        ref: ray.ObjectRef,
+        report: PoolReport,
+        pending: deque,
+        attempts: dict[str, int],
+        on_result: Callable[[UnitResult], None],
+    ) -> None:
+        actor, unit = self._running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayTaskError as error:
+            attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
+            if attempts[unit.relpath] < self.max_attempts:
+                log.warning(
+                    "unit %s failed (attempt %d), retrying: %s",
+                    unit.relpath,
+                    attempts[unit.relpath],
+                    error,
+                )
+                pending.append(unit)
+            else:
+                report.failed[unit.relpath] = f"{unit.source}: {error.cause!r}"
+            self._idle.append(actor)
+            return
+        except _ACTOR_LOST as error:
+            log.warning(
+                "actor running %s was lost (%s); the unit goes to another actor",
+                unit.relpath,
+                type(error).__name__,
+            )
+            pending.appendleft(unit)
+            report.actors_replaced += 1
+            self._start_actor()
+            return
+        report.results.append(result)
+        on_result(result)
+        self._idle.append(actor)

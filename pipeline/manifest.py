@@ -1,0 +1,144 @@
+"""The cache's record of itself: provenance and committed units, in ``<cache>/_manifest.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from schemas import SCHEMA_VERSION, UNIT_STATS_KEY, read_provenance, validate_manifest
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_manifest.json"
+IDENTITY_FIELDS = (
+    "schema_version",
+    "backbone",
+    "weights_digest",
+    "transform",
+    "seed",
+    "dtype",
+    "label_remap_digest",
+)
+
+
+class ProvenanceMismatch(ValueError):
+    """A run asked for a cache that differs from the one already at the output prefix."""
+
+
+def provenance_differences(existing: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two provenances in the fields that define a cache."""
+    differences = []
+    for name in IDENTITY_FIELDS:
+        old, new = existing.get(name), requested.get(name)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [
+                f"{name}.{key}: cache has {old.get(key)!r}, this run asks for {new.get(key)!r}"
+                for key in sorted(old.keys() | new.keys())
+                if old.get(key) != new.get(key)
+            ]
+        else:
+            differences.append(f"{name}: cache has {old!r}, this run asks for {new!r}")
+    return differences
+
+
+def check_provenance(existing: dict[str, Any], requested: dict[str, Any], where: str) -> None:
+    """Raise ``ProvenanceMismatch`` naming each differing field if the two caches differ."""
+    differences = provenance_differences(existing, requested)
+    if differences:
+        raise ProvenanceMismatch(
+            f"refusing to mix caches at {where}; use another --output. " + "; ".join(differences)
+        )
+
+
+class Manifest:
+    """Committed units of one cache; the driver owns it and writes it atomically, throttled."""
+
+    def __init__(self, root: str, provenance: dict[str, Any], flush_seconds: float = 10.0):
+        self.root = root.rstrip("/")
+        self.provenance = provenance
+        self.units: dict[str, dict[str, Any]] = {}
+        self.flush_seconds = flush_seconds
+        self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        self._last_flush = 0.0
+        self._dirty = False
+
+    @classmethod
+    def open(cls, root: str, provenance: dict[str, Any]) -> Manifest:
+        """The manifest at ``root`` (created if absent), refusing a different provenance.
+
+        Unit files committed after the last manifest write (a crash in between) are adopted
+        from their own footers.
+        """
+        manifest = cls(root, provenance)
+        path = f"{manifest._root_path}/{MANIFEST_NAME}"
+        if manifest._fs.exists(path):
+            with manifest._fs.open(path, "r") as handle:
+                document = json.load(handle)
+            validate_manifest(document)
+            check_provenance(document["provenance"], provenance, root)
+            manifest.units = document["units"]
+        manifest._adopt_orphans()
+        manifest.flush(force=True)
+        return manifest
+
+    def _adopt_orphans(self) -> None:
+        pattern = f"{self._root_path}/epoch=*/*.parquet"
+        for path in sorted(self._fs.glob(pattern)):
+            relpath = path[len(self._root_path) + 1 :]
+            if relpath in self.units:
+                continue
+            schema = pq.read_schema(self._fs.open(path, "rb"))
+            check_provenance(read_provenance(schema), self.provenance, path)
+            stats = json.loads(schema.metadata[UNIT_STATS_KEY])
+            self.units[relpath] = {**stats, "bytes": int(self._fs.size(path))}
+            self._dirty = True
+            log.info("adopted committed unit %s missing from the manifest", relpath)
+
+    def is_done(self, relpath: str) -> bool:
+        """Whether the unit at ``relpath`` is committed."""
+        return relpath in self.units
+
+    def record(self, relpath: str, entry: dict[str, Any]) -> None:
+        """Record a committed unit; the manifest is rewritten at most every ``flush_seconds``."""
+        self.units[relpath] = entry
+        self._dirty = True
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Write the manifest aside, then move it into place, if it changed."""
+        if not (self._dirty or force):
+            return
+        if not force and time.monotonic() - self._last_flush < self.flush_seconds:
+            return
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "provenance": self.provenance,
+            "units": dict(sorted(self.units.items())),
+            "project_version": self.provenance.get("project_version", ""),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        validate_manifest(document)
+        self._fs.makedirs(self._root_path, exist_ok=True)
+        staging = f"{self._root_path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
+        with self._fs.open(staging, "w") as handle:
+            json.dump(document, handle, indent=1)
+        self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
+        self._last_flush = time.monotonic()
+        self._dirty = False
+
+    def skipped_totals(self) -> dict[str, int]:
+        """Skipped samples by reason, summed over all committed units."""
+        totals: dict[str, int] = {}
+        for entry in self.units.values():
+            for reason, count in entry["skipped"].items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals

@@ -1,0 +1,30 @@
+"""Why a sample was skipped: the reasons counted per unit and reported in the manifest."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class SkipReason(str, Enum):
+    """A kind of bad input (DESIGN.md section 5). The value is the manifest's counter name."""
+
+    NO_IMAGE = "no_image"
+    NO_LABEL = "no_label"
+    BAD_LABEL = "bad_label"
+    LABEL_OUTSIDE_HEAD = "label_outside_head"
+    EMPTY_IMAGE = "empty_image"
+    UNDECODABLE = "undecodable"
+    TRUNCATED_IMAGE = "truncated_image"
+    TOO_SMALL = "too_small"
+    TOO_LARGE = "too_large"
+    TRUNCATED_TAR = "truncated_tar"
+
+
+class BadSample(Exception):
+    """Raised by a step that rejects one sample; carries the reason and the sample's key."""
+
+    def __init__(self, reason: SkipReason, detail: str = "", key: str = "") -> None:
+        super().__init__(f"{key or '<sample>'}: {reason.value}{': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+        self.key = key

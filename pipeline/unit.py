@@ -1,0 +1,211 @@
+"""One unit of work, (epoch, input shard) -> committed Parquet file, with no Ray in sight.
+
+The data path: shard -> samples -> augmented tensors -> backbone -> Arrow batches -> commit.
+Decoding and augmentation run in a background thread while the backbone runs the previous batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.augment import augment, build_transform, sample_seed
+from pipeline.backbone import Backbone, read_label_remap
+from pipeline.decode import decode_image
+from pipeline.prefetch import prefetch
+from pipeline.samples import RawSample, iter_samples
+from pipeline.skips import BadSample, SkipReason
+from pipeline.writer import commit_unit, to_record_batch, unit_path
+from schemas import cache_schema, with_provenance
+
+log = logging.getLogger(__name__)
+
+
+class UnitSettings(BaseModel):
+    """Everything a worker needs that is the same for every unit of one cache job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output: str
+    seed: int
+    batch_size: int
+    transform: dict[str, Any]
+    provenance: dict[str, Any]
+    embedding_dim: int
+    dtype: str = "float16"
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    label_key: str = "cls"
+    label_remap: str | None = None
+    prefetch_batches: int = 2
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input shard in one epoch: the smallest piece of work that is committed on its own."""
+
+    source: str
+    shard: str
+    epoch: int
+
+    @property
+    def relpath(self) -> str:
+        """The unit file's path relative to the cache root."""
+        return unit_path(self.epoch, self.shard)
+
+
+@dataclass
+class UnitResult:
+    """What a finished unit reports to the driver and the manifest."""
+
+    relpath: str
+    epoch: int
+    shard: str
+    source: str
+    rows: int
+    bytes: int
+    skipped: dict[str, int]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The unit's entry in ``_manifest.json``."""
+        return {
+            "epoch": self.epoch,
+            "shard": self.shard,
+            "source": self.source,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class _Batch:
+    keys: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+    prepare_seconds: float
+
+
+class UnitRunner:
+    """Turns units into committed Parquet files with one backbone, loaded once."""
+
+    def __init__(self, backbone: Backbone, settings: UnitSettings) -> None:
+        self.backbone = backbone
+        self.settings = settings
+        self.transform = build_transform(settings.transform)
+        self.remap = read_label_remap(settings.label_remap) if settings.label_remap else None
+        embedding_type = pa.float16() if settings.dtype == "float16" else pa.float32()
+        self.schema = with_provenance(
+            cache_schema(settings.embedding_dim, embedding_type), settings.provenance
+        )
+
+    def head_label(self, sample: RawSample) -> int:
+        """The sample's label in the classifier's index space, or ``BadSample``."""
+        label = sample.label
+        if self.remap is not None:
+            label = int(self.remap[label]) if 0 <= label < len(self.remap) else -1
+        if not 0 <= label < self.backbone.num_classes:
+            raise BadSample(
+                SkipReason.LABEL_OUTSIDE_HEAD,
+                f"label {sample.label} is not a class of the {self.backbone.num_classes}-way head",
+                sample.key,
+            )
+        return label
+
+    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, torch.Tensor, int]]:
+        samples = iter_samples(
+            unit.source,
+            image_keys=self.settings.image_keys,
+            label_key=self.settings.label_key,
+            counts=counts,
+        )
+        for sample in samples:
+            try:
+                label = self.head_label(sample)
+                image = decode_image(sample.image, key=sample.key)
+                seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
+                yield sample.key, augment(self.transform, image, seed), label
+            except BadSample as bad:
+                counts[bad.reason.value] += 1
+                log.warning("skipping %s in %s: %s", sample.key, unit.source, bad)
+
+    def _batches(self, unit: Unit, counts: Counter) -> Iterator[_Batch]:
+        batch: list[tuple[str, torch.Tensor, int]] = []
+        started = time.perf_counter()
+        for item in self._tensors(unit, counts):
+            batch.append(item)
+            if len(batch) == self.settings.batch_size:
+                yield self._collate(batch, time.perf_counter() - started)
+                batch, started = [], time.perf_counter()
+        if batch:
+            yield self._collate(batch, time.perf_counter() - started)
+
+    @staticmethod
+    def _collate(batch: list[tuple[str, torch.Tensor, int]], seconds: float) -> _Batch:
+        keys, images, labels = zip(*batch, strict=True)
+        return _Batch(list(keys), torch.stack(images), torch.tensor(labels), seconds)
+
+    def run(self, unit: Unit) -> UnitResult:
+        """Compute and commit ``unit``; returns its rows, bytes, skips and stage timings."""
+        started = time.perf_counter()
+        counts: Counter = Counter()
+        timings = {"prepare": 0.0, "forward": 0.0, "wait": 0.0, "write": 0.0}
+        record_batches: list[pa.RecordBatch] = []
+        waited = time.perf_counter()
+        for batch in prefetch(self._batches(unit, counts), self.settings.prefetch_batches):
+            timings["wait"] += time.perf_counter() - waited
+            timings["prepare"] += batch.prepare_seconds
+            tick = time.perf_counter()
+            outputs = self.backbone.forward(batch.images, batch.labels)
+            timings["forward"] += time.perf_counter() - tick
+            record_batches.append(
+                to_record_batch(
+                    self.schema,
+                    keys=batch.keys,
+                    shard=unit.shard,
+                    epoch=unit.epoch,
+                    labels=batch.labels.numpy(),
+                    outputs={name: value.numpy() for name, value in outputs.items()},
+                )
+            )
+            waited = time.perf_counter()
+        rows = sum(batch.num_rows for batch in record_batches)
+        skipped = {reason: count for reason, count in sorted(counts.items()) if count}
+        stats = {
+            "epoch": unit.epoch,
+            "shard": unit.shard,
+            "source": unit.source,
+            "rows": rows,
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        tick = time.perf_counter()
+        size = commit_unit(
+            record_batches,
+            self.schema,
+            root=self.settings.output,
+            relpath=unit.relpath,
+            stats=stats,
+        )
+        timings["write"] = time.perf_counter() - tick
+        return UnitResult(
+            relpath=unit.relpath,
+            epoch=unit.epoch,
+            shard=unit.shard,
+            source=unit.source,
+            rows=rows,
+            bytes=size,
+            skipped=skipped,
+            seconds=time.perf_counter() - started,
+            timings=timings,
+        )

@@ -1,0 +1,87 @@
+"""Arrow batches -> one committed Parquet file per unit: written aside, then moved into place."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.retry import retry
+from schemas import UNIT_STATS_KEY
+
+STAGING_DIR = "_staging"
+ROW_GROUP_ROWS = 4096
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": ["key", "shard"],
+    "column_encoding": {"embedding": "BYTE_STREAM_SPLIT"},
+    "row_group_size": ROW_GROUP_ROWS,
+}
+
+
+def unit_path(epoch: int, shard: str) -> str:
+    """Path of a unit's file relative to the cache root (DESIGN.md 3.1)."""
+    return f"epoch={epoch:04d}/{shard}.parquet"
+
+
+def to_record_batch(
+    schema: pa.Schema,
+    *,
+    keys: list[str],
+    shard: str,
+    epoch: int,
+    labels: np.ndarray,
+    outputs: dict[str, np.ndarray],
+) -> pa.RecordBatch:
+    """One batch of cache rows in ``schema`` from the backbone's outputs."""
+    embedding_field = schema.field("embedding").type
+    embedding = outputs["embedding"].astype(embedding_field.value_type.to_pandas_dtype())
+    count = len(keys)
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([shard] * count, pa.string()),
+        "epoch": pa.array(np.full(count, epoch, np.int32)),
+        "label": pa.array(labels.astype(np.int64)),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(embedding.reshape(-1)), embedding_field.list_size
+        ),
+        "loss": pa.array(outputs["loss"].astype(np.float32)),
+        "pred": pa.array(outputs["pred"].astype(np.int32)),
+        "max_prob": pa.array(outputs["max_prob"].astype(np.float32)),
+        "entropy": pa.array(outputs["entropy"].astype(np.float32)),
+    }
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def commit_unit(
+    batches: list[pa.RecordBatch], schema: pa.Schema, *, root: str, relpath: str, stats: dict
+) -> int:
+    """Write ``batches`` to ``root/relpath`` so that only a complete file ever appears there.
+
+    ``stats`` (rows, skipped, source, ...) go into the footer, so the file describes itself.
+    Returns the committed file's size in bytes.
+    """
+    fs, root_path = fsspec.core.url_to_fs(root)
+    metadata = {**(schema.metadata or {}), UNIT_STATS_KEY: json.dumps(stats, sort_keys=True)}
+    table = pa.Table.from_batches(batches, schema=schema).replace_schema_metadata(metadata)
+    final = f"{root_path}/{relpath}"
+    staging = f"{root_path}/{STAGING_DIR}/{uuid.uuid4().hex}-{relpath.replace('/', '-')}"
+
+    def write_then_move() -> None:
+        fs.makedirs(f"{root_path}/{STAGING_DIR}", exist_ok=True)
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with fs.open(staging, "wb") as handle:
+                pq.write_table(table, handle, **PARQUET_OPTIONS)
+            fs.mv(staging, final)
+        finally:
+            if fs.exists(staging):
+                fs.rm(staging)
+
+    retry(write_then_move, what=f"commit {root}/{relpath}")
+    return int(fs.size(final))

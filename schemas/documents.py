@@ -1,0 +1,35 @@
+"""JSON schemas of the manifest and the head export, loaded from the files beside this module."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("schemas").joinpath(name).read_text())
+
+
+MANIFEST_SCHEMA = _load("manifest.schema.json")
+HEAD_SCHEMA = _load("head.schema.json")
+
+
+def validate_manifest(document: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field at fault if ``document`` is not a valid manifest."""
+    _validate(document, MANIFEST_SCHEMA, "manifest")
+
+
+def validate_head(document: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field at fault if ``document`` is not a valid head.json."""
+    _validate(document, HEAD_SCHEMA, "head.json")
+
+
+def _validate(document: dict[str, Any], schema: dict[str, Any], what: str) -> None:
+    try:
+        jsonschema.validate(document, schema)
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(part) for part in error.absolute_path) or "<root>"
+        raise ValueError(f"invalid {what} at {where}: {error.message}") from None
