@@ -23,6 +23,7 @@ from rich.table import Table
 
 from pipeline.augment import TransformConfig, resolve_transform
 from pipeline.backbone import BackboneInfo, describe_backbone
+from pipeline.distribute import ActorPool, PoolReport
 from pipeline.manifest import Manifest
 from pipeline.shards import expand_shards, shard_names
 from pipeline.unit import Unit, UnitResult, UnitSettings
@@ -161,10 +162,14 @@ def plan_actors(
 
 
 def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray bound to 127.0.0.1."""
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, set inside ``ray job submit``),
+    else start a local Ray bound to 127.0.0.1."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -178,15 +183,9 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
-def summarize(
-    results: list[UnitResult],
-    *,
-    already: int,
-    failed: dict[str, str],
-    seconds: float,
-    manifest: Manifest,
-) -> Table:
+def summarize(report: PoolReport, *, already: int, seconds: float, manifest: Manifest) -> Table:
     """The job's closing summary: units, rows, skips by reason, throughput, time per stage."""
+    results, failed = report.results, report.failed
     rows = sum(result.rows for result in results)
     table = Table(title="pvu cache: summary", show_header=False)
     table.add_row("output", manifest.root)
@@ -216,10 +215,8 @@ def summarize(
     return table
 
 
-def run_cache(config: CacheJobConfig) -> int:
-    """Run the cache job; returns the number of units that failed permanently."""
-    from pipeline.distribute import ActorPool
-
+def run_cache(config: CacheJobConfig) -> PoolReport:
+    """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors."""
     urls = expand_shards(config.shards)
     names = shard_names(urls)
     info = describe_backbone(config.backbone, config.weights)
@@ -253,8 +250,7 @@ def run_cache(config: CacheJobConfig) -> int:
         label_remap=config.label_remap,
     )
     started = time.monotonic()
-    results: list[UnitResult] = []
-    failed: dict[str, str] = {}
+    report = PoolReport()
     if todo:
         connect_ray(config.ray_address)
         size, gpus, cpus = plan_actors(
@@ -273,37 +269,44 @@ def run_cache(config: CacheJobConfig) -> int:
             settings=settings,
             max_attempts=config.max_attempts,
         )
-        images = 0
-        with Progress(
-            TextColumn("[bold]cache"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("units {task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("units", total=len(todo), rate="")
-
-            def on_result(result: UnitResult) -> None:
-                nonlocal images
-                manifest.record(result.relpath, result.manifest_entry())
-                images += result.rows
-                rate = images / max(time.monotonic() - started, 1e-9)
-                progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
-
-            report = pool.run(todo, on_result)
-        results, failed = report.results, report.failed
-        manifest.flush(force=True)
+        report = _run_with_progress(pool, todo, manifest, started)
     console.print(
         summarize(
-            results,
+            report,
             already=len(units) - len(todo),
-            failed=failed,
             seconds=time.monotonic() - started,
             manifest=manifest,
         )
     )
-    return len(failed)
+    return report
+
+
+def _run_with_progress(
+    pool: ActorPool, todo: list[Unit], manifest: Manifest, started: float
+) -> PoolReport:
+    """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifest``."""
+    images = 0
+    with Progress(
+        TextColumn("[bold]cache"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units {task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("units", total=len(todo), rate="")
+
+        def on_result(result: UnitResult) -> None:
+            nonlocal images
+            manifest.record(result.relpath, result.manifest_entry())
+            images += result.rows
+            rate = images / max(time.monotonic() - started, 1e-9)
+            progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
+
+        try:
+            return pool.run(todo, on_result)
+        finally:
+            manifest.flush(force=True)
 
 
 def cache(
@@ -376,7 +379,7 @@ def cache(
     except ValidationError as error:
         raise typer.BadParameter(_explain(error)) from None
     try:
-        failures = run_cache(config)
+        failures = len(run_cache(config).failed)
     except (ValueError, FileNotFoundError, PermissionError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None
