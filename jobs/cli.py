@@ -11,4 +11,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def main() -> None:
+    """Cache a frozen backbone's embeddings and losses, train an uncertainty head on them."""
+
+
 app.command("cache")(cache)

@@ -1,0 +1,266 @@
+"""Samples: stream one WebDataset tar shard from any fsspec URL into (key, image bytes, label).
+
+The shard is read as a stream, member by member, never downloaded whole. Files are grouped
+into samples by webdataset's own ``group_by_keys`` (so keys are exactly WebDataset's
+``__key__``). Bad samples are counted by ``SkipReason`` and skipped; a damaged tar yields the
+samples before the damage, counts ``truncated_tar`` once and ends the shard. Transient storage
+errors, on open or mid-stream, are retried: the object is reopened at the byte it was read to.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from webdataset.tariterators import group_by_keys
+
+from pipeline.retry import retry
+from pipeline.skips import SkipReason
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 * 2**20
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files (``__key__`` and friends)
+_LABEL = re.compile(rb"\s*\+?([0-9]+)\s*")
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class RawSample:
+    """One sample as stored: its ``__key__``, the encoded image bytes and the integer label."""
+
+    key: str
+    image: bytes
+    label: int
+
+
+def iter_samples(
+    url: str,
+    *,
+    image_keys: tuple[str, ...] = IMAGE_KEYS,
+    label_key: str = "cls",
+    counts: collections.Counter[str],
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    block_size: int | None = None,
+) -> Iterator[RawSample]:
+    """Yield the valid samples of the tar shard at ``url``, in shard order.
+
+    The image is the first of ``image_keys`` (file extensions, case-insensitive) a sample has;
+    the label is the ASCII integer in its ``label_key`` file. Each skipped sample adds one to
+    ``counts[reason.value]``: ``no_image``, ``empty_image``, ``too_large`` (a member over
+    ``max_member_bytes``, not read into memory), ``no_label``, ``bad_label`` (not a
+    non-negative integer). A truncated or corrupt tar adds one ``truncated_tar`` and ends the
+    shard after its last intact sample. Storage errors are retried ``attempts`` times with
+    exponential backoff from ``base_delay`` seconds; a permanent one raises with the URL.
+    ``block_size`` is the filesystem's read-ahead (its own default when None; 50 MiB on S3).
+    """
+    image_keys = _normalise_keys(image_keys, "image_keys")
+    (label_key,) = _normalise_keys((label_key,), "label_key")
+    if max_member_bytes <= 0:
+        raise ValueError(f"max_member_bytes must be positive, got {max_member_bytes}")
+
+    damage: list[str] = []
+    yielded = 0
+    stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
+    with stream:
+        members = _tar_members(stream, url, damage, max_member_bytes)
+        for group in group_by_keys(members, handler=_duplicate_handler(url)):
+            outcome = _to_sample(group, image_keys, label_key)
+            if damage:
+                # The sample being assembled when the damage was found: all its files were
+                # read intact, but more may have followed. Keep it only if it is complete.
+                if isinstance(outcome, RawSample):
+                    yielded += 1
+                    yield outcome
+                else:
+                    logger.debug("%s: dropped %s, cut off by the damage", url, group["__key__"])
+                break
+            if isinstance(outcome, RawSample):
+                yielded += 1
+                yield outcome
+            else:
+                counts[outcome.value] += 1
+                logger.debug("%s: skipped %s: %s", url, group["__key__"], outcome.value)
+    if damage:
+        counts[SkipReason.TRUNCATED_TAR.value] += 1
+        logger.warning(
+            "%s: truncated or corrupt tar (%s); kept the %d samples before the damage",
+            url,
+            damage[0],
+            yielded,
+        )
+
+
+def _normalise_keys(keys: tuple[str, ...], name: str) -> tuple[str, ...]:
+    if isinstance(keys, str) or not keys:
+        raise ValueError(f"{name} must be a non-empty tuple of file extensions, got {keys!r}")
+    out = tuple(key.strip().lstrip(".").lower() for key in keys)
+    if not all(out):
+        raise ValueError(f"{name} has an empty file extension: {keys!r}")
+    return out
+
+
+def _to_sample(group: dict[str, Any], image_keys: tuple[str, ...], label_key: str):
+    """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for."""
+    image_key = next((key for key in image_keys if key in group), None)
+    if image_key is None:
+        return SkipReason.NO_IMAGE
+    image = group[image_key]
+    if image is None:
+        return SkipReason.TOO_LARGE
+    if not image:
+        return SkipReason.EMPTY_IMAGE
+    if label_key not in group:
+        return SkipReason.NO_LABEL
+    label = parse_label(group[label_key])
+    if label is None:
+        return SkipReason.BAD_LABEL
+    return RawSample(key=group["__key__"], image=image, label=label)
+
+
+def parse_label(data: bytes | None) -> int | None:
+    """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around), or None."""
+    if data is None:
+        return None
+    match = _LABEL.fullmatch(data)
+    if match is None:
+        return None
+    label = int(match.group(1))
+    return label if label <= _INT64_MAX else None
+
+
+def _duplicate_handler(url: str):
+    """``group_by_keys`` error handler: a repeated file name keeps the first copy; else raise."""
+
+    def handle(error: Exception) -> bool:
+        if isinstance(error, ValueError) and "duplicate file name" in str(error):
+            logger.warning("%s: %s; kept the first copy", url, error.args[0])
+            return True
+        raise error
+
+    return handle
+
+
+class _TarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that records on its archive the header error that ended the stream.
+
+    In stream mode ``tarfile`` ends quietly both at the end-of-archive marker and at a header
+    cut short or garbled after the first member; only this record tells a whole archive from
+    a truncated one.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as error:
+            tarfile_.pvu_end_error = error  # type: ignore[attr-defined]
+            raise
+
+
+def _tar_members(
+    stream: _StorageStream, url: str, damage: list[str], max_member_bytes: int
+) -> Iterator[dict[str, Any]]:
+    """Regular files of the tar stream as webdataset file samples (``fname``, ``data``).
+
+    Stops at the first sign of damage and appends its description to ``damage``. A member over
+    ``max_member_bytes`` is skipped unread and given ``data=None``.
+    """
+    try:
+        # Closing the archive leaves ``stream`` (not its own) open.
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo) as archive:
+            for info in archive:
+                if not info.isreg() or _META.match(info.name):
+                    continue
+                if info.size > max_member_bytes:
+                    logger.warning("%s: %s has %d bytes; skipped", url, info.name, info.size)
+                    data = None
+                else:
+                    member = archive.extractfile(info)
+                    assert member is not None  # a regular file always has content
+                    data = member.read()
+                archive.members = []  # stream mode keeps every TarInfo otherwise
+                yield {"fname": info.name, "data": data, "__url__": url}
+            end = getattr(archive, "pvu_end_error", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            damage.append(f"no end-of-archive marker: {end or 'stream ended'}")
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        damage.append(f"{type(error).__name__}: {error}")
+
+
+class _StorageStream:
+    """A forward-reading byte stream of one object that survives transient storage errors.
+
+    A failed read is retried by reopening the object and seeking back to the byte reached,
+    so a dropped connection late in a 1 GB shard costs one request, not the shard.
+    """
+
+    def __init__(
+        self, url: str, *, attempts: int, base_delay: float, block_size: int | None = None
+    ) -> None:
+        self._url = url
+        self._open_kwargs = {} if block_size is None else {"block_size": block_size}
+        self._fs, self._path = fsspec.core.url_to_fs(url)
+        self._attempts = attempts
+        self._base_delay = base_delay
+        self._file: Any = None
+        self._pos = 0
+
+    def __enter__(self) -> _StorageStream:
+        retry(
+            self._ensure_open,
+            attempts=self._attempts,
+            base_delay=self._base_delay,
+            what=f"open {self._url}",
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read(self, size: int = -1) -> bytes:
+        data = retry(
+            lambda: self._read_once(size),
+            attempts=self._attempts,
+            base_delay=self._base_delay,
+            what=f"read {self._url} at byte {self._pos}",
+        )
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as error:  # closing a read-only stream loses nothing
+                logger.debug("closing %s: %r", self._url, error)
+
+    def _ensure_open(self) -> None:
+        if self._file is None:
+            file = self._fs.open(self._path, "rb", **self._open_kwargs)
+            try:
+                if self._pos:
+                    file.seek(self._pos)
+            except BaseException:
+                file.close()
+                raise
+            self._file = file
+
+    def _read_once(self, size: int) -> bytes:
+        self._ensure_open()
+        try:
+            return self._file.read(size)
+        except BaseException:
+            self.close()
+            raise

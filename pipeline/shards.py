@@ -1,0 +1,221 @@
+"""Shards: turn a ``--shards`` spec into the list of tar URLs to read, and name each shard.
+
+A spec is one of (DESIGN.md 3.1, issue 2):
+
+- a brace pattern, ``s3://bucket/train-{0000..2047}.tar`` (also ``{a,b}``), expanded in order;
+- a glob, ``s3://bucket/train-*.tar``;
+- a directory or prefix (local or any fsspec URL): the ``*.tar`` files directly under it, sorted;
+- a single ``.tar`` file;
+- a text file (any other file) listing one URL per line; blank lines and ``#`` comments are
+  ignored, relative entries are relative to the list file's folder.
+
+Local and remote specs go through the same fsspec code path. URLs come back with the spec's
+protocol (``s3://bucket/key.tar``); local paths come back absolute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import braceexpand
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 120
+
+
+def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
+    """The shard URLs a ``--shards`` spec names, in order, without duplicates.
+
+    With ``verify`` (the default), every URL of a brace pattern or list file must exist:
+    a missing one raises ``FileNotFoundError`` naming the spec and the missing URLs, so a typo
+    fails before any work starts. A spec that matches nothing raises ``FileNotFoundError``;
+    an empty or malformed spec raises ``ValueError``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"shard spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    protocol = _protocol(spec)
+
+    if _BRACE.search(spec):
+        urls = _dedupe(braceexpand.braceexpand(spec))
+        if verify:
+            _verify_exist(urls, spec)
+        return [_normalise(url) for url in urls]
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    if _GLOB_CHARS.search(path):
+        found = _tar_files(fs.glob(path, detail=True).values())
+        return _found_or_raise(fs, found, protocol, spec, "the glob")
+    if fs.isdir(path):
+        found = _tar_files(fs.ls(path, detail=True))
+        return _found_or_raise(fs, found, protocol, spec, "the directory")
+    if fs.isfile(path):
+        if _is_tar(path):
+            return [_url(fs, path, protocol)]
+        return _read_list_file(fs, path, protocol, spec, verify=verify)
+    if _is_tar(path):
+        raise FileNotFoundError(f"shard {spec!r} does not exist")
+    # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
+    found = _tar_files(fs.glob(path + "*", detail=True).values())
+    return _found_or_raise(fs, found, protocol, spec, "the prefix")
+
+
+def shard_name(url: str) -> str:
+    """The shard's name for unit files: its basename without ``.tar``/``.tar.gz``/``.tgz``.
+
+    The name is filesystem-safe (``[A-Za-z0-9._-]``, at most 120 characters) and never starts
+    with ``_`` or ``.`` (which Parquet dataset readers skip). Characters outside that set, or an
+    overlong name, add a short hash of the URL, so different URLs keep different names.
+    """
+    path = urlsplit(url).path if "://" in url else url
+    base = posixpath.basename(path.replace("\\", "/").rstrip("/"))
+    for suffix in TAR_SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    safe = _UNSAFE.sub("_", base).lstrip("._")
+    if safe == base and 0 < len(safe) <= _MAX_NAME:
+        return safe
+    digest = hashlib.sha1(url.encode()).hexdigest()[:8]
+    return f"{safe[: _MAX_NAME - 9]}-{digest}" if safe else f"shard-{digest}"
+
+
+def shard_names(urls: Sequence[str]) -> list[str]:
+    """``shard_name`` of each URL; ``ValueError`` if two different URLs share a name."""
+    owners: dict[str, str] = {}
+    names = []
+    for url in urls:
+        name = shard_name(url)
+        other = owners.setdefault(name, url)
+        if other != url:
+            raise ValueError(
+                f"shards {other!r} and {url!r} have the same name {name!r}; "
+                "unit files are named by shard, so shard basenames must be unique"
+            )
+        names.append(name)
+    return names
+
+
+def _tar_files(infos: Iterable[dict]) -> list[str]:
+    """Sorted paths of the tar files among fsspec ``info`` dicts (folders left out)."""
+    return sorted(
+        info["name"].rstrip("/")
+        for info in infos
+        if info.get("type") == "file" and _is_tar(info["name"])
+    )
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _protocol(spec: str) -> str | None:
+    """The spec's own protocol (``s3``, ``gs``, ...), so URLs keep the spelling the user gave."""
+    head, sep, _ = spec.partition("://")
+    return head if sep and "::" not in head else None
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None) -> str:
+    """The full URL of ``path`` on ``fs``: absolute for local files, ``proto://...`` otherwise."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    if protocol:
+        return f"{protocol}://{path}"
+    return fs.unstrip_protocol(path)
+
+
+def _normalise(url: str) -> str:
+    """A URL as ``_url`` writes it (local paths made absolute), without touching storage."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return _url(fs, path, _protocol(url))
+
+
+def _dedupe(urls: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(urls))
+
+
+def _found_or_raise(
+    fs: fsspec.AbstractFileSystem, found: list[str], protocol: str | None, spec: str, what: str
+) -> list[str]:
+    if not found:
+        raise FileNotFoundError(
+            f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
+        )
+    return [_url(fs, path, protocol) for path in found]
+
+
+def _read_list_file(
+    fs: fsspec.AbstractFileSystem, path: str, protocol: str | None, spec: str, *, verify: bool
+) -> list[str]:
+    """URLs listed in a text file, one a line; relative entries resolve against its folder."""
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"shard spec {spec!r} is neither a tar file ({'/'.join(TAR_SUFFIXES)}) "
+            f"nor a UTF-8 text file listing shard URLs"
+        ) from error
+    folder = _url(fs, posixpath.dirname(path), protocol)
+    urls = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" not in entry and "::" not in entry and not posixpath.isabs(entry):
+            entry = posixpath.join(folder, entry)
+        urls.append(entry)
+    if not urls:
+        raise ValueError(f"shard list file {spec!r} lists no URLs")
+    urls = _dedupe(urls)
+    if verify:
+        _verify_exist(urls, spec)
+    return [_normalise(url) for url in urls]
+
+
+def _verify_exist(urls: list[str], spec: str) -> None:
+    """Raise ``FileNotFoundError`` naming ``spec`` if any of ``urls`` does not exist.
+
+    Lists each parent folder once rather than asking about every object, so 2,000 shards on
+    S3 cost a couple of list calls. Where listing is forbidden, asks object by object.
+    """
+    by_folder: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        key = (_protocol(url) or "", posixpath.dirname(path))
+        filesystems[key[0]] = fs
+        by_folder[key].append((url, path))
+
+    missing: list[str] = []
+    for (proto, folder), entries in by_folder.items():
+        fs = filesystems[proto]
+        try:
+            present = {p.rstrip("/") for p in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            present = set()
+        except PermissionError:
+            logger.warning("cannot list %s; checking the shards of %r one by one", folder, spec)
+            present = {path for _, path in entries if fs.exists(path)}
+        missing.extend(url for url, path in entries if path not in present)
+
+    if len(missing) == len(urls):
+        raise FileNotFoundError(f"no shards match {spec!r} (for example {missing[0]!r})")
+    if missing:
+        shown = ", ".join(repr(url) for url in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist: {shown}{more}"
+        )

@@ -1,0 +1,190 @@
+"""The cache job end to end on a real local Ray: local disk, the S3 protocol server, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.dataset as ds
+import pyarrow.fs
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from jobs.cache import CacheJobConfig, run_cache
+from jobs.cli import app
+from pipeline.demo_data import write_bad_shard, write_digit_shards
+
+pytestmark = pytest.mark.slow
+
+COMMON = {"backbone": "resnet10t", "weights": "random", "input_size": 32, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):  # the S3 environment must exist before Ray's workers start
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def read_cache(root: str, filesystem: pyarrow.fs.FileSystem | None = None):
+    """The whole cache as one table, read with plain pyarrow (hive partition on epoch dirs)."""
+    dataset = ds.dataset(
+        root,
+        filesystem=filesystem,
+        format="parquet",
+        exclude_invalid_files=False,
+        ignore_prefixes=["_", "."],
+    )
+    return dataset.to_table()
+
+
+def assert_one_row_per_sample_and_epoch(table, samples: int, epochs: int) -> None:
+    pairs = list(
+        zip(table.column("key").to_pylist(), table.column("epoch").to_pylist(), strict=True)
+    )
+    assert len(pairs) == len(set(pairs)) == samples * epochs
+
+
+def test_local_round_trip_counts_bad_input_and_resumes(local_ray, tmp_path):
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=12, size=32)
+    bad = write_bad_shard(str(tmp_path / "shards" / "zz-bad.tar"))
+    config = CacheJobConfig(
+        shards=str(tmp_path / "shards"), output=str(tmp_path / "cache"), epochs=2, **COMMON
+    )
+    report = run_cache(config)
+    valid_bad = sum(1 for sample in bad if sample.expect is None)
+    assert not report.failed and len(report.results) == 8
+    table = read_cache(str(tmp_path / "cache"))
+    assert_one_row_per_sample_and_epoch(table, 3 * 12 + valid_bad, 2)
+    import json
+
+    manifest = json.loads((tmp_path / "cache" / "_manifest.json").read_text())
+    assert len(manifest["units"]) == 8
+    bad_unit = manifest["units"]["epoch=0000/zz-bad.parquet"]
+    assert sum(bad_unit["skipped"].values()) == sum(1 for s in bad if s.expect is not None)
+    assert manifest["units"]["epoch=0001/digits-0000.parquet"]["skipped"] == {}
+    assert again_skips_everything(config)
+    assert len(shards) == 3
+
+
+def again_skips_everything(config: CacheJobConfig) -> bool:
+    report = run_cache(config)
+    return not report.results and not report.failed
+
+
+def test_s3_in_s3_out_read_back_with_plain_pyarrow(local_ray, s3_bucket, s3_server):
+    write_digit_shards(f"{s3_bucket}/shards", shards=2, per_shard=10, size=32)
+    config = CacheJobConfig(
+        shards=f"{s3_bucket}/shards/digits-{{0000..0001}}.tar",
+        output=f"{s3_bucket}/cache",
+        **COMMON,
+    )
+    report = run_cache(config)
+    assert not report.failed
+    endpoint = urlsplit(s3_server)
+    s3 = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint.netloc,
+        scheme=endpoint.scheme,
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
+    table = read_cache(f"{s3_bucket.removeprefix('s3://')}/cache", s3)
+    assert_one_row_per_sample_and_epoch(table, 20, 1)
+    assert table.schema.field("embedding").type.list_size == 512
+
+
+def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), shards=6, per_shard=24, size=32)
+    output = tmp_path / "cache"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cache",
+        "--shards",
+        str(tmp_path / "shards"),
+        "--output",
+        str(output),
+        "--epochs",
+        "2",
+        "--ray-address",
+        local_ray,
+        "--backbone",
+        "resnet10t",
+        "--weights",
+        "random",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "16",
+    ]
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 180
+    while not list(output.glob("epoch=*/*.parquet")):
+        assert driver.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no unit was committed in time"
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = len(list(output.glob("epoch=*/*.parquet")))
+    assert 1 <= committed < 12, "the kill must land mid-job"
+    config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(output), epochs=2, **COMMON)
+    report = run_cache(config)
+    assert not report.failed and len(report.results) == 12 - committed
+    assert_one_row_per_sample_and_epoch(read_cache(str(output)), 6 * 24, 2)
+
+
+def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    args = [
+        "cache",
+        "--shards",
+        str(tmp_path / "shards"),
+        "--output",
+        str(tmp_path / "c"),
+        "--backbone",
+        "resnet10t",
+        "--weights",
+        "random",
+        "--input-size",
+        "32",
+    ]
+    runner = CliRunner()
+    assert runner.invoke(app, args).exit_code == 0
+    refused = runner.invoke(app, [*args, "--seed", "7"])
+    assert refused.exit_code == 2
+    assert "seed: cache has 0, this run asks for 7" in " ".join(refused.output.split())
+    bad = runner.invoke(app, [*args, "--augment", "eval", "--epochs", "3"])
+    assert bad.exit_code == 2 and "epochs" in bad.output
+
+
+def test_help_explains_every_flag():
+    result = CliRunner().invoke(app, ["cache", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in (
+        "--shards",
+        "--backbone",
+        "--weights",
+        "--label-remap",
+        "--epochs",
+        "--augment",
+        "--output",
+        "--seed",
+        "--batch-size",
+        "--actors",
+        "--gpus-per-actor",
+        "--image-key",
+        "--label-key",
+        "--ray-address",
+        "--dtype",
+    ):
+        assert flag in result.output, flag
+    assert Path("jobs/cache.py").exists()

@@ -1,0 +1,178 @@
+"""The cache's unit of work without Ray: real shards, a real timm model, real Parquet."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+
+from pipeline.augment import TransformConfig, build_transform, resolve_transform
+from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.decode import decode_image
+from pipeline.demo_data import write_bad_shard, write_digit_shards
+from pipeline.manifest import Manifest, ProvenanceMismatch
+from pipeline.unit import Unit, UnitRunner, UnitSettings
+from schemas import UNIT_STATS_KEY, read_provenance
+
+BACKBONE = "resnet10t"
+
+
+def make_runner(output: str, *, augment: str = "train", seed: int = 0, **overrides) -> UnitRunner:
+    info = describe_backbone(BACKBONE, "random")
+    config = TransformConfig(augment=augment, input_size=(3, 32, 32))
+    transform = resolve_transform(config, info.data_config)
+    provenance = {
+        "schema_version": 1,
+        "backbone": BACKBONE,
+        "weights_digest": info.weights_digest,
+        "embedding_dim": info.embedding_dim,
+        "seed": seed,
+        "transform": transform,
+        "dtype": "float16",
+    }
+    settings = UnitSettings(
+        output=output,
+        seed=seed,
+        batch_size=8,
+        transform=transform,
+        provenance=provenance,
+        embedding_dim=info.embedding_dim,
+        **overrides,
+    )
+    model = create_backbone_model(BACKBONE, "random")
+    return UnitRunner(Backbone(model, torch.device("cpu")), settings)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_digit_shards(
+        str(tmp_path_factory.mktemp("shards")), shards=2, per_shard=20, size=40
+    )
+
+
+def read_unit(root, relpath: str):
+    return pq.read_table(f"{root}/{relpath}")
+
+
+def test_unit_rows_follow_schema_and_carry_provenance(tmp_path, shards):
+    runner = make_runner(str(tmp_path))
+    result = runner.run(Unit(shards[0], "digits-0000", 0))
+    table = read_unit(tmp_path, result.relpath)
+    assert result.rows == table.num_rows == 20
+    assert table.schema.field("embedding").type.list_size == 512
+    assert str(table.schema.field("embedding").type.value_type) == "halffloat"
+    assert read_provenance(table.schema)["backbone"] == BACKBONE
+    assert json.loads(table.schema.metadata[UNIT_STATS_KEY])["rows"] == 20
+    assert set(table.column("shard").to_pylist()) == {"digits-0000"}
+    assert table.column("key").to_pylist() == [f"digit-{i:06d}" for i in range(20)]
+    assert not list((tmp_path / "_staging").iterdir()), "staging must be empty after a commit"
+    losses = table.column("loss").to_numpy()
+    assert np.all(np.isfinite(losses)) and np.all(losses > 0)
+    probs = table.column("max_prob").to_numpy()
+    assert np.all((probs > 0) & (probs <= 1))
+
+
+def test_recomputed_unit_is_identical_and_epochs_differ(tmp_path, shards):
+    runner = make_runner(str(tmp_path))
+    first = read_unit(tmp_path, runner.run(Unit(shards[0], "digits-0000", 0)).relpath)
+    (tmp_path / "epoch=0000" / "digits-0000.parquet").unlink()
+    again = make_runner(str(tmp_path))  # a fresh worker, as after a retry elsewhere
+    second = read_unit(tmp_path, again.run(Unit(shards[0], "digits-0000", 0)).relpath)
+    assert first.drop_columns([]).equals(second)
+    other_epoch = read_unit(tmp_path, runner.run(Unit(shards[0], "digits-0000", 1)).relpath)
+    assert first.column("key").equals(other_epoch.column("key"))
+    emb0 = np.stack(first.column("embedding").to_numpy(zero_copy_only=False))
+    emb1 = np.stack(other_epoch.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.abs(emb0 - emb1).mean(axis=1).min() > 0, "each epoch re-draws every augmentation"
+
+
+def test_eval_rows_equal_a_direct_timm_forward(tmp_path, shards):
+    runner = make_runner(str(tmp_path), augment="eval")
+    table = read_unit(tmp_path, runner.run(Unit(shards[1], "digits-0001", 0)).relpath)
+    model = create_backbone_model(BACKBONE, "random")
+    transform = build_transform(runner.settings.transform)
+    from collections import Counter
+
+    from pipeline.samples import iter_samples
+
+    samples = list(iter_samples(shards[1], counts=Counter()))
+    images = torch.stack([transform(decode_image(s.image)) for s in samples])
+    labels = torch.tensor([s.label for s in samples])
+    with torch.no_grad():
+        embedding = model.forward_head(model.forward_features(images), pre_logits=True)
+        logits = model(images)
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    cached = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(cached, embedding.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(table.column("loss").to_numpy(), expected_loss.numpy(), rtol=1e-4)
+    assert table.column("pred").to_pylist() == logits.argmax(1).tolist()
+    assert set(table.column("epoch").to_pylist()) == {0}
+
+
+def test_bad_inputs_are_counted_by_reason_and_valid_ones_kept(tmp_path):
+    samples = write_bad_shard(str(tmp_path / "bad.tar"))
+    result = make_runner(str(tmp_path / "cache")).run(Unit(str(tmp_path / "bad.tar"), "bad", 0))
+    expected: dict[str, int] = {}
+    for sample in samples:
+        if sample.expect is not None:
+            expected[sample.expect.value] = expected.get(sample.expect.value, 0) + 1
+    assert result.skipped == expected
+    valid = [s.key for s in samples if s.expect is None]
+    table = read_unit(tmp_path / "cache", result.relpath)
+    assert table.column("key").to_pylist() == valid
+
+
+def test_label_remap_and_labels_outside_the_head(tmp_path, shards):
+    remap = tmp_path / "remap.json"
+    # digits 0..9 -> classes 990..999; digit 9 is mapped outside the 1000-way head
+    remap.write_text(json.dumps({str(d): (990 + d if d < 9 else 5000) for d in range(10)}))
+    runner = make_runner(str(tmp_path / "cache"), label_remap=str(remap))
+    result = runner.run(Unit(shards[0], "digits-0000", 0))
+    table = read_unit(tmp_path / "cache", result.relpath)
+    labels = table.column("label").to_numpy()
+    assert labels.min() >= 990 and labels.max() <= 998
+    nines = sum(1 for label in _shard_labels(shards[0]) if label == 9)
+    assert nines > 0 and result.skipped == {"label_outside_head": nines}
+
+
+def _shard_labels(url: str) -> list[int]:
+    from collections import Counter
+
+    from pipeline.samples import iter_samples
+
+    return [sample.label for sample in iter_samples(url, counts=Counter())]
+
+
+def test_local_weights_file_sets_the_class_count_and_is_not_unpickled(tmp_path):
+    from safetensors.torch import save_file
+
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=7)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = create_backbone_model(BACKBONE, str(tmp_path / name))
+        assert loaded.num_classes == 7
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    torch.save({"payload": datetime.timedelta(days=1)}, tmp_path / "evil.pth")  # any pickle
+    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl|not a state dict"):
+        create_backbone_model(BACKBONE, str(tmp_path / "evil.pth"))
+
+
+def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):
+    runner = make_runner(str(tmp_path))
+    provenance = runner.settings.provenance
+    manifest = Manifest.open(str(tmp_path), provenance)
+    result = runner.run(Unit(shards[0], "digits-0000", 0))  # committed, never recorded
+    reopened = Manifest.open(str(tmp_path), provenance)
+    assert reopened.is_done(result.relpath)
+    assert reopened.units[result.relpath]["rows"] == 20
+    assert not manifest.is_done(result.relpath)
+    other = {**provenance, "seed": 1}
+    with pytest.raises(ProvenanceMismatch, match=r"seed: cache has 0, this run asks for 1"):
+        Manifest.open(str(tmp_path), other)

@@ -1,0 +1,350 @@
+"""Samples: streaming real tar shards, local and on S3, with every kind of bad input."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import ClassVar
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from pipeline.decode import decode_image
+from pipeline.demo_data import (
+    bad_samples,
+    write_bad_shard,
+    write_digit_shards,
+    write_photo_shards,
+    write_shard,
+)
+from pipeline.samples import RawSample, iter_samples, parse_label
+from pipeline.skips import BadSample, SkipReason
+
+SAMPLE_LEVEL = (
+    SkipReason.NO_IMAGE,
+    SkipReason.NO_LABEL,
+    SkipReason.BAD_LABEL,
+    SkipReason.EMPTY_IMAGE,
+)
+
+
+def _read(url: str, **kwargs) -> tuple[list[RawSample], collections.Counter]:
+    counts: collections.Counter[str] = collections.Counter()
+    return list(iter_samples(url, counts=counts, **kwargs)), counts
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    return write_digit_shards(str(tmp_path_factory.mktemp("digits")), shards=1, per_shard=12)[0]
+
+
+def test_digit_shard_round_trip(digits):
+    samples, counts = _read(digits)
+    assert [s.key for s in samples] == [f"digit-{i:06d}" for i in range(12)]
+    assert all(0 <= s.label <= 9 for s in samples) and len({s.label for s in samples}) > 3
+    assert not counts
+    image = decode_image(samples[0].image, key=samples[0].key)
+    assert image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_digit_shards_are_deterministic(tmp_path):
+    first = write_digit_shards(str(tmp_path / "a"), shards=2, per_shard=4, seed=3, fmt="jpg")
+    again = write_digit_shards(str(tmp_path / "b"), shards=2, per_shard=4, seed=3, fmt="jpg")
+    other = write_digit_shards(str(tmp_path / "c"), shards=2, per_shard=4, seed=4, fmt="jpg")
+    assert [os.path.basename(u) for u in first] == ["digits-0000.tar", "digits-0001.tar"]
+    read = [Path(u).read_bytes() for u in first]
+    assert read == [Path(u).read_bytes() for u in again]
+    assert read != [Path(u).read_bytes() for u in other]
+    samples, _ = _read(first[1])
+    assert [s.key for s in samples] == [f"digit-{i:06d}" for i in range(4, 8)]
+    assert Image.open(io.BytesIO(samples[0].image)).format == "JPEG"
+
+
+def test_photo_shards_look_like_imagenet(tmp_path):
+    urls = write_photo_shards(str(tmp_path), shards=1, per_shard=6, seed=1)
+    samples, counts = _read(urls[0])
+    assert len(samples) == 6 and not counts
+    for sample in samples:
+        image = decode_image(sample.image, key=sample.key)
+        assert 360 <= image.width <= 440 and 315 <= image.height <= 385
+        assert 0 <= sample.label < 7
+        assert np.asarray(image).std() > 10  # a photo, not a flat colour
+
+
+def test_each_bad_sample_is_counted_by_reason(tmp_path):
+    url = str(tmp_path / "bad.tar")
+    expected = write_bad_shard(url)
+    samples, counts = _read(url)
+
+    decoded = collections.Counter(counts)
+    pixels = {}
+    for sample in samples:
+        try:
+            pixels[sample.key] = decode_image(sample.image, key=sample.key).getpixel((5, 5))
+        except BadSample as bad:
+            assert bad.key == sample.key
+            decoded[bad.reason.value] += 1
+
+    want = collections.Counter(s.expect.value for s in expected if s.expect is not None)
+    assert decoded == want
+    assert set(pixels) == {s.key for s in expected if s.expect is None}
+    for sample in expected:
+        if sample.rgb is not None:
+            assert np.allclose(pixels[sample.key], sample.rgb, atol=3), sample.key
+    # Every kind the design names is in the catalogue.
+    assert set(want) == {
+        "no_image",
+        "no_label",
+        "bad_label",
+        "empty_image",
+        "undecodable",
+        "truncated_image",
+        "too_small",
+        "too_large",
+    }
+
+
+def test_keys_labels_and_image_choice(tmp_path):
+    png = bad_samples()[0].files["png"]
+    url = write_shard(
+        str(tmp_path / "s.tar"),
+        [
+            ("a", {"JPG": png, "cls": b"3"}),  # extensions are case-insensitive
+            ("b", {"png": png, "jpg": b"", "cls": b"4"}),  # jpg comes first: empty
+            ("c", {"webp": png, "label": b"5"}),
+            ("dir/d", {"jpeg": png, "cls": b"6", "json": b"{}"}),
+            ("e", {"tif": png, "cls": b"7"}),
+        ],
+    )
+    samples, counts = _read(url)
+    assert [(s.key, s.label) for s in samples] == [("a", 3), ("dir/d", 6)]
+    assert counts == {"empty_image": 1, "no_label": 1, "no_image": 1}
+
+    samples, counts = _read(url, image_keys=(".PNG", "webp"), label_key="label")
+    assert [(s.key, s.label) for s in samples] == [("c", 5)]
+    assert counts == {"no_image": 3, "no_label": 1}
+    with pytest.raises(ValueError, match="image_keys"):
+        _read(url, image_keys="jpg")
+
+
+def test_parse_label():
+    assert parse_label(b"17") == 17
+    assert parse_label(b" 3\n") == 3
+    assert parse_label(b"+2") == 2
+    for bad in (b"", b"-1", b"1.0", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 30, None):
+        assert parse_label(bad) is None, bad
+
+
+def test_duplicate_member_keeps_first(tmp_path, caplog):
+    url = str(tmp_path / "dup.tar")
+    png = bad_samples()[0].files["png"]
+    with tarfile.open(url, "w") as tar:
+        for name, data in (
+            ("a.png", png),
+            ("a.cls", b"1"),
+            ("a.cls", b"2"),
+            ("b.png", png),
+            ("b.cls", b"3"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples, counts = _read(url)
+    assert [(s.key, s.label) for s in samples] == [("a", 1), ("b", 3)] and not counts
+    assert "duplicate" in caplog.text
+
+
+def test_oversized_member_is_skipped_unread(tmp_path):
+    png = bad_samples()[0].files["png"]
+    url = write_shard(
+        str(tmp_path / "big.tar"),
+        [("a", {"png": png + b"\0" * 5000, "cls": b"1"}), ("b", {"png": png, "cls": b"2"})],
+    )
+    samples, counts = _read(url, max_member_bytes=len(png) + 10)
+    assert [s.key for s in samples] == ["b"] and counts == {"too_large": 1}
+
+
+# --- damaged tar files --------------------------------------------------------------------
+
+
+def _cut(src: str, dst: str, keep: int) -> str:
+    Path(dst).write_bytes(Path(src).read_bytes()[:keep])
+    return dst
+
+
+def _member_offsets(url: str) -> list[tuple[str, int, int]]:
+    """(name, header offset, data end) of each member."""
+    with tarfile.open(url) as tar:
+        return [(m.name, m.offset, m.offset_data + m.size) for m in tar.getmembers()]
+
+
+def test_truncated_tar_keeps_samples_before_damage(digits, tmp_path, caplog):
+    full = [s.key for s in _read(digits)[0]]
+    members = _member_offsets(digits)
+    end = members[-1][2]
+    cut = str(tmp_path / "cut.tar")
+    # Cut inside headers, inside data, and exactly at member boundaries.
+    points = {0, 100, 511, 512, 513, end - 1}
+    for _, header, data_end in members[::3]:
+        points |= {header, header + 200, data_end, data_end - 1}
+    caplog.set_level(logging.WARNING, logger="pipeline.samples")
+    for keep in sorted(points):
+        caplog.clear()
+        samples, counts = _read(_cut(digits, cut, keep))
+        keys = [s.key for s in samples]
+        assert keys == full[: len(keys)], keep
+        assert counts == {"truncated_tar": 1}, keep
+        assert cut in caplog.text and "truncated or corrupt tar" in caplog.text
+        # Every sample whose members all lie before the cut is kept.
+        whole = {name.split(".")[0] for name, _, e in members if e <= keep}
+        cut_short = {name.split(".")[0] for name, _, e in members if e > keep}
+        assert set(keys) == whole - cut_short, keep
+
+
+def test_tar_ending_at_a_sample_boundary_keeps_that_sample(digits, tmp_path):
+    members = _member_offsets(digits)
+    # Members are a.png, a.cls, b.png, b.cls, ...: cut right before the 3rd sample's header.
+    keep = members[4][1]
+    samples, counts = _read(_cut(digits, str(tmp_path / "cut.tar"), keep))
+    assert [s.key for s in samples] == ["digit-000000", "digit-000001"]
+    assert counts == {"truncated_tar": 1}
+
+
+def test_whole_tar_ends_cleanly_even_without_padding(digits, tmp_path):
+    members = _member_offsets(digits)
+    # The end-of-archive marker is two zero blocks; one is enough to know the archive ended.
+    padded_end = -(-members[-1][2] // 512) * 512
+    samples, counts = _read(_cut(digits, str(tmp_path / "short.tar"), padded_end + 512))
+    assert len(samples) == 12 and not counts
+    samples, counts = _read(_cut(digits, str(tmp_path / "short.tar"), padded_end + 511))
+    assert len(samples) == 12 and counts == {"truncated_tar": 1}
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 100, os.urandom(4096), b"GIF89a" * 200])
+def test_not_a_tar(tmp_path, content):
+    path = tmp_path / "junk.tar"
+    path.write_bytes(content)
+    samples, counts = _read(str(path))
+    assert samples == [] and counts == {"truncated_tar": 1}
+
+
+def test_corrupt_header_mid_tar(digits, tmp_path):
+    members = _member_offsets(digits)
+    data = bytearray(Path(digits).read_bytes())
+    header = members[6][1]
+    data[header : header + 100] = b"\x07" * 100  # garbles name and checksum of sample 3
+    path = tmp_path / "garbled.tar"
+    path.write_bytes(bytes(data))
+    samples, counts = _read(str(path))
+    assert [s.key for s in samples] == ["digit-000000", "digit-000001", "digit-000002"]
+    assert counts == {"truncated_tar": 1}
+
+
+def test_gzipped_tar_and_its_truncation(digits, tmp_path):
+    packed = gzip.compress(Path(digits).read_bytes())
+    whole = tmp_path / "digits.tar.gz"
+    whole.write_bytes(packed)
+    samples, counts = _read(str(whole))
+    assert len(samples) == 12 and not counts
+    half = tmp_path / "half.tar.gz"
+    half.write_bytes(packed[: len(packed) // 2])
+    samples, counts = _read(str(half))
+    assert 0 < len(samples) < 12 and counts == {"truncated_tar": 1}
+
+
+# --- storage: S3 and transient errors -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reads_from_s3_like_local(s3_bucket, digits):
+    (url,) = write_digit_shards(f"{s3_bucket}/shards", shards=1, per_shard=12)
+    assert url == f"{s3_bucket}/shards/digits-0000.tar"
+    assert fsspec.filesystem("s3").cat_file(url) == Path(digits).read_bytes()
+    local = _read(digits)[0]
+    remote, counts = _read(url)
+    assert remote == local and not counts
+    # Small read-ahead blocks: the shard streams in many ranged GETs.
+    assert _read(url, block_size=4096) == (local, collections.Counter())
+    bad = write_bad_shard(f"{s3_bucket}/shards/bad.tar")
+    _, counts = _read(f"{s3_bucket}/shards/bad.tar")
+    assert counts == collections.Counter(s.expect.value for s in bad if s.expect in SAMPLE_LEVEL)
+
+
+@pytest.mark.slow
+def test_missing_object_on_s3_fails_at_once_with_url(s3_bucket):
+    url = f"{s3_bucket}/shards/absent.tar"
+    with pytest.raises(FileNotFoundError, match=re.escape(url.removeprefix("s3://"))):
+        _read(url, base_delay=10.0)  # would take minutes if it were retried
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files behind ``flaky://`` that fail the way networks do: on open and mid-read."""
+
+    protocol = "flaky"
+    root_marker = "/"
+    fail_opens: ClassVar[int] = 0
+    fail_reads_at: ClassVar[list[int]] = []  # byte positions where a read drops the connection
+    opens: ClassVar[int] = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("flaky://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        type(self).opens += 1
+        if type(self).fail_opens:
+            type(self).fail_opens -= 1
+            raise ConnectionError(f"connection refused: {path}")
+        return _FlakyFile(super()._open(path, mode, **kwargs))
+
+
+class _FlakyFile:
+    def __init__(self, file):
+        self._file = file
+
+    def read(self, size=-1):
+        start = self._file.tell()
+        end = start + (size if size >= 0 else 1 << 62)
+        for position in FlakyFileSystem.fail_reads_at:
+            if start <= position < end:
+                FlakyFileSystem.fail_reads_at.remove(position)
+                raise ConnectionResetError(f"connection reset at byte {position}")
+        return self._file.read(size)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+@pytest.fixture
+def flaky():
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    FlakyFileSystem.fail_opens, FlakyFileSystem.fail_reads_at, FlakyFileSystem.opens = 0, [], 0
+    yield FlakyFileSystem
+    FlakyFileSystem.fail_opens, FlakyFileSystem.fail_reads_at = 0, []
+
+
+def test_transient_errors_are_retried(digits, flaky, caplog):
+    expected = _read(digits)[0]
+    flaky.fail_opens = 2
+    size = os.path.getsize(digits)
+    flaky.fail_reads_at = [100, size // 2, size // 2 + 1]
+    samples, counts = _read("flaky://" + digits, base_delay=0.0)
+    assert samples == expected and not counts
+    assert flaky.opens == 2 + 1 + 3  # two refused, the first good one, one per dropped read
+    assert "retrying" in caplog.text and digits in caplog.text
+
+
+def test_persistent_errors_fail_with_url(digits, flaky):
+    flaky.fail_opens = 99
+    with pytest.raises(ConnectionError, match=f"open flaky://{digits} failed after 3"):
+        _read("flaky://" + digits, attempts=3, base_delay=0.0)
+    assert flaky.opens == 3

@@ -1,0 +1,205 @@
+"""Shard specs: brace patterns, globs, folders, prefixes and list files, local and on S3."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pytest
+
+from pipeline.demo_data import write_shard
+from pipeline.shards import expand_shards, shard_name, shard_names
+
+ONE_SAMPLE = [("k0", {"cls": b"0"})]
+
+
+def _make(folder: str, *names: str) -> list[str]:
+    urls = []
+    for name in names:
+        url = f"{folder.rstrip('/')}/{name}"
+        if name.endswith((".tar", ".tar.gz", ".tgz")):
+            write_shard(url, ONE_SAMPLE)
+        else:
+            with fsspec.open(url, "wb") as file:
+                file.write(b"not a shard")
+        urls.append(url)
+    return urls
+
+
+@pytest.fixture
+def local(tmp_path) -> str:
+    folder = str(tmp_path / "data")
+    _make(
+        folder,
+        "train-0002.tar",
+        "train-0000.tar",
+        "train-0001.tar",
+        "val-0000.tar",
+        "extra.tar.gz",
+        "README.md",
+    )
+    _make(folder + "/nested", "train-0009.tar")
+    return folder
+
+
+def test_brace_pattern_expands_in_order(local):
+    urls = expand_shards(f"{local}/train-{{0000..0002}}.tar")
+    assert urls == [f"{local}/train-000{i}.tar" for i in range(3)]
+
+
+def test_brace_pattern_with_alternatives_and_duplicates(local):
+    urls = expand_shards(f"{local}/{{val,train}}-{{0000,0000}}.tar")
+    assert urls == [f"{local}/val-0000.tar", f"{local}/train-0000.tar"]
+
+
+def test_brace_pattern_names_missing_shards(local):
+    spec = f"{local}/train-{{0000..0004}}.tar"
+    with pytest.raises(FileNotFoundError) as error:
+        expand_shards(spec)
+    message = str(error.value)
+    assert spec in message and "2 of 5" in message and "train-0004.tar" in message
+    # Without verification the pattern is taken as it is.
+    assert len(expand_shards(spec, verify=False)) == 5
+
+
+def test_brace_pattern_matching_nothing(tmp_path):
+    spec = f"{tmp_path}/nothing-{{0..3}}.tar"
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        expand_shards(spec)
+
+
+def test_directory_lists_its_own_tars_sorted(local):
+    assert expand_shards(local) == [
+        f"{local}/extra.tar.gz",
+        f"{local}/train-0000.tar",
+        f"{local}/train-0001.tar",
+        f"{local}/train-0002.tar",
+        f"{local}/val-0000.tar",
+    ]
+    assert expand_shards(local + "/") == expand_shards(local)
+
+
+def test_prefix_and_glob(local):
+    expected = [f"{local}/train-000{i}.tar" for i in range(3)]
+    assert expand_shards(f"{local}/train-") == expected
+    assert expand_shards(f"{local}/train-*.tar") == expected
+    assert expand_shards(f"{local}/*-0000.tar") == [
+        f"{local}/train-0000.tar",
+        f"{local}/val-0000.tar",
+    ]
+
+
+def test_single_tar_and_missing_tar(local):
+    assert expand_shards(f"{local}/val-0000.tar") == [f"{local}/val-0000.tar"]
+    with pytest.raises(FileNotFoundError, match=r"val-0001\.tar"):
+        expand_shards(f"{local}/val-0001.tar")
+
+
+def test_list_file(local, tmp_path):
+    listing = tmp_path / "data" / "shards.txt"
+    listing.write_text(
+        "# training shards\n"
+        "\n"
+        "train-0001.tar\n"
+        f"   {local}/val-0000.tar   \n"
+        "nested/train-0009.tar\n"
+        "train-0001.tar\n"
+    )
+    assert expand_shards(str(listing)) == [
+        f"{local}/train-0001.tar",
+        f"{local}/val-0000.tar",
+        f"{local}/nested/train-0009.tar",
+    ]
+
+
+def test_list_file_errors(tmp_path):
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# nothing here\n\n")
+    with pytest.raises(ValueError, match="lists no URLs"):
+        expand_shards(str(listing))
+    listing.write_text("missing.tar\n")
+    with pytest.raises(FileNotFoundError, match=r"shards\.txt"):
+        expand_shards(str(listing))
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match="neither a tar file"):
+        expand_shards(str(binary))
+
+
+def test_nothing_matches(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for spec in (str(tmp_path / "empty"), str(tmp_path / "absent"), str(tmp_path / "x-")):
+        with pytest.raises(FileNotFoundError, match="no shards") as error:
+            expand_shards(spec)
+        assert spec in str(error.value)
+
+
+@pytest.mark.parametrize("spec", ["", "   ", None])
+def test_empty_spec(spec):
+    with pytest.raises(ValueError, match="non-empty"):
+        expand_shards(spec)
+
+
+def test_relative_paths_become_absolute(local, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(local))
+    assert expand_shards("data/val-") == [f"{local}/val-0000.tar"]
+    assert expand_shards("data/val-{0000..0000}.tar") == [f"{local}/val-0000.tar"]
+    assert expand_shards(f"file://{local}/val-0000.tar") == [f"{local}/val-0000.tar"]
+
+
+@pytest.mark.slow
+def test_all_spec_kinds_on_s3(s3_bucket):
+    root = f"{s3_bucket}/imagenet"
+    _make(root, "train-0001.tar", "train-0000.tar", "val-0000.tar", "notes.txt")
+    _make(root + "/sub", "train-0002.tar")
+    with fsspec.open(f"{root}/shards.txt", "w") as file:
+        file.write("# list\ntrain-0001.tar\nsub/train-0002.tar\n")
+    train = [f"{root}/train-0000.tar", f"{root}/train-0001.tar"]
+
+    assert expand_shards(f"{root}/train-{{0000..0001}}.tar") == train
+    assert expand_shards(root) == [*train, f"{root}/val-0000.tar"]
+    assert expand_shards(root + "/") == expand_shards(root)
+    assert expand_shards(f"{root}/train-") == train
+    assert expand_shards(f"{root}/train-*.tar") == train
+    assert expand_shards(f"{root}/val-0000.tar") == [f"{root}/val-0000.tar"]
+    assert expand_shards(f"{root}/shards.txt") == [
+        f"{root}/train-0001.tar",
+        f"{root}/sub/train-0002.tar",
+    ]
+    with pytest.raises(FileNotFoundError, match="6 of 8 shards"):
+        expand_shards(f"{root}/train-{{0000..0007}}.tar")
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        expand_shards(f"{s3_bucket}/elsewhere/")
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("s3://bucket/in21k/train-0001.tar", "train-0001"),
+        ("/data/shards/val-0000.tar.gz", "val-0000"),
+        ("gs://b/x/imagenet.train.0007.tgz", "imagenet.train.0007"),
+        ("https://host/shards/a-001.tar?token=abc", "a-001"),
+        ("relative/shard.TAR", "shard"),
+    ],
+)
+def test_shard_name(url, name):
+    assert shard_name(url) == name
+
+
+def test_shard_name_is_safe_and_keeps_urls_apart():
+    odd = shard_name("s3://b/my shard=1.tar")
+    assert odd.startswith("my_shard_1-") and len(odd) == len("my_shard_1-") + 8
+    assert shard_name("s3://b/my shard=2.tar") != odd
+    hidden = shard_name("/data/_tmp.tar")
+    assert not hidden.startswith(("_", ".")) and hidden.startswith("tmp-")
+    assert shard_name("s3://b/.tar").startswith("shard-")
+    long = shard_name("/d/" + "x" * 300 + ".tar")
+    assert len(long) <= 120
+    for name in (odd, hidden, long):
+        assert all(c.isalnum() or c in "._-" for c in name)
+
+
+def test_shard_names_refuses_collisions():
+    assert shard_names(["s3://b/a/x.tar", "s3://b/a/y.tar"]) == ["x", "y"]
+    with pytest.raises(ValueError, match="same name 'x'"):
+        shard_names(["s3://b/train/x.tar", "s3://b/val/x.tar"])
