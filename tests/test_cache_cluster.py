@@ -1,0 +1,112 @@
+"""Multi-node behaviour on a real Ray cluster of several processes: GPU pinning and node loss.
+
+Nodes declare ``num_gpus=1`` without a GPU: each actor must be pinned to its own (declared) GPU,
+fall back to the CPU with a log line, and a node removed mid-job must lose and duplicate nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import psutil
+import pyarrow.dataset as ds
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from jobs.cache import CacheJobConfig, plan_actors, run_cache
+from pipeline.demo_data import write_digit_shards
+
+pytestmark = pytest.mark.slow
+
+GPU_NODES = 3
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(GPU_NODES)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def hosts_cache_worker(node) -> bool:
+    """Whether a cache actor on ``node`` is running a unit right now."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return any("CacheWorker.run" in child.name() for child in raylet.children(recursive=True))
+
+
+def lose_node(cluster: Cluster, node) -> None:
+    """The node dies as a machine would: its raylet and every worker process on it, at once."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    workers = raylet.children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+
+
+def test_one_actor_per_gpu_and_a_lost_node_loses_no_row(gpu_cluster, tmp_path):
+    cluster, nodes = gpu_cluster
+    shards, per_shard, epochs = 12, 24, 2
+    write_digit_shards(str(tmp_path / "shards"), shards=shards, per_shard=per_shard, size=32)
+    output = tmp_path / "cache"
+    config = CacheJobConfig(
+        shards=str(tmp_path / "shards"),
+        output=str(output),
+        epochs=epochs,
+        backbone="resnet10t",
+        weights="random",
+        input_size=32,
+        batch_size=8,
+        ray_address=cluster.address,
+    )
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(report=run_cache(config)))
+    job.start()
+    deadline = time.monotonic() + 240
+    # mid-job: units are being committed and the doomed node runs a cache actor
+    while len(list(output.glob("epoch=*/*.parquet"))) < 2 or not hosts_cache_worker(nodes[0]):
+        assert job.is_alive() and time.monotonic() < deadline, "the job did not get going"
+        time.sleep(0.05)
+    lose_node(cluster, nodes[0])
+    job.join(timeout=300)
+    assert not job.is_alive(), "the job did not finish after losing a node"
+    report = outcome["report"]
+
+    assert not report.failed
+    assert report.actors_replaced >= 1, "the lost node's actor must have been replaced"
+    started = report.workers[:GPU_NODES]
+    assert len({worker["node_id"] for worker in started}) == GPU_NODES, "one actor per GPU node"
+    assert all(len(worker["gpu_ids"]) == 1 for worker in report.workers)
+    assert all(worker["device"] == "cpu" for worker in report.workers), "no CUDA: CPU fallback"
+    table = ds.dataset(str(output), format="parquet", ignore_prefixes=["_", "."]).to_table()
+    pairs = list(
+        zip(table.column("key").to_pylist(), table.column("epoch").to_pylist(), strict=True)
+    )
+    assert len(pairs) == len(set(pairs)) == shards * per_shard * epochs
+    assert len(list(output.glob("epoch=*/*.parquet"))) == shards * epochs
+
+
+def test_plan_actors_defaults():
+    gpu_nodes = [{"CPU": 8, "GPU": 2}, {"CPU": 4, "GPU": 1}, {"CPU": 2}]
+    assert plan_actors(gpu_nodes, actors=None, gpus_per_actor=None, cpus_per_actor=None) == (
+        3,
+        1.0,
+        4.0,
+    )
+    assert plan_actors([{"CPU": 2}], actors=None, gpus_per_actor=None, cpus_per_actor=None) == (
+        1,
+        0.0,
+        2.0,
+    )
+    assert plan_actors(
+        [{"CPU": 16}, {"CPU": 16}], actors=None, gpus_per_actor=0, cpus_per_actor=4
+    ) == (8, 0.0, 4)
+    with pytest.raises(ValueError, match="no node"):
+        plan_actors([{"CPU": 8}], actors=None, gpus_per_actor=1, cpus_per_actor=None)
