@@ -7,7 +7,6 @@ executes). Re-running the same command resumes: committed units are skipped.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from pipeline.augment import TransformConfig, resolve_transform
 from pipeline.backbone import BackboneInfo, describe_backbone
-from pipeline.distribute import ActorPool, PoolReport
+from pipeline.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.manifest import Manifest
 from pipeline.shards import expand_shards, shard_names
 from pipeline.unit import Unit, UnitResult, UnitSettings
@@ -125,40 +124,6 @@ def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict
         "label_remap_digest": file_digest(config.label_remap),
         "project_version": project_version(),
     }
-
-
-def plan_actors(
-    nodes: list[dict[str, float]],
-    *,
-    actors: int | None,
-    gpus_per_actor: float | None,
-    cpus_per_actor: float | None,
-) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor) for a cluster whose nodes have ``nodes`` resources.
-
-    Defaults: one actor per GPU when the cluster has GPUs, each with its node's share of CPUs;
-    else one CPU actor per node using all of that node's CPUs.
-    """
-    total_gpus = sum(node.get("GPU", 0) for node in nodes)
-    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
-    if gpus > 0:
-        gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= gpus]
-        if not gpu_nodes:
-            raise ValueError(
-                f"--gpus-per-actor {gpus} but no node of the cluster has that many GPUs"
-            )
-        per_node = [math.floor(node["GPU"] / gpus) for node in gpu_nodes]
-        shares = [
-            node.get("CPU", 0) / count for node, count in zip(gpu_nodes, per_node, strict=True)
-        ]
-        cpus = cpus_per_actor or max(1.0, math.floor(min(shares)))
-        return actors or sum(per_node), gpus, cpus
-    cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
-    if not cpu_nodes:
-        raise ValueError("the Ray cluster has no CPUs to run cache actors on")
-    cpus = cpus_per_actor or float(min(cpu_nodes))
-    default_actors = sum(max(1, math.floor(node / cpus)) for node in cpu_nodes if node >= cpus)
-    return actors or max(1, default_actors), 0.0, cpus
 
 
 def connect_ray(address: str | None) -> None:

@@ -16,8 +16,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.cache import CacheJobConfig, plan_actors, run_cache
+from jobs.cache import CacheJobConfig, run_cache
 from pipeline.demo_data import write_digit_shards
+from pipeline.distribute import plan_actors
 
 pytestmark = pytest.mark.slow
 
