@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from timm.data import create_transform
+from timm.data.transforms import MaybeToTensor
+from torchvision import transforms
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -90,8 +94,68 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 def augment(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
     """Apply ``transform`` with Python's and torch's RNGs seeded to ``seed``.
 
-    Both RNGs are process-global: call this from one thread per process.
+    Both RNGs are process-global: call this from one thread per process. Only torch's CPU
+    generator is seeded (the transforms draw from no other), not CUDA's as ``torch.manual_seed``
+    would, which is slower and would touch the device from the decoding thread.
     """
-    random.seed(seed)
-    torch.manual_seed(seed)
+    _seed_rngs(seed)
     return transform(image)
+
+
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """timm's transform cut where the PIL steps end, so the tensor steps can run per batch.
+
+    ``pil`` holds the (random) PIL steps, applied per image; the final ``ToTensor`` and
+    ``Normalize`` are deterministic elementwise maps, applied by :meth:`to_tensor` to a whole
+    uint8 batch at once with the same float32 operations in the same order (``div(255)``, then
+    ``sub_(mean)``, then ``div_(std)``), so the result is bit-identical to the full transform
+    applied image by image.
+    """
+
+    pil: transforms.Compose
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def to_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, H, W, C)`` -> normalized float32 ``(N, C, H, W)``, contiguous, on the
+        device of ``images`` (move uint8 batches to a GPU first: a quarter of the bytes)."""
+        tensor = images.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+        return tensor.sub_(self.mean.to(tensor.device)).div_(self.std.to(tensor.device))
+
+
+def split_transform(transform: Transform) -> SplitTransform | None:
+    """``transform`` as a :class:`SplitTransform`, or None when it does not end in PIL steps
+    followed by exactly ``ToTensor`` and ``Normalize`` (then use :func:`augment` per image)."""
+    steps = list(getattr(transform, "transforms", ()))
+    if len(steps) < 2 or torch.get_default_dtype() != torch.float32:
+        return None
+    to_tensor, normalize = steps[-2:]
+    if type(to_tensor) not in (MaybeToTensor, transforms.ToTensor):
+        return None
+    if type(normalize) is not transforms.Normalize or normalize.inplace:
+        return None
+    if any(isinstance(step, (MaybeToTensor, transforms.ToTensor)) for step in steps[:-2]):
+        return None
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+    if (std == 0).any():
+        return None
+    return SplitTransform(transforms.Compose(steps[:-2]), mean, std)
+
+
+def augment_pil(split: SplitTransform, image: Image.Image, seed: int) -> np.ndarray:
+    """The PIL steps of ``split`` seeded like :func:`augment`: a uint8 ``(H, W, C)`` array.
+
+    Same RNG rules as :func:`augment` (the tensor steps draw no random numbers).
+    """
+    _seed_rngs(seed)
+    result = split.pil(image)
+    if result.mode != "RGB":
+        raise ValueError(f"the PIL steps must return RGB images, got mode {result.mode}")
+    return np.asarray(result)

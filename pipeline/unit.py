@@ -1,7 +1,10 @@
 """One unit of work, (epoch, input shard) -> committed Parquet file, with no Ray in sight.
 
 The data path: shard -> samples -> augmented tensors -> backbone -> Arrow batches -> commit.
-Decoding and augmentation run in a background thread while the backbone runs the previous batch.
+Decoding and the PIL augmentation steps run in a background thread while the backbone runs the
+previous batch; they yield uint8 images, which the main thread turns into normalized float
+tensors one batch at a time (``SplitTransform``). The background thread then runs no torch
+kernels, so it never starts a second OpenMP team that would fight the forward's for the cores.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.augment import augment, build_transform, sample_seed
+from pipeline.augment import augment, augment_pil, build_transform, sample_seed, split_transform
 from pipeline.backbone import Backbone, read_label_remap
 from pipeline.decode import decode_image
 from pipeline.prefetch import prefetch
@@ -91,7 +95,7 @@ class UnitResult:
 @dataclass
 class _Batch:
     keys: list[str]
-    images: torch.Tensor
+    images: torch.Tensor  # uint8 (N, H, W, C) with a split transform, else the model's input
     labels: torch.Tensor
     prepare_seconds: float
 
@@ -103,6 +107,7 @@ class UnitRunner:
         self.backbone = backbone
         self.settings = settings
         self.transform = build_transform(settings.transform)
+        self.split = split_transform(self.transform)
         self.remap = read_label_remap(settings.label_remap) if settings.label_remap else None
         embedding_type = pa.float16() if settings.dtype == "float16" else pa.float32()
         self.schema = with_provenance(
@@ -122,7 +127,7 @@ class UnitRunner:
             )
         return label
 
-    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, torch.Tensor, int]]:
+    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, int]]:
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
@@ -134,13 +139,16 @@ class UnitRunner:
                 label = self.head_label(sample)
                 image = decode_image(sample.image, key=sample.key)
                 seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
-                yield sample.key, augment(self.transform, image, seed), label
+                if self.split is not None:
+                    yield sample.key, augment_pil(self.split, image, seed), label
+                else:
+                    yield sample.key, augment(self.transform, image, seed), label
             except BadSample as bad:
                 counts[bad.reason.value] += 1
                 log.warning("skipping %s in %s: %s", sample.key, unit.source, bad)
 
     def _batches(self, unit: Unit, counts: Counter) -> Iterator[_Batch]:
-        batch: list[tuple[str, torch.Tensor, int]] = []
+        batch: list[tuple[str, Any, int]] = []
         started = time.perf_counter()
         for item in self._tensors(unit, counts):
             batch.append(item)
@@ -151,13 +159,24 @@ class UnitRunner:
             yield self._collate(batch, time.perf_counter() - started)
 
     @staticmethod
-    def _collate(batch: list[tuple[str, torch.Tensor, int]], seconds: float) -> _Batch:
+    def _collate(batch: list[tuple[str, Any, int]], seconds: float) -> _Batch:
         keys, images, labels = zip(*batch, strict=True)
-        return _Batch(list(keys), torch.stack(images), torch.tensor(labels), seconds)
+        if isinstance(images[0], np.ndarray):
+            stacked = torch.from_numpy(np.stack(images))
+        else:
+            stacked = torch.stack(images)
+        return _Batch(list(keys), stacked, torch.tensor(labels), seconds)
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's input for a collated batch: uint8 images are normalized here, on the
+        backbone's device."""
+        if self.split is None:
+            return images
+        return self.split.to_tensor(images.to(self.backbone.device, non_blocking=True))
 
     def run(self, unit: Unit) -> UnitResult:
         """Compute and commit ``unit``; returns its rows, bytes, skips and stage timings."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         counts: Counter = Counter()
         timings = {"prepare": 0.0, "forward": 0.0, "wait": 0.0, "write": 0.0}
         record_batches: list[pa.RecordBatch] = []
@@ -166,7 +185,7 @@ class UnitRunner:
             timings["wait"] += time.perf_counter() - waited
             timings["prepare"] += batch.prepare_seconds
             tick = time.perf_counter()
-            outputs = self.backbone.forward(batch.images, batch.labels)
+            outputs = self.backbone.forward(self._model_input(batch.images), batch.labels)
             timings["forward"] += time.perf_counter() - tick
             record_batches.append(
                 to_record_batch(
@@ -198,6 +217,7 @@ class UnitRunner:
             stats=stats,
         )
         timings["write"] = time.perf_counter() - tick
+        timings["cpu"] = time.process_time() - cpu_started  # all threads of this process
         return UnitResult(
             relpath=unit.relpath,
             epoch=unit.epoch,

@@ -1,0 +1,246 @@
+"""Cache-job throughput: the whole job (S3 shards -> Parquet) vs a bare backbone forward.
+
+Starts a moto S3 server on loopback, writes ImageNet-like JPEG shards to it
+(``write_photo_shards``, ~400x350, quality 90) and starts a local Ray on 127.0.0.1. Then, in
+``--rounds`` rounds, it alternates:
+
+- the bare reference: ``Backbone.forward`` on random tensors already in memory, same model,
+  batch size and torch threads as the job's actor (all of Ray's CPUs), in a Ray actor of its own;
+- the real job, ``jobs.cache.run_cache`` (one actor with every CPU), for one more epoch of
+  every shard, with the Parquet output on the S3 server and/or on local disk.
+
+The machine may be shared, so each round's job figure is compared with the references just
+before and after it. The job figure is steady state: rows / the units' own seconds (shard read,
+decode, augmentation, forward, Arrow, Parquet commit); Ray start-up and actor start + model load
+are reported apart, as is the figure that includes them. A second ratio compares CPU seconds
+per image (the actor's process CPU time during its units vs the reference actor's), which a busy
+machine disturbs less. Target: job / reference >= 0.8 on 2 CPU cores.
+
+    .venv/bin/python benchmarks/cache_throughput.py --shards 2 --per-shard 128 --batch-size 32 \
+        --rounds 3 --output both
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+
+def start_s3() -> tuple[object, str]:
+    """A moto S3 server on 127.0.0.1 and the AWS environment pointing at it (before boto/Ray)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    return server, endpoint
+
+
+class Reference:
+    """The bare forward: ``Backbone.forward`` on pre-made tensors, same model, batch and threads."""
+
+    def __init__(self, backbone: str, batch_size: int, threads: int) -> None:
+        import torch
+
+        from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
+
+        self.threads = threads
+        info = describe_backbone(backbone, "random")
+        self.model = Backbone(create_backbone_model(backbone, "random"), torch.device("cpu"))
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch_size, *info.data_config["input_size"], generator=generator)
+        self.labels = torch.randint(0, self.model.num_classes, (batch_size,), generator=generator)
+        self.measure(1)  # warm-up
+
+    def measure(self, batches: int) -> tuple[float, float]:
+        """(images/s, CPU seconds per image) over ``batches`` forwards."""
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            started, cpu = time.perf_counter(), time.process_time()
+            for _ in range(batches):
+                self.model.forward(self.images, self.labels)
+            images = batches * len(self.labels)
+            seconds = time.perf_counter() - started
+            return images / seconds, (time.process_time() - cpu) / images
+        finally:
+            torch.set_num_threads(previous)
+
+
+def run_round(args: argparse.Namespace, output: str, epochs: int) -> dict[str, float]:
+    """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
+    from jobs.cache import CacheJobConfig, run_cache
+
+    config = CacheJobConfig(
+        shards="s3://pvu-bench/shards/",
+        backbone=args.backbone,
+        output=output,
+        weights="random",
+        batch_size=args.batch_size,
+        epochs=epochs,
+        seed=0,
+    )
+    started = time.perf_counter()
+    report = run_cache(config)
+    wall = time.perf_counter() - started
+    if report.failed or not report.results:
+        raise SystemExit(f"units failed: {report.failed}")
+    timings: dict[str, float] = {}
+    for result in report.results:
+        for stage, seconds in result.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    return {
+        "rows": sum(result.rows for result in report.results),
+        "units": len(report.results),
+        "busy": sum(result.seconds for result in report.results),
+        "wall": wall,
+        "threads": report.workers[0]["threads"] if report.workers else 0,
+        **timings,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=int, default=2, help="input shards (one unit each)")
+    parser.add_argument("--per-shard", type=int, default=128, help="JPEGs per shard")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="job epochs, each between references")
+    parser.add_argument("--backbone", default="vit_small_patch16_224")
+    parser.add_argument(
+        "--reference-batches", type=int, default=4, help="forwards per reference measurement"
+    )
+    parser.add_argument(
+        "--output", choices=["s3", "local", "both"], default="s3", help="where Parquet goes"
+    )
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    server, endpoint = start_s3()
+    outputs = ["s3", "local"] if args.output == "both" else [args.output]
+    references: list[tuple[float, float]] = []
+    jobs: dict[str, list[dict[str, float]]] = {where: [] for where in outputs}
+    try:
+        import ray
+        import s3fs
+
+        from pipeline.demo_data import write_photo_shards
+
+        s3fs.S3FileSystem().mkdir("pvu-bench")
+        write_photo_shards(
+            "s3://pvu-bench/shards", shards=args.shards, per_shard=args.per_shard, quality=90
+        )
+        tick = time.perf_counter()
+        # address="local": always a fresh Ray of our own, never one that `ray start` left running
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+        ray_start = time.perf_counter() - tick
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # The reference runs in a Ray actor too, so both figures come from a worker process
+        # with the same environment and torch threads, free of the driver's S3 server. It asks
+        # for no CPUs so that the job's actor still gets all of them; it idles during the job.
+        actor = ray.remote(num_cpus=0)(Reference).remote(args.backbone, args.batch_size, cpus)
+        reference = SimpleNamespace(measure=lambda n: ray.get(actor.measure.remote(n)))
+        with tempfile.TemporaryDirectory() as local:
+            for epoch in range(args.rounds):
+                references.append(reference.measure(args.reference_batches))
+                for where in outputs:
+                    output = "s3://pvu-bench/cache" if where == "s3" else f"{local}/cache"
+                    jobs[where].append(run_round(args, output, epochs=epoch + 1))
+            references.append(reference.measure(args.reference_batches))
+        ray.shutdown()
+    finally:
+        server.stop()
+    report(args, endpoint, cpus, ray_start, references, jobs)
+
+
+def report(
+    args: argparse.Namespace,
+    endpoint: str,
+    cpus: int,
+    ray_start: float,
+    references: list[tuple[float, float]],
+    jobs: dict[str, list[dict[str, float]]],
+) -> None:
+    """Print the figures: reference, job per output and round, ratios (wall and CPU)."""
+    ref_rates = [rate for rate, _ in references]
+    ref_rate = statistics.mean(ref_rates)
+    ref_cpu = statistics.mean(cpu for _, cpu in references)
+    print()
+    print(
+        f"backbone {args.backbone} (random weights), batch {args.batch_size}, {cpus} CPUs; "
+        f"{args.shards} shards x {args.per_shard} JPEGs (~400x350, q90) on moto S3 ({endpoint}); "
+        f"{args.rounds} rounds"
+    )
+    print(
+        f"reference, bare Backbone.forward on pre-made tensors, {cpus} torch threads: "
+        + ", ".join(f"{rate:.2f}" for rate in ref_rates)
+        + f" images/s (before/between/after rounds); mean {ref_rate:.2f} images/s, "
+        f"{ref_cpu:.3f} CPU-s/image"
+    )
+    print(f"ray.init: {ray_start:.1f} s")
+    for where, rounds in jobs.items():
+        print(f"job, Parquet on {where}:")
+        ratios = []
+        for i, job in enumerate(rounds):
+            rate = job["rows"] / job["busy"]
+            ratio = rate / statistics.mean(ref_rates[i : i + 2])
+            ratios.append(ratio)
+            print(
+                f"  round {i}: {job['rows']:.0f} rows, {job['units']:.0f} units, steady "
+                f"{rate:.2f} images/s (ratio to the references around it {ratio:.3f}); wall "
+                f"{job['wall']:.1f} s of which {job['wall'] - job['busy']:.1f} s outside units "
+                f"(actor start + model load, planning, manifest); actor threads "
+                f"{job['threads']:.0f}"
+            )
+        rows = sum(job["rows"] for job in rounds)
+        busy = sum(job["busy"] for job in rounds)
+        wall = sum(job["wall"] for job in rounds)
+        stages = {
+            key: sum(job.get(key, 0.0) for job in rounds)
+            for key in ("prepare", "wait", "forward", "write", "cpu")
+        }
+        cpu_per_image = stages["cpu"] / rows
+        print(
+            "  seconds over all rounds: "
+            + ", ".join(f"{key}={value:.1f}" for key, value in stages.items())
+            + " (prepare runs in the background thread; cpu = the actor's CPU time in units)"
+        )
+        print(
+            f"  steady {rows / busy:.2f} images/s; incl. actor start-up {rows / wall:.2f} "
+            f"images/s; {cpu_per_image:.3f} CPU-s/image"
+        )
+        print(
+            f"  RATIO job/reference: {rows / busy / ref_rate:.3f} overall, median of rounds "
+            f"{statistics.median(ratios):.3f} (target >= 0.8); by CPU time per image "
+            f"{ref_cpu / cpu_per_image:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

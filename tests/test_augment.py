@@ -1,0 +1,65 @@
+"""The batched tensor steps (``SplitTransform``) give exactly timm's per-image transform."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import (
+    TransformConfig,
+    augment,
+    augment_pil,
+    build_transform,
+    resolve_transform,
+    sample_seed,
+    split_transform,
+)
+from pipeline.backbone import describe_backbone
+from pipeline.demo_data import write_photo_shards
+from pipeline.samples import iter_samples
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from collections import Counter
+
+    from pipeline.decode import decode_image
+
+    [shard] = write_photo_shards(str(tmp_path_factory.mktemp("photos")), shards=1, per_shard=6)
+    return [(s.key, decode_image(s.image)) for s in iter_samples(shard, counts=Counter())]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_split_transform_is_bit_identical_to_the_full_transform(images, mode):
+    info = describe_backbone("resnet10t", "random")
+    config = TransformConfig(augment=mode, input_size=(3, 64, 64), mean=(0.485, 0.456, 0.406))
+    transform = build_transform(resolve_transform(config, info.data_config))
+    split = split_transform(transform)
+    assert split is not None
+    seeded = [(image, sample_seed(7, 2, key)) for key, image in images]
+    full = torch.stack([augment(transform, image, seed) for image, seed in seeded])
+    parts = [augment_pil(split, image, seed) for image, seed in seeded]
+    batched = split.to_tensor(torch.from_numpy(np.stack(parts)))
+    assert batched.dtype == full.dtype and batched.is_contiguous()
+    assert torch.equal(batched, full)
+
+
+def test_seeding_matches_torch_manual_seed(images):
+    """Seeding only torch's CPU generator draws the same augmentations as torch.manual_seed."""
+    info = describe_backbone("resnet10t", "random")
+    transform = build_transform(resolve_transform(TransformConfig(), info.data_config))
+    _, image = images[0]
+    random.seed(123)
+    torch.manual_seed(123)
+    expected = transform(image)
+    assert torch.equal(augment(transform, image, 123), expected)
+
+
+def test_transforms_not_ending_in_to_tensor_normalize_are_not_split():
+    from torchvision import transforms
+
+    assert split_transform(transforms.Compose([transforms.CenterCrop(8)])) is None
+    assert split_transform(lambda image: image) is None
