@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from jobs.cache import cache
+from jobs.train_head import train_head
 
 app = typer.Typer(
     help="pvu: pretrained visual uncertainties, cached at scale.",
@@ -19,3 +20,4 @@ def main() -> None:
 
 
 app.command("cache")(cache)
+app.command("train-head")(train_head)

@@ -19,7 +19,8 @@ ROW_GROUP_ROWS = 4096
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "use_dictionary": ["key", "shard"],
-    "column_encoding": {"embedding": "BYTE_STREAM_SPLIT"},
+    # the leaf column of the fixed-size list; naming the list itself silently stays PLAIN
+    "column_encoding": {"embedding.list.element": "BYTE_STREAM_SPLIT"},
     "row_group_size": ROW_GROUP_ROWS,
 }
 
@@ -48,7 +49,7 @@ def to_record_batch(
         "epoch": pa.array(np.full(count, epoch, np.int32)),
         "label": pa.array(labels.astype(np.int64)),
         "embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(embedding.reshape(-1)), embedding_field.list_size
+            pa.array(embedding.reshape(-1)), type=embedding_field
         ),
         "loss": pa.array(outputs["loss"].astype(np.float32)),
         "pred": pa.array(outputs["pred"].astype(np.int32)),

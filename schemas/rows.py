@@ -22,7 +22,11 @@ def cache_schema(dim: int, embedding_type: pa.DataType | None = None) -> pa.Sche
             pa.field("shard", pa.string(), nullable=False),
             pa.field("epoch", pa.int32(), nullable=False),
             pa.field("label", pa.int64(), nullable=False),
-            pa.field("embedding", pa.list_(embedding_type or pa.float16(), dim), nullable=False),
+            pa.field(
+                "embedding",
+                pa.list_(pa.field("element", embedding_type or pa.float16(), nullable=False), dim),
+                nullable=False,
+            ),
             pa.field("loss", pa.float32(), nullable=False),
             pa.field("pred", pa.int32(), nullable=False),
             pa.field("max_prob", pa.float32(), nullable=False),

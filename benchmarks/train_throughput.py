@@ -1,0 +1,199 @@
+"""Head-training throughput: streaming a Parquet cache vs the same step on in-memory tensors.
+
+Writes a synthetic cache (D=768 by default, the writer's Parquet options), then times the
+training step of ``pipeline.train`` on (a) batches sliced from tensors already in memory and
+(b) batches from ``pipeline.stream.CacheStream`` over the local cache, interleaved, best of
+``--repeats``; optionally (c) the same stream through a moto S3 server on loopback. Prints
+samples/s and the streaming/in-memory ratio (target >= 0.8; absolute target >= 30,000/s).
+
+    .venv/bin/python benchmarks/train_throughput.py --dim 768 --precision fp32 bf16 --s3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.head import HeadConfig, create_head, create_objective
+from pipeline.stream import CacheStream, StreamConfig, open_cache, read_validation
+from pipeline.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.train import ScheduleConfig, create_optimizer, train_step
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Samples per wall-clock second, and per CPU-second of this process (all threads)."""
+
+    wall: float
+    cpu: float
+
+
+class Clock:
+    """Wall and process CPU time since construction."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, samples: int) -> Rate:
+        """Samples per wall second and per CPU second since construction."""
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return Rate(samples / wall, samples / cpu)
+
+
+def _stepper(dim: int, precision: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    head = create_head(HeadConfig(dim), seed=0)
+    optimizer = create_optimizer(head, ScheduleConfig())
+    objective = create_objective("ranking")
+    return lambda x, y: train_step(head, optimizer, objective, x, y, precision=precision)
+
+
+def time_in_memory(
+    x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, precision: str
+) -> Rate:
+    """Samples/s of ``args.steps`` steps on contiguous slices of in-memory tensors."""
+    step, b = _stepper(x.shape[1], precision), args.batch_size
+    for i in range(args.warmup):
+        step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b])
+    clock = Clock()
+    for i in range(args.steps):
+        j = i % (len(y) // b)
+        step(x[j * b : (j + 1) * b], y[j * b : (j + 1) * b])
+    return clock.rate(args.steps * b)
+
+
+def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -> Rate:
+    """Samples/s of ``args.steps`` steps on batches streamed from the cache at ``url``."""
+    index = open_cache([url])
+    step = _stepper(index.dim, precision)
+    config = StreamConfig(seed=seed, window_rows=args.shuffle_rows, val_fraction=0.01)
+    with CacheStream(index, config) as stream:
+        for _ in range(args.warmup):
+            batch = stream.next_batch(args.batch_size)
+            step(batch.embedding, batch.loss)
+        while stream.ready() < config.prefetch_windows:  # steady state: read-ahead is full,
+            time.sleep(0.01)  # so the timed steps pay for decoding what they consume
+        clock = Clock()
+        for _ in range(args.steps):
+            batch = stream.next_batch(args.batch_size)
+            step(batch.embedding, batch.loss)
+        return clock.rate(args.steps * args.batch_size)
+
+
+def _s3_copy(local: str) -> tuple[str, Callable[[], None]]:
+    """Upload the cache to a moto S3 server on loopback; returns its URL and a stopper."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench")
+    fs.put(local.rstrip("/") + "/", "bench/cache/", recursive=True)
+    return "s3://bench/cache", server.stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--rows", type=int, default=262_144, help="rows in the synthetic cache")
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shuffle-rows", type=int, default=16_384, help="window (rows)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--s3", action="store_true", help="also stream through moto S3")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="pvu-bench-") as tmp:
+        shards = max(1, args.rows // 8192)
+        spec = SyntheticCache(
+            dim=args.dim,
+            samples_per_shard=args.rows // shards,
+            shards=shards,
+            epochs=1,
+            row_group_rows=4096,
+        )
+        started = time.perf_counter()
+        url = f"{tmp}/cache"
+        rows = write_synthetic_cache(url, spec)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(url) for f in fs)
+        print(
+            f"cache: {rows:,} rows, D={args.dim}, {size / 2**20:.0f} MiB "
+            f"({size / rows / (2 * args.dim):.3f}x raw float16), "
+            f"written in {time.perf_counter() - started:.1f}s; torch threads {args.threads}"
+        )
+        everything = read_validation(open_cache([url]), val_fraction=1.0 - 1e-12, max_rows=rows)
+        order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
+        x, y = everything.embedding[order].contiguous(), everything.loss[order].contiguous()
+        del everything
+        s3_url, stop = _s3_copy(url) if args.s3 else (None, None)
+        for precision in args.precision:
+            memory, local, remote = [], [], []
+            for r in range(args.repeats):
+                memory.append(time_in_memory(x, y, args, precision))
+                local.append(time_stream(url, args, precision, seed=r))
+                if s3_url:
+                    remote.append(time_stream(s3_url, args, precision, seed=r))
+            _report(precision, args, memory, local, remote)
+        if stop:
+            stop()
+
+
+def _report(
+    precision: str,
+    args: argparse.Namespace,
+    memory: list[Rate],
+    local: list[Rate],
+    remote: list[Rate],
+) -> None:
+    print(f"\n[{precision}] batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats")
+    rows = [
+        ("in-memory tensors", memory),
+        ("streaming local", local),
+        ("streaming moto S3", remote),
+    ]
+    for name, rates in rows:
+        if rates:
+            wall = max(r.wall for r in rates)
+            median = statistics.median(r.wall for r in rates)
+            cpu = max(r.cpu for r in rates)
+            print(
+                f"  {name:18}: best {wall:9,.0f} samples/s wall (median {median:9,.0f}); "
+                f"{cpu:9,.0f} samples per CPU-second"
+            )
+    best = max(r.wall for r in local) / max(r.wall for r in memory)
+    cpu = max(r.cpu for r in local) / max(r.cpu for r in memory)
+    print(
+        f"  ratio local/in-memory: {best:.3f} wall (best of each), {cpu:.3f} CPU-time "
+        "(target >= 0.8)"
+    )
+    if remote:
+        best = max(r.wall for r in remote) / max(r.wall for r in memory)
+        cpu = max(r.cpu for r in remote) / max(r.cpu for r in memory)
+        print(
+            f"  ratio S3/in-memory   : {best:.3f} wall, {cpu:.3f} CPU-time (moto runs in-process)"
+        )
+
+
+if __name__ == "__main__":
+    main()

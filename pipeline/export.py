@@ -1,0 +1,135 @@
+"""Export a trained head (DESIGN.md 3.5) and attach it to a stock timm model.
+
+Usage::
+
+    import timm
+    from pipeline.export import attach_head
+
+    model = attach_head(timm.create_model("vit_base_patch16_224.augreg_in21k"), "runs/head")
+    out = model(images)  # {"logits": (B, C), "embedding": (B, D), "uncertainty": (B,)}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from pipeline.head import HeadConfig, UncertaintyHead
+from schemas import validate_head
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_JSON = "head.json"
+FORMAT_VERSION = 1
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def head_document(
+    head: UncertaintyHead,
+    *,
+    backbone: str,
+    weights_digest: str,
+    loss: str,
+    input_dtype: str = "float16",
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The head.json document describing ``head`` (validated against the head schema)."""
+    cfg = head.config
+    doc: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "embedding_dim": cfg.embedding_dim,
+        "hidden": list(cfg.hidden),
+        "activation": {"name": "leaky_relu", "negative_slope": cfg.negative_slope},
+        "output": {"name": cfg.output}
+        | (
+            {"beta": cfg.softplus_beta, "threshold": cfg.softplus_threshold}
+            if cfg.output == "softplus"
+            else {}
+        ),
+        "backbone": backbone,
+        "weights_digest": weights_digest,
+        "loss": loss,
+        "input_dtype": input_dtype,
+        "training": training or {},
+    }
+    validate_head(doc)
+    return doc
+
+
+def export_head(head: UncertaintyHead, output: str, **document: Any) -> dict[str, Any]:
+    """Write ``<output>/head.safetensors`` and ``<output>/head.json``; returns the document.
+
+    Keyword arguments are those of :func:`head_document`. The JSON is written last.
+    """
+    doc = head_document(head, **document)
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    fs.pipe_file(f"{root}/{HEAD_WEIGHTS}", save_safetensors(state, metadata={"format": "pt"}))
+    fs.pipe_file(f"{root}/{HEAD_JSON}", json.dumps(doc, indent=2, sort_keys=True).encode())
+    return doc
+
+
+def head_config(doc: dict[str, Any]) -> HeadConfig:
+    """The :class:`HeadConfig` a validated head.json describes."""
+    output = doc["output"]
+    return HeadConfig(
+        embedding_dim=doc["embedding_dim"],
+        hidden=tuple(doc["hidden"]),
+        negative_slope=doc["activation"].get("negative_slope", 0.01),
+        output=output["name"],
+        softplus_beta=output.get("beta", 1.0),
+        softplus_threshold=output.get("threshold", 20.0),
+    )
+
+
+def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
+    """The head exported to ``head_dir`` (in eval mode) and its head.json document."""
+    fs, root = fsspec.core.url_to_fs(head_dir)
+    doc = json.loads(fs.cat_file(f"{root}/{HEAD_JSON}"))
+    validate_head(doc)
+    head = UncertaintyHead(head_config(doc))
+    head.load_state_dict(load_safetensors(fs.cat_file(f"{root}/{HEAD_WEIGHTS}")), strict=True)
+    return head.eval(), doc
+
+
+class HeadedModel(nn.Module):
+    """A timm classifier plus an uncertainty head: one forward, three outputs."""
+
+    def __init__(self, model: nn.Module, head: UncertaintyHead, input_dtype: str) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.input_dtype = _DTYPES[input_dtype]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
+        features = self.model.forward_features(images)
+        embedding = self.model.forward_head(features, pre_logits=True)
+        logits = self.model.forward_head(features)
+        # The head was trained on embeddings stored as input_dtype; round them the same way.
+        head_input = embedding.detach().to(self.input_dtype).float()
+        return {"logits": logits, "embedding": embedding, "uncertainty": self.head(head_input)}
+
+
+def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
+    """``model`` (a timm classifier) with the head exported to ``head_dir`` attached.
+
+    The head's input is the model's pre-logit embedding, ``forward_head(..., pre_logits=True)``;
+    a width mismatch is refused. The returned module is in ``model``'s train/eval mode.
+    """
+    head, doc = load_head(head_dir)
+    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if width is not None and width != doc["embedding_dim"]:
+        raise ValueError(
+            f"head in {head_dir} expects {doc['embedding_dim']}-d embeddings "
+            f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
+        )
+    attached = HeadedModel(model, head, doc.get("input_dtype", "float32"))
+    head.to(next(model.parameters()).device)
+    return attached.train(model.training)

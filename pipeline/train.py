@@ -1,0 +1,373 @@
+"""Train the uncertainty head on a streamed cache: appendix A's schedule, checkpoints, resume.
+
+One episode is ``episode_size`` rows in batches of ``batch_size`` (the last batch of an
+episode takes the remainder). The learning rate is set per episode: linear warm-up from
+``warmup_lr`` to ``lr`` over ``warmup_episodes``, then cosine decay towards ``min_lr`` over
+the remaining episodes. At each episode end the run evaluates on the held-out slice, appends a
+line to ``metrics.jsonl`` and checkpoints weights, optimiser state and the reader's position
+(safetensors + JSON, no pickle), so a resumed run ends with the same head as an uninterrupted
+one. The finished head is exported with :func:`pipeline.export.export_head`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from pipeline.evaluate_head import evaluate_head
+from pipeline.export import export_head
+from pipeline.head import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
+from pipeline.stream import (
+    CacheIndex,
+    CacheStream,
+    StreamConfig,
+    StreamState,
+    open_cache,
+    read_validation,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_JSON = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Appendix A's optimiser and learning-rate schedule (the defaults are the paper's)."""
+
+    episodes: int = 460
+    episode_size: int = 200_000
+    batch_size: int = 2048
+    lr: float = 2.8e-3
+    warmup_lr: float = 1e-4
+    min_lr: float = 1e-8
+    warmup_episodes: int = 25
+    betas: tuple[float, float] = (0.8, 0.95)
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "episode_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_episodes < self.episodes:
+            raise ValueError(
+                f"warmup_episodes must be in [0, episodes), got {self.warmup_episodes}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained head (the identity a resume must match)."""
+
+    hidden: tuple[int, ...] = (512, 512)
+    loss: LossName = "ranking"
+    margin: float = 0.1
+    leeway: float = 0.0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    val_rows: int = 20_000
+    precision: str = "fp32"
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (head initialisation and data order)."""
+        return self.stream.seed
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint, as JSON-able values."""
+        doc = json.loads(json.dumps(asdict(self)))
+        for name in ("prefetch_windows", "io_threads", "extra_columns"):
+            doc["stream"].pop(name)
+        return doc
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what to train): device, resume, early stop, observers."""
+
+    device: str = "cpu"
+    resume: bool = False
+    stop_after: int | None = None
+    on_batch: Callable[[int], None] | None = None
+    on_episode: Callable[[dict[str, Any]], None] | None = None
+
+
+def learning_rate(episode: int, schedule: ScheduleConfig) -> float:
+    """Learning rate during ``episode`` (0-based): linear warm-up, then cosine decay."""
+    s = schedule
+    if episode < s.warmup_episodes:
+        return s.warmup_lr + (s.lr - s.warmup_lr) * episode / s.warmup_episodes
+    progress = (episode - s.warmup_episodes) / (s.episodes - s.warmup_episodes)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def create_optimizer(head: nn.Module, schedule: ScheduleConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on biases)."""
+    decay = [p for p in head.parameters() if p.ndim >= 2]
+    no_decay = [p for p in head.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": schedule.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=schedule.warmup_lr, betas=schedule.betas)
+
+
+def save_checkpoint(
+    output: str,
+    *,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    episode: int,
+    stream_state: StreamState,
+    config: TrainConfig,
+) -> None:
+    """Write tensors (safetensors) then ``state.json``, the commit marker, under ``output``."""
+    fs, root = fsspec.core.url_to_fs(output)
+    folder = f"{root}/{CHECKPOINT_DIR}"
+    fs.makedirs(folder, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, slots in optim["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    name = f"episode-{episode:05d}.safetensors"
+    fs.pipe_file(f"{folder}/{name}", save_safetensors(tensors))
+    state = {
+        "episode": episode,
+        "tensors": name,
+        "stream": stream_state.to_json(),
+        "param_groups": optim["param_groups"],
+        "config": config.identity(),
+    }
+    tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
+    fs.pipe_file(tmp, json.dumps(state, indent=1).encode())
+    fs.mv(tmp, f"{folder}/{CHECKPOINT_JSON}")
+    for old in fs.glob(f"{folder}/episode-*.safetensors"):
+        if not old.endswith(name):
+            fs.rm(old)
+
+
+def load_checkpoint(
+    output: str, *, head: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> tuple[int, StreamState] | None:
+    """Restore ``head`` and ``optimizer``; returns (episodes done, reader position) or None."""
+    fs, root = fsspec.core.url_to_fs(output)
+    folder = f"{root}/{CHECKPOINT_DIR}"
+    if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
+        return None
+    state = json.loads(fs.cat_file(f"{folder}/{CHECKPOINT_JSON}"))
+    if state["config"] != config.identity():
+        differ = [k for k, v in config.identity().items() if state["config"].get(k) != v]
+        raise ValueError(
+            f"cannot resume from {output}: its checkpoint was trained with other settings "
+            f"({', '.join(differ)}); use another --output or the same settings"
+        )
+    tensors = load_safetensors(fs.cat_file(f"{folder}/{state['tensors']}"))
+    prefix = len("model.")
+    head.load_state_dict({k[prefix:]: v for k, v in tensors.items() if k.startswith("model.")})
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, slot = key.split(".", 2)
+            slots.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    return int(state["episode"]), StreamState.from_json(state["stream"])
+
+
+def _metrics_log(output: str, done: int) -> Callable[[dict[str, Any]], None]:
+    """Keep ``metrics.jsonl`` lines of episodes <= ``done``; return an appender."""
+    fs, root = fsspec.core.url_to_fs(output)
+    path = f"{root}/{METRICS_FILE}"
+    lines = fs.cat_file(path).decode().splitlines() if fs.exists(path) else []
+    kept = [line for line in lines if line and json.loads(line)["episode"] <= done]
+    fs.pipe_file(path, "".join(line + "\n" for line in kept).encode())
+
+    def append(record: dict[str, Any]) -> None:
+        kept.append(json.dumps(json_safe(record), allow_nan=False))
+        fs.pipe_file(path, "".join(line + "\n" for line in kept).encode())
+
+    return append
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def train_step(
+    head: UncertaintyHead,
+    optimizer: torch.optim.Optimizer,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    embedding: torch.Tensor,
+    loss: torch.Tensor,
+    *,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """One optimiser step on a batch; returns the (detached) objective value."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(embedding.device, precision):
+        value = objective(head(embedding).float(), loss)
+    value.backward()
+    optimizer.step()
+    return value.detach()
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the head, its last metrics line and the export document."""
+
+    head: UncertaintyHead
+    metrics: list[dict[str, Any]]
+    export: dict[str, Any] | None
+    finished: bool
+
+
+def fit_head(
+    caches: Sequence[str], output: str, config: TrainConfig, options: RunOptions | None = None
+) -> TrainResult:
+    """Train a head on the rows of ``caches``; checkpoints and metrics go under ``output``."""
+    options = options or RunOptions()
+    device = torch.device(options.device)
+    sched = config.schedule
+    index = open_cache(caches, io_threads=config.stream.io_threads)
+    head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
+    optimizer = create_optimizer(head, sched)
+    objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+
+    done, position = 0, StreamState()
+    if not options.resume and fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
+        raise ValueError(
+            f"{output} already holds a training run; pass --resume to continue it, "
+            "or choose another --output"
+        )
+    if options.resume:
+        restored = load_checkpoint(output, head=head, optimizer=optimizer, config=config)
+        if restored is None:
+            log.info("no checkpoint in %s; starting afresh", output)
+        else:
+            done, position = restored
+            log.info("resuming %s after episode %d", output, done)
+    append_metrics = _metrics_log(output, done if done else -1)
+    val = read_validation(
+        index,
+        val_fraction=config.stream.val_fraction,
+        max_rows=config.val_rows,
+        io_threads=config.stream.io_threads,
+    )
+    history: list[dict[str, Any]] = []
+    if done == 0:
+        record = {"episode": 0, "samples": 0, **evaluate_head(head, val.embedding, val.loss)}
+        append_metrics(record)
+        history.append(record)
+    last = sched.episodes if options.stop_after is None else min(sched.episodes, options.stop_after)
+    with CacheStream(index, config.stream, position) as stream:
+        for episode in range(done, last):
+            record = _run_episode(episode, head, optimizer, objective, stream, config, options)
+            record |= evaluate_head(head, val.embedding, val.loss)
+            record["val_rows"] = len(val)
+            record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
+            save_checkpoint(
+                output,
+                head=head,
+                optimizer=optimizer,
+                episode=episode + 1,
+                stream_state=stream.state,
+                config=config,
+            )
+            append_metrics(record)
+            history.append(record)
+            if options.on_episode:
+                options.on_episode(record)
+    finished = last == sched.episodes
+    document = None
+    if finished:
+        summary = {
+            "episodes": sched.episodes,
+            "samples": sched.episodes * sched.episode_size,
+            "config": config.identity(),
+            "caches": list(caches),
+            "final": json_safe(history[-1]) if history else None,
+        }
+        document = export_head(
+            head,
+            output,
+            backbone=str(index.provenance["backbone"]),
+            weights_digest=str(index.provenance["weights_digest"]),
+            loss=config.loss,
+            input_dtype=_cache_dtype(index),
+            training=summary,
+        )
+    return TrainResult(head, history, document, finished)
+
+
+def _cache_dtype(index: CacheIndex) -> str:
+    schema = index.files[0].metadata.schema.to_arrow_schema()
+    return np.dtype(schema.field("embedding").type.value_type.to_pandas_dtype()).name
+
+
+def _run_episode(
+    episode: int,
+    head: UncertaintyHead,
+    optimizer: torch.optim.Optimizer,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    stream: CacheStream,
+    config: TrainConfig,
+    options: RunOptions,
+) -> dict[str, Any]:
+    """Train on one episode's rows; returns its metrics record (without validation)."""
+    sched = config.schedule
+    lr = learning_rate(episode, sched)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = next(head.parameters()).device
+    head.train()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    start, seen = time.perf_counter(), 0
+    while seen < sched.episode_size:
+        size = min(sched.batch_size, sched.episode_size - seen)
+        batch = stream.next_batch(size)
+        embedding = batch.embedding.to(device, non_blocking=True)
+        target = batch.loss.to(device, non_blocking=True)
+        value = train_step(
+            head, optimizer, objective, embedding, target, precision=config.precision
+        )
+        total += value * size
+        seen += size
+        if options.on_batch:
+            options.on_batch(size)
+    seconds = time.perf_counter() - start
+    return {
+        "episode": episode + 1,
+        "samples": (episode + 1) * sched.episode_size,
+        "train_loss": float(total) / sched.episode_size,
+        "lr": lr,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(sched.episode_size / seconds, 1),
+    }

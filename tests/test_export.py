@@ -1,0 +1,151 @@
+"""Export a trained head and attach it to a stock timm model (DESIGN.md 3.5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors import safe_open
+from skimage import data as images
+from timm.data import create_transform, resolve_model_data_config
+from torch.nn import functional as F
+
+from pipeline.export import HEAD_JSON, HEAD_WEIGHTS, attach_head, export_head, load_head
+from pipeline.head import HeadConfig, create_head
+from pipeline.stream import StreamConfig
+from pipeline.train import ScheduleConfig, TrainConfig, fit_head
+from pipeline.writer import to_record_batch
+from schemas import cache_schema, validate_head, with_provenance
+
+BACKBONE = "vit_tiny_patch16_224"
+
+
+def _pictures() -> list[Image.Image]:
+    real = [images.astronaut(), images.chelsea(), images.coffee(), images.rocket()]
+    gray = np.stack([images.camera()] * 3, axis=-1)
+    rng = np.random.default_rng(0)
+    made = [rng.integers(0, 256, (64 + 16 * i, 96, 3), dtype=np.uint8) for i in range(3)]
+    return [Image.fromarray(a) for a in [*real, gray, *made]]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(model: torch.nn.Module) -> torch.Tensor:
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    return torch.stack([transform(picture) for picture in _pictures()])
+
+
+def _write_eval_cache(root: Path, model: torch.nn.Module, batch: torch.Tensor) -> pa.Table:
+    """An eval cache of ``batch`` (epoch 0), embeddings computed with timm directly."""
+    with torch.inference_mode():
+        embedding = model.forward_head(model.forward_features(batch), pre_logits=True)
+        logits = model.get_classifier()(embedding)
+    labels = torch.arange(len(batch)) % 10
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    probs = logits.softmax(-1)
+    dim = embedding.shape[1]
+    schema = with_provenance(
+        cache_schema(dim),
+        {"backbone": BACKBONE, "weights_digest": "random:0", "transform": {}, "seed": 0},
+    )
+    n = len(batch)
+    outputs = {
+        "embedding": embedding.numpy(),
+        "loss": loss.numpy(),
+        "pred": probs.argmax(-1).numpy(),
+        "max_prob": probs.max(-1).values.numpy(),
+        "entropy": (-(probs * probs.log()).sum(-1)).numpy(),
+    }
+    batch = to_record_batch(
+        schema,
+        keys=[f"img-{i:03d}" for i in range(n)],
+        shard="eval-0000",
+        epoch=0,
+        labels=labels.numpy(),
+        outputs=outputs,
+    )
+    table = pa.Table.from_batches([batch])
+    (root / "epoch=0000").mkdir(parents=True)
+    pq.write_table(table, root / "epoch=0000" / "eval-0000.parquet")
+    return table
+
+
+def test_attached_model_gives_the_heads_uncertainty_of_the_cached_embedding(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    cache = tmp_path / "cache"
+    _write_eval_cache(cache, model, batch)
+    config = TrainConfig(
+        hidden=(32, 32),
+        schedule=ScheduleConfig(episodes=2, episode_size=64, batch_size=16, warmup_episodes=1),
+        stream=StreamConfig(window_rows=64, val_fraction=0.0),
+    )
+    output = tmp_path / "head"
+    result = fit_head([str(cache)], str(output), config)
+    assert result.finished and (output / HEAD_WEIGHTS).exists()
+    doc = json.loads((output / HEAD_JSON).read_text())  # strict JSON: NaN metrics are null
+    validate_head(doc)
+    assert doc["backbone"] == BACKBONE and doc["input_dtype"] == "float16"
+
+    attached = attach_head(model, str(output))
+    with torch.inference_mode():
+        out = attached(batch)
+        logits = model(batch)
+        embedding = model.forward_head(model.forward_features(batch), pre_logits=True)
+    assert set(out) == {"logits", "embedding", "uncertainty"}
+    torch.testing.assert_close(out["logits"], logits, rtol=0, atol=0)
+    torch.testing.assert_close(out["embedding"], embedding, rtol=0, atol=0)
+
+    # the head applied to each image's cached eval embedding, read back from the Parquet file
+    stored = pq.read_table(cache / "epoch=0000" / "eval-0000.parquet").column("embedding")
+    cached = torch.from_numpy(
+        stored.combine_chunks().flatten().to_numpy().reshape(len(batch), -1).astype(np.float32)
+    )
+    head, _ = load_head(str(output))
+    with torch.inference_mode():
+        expected = head(cached)
+    assert out["uncertainty"].shape == (len(batch),)
+    torch.testing.assert_close(out["uncertainty"], expected, rtol=1e-6, atol=1e-7)
+    with torch.inference_mode():
+        assert torch.equal(result.head.eval()(cached), expected)
+
+
+def test_export_round_trip_without_pickle(tmp_path: Path) -> None:
+    head = create_head(HeadConfig(embedding_dim=24, hidden=(16, 8)), seed=5)
+    doc = export_head(
+        head, str(tmp_path), backbone="resnet18", weights_digest="sha256:abc", loss="l2"
+    )
+    assert json.loads((tmp_path / HEAD_JSON).read_text()) == doc
+    with safe_open(tmp_path / HEAD_WEIGHTS, framework="pt") as weights:
+        assert set(weights.keys()) == set(head.state_dict())
+    loaded, loaded_doc = load_head(str(tmp_path))
+    assert loaded_doc["hidden"] == [16, 8] and loaded_doc["loss"] == "l2"
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), head.eval()(x))
+
+
+def test_attach_refuses_a_model_of_another_width(tmp_path: Path) -> None:
+    head = create_head(HeadConfig(embedding_dim=192), seed=0)
+    export_head(head, str(tmp_path), backbone=BACKBONE, weights_digest="x", loss="ranking")
+    other = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(ValueError, match="512"):
+        attach_head(other, str(tmp_path))
+
+
+def test_head_json_is_validated(tmp_path: Path) -> None:
+    head = create_head(HeadConfig(embedding_dim=8), seed=0)
+    with pytest.raises(ValueError, match="loss"):
+        export_head(head, str(tmp_path), backbone="b", weights_digest="d", loss="hinge")

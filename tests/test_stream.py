@@ -1,0 +1,241 @@
+"""The streaming reader: shuffling, passes, resume, validation split, refusals, NaN rows, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import torch
+
+from pipeline.stream import (
+    CacheStream,
+    StreamConfig,
+    StreamState,
+    key_fraction,
+    open_cache,
+    plan_pass,
+    read_validation,
+)
+from pipeline.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
+
+SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
+EXTRA = ("key", "epoch", "shard")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("cache") / "synthetic")
+    write_synthetic_cache(url, SPEC)
+    return url
+
+
+def _all_rows(url: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in sorted(Path(url).glob("epoch=*/*.parquet")))
+
+
+def _train_ids(url: str, val_fraction: float) -> set[tuple[str, int]]:
+    table = _all_rows(url)
+    keep = key_fraction(table.column("key")) >= val_fraction
+    keys = np.asarray(table.column("key").to_pylist())[keep]
+    epochs = table.column("epoch").to_numpy()[keep]
+    return set(zip(keys.tolist(), epochs.tolist(), strict=True))
+
+
+def _read(stream: CacheStream, rows: int, batch: int) -> list[tuple[str, int]]:
+    ids: list[tuple[str, int]] = []
+    while len(ids) < rows:
+        b = stream.next_batch(min(batch, rows - len(ids)))
+        assert b.embedding.dtype == torch.float32 and b.embedding.shape[1] == SPEC.dim
+        ids += zip(b.extras["key"].tolist(), b.extras["epoch"].tolist(), strict=True)
+    return ids
+
+
+def test_one_pass_reads_every_training_row_exactly_once(cache: str) -> None:
+    index = open_cache([cache])
+    assert index.rows == SPEC.shards * SPEC.epochs * SPEC.samples_per_shard
+    expected = _train_ids(cache, 0.2)
+    config = StreamConfig(seed=3, window_rows=300, val_fraction=0.2, extra_columns=EXTRA)
+    with CacheStream(index, config) as stream:
+        ids = _read(stream, len(expected), batch=128)
+        assert stream.state == StreamState(1, 0, 0)
+        second = _read(stream, len(expected), batch=100)
+    assert len(ids) == len(set(ids)) == len(expected)
+    assert set(ids) == expected
+    assert set(second) == expected and len(set(second)) == len(second)
+    assert second != ids, "a new pass is shuffled differently"
+
+
+def test_batches_mix_files_and_epochs(cache: str) -> None:
+    config = StreamConfig(seed=0, window_rows=400, val_fraction=0.0, extra_columns=EXTRA)
+    with CacheStream(open_cache([cache]), config) as stream:
+        for _ in range(5):
+            batch = stream.next_batch(64)
+            assert len(set(batch.extras["shard"].tolist())) >= 3
+            assert len(set(batch.extras["epoch"].tolist())) >= 2
+
+
+def test_plan_is_deterministic_per_seed_and_pass(cache: str) -> None:
+    groups = open_cache([cache]).row_groups()
+    plan = plan_pass(groups, seed=1, pass_index=0, window_rows=120)
+    assert plan == plan_pass(groups, seed=1, pass_index=0, window_rows=120)
+    assert plan != plan_pass(groups, seed=2, pass_index=0, window_rows=120)
+    assert plan != plan_pass(groups, seed=1, pass_index=1, window_rows=120)
+    flat = [ref for window in plan for ref in window]
+    assert sorted((r.file, r.group) for r in flat) == sorted((r.file, r.group) for r in groups)
+    assert all(sum(r.rows for r in window) >= 120 for window in plan[:-1])
+
+
+def test_same_seed_same_stream_and_resume_from_any_row(cache: str) -> None:
+    index = open_cache([cache])
+    config = StreamConfig(seed=7, window_rows=250, val_fraction=0.1, extra_columns=EXTRA)
+    with CacheStream(index, config) as stream:
+        head = [stream.next_batch(97) for _ in range(9)]
+        state = stream.state
+        tail = [stream.next_batch(97) for _ in range(40)]  # crosses into the second pass
+    assert state.offset > 0
+    with CacheStream(index, config) as again:
+        for expected in head:
+            assert torch.equal(again.next_batch(97).embedding, expected.embedding)
+    with CacheStream(index, config, StreamState.from_json(state.to_json())) as resumed:
+        for expected in tail:
+            got = resumed.next_batch(97)
+            assert torch.equal(got.embedding, expected.embedding)
+            assert torch.equal(got.loss, expected.loss)
+    other = StreamConfig(seed=8, window_rows=250, val_fraction=0.1)
+    with CacheStream(index, other) as different:
+        assert not torch.equal(different.next_batch(97).embedding, head[0].embedding)
+
+
+def test_validation_slice_is_held_out_by_key(cache: str) -> None:
+    index = open_cache([cache])
+    val = read_validation(index, val_fraction=0.25, max_rows=10_000, extra_columns=EXTRA)
+    val_keys = set(val.extras["key"].tolist())
+    assert 0.15 < len(val_keys) / (SPEC.shards * SPEC.samples_per_shard) < 0.35
+    assert len(val) == len(val_keys) * SPEC.epochs, "every epoch of a held-out image is held out"
+    train_keys = {key for key, _ in _train_ids(cache, 0.25)}
+    assert not val_keys & train_keys
+    capped = read_validation(index, val_fraction=0.25, max_rows=100)
+    assert len(capped) == 100
+    assert torch.equal(
+        capped.embedding, read_validation(index, val_fraction=0.25, max_rows=100).embedding
+    )
+
+
+def _reference_fraction(key: str) -> float:
+    h = 0xCBF29CE484222325
+    for byte in key.encode():
+        h = ((h ^ byte) * 0x100000001B3) % 2**64
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        h = ((h ^ (h >> shift)) * mult) % 2**64
+    h ^= h >> 31
+    return (h >> 11) / 2**53
+
+
+def test_key_fraction_is_a_stable_documented_hash() -> None:
+    keys = ["", "a", "shard-00001/000042", "ünïcode/ключ", "x" * 300]
+    got = key_fraction(pa.array(keys))
+    assert got.tolist() == [_reference_fraction(k) for k in keys]
+    sliced = key_fraction(pa.array(["pad", *keys]).slice(1))
+    assert sliced.tolist() == got.tolist()
+    encoded = key_fraction(pa.array(keys).dictionary_encode())
+    assert encoded.tolist() == got.tolist()
+    many = key_fraction(pa.array([hashlib.md5(str(i).encode()).hexdigest() for i in range(20_000)]))
+    assert abs(float(np.mean(many < 0.1)) - 0.1) < 0.01
+
+
+def test_refuses_caches_that_do_not_belong_together(tmp_path: Path, cache: str) -> None:
+    other = str(tmp_path / "other")
+    write_synthetic_cache(other, SyntheticCache(dim=16, shards=1, epochs=1, backbone="vit_x"))
+    with pytest.raises(ValueError, match="backbone differs") as error:
+        open_cache([cache, other])
+    assert "vit_x" in str(error.value) and other in str(error.value)
+    wider = str(tmp_path / "wider")
+    write_synthetic_cache(wider, SyntheticCache(dim=24, shards=1, epochs=1))
+    with pytest.raises(ValueError, match="embedding_dim differs"):
+        open_cache([cache, wider])
+    with pytest.raises(ValueError, match="listed twice"):
+        open_cache([cache, cache])
+    same = str(tmp_path / "same")
+    write_synthetic_cache(same, SyntheticCache(dim=16, shards=1, epochs=1, seed=5))
+    assert open_cache([cache, same]).rows == open_cache([cache]).rows + 256
+
+
+def test_reports_empty_caches(tmp_path: Path) -> None:
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        open_cache([str(tmp_path / "nothing")])
+    url = str(tmp_path / "zero")
+    write_synthetic_cache(url, SyntheticCache(dim=8, samples_per_shard=0, shards=2, epochs=1))
+    with pytest.raises(ValueError, match="are empty"):
+        open_cache([url])
+
+
+def test_unit_in_manifest_but_missing_is_named(tmp_path: Path) -> None:
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SyntheticCache(dim=8, shards=2, epochs=1))
+    (tmp_path / "c" / "epoch=0000" / "shard-00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard-00001\.parquet"):
+        open_cache([url])
+
+
+def test_nonfinite_rows_are_dropped_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = SyntheticCache(dim=8, samples_per_shard=100, shards=2, epochs=1, row_group_rows=30)
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), spec)
+    path = url / "epoch=0000" / "shard-00000.parquet"
+    table = synthetic_rows(spec, 0, 0)
+    embedding = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 8)
+    embedding = embedding.copy()
+    embedding[3, 2], embedding[40, 0] = np.nan, np.inf
+    loss = table.column("loss").to_numpy().copy()
+    loss[77] = np.nan
+    table = table.set_column(
+        table.schema.get_field_index("embedding"),
+        table.schema.field("embedding"),
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(embedding.ravel()), type=table.schema.field("embedding").type
+        ),
+    ).set_column(table.schema.get_field_index("loss"), table.schema.field("loss"), pa.array(loss))
+    pq.write_table(table, path, row_group_size=30)
+    bad = {"shard-00000/000003", "shard-00000/000040", "shard-00000/000077"}
+    config = StreamConfig(window_rows=1000, val_fraction=0.0, extra_columns=("key",))
+    with caplog.at_level(logging.WARNING), CacheStream(open_cache([str(url)]), config) as stream:
+        batch = stream.next_batch(197)
+        assert stream.state == StreamState(1, 0, 0)
+        assert stream.stats.nonfinite == Counter({str(path): 3})
+    assert not bad & set(batch.extras["key"].tolist())
+    assert torch.isfinite(batch.embedding).all() and torch.isfinite(batch.loss).all()
+    assert "shard-00000/000003" in caplog.text and "NaN/inf" in caplog.text
+
+
+def test_no_training_rows_is_an_error(cache: str) -> None:
+    config = StreamConfig(val_fraction=0.999999)
+    with CacheStream(open_cache([cache]), config) as stream, pytest.raises(ValueError):
+        stream.next_batch(10)
+
+
+@pytest.mark.slow
+def test_reads_a_cache_through_the_s3_protocol(s3_bucket: str, cache: str) -> None:
+    url = f"{s3_bucket}/caches/synthetic"
+    write_synthetic_cache(url, SPEC)
+    remote, local = open_cache([url]), open_cache([cache])
+    assert remote.rows == local.rows and all(f.url.startswith("s3://") for f in remote.files)
+    config = StreamConfig(seed=4, window_rows=300, val_fraction=0.1, extra_columns=EXTRA)
+    with CacheStream(remote, config) as a, CacheStream(local, config) as b:
+        for _ in range(12):
+            x, y = a.next_batch(256), b.next_batch(256)
+            assert torch.equal(x.embedding, y.embedding) and torch.equal(x.loss, y.loss)
+    val = read_validation(remote, val_fraction=0.1, max_rows=500)
+    assert torch.equal(val.loss, read_validation(local, val_fraction=0.1, max_rows=500).loss)
+    manifest = json.loads(s3fs.S3FileSystem().cat_file(f"{url}/_manifest.json"))
+    assert len(manifest["units"]) == SPEC.shards * SPEC.epochs

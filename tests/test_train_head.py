@@ -1,0 +1,150 @@
+"""Training the head end to end: it learns, checkpoints without pickle, resumes exactly, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from jobs.train_head import TrainHeadConfig, train_head
+from pipeline.export import load_head
+from pipeline.stream import StreamConfig
+from pipeline.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.train import RunOptions, ScheduleConfig, TrainConfig, fit_head
+from schemas import validate_head
+
+SPEC = SyntheticCache(dim=32, samples_per_shard=500, shards=4, epochs=3, row_group_rows=125)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("cache") / "synthetic")
+    write_synthetic_cache(url, SPEC)
+    return url
+
+
+def _config(loss: str = "ranking", episodes: int = 6, seed: int = 0) -> TrainConfig:
+    return TrainConfig(
+        hidden=(64, 64),
+        loss=loss,  # type: ignore[arg-type]
+        schedule=ScheduleConfig(
+            episodes=episodes, episode_size=3000, batch_size=256, warmup_episodes=1
+        ),
+        stream=StreamConfig(seed=seed, window_rows=1000, val_fraction=0.2),
+        val_rows=2000,
+    )
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("loss", "precision"), [("ranking", "fp32"), ("l2", "fp32"), ("ranking", "bf16")]
+)
+def test_head_learns_to_rank_held_out_rows(
+    cache: str, tmp_path: Path, loss: str, precision: str
+) -> None:
+    config = dataclasses.replace(_config(loss), precision=precision)
+    result = fit_head([cache], str(tmp_path), config)
+    untrained, trained = result.metrics[0], result.metrics[-1]
+    assert untrained["episode"] == 0 and trained["episode"] == 6
+    assert abs(untrained["val_pair_accuracy"] - 0.5) < 0.15
+    assert trained["val_pair_accuracy"] > 0.85, trained
+    assert trained["val_spearman"] > 0.85, trained
+    assert trained["val_rows"] > 1000
+    lines = _metrics(tmp_path)
+    assert [line["episode"] for line in lines] == list(range(7))
+    assert {"train_loss", "lr", "val_pair_accuracy", "val_spearman"} <= set(lines[-1])
+    doc = json.loads((tmp_path / "head.json").read_text())
+    validate_head(doc)
+    assert doc["loss"] == loss and doc["backbone"] == SPEC.backbone and doc["embedding_dim"] == 32
+
+
+def test_checkpoints_hold_no_pickle(cache: str, tmp_path: Path) -> None:
+    fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert files == ["episode-00001.safetensors", "state.json"]
+    assert not (tmp_path / "head.json").exists(), "an unfinished run exports nothing"
+    with pytest.raises(ValueError, match="already holds a training run"):
+        fit_head([cache], str(tmp_path), _config(episodes=3))
+
+
+def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None:
+    config = _config(episodes=4, seed=3)
+    straight = fit_head([cache], str(tmp_path / "straight"), config)
+    parted = str(tmp_path / "parted")
+    first = fit_head([cache], parted, config, RunOptions(stop_after=2))
+    assert not first.finished
+    fit_head([cache], parted, config, RunOptions(stop_after=3, resume=True))
+    resumed = fit_head([cache], parted, config, RunOptions(resume=True))
+    assert resumed.finished
+    for (name, a), (_, b) in zip(
+        straight.head.state_dict().items(), resumed.head.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    a_lines = _metrics(tmp_path / "straight")
+    b_lines = _metrics(tmp_path / "parted")
+    assert [line["episode"] for line in b_lines] == [0, 1, 2, 3, 4]
+    for a, b in zip(a_lines, b_lines, strict=True):
+        assert a.get("train_loss") == b.get("train_loss")
+        assert a["val_pair_accuracy"] == b["val_pair_accuracy"]
+    head, _ = load_head(str(tmp_path / "parted"))
+    x = torch.randn(5, SPEC.dim)
+    assert torch.equal(head(x), straight.head.eval()(x))
+
+
+def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
+    fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
+    with pytest.raises(ValueError, match="other settings"):
+        fit_head([cache], str(tmp_path), _config(episodes=3, seed=9), RunOptions(resume=True))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("train-head")(train_head)
+    app.command("noop")(lambda: None)  # keep train-head a sub-command, as on the pvu app
+    return app
+
+
+def test_cli_trains_and_exports(cache: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train-head", "--cache", cache, "--output", str(out), "--episodes", "2"]
+    args += ["--episode-size", "2000", "--batch-size", "256", "--warmup-episodes", "1"]
+    args += ["--hidden", "32", "--seed", "1", "--val-fraction", "0.2", "--shuffle-rows", "800"]
+    args += ["--device", "cpu", "--threads", "2", "--loss", "ranking", "--lr", "0.003"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    assert "samples/s" in result.output
+    doc = json.loads((out / "head.json").read_text())
+    assert doc["hidden"] == [32]
+    assert doc["training"]["config"]["schedule"]["lr"] == 0.003
+    resumed = CliRunner().invoke(_app(), [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
+    base = ["train-head", "--cache", cache, "--output", str(tmp_path)]
+    result = CliRunner().invoke(_app(), [*base, "--hidden", "512,x"])
+    assert result.exit_code == 2 and "--hidden" in result.output
+    result = CliRunner().invoke(_app(), [*base, "--episodes", "10", "--warmup-episodes", "10"])
+    assert result.exit_code == 2 and "warmup_episodes" in result.output
+    result = CliRunner().invoke(_app(), [*base, "--loss", "hinge"])
+    assert result.exit_code == 2 and "--loss" in result.output
+    absent = ["train-head", "--cache", str(tmp_path / "none"), "--output", str(tmp_path)]
+    missing = CliRunner().invoke(_app(), absent)
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())
+
+
+def test_config_defaults_are_the_papers() -> None:
+    config = TrainHeadConfig(cache=["c"], output="o").to_train_config()
+    assert config.schedule == ScheduleConfig()
+    assert (config.schedule.episodes, config.schedule.episode_size) == (460, 200_000)
+    assert (config.schedule.batch_size, config.schedule.lr) == (2048, 2.8e-3)
+    assert config.hidden == (512, 512) and config.loss == "ranking" and config.margin == 0.1
+    assert TrainHeadConfig(cache=["c"], output="o", hidden="256").hidden == (256,)
