@@ -3,6 +3,9 @@
 1. Write WebDataset shards of scikit-learn's digits (as RGB PNGs) to ``<output>/shards``.
 2. Train a tiny timm classifier on them in seconds (the frozen, "pretrained" backbone).
 3. Cache embeddings and losses of augmented epochs with ``pvu cache`` on local Ray.
+4. Train the uncertainty head on that cache on the CPU with ``pvu train-head`` and export it;
+   print its validation pair-ordering accuracy and Spearman correlation next to an untrained
+   head's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import typer
 
 from jobs.cache import CacheJobConfig, console, run_cache, setup_logging
+from jobs.train_head import TrainHeadConfig, run_train_head
 from pipeline.decode import decode_image
 from pipeline.demo_backbone import save_backbone, train_tiny_backbone
 from pipeline.demo_data import write_digit_shards
@@ -43,17 +47,18 @@ def demo(
     ),
     shards: Annotated[int, typer.Option(help="Number of digit shards.")] = 8,
     per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 2,
+    epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 4,
+    head_episodes: Annotated[int, typer.Option(help="Head training episodes.")] = 30,
 ) -> None:
     """Run the pvu recipe end to end on scikit-learn's digits."""
     setup_logging(verbose=False)
     output = output.resolve()
     urls = write_digit_shards(str(output / "shards"), shards=shards, per_shard=per_shard)
-    console.print(f"[bold]1/3[/bold] wrote {len(urls)} shards of digits to {output / 'shards'}")
+    console.print(f"[bold]1/4[/bold] wrote {len(urls)} shards of digits to {output / 'shards'}")
     images, labels = load_shard_images(urls)
     model = train_tiny_backbone(images, labels, name=BACKBONE, size=INPUT_SIZE)
     weights = save_backbone(model, str(output / "backbone.safetensors"))
-    console.print(f"[bold]2/3[/bold] trained a tiny {BACKBONE} on {len(images)} images: {weights}")
+    console.print(f"[bold]2/4[/bold] trained a tiny {BACKBONE} on {len(images)} images: {weights}")
     config = CacheJobConfig(
         shards=str(output / "shards"),
         backbone=BACKBONE,
@@ -66,7 +71,26 @@ def demo(
     report = run_cache(config)
     if report.failed:
         raise typer.Exit(code=1)
-    console.print(f"[bold]3/3[/bold] cached {epochs} augmented epochs to {config.output}")
+    console.print(f"[bold]3/4[/bold] cached {epochs} augmented epochs to {config.output}")
+    result = run_train_head(
+        TrainHeadConfig(
+            cache=[config.output],
+            output=str(output / "head"),
+            episodes=head_episodes,
+            warmup_episodes=2,
+            episode_size=4096,
+            batch_size=256,
+            val_fraction=0.2,
+            shuffle_rows=4096,
+        )
+    )
+    untrained, trained = result.metrics[0], result.metrics[-1]
+    console.print(
+        f"[bold]4/4[/bold] head exported to {output / 'head'}; on held-out digits "
+        f"(pair-ordering accuracy / Spearman): untrained "
+        f"{untrained['val_pair_accuracy']:.3f} / {untrained['val_spearman']:.3f}, trained "
+        f"{trained['val_pair_accuracy']:.3f} / {trained['val_spearman']:.3f}"
+    )
 
 
 if __name__ == "__main__":
