@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -24,10 +25,12 @@ from pipeline.decode import decode_image
 from pipeline.demo_backbone import save_backbone, train_tiny_backbone
 from pipeline.demo_data import write_digit_shards
 from pipeline.samples import iter_samples
+from pipeline.train import TrainResult
 
 log = logging.getLogger("pvu.demo")
 
 BACKBONE = "resnet10t"
+DEMO_PARTS = ("shards", "backbone", "cache", "head")
 INPUT_SIZE = 32
 
 
@@ -41,23 +44,18 @@ def load_shard_images(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.array(labels)
 
 
-def demo(
-    output: Annotated[Path, typer.Option(help="Folder for shards, backbone and cache.")] = Path(
-        "demo-output"
-    ),
-    shards: Annotated[int, typer.Option(help="Number of digit shards.")] = 8,
-    per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 4,
-    head_episodes: Annotated[int, typer.Option(help="Head training episodes.")] = 30,
-) -> None:
-    """Run the pvu recipe end to end on scikit-learn's digits."""
-    setup_logging(verbose=False)
+def run_demo(
+    output: Path, *, shards: int = 8, per_shard: int = 128, epochs: int = 4, head_episodes: int = 30
+) -> TrainResult:
+    """Shards -> tiny backbone -> cache -> head under ``output``, each step from scratch."""
     output = output.resolve()
+    for step in DEMO_PARTS:
+        shutil.rmtree(output / step, ignore_errors=True)
     urls = write_digit_shards(str(output / "shards"), shards=shards, per_shard=per_shard)
     console.print(f"[bold]1/4[/bold] wrote {len(urls)} shards of digits to {output / 'shards'}")
     images, labels = load_shard_images(urls)
     model = train_tiny_backbone(images, labels, name=BACKBONE, size=INPUT_SIZE)
-    weights = save_backbone(model, str(output / "backbone.safetensors"))
+    weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
     console.print(f"[bold]2/4[/bold] trained a tiny {BACKBONE} on {len(images)} images: {weights}")
     config = CacheJobConfig(
         shards=str(output / "shards"),
@@ -68,9 +66,8 @@ def demo(
         input_size=INPUT_SIZE,
         batch_size=64,
     )
-    report = run_cache(config)
-    if report.failed:
-        raise typer.Exit(code=1)
+    if run_cache(config).failed:
+        raise RuntimeError("some cache units failed; see the summary above")
     console.print(f"[bold]3/4[/bold] cached {epochs} augmented epochs to {config.output}")
     result = run_train_head(
         TrainHeadConfig(
@@ -91,6 +88,21 @@ def demo(
         f"{untrained['val_pair_accuracy']:.3f} / {untrained['val_spearman']:.3f}, trained "
         f"{trained['val_pair_accuracy']:.3f} / {trained['val_spearman']:.3f}"
     )
+    return result
+
+
+def demo(
+    output: Annotated[
+        Path, typer.Option(help="Folder for shards, backbone, cache and head.")
+    ] = Path("demo-output"),
+    shards: Annotated[int, typer.Option(help="Number of digit shards.")] = 8,
+    per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 4,
+    head_episodes: Annotated[int, typer.Option(help="Head training episodes.")] = 30,
+) -> None:
+    """Run the pvu recipe end to end on scikit-learn's digits (re-running starts afresh)."""
+    setup_logging(verbose=False)
+    run_demo(output, shards=shards, per_shard=per_shard, epochs=epochs, head_episodes=head_episodes)
 
 
 if __name__ == "__main__":

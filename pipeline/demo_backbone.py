@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import timm
 import torch
@@ -43,5 +45,6 @@ def train_tiny_backbone(
 
 def save_backbone(model: torch.nn.Module, path: str) -> str:
     """Write ``model``'s weights as safetensors (what ``--weights <file>`` reads)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
