@@ -14,12 +14,11 @@ from typing import Annotated, Any, Literal
 
 import fsspec
 import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from rich.console import Console
-from rich.logging import RichHandler
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from jobs.terminal import console, setup_logging, validated
 from pipeline.augment import TransformConfig, resolve_transform
 from pipeline.backbone import BackboneInfo, describe_backbone
 from pipeline.distribute import ActorPool, PoolReport, plan_actors
@@ -29,7 +28,6 @@ from pipeline.unit import Unit, UnitResult, UnitSettings
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
-console = Console(stderr=True)
 
 
 class CacheJobConfig(BaseModel):
@@ -55,6 +53,7 @@ class CacheJobConfig(BaseModel):
     dtype: Literal["float16", "float32"] = "float16"
     max_attempts: int = Field(default=3, ge=1)
     input_size: int | None = Field(default=None, ge=8)
+    decode_workers: int | None = Field(default=None, ge=0)
 
     @field_validator("weights")
     @classmethod
@@ -218,6 +217,7 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
         image_keys=config.image_keys,
         label_key=config.label_key,
         label_remap=config.label_remap,
+        decode_workers=config.decode_workers,
     )
     started = time.monotonic()
     report = PoolReport()
@@ -339,15 +339,19 @@ def cache(
     input_size: Annotated[
         int | None, typer.Option(help="Square input size [default: the backbone's].")
     ] = None,
+    decode_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Decode + augmentation processes per actor, 0 = a thread of the actor "
+            "[default: 0 on CPUs, the actor's CPUs - 1 on a GPU]."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Cache embeddings and per-sample losses of a frozen timm backbone over augmented epochs."""
     setup_logging(verbose)
     arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    try:
-        config = CacheJobConfig(**arguments)
-    except ValidationError as error:
-        raise typer.BadParameter(_explain(error)) from None
+    config = validated(CacheJobConfig, arguments)
     try:
         failures = len(run_cache(config).failed)
     except (ValueError, FileNotFoundError, PermissionError) as error:
@@ -356,23 +360,6 @@ def cache(
     if failures:
         console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
         raise typer.Exit(code=1)
-
-
-def _explain(error: ValidationError) -> str:
-    return "; ".join(
-        f"--{str(part['loc'][0]).replace('_', '-') if part['loc'] else 'config'}: {part['msg']}"
-        for part in error.errors()
-    )
-
-
-def setup_logging(verbose: bool) -> None:
-    """Rich log lines on stderr."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from jobs.cache import CacheJobConfig, console, run_cache, setup_logging
+from jobs.cache import CacheJobConfig, run_cache
+from jobs.terminal import console, setup_logging
 from jobs.train_head import TrainHeadConfig, run_train_head
 from pipeline.decode import decode_image
 from pipeline.demo_backbone import save_backbone, train_tiny_backbone

@@ -14,9 +14,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from rich.console import Console
-from rich.logging import RichHandler
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import (
     BarColumn,
     Progress,
@@ -28,11 +26,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from jobs.terminal import console, setup_logging, validated
 from pipeline.stream import StreamConfig
 from pipeline.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
 
 log = logging.getLogger("pvu.train_head")
-console = Console(stderr=True)
 
 
 class TrainHeadConfig(BaseModel):
@@ -242,32 +240,12 @@ def train_head(
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
     setup_logging(verbose)
     arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    try:
-        config = TrainHeadConfig(**arguments)
-    except ValidationError as error:
-        raise typer.BadParameter(_explain(error)) from None
+    config = validated(TrainHeadConfig, arguments)
     try:
         run_train_head(config)
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]train-head: {error}")
         raise typer.Exit(code=2) from None
-
-
-def _explain(error: ValidationError) -> str:
-    return "; ".join(
-        f"--{str(part['loc'][0]).replace('_', '-') if part['loc'] else 'config'}: {part['msg']}"
-        for part in error.errors()
-    )
-
-
-def setup_logging(verbose: bool) -> None:
-    """Rich log lines on stderr."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
-    )
 
 
 def main() -> None:
