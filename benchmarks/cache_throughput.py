@@ -100,6 +100,7 @@ def run_round(args: argparse.Namespace, output: str, epochs: int) -> dict[str, f
         batch_size=args.batch_size,
         epochs=epochs,
         seed=0,
+        decode_workers=args.decode_workers,
     )
     started = time.perf_counter()
     report = run_cache(config)
@@ -132,6 +133,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--output", choices=["s3", "local", "both"], default="s3", help="where Parquet goes"
+    )
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="the job's --decode-workers [default: the job's own, 0 on CPUs]",
     )
     args = parser.parse_args()
 

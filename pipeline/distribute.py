@@ -70,6 +70,14 @@ def plan_actors(
     return actors or max(1, default_actors), 0.0, cpus
 
 
+def decode_workers(requested: int | None, device: torch.device, cpus: float) -> int:
+    """Decode processes for an actor: ``requested``, else (None) none on a CPU, where the
+    forward needs the cores, and on a GPU one per assigned CPU but the actor's own."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else max(1, int(cpus) - 1)
+
+
 class CacheWorker:
     """Holds one backbone on its device and runs units with it (the body of a Ray actor)."""
 
@@ -79,6 +87,8 @@ class CacheWorker:
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
         model = create_backbone_model(backbone, weights)
+        workers = decode_workers(settings.decode_workers, self.device, cpus)
+        settings = settings.model_copy(update={"decode_workers": workers})
         self.runner = UnitRunner(Backbone(model, self.device), settings)
         self.node_id = context.get_node_id()
 
@@ -89,11 +99,16 @@ class CacheWorker:
             "device": str(self.device),
             "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "threads": torch.get_num_threads(),
+            "decode_workers": self.runner.settings.decode_workers,
         }
 
     def run(self, unit: Unit) -> UnitResult:
         """Compute and commit one unit."""
         return self.runner.run(unit)
+
+    def close(self) -> None:
+        """Stop the decode workers (they also exit on their own once the actor is gone)."""
+        self.runner.close()
 
 
 @dataclass
@@ -154,6 +169,9 @@ class ActorPool:
                     else:
                         self._on_finished(ref, report, pending, attempts, on_result)
         finally:
+            closing = [actor.close.remote() for actor in self._idle]
+            if closing:  # stop decode workers before the kill; they would exit soon anyway
+                ray.wait(closing, num_returns=len(closing), timeout=5)
             for actor in [*self._idle, *self._starting.values()]:
                 ray.kill(actor)
             for actor, _ in self._running.values():

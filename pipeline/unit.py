@@ -5,13 +5,15 @@ Decoding and the PIL augmentation steps run in a background thread while the bac
 previous batch; they yield uint8 images, which the main thread turns into normalized float
 tensors one batch at a time (``SplitTransform``). The background thread then runs no torch
 kernels, so it never starts a second OpenMP team that would fight the forward's for the cores.
+With ``decode_workers`` > 0 the thread hands decoding and augmentation to a process pool
+(``pipeline.decode_pool``), for GPUs that forward faster than one thread decodes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +21,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.augment import augment, augment_pil, build_transform, sample_seed, split_transform
+from pipeline.augment import build_transform, sample_seed, split_transform
 from pipeline.backbone import Backbone, read_label_remap
-from pipeline.decode import decode_image
+from pipeline.decode_pool import DecodePool, Skip, Task, prepare_image
 from pipeline.prefetch import prefetch
 from pipeline.samples import RawSample, iter_samples
 from pipeline.skips import BadSample, SkipReason
@@ -49,6 +51,9 @@ class UnitSettings(BaseModel):
     label_key: str = "cls"
     label_remap: str | None = None
     prefetch_batches: int = 2
+    #: Processes that decode and augment; 0 does it in the background thread. None lets the
+    #: Ray actor choose (``pipeline.distribute``); a ``UnitRunner`` treats None as 0.
+    decode_workers: int | None = Field(default=0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ class _Batch:
     prepare_seconds: float
 
 
+def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
+    counts[bad.reason.value] += 1
+    log.warning("skipping %s in %s: %s", key, unit.source, bad)
+
+
 class UnitRunner:
     """Turns units into committed Parquet files with one backbone, loaded once."""
 
@@ -113,6 +123,14 @@ class UnitRunner:
         self.schema = with_provenance(
             cache_schema(settings.embedding_dim, embedding_type), settings.provenance
         )
+        workers = settings.decode_workers or 0
+        self.decode_pool = DecodePool(settings.transform, workers) if workers else None
+
+    def close(self) -> None:
+        """Stop the decode workers, if any. The runner cannot run units afterwards."""
+        if self.decode_pool is not None:
+            self.decode_pool.close()
+            self.decode_pool = None
 
     def head_label(self, sample: RawSample) -> int:
         """The sample's label in the classifier's index space, or ``BadSample``."""
@@ -127,7 +145,8 @@ class UnitRunner:
             )
         return label
 
-    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, int]]:
+    def _labelled(self, unit: Unit, counts: Counter) -> Iterator[tuple[Task, int]]:
+        """The unit's samples whose label the head has, each as a decode task and its label."""
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
@@ -137,15 +156,38 @@ class UnitRunner:
         for sample in samples:
             try:
                 label = self.head_label(sample)
-                image = decode_image(sample.image, key=sample.key)
-                seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
-                if self.split is not None:
-                    yield sample.key, augment_pil(self.split, image, seed), label
-                else:
-                    yield sample.key, augment(self.transform, image, seed), label
             except BadSample as bad:
-                counts[bad.reason.value] += 1
-                log.warning("skipping %s in %s: %s", sample.key, unit.source, bad)
+                _skip(sample.key, bad, unit, counts)
+                continue
+            seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
+            yield (sample.key, sample.image, seed), label
+
+    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, int]]:
+        if self.decode_pool is not None:
+            yield from self._pooled_tensors(unit, counts, self.decode_pool)
+            return
+        for (key, data, seed), label in self._labelled(unit, counts):
+            try:
+                yield key, prepare_image(self.transform, self.split, data, key, seed), label
+            except BadSample as bad:
+                _skip(key, bad, unit, counts)
+
+    def _pooled_tensors(
+        self, unit: Unit, counts: Counter, pool: DecodePool
+    ) -> Iterator[tuple[str, Any, int]]:
+        handed: deque[tuple[str, int]] = deque()  # (key, label) of each task, in pool order
+
+        def tasks() -> Iterator[Task]:
+            for task, label in self._labelled(unit, counts):
+                handed.append((task[0], label))
+                yield task
+
+        for image in pool.map(tasks()):
+            key, label = handed.popleft()
+            if isinstance(image, Skip):
+                _skip(key, image.error(), unit, counts)
+            else:
+                yield key, image, label
 
     def _batches(self, unit: Unit, counts: Counter) -> Iterator[_Batch]:
         batch: list[tuple[str, Any, int]] = []

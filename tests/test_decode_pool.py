@@ -1,0 +1,129 @@
+"""Decoding in worker processes: the same rows, in the same order, as decoding in-thread."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_cache_unit import make_runner
+
+from pipeline.demo_data import write_bad_shard, write_digit_shards
+from pipeline.unit import Unit, UnitRunner
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("shards")
+    digits = write_digit_shards(str(root), shards=2, per_shard=20, size=40)
+    write_bad_shard(str(root / "bad.tar"))
+    return {"digits-0000": digits[0], "digits-0001": digits[1], "bad": str(root / "bad.tar")}
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory) -> UnitRunner:
+    runner = make_runner(str(tmp_path_factory.mktemp("pooled")), decode_workers=2)
+    assert runner.decode_pool is not None and runner.decode_pool.workers == 2
+    yield runner
+    runner.close()
+
+
+def worker_pids(runner: UnitRunner) -> set[int]:
+    return {process.pid for process in runner.decode_pool._pool._pool}
+
+
+def run_both(tmp_path, pooled: UnitRunner, unit: Unit):
+    threaded = make_runner(str(tmp_path / "threaded"))
+    assert threaded.decode_pool is None
+    expected = threaded.run(unit)
+    result = pooled.run(unit)
+    table = pq.read_table(f"{pooled.settings.output}/{result.relpath}")
+    assert table.equals(pq.read_table(f"{tmp_path}/threaded/{expected.relpath}"))
+    return expected, result, table
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_rows_and_skips_equal_the_in_thread_path(tmp_path, shards, pooled, epoch):
+    pids = worker_pids(pooled)
+    for shard in ("digits-0000", "bad"):
+        expected, result, table = run_both(tmp_path, pooled, Unit(shards[shard], shard, epoch))
+        assert result.rows == expected.rows == table.num_rows > 0
+        assert result.skipped == expected.skipped
+    assert expected.skipped, "the bad shard has samples that decoding rejects"
+    assert worker_pids(pooled) == pids, "one pool per runner, reused by every unit"
+
+
+def test_eval_transform_and_partial_batches(tmp_path, shards):
+    pooled = make_runner(str(tmp_path / "pooled"), augment="eval", decode_workers=1)
+    try:
+        threaded = make_runner(str(tmp_path / "threaded"), augment="eval")
+        unit = Unit(shards["digits-0001"], "digits-0001", 0)
+        a, b = pooled.run(unit), threaded.run(unit)
+        assert pq.read_table(f"{tmp_path}/pooled/{a.relpath}").equals(
+            pq.read_table(f"{tmp_path}/threaded/{b.relpath}")
+        )
+    finally:
+        pooled.close()
+    assert pooled.decode_pool is None
+
+
+def test_a_code_bug_in_a_worker_is_raised(pooled):
+    with pytest.raises(TypeError):
+        list(pooled.decode_pool.map([("k", 12345, 0)]))  # not bytes: a bug, not a bad sample
+
+
+def test_tasks_are_read_a_bounded_window_ahead(shards, pooled):
+    data = Path(shards["digits-0000"]).read_bytes()  # a tar, not an image: every result skips
+    read = 0
+
+    def endless():
+        nonlocal read
+        for i in itertools.count():
+            read += 1
+            yield f"k{i}", data, i
+
+    results = pooled.decode_pool.map(endless())
+    first = next(results)
+    assert first.key == "k0" and first.reason.value == "undecodable"
+    pool = pooled.decode_pool
+    assert read <= pool.in_flight * pool.chunk + pool.chunk
+    results.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_their_parent_is_killed():
+    script = (
+        "import sys, time\n"
+        "from pipeline.decode_pool import DecodePool\n"
+        "pool = DecodePool({'is_training': False, 'input_size': [3, 32, 32], 'mean': [0.5] * 3,"
+        " 'std': [0.5] * 3, 'crop_pct': 1.0}, 1)\n"
+        "pool._pool.apply(time.sleep, (0,))\n"
+        "print(*[p.pid for p in pool._pool._pool], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+    finally:
+        parent.send_signal(signal.SIGKILL)  # as ray.kill does to an actor: no clean-up runs
+        parent.wait()
+    assert pids
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone for our purposes
+        return stat.read().split(") ")[-1][0] != "Z"
