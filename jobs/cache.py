@@ -188,7 +188,9 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors."""
     urls = expand_shards(config.shards)
     names = shard_names(urls)
-    info = describe_backbone(config.backbone, config.weights)
+    info = describe_backbone(
+        config.backbone, config.weights, input_size=config.transform_config().input_size
+    )
     transform = resolve_transform(config.transform_config(), info.data_config)
     provenance = build_provenance(config, info, transform)
     manifest = Manifest.open(config.output, provenance)

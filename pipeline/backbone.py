@@ -69,11 +69,20 @@ def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return None
 
 
-def _weights_digest(name: str, weights: str) -> str:
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and values, in name order)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _weights_digest(name: str, weights: str, model: torch.nn.Module) -> str:
     if weights == "random":
         return f"random:{name}:seed{RANDOM_INIT_SEED}"
-    if weights == "hub":
-        return f"hub:{name}"
+    if weights == "hub":  # the hub's weights can change under one name: digest what was loaded
+        return f"hub:{name}:state-sha256:{state_digest(model)}"
     return "sha256:" + hashlib.sha256(_read_bytes(weights)).hexdigest()
 
 
@@ -104,20 +113,36 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _embedding_dim(model: torch.nn.Module, input_size: tuple[int, ...]) -> int:
-    with torch.inference_mode():
-        features = model.forward_features(torch.zeros(1, *input_size))
-        return int(model.forward_head(features, pre_logits=True).shape[-1])
+def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
+    try:
+        with torch.inference_mode():
+            features = model.forward_features(torch.zeros(1, *input_size))
+            return int(model.forward_head(features, pre_logits=True).shape[-1])
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise ValueError(
+            f"backbone {name} does not run on inputs of {input_size}: {error}"
+        ) from None
 
 
-def describe_backbone(name: str, weights: str) -> BackboneInfo:
-    """Name, weights digest, embedding width, classes and data config of a backbone."""
+def describe_backbone(
+    name: str, weights: str, *, input_size: tuple[int, int, int] | None = None
+) -> BackboneInfo:
+    """Name, weights digest, embedding width, classes and data config of a backbone.
+
+    Runs one probe forward at ``input_size`` (default: the model's own), so a backbone that
+    cannot run the job is refused here, before any worker starts.
+    """
     model = create_backbone_model(name, weights)
+    if not model.num_classes:
+        raise ValueError(
+            f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
+            "per-sample loss; pick weights with a classification head"
+        )
     data_config = resolve_model_data_config(model)
     return BackboneInfo(
         name=name,
-        weights_digest=_weights_digest(name, weights),
-        embedding_dim=_embedding_dim(model, data_config["input_size"]),
+        weights_digest=_weights_digest(name, weights, model),
+        embedding_dim=_embedding_dim(model, name, input_size or data_config["input_size"]),
         num_classes=int(model.num_classes),
         data_config=data_config,
     )

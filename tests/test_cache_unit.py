@@ -12,7 +12,7 @@ import timm
 import torch
 
 from pipeline.augment import TransformConfig, build_transform, resolve_transform
-from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.backbone import Backbone, create_backbone_model, describe_backbone, state_digest
 from pipeline.decode import decode_image
 from pipeline.demo_data import write_bad_shard, write_digit_shards
 from pipeline.manifest import Manifest, ProvenanceMismatch
@@ -176,3 +176,33 @@ def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):
     other = {**provenance, "seed": 1}
     with pytest.raises(ProvenanceMismatch, match=r"seed: cache has 0, this run asks for 1"):
         Manifest.open(str(tmp_path), other)
+
+
+def test_backbones_that_cannot_run_the_job_are_refused_up_front():
+    with pytest.raises(ValueError, match="no classifier"):
+        describe_backbone("vit_small_patch16_dinov3.lvd1689m", "random")
+    with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)"):
+        describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
+    info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
+    assert info.embedding_dim == 1024  # the head's hidden width, not num_features
+
+
+def test_custom_load_model_from_a_local_file_never_reaches_the_npz_loader(tmp_path):
+    from safetensors.torch import save_file
+
+    name = "vit_tiny_patch16_224.augreg_in21k"  # timm loads its hub weights with custom_load
+    assert timm.create_model(name, pretrained=False).pretrained_cfg.get("custom_load")
+    model = timm.create_model(name, pretrained=False, num_classes=11)
+    save_file(model.state_dict(), str(tmp_path / "vit.safetensors"))
+    loaded = create_backbone_model(name, str(tmp_path / "vit.safetensors"))
+    assert loaded.num_classes == 11
+    assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+def test_state_digest_tells_weights_apart():
+    first = create_backbone_model(BACKBONE, "random")
+    second = create_backbone_model(BACKBONE, "random")
+    assert state_digest(first) == state_digest(second), "random init is seeded"
+    with torch.no_grad():
+        second.fc.weight[0, 0] += 1e-3
+    assert state_digest(first) != state_digest(second)
