@@ -134,8 +134,9 @@ class ActorPool:
         weights: str,
         settings: UnitSettings,
         max_attempts: int = 3,
+        worker: type[CacheWorker] = CacheWorker,
     ) -> None:
-        self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(CacheWorker)
+        self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(worker)
         self._args = (backbone, weights, settings)
         self.size = size
         self.max_attempts = max_attempts
@@ -196,6 +197,27 @@ class ActorPool:
         log.info("cache actor ready: %s", description)
         self._idle.append(actor)
 
+    def _retry_or_fail(
+        self,
+        unit: Unit,
+        why: str,
+        report: PoolReport,
+        pending: deque,
+        attempts: dict[str, int],
+    ) -> None:
+        """Queue ``unit`` again, or, after ``max_attempts`` tries, report it failed with ``why``.
+
+        Lost actors count too: a unit that kills every actor it runs on must not loop forever.
+        """
+        attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
+        if attempts[unit.relpath] >= self.max_attempts:
+            report.failed[unit.relpath] = why
+            return
+        log.warning(
+            "unit %s: try %d failed, trying again: %s", unit.relpath, attempts[unit.relpath], why
+        )
+        pending.append(unit)
+
     def _on_finished(
         self,
         ref: ray.ObjectRef,
@@ -207,29 +229,17 @@ class ActorPool:
         actor, unit = self._running.pop(ref)
         try:
             result = ray.get(ref)
-        except RayTaskError as error:
-            attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
-            if attempts[unit.relpath] < self.max_attempts:
-                log.warning(
-                    "unit %s failed (attempt %d), retrying: %s",
-                    unit.relpath,
-                    attempts[unit.relpath],
-                    error,
-                )
-                pending.append(unit)
-            else:
-                report.failed[unit.relpath] = f"{unit.source}: {error.cause!r}"
+        except RayTaskError as error:  # the unit raised; its actor is fine
             self._idle.append(actor)
+            self._retry_or_fail(unit, f"{unit.source}: {error.cause!r}", report, pending, attempts)
             return
-        except _ACTOR_LOST as error:
-            log.warning(
-                "actor running %s was lost (%s); the unit goes to another actor",
-                unit.relpath,
-                type(error).__name__,
-            )
-            pending.appendleft(unit)
+        except _ACTOR_LOST as error:  # the actor's process or node died while running it
             report.actors_replaced += 1
             self._start_actor()
+            why = (
+                f"{unit.source}: its actor died {self.max_attempts} times ({type(error).__name__})"
+            )
+            self._retry_or_fail(unit, why, report, pending, attempts)
             return
         report.results.append(result)
         on_result(result)

@@ -187,3 +187,35 @@ def test_help_explains_every_flag():
         "--decode-workers",
     ):
         assert flag in result.output, flag
+
+
+def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
+    from support import unit_settings
+
+    from pipeline.distribute import ActorPool, CacheWorker
+    from pipeline.unit import Unit
+
+    class CrashesOnOneShard(CacheWorker):
+        def run(self, unit):
+            if unit.shard == "digits-0001":
+                os._exit(1)  # as an OOM kill or a segfaulting decoder would
+            return super().run(unit)
+
+    urls = write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=4, size=32)
+    settings = unit_settings(str(tmp_path / "cache"))
+    pool = ActorPool(
+        size=1,
+        gpus=0,
+        cpus=1,
+        backbone="resnet10t",
+        weights="random",
+        settings=settings,
+        max_attempts=2,
+        worker=CrashesOnOneShard,
+    )
+    units = [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)]
+    report = pool.run(units, on_result=lambda result: None)
+    assert [result.relpath for result in report.results] == ["epoch=0000/digits-0000.parquet"]
+    assert list(report.failed) == ["epoch=0000/digits-0001.parquet"]
+    assert "died 2 times" in report.failed["epoch=0000/digits-0001.parquet"]
+    assert report.actors_replaced == 2

@@ -10,42 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
+from support import BACKBONE, make_runner
 
-from pipeline.augment import TransformConfig, build_transform, resolve_transform
-from pipeline.backbone import Backbone, create_backbone_model, describe_backbone, state_digest
+from pipeline.augment import build_transform
+from pipeline.backbone import create_backbone_model, describe_backbone, state_digest
 from pipeline.decode import decode_image
 from pipeline.demo_data import write_bad_shard, write_digit_shards
 from pipeline.manifest import Manifest, ProvenanceMismatch
-from pipeline.unit import Unit, UnitRunner, UnitSettings
+from pipeline.unit import Unit
 from schemas import UNIT_STATS_KEY, read_provenance
-
-BACKBONE = "resnet10t"
-
-
-def make_runner(output: str, *, augment: str = "train", seed: int = 0, **overrides) -> UnitRunner:
-    info = describe_backbone(BACKBONE, "random")
-    config = TransformConfig(augment=augment, input_size=(3, 32, 32))
-    transform = resolve_transform(config, info.data_config)
-    provenance = {
-        "schema_version": 1,
-        "backbone": BACKBONE,
-        "weights_digest": info.weights_digest,
-        "embedding_dim": info.embedding_dim,
-        "seed": seed,
-        "transform": transform,
-        "dtype": "float16",
-    }
-    settings = UnitSettings(
-        output=output,
-        seed=seed,
-        batch_size=8,
-        transform=transform,
-        provenance=provenance,
-        embedding_dim=info.embedding_dim,
-        **overrides,
-    )
-    model = create_backbone_model(BACKBONE, "random")
-    return UnitRunner(Backbone(model, torch.device("cpu")), settings)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_cache_unit import make_runner
+from support import make_runner
 
 from pipeline.demo_data import write_bad_shard, write_digit_shards
 from pipeline.unit import Unit, UnitRunner
