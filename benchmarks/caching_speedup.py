@@ -18,8 +18,9 @@ import time
 import timm
 import torch
 
+from pipeline.cache_index import open_cache
 from pipeline.head import HeadConfig, create_head, create_objective
-from pipeline.stream import CacheStream, StreamConfig, open_cache
+from pipeline.stream import CacheStream, StreamConfig
 from pipeline.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.train import ScheduleConfig, create_optimizer, train_step
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.cache_index import open_cache
 from pipeline.head import HeadConfig, create_head, create_objective
-from pipeline.stream import CacheStream, StreamConfig, open_cache, read_validation
+from pipeline.stream import CacheStream, StreamConfig, read_validation
 from pipeline.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.train import ScheduleConfig, create_optimizer, train_step
 

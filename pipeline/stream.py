@@ -13,7 +13,6 @@ the validation slice and never appear in training batches, in any epoch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -29,13 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
+from pipeline.cache_index import CacheIndex, RowGroupRef
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_manifest.json"
-IDENTITY_FIELDS = ("schema_version", "backbone", "weights_digest", "embedding_dim")
-"""Provenance fields that must agree for caches to be read together."""
 _VAL_ORDER_SEED = 0x7A1
 _FILE_ORDER_SALT = 0xF11E
 
@@ -80,53 +76,6 @@ class StreamState:
         return cls(int(doc["pass_index"]), int(doc["window"]), int(doc["offset"]))
 
 
-@dataclass(eq=False)
-class CacheFile:
-    """One committed Parquet unit: its URL, Parquet footer and provenance."""
-
-    url: str
-    metadata: pq.FileMetaData
-    provenance: dict[str, Any]
-
-    @property
-    def rows(self) -> int:
-        """Rows in the file."""
-        return self.metadata.num_rows
-
-
-@dataclass(frozen=True)
-class RowGroupRef:
-    """Row group ``group`` of file number ``file`` in a :class:`CacheIndex`, with its size."""
-
-    file: int
-    group: int
-    rows: int
-
-
-@dataclass(eq=False)
-class CacheIndex:
-    """The files of one or more compatible caches, ready to stream."""
-
-    files: list[CacheFile]
-    provenance: dict[str, Any]
-    dim: int
-    empty_files: list[str] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        """Rows across all files (training and validation)."""
-        return sum(f.rows for f in self.files)
-
-    def row_groups(self) -> list[RowGroupRef]:
-        """Every non-empty row group, in file order."""
-        return [
-            RowGroupRef(i, g, f.metadata.row_group(g).num_rows)
-            for i, f in enumerate(self.files)
-            for g in range(f.metadata.num_row_groups)
-            if f.metadata.row_group(g).num_rows > 0
-        ]
-
-
 @dataclass
 class Batch:
     """Training rows: float32 embeddings ``(B, D)``, float32 losses ``(B,)``, extra columns."""
@@ -146,97 +95,6 @@ class StreamStats:
     rows: int = 0
     nonfinite: Counter[str] = field(default_factory=Counter)
     passes_started: int = 0
-
-
-def list_cache_files(url: str) -> list[str]:
-    """URLs of the committed unit files of the cache at ``url`` (manifest first, else a glob)."""
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-    if not fs.exists(root):
-        raise FileNotFoundError(f"cache {url} does not exist")
-    manifest = f"{root}/{MANIFEST_NAME}"
-    if fs.exists(manifest):
-        with fs.open(manifest, "rb") as handle:
-            units = json.load(handle).get("units", {})
-        paths = [f"{root}/{name}" for name in sorted(units)]
-    else:
-        log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)
-        paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
-        paths = [p for p in paths if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
-    return [prefix + p for p in paths]
-
-
-def _read_footer(url: str) -> CacheFile:
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.read_metadata(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
-    schema = metadata.schema.to_arrow_schema()
-    try:
-        provenance = read_provenance(schema)
-    except ValueError as error:
-        raise ValueError(f"{url}: {error}") from None
-    for column in ("key", "embedding", "loss"):
-        if column not in schema.names:
-            raise ValueError(f"{url}: not a pvu cache file, column {column!r} is missing")
-    width = embedding_dim(schema)
-    if provenance.get("embedding_dim") != width:
-        raise ValueError(
-            f"{url}: embedding column has width {width} but provenance says "
-            f"{provenance.get('embedding_dim')}"
-        )
-    return CacheFile(url, metadata, provenance)
-
-
-def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
-    """The shared identity of ``files``; raises ``ValueError`` naming each field that differs."""
-    first = files[0]
-    problems = []
-    for name in IDENTITY_FIELDS:
-        seen: dict[str, str] = {}
-        for f in files:
-            seen.setdefault(json.dumps(f.provenance.get(name)), f.url)
-        if len(seen) > 1:
-            where = "; ".join(f"{value} in {url}" for value, url in seen.items())
-            problems.append(f"{name} differs ({where})")
-    if problems:
-        raise ValueError("caches do not belong together: " + ", ".join(problems))
-    version = first.provenance.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{first.url}: cache schema version {version} is not supported "
-            f"(this reader reads version {SCHEMA_VERSION})"
-        )
-    return {name: first.provenance.get(name) for name in IDENTITY_FIELDS}
-
-
-def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
-    """Index the caches at ``urls``: list units, read footers, refuse mixed or empty caches."""
-    if not urls:
-        raise ValueError("no cache URL given")
-    unit_urls: list[str] = []
-    for url in urls:
-        found = list_cache_files(url)
-        if not found:
-            raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")
-        unit_urls.extend(found)
-    repeated = [url for url, n in Counter(unit_urls).items() if n > 1]
-    if repeated:
-        raise ValueError(f"cache unit listed twice (same cache given twice?): {repeated[0]}")
-    with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        files = list(pool.map(_read_footer, unit_urls))
-    identity = check_compatible(files)
-    empty = [f.url for f in files if f.rows == 0]
-    if empty:
-        log.warning("%d cache unit(s) hold no rows, e.g. %s", len(empty), empty[0])
-    files = [f for f in files if f.rows > 0]
-    if not files:
-        raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
-    return CacheIndex(files, identity, int(identity["embedding_dim"]), empty)
 
 
 def key_fraction(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:

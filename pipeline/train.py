@@ -27,17 +27,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from pipeline.cache_index import CacheIndex, open_cache
 from pipeline.evaluate_head import evaluate_head
 from pipeline.export import export_head
 from pipeline.head import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
-from pipeline.stream import (
-    CacheIndex,
-    CacheStream,
-    StreamConfig,
-    StreamState,
-    open_cache,
-    read_validation,
-)
+from pipeline.stream import CacheStream, StreamConfig, StreamState, read_validation
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import pytest
 import s3fs
 import torch
 
+from pipeline.cache_index import open_cache
 from pipeline.stream import (
     CacheStream,
     StreamConfig,
     StreamState,
     key_fraction,
-    open_cache,
     plan_pass,
     read_validation,
 )
