@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs
 import pytest
 import ray
+from support import JOB_FLAGS
 from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
@@ -165,27 +166,11 @@ def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
     assert bad.exit_code == 2 and "epochs" in bad.output
 
 
-def test_help_explains_every_flag():
-    result = CliRunner().invoke(app, ["cache", "--help"], terminal_width=200)
+@pytest.mark.parametrize(("command", "job"), [("cache", "cache"), ("train-head", "train_head")])
+def test_help_explains_every_flag_the_issues_fix(command, job):
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for flag in (
-        "--shards",
-        "--backbone",
-        "--weights",
-        "--label-remap",
-        "--epochs",
-        "--augment",
-        "--output",
-        "--seed",
-        "--batch-size",
-        "--actors",
-        "--gpus-per-actor",
-        "--image-key",
-        "--label-key",
-        "--ray-address",
-        "--dtype",
-        "--decode-workers",
-    ):
+    for flag in JOB_FLAGS[job]:
         assert flag in result.output, flag
 
 

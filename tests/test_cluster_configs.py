@@ -24,6 +24,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
+from support import JOB_FLAGS
 
 try:
     import tomllib
@@ -40,42 +41,6 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 README = CLUSTER / "README.md"
 KUBERAY_FILES = [RAYCLUSTER, RAYJOB]
 
-# The jobs' command lines as the project fixes them (issue 2 and its follow-ups). A manifest
-# may only use these; `test_job_flags_in_help` also checks them against the real `--help`.
-JOB_FLAGS: dict[str, set[str]] = {
-    "cache": {
-        "--shards",
-        "--backbone",
-        "--weights",
-        "--label-remap",
-        "--epochs",
-        "--augment",
-        "--output",
-        "--seed",
-        "--batch-size",
-        "--actors",
-        "--gpus-per-actor",
-        "--image-key",
-        "--label-key",
-        "--ray-address",
-        "--dtype",
-    },
-    "train_head": {
-        "--cache",
-        "--output",
-        "--loss",
-        "--episodes",
-        "--episode-size",
-        "--batch-size",
-        "--lr",
-        "--warmup-episodes",
-        "--hidden",
-        "--seed",
-        "--device",
-        "--resume",
-        "--val-fraction",
-    },
-}
 # Flags whose values form a closed set.
 FLAG_CHOICES: dict[tuple[str, str], set[str]] = {
     ("cache", "--augment"): {"train", "eval"},
