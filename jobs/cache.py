@@ -25,6 +25,7 @@ from pipeline.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.manifest import Manifest
 from pipeline.shards import expand_shards, shard_names
 from pipeline.unit import Unit, UnitResult, UnitSettings
+from pipeline.writer import clear_staging
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -242,6 +243,8 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
             max_attempts=config.max_attempts,
         )
         report = _run_with_progress(pool, todo, manifest, started)
+    if not report.failed:
+        clear_staging(config.output)
     console.print(
         summarize(
             report,

@@ -59,6 +59,14 @@ def to_record_batch(
     return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
+def clear_staging(root: str) -> None:
+    """Remove what crashed writers left in ``root``'s staging folder (call when no unit runs)."""
+    fs, root_path = fsspec.core.url_to_fs(root)
+    staging = f"{root_path}/{STAGING_DIR}"
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+
+
 def commit_unit(
     batches: list[pa.RecordBatch], schema: pa.Schema, *, root: str, relpath: str, stats: dict
 ) -> int:
