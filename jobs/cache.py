@@ -317,23 +317,26 @@ def cache(
     actors: Annotated[
         int | None,
         typer.Option(
-            help="Backbone actors [default: one per GPU, or one per node on CPU clusters]."
+            help="Backbone actors (default: one per GPU, or one per node on CPU clusters)."
         ),
     ] = None,
     gpus_per_actor: Annotated[
         float | None,
-        typer.Option(help="GPUs per actor [default: 1 if the cluster has GPUs, else 0]."),
+        typer.Option(help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)."),
     ] = None,
     cpus_per_actor: Annotated[
-        float | None, typer.Option(help="CPUs per actor [default: the node's share].")
+        float | None, typer.Option(help="CPUs per actor (default: the node's share).")
     ] = None,
     image_key: Annotated[
         str | None,
-        typer.Option(help="Image member extension [default: first of jpg/jpeg/png/webp]."),
+        typer.Option(help="Image member extension (default: first of jpg/jpeg/png/webp)."),
     ] = None,
     label_key: Annotated[str, typer.Option(help="Label member extension.")] = "cls",
     ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster address [default: start a local Ray].")
+        str | None,
+        typer.Option(
+            help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)."
+        ),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="Stored embedding type: float16 or float32.")
@@ -342,13 +345,13 @@ def cache(
         int, typer.Option(help="Tries per unit before it counts as failed.")
     ] = 3,
     input_size: Annotated[
-        int | None, typer.Option(help="Square input size [default: the backbone's].")
+        int | None, typer.Option(help="Square input size (default: the backbone's).")
     ] = None,
     decode_workers: Annotated[
         int | None,
         typer.Option(
             help="Decode + augmentation processes per actor, 0 = a thread of the actor "
-            "[default: 0 on CPUs, the actor's CPUs - 1 on a GPU]."
+            "(default: 0 on CPUs, the actor's CPUs - 1 on a GPU)."
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,

@@ -214,7 +214,7 @@ def train_head(
     seed: Annotated[int, typer.Option(help="Seed of head initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[
-        int | None, typer.Option(help="Torch CPU threads [default: all cores].")
+        int | None, typer.Option(help="Torch CPU threads (default: all cores).")
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast for the MLP.")] = "fp32",
     resume: Annotated[
