@@ -176,6 +176,8 @@ def test_help_explains_every_flag_the_issues_fix(command, job):
     assert result.exit_code == 0
     for flag in JOB_FLAGS[job]:
         assert flag in result.output, flag
+    if command == "cache":  # defaults that depend on the cluster are explained, not swallowed
+        assert "one per GPU" in " ".join(result.output.replace("│", " ").split())
 
 
 def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
