@@ -149,9 +149,9 @@ def describe_backbone(
 
 
 def read_label_remap(url: str) -> np.ndarray:
-    """Shard label -> head index, from JSON (a list, or a dict of int keys) or one int per line.
-
-    Entries that are absent map to -1 (no class of the head).
+    """Shard label -> head index, from JSON (a list, or a dict of int keys) or a text file with
+    the head index of shard labels 0, 1, 2, ... one per line (blank lines and ``#`` comments
+    skipped). Absent labels, and -1, map to no class of the head.
     """
     text = _read_bytes(url).decode()
     if url.endswith(".json"):
@@ -159,8 +159,8 @@ def read_label_remap(url: str) -> np.ndarray:
         pairs = enumerate(parsed) if isinstance(parsed, list) else parsed.items()
         mapping = {int(k): int(v) for k, v in pairs}
     else:
-        lines = [line.split("#")[0].strip() for line in text.splitlines()]
-        mapping = {i: int(line) for i, line in enumerate(lines) if line}
+        values = [line.split("#")[0].strip() for line in text.splitlines()]
+        mapping = dict(enumerate(int(value) for value in values if value))
     if not mapping or min(mapping) < 0:
         raise ValueError(f"{url}: label remap must map non-negative labels, got {len(mapping)}")
     table = np.full(max(mapping) + 1, -1, dtype=np.int64)

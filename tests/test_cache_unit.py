@@ -179,3 +179,12 @@ def test_state_digest_tells_weights_apart():
     with torch.no_grad():
         second.fc.weight[0, 0] += 1e-3
     assert state_digest(first) != state_digest(second)
+
+
+def test_label_remap_files_json_or_one_index_per_line(tmp_path):
+    from pipeline.backbone import read_label_remap
+
+    (tmp_path / "remap.txt").write_text("# shard label i -> head index on line i\n7\n\n3 # cat\n")
+    assert read_label_remap(str(tmp_path / "remap.txt")).tolist() == [7, 3]
+    (tmp_path / "remap.json").write_text('{"0": 5, "3": 1}')
+    assert read_label_remap(str(tmp_path / "remap.json")).tolist() == [5, -1, -1, 1]
