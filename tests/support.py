@@ -9,6 +9,8 @@ from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.unit import UnitRunner, UnitSettings
 
 BACKBONE = "resnet10t"
+# The same small backbone on the command line: random weights at 32x32, fast on a CPU.
+SMALL_BACKBONE_FLAGS = ["--backbone", BACKBONE, "--weights", "random", "--input-size", "32"]
 
 # The jobs' command lines as the project fixes them (issue 2 and its follow-ups). A manifest
 # may only use these; tests also check them against the real `--help`.

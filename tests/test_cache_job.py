@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs
 import pytest
 import ray
-from support import JOB_FLAGS
+from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS
 from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
@@ -27,7 +27,7 @@ COMMON = {"backbone": "resnet10t", "weights": "random", "input_size": 32, "batch
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):  # the S3 environment must exist before Ray's workers start
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -115,12 +115,7 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
         "2",
         "--ray-address",
         local_ray,
-        "--backbone",
-        "resnet10t",
-        "--weights",
-        "random",
-        "--input-size",
-        "32",
+        *SMALL_BACKBONE_FLAGS,
         "--batch-size",
         "16",
     ]
@@ -154,12 +149,7 @@ def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
         str(tmp_path / "shards"),
         "--output",
         str(tmp_path / "c"),
-        "--backbone",
-        "resnet10t",
-        "--weights",
-        "random",
-        "--input-size",
-        "32",
+        *SMALL_BACKBONE_FLAGS,
     ]
     runner = CliRunner()
     assert runner.invoke(app, args).exit_code == 0
