@@ -134,11 +134,3 @@ class Manifest:
         self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
         self._last_flush = time.monotonic()
         self._dirty = False
-
-    def skipped_totals(self) -> dict[str, int]:
-        """Skipped samples by reason, summed over all committed units."""
-        totals: dict[str, int] = {}
-        for entry in self.units.values():
-            for reason, count in entry["skipped"].items():
-                totals[reason] = totals.get(reason, 0) + count
-        return totals
