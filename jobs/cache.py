@@ -20,7 +20,7 @@ from rich.table import Table
 
 from jobs.terminal import console, setup_logging, validated
 from pipeline.augment import TransformConfig, resolve_transform
-from pipeline.backbone import BackboneInfo, describe_backbone
+from pipeline.backbone import BackboneInfo, describe_backbone, file_digest
 from pipeline.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.manifest import Manifest
 from pipeline.shards import expand_shards, shard_names
@@ -100,16 +100,6 @@ def project_version() -> str:
         return "0+unknown"
 
 
-def file_digest(url: str | None) -> str | None:
-    """sha256 of a small file (the label remap), or None."""
-    if url is None:
-        return None
-    import hashlib
-
-    with fsspec.open(url, "rb") as handle:
-        return "sha256:" + hashlib.sha256(handle.read()).hexdigest()
-
-
 def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict) -> dict[str, Any]:
     """What this cache is: the fields that must match for two runs to share an output prefix."""
     return {
@@ -121,7 +111,7 @@ def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict
         "transform": transform,
         "seed": config.seed,
         "dtype": config.dtype,
-        "label_remap_digest": file_digest(config.label_remap),
+        "label_remap_digest": file_digest(config.label_remap) if config.label_remap else None,
         "project_version": project_version(),
     }
 

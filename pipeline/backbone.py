@@ -69,6 +69,11 @@ def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return None
 
 
+def file_digest(url: str) -> str:
+    """``sha256:<hex>`` of the bytes of the file at ``url``."""
+    return "sha256:" + hashlib.sha256(_read_bytes(url)).hexdigest()
+
+
 def state_digest(model: torch.nn.Module) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes and values, in name order)."""
     digest = hashlib.sha256()
@@ -83,7 +88,7 @@ def _weights_digest(name: str, weights: str, model: torch.nn.Module) -> str:
         return f"random:{name}:seed{RANDOM_INIT_SEED}"
     if weights == "hub":  # the hub's weights can change under one name: digest what was loaded
         return f"hub:{name}:state-sha256:{state_digest(model)}"
-    return "sha256:" + hashlib.sha256(_read_bytes(weights)).hexdigest()
+    return file_digest(weights)
 
 
 def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
