@@ -211,7 +211,7 @@ class ActorPool:
         """
         attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
         if attempts[unit.relpath] >= self.max_attempts:
-            report.failed[unit.relpath] = why
+            report.failed[unit.relpath] = f"{why}; gave up after {self.max_attempts} tries"
             return
         log.warning(
             "unit %s: try %d failed, trying again: %s", unit.relpath, attempts[unit.relpath], why
@@ -236,9 +236,7 @@ class ActorPool:
         except _ACTOR_LOST as error:  # the actor's process or node died while running it
             report.actors_replaced += 1
             self._start_actor()
-            why = (
-                f"{unit.source}: its actor died {self.max_attempts} times ({type(error).__name__})"
-            )
+            why = f"{unit.source}: its actor died ({type(error).__name__})"
             self._retry_or_fail(unit, why, report, pending, attempts)
             return
         report.results.append(result)
