@@ -71,11 +71,14 @@ def test_one_actor_per_gpu_and_a_lost_node_loses_no_row(gpu_cluster, tmp_path):
     job = threading.Thread(target=lambda: outcome.update(report=run_cache(config)))
     job.start()
     deadline = time.monotonic() + 240
-    # mid-job: units are being committed and the doomed node runs a cache actor
-    while len(list(output.glob("epoch=*/*.parquet"))) < 2 or not hosts_cache_worker(nodes[0]):
+    # mid-job: units are being committed and the doomed node is running one right now
+    doomed = None
+    while doomed is None:
         assert job.is_alive() and time.monotonic() < deadline, "the job did not get going"
+        if len(list(output.glob("epoch=*/*.parquet"))) >= 2:
+            doomed = next((node for node in nodes if hosts_cache_worker(node)), None)
         time.sleep(0.05)
-    lose_node(cluster, nodes[0])
+    lose_node(cluster, doomed)
     job.join(timeout=300)
     assert not job.is_alive(), "the job did not finish after losing a node"
     report = outcome["report"]
