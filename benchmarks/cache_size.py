@@ -5,7 +5,7 @@
    exactly as the job does. Reports bytes per row of the whole file, of the data alone, and the
    footer (schema + provenance + unit stats), which a unit pays once.
 2. A unit of ImageNet's shard size (``--rows``, default 1,251 = 1,281,167 / 1,024 shards) written
-   through ``pipeline.writer.to_record_batch`` / ``commit_unit``, with embeddings drawn per
+   through ``pipeline.cache.writer.to_record_batch`` / ``commit_unit``, with embeddings drawn per
    dimension from a normal fit to the real rows' (float16, so their bytes look like the real
    ones) and losses and labels like theirs: what a full-size unit costs per row.
 
@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.augment import TransformConfig, resolve_transform
-from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
-from pipeline.demo_data import write_photo_shards
-from pipeline.unit import Unit, UnitRunner, UnitSettings
-from pipeline.writer import commit_unit, to_record_batch
+from pipeline.cache.augment import TransformConfig, resolve_transform
+from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.cache.unit import Unit, UnitRunner, UnitSettings
+from pipeline.cache.writer import commit_unit, to_record_batch
+from pipeline.demo.data import write_photo_shards
 
 
 def describe_file(path: Path, dim: int) -> dict[str, float]:

@@ -61,7 +61,7 @@ class Reference:
     def __init__(self, backbone: str, batch_size: int, threads: int) -> None:
         import torch
 
-        from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
+        from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 
         self.threads = threads
         info = describe_backbone(backbone, "random")
@@ -152,7 +152,7 @@ def main() -> None:
         import ray
         import s3fs
 
-        from pipeline.demo_data import write_photo_shards
+        from pipeline.demo.data import write_photo_shards
 
         s3fs.S3FileSystem().mkdir("pvu-bench")
         write_photo_shards(

@@ -18,11 +18,11 @@ import time
 import timm
 import torch
 
-from pipeline.cache_index import open_cache
-from pipeline.head import HeadConfig, create_head, create_objective
-from pipeline.stream import CacheStream, StreamConfig
-from pipeline.synthetic import SyntheticCache, write_synthetic_cache
-from pipeline.train import ScheduleConfig, create_optimizer, train_step
+from pipeline.cache.index import open_cache
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.model import HeadConfig, create_head, create_objective
+from pipeline.head.stream import CacheStream, StreamConfig
+from pipeline.head.train import ScheduleConfig, create_optimizer, train_step
 
 
 def uncached_rate(args: argparse.Namespace) -> float:

@@ -32,17 +32,17 @@ def main() -> None:
     parser.add_argument("--backbone", default="vit_base_patch16_224")
     args = parser.parse_args()
 
-    from pipeline.augment import (
+    from pipeline.cache.augment import (
         TransformConfig,
         build_transform,
         resolve_transform,
         sample_seed,
         split_transform,
     )
-    from pipeline.backbone import describe_backbone
-    from pipeline.decode_pool import DecodePool, prepare_image
-    from pipeline.demo_data import write_photo_shards
-    from pipeline.samples import iter_samples
+    from pipeline.cache.backbone import describe_backbone
+    from pipeline.cache.decode_pool import DecodePool, prepare_image
+    from pipeline.cache.samples import iter_samples
+    from pipeline.demo.data import write_photo_shards
 
     resolved = resolve_transform(
         TransformConfig(), describe_backbone(args.backbone, "random").data_config

@@ -1,8 +1,8 @@
 """Head-training throughput: streaming a Parquet cache vs the same step on in-memory tensors.
 
 Writes a synthetic cache (D=768 by default, the writer's Parquet options), then times the
-training step of ``pipeline.train`` on (a) batches sliced from tensors already in memory and
-(b) batches from ``pipeline.stream.CacheStream`` over the local cache, interleaved, best of
+training step of ``pipeline.head.train`` on (a) batches sliced from tensors already in memory and
+(b) batches from ``pipeline.head.stream.CacheStream`` over the local cache, interleaved, best of
 ``--repeats``; optionally (c) the same stream through a moto S3 server on loopback. Prints
 samples/s and the streaming/in-memory ratio (target >= 0.8; absolute target >= 30,000/s).
 
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.cache_index import open_cache
-from pipeline.head import HeadConfig, create_head, create_objective
-from pipeline.stream import CacheStream, StreamConfig, read_validation
-from pipeline.synthetic import SyntheticCache, write_synthetic_cache
-from pipeline.train import ScheduleConfig, create_optimizer, train_step
+from pipeline.cache.index import open_cache
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.model import HeadConfig, create_head, create_objective
+from pipeline.head.stream import CacheStream, StreamConfig, read_validation
+from pipeline.head.train import ScheduleConfig, create_optimizer, train_step
 
 
 @dataclass(frozen=True)

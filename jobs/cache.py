@@ -19,13 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.terminal import console, setup_logging, validated
-from pipeline.augment import TransformConfig, resolve_transform
-from pipeline.backbone import BackboneInfo, describe_backbone, file_digest
-from pipeline.distribute import ActorPool, PoolReport, plan_actors
-from pipeline.manifest import Manifest
-from pipeline.shards import expand_shards, shard_names
-from pipeline.unit import Unit, UnitResult, UnitSettings
-from pipeline.writer import clear_staging
+from pipeline.cache.augment import TransformConfig, resolve_transform
+from pipeline.cache.backbone import BackboneInfo, describe_backbone, file_digest
+from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.shards import expand_shards, shard_names
+from pipeline.cache.unit import Unit, UnitResult, UnitSettings
+from pipeline.cache.writer import clear_staging
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")

@@ -22,11 +22,11 @@ import typer
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.terminal import console, setup_logging
 from jobs.train_head import TrainHeadConfig, run_train_head
-from pipeline.decode import decode_image
-from pipeline.demo_backbone import save_backbone, train_tiny_backbone
-from pipeline.demo_data import write_digit_shards
-from pipeline.samples import iter_samples
-from pipeline.train import TrainResult
+from pipeline.cache.decode import decode_image
+from pipeline.cache.samples import iter_samples
+from pipeline.demo.backbone import save_backbone, train_tiny_backbone
+from pipeline.demo.data import write_digit_shards
+from pipeline.head.train import TrainResult
 
 log = logging.getLogger("pvu.demo")
 

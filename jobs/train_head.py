@@ -3,7 +3,7 @@
 Never touches an image: reads (embedding, loss) rows of one or more caches, trains with the
 paper's ranking loss and schedule (appendix A), checkpoints at every episode end, and exports
 ``<output>/head.safetensors`` + ``<output>/head.json`` (attach with
-``pipeline.export.attach_head``). Re-run with ``--resume`` to continue an interrupted run.
+``pipeline.head.export.attach_head``). Re-run with ``--resume`` to continue an interrupted run.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from rich.progress import (
 from rich.text import Text
 
 from jobs.terminal import console, setup_logging, validated
-from pipeline.stream import StreamConfig
-from pipeline.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
+from pipeline.head.stream import StreamConfig
+from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
 
 log = logging.getLogger("pvu.train_head")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.augment import TransformConfig, resolve_transform
-from pipeline.backbone import Backbone, create_backbone_model, describe_backbone
-from pipeline.unit import UnitRunner, UnitSettings
+from pipeline.cache.augment import TransformConfig, resolve_transform
+from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.cache.unit import UnitRunner, UnitSettings
 
 BACKBONE = "resnet10t"
 # The same small backbone on the command line: random weights at 32x32, fast on a CPU.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import (
+from pipeline.cache.augment import (
     TransformConfig,
     augment,
     augment_pil,
@@ -17,16 +17,16 @@ from pipeline.augment import (
     sample_seed,
     split_transform,
 )
-from pipeline.backbone import describe_backbone
-from pipeline.demo_data import write_photo_shards
-from pipeline.samples import iter_samples
+from pipeline.cache.backbone import describe_backbone
+from pipeline.cache.samples import iter_samples
+from pipeline.demo.data import write_photo_shards
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     from collections import Counter
 
-    from pipeline.decode import decode_image
+    from pipeline.cache.decode import decode_image
 
     [shard] = write_photo_shards(str(tmp_path_factory.mktemp("photos")), shards=1, per_shard=6)
     return [(s.key, decode_image(s.image)) for s in iter_samples(shard, counts=Counter())]

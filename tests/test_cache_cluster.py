@@ -17,8 +17,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from jobs.cache import CacheJobConfig, run_cache
-from pipeline.demo_data import write_digit_shards
-from pipeline.distribute import plan_actors
+from pipeline.cache.distribute import plan_actors
+from pipeline.demo.data import write_digit_shards
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
-from pipeline.demo_data import write_bad_shard, write_digit_shards
+from pipeline.demo.data import write_bad_shard, write_digit_shards
 
 pytestmark = pytest.mark.slow
 
@@ -173,8 +173,8 @@ def test_help_explains_every_flag_the_issues_fix(command, job):
 def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
     from support import unit_settings
 
-    from pipeline.distribute import ActorPool, CacheWorker
-    from pipeline.unit import Unit
+    from pipeline.cache.distribute import ActorPool, CacheWorker
+    from pipeline.cache.unit import Unit
 
     class CrashesOnOneShard(CacheWorker):
         def run(self, unit):

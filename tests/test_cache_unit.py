@@ -12,12 +12,12 @@ import timm
 import torch
 from support import BACKBONE, make_runner
 
-from pipeline.augment import build_transform
-from pipeline.backbone import create_backbone_model, describe_backbone, state_digest
-from pipeline.decode import decode_image
-from pipeline.demo_data import write_bad_shard, write_digit_shards
-from pipeline.manifest import Manifest, ProvenanceMismatch
-from pipeline.unit import Unit
+from pipeline.cache.augment import build_transform
+from pipeline.cache.backbone import create_backbone_model, describe_backbone, state_digest
+from pipeline.cache.decode import decode_image
+from pipeline.cache.manifest import Manifest, ProvenanceMismatch
+from pipeline.cache.unit import Unit
+from pipeline.demo.data import write_bad_shard, write_digit_shards
 from schemas import UNIT_STATS_KEY, read_provenance
 
 
@@ -71,7 +71,7 @@ def test_eval_rows_equal_a_direct_timm_forward(tmp_path, shards):
     transform = build_transform(runner.settings.transform)
     from collections import Counter
 
-    from pipeline.samples import iter_samples
+    from pipeline.cache.samples import iter_samples
 
     samples = list(iter_samples(shards[1], counts=Counter()))
     images = torch.stack([transform(decode_image(s.image)) for s in samples])
@@ -116,7 +116,7 @@ def test_label_remap_and_labels_outside_the_head(tmp_path, shards):
 def _shard_labels(url: str) -> list[int]:
     from collections import Counter
 
-    from pipeline.samples import iter_samples
+    from pipeline.cache.samples import iter_samples
 
     return [sample.label for sample in iter_samples(url, counts=Counter())]
 
@@ -182,7 +182,7 @@ def test_state_digest_tells_weights_apart():
 
 
 def test_label_remap_files_json_or_one_index_per_line(tmp_path):
-    from pipeline.backbone import read_label_remap
+    from pipeline.cache.backbone import read_label_remap
 
     (tmp_path / "remap.txt").write_text("# shard label i -> head index on line i\n7\n\n3 # cat\n")
     assert read_label_remap(str(tmp_path / "remap.txt")).tolist() == [7, 3]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.decode import _to_rgb, decode_image
-from pipeline.demo_data import decompression_bomb_png, encode_image
-from pipeline.skips import BadSample, SkipReason
+from pipeline.cache.decode import _to_rgb, decode_image
+from pipeline.cache.skips import BadSample, SkipReason
+from pipeline.demo.data import decompression_bomb_png, encode_image
 
 
 def _gradient(width: int = 48, height: int = 40) -> np.ndarray:

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from support import make_runner
 
-from pipeline.demo_data import write_bad_shard, write_digit_shards
-from pipeline.unit import Unit, UnitRunner
+from pipeline.cache.unit import Unit, UnitRunner
+from pipeline.demo.data import write_bad_shard, write_digit_shards
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_tasks_are_read_a_bounded_window_ahead(shards, pooled):
 def test_workers_exit_when_their_parent_is_killed():
     script = (
         "import sys, time\n"
-        "from pipeline.decode_pool import DecodePool\n"
+        "from pipeline.cache.decode_pool import DecodePool\n"
         "pool = DecodePool({'is_training': False, 'input_size': [3, 32, 32], 'mean': [0.5] * 3,"
         " 'std': [0.5] * 3, 'crop_pct': 1.0}, 1)\n"
         "pool._pool.apply(time.sleep, (0,))\n"

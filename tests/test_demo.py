@@ -11,11 +11,11 @@ import torch
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.demo import BACKBONE, INPUT_SIZE, run_demo
-from pipeline.augment import build_transform
-from pipeline.backbone import read_state_dict
-from pipeline.decode import decode_image
-from pipeline.export import attach_head, load_head
-from pipeline.samples import iter_samples
+from pipeline.cache.augment import build_transform
+from pipeline.cache.backbone import read_state_dict
+from pipeline.cache.decode import decode_image
+from pipeline.cache.samples import iter_samples
+from pipeline.head.export import attach_head, load_head
 
 pytestmark = pytest.mark.slow
 

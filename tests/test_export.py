@@ -17,11 +17,11 @@ from skimage import data as images
 from timm.data import create_transform, resolve_model_data_config
 from torch.nn import functional as F
 
-from pipeline.export import HEAD_JSON, HEAD_WEIGHTS, attach_head, export_head, load_head
-from pipeline.head import HeadConfig, create_head
-from pipeline.stream import StreamConfig
-from pipeline.train import ScheduleConfig, TrainConfig, fit_head
-from pipeline.writer import to_record_batch
+from pipeline.cache.writer import to_record_batch
+from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, attach_head, export_head, load_head
+from pipeline.head.model import HeadConfig, create_head
+from pipeline.head.stream import StreamConfig
+from pipeline.head.train import ScheduleConfig, TrainConfig, fit_head
 from schemas import cache_schema, validate_head, with_provenance
 
 BACKBONE = "vit_tiny_patch16_224"

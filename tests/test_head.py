@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate_head import pair_accuracy, spearman
-from pipeline.head import (
+from pipeline.head.model import (
     HeadConfig,
     UncertaintyHead,
     create_head,
@@ -19,7 +18,8 @@ from pipeline.head import (
     l2_loss,
     ranking_loss,
 )
-from pipeline.train import ScheduleConfig, create_optimizer, learning_rate
+from pipeline.head.train import ScheduleConfig, create_optimizer, learning_rate
+from pipeline.head.validate import pair_accuracy, spearman
 
 
 def test_head_is_appendix_a_mlp() -> None:

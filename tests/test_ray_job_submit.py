@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 from support import SMALL_BACKBONE_FLAGS
 
-from pipeline.demo_data import write_digit_shards
+from pipeline.demo.data import write_digit_shards
 
 pytestmark = pytest.mark.slow
 

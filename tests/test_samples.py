@@ -18,16 +18,16 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from pipeline.decode import decode_image
-from pipeline.demo_data import (
+from pipeline.cache.decode import decode_image
+from pipeline.cache.samples import RawSample, iter_samples, parse_label
+from pipeline.cache.skips import BadSample, SkipReason
+from pipeline.demo.data import (
     bad_samples,
     write_bad_shard,
     write_digit_shards,
     write_photo_shards,
     write_shard,
 )
-from pipeline.samples import RawSample, iter_samples, parse_label
-from pipeline.skips import BadSample, SkipReason
 
 SAMPLE_LEVEL = (
     SkipReason.NO_IMAGE,
@@ -196,7 +196,7 @@ def test_truncated_tar_keeps_samples_before_damage(digits, tmp_path, caplog):
     points = {0, 100, 511, 512, 513, end - 1}
     for _, header, data_end in members[::3]:
         points |= {header, header + 200, data_end, data_end - 1}
-    caplog.set_level(logging.WARNING, logger="pipeline.samples")
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
     for keep in sorted(points):
         caplog.clear()
         samples, counts = _read(_cut(digits, cut, keep))

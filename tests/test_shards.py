@@ -7,8 +7,8 @@ import os
 import fsspec
 import pytest
 
-from pipeline.demo_data import write_shard
-from pipeline.shards import expand_shards, shard_name, shard_names
+from pipeline.cache.shards import expand_shards, shard_name, shard_names
+from pipeline.demo.data import write_shard
 
 ONE_SAMPLE = [("k0", {"cls": b"0"})]
 

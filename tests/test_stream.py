@@ -15,8 +15,9 @@ import pytest
 import s3fs
 import torch
 
-from pipeline.cache_index import open_cache
-from pipeline.stream import (
+from pipeline.cache.index import open_cache
+from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
+from pipeline.head.stream import (
     CacheStream,
     StreamConfig,
     StreamState,
@@ -24,7 +25,6 @@ from pipeline.stream import (
     plan_pass,
     read_validation,
 )
-from pipeline.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
 
 SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
 EXTRA = ("key", "epoch", "shard")

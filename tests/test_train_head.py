@@ -12,10 +12,10 @@ import typer
 from typer.testing import CliRunner
 
 from jobs.train_head import TrainHeadConfig, train_head
-from pipeline.export import load_head
-from pipeline.stream import StreamConfig
-from pipeline.synthetic import SyntheticCache, write_synthetic_cache
-from pipeline.train import RunOptions, ScheduleConfig, TrainConfig, fit_head
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.export import load_head
+from pipeline.head.stream import StreamConfig
+from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, fit_head
 from schemas import validate_head
 
 SPEC = SyntheticCache(dim=32, samples_per_shard=500, shards=4, epochs=3, row_group_rows=125)

@@ -25,7 +25,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from pipeline.skips import SkipReason
+from pipeline.cache.skips import SkipReason
 
 #: scikit-image's bundled colour photographs (``skimage.data.<name>()``), one class each.
 PHOTOS = (

@@ -6,7 +6,7 @@ previous batch; they yield uint8 images, which the main thread turns into normal
 tensors one batch at a time (``SplitTransform``). The background thread then runs no torch
 kernels, so it never starts a second OpenMP team that would fight the forward's for the cores.
 With ``decode_workers`` > 0 the thread hands decoding and augmentation to a process pool
-(``pipeline.decode_pool``), for GPUs that forward faster than one thread decodes.
+(``pipeline.cache.decode_pool``), for GPUs that forward faster than one thread decodes.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.augment import build_transform, sample_seed, split_transform
-from pipeline.backbone import Backbone, read_label_remap
-from pipeline.decode_pool import DecodePool, Skip, Task, prepare_image
+from pipeline.cache.augment import build_transform, sample_seed, split_transform
+from pipeline.cache.backbone import Backbone, read_label_remap
+from pipeline.cache.decode_pool import DecodePool, Skip, Task, prepare_image
+from pipeline.cache.samples import RawSample, iter_samples
+from pipeline.cache.skips import BadSample, SkipReason
+from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
 from pipeline.prefetch import prefetch
-from pipeline.samples import RawSample, iter_samples
-from pipeline.skips import BadSample, SkipReason
-from pipeline.writer import commit_unit, to_record_batch, unit_path
 from schemas import cache_schema, with_provenance
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class UnitSettings(BaseModel):
     label_remap: str | None = None
     prefetch_batches: int = 2
     #: Processes that decode and augment; 0 does it in the background thread. None lets the
-    #: Ray actor choose (``pipeline.distribute``); a ``UnitRunner`` treats None as 0.
+    #: Ray actor choose (``pipeline.cache.distribute``); a ``UnitRunner`` treats None as 0.
     decode_workers: int | None = Field(default=0, ge=0)
 
 

@@ -1,6 +1,6 @@
 """Ray layer: a pool of backbone actors, pinned to GPUs or CPUs, that runs units of work.
 
-Ray only moves units and their results; the per-sample work is ``pipeline.unit``. A unit whose
+Ray only moves units and their results; the per-sample work is ``pipeline.cache.unit``. A unit whose
 actor or node dies is given to another actor; a unit that raises is retried, then reported failed.
 """
 
@@ -17,8 +17,8 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from pipeline.backbone import Backbone, create_backbone_model
-from pipeline.unit import Unit, UnitResult, UnitRunner, UnitSettings
+from pipeline.cache.backbone import Backbone, create_backbone_model
+from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
 
 log = logging.getLogger(__name__)
 

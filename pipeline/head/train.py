@@ -6,7 +6,7 @@ episode takes the remainder). The learning rate is set per episode: linear warm-
 the remaining episodes. At each episode end the run evaluates on the held-out slice, appends a
 line to ``metrics.jsonl`` and checkpoints weights, optimiser state and the reader's position
 (safetensors + JSON, no pickle), so a resumed run ends with the same head as an uninterrupted
-one. The finished head is exported with :func:`pipeline.export.export_head`.
+one. The finished head is exported with :func:`pipeline.head.export.export_head`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.cache_index import CacheIndex, open_cache
-from pipeline.evaluate_head import evaluate_head
-from pipeline.export import export_head
-from pipeline.head import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
-from pipeline.stream import CacheStream, StreamConfig, StreamState, read_validation
+from pipeline.cache.index import CacheIndex, open_cache
+from pipeline.head.export import export_head
+from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
+from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
+from pipeline.head.validate import validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -277,14 +277,14 @@ def fit_head(
     )
     history: list[dict[str, Any]] = []
     if done == 0:
-        record = {"episode": 0, "samples": 0, **evaluate_head(head, val.embedding, val.loss)}
+        record = {"episode": 0, "samples": 0, **validation_metrics(head, val.embedding, val.loss)}
         append_metrics(record)
         history.append(record)
     last = sched.episodes if options.stop_after is None else min(sched.episodes, options.stop_after)
     with CacheStream(index, config.stream, position) as stream:
         for episode in range(done, last):
             record = _run_episode(episode, head, optimizer, objective, stream, config, options)
-            record |= evaluate_head(head, val.embedding, val.loss)
+            record |= validation_metrics(head, val.embedding, val.loss)
             record["val_rows"] = len(val)
             record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
             save_checkpoint(

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.cache_index import CacheIndex, RowGroupRef
+from pipeline.cache.index import CacheIndex, RowGroupRef
 
 log = logging.getLogger(__name__)
 

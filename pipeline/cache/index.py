@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.manifest import MANIFEST_NAME
+from pipeline.cache.manifest import MANIFEST_NAME
 from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import Any
 import fsspec
 from webdataset.tariterators import group_by_keys
 
+from pipeline.cache.skips import SkipReason
 from pipeline.retry import retry
-from pipeline.skips import SkipReason
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from pipeline.head import UncertaintyHead
+from pipeline.head.model import UncertaintyHead
 
 _PAIR_SEED = 0x9A1
 
@@ -52,7 +52,7 @@ def predict(head: UncertaintyHead, embedding: torch.Tensor, *, batch: int = 65_5
     return torch.cat(parts).numpy() if parts else np.empty(0)
 
 
-def evaluate_head(
+def validation_metrics(
     head: UncertaintyHead, embedding: torch.Tensor, loss: torch.Tensor
 ) -> dict[str, float]:
     """``val_pair_accuracy`` and ``val_spearman`` of ``head`` on held-out rows."""

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writer import PARQUET_OPTIONS, to_record_batch
+from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
 from schemas import cache_schema, with_provenance
 
 

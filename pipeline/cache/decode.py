@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.skips import BadSample, SkipReason
+from pipeline.cache.skips import BadSample, SkipReason
 
 #: The formats tried, in order. Names not in this Pillow build are left out.
 FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "PPM")

@@ -3,7 +3,7 @@
 Usage::
 
     import timm
-    from pipeline.export import attach_head
+    from pipeline.head.export import attach_head
 
     model = attach_head(timm.create_model("vit_base_patch16_224.augreg_in21k"), "runs/head")
     out = model(images)  # {"logits": (B, C), "embedding": (B, D), "uncertainty": (B,)}
@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.head import HeadConfig, UncertaintyHead
+from pipeline.head.model import HeadConfig, UncertaintyHead
 from schemas import validate_head
 
 HEAD_WEIGHTS = "head.safetensors"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.augment import (
+from pipeline.cache.augment import (
     SplitTransform,
     Transform,
     augment,
@@ -32,8 +32,8 @@ from pipeline.augment import (
     build_transform,
     split_transform,
 )
-from pipeline.decode import decode_image
-from pipeline.skips import BadSample, SkipReason
+from pipeline.cache.decode import decode_image
+from pipeline.cache.skips import BadSample, SkipReason
 
 #: One sample to prepare: its key, encoded image bytes and augmentation seed.
 Task = tuple[str, bytes, int]

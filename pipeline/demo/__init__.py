@@ -1,0 +1,1 @@
+"""Demo and test data: digit shards, a tiny trained backbone, synthetic caches."""
