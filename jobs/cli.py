@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from jobs.cache import cache
+from jobs.shards import shards
 from jobs.train_head import train_head
 
 app = typer.Typer(
@@ -21,3 +22,4 @@ def main() -> None:
 
 app.command("cache")(cache)
 app.command("train-head")(train_head)
+app.command("shards")(shards)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tarfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import fsspec
@@ -26,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from pipeline.cache.skips import SkipReason
+from pipeline.dataset.tar import write_shard
 
 #: scikit-image's bundled colour photographs (``skimage.data.<name>()``), one class each.
 PHOTOS = (
@@ -59,28 +59,6 @@ def encode_image(image: Image.Image, fmt: str = "png", **params: object) -> byte
     buffer = io.BytesIO()
     image.save(buffer, format=_FORMATS.get(fmt.lower(), fmt.upper()), **params)
     return buffer.getvalue()
-
-
-def write_shard(url: str, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> str:
-    """Write one WebDataset tar at ``url``: for each (key, files), members ``<key>.<ext>``.
-
-    Members are written in the given order with fixed metadata (mtime 0, uid 0, mode 0444),
-    so equal input gives byte-identical shards. Returns ``url``.
-    """
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as file, tarfile.open(fileobj=file, mode="w|") as tar:
-        for key, files in samples:
-            if "." in os.path.basename(key):
-                raise ValueError(f"key {key!r} has a '.', which WebDataset reads as an extension")
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mode = 0o444
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(data))
-    return url
 
 
 def write_digit_shards(

@@ -1,0 +1,159 @@
+"""``pvu shards``: an image folder of class subfolders, or a CSV/Parquet of (path, label), ->
+WebDataset tar shards that ``pvu cache`` reads, with a ``classes.json`` of label names.
+
+Images are shuffled across classes (seeded) unless ``--no-shuffle``; one that cannot be read
+or decoded is left out and named in the summary, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from jobs.terminal import console, setup_logging, validated
+from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
+from pipeline.dataset.sources import list_dataset
+
+log = logging.getLogger("pvu.shards")
+SHOWN_UNREADABLE = 10
+
+
+class ShardsJobConfig(BaseModel):
+    """The shards job's configuration, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    output: str
+    shard_size: ByteSize = Field(default=ByteSize(1_000_000_000), gt=16_384)
+    samples_per_shard: int | None = Field(default=None, ge=1)
+    shuffle: bool = True
+    seed: int = Field(default=0, ge=0)
+    prefix: str = "shard"
+    path_column: str = "path"
+    label_column: str = "label"
+    threads: int = Field(default=8, ge=1)
+
+    @field_validator("prefix")
+    @classmethod
+    def _safe_prefix(cls, prefix: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", prefix):
+            raise ValueError(f"{prefix!r} must be letters, digits, '-' or '_' (no dots)")
+        return prefix
+
+
+def run_shards(config: ShardsJobConfig) -> ConvertReport:
+    """List the input, then write its shards under a progress bar."""
+    listing = list_dataset(
+        config.input, path_column=config.path_column, label_column=config.label_column
+    )
+    log.info(
+        "%s: %d images in %d classes%s",
+        config.input,
+        len(listing.sources),
+        len(listing.classes),
+        f" ({listing.ignored} other files ignored)" if listing.ignored else "",
+    )
+    with Progress(
+        TextColumn("[bold]shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images, {task.fields[bad]} left out"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("images", total=len(listing.sources), bad=0)
+        bad = 0
+
+        def on_image(ok: bool) -> None:
+            nonlocal bad
+            bad += not ok
+            progress.update(task, advance=1, bad=bad)
+
+        return write_dataset(
+            listing,
+            config.output,
+            prefix=config.prefix,
+            max_bytes=int(config.shard_size),
+            max_samples=config.samples_per_shard,
+            shuffle=config.shuffle,
+            seed=config.seed,
+            threads=config.threads,
+            on_image=on_image,
+        )
+
+
+def summarize(report: ConvertReport, output: str) -> Table:
+    """The job's closing summary: shards, samples, classes, and each image left out."""
+    table = Table(title="pvu shards: summary", show_header=False)
+    table.add_row("output", f"{output} ({len(report.shards)} shards, {CLASSES_NAME})")
+    table.add_row("samples written", f"{report.samples:,}")
+    table.add_row("classes", f"{len(report.classes):,}")
+    table.add_row("bytes", f"{sum(shard.bytes for shard in report.shards):,}")
+    reasons = Counter(item.reason for item in report.unreadable)
+    table.add_row(
+        "images left out", ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "none"
+    )
+    for item in report.unreadable[:SHOWN_UNREADABLE]:
+        table.add_row(f"[yellow]left out ({item.reason})", item.url)
+    if len(report.unreadable) > SHOWN_UNREADABLE:
+        table.add_row("", f"... and {len(report.unreadable) - SHOWN_UNREADABLE} more (see log)")
+    return table
+
+
+def shards(
+    input: Annotated[
+        str,
+        typer.Option(
+            help="A folder of class subfolders (<input>/<class>/<image>), or a .csv / .parquet "
+            "table of image paths or URLs and labels; local or any fsspec URL."
+        ),
+    ],
+    output: Annotated[str, typer.Option(help="Folder for the shards: a local path or fsspec URL.")],
+    shard_size: Annotated[
+        str, typer.Option(help="Largest shard, e.g. 500MB, 1GiB (default 1GB).")
+    ] = "1GB",
+    samples_per_shard: Annotated[
+        int | None, typer.Option(help="Most samples per shard (default: only --shard-size).")
+    ] = None,
+    shuffle: Annotated[
+        bool, typer.Option(help="Shuffle images across classes (seeded by --seed).")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
+    prefix: Annotated[str, typer.Option(help="Shard names: <prefix>-000000.tar, ...")] = "shard",
+    path_column: Annotated[str, typer.Option(help="Table column of image paths or URLs.")] = "path",
+    label_column: Annotated[
+        str, typer.Option(help="Table column of labels (integers, or class names).")
+    ] = "label",
+    threads: Annotated[int, typer.Option(help="Images read and checked in parallel.")] = 8,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Convert an image folder or table into shuffled WebDataset shards for `pvu cache`."""
+    setup_logging(verbose)
+    arguments = {k: v for k, v in locals().items() if k != "verbose"}
+    config = validated(ShardsJobConfig, arguments)
+    try:
+        report = run_shards(config)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    console.print(summarize(report, config.output))
+    if not report.samples:
+        console.print(f"[red]error:[/red] no image of {config.input} could be read")
+        raise typer.Exit(code=2)
+
+
+def main() -> None:
+    """``python -m jobs.shards``."""
+    typer.run(shards)
+
+
+if __name__ == "__main__":
+    main()

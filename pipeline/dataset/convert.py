@@ -1,0 +1,157 @@
+"""A ``Listing`` -> WebDataset shards: each image read, checked to decode, written shuffled.
+
+Each sample is ``<key>.<jpg|png|webp>`` (the original bytes where the cache reads the format,
+else the decoded image re-encoded as PNG), ``<key>.cls`` (the label) and ``<key>.json``
+(source URL and class name). Keys are the image's position in the listing, so they are
+unique and stable whatever the shuffle. An image that cannot be read or decoded (by the same
+checks ``pvu cache`` applies) is left out and reported, never fatal. ``classes.json`` beside
+the shards lists the label names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from pipeline.cache.decode import decode_image
+from pipeline.cache.skips import BadSample
+from pipeline.dataset.sources import Listing, Source
+from pipeline.dataset.tar import ShardInfo, ShardWriter
+from pipeline.retry import PERMANENT_ERRORS, retry
+
+log = logging.getLogger(__name__)
+
+CLASSES_NAME = "classes.json"
+#: Pillow formats stored as they are; any other is re-encoded as PNG.
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+READ_ERROR = "read_error"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image left out: its URL, why (a cache skip reason or ``read_error``) and details."""
+
+    url: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class ConvertReport:
+    """What ``write_dataset`` wrote and left out."""
+
+    shards: list[ShardInfo]
+    classes: list[str]
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        """Samples written across all shards."""
+        return sum(shard.samples for shard in self.shards)
+
+
+def load_image(url: str) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of the image at ``url`` as a shard stores it.
+
+    Raises ``BadSample`` if it does not decode, ``OSError`` if it cannot be read.
+    """
+
+    def read() -> bytes:
+        with fsspec.open(url, "rb") as handle:
+            return handle.read()
+
+    data = retry(read, what=f"read {url}")
+    image = decode_image(data, key=url)
+    fmt = Image.open(io.BytesIO(data)).format
+    if fmt in KEPT_FORMATS:
+        return KEPT_FORMATS[fmt], data
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()
+
+
+def write_dataset(
+    listing: Listing,
+    output: str,
+    *,
+    prefix: str = "shard",
+    max_bytes: int,
+    max_samples: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    threads: int = 8,
+    on_image: Callable[[bool], None] = lambda ok: None,
+) -> ConvertReport:
+    """Write ``listing``'s images into shards under ``output``, then ``classes.json``.
+
+    ``shuffle`` permutes the images with ``seed`` across classes; ``threads`` read and check
+    images in parallel. ``on_image(ok)`` is called once per image (for a progress bar).
+    Refuses an ``output`` that already holds shards.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    if fs.isdir(root) and any(path.endswith(".tar") for path in fs.ls(root, detail=False)):
+        raise FileExistsError(f"output {output} already holds .tar shards; choose an empty one")
+    count = len(listing.sources)
+    order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
+    sources = [listing.sources[i] for i in order]
+    width = max(8, len(str(count - 1)))
+    unreadable: list[Unreadable] = []
+    with (
+        ThreadPoolExecutor(threads, thread_name_prefix="pvu-shards") as pool,
+        ShardWriter(output, prefix=prefix, max_bytes=max_bytes, max_samples=max_samples) as writer,
+    ):
+        loaded = ordered_map(pool, _load, sources, window=4 * threads)
+        for index, source, outcome in zip(order, sources, loaded, strict=True):
+            if isinstance(outcome, Unreadable):
+                unreadable.append(outcome)
+                log.warning("left out %s: %s (%s)", outcome.url, outcome.reason, outcome.detail)
+                on_image(False)
+                continue
+            ext, data = outcome
+            name = listing.classes[source.label]
+            writer.add(
+                f"{index:0{width}d}",
+                {
+                    ext: data,
+                    "cls": str(source.label).encode(),
+                    "json": json.dumps({"source": source.url, "class": name}).encode(),
+                },
+            )
+            on_image(True)
+    fs.pipe_file(f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
+    return ConvertReport(writer.shards, listing.classes, unreadable)
+
+
+def _load(source: Source) -> tuple[str, bytes] | Unreadable:
+    try:
+        return load_image(source.url)
+    except BadSample as bad:
+        return Unreadable(source.url, bad.reason.value, bad.detail)
+    except (*PERMANENT_ERRORS, OSError) as error:
+        return Unreadable(source.url, READ_ERROR, f"{type(error).__name__}: {error}")
+
+
+def ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], *, window: int
+) -> Iterator[R]:
+    """``fn`` over ``items`` on ``pool``, in order, at most ``window`` items in flight."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

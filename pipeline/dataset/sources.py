@@ -1,0 +1,140 @@
+"""Where a dataset's images are: a folder of class subfolders, or a CSV/Parquet of (path, label).
+
+Either becomes a ``Listing``: every image's URL with its integer label, and the label names
+(``classes[label]``). Listing touches no image; reading and checking them is ``convert``'s job.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+#: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to convert: where it is and its label."""
+
+    url: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A dataset's images and label names; ``ignored`` counts files that are not images."""
+
+    sources: list[Source]
+    classes: list[str]
+    ignored: int = 0
+
+
+def list_dataset(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
+    """The images of the folder or table at ``url`` (local path or any fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path):
+        return list_folder(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input {url} does not exist")
+    if path.lower().endswith(TABLE_SUFFIXES):
+        return list_table(url, path_column=path_column, label_column=label_column)
+    raise ValueError(
+        f"input {url} is neither a folder of class subfolders nor a .csv / .parquet table"
+    )
+
+
+def list_folder(url: str) -> Listing:
+    """Images under ``url/<class>/`` (any depth below the class folder), classes sorted by name.
+
+    Label ``i`` is the ``i``-th class folder in sorted order, as torchvision's ``ImageFolder``
+    numbers them. Hidden files and folders, and files directly under ``url``, are ignored.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    by_class: dict[str, list[str]] = defaultdict(list)
+    ignored = 0
+    for path in sorted(fs.find(root)):
+        parts = path[len(root) + 1 :].split("/")
+        hidden = any(part.startswith(".") for part in parts)
+        if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
+            ignored += 1
+        else:
+            by_class[parts[0]].append(_url(fs, path))
+    if not by_class:
+        raise FileNotFoundError(
+            f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
+        )
+    classes = sorted(by_class)
+    sources = [Source(u, label) for label, name in enumerate(classes) for u in by_class[name]]
+    return Listing(sources, classes, ignored)
+
+
+def list_table(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
+    """Images named in the CSV or Parquet table at ``url``, one row each.
+
+    Paths are URLs or paths relative to the table's folder. Integer labels keep their value
+    (``classes`` names them ``"0"`` to ``"<max>"``); other labels are names, numbered in
+    sorted order.
+    """
+    table = _read_table(url)
+    for column in (path_column, label_column):
+        if column not in table.column_names:
+            raise ValueError(
+                f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
+            )
+    paths = table.column(path_column).to_pylist()
+    labels = table.column(label_column).to_pylist()
+    for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        if path is None or label is None or str(path).strip() == "":
+            raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
+    folder = _folder(url)
+    urls = [_resolve(str(path).strip(), folder) for path in paths]
+    if pa.types.is_integer(table.schema.field(label_column).type):
+        if min(labels) < 0:
+            raise ValueError(f"table {url}: integer labels must be >= 0, got {min(labels)}")
+        classes = [str(label) for label in range(max(labels) + 1)]
+        numbers = [int(label) for label in labels]
+    else:
+        names = [str(label) for label in labels]
+        classes = sorted(set(names))
+        index = {name: number for number, name in enumerate(classes)}
+        numbers = [index[name] for name in names]
+    return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _read_table(url: str) -> pa.Table:
+    with fsspec.open(url, "rb") as handle:
+        if url.lower().endswith(".parquet"):
+            return pq.read_table(handle)
+        try:
+            return pyarrow.csv.read_csv(handle)
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _folder(url: str) -> str:
+    """The folder a table at ``url`` sits in, as a URL (absolute for local paths)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.dirname(os.path.abspath(path))
+    return url.rsplit("/", 1)[0]
+
+
+def _resolve(path: str, folder: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    return posixpath.join(folder, path) if "://" in folder else os.path.join(folder, path)

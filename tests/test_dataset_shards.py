@@ -1,0 +1,217 @@
+"""`pvu shards`: image folders and tables -> WebDataset shards that `pvu cache` reads."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline.cache.samples import iter_samples
+from pipeline.cache.shards import expand_shards
+from pipeline.demo.data import encode_image
+
+CLASSES = ("cat", "dog", "eel")
+FORMATS = ("jpg", "png", "bmp", "webp")
+
+
+def image_bytes(rng: np.random.Generator, fmt: str, size: int = 40) -> bytes:
+    pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+    return encode_image(Image.fromarray(pixels), fmt)
+
+
+def make_folder(root: Path, *, per_class: int = 6, seed: int = 0) -> dict[str, str]:
+    """root/<class>/<n>.<fmt> real images, one corrupt and one truncated file; returns the
+    valid images' relative paths -> class."""
+    rng = np.random.default_rng(seed)
+    valid = {}
+    for name in CLASSES:
+        for i in range(per_class):
+            fmt = FORMATS[i % len(FORMATS)]
+            path = root / name / f"img.{i}.{fmt}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(rng, fmt))
+            valid[f"{name}/{path.name}"] = name
+    (root / "dog" / "corrupt.jpg").write_bytes(rng.bytes(300))
+    jpeg = image_bytes(rng, "jpg", size=64)
+    (root / "eel" / "nested").mkdir()
+    (root / "eel" / "nested" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "eel" / "notes.txt").write_text("not an image")
+    return valid
+
+
+def read_shards(output: str) -> list[tuple[str, str, int, dict]]:
+    """(shard url, key, label, json) of every sample of the shards under ``output``."""
+    found = []
+    for url in expand_shards(output):
+        counts: collections.Counter = collections.Counter()
+        with fsspec.open(url, "rb") as handle:
+            import tarfile
+
+            with tarfile.open(fileobj=handle, mode="r|") as tar:
+                extra = {
+                    m.name.split(".")[0]: json.loads(tar.extractfile(m).read())
+                    for m in tar
+                    if m.name.endswith(".json")
+                }
+        for sample in iter_samples(url, counts=counts):
+            found.append((url, sample.key, sample.label, extra[sample.key]))
+        assert not counts, counts
+    return found
+
+
+def run(*args: str):
+    """``pvu shards ARGS``; the output has rich's line wrapping undone."""
+    result = CliRunner().invoke(app, ["shards", *args], catch_exceptions=False)
+    result.text = " ".join(result.output.split())
+    return result
+
+
+def test_folder_to_shards_keeps_every_readable_image_once_and_names_the_rest(tmp_path):
+    valid = make_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    result = run("--input", str(tmp_path / "images"), "--output", str(out), "--shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes == list(CLASSES)
+    samples = read_shards(str(out))
+    assert len({url for url, *_ in samples}) > 2  # rolled over by size
+    sources = {
+        Path(meta["source"]).relative_to(tmp_path / "images").as_posix(): (label, meta)
+        for _, _, label, meta in samples
+    }
+    assert len(sources) == len(samples) == len(valid)
+    for path, (label, meta) in sources.items():
+        assert classes[label] == meta["class"] == valid[path]
+    assert all(path.stat().st_size <= 20_000 for path in out.glob("*.tar"))
+    assert "corrupt.jpg" in result.text and "truncated.jpg" in result.text
+    assert "undecodable=1" in result.text and "truncated_image=1" in result.text
+
+
+def test_shuffle_mixes_classes_and_is_seeded(tmp_path):
+    make_folder(tmp_path / "images")
+    outs = {}
+    for name, flags in {"a": [], "b": [], "c": ["--seed", "1"], "d": ["--no-shuffle"]}.items():
+        outs[name] = tmp_path / name
+        result = run(
+            "--input",
+            str(tmp_path / "images"),
+            "--output",
+            str(outs[name]),
+            "--samples-per-shard",
+            "6",
+            *flags,
+        )
+        assert result.exit_code == 0, result.output
+    labels = {
+        name: [label for _, _, label, _ in read_shards(str(out))] for name, out in outs.items()
+    }
+    assert labels["d"] == sorted(labels["d"])  # class by class
+    assert len(set(labels["a"][:6])) > 1  # the first shard mixes classes
+    assert labels["a"] == labels["b"] != labels["c"]
+    tars = sorted(p.name for p in outs["a"].glob("*.tar"))
+    assert all((outs["a"] / t).read_bytes() == (outs["b"] / t).read_bytes() for t in tars)
+
+
+def test_table_with_class_names_and_relative_paths(tmp_path):
+    valid = make_folder(tmp_path / "images", per_class=2)
+    lines = ["path,label"] + [f"images/{path},{name}" for path, name in valid.items()]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\nimages/missing.jpg,cat\n")
+    result = run("--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    samples = read_shards(str(tmp_path / "out"))
+    assert len(samples) == len(valid)
+    assert "missing.jpg" in result.text and "read_error=1" in result.text
+
+
+def test_errors_name_the_input_and_exit_2(tmp_path):
+    result = run("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "nope" in result.text and "Traceback" not in result.text
+    (tmp_path / "list.csv").write_text("file,label\na.jpg,1\n")
+    result = run("--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "no column 'path'" in result.text
+    make_folder(tmp_path / "images", per_class=1)
+    assert run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "o")).exit_code == 0
+    result = run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "already holds" in result.text
+
+
+@pytest.mark.slow
+def test_parquet_of_s3_urls_to_shards_on_s3(s3_bucket, tmp_path):
+    rng = np.random.default_rng(3)
+    fs = fsspec.filesystem("s3")
+    urls, labels = [], []
+    for i in range(9):
+        url = f"{s3_bucket}/raw/{i}.png"
+        fs.pipe_file(url, image_bytes(rng, "png"))
+        urls.append(url)
+        labels.append(i % 3 * 2)  # integer labels 0, 2, 4 keep their values
+    pq.write_table(pa.table({"url": urls, "y": labels}), tmp_path / "list.parquet")
+    result = run(
+        "--input",
+        str(tmp_path / "list.parquet"),
+        "--output",
+        f"{s3_bucket}/shards",
+        "--path-column",
+        "url",
+        "--label-column",
+        "y",
+        "--samples-per-shard",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    samples = read_shards(f"{s3_bucket}/shards")
+    assert len({url for url, *_ in samples}) == 3
+    assert sorted((meta["source"], label) for *_, label, meta in samples) == sorted(
+        zip(urls, labels, strict=True)
+    )
+    classes = json.loads(fs.cat_file(f"{s3_bucket}/shards/classes.json"))
+    assert classes == ["0", "1", "2", "3", "4"]
+    assert not [p for p in fs.ls(f"{s3_bucket}/shards") if ".partial" in p]
+
+
+@pytest.mark.slow
+def test_folder_to_shards_to_cache(tmp_path):
+    import pyarrow.dataset as ds
+    import ray
+
+    from jobs.cache import CacheJobConfig, run_cache
+
+    valid = make_folder(tmp_path / "images", per_class=5)
+    result = run(
+        "--input",
+        str(tmp_path / "images"),
+        "--output",
+        str(tmp_path / "shards"),
+        "--samples-per-shard",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        config = CacheJobConfig(
+            shards=str(tmp_path / "shards"),
+            output=str(tmp_path / "cache"),
+            backbone="resnet10t",
+            weights="random",
+            input_size=32,
+            batch_size=8,
+            epochs=2,
+        )
+        report = run_cache(config)
+    finally:
+        ray.shutdown()
+    assert not report.failed and len(report.results) == 2 * 4
+    table = ds.dataset(str(tmp_path / "cache"), format="parquet", ignore_prefixes=["_", "."])
+    rows = table.to_table(columns=["key", "epoch", "label"]).to_pylist()
+    assert len({(row["key"], row["epoch"]) for row in rows}) == len(rows) == 2 * len(valid)
+    by_key = {key: label for _, key, label, _ in read_shards(str(tmp_path / "shards"))}
+    assert all(by_key[row["key"]] == row["label"] for row in rows)
