@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,43 @@ def test_head_learns_to_rank_held_out_rows(
     doc = json.loads((tmp_path / "head.json").read_text())
     validate_head(doc)
     assert doc["loss"] == loss and doc["backbone"] == SPEC.backbone and doc["embedding_dim"] == 32
+
+
+def test_metrics_count_passes_and_warn_when_views_repeat(
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = SPEC.samples_per_shard * SPEC.shards * SPEC.epochs * (1 - 0.2)
+    short = _config(episodes=2)
+    short = dataclasses.replace(
+        short, schedule=dataclasses.replace(short.schedule, episode_size=2000)
+    )
+    with caplog.at_level(logging.INFO, logger="pipeline.head.train"):
+        fit_head([cache], str(tmp_path / "short"), short)
+    assert "0.83 passes over ~4,800 training rows" in caplog.text
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], "no view repeats"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.head.train"):
+        fit_head([cache], str(tmp_path / "long"), _config(episodes=3))
+    lines = _metrics(tmp_path / "long")
+    assert lines[0]["schedule_passes"] == pytest.approx(9000 / rows, abs=1e-4)
+    assert [line["passes"] for line in lines] == pytest.approx(
+        [0.0, 3000 / rows, 6000 / rows, 9000 / rows], abs=1e-4
+    )
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "1.88 passes over the cache" in warning[0].getMessage()
+    assert "3 augmented epoch(s)" in warning[0].getMessage()
+    doc = json.loads((tmp_path / "long" / "head.json").read_text())
+    assert doc["training"]["cached_epochs"] == 3
+
+
+def test_refuses_caches_of_different_embedding_dtypes(cache: str, tmp_path: Path) -> None:
+    wide = str(tmp_path / "float32")
+    write_synthetic_cache(wide, dataclasses.replace(SPEC, shards=1, dtype="float32"))
+    with pytest.raises(ValueError, match="different dtypes") as error:
+        fit_head([cache, wide], str(tmp_path / "run"), _config())
+    assert f"float16 in {cache}" in str(error.value) and f"float32 in {wide}" in str(error.value)
+    single = fit_head([wide], str(tmp_path / "run32"), _config(episodes=2))
+    assert single.export is not None and single.export["input_dtype"] == "float32"
 
 
 def test_checkpoints_hold_no_pickle(cache: str, tmp_path: Path) -> None:

@@ -1,27 +1,30 @@
 """The files of one or more caches, checked to belong together, as a list of row groups.
 
 Reads the manifest (or lists the unit files where there is none) and every Parquet footer;
-refuses caches whose schema version, backbone, weights or embedding width differ, empty
-caches, and units the manifest lists but storage lacks.
+refuses caches whose schema version, backbone, weights, embedding width or embedding dtype
+differ, empty caches, and units the manifest lists but storage lacks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
 from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
 
 log = logging.getLogger(__name__)
+
+_EPOCH_IN_PATH = re.compile(r"/epoch=(\d+)/[^/]*$")
 
 COMPATIBLE_FIELDS = ("schema_version", "backbone", "weights_digest", "embedding_dim")
 """Provenance fields that must agree for caches to be read together."""
@@ -34,11 +37,24 @@ class CacheFile:
     url: str
     metadata: pq.FileMetaData
     provenance: dict[str, Any]
+    cache: str = ""
 
     @property
     def rows(self) -> int:
         """Rows in the file."""
         return self.metadata.num_rows
+
+    @property
+    def dtype(self) -> str:
+        """NumPy name of the stored embedding's element type (``float16``, ``float32``)."""
+        value_type = self.metadata.schema.to_arrow_schema().field("embedding").type.value_type
+        return np.dtype(value_type.to_pandas_dtype()).name
+
+    @property
+    def epoch(self) -> int | None:
+        """The augmentation epoch in the unit's path (``epoch=<EEEE>/``), if it has one."""
+        found = _EPOCH_IN_PATH.search(self.url)
+        return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -58,11 +74,17 @@ class CacheIndex:
     provenance: dict[str, Any]
     dim: int
     empty_files: list[str] = field(default_factory=list)
+    dtype: str = "float16"
 
     @property
     def rows(self) -> int:
         """Rows across all files (training and validation)."""
         return sum(f.rows for f in self.files)
+
+    @property
+    def epochs(self) -> int:
+        """Distinct augmentation epochs among the files (each one view of every image)."""
+        return len({f.epoch for f in self.files})
 
     def row_groups(self) -> list[RowGroupRef]:
         """Every non-empty row group, in file order."""
@@ -94,7 +116,7 @@ def list_cache_files(url: str) -> list[str]:
     return [prefix + p for p in paths]
 
 
-def _read_footer(url: str) -> CacheFile:
+def _read_footer(url: str, cache: str) -> CacheFile:
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as handle:
@@ -115,7 +137,7 @@ def _read_footer(url: str) -> CacheFile:
             f"{url}: embedding column has width {width} but provenance says "
             f"{provenance.get('embedding_dim')}"
         )
-    return CacheFile(url, metadata, provenance)
+    return CacheFile(url, metadata, provenance, cache)
 
 
 def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
@@ -137,24 +159,42 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
             f"{first.url}: cache schema version {version} is not supported "
             f"(this reader reads version {SCHEMA_VERSION})"
         )
+    check_same_dtype(files)
     return {name: first.provenance.get(name) for name in COMPATIBLE_FIELDS}
+
+
+def check_same_dtype(files: Sequence[CacheFile]) -> str:
+    """The embedding dtype all ``files`` share; raises ``ValueError`` naming the caches if not.
+
+    A head is trained on (and exported for) one input dtype: float16 and float32 embeddings
+    of the same backbone round differently, so mixing them would blur what the head expects.
+    """
+    caches: dict[str, list[str]] = {}
+    for f in files:
+        where = caches.setdefault(f.dtype, [])
+        if (f.cache or f.url) not in where:
+            where.append(f.cache or f.url)
+    if len(caches) > 1:
+        listed = "; ".join(f"{dtype} in {', '.join(urls)}" for dtype, urls in caches.items())
+        raise ValueError(f"caches store embeddings in different dtypes ({listed}); train on one")
+    return files[0].dtype
 
 
 def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
     """Index the caches at ``urls``: list units, read footers, refuse mixed or empty caches."""
     if not urls:
         raise ValueError("no cache URL given")
-    unit_urls: list[str] = []
+    units: dict[str, str] = {}
     for url in urls:
         found = list_cache_files(url)
         if not found:
             raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")
-        unit_urls.extend(found)
-    repeated = [url for url, n in Counter(unit_urls).items() if n > 1]
-    if repeated:
-        raise ValueError(f"cache unit listed twice (same cache given twice?): {repeated[0]}")
+        for unit in found:
+            if unit in units:
+                raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
+            units[unit] = url
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        files = list(pool.map(_read_footer, unit_urls))
+        files = list(pool.map(_read_footer, units, units.values()))
     identity = check_compatible(files)
     empty = [f.url for f in files if f.rows == 0]
     if empty:
@@ -162,4 +202,4 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
     files = [f for f in files if f.rows > 0]
     if not files:
         raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
-    return CacheIndex(files, identity, int(identity["embedding_dim"]), empty)
+    return CacheIndex(files, identity, int(identity["embedding_dim"]), empty, files[0].dtype)

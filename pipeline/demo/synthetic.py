@@ -36,6 +36,7 @@ class SyntheticCache:
     seed: int = 0
     backbone: str = "synthetic"
     weights_digest: str = "sha256:synthetic"
+    dtype: str = "float16"
 
 
 def provenance(spec: SyntheticCache) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def provenance(spec: SyntheticCache) -> dict[str, Any]:
         "weights_digest": spec.weights_digest,
         "transform": {"name": "synthetic", "jitter": spec.jitter},
         "seed": spec.seed,
-        "dtype": "float16",
+        "dtype": spec.dtype,
     }
 
 
@@ -60,11 +61,11 @@ def synthetic_rows(spec: SyntheticCache, shard: int, epoch: int) -> pa.Table:
     n, dim = spec.samples_per_shard, spec.dim
     base = np.random.default_rng([spec.seed, 2, shard]).standard_normal((n, dim))
     rng = np.random.default_rng([spec.seed, 3, shard, epoch])
-    embedding = (base + spec.jitter * rng.standard_normal((n, dim))).astype(np.float16)
+    embedding = (base + spec.jitter * rng.standard_normal((n, dim))).astype(spec.dtype)
     score = 2.0 * embedding.astype(np.float64) @ direction(spec)
     loss = np.logaddexp(0.0, score + spec.noise * rng.standard_normal(n)).astype(np.float32)
     name = f"shard-{shard:05d}"
-    schema = with_provenance(cache_schema(dim), provenance(spec))
+    schema = with_provenance(cache_schema(dim, pa.from_numpy_dtype(spec.dtype)), provenance(spec))
     outputs = {
         "embedding": embedding,
         "loss": loss,

@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.cache.index import CacheIndex, open_cache
+from pipeline.cache.index import open_cache
 from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
@@ -268,6 +267,8 @@ def fit_head(
         else:
             done, position = restored
             log.info("resuming %s after episode %d", output, done)
+    train_rows = index.rows * (1.0 - config.stream.val_fraction)
+    _log_passes(sched, train_rows, index.epochs)
     append_metrics = _metrics_log(output, done if done else -1)
     val = read_validation(
         index,
@@ -277,13 +278,20 @@ def fit_head(
     )
     history: list[dict[str, Any]] = []
     if done == 0:
-        record = {"episode": 0, "samples": 0, **validation_metrics(head, val.embedding, val.loss)}
+        record = {
+            "episode": 0,
+            "samples": 0,
+            "passes": 0.0,
+            "schedule_passes": round(sched.episodes * sched.episode_size / train_rows, 4),
+            **validation_metrics(head, val.embedding, val.loss),
+        }
         append_metrics(record)
         history.append(record)
     last = sched.episodes if options.stop_after is None else min(sched.episodes, options.stop_after)
     with CacheStream(index, config.stream, position) as stream:
         for episode in range(done, last):
             record = _run_episode(episode, head, optimizer, objective, stream, config, options)
+            record["passes"] = round(record["samples"] / train_rows, 4)
             record |= validation_metrics(head, val.embedding, val.loss)
             record["val_rows"] = len(val)
             record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
@@ -305,6 +313,8 @@ def fit_head(
         summary = {
             "episodes": sched.episodes,
             "samples": sched.episodes * sched.episode_size,
+            "passes": round(sched.episodes * sched.episode_size / train_rows, 4),
+            "cached_epochs": index.epochs,
             "config": config.identity(),
             "caches": list(caches),
             "final": json_safe(history[-1]) if history else None,
@@ -315,15 +325,28 @@ def fit_head(
             backbone=str(index.provenance["backbone"]),
             weights_digest=str(index.provenance["weights_digest"]),
             loss=config.loss,
-            input_dtype=_cache_dtype(index),
+            input_dtype=index.dtype,
             training=summary,
         )
     return TrainResult(head, history, document, finished)
 
 
-def _cache_dtype(index: CacheIndex) -> str:
-    schema = index.files[0].metadata.schema.to_arrow_schema()
-    return np.dtype(schema.field("embedding").type.value_type.to_pandas_dtype()).name
+def _log_passes(schedule: ScheduleConfig, train_rows: float, epochs: int) -> None:
+    """Log how many passes over the cache the schedule makes; warn when views repeat."""
+    samples = schedule.episodes * schedule.episode_size
+    passes = samples / train_rows
+    log.info(
+        "schedule: %s samples = %.2f passes over ~%s training rows (%d cached epoch(s), "
+        "so %.1f views of each image)",
+        *(f"{samples:,}", passes, f"{train_rows:,.0f}", epochs, passes * epochs),
+    )
+    if passes > 1.0:
+        log.warning(
+            "the schedule makes %.2f passes over the cache: each of its %d augmented epoch(s) "
+            "is seen ~%.1f times, so augmented views repeat; cache more epochs (pvu cache "
+            "--epochs) for fresh views, or shorten the schedule",
+            *(passes, epochs, passes),
+        )
 
 
 def _run_episode(
