@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from jobs.cache import cache
+from jobs.label_remap import label_remap
 from jobs.shards import shards
 from jobs.train_head import train_head
 
@@ -23,3 +24,4 @@ def main() -> None:
 app.command("cache")(cache)
 app.command("train-head")(train_head)
 app.command("shards")(shards)
+app.command("label-remap")(label_remap)

@@ -62,3 +62,11 @@ def _clear_s3fs_cache() -> None:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs' console 250 columns wide, so summary tables keep each value on one line."""
+    from jobs.terminal import console
+
+    monkeypatch.setattr(console, "width", 250)

@@ -68,6 +68,9 @@ def read_shards(output: str) -> list[tuple[str, str, int, dict]]:
     return found
 
 
+pytestmark = pytest.mark.usefixtures("wide_console")
+
+
 def run(*args: str):
     """``pvu shards ARGS``; the output has rich's line wrapping undone."""
     result = CliRunner().invoke(app, ["shards", *args], catch_exceptions=False)

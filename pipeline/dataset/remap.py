@@ -1,0 +1,85 @@
+"""Label remaps: the shards' label names (synsets) -> a classifier head's class indices.
+
+The head's label space is a synset list: one that timm ships (``timm/data/_info/``, chosen by
+subset name or inferred from a timm model's class count) or a text file, one name per line.
+The result is the file ``pvu cache --label-remap`` reads (``read_label_remap``): the head
+index of shard labels 0, 1, 2, ..., with -1 where the head has no counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import fsspec
+import timm
+from timm.data import ImageNetInfo, infer_imagenet_subset
+from timm.data.imagenet_info import _SUBSETS
+
+#: Head label spaces timm ships, as ``--head`` accepts them (also spelled with - or _).
+TIMM_SUBSETS = tuple(sorted(_SUBSETS))
+
+
+@dataclass(frozen=True)
+class Remap:
+    """Shard label -> head index (-1: no counterpart), and what each side is called."""
+
+    table: list[int]
+    classes: list[str]
+    head: str
+    head_size: int
+
+    @property
+    def missing(self) -> list[str]:
+        """Shard label names the head has no class for, in label order."""
+        return [name for name, index in zip(self.classes, self.table, strict=True) if index < 0]
+
+
+def read_names(url: str) -> list[str]:
+    """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
+    with fsspec.open(url, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    if url.endswith(".json"):
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{url}: expected a JSON list of label names")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def head_names(head: str) -> tuple[str, list[str]]:
+    """(description, synsets) of a head: a synset file, a timm subset name or a timm model."""
+    fs, path = fsspec.core.url_to_fs(head)
+    if fs.isfile(path):
+        return head, read_names(head)
+    subset = re.sub(r"[-_\s]", "", head.lower())
+    if subset not in _SUBSETS:
+        config = timm.models.get_pretrained_cfg(head)
+        inferred = infer_imagenet_subset({"num_classes": config.num_classes}) if config else None
+        if inferred is None:
+            raise ValueError(
+                f"head {head!r} is neither a synset file, a timm label space "
+                f"({', '.join(TIMM_SUBSETS)}) nor a timm model with an ImageNet head"
+            )
+        subset = re.sub(r"[-_\s]", "", inferred)
+    names = ImageNetInfo(subset).label_names()
+    return f"{head} (timm {_SUBSETS[subset]}, {len(names):,} classes)", names
+
+
+def build_remap(classes: list[str], head: str) -> Remap:
+    """The remap from label names ``classes`` (label ``i`` is ``classes[i]``) to ``head``."""
+    description, names = head_names(head)
+    index = {name: i for i, name in reversed(list(enumerate(names)))}
+    table = [index.get(name, -1) for name in classes]
+    return Remap(table, classes, description, len(names))
+
+
+def write_remap(remap: Remap, url: str) -> None:
+    """Write ``remap`` as JSON (a ``.json`` URL) or text, one head index per line."""
+    if url.endswith(".json"):
+        text = json.dumps(remap.table)
+    else:
+        text = "".join(f"{index}\n" for index in remap.table)
+    with fsspec.open(url, "wt", encoding="utf-8") as handle:
+        handle.write(text)

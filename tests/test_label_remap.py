@@ -1,0 +1,131 @@
+"""`pvu label-remap`: shard synsets -> a head's classes, with timm's real synset lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+from support import make_runner
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline.cache.backbone import read_label_remap
+from pipeline.cache.unit import Unit
+from pipeline.demo.data import encode_image
+
+INFO = Path(timm.__file__).parent / "data" / "_info"
+GOOG = (INFO / "imagenet21k_goog_synsets.txt").read_text().split()
+IN1K = (INFO / "imagenet_synsets.txt").read_text().split()
+# tench (1k class 0), a made-up synset, the first 21k synset, the last 1k class
+CLASSES = ["n01440764", "n99999999", "n00004475", "n15075141"]
+
+
+pytestmark = pytest.mark.usefixtures("wide_console")
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, ["label-remap", *args], catch_exceptions=False)
+    result.text = " ".join(result.output.split())
+    return result
+
+
+def test_remap_to_the_21k_head_by_model_name_and_by_list_name(tmp_path):
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    expected = [GOOG.index("n01440764"), -1, GOOG.index("n00004475"), GOOG.index("n15075141")]
+    for head, out in [
+        ("vit_base_patch16_224.augreg_in21k", "by-model.json"),
+        ("imagenet-21k-goog", "by-name.txt"),
+    ]:
+        result = run(
+            "--classes",
+            str(tmp_path / "classes.json"),
+            "--head",
+            head,
+            "--output",
+            str(tmp_path / out),
+        )
+        assert result.exit_code == 0, result.output
+        assert "21,843 classes" in result.text and "n99999999" in result.text
+        assert read_label_remap(str(tmp_path / out)).tolist() == expected
+
+
+def test_remap_to_1k_from_a_synset_text_file(tmp_path):
+    (tmp_path / "synsets.txt").write_text("\n".join(CLASSES) + "\n")
+    result = run(
+        "--classes",
+        str(tmp_path / "synsets.txt"),
+        "--head",
+        "imagenet1k",
+        "--output",
+        str(tmp_path / "remap.json"),
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "remap.json").read_text()) == [0, -1, -1, 999]
+    assert IN1K[999] == "n15075141"
+    assert "2: n99999999, n00004475" in result.text
+
+
+def test_errors_exit_2_naming_the_input(tmp_path):
+    (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    result = run(
+        "--classes",
+        str(tmp_path / "classes.json"),
+        "--head",
+        "imagenet-1k",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
+    assert result.exit_code == 2 and "no label of" in result.text and "classes.json" in result.text
+    assert not (tmp_path / "r.json").exists()
+    result = run(
+        "--classes",
+        str(tmp_path / "classes.json"),
+        "--head",
+        "resnet_nope",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
+    assert result.exit_code == 2 and "resnet_nope" in result.text
+    result = run(
+        "--classes",
+        str(tmp_path / "missing.json"),
+        "--head",
+        "imagenet-1k",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
+    assert result.exit_code == 2 and "missing.json" in result.text
+
+
+def test_shards_of_synset_folders_cache_in_the_head_label_space(tmp_path):
+    rng = np.random.default_rng(0)
+    for synset in CLASSES:
+        folder = tmp_path / "images" / synset
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            (folder / f"{i}.jpg").write_bytes(encode_image(Image.fromarray(pixels), "jpg"))
+    shards = CliRunner().invoke(
+        app, ["shards", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "shards")]
+    )
+    assert shards.exit_code == 0, shards.output
+    result = run(
+        "--classes",
+        str(tmp_path / "shards" / "classes.json"),
+        "--head",
+        "imagenet-1k",
+        "--output",
+        str(tmp_path / "remap.json"),
+    )
+    assert result.exit_code == 0, result.output
+    runner = make_runner(str(tmp_path / "cache"), label_remap=str(tmp_path / "remap.json"))
+    unit = runner.run(Unit(str(tmp_path / "shards" / "shard-000000.tar"), "shard-000000", 0))
+    assert unit.rows == 4 and unit.skipped == {"label_outside_head": 4}
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(tmp_path / "cache" / unit.relpath).column("label").to_pylist()
+    assert sorted(labels) == [0, 0, 999, 999]
