@@ -1,0 +1,70 @@
+"""Safe retrieval (paper, section 5.2 and table 1): 1-NN error after rejecting uncertain images.
+
+Three rows per uncertainty source:
+
+- ``full``: leave-one-out 1-NN error over every query against every other image;
+- ``clean_queries``: the ``q`` most uncertain queries are rejected (not answered);
+- ``clean_database``: those images are also removed from the database, so no query can
+  retrieve them.
+
+``per_class`` rejects ``floor(q * n_c)`` images in each class (the paper's protocol, which needs
+labels); ``class_agnostic`` rejects ``floor(q * N)`` overall, which a deployed system can do.
+Ties in uncertainty: the later row counts as the more uncertain one (a stable sort).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.evaluate.knn import Neighbours, nearest_neighbours
+from pipeline.evaluate.metrics import neighbour_correct
+
+
+def most_uncertain(
+    uncertainty: np.ndarray, fraction: float, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Mask of the ``fraction`` most uncertain rows, per group of ``groups`` (or overall)."""
+    rejected = np.zeros(len(uncertainty), bool)
+    if groups is None:
+        groups = np.zeros(len(uncertainty), np.int64)
+    order = np.lexsort((np.arange(len(uncertainty)), uncertainty, groups))
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts, ends, strict=True):
+        count = int(np.floor(fraction * (end - start) + 1e-9))
+        rejected[order[end - count : end]] = True
+    return rejected
+
+
+def retrieval_errors(
+    unit: np.ndarray,
+    labels: np.ndarray,
+    full: Neighbours,
+    rejected: np.ndarray,
+    *,
+    device: str = "cpu",
+) -> dict[str, float | int]:
+    """1-NN error with all queries, with ``rejected`` queries refused, and with them also
+    removed from the database; ``full`` is the leave-one-out search over every row."""
+    correct = neighbour_correct(labels, full.index)
+    kept = ~rejected
+    queries = np.flatnonzero(kept)
+    index = full.index[queries].copy()
+    # A query keeps its neighbour unless that neighbour was removed: removing other rows
+    # cannot create a closer one, and the tie rule (lowest index) is unchanged.
+    lost = (index >= 0) & rejected[np.maximum(index, 0)]
+    if lost.any():
+        again = nearest_neighbours(unit, queries=queries[lost], database=kept, device=device)
+        index[lost] = again.index
+    cleaned = neighbour_correct(labels, index, queries)
+    return {
+        "full": _error(correct),
+        "clean_queries": _error(correct[queries]),
+        "clean_database": _error(cleaned),
+        "queries": len(queries),
+    }
+
+
+def _error(correct: np.ndarray) -> float:
+    return float(1.0 - correct.mean()) if len(correct) else float("nan")

@@ -1,0 +1,121 @@
+"""Recall@1, R-AUROC and safe retrieval against scikit-learn, on random and adversarial data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from pipeline.evaluate.knn import TIE_TOLERANCE, nearest_neighbours, normalize
+from pipeline.evaluate.metrics import neighbour_correct, r_auroc, recall_at_1
+from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
+
+
+def reference_neighbours(x: np.ndarray, queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """1-NN by scikit-learn (brute cosine) with the documented rule: the query excluded by
+    index, similarities within TIE_TOLERANCE tied, lowest row index wins; -1 if none."""
+    rows = np.flatnonzero(database)
+    out = np.full(len(queries), -1)
+    if len(rows) == 0:
+        return out
+    k = len(rows)
+    search = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(x[rows])
+    distance, found = search.kneighbors(x[queries])
+    for i, q in enumerate(queries):
+        candidates = rows[found[i]]
+        similarity = 1.0 - distance[i]
+        other = candidates != q
+        if not other.any():
+            continue
+        best = similarity[other].max()
+        tied = other & (similarity >= best - TIE_TOLERANCE)
+        out[i] = candidates[tied].min()
+    return out
+
+
+def datasets() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Embeddings, labels, uncertainties: random, and each adversarial case of the issue."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    x = rng.standard_normal((400, 24)).astype(np.float32)
+    labels = rng.integers(0, 6, 400)
+    cases["random"] = (x, labels, rng.random(400))
+    dup = x.copy()
+    dup[100:150] = dup[0:50]  # exact duplicates: same label for some, another for others
+    dup_labels = labels.copy()
+    dup_labels[100:125] = labels[0:25]
+    dup[200:210] = dup[5]  # one point repeated eleven times
+    cases["duplicates"] = (dup, dup_labels, rng.random(400))
+    cases["tied_uncertainties"] = (x, labels, np.round(rng.random(400), 1))
+    cases["one_class"] = (x, np.zeros(400, int), rng.random(400))
+    single = labels.copy()
+    single[7] = 99  # a class with a single member: its 1-NN is always wrong
+    cases["single_member_class"] = (x, single, rng.random(400))
+    return cases
+
+
+CASES = datasets()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recall_and_r_auroc_match_scikit_learn(case: str) -> None:
+    x, labels, uncertainty = CASES[case]
+    every = np.arange(len(x))
+    found = nearest_neighbours(normalize(x), block_bytes=4 * len(x) * 37)  # several blocks
+    expected = reference_neighbours(x, every, np.ones(len(x), bool))
+    np.testing.assert_array_equal(found.index, expected)
+    correct = labels[expected] == labels
+    assert recall_at_1(labels, found.index) == pytest.approx(correct.mean())
+    got = r_auroc(uncertainty, neighbour_correct(labels, found.index))
+    if correct.all():
+        assert got is None  # one class of outcome: AUROC undefined, reported as null
+    else:
+        assert got == pytest.approx(roc_auc_score(correct, -uncertainty))
+
+
+def test_duplicates_are_neighbours_but_never_the_query_itself() -> None:
+    x, _, _ = CASES["duplicates"]
+    found = nearest_neighbours(normalize(x))
+    assert (found.index != np.arange(len(x))).all()
+    # row 5 is repeated at 105 and 200-209: each copy finds the lowest other copy
+    assert found.index[5] == 105 and found.index[105] == 5 and found.index[201] == 5
+    np.testing.assert_allclose(found.similarity[200:210], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("per_class", [True, False])
+def test_safe_retrieval_matches_scikit_learn(case: str, per_class: bool) -> None:
+    x, labels, uncertainty = CASES[case]
+    q = 0.1
+    unit = normalize(x)
+    full = nearest_neighbours(unit)
+    rejected = most_uncertain(uncertainty, q, labels if per_class else None)
+    errors = retrieval_errors(unit, labels, full, rejected)
+    kept = np.flatnonzero(~rejected)
+    every = np.arange(len(x))
+    all_db = reference_neighbours(x, every, np.ones(len(x), bool))
+    clean_db = reference_neighbours(x, kept, ~rejected)
+    assert errors["queries"] == len(kept)
+    assert errors["full"] == pytest.approx(np.mean(labels[all_db] != labels))
+    assert errors["clean_queries"] == pytest.approx(np.mean(labels[all_db[kept]] != labels[kept]))
+    assert errors["clean_database"] == pytest.approx(np.mean(labels[clean_db] != labels[kept]))
+
+
+def test_rejection_counts_follow_the_protocol() -> None:
+    labels = np.repeat([0, 1, 2], [20, 9, 1])
+    uncertainty = np.r_[np.arange(20), np.full(9, 5.0), [100.0]]
+    per_class = most_uncertain(uncertainty, 0.1, labels)
+    assert per_class[:20].sum() == 2 and per_class[18:20].all()  # floor(0.1 * 20)
+    assert per_class[20:29].sum() == 0 and not per_class[29]  # floor(0.9) = 0: kept
+    overall = most_uncertain(uncertainty, 0.1)
+    assert overall.sum() == 3 and overall[29] and overall[18:20].all()
+    tied = most_uncertain(np.zeros(10), 0.3)
+    np.testing.assert_array_equal(np.flatnonzero(tied), [7, 8, 9])  # ties: later rows first
+
+
+def test_a_query_with_no_database_left_counts_as_wrong() -> None:
+    x = np.eye(3, dtype=np.float32)
+    found = nearest_neighbours(x, database=np.array([True, False, False]))
+    assert found.index.tolist() == [-1, 0, 0]
+    assert not neighbour_correct(np.zeros(3, int), found.index)[0]
