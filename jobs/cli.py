@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from jobs.cache import cache
+from jobs.evaluate import evaluate_command
 from jobs.label_remap import label_remap
 from jobs.shards import shards
 from jobs.train_head import train_head
@@ -18,10 +19,11 @@ app = typer.Typer(
 
 @app.callback()
 def main() -> None:
-    """Cache a frozen backbone's embeddings and losses, train an uncertainty head on them."""
+    """Cache a frozen backbone's embeddings and losses, train an uncertainty head, evaluate it."""
 
 
 app.command("cache")(cache)
 app.command("train-head")(train_head)
 app.command("shards")(shards)
 app.command("label-remap")(label_remap)
+app.command("evaluate")(evaluate_command)

@@ -1,6 +1,13 @@
-"""Versioned contracts of pvu: cache rows, manifest, head export (DESIGN.md section 3)."""
+"""Versioned contracts of pvu: cache rows, manifest, head export, evaluation report."""
 
-from schemas.documents import HEAD_SCHEMA, MANIFEST_SCHEMA, validate_head, validate_manifest
+from schemas.documents import (
+    HEAD_SCHEMA,
+    MANIFEST_SCHEMA,
+    REPORT_SCHEMA,
+    validate_head,
+    validate_manifest,
+    validate_report,
+)
 from schemas.rows import (
     PROVENANCE_KEY,
     SCHEMA_VERSION,
@@ -15,6 +22,7 @@ __all__ = [
     "HEAD_SCHEMA",
     "MANIFEST_SCHEMA",
     "PROVENANCE_KEY",
+    "REPORT_SCHEMA",
     "SCHEMA_VERSION",
     "UNIT_STATS_KEY",
     "cache_schema",
@@ -22,5 +30,6 @@ __all__ = [
     "read_provenance",
     "validate_head",
     "validate_manifest",
+    "validate_report",
     "with_provenance",
 ]

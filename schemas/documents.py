@@ -15,6 +15,7 @@ def _load(name: str) -> dict[str, Any]:
 
 MANIFEST_SCHEMA = _load("manifest.schema.json")
 HEAD_SCHEMA = _load("head.schema.json")
+REPORT_SCHEMA = _load("report.schema.json")
 
 
 def validate_manifest(document: dict[str, Any]) -> None:
@@ -25,6 +26,11 @@ def validate_manifest(document: dict[str, Any]) -> None:
 def validate_head(document: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the field at fault if ``document`` is not a valid head.json."""
     _validate(document, HEAD_SCHEMA, "head.json")
+
+
+def validate_report(document: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field at fault if ``document`` is not a valid report."""
+    _validate(document, REPORT_SCHEMA, "report.json")
 
 
 def _validate(document: dict[str, Any], schema: dict[str, Any], what: str) -> None:

@@ -1,0 +1,123 @@
+"""One eval cache in memory: keys, labels, embeddings and the classifier's columns.
+
+Read through the cache index (units listed by the manifest, footers checked to belong
+together); refuses caches that are not eval caches (more than one epoch, or a train
+transform), and drops rows with a non-finite embedding, naming how many and where.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache.index import CacheFile, CacheIndex, open_cache
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("key", "epoch", "label", "embedding", "loss", "pred", "max_prob", "entropy")
+OPTIONAL_COLUMNS = ("ambiguity",)
+
+
+@dataclass(eq=False)
+class EvalSet:
+    """The rows of one eval cache, as numpy arrays (embedding as stored, float16 or float32)."""
+
+    name: str
+    url: str
+    keys: np.ndarray
+    labels: np.ndarray
+    embedding: np.ndarray
+    loss: np.ndarray
+    pred: np.ndarray
+    max_prob: np.ndarray
+    entropy: np.ndarray
+    provenance: dict[str, Any]
+    ambiguity: np.ndarray | None = None
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def label_space(self) -> str:
+        """'classifier' or 'dataset'; schema-v1 caches were always in the classifier's."""
+        return self.provenance.get("label_space", "classifier")
+
+    @property
+    def deterioration(self) -> dict[str, Any] | None:
+        """The ``{kind, strength}`` the cache's transform applied, or None for clean images."""
+        transform = self.provenance.get("transform") or {}
+        return transform.get("deterioration")
+
+
+def load_eval_set(name: str, url: str, *, on_rows: Callable[[int], None] | None = None) -> EvalSet:
+    """The eval cache at ``url`` (any fsspec URL), called ``name`` in the report."""
+    return read_eval_set(name, url, open_cache([url]), on_rows=on_rows)
+
+
+def read_eval_set(
+    name: str, url: str, index: CacheIndex, *, on_rows: Callable[[int], None] | None = None
+) -> EvalSet:
+    """The rows of the cache ``index`` (opened from ``url``); ``on_rows(n)`` after each file."""
+    transform = index.files[0].provenance.get("transform") or {}
+    if transform.get("is_training"):
+        raise ValueError(
+            f"{name}: cache {url} was written with the train transform; evaluate reads eval "
+            "caches (pvu cache --augment eval)"
+        )
+    tables = []
+    for cache_file in index.files:
+        tables.append(_read_file(cache_file))
+        if on_rows is not None:
+            on_rows(cache_file.rows)
+    table = pa.concat_tables(tables, promote_options="permissive")
+    epochs = np.unique(table.column("epoch").to_numpy())
+    if len(epochs) > 1:
+        raise ValueError(
+            f"{name}: cache {url} holds {len(epochs)} epochs; evaluate reads eval caches "
+            "(pvu cache --augment eval, one epoch)"
+        )
+    flat = table.column("embedding").combine_chunks().flatten()
+    embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
+    finite = np.isfinite(embedding).all(axis=1)
+    if not finite.all():
+        log.warning("%s: dropped %d row(s) with a NaN/inf embedding", url, int((~finite).sum()))
+    keep = slice(None) if finite.all() else np.flatnonzero(finite)
+
+    def column(name: str, dtype: Any) -> np.ndarray:
+        values = table.column(name).to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype=dtype)[keep]
+
+    ambiguity = None
+    if "ambiguity" in table.column_names:
+        ambiguity = column("ambiguity", np.float32)
+    return EvalSet(
+        name=name,
+        url=url,
+        keys=column("key", object),
+        labels=column("label", np.int64),
+        embedding=embedding[keep],
+        loss=column("loss", np.float32),
+        pred=column("pred", np.int64),
+        max_prob=column("max_prob", np.float32),
+        entropy=column("entropy", np.float32),
+        provenance=index.files[0].provenance,
+        ambiguity=ambiguity,
+        dropped=int((~finite).sum()),
+    )
+
+
+def _read_file(cache_file: CacheFile) -> pa.Table:
+    names = cache_file.metadata.schema.to_arrow_schema().names
+    columns = [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in names)]
+    fs, path = fsspec.core.url_to_fs(cache_file.url)
+    with fs.open(path, "rb") as handle:
+        table = pq.ParquetFile(handle, metadata=cache_file.metadata).read(columns=columns)
+    return table.replace_schema_metadata(None)

@@ -1,0 +1,222 @@
+"""Write an evaluation: ``report.json`` (validated), ``report.md`` and the PNG/HTML figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.evaluate import figures
+from pipeline.evaluate.runner import UPSTREAM, Evaluation
+from pipeline.evaluate.tsne import html_page, write_png
+from schemas import validate_report
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def write_report(evaluation: Evaluation, folder: str | Path, *, pvu_version: str) -> Path:
+    """Write the report into ``folder`` (created); returns the path of ``report.md``."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    report = finite({**evaluation.report, "pvu_version": pvu_version})
+    report["figures"] = _write_figures(evaluation, report, root)
+    validate_report(report)
+    (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (root / REPORT_MD).write_text(markdown(report))
+    return root / REPORT_MD
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def _write_figures(evaluation: Evaluation, report: dict[str, Any], root: Path) -> list[str]:
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        figures.save(fig, str(root / name))
+        written.append(name)
+
+    sources = [s["name"] for s in report["sources"]]
+    save(figures.r_auroc_bars(report["datasets"], sources), "r_auroc.png")
+    scores = evaluation.scores
+    if UPSTREAM in scores and len(scores) > 1:
+        groups = {s: {name: scores[name][s] for name in scores} for s in sources}
+        save(
+            figures.distributions(groups, title="ID (upstream) vs OOD uncertainties"),
+            "id_vs_ood.png",
+        )
+    for name, flags in evaluation.ambiguous.items():
+        groups = {
+            s: {"clear": scores[name][s][flags == 0], "ambiguous": scores[name][s][flags == 1]}
+            for s in sources
+        }
+        save(
+            figures.distributions(groups, title=f"{name}: ambiguous vs clear"),
+            f"ambiguity_{_slug(name)}.png",
+        )
+    if report["deterioration"]:
+        curves = report["deterioration"]["kinds"]
+        save(figures.deterioration(evaluation.deteriorated, curves), "deterioration.png")
+    if evaluation.tsne is not None:
+        title = (
+            f"t-SNE of {report['tsne']['dataset']}, size/transparency: {report['tsne']['source']}"
+        )
+        write_png(evaluation.tsne, str(root / "tsne.png"), title=title)
+        (root / "tsne.html").write_text(html_page(evaluation.tsne, title=title))
+        report["tsne"] |= {"png": "tsne.png", "html": "tsne.html"}
+        written += ["tsne.png"]
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable report: one table per metric, analysis and application."""
+    sources = [s["name"] for s in report["sources"]]
+    datasets = report["datasets"]
+    q = report["settings"]["reject_fraction"]
+    backbone = report["backbone"]
+    parts = [
+        "# pvu evaluation report\n",
+        f"Backbone `{backbone['name']}` ({backbone['embedding_dim']}-d), pvu "
+        f"{report['pvu_version']}. Recall@1: leave-one-out cosine 1-NN accuracy; R-AUROC: "
+        'AUROC of -uncertainty against "the 1-NN has the same label" (0.5 = chance).\n',
+        "## R-AUROC and Recall@1\n",
+        _table(
+            ["dataset", "n", "Recall@1", *sources],
+            [
+                [d["name"], str(d["n"]), _f(d["recall_at_1"])]
+                + [_f(d["sources"][s]["r_auroc"]) for s in sources]
+                for d in datasets
+            ],
+        ),
+        "![R-AUROC](r_auroc.png)\n",
+    ]
+    classifier = [d for d in datasets if d["classifier_accuracy"] is not None]
+    if classifier:
+        parts += [
+            "## Classifier AUROC (uncertainty vs pred == label, classifier label space)\n",
+            _table(
+                ["dataset", "accuracy", *sources],
+                [
+                    [d["name"], _f(d["classifier_accuracy"])]
+                    + [_f(d["sources"][s]["classifier_auroc"]) for s in sources]
+                    for d in classifier
+                ],
+            ),
+        ]
+    parts += [f"## Safe retrieval: 1-NN error, {q:g} most uncertain rejected (table 1)\n"]
+    for variant in ("per_class", "class_agnostic"):
+        rows = []
+        for d in datasets:
+            for s in sources:
+                e = d["sources"][s]["safe_retrieval"][variant]
+                rows.append(
+                    [
+                        d["name"],
+                        s,
+                        _f(e["full"]),
+                        _f(e["clean_queries"]),
+                        _f(e["clean_database"]),
+                        _reduction(e["full"], e["clean_database"]),
+                    ]
+                )
+        parts += [
+            f"### {variant.replace('_', '-')}\n",
+            _table(
+                ["dataset", "source", "full", "+ clean queries", "+ clean database", "reduction"],
+                rows,
+            ),
+        ]
+    downstream = [d for d in datasets if d["role"] == "downstream"]
+    if any(d["sources"][sources[0]]["id_vs_ood_auroc"] is not None for d in downstream):
+        parts += [
+            "## ID vs OOD (figure 8): AUROC separating upstream from each dataset (0.5 = not "
+            "confounded by novelty)\n",
+            _table(
+                ["dataset", *sources],
+                [
+                    [d["name"]] + [_f(d["sources"][s]["id_vs_ood_auroc"]) for s in sources]
+                    for d in downstream
+                ],
+            ),
+            "![ID vs OOD](id_vs_ood.png)\n",
+        ]
+    ambiguous = [d for d in datasets if d["ambiguity"]]
+    if ambiguous:
+        parts += [
+            "## Human ambiguity (figure 7): AUROC of uncertainty, ambiguous vs clear\n",
+            _table(
+                ["dataset", "flags", "ambiguous", "clear", *sources],
+                [
+                    [
+                        d["name"],
+                        d["ambiguity"]["origin"],
+                        str(d["ambiguity"]["ambiguous"]),
+                        str(d["ambiguity"]["clear"]),
+                    ]
+                    + [_f(d["sources"][s]["ambiguity_auroc"]) for s in sources]
+                    for d in ambiguous
+                ],
+            ),
+            *(f"![ambiguity {d['name']}](ambiguity_{_slug(d['name'])}.png)\n" for d in ambiguous),
+        ]
+    if report["deterioration"]:
+        rows = []
+        for kind, curve in report["deterioration"]["kinds"].items():
+            for s in sources:
+                c = curve["sources"][s]
+                rows.append(
+                    [
+                        kind,
+                        s,
+                        " / ".join(_f(m) for m in c["median"]),
+                        _f(c["spearman"], 2),
+                        {True: "yes", False: "no", None: "n/a"}[c["rises"]],
+                    ]
+                )
+        strengths = {k: c["strengths"] for k, c in report["deterioration"]["kinds"].items()}
+        parts += [
+            "## Deterioration (figure 6): median uncertainty per strength\n",
+            "Strengths: "
+            + "; ".join(f"{k} {', '.join(f'{s:g}' for s in v)}" for k, v in strengths.items())
+            + "\n",
+            _table(["kind", "source", "medians", "Spearman", "rises"], rows),
+            "![deterioration](deterioration.png)\n",
+        ]
+    if report["tsne"]:
+        t = report["tsne"]
+        parts += [
+            "## Uncertainty-aware t-SNE (figure 9)\n",
+            f"{t['points']} points of {t['dataset']}, classes {t['classes']}; larger and fainter "
+            f"= more uncertain ({t['source']}). Interactive: [tsne.html](tsne.html).\n",
+            "![t-SNE](tsne.png)\n",
+        ]
+    return "\n".join(parts)
+
+
+def _reduction(full: float | None, cleaned: float | None) -> str:
+    if full is None or cleaned is None or full == 0:
+        return "n/a"
+    return f"{(full - cleaned) / full:+.0%}"

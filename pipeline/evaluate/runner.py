@@ -1,0 +1,254 @@
+"""Evaluate heads and baselines on eval caches: metrics, analyses and applications.
+
+Reads like the evaluation it is: per dataset, load the cache -> uncertainty per source ->
+exact leave-one-out 1-NN -> R-AUROC / Recall@1 -> ambiguity and safe retrieval; then ID vs OOD
+across datasets, deterioration curves and the t-SNE map. Returns the report document
+(``schemas/report.schema.json``) and the arrays its figures are drawn from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.cache.index import open_cache
+from pipeline.evaluate.analyses import (
+    DeterioratedSet,
+    deterioration_curves,
+    id_vs_ood,
+    real_ambiguous,
+)
+from pipeline.evaluate.evalset import EvalSet, read_eval_set
+from pipeline.evaluate.knn import BLOCK_BYTES, nearest_neighbours, normalize
+from pipeline.evaluate.metrics import auroc, neighbour_correct, r_auroc
+from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
+from pipeline.evaluate.sources import BASELINES, LoadedHead, load_heads, uncertainties
+from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+UPSTREAM = "upstream"
+Track = Callable[[str, int], Callable[[int], None]]
+"""``track(description, total)`` returns ``advance(n)``: how the runner reports progress."""
+
+
+def no_progress(description: str, total: int) -> Callable[[int], None]:
+    """A :data:`Track` that reports nothing."""
+    return lambda n: None
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What to evaluate and how (the job validates it before it gets here)."""
+
+    heads: tuple[str, ...]
+    datasets: tuple[tuple[str, str], ...]
+    upstream: str | None = None
+    deteriorated: tuple[str, ...] = ()
+    reject_fraction: float = 0.1
+    ambiguity: Literal["auto", "column", "real", "none"] = "auto"
+    ambiguity_threshold: float = 0.0
+    tsne_dataset: str | None = None
+    tsne_classes: tuple[int, ...] | None = None
+    tsne_max_classes: int = 6
+    tsne_points: int = 1500
+    seed: int = 0
+    device: str = "cpu"
+    block_bytes: int = BLOCK_BYTES
+
+
+@dataclass
+class Evaluation:
+    """The report document and the arrays behind its figures."""
+
+    report: dict[str, Any]
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    ambiguous: dict[str, np.ndarray] = field(default_factory=dict)
+    deteriorated: list[DeterioratedSet] = field(default_factory=list)
+    tsne: TsnePoints | None = None
+
+
+def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluation:
+    """Run every metric, analysis and application ``options`` asks for."""
+    heads = load_heads(list(options.heads), device=options.device)
+    named = list(options.datasets) + ([(UPSTREAM, options.upstream)] if options.upstream else [])
+    tsne_dataset = options.tsne_dataset or named[0][0]
+    result = Evaluation(report={})
+    entries = []
+    for name, url in named:
+        data = _load(name, url, track)
+        if not result.report:
+            result.report = _header(options, heads, data)
+        scores = uncertainties(data, heads, device=options.device, seed=options.seed)
+        result.scores[name] = scores
+        entries.append(_evaluate_set(data, scores, options, result, track))
+        entries[-1]["role"] = UPSTREAM if options.upstream and name == UPSTREAM else "downstream"
+        if name == tsne_dataset:
+            result.tsne, result.report["tsne"] = _tsne(data, scores, heads, options)
+    if options.upstream:
+        for entry in entries:
+            if entry["role"] == "downstream":
+                for source, values in entry["sources"].items():
+                    values["id_vs_ood_auroc"] = id_vs_ood(
+                        result.scores[UPSTREAM][source], result.scores[entry["name"]][source]
+                    )
+    for url in options.deteriorated:
+        data = _load(url, url, track)
+        kind = data.deterioration
+        result.deteriorated.append(
+            DeterioratedSet(
+                kind["kind"] if kind else None,
+                float(kind["strength"]) if kind else 0.0,
+                uncertainties(data, heads, device=options.device, seed=options.seed),
+            )
+        )
+    result.report["datasets"] = entries
+    result.report["deterioration"] = (
+        {"caches": list(options.deteriorated), "kinds": deterioration_curves(result.deteriorated)}
+        if result.deteriorated
+        else None
+    )
+    return result
+
+
+def _load(name: str, url: str, track: Track) -> EvalSet:
+    index = open_cache([url])
+    return read_eval_set(name, url, index, on_rows=track(f"read {name}", index.rows))
+
+
+def _header(options: EvaluateOptions, heads: list[LoadedHead], data: EvalSet) -> dict[str, Any]:
+    prov = data.provenance
+    return {
+        "report_version": REPORT_VERSION,
+        "backbone": {
+            "name": prov.get("backbone"),
+            "weights_digest": prov.get("weights_digest"),
+            "embedding_dim": int(data.embedding.shape[1]),
+        },
+        "settings": {
+            "reject_fraction": options.reject_fraction,
+            "ambiguity": options.ambiguity,
+            "ambiguity_threshold": options.ambiguity_threshold,
+            "seed": options.seed,
+        },
+        "sources": [{"name": h.name, "kind": "head", "path": h.path} for h in heads]
+        + [{"name": name, "kind": "baseline"} for name in BASELINES],
+        "tsne": None,
+    }
+
+
+def _evaluate_set(
+    data: EvalSet,
+    scores: dict[str, np.ndarray],
+    options: EvaluateOptions,
+    result: Evaluation,
+    track: Track,
+) -> dict[str, Any]:
+    """The report entry of one dataset: Recall@1 and, per source, every metric on it."""
+    if len(data) < 2:
+        raise ValueError(f"{data.name}: cache {data.url} has {len(data)} row(s), Recall@1 needs 2")
+    unit = normalize(data.embedding)
+    full = nearest_neighbours(
+        unit,
+        device=options.device,
+        block_bytes=options.block_bytes,
+        on_chunk=track(f"1-NN {data.name}", len(data)),
+    )
+    correct = neighbour_correct(data.labels, full.index)
+    classifier = data.label_space == "classifier"
+    hit = data.pred == data.labels
+    flags, ambiguity = _ambiguity(data, options)
+    if flags is not None:
+        result.ambiguous[data.name] = flags
+    known = None if flags is None else ~np.isnan(flags)
+    sources = {}
+    for source, u in scores.items():
+        sources[source] = {
+            "r_auroc": r_auroc(u, correct),
+            "classifier_auroc": auroc(hit, -u) if classifier else None,
+            "id_vs_ood_auroc": None,
+            "ambiguity_auroc": None if flags is None else auroc(flags[known] > 0, u[known]),
+            "safe_retrieval": {
+                variant: retrieval_errors(
+                    unit,
+                    data.labels,
+                    full,
+                    most_uncertain(u, options.reject_fraction, groups),
+                    device=options.device,
+                )
+                for variant, groups in (("per_class", data.labels), ("class_agnostic", None))
+            },
+        }
+    return {
+        "name": data.name,
+        "url": data.url,
+        "n": len(data),
+        "dropped_rows": data.dropped,
+        "classes": len(np.unique(data.labels)),
+        "label_space": data.label_space,
+        "recall_at_1": float(correct.mean()),
+        "classifier_accuracy": float(hit.mean()) if classifier else None,
+        "ambiguity": ambiguity,
+        "sources": sources,
+    }
+
+
+def _ambiguity(
+    data: EvalSet, options: EvaluateOptions
+) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """Per-row ambiguity flags (1 ambiguous, 0 clear, NaN unknown) and their summary."""
+    flags = None
+    origin = None
+    if options.ambiguity in ("auto", "column") and data.ambiguity is not None:
+        known = ~np.isnan(data.ambiguity)
+        if known.any():
+            flags = np.where(known, data.ambiguity > options.ambiguity_threshold, np.nan)
+            origin = "column"
+    if flags is None and options.ambiguity in ("auto", "real"):
+        real = real_ambiguous(data.keys)
+        if real is not None:
+            flags, origin = real.astype(np.float64), "imagenet_real"
+    if flags is None:
+        if options.ambiguity in ("column", "real"):
+            log.info("%s: no %s ambiguity for its rows; skipped", data.name, options.ambiguity)
+        return None, None
+    return flags, {
+        "origin": origin,
+        "ambiguous": int(np.sum(flags == 1)),
+        "clear": int(np.sum(flags == 0)),
+        "unknown": int(np.sum(np.isnan(flags))),
+    }
+
+
+def _tsne(
+    data: EvalSet,
+    scores: dict[str, np.ndarray],
+    heads: list[LoadedHead],
+    options: EvaluateOptions,
+) -> tuple[TsnePoints, dict[str, Any]]:
+    """The t-SNE map of ``data``'s chosen classes, coloured by the first head (else entropy)."""
+    source = heads[0].name if heads else "entropy"
+    classes = list(options.tsne_classes) if options.tsne_classes else None
+    rows = pick_rows(
+        data.labels,
+        classes,
+        max_classes=options.tsne_max_classes,
+        max_points=options.tsne_points,
+        seed=options.seed,
+    )
+    if len(rows) < 5:
+        raise ValueError(f"t-SNE of {data.name}: only {len(rows)} row(s) in classes {classes}")
+    xy = tsne_map(normalize(data.embedding[rows]), seed=options.seed)
+    points = TsnePoints(xy, data.keys[rows], data.labels[rows], scores[source][rows])
+    entry = {
+        "dataset": data.name,
+        "source": source,
+        "classes": sorted(int(c) for c in np.unique(points.labels)),
+        "points": len(rows),
+    }
+    return points, entry

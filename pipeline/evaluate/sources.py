@@ -1,0 +1,108 @@
+"""Uncertainty sources, side by side: exported heads and the baselines that need no training.
+
+Higher means more uncertain for every source:
+
+- ``head`` (or ``head:<dir name>`` for several): the exported head on the cached embedding;
+- ``entropy``: the classifier's softmax entropy (the paper's appendix B baseline);
+- ``1-max_prob``: one minus the classifier's largest softmax probability;
+- ``inverse_norm``: one over the embedding's L2 norm;
+- ``random``: seeded uniform noise (the chance line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.evaluate.evalset import EvalSet
+from pipeline.head.export import load_head
+from pipeline.head.model import UncertaintyHead
+
+BASELINES = ("entropy", "1-max_prob", "inverse_norm", "random")
+
+
+@dataclass(eq=False)
+class LoadedHead:
+    """An exported head ready to score embeddings."""
+
+    name: str
+    path: str
+    head: UncertaintyHead
+    document: dict[str, Any]
+
+
+def load_heads(paths: list[str], *, device: str = "cpu") -> list[LoadedHead]:
+    """The heads exported to ``paths``, named ``head`` (one) or ``head:<folder>`` (several)."""
+    heads = []
+    for path in paths:
+        try:
+            head, document = load_head(path)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"head {path}: {error}") from None
+        heads.append(LoadedHead("", path, head.to(device), document))
+    names = [PurePosixPath(h.path.rstrip("/")).name or h.path for h in heads]
+    for i, h in enumerate(heads):
+        h.name = "head" if len(heads) == 1 else f"head:{names[i]}"
+        if len(heads) > 1 and names.count(names[i]) > 1:
+            h.name = f"head:{names[i]}#{i + 1}"
+    return heads
+
+
+def check_head_fits(head: LoadedHead, data: EvalSet) -> None:
+    """Refuse a head trained for another backbone or embedding width than ``data``'s cache."""
+    doc, prov = head.document, data.provenance
+    if doc["embedding_dim"] != data.embedding.shape[1]:
+        raise ValueError(
+            f"head {head.path} expects {doc['embedding_dim']}-d embeddings, but cache "
+            f"{data.url} ({data.name}) has {data.embedding.shape[1]}-d ones"
+        )
+    for field in ("backbone", "weights_digest"):
+        if doc.get(field) != prov.get(field):
+            raise ValueError(
+                f"head {head.path} was trained for {field} {doc.get(field)!r}, but cache "
+                f"{data.url} ({data.name}) has {prov.get(field)!r}"
+            )
+
+
+def head_uncertainty(
+    head: LoadedHead, embedding: np.ndarray, *, device: str = "cpu", batch_rows: int = 8192
+) -> np.ndarray:
+    """``head`` on each embedding row (as cached, read as float32), as float32."""
+    out = np.empty(len(embedding), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(embedding), batch_rows):
+            part = torch.from_numpy(embedding[start : start + batch_rows].astype(np.float32))
+            out[start : start + len(part)] = head.head(part.to(device)).float().cpu().numpy()
+    return out
+
+
+def baseline_uncertainty(name: str, data: EvalSet, *, seed: int = 0) -> np.ndarray:
+    """The training-free baseline ``name`` (one of ``BASELINES``) for every row of ``data``."""
+    if name == "entropy":
+        return data.entropy.astype(np.float32)
+    if name == "1-max_prob":
+        return (1.0 - data.max_prob).astype(np.float32)
+    if name == "inverse_norm":
+        norm = np.linalg.norm(data.embedding.astype(np.float32), axis=1)
+        with np.errstate(divide="ignore"):
+            return np.where(norm > 0, 1.0 / norm, np.inf).astype(np.float32)
+    if name == "random":
+        return np.random.default_rng([seed, len(data)]).random(len(data)).astype(np.float32)
+    raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
+
+
+def uncertainties(
+    data: EvalSet, heads: list[LoadedHead], *, device: str = "cpu", seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Every source's uncertainty for every row of ``data``, heads first."""
+    scores = {}
+    for head in heads:
+        check_head_fits(head, data)
+        scores[head.name] = head_uncertainty(head, data.embedding, device=device)
+    for name in BASELINES:
+        scores[name] = baseline_uncertainty(name, data, seed=seed)
+    return scores
