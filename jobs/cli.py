@@ -6,6 +6,7 @@ import typer
 
 from jobs.cache import cache
 from jobs.evaluate import evaluate_command
+from jobs.info import info
 from jobs.label_remap import label_remap
 from jobs.shards import shards
 from jobs.train_head import train_head
@@ -27,3 +28,4 @@ app.command("train-head")(train_head)
 app.command("shards")(shards)
 app.command("label-remap")(label_remap)
 app.command("evaluate")(evaluate_command)
+app.command("info")(info)

@@ -1,0 +1,85 @@
+"""``pvu info CACHE``: what a cache is (provenance, label space) and what it holds (units, rows,
+bytes, skips by reason, epochs), from its manifest; reads no row."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel, ConfigDict
+from rich.table import Table
+
+from jobs.terminal import console, setup_logging, validated
+from pipeline.cache.info import CacheInfo, read_cache_info
+
+
+class InfoJobConfig(BaseModel):
+    """The info job's configuration, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache: str
+    json_output: bool = False
+
+
+def describe(info: CacheInfo) -> Table:
+    """The cache as a two-column table."""
+    provenance = info.provenance
+    table = Table(title=f"pvu info: {info.root}", show_header=False)
+    table.add_row("backbone", str(provenance.get("backbone")))
+    table.add_row("weights", str(provenance.get("weights_digest")))
+    table.add_row(
+        "embedding",
+        f"{provenance.get('embedding_dim')} x {provenance.get('dtype', 'float16')}",
+    )
+    table.add_row("label space", info.label_space())
+    table.add_row("transform", json.dumps(provenance.get("transform"), sort_keys=True))
+    table.add_row("seed", str(provenance.get("seed")))
+    table.add_row(
+        "versions",
+        f"schema {provenance.get('schema_version')}, pvu {provenance.get('project_version', '?')}",
+    )
+    table.add_row("units", f"{len(info.units):,} ({info.shards:,} shards x epochs)")
+    for epoch, (units, rows) in info.epochs.items():
+        table.add_row(f"  epoch {epoch}", f"{units:,} units, {rows:,} rows")
+    table.add_row("rows", f"{info.rows:,}")
+    per_row = f", {info.bytes / info.rows:,.0f} per row" if info.rows else ""
+    table.add_row("bytes", f"{info.bytes:,} ({info.bytes / 2**30:,.2f} GiB{per_row})")
+    skipped = info.skipped
+    table.add_row("samples skipped", ", ".join(f"{k}={v:,}" for k, v in skipped.items()) or "none")
+    table.add_row(
+        "read from", f"{info.source}" + (f", updated {info.updated}" if info.updated else "")
+    )
+    return table
+
+
+def info(
+    cache: Annotated[str, typer.Argument(help="Cache root: a local path or any fsspec URL.")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Show a cache's provenance, units, rows, bytes, skips by reason, epochs and label space."""
+    setup_logging(verbose)
+    arguments = {k: v for k, v in locals().items() if k != "verbose"}
+    config = validated(InfoJobConfig, arguments)
+    try:
+        summary = read_cache_info(config.cache)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    if config.json_output:
+        print(json.dumps(summary.to_json(), indent=1))
+    else:
+        console.print(describe(summary))
+
+
+def main() -> None:
+    """``python -m jobs.info``."""
+    typer.run(info)
+
+
+if __name__ == "__main__":
+    main()

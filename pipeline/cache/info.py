@@ -1,0 +1,131 @@
+"""What a cache is and holds, from its manifest (or, where there is none, its unit footers).
+
+Reads no row: provenance, units, rows, bytes, skips by reason, epochs and label space come
+from ``_manifest.json`` or the ``pvu.unit`` stats each unit's Parquet footer carries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from pipeline.cache.manifest import MANIFEST_NAME
+from schemas import UNIT_STATS_KEY, read_provenance, validate_manifest
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A cache's provenance and committed units (the manifest's entries, keyed by path)."""
+
+    root: str
+    provenance: dict[str, Any]
+    units: dict[str, dict[str, Any]]
+    source: str  # "manifest" or "footers"
+    updated: str | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows across all units."""
+        return sum(unit["rows"] for unit in self.units.values())
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of all unit files on storage."""
+        return sum(unit.get("bytes", 0) for unit in self.units.values())
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped, by reason, over all units (a sample counts once per epoch)."""
+        total: Counter[str] = Counter()
+        for unit in self.units.values():
+            total.update(unit.get("skipped", {}))
+        return dict(sorted(total.items()))
+
+    @property
+    def epochs(self) -> dict[int, tuple[int, int]]:
+        """Epoch -> (units, rows)."""
+        units: Counter[int] = Counter()
+        rows: Counter[int] = Counter()
+        for unit in self.units.values():
+            units[unit["epoch"]] += 1
+            rows[unit["epoch"]] += unit["rows"]
+        return {epoch: (units[epoch], rows[epoch]) for epoch in sorted(units)}
+
+    @property
+    def shards(self) -> int:
+        """Distinct input shards."""
+        return len({unit["shard"] for unit in self.units.values()})
+
+    def label_space(self) -> str:
+        """Which labels the ``label`` column holds, in words."""
+        provenance = self.provenance
+        if "label_space" in provenance:
+            space = provenance["label_space"]
+            return space if isinstance(space, str) else json.dumps(space, sort_keys=True)
+        classes = provenance.get("num_classes")
+        text = f"the classifier's ({classes:,} classes)" if classes else "the classifier's"
+        remap = provenance.get("label_remap_digest")
+        return f"{text}, shard labels remapped (remap {remap})" if remap else text
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as plain JSON (``pvu info --json``)."""
+        return {
+            "cache": self.root,
+            "source": self.source,
+            "updated": self.updated,
+            "provenance": self.provenance,
+            "label_space": self.label_space(),
+            "units": len(self.units),
+            "shards": self.shards,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "skipped": self.skipped,
+            "epochs": {str(e): {"units": u, "rows": r} for e, (u, r) in self.epochs.items()},
+        }
+
+
+def read_cache_info(url: str) -> CacheInfo:
+    """The :class:`CacheInfo` of the cache at ``url``.
+
+    Raises ``FileNotFoundError`` if nothing is there and ``ValueError`` if it is no pvu cache.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"cache {url} does not exist")
+    manifest = f"{root}/{MANIFEST_NAME}"
+    if fs.exists(manifest):
+        with fs.open(manifest, "rb") as handle:
+            document = json.load(handle)
+        try:
+            validate_manifest(document)
+        except ValueError as error:
+            raise ValueError(f"{url}/{MANIFEST_NAME} is not a valid manifest: {error}") from None
+        return CacheInfo(
+            url, document["provenance"], document["units"], "manifest", document.get("updated")
+        )
+    return _from_footers(url, fs, root)
+
+
+def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheInfo:
+    paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
+    paths = [path for path in paths if not path.rsplit("/", 1)[-1].startswith((".", "_"))]
+    if not paths:
+        raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
+    units: dict[str, dict[str, Any]] = {}
+    provenance: dict[str, Any] = {}
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            schema = pq.read_schema(handle)
+        try:
+            provenance = provenance or read_provenance(schema)
+            stats = json.loads(schema.metadata[UNIT_STATS_KEY])
+        except (ValueError, KeyError):
+            raise ValueError(f"{path} is not a pvu cache unit (no pvu provenance)") from None
+        units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
+    return CacheInfo(url, provenance, units, "footers")

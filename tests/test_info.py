@@ -1,0 +1,86 @@
+"""`pvu info`: a cache's provenance and contents from its manifest, or from its footers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from support import make_runner
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.unit import Unit
+from pipeline.demo.data import write_bad_shard, write_digit_shards
+
+pytestmark = pytest.mark.usefixtures("wide_console")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """A two-epoch cache of two digit shards and one bad shard, made without Ray."""
+    root = tmp_path_factory.mktemp("info")
+    urls = write_digit_shards(str(root / "shards"), shards=2, per_shard=6, size=32)
+    write_bad_shard(str(root / "shards" / "bad.tar"))
+    urls.append(str(root / "shards" / "bad.tar"))
+    output = str(root / "cache")
+    runner = make_runner(output)
+    manifest = Manifest.open(output, runner.settings.provenance)
+    for epoch in range(2):
+        for url in urls:
+            name = url.rsplit("/", 1)[-1].removesuffix(".tar")
+            result = runner.run(Unit(url, name, epoch))
+            manifest.record(result.relpath, result.manifest_entry())
+    manifest.flush(force=True)
+    return output
+
+
+def info_json(path: str) -> dict:
+    result = CliRunner().invoke(app, ["info", path, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_info_counts_what_storage_holds(cache, tmp_path):
+    summary = info_json(cache)
+    table = ds.dataset(cache, format="parquet", ignore_prefixes=["_", "."]).to_table()
+    assert summary["rows"] == table.num_rows
+    assert summary["units"] == 6 and summary["shards"] == 3
+    on_disk = sum(f.stat().st_size for f in Path(cache).rglob("*.parquet"))
+    assert summary["bytes"] == on_disk
+    assert summary["epochs"] == {
+        str(e): {"units": 3, "rows": table.num_rows // 2} for e in range(2)
+    }
+    assert summary["skipped"]["undecodable"] == 2 and summary["skipped"]["no_label"] == 2
+    assert summary["provenance"]["backbone"] == "resnet10t"
+    assert summary["label_space"].startswith("the classifier's")
+
+    result = CliRunner().invoke(app, ["info", cache])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
+
+
+def test_info_without_manifest_reads_the_footers(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    with_manifest, from_footers = info_json(cache), info_json(str(copy))
+    assert from_footers["source"] == "footers"
+    for field in ("rows", "bytes", "units", "skipped", "epochs", "provenance"):
+        assert from_footers[field] == with_manifest[field], field
+
+
+def test_info_errors_exit_2_naming_the_path(tmp_path):
+    for path, words in [
+        (tmp_path / "nothing", "does not exist"),
+        (tmp_path, "is not a pvu cache"),
+    ]:
+        result = CliRunner().invoke(app, ["info", str(path)])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and str(path) in text and words in text, text
+        assert "Traceback" not in text
