@@ -47,6 +47,18 @@ JOB_FLAGS: dict[str, set[str]] = {
         "--resume",
         "--val-fraction",
     },
+    "evaluate": {
+        "--head",
+        "--dataset",
+        "--upstream",
+        "--report",
+        "--device",
+        "--deterioration",
+        "--ambiguity",
+        "--reject-fraction",
+        "--tsne-dataset",
+        "--tsne-classes",
+    },
 }
 
 
