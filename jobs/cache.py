@@ -25,6 +25,7 @@ from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
+from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import clear_staging
 from schemas import SCHEMA_VERSION
 
@@ -184,7 +185,7 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     )
     transform = resolve_transform(config.transform_config(), info.data_config)
     provenance = build_provenance(config, info, transform)
-    manifest = Manifest.open(config.output, provenance)
+    manifest = reconcile(Manifest.open(config.output, provenance))
     units = [
         Unit(source=url, shard=name, epoch=epoch)
         for epoch in range(config.epochs)

@@ -17,6 +17,7 @@ from pipeline.cache.backbone import create_backbone_model, describe_backbone, st
 from pipeline.cache.decode import decode_image
 from pipeline.cache.manifest import Manifest, ProvenanceMismatch
 from pipeline.cache.unit import Unit
+from pipeline.cache.verify import reconcile
 from pipeline.demo.data import write_bad_shard, write_digit_shards
 from schemas import UNIT_STATS_KEY, read_provenance
 
@@ -140,9 +141,9 @@ def test_local_weights_file_sets_the_class_count_and_is_not_unpickled(tmp_path):
 def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):
     runner = make_runner(str(tmp_path))
     provenance = runner.settings.provenance
-    manifest = Manifest.open(str(tmp_path), provenance)
+    manifest = reconcile(Manifest.open(str(tmp_path), provenance))
     result = runner.run(Unit(shards[0], "digits-0000", 0))  # committed, never recorded
-    reopened = Manifest.open(str(tmp_path), provenance)
+    reopened = reconcile(Manifest.open(str(tmp_path), provenance))
     assert reopened.is_done(result.relpath)
     assert reopened.units[result.relpath]["rows"] == 20
     assert not manifest.is_done(result.relpath)

@@ -16,6 +16,7 @@ import s3fs
 import torch
 
 from pipeline.cache.index import open_cache
+from pipeline.cache.verify import CacheMismatch
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
 from pipeline.head.stream import (
     CacheStream,
@@ -182,8 +183,9 @@ def test_unit_in_manifest_but_missing_is_named(tmp_path: Path) -> None:
     url = str(tmp_path / "c")
     write_synthetic_cache(url, SyntheticCache(dim=8, shards=2, epochs=1))
     (tmp_path / "c" / "epoch=0000" / "shard-00001.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match=r"shard-00001\.parquet"):
+    with pytest.raises(CacheMismatch, match=r"shard-00001\.parquet \(missing\)") as error:
         open_cache([url])
+    assert "re-running the `pvu cache` command" in str(error.value)
 
 
 def test_nonfinite_rows_are_dropped_and_reported(
@@ -207,6 +209,7 @@ def test_nonfinite_rows_are_dropped_and_reported(
         ),
     ).set_column(table.schema.get_field_index("loss"), table.schema.field("loss"), pa.array(loss))
     pq.write_table(table, path, row_group_size=30)
+    (url / "_manifest.json").unlink()  # it records the file before the edit; readers then glob
     bad = {"shard-00000/000003", "shard-00000/000040", "shard-00000/000077"}
     config = StreamConfig(window_rows=1000, val_fraction=0.0, extra_columns=("key",))
     with caplog.at_level(logging.WARNING), CacheStream(open_cache([str(url)]), config) as stream:

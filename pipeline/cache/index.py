@@ -2,7 +2,8 @@
 
 Reads the manifest (or lists the unit files where there is none) and every Parquet footer;
 refuses caches whose schema version, backbone, weights, embedding width or embedding dtype
-differ, empty caches, and units the manifest lists but storage lacks.
+differ, empty caches, and caches whose manifest lists units that storage lacks or holds
+damaged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
+from pipeline.cache.verify import require_consistent
 from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,13 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
 
 
 def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
-    """Index the caches at ``urls``: list units, read footers, refuse mixed or empty caches."""
+    """Index the caches at ``urls``: list units, read footers; refuse mixed or empty caches and
+    caches whose storage does not match their manifest (``pipeline.cache.verify``)."""
     if not urls:
         raise ValueError("no cache URL given")
     units: dict[str, str] = {}
     for url in urls:
+        require_consistent(url, io_threads=io_threads)
         found = list_cache_files(url)
         if not found:
             raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
-from schemas import SCHEMA_VERSION, UNIT_STATS_KEY, read_provenance, validate_manifest
-
-log = logging.getLogger(__name__)
+from schemas import SCHEMA_VERSION, validate_manifest
 
 MANIFEST_NAME = "_manifest.json"
 IDENTITY_FIELDS = (
@@ -73,35 +69,19 @@ class Manifest:
 
     @classmethod
     def open(cls, root: str, provenance: dict[str, Any]) -> Manifest:
-        """The manifest at ``root`` (created if absent), refusing a different provenance.
+        """The manifest at ``root`` (empty if absent), refusing a different provenance.
 
-        Unit files committed after the last manifest write (a crash in between) are adopted
-        from their own footers.
+        It is not yet reconciled with storage: ``pipeline.cache.verify.reconcile`` does that.
         """
         manifest = cls(root, provenance)
-        path = f"{manifest._root_path}/{MANIFEST_NAME}"
-        if manifest._fs.exists(path):
-            with manifest._fs.open(path, "r") as handle:
-                document = json.load(handle)
-            validate_manifest(document)
-            check_provenance(document["provenance"], provenance, root)
-            manifest.units = document["units"]
-        manifest._adopt_orphans()
-        manifest.flush(force=True)
+        try:
+            document = json.loads(manifest._fs.cat_file(f"{manifest._root_path}/{MANIFEST_NAME}"))
+        except FileNotFoundError:
+            return manifest
+        validate_manifest(document)
+        check_provenance(document["provenance"], provenance, root)
+        manifest.units = document["units"]
         return manifest
-
-    def _adopt_orphans(self) -> None:
-        pattern = f"{self._root_path}/epoch=*/*.parquet"
-        for path in sorted(self._fs.glob(pattern)):
-            relpath = path[len(self._root_path) + 1 :]
-            if relpath in self.units:
-                continue
-            schema = pq.read_schema(self._fs.open(path, "rb"))
-            check_provenance(read_provenance(schema), self.provenance, path)
-            stats = json.loads(schema.metadata[UNIT_STATS_KEY])
-            self.units[relpath] = {**stats, "bytes": int(self._fs.size(path))}
-            self._dirty = True
-            log.info("adopted committed unit %s missing from the manifest", relpath)
 
     def is_done(self, relpath: str) -> bool:
         """Whether the unit at ``relpath`` is committed."""
@@ -112,6 +92,11 @@ class Manifest:
         self.units[relpath] = entry
         self._dirty = True
         self.flush()
+
+    def forget(self, relpath: str) -> None:
+        """Drop a unit from the record (its file is gone or damaged), so it is computed again."""
+        if self.units.pop(relpath, None) is not None:
+            self._dirty = True
 
     def flush(self, force: bool = False) -> None:
         """Write the manifest aside, then move it into place, if it changed."""

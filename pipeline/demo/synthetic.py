@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
-from schemas import cache_schema, with_provenance
+from schemas import UNIT_STATS_KEY, cache_schema, with_provenance
 
 
 @dataclass(frozen=True)
@@ -93,18 +93,19 @@ def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:
     for epoch in range(spec.epochs):
         fs.makedirs(f"{root}/epoch={epoch:04d}", exist_ok=True)
         for shard in range(spec.shards):
-            table = synthetic_rows(spec, shard, epoch)
-            name = f"epoch={epoch:04d}/shard-{shard:05d}.parquet"
-            with fs.open(f"{root}/{name}", "wb") as handle:
-                pq.write_table(table, handle, **options)
-            units[name] = {
+            stats = {
                 "epoch": epoch,
                 "shard": f"shard-{shard:05d}",
                 "source": f"synthetic://{shard}",
-                "rows": table.num_rows,
-                "bytes": 0,
+                "rows": spec.samples_per_shard,
                 "skipped": {},
             }
+            table = synthetic_rows(spec, shard, epoch)
+            metadata = {**table.schema.metadata, UNIT_STATS_KEY: json.dumps(stats, sort_keys=True)}
+            name = f"epoch={epoch:04d}/shard-{shard:05d}.parquet"
+            with fs.open(f"{root}/{name}", "wb") as handle:
+                pq.write_table(table.replace_schema_metadata(metadata), handle, **options)
+            units[name] = {**stats, "bytes": int(fs.size(f"{root}/{name}"))}
     manifest = {
         "schema_version": 1,
         "provenance": {"schema_version": 1, "embedding_dim": spec.dim, **provenance(spec)},

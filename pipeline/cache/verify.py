@@ -1,0 +1,228 @@
+"""Do the manifest and storage agree? The check `pvu cache` reconciles with and readers refuse on.
+
+Storage is listed once per epoch folder (never one request per unit); a unit the manifest
+lists is *damaged* when its file is missing, when its size differs from the recorded one, or
+when its Parquet footer (read in parallel, one ranged read per file) describes another unit,
+another row count or another cache. Committed files the manifest lacks are *orphans*: a run
+killed between a unit's commit and the next manifest write leaves them, and `pvu cache`
+adopts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from pipeline.cache.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    check_provenance,
+    provenance_differences,
+)
+from pipeline.cache.writer import unit_path
+from schemas import UNIT_STATS_KEY, read_provenance
+
+log = logging.getLogger(__name__)
+
+#: Unit fields the footer's own stats must repeat (``seconds`` and ``bytes`` are not in both).
+FOOTER_FIELDS = ("epoch", "shard", "source", "rows", "skipped")
+_NAMED = 10  # damaged units named in a message; the rest are counted
+
+
+class CacheMismatch(ValueError):
+    """A cache's manifest lists units that storage lacks or holds damaged."""
+
+
+@dataclass
+class CacheCheck:
+    """The outcome of comparing a cache's manifest with its storage."""
+
+    url: str
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Listed units whose file is missing or differs: relpath -> what is wrong."""
+    orphans: dict[str, int] = field(default_factory=dict)
+    """Committed unit files the manifest does not list: relpath -> size in bytes."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether every unit the manifest lists is in storage as recorded."""
+        return not self.damaged
+
+    def refusal(self) -> str:
+        """A message naming the damaged units and the command that repairs the cache."""
+        named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:_NAMED]]
+        more = len(self.damaged) - len(named)
+        return (
+            f"cache {self.url} does not match its manifest: {len(self.damaged)} unit(s) "
+            f"missing or damaged: {'; '.join(named)}{f'; and {more} more' if more else ''}. "
+            f"Repair it by re-running the `pvu cache` command that wrote it (same --shards, "
+            f"--backbone, --weights, --seed, --epochs and --output {self.url}): it recomputes "
+            "exactly these units and keeps the rest."
+        )
+
+
+def list_unit_files(url: str) -> dict[str, int]:
+    """Size of every committed unit file under the cache at ``url``, by path relative to it.
+
+    One listing of the root and one of each ``epoch=*`` folder, bypassing listing caches;
+    staging and hidden files (``_*``, ``.*``) are not units.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        return {}
+    sizes: dict[str, int] = {}
+    for folder in fs.ls(root, detail=True, refresh=True):
+        name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
+        if folder["type"] != "directory" or not name.startswith("epoch="):
+            continue
+        for entry in fs.ls(folder["name"], detail=True, refresh=True):
+            filename = entry["name"].rsplit("/", 1)[-1]
+            if (
+                entry["type"] == "file"
+                and filename.endswith(".parquet")
+                and not filename.startswith(("_", "."))
+            ):
+                sizes[f"{name}/{filename}"] = int(entry["size"])
+    return sizes
+
+
+def read_footer(url: str, relpath: str, size: int) -> pq.FileMetaData:
+    """The Parquet footer of unit ``relpath`` of the cache at ``url``, whose size is known."""
+    fs, root = fsspec.core.url_to_fs(url)
+    with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", size=size) as handle:
+        return pq.read_metadata(handle)
+
+
+def footer_problem(
+    entry: Mapping[str, Any], footer: pq.FileMetaData, provenance: Mapping[str, Any]
+) -> str | None:
+    """What in ``footer`` contradicts the manifest's ``entry`` and ``provenance``, if anything."""
+    metadata = footer.metadata or {}
+    if UNIT_STATS_KEY not in metadata:
+        return "footer has no unit stats: not a pvu unit file"
+    stats = json.loads(metadata[UNIT_STATS_KEY])
+    differ = [
+        f"{name} {stats.get(name)!r}, manifest records {entry.get(name)!r}"
+        for name in FOOTER_FIELDS
+        if stats.get(name) != entry.get(name)
+    ]
+    if footer.num_rows != entry.get("rows"):
+        differ.append(f"{footer.num_rows} rows, manifest records {entry.get('rows')}")
+    try:
+        found = read_provenance(footer.schema.to_arrow_schema())
+        fields = sorted({d.split(":", 1)[0] for d in provenance_differences(found, provenance)})
+        differ += [f"provenance differs in {', '.join(fields)}"] if fields else []
+    except ValueError as error:
+        differ.append(str(error))
+    return "footer: " + "; ".join(differ) if differ else None
+
+
+def check_cache(
+    url: str,
+    units: Mapping[str, Mapping[str, Any]],
+    provenance: Mapping[str, Any],
+    *,
+    footers: bool = True,
+    io_threads: int = 16,
+) -> CacheCheck:
+    """Compare the manifest's ``units`` (and ``provenance``) with what storage holds at ``url``.
+
+    ``footers=False`` checks presence and sizes only (the listing, no per-unit read).
+    """
+    stored = list_unit_files(url)
+    check = CacheCheck(url.rstrip("/"))
+    check.orphans = {path: size for path, size in stored.items() if path not in units}
+    present = []
+    for relpath, entry in units.items():
+        if relpath not in stored:
+            check.damaged[relpath] = "missing"
+        elif stored[relpath] != entry.get("bytes"):
+            check.damaged[relpath] = (
+                f"{stored[relpath]} bytes, manifest records {entry.get('bytes')}"
+            )
+        else:
+            present.append(relpath)
+    if footers and present:
+
+        def problem(relpath: str) -> str | None:
+            try:
+                footer = read_footer(url, relpath, stored[relpath])
+            except (OSError, ValueError) as error:  # ArrowInvalid is a ValueError
+                return f"unreadable footer: {error}"
+            return footer_problem(units[relpath], footer, provenance)
+
+        with ThreadPoolExecutor(max_workers=io_threads) as pool:
+            for relpath, why in zip(present, pool.map(problem, present), strict=True):
+                if why:
+                    check.damaged[relpath] = why
+    return check
+
+
+def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> CacheCheck:
+    """Check the cache at ``url`` against its ``_manifest.json`` (all is well without one)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        document = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+    except FileNotFoundError:
+        return CacheCheck(url.rstrip("/"))
+    return check_cache(
+        url, document["units"], document["provenance"], footers=footers, io_threads=io_threads
+    )
+
+
+def require_consistent(url: str, *, io_threads: int = 16) -> None:
+    """Raise :class:`CacheMismatch` (naming units and the repair) unless ``url`` checks out."""
+    check = verify_cache(url, io_threads=io_threads)
+    if not check.ok:
+        raise CacheMismatch(check.refusal())
+
+
+def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
+    """Make ``manifest`` agree with storage before a run, and write it; returns it.
+
+    A damaged unit (missing, other size, footer of another unit) is forgotten and its file
+    removed, so the run computes it again; each is logged with a warning naming it. An orphan
+    (committed, never recorded) is adopted from its own footer, unless that footer is
+    unreadable or names another unit (then it is removed and computed again); an orphan of
+    another cache is refused with ``ProvenanceMismatch``.
+    """
+    fs, root = fsspec.core.url_to_fs(manifest.root)
+    check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
+    for relpath, why in sorted(check.damaged.items()):
+        log.warning("recomputing %s/%s: %s", manifest.root, relpath, why)
+        manifest.forget(relpath)
+        if why != "missing":
+            fs.rm(f"{root}/{relpath}")
+    for relpath, size in sorted(check.orphans.items()):
+        entry = _orphan_entry(manifest, relpath, size)
+        if entry is None:
+            fs.rm(f"{root}/{relpath}")
+        else:
+            manifest.record(relpath, entry)
+            log.info("adopted committed unit %s missing from the manifest", relpath)
+    manifest.flush(force=True)
+    return manifest
+
+
+def _orphan_entry(manifest: Manifest, relpath: str, size: int) -> dict[str, Any] | None:
+    """The manifest entry an orphan's footer describes, or None (logged) if it is unusable."""
+    url = f"{manifest.root}/{relpath}"
+    try:
+        footer = read_footer(manifest.root, relpath, size)
+        stats = json.loads((footer.metadata or {})[UNIT_STATS_KEY])
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("recomputing %s: committed but unreadable (%s)", url, error)
+        return None
+    check_provenance(read_provenance(footer.schema.to_arrow_schema()), manifest.provenance, url)
+    if relpath != unit_path(int(stats.get("epoch", -1)), str(stats.get("shard"))):
+        log.warning("recomputing %s: its footer describes another unit", url)
+        return None
+    return {**stats, "bytes": size}

@@ -1,0 +1,140 @@
+"""The manifest and storage agree: damaged units are found, recomputed by `pvu cache`, refused
+by readers; committed files the manifest lacks are adopted."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import ray
+from support import SMALL_BACKBONE_FLAGS
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline.cache.index import open_cache
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.verify import CacheMismatch, list_unit_files, reconcile, verify_cache
+from pipeline.demo.data import write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, provenance, write_synthetic_cache
+from schemas import SCHEMA_VERSION
+
+SPEC = SyntheticCache(dim=8, samples_per_shard=40, shards=3, epochs=2, row_group_rows=20)
+UNITS = [f"epoch={e:04d}/shard-{s:05d}.parquet" for e in range(2) for s in range(3)]
+
+
+def damage(url: str) -> dict[str, str]:
+    """Delete one unit, truncate another, put a third unit's file in place of a fourth."""
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(f"{root}/{UNITS[0]}")
+    fs.pipe_file(f"{root}/{UNITS[1]}", fs.cat_file(f"{root}/{UNITS[1]}")[:-100])
+    fs.pipe_file(f"{root}/{UNITS[2]}", fs.cat_file(f"{root}/{UNITS[5]}"))
+    return {UNITS[0]: "missing", UNITS[1]: "bytes", UNITS[2]: ""}  # size or footer differs
+
+
+def test_deleted_truncated_and_replaced_units_are_named(tmp_path: Path) -> None:
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    assert verify_cache(url).ok
+    assert sorted(list_unit_files(url)) == UNITS
+    expected = damage(url)
+    check = verify_cache(url)
+    assert sorted(check.damaged) == sorted(expected)
+    for relpath, word in expected.items():
+        assert word in check.damaged[relpath]
+    with pytest.raises(CacheMismatch) as refused:
+        open_cache([url])
+    for relpath in expected:
+        assert relpath in str(refused.value)
+    assert f"--output {url}" in str(refused.value)
+
+
+def test_a_same_size_file_of_another_unit_is_caught_by_its_footer(tmp_path: Path) -> None:
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    (url / UNITS[0]).write_bytes((url / UNITS[3]).read_bytes())  # epoch 1's file under epoch 0
+    manifest = json.loads((url / "_manifest.json").read_text())
+    manifest["units"][UNITS[0]]["bytes"] = (url / UNITS[3]).stat().st_size  # as if sizes agreed
+    (url / "_manifest.json").write_text(json.dumps(manifest))
+    check = verify_cache(str(url))
+    assert list(check.damaged) == [UNITS[0]]
+    assert "footer: epoch 1, manifest records 0" in check.damaged[UNITS[0]]
+    (url / UNITS[1]).write_bytes(b"PAR1" + b"\0" * (manifest["units"][UNITS[1]]["bytes"] - 4))
+    assert "unreadable footer" in verify_cache(str(url)).damaged[UNITS[1]]
+
+
+def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, caplog) -> None:
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    expected = damage(url)
+    document = json.loads((tmp_path / "c" / "_manifest.json").read_text())
+    orphan = UNITS[4]
+    del document["units"][orphan]  # committed, then killed before the manifest write
+    (tmp_path / "c" / "_manifest.json").write_text(json.dumps(document))
+    identity = {"schema_version": SCHEMA_VERSION, "embedding_dim": SPEC.dim, **provenance(SPEC)}
+    with caplog.at_level(logging.WARNING):
+        manifest = reconcile(Manifest.open(url, identity))
+    assert sorted(manifest.units) == sorted(set(UNITS) - set(expected))
+    for relpath in expected:
+        assert f"recomputing {url}/{relpath}" in caplog.text
+    assert sorted(list_unit_files(url)) == sorted(manifest.units), "damaged files are removed"
+    assert verify_cache(url).ok
+
+
+# --- the user's path: `pvu cache` repairs what `pvu train-head` refuses ------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):  # the S3 environment must exist before Ray's workers start
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def read_rows(url: str) -> dict[tuple[str, int], bytes]:
+    """Every row of the cache at ``url`` by (key, epoch), as the bytes of its columns."""
+    rows = {}
+    fs, root = fsspec.core.url_to_fs(url)
+    for relpath in list_unit_files(url):
+        table = pq.read_table(fs.open(f"{root}/{relpath}", "rb"))
+        for row in table.to_pylist():
+            rows[row["key"], row["epoch"]] = repr(sorted(row.items())).encode()
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_cache_rerun_repairs_a_damaged_cache_that_train_head_refused(
+    local_ray, storage, tmp_path, request
+):
+    root = request.getfixturevalue("s3_bucket") if storage == "s3" else str(tmp_path)
+    write_digit_shards(f"{root}/shards", shards=3, per_shard=6, size=32)
+    output = f"{root}/cache"
+    command = [
+        "cache",
+        *("--shards", f"{root}/shards/digits-{{0000..0002}}.tar", "--output", output),
+        *("--epochs", "2", "--batch-size", "8", *SMALL_BACKBONE_FLAGS),
+    ]
+    runner = CliRunner()
+    assert runner.invoke(app, command).exit_code == 0
+    exact = read_rows(output)
+    assert len(exact) == 3 * 6 * 2
+    fs, path = fsspec.core.url_to_fs(output)
+    units = sorted(list_unit_files(output))
+    fs.rm(f"{path}/{units[0]}")
+    fs.pipe_file(f"{path}/{units[1]}", fs.cat_file(f"{path}/{units[1]}")[:-64])
+    fs.pipe_file(f"{path}/{units[2]}", fs.cat_file(f"{path}/{units[4]}"))
+
+    train = ["train-head", "--cache", output, "--output", str(tmp_path / "head")]
+    refused = runner.invoke(app, [*train, "--episodes", "2", "--warmup-episodes", "0"])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2, refused.output
+    assert all(unit in message for unit in units[:3]) and "`pvu cache`" in message
+
+    repaired = runner.invoke(app, command)
+    assert repaired.exit_code == 0, repaired.output
+    assert read_rows(output) == exact, "the same command gives the exact cache again"
+    assert verify_cache(output).ok
