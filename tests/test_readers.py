@@ -19,6 +19,7 @@ import torch
 from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
+from pipeline.cache.verify import reconcile
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.stream import read_validation
@@ -40,7 +41,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 runner.run(Unit(source=url, shard=f"digits-{index:04d}", epoch=epoch))
     finally:
         runner.close()
-    Manifest.open(str(root / "cache"), runner.settings.provenance)  # adopts the four units
+    reconcile(Manifest.open(str(root / "cache"), runner.settings.provenance))  # adopts the units
     assert (root / "cache" / "_manifest.json").is_file()
     return root / "cache"
 
