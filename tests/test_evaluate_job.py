@@ -31,6 +31,8 @@ def write_eval_cache(
     *,
     keys: list[str] | None = None,
     transform: dict[str, Any] | None = None,
+    ambiguity: np.ndarray | None = None,
+    epochs: int = 1,
     shards: int = 2,
 ) -> str:
     """An eval cache (epoch 0, manifest-less) of ``embedding`` rows with ``labels`` at ``url``."""
@@ -42,13 +44,18 @@ def write_eval_cache(
     provenance = {**BACKBONE, "transform": transform or {"is_training": False}, "seed": 0}
     schema = with_provenance(cache_schema(embedding.shape[1]), provenance)
     fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(f"{root}/epoch=0000", exist_ok=True)
-    for shard, rows in enumerate(np.array_split(np.arange(n), shards)):
+    units = [
+        (e, s, rows)
+        for e in range(epochs)
+        for s, rows in enumerate(np.array_split(np.arange(n), shards))
+    ]
+    for epoch, shard, rows in units:
+        fs.makedirs(f"{root}/epoch={epoch:04d}", exist_ok=True)
         batch = to_record_batch(
             schema,
             keys=[keys[i] for i in rows],
             shard=f"shard-{shard}",
-            epoch=0,
+            epoch=epoch,
             labels=labels[rows],
             outputs={
                 "embedding": embedding[rows],
@@ -58,8 +65,11 @@ def write_eval_cache(
                 "entropy": -(probs[rows] * np.log(probs[rows])).sum(1),
             },
         )
-        with fs.open(f"{root}/epoch=0000/shard-{shard}.parquet", "wb") as handle:
-            pq.write_table(pa.Table.from_batches([batch]), handle, **PARQUET_OPTIONS)
+        table = pa.Table.from_batches([batch])
+        if ambiguity is not None:
+            table = table.append_column("ambiguity", pa.array(ambiguity[rows], pa.float32()))
+        with fs.open(f"{root}/epoch={epoch:04d}/shard-{shard}.parquet", "wb") as handle:
+            pq.write_table(table, handle, **PARQUET_OPTIONS)
     return url
 
 
@@ -98,3 +108,97 @@ def test_evaluate_writes_a_valid_report(tmp_path: Path, head_dir: str) -> None:
     assert "<circle" in html and not re.search(r"https?://", html)
     for figure in document["figures"]:
         assert (report / figure).stat().st_size > 1000
+
+
+def run(*args: str) -> Any:
+    """``pvu evaluate`` with ``args``; the CliRunner result."""
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def said(result: Any) -> str:
+    """The command's output with the terminal's line wrapping undone."""
+    return "".join(result.output.split())
+
+
+def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> None:
+    x, labels = clustered(240, 4, seed=3)
+    rng = np.random.default_rng(4)
+    ambiguity = np.where(rng.random(240) < 0.3, rng.uniform(0.2, 1.0, 240), 0.0)
+    ambiguity[:10] = np.nan  # unknown rows are left out, not counted as clear
+    x_amb = x / (1.0 + 3.0 * np.nan_to_num(ambiguity))[:, None]  # ambiguous: smaller norm
+    clean = write_eval_cache(str(tmp_path / "clean"), x_amb, labels, ambiguity=ambiguity)
+    deteriorated = []
+    for kind in ("blur", "noise"):
+        for strength in (1.0, 2.0, 4.0):
+            transform = {
+                "is_training": False,
+                "deterioration": {"kind": kind, "strength": strength},
+            }
+            url = str(tmp_path / f"{kind}-{strength}")
+            write_eval_cache(url, x / (1 + strength), labels, transform=transform)
+            deteriorated += ["--deterioration", url]
+    result = run(
+        "--head", head_dir, "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--deterioration", clean, *deteriorated, "--tsne-points", "60",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r" / "report.json").read_text())
+    validate_report(document)
+    curves = document["deterioration"]["kinds"]
+    assert sorted(curves) == ["blur", "noise"]
+    for curve in curves.values():
+        assert curve["strengths"] == [0.0, 1.0, 2.0, 4.0] and curve["n"] == [240] * 4
+        norm = curve["sources"]["inverse_norm"]
+        assert norm["rises"] is True and norm["spearman"] == pytest.approx(1.0)
+        assert curve["sources"]["random"]["median"][0] == pytest.approx(0.5, abs=0.1)
+    entry = document["datasets"][0]
+    flagged = ~np.isnan(ambiguity)
+    assert entry["ambiguity"] == {
+        "origin": "column",
+        "ambiguous": int((ambiguity[flagged] > 0).sum()),
+        "clear": int((ambiguity[flagged] == 0).sum()),
+        "unknown": 10,
+    }
+    assert entry["sources"]["inverse_norm"]["ambiguity_auroc"] > 0.9
+    assert "deterioration.png" in document["figures"]
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "## Deterioration" in markdown and "## Human ambiguity" in markdown
+
+
+def test_imagenet_validation_keys_get_real_flags() -> None:
+    from pipeline.evaluate.analyses import real_ambiguous
+
+    # ReaL labels of the first four validation images: [], [970, 795], [230, 231], [809]
+    keys = [f"val/ILSVRC2012_val_{i:08d}" for i in (1, 2, 3, 4)]
+    assert real_ambiguous(keys).tolist() == [True, True, True, False]
+    assert real_ambiguous(["img-000001"]) is None
+
+
+def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
+    x, labels = clustered(50, 3, seed=5)
+    train = write_eval_cache(str(tmp_path / "train"), x, labels, epochs=2)
+    result = run("--head", head_dir, "--dataset", f"t={train}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2 and f"{train}holds2epochs" in said(result)
+    other = str(tmp_path / "other-head")
+    export_head(
+        create_head(HeadConfig(embedding_dim=DIM, hidden=(4,)), seed=0),
+        other, loss="ranking", backbone="vit_base_patch16_224", weights_digest="sha256:x",
+    )  # fmt: skip
+    ok = write_eval_cache(str(tmp_path / "ok"), x, labels)
+    result = run("--head", other, "--dataset", f"ok={ok}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2 and f"head{other}wastrainedforbackbone" in said(result)
+    assert "'vit_base_patch16_224',butcache" in said(result) and "Traceback" not in result.output
+    result = run("--dataset", "no-equals-sign", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "NAME=CACHE_URL" in said(result)
+    result = run("--dataset", f"gone={tmp_path / 'missing'}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2 and f"cache{tmp_path / 'missing'}doesnotexist" in said(result)
+
+
+@pytest.mark.slow
+def test_reads_caches_from_s3(s3_bucket: str, tmp_path: Path, head_dir: str) -> None:
+    x, labels = clustered(120, 3, seed=6)
+    url = write_eval_cache(f"{s3_bucket}/caches/s3set", x, labels)
+    result = run("--head", head_dir, "--dataset", f"s3set={url}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    entry = json.loads((tmp_path / "r" / "report.json").read_text())["datasets"][0]
+    assert entry["n"] == 120 and entry["url"] == url
