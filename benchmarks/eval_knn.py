@@ -71,9 +71,7 @@ def main() -> None:
     found = {}
 
     def search() -> None:
-        found["nb"] = nearest_neighbours(
-            unit, queries=np.arange(queries), block_bytes=block_bytes
-        )
+        found["nb"] = nearest_neighbours(unit, queries=np.arange(queries), block_bytes=block_bytes)
 
     ref_cpu, ref_wall = timed(lambda: reference(unit, queries, block_bytes))
     knn_cpu, knn_wall = timed(search)

@@ -202,3 +202,14 @@ def test_reads_caches_from_s3(s3_bucket: str, tmp_path: Path, head_dir: str) -> 
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "r" / "report.json").read_text())["datasets"][0]
     assert entry["n"] == 120 and entry["url"] == url
+
+
+def test_refuses_a_damaged_cache_naming_the_unit(tmp_path: Path) -> None:
+    from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+
+    url = str(tmp_path / "damaged")
+    write_synthetic_cache(url, SyntheticCache(dim=DIM, epochs=1, shards=2, samples_per_shard=20))
+    unit = tmp_path / "damaged" / "epoch=0000" / "shard-00001.parquet"
+    unit.write_bytes(unit.read_bytes()[:-100])
+    result = run("--dataset", f"d={url}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "epoch=0000/shard-00001.parquet" in said(result)
