@@ -1,17 +1,49 @@
-"""Retry of storage calls: transient errors back off and retry, permanent ones fail at once."""
+"""Retry of storage calls: one policy per layer, so no error is retried at two of them.
+
+A storage call passes three layers; each retries what only it can see, once:
+
+============  ===========================================================================
+botocore      one HTTP request: 5xx, throttling (``SlowDown``), a connection refused, reset
+              or timed out before the answer. Standard mode, ``REQUEST_ATTEMPTS`` tries,
+              exponential backoff with full jitter (at most 20 s a wait).
+s3fs          nothing (``retries = 1``): its own loop would repeat botocore's tries, five
+              times over, nested once more around each ranged read.
+``retry()``   one storage operation (open, read at a byte, commit, manifest write): an
+              answer broken off mid-body (``TRANSIENT_ERRORS``), which no per-request retry
+              sees, by reopening or rewriting. Errors the layer below already retried, and
+              permanent ones (``PERMANENT_ERRORS``: 404, 403) are raised at once, the URL
+              prefixed to the message.
+============  ===========================================================================
+
+Above them, ``pipeline.cache.distribute`` runs a failed unit again (``--max-attempts``) unless
+its error is permanent, which fails the unit at once. A missing object or a denied access is
+thus one request, failed within a second; a store that stays down costs
+``REQUEST_ATTEMPTS`` requests per try of the unit. :func:`configure_storage_clients` sets the
+two lower layers; importing ``pipeline`` calls it, so every pvu process (driver, Ray actors)
+runs the same policy. A user's own fsspec configuration for ``s3`` (``FSSPEC_S3`` or
+``~/.config/fsspec``) takes precedence over these defaults.
+"""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import time
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+import aiohttp
+import botocore.exceptions
+import fsspec.config
+import s3fs
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Tries botocore gives each HTTP request (the first one included).
+REQUEST_ATTEMPTS = 5
 #: Errors no retry can fix: the object is not there, or we may not read it.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
@@ -19,10 +51,37 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
-#: Errors worth another try (``ConnectionError`` and ``TimeoutError`` are ``OSError`` too).
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+#: An answer broken off after it began, or a connection that failed mid-stream: what the layer
+#: below cannot retry. ``ConnectionError`` and ``TimeoutError`` are what non-S3 filesystems
+#: raise for the same; aiohttp's and botocore's own types are not ``OSError``.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    http.client.IncompleteRead,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+)
+#: Other errors from storage: raised at once, with the operation and URL in the message.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    botocore.exceptions.BotoCoreError,
+    aiohttp.ClientError,
+)
 
 _jitter = random.Random()  # private: the global ``random`` is seeded per sample elsewhere
+
+
+def configure_storage_clients() -> None:
+    """Give botocore the request retries and s3fs none (see the module docstring)."""
+    s3fs.S3FileSystem.retries = 1
+    defaults = fsspec.config.conf.setdefault("s3", {})
+    defaults.setdefault(
+        "config_kwargs",
+        {"retries": {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS}},
+    )
 
 
 def retry(
@@ -34,12 +93,12 @@ def retry(
     what: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn()``; retry transient storage errors with exponential backoff and jitter.
+    """Call ``fn()``; retry ``TRANSIENT_ERRORS`` with exponential backoff and jitter.
 
     ``what`` names the operation and its URL (``"open s3://b/x.tar"``); it is logged with every
-    retry and prefixed to the message of the error finally raised. Permanent errors
-    (``FileNotFoundError``, ``PermissionError``, ...) and non-storage errors are not retried;
-    a transient error that outlasts ``attempts`` is re-raised as permanent.
+    retry and prefixed to the message of the error finally raised. Permanent errors and other
+    storage errors are raised at once, non-storage errors (bugs) untouched; a transient error
+    that outlasts ``attempts`` is raised with the count.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -64,13 +123,21 @@ def retry(
                 delay,
             )
             sleep(delay)
+        except STORAGE_ERRORS as error:
+            _reraise(error, f"{what} failed")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _reraise(error: BaseException, context: str) -> NoReturn:
-    """Raise the same kind of error with ``context`` prefixed to its message, chained to it."""
+    """Raise the error again with ``context`` prefixed to its message, chained to it.
+
+    The same type where its constructor takes a message; else (botocore's keyword-only
+    errors) an ``OSError``, or ``ConnectionError``/``TimeoutError`` where it is one.
+    """
+    message = f"{context}: {type(error).__name__}: {error}"
     try:
-        wrapped = type(error)(f"{context}: {type(error).__name__}: {error}")
-    except Exception:  # an exception type with an unusual constructor: raise it unchanged
-        raise error from None
+        wrapped = type(error)(message)
+    except Exception:
+        kind = next((k for k in (TimeoutError, ConnectionError) if isinstance(error, k)), OSError)
+        wrapped = kind(message)
     raise wrapped from error

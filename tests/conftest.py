@@ -58,6 +58,19 @@ def s3_bucket(s3_server: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture
+def fault_proxy(s3_server: str, monkeypatch: pytest.MonkeyPatch):
+    """A :class:`faultproxy.FaultProxy` in front of :func:`s3_server`, made the AWS endpoint
+    of this process (no faults until the test asks for them); yields the proxy."""
+    from faultproxy import FaultProxy
+
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        _clear_s3fs_cache()
+        yield proxy
+    _clear_s3fs_cache()
+
+
 def _clear_s3fs_cache() -> None:
     import s3fs
 

@@ -1,7 +1,10 @@
-"""Retry: transient storage errors back off and retry; permanent ones fail at once."""
+"""Retry: errors broken off mid-answer back off and retry; every other storage error fails at
+once with the URL (the errors real clients raise, through a proxy: ``test_storage_faults``)."""
 
 from __future__ import annotations
 
+import aiohttp
+import botocore.exceptions
 import pytest
 
 from pipeline.retry import retry
@@ -22,7 +25,11 @@ class Flaky:
 
 def test_transient_errors_back_off_exponentially(caplog):
     sleeps: list[float] = []
-    fn = Flaky(ConnectionResetError("reset"), TimeoutError("slow"), OSError(5, "I/O error"))
+    fn = Flaky(
+        ConnectionResetError("reset"),
+        TimeoutError("slow"),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+    )
     assert retry(fn, what="read s3://b/x.tar", base_delay=1.0, sleep=sleeps.append) == "done"
     assert fn.calls == 4
     assert len(sleeps) == 3
@@ -34,7 +41,7 @@ def test_transient_errors_back_off_exponentially(caplog):
 def test_delay_is_capped():
     sleeps: list[float] = []
     retry(
-        Flaky(*[OSError()] * 6),
+        Flaky(*[ConnectionError()] * 6),
         attempts=7,
         base_delay=10,
         max_delay=15,
@@ -64,6 +71,20 @@ def test_permanent_errors_are_not_retried(kind):
     assert fn.calls == 1
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(121, "Internal Server Error"),  # s3fs's 5xx once botocore gave up on it
+        botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/x.tar"),
+    ],
+)
+def test_errors_the_layer_below_retried_are_not_retried_again(error):
+    fn = Flaky(error)
+    with pytest.raises(OSError, match=r"^open s3://b/x\.tar failed: ") as raised:
+        retry(fn, what="open s3://b/x.tar", sleep=pytest.fail)
+    assert fn.calls == 1 and raised.value.__cause__ is error
+
+
 def test_code_errors_pass_through_untouched():
     original = TypeError("bug")
     with pytest.raises(TypeError) as error:
@@ -71,15 +92,14 @@ def test_code_errors_pass_through_untouched():
     assert error.value is original
 
 
-def test_unusual_exception_constructor_is_reraised_as_is():
-    class Odd(OSError):
+def test_unusual_exception_constructor_still_gets_the_url():
+    class Odd(ConnectionError):
         def __init__(self, a, b):
             super().__init__(f"{a}{b}")
 
     original = Odd("x", "y")
-    with pytest.raises(Odd) as error:
-        retry(Flaky(original), attempts=1, what="x")
-    assert error.value is original
+    with pytest.raises(ConnectionError, match=r"^read s3://b/x failed after 1 attempts: Odd: xy"):
+        retry(Flaky(original), attempts=1, what="read s3://b/x")
 
 
 def test_arguments_are_checked():

@@ -1,7 +1,8 @@
 """Ray layer: a pool of backbone actors, pinned to GPUs or CPUs, that runs units of work.
 
 Ray only moves units and their results; the per-sample work is ``pipeline.cache.unit``. A unit whose
-actor or node dies is given to another actor; a unit that raises is retried, then reported failed.
+actor or node dies is given to another actor; a unit that raises is retried, then reported failed,
+except for a permanent storage error (a missing object, a denied access), which fails it at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
+from pipeline.retry import PERMANENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,12 @@ class ActorPool:
             result = ray.get(ref)
         except RayTaskError as error:  # the unit raised; its actor is fine
             self._idle.append(actor)
-            self._retry_or_fail(unit, f"{unit.source}: {error.cause!r}", report, pending, attempts)
+            why = f"{unit.source}: {type(error.cause).__name__}: {error.cause}"
+            if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it
+                report.failed[unit.relpath] = why
+                log.error("unit %s failed: %s", unit.relpath, why)
+                return
+            self._retry_or_fail(unit, why, report, pending, attempts)
             return
         except _ACTOR_LOST as error:  # the actor's process or node died while running it
             report.actors_replaced += 1

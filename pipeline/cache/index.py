@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import require_consistent
+from pipeline.retry import retry
 from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,13 @@ def list_cache_files(url: str) -> list[str]:
 
 def _read_footer(url: str, cache: str) -> CacheFile:
     fs, path = fsspec.core.url_to_fs(url)
-    try:
+
+    def read() -> pq.FileMetaData:
         with fs.open(path, "rb") as handle:
-            metadata = pq.read_metadata(handle)
+            return pq.read_metadata(handle)
+
+    try:
+        metadata = retry(read, what=f"read the footer of {url}")
     except FileNotFoundError:
         raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
     schema = metadata.schema.to_arrow_schema()

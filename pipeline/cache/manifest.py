@@ -10,6 +10,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.retry import retry
 from schemas import SCHEMA_VERSION, validate_manifest
 
 MANIFEST_NAME = "_manifest.json"
@@ -74,10 +75,12 @@ class Manifest:
         It is not yet reconciled with storage: ``pipeline.cache.verify.reconcile`` does that.
         """
         manifest = cls(root, provenance)
+        path = f"{manifest._root_path}/{MANIFEST_NAME}"
         try:
-            document = json.loads(manifest._fs.cat_file(f"{manifest._root_path}/{MANIFEST_NAME}"))
+            data = retry(lambda: manifest._fs.cat_file(path), what=f"read {root}/{MANIFEST_NAME}")
         except FileNotFoundError:
             return manifest
+        document = json.loads(data)
         validate_manifest(document)
         check_provenance(document["provenance"], provenance, root)
         manifest.units = document["units"]
@@ -112,10 +115,14 @@ class Manifest:
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         validate_manifest(document)
-        self._fs.makedirs(self._root_path, exist_ok=True)
-        staging = f"{self._root_path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
-        with self._fs.open(staging, "w") as handle:
-            json.dump(document, handle, indent=1)
-        self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
+        data = json.dumps(document, indent=1).encode()
+
+        def write_then_move() -> None:
+            self._fs.makedirs(self._root_path, exist_ok=True)
+            staging = f"{self._root_path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
+            self._fs.pipe_file(staging, data)
+            self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
+
+        retry(write_then_move, what=f"write {self.root}/{MANIFEST_NAME}")
         self._last_flush = time.monotonic()
         self._dirty = False

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.cache.index import CacheIndex, RowGroupRef
+from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,14 @@ def _read_group(
     f = index.files[ref.file]
     columns = list(dict.fromkeys(["key", "embedding", "loss", *extra]))
     fs, path = fsspec.core.url_to_fs(f.url)
-    with fs.open(path, "rb") as handle:
-        table = pq.ParquetFile(handle, metadata=f.metadata).read_row_group(
-            ref.group, columns=columns, use_threads=False
-        )
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle, metadata=f.metadata).read_row_group(
+                ref.group, columns=columns, use_threads=False
+            )
+
+    table = retry(read, what=f"read row group {ref.group} of {f.url}")
     flat = table.column("embedding").combine_chunks().flatten()
     embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
     loss = table.column("loss").to_numpy().astype(np.float32, copy=False)

@@ -1,0 +1,114 @@
+"""Storage faults through the real client stack: moto behind a fault-injecting proxy, reached by
+s3fs / aiobotocore / aiohttp exactly as in production (``tests/faultproxy.py``).
+
+Each layer retries only what it alone can see (``pipeline.retry``): botocore the failed HTTP
+request, pvu's ``retry`` an answer broken off mid-body; a permanent error is one request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import time
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from support import make_runner
+
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.samples import iter_samples
+from pipeline.cache.unit import Unit
+from pipeline.demo.data import write_digit_shards
+from pipeline.retry import REQUEST_ATTEMPTS
+
+pytestmark = pytest.mark.slow
+
+TRANSIENT = ("500", "503", "slowdown", "reset", "cut", "stall")
+
+
+@pytest.fixture
+def shard(s3_bucket: str, fault_proxy) -> str:
+    return write_digit_shards(f"{s3_bucket}/shards", shards=1, per_shard=12, size=32)[0]
+
+
+def read(url: str) -> list:
+    return list(iter_samples(url, counts=collections.Counter(), base_delay=0.05))
+
+
+def gets(proxy, url: str) -> int:
+    """GET requests the proxy saw for the object at ``url``."""
+    path = "/" + url.removeprefix("s3://")
+    return sum(n for (method, p), n in proxy.requests.items() if method == "GET" and p == path)
+
+
+def test_clients_run_one_retry_policy_per_layer(fault_proxy):
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.connect()
+    assert s3fs.S3FileSystem.retries == 1, "s3fs must not repeat botocore's retries"
+    retries = fs.s3.meta.config.retries
+    assert retries["mode"] == "standard" and retries["total_max_attempts"] == REQUEST_ATTEMPTS
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0.5 s read timeout, so that a stalled answer times out within the test."""
+    conf = {**fsspec.config.conf["s3"]}
+    conf["config_kwargs"] = {**conf["config_kwargs"], "read_timeout": 0.5}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("kind", TRANSIENT)
+def test_transient_faults_on_reads_lose_nothing(kind, shard, fault_proxy, short_timeouts, caplog):
+    expected = read(shard)
+    fault_proxy.requests.clear()
+    fault_proxy.stall_seconds = 1.5
+    fault_proxy.fail_next(kind, 2, pattern=re.escape(shard.removeprefix("s3:/")), methods=["GET"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
+        assert read(shard) == expected
+    assert fault_proxy.counts[kind] == 2
+    assert gets(fault_proxy, shard) == 3, "each fault costs one more request, no more"
+    # botocore retries a failed request; only an answer cut mid-body reaches pvu's retry
+    assert ("retrying" in caplog.text) == (kind == "cut")
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [("deny", PermissionError), ("no-bucket", FileNotFoundError), ("deleted", FileNotFoundError)],
+)
+def test_a_permanent_fault_fails_at_once_with_the_url(fault, error, shard, fault_proxy):
+    if fault == "deleted":
+        s3fs.S3FileSystem().rm(shard)
+    else:
+        fault_proxy.deny(re.escape(shard.removeprefix("s3:/")), kind=fault)
+    fault_proxy.requests.clear()
+    started = time.monotonic()
+    with pytest.raises(error, match=re.escape(shard)):
+        read(shard)
+    assert time.monotonic() - started < 5
+    assert sum(fault_proxy.requests.values()) <= 2, "a permanent error is not retried"
+
+
+def test_unit_files_and_manifest_survive_write_faults(
+    s3_bucket, shard, fault_proxy, short_timeouts
+):
+    output = f"{s3_bucket}/cache"
+    runner = make_runner(output)
+    unit = Unit(source=shard, shard="digits-0000", epoch=0)
+    fault_proxy.stall_seconds = 1.5
+    for kind in TRANSIENT:  # the first writes (staging, move, manifest) get one fault each
+        fault_proxy.fail_next(kind, 1, methods=["PUT", "POST", "DELETE"])
+    result = runner.run(unit)
+    manifest = Manifest.open(output, runner.settings.provenance)
+    manifest.record(result.relpath, result.manifest_entry())
+    manifest.flush(force=True)
+    assert all(fault_proxy.counts[kind] == 1 for kind in TRANSIENT)
+    fs = s3fs.S3FileSystem()
+    table = pq.read_table(fs.open(f"{output}/{result.relpath}", "rb"))
+    assert table.num_rows == result.rows == 12
+    assert table.column("key").to_pylist() == [sample.key for sample in read(shard)]
+    reopened = Manifest.open(output, runner.settings.provenance)
+    assert reopened.units == {result.relpath: result.manifest_entry()}
