@@ -27,6 +27,7 @@ from pipeline.cache.manifest import (
     provenance_differences,
 )
 from pipeline.cache.writer import unit_path
+from pipeline.retry import retry
 from schemas import UNIT_STATS_KEY, read_provenance
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,12 @@ def list_unit_files(url: str) -> dict[str, int]:
 def read_footer(url: str, relpath: str, size: int) -> pq.FileMetaData:
     """The Parquet footer of unit ``relpath`` of the cache at ``url``, whose size is known."""
     fs, root = fsspec.core.url_to_fs(url)
-    with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", size=size) as handle:
-        return pq.read_metadata(handle)
+
+    def read() -> pq.FileMetaData:
+        with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", size=size) as handle:
+            return pq.read_metadata(handle)
+
+    return retry(read, what=f"read the footer of {url.rstrip('/')}/{relpath}")
 
 
 def footer_problem(
