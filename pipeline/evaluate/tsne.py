@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,15 @@ def pick_rows(
 
 
 def tsne_map(unit: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE coordinates of unit-norm rows (cosine geometry), deterministic in ``seed``."""
+    """2-D t-SNE coordinates of unit-norm rows (cosine geometry), deterministic in ``seed``.
+
+    Runs on one thread: a few thousand points take seconds, while the OpenMP gradient's
+    barriers stall for minutes when other work shares the cores.
+    """
     perplexity = float(min(30, max(2, (len(unit) - 1) // 3)))
     tsne = TSNE(2, perplexity=perplexity, init="pca", metric="cosine", random_state=seed)
-    return tsne.fit_transform(unit.astype(np.float32))
+    with threadpool_limits(1):
+        return tsne.fit_transform(unit.astype(np.float32))
 
 
 def point_style(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
