@@ -22,18 +22,19 @@ import torch
 from pipeline.evaluate.knn import nearest_neighbours, normalize, query_chunk
 
 
-def timed(work) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) of ``work()``."""
+def timed(work, device: str) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of ``work()``, the GPU synchronised."""
     cpu, wall = time.process_time(), time.perf_counter()
     work()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def reference(unit: np.ndarray, queries: int, block_bytes: int) -> None:
+def reference(x: torch.Tensor, queries: int, block_bytes: int) -> None:
     """The search's matrix products alone, block by block, into one preallocated block."""
-    x = torch.from_numpy(unit)
-    step = query_chunk(len(unit), block_bytes=block_bytes)
-    block = torch.empty((step, len(unit)))
+    step = query_chunk(len(x), block_bytes=block_bytes)
+    block = torch.empty((step, len(x)), device=x.device)
     with torch.inference_mode():
         for start in range(0, queries, step):
             rows = x[start : min(start + step, queries)]
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="Default: every row.")
     parser.add_argument("--block-mb", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then wall-time ratios).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,16 +68,21 @@ def main() -> None:
     embedding = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
     unit = normalize(embedding)
     del embedding
+    x = torch.from_numpy(unit).to(args.device)
     flop = 2.0 * queries * args.rows * args.dim
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     found = {}
 
     def search() -> None:
-        found["nb"] = nearest_neighbours(unit, queries=np.arange(queries), block_bytes=block_bytes)
+        found["nb"] = nearest_neighbours(
+            x, queries=np.arange(queries), block_bytes=block_bytes, device=args.device
+        )
 
-    ref_cpu, ref_wall = timed(lambda: reference(unit, queries, block_bytes))
-    knn_cpu, knn_wall = timed(search)
-    ref2_cpu, ref2_wall = timed(lambda: reference(unit, queries, block_bytes))
+    if args.device == "cuda":
+        reference(x, min(queries, 4096), block_bytes)  # warm-up: kernels, allocator
+    ref_cpu, ref_wall = timed(lambda: reference(x, queries, block_bytes), args.device)
+    knn_cpu, knn_wall = timed(search, args.device)
+    ref2_cpu, ref2_wall = timed(lambda: reference(x, queries, block_bytes), args.device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ref_cpu, ref_wall = (ref_cpu + ref2_cpu) / 2, (ref_wall + ref2_wall) / 2
     print(f"{queries:,} queries x {args.rows:,} rows x {args.dim} dims, {flop / 1e12:.2f} TFLOP")
