@@ -27,6 +27,7 @@ from pipeline.cache.backbone import Backbone, create_backbone_model, describe_ba
 from pipeline.cache.unit import Unit, UnitRunner, UnitSettings
 from pipeline.cache.writer import commit_unit, to_record_batch
 from pipeline.demo.data import write_photo_shards
+from schemas import SCHEMA_VERSION
 
 
 def describe_file(path: Path, dim: int) -> dict[str, float]:
@@ -64,7 +65,7 @@ def main() -> None:
     dim = info.embedding_dim
     transform = resolve_transform(TransformConfig(augment="train"), info.data_config)
     provenance = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "backbone": info.name,
         "weights_digest": info.weights_digest,
         "embedding_dim": dim,
@@ -73,6 +74,7 @@ def main() -> None:
         "seed": 0,
         "dtype": "float16",
         "label_remap_digest": None,
+        "label_space": "classifier",
         "project_version": "benchmark",
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,7 @@ from rich.table import Table
 from jobs.terminal import console, setup_logging, validated
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import BackboneInfo, describe_backbone, file_digest
+from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
@@ -56,6 +57,14 @@ class CacheJobConfig(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     input_size: int | None = Field(default=None, ge=8)
     decode_workers: int | None = Field(default=None, ge=0)
+    label_space: Literal["classifier", "dataset"] | None = None
+    ambiguity_key: str | None = None
+    deteriorate: Deterioration | None = None
+
+    @field_validator("deteriorate", mode="before")
+    @classmethod
+    def _parse_deteriorate(cls, value: object) -> object:
+        return Deterioration.parse(value) if isinstance(value, str) else value
 
     @field_validator("weights")
     @classmethod
@@ -80,12 +89,27 @@ class CacheJobConfig(BaseModel):
     def _eval_has_one_epoch(self) -> CacheJobConfig:
         if self.augment == "eval" and self.epochs != 1:
             raise ValueError("--augment eval caches one un-augmented epoch (0); drop --epochs")
+        if self.deteriorate is not None and self.augment != "eval":
+            raise ValueError("--deteriorate applies to the eval transform: add --augment eval")
+        if self.label_remap is not None and self.resolved_label_space == "dataset":
+            raise ValueError(
+                "--label-remap maps labels into the classifier's space, but this cache keeps the "
+                "dataset's own labels (--label-space dataset, the default of --augment eval); "
+                "drop --label-remap or pass --label-space classifier"
+            )
         return self
+
+    @property
+    def resolved_label_space(self) -> str:
+        """The label space: as given, else ``classifier`` for train and ``dataset`` for eval."""
+        if self.label_space is not None:
+            return self.label_space
+        return "classifier" if self.augment == "train" else "dataset"
 
     def transform_config(self) -> TransformConfig:
         """The augmentation settings; unset fields fall back to the backbone's data config."""
         size = None if self.input_size is None else (3, self.input_size, self.input_size)
-        return TransformConfig(augment=self.augment, input_size=size)
+        return TransformConfig(augment=self.augment, input_size=size, deteriorate=self.deteriorate)
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -113,6 +137,8 @@ def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict
         "seed": config.seed,
         "dtype": config.dtype,
         "label_remap_digest": file_digest(config.label_remap) if config.label_remap else None,
+        "label_space": config.resolved_label_space,
+        "ambiguity_key": config.ambiguity_key,
         "project_version": project_version(),
     }
 
@@ -211,6 +237,8 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
         image_keys=config.image_keys,
         label_key=config.label_key,
         label_remap=config.label_remap,
+        label_space=config.resolved_label_space,
+        ambiguity_key=config.ambiguity_key,
         decode_workers=config.decode_workers,
     )
     started = time.monotonic()
@@ -343,6 +371,30 @@ def cache(
         typer.Option(
             help="Decode + augmentation processes per actor, 0 = a thread of the actor "
             "(default: 0 on CPUs, the actor's CPUs - 1 on a GPU)."
+        ),
+    ] = None,
+    label_space: Annotated[
+        str | None,
+        typer.Option(
+            help="'classifier' (labels remapped into the classifier's classes, loss against "
+            "them) or 'dataset' (every sample keeps its own label, loss null: downstream "
+            "datasets). Default: classifier for --augment train, dataset for --augment eval."
+        ),
+    ] = None,
+    ambiguity_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Shard member with a per-sample ambiguity for the 'ambiguity' column: a "
+            "number, or a JSON soft label (list or object of class weights) read as "
+            "1 - max/sum (default: none, the column is null)."
+        ),
+    ] = None,
+    deteriorate: Annotated[
+        str | None,
+        typer.Option(
+            help="KIND:STRENGTH, deteriorate every image before the eval transform: KIND one "
+            "of blur, box (grey box), zoom (centre crop), noise; STRENGTH 0 (none) to 1 "
+            "(content all but gone), e.g. blur:0.5. Needs --augment eval."
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,

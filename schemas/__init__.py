@@ -9,24 +9,30 @@ from schemas.documents import (
     validate_report,
 )
 from schemas.rows import (
+    LABEL_SPACES,
     PROVENANCE_KEY,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     UNIT_STATS_KEY,
     cache_schema,
     embedding_dim,
+    label_space,
     read_provenance,
     with_provenance,
 )
 
 __all__ = [
     "HEAD_SCHEMA",
+    "LABEL_SPACES",
     "MANIFEST_SCHEMA",
     "PROVENANCE_KEY",
+    "READABLE_VERSIONS",
     "REPORT_SCHEMA",
     "SCHEMA_VERSION",
     "UNIT_STATS_KEY",
     "cache_schema",
     "embedding_dim",
+    "label_space",
     "read_provenance",
     "validate_head",
     "validate_manifest",

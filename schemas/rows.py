@@ -1,4 +1,10 @@
-"""Arrow schema of one cache row, version 1 (DESIGN.md 3.2), and its provenance metadata."""
+"""Arrow schema of one cache row, version 2 (DESIGN.md 3.2), and its provenance metadata.
+
+Version 2 over version 1: ``loss`` is nullable (null in caches in the dataset's own label
+space, which the classifier knows nothing about), a nullable ``ambiguity`` column follows
+``entropy``, and the provenance records the ``label_space``. Version-1 caches (classifier
+space, losses everywhere, no ``ambiguity``) stay readable.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,16 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Row schema versions pvu's readers accept."""
+LABEL_SPACES = ("classifier", "dataset")
 PROVENANCE_KEY = b"pvu.provenance"
 UNIT_STATS_KEY = b"pvu.unit"
 
 
 def cache_schema(dim: int, embedding_type: pa.DataType | None = None) -> pa.Schema:
-    """The version-1 row schema for embeddings of width ``dim`` (float16 unless told otherwise)."""
+    """The version-2 row schema for embeddings of width ``dim`` (float16 unless told otherwise)."""
     if dim <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     return pa.schema(
@@ -27,10 +36,11 @@ def cache_schema(dim: int, embedding_type: pa.DataType | None = None) -> pa.Sche
                 pa.list_(pa.field("element", embedding_type or pa.float16(), nullable=False), dim),
                 nullable=False,
             ),
-            pa.field("loss", pa.float32(), nullable=False),
+            pa.field("loss", pa.float32(), nullable=True),
             pa.field("pred", pa.int32(), nullable=False),
             pa.field("max_prob", pa.float32(), nullable=False),
             pa.field("entropy", pa.float32(), nullable=False),
+            pa.field("ambiguity", pa.float32(), nullable=True),
         ]
     )
 
@@ -52,3 +62,11 @@ def read_provenance(schema: pa.Schema) -> dict[str, Any]:
     if raw is None:
         raise ValueError("not a pvu cache file: its Parquet schema carries no pvu.provenance")
     return json.loads(raw)
+
+
+def label_space(provenance: dict[str, Any]) -> str:
+    """The label space of a cache with ``provenance``: ``classifier`` or ``dataset``.
+
+    Version-1 caches predate the field and are all in the classifier's space.
+    """
+    return provenance.get("label_space") or "classifier"

@@ -6,7 +6,9 @@ import torch
 
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.unit import UnitRunner, UnitSettings
+from schemas import SCHEMA_VERSION
 
 BACKBONE = "resnet10t"
 # The same small backbone on the command line: random weights at 32x32, fast on a CPU.
@@ -63,15 +65,20 @@ JOB_FLAGS: dict[str, set[str]] = {
 
 
 def unit_settings(
-    output: str, *, augment: str = "train", seed: int = 0, **overrides
+    output: str,
+    *,
+    augment: str = "train",
+    seed: int = 0,
+    deteriorate: Deterioration | None = None,
+    **overrides,
 ) -> UnitSettings:
     """Settings for caching with random-weight ``BACKBONE`` at 32x32 into ``output``."""
     info = describe_backbone(BACKBONE, "random", input_size=(3, 32, 32))
-    transform = resolve_transform(
-        TransformConfig(augment=augment, input_size=(3, 32, 32)), info.data_config
-    )
+    config = TransformConfig(augment=augment, input_size=(3, 32, 32), deteriorate=deteriorate)
+    transform = resolve_transform(config, info.data_config)
     provenance = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
+        "label_space": overrides.get("label_space", "classifier"),
         "backbone": BACKBONE,
         "weights_digest": info.weights_digest,
         "embedding_dim": info.embedding_dim,
@@ -90,8 +97,8 @@ def unit_settings(
     )
 
 
-def make_runner(output: str, *, augment: str = "train", seed: int = 0, **overrides) -> UnitRunner:
-    """A ``UnitRunner`` on the CPU with :func:`unit_settings`."""
-    settings = unit_settings(output, augment=augment, seed=seed, **overrides)
+def make_runner(output: str, **options) -> UnitRunner:
+    """A ``UnitRunner`` on the CPU with :func:`unit_settings` (``options`` as it takes)."""
+    settings = unit_settings(output, **options)
     model = create_backbone_model(BACKBONE, "random")
     return UnitRunner(Backbone(model, torch.device("cpu")), settings)

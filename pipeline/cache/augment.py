@@ -1,4 +1,8 @@
-"""Augmented tensors: timm's train or eval transform, seeded per (seed, epoch, key) (DESIGN 3.3)."""
+"""Augmented tensors: timm's train or eval transform, seeded per (seed, epoch, key) (DESIGN 3.3).
+
+An eval transform may start with a deterioration (``pipeline.cache.deteriorate``), recorded in
+the transform config and so in the cache's provenance.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.data import create_transform
 from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
+
+from pipeline.cache.deteriorate import Deterioration
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -38,6 +44,7 @@ class TransformConfig(BaseModel):
     hflip: float = Field(default=0.5, ge=0, le=1)
     color_jitter: float = Field(default=0.4, ge=0)
     color_jitter_prob: float | None = Field(default=None, ge=0, le=1)
+    deteriorate: Deterioration | None = None
 
 
 def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> dict[str, Any]:
@@ -56,13 +63,18 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
         "std": list(pick("std")),
     }
     if config.augment == "eval":
-        return {
+        resolved = {
             "is_training": False,
             **common,
             "interpolation": pick("interpolation", "bicubic"),
             "crop_pct": pick("crop_pct"),
             "crop_mode": pick("crop_mode", "center"),
         }
+        if config.deteriorate is not None:
+            resolved["deterioration"] = config.deteriorate.model_dump()
+        return resolved
+    if config.deteriorate is not None:
+        raise ValueError("a deterioration applies to the eval transform (--augment eval) only")
     return {
         "is_training": True,
         **common,
@@ -77,12 +89,17 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
 
 
 def build_transform(resolved: dict[str, Any]) -> Transform:
-    """The torchvision/timm transform described by ``resolve_transform``'s output."""
+    """The torchvision/timm transform described by ``resolve_transform``'s output: timm's,
+    preceded by the deterioration when there is one."""
     kwargs = dict(resolved)
+    deteriorate = kwargs.pop("deterioration", None)
     for name in ("input_size", "mean", "std", "scale", "ratio"):
         if name in kwargs:
             kwargs[name] = tuple(kwargs[name])
-    return create_transform(**kwargs)
+    transform = create_transform(**kwargs)
+    if deteriorate is None:
+        return transform
+    return transforms.Compose([Deterioration(**deteriorate), *transform.transforms])
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:

@@ -183,10 +183,10 @@ class Backbone:
         self.num_classes = int(model.num_classes)
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embedding, per-sample cross-entropy, argmax, max softmax probability and entropy."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Embedding, argmax, max softmax probability, entropy and, given ``labels`` in the
+        classifier's space, the per-sample cross-entropy ``loss``."""
         images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         ):
@@ -195,10 +195,13 @@ class Backbone:
             logits = self.model.forward_head(features).float()
         log_probs = F.log_softmax(logits, dim=-1)
         max_log_prob, pred = log_probs.max(dim=-1)
-        return {
+        outputs = {
             "embedding": embedding.float().cpu(),
-            "loss": F.nll_loss(log_probs, labels, reduction="none").cpu(),
             "pred": pred.int().cpu(),
             "max_prob": max_log_prob.exp().cpu(),
             "entropy": -(log_probs.exp() * log_probs).sum(dim=-1).cpu(),
         }
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True)
+            outputs["loss"] = F.nll_loss(log_probs, labels, reduction="none").cpu()
+        return outputs

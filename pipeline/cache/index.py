@@ -1,9 +1,9 @@
 """The files of one or more caches, checked to belong together, as a list of row groups.
 
 Reads the manifest (or lists the unit files where there is none) and every Parquet footer;
-refuses caches whose schema version, backbone, weights, embedding width or embedding dtype
-differ, empty caches, and caches whose manifest lists units that storage lacks or holds
-damaged.
+refuses caches whose schema version, backbone, weights, embedding width, embedding dtype or
+label space differ, empty caches, caches whose manifest lists units that storage lacks or
+holds damaged and, for training, caches without losses (the dataset's own label space).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pyarrow.parquet as pq
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import require_consistent
 from pipeline.retry import retry
-from schemas import SCHEMA_VERSION, embedding_dim, read_provenance
+from schemas import READABLE_VERSIONS, SCHEMA_VERSION, embedding_dim, label_space, read_provenance
 
 log = logging.getLogger(__name__)
 
 _EPOCH_IN_PATH = re.compile(r"/epoch=(\d+)/[^/]*$")
 
-COMPATIBLE_FIELDS = ("schema_version", "backbone", "weights_digest", "embedding_dim")
+COMPATIBLE_FIELDS = ("schema_version", "backbone", "weights_digest", "embedding_dim", "label_space")
 """Provenance fields that must agree for caches to be read together."""
 
 
@@ -144,6 +144,7 @@ def _read_footer(url: str, cache: str) -> CacheFile:
             f"{url}: embedding column has width {width} but provenance says "
             f"{provenance.get('embedding_dim')}"
         )
+    provenance["label_space"] = label_space(provenance)  # version 1 predates the field
     return CacheFile(url, metadata, provenance, cache)
 
 
@@ -161,10 +162,10 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
     if problems:
         raise ValueError("caches do not belong together: " + ", ".join(problems))
     version = first.provenance.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
             f"{first.url}: cache schema version {version} is not supported "
-            f"(this reader reads version {SCHEMA_VERSION})"
+            f"(this reader reads versions {READABLE_VERSIONS}, newest {SCHEMA_VERSION})"
         )
     check_same_dtype(files)
     return {name: first.provenance.get(name) for name in COMPATIBLE_FIELDS}
@@ -187,9 +188,10 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
     return files[0].dtype
 
 
-def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
-    """Index the caches at ``urls``: list units, read footers; refuse mixed or empty caches and
-    caches whose storage does not match their manifest (``pipeline.cache.verify``)."""
+def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = True) -> CacheIndex:
+    """Index the caches at ``urls``: list units, read footers; refuse mixed or empty caches,
+    caches whose storage does not match their manifest (``pipeline.cache.verify``) and, with
+    ``need_loss`` (training), caches in the dataset's label space, whose loss is null."""
     if not urls:
         raise ValueError("no cache URL given")
     units: dict[str, str] = {}
@@ -205,6 +207,12 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16) -> CacheIndex:
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         files = list(pool.map(_read_footer, units, units.values()))
     identity = check_compatible(files)
+    if need_loss and identity["label_space"] == "dataset":
+        raise ValueError(
+            f"cache {', '.join(urls)} has no losses to train on: it was "
+            "cached with --label-space dataset (the default of --augment eval); train the head "
+            "on a cache in the classifier's label space (--augment train)"
+        )
     empty = [f.url for f in files if f.rows == 0]
     if empty:
         log.warning("%d cache unit(s) hold no rows, e.g. %s", len(empty), empty[0])

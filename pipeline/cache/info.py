@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from schemas import UNIT_STATS_KEY, read_provenance, validate_manifest
+from schemas import UNIT_STATS_KEY, label_space, read_provenance, validate_manifest
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,8 @@ class CacheInfo:
     def label_space(self) -> str:
         """Which labels the ``label`` column holds, in words."""
         provenance = self.provenance
-        if "label_space" in provenance:
-            space = provenance["label_space"]
-            return space if isinstance(space, str) else json.dumps(space, sort_keys=True)
+        if label_space(provenance) == "dataset":
+            return "the dataset's own (no loss: labels unknown to the classifier)"
         classes = provenance.get("num_classes")
         text = f"the classifier's ({classes:,} classes)" if classes else "the classifier's"
         remap = provenance.get("label_remap_digest")

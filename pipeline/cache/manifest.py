@@ -22,6 +22,8 @@ IDENTITY_FIELDS = (
     "seed",
     "dtype",
     "label_remap_digest",
+    "label_space",
+    "ambiguity_key",
 )
 
 

@@ -10,7 +10,9 @@ errors, on open or mid-stream, are retried: the object is reopened at the byte i
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import math
 import re
 import tarfile
 import zlib
@@ -35,11 +37,13 @@ _INT64_MAX = 2**63 - 1
 
 @dataclass(frozen=True, slots=True)
 class RawSample:
-    """One sample as stored: its ``__key__``, the encoded image bytes and the integer label."""
+    """One sample as stored: its ``__key__``, the encoded image bytes, the integer label and,
+    when asked for, its ambiguity (:func:`parse_ambiguity`; None where absent or unreadable)."""
 
     key: str
     image: bytes
     label: int
+    ambiguity: float | None = None
 
 
 def iter_samples(
@@ -47,6 +51,7 @@ def iter_samples(
     *,
     image_keys: tuple[str, ...] = IMAGE_KEYS,
     label_key: str = "cls",
+    ambiguity_key: str | None = None,
     counts: collections.Counter[str],
     max_member_bytes: int = MAX_MEMBER_BYTES,
     attempts: int = 5,
@@ -59,13 +64,17 @@ def iter_samples(
     the label is the ASCII integer in its ``label_key`` file. Each skipped sample adds one to
     ``counts[reason.value]``: ``no_image``, ``empty_image``, ``too_large`` (a member over
     ``max_member_bytes``, not read into memory), ``no_label``, ``bad_label`` (not a
-    non-negative integer). A truncated or corrupt tar adds one ``truncated_tar`` and ends the
-    shard after its last intact sample. Storage errors are retried ``attempts`` times with
-    exponential backoff from ``base_delay`` seconds; a permanent one raises with the URL.
+    non-negative integer). ``ambiguity_key`` names an optional member read with
+    :func:`parse_ambiguity`; its absence never skips a sample. A truncated or corrupt tar adds
+    one ``truncated_tar`` and ends the shard after its last intact sample. Storage errors are
+    retried ``attempts`` times with exponential backoff from ``base_delay`` seconds; a
+    permanent one raises with the URL.
     ``block_size`` is the filesystem's read-ahead (its own default when None; 50 MiB on S3).
     """
     image_keys = _normalise_keys(image_keys, "image_keys")
     (label_key,) = _normalise_keys((label_key,), "label_key")
+    if ambiguity_key is not None:
+        (ambiguity_key,) = _normalise_keys((ambiguity_key,), "ambiguity_key")
     if max_member_bytes <= 0:
         raise ValueError(f"max_member_bytes must be positive, got {max_member_bytes}")
 
@@ -75,7 +84,7 @@ def iter_samples(
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
         for group in group_by_keys(members, handler=_duplicate_handler(url)):
-            outcome = _to_sample(group, image_keys, label_key)
+            outcome = _to_sample(group, image_keys, label_key, ambiguity_key)
             if damage:
                 # The sample being assembled when the damage was found: all its files were
                 # read intact, but more may have followed. Keep it only if it is complete.
@@ -110,7 +119,9 @@ def _normalise_keys(keys: tuple[str, ...], name: str) -> tuple[str, ...]:
     return out
 
 
-def _to_sample(group: dict[str, Any], image_keys: tuple[str, ...], label_key: str):
+def _to_sample(
+    group: dict[str, Any], image_keys: tuple[str, ...], label_key: str, ambiguity_key: str | None
+):
     """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for."""
     image_key = next((key for key in image_keys if key in group), None)
     if image_key is None:
@@ -125,7 +136,8 @@ def _to_sample(group: dict[str, Any], image_keys: tuple[str, ...], label_key: st
     label = parse_label(group[label_key])
     if label is None:
         return SkipReason.BAD_LABEL
-    return RawSample(key=group["__key__"], image=image, label=label)
+    ambiguity = parse_ambiguity(group.get(ambiguity_key)) if ambiguity_key else None
+    return RawSample(key=group["__key__"], image=image, label=label, ambiguity=ambiguity)
 
 
 def parse_label(data: bytes | None) -> int | None:
@@ -137,6 +149,37 @@ def parse_label(data: bytes | None) -> int | None:
         return None
     label = int(match.group(1))
     return label if label <= _INT64_MAX else None
+
+
+def parse_ambiguity(data: bytes | None) -> float | None:
+    """A sample's ambiguity from its ambiguity member, or None when absent or unreadable.
+
+    - a number (plain text or JSON): that number, as is (e.g. a degradation strength, or the
+      share of annotators who disagreed);
+    - a soft label, as a JSON list of non-negative class weights (probabilities or annotator
+      votes) or a JSON object of class -> weight: ``1 - max / sum``, 0 when every weight is on
+      one class, approaching 1 as the weights spread over many.
+
+    Anything else (other JSON, a negative weight, all-zero weights, NaN) is None.
+    """
+    if not data:
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        if not value or not all(_is_number(v) and v >= 0 for v in value) or sum(value) <= 0:
+            return None
+        return 1.0 - max(value) / sum(value)
+    return float(value) if _is_number(value) else None
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _duplicate_handler(url: str):

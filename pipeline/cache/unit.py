@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,10 @@ class UnitSettings(BaseModel):
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     label_key: str = "cls"
     label_remap: str | None = None
+    #: ``classifier``: labels remapped into the classifier's classes, loss against them;
+    #: ``dataset``: every sample keeps its own label, no loss (DESIGN.md 3.2).
+    label_space: Literal["classifier", "dataset"] = "classifier"
+    ambiguity_key: str | None = None
     prefetch_batches: int = 2
     #: Processes that decode and augment; 0 does it in the background thread. None lets the
     #: Ray actor choose (``pipeline.cache.distribute``); a ``UnitRunner`` treats None as 0.
@@ -97,11 +101,16 @@ class UnitResult:
         }
 
 
+#: What a sample carries besides its image: its label and its ambiguity (NaN when unknown).
+Meta = tuple[int, float]
+
+
 @dataclass
 class _Batch:
     keys: list[str]
     images: torch.Tensor  # uint8 (N, H, W, C) with a split transform, else the model's input
     labels: torch.Tensor
+    ambiguity: np.ndarray
     prepare_seconds: float
 
 
@@ -133,8 +142,11 @@ class UnitRunner:
             self.decode_pool = None
 
     def head_label(self, sample: RawSample) -> int:
-        """The sample's label in the classifier's index space, or ``BadSample``."""
+        """The sample's label in the cache's label space: its own in the dataset's space; in
+        the classifier's, remapped and checked to be a class of the head (else ``BadSample``)."""
         label = sample.label
+        if self.settings.label_space == "dataset":
+            return label
         if self.remap is not None:
             label = int(self.remap[label]) if 0 <= label < len(self.remap) else -1
         if not 0 <= label < self.backbone.num_classes:
@@ -145,12 +157,14 @@ class UnitRunner:
             )
         return label
 
-    def _labelled(self, unit: Unit, counts: Counter) -> Iterator[tuple[Task, int]]:
-        """The unit's samples whose label the head has, each as a decode task and its label."""
+    def _labelled(self, unit: Unit, counts: Counter) -> Iterator[tuple[Task, Meta]]:
+        """The unit's samples with a label in the cache's space, each as a decode task and its
+        label and ambiguity."""
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
             label_key=self.settings.label_key,
+            ambiguity_key=self.settings.ambiguity_key,
             counts=counts,
         )
         for sample in samples:
@@ -160,37 +174,38 @@ class UnitRunner:
                 _skip(sample.key, bad, unit, counts)
                 continue
             seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
-            yield (sample.key, sample.image, seed), label
+            ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
+            yield (sample.key, sample.image, seed), (label, ambiguity)
 
-    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, int]]:
+    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, Meta]]:
         if self.decode_pool is not None:
             yield from self._pooled_tensors(unit, counts, self.decode_pool)
             return
-        for (key, data, seed), label in self._labelled(unit, counts):
+        for (key, data, seed), meta in self._labelled(unit, counts):
             try:
-                yield key, prepare_image(self.transform, self.split, data, key, seed), label
+                yield key, prepare_image(self.transform, self.split, data, key, seed), meta
             except BadSample as bad:
                 _skip(key, bad, unit, counts)
 
     def _pooled_tensors(
         self, unit: Unit, counts: Counter, pool: DecodePool
-    ) -> Iterator[tuple[str, Any, int]]:
-        handed: deque[tuple[str, int]] = deque()  # (key, label) of each task, in pool order
+    ) -> Iterator[tuple[str, Any, Meta]]:
+        handed: deque[tuple[str, Meta]] = deque()  # (key, meta) of each task, in pool order
 
         def tasks() -> Iterator[Task]:
-            for task, label in self._labelled(unit, counts):
-                handed.append((task[0], label))
+            for task, meta in self._labelled(unit, counts):
+                handed.append((task[0], meta))
                 yield task
 
         for image in pool.map(tasks()):
-            key, label = handed.popleft()
+            key, meta = handed.popleft()
             if isinstance(image, Skip):
                 _skip(key, image.error(), unit, counts)
             else:
-                yield key, image, label
+                yield key, image, meta
 
     def _batches(self, unit: Unit, counts: Counter) -> Iterator[_Batch]:
-        batch: list[tuple[str, Any, int]] = []
+        batch: list[tuple[str, Any, Meta]] = []
         started = time.perf_counter()
         for item in self._tensors(unit, counts):
             batch.append(item)
@@ -201,13 +216,16 @@ class UnitRunner:
             yield self._collate(batch, time.perf_counter() - started)
 
     @staticmethod
-    def _collate(batch: list[tuple[str, Any, int]], seconds: float) -> _Batch:
-        keys, images, labels = zip(*batch, strict=True)
+    def _collate(batch: list[tuple[str, Any, Meta]], seconds: float) -> _Batch:
+        keys, images, metas = zip(*batch, strict=True)
+        labels, ambiguity = zip(*metas, strict=True)
         if isinstance(images[0], np.ndarray):
             stacked = torch.from_numpy(np.stack(images))
         else:
             stacked = torch.stack(images)
-        return _Batch(list(keys), stacked, torch.tensor(labels), seconds)
+        return _Batch(
+            list(keys), stacked, torch.tensor(labels), np.array(ambiguity, np.float32), seconds
+        )
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's input for a collated batch: uint8 images are normalized here, on the
@@ -227,7 +245,8 @@ class UnitRunner:
             timings["wait"] += time.perf_counter() - waited
             timings["prepare"] += batch.prepare_seconds
             tick = time.perf_counter()
-            outputs = self.backbone.forward(self._model_input(batch.images), batch.labels)
+            labels = batch.labels if self.settings.label_space == "classifier" else None
+            outputs = self.backbone.forward(self._model_input(batch.images), labels)
             timings["forward"] += time.perf_counter() - tick
             record_batches.append(
                 to_record_batch(
@@ -237,6 +256,7 @@ class UnitRunner:
                     epoch=unit.epoch,
                     labels=batch.labels.numpy(),
                     outputs={name: value.numpy() for name, value in outputs.items()},
+                    ambiguity=batch.ambiguity,
                 )
             )
             waited = time.perf_counter()

@@ -39,8 +39,13 @@ def to_record_batch(
     epoch: int,
     labels: np.ndarray,
     outputs: dict[str, np.ndarray],
+    ambiguity: np.ndarray | None = None,
 ) -> pa.RecordBatch:
-    """One batch of cache rows in ``schema`` from the backbone's outputs."""
+    """One batch of cache rows in ``schema`` from the backbone's outputs.
+
+    A missing ``loss`` output (dataset label space) is stored as nulls; so is a missing
+    ``ambiguity`` or a NaN in it (a NaN loss stays NaN: the classifier produced it).
+    """
     embedding_field = schema.field("embedding").type
     embedding = outputs["embedding"].astype(embedding_field.value_type.to_pandas_dtype())
     count = len(keys)
@@ -52,12 +57,20 @@ def to_record_batch(
         "embedding": pa.FixedSizeListArray.from_arrays(
             pa.array(embedding.reshape(-1)), type=embedding_field
         ),
-        "loss": pa.array(outputs["loss"].astype(np.float32)),
+        "loss": _float_or_nulls(outputs.get("loss"), count, nan_is_null=False),
         "pred": pa.array(outputs["pred"].astype(np.int32)),
         "max_prob": pa.array(outputs["max_prob"].astype(np.float32)),
         "entropy": pa.array(outputs["entropy"].astype(np.float32)),
+        "ambiguity": _float_or_nulls(ambiguity, count, nan_is_null=True),
     }
     return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def _float_or_nulls(values: np.ndarray | None, count: int, *, nan_is_null: bool) -> pa.Array:
+    """float32 ``values``, or ``count`` nulls when there are none."""
+    if values is None:
+        return pa.nulls(count, pa.float32())
+    return pa.array(values.astype(np.float32), from_pandas=nan_is_null)
 
 
 def clear_staging(root: str) -> None:

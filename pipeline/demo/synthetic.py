@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
-from schemas import UNIT_STATS_KEY, cache_schema, with_provenance
+from schemas import SCHEMA_VERSION, UNIT_STATS_KEY, cache_schema, with_provenance
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,12 @@ def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:
                 pq.write_table(table.replace_schema_metadata(metadata), handle, **options)
             units[name] = {**stats, "bytes": int(fs.size(f"{root}/{name}"))}
     manifest = {
-        "schema_version": 1,
-        "provenance": {"schema_version": 1, "embedding_dim": spec.dim, **provenance(spec)},
+        "schema_version": SCHEMA_VERSION,
+        "provenance": {
+            "schema_version": SCHEMA_VERSION,
+            "embedding_dim": spec.dim,
+            **provenance(spec),
+        },
         "units": units,
     }
     fs.pipe_file(f"{root}/_manifest.json", json.dumps(manifest, indent=1).encode())

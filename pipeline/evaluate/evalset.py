@@ -59,7 +59,7 @@ class EvalSet:
 
 def load_eval_set(name: str, url: str, *, on_rows: Callable[[int], None] | None = None) -> EvalSet:
     """The eval cache at ``url`` (any fsspec URL), called ``name`` in the report."""
-    return read_eval_set(name, url, open_cache([url]), on_rows=on_rows)
+    return read_eval_set(name, url, open_cache([url], need_loss=False), on_rows=on_rows)
 
 
 def read_eval_set(

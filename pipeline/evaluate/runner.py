@@ -117,7 +117,7 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
 
 
 def _load(name: str, url: str, track: Track) -> EvalSet:
-    index = open_cache([url])
+    index = open_cache([url], need_loss=False)
     return read_eval_set(name, url, index, on_rows=track(f"read {name}", index.rows))
 
 
