@@ -64,10 +64,9 @@ def write_eval_cache(
                 "max_prob": probs[rows].max(1),
                 "entropy": -(probs[rows] * np.log(probs[rows])).sum(1),
             },
+            ambiguity=None if ambiguity is None else ambiguity[rows],
         )
         table = pa.Table.from_batches([batch])
-        if ambiguity is not None:
-            table = table.append_column("ambiguity", pa.array(ambiguity[rows], pa.float32()))
         with fs.open(f"{root}/epoch={epoch:04d}/shard-{shard}.parquet", "wb") as handle:
             pq.write_table(table, handle, **PARQUET_OPTIONS)
     return url
