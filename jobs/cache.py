@@ -202,6 +202,27 @@ def summarize(report: PoolReport, *, already: int, seconds: float, manifest: Man
     return table
 
 
+def unit_settings(
+    config: CacheJobConfig, info: BackboneInfo, transform: dict, provenance: dict[str, Any]
+) -> UnitSettings:
+    """What every unit of this job shares."""
+    return UnitSettings(
+        output=config.output,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        transform=transform,
+        provenance=provenance,
+        embedding_dim=info.embedding_dim,
+        dtype=config.dtype,
+        image_keys=config.image_keys,
+        label_key=config.label_key,
+        label_remap=config.label_remap,
+        label_space=config.resolved_label_space,
+        ambiguity_key=config.ambiguity_key,
+        decode_workers=config.decode_workers,
+    )
+
+
 def run_cache(config: CacheJobConfig) -> PoolReport:
     """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors."""
     urls = expand_shards(config.shards)
@@ -226,21 +247,7 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
         len(units) - len(todo),
         len(todo),
     )
-    settings = UnitSettings(
-        output=config.output,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        transform=transform,
-        provenance=provenance,
-        embedding_dim=info.embedding_dim,
-        dtype=config.dtype,
-        image_keys=config.image_keys,
-        label_key=config.label_key,
-        label_remap=config.label_remap,
-        label_space=config.resolved_label_space,
-        ambiguity_key=config.ambiguity_key,
-        decode_workers=config.decode_workers,
-    )
+    settings = unit_settings(config, info, transform, provenance)
     started = time.monotonic()
     report = PoolReport()
     if todo:

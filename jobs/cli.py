@@ -8,6 +8,7 @@ from jobs.cache import cache
 from jobs.evaluate import evaluate_command
 from jobs.info import info
 from jobs.label_remap import label_remap
+from jobs.plan import plan
 from jobs.shards import shards
 from jobs.train_head import train_head
 
@@ -29,3 +30,4 @@ app.command("shards")(shards)
 app.command("label-remap")(label_remap)
 app.command("evaluate")(evaluate_command)
 app.command("info")(info)
+app.command("plan")(plan)

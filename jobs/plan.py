@@ -1,0 +1,221 @@
+"""``pvu plan``: a dry run of ``pvu cache`` that says what a job will cost before it starts.
+
+Takes exactly the cache job's flags (plus how to sample and rate GPUs), reads the shard list
+and the first few hundred samples, and really decodes, augments, runs the backbone on and
+writes that sample on this machine. Prints units, rows, bytes on storage and actor-hours;
+starts no Ray and writes nothing to ``--output``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+import typer
+from pydantic import Field
+from rich.table import Table
+
+from jobs.cache import CacheJobConfig, build_provenance, cache, unit_settings
+from jobs.terminal import console, setup_logging, validated
+from pipeline.cache.augment import resolve_transform
+from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.cache.info import read_cache_info
+from pipeline.cache.manifest import provenance_differences
+from pipeline.cache.plan import (
+    Estimate,
+    Measurement,
+    estimate,
+    forward_rate,
+    measure,
+    sample_shards,
+    shard_sizes,
+)
+from pipeline.cache.shards import expand_shards, shard_names
+
+
+class PlanJobConfig(CacheJobConfig):
+    """The cache job's configuration, plus how the plan samples and rates GPUs."""
+
+    sample_images: int = Field(default=256, ge=1)
+    images_per_second_per_gpu: float | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``pvu plan`` found: the estimate, the measured sample and the GPU rate used."""
+
+    estimate: Estimate
+    measurement: Measurement
+    threads: int
+    gpu_rate: float | None
+    gpu_rate_source: str
+
+
+def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
+    """(epoch, shard URL) units the output already holds; ``ValueError`` if ``pvu cache``
+    would refuse the output because it holds a different cache."""
+    try:
+        info = read_cache_info(config.output)
+    except FileNotFoundError:
+        return set()
+    differences = provenance_differences(info.provenance, provenance)
+    if differences:
+        raise ValueError(
+            f"pvu cache would refuse --output {config.output}: it holds another cache; "
+            + "; ".join(differences)
+        )
+    by_name = dict(zip(shard_names(urls), urls, strict=True))
+    return {
+        (unit["epoch"], by_name[unit["shard"]])
+        for unit in info.units.values()
+        if unit["shard"] in by_name and unit["epoch"] < config.epochs
+    }
+
+
+def run_plan(config: PlanJobConfig) -> Plan:
+    """Sample the shards, measure the sample on this machine and extrapolate to the job."""
+    urls = expand_shards(config.shards)
+    info = describe_backbone(
+        config.backbone, config.weights, input_size=config.transform_config().input_size
+    )
+    transform = resolve_transform(config.transform_config(), info.data_config)
+    provenance = build_provenance(config, info, transform)
+    done = committed_units(config, provenance, urls)
+    sizes = shard_sizes(urls)
+    prefixes = sample_shards(sizes, config.sample_images)
+    model = create_backbone_model(config.backbone, config.weights)
+    settings = unit_settings(config, info, transform, provenance)
+    with console.status("measuring the sampled images on this machine"):
+        measurement = measure(Backbone(model, torch.device("cpu")), settings, prefixes)
+        gpu_rate, source = config.images_per_second_per_gpu, "--images-per-second-per-gpu"
+        if gpu_rate is None and torch.cuda.is_available():
+            backbone = Backbone(model, torch.device("cuda"))
+            gpu_rate = forward_rate(backbone, transform["input_size"], config.batch_size)
+            source = f"measured here on {torch.cuda.get_device_name()}, forward only"
+    return Plan(
+        estimate(
+            sizes=sizes, prefixes=prefixes, measurement=measurement, epochs=config.epochs, done=done
+        ),
+        measurement,
+        torch.get_num_threads(),
+        gpu_rate,
+        source if gpu_rate else "",
+    )
+
+
+def _hours(rows: int, rate: float) -> str:
+    """How long ``rows`` take at ``rate`` rows per second, in hours (minutes when short)."""
+    if not rate:
+        return "-"
+    hours = rows / rate / 3600
+    return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:,.1f} min"
+
+
+def describe(plan: Plan, config: PlanJobConfig) -> Table:
+    """The plan as a two-column table."""
+    est, m = plan.estimate, plan.measurement
+    table = Table(title="pvu plan: what `pvu cache` with these flags will do", show_header=False)
+    table.add_row(
+        "shards",
+        f"{est.shards:,} ({est.counted_shards:,} counted, the others estimated from their size)",
+    )
+    table.add_row(
+        "units", f"{est.units:,} ({est.epochs} epochs), {est.units_done:,} already in --output"
+    )
+    table.add_row("samples per epoch", f"~{est.samples:,}")
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(m.result.skipped.items())) or "none"
+    table.add_row(
+        "rows to compute",
+        f"~{est.rows:,} ({m.kept:.1%} of the sample kept; skipped there: {skipped})",
+    )
+    table.add_row(
+        "bytes on storage",
+        f"~{est.bytes:,} ({est.bytes / 2**30:,.2f} GiB: {m.bytes_per_row:,.0f} per row, "
+        f"{m.unit_file_bytes:,.0f} per unit file)",
+    )
+    table.add_row(
+        "measured sample",
+        f"{m.samples} images decoded, augmented, forwarded and written on this machine's CPU "
+        f"({plan.threads} threads): {m.images_per_second:,.1f} images/s, "
+        f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
+    )
+    table.add_row(
+        "CPU actor-hours",
+        f"{_hours(est.rows, m.images_per_second)} at the rate measured here; "
+        f"{_hours(est.rows, 1 / m.cpu_seconds_per_image if m.cpu_seconds_per_image else 0)} "
+        "of CPU time (divide by an actor's cores)",
+    )
+    decode_rate = 1 / m.prepare_seconds_per_image if m.prepare_seconds_per_image else 0.0
+    table.add_row(
+        "decode + augment",
+        f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core",
+    )
+    if plan.gpu_rate:
+        cores = plan.gpu_rate / decode_rate if decode_rate else 0.0
+        table.add_row(
+            "GPU actor-hours",
+            f"{_hours(est.rows, plan.gpu_rate)} at {plan.gpu_rate:,.0f} images/s per GPU "
+            f"({plan.gpu_rate_source}); feeding it takes ~{cores:,.1f} decode cores per GPU",
+        )
+    else:
+        table.add_row(
+            "GPU actor-hours",
+            "not estimated: no GPU here; pass --images-per-second-per-gpu (a forward rate "
+            "measured on the target GPU)",
+        )
+    if config.actors:
+        rate = (
+            plan.gpu_rate if plan.gpu_rate and config.gpus_per_actor != 0 else m.images_per_second
+        )
+        table.add_row(f"wall-clock, {config.actors} actors", _hours(est.rows, rate * config.actors))
+    return table
+
+
+def _plan_options(
+    sample_images: Annotated[
+        int, typer.Option(help="Images read from the first shards and run through the job here.")
+    ] = 256,
+    images_per_second_per_gpu: Annotated[
+        float | None,
+        typer.Option(
+            help="Backbone images/s of one target GPU (default: measured here if this machine "
+            "has a GPU, else GPU hours are not estimated)."
+        ),
+    ] = None,
+) -> None:
+    """The plan's own flags, added to the cache job's."""
+
+
+def _signature() -> inspect.Signature:
+    """``pvu cache``'s parameters with the plan's own before ``--verbose``."""
+    params = list(inspect.signature(cache, eval_str=True).parameters.values())
+    extra = list(inspect.signature(_plan_options, eval_str=True).parameters.values())
+    return inspect.Signature(params[:-1] + extra + params[-1:], return_annotation=None)
+
+
+def plan(**arguments: Any) -> None:
+    """Dry run of `pvu cache`, same flags: units, rows, bytes and actor-hours, measured on a
+    sample here before anything is spent."""
+    verbose = arguments.pop("verbose")
+    setup_logging(verbose)
+    config = validated(PlanJobConfig, arguments)
+    try:
+        result = run_plan(config)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    console.print(describe(result, config))
+
+
+plan.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    """``python -m jobs.plan``."""
+    typer.run(plan)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Plan a cache job before anything is spent: rows, bytes and actor-hours from a measured sample.
+
+Rows: the first few hundred samples of a few shards spread through the list are read; shards
+read to the end are counted exactly, the others estimated from their size at the sample's
+samples per byte, times the fraction of sampled samples the cache keeps (the rest are skipped,
+by the same checks).
+Bytes and speed: the sample really runs through ``UnitRunner`` (decode, augment, forward,
+Parquet commit) into a scratch folder; rewriting its rows, and half of them, as the cache
+writes them gives the bytes per row and per file.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import time
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.cache.backbone import Backbone
+from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
+from pipeline.cache.writer import PARQUET_OPTIONS
+from pipeline.dataset.tar import write_shard
+
+Sample = tuple[str, dict[str, bytes]]
+RATE_BATCHES = 5
+#: Shards the sample is spread over (evenly spaced through the list).
+SAMPLE_SHARDS = 8
+
+
+@dataclass(frozen=True)
+class ShardPrefix:
+    """The first samples of a shard and the bytes they take; ``complete``: the whole shard."""
+
+    samples: list[Sample]
+    bytes: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One sample run through the real unit code on this machine."""
+
+    samples: int
+    result: UnitResult
+    kept_per_shard: dict[str, int]  # rows the sampled samples of each shard gave
+    unit_file_bytes: float  # a unit file's fixed bytes (footer, metadata, column chunks)
+    bytes_per_row: float
+
+    @property
+    def kept(self) -> float:
+        """Fraction of samples that become rows."""
+        return self.result.rows / self.samples if self.samples else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        """The unit's rows per wall-clock second (decode and augment overlap the forward)."""
+        return self.result.rows / self.result.seconds if self.result.seconds else 0.0
+
+    @property
+    def cpu_seconds_per_image(self) -> float:
+        """CPU seconds (all threads) per row: the work, whatever else runs on the machine."""
+        return self.result.timings.get("cpu", 0.0) / max(self.result.rows, 1)
+
+    @property
+    def prepare_seconds_per_image(self) -> float:
+        """Decode + augment seconds per row, on one thread."""
+        return self.result.timings.get("prepare", 0.0) / max(self.result.rows, 1)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a cache job will produce; ``units_done``: units the output already holds."""
+
+    shards: int
+    epochs: int
+    samples: int  # per epoch, estimated
+    counted_shards: int  # shards whose samples were counted, not estimated
+    rows: int  # to compute, over the units still to do
+    bytes: int
+    units: int
+    units_done: int
+
+
+def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
+    """The first ``max_samples`` samples (WebDataset keys) of the ``size``-byte tar at ``url``."""
+    groups: dict[str, dict[str, bytes]] = {}
+    with fsspec.open(url, "rb") as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r|*") as tar:
+                for info in tar:
+                    key, ext = base_plus_ext(info.name)
+                    if not info.isreg() or key is None or key.startswith("__"):
+                        continue
+                    if key not in groups and len(groups) == max_samples:
+                        return ShardPrefix(list(groups.items()), info.offset, complete=False)
+                    member = tar.extractfile(info)
+                    groups.setdefault(key, {})[ext] = member.read() if member else b""
+                    tar.members = []
+        except (tarfile.TarError, EOFError, zlib.error):
+            pass  # a damaged shard: its samples before the damage are what the cache reads
+    return ShardPrefix(list(groups.items()), size, complete=True)
+
+
+def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """Bytes of each shard, one listing per folder (a couple of calls for 2,000 shards on S3)."""
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_folder[url.rsplit("/", 1)[0]].append(url)
+    sizes: dict[str, int] = {}
+    for folder, members in by_folder.items():
+        fs, path = fsspec.core.url_to_fs(folder)
+        listed = {info["name"].rstrip("/"): info["size"] for info in fs.ls(path, detail=True)}
+        for url in members:
+            sizes[url] = int(listed.get(fsspec.core.url_to_fs(url)[1], 0) or fs.size(url))
+    return sizes
+
+
+def sample_shards(sizes: dict[str, int], max_samples: int) -> dict[str, ShardPrefix]:
+    """Prefixes of up to ``SAMPLE_SHARDS`` evenly spaced shards, ``max_samples`` samples in
+    all; budget left by shards that end early goes to the next shards in order."""
+    urls = list(sizes)
+    step = max(1, len(urls) / SAMPLE_SHARDS)
+    spread = list(dict.fromkeys(urls[int(i * step)] for i in range(min(len(urls), SAMPLE_SHARDS))))
+    prefixes: dict[str, ShardPrefix] = {}
+    left = max_samples
+    for index, url in enumerate(spread):
+        prefix = read_prefix(url, -(-left // (len(spread) - index)), sizes[url])
+        prefixes[url] = prefix
+        left -= len(prefix.samples)
+    for url in urls:
+        if left <= 0:
+            break
+        if url not in prefixes:
+            prefixes[url] = read_prefix(url, left, sizes[url])
+            left -= len(prefixes[url].samples)
+    return prefixes
+
+
+def measure(
+    backbone: Backbone, settings: UnitSettings, prefixes: dict[str, ShardPrefix]
+) -> Measurement:
+    """Run the sampled shard prefixes, as one shard, through the cache's unit code into a
+    scratch folder; count the rows each shard's samples gave and fit the file's bytes."""
+    numbered = list(enumerate(prefixes.items()))
+    samples = [(f"{i}/{key}", files) for i, (_, p) in numbered for key, files in p.samples]
+    with tempfile.TemporaryDirectory(prefix="pvu-plan-") as scratch:
+        runner = UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
+        batch = torch.zeros(settings.batch_size, *settings.transform["input_size"])
+        backbone.forward(batch, torch.zeros(settings.batch_size, dtype=torch.long))  # warm up
+        try:
+            result = runner.run(Unit(write_shard(f"{scratch}/sample.tar", samples), "sample", 0))
+            table = pq.read_table(f"{scratch}/cache/{result.relpath}")
+        finally:
+            runner.close()
+    rows = Counter(int(key.split("/", 1)[0]) for key in table.column("key").to_pylist())
+    kept = {url: rows[i] for i, (url, _) in numbered}
+    fixed, per_row = parquet_cost(table)
+    return Measurement(len(samples), result, kept, fixed, per_row)
+
+
+def parquet_cost(table: pa.Table) -> tuple[float, float]:
+    """(fixed bytes, bytes per row) of unit files like ``table``: the line through the sizes
+    of its rows and of half of them, written as the cache writes them."""
+
+    def size(rows: int) -> int:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table.slice(0, rows), buffer, **PARQUET_OPTIONS)
+        return buffer.getvalue().size
+
+    full, half = table.num_rows, table.num_rows // 2
+    per_row = (size(full) - size(half)) / (full - half) if full > half else 0.0
+    return size(full) - per_row * full, per_row
+
+
+def forward_rate(backbone: Backbone, input_size: Sequence[int], batch_size: int) -> float:
+    """Images per second of ``backbone``'s forward on random batches (after one warm-up)."""
+    images = torch.rand(batch_size, *input_size)
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    backbone.forward(images, labels)
+    started = time.perf_counter()
+    for _ in range(RATE_BATCHES):
+        backbone.forward(images, labels)  # returns CPU tensors: the device has finished
+    return RATE_BATCHES * batch_size / (time.perf_counter() - started)
+
+
+def estimate(
+    *,
+    sizes: dict[str, int],
+    prefixes: dict[str, ShardPrefix],
+    measurement: Measurement,
+    epochs: int,
+    done: set[tuple[int, str]] | None = None,
+) -> Estimate:
+    """Rows and bytes of a job over the shards ``sizes`` for ``epochs`` epochs.
+
+    ``done`` holds (epoch, shard URL) units already committed, left out of rows and bytes.
+    """
+    read = sum(p.bytes for p in prefixes.values())
+    per_byte = sum(len(p.samples) for p in prefixes.values()) / read if read else 0.0
+    counted = {url for url, prefix in prefixes.items() if prefix.complete}
+    samples = {
+        url: len(prefixes[url].samples) if url in counted else round(size * per_byte)
+        for url, size in sizes.items()
+    }
+    shard_rows = {
+        url: measurement.kept_per_shard[url] if url in counted else round(count * measurement.kept)
+        for url, count in samples.items()
+    }
+    done = done or set()
+    rows = total_bytes = 0
+    for epoch in range(epochs):
+        for url, unit_rows in shard_rows.items():
+            if (epoch, url) in done:
+                continue
+            rows += unit_rows
+            total_bytes += round(
+                measurement.unit_file_bytes + unit_rows * measurement.bytes_per_row
+            )
+    return Estimate(
+        shards=len(sizes),
+        epochs=epochs,
+        samples=sum(samples.values()),
+        counted_shards=len(counted),
+        rows=rows,
+        bytes=total_bytes,
+        units=len(sizes) * epochs,
+        units_done=len(done),
+    )

@@ -1,0 +1,88 @@
+"""`pvu plan`: its rows and bytes against a real `pvu cache` run on the same shards."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from support import SMALL_BACKBONE_FLAGS
+from typer.testing import CliRunner
+
+from jobs.cache import CacheJobConfig, run_cache
+from jobs.cli import app
+from jobs.plan import PlanJobConfig, run_plan
+from pipeline.cache.info import read_cache_info
+from pipeline.demo.data import write_bad_shard, write_digit_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wide_console")]
+
+COMMON = {"backbone": "resnet10t", "weights": "random", "input_size": 32, "batch_size": 16}
+#: Rows and bytes of a plan that sampled part of the shards, against the real cache.
+TOLERANCE = 0.1
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """Four shards of digits and one of every kind of bad input (skipped by the cache)."""
+    root = tmp_path_factory.mktemp("plan") / "shards"
+    write_digit_shards(str(root), shards=4, per_shard=40, size=32)
+    write_bad_shard(str(root / "zz-bad.tar"))
+    return str(root)
+
+
+def digits_only(shards: str, folder) -> str:
+    """A shard list file naming the digit shards of ``shards``."""
+    listed = folder / "digits.txt"
+    listed.write_text("".join(f"{shards}/digits-{i:04d}.tar\n" for i in range(4)))
+    return str(listed)
+
+
+def test_plan_predicts_the_cache_run(shards, tmp_path):
+    output = str(tmp_path / "cache")
+    everything = run_plan(PlanJobConfig(shards=shards, output=output, epochs=2, **COMMON))
+    part = run_plan(
+        PlanJobConfig(
+            shards=digits_only(shards, tmp_path),
+            output=str(tmp_path / "other"),
+            epochs=2,
+            sample_images=30,
+            **COMMON,
+        )
+    )
+    assert not (tmp_path / "cache").exists()  # a plan writes nothing to --output
+    assert part.estimate.counted_shards == 0 and everything.estimate.counted_shards == 5
+
+    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        report = run_cache(CacheJobConfig(shards=shards, output=output, epochs=2, **COMMON))
+    finally:
+        ray.shutdown()
+    assert not report.failed
+    real = read_cache_info(output)
+
+    # every sample read: rows exact (skips included), bytes within 5%
+    assert everything.estimate.rows == real.rows
+    assert everything.estimate.units == len(real.units) == 10
+    assert everything.estimate.bytes == pytest.approx(real.bytes, rel=0.05)
+    # 30 samples of the digit shards: the rest extrapolated from shard sizes
+    digits = [unit for unit in real.units.values() if unit["shard"].startswith("digits")]
+    assert part.estimate.rows == pytest.approx(sum(u["rows"] for u in digits), rel=TOLERANCE)
+    assert part.estimate.bytes == pytest.approx(sum(u["bytes"] for u in digits), rel=TOLERANCE)
+
+    # resuming into a longer run: the committed units are not planned again
+    more = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
+    assert more.estimate.units_done == 10 and more.estimate.rows == real.rows // 2
+
+    flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
+    result = CliRunner().invoke(app, ["plan", *flags, "--sample-images", "8"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "would refuse" in text and "seed" in text, text
+
+
+def test_plan_prints_units_rows_bytes_and_hours(shards, tmp_path):
+    flags = ["--shards", shards, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
+    args = ["plan", *flags, "--epochs", "7", "--sample-images", "16"]
+    result = CliRunner().invoke(app, [*args, "--images-per-second-per-gpu", "2000"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "35 (7 epochs)" in text and "rows to compute" in text and "bytes on storage" in text
+    assert "CPU actor-hours" in text and "at 2,000 images/s per GPU" in text
