@@ -1,5 +1,6 @@
 """``pvu info CACHE``: what a cache is (provenance, label space) and what it holds (units, rows,
-bytes, skips by reason, epochs), from its manifest; reads no row."""
+bytes, skips by reason, epochs), from its manifest; reads no row. ``--verify`` checks storage
+against the manifest with the same check ``pvu cache`` reconciles with and readers refuse on."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from jobs.terminal import console, setup_logging, validated
 from pipeline.cache.info import CacheInfo, read_cache_info
+from pipeline.cache.verify import CacheCheck, verify_cache
 
 
 class InfoJobConfig(BaseModel):
@@ -21,6 +23,7 @@ class InfoJobConfig(BaseModel):
 
     cache: str
     json_output: bool = False
+    verify: bool = False
 
 
 def describe(info: CacheInfo) -> Table:
@@ -54,10 +57,31 @@ def describe(info: CacheInfo) -> Table:
     return table
 
 
+def verification(check: CacheCheck) -> Table:
+    """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
+    table = Table(title=f"pvu info --verify: {check.url}", show_header=False)
+    table.add_row("units missing or damaged", f"{len(check.damaged):,}")
+    for relpath, why in sorted(check.damaged.items()):
+        table.add_row(f"[red]{relpath}", why)
+    table.add_row(
+        "committed files the manifest lacks",
+        f"{len(check.orphans):,}"
+        + (" (the next pvu cache run adopts them)" if check.orphans else ""),
+    )
+    return table
+
+
 def info(
     cache: Annotated[str, typer.Argument(help="Cache root: a local path or any fsspec URL.")],
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check that every unit the manifest lists exists with its recorded size and "
+            "footer; exit 1 naming each that does not."
+        ),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -67,13 +91,22 @@ def info(
     config = validated(InfoJobConfig, arguments)
     try:
         summary = read_cache_info(config.cache)
+        check = verify_cache(config.cache) if config.verify else None
     except (ValueError, FileNotFoundError, PermissionError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None
     if config.json_output:
-        print(json.dumps(summary.to_json(), indent=1))
+        document = summary.to_json()
+        if check is not None:
+            document["verify"] = {"damaged": check.damaged, "orphans": check.orphans}
+        print(json.dumps(document, indent=1))
     else:
         console.print(describe(summary))
+        if check is not None:
+            console.print(verification(check))
+    if check is not None and not check.ok:
+        console.print(f"[red]error:[/red] {check.refusal()}")
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -84,3 +84,26 @@ def test_info_errors_exit_2_naming_the_path(tmp_path):
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and str(path) in text and words in text, text
         assert "Traceback" not in text
+
+
+def test_verify_names_missing_and_damaged_units(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    ok = CliRunner().invoke(app, ["info", str(copy), "--verify"])
+    assert ok.exit_code == 0, ok.output
+    assert "units missing or damaged │ 0" in " ".join(ok.output.split())
+
+    (copy / "epoch=0000" / "digits-0000.parquet").unlink()
+    shutil.copy(copy / "epoch=0000" / "digits-0001.parquet", copy / "epoch=0001" / "bad.parquet")
+    result = CliRunner().invoke(app, ["info", str(copy), "--verify"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "epoch=0000/digits-0000.parquet" in text and "missing" in text
+    assert "epoch=0001/bad.parquet" in text and "Traceback" not in text
+    document = json.loads(CliRunner().invoke(app, ["info", str(copy), "--verify", "--json"]).stdout)
+    assert sorted(document["verify"]["damaged"]) == [
+        "epoch=0000/digits-0000.parquet",
+        "epoch=0001/bad.parquet",
+    ]
