@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.cache import project_version
-from jobs.terminal import console, setup_logging, validated
+from jobs.terminal import console, resolve_device, setup_logging, validated
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
 
@@ -83,8 +83,7 @@ class EvaluateJobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateJobConfig:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda asked for, but torch sees no CUDA device")
+        resolve_device(self.device)
         names = [name for name, _ in self.named_datasets()]
         if self.tsne_dataset is not None and self.tsne_dataset not in names:
             raise ValueError(f"tsne dataset {self.tsne_dataset!r} is not one of {names}")
@@ -97,9 +96,7 @@ class EvaluateJobConfig(BaseModel):
 
     def resolved_device(self) -> str:
         """``cpu`` or ``cuda``, with ``auto`` resolved to CUDA when available."""
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
     def to_options(self) -> EvaluateOptions:
         """The pipeline's :class:`EvaluateOptions` for this job."""

@@ -24,6 +24,18 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` of cpu, cuda or auto (CUDA when torch sees one);
+    raises ``ValueError`` for cuda on a machine without one."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def validated(config_type: type[Config], arguments: dict[str, Any]) -> Config:
     """``config_type(**arguments)``, or a usage error naming each offending ``--flag``."""
     try:

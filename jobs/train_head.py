@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from jobs.terminal import console, setup_logging, validated
+from jobs.terminal import console, resolve_device, setup_logging, validated
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
 
@@ -88,15 +88,12 @@ class TrainHeadConfig(BaseModel):
             raise ValueError(
                 f"warmup_episodes ({self.warmup_episodes}) must be < episodes ({self.episodes})"
             )
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda asked for, but torch sees no CUDA device")
+        resolve_device(self.device)
         return self
 
     def resolved_device(self) -> str:
         """``cpu`` or ``cuda``, with ``auto`` resolved to CUDA when available."""
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
     def to_train_config(self) -> TrainConfig:
         """The pipeline's :class:`TrainConfig` for this job."""
