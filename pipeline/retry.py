@@ -35,6 +35,7 @@ from typing import NoReturn, TypeVar
 
 import aiohttp
 import botocore.exceptions
+import fsspec
 import fsspec.config
 import s3fs
 
@@ -126,6 +127,11 @@ def retry(
         except STORAGE_ERRORS as error:
             _reraise(error, f"{what} failed")
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole object at ``path`` on ``fs``, read under :func:`retry`."""
+    return retry(lambda: fs.cat_file(path), what=f"read {fs.unstrip_protocol(path)}")
 
 
 def _reraise(error: BaseException, context: str) -> NoReturn:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import require_consistent
-from pipeline.retry import retry
+from pipeline.retry import read_bytes, retry
 from schemas import READABLE_VERSIONS, SCHEMA_VERSION, embedding_dim, label_space, read_provenance
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def list_cache_files(url: str) -> list[str]:
         raise FileNotFoundError(f"cache {url} does not exist")
     manifest = f"{root}/{MANIFEST_NAME}"
     if fs.exists(manifest):
-        with fs.open(manifest, "rb") as handle:
-            units = json.load(handle).get("units", {})
+        units = json.loads(read_bytes(fs, manifest)).get("units", {})
         paths = [f"{root}/{name}" for name in sorted(units)]
     else:
         log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)

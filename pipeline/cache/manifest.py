@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import retry
+from pipeline.retry import read_bytes, retry
 from schemas import SCHEMA_VERSION, validate_manifest
 
 MANIFEST_NAME = "_manifest.json"
@@ -79,7 +79,7 @@ class Manifest:
         manifest = cls(root, provenance)
         path = f"{manifest._root_path}/{MANIFEST_NAME}"
         try:
-            data = retry(lambda: manifest._fs.cat_file(path), what=f"read {root}/{MANIFEST_NAME}")
+            data = read_bytes(manifest._fs, path)
         except FileNotFoundError:
             return manifest
         document = json.loads(data)

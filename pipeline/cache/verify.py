@@ -27,7 +27,7 @@ from pipeline.cache.manifest import (
     provenance_differences,
 )
 from pipeline.cache.writer import unit_path
-from pipeline.retry import retry
+from pipeline.retry import read_bytes, retry
 from schemas import UNIT_STATS_KEY, read_provenance
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> Cac
     """Check the cache at ``url`` against its ``_manifest.json`` (all is well without one)."""
     fs, root = fsspec.core.url_to_fs(url)
     try:
-        document = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+        document = json.loads(read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}"))
     except FileNotFoundError:
         return CacheCheck(url.rstrip("/"))
     return check_cache(
