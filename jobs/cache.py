@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import BackboneInfo, describe_backbone, file_digest
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
+from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
@@ -224,7 +227,15 @@ def unit_settings(
 
 
 def run_cache(config: CacheJobConfig) -> PoolReport:
-    """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors."""
+    """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors.
+
+    One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
+    """
+    with RunLock(config.output, owner=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])):
+        return _run_cache(config)
+
+
+def _run_cache(config: CacheJobConfig) -> PoolReport:
     urls = expand_shards(config.shards)
     names = shard_names(urls)
     info = describe_backbone(

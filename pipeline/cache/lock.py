@@ -1,0 +1,169 @@
+"""One cache run per output prefix: a lease in ``<cache>/_lock.json``, kept alive by a heartbeat.
+
+The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-None-Match: *`` on
+S3), so of two runs started at once exactly one gets it; the other is refused with a message
+naming the holder. The holder rewrites the lock's heartbeat every ``lease / 4`` seconds. A lock
+whose heartbeat is older than its lease belongs to a run that died (killed, node lost): the next
+run takes it over with a warning. On the holder's own host a dead process id frees it at once.
+Clocks of the machines that share a prefix must agree to well within the lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "_lock.json"
+LEASE_SECONDS = 120.0
+
+
+class CacheLocked(ValueError):
+    """Another live run holds the output prefix."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock: run id, host, process, what it runs, and its last heartbeat."""
+
+    run_id: str
+    host: str
+    pid: int
+    owner: str
+    started: float
+    heartbeat: float
+    lease: float
+
+    def expired(self, now: float) -> bool:
+        """Whether the lease ran out: the holder stopped beating ``lease`` seconds ago."""
+        return now > self.heartbeat + self.lease
+
+    def dead_here(self) -> bool:
+        """Whether the holder ran on this host and its process is gone."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def describe(self, now: float) -> str:
+        """One line naming the run, e.g. for the refusal of a second one."""
+        started = datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds")
+        return (
+            f"run {self.run_id} ({self.owner}) on host {self.host}, pid {self.pid}, started "
+            f"{started}, last heartbeat {now - self.heartbeat:.0f} s ago"
+        )
+
+
+class RunLock:
+    """Hold ``<root>/_lock.json`` while a run writes ``root``; a context manager."""
+
+    def __init__(self, root: str, *, owner: str, lease: float = LEASE_SECONDS) -> None:
+        if lease <= 0:
+            raise ValueError(f"lease must be > 0 seconds, got {lease}")
+        self.root = root.rstrip("/")
+        self._fs, root_path = fsspec.core.url_to_fs(self.root)
+        self._path = f"{root_path}/{LOCK_NAME}"
+        now = time.time()
+        self.holder = Holder(
+            run_id=uuid.uuid4().hex[:12],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            owner=owner,
+            started=now,
+            heartbeat=now,
+            lease=lease,
+        )
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`CacheLocked` naming the live run that holds it."""
+        self._fs.makedirs(self._path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self._fs.open(self._path, "xb") as handle:
+                handle.write(self._encode(self.holder))
+        except FileExistsError:
+            self._take_over()
+        self._beating = threading.Thread(target=self._beat, name="pvu-lock", daemon=True)
+        self._beating.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
+        current = self._read()
+        if current is not None and current.run_id == self.holder.run_id:
+            self._fs.rm(self._path)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _take_over(self) -> None:
+        """Replace a dead run's lock; refuse a live one's."""
+        now = time.time()
+        current = self._read()
+        if current is not None and not (current.expired(now) or current.dead_here()):
+            raise CacheLocked(
+                f"another pvu cache run is writing to {self.root}: {current.describe(now)}. "
+                "Wait for it to finish. If it was killed, its lock expires "
+                f"{current.lease:.0f} s after its last heartbeat (in "
+                f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "
+                f"for a run started on {current.host}"
+            )
+        if current is not None:
+            log.warning("taking over the lock of a dead run: %s", current.describe(now))
+        self._write(self.holder)
+
+    def _beat(self) -> None:
+        interval = self.holder.lease / 4
+        while not self._stop.wait(interval):
+            try:
+                current = self._read()
+                if current is None or current.run_id != self.holder.run_id:
+                    log.error(
+                        "lost the lock on %s to %s; another run may be writing there",
+                        self.root,
+                        current.describe(time.time()) if current else "nobody",
+                    )
+                    return
+                self._write(Holder(**{**asdict(self.holder), "heartbeat": time.time()}))
+            except OSError as error:  # a storage hiccup; the next beat tries again
+                log.warning("lock heartbeat on %s failed: %r", self.root, error)
+
+    def _read(self) -> Holder | None:
+        try:
+            return Holder(**json.loads(self._fs.cat_file(self._path)))
+        except FileNotFoundError:
+            return None
+
+    def _write(self, holder: Holder) -> None:
+        """Write aside, then move into place, so a reader never sees half a lock."""
+        staging = f"{self._path}.{uuid.uuid4().hex}"
+        self._fs.pipe_file(staging, self._encode(holder))
+        self._fs.mv(staging, self._path)
+
+    @staticmethod
+    def _encode(holder: Holder) -> bytes:
+        document: dict[str, Any] = asdict(holder)
+        return json.dumps(document, indent=1).encode()

@@ -1,0 +1,130 @@
+"""One `pvu cache` run per output prefix: the second is refused naming the first; the lock of a
+killed run expires (at once on its own host, after its lease elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import fsspec
+import pytest
+import ray
+from support import SMALL_BACKBONE_FLAGS
+
+from pipeline.cache.lock import LOCK_NAME, CacheLocked, Holder, RunLock
+from pipeline.cache.verify import list_unit_files
+from pipeline.demo.data import write_digit_shards
+
+STORAGES = ["local", pytest.param("s3", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=STORAGES)
+def prefix(request, tmp_path) -> str:
+    """An output prefix on a local disk or on the S3 protocol server."""
+    if request.param == "s3":
+        return f"{request.getfixturevalue('s3_bucket')}/cache"
+    return str(tmp_path / "cache")
+
+
+def plant(prefix: str, holder: Holder) -> None:
+    """Leave ``holder``'s lock at ``prefix``, as a run elsewhere would have."""
+    fs, root = fsspec.core.url_to_fs(prefix)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{LOCK_NAME}", json.dumps(asdict(holder)).encode())
+
+
+def test_the_second_run_is_refused_naming_the_first(prefix: str) -> None:
+    with RunLock(prefix, owner="pvu cache --output first", lease=60):
+        with pytest.raises(CacheLocked) as refused, RunLock(prefix, owner="second"):
+            pass
+        message = str(refused.value)
+        assert "another pvu cache run is writing to" in message and prefix in message
+        assert "pvu cache --output first" in message and f"pid {os.getpid()}" in message
+    with RunLock(prefix, owner="third"):  # released: free again
+        pass
+    fs, root = fsspec.core.url_to_fs(prefix)
+    assert not fs.exists(f"{root}/{LOCK_NAME}")
+
+
+def test_a_heartbeat_keeps_a_live_lock_past_its_lease(tmp_path) -> None:
+    prefix = str(tmp_path / "cache")
+    with RunLock(prefix, owner="long run", lease=0.4):
+        time.sleep(1.2)  # three leases
+        with pytest.raises(CacheLocked, match="long run"), RunLock(prefix, owner="second"):
+            pass
+
+
+def test_a_dead_runs_lock_expires_after_its_lease(prefix: str, caplog) -> None:
+    now = time.time()
+    elsewhere = Holder("abc", "node-7", 4242, "pvu cache on node-7", now, now, lease=1.0)
+    plant(prefix, elsewhere)
+    with pytest.raises(CacheLocked, match=r"node-7, pid 4242.*expires 1 s after"):
+        RunLock(prefix, owner="too early").acquire()
+    plant(prefix, replace(elsewhere, heartbeat=now - 1.5))  # its last beat: over a lease ago
+    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="later") as lock:
+        assert "taking over the lock of a dead run: run abc" in caplog.text
+        fs, root = fsspec.core.url_to_fs(prefix)
+        assert json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == lock.holder.run_id
+
+
+def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
+    prefix = str(tmp_path / "cache")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.cache.lock import RunLock;"
+            f"RunLock({prefix!r}, owner='doomed', lease=3600).acquire();"
+            "print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(CacheLocked, match="doomed"), RunLock(prefix, owner="second"):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with RunLock(prefix, owner="after the kill"):  # no hour-long wait
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_cache_commands_at_once_one_refused_and_the_cache_exact(local_ray, tmp_path) -> None:
+    write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=8, size=32)
+    output = tmp_path / "cache"
+    command = [
+        *(sys.executable, "-m", "jobs.cache", "--shards", str(tmp_path / "shards")),
+        *("--output", str(output), "--ray-address", local_ray, *SMALL_BACKBONE_FLAGS),
+    ]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    runs.append(
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    if codes == [0, 2]:  # the usual outcome: the second to reach the lock is refused
+        refused = outputs[[run.returncode for run in runs].index(2)]
+        winner = runs[[run.returncode for run in runs].index(0)]
+        assert "another pvu cache run is writing to" in " ".join(refused.split())
+        assert f"pid {winner.pid}" in refused
+    else:  # or one finished before the other started: the second found nothing to do
+        assert codes == [0, 0], outputs
+    assert sorted(list_unit_files(str(output))) == [
+        "epoch=0000/digits-0000.parquet",
+        "epoch=0000/digits-0001.parquet",
+    ]
+    assert not (output / LOCK_NAME).exists()
