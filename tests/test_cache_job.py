@@ -9,6 +9,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import psutil
 import pyarrow.dataset as ds
 import pyarrow.fs
 import pytest
@@ -129,6 +130,7 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    wait_for_no_cache_actor()  # the dead job's actor may still be committing its unit
     committed = len(list(output.glob("epoch=*/*.parquet")))
     assert 1 <= committed < 12, "the kill must land mid-job"
     config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(output), epochs=2, **COMMON)
@@ -139,6 +141,22 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
     assert not stale.parent.exists(), "a finished job leaves no staging garbage behind"
     assert not report.failed and len(report.results) == 12 - committed
     assert_one_row_per_sample_and_epoch(read_cache(str(output)), 6 * 24, 2)
+
+
+def wait_for_no_cache_actor(seconds: float = 120) -> None:
+    """Return once the local Ray (this module's) runs no cache actor: it reaps a dead job's."""
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    deadline = time.monotonic() + seconds
+    while any(_is_cache_actor(process) for process in raylet.children(recursive=True)):
+        assert time.monotonic() < deadline, "the killed job's cache actor outlived it"
+        time.sleep(0.2)
+
+
+def _is_cache_actor(process: psutil.Process) -> bool:
+    try:
+        return "CacheWorker" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
