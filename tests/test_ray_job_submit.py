@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,21 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Ray picks every port it can itself (0); it will not pick its client server's, so that one is
+# a probed free port, and a start that loses the port to another process is tried again.
+HEAD_PORT_FLAGS = [
+    f"--{name}=0"
+    for name in (
+        "port",
+        "dashboard-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -35,7 +52,8 @@ def ray_head():
     """A Ray head started as users start one, with its job server on loopback.
 
     ``--block`` keeps it in this fixture's own process group, so stopping it touches no other
-    Ray on the machine (``ray stop`` would stop them all).
+    Ray on the machine (``ray stop`` would stop them all); its own ``--temp-dir`` keeps its
+    sessions, and the pointer a later bare ``ray.init()`` would follow, out of ``/tmp/ray``.
     """
     env = {
         **os.environ,
@@ -43,41 +61,43 @@ def ray_head():
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    address, gcs_port = f"http://127.0.0.1:{free_port()}", free_port()
-    start = [
-        "ray",
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(gcs_port),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        address.rsplit(":", 1)[1],
-        "--num-cpus",
-        "2",
-        "--disable-usage-stats",
-    ]
-    head = subprocess.Popen(
-        start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    temp = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must stay short
+    for attempt in range(3):
+        head, address = start_head(env, temp, attempt)
+        if address:
+            break
+        assert attempt < 2, f"ray start failed three times: {sorted(temp.glob('start-*.log'))}"
     try:
-        wait_for_job_server(address, head)
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
-        forget_cluster(gcs_port)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def forget_cluster(gcs_port: int) -> None:
-    """Drop Ray's pointer to the stopped head, which a later bare ``ray.init()`` would follow."""
-    pointer = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if pointer.exists() and pointer.read_text().strip() == f"127.0.0.1:{gcs_port}":
-        pointer.unlink()
+def start_head(env: dict, temp: Path, attempt: int) -> tuple[subprocess.Popen, str | None]:
+    """``ray start --head`` on loopback; returns it with its job server's URL, or with None if
+    it exited (a port taken meanwhile)."""
+    command = [
+        *("ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1"),
+        *HEAD_PORT_FLAGS,
+        *("--ray-client-server-port", str(free_port()), "--temp-dir", str(temp)),
+        *("--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"),
+    ]
+    log = temp / f"start-{attempt}.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 120
+    while head.poll() is None:
+        found = re.search(r"'(http://127\.0\.0\.1:\d+)'", log.read_text())
+        if found:
+            wait_for_job_server(found.group(1), head)
+            return head, found.group(1)
+        assert time.monotonic() < deadline, "ray start did not report its job server"
+        time.sleep(0.5)
+    return head, None
 
 
 def wait_for_job_server(address: str, head: subprocess.Popen, seconds: float = 120) -> None:
