@@ -34,6 +34,9 @@ Sample = tuple[str, dict[str, bytes]]
 RATE_BATCHES = 5
 #: Shards the sample is spread over (evenly spaced through the list).
 SAMPLE_SHARDS = 8
+#: Bytes after a tar's last member: two zero blocks padded to a 10 KiB record, half of one on
+#: average.
+TAR_END = 2 * 512 + tarfile.RECORDSIZE // 2
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,9 @@ def estimate(
     per_byte = sum(len(p.samples) for p in prefixes.values()) / read if read else 0.0
     counted = {url for url, prefix in prefixes.items() if prefix.complete}
     samples = {
-        url: len(prefixes[url].samples) if url in counted else round(size * per_byte)
+        url: len(prefixes[url].samples)
+        if url in counted
+        else round(max(0, size - TAR_END) * per_byte)
         for url, size in sizes.items()
     }
     shard_rows = {
