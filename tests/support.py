@@ -102,3 +102,14 @@ def make_runner(output: str, **options) -> UnitRunner:
     settings = unit_settings(output, **options)
     model = create_backbone_model(BACKBONE, "random")
     return UnitRunner(Backbone(model, torch.device("cpu")), settings)
+
+
+def pvu(*args: str):
+    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping undone."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    result.text = " ".join(result.output.split())
+    return result

@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from support import pvu
 
-from jobs.cli import app
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
 from pipeline.demo.data import encode_image
@@ -72,10 +71,7 @@ pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def run(*args: str):
-    """``pvu shards ARGS``; the output has rich's line wrapping undone."""
-    result = CliRunner().invoke(app, ["shards", *args], catch_exceptions=False)
-    result.text = " ".join(result.output.split())
-    return result
+    return pvu("shards", *args)
 
 
 def test_folder_to_shards_keeps_every_readable_image_once_and_names_the_rest(tmp_path):

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-from support import make_runner
-from typer.testing import CliRunner
+from support import make_runner, pvu
 
-from jobs.cli import app
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import write_bad_shard, write_digit_shards
@@ -38,7 +36,7 @@ def cache(tmp_path_factory) -> str:
 
 
 def info_json(path: str) -> dict:
-    result = CliRunner().invoke(app, ["info", path, "--json"], catch_exceptions=False)
+    result = pvu("info", path, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -57,8 +55,8 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert summary["provenance"]["backbone"] == "resnet10t"
     assert summary["label_space"].startswith("the classifier's")
 
-    result = CliRunner().invoke(app, ["info", cache])
-    text = " ".join(result.output.split())
+    result = pvu("info", cache)
+    text = result.text
     assert result.exit_code == 0
     assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
 
@@ -80,8 +78,8 @@ def test_info_errors_exit_2_naming_the_path(tmp_path):
         (tmp_path / "nothing", "does not exist"),
         (tmp_path, "is not a pvu cache"),
     ]:
-        result = CliRunner().invoke(app, ["info", str(path)])
-        text = " ".join(result.output.split())
+        result = pvu("info", str(path))
+        text = result.text
         assert result.exit_code == 2 and str(path) in text and words in text, text
         assert "Traceback" not in text
 
@@ -91,18 +89,18 @@ def test_verify_names_missing_and_damaged_units(cache, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
-    ok = CliRunner().invoke(app, ["info", str(copy), "--verify"])
+    ok = pvu("info", str(copy), "--verify")
     assert ok.exit_code == 0, ok.output
-    assert "units missing or damaged │ 0" in " ".join(ok.output.split())
+    assert "units missing or damaged │ 0" in ok.text
 
     (copy / "epoch=0000" / "digits-0000.parquet").unlink()
     shutil.copy(copy / "epoch=0000" / "digits-0001.parquet", copy / "epoch=0001" / "bad.parquet")
-    result = CliRunner().invoke(app, ["info", str(copy), "--verify"])
-    text = " ".join(result.output.split())
+    result = pvu("info", str(copy), "--verify")
+    text = result.text
     assert result.exit_code == 1, text
     assert "epoch=0000/digits-0000.parquet" in text and "missing" in text
     assert "epoch=0001/bad.parquet" in text and "Traceback" not in text
-    document = json.loads(CliRunner().invoke(app, ["info", str(copy), "--verify", "--json"]).stdout)
+    document = json.loads(pvu("info", str(copy), "--verify", "--json").stdout)
     assert sorted(document["verify"]["damaged"]) == [
         "epoch=0000/digits-0000.parquet",
         "epoch=0001/bad.parquet",

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import timm
 from PIL import Image
-from support import make_runner
-from typer.testing import CliRunner
+from support import make_runner, pvu
 
-from jobs.cli import app
 from pipeline.cache.backbone import read_label_remap
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import encode_image
@@ -28,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def run(*args: str):
-    result = CliRunner().invoke(app, ["label-remap", *args], catch_exceptions=False)
-    result.text = " ".join(result.output.split())
-    return result
+    return pvu("label-remap", *args)
 
 
 def test_remap_to_the_21k_head_by_model_name_and_by_list_name(tmp_path):
@@ -109,8 +105,8 @@ def test_shards_of_synset_folders_cache_in_the_head_label_space(tmp_path):
         for i in range(2):
             pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
             (folder / f"{i}.jpg").write_bytes(encode_image(Image.fromarray(pixels), "jpg"))
-    shards = CliRunner().invoke(
-        app, ["shards", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "shards")]
+    shards = pvu(
+        "shards", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "shards")
     )
     assert shards.exit_code == 0, shards.output
     result = run(

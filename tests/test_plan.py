@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import ray
-from support import SMALL_BACKBONE_FLAGS
-from typer.testing import CliRunner
+from support import SMALL_BACKBONE_FLAGS, pvu
 
 from jobs.cache import CacheJobConfig, run_cache
-from jobs.cli import app
 from jobs.plan import PlanJobConfig, run_plan
 from pipeline.cache.info import read_cache_info
 from pipeline.demo.data import write_bad_shard, write_digit_shards
@@ -73,16 +71,16 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     assert more.estimate.units_done == 10 and more.estimate.rows == real.rows // 2
 
     flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
-    result = CliRunner().invoke(app, ["plan", *flags, "--sample-images", "8"])
-    text = " ".join(result.output.split())
+    result = pvu("plan", *flags, "--sample-images", "8")
+    text = result.text
     assert result.exit_code == 2 and "would refuse" in text and "seed" in text, text
 
 
 def test_plan_prints_units_rows_bytes_and_hours(shards, tmp_path):
     flags = ["--shards", shards, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
     args = ["plan", *flags, "--epochs", "7", "--sample-images", "16"]
-    result = CliRunner().invoke(app, [*args, "--images-per-second-per-gpu", "2000"])
-    text = " ".join(result.output.split())
+    result = pvu(*args, "--images-per-second-per-gpu", "2000")
+    text = result.text
     assert result.exit_code == 0, result.output
     assert "35 (7 epochs)" in text and "rows to compute" in text and "bytes on storage" in text
     assert "CPU actor-hours" in text and "at 2,000 images/s per GPU" in text
