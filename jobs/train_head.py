@@ -61,8 +61,8 @@ class TrainHeadConfig(BaseModel):
     stop_after: int | None = Field(default=None, ge=1)
     val_fraction: float = Field(default=0.01, ge=0, lt=1)
     val_rows: int = Field(default=20_000, ge=0)
-    shuffle_rows: int = Field(default=65_536, ge=1)
-    prefetch: int = Field(default=2, ge=1)
+    shuffle_rows: int = Field(default=524_288, ge=1)
+    prefetch: int = Field(default=4, ge=1)
     io_threads: int = Field(default=8, ge=1)
 
     @field_validator("hidden", mode="before")
@@ -115,7 +115,7 @@ class TrainHeadConfig(BaseModel):
             ),
             stream=StreamConfig(
                 seed=self.seed,
-                window_rows=self.shuffle_rows,
+                shuffle_rows=self.shuffle_rows,
                 prefetch_windows=self.prefetch,
                 val_fraction=self.val_fraction,
                 io_threads=self.io_threads,
@@ -228,9 +228,14 @@ def train_head(
     ] = 20_000,
     shuffle_rows: Annotated[
         int,
-        typer.Option(help="Shuffle window in rows; memory is about rows x D x 4 bytes x 4."),
-    ] = 65_536,
-    prefetch: Annotated[int, typer.Option(help="Windows read ahead in the background.")] = 2,
+        typer.Option(
+            help="Rows held decoded for shuffling (whole row groups, interleaved so batches "
+            "mix the cache whatever its shard order); memory is about rows x D x 2 bytes."
+        ),
+    ] = 524_288,
+    prefetch: Annotated[
+        int, typer.Option(help="Shuffled windows (about a row group each) read ahead.")
+    ] = 4,
     io_threads: Annotated[int, typer.Option(help="Parallel row-group reads.")] = 8,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:

@@ -90,7 +90,7 @@ def test_attached_model_gives_the_heads_uncertainty_of_the_cached_embedding(
     config = TrainConfig(
         hidden=(32, 32),
         schedule=ScheduleConfig(episodes=2, episode_size=64, batch_size=16, warmup_episodes=1),
-        stream=StreamConfig(window_rows=64, val_fraction=0.0),
+        stream=StreamConfig(shuffle_rows=64, val_fraction=0.0),
     )
     output = tmp_path / "head"
     result = fit_head([str(cache)], str(output), config)

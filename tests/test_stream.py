@@ -18,14 +18,9 @@ import torch
 from pipeline.cache.index import open_cache
 from pipeline.cache.verify import CacheMismatch
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
-from pipeline.head.stream import (
-    CacheStream,
-    StreamConfig,
-    StreamState,
-    key_fraction,
-    plan_pass,
-    read_validation,
-)
+from pipeline.head import shuffle
+from pipeline.head.rows import key_fraction
+from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
 
 SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
 EXTRA = ("key", "epoch", "shard")
@@ -63,7 +58,7 @@ def test_one_pass_reads_every_training_row_exactly_once(cache: str) -> None:
     index = open_cache([cache])
     assert index.rows == SPEC.shards * SPEC.epochs * SPEC.samples_per_shard
     expected = _train_ids(cache, 0.2)
-    config = StreamConfig(seed=3, window_rows=300, val_fraction=0.2, extra_columns=EXTRA)
+    config = StreamConfig(seed=3, shuffle_rows=300, val_fraction=0.2, extra_columns=EXTRA)
     with CacheStream(index, config) as stream:
         ids = _read(stream, len(expected), batch=128)
         assert stream.state == StreamState(1, 0, 0)
@@ -75,7 +70,7 @@ def test_one_pass_reads_every_training_row_exactly_once(cache: str) -> None:
 
 
 def test_batches_mix_files_and_epochs(cache: str) -> None:
-    config = StreamConfig(seed=0, window_rows=400, val_fraction=0.0, extra_columns=EXTRA)
+    config = StreamConfig(seed=0, shuffle_rows=400, val_fraction=0.0, extra_columns=EXTRA)
     with CacheStream(open_cache([cache]), config) as stream:
         for _ in range(5):
             batch = stream.next_batch(64)
@@ -83,20 +78,28 @@ def test_batches_mix_files_and_epochs(cache: str) -> None:
             assert len(set(batch.extras["epoch"].tolist())) >= 2
 
 
-def test_plan_is_deterministic_per_seed_and_pass(cache: str) -> None:
-    groups = open_cache([cache]).row_groups()
-    plan = plan_pass(groups, seed=1, pass_index=0, window_rows=120)
-    assert plan == plan_pass(groups, seed=1, pass_index=0, window_rows=120)
-    assert plan != plan_pass(groups, seed=2, pass_index=0, window_rows=120)
-    assert plan != plan_pass(groups, seed=1, pass_index=1, window_rows=120)
-    flat = [ref for window in plan for ref in window]
-    assert sorted((r.file, r.group) for r in flat) == sorted((r.file, r.group) for r in groups)
-    assert all(sum(r.rows for r in window) >= 120 for window in plan[:-1])
+def test_plan_is_deterministic_per_seed_and_pass() -> None:
+    order = shuffle.pass_order(48, seed=1, pass_index=0)
+    assert sorted(order.tolist()) == list(range(48))
+    assert order.tolist() == shuffle.pass_order(48, seed=1, pass_index=0).tolist()
+    assert order.tolist() != shuffle.pass_order(48, seed=2, pass_index=0).tolist()
+    assert order.tolist() != shuffle.pass_order(48, seed=1, pass_index=1).tolist()
+    spread = shuffle.spread_for(300, groups=48, group_rows=50)
+    assert spread == 6 and shuffle.spread_for(10**9, groups=48, group_rows=50) == 48
+    dealt = [
+        (position, j)
+        for w in range(48)
+        for j, position in enumerate(shuffle.active(w, groups=48, spread=6))
+    ]
+    assert sorted(dealt) == [(p, j) for p in range(48) for j in range(6)], "each slice once"
+    bounds = [shuffle.slice_bounds(50, j, 6) for j in range(6)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 50
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 def test_same_seed_same_stream_and_resume_from_any_row(cache: str) -> None:
     index = open_cache([cache])
-    config = StreamConfig(seed=7, window_rows=250, val_fraction=0.1, extra_columns=EXTRA)
+    config = StreamConfig(seed=7, shuffle_rows=250, val_fraction=0.1, extra_columns=EXTRA)
     with CacheStream(index, config) as stream:
         head = [stream.next_batch(97) for _ in range(9)]
         state = stream.state
@@ -110,7 +113,7 @@ def test_same_seed_same_stream_and_resume_from_any_row(cache: str) -> None:
             got = resumed.next_batch(97)
             assert torch.equal(got.embedding, expected.embedding)
             assert torch.equal(got.loss, expected.loss)
-    other = StreamConfig(seed=8, window_rows=250, val_fraction=0.1)
+    other = StreamConfig(seed=8, shuffle_rows=250, val_fraction=0.1)
     with CacheStream(index, other) as different:
         assert not torch.equal(different.next_batch(97).embedding, head[0].embedding)
 
@@ -211,7 +214,7 @@ def test_nonfinite_rows_are_dropped_and_reported(
     pq.write_table(table, path, row_group_size=30)
     (url / "_manifest.json").unlink()  # it records the file before the edit; readers then glob
     bad = {"shard-00000/000003", "shard-00000/000040", "shard-00000/000077"}
-    config = StreamConfig(window_rows=1000, val_fraction=0.0, extra_columns=("key",))
+    config = StreamConfig(shuffle_rows=1000, val_fraction=0.0, extra_columns=("key",))
     with caplog.at_level(logging.WARNING), CacheStream(open_cache([str(url)]), config) as stream:
         batch = stream.next_batch(197)
         assert stream.state == StreamState(1, 0, 0)
@@ -233,7 +236,7 @@ def test_reads_a_cache_through_the_s3_protocol(s3_bucket: str, cache: str) -> No
     write_synthetic_cache(url, SPEC)
     remote, local = open_cache([url]), open_cache([cache])
     assert remote.rows == local.rows and all(f.url.startswith("s3://") for f in remote.files)
-    config = StreamConfig(seed=4, window_rows=300, val_fraction=0.1, extra_columns=EXTRA)
+    config = StreamConfig(seed=4, shuffle_rows=300, val_fraction=0.1, extra_columns=EXTRA)
     with CacheStream(remote, config) as a, CacheStream(local, config) as b:
         for _ in range(12):
             x, y = a.next_batch(256), b.next_batch(256)

@@ -36,7 +36,7 @@ def _config(loss: str = "ranking", episodes: int = 6, seed: int = 0) -> TrainCon
         schedule=ScheduleConfig(
             episodes=episodes, episode_size=3000, batch_size=256, warmup_episodes=1
         ),
-        stream=StreamConfig(seed=seed, window_rows=1000, val_fraction=0.2),
+        stream=StreamConfig(seed=seed, shuffle_rows=1000, val_fraction=0.2),
         val_rows=2000,
     )
 

@@ -1,56 +1,50 @@
 """Shuffled, resumable batches of (embedding, loss) streamed from one or more pvu caches.
 
-A cache (DESIGN.md 3.1) is read as a list of Parquet row groups. Each pass over the data is a
-pure function of ``(seed, pass)``: the row groups of all files are permuted (so files and
-epochs interleave), cut into *windows* of about ``window_rows`` rows (the shuffle buffer), and
-the rows of each window are permuted again. Memory is bounded by the window size, whatever the
-cache size. A background thread reads, filters and decodes the next window while the caller
-trains on the current one. The position ``(pass, window, offset)`` is a small JSON-able state,
-so a run can stop and resume at any row. Rows whose ``key`` hashes below ``val_fraction`` are
-the validation slice and never appear in training batches, in any epoch.
+Each pass over the cache follows :mod:`pipeline.head.shuffle`: every window interleaves a
+slice of each of ``spread`` row groups (about ``shuffle_rows`` rows held), so batches mix rows
+from all over the cache whatever order its shards were written in. Decoded groups are held
+in their stored dtype (float16) in a fixed pool of slots; a window is gathered from the pool
+and widened to float32 in one step, in a background thread
+(:func:`pipeline.prefetch.prefetch`) while the caller trains on the previous one. Memory is
+about ``(shuffle_rows + lookahead groups) x D x 2`` bytes plus ``prefetch_windows`` windows
+in float32. The position ``(pass, window, offset)`` is a small JSON-able state, so a run can
+stop and resume at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
+validation slice and never appear in training batches, in any epoch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import queue
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.cache.index import CacheIndex, RowGroupRef
-from pipeline.retry import retry
-
-log = logging.getLogger(__name__)
+from pipeline.head import shuffle
+from pipeline.head.rows import GroupRows, read_group
+from pipeline.prefetch import prefetch
 
 _VAL_ORDER_SEED = 0x7A1
-_FILE_ORDER_SALT = 0xF11E
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """How to stream a cache: shuffle window, prefetch depth, validation slice, extras."""
+    """How to stream a cache: rows held for shuffling, read-ahead, validation slice, extras."""
 
     seed: int = 0
-    window_rows: int = 65_536
-    prefetch_windows: int = 2
+    shuffle_rows: int = 524_288
+    prefetch_windows: int = 4
     val_fraction: float = 0.01
     io_threads: int = 8
     extra_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.window_rows < 1:
-            raise ValueError(f"window_rows must be >= 1, got {self.window_rows}")
+        if self.shuffle_rows < 1:
+            raise ValueError(f"shuffle_rows must be >= 1, got {self.shuffle_rows}")
         if self.prefetch_windows < 1:
             raise ValueError(f"prefetch_windows must be >= 1, got {self.prefetch_windows}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -98,117 +92,6 @@ class StreamStats:
     passes_started: int = 0
 
 
-def key_fraction(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A stable position in [0, 1) per key: 64-bit FNV-1a of its UTF-8 bytes, splitmix-mixed."""
-    if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks()
-    if pa.types.is_dictionary(keys.type):
-        keys = keys.dictionary_decode()
-    keys = keys.cast(pa.large_string())
-    n = len(keys)
-    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
-    data = np.frombuffer(keys.buffers()[2] or b"\0", dtype=np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    hashes = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
-    prime = np.uint64(0x100000001B3)
-    for j in range(int(lengths.max(initial=0))):
-        active = np.flatnonzero(lengths > j)
-        byte = data[starts[active] + j].astype(np.uint64)
-        hashes[active] = (hashes[active] ^ byte) * prime
-    hashes ^= hashes >> np.uint64(30)
-    hashes *= np.uint64(0xBF58476D1CE4E5B9)
-    hashes ^= hashes >> np.uint64(27)
-    hashes *= np.uint64(0x94D049BB133111EB)
-    hashes ^= hashes >> np.uint64(31)
-    return (hashes >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def plan_pass(
-    groups: Sequence[RowGroupRef], *, seed: int, pass_index: int, window_rows: int
-) -> list[list[RowGroupRef]]:
-    """The windows of one pass: all row groups in a seeded order, cut at ``window_rows`` rows."""
-    order = np.random.default_rng([seed, pass_index, _FILE_ORDER_SALT]).permutation(len(groups))
-    windows: list[list[RowGroupRef]] = []
-    current: list[RowGroupRef] = []
-    size = 0
-    for i in order:
-        current.append(groups[i])
-        size += groups[i].rows
-        if size >= window_rows:
-            windows.append(current)
-            current, size = [], 0
-    if current:
-        windows.append(current)
-    return windows
-
-
-@dataclass
-class _Columns:
-    embedding: np.ndarray
-    loss: np.ndarray
-    extras: dict[str, np.ndarray]
-    nonfinite: Counter[str]
-
-
-def _read_group(
-    index: CacheIndex, ref: RowGroupRef, extra: Sequence[str], val_fraction: float, *, val: bool
-) -> _Columns:
-    """Rows of one row group on one side of the validation split, non-finite rows dropped."""
-    f = index.files[ref.file]
-    columns = list(dict.fromkeys(["key", "embedding", "loss", *extra]))
-    fs, path = fsspec.core.url_to_fs(f.url)
-
-    def read() -> pa.Table:
-        with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle, metadata=f.metadata).read_row_group(
-                ref.group, columns=columns, use_threads=False
-            )
-
-    table = retry(read, what=f"read row group {ref.group} of {f.url}")
-    flat = table.column("embedding").combine_chunks().flatten()
-    embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
-    loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
-    keys = table.column("key")
-    held_out = key_fraction(keys) < val_fraction
-    keep = held_out if val else ~held_out
-    bad = keep & ~(np.isfinite(loss) & _finite_rows(embedding))
-    nonfinite: Counter[str] = Counter()
-    if bad.any():
-        nonfinite[f.url] = int(bad.sum())
-        examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
-        log.warning(
-            "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
-            *(f.url, ref.group, int(bad.sum()), examples),
-        )
-        keep &= ~bad
-    rows = slice(None) if keep.all() else np.flatnonzero(keep)
-    extras = {name: table.column(name).to_numpy(zero_copy_only=False)[rows] for name in extra}
-    return _Columns(embedding[rows], loss[rows], extras, nonfinite)
-
-
-def _finite_rows(embedding: np.ndarray) -> np.ndarray:
-    """True for rows with no NaN/inf; float16 is checked on its exponent bits (fast)."""
-    if embedding.dtype == np.float16:
-        exponent = embedding.view(np.uint16) & np.uint16(0x7C00)
-        return ~(exponent == np.uint16(0x7C00)).any(axis=1)
-    return np.isfinite(embedding).all(axis=1)
-
-
-def _concat(parts: Sequence[_Columns], dim: int, extra: Sequence[str]) -> _Columns:
-    nonfinite: Counter[str] = Counter()
-    for part in parts:
-        nonfinite.update(part.nonfinite)
-    if not parts:
-        empty = np.empty((0, dim), dtype=np.float16)
-        return _Columns(empty, np.empty(0, np.float32), {n: np.empty(0) for n in extra}, nonfinite)
-    return _Columns(
-        np.concatenate([p.embedding for p in parts]),
-        np.concatenate([p.loss for p in parts]),
-        {name: np.concatenate([p.extras[name] for p in parts]) for name in extra},
-        nonfinite,
-    )
-
-
 @dataclass
 class _Window:
     pass_index: int
@@ -223,10 +106,34 @@ class _Window:
         return len(self.loss)
 
 
+@dataclass
+class _Held:
+    """A decoded group in a pool slot: its training rows as flat pool indices, in pass order."""
+
+    slot: int
+    url: str
+    rows: GroupRows
+    order: np.ndarray
+
+
+class _Pool:
+    """Fixed slots of decoded row groups (embedding in the stored dtype, loss in float32)."""
+
+    def __init__(self, slots: int, rows: int, dim: int, dtype: str) -> None:
+        self.rows = rows
+        self.embedding = np.empty((slots * rows, dim), dtype=dtype)
+        self.loss = np.empty(slots * rows, dtype=np.float32)
+        self.free = list(range(slots))
+
+    def slot(self, slot: int) -> slice:
+        """The pool rows of ``slot``."""
+        return slice(slot * self.rows, (slot + 1) * self.rows)
+
+
 class CacheStream:
     """Endless shuffled training batches from a :class:`CacheIndex`, resumable at any row.
 
-    Use as a context manager (or call :meth:`close`) so the prefetch thread stops.
+    Use as a context manager (or call :meth:`close`) so the background reader stops.
     """
 
     def __init__(
@@ -236,21 +143,22 @@ class CacheStream:
         self.config = config
         self.stats = StreamStats()
         self._groups = index.row_groups()
+        group_rows = max(ref.rows for ref in self._groups)
+        self.spread = shuffle.spread_for(
+            config.shuffle_rows, groups=len(self._groups), group_rows=group_rows
+        )
+        self._lookahead = config.io_threads
+        slots = self.spread + self._lookahead
+        self._pool = _Pool(slots, group_rows, index.dim, index.dtype)
+        self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
         self._window: _Window | None = None
-        self._queue: queue.Queue[_Window | BaseException] = queue.Queue(config.prefetch_windows)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="pvu-stream", daemon=True)
-        self._thread.start()
+        self._windows = prefetch(self._produce(self._state), depth=config.prefetch_windows)
 
     @property
     def state(self) -> StreamState:
         """Position of the next row :meth:`next_batch` will return."""
         return self._state
-
-    def ready(self) -> int:
-        """Windows read ahead and waiting (at most ``prefetch_windows``)."""
-        return self._queue.qsize()
 
     def next_batch(self, size: int) -> Batch:
         """The next ``size`` training rows (crossing windows and passes as needed)."""
@@ -276,12 +184,9 @@ class CacheStream:
         )
 
     def close(self) -> None:
-        """Stop the prefetch thread."""
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)
-            self._thread.join(timeout=0.05)
+        """Stop the background reader."""
+        self._windows.close()
+        self._io.shutdown(cancel_futures=True)
 
     def __enter__(self) -> CacheStream:
         return self
@@ -293,11 +198,9 @@ class CacheStream:
         while self._window is None or self._state.offset >= len(self._window):
             if self._window is not None:
                 self._advance(self._window, len(self._window))
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            item = next(self._windows)
             if (item.pass_index, item.window) != (self._state.pass_index, self._state.window):
-                raise RuntimeError("stream out of step with its prefetch thread")
+                raise RuntimeError("stream out of step with its background reader")
             self._window = item
             self.stats.nonfinite.update(item.nonfinite)
             if item.window == 0:
@@ -314,33 +217,12 @@ class CacheStream:
         else:
             self._state = StreamState(window.pass_index, window.window + 1, 0)
 
-    def _produce(self) -> None:
-        try:
-            with ThreadPoolExecutor(self.config.io_threads, "pvu-read") as pool:
-                for window in self._windows(pool):
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(window, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            self._queue.put(error)
-
-    def _windows(self, pool: ThreadPoolExecutor) -> Iterator[_Window]:
-        cfg = self.config
-        pass_index, first = self._state.pass_index, self._state.window
-        while not self._stop.is_set():
-            plan = plan_pass(
-                self._groups, seed=cfg.seed, pass_index=pass_index, window_rows=cfg.window_rows
-            )
+    def _produce(self, start: StreamState) -> Iterator[_Window]:
+        """Every window from ``start`` on, pass after pass (runs in the background thread)."""
+        pass_index, first = start.pass_index, start.window
+        while True:
             rows_in_pass = 0
-            for w in range(first, len(plan)):
-                if self._stop.is_set():
-                    return
-                window = self._load(pool, plan[w], pass_index, w, w == len(plan) - 1)
+            for window in self._pass(pass_index, first):
                 rows_in_pass += len(window)
                 yield window
             if first == 0 and rows_in_pass == 0:
@@ -349,43 +231,89 @@ class CacheStream:
                 )
             pass_index, first = pass_index + 1, 0
 
-    def _load(
-        self, pool: ThreadPoolExecutor, refs: list[RowGroupRef], pass_index: int, w: int, last: bool
-    ) -> _Window:
-        cfg = self.config
-        parts = list(
-            pool.map(
-                lambda ref: _read_group(
-                    self.index, ref, cfg.extra_columns, cfg.val_fraction, val=False
-                ),
-                refs,
-            )
+    def _pass(self, pass_index: int, first: int) -> Iterator[_Window]:
+        n, spread, seed = len(self._groups), self.spread, self.config.seed
+        order = shuffle.pass_order(n, seed=seed, pass_index=pass_index)
+        held: dict[int, _Held] = {}
+        loading: dict[int, tuple[int, Future[_Held]]] = {}
+        try:
+            for w in range(first, n):
+                for ahead in range(w, min(n, w + self._lookahead + 1)):
+                    for position in shuffle.active(ahead, groups=n, spread=spread):
+                        if position not in held and position not in loading:
+                            ref = self._groups[order[position]]
+                            slot = self._pool.free.pop()  # spread + lookahead slots suffice
+                            future = self._io.submit(self._load, ref, slot, pass_index, position)
+                            loading[position] = slot, future
+                positions = shuffle.active(w, groups=n, spread=spread)
+                for position in positions:
+                    if position not in held:
+                        held[position] = loading.pop(position)[1].result()
+                yield self._gather(pass_index, w, positions, held)
+                following = set(shuffle.active(w + 1, groups=n, spread=spread)) if w + 1 < n else ()
+                for position in positions:
+                    if position not in following:
+                        self._pool.free.append(held.pop(position).slot)
+        finally:  # closed early: wait for reads in flight, then free every slot
+            for slot, future in loading.values():
+                future.cancel() or future.exception()
+                self._pool.free.append(slot)
+            self._pool.free.extend(h.slot for h in held.values())
+
+    def _load(self, ref: RowGroupRef, slot: int, pass_index: int, position: int) -> _Held:
+        rows = self._pool.slot(slot)
+        group = read_group(
+            self.index,
+            ref,
+            extra=self.config.extra_columns,
+            val_fraction=self.config.val_fraction,
+            val=False,
+            out=self._pool.embedding[rows],
         )
-        cols = _concat(parts, self.index.dim, cfg.extra_columns)
-        generator = torch.Generator().manual_seed(_window_seed(cfg.seed, pass_index, w))
-        order = torch.randperm(len(cols.loss), generator=generator).numpy()
-        # Permute and widen to float32 here, in the background, so the trainer only slices.
+        self._pool.loss[rows][: len(group.loss)] = group.loss
+        permutation = shuffle.group_permutation(
+            len(group.rows), seed=self.config.seed, pass_index=pass_index, position=position
+        )
+        url = self.index.files[ref.file].url
+        return _Held(slot, url, group, group.rows[permutation] + rows.start)
+
+    def _gather(
+        self, pass_index: int, w: int, positions: list[int], held: dict[int, _Held]
+    ) -> _Window:
+        """Window ``w``: slice ``j`` of the group at ``positions[j]``, permuted, as float32."""
+        spread = self.spread
+        parts = []
+        for j, position in enumerate(positions):
+            order = held[position].order
+            start, stop = shuffle.slice_bounds(len(order), j, spread)
+            parts.append(order[start:stop])
+        flat = np.concatenate(parts)
+        permutation = shuffle.window_permutation(
+            len(flat), seed=self.config.seed, pass_index=pass_index, window=w
+        )
+        flat = flat[permutation]
+        embedding = torch.empty((len(flat), self.index.dim), dtype=torch.float32)
+        embedding.copy_(torch.from_numpy(np.take(self._pool.embedding, flat, axis=0)))
+        extras = {}
+        for name in self.config.extra_columns:
+            values = [
+                held[p].rows.extras[name][part - held[p].slot * self._pool.rows]
+                for p, part in zip(positions, parts, strict=True)
+            ]
+            extras[name] = np.concatenate(values)[permutation]
+        newcomer = held[positions[0]]  # counted once per pass: at its slice 0
+        nonfinite: Counter[str] = Counter()
+        if newcomer.rows.nonfinite:
+            nonfinite[newcomer.url] = newcomer.rows.nonfinite
         return _Window(
             pass_index,
             w,
-            last,
-            torch.from_numpy(_gather_float32(cols.embedding, order)),
-            torch.from_numpy(np.take(cols.loss, order)),
-            {name: np.take(values, order) for name, values in cols.extras.items()},
-            cols.nonfinite,
+            w == len(self._groups) - 1,
+            embedding,
+            torch.from_numpy(self._pool.loss[flat]),
+            extras,
+            nonfinite,
         )
-
-
-def _gather_float32(embedding: np.ndarray, order: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """``embedding[order]`` as float32, gathered in cache-sized chunks (no full-size temporary)."""
-    out = np.empty((len(order), embedding.shape[1]), dtype=np.float32)
-    for start in range(0, len(order), chunk):
-        out[start : start + chunk] = embedding[order[start : start + chunk]]
-    return out
-
-
-def _window_seed(seed: int, pass_index: int, window: int) -> int:
-    return int(np.random.default_rng([seed, pass_index, window]).integers(2**62))
 
 
 def read_validation(
@@ -401,26 +329,36 @@ def read_validation(
     Row groups are scanned in a fixed pseudo-random order until enough rows are found, so the
     slice spans files and epochs; non-finite rows are dropped and logged.
     """
+    empty = Batch(
+        torch.empty(0, index.dim), torch.empty(0), {n: np.empty(0) for n in extra_columns}
+    )
     if val_fraction <= 0 or max_rows <= 0:
-        empty = _concat([], index.dim, extra_columns)
-        return Batch(torch.empty(0, index.dim), torch.empty(0), empty.extras)
+        return empty
     groups = index.row_groups()
     order = np.random.default_rng(_VAL_ORDER_SEED).permutation(len(groups))
-    parts: list[_Columns] = []
+    parts: list[GroupRows] = []
     found = 0
     with ThreadPoolExecutor(io_threads, "pvu-val") as pool:
         for start in range(0, len(order), io_threads):
             chunk = [groups[i] for i in order[start : start + io_threads]]
             for part in pool.map(
-                lambda ref: _read_group(index, ref, extra_columns, val_fraction, val=True), chunk
+                lambda ref: read_group(
+                    index, ref, extra=extra_columns, val_fraction=val_fraction, val=True
+                ),
+                chunk,
             ):
                 parts.append(part)
-                found += len(part.loss)
+                found += len(part.rows)
             if found >= max_rows:
                 break
-    cols = _concat(parts, index.dim, extra_columns)
+    if not found:
+        return empty
+    embedding = np.concatenate([p.embedding[p.rows] for p in parts])[:max_rows]
     return Batch(
-        torch.from_numpy(cols.embedding[:max_rows]).float(),
-        torch.from_numpy(cols.loss[:max_rows]).clone(),
-        {name: values[:max_rows] for name, values in cols.extras.items()},
+        torch.from_numpy(embedding).float(),
+        torch.from_numpy(np.concatenate([p.loss[p.rows] for p in parts])[:max_rows]),
+        {
+            name: np.concatenate([p.extras[name][p.rows] for p in parts])[:max_rows]
+            for name in extra_columns
+        },
     )

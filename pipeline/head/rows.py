@@ -1,0 +1,118 @@
+"""One Parquet row group of a cache as NumPy arrays, split into training and held-out rows.
+
+Rows whose ``key`` hashes below ``val_fraction`` are the validation slice, in every epoch;
+rows with a NaN/inf embedding or loss are dropped, counted and logged with example keys. The
+embedding column is decoded by :mod:`pipeline.head.pages` (pyarrow where it cannot), the other
+columns by pyarrow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache.index import CacheIndex, RowGroupRef
+from pipeline.head.pages import read_embedding
+
+log = logging.getLogger(__name__)
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+@dataclass
+class GroupRows:
+    """Every row of one row group, and which of them are on the asked side of the split."""
+
+    embedding: np.ndarray
+    loss: np.ndarray
+    rows: np.ndarray
+    extras: dict[str, np.ndarray]
+    nonfinite: int
+
+
+def key_fraction(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A stable position in [0, 1) per key: 64-bit FNV-1a of its UTF-8 bytes, splitmix-mixed."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if pa.types.is_dictionary(keys.type):
+        keys = keys.dictionary_decode()
+    keys = keys.cast(pa.large_string())
+    n = len(keys)
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
+    data = np.frombuffer(keys.buffers()[2] or b"\0", dtype=np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    for length in np.unique(lengths):  # keys of one length hash as one (rows, length) matrix
+        rows = np.flatnonzero(lengths == length)
+        block = data[starts[rows, None] + np.arange(length)].astype(np.uint64)
+        h = hashes[rows]
+        for j in range(int(length)):
+            h ^= block[:, j]
+            h *= _FNV_PRIME
+        hashes[rows] = h
+    hashes ^= hashes >> np.uint64(30)
+    hashes *= np.uint64(0xBF58476D1CE4E5B9)
+    hashes ^= hashes >> np.uint64(27)
+    hashes *= np.uint64(0x94D049BB133111EB)
+    hashes ^= hashes >> np.uint64(31)
+    return (hashes >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def read_group(
+    index: CacheIndex,
+    ref: RowGroupRef,
+    *,
+    extra: Sequence[str] = (),
+    val_fraction: float,
+    val: bool,
+    out: np.ndarray | None = None,
+) -> GroupRows:
+    """Row group ``ref``; ``rows`` are its held-out (``val``) or training rows, finite ones.
+
+    The embeddings are written into ``out`` (at least ``ref.rows`` rows) when given.
+    """
+    f = index.files[ref.file]
+    columns = list(dict.fromkeys(["key", "loss", *extra]))
+    fs, path = fsspec.core.url_to_fs(f.url)
+    dtype = np.dtype(index.dtype)
+    with fs.open(path, "rb") as handle:
+        embedding = read_embedding(handle, f.metadata, ref.group, dim=index.dim, dtype=dtype)
+        parquet = pq.ParquetFile(handle, metadata=f.metadata)
+        if embedding is None:
+            columns.append("embedding")
+        table = parquet.read_row_group(ref.group, columns=columns, use_threads=False)
+    if embedding is None:
+        flat = table.column("embedding").combine_chunks().flatten()
+        embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
+    if out is not None:
+        out[: len(embedding)] = embedding
+        embedding = out[: len(embedding)]
+    loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
+    keys = table.column("key")
+    held_out = key_fraction(keys) < val_fraction
+    keep = held_out if val else ~held_out
+    bad = keep & ~(np.isfinite(loss) & _finite_rows(embedding))
+    if bad.any():
+        examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
+        log.warning(
+            "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
+            *(f.url, ref.group, int(bad.sum()), examples),
+        )
+        keep &= ~bad
+    extras = {name: table.column(name).to_numpy(zero_copy_only=False) for name in extra}
+    return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()))
+
+
+def _finite_rows(embedding: np.ndarray) -> np.ndarray:
+    """True for rows with no NaN/inf; float16 is checked on its exponent bits (fast)."""
+    if embedding.dtype == np.float16:
+        exponent = embedding.view(np.uint16) & np.uint16(0x7C00)
+        return ~(exponent == np.uint16(0x7C00)).any(axis=1)
+    return np.isfinite(embedding).all(axis=1)
