@@ -2,16 +2,21 @@
 
 For tests, benchmarks and demos of head training without a backbone: rows follow the real
 schema, provenance and file layout (DESIGN.md 3.1-3.2) and the writer's Parquet options.
-Sample ``i`` has a base embedding ``b_i ~ N(0, I)``; in epoch ``e`` its embedding is
-``b_i + jitter * N(0, I)`` and its loss ``softplus(2 * <w, e> + noise * N(0, 1))`` for a fixed
-unit vector ``w``, so a head can learn to rank rows by loss from their embeddings alone.
+Image ``i`` (of ``M``) has class ``c = i * classes // M`` and a base embedding
+``b_i = mu_c + N(0, I)``; in epoch ``e`` its embedding is ``b_i + jitter * N(0, I)`` and its
+loss ``softplus(2 * <w, e> + o_c + noise * N(0, 1))`` for a fixed unit vector ``w`` (class
+means ``mu_c`` and offsets ``o_c`` are zero for one class), so a head can learn to rank rows
+by loss from their embeddings alone. ``order="sorted"`` writes images in index order, so
+shards are sorted by class, as when shards are built from per-class folders;
+``order="shuffled"`` writes the same rows with the images dealt to shards at random.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -37,6 +42,13 @@ class SyntheticCache:
     backbone: str = "synthetic"
     weights_digest: str = "sha256:synthetic"
     dtype: str = "float16"
+    classes: int = 1
+    order: Literal["sorted", "shuffled"] = "sorted"
+
+    @property
+    def images(self) -> int:
+        """Images per epoch."""
+        return self.shards * self.samples_per_shard
 
 
 def provenance(spec: SyntheticCache) -> dict[str, Any]:
@@ -56,13 +68,25 @@ def direction(spec: SyntheticCache) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
+def _class_effects(spec: SyntheticCache) -> tuple[np.ndarray, np.ndarray]:
+    """Class means ``mu_c`` (classes, dim) and loss offsets ``o_c`` (zero for one class)."""
+    if spec.classes <= 1:
+        return np.zeros((1, spec.dim)), np.zeros(1)
+    rng = np.random.default_rng([spec.seed, 5])
+    return rng.standard_normal((spec.classes, spec.dim)), 2.0 * rng.standard_normal(spec.classes)
+
+
 def synthetic_rows(spec: SyntheticCache, shard: int, epoch: int) -> pa.Table:
-    """The rows of one (shard, epoch) unit."""
+    """The rows of one (shard, epoch) unit with images in index order (``order="sorted"``)."""
     n, dim = spec.samples_per_shard, spec.dim
+    images = np.arange(shard * n, (shard + 1) * n)
+    labels = images * spec.classes // max(1, spec.images)
+    means, offsets = _class_effects(spec)
     base = np.random.default_rng([spec.seed, 2, shard]).standard_normal((n, dim))
+    base += means[labels % len(means)]
     rng = np.random.default_rng([spec.seed, 3, shard, epoch])
     embedding = (base + spec.jitter * rng.standard_normal((n, dim))).astype(spec.dtype)
-    score = 2.0 * embedding.astype(np.float64) @ direction(spec)
+    score = 2.0 * embedding.astype(np.float64) @ direction(spec) + offsets[labels % len(offsets)]
     loss = np.logaddexp(0.0, score + spec.noise * rng.standard_normal(n)).astype(np.float32)
     name = f"shard-{shard:05d}"
     schema = with_provenance(cache_schema(dim, pa.from_numpy_dtype(spec.dtype)), provenance(spec))
@@ -75,13 +99,28 @@ def synthetic_rows(spec: SyntheticCache, shard: int, epoch: int) -> pa.Table:
     }
     batch = to_record_batch(
         schema,
-        keys=[f"{name}/{i:06d}" for i in range(n)],
+        keys=[f"image-{i:07d}" for i in images],
         shard=name,
         epoch=epoch,
-        labels=np.zeros(n, np.int64),
+        labels=labels,
         outputs=outputs,
     )
     return pa.Table.from_batches([batch])
+
+
+def _epoch_units(spec: SyntheticCache, epoch: int) -> Iterator[pa.Table]:
+    """The units of one epoch, shard by shard, in the spec's order of images."""
+    if spec.order == "sorted":
+        yield from (synthetic_rows(spec, shard, epoch) for shard in range(spec.shards))
+        return
+    rows = pa.concat_tables(synthetic_rows(spec, shard, epoch) for shard in range(spec.shards))
+    dealt = rows.take(np.random.default_rng([spec.seed, 4]).permutation(rows.num_rows))
+    n = spec.samples_per_shard
+    for shard in range(spec.shards):
+        unit = dealt.slice(shard * n, n)
+        names = pa.array([f"shard-{shard:05d}"] * n, unit.schema.field("shard").type)
+        field = unit.schema.field("shard")
+        yield unit.set_column(unit.schema.get_field_index("shard"), field, names)
 
 
 def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:

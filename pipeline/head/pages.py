@@ -45,9 +45,18 @@ def embedding_column(metadata: pq.FileMetaData) -> int:
 
 
 def read_embedding(
-    handle: BinaryIO, metadata: pq.FileMetaData, group: int, *, dim: int, dtype: np.dtype
+    handle: BinaryIO,
+    metadata: pq.FileMetaData,
+    group: int,
+    *,
+    dim: int,
+    dtype: np.dtype,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Row group ``group``'s embeddings as a ``(rows, dim)`` array, or None if not fast-path."""
+    """Row group ``group``'s embeddings as a ``(rows, dim)`` array, or None if not fast-path.
+
+    Decodes into ``out`` (a ``(rows or more, dim)`` array of ``dtype``) when given.
+    """
     column = embedding_column(metadata)
     chunk = metadata.row_group(group).column(column)
     width = _WIDTH.get(chunk.physical_type)
@@ -58,9 +67,10 @@ def read_embedding(
     rows = metadata.row_group(group).num_rows
     handle.seek(chunk.data_page_offset)
     data = handle.read(chunk.total_compressed_size)
-    out = np.empty(rows * dim, dtype=dtype)
-    filled = _decode_pages(memoryview(data), out, _CODECS[chunk.compression], levels)
-    return out.reshape(rows, dim) if filled == len(out) else None
+    target = np.empty((rows, dim), dtype=dtype) if out is None else out[:rows]
+    flat = target.reshape(-1)  # a view: ``out`` rows are contiguous
+    filled = _decode_pages(memoryview(data), flat, _CODECS[chunk.compression], levels)
+    return target if filled == len(flat) else None
 
 
 def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: int) -> int:

@@ -83,7 +83,9 @@ def read_group(
     fs, path = fsspec.core.url_to_fs(f.url)
     dtype = np.dtype(index.dtype)
     with fs.open(path, "rb") as handle:
-        embedding = read_embedding(handle, f.metadata, ref.group, dim=index.dim, dtype=dtype)
+        embedding = read_embedding(
+            handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
+        )
         parquet = pq.ParquetFile(handle, metadata=f.metadata)
         if embedding is None:
             columns.append("embedding")
@@ -91,7 +93,7 @@ def read_group(
     if embedding is None:
         flat = table.column("embedding").combine_chunks().flatten()
         embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
-    if out is not None:
+    if out is not None and not np.shares_memory(embedding, out):
         out[: len(embedding)] = embedding
         embedding = out[: len(embedding)]
     loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
@@ -114,5 +116,5 @@ def _finite_rows(embedding: np.ndarray) -> np.ndarray:
     """True for rows with no NaN/inf; float16 is checked on its exponent bits (fast)."""
     if embedding.dtype == np.float16:
         exponent = embedding.view(np.uint16) & np.uint16(0x7C00)
-        return ~(exponent == np.uint16(0x7C00)).any(axis=1)
+        return exponent.max(axis=1, initial=0) < 0x7C00
     return np.isfinite(embedding).all(axis=1)

@@ -3,12 +3,12 @@
 Each pass over the cache follows :mod:`pipeline.head.shuffle`: every window interleaves a
 slice of each of ``spread`` row groups (about ``shuffle_rows`` rows held), so batches mix rows
 from all over the cache whatever order its shards were written in. Decoded groups are held
-in their stored dtype (float16) in a fixed pool of slots; a window is gathered from the pool
-and widened to float32 in one step, in a background thread
-(:func:`pipeline.prefetch.prefetch`) while the caller trains on the previous one. Memory is
-about ``(shuffle_rows + lookahead groups) x D x 2`` bytes plus ``prefetch_windows`` windows
-in float32. The position ``(pass, window, offset)`` is a small JSON-able state, so a run can
-stop and resume at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
+in their stored dtype (float16) in a fixed pool of slots; each window is gathered from the
+pool in a background thread (:func:`pipeline.prefetch.prefetch`) while the caller trains, and
+widened to float32 once, straight into the batch. Memory is about
+``(shuffle_rows + (io_threads + prefetch_windows) x group rows) x D x 2`` bytes. The
+position ``(pass, window, offset)`` is a small JSON-able state, so a run can stop and resume
+at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
 validation slice and never appear in training batches, in any epoch.
 """
 
@@ -162,26 +162,23 @@ class CacheStream:
 
     def next_batch(self, size: int) -> Batch:
         """The next ``size`` training rows (crossing windows and passes as needed)."""
-        embeddings, losses, extras = [], [], {name: [] for name in self.config.extra_columns}
-        need = size
-        while need > 0:
+        embedding = torch.empty((size, self.index.dim), dtype=torch.float32)
+        loss = torch.empty(size, dtype=torch.float32)
+        extras: dict[str, list[np.ndarray]] = {name: [] for name in self.config.extra_columns}
+        filled = 0
+        while filled < size:
             window = self._current()
             start = self._state.offset
-            stop = min(start + need, len(window))
-            embeddings.append(window.embedding[start:stop])
-            losses.append(window.loss[start:stop])
-            for name in extras:
-                extras[name].append(window.extras[name][start:stop])
-            need -= stop - start
+            stop = min(start + size - filled, len(window))
+            end = filled + stop - start
+            embedding[filled:end].copy_(window.embedding[start:stop])  # the one widening
+            loss[filled:end] = window.loss[start:stop]
+            for name, parts in extras.items():
+                parts.append(window.extras[name][start:stop])
+            filled = end
             self._advance(window, stop)
         self.stats.rows += size
-        embedding = embeddings[0] if len(embeddings) == 1 else torch.cat(embeddings)
-        loss = losses[0] if len(losses) == 1 else torch.cat(losses)
-        return Batch(
-            embedding,
-            loss,
-            {name: np.concatenate(parts) for name, parts in extras.items()},
-        )
+        return Batch(embedding, loss, {name: np.concatenate(p) for name, p in extras.items()})
 
     def close(self) -> None:
         """Stop the background reader."""
@@ -238,13 +235,15 @@ class CacheStream:
         loading: dict[int, tuple[int, Future[_Held]]] = {}
         try:
             for w in range(first, n):
-                for ahead in range(w, min(n, w + self._lookahead + 1)):
-                    for position in shuffle.active(ahead, groups=n, spread=spread):
-                        if position not in held and position not in loading:
-                            ref = self._groups[order[position]]
-                            slot = self._pool.free.pop()  # spread + lookahead slots suffice
-                            future = self._io.submit(self._load, ref, slot, pass_index, position)
-                            loading[position] = slot, future
+                # the groups of window w, then the one newcomer of each window ahead (slice 0)
+                upcoming = shuffle.active(w, groups=n, spread=spread)
+                upcoming += range(w + 1, min(n, w + self._lookahead + 1))
+                for position in upcoming:
+                    if position not in held and position not in loading:
+                        ref = self._groups[order[position]]
+                        slot = self._pool.free.pop()  # spread + lookahead slots suffice
+                        future = self._io.submit(self._load, ref, slot, pass_index, position)
+                        loading[position] = slot, future
                 positions = shuffle.active(w, groups=n, spread=spread)
                 for position in positions:
                     if position not in held:
@@ -256,7 +255,8 @@ class CacheStream:
                         self._pool.free.append(held.pop(position).slot)
         finally:  # closed early: wait for reads in flight, then free every slot
             for slot, future in loading.values():
-                future.cancel() or future.exception()
+                if not future.cancel():
+                    future.exception()  # waits until the read in flight is done with its slot
                 self._pool.free.append(slot)
             self._pool.free.extend(h.slot for h in held.values())
 
@@ -280,7 +280,7 @@ class CacheStream:
     def _gather(
         self, pass_index: int, w: int, positions: list[int], held: dict[int, _Held]
     ) -> _Window:
-        """Window ``w``: slice ``j`` of the group at ``positions[j]``, permuted, as float32."""
+        """Window ``w``: slice ``j`` of the group at ``positions[j]``, permuted, as stored."""
         spread = self.spread
         parts = []
         for j, position in enumerate(positions):
@@ -292,8 +292,7 @@ class CacheStream:
             len(flat), seed=self.config.seed, pass_index=pass_index, window=w
         )
         flat = flat[permutation]
-        embedding = torch.empty((len(flat), self.index.dim), dtype=torch.float32)
-        embedding.copy_(torch.from_numpy(np.take(self._pool.embedding, flat, axis=0)))
+        embedding = torch.from_numpy(np.take(self._pool.embedding, flat, axis=0))
         extras = {}
         for name in self.config.extra_columns:
             values = [
