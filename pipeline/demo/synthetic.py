@@ -131,7 +131,7 @@ def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:
     options = PARQUET_OPTIONS | {"row_group_size": spec.row_group_rows}
     for epoch in range(spec.epochs):
         fs.makedirs(f"{root}/epoch={epoch:04d}", exist_ok=True)
-        for shard in range(spec.shards):
+        for shard, table in enumerate(_epoch_units(spec, epoch)):
             stats = {
                 "epoch": epoch,
                 "shard": f"shard-{shard:05d}",
@@ -139,7 +139,6 @@ def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:
                 "rows": spec.samples_per_shard,
                 "skipped": {},
             }
-            table = synthetic_rows(spec, shard, epoch)
             metadata = {**table.schema.metadata, UNIT_STATS_KEY: json.dumps(stats, sort_keys=True)}
             name = f"epoch={epoch:04d}/shard-{shard:05d}.parquet"
             with fs.open(f"{root}/{name}", "wb") as handle:
