@@ -94,7 +94,7 @@ def test_head_trained_through_faults_is_the_fault_free_head(bucket, proxy, tmp_p
     config = TrainConfig(
         hidden=(32,),
         schedule=ScheduleConfig(episodes=3, episode_size=600, batch_size=64, warmup_episodes=1),
-        stream=StreamConfig(seed=0, window_rows=400, val_fraction=0.2),
+        stream=StreamConfig(seed=0, shuffle_rows=400, val_fraction=0.2),
         val_rows=200,
     )
     clean = fit_head([f"{bucket}/synthetic"], str(tmp_path / "clean"), config)

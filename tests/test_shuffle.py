@@ -75,9 +75,7 @@ def test_head_from_class_sorted_shards_ranks_as_well_as_from_shuffled(
 ) -> None:
     runs = {
         order: [
-            _val_spearman(
-                caches[order], tmp_path / f"{order}{seed}", seed=seed, shuffle_rows=HALF
-            )
+            _val_spearman(caches[order], tmp_path / f"{order}{seed}", seed=seed, shuffle_rows=HALF)
             for seed in (0, 1)
         ]
         for order in ("sorted", "shuffled")

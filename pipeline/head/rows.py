@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.index import CacheIndex, RowGroupRef
 from pipeline.head.pages import read_embedding
+from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,17 @@ def read_group(
     columns = list(dict.fromkeys(["key", "loss", *extra]))
     fs, path = fsspec.core.url_to_fs(f.url)
     dtype = np.dtype(index.dtype)
-    with fs.open(path, "rb") as handle:
-        embedding = read_embedding(
-            handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
-        )
-        parquet = pq.ParquetFile(handle, metadata=f.metadata)
-        if embedding is None:
-            columns.append("embedding")
-        table = parquet.read_row_group(ref.group, columns=columns, use_threads=False)
+
+    def read() -> tuple[np.ndarray | None, pa.Table]:
+        with fs.open(path, "rb") as handle:
+            fast = read_embedding(
+                handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
+            )
+            parquet = pq.ParquetFile(handle, metadata=f.metadata)
+            wanted = columns if fast is not None else [*columns, "embedding"]
+            return fast, parquet.read_row_group(ref.group, columns=wanted, use_threads=False)
+
+    embedding, table = retry(read, what=f"read row group {ref.group} of {f.url}")
     if embedding is None:
         flat = table.column("embedding").combine_chunks().flatten()
         embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
