@@ -144,12 +144,12 @@ def test_errors_name_the_input_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_parquet_of_s3_urls_to_shards_on_s3(s3_bucket, tmp_path):
+def test_s3_images_to_shards_on_s3_from_a_table_and_from_class_folders(s3_bucket, tmp_path):
     rng = np.random.default_rng(3)
     fs = fsspec.filesystem("s3")
     urls, labels = [], []
     for i in range(9):
-        url = f"{s3_bucket}/raw/{i}.png"
+        url = f"{s3_bucket}/raw/class{i % 3 * 2}/{i}.png"
         fs.pipe_file(url, image_bytes(rng, "png"))
         urls.append(url)
         labels.append(i % 3 * 2)  # integer labels 0, 2, 4 keep their values
@@ -175,6 +175,18 @@ def test_parquet_of_s3_urls_to_shards_on_s3(s3_bucket, tmp_path):
     classes = json.loads(fs.cat_file(f"{s3_bucket}/shards/classes.json"))
     assert classes == ["0", "1", "2", "3", "4"]
     assert not [p for p in fs.ls(f"{s3_bucket}/shards") if ".partial" in p]
+
+    result = run("--input", f"{s3_bucket}/raw", "--output", f"{s3_bucket}/by-folder")
+    assert result.exit_code == 0, result.output
+    samples = read_shards(f"{s3_bucket}/by-folder")
+    assert sorted((meta["source"], label) for *_, label, meta in samples) == sorted(
+        (url, label // 2) for url, label in zip(urls, labels, strict=True)
+    )
+    assert json.loads(fs.cat_file(f"{s3_bucket}/by-folder/classes.json")) == [
+        "class0",
+        "class2",
+        "class4",
+    ]
 
 
 @pytest.mark.slow
