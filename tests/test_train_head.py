@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import typer
 from typer.testing import CliRunner
 
+import pipeline.head.train as train_module
 from jobs.train_head import TrainHeadConfig, train_head
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
@@ -186,3 +192,72 @@ def test_config_defaults_are_the_papers() -> None:
     assert (config.schedule.batch_size, config.schedule.lr) == (2048, 2.8e-3)
     assert config.hidden == (512, 512) and config.loss == "ranking" and config.margin == 0.1
     assert TrainHeadConfig(cache=["c"], output="o", hidden="256").hidden == (256,)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(cache: str, tmp_path: Path) -> None:
+    fit_head([cache], str(tmp_path), _config(episodes=2))
+    before = json.loads((tmp_path / "head.json").read_text())
+    weights = (tmp_path / "head.safetensors").read_bytes()
+    again = fit_head([cache], str(tmp_path), _config(episodes=2), RunOptions(resume=True))
+    assert again.finished
+    after = json.loads((tmp_path / "head.json").read_text())
+    assert before["training"]["final"]["episode"] == 2
+    assert after["training"] == before["training"]
+    assert (tmp_path / "head.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_around_the_checkpoint_loses_no_metrics_line(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The run dies just before, or just after, episode 2's checkpoint is written."""
+    config = _config(episodes=4)
+    real = train_module.save_checkpoint
+
+    def dies_at_episode_2(output: str, **kwargs: Any) -> None:
+        if kwargs["episode"] == 2 and when == "before":
+            raise KeyboardInterrupt
+        real(output, **kwargs)
+        if kwargs["episode"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", dies_at_episode_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_head([cache], str(tmp_path), config)
+    monkeypatch.setattr(train_module, "save_checkpoint", real)
+    fit_head([cache], str(tmp_path), config, RunOptions(resume=True))
+    assert [line["episode"] for line in _metrics(tmp_path)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_episode_then_resume_gives_the_same_head_bit_for_bit(
+    cache: str, tmp_path: Path
+) -> None:
+    flags = ["--episodes", "8", "--episode-size", "6000", "--batch-size", "256"]
+    flags += ["--warmup-episodes", "1", "--hidden", "64,64", "--val-fraction", "0.2"]
+    flags += ["--shuffle-rows", "1000", "--threads", "1", "--cache", cache]
+
+    def command(output: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "jobs.train_head", *flags, "--output", str(output), *extra]
+
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = tmp_path / "killed"
+    run = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint" / "state.json").exists():  # episode 1 is done
+        assert run.poll() is None and time.monotonic() < deadline, "training ended too soon"
+        time.sleep(0.01)
+    time.sleep(0.2)  # into episode 2
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (killed / "head.json").exists(), "the kill must land before the end"
+    resumed = subprocess.run(command(killed, "--resume"), capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    weights = "head.safetensors"
+    assert (killed / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
+    assert [line["episode"] for line in _metrics(killed)] == list(range(9))
+    final = json.loads((killed / "head.json").read_text())["training"]["final"]
+    straight_final = json.loads((tmp_path / "straight" / "head.json").read_text())["training"]
+    timing = {key: final[key] for key in ("seconds", "samples_per_s")}
+    assert final == straight_final["final"] | timing

@@ -182,19 +182,28 @@ def load_checkpoint(
     return int(state["episode"]), StreamState.from_json(state["stream"])
 
 
-def _metrics_log(output: str, done: int) -> Callable[[dict[str, Any]], None]:
-    """Keep ``metrics.jsonl`` lines of episodes <= ``done``; return an appender."""
+def _metrics_log(
+    output: str, done: int
+) -> tuple[list[dict[str, Any]], Callable[[dict[str, Any]], None]]:
+    """Keep ``metrics.jsonl`` records of episodes <= ``done``; return them and an appender.
+
+    The file is rewritten aside and moved into place, so a kill never leaves half a line.
+    """
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
     lines = fs.cat_file(path).decode().splitlines() if fs.exists(path) else []
     kept = [line for line in lines if line and json.loads(line)["episode"] <= done]
-    fs.pipe_file(path, "".join(line + "\n" for line in kept).encode())
+
+    def write() -> None:
+        fs.pipe_file(f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
+        fs.mv(f"{path}.tmp", path)
 
     def append(record: dict[str, Any]) -> None:
         kept.append(json.dumps(json_safe(record), allow_nan=False))
-        fs.pipe_file(path, "".join(line + "\n" for line in kept).encode())
+        write()
 
-    return append
+    write()
+    return [json.loads(line) for line in kept], append
 
 
 def json_safe(record: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +278,7 @@ def fit_head(
             log.info("resuming %s after episode %d", output, done)
     train_rows = index.rows * (1.0 - config.stream.val_fraction)
     _log_passes(sched, train_rows, index.epochs)
-    append_metrics = _metrics_log(output, done if done else -1)
+    earlier, append_metrics = _metrics_log(output, done if done else -1)
     val = read_validation(
         index,
         val_fraction=config.stream.val_fraction,
@@ -295,6 +304,8 @@ def fit_head(
             record |= validation_metrics(head, val.embedding, val.loss)
             record["val_rows"] = len(val)
             record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
+            # metrics first: a kill before the checkpoint redoes the episode and its line
+            append_metrics(record)
             save_checkpoint(
                 output,
                 head=head,
@@ -303,13 +314,13 @@ def fit_head(
                 stream_state=stream.state,
                 config=config,
             )
-            append_metrics(record)
             history.append(record)
             if options.on_episode:
                 options.on_episode(record)
     finished = last == sched.episodes
     document = None
     if finished:
+        records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
         summary = {
             "episodes": sched.episodes,
             "samples": sched.episodes * sched.episode_size,
@@ -317,7 +328,7 @@ def fit_head(
             "cached_epochs": index.epochs,
             "config": config.identity(),
             "caches": list(caches),
-            "final": json_safe(history[-1]) if history else None,
+            "final": records[-1] if records else None,
         }
         document = export_head(
             head,
