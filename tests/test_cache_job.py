@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
-from pipeline.demo.data import write_bad_shard, write_digit_shards
+from pipeline.cache.shards import shard_name
+from pipeline.demo.data import write_bad_shard, write_bad_shards, write_digit_shards
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,38 @@ def test_local_round_trip_counts_bad_input_and_resumes(local_ray, tmp_path):
     assert manifest["units"]["epoch=0001/digits-0000.parquet"]["skipped"] == {}
     assert again_skips_everything(config)
     assert len(shards) == 3
+
+
+def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(local_ray, tmp_path):
+    import json
+
+    shards = tmp_path / "in" / "shards"
+    write_digit_shards(str(shards), shards=1, per_shard=6, size=32)
+    bad = write_bad_shard(str(shards / "zz-bad.tar"))
+    expected = write_bad_shards(str(shards))
+    expected["zz-bad.tar"] = {}
+    for sample in bad:
+        if sample.expect is not None:
+            counts = expected["zz-bad.tar"]
+            counts[sample.expect.value] = counts.get(sample.expect.value, 0) + 1
+    before = {path for path in tmp_path.rglob("*")}
+    output = tmp_path / "in" / "cache"
+    report = run_cache(CacheJobConfig(shards=str(shards), output=str(output), **COMMON))
+
+    assert not report.failed and len(report.results) == 5
+    units = json.loads((output / "_manifest.json").read_text())["units"]
+    for name, counts in expected.items():
+        assert units[f"epoch=0000/{shard_name(name)}.parquet"]["skipped"] == counts, name
+    assert len({kind for counts in expected.values() for kind in counts}) >= 10
+    # the rest of each shard is cached: every valid sample, once
+    keys = read_cache(str(output)).column("key").to_pylist()
+    valid = [s.key for s in bad if s.expect is None] + [f"digit-{i:06d}" for i in range(6)]
+    assert sorted(k for k in keys if not k.startswith("ok-cut")) == sorted([*valid, "ok-climb"])
+    assert keys.count("ok-cut-0") == 1 and len(keys) == len(set(keys))
+    # member names are never paths: nothing appeared outside the output prefix
+    created = {path for path in tmp_path.rglob("*")} - before
+    assert all(output in path.parents or path == output for path in created), created
+    assert not (tmp_path / "x.png").exists() and not os.path.exists("/abs/y.png")
 
 
 def again_skips_everything(config: CacheJobConfig) -> bool:

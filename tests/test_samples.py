@@ -24,6 +24,7 @@ from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.demo.data import (
     bad_samples,
     write_bad_shard,
+    write_bad_shards,
     write_digit_shards,
     write_photo_shards,
     write_shard,
@@ -193,11 +194,11 @@ def test_truncated_tar_keeps_samples_before_damage(digits, tmp_path, caplog):
     end = members[-1][2]
     cut = str(tmp_path / "cut.tar")
     # Cut inside headers, inside data, and exactly at member boundaries.
-    points = {0, 100, 511, 512, 513, end - 1}
+    points = {100, 511, 512, 513, end - 1}  # a zero-byte shard is another kind (below)
     for _, header, data_end in members[::3]:
         points |= {header, header + 200, data_end, data_end - 1}
     caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
-    for keep in sorted(points):
+    for keep in sorted(points - {0}):
         caplog.clear()
         samples, counts = _read(_cut(digits, cut, keep))
         keys = [s.key for s in samples]
@@ -234,7 +235,7 @@ def test_not_a_tar(tmp_path, content):
     path = tmp_path / "junk.tar"
     path.write_bytes(content)
     samples, counts = _read(str(path))
-    assert samples == [] and counts == {"truncated_tar": 1}
+    assert samples == [] and counts == {"empty_shard" if not content else "truncated_tar": 1}
 
 
 def test_corrupt_header_mid_tar(digits, tmp_path):
@@ -348,3 +349,12 @@ def test_persistent_errors_fail_with_url(digits, flaky):
     with pytest.raises(ConnectionError, match=f"open flaky://{digits} failed after 3"):
         _read("flaky://" + digits, attempts=3, base_delay=0.0)
     assert flaky.opens == 3
+
+
+def test_shards_bad_as_a_whole_are_counted_by_kind(tmp_path):
+    expected = write_bad_shards(str(tmp_path))
+    survivors = {"empty.tar": [], "cut.tar.gz": ["ok-cut-0"], "climb.tar": ["ok-climb"]}
+    for name, counts in expected.items():
+        samples, got = _read(str(tmp_path / name))
+        assert dict(got) == counts, name
+        assert [sample.key for sample in samples] == survivors[name], name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,14 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     else:
         import io
 
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise ValueError(
+                f"{url}: refused to unpickle it (it holds more than tensors, or is no torch "
+                f"file: {first}); give a safetensors file or a plain state dict"
+            ) from None
         for wrapper in _WRAPPER_KEYS:
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

@@ -3,7 +3,9 @@
 The shard is read as a stream, member by member, never downloaded whole. Files are grouped
 into samples by webdataset's own ``group_by_keys`` (so keys are exactly WebDataset's
 ``__key__``). Bad samples are counted by ``SkipReason`` and skipped; a damaged tar yields the
-samples before the damage, counts ``truncated_tar`` once and ends the shard. Transient storage
+samples before the damage, counts ``truncated_tar`` once and ends the shard (a zero-byte shard
+counts ``empty_shard``). Member names are never used as paths: a sample whose key is absolute or
+climbs out (``../../x``) is counted ``unsafe_name`` and skipped. Transient storage
 errors, on open or mid-stream, are retried: the object is reopened at the byte it was read to.
 """
 
@@ -100,7 +102,10 @@ def iter_samples(
             else:
                 counts[outcome.value] += 1
                 logger.debug("%s: skipped %s: %s", url, group["__key__"], outcome.value)
-    if damage:
+    if damage and stream.position == 0:
+        counts[SkipReason.EMPTY_SHARD.value] += 1
+        logger.warning("%s: empty shard (0 bytes)", url)
+    elif damage:
         counts[SkipReason.TRUNCATED_TAR.value] += 1
         logger.warning(
             "%s: truncated or corrupt tar (%s); kept the %d samples before the damage",
@@ -123,6 +128,9 @@ def _to_sample(
     group: dict[str, Any], image_keys: tuple[str, ...], label_key: str, ambiguity_key: str | None
 ):
     """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for."""
+    key = group["__key__"]
+    if key.startswith("/") or ".." in key.split("/"):
+        return SkipReason.UNSAFE_NAME
     image_key = next((key for key in image_keys if key in group), None)
     if image_key is None:
         return SkipReason.NO_IMAGE
@@ -280,6 +288,11 @@ class _StorageStream:
         )
         self._pos += len(data)
         return data
+
+    @property
+    def position(self) -> int:
+        """Bytes read so far."""
+        return self._pos
 
     def close(self) -> None:
         file, self._file = self._file, None

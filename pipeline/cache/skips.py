@@ -18,6 +18,8 @@ class SkipReason(str, Enum):
     TOO_SMALL = "too_small"
     TOO_LARGE = "too_large"
     TRUNCATED_TAR = "truncated_tar"
+    EMPTY_SHARD = "empty_shard"
+    UNSAFE_NAME = "unsafe_name"
 
 
 class BadSample(Exception):

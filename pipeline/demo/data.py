@@ -3,8 +3,8 @@
 - ``write_digit_shards``: scikit-learn's bundled digits, upscaled and coloured to RGB (the demo).
 - ``write_photo_shards``: random crops of scikit-image's sample photos at about ImageNet size,
   JPEG quality 90 (tests and benchmarks; needs the ``dev`` extra).
-- ``bad_samples`` / ``write_bad_shard`` / ``truncate_shard``: every kind of bad or odd input of
-  DESIGN.md section 5, made on purpose, each with the skip reason it must be counted under.
+- ``bad_samples`` / ``write_bad_shard`` / ``truncate_shard`` / ``write_bad_shards``: every kind
+  of bad or odd input, made on purpose, each with the skip reason it must be counted under.
 
 Everything is deterministic in ``seed``: the same call writes the same bytes. Output may be
 any fsspec URL (a local folder, ``s3://bucket/prefix``). Nothing is downloaded.
@@ -12,9 +12,11 @@ any fsspec URL (a local folder, ``s3://bucket/prefix``). Nothing is downloaded.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import struct
+import tarfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from pipeline.cache.skips import SkipReason
-from pipeline.dataset.tar import write_shard
+from pipeline.dataset.tar import add_sample, write_shard
 
 #: scikit-image's bundled colour photographs (``skimage.data.<name>()``), one class each.
 PHOTOS = (
@@ -228,6 +230,35 @@ def truncate_shard(src: str, dst: str, *, keep_bytes: int) -> str:
         fs.makedirs(os.path.dirname(path), exist_ok=True)
     fs.pipe_file(path, head)
     return dst
+
+
+def write_bad_shards(out_dir: str, *, size: int = 32) -> dict[str, dict[str, int]]:
+    """Write shards that are bad as a whole into ``out_dir``; return, per shard file name, the
+    skip counts it must produce (the valid samples in them are the digits ``ok-*``).
+
+    ``empty.tar``: zero bytes; ``cut.tar.gz``: a gzip-compressed shard cut short (its first
+    samples survive); ``climb.tar``: members named ``../../x.*`` and ``/abs/y.*`` beside a valid
+    sample, which must be skipped and never touch a path.
+    """
+    image = encode_image(Image.new("RGB", (size, size), (30, 60, 90)), "png")
+    digit = {"png": image, "cls": b"1"}
+    fs, _ = fsspec.core.url_to_fs(out_dir)
+    fs.pipe_file(_join(out_dir, "empty.tar"), b"")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+        for key in ("ok-cut-0", "ok-cut-1", "ok-cut-2", "ok-cut-3"):
+            add_sample(tar, key, digit)
+    packed = gzip.compress(buffer.getvalue(), mtime=0)
+    fs.pipe_file(_join(out_dir, "cut.tar.gz"), packed[: len(packed) * 3 // 5])
+    write_shard(
+        _join(out_dir, "climb.tar"),
+        [("../../x", digit), ("/abs/y", digit), ("ok-climb", digit)],
+    )
+    return {
+        "empty.tar": {SkipReason.EMPTY_SHARD.value: 1},
+        "cut.tar.gz": {SkipReason.TRUNCATED_TAR.value: 1},
+        "climb.tar": {SkipReason.UNSAFE_NAME.value: 2},
+    }
 
 
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
