@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import timm
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -89,24 +91,72 @@ def head_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
+class SvgPoints(HTMLParser):
+    """The circles of an HTML page and their hover titles; any external reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.titles: list[str] = []
+        self.circles = 0
+        self.external: list[str] = []
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.circles += tag == "circle"
+        self._in_title = tag == "title" and self.circles > 0
+        self.external += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag == "script" or tag == "link":
+            self.external.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.titles.append(data)
+            self._in_title = False
+
+
 def test_evaluate_writes_a_valid_report(tmp_path: Path, head_dir: str) -> None:
     zero_shot = write_eval_cache(str(tmp_path / "zs"), *clustered(300, 4, seed=1))
-    up = write_eval_cache(str(tmp_path / "up"), *clustered(200, 5, seed=2))
+    real_keys = [f"val/ILSVRC2012_val_{i:08d}" for i in range(1, 201)]
+    up = write_eval_cache(str(tmp_path / "up"), *clustered(200, 5, seed=2), keys=real_keys)
+    second = str(tmp_path / "second")
+    export_head(create_head(HeadConfig(DIM, hidden=(4,)), seed=1), second, loss="l2", **BACKBONE)
     report = tmp_path / "report"
     result = CliRunner().invoke(
         app,
-        f"evaluate --head {head_dir} --dataset zs={zero_shot} --upstream {up} "
-        f"--report {report} --tsne-points 120".split(),
+        f"evaluate --head {head_dir} --head {second} --dataset zs={zero_shot} --upstream {up} "
+        f"--report {report} --tsne-points 120 --tsne-classes 0,1,2".split(),
     )
     assert result.exit_code == 0, result.output
     document = json.loads((report / "report.json").read_text())
     validate_report(document)
-    names = [d["name"] for d in document["datasets"]]
-    assert names == ["zs", "upstream"]
-    html = (report / "tsne.html").read_text()
-    assert "<circle" in html and not re.search(r"https?://", html)
-    for figure in document["figures"]:
+    sources = ["head:head", "head:second", "entropy", "1-max_prob", "inverse_norm", "random"]
+    assert [s["name"] for s in document["sources"]] == sources
+    zs, upstream = document["datasets"]
+    assert (zs["name"], zs["role"], upstream["role"]) == ("zs", "downstream", "upstream")
+    assert zs["n"] == 300 and zs["classes"] == 4 and set(zs["sources"]) == set(sources)
+    assert all(zs["sources"][s]["id_vs_ood_auroc"] is not None for s in sources)
+    assert upstream["sources"]["head:head"]["id_vs_ood_auroc"] is None
+    real = json.loads(
+        (Path(timm.__file__).parent / "data/_info/imagenet_real_labels.json").read_text()
+    )
+    ambiguous = sum(len(labels) != 1 for labels in real[:200])
+    assert upstream["ambiguity"] == {
+        "origin": "imagenet_real", "ambiguous": ambiguous, "clear": 200 - ambiguous, "unknown": 0
+    }  # fmt: skip
+    assert zs["ambiguity"] is None
+    assert document["tsne"]["classes"] == [0, 1, 2] and document["tsne"]["source"] == "head:head"
+    page = SvgPoints()
+    page.feed((report / "tsne.html").read_text())
+    assert page.circles == document["tsne"]["points"] == len(page.titles)
+    assert not page.external and not re.search(r"https?://", (report / "tsne.html").read_text())
+    assert all(re.match(r"key: img-\d+\nlabel: [012]\nuncertainty: ", t) for t in page.titles)
+    markdown = (report / "report.md").read_text()
+    for section in ("R-AUROC and Recall@1", "Classifier AUROC", "Safe retrieval", "ID vs OOD",
+                    "Human ambiguity", "Uncertainty-aware t-SNE"):  # fmt: skip
+        assert f"## {section}" in markdown
+    for figure in [*document["figures"], "tsne.html"]:
         assert (report / figure).stat().st_size > 1000
+        assert f"]({figure})" in markdown
 
 
 def run(*args: str) -> Any:
