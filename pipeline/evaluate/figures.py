@@ -59,10 +59,12 @@ def distributions(groups_by_source: dict[str, dict[str, np.ndarray]], *, title: 
     return fig
 
 
-def deterioration(sets: Sequence[DeterioratedSet], curves: dict[str, Any]) -> Figure:
-    """Uncertainty per deterioration strength: boxes and the median curve (figure 6)."""
+def deterioration(
+    sets: Sequence[DeterioratedSet], curves: dict[str, Any], sources: Sequence[str]
+) -> Figure:
+    """Uncertainty of ``sources`` per deterioration strength: boxes and the median curve
+    (figure 6); one row per source, one column per kind."""
     kinds = list(curves)
-    sources = list(sets[0].scores)
     fig, axes = plt.subplots(
         len(sources), len(kinds), figsize=(3 * len(kinds), 2.4 * len(sources)), squeeze=False
     )

@@ -66,7 +66,9 @@ def _write_figures(evaluation: Evaluation, report: dict[str, Any], root: Path) -
         )
     if report["deterioration"]:
         curves = report["deterioration"]["kinds"]
-        save(figures.deterioration(evaluation.deteriorated, curves), "deterioration.png")
+        heads = [s["name"] for s in report["sources"] if s["kind"] == "head"] or ["entropy"]
+        figure = figures.deterioration(evaluation.deteriorated, curves, heads)
+        save(figure, "deterioration.png")
     if evaluation.tsne is not None:
         title = (
             f"t-SNE of {report['tsne']['dataset']}, size/transparency: {report['tsne']['source']}"

@@ -6,11 +6,12 @@ Higher means more uncertain for every source:
 - ``entropy``: the classifier's softmax entropy (the paper's appendix B baseline);
 - ``1-max_prob``: one minus the classifier's largest softmax probability;
 - ``inverse_norm``: one over the embedding's L2 norm;
-- ``random``: seeded uniform noise (the chance line).
+- ``random``: uniform noise seeded by the seed and the dataset's name (the chance line).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -91,7 +92,8 @@ def baseline_uncertainty(name: str, data: EvalSet, *, seed: int = 0) -> np.ndarr
         with np.errstate(divide="ignore"):
             return np.where(norm > 0, 1.0 / norm, np.inf).astype(np.float32)
     if name == "random":
-        return np.random.default_rng([seed, len(data)]).random(len(data)).astype(np.float32)
+        stream = zlib.crc32(data.name.encode())
+        return np.random.default_rng([seed, stream]).random(len(data)).astype(np.float32)
     raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
 
 
