@@ -35,6 +35,7 @@ def write_eval_cache(
     transform: dict[str, Any] | None = None,
     ambiguity: np.ndarray | None = None,
     epochs: int = 1,
+    backbone: dict[str, str] = BACKBONE,
     shards: int = 2,
 ) -> str:
     """An eval cache (epoch 0, manifest-less) of ``embedding`` rows with ``labels`` at ``url``."""
@@ -43,7 +44,7 @@ def write_eval_cache(
     rng = np.random.default_rng(n)
     logits = rng.standard_normal((n, 5))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    provenance = {**BACKBONE, "transform": transform or {"is_training": False}, "seed": 0}
+    provenance = {**backbone, "transform": transform or {"is_training": False}, "seed": 0}
     schema = with_provenance(cache_schema(embedding.shape[1]), provenance)
     fs, root = fsspec.core.url_to_fs(url)
     units = [
@@ -237,6 +238,13 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
     result = run("--head", other, "--dataset", f"ok={ok}", "--report", str(tmp_path / "r"))
     assert result.exit_code == 2 and f"head{other}wastrainedforbackbone" in said(result)
     assert "'vit_base_patch16_224',butcache" in said(result) and "Traceback" not in result.output
+    moved = write_eval_cache(
+        str(tmp_path / "m"), x, labels, backbone={**BACKBONE, "weights_digest": "b"}
+    )
+    result = run(
+        "--dataset", f"ok={ok}", "--dataset", f"m={moved}", "--report", str(tmp_path / "r")
+    )
+    assert result.exit_code == 2 and f"m:cache{moved}hasweights_digest'b'" in said(result)
     result = run("--dataset", "no-equals-sign", "--report", str(tmp_path / "r"))
     assert result.exit_code == 2 and "NAME=CACHE_URL" in said(result)
     result = run("--dataset", f"gone={tmp_path / 'missing'}", "--report", str(tmp_path / "r"))

@@ -84,6 +84,7 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         data = _load(name, url, track)
         if not result.report:
             result.report = _header(options, heads, data)
+        _check_backbone(result.report["backbone"], data)
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.scores[name] = scores
         entries.append(_evaluate_set(data, scores, options, result, track))
@@ -91,22 +92,13 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         if name == tsne_dataset:
             result.tsne, result.report["tsne"] = _tsne(data, scores, heads, options)
     if options.upstream:
-        for entry in entries:
-            if entry["role"] == "downstream":
-                for source, values in entry["sources"].items():
-                    values["id_vs_ood_auroc"] = id_vs_ood(
-                        result.scores[UPSTREAM][source], result.scores[entry["name"]][source]
-                    )
+        _add_id_vs_ood(entries, result.scores)
     for url in options.deteriorated:
         data = _load(url, url, track)
-        kind = data.deterioration
-        result.deteriorated.append(
-            DeterioratedSet(
-                kind["kind"] if kind else None,
-                float(kind["strength"]) if kind else 0.0,
-                uncertainties(data, heads, device=options.device, seed=options.seed),
-            )
-        )
+        _check_backbone(result.report["backbone"], data)
+        kind = data.deterioration or {"kind": None, "strength": 0.0}
+        scores = uncertainties(data, heads, device=options.device, seed=options.seed)
+        result.deteriorated.append(DeterioratedSet(kind["kind"], float(kind["strength"]), scores))
     result.report["datasets"] = entries
     result.report["deterioration"] = (
         {"caches": list(options.deteriorated), "kinds": deterioration_curves(result.deteriorated)}
@@ -114,6 +106,27 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         else None
     )
     return result
+
+
+def _check_backbone(backbone: dict[str, Any], data: EvalSet) -> None:
+    """Refuse ``data`` if its backbone or weights differ from the report's first cache."""
+    for key, name in (("name", "backbone"), ("weights_digest", "weights_digest")):
+        theirs = data.provenance.get(name)
+        if theirs != backbone[key]:
+            raise ValueError(
+                f"{data.name}: cache {data.url} has {name} {theirs!r}, but the first cache "
+                f"evaluated has {backbone[key]!r}; a report compares one backbone"
+            )
+
+
+def _add_id_vs_ood(entries: list[dict[str, Any]], scores: dict[str, dict[str, np.ndarray]]) -> None:
+    """Each downstream entry's AUROC of every source separating it from the upstream set."""
+    for entry in entries:
+        if entry["role"] == "downstream":
+            for source, values in entry["sources"].items():
+                values["id_vs_ood_auroc"] = id_vs_ood(
+                    scores[UPSTREAM][source], scores[entry["name"]][source]
+                )
 
 
 def _load(name: str, url: str, track: Track) -> EvalSet:
