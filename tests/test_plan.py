@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS, pvu
@@ -9,9 +11,10 @@ from support import SMALL_BACKBONE_FLAGS, pvu
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.plan import PlanJobConfig, run_plan
 from pipeline.cache.info import read_cache_info
-from pipeline.demo.data import write_bad_shard, write_digit_shards
+from pipeline.cache.plan import read_prefix, sample_shards, shard_sizes
+from pipeline.demo.data import truncate_shard, write_bad_shard, write_digit_shards
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wide_console")]
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 COMMON = {"backbone": "resnet10t", "weights": "random", "input_size": 32, "batch_size": 16}
 #: Rows and bytes of a plan that sampled part of the shards, against the real cache.
@@ -34,6 +37,7 @@ def digits_only(shards: str, folder) -> str:
     return str(listed)
 
 
+@pytest.mark.slow
 def test_plan_predicts_the_cache_run(shards, tmp_path):
     output = str(tmp_path / "cache")
     everything = run_plan(PlanJobConfig(shards=shards, output=output, epochs=2, **COMMON))
@@ -76,6 +80,7 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     assert result.exit_code == 2 and "would refuse" in text and "seed" in text, text
 
 
+@pytest.mark.slow
 def test_plan_prints_units_rows_bytes_and_hours(shards, tmp_path):
     flags = ["--shards", shards, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
     args = ["plan", *flags, "--epochs", "7", "--sample-images", "16"]
@@ -84,3 +89,24 @@ def test_plan_prints_units_rows_bytes_and_hours(shards, tmp_path):
     assert result.exit_code == 0, result.output
     assert "35 (7 epochs)" in text and "rows to compute" in text and "bytes on storage" in text
     assert "CPU actor-hours" in text and "at 2,000 images/s per GPU" in text
+
+
+def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
+    urls = write_digit_shards(str(tmp_path), shards=10, per_shard=10, size=16)
+    sizes = shard_sizes(urls)
+    assert sizes == {url: Path(url).stat().st_size for url in urls}
+    part = read_prefix(urls[0], 4, sizes[urls[0]])
+    assert [key for key, _ in part.samples] == [f"digit-{i:06d}" for i in range(4)]
+    assert not part.complete and 0 < part.bytes < sizes[urls[0]]
+    assert set(part.samples[0][1]) == {"png", "cls"}
+    whole = read_prefix(urls[0], 50, sizes[urls[0]])
+    assert whole.complete and len(whole.samples) == 10 and whole.bytes == sizes[urls[0]]
+    cut = truncate_shard(urls[1], str(tmp_path / "cut.tar"), keep_bytes=sizes[urls[1]] // 2)
+    damaged = read_prefix(cut, 50, sizes[urls[1]] // 2)
+    assert damaged.complete and 0 < len(damaged.samples) < 10
+
+    spread = sample_shards(sizes, 16)  # 8 shards spread over the 10, 2 samples each
+    assert list(spread) == [urls[i] for i in (0, 1, 2, 3, 5, 6, 7, 8)]
+    assert all(len(p.samples) == 2 for p in spread.values())
+    everything = sample_shards(sizes, 1000)
+    assert len(everything) == 10 and all(p.complete for p in everything.values())
