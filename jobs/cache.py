@@ -20,9 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs.terminal import console, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.augment import TransformConfig, resolve_transform
-from pipeline.cache.backbone import BackboneInfo, describe_backbone, file_digest
+from pipeline.cache.backbone import (
+    BackboneInfo,
+    check_model_name,
+    describe_backbone,
+    file_digest,
+)
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
 from pipeline.cache.lock import RunLock
@@ -68,6 +74,11 @@ class CacheJobConfig(BaseModel):
     @classmethod
     def _parse_deteriorate(cls, value: object) -> object:
         return Deterioration.parse(value) if isinstance(value, str) else value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        return check_model_name(backbone)
 
     @field_validator("weights")
     @classmethod
@@ -322,30 +333,40 @@ def _run_with_progress(
 
 
 def cache(
+    ctx: typer.Context,
     shards: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="Required. Brace pattern (s3://b/train-{0000..2047}.tar), a "
+            "directory or prefix of .tar files, or a text file of URLs.",
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Required. timm model name, e.g. vit_base_patch16_224."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(metavar="URL", help="Required. Cache root: a local path or any fsspec URL."),
+    ] = None,
+    weights: Annotated[
         str,
         typer.Option(
-            help="Brace pattern (s3://b/train-{0000..2047}.tar), a "
-            "directory or prefix of .tar files, or a text file of URLs."
+            metavar="hub|random|FILE", help="Hub weights, random, or a safetensors/state-dict file."
         ),
-    ],
-    backbone: Annotated[str, typer.Option(help="timm model name, e.g. vit_base_patch16_224.")],
-    output: Annotated[str, typer.Option(help="Cache root: a local path or any fsspec URL.")],
-    weights: Annotated[
-        str, typer.Option(help="'hub', 'random', or a local safetensors / state-dict file.")
     ] = "hub",
     label_remap: Annotated[
         str | None,
         typer.Option(
-            help="File mapping shard labels to the classifier's indices (JSON or one per line)."
+            metavar="FILE",
+            help="File mapping shard labels to the classifier's indices (JSON or one per line).",
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 1,
     augment: Annotated[
-        str,
-        typer.Option(
-            help="'train' (timm train transform, per epoch) or 'eval' (eval transform, epoch 0)."
-        ),
+        Literal["train", "eval"],
+        typer.Option(help="timm train transform, re-drawn per epoch; or eval transform, epoch 0."),
     ] = "train",
     seed: Annotated[
         int, typer.Option(help="Global seed; augmentations are a function of (seed, epoch, key).")
@@ -366,17 +387,18 @@ def cache(
     ] = None,
     image_key: Annotated[
         str | None,
-        typer.Option(help="Image member extension (default: first of jpg/jpeg/png/webp)."),
+        typer.Option(metavar="EXT", help="Image member extension (default: jpg/jpeg/png/webp)."),
     ] = None,
-    label_key: Annotated[str, typer.Option(help="Label member extension.")] = "cls",
+    label_key: Annotated[str, typer.Option(metavar="EXT", help="Label member extension.")] = "cls",
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1)."
+            metavar="ADDRESS",
+            help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1).",
         ),
     ] = None,
     dtype: Annotated[
-        str, typer.Option(help="Stored embedding type: float16 or float32.")
+        Literal["float16", "float32"], typer.Option(help="Stored embedding type.")
     ] = "float16",
     max_attempts: Annotated[
         int, typer.Option(help="Tries per unit before it counts as failed.")
@@ -392,7 +414,7 @@ def cache(
         ),
     ] = None,
     label_space: Annotated[
-        str | None,
+        Literal["classifier", "dataset"] | None,
         typer.Option(
             help="'classifier' (labels remapped into the classifier's classes, loss against "
             "them) or 'dataset' (every sample keeps its own label, loss null: downstream "
@@ -415,17 +437,14 @@ def cache(
             "(content all but gone), e.g. blur:0.5. Needs --augment eval."
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Cache embeddings and per-sample losses of a frozen timm backbone over augmented epochs."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    config = validated(CacheJobConfig, arguments)
-    try:
-        failures = len(run_cache(config).failed)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+    job = job_config(CacheJobConfig, ctx)
+    with reported("cache", verbose=verbose):
+        failures = len(run_cache(job).failed)
     if failures:
         console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
         raise typer.Exit(code=1)

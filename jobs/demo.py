@@ -18,9 +18,11 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.cache import CacheJobConfig, run_cache
-from jobs.terminal import console, setup_logging
+from jobs.config import CONFIGS, ConfigFile, job_config, load_job_config, read_config_file
+from jobs.terminal import Verbose, console, reported, setup_logging
 from jobs.train_head import TrainHeadConfig, run_train_head
 from pipeline.cache.decode import decode_image
 from pipeline.cache.samples import iter_samples
@@ -30,9 +32,12 @@ from pipeline.head.train import TrainResult
 
 log = logging.getLogger("pvu.demo")
 
-BACKBONE = "resnet10t"
+DEMO_CACHE = CONFIGS / "demo" / "cache.yaml"
+DEMO_HEAD = CONFIGS / "demo" / "train-head.yaml"
+_CACHE_SETTINGS = read_config_file(str(DEMO_CACHE), CacheJobConfig)
+BACKBONE: str = _CACHE_SETTINGS["backbone"]
+INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
 DEMO_PARTS = ("shards", "backbone", "cache", "head")
-INPUT_SIZE = 32
 
 
 def load_shard_images(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,28 +63,24 @@ def run_demo(
     model = train_tiny_backbone(images, labels, name=BACKBONE, size=INPUT_SIZE)
     weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
     console.print(f"[bold]2/4[/bold] trained a tiny {BACKBONE} on {len(images)} images: {weights}")
-    config = CacheJobConfig(
+    config = load_job_config(
+        CacheJobConfig,
+        str(DEMO_CACHE),
         shards=str(output / "shards"),
-        backbone=BACKBONE,
         weights=weights,
         output=str(output / "cache"),
         epochs=epochs,
-        input_size=INPUT_SIZE,
-        batch_size=64,
     )
     if run_cache(config).failed:
         raise RuntimeError("some cache units failed; see the summary above")
     console.print(f"[bold]3/4[/bold] cached {epochs} augmented epochs to {config.output}")
     result = run_train_head(
-        TrainHeadConfig(
+        load_job_config(
+            TrainHeadConfig,
+            str(DEMO_HEAD),
             cache=[config.output],
             output=str(output / "head"),
             episodes=head_episodes,
-            warmup_episodes=2,
-            episode_size=4096,
-            batch_size=256,
-            val_fraction=0.2,
-            shuffle_rows=4096,
         )
     )
     untrained, trained = result.metrics[0], result.metrics[-1]
@@ -92,7 +93,20 @@ def run_demo(
     return result
 
 
+class DemoConfig(BaseModel):
+    """The demo's sizes; the cache and head settings are jobs/configs/demo/*.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: Path = Path("demo-output")
+    shards: int = Field(default=8, ge=1)
+    per_shard: int = Field(default=128, ge=8)
+    epochs: int = Field(default=4, ge=1)
+    head_episodes: int = Field(default=30, ge=3)
+
+
 def demo(
+    ctx: typer.Context,
     output: Annotated[
         Path, typer.Option(help="Folder for shards, backbone, cache and head.")
     ] = Path("demo-output"),
@@ -100,11 +114,20 @@ def demo(
     per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 128,
     epochs: Annotated[int, typer.Option(help="Augmentation epochs to cache.")] = 4,
     head_episodes: Annotated[int, typer.Option(help="Head training episodes.")] = 30,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Run the pvu recipe end to end on scikit-learn's digits (re-running starts afresh)."""
-    setup_logging(verbose=False)
-    run_demo(output, shards=shards, per_shard=per_shard, epochs=epochs, head_episodes=head_episodes)
+    setup_logging(verbose)
+    job = job_config(DemoConfig, ctx)
+    with reported("demo", verbose=verbose):
+        run_demo(job.output, **job.model_dump(exclude={"output"}))
+
+
+def main() -> None:
+    """``python -m jobs.demo`` (what ``make demo`` runs)."""
+    typer.run(demo)
 
 
 if __name__ == "__main__":
-    typer.run(demo)
+    main()

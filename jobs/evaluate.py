@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.cache import project_version
-from jobs.terminal import console, resolve_device, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
 
@@ -161,12 +162,15 @@ def _fmt(value: float | None) -> str:
 
 
 def evaluate_command(
+    ctx: typer.Context,
     dataset: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
-            help="NAME=CACHE_URL of an eval cache (pvu cache --augment eval); repeatable."
+            metavar="NAME=URL",
+            help="Required. NAME=CACHE_URL of an eval cache (pvu cache --augment eval); "
+            "repeatable.",
         ),
-    ],
+    ] = None,
     head: Annotated[
         list[str] | None,
         typer.Option(help="Exported head folder (pvu train-head --output); repeatable."),
@@ -178,9 +182,9 @@ def evaluate_command(
     report: Annotated[str, typer.Option(help="Folder for report.json, report.md, figures.")] = (
         "report"
     ),
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto (1-NN search and heads).")] = (
-        "cpu"
-    ),
+    device: Annotated[
+        Literal["cpu", "cuda", "auto"], typer.Option(help="Device of 1-NN search and heads.")
+    ] = "cpu",
     deterioration: Annotated[
         list[str] | None,
         typer.Option(
@@ -189,7 +193,7 @@ def evaluate_command(
         ),
     ] = None,
     ambiguity: Annotated[
-        str,
+        Literal["auto", "column", "real", "none"],
         typer.Option(
             help="Ambiguity flags (figure 7): auto, column (the cache's ambiguity column), "
             "real (ImageNet ReaL labels by validation file name) or none."
@@ -216,17 +220,14 @@ def evaluate_command(
     block_mb: Annotated[
         int, typer.Option(help="Memory of one block of 1-NN similarities, MiB.")
     ] = 256,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Evaluate uncertainty heads and baselines on eval caches; write a report with figures."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose" and v is not None}
-    config = validated(EvaluateJobConfig, arguments)
-    try:
-        run_evaluate(config)
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]evaluate: {error}")
-        raise typer.Exit(code=2) from None
+    job = job_config(EvaluateJobConfig, ctx)
+    with reported("evaluate", verbose=verbose):
+        run_evaluate(job)
 
 
 def main() -> None:

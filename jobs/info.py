@@ -11,7 +11,8 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
-from jobs.terminal import console, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, verify_cache
 
@@ -72,7 +73,11 @@ def verification(check: CacheCheck) -> Table:
 
 
 def info(
-    cache: Annotated[str, typer.Argument(help="Cache root: a local path or any fsspec URL.")],
+    ctx: typer.Context,
+    cache: Annotated[
+        str | None,
+        typer.Argument(metavar="CACHE", help="Cache root: a local path or any fsspec URL."),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
@@ -83,19 +88,16 @@ def info(
             "footer; exit 1 naming each that does not."
         ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Show a cache's provenance, units, rows, bytes, skips by reason, epochs and label space."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    config = validated(InfoJobConfig, arguments)
-    try:
-        summary = read_cache_info(config.cache)
-        check = verify_cache(config.cache) if config.verify else None
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
-    if config.json_output:
+    job = job_config(InfoJobConfig, ctx)
+    with reported("info", verbose=verbose):
+        summary = read_cache_info(job.cache)
+        check = verify_cache(job.cache) if job.verify else None
+    if job.json_output:
         document = summary.to_json()
         if check is not None:
             document["verify"] = {"damaged": check.damaged, "orphans": check.orphans}

@@ -15,7 +15,8 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
-from jobs.terminal import console, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.remap import TIMM_SUBSETS, Remap, build_remap, read_names, write_remap
 
 SHOWN_MISSING = 20
@@ -61,36 +62,41 @@ def summarize(remap: Remap, config: LabelRemapJobConfig) -> Table:
 
 
 def label_remap(
+    ctx: typer.Context,
     classes: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="The shards' label names: classes.json from pvu shards, or a text file with "
-            "one synset per line (label 0 first)."
+            metavar="FILE",
+            help="Required. The shards' label names: classes.json from pvu shards, or a text "
+            "file with one synset per line (label 0 first).",
         ),
-    ],
+    ] = None,
     head: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help=f"The head's label space: a timm list ({', '.join(TIMM_SUBSETS)}), a timm "
-            "model whose class count names one (vit_base_patch16_224.augreg_in21k: "
-            "imagenet21k, 21,843 classes), or a text file of synsets."
+            metavar="LIST|MODEL|FILE",
+            help="Required. The head's label space: a timm list "
+            f"({', '.join(TIMM_SUBSETS)}), a timm model whose class count names one "
+            "(vit_base_patch16_224.augreg_in21k: imagenet21k, 21,843 classes), or a text file "
+            "of synsets.",
         ),
-    ],
+    ] = None,
     output: Annotated[
-        str, typer.Option(help="Remap file to write: .json (a list) or text, one index a line.")
-    ],
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Required. Remap file to write: .json (a list) or text, one index a line.",
+        ),
+    ] = None,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Map the shards' labels to a classifier head's classes, reporting those it lacks."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    config = validated(LabelRemapJobConfig, arguments)
-    try:
-        remap = run_label_remap(config)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
-    console.print(summarize(remap, config))
+    job = job_config(LabelRemapJobConfig, ctx)
+    with reported("label-remap", verbose=verbose):
+        remap = run_label_remap(job)
+    console.print(summarize(remap, job))
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from pydantic import Field
 from rich.table import Table
 
 from jobs.cache import CacheJobConfig, build_provenance, cache, unit_settings
-from jobs.terminal import console, setup_logging, validated
+from jobs.config import job_config
+from jobs.terminal import console, reported, setup_logging
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.cache.info import read_cache_info
@@ -198,15 +199,12 @@ def _signature() -> inspect.Signature:
 def plan(**arguments: Any) -> None:
     """Dry run of `pvu cache`, same flags: units, rows, bytes and actor-hours, measured on a
     sample here before anything is spent."""
-    verbose = arguments.pop("verbose")
+    verbose = arguments["verbose"]
     setup_logging(verbose)
-    config = validated(PlanJobConfig, arguments)
-    try:
-        result = run_plan(config)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
-    console.print(describe(result, config))
+    job = job_config(PlanJobConfig, arguments["ctx"])
+    with reported("plan", verbose=verbose):
+        result = run_plan(job)
+    console.print(describe(result, job))
 
 
 plan.__signature__ = _signature()  # type: ignore[attr-defined]

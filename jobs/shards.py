@@ -17,7 +17,8 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs.terminal import console, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
 
@@ -109,14 +110,19 @@ def summarize(report: ConvertReport, output: str) -> Table:
 
 
 def shards(
+    ctx: typer.Context,
     input: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="A folder of class subfolders (<input>/<class>/<image>), or a .csv / .parquet "
-            "table of image paths or URLs and labels; local or any fsspec URL."
+            metavar="URL",
+            help="Required. A folder of class subfolders (<input>/<class>/<image>), or a .csv / "
+            ".parquet table of image paths or URLs and labels; local or any fsspec URL.",
         ),
     ],
-    output: Annotated[str, typer.Option(help="Folder for the shards: a local path or fsspec URL.")],
+    output: Annotated[
+        str | None,
+        typer.Option(metavar="URL", help="Required. Folder for the shards: a path or fsspec URL."),
+    ] = None,
     shard_size: Annotated[
         str, typer.Option(help="Largest shard, e.g. 500MB, 1GiB (default 1GB).")
     ] = "1GB",
@@ -133,20 +139,17 @@ def shards(
         str, typer.Option(help="Table column of labels (integers, or class names).")
     ] = "label",
     threads: Annotated[int, typer.Option(help="Images read and checked in parallel.")] = 8,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Convert an image folder or table into shuffled WebDataset shards for `pvu cache`."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    config = validated(ShardsJobConfig, arguments)
-    try:
-        report = run_shards(config)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
-    console.print(summarize(report, config.output))
+    job = job_config(ShardsJobConfig, ctx)
+    with reported("shards", verbose=verbose):
+        report = run_shards(job)
+    console.print(summarize(report, job.output))
     if not report.samples:
-        console.print(f"[red]error:[/red] no image of {config.input} could be read")
+        console.print(f"[red]error:[/red] no image of {job.input} could be read")
         raise typer.Exit(code=2)
 
 

@@ -1,17 +1,18 @@
-"""What every job shares at the edge: the stderr console, log setup, config validation errors."""
+"""What every job shares at the edge: the stderr console, log setup, errors users can act on."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 console = Console(stderr=True)
-Config = TypeVar("Config", bound=BaseModel)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -36,17 +37,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def validated(config_type: type[Config], arguments: dict[str, Any]) -> Config:
-    """``config_type(**arguments)``, or a usage error naming each offending ``--flag``."""
+class UserError(Exception):
+    """A failure the user fixes (bad input, missing data, storage access); no traceback."""
+
+
+#: Failures reported as one line with exit code 2 (a traceback only under ``--verbose``).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+@contextmanager
+def reported(job: str, *, verbose: bool) -> Iterator[None]:
+    """Run a job's body; a user error ends it with one ``job: message`` line and exit code 2."""
     try:
-        return config_type(**arguments)
-    except ValidationError as error:
-        raise typer.BadParameter(explain(error)) from None
+        yield
+    except USER_ERRORS as error:
+        if verbose:
+            console.print_exception()
+        console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(code=2) from None
 
 
-def explain(error: ValidationError) -> str:
-    """A validation error as ``--flag: message`` clauses."""
-    return "; ".join(
-        f"--{str(part['loc'][0]).replace('_', '-') if part['loc'] else 'config'}: {part['msg']}"
-        for part in error.errors()
-    )
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Debug logging; tracebacks for errors.")
+]

@@ -26,7 +26,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from jobs.terminal import console, resolve_device, setup_logging, validated
+from jobs.config import ConfigFile, job_config
+from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
 
@@ -189,13 +190,19 @@ def _fmt(value: float | None) -> str:
 
 
 def train_head(
+    ctx: typer.Context,
     cache: Annotated[
-        list[str],
-        typer.Option("--cache", help="Cache root (local path or fsspec URL); repeatable."),
-    ],
-    output: Annotated[str, typer.Option(help="Run folder: checkpoint, metrics.jsonl, head.")],
+        list[str] | None,
+        typer.Option(
+            "--cache", metavar="URL", help="Required. Cache root (path or fsspec URL); repeatable."
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="Required. Run folder: checkpoint, metrics.jsonl, head."),
+    ] = None,
     loss: Annotated[
-        str, typer.Option(help="Objective: ranking (eq. 3) or l2 (eq. 2).")
+        Literal["ranking", "l2"], typer.Option(help="Objective: ranking (eq. 3) or l2 (eq. 2).")
     ] = "ranking",
     episodes: Annotated[int, typer.Option(help="Episodes in the schedule.")] = 460,
     episode_size: Annotated[int, typer.Option(help="Samples per episode.")] = 200_000,
@@ -205,15 +212,21 @@ def train_head(
     min_lr: Annotated[float, typer.Option(help="Floor of the cosine decay.")] = 1e-8,
     warmup_episodes: Annotated[int, typer.Option(help="Episodes of linear warm-up.")] = 25,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases).")] = 1e-4,
-    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")] = "512,512",
+    hidden: Annotated[
+        str, typer.Option(metavar="W,W,...", help="Hidden layer widths, comma-separated.")
+    ] = "512,512",
     margin: Annotated[float, typer.Option(help="Ranking margin m.")] = 0.1,
     leeway: Annotated[float, typer.Option(help="Ranking leeway l (eq. 5).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of head initialisation and data order.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    device: Annotated[
+        Literal["cpu", "cuda", "auto"], typer.Option(help="auto: CUDA when torch sees one.")
+    ] = "cpu",
     threads: Annotated[
         int | None, typer.Option(help="Torch CPU threads (default: all cores).")
     ] = None,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast for the MLP.")] = "fp32",
+    precision: Annotated[
+        Literal["fp32", "bf16"], typer.Option(help="fp32, or bf16 autocast for the MLP.")
+    ] = "fp32",
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --output.")
     ] = False,
@@ -237,17 +250,14 @@ def train_head(
         int, typer.Option(help="Shuffled windows (about a row group each) read ahead.")
     ] = 4,
     io_threads: Annotated[int, typer.Option(help="Parallel row-group reads.")] = 8,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    config: ConfigFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
     setup_logging(verbose)
-    arguments = {k: v for k, v in locals().items() if k != "verbose"}
-    config = validated(TrainHeadConfig, arguments)
-    try:
-        run_train_head(config)
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]train-head: {error}")
-        raise typer.Exit(code=2) from None
+    job = job_config(TrainHeadConfig, ctx)
+    with reported("train-head", verbose=verbose):
+        run_train_head(job)
 
 
 def main() -> None:

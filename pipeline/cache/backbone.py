@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -97,6 +98,20 @@ def _weights_digest(name: str, weights: str, model: torch.nn.Module) -> str:
     if weights == "hub":  # the hub's weights can change under one name: digest what was loaded
         return f"hub:{name}:state-sha256:{state_digest(model)}"
     return file_digest(weights)
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if timm knows the model (and its pretrained tag), else a ``ValueError`` that
+    suggests the closest names."""
+    known = timm.is_model(name) and ("." not in name or name in timm.list_pretrained(name))
+    if known:
+        return name
+    names = timm.list_models() + timm.list_pretrained()
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6) or difflib.get_close_matches(
+        name, names, n=4, cutoff=0.4
+    )
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise ValueError(f"timm has no model '{name}'{hint} (all names: timm.list_pretrained())")
 
 
 def create_backbone_model(name: str, weights: str) -> torch.nn.Module:

@@ -1,0 +1,137 @@
+"""``--config FILE.yaml`` for every job: file values under the command line's flags, one check.
+
+A job's YAML file holds the same settings as its flags (``batch_size`` or ``batch-size``). The
+job's pydantic config validates the merged values: defaults, then the file, then the flags that
+were typed. An unknown key or a bad value is a usage error (exit code 2) that names the file and
+the key, or the ``--flag``.
+
+A job adopts it with a ``ctx: typer.Context`` parameter, ``config: ConfigFile = None`` and::
+
+    job = job_config(MyJobConfig, ctx)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Set
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import fsspec
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+#: What the CLI itself owns: never a job setting.
+CLI_ONLY = frozenset({"config", "verbose"})
+#: Where the shipped setups live (``jobs/configs/<setup>/<job>.yaml``).
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+ConfigFile = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of this job's settings (keys as the flags, e.g. batch_size: 64); "
+        "flags given on the command line override it. Shipped setups: jobs/configs/.",
+    ),
+]
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def read_config_file(path: str, config_type: type[BaseModel]) -> dict[str, Any]:
+    """The settings in the YAML file at ``path`` (local or fsspec URL), keys as field names.
+
+    Raises :class:`ConfigFileError` for a missing or unparsable file, a document that is not a
+    mapping, or a key that ``config_type`` does not have (with the closest names).
+    """
+    try:
+        with fsspec.open(path, "r") as handle:
+            document = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigFileError(f"config file {path} is not valid YAML: {error}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigFileError(f"config file {path}: expected key: value lines, not a list or text")
+    values = {str(key).replace("-", "_"): value for key, value in document.items()}
+    fields = sorted(config_type.model_fields)
+    for key in values:
+        if key not in config_type.model_fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigFileError(
+                f"config file {path}: unknown key '{key}'{hint} (known: {', '.join(fields)})"
+            )
+    return values
+
+
+def load_job_config(config_type: type[Config], path: str | None = None, **overrides: Any) -> Config:
+    """``config_type`` from the file at ``path`` (if any) with ``overrides`` on top, validated.
+
+    Raises :class:`ConfigFileError` naming the file's key or the override's ``--flag``.
+    """
+    return _build(config_type, path, defaults={}, overrides=overrides)
+
+
+def job_config(config_type: type[Config], ctx: typer.Context) -> Config:
+    """The job's validated config from its command line (``ctx``) and its ``--config`` file.
+
+    Flags typed on the command line override the file; flags left at their defaults do not.
+    Any error is a ``typer.BadParameter`` (exit code 2) naming the file's key or the flag.
+    """
+    params = {name: value for name, value in ctx.params.items() if name not in CLI_ONLY}
+    typed = {name: value for name, value in params.items() if _typed(ctx, name)}
+    defaults = {  # None means "not set": the config's own default applies
+        name: value for name, value in params.items() if name not in typed and value is not None
+    }
+    try:
+        return _build(config_type, ctx.params.get("config"), defaults=defaults, overrides=typed)
+    except ConfigFileError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def explain(error: ValidationError, *, from_file: Set[str], path: str | None) -> str:
+    """A validation error as ``--flag: message`` clauses, or ``config file F: key: message``."""
+    clauses = []
+    for part in error.errors():
+        field = str(part["loc"][0]) if part["loc"] else None
+        message = part["msg"]
+        if field is None:
+            where = f"config file {path}" if path else "config"
+        elif field in from_file:
+            where = f"config file {path}: {field}"
+        else:
+            where = f"--{field.replace('_', '-')}"
+            if part["type"] == "missing":
+                message = f"required; give {where} or set {field} in --config"
+        clauses.append(f"{where}: {message}")
+    return "; ".join(clauses)
+
+
+def _build(
+    config_type: type[Config],
+    path: str | None,
+    *,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any],
+) -> Config:
+    values = read_config_file(path, config_type) if path else {}
+    try:
+        return config_type(**{**defaults, **values, **overrides})
+    except ValidationError as error:
+        from_file = set(values) - set(overrides)
+        raise ConfigFileError(explain(error, from_file=from_file, path=path)) from None
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the parameter ``name`` was given on the command line (or its env variable)."""
+    source = ctx.get_parameter_source(name)  # typer's own ParameterSource enum, not click's
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")

@@ -1,0 +1,173 @@
+"""``--config FILE.yaml``: shipped setups validate, flags override the file, errors name the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+import jobs.cache
+import jobs.train_head
+from jobs.cache import CacheJobConfig
+from jobs.cli import app
+from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, load_job_config
+from jobs.evaluate import EvaluateJobConfig
+from jobs.info import InfoJobConfig
+from jobs.label_remap import LabelRemapJobConfig
+from jobs.plan import PlanJobConfig
+from jobs.shards import ShardsJobConfig
+from jobs.train_head import TrainHeadConfig
+
+#: Each shipped file's job, by file name: a config for a job missing here fails the test.
+JOB_OF_FILE: dict[str, type[BaseModel]] = {
+    "cache.yaml": CacheJobConfig,
+    "train-head.yaml": TrainHeadConfig,
+    "shards.yaml": ShardsJobConfig,
+    "evaluate.yaml": EvaluateJobConfig,
+    "info.yaml": InfoJobConfig,
+    "label-remap.yaml": LabelRemapJobConfig,
+    "plan.yaml": PlanJobConfig,
+}
+SHIPPED = sorted(CONFIGS.glob("*/*.yaml"))
+VIT_SIZES = {"ti": "tiny", "s": "small", "b": "base", "l": "large"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_passes_the_job_validation(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the demo's paths are relative to where `make demo` runs
+    weights = tmp_path / "demo-output" / "backbone" / "backbone.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    assert path.name in JOB_OF_FILE, f"{path}: which job reads it? add it to JOB_OF_FILE"
+    load_job_config(JOB_OF_FILE[path.name], str(path))  # raises naming the key at fault
+
+
+def test_the_paper_setups_cover_four_vits_seven_epochs_and_appendix_a() -> None:
+    for short, size in VIT_SIZES.items():
+        folder = CONFIGS / f"in21k-vit-{short}"
+        cache = load_job_config(CacheJobConfig, str(folder / "cache.yaml"))
+        assert cache.backbone == f"vit_{size}_patch16_224.augreg_in21k"
+        assert (cache.epochs, cache.augment, cache.weights) == (7, "train", "hub")
+        head = load_job_config(TrainHeadConfig, str(folder / "train-head.yaml"))
+        assert head.cache == [cache.output]
+        paper = TrainHeadConfig(cache=["x"], output="y")  # the defaults are appendix A
+        for field in ("episodes", "episode_size", "lr", "warmup_lr", "min_lr", "betas"):
+            assert getattr(head, field) == getattr(paper, field), field
+        assert (head.loss, head.hidden, head.warmup_episodes) == ("ranking", (512, 512), 25)
+
+
+def flat(output: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[TrainHeadConfig]:
+    """The configs ``pvu train-head`` would run, instead of running them."""
+    configs: list[TrainHeadConfig] = []
+    monkeypatch.setattr(jobs.train_head, "run_train_head", configs.append)
+    return configs
+
+
+def test_flags_typed_on_the_command_line_override_the_file(
+    tmp_path: Path, captured: list[TrainHeadConfig]
+) -> None:
+    path = _write(tmp_path, "cache: [a, b]\noutput: out\nepisodes: 50\nlr: 0.01\nhidden: [64]\n")
+    result = CliRunner().invoke(app, ["train-head", "--config", path, "--episodes", "40"])
+    assert result.exit_code == 0, result.output
+    [config] = captured
+    assert config.cache == ["a", "b"] and config.output == "out"
+    assert (config.episodes, config.lr, config.hidden) == (40, 0.01, (64,))
+    assert config.batch_size == 2048, "a flag left at its default does not override"
+    CliRunner().invoke(app, ["train-head", "--config", path, "--cache", "c", "--lr", "0.1"])
+    assert captured[1].cache == ["c"] and captured[1].lr == 0.1 and captured[1].episodes == 50
+
+
+def test_unknown_key_is_a_usage_error_naming_it(
+    tmp_path: Path, captured: list[TrainHeadConfig]
+) -> None:
+    path = _write(tmp_path, "cache: [a]\noutput: out\nepisode: 5\n")
+    result = CliRunner().invoke(app, ["train-head", "--config", path])
+    assert result.exit_code == 2 and not captured
+    assert "job.yaml: unknown key 'episode'; did you mean episodes" in flat(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_bad_value_in_the_file_names_the_file_and_key(
+    tmp_path: Path, captured: list[TrainHeadConfig]
+) -> None:
+    path = _write(tmp_path, "cache: [a]\noutput: out\nloss: hinge\n")
+    result = CliRunner().invoke(app, ["train-head", "--config", path])
+    assert result.exit_code == 2 and not captured
+    assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in flat(result.output)
+    result = CliRunner().invoke(app, ["train-head", "--config", path, "--episodes", "0"])
+    assert result.exit_code == 2 and "--episodes" in result.output
+
+
+def test_required_settings_may_come_from_either_place(
+    tmp_path: Path, captured: list[TrainHeadConfig]
+) -> None:
+    result = CliRunner().invoke(app, ["train-head", "--cache", "a"])
+    assert result.exit_code == 2 and "--output" in result.output and not captured
+    path = _write(tmp_path, "output: out\n")
+    result = CliRunner().invoke(app, ["train-head", "--config", path, "--cache", "a"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("- a\n- b\n", "expected key: value"), ("a: [\n", "not valid YAML")],
+)
+def test_malformed_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigFileError, match=message):
+        load_job_config(TrainHeadConfig, _write(tmp_path, text))
+    with pytest.raises(ConfigFileError, match="does not exist"):
+        load_job_config(TrainHeadConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_cache_reads_its_config_file_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[CacheJobConfig] = []
+    monkeypatch.setattr(jobs.cache, "run_cache", lambda config: runs.append(config) or _NoFailures)
+    path = _write(tmp_path, "shards: s\nbackbone: resnet10t\noutput: o\nweights: random\n")
+    result = CliRunner().invoke(app, ["cache", "--config", path, "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert (runs[0].backbone, runs[0].epochs, runs[0].weights) == ("resnet10t", 3, "random")
+
+
+class _NoFailures:
+    failed: dict[str, str] = {}  # noqa: RUF012
+
+
+@pytest.mark.parametrize(
+    ("command", "config_type", "required"),
+    [
+        ("cache", CacheJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
+        ("train-head", TrainHeadConfig, {"cache": ["c"], "output": "o"}),
+        ("shards", ShardsJobConfig, {"input": "i", "output": "o"}),
+        ("evaluate", EvaluateJobConfig, {"dataset": ["d=c"]}),
+        ("info", InfoJobConfig, {"cache": "c"}),
+        ("plan", PlanJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
+        ("label-remap", LabelRemapJobConfig, {"classes": "c", "head": "h", "output": "o"}),
+    ],
+)
+def test_help_shows_the_defaults_the_job_uses(command, config_type, required) -> None:
+    """A flag's default in --help is the config's, so a file plus defaults means what it says."""
+    params = typer.main.get_command(app).commands[command].params
+    reference = config_type(**required)
+    for param in params:
+        if param.name in CLI_ONLY | {"help"} or param.name in required or param.default is None:
+            continue  # None: not set, the config's default applies
+        from_cli = config_type(**required, **{param.name: param.default})
+        assert getattr(from_cli, param.name) == getattr(reference, param.name), param.name
