@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
+from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
@@ -242,6 +243,8 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
 
     One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
     """
+    check_storage(config.shards, flag="--shards")
+    check_storage(config.output, flag="--output")
     with RunLock(config.output, owner=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])):
         return _run_cache(config)
 

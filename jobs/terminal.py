@@ -53,7 +53,7 @@ def reported(job: str, *, verbose: bool) -> Iterator[None]:
     except USER_ERRORS as error:
         if verbose:
             console.print_exception()
-        console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False)
+        console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 

@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
+from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
@@ -136,6 +137,9 @@ class RateColumn(ProgressColumn):
 
 def run_train_head(config: TrainHeadConfig) -> TrainResult:
     """Run the job for a validated ``config``, with a progress bar and per-episode lines."""
+    for url in config.cache:
+        check_storage(url, flag="--cache", must_exist=True)
+    check_storage(config.output, flag="--output")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     train_config = config.to_train_config()
     schedule = train_config.schedule

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from pipeline.cache.augment import TransformConfig, resolve_transform
@@ -105,11 +107,12 @@ def make_runner(output: str, **options) -> UnitRunner:
 
 
 def pvu(*args: str):
-    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping undone."""
+    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping and
+    error boxes undone."""
     from typer.testing import CliRunner
 
     from jobs.cli import app
 
     result = CliRunner().invoke(app, list(args))
-    result.text = " ".join(result.output.split())
+    result.text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
     return result

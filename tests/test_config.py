@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import typer
 from pydantic import BaseModel
-from typer.testing import CliRunner
+from support import pvu
 
 import jobs.cache
 import jobs.train_head
@@ -62,11 +61,6 @@ def test_the_paper_setups_cover_four_vits_seven_epochs_and_appendix_a() -> None:
         assert (head.loss, head.hidden, head.warmup_episodes) == ("ranking", (512, 512), 25)
 
 
-def flat(output: str) -> str:
-    """CLI output without rich's box drawing and line wrapping."""
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
-
-
 def _write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "job.yaml"
     path.write_text(text)
@@ -85,13 +79,13 @@ def test_flags_typed_on_the_command_line_override_the_file(
     tmp_path: Path, captured: list[TrainHeadConfig]
 ) -> None:
     path = _write(tmp_path, "cache: [a, b]\noutput: out\nepisodes: 50\nlr: 0.01\nhidden: [64]\n")
-    result = CliRunner().invoke(app, ["train-head", "--config", path, "--episodes", "40"])
+    result = pvu("train-head", "--config", path, "--episodes", "40")
     assert result.exit_code == 0, result.output
     [config] = captured
     assert config.cache == ["a", "b"] and config.output == "out"
     assert (config.episodes, config.lr, config.hidden) == (40, 0.01, (64,))
     assert config.batch_size == 2048, "a flag left at its default does not override"
-    CliRunner().invoke(app, ["train-head", "--config", path, "--cache", "c", "--lr", "0.1"])
+    pvu("train-head", "--config", path, "--cache", "c", "--lr", "0.1")
     assert captured[1].cache == ["c"] and captured[1].lr == 0.1 and captured[1].episodes == 50
 
 
@@ -99,9 +93,9 @@ def test_unknown_key_is_a_usage_error_naming_it(
     tmp_path: Path, captured: list[TrainHeadConfig]
 ) -> None:
     path = _write(tmp_path, "cache: [a]\noutput: out\nepisode: 5\n")
-    result = CliRunner().invoke(app, ["train-head", "--config", path])
+    result = pvu("train-head", "--config", path)
     assert result.exit_code == 2 and not captured
-    assert "job.yaml: unknown key 'episode'; did you mean episodes" in flat(result.output)
+    assert "job.yaml: unknown key 'episode'; did you mean episodes" in result.text
     assert "Traceback" not in result.output
 
 
@@ -109,20 +103,20 @@ def test_bad_value_in_the_file_names_the_file_and_key(
     tmp_path: Path, captured: list[TrainHeadConfig]
 ) -> None:
     path = _write(tmp_path, "cache: [a]\noutput: out\nloss: hinge\n")
-    result = CliRunner().invoke(app, ["train-head", "--config", path])
+    result = pvu("train-head", "--config", path)
     assert result.exit_code == 2 and not captured
-    assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in flat(result.output)
-    result = CliRunner().invoke(app, ["train-head", "--config", path, "--episodes", "0"])
+    assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in result.text
+    result = pvu("train-head", "--config", path, "--episodes", "0")
     assert result.exit_code == 2 and "--episodes" in result.output
 
 
 def test_required_settings_may_come_from_either_place(
     tmp_path: Path, captured: list[TrainHeadConfig]
 ) -> None:
-    result = CliRunner().invoke(app, ["train-head", "--cache", "a"])
+    result = pvu("train-head", "--cache", "a")
     assert result.exit_code == 2 and "--output" in result.output and not captured
     path = _write(tmp_path, "output: out\n")
-    result = CliRunner().invoke(app, ["train-head", "--config", path, "--cache", "a"])
+    result = pvu("train-head", "--config", path, "--cache", "a")
     assert result.exit_code == 0, result.output
 
 
@@ -141,7 +135,7 @@ def test_cache_reads_its_config_file_too(tmp_path: Path, monkeypatch: pytest.Mon
     runs: list[CacheJobConfig] = []
     monkeypatch.setattr(jobs.cache, "run_cache", lambda config: runs.append(config) or _NoFailures)
     path = _write(tmp_path, "shards: s\nbackbone: resnet10t\noutput: o\nweights: random\n")
-    result = CliRunner().invoke(app, ["cache", "--config", path, "--epochs", "3"])
+    result = pvu("cache", "--config", path, "--epochs", "3")
     assert result.exit_code == 0, result.output
     assert (runs[0].backbone, runs[0].epochs, runs[0].weights) == ("resnet10t", 3, "random")
 

@@ -55,21 +55,35 @@ def plan_actors(
     if gpus > 0:
         gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= gpus]
         if not gpu_nodes:
+            most = max((node.get("GPU", 0) for node in nodes), default=0)
             raise ValueError(
-                f"--gpus-per-actor {gpus} but no node of the cluster has that many GPUs"
+                f"--gpus-per-actor {gpus:g} asks for GPUs, but the Ray cluster's nodes have at "
+                f"most {most:g} each ({total_gpus:g} in all); cache on CPUs with "
+                "--gpus-per-actor 0, or wait until `ray status` lists the GPU workers"
             )
         per_node = [math.floor(node["GPU"] / gpus) for node in gpu_nodes]
         shares = [
             node.get("CPU", 0) / count for node, count in zip(gpu_nodes, per_node, strict=True)
         ]
         cpus = cpus_per_actor or max(1.0, math.floor(min(shares)))
+        _check_fits(cpus, [node.get("CPU", 0) for node in gpu_nodes])
         return actors or sum(per_node), gpus, cpus
     cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
     if not cpu_nodes:
         raise ValueError("the Ray cluster has no CPUs to run cache actors on")
     cpus = cpus_per_actor or float(min(cpu_nodes))
+    _check_fits(cpus, cpu_nodes)
     default_actors = sum(max(1, math.floor(node / cpus)) for node in cpu_nodes if node >= cpus)
     return actors or max(1, default_actors), 0.0, cpus
+
+
+def _check_fits(cpus: float, node_cpus: list[float]) -> None:
+    """Refuse actors no node can hold: Ray would keep them pending forever."""
+    if cpus > max(node_cpus):
+        raise ValueError(
+            f"--cpus-per-actor {cpus:g} is more than any node of the Ray cluster has "
+            f"({max(node_cpus):g}); ask for at most that many"
+        )
 
 
 def decode_workers(requested: int | None, device: torch.device, cpus: float) -> int:

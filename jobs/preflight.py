@@ -1,0 +1,50 @@
+"""Checks of a job's storage inputs before any work: seconds, and a message saying what to do.
+
+Object stores fail in ways whose raw errors (botocore's ``NoCredentialsError``, a 403 deep in a
+listing) name neither the flag nor the fix; each check here turns them into one
+:class:`~jobs.terminal.UserError` that names the flag, the URL and what to change.
+"""
+
+from __future__ import annotations
+
+import botocore.exceptions
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from jobs.terminal import UserError
+
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
+    "for an S3-compatible store such as MinIO or Ceph"
+)
+
+
+def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
+    """Raise :class:`UserError` if ``url``'s store cannot be used: no credentials, endpoint
+    unreachable, bucket missing or access denied; with ``must_exist``, if ``url`` is absent."""
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
+    where = f"{flag} {url}"
+    try:
+        if bucket is not None:
+            fs.ls(bucket, detail=False)
+        if must_exist and not fs.exists(path):
+            raise UserError(f"{where} does not exist; check the path (a typo, or another prefix?)")
+    except botocore.exceptions.NoCredentialsError:
+        raise UserError(
+            f"{where}: no credentials for {url.split('://')[0]}://; {CREDENTIALS_HINT}"
+        ) from None
+    except botocore.exceptions.EndpointConnectionError as error:
+        raise UserError(
+            f"{where}: cannot reach the storage endpoint ({error}); check AWS_ENDPOINT_URL "
+            "and that the store is up"
+        ) from None
+    except PermissionError:
+        raise UserError(
+            f"{where}: access to bucket {bucket} denied; use credentials that may read and "
+            "write it, or another bucket"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(
+            f"{where}: bucket {bucket} does not exist; create it or fix the URL"
+        ) from None

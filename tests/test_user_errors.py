@@ -1,0 +1,153 @@
+"""Errors a person can act on: seconds, one message naming the input and the fix, exit code 2.
+
+Each case runs the real command (``pvu`` in-process; one case as ``python -m jobs.cli``) against
+real parts: moto's S3 server, a real local Ray, real files.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import s3fs
+from support import SMALL_BACKBONE_FLAGS
+from typer.testing import Result
+
+from pipeline.demo.data import write_digit_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if "def main(" in p.read_text())
+
+
+def timed_pvu(*args: str) -> tuple[Result, float]:
+    """``pvu args`` in-process (:func:`support.pvu`); the result and its seconds."""
+    started = time.monotonic()
+    result = timed_pvu(*args)
+    return result, time.monotonic() - started
+
+
+def assert_actionable(result: Result, seconds: float, *phrases: str) -> None:
+    """Exit code 2 within seconds, no traceback, and every phrase in the message."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert seconds < 30, f"took {seconds:.0f} s"
+    for phrase in phrases:
+        assert phrase in result.text, result.output
+
+
+def test_unknown_timm_model_suggests_close_names(tmp_path: Path) -> None:
+    result, seconds = timed_pvu(
+        "cache", "--shards", str(tmp_path), "--output", str(tmp_path / "c"),
+        "--backbone", "vit_base_patch16_244",
+    )  # fmt: skip
+    assert_actionable(result, seconds, "timm has no model 'vit_base_patch16_244'")
+    assert "vit_base_patch16_224" in result.text.split("close names")[1]
+
+
+def test_shard_pattern_that_matches_nothing(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "train-{0000..0003}.tar")
+    result, seconds = timed_pvu(
+        "cache", "--shards", pattern, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS
+    )
+    assert_actionable(result, seconds, f"no shards match '{pattern}'")
+
+
+def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-cache")
+    result, seconds = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"))
+    assert_actionable(result, seconds, f"--cache {missing} does not exist")
+    assert "samples/s" not in result.output and "━" not in result.output
+
+
+def test_traceback_only_under_verbose(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-cache")
+    result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")
+    assert result.exit_code == 2 and "Traceback" in result.output
+    assert f"--cache {missing} does not exist" in result.text
+
+
+@pytest.fixture
+def no_credentials(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The moto endpoint stays set (nothing leaves 127.0.0.1), but no credentials anywhere."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_s3_without_credentials(no_credentials: None, tmp_path: Path) -> None:
+    result, seconds = timed_pvu(
+        "train-head", "--cache", "s3://bucket/cache", "--output", str(tmp_path)
+    )
+    assert_actionable(
+        result, seconds, "--cache s3://bucket/cache: no credentials for s3://", "AWS_ACCESS_KEY_ID"
+    )
+
+
+@pytest.mark.slow
+def test_s3_bucket_that_does_not_exist(s3_server: str, tmp_path: Path) -> None:
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    result, seconds = timed_pvu(
+        "cache", "--shards", shards[0], "--output", "s3://no-such-bucket/cache",
+        *SMALL_BACKBONE_FLAGS,
+    )  # fmt: skip
+    assert_actionable(
+        result, seconds, "--output s3://no-such-bucket/cache: bucket no-such-bucket does not exist"
+    )
+
+
+@pytest.mark.slow
+def test_s3_access_denied(s3_bucket: str, fault_proxy, tmp_path: Path) -> None:
+    bucket = s3_bucket.removeprefix("s3://")
+    fault_proxy.deny(f"/{bucket}", kind="deny")
+    result, seconds = timed_pvu(
+        "train-head", "--cache", f"{s3_bucket}/cache", "--output", str(tmp_path)
+    )
+    assert_actionable(result, seconds, f"access to bucket {bucket} denied")
+
+
+@pytest.mark.slow
+def test_gpus_asked_for_on_a_cluster_without_any(tmp_path: Path) -> None:
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+        result, seconds = timed_pvu(
+            "cache", "--shards", shards[0], "--output", str(tmp_path / "c"),
+            *SMALL_BACKBONE_FLAGS, "--gpus-per-actor", "1",
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert_actionable(result, seconds, "--gpus-per-actor 1 asks for GPUs", "--gpus-per-actor 0")
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_runs_as_python_dash_m(job: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(f"jobs.{job}", run_name="__main__")
+    assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.slow
+def test_python_dash_m_jobs_cli_is_pvu() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "jobs.cli"]
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("pvu "), version.stderr
+    listing = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env)
+    assert listing.returncode == 0
+    for command_name in ("cache", "train-head", "evaluate", "shards", "info"):
+        assert command_name in listing.stdout
