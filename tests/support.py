@@ -107,12 +107,16 @@ def make_runner(output: str, **options) -> UnitRunner:
 
 
 def pvu(*args: str):
-    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping and
-    error boxes undone."""
+    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping undone."""
     from typer.testing import CliRunner
 
     from jobs.cli import app
 
     result = CliRunner().invoke(app, list(args))
-    result.text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    result.text = " ".join(result.output.split())
     return result
+
+
+def unboxed(text: str) -> str:
+    """``text`` without rich's box drawing (error panels, table rules), spaces collapsed."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())

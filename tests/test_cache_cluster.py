@@ -124,7 +124,7 @@ def test_plan_actors_defaults():
     assert plan_actors(
         [{"CPU": 16}, {"CPU": 16}], actors=None, gpus_per_actor=0, cpus_per_actor=4
     ) == (8, 0.0, 4)
-    with pytest.raises(ValueError, match=r"asks for GPUs, but .* at most 0 each .* per-actor 0"):
+    with pytest.raises(ValueError, match=r"asks for GPUs, but .* most 0 each .*-per-actor 0"):
         plan_actors([{"CPU": 8}], actors=None, gpus_per_actor=1, cpus_per_actor=None)
     with pytest.raises(ValueError, match="--cpus-per-actor 4 is more than any node"):
         plan_actors([{"CPU": 2}], actors=None, gpus_per_actor=0, cpus_per_actor=4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import typer
 from pydantic import BaseModel
-from support import pvu
+from support import pvu, unboxed
 
 import jobs.cache
 import jobs.train_head
@@ -95,7 +95,7 @@ def test_unknown_key_is_a_usage_error_naming_it(
     path = _write(tmp_path, "cache: [a]\noutput: out\nepisode: 5\n")
     result = pvu("train-head", "--config", path)
     assert result.exit_code == 2 and not captured
-    assert "job.yaml: unknown key 'episode'; did you mean episodes" in result.text
+    assert "job.yaml: unknown key 'episode'; did you mean episodes" in unboxed(result.text)
     assert "Traceback" not in result.output
 
 
@@ -105,7 +105,7 @@ def test_bad_value_in_the_file_names_the_file_and_key(
     path = _write(tmp_path, "cache: [a]\noutput: out\nloss: hinge\n")
     result = pvu("train-head", "--config", path)
     assert result.exit_code == 2 and not captured
-    assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in result.text
+    assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in unboxed(result.text)
     result = pvu("train-head", "--config", path, "--episodes", "0")
     assert result.exit_code == 2 and "--episodes" in result.output
 

@@ -20,6 +20,7 @@ import pytest
 from support import SMALL_BACKBONE_FLAGS
 
 from pipeline.demo.data import write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +143,23 @@ def test_submitted_cache_job_joins_the_cluster_and_writes_the_cache(ray_head, tm
     assert "Started a local Ray instance" not in log, "the job must join the cluster it runs on"
     table = ds.dataset(str(tmp_path / "cache"), format="parquet", ignore_prefixes=["_"]).to_table()
     assert table.num_rows == 16
+
+
+def test_submitted_train_head_gets_the_driver_resources_it_asks_for(ray_head, tmp_path):
+    """cluster/README.md: the head trains in the job's driver, so `--entrypoint-num-cpus`
+    (or `--entrypoint-num-gpus`) places that driver where those resources are."""
+    address, env = ray_head
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=64, shards=2, epochs=2))
+    submit = [
+        *("ray", "job", "submit", "--address", address, "--entrypoint-num-cpus", "2"),
+        *("--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--"),
+        *("python", "-m", "jobs.train_head", "--config", "jobs/configs/demo/train-head.yaml"),
+        *("--cache", cache, "--output", str(tmp_path / "head"), "--episodes", "3"),
+        *("--episode-size", "256", "--batch-size", "64", "--hidden", "16"),
+    ]
+    job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-3000:]
+    assert "succeeded" in log
+    assert (tmp_path / "head" / "head.json").is_file()
