@@ -58,40 +58,46 @@ def nearest_neighbours(
 
     ``unit``: (N, D) unit-norm rows (see :func:`normalize`). ``queries``: row indices to
     search for (default: all). ``database``: boolean mask (N,) of rows that may be returned
-    (default: all). ``on_chunk`` is called with the number of queries done after each block.
+    (default: all; a subset is gathered once, so memory grows by its size).
+    ``on_chunk`` is called with the number of queries done after each block.
     """
     x = torch.as_tensor(unit, device=device)
-    n = x.shape[0]
-    rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
-    blocked = None if database is None else torch.as_tensor(~np.asarray(database), device=device)
+    rows = np.arange(len(x)) if queries is None else np.asarray(queries, dtype=np.int64)
     index = np.full(len(rows), -1, np.int64)
     similarity = np.full(len(rows), -np.inf, np.float32)
-    step = min(query_chunk(n, block_bytes=block_bytes), max(len(rows), 1))
-    block = torch.empty((step, n), dtype=x.dtype, device=device)
+    # database rows in ascending order, so "lowest index" is the same locally and globally
+    kept = np.arange(len(x)) if database is None else np.flatnonzero(database)
+    if len(kept) == 0 or len(rows) == 0:
+        return Neighbours(index, similarity)
+    xd = x if database is None else x[torch.as_tensor(kept, device=device)]
+    position = np.full(len(x), -1, np.int64)  # each row's place in the database, -1 if absent
+    position[kept] = np.arange(len(kept))
+    step = min(query_chunk(len(kept), block_bytes=block_bytes), len(rows))
+    block = torch.empty((step, len(kept)), dtype=x.dtype, device=device)
     with torch.inference_mode():
         for start in range(0, len(rows), step):
-            picked = torch.as_tensor(rows[start : start + step], device=device)
-            sim = torch.mm(x[picked], x.T, out=block[: len(picked)])
-            best, found = _block_neighbours(sim, picked, blocked)
-            index[start : start + len(picked)] = found.cpu().numpy()
+            picked = rows[start : start + step]
+            queries_x = x[torch.as_tensor(picked, device=device)]
+            sim = torch.mm(queries_x, xd.T, out=block[: len(picked)])
+            best, found = _block_neighbours(sim, torch.as_tensor(position[picked], device=device))
+            found = found.cpu().numpy()
+            index[start : start + len(picked)] = np.where(found >= 0, kept[found], -1)
             similarity[start : start + len(picked)] = best.cpu().numpy()
             if on_chunk is not None:
                 on_chunk(len(picked))
     return Neighbours(index, similarity)
 
 
-def _block_neighbours(
-    sim: torch.Tensor, picked: torch.Tensor, blocked: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best similarity and neighbour of each query row of ``sim`` (self, ``blocked`` excluded).
+def _block_neighbours(sim: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best similarity and column of each query row of ``sim``, the query's own column
+    ``own`` (-1: not in the database) excluded.
 
     Two max passes instead of a tolerance scan of the whole block: the runner-up tells which
-    rows have a tie, and only those rows are scanned for their lowest tied index.
+    rows have a tie, and only those rows are scanned for their lowest tied column.
     """
-    arange = torch.arange(len(picked), device=sim.device)
-    sim[arange, picked] = -torch.inf
-    if blocked is not None:
-        sim.masked_fill_(blocked, -torch.inf)
+    arange = torch.arange(len(own), device=sim.device)
+    present = own >= 0
+    sim[arange[present], own[present]] = -torch.inf
     best, found = sim.max(dim=1)  # the first maximal index on exact ties
     sim[arange, found] = -torch.inf
     runner_up = sim.amax(dim=1)
