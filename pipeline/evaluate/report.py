@@ -102,8 +102,12 @@ def markdown(report: dict[str, Any]) -> str:
     parts = [
         "# pvu evaluation report\n",
         f"Backbone `{backbone['name']}` ({backbone['embedding_dim']}-d), pvu "
-        f"{report['pvu_version']}. Recall@1: leave-one-out cosine 1-NN accuracy; R-AUROC: "
-        'AUROC of -uncertainty against "the 1-NN has the same label" (0.5 = chance).\n',
+        f"{report['pvu_version']}. Recall@1: leave-one-out cosine 1-NN accuracy (the query "
+        "excluded by its row, so exact duplicates count; similarities within 1e-6 tie and the "
+        'lowest row wins). R-AUROC: AUROC of -uncertainty against "the 1-NN has the same '
+        'label" (0.5 = chance; n/a when every or no 1-NN is right). Sources: each head, and '
+        "baselines from the cache: classifier entropy, 1 - max softmax, 1 / embedding norm, "
+        "seeded random.\n",
         "## R-AUROC and Recall@1\n",
         _table(
             ["dataset", "n", "Recall@1", *sources],
