@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
+from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, verify_cache
@@ -95,6 +96,7 @@ def info(
     setup_logging(verbose)
     job = job_config(InfoJobConfig, ctx)
     with reported("info", verbose=verbose):
+        check_storage(job.cache, flag="CACHE", must_exist=True)
         summary = read_cache_info(job.cache)
         check = verify_cache(job.cache) if job.verify else None
     if job.json_output:

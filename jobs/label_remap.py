@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
+from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.remap import TIMM_SUBSETS, Remap, build_remap, read_names, write_remap
 
@@ -34,6 +35,8 @@ class LabelRemapJobConfig(BaseModel):
 
 def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     """Build the remap and write it to ``config.output``; refuses one that maps nothing."""
+    check_storage(config.classes, flag="--classes", must_exist=True)
+    check_storage(config.output, flag="--output")
     remap = build_remap(read_names(config.classes), config.head)
     if len(remap.missing) == len(remap.classes):
         raise ValueError(

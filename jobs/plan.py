@@ -19,6 +19,7 @@ from rich.table import Table
 
 from jobs.cache import CacheJobConfig, build_provenance, cache, unit_settings
 from jobs.config import job_config
+from jobs.preflight import check_storage
 from jobs.terminal import console, reported, setup_logging
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
@@ -77,6 +78,8 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
 
 def run_plan(config: PlanJobConfig) -> Plan:
     """Sample the shards, measure the sample on this machine and extrapolate to the job."""
+    check_storage(config.shards, flag="--shards")
+    check_storage(config.output, flag="--output")
     urls = expand_shards(config.shards)
     info = describe_backbone(
         config.backbone, config.weights, input_size=config.transform_config().input_size

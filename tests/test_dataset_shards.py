@@ -226,3 +226,13 @@ def test_folder_to_shards_to_cache(tmp_path):
     assert len({(row["key"], row["epoch"]) for row in rows}) == len(rows) == 2 * len(valid)
     by_key = {key: label for _, key, label, _ in read_shards(str(tmp_path / "shards"))}
     assert all(by_key[row["key"]] == row["label"] for row in rows)
+
+
+@pytest.mark.slow
+def test_output_in_a_missing_bucket_exits_2_naming_it(s3_server, tmp_path):
+    make_folder(tmp_path / "images", per_class=1)
+    result = run("--input", str(tmp_path / "images"), "--output", "s3://no-such-bucket/shards")
+    assert result.exit_code == 2 and "Traceback" not in result.text, result.output
+    assert (
+        "--output s3://no-such-bucket/shards: bucket no-such-bucket does not exist" in result.text
+    )

@@ -105,3 +105,10 @@ def test_verify_names_missing_and_damaged_units(cache, tmp_path):
         "epoch=0000/digits-0000.parquet",
         "epoch=0001/bad.parquet",
     ]
+
+
+@pytest.mark.slow
+def test_info_of_a_missing_bucket_exits_2_naming_it(s3_server):
+    result = pvu("info", "s3://no-such-bucket/cache")
+    assert result.exit_code == 2 and "Traceback" not in result.text, result.output
+    assert "CACHE s3://no-such-bucket/cache: bucket no-such-bucket does not exist" in result.text

@@ -110,3 +110,19 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     assert all(len(p.samples) == 2 for p in spread.values())
     everything = sample_shards(sizes, 1000)
     assert len(everything) == 10 and all(p.complete for p in everything.values())
+
+
+@pytest.mark.slow
+def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
+    settings = {
+        "shards": shards, "backbone": "resnet10t", "weights": "random", "input_size": 32,
+        "output": str(tmp_path / "c"), "epochs": 3, "sample_images": 8,
+    }  # fmt: skip
+    config = tmp_path / "cache.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    result = pvu("plan", "--config", str(config), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "10 (2 epochs)" in result.text  # the flag overrides the file
+    config.write_text(config.read_text() + "sample_image: 8\n")
+    result = pvu("plan", "--config", str(config))
+    assert result.exit_code == 2 and "unknown key 'sample_image'" in result.text, result.output
