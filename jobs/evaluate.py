@@ -86,14 +86,14 @@ class EvaluateJobConfig(BaseModel):
     def _consistent(self) -> EvaluateJobConfig:
         resolve_device(self.device)
         names = [name for name, _ in self.named_datasets()]
+        names += [UPSTREAM] if self.upstream else []
         if self.tsne_dataset is not None and self.tsne_dataset not in names:
             raise ValueError(f"tsne dataset {self.tsne_dataset!r} is not one of {names}")
         return self
 
-    def named_datasets(self) -> list[tuple[str, str]]:
-        """``(name, url)`` of every ``--dataset`` (and the upstream cache, named upstream)."""
-        pairs = [tuple(item.split("=", 1)) for item in self.dataset]
-        return [*pairs, *([(UPSTREAM, self.upstream)] if self.upstream else [])]
+    def named_datasets(self) -> tuple[tuple[str, str], ...]:
+        """``(name, url)`` of every ``--dataset``."""
+        return tuple((name, url) for name, _, url in (d.partition("=") for d in self.dataset))
 
     def resolved_device(self) -> str:
         """``cpu`` or ``cuda``, with ``auto`` resolved to CUDA when available."""
@@ -103,7 +103,7 @@ class EvaluateJobConfig(BaseModel):
         """The pipeline's :class:`EvaluateOptions` for this job."""
         return EvaluateOptions(
             heads=tuple(self.head),
-            datasets=tuple(tuple(item.split("=", 1)) for item in self.dataset),
+            datasets=self.named_datasets(),
             upstream=self.upstream,
             deteriorated=tuple(self.deterioration),
             reject_fraction=self.reject_fraction,
