@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fsspec
 import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS, pvu
@@ -81,14 +82,18 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_plan_prints_units_rows_bytes_and_hours(shards, tmp_path):
-    flags = ["--shards", shards, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
-    args = ["plan", *flags, "--epochs", "7", "--sample-images", "16"]
+def test_plan_of_shards_on_s3_prints_units_rows_bytes_and_hours(s3_bucket):
+    write_digit_shards(f"{s3_bucket}/shards", shards=5, per_shard=12, size=32)
+    flags = ["--shards", f"{s3_bucket}/shards/digits-{{0000..0004}}.tar", *SMALL_BACKBONE_FLAGS]
+    args = ["plan", *flags, "--output", f"{s3_bucket}/cache", "--epochs", "7"]
     result = pvu(*args, "--images-per-second-per-gpu", "2000")
     text = result.text
     assert result.exit_code == 0, result.output
-    assert "35 (7 epochs)" in text and "rows to compute" in text and "bytes on storage" in text
+    assert "35 (7 epochs)" in text and "bytes on storage" in text
+    assert "5 (5 counted" in text and "samples per epoch │ ~60" in text
+    assert "rows to compute │ ~420" in text  # 5 shards x 12 samples x 7 epochs
     assert "CPU actor-hours" in text and "at 2,000 images/s per GPU" in text
+    assert not fsspec.filesystem("s3").exists(f"{s3_bucket}/cache")
 
 
 def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
