@@ -103,6 +103,7 @@ def local_ray(s3_server):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_two_cache_commands_at_once_one_refused_and_the_cache_exact(local_ray, tmp_path) -> None:
     write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=8, size=32)
     output = tmp_path / "cache"

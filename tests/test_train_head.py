@@ -230,10 +230,11 @@ def test_a_kill_around_the_checkpoint_loses_no_metrics_line(
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_sigkill_mid_episode_then_resume_gives_the_same_head_bit_for_bit(
     cache: str, tmp_path: Path
 ) -> None:
-    flags = ["--episodes", "8", "--episode-size", "6000", "--batch-size", "256"]
+    flags = ["--episodes", "5", "--episode-size", "4000", "--batch-size", "256"]
     flags += ["--warmup-episodes", "1", "--hidden", "64,64", "--val-fraction", "0.2"]
     flags += ["--shuffle-rows", "1000", "--threads", "1", "--cache", cache]
 
@@ -256,7 +257,7 @@ def test_sigkill_mid_episode_then_resume_gives_the_same_head_bit_for_bit(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     weights = "head.safetensors"
     assert (killed / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
-    assert [line["episode"] for line in _metrics(killed)] == list(range(9))
+    assert [line["episode"] for line in _metrics(killed)] == list(range(6))
     final = json.loads((killed / "head.json").read_text())["training"]["final"]
     straight_final = json.loads((tmp_path / "straight" / "head.json").read_text())["training"]
     timing = {key: final[key] for key in ("seconds", "samples_per_s")}

@@ -106,6 +106,7 @@ def read_rows(url: str) -> dict[tuple[str, int], bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_cache_rerun_repairs_a_damaged_cache_that_train_head_refused(
     local_ray, storage, tmp_path, request
