@@ -130,6 +130,10 @@ def test_evaluate_writes_a_valid_report(tmp_path: Path, head_dir: str) -> None:
     assert result.exit_code == 0, result.output
     document = json.loads((report / "report.json").read_text())
     validate_report(document)
+    broken = json.loads((report / "report.json").read_text())
+    del broken["datasets"][0]["sources"]["entropy"]["r_auroc"]
+    with pytest.raises(ValueError, match=r"report\.json at datasets/0/sources/entropy"):
+        validate_report(broken)  # the contract can fail
     sources = ["head:head", "head:second", "entropy", "1-max_prob", "inverse_norm", "random"]
     assert [s["name"] for s in document["sources"]] == sources
     zs, upstream = document["datasets"]
