@@ -17,7 +17,10 @@ REPORT_MD = "report.md"
 
 
 def write_report(evaluation: Evaluation, folder: str | Path, *, pvu_version: str) -> Path:
-    """Write the report into ``folder`` (created); returns the path of ``report.md``."""
+    """Write the report into ``folder`` (created); returns the path of ``report.md``.
+
+    ``evaluation.report`` becomes the document written (NaN as None, version, figures).
+    """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     report = finite({**evaluation.report, "pvu_version": pvu_version})
@@ -25,6 +28,7 @@ def write_report(evaluation: Evaluation, folder: str | Path, *, pvu_version: str
     validate_report(report)
     (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (root / REPORT_MD).write_text(markdown(report))
+    evaluation.report = report
     return root / REPORT_MD
 
 
