@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import fsspec
 import torch
 import typer
 from pydantic import Field
@@ -24,7 +25,7 @@ from jobs.terminal import console, reported, setup_logging
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.cache.info import read_cache_info
-from pipeline.cache.manifest import provenance_differences
+from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences
 from pipeline.cache.plan import (
     Estimate,
     Measurement,
@@ -58,10 +59,10 @@ class Plan:
 def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
     """(epoch, shard URL) units the output already holds; ``ValueError`` if ``pvu cache``
     would refuse the output because it holds a different cache."""
-    try:
-        info = read_cache_info(config.output)
-    except FileNotFoundError:
-        return set()
+    fs, root = fsspec.core.url_to_fs(config.output)
+    if not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
+        return set()  # nothing there yet, or an empty folder: every unit is to do
+    info = read_cache_info(config.output)
     differences = provenance_differences(info.provenance, provenance)
     if differences:
         raise ValueError(

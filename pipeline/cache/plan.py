@@ -136,6 +136,8 @@ def sample_shards(sizes: dict[str, int], max_samples: int) -> dict[str, ShardPre
     prefixes: dict[str, ShardPrefix] = {}
     left = max_samples
     for index, url in enumerate(spread):
+        if left <= 0:
+            break
         prefix = read_prefix(url, -(-left // (len(spread) - index)), sizes[url])
         prefixes[url] = prefix
         left -= len(prefix.samples)
