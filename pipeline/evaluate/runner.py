@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
 UPSTREAM = "upstream"
+MIN_TSNE_POINTS = 5
 Track = Callable[[str, int], Callable[[int], None]]
 """``track(description, total)`` returns ``advance(n)``: how the runner reports progress."""
 
@@ -90,7 +91,7 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         entries.append(_evaluate_set(data, scores, options, result, track))
         entries[-1]["role"] = UPSTREAM if options.upstream and name == UPSTREAM else "downstream"
         if name == tsne_dataset:
-            result.tsne, result.report["tsne"] = _tsne(data, scores, heads, options)
+            result.tsne, result.report["tsne"] = _tsne(data, scores, heads, options) or (None, None)
     if options.upstream:
         _add_id_vs_ood(entries, result.scores)
     for url in options.deteriorated:
@@ -243,8 +244,9 @@ def _tsne(
     scores: dict[str, np.ndarray],
     heads: list[LoadedHead],
     options: EvaluateOptions,
-) -> tuple[TsnePoints, dict[str, Any]]:
-    """The t-SNE map of ``data``'s chosen classes, coloured by the first head (else entropy)."""
+) -> tuple[TsnePoints, dict[str, Any]] | None:
+    """The t-SNE map of ``data``'s chosen classes, coloured by the first head (else entropy);
+    None when the default classes hold too few rows."""
     source = heads[0].name if heads else "entropy"
     classes = list(options.tsne_classes) if options.tsne_classes else None
     rows = pick_rows(
@@ -254,8 +256,11 @@ def _tsne(
         max_points=options.tsne_points,
         seed=options.seed,
     )
-    if len(rows) < 5:
-        raise ValueError(f"t-SNE of {data.name}: only {len(rows)} row(s) in classes {classes}")
+    if len(rows) < MIN_TSNE_POINTS:
+        if classes is not None:
+            raise ValueError(f"t-SNE of {data.name}: only {len(rows)} row(s) in classes {classes}")
+        log.warning("%s: %d row(s) are too few for a t-SNE map; skipped", data.name, len(rows))
+        return None
     xy = tsne_map(normalize(data.embedding[rows]), seed=options.seed)
     points = TsnePoints(xy, data.keys[rows], data.labels[rows], scores[source][rows])
     entry = {
