@@ -100,6 +100,9 @@ class RunLock:
                 handle.write(self._encode(self.holder))
         except FileExistsError:
             self._take_over()
+        current = self._read()  # a store without exclusive writes lets the last writer win
+        if current is None or current.run_id != self.holder.run_id:
+            raise self._refusal(current) if current else CacheLocked(f"lost {self._path}")
         self._beating = threading.Thread(target=self._beat, name="pvu-lock", daemon=True)
         self._beating.start()
 
@@ -124,16 +127,20 @@ class RunLock:
         now = time.time()
         current = self._read()
         if current is not None and not (current.expired(now) or current.dead_here()):
-            raise CacheLocked(
-                f"another pvu cache run is writing to {self.root}: {current.describe(now)}. "
-                "Wait for it to finish. If it was killed, its lock expires "
-                f"{current.lease:.0f} s after its last heartbeat (in "
-                f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "
-                f"for a run started on {current.host}"
-            )
+            raise self._refusal(current)
         if current is not None:
             log.warning("taking over the lock of a dead run: %s", current.describe(now))
         self._write(self.holder)
+
+    def _refusal(self, current: Holder) -> CacheLocked:
+        now = time.time()
+        return CacheLocked(
+            f"another pvu cache run is writing to {self.root}: {current.describe(now)}. "
+            "Wait for it to finish. If it was killed, its lock expires "
+            f"{current.lease:.0f} s after its last heartbeat (in "
+            f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "
+            f"for a run started on {current.host}"
+        )
 
     def _beat(self) -> None:
         interval = self.holder.lease / 4
