@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -139,3 +140,26 @@ def test_cache_rerun_repairs_a_damaged_cache_that_train_head_refused(
     assert repaired.exit_code == 0, repaired.output
     assert read_rows(output) == exact, "the same command gives the exact cache again"
     assert verify_cache(output).ok
+
+
+@pytest.mark.slow
+def test_storage_is_listed_once_per_epoch_not_once_per_unit(s3_bucket: str) -> None:
+    import s3fs
+
+    url = f"{s3_bucket}/cache"
+    spec = SyntheticCache(dim=8, samples_per_shard=4, shards=12, epochs=2)
+    write_synthetic_cache(url, spec)
+    calls: Counter[str] = Counter()
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.connect()
+    fs.s3.meta.events.register(
+        "before-call.s3", lambda event_name, **_: calls.update([event_name.split(".")[-1]])
+    )
+    assert verify_cache(url, footers=False).ok
+    assert calls["ListObjectsV2"] <= 1 + spec.epochs + 1  # the root, each epoch, a probe
+    assert calls["HeadObject"] + calls["GetObject"] <= 2  # the manifest, nothing per unit
+    calls.clear()
+    assert verify_cache(url).ok
+    assert calls["GetObject"] == 1 + spec.shards * spec.epochs  # the manifest, then one footer each
+    assert calls["HeadObject"] <= 1
