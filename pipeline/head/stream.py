@@ -36,7 +36,7 @@ class StreamConfig:
     """How to stream a cache: rows held for shuffling, read-ahead, validation slice, extras."""
 
     seed: int = 0
-    shuffle_rows: int = 524_288
+    shuffle_rows: int = 3_145_728
     prefetch_windows: int = 4
     val_fraction: float = 0.01
     io_threads: int = 8
