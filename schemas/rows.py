@@ -1,4 +1,4 @@
-"""Arrow schema of one cache row, version 2 (DESIGN.md 3.2), and its provenance metadata.
+"""Arrow schema of one cache row, version 2 (docs/design.md 3.2), and its provenance.
 
 Version 2 over version 1: ``loss`` is nullable (null in caches in the dataset's own label
 space, which the classifier knows nothing about), a nullable ``ambiguity`` column follows

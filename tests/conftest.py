@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: real components on loopback (DESIGN.md section 6)."""
+"""Shared pytest fixtures: real components on loopback (docs/design.md section 6)."""
 
 from __future__ import annotations
 

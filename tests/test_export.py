@@ -1,4 +1,4 @@
-"""Export a trained head and attach it to a stock timm model (DESIGN.md 3.5)."""
+"""Export a trained head and attach it to a stock timm model (docs/design.md 3.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Augmented tensors: timm's train or eval transform, seeded per (seed, epoch, key) (DESIGN 3.3).
+"""Augmented tensors: timm's train or eval transform, seeded per (seed, epoch, key).
+
+Augmentation is a function, not a stream (docs/design.md 3.3).
 
 An eval transform may start with a deterioration (``pipeline.cache.deteriorate``), recorded in
 the transform config and so in the cache's provenance.

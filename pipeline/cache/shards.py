@@ -1,6 +1,6 @@
 """Shards: turn a ``--shards`` spec into the list of tar URLs to read, and name each shard.
 
-A spec is one of (DESIGN.md 3.1, issue 2):
+A spec is one of (docs/design.md 3.1, issue 2):
 
 - a brace pattern, ``s3://bucket/train-{0000..2047}.tar`` (also ``{a,b}``), expanded in order;
 - a glob, ``s3://bucket/train-*.tar``;

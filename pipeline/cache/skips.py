@@ -6,7 +6,7 @@ from enum import Enum
 
 
 class SkipReason(str, Enum):
-    """A kind of bad input (DESIGN.md section 5). The value is the manifest's counter name."""
+    """A kind of bad input (docs/design.md section 5). The value is the manifest's counter name."""
 
     NO_IMAGE = "no_image"
     NO_LABEL = "no_label"

@@ -51,7 +51,7 @@ class UnitSettings(BaseModel):
     label_key: str = "cls"
     label_remap: str | None = None
     #: ``classifier``: labels remapped into the classifier's classes, loss against them;
-    #: ``dataset``: every sample keeps its own label, no loss (DESIGN.md 3.2).
+    #: ``dataset``: every sample keeps its own label, no loss (docs/design.md 3.2).
     label_space: Literal["classifier", "dataset"] = "classifier"
     ambiguity_key: str | None = None
     prefetch_batches: int = 2

@@ -1,7 +1,7 @@
 """A synthetic pvu cache whose loss is a known noisy function of the embedding.
 
 For tests, benchmarks and demos of head training without a backbone: rows follow the real
-schema, provenance and file layout (DESIGN.md 3.1-3.2) and the writer's Parquet options.
+schema, provenance and file layout (docs/design.md 3.1-3.2) and the writer's Parquet options.
 Image ``i`` (of ``M``) has class ``c = i * classes // M`` and a base embedding
 ``b_i = mu_c + N(0, I)``; in epoch ``e`` its embedding is ``b_i + jitter * N(0, I)`` and its
 loss ``softplus(2 * <w, e> + o_c + noise * N(0, 1))`` for a fixed unit vector ``w`` (class

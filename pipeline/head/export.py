@@ -1,4 +1,4 @@
-"""Export a trained head (DESIGN.md 3.5) and attach it to a stock timm model.
+"""Export a trained head (docs/design.md 3.5) and attach it to a stock timm model.
 
 Usage::
 
