@@ -100,6 +100,14 @@ class CacheJobConfig(BaseModel):
                 raise ValueError(f"label remap file '{label_remap}' does not exist")
         return label_remap
 
+    @field_validator("output", "weights", "label_remap")
+    @classmethod
+    def _absolute(cls, url: str | None) -> str | None:
+        """Local paths made absolute: actors in other processes (and nodes) start elsewhere."""
+        if url is None or url in ("hub", "random") or "://" in url:
+            return url
+        return os.path.abspath(url)
+
     @model_validator(mode="after")
     def _eval_has_one_epoch(self) -> CacheJobConfig:
         if self.augment == "eval" and self.epochs != 1:

@@ -165,3 +165,13 @@ def test_help_shows_the_defaults_the_job_uses(command, config_type, required) ->
             continue  # None: not set, the config's default applies
         from_cli = config_type(**required, **{param.name: param.default})
         assert getattr(from_cli, param.name) == getattr(reference, param.name), param.name
+
+
+def test_local_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch) -> None:
+    """Ray actors do not start in the driver's folder: a relative path would point elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    config = CacheJobConfig(shards="s", backbone="resnet10t", output="out", weights="w.safetensors")
+    assert config.output == str(tmp_path / "out")
+    assert config.weights == str(tmp_path / "w.safetensors")
+    assert CacheJobConfig(shards="s", backbone="resnet10t", output="s3://b/c").output == "s3://b/c"
