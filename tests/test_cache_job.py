@@ -192,6 +192,35 @@ def _is_cache_actor(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.faults
+def test_actor_killed_mid_unit_loses_and_duplicates_no_row(local_ray, tmp_path):
+    import threading
+
+    import psutil
+
+    write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=16, size=32)
+    output = tmp_path / "cache"
+    config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(output), epochs=2, **COMMON)
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(report=run_cache(config)))
+    job.start()
+    deadline = time.monotonic() + 180
+    victim = None
+    while victim is None:  # a unit is committed and the actor is in the middle of another
+        assert job.is_alive() and time.monotonic() < deadline, "the job did not get going"
+        if list(output.glob("epoch=*/*.parquet")):
+            ours = psutil.Process().children(recursive=True)  # this test's Ray only
+            victim = next((p for p in ours if "CacheWorker.run" in p.name()), None)
+        time.sleep(0.02)
+    victim.kill()  # SIGKILL, as the OOM killer sends it
+    job.join(timeout=300)
+    assert not job.is_alive(), "the job did not finish after losing its actor"
+    report = outcome["report"]
+    assert not report.failed and report.actors_replaced >= 1
+    assert_one_row_per_sample_and_epoch(read_cache(str(output)), 3 * 16, 2)
+    assert len(list(output.glob("epoch=*/*.parquet"))) == 6
+
+
 def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
     write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
     args = [
