@@ -135,15 +135,20 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def _reraise(error: BaseException, context: str) -> NoReturn:
-    """Raise the error again with ``context`` prefixed to its message, chained to it.
+    """Raise the error again as an ``OSError`` with ``context`` prefixed, chained to it.
 
-    The same type where its constructor takes a message; else (botocore's keyword-only
-    errors) an ``OSError``, or ``ConnectionError``/``TimeoutError`` where it is one.
+    The same type where it is an ``OSError`` whose constructor takes a message; else
+    ``TimeoutError``, ``ConnectionError`` or ``OSError``, so that callers catch every storage
+    error as ``OSError`` (aiohttp's and botocore's are not).
     """
     message = f"{context}: {type(error).__name__}: {error}"
-    try:
-        wrapped = type(error)(message)
-    except Exception:
+    wrapped: BaseException | None = None
+    if isinstance(error, OSError):
+        try:
+            wrapped = type(error)(message)
+        except Exception:  # a constructor that takes other arguments
+            wrapped = None
+    if wrapped is None:
         kind = next((k for k in (TimeoutError, ConnectionError) if isinstance(error, k)), OSError)
         wrapped = kind(message)
     raise wrapped from error

@@ -73,7 +73,9 @@ def test_cache_at_five_percent_faults_equals_the_fault_free_cache(bucket, proxy)
     shards, per_shard, epochs = 4, 12, 2
     write_digit_shards(f"{bucket}/shards", shards=shards, per_shard=per_shard, size=32)
     config = {"shards": f"{bucket}/shards", "epochs": epochs, **COMMON}
+    started = time.monotonic()
     clean = run_cache(CacheJobConfig(output=f"{bucket}/clean", **config))
+    print(f"fault-free run: {time.monotonic() - started:.1f} s")
     inject(proxy)
     started = time.monotonic()
     faulty = run_cache(CacheJobConfig(output=f"{bucket}/faulty", **config))

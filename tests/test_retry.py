@@ -85,6 +85,14 @@ def test_errors_the_layer_below_retried_are_not_retried_again(error):
     assert fn.calls == 1 and raised.value.__cause__ is error
 
 
+def test_client_errors_that_are_not_oserror_come_out_as_oserror():
+    import aiohttp
+
+    cut = aiohttp.ClientPayloadError("Response payload is not completed")
+    with pytest.raises(OSError, match=r"read s3://b/x failed after 2 attempts: ClientPayloadError"):
+        retry(Flaky(cut, cut), attempts=2, what="read s3://b/x", sleep=lambda _: None)
+
+
 def test_code_errors_pass_through_untouched():
     original = TypeError("bug")
     with pytest.raises(TypeError) as error:

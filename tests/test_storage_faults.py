@@ -112,3 +112,18 @@ def test_unit_files_and_manifest_survive_write_faults(
     assert table.column("key").to_pylist() == [sample.key for sample in read(shard)]
     reopened = Manifest.open(output, runner.settings.provenance)
     assert reopened.units == {result.relpath: result.manifest_entry()}
+
+
+@pytest.mark.parametrize("kind", ["cut", "reset"])
+def test_run_lock_taken_when_the_answer_to_its_create_is_lost(kind, s3_bucket, fault_proxy):
+    from pipeline.cache.lock import RunLock
+
+    # the create lands, its answer is lost, and botocore's retry finds the lock existing
+    fault_proxy.fail_next(kind, 1, pattern="_lock.json", methods=["PUT"])
+    fault_proxy.fail_next("cut", 1, pattern="_lock.json", methods=["GET"])
+    with RunLock(f"{s3_bucket}/cache", owner="test") as lock:
+        assert (
+            lock.holder.run_id
+            in s3fs.S3FileSystem().cat_file(f"{s3_bucket}/cache/_lock.json").decode()
+        )
+    assert fault_proxy.counts[kind] >= 1

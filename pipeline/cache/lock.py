@@ -23,6 +23,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.retry import read_bytes
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock.json"
@@ -126,6 +128,8 @@ class RunLock:
         """Replace a dead run's lock; refuse a live one's."""
         now = time.time()
         current = self._read()
+        if current is not None and current.run_id == self.holder.run_id:
+            return  # our own create landed, but its answer was lost and the retry refused
         if current is not None and not (current.expired(now) or current.dead_here()):
             raise self._refusal(current)
         if current is not None:
@@ -160,7 +164,7 @@ class RunLock:
 
     def _read(self) -> Holder | None:
         try:
-            return Holder(**json.loads(self._fs.cat_file(self._path)))
+            return Holder(**json.loads(read_bytes(self._fs, self._path)))
         except FileNotFoundError:
             return None
 
