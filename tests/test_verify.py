@@ -163,3 +163,15 @@ def test_storage_is_listed_once_per_epoch_not_once_per_unit(s3_bucket: str) -> N
     assert verify_cache(url).ok
     assert calls["GetObject"] == 1 + spec.shards * spec.epochs  # the manifest, then one footer each
     assert calls["HeadObject"] <= 1
+
+
+@pytest.mark.slow
+def test_a_storage_outage_is_an_error_not_a_damaged_unit(s3_bucket: str, fault_proxy) -> None:
+    url = f"{s3_bucket}/cache"
+    write_synthetic_cache(url, SPEC)
+    unit = r"cache/epoch(=|%3D)0001/shard-00000\.parquet"  # UNITS[3], as the request spells it
+    fault_proxy.fail_next("cut", 1, pattern=unit, methods=["GET"])  # retried: nothing wrong
+    assert verify_cache(url).ok and fault_proxy.counts["cut"] == 1
+    fault_proxy.fail_next("500", 1000, pattern=unit, methods=["GET"])  # the store stays down
+    with pytest.raises(OSError, match=UNITS[3]):
+        verify_cache(url)

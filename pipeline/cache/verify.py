@@ -77,14 +77,21 @@ def list_unit_files(url: str) -> dict[str, int]:
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
-    if not fs.isdir(root):
+
+    def listing(path: str) -> list[dict[str, Any]]:
+        what = f"list {fs.unstrip_protocol(path)}"
+        return retry(lambda: fs.ls(path, detail=True, refresh=True), what=what)
+
+    try:
+        folders = listing(root)
+    except FileNotFoundError:
         return {}
     sizes: dict[str, int] = {}
-    for folder in fs.ls(root, detail=True, refresh=True):
+    for folder in folders:
         name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
         if folder["type"] != "directory" or not name.startswith("epoch="):
             continue
-        for entry in fs.ls(folder["name"], detail=True, refresh=True):
+        for entry in listing(folder["name"]):
             filename = entry["name"].rsplit("/", 1)[-1]
             if (
                 entry["type"] == "file"
@@ -158,9 +165,11 @@ def check_cache(
     if footers and present:
 
         def problem(relpath: str) -> str | None:
-            try:
+            try:  # a storage error that outlasts its retries says nothing of the file: raised
                 footer = read_footer(url, relpath, stored[relpath])
-            except (OSError, ValueError) as error:  # ArrowInvalid is a ValueError
+            except FileNotFoundError:
+                return "missing"
+            except ValueError as error:  # pyarrow's ArrowInvalid: not (or no longer) Parquet
                 return f"unreadable footer: {error}"
             return footer_problem(units[relpath], footer, provenance)
 
@@ -223,7 +232,7 @@ def _orphan_entry(manifest: Manifest, relpath: str, size: int) -> dict[str, Any]
     try:
         footer = read_footer(manifest.root, relpath, size)
         stats = json.loads((footer.metadata or {})[UNIT_STATS_KEY])
-    except (OSError, ValueError, KeyError) as error:
+    except (ValueError, KeyError) as error:
         log.warning("recomputing %s: committed but unreadable (%s)", url, error)
         return None
     check_provenance(read_provenance(footer.schema.to_arrow_schema()), manifest.provenance, url)
