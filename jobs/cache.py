@@ -26,6 +26,7 @@ from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
     BackboneInfo,
+    Compute,
     check_model_name,
     describe_backbone,
     file_digest,
@@ -80,6 +81,8 @@ class CacheJobConfig(BaseModel):
     @classmethod
     def _known_backbone(cls, backbone: str) -> str:
         return check_model_name(backbone)
+
+    precision: Literal["bf16", "fp32"] = "bf16"
 
     @field_validator("weights")
     @classmethod
@@ -148,7 +151,9 @@ def project_version() -> str:
         return "0+unknown"
 
 
-def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict) -> dict[str, Any]:
+def build_provenance(
+    config: CacheJobConfig, info: BackboneInfo, transform: dict, compute: Compute
+) -> dict[str, Any]:
     """What this cache is: the fields that must match for two runs to share an output prefix."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -162,6 +167,7 @@ def build_provenance(config: CacheJobConfig, info: BackboneInfo, transform: dict
         "label_remap_digest": file_digest(config.label_remap) if config.label_remap else None,
         "label_space": config.resolved_label_space,
         "ambiguity_key": config.ambiguity_key,
+        "compute": compute.model_dump(),
         "project_version": project_version(),
     }
 
@@ -226,7 +232,11 @@ def summarize(report: PoolReport, *, already: int, seconds: float, manifest: Man
 
 
 def unit_settings(
-    config: CacheJobConfig, info: BackboneInfo, transform: dict, provenance: dict[str, Any]
+    config: CacheJobConfig,
+    info: BackboneInfo,
+    transform: dict,
+    provenance: dict[str, Any],
+    compute: Compute,
 ) -> UnitSettings:
     """What every unit of this job shares."""
     return UnitSettings(
@@ -236,6 +246,7 @@ def unit_settings(
         transform=transform,
         provenance=provenance,
         embedding_dim=info.embedding_dim,
+        compute=compute,
         dtype=config.dtype,
         image_keys=config.image_keys,
         label_key=config.label_key,
@@ -264,7 +275,16 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )
     transform = resolve_transform(config.transform_config(), info.data_config)
-    provenance = build_provenance(config, info, transform)
+    # The actors' device is part of the provenance, so the cluster is planned first.
+    connect_ray(config.ray_address)
+    size, gpus, cpus = plan_actors(
+        alive_node_resources(),
+        actors=config.actors,
+        gpus_per_actor=config.gpus_per_actor,
+        cpus_per_actor=config.cpus_per_actor,
+    )
+    compute = Compute.resolve("cuda" if gpus > 0 else "cpu", config.precision)
+    provenance = build_provenance(config, info, transform, compute)
     manifest = reconcile(Manifest.open(config.output, provenance))
     units = [
         Unit(source=url, shard=name, epoch=epoch)
@@ -280,17 +300,10 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         len(units) - len(todo),
         len(todo),
     )
-    settings = unit_settings(config, info, transform, provenance)
+    settings = unit_settings(config, info, transform, provenance, compute)
     started = time.monotonic()
     report = PoolReport()
     if todo:
-        connect_ray(config.ray_address)
-        size, gpus, cpus = plan_actors(
-            alive_node_resources(),
-            actors=config.actors,
-            gpus_per_actor=config.gpus_per_actor,
-            cpus_per_actor=config.cpus_per_actor,
-        )
         log.info("%d actor(s), %g GPU and %g CPU each", size, gpus, cpus)
         pool = ActorPool(
             size=size,
@@ -448,6 +461,13 @@ def cache(
             "(content all but gone), e.g. blur:0.5. Needs --augment eval."
         ),
     ] = None,
+    precision: Annotated[
+        Literal["bf16", "fp32"],
+        typer.Option(
+            help="Backbone trunk on GPUs: bf16 (autocast) or fp32; CPUs run fp32. The classifier, "
+            "loss, max_prob and entropy are always float32."
+        ),
+    ] = "bf16",
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:

@@ -23,7 +23,7 @@ from jobs.config import job_config
 from jobs.preflight import check_storage
 from jobs.terminal import console, reported, setup_logging
 from pipeline.cache.augment import resolve_transform
-from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+from pipeline.cache.backbone import Backbone, Compute, create_backbone_model, describe_backbone
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences
 from pipeline.cache.plan import (
@@ -86,17 +86,22 @@ def run_plan(config: PlanJobConfig) -> Plan:
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )
     transform = resolve_transform(config.transform_config(), info.data_config)
-    provenance = build_provenance(config, info, transform)
+    # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
+    # one or this machine has one.
+    on_gpu = bool(config.gpus_per_actor) or torch.cuda.is_available()
+    compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
+    provenance = build_provenance(config, info, transform, compute)
     done = committed_units(config, provenance, urls)
     sizes = shard_sizes(urls)
     prefixes = sample_shards(sizes, config.sample_images)
     model = create_backbone_model(config.backbone, config.weights)
-    settings = unit_settings(config, info, transform, provenance)
+    settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
     with console.status("measuring the sampled images on this machine"):
         measurement = measure(Backbone(model, torch.device("cpu")), settings, prefixes)
         gpu_rate, source = config.images_per_second_per_gpu, "--images-per-second-per-gpu"
         if gpu_rate is None and torch.cuda.is_available():
-            backbone = Backbone(model, torch.device("cuda"))
+            autocast = Compute.resolve("cuda", config.precision).autocast_dtype
+            backbone = Backbone(model, torch.device("cuda"), autocast)
             gpu_rate = forward_rate(backbone, transform["input_size"], config.batch_size)
             source = f"measured here on {torch.cuda.get_device_name()}, forward only"
     return Plan(

@@ -87,6 +87,7 @@ def unit_settings(
         "seed": seed,
         "transform": transform,
         "dtype": "float16",
+        "compute": {"device": "cpu", "autocast": None},
     }
     return UnitSettings(
         output=output,

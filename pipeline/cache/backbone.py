@@ -1,4 +1,10 @@
-"""The frozen backbone: load a timm model once, then embedding, logits and loss in one forward."""
+"""The frozen backbone: load a timm model once, then embedding, logits and loss in one forward.
+
+The trunk may run under bf16 autocast on a GPU; the classifier layer, the loss, ``max_prob`` and
+``entropy`` always run in float32 on the float32-cast embedding (about 0.1% of the FLOPs), since
+the loss is the label the head learns: bf16 logits would be off by up to 0.0625 between 8 and 16.
+Where and how the trunk ran (:class:`Compute`) is part of a cache's provenance.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,14 @@ import json
 import logging
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
 
@@ -22,6 +29,28 @@ log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+class Compute(BaseModel):
+    """Where the trunk runs and under which autocast dtype (None: float32). Part of the
+    provenance, so units computed on a CPU in fp32 and on a GPU in bf16 never share a cache."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    autocast: Literal["bfloat16"] | None = None
+
+    @classmethod
+    def resolve(cls, device: str, precision: Literal["bf16", "fp32"]) -> Compute:
+        """``precision`` applied to ``device``: bf16 autocast runs on GPUs only."""
+        return cls(
+            device=device, autocast="bfloat16" if precision == "bf16" and device == "cuda" else None
+        )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The torch dtype of :attr:`autocast`."""
+        return None if self.autocast is None else getattr(torch, self.autocast)
 
 
 @dataclass(frozen=True)
@@ -141,15 +170,39 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def classifier_of(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The layer that maps ``model``'s pre-logits embedding to its logits."""
+    classifier = model.get_classifier()
+    if not isinstance(classifier, torch.nn.Module):
+        raise ValueError(
+            f"backbone {name} has no single classifier layer on its embedding "
+            f"({type(classifier).__name__}); pvu computes the loss from the embedding"
+        )
+    return classifier
+
+
 def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
+    """Run one probe forward; check that the classifier on the embedding gives the logits."""
+    images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            features = model.forward_features(torch.zeros(1, *input_size))
-            return int(model.forward_head(features, pre_logits=True).shape[-1])
+            features = model.forward_features(images)
+            embedding = model.forward_head(features, pre_logits=True)
+            logits = model.forward_head(features)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {error}"
         ) from None
+    with torch.inference_mode():
+        recomputed = classifier_of(model, name)(embedding)
+    if recomputed.shape != logits.shape or not torch.allclose(
+        recomputed, logits, rtol=1e-4, atol=1e-4
+    ):
+        raise ValueError(
+            f"backbone {name}: its classifier applied to the pre-logits embedding does not "
+            "give its logits; pvu computes the loss from the embedding"
+        )
+    return int(embedding.shape[-1])
 
 
 def describe_backbone(
@@ -198,12 +251,25 @@ def read_label_remap(url: str) -> np.ndarray:
 
 
 class Backbone:
-    """A frozen timm classifier on one device, loaded once and run under ``inference_mode``."""
+    """A frozen timm classifier on one device, loaded once and run under ``inference_mode``.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    ``autocast`` (e.g. ``torch.bfloat16``) applies to the trunk only; see the module docstring.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, autocast: torch.dtype | None = None
+    ) -> None:
         self.model = model.to(device)
         self.device = device
+        self.autocast = autocast
         self.num_classes = int(model.num_classes)
+        self.classifier = classifier_of(model, type(model).__name__)
+
+    @property
+    def compute(self) -> Compute:
+        """Where and in which precision this backbone runs, as the provenance records it."""
+        autocast = None if self.autocast is None else str(self.autocast).removeprefix("torch.")
+        return Compute(device=self.device.type, autocast=autocast)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -211,15 +277,16 @@ class Backbone:
         classifier's space, the per-sample cross-entropy ``loss``."""
         images = images.to(self.device, non_blocking=True)
         with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+            self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
             features = self.model.forward_features(images)
             embedding = self.model.forward_head(features, pre_logits=True)
-            logits = self.model.forward_head(features).float()
+        embedding = embedding.float()
+        logits = self.classifier(embedding).float()  # float32: outside autocast
         log_probs = F.log_softmax(logits, dim=-1)
         max_log_prob, pred = log_probs.max(dim=-1)
         outputs = {
-            "embedding": embedding.float().cpu(),
+            "embedding": embedding.cpu(),
             "pred": pred.int().cpu(),
             "max_prob": max_log_prob.exp().cpu(),
             "entropy": -(log_probs.exp() * log_probs).sum(dim=-1).cpu(),

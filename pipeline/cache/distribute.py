@@ -105,7 +105,8 @@ class CacheWorker:
         model = create_backbone_model(backbone, weights)
         workers = decode_workers(settings.decode_workers, self.device, cpus)
         settings = settings.model_copy(update={"decode_workers": workers})
-        self.runner = UnitRunner(Backbone(model, self.device), settings)
+        backbone = Backbone(model, self.device, settings.compute.autocast_dtype)
+        self.runner = UnitRunner(backbone, settings)
         self.node_id = context.get_node_id()
 
     def describe(self) -> dict[str, Any]:

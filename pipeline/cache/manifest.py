@@ -24,6 +24,7 @@ IDENTITY_FIELDS = (
     "label_remap_digest",
     "label_space",
     "ambiguity_key",
+    "compute",
 )
 
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cache.augment import build_transform, sample_seed, split_transform
-from pipeline.cache.backbone import Backbone, read_label_remap
+from pipeline.cache.backbone import Backbone, Compute, read_label_remap
 from pipeline.cache.decode_pool import DecodePool, Skip, Task, prepare_image
 from pipeline.cache.samples import RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
@@ -46,6 +46,8 @@ class UnitSettings(BaseModel):
     transform: dict[str, Any]
     provenance: dict[str, Any]
     embedding_dim: int
+    #: Where and how the backbone must run: the provenance records it, the runner checks it.
+    compute: Compute = Compute()
     dtype: str = "float16"
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     label_key: str = "cls"
@@ -123,6 +125,11 @@ class UnitRunner:
     """Turns units into committed Parquet files with one backbone, loaded once."""
 
     def __init__(self, backbone: Backbone, settings: UnitSettings) -> None:
+        if backbone.compute != settings.compute:
+            raise ValueError(
+                f"the backbone runs as {backbone.compute}, but this cache is computed as "
+                f"{settings.compute}: its units would carry the wrong provenance"
+            )
         self.backbone = backbone
         self.settings = settings
         self.transform = build_transform(settings.transform)

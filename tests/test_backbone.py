@@ -1,0 +1,53 @@
+"""The backbone's precision: a bf16 trunk never rounds the loss, and the provenance says how
+the trunk ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import BACKBONE, make_runner
+
+from pipeline.cache.backbone import Backbone, Compute, create_backbone_model
+from pipeline.cache.manifest import Manifest, ProvenanceMismatch
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(16, 3, 32, 32, generator=generator), torch.arange(16)
+
+
+def test_bf16_trunk_gives_float32_logits_from_the_embedding(batch):
+    images, labels = batch
+    model = create_backbone_model(BACKBONE, "random")
+    # logits of a few units, where bf16 rounding (steps of 2**-8 relative) is visible
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(40)
+    outputs = Backbone(model, torch.device("cpu"), torch.bfloat16).forward(images, labels)
+    embedding = outputs["embedding"]
+    assert embedding.dtype == torch.float32
+    with torch.inference_mode():
+        logits = model.get_classifier()(embedding)
+        rounded = logits.to(torch.bfloat16).float()
+    exact = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(outputs["loss"], exact, rtol=1e-6, atol=1e-6)
+    assert (F.cross_entropy(rounded, labels, reduction="none") - exact).abs().max() > 1e-3
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(outputs["max_prob"], probs.max(-1).values, rtol=1e-6, atol=1e-6)
+    entropy = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(outputs["entropy"], entropy, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs["pred"], logits.argmax(-1).int())
+
+
+def test_compute_precision_is_provenance(tmp_path):
+    assert Compute.resolve("cpu", "bf16") == Compute(device="cpu", autocast=None)
+    gpu = Compute.resolve("cuda", "bf16")
+    assert gpu.autocast_dtype is torch.bfloat16
+    runner = make_runner(str(tmp_path))
+    Manifest.open(str(tmp_path), runner.settings.provenance)
+    mixed = {**runner.settings.provenance, "compute": gpu.model_dump()}
+    with pytest.raises(ProvenanceMismatch, match=r"compute.autocast: cache has None"):
+        Manifest.open(str(tmp_path), mixed)
+    with pytest.raises(ValueError, match="wrong provenance"):
+        make_runner(str(tmp_path), compute=gpu)  # a CPU backbone cannot write bf16-GPU units
