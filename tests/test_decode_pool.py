@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import signal
@@ -10,10 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support import make_runner
+from PIL import Image
+from support import make_runner, unit_settings
 
+from pipeline.cache.augment import build_transform, split_transform
+from pipeline.cache.decode_pool import DecodePool, Skip, prepare_image
 from pipeline.cache.unit import Unit, UnitRunner
 from pipeline.demo.data import write_bad_shard, write_digit_shards
 
@@ -73,6 +78,25 @@ def test_eval_transform_and_partial_batches(tmp_path, shards):
     assert pooled.decode_pool is None
 
 
+def test_large_images_grow_the_shared_input_and_close_frees_it(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (720, 720, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert len(data) > 2**20  # over a slot's first input area
+    tasks = [(f"k{i}", data, i) for i in range(3)] + [("bad", b"not an image", 3)]
+    settings = unit_settings(str(tmp_path))
+    transform = build_transform(settings.transform)
+    split = split_transform(transform)
+    with DecodePool(settings.transform, 1, chunk=2) as pool:
+        results = list(pool.map(tasks))
+        names = [s.name for slot in pool._slots for s in (slot.input, slot.output)]
+    for (key, image, seed), result in zip(tasks[:3], results[:3], strict=True):
+        assert np.array_equal(result, prepare_image(transform, split, image, key, seed))
+    assert isinstance(results[3], Skip) and results[3].key == "bad"
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
 def test_a_code_bug_in_a_worker_is_raised(pooled):
     with pytest.raises(TypeError):
         list(pooled.decode_pool.map([("k", 12345, 0)]))  # not bytes: a bug, not a bad sample
@@ -105,11 +129,13 @@ def test_workers_exit_when_their_parent_is_killed():
         " 'std': [0.5] * 3, 'crop_pct': 1.0}, 1)\n"
         "pool._pool.apply(time.sleep, (0,))\n"
         "print(*[p.pid for p in pool._pool._pool], flush=True)\n"
+        "print(*[s.name for slot in pool._slots for s in (slot.input, slot.output)], flush=True)\n"
         "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(pid) for pid in parent.stdout.readline().split()]
+        segments = parent.stdout.readline().split()
     finally:
         parent.send_signal(signal.SIGKILL)  # as ray.kill does to an actor: no clean-up runs
         parent.wait()
@@ -118,6 +144,7 @@ def test_workers_exit_when_their_parent_is_killed():
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids)
+    assert segments and not any(os.path.exists(f"/dev/shm/{name}") for name in segments)
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,9 @@ already runs torch or Ray threads) and returns the results in input order. Each 
 augmentation is seeded by its own (seed, epoch, key), so the results are bit-identical to
 :func:`prepare_image` run in-thread, whatever the number of workers.
 
+Images go both ways through shared memory (:class:`DecodePool`), so the parent, which is the
+actor feeding the GPU, spends a few hundredths of a millisecond per image on them.
+
 A rejected sample comes back as a :class:`Skip` value; any other exception (a code bug) is
 re-raised in the parent. Workers run one torch thread each. They exit when their parent does,
 even when it is killed (as ``ray.kill`` kills an actor, running no clean-up): a pool worker
@@ -15,10 +18,12 @@ holds only the read end of the task pipe, so it reads end-of-file once the paren
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.pool import AsyncResult
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
@@ -69,7 +74,13 @@ def prepare_image(
 
 class DecodePool:
     """``workers`` processes that run :func:`prepare_image` with the transform ``resolved``
-    (``resolve_transform``'s output), created once and reused for every unit."""
+    (``resolve_transform``'s output), created once and reused for every unit.
+
+    Images never cross a pipe: each chunk in flight owns a :class:`_Slot` of shared memory,
+    into which the parent copies the encoded bytes and the worker writes the prepared images;
+    only keys, offsets, seeds and shapes are pickled. The parent's cost per image is two
+    memory copies (about 0.02 ms for a 224x224 image), not a pickle through a pipe.
+    """
 
     def __init__(self, resolved: dict[str, Any], workers: int, *, chunk: int = 8) -> None:
         if workers < 1:
@@ -77,33 +88,106 @@ class DecodePool:
         self.workers = workers
         self.chunk = max(1, chunk)
         self.in_flight = 2 * workers  # chunks queued or running: each worker has the next one
+        self._image_bytes = prepared_bytes(resolved)
+        self._slots = [_Slot(self.chunk * self._image_bytes) for _ in range(self.in_flight)]
         context = multiprocessing.get_context("spawn")
         self._pool = context.Pool(workers, initializer=_start_worker, initargs=(resolved,))
 
     def map(self, tasks: Iterable[Task]) -> Iterator[np.ndarray | Skip]:
-        """Each task's image (or :class:`Skip`), in task order.
+        """Each task's image (or :class:`Skip`), in task order; one ``map`` at a time.
 
         At most ``in_flight`` chunks of ``chunk`` tasks are read from ``tasks`` ahead of the
         result being yielded, so memory stays bounded however long ``tasks`` is.
         """
-        pending: deque[AsyncResult] = deque()
-        for chunk in _chunks(tasks, self.chunk):
-            pending.append(self._pool.apply_async(_prepare_chunk, (chunk,)))
-            if len(pending) >= self.in_flight:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+        free = deque(self._slots)
+        pending: deque[tuple[_Slot, AsyncResult]] = deque()
+        try:
+            for chunk in _chunks(tasks, self.chunk):
+                if not free:
+                    yield from self._collect(*pending.popleft(), free)
+                slot = free.popleft()
+                args = (slot.load(chunk), slot.input.name, slot.output.name, self._image_bytes)
+                pending.append((slot, self._pool.apply_async(_prepare_chunk, args)))
+            while pending:
+                yield from self._collect(*pending.popleft(), free)
+        finally:
+            # A chunk still running writes into its slot: wait for it before the slot is reused
+            # (unless the pool was closed, which stopped it).
+            if self._slots:
+                for _, result in pending:
+                    result.wait()
+
+    def _collect(
+        self, slot: _Slot, result: AsyncResult, free: deque[_Slot]
+    ) -> list[np.ndarray | Skip]:
+        """The chunk's images, copied out of ``slot``, which goes back to ``free``."""
+        images = [
+            item if isinstance(item, Skip) else slot.image(i * self._image_bytes, *item)
+            for i, item in enumerate(result.get())
+        ]
+        free.append(slot)
+        return images
 
     def close(self) -> None:
-        """Stop the workers (work still queued is dropped)."""
+        """Stop the workers (work still queued is dropped) and free the shared memory."""
         self._pool.terminate()
         self._pool.join()
+        for slot in self._slots:
+            slot.release()
+        self._slots = []
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def prepared_bytes(resolved: dict[str, Any]) -> int:
+    """Bytes of one prepared image: uint8 ``(H, W, 3)`` when the transform splits, else the
+    float32 ``(3, H, W)`` tensor."""
+    channels, height, width = resolved["input_size"]
+    itemsize = 1 if split_transform(build_transform(resolved)) is not None else 4
+    return channels * height * width * itemsize
+
+
+class _Slot:
+    """Shared memory for one chunk in flight: its encoded inputs and its prepared images.
+
+    The input area grows (a new segment, under a new name) when a chunk does not fit.
+    """
+
+    def __init__(self, output_bytes: int, input_bytes: int = 2**20) -> None:
+        self.output = SharedMemory(create=True, size=output_bytes)
+        self.input = SharedMemory(create=True, size=input_bytes)
+
+    def load(self, chunk: list[Task]) -> list[tuple[str, int, int, int]]:
+        """Copy the chunk's encoded bytes in; returns each task as (key, offset, size, seed)."""
+        total = sum(len(data) for _, data, _ in chunk)
+        if total > self.input.size:
+            _free(self.input)
+            self.input = SharedMemory(create=True, size=max(total, 2 * self.input.size))
+        placed, offset = [], 0
+        for key, data, seed in chunk:
+            self.input.buf[offset : offset + len(data)] = data
+            placed.append((key, offset, len(data), seed))
+            offset += len(data)
+        return placed
+
+    def image(self, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """A copy of the prepared image at ``offset`` of the output area."""
+        view = np.ndarray(shape, np.dtype(dtype), buffer=self.output.buf, offset=offset)
+        return view.copy()
+
+    def release(self) -> None:
+        """Unmap and remove both segments."""
+        _free(self.input)
+        _free(self.output)
+
+
+def _free(segment: SharedMemory) -> None:
+    segment.close()
+    segment.unlink()
 
 
 def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
@@ -129,15 +213,43 @@ def _start_worker(resolved: dict[str, Any]) -> None:
     _split = split_transform(_transform)
 
 
-def _prepare_chunk(chunk: list[Task]) -> list[np.ndarray | Skip]:
+def _prepare_chunk(
+    tasks: list[tuple[str, int, int, int]], source: str, target: str, image_bytes: int
+) -> list[tuple[tuple[int, ...], str] | Skip]:
+    """Prepare the chunk read from shared memory ``source`` into ``target`` (one image every
+    ``image_bytes``); returns each image's (shape, dtype), or its :class:`Skip`."""
     assert _transform is not None, "the worker was not initialized"
-    results: list[np.ndarray | Skip] = []
-    for key, data, seed in chunk:
-        try:
-            image = prepare_image(_transform, _split, data, key, seed)
-        except BadSample as bad:
-            results.append(Skip(bad.reason, bad.key or key, bad.detail))
-            continue
-        # a numpy array pickles as plain bytes; a tensor would go through torch's shared memory
-        results.append(image.numpy() if isinstance(image, torch.Tensor) else image)
+    inputs, outputs = _attach(source), _attach(target)
+    results: list[tuple[tuple[int, ...], str] | Skip] = []
+    try:
+        for i, (key, offset, size, seed) in enumerate(tasks):
+            data = bytes(inputs.buf[offset : offset + size])
+            try:
+                image = prepare_image(_transform, _split, data, key, seed)
+            except BadSample as bad:
+                results.append(Skip(bad.reason, bad.key or key, bad.detail))
+                continue
+            array = np.ascontiguousarray(
+                image.numpy() if isinstance(image, torch.Tensor) else image
+            )
+            if array.nbytes > image_bytes:
+                raise ValueError(f"{key}: prepared image {array.shape} exceeds its slot")
+            outputs.buf[i * image_bytes : i * image_bytes + array.nbytes] = array.reshape(-1).view(
+                np.uint8
+            )
+            results.append((array.shape, array.dtype.str))
+    finally:
+        inputs.close()
+        outputs.close()
     return results
+
+
+def _attach(name: str) -> SharedMemory:
+    """The parent's segment ``name``, without this process claiming it: the parent removes it.
+
+    Before Python 3.13, attaching registers the segment with the resource tracker, which the
+    parent's spawned workers share; the parent's ``unlink`` unregisters it again.
+    """
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)
+    return SharedMemory(name=name)
