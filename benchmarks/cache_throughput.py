@@ -1,11 +1,12 @@
 """Cache-job throughput: the whole job (S3 shards -> Parquet) vs a bare backbone forward.
 
-Starts a moto S3 server on loopback, writes ImageNet-like JPEG shards to it
-(``write_photo_shards``, ~400x350, quality 90) and starts a local Ray on 127.0.0.1. Then, in
-``--rounds`` rounds, it alternates:
+Starts a moto S3 server on loopback (``--local``: none, everything on local disk), writes
+ImageNet-like JPEG shards to it (``write_photo_shards``, ~400x350, quality 90) and starts a
+local Ray on 127.0.0.1. Then, in ``--rounds`` rounds, it alternates:
 
-- the bare reference: ``Backbone.forward`` on random tensors already in memory, same model,
-  batch size and torch threads as the job's actor (all of Ray's CPUs), in a Ray actor of its own;
+- the bare reference: ``Backbone.forward`` on random tensors already on the device, same model,
+  precision, batch size and torch threads as the job's actor (all of Ray's CPUs), in a Ray
+  actor of its own (on a GPU node in this process: Ray hides the GPU from actors without one);
 - the real job, ``jobs.cache.run_cache`` (one actor with every CPU), for one more epoch of
   every shard, with the Parquet output on the S3 server and/or on local disk.
 
@@ -14,7 +15,8 @@ before and after it. The job figure is steady state: rows / the units' own secon
 decode, augmentation, forward, Arrow, Parquet commit); Ray start-up and actor start + model load
 are reported apart, as is the figure that includes them. A second ratio compares CPU seconds
 per image (the actor's process CPU time during its units vs the reference actor's), which a busy
-machine disturbs less. Target: job / reference >= 0.8 on 2 CPU cores.
+machine disturbs less. Target: job / reference >= 0.8 on 2 CPU cores, >= 0.85 on a GPU node
+(ViT-B/16, bf16, the decode pool on the node's cores; ``benchmarks/gpu_check.sh``).
 
     .venv/bin/python benchmarks/cache_throughput.py --shards 2 --per-shard 128 --batch-size 32 \
         --rounds 3 --output both
@@ -58,18 +60,27 @@ def start_s3() -> tuple[object, str]:
 class Reference:
     """The bare forward: ``Backbone.forward`` on pre-made tensors, same model, batch and threads."""
 
-    def __init__(self, backbone: str, batch_size: int, threads: int) -> None:
+    def __init__(self, backbone: str, batch_size: int, threads: int, precision: str) -> None:
         import torch
 
-        from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
+        from pipeline.cache.backbone import (
+            Backbone,
+            Compute,
+            create_backbone_model,
+            describe_backbone,
+        )
 
         self.threads = threads
         info = describe_backbone(backbone, "random")
-        self.model = Backbone(create_backbone_model(backbone, "random"), torch.device("cpu"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        autocast = Compute.resolve(device.type, precision).autocast_dtype
+        model = create_backbone_model(backbone, "random")
+        self.model = Backbone(model, device, autocast)
         generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(batch_size, *info.data_config["input_size"], generator=generator)
+        images = torch.randn(batch_size, *info.data_config["input_size"], generator=generator)
+        self.images = images.to(device)
         self.labels = torch.randint(0, self.model.num_classes, (batch_size,), generator=generator)
-        self.measure(1)  # warm-up
+        self.measure(3)  # warm-up
 
     def measure(self, batches: int) -> tuple[float, float]:
         """(images/s, CPU seconds per image) over ``batches`` forwards."""
@@ -88,12 +99,12 @@ class Reference:
             torch.set_num_threads(previous)
 
 
-def run_round(args: argparse.Namespace, output: str, epochs: int) -> dict[str, float]:
+def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -> dict[str, float]:
     """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
     from jobs.cache import CacheJobConfig, run_cache
 
     config = CacheJobConfig(
-        shards="s3://pvu-bench/shards/",
+        shards=f"{shards}/",
         backbone=args.backbone,
         output=output,
         weights="random",
@@ -101,6 +112,7 @@ def run_round(args: argparse.Namespace, output: str, epochs: int) -> dict[str, f
         epochs=epochs,
         seed=0,
         decode_workers=args.decode_workers,
+        precision=args.precision,
     )
     started = time.perf_counter()
     report = run_cache(config)
@@ -117,6 +129,7 @@ def run_round(args: argparse.Namespace, output: str, epochs: int) -> dict[str, f
         "busy": sum(result.seconds for result in report.results),
         "wall": wall,
         "threads": report.workers[0]["threads"] if report.workers else 0,
+        "decode_workers": report.workers[0]["decode_workers"] if report.workers else 0,
         **timings,
     }
 
@@ -140,24 +153,39 @@ def main() -> None:
         default=None,
         help="the job's --decode-workers [default: the job's own, 0 on CPUs]",
     )
+    parser.add_argument(
+        "--precision", choices=["bf16", "fp32"], default="bf16", help="the job's --precision"
+    )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="no S3 server: shards and Parquet on local disk (nodes without moto)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    server, endpoint = start_s3()
-    outputs = ["s3", "local"] if args.output == "both" else [args.output]
+    server, endpoint = (None, "local disk") if args.local else start_s3()
+    outputs = (
+        ["local"] if args.local else ["s3", "local"] if args.output == "both" else [args.output]
+    )
     references: list[tuple[float, float]] = []
     jobs: dict[str, list[dict[str, float]]] = {where: [] for where in outputs}
+    scratch = tempfile.TemporaryDirectory()
     try:
         import ray
-        import s3fs
+        import torch
 
         from pipeline.demo.data import write_photo_shards
 
-        s3fs.S3FileSystem().mkdir("pvu-bench")
-        write_photo_shards(
-            "s3://pvu-bench/shards", shards=args.shards, per_shard=args.per_shard, quality=90
-        )
+        tick = time.perf_counter()
+        shards = f"{scratch.name}/shards" if args.local else "s3://pvu-bench/shards"
+        if not args.local:
+            import s3fs
+
+            s3fs.S3FileSystem().mkdir("pvu-bench")
+        write_photo_shards(shards, shards=args.shards, per_shard=args.per_shard, quality=90)
+        print(f"wrote {args.shards} x {args.per_shard} JPEGs in {time.perf_counter() - tick:.1f} s")
         tick = time.perf_counter()
         # address="local": always a fresh Ray of our own, never one that `ray start` left running
         ray.init(
@@ -171,18 +199,23 @@ def main() -> None:
         # The reference runs in a Ray actor too, so both figures come from a worker process
         # with the same environment and torch threads, free of the driver's S3 server. It asks
         # for no CPUs so that the job's actor still gets all of them; it idles during the job.
-        actor = ray.remote(num_cpus=0)(Reference).remote(args.backbone, args.batch_size, cpus)
-        reference = SimpleNamespace(measure=lambda n: ray.get(actor.measure.remote(n)))
-        with tempfile.TemporaryDirectory() as local:
-            for epoch in range(args.rounds):
-                references.append(reference.measure(args.reference_batches))
-                for where in outputs:
-                    output = "s3://pvu-bench/cache" if where == "s3" else f"{local}/cache"
-                    jobs[where].append(run_round(args, output, epochs=epoch + 1))
+        reference_args = (args.backbone, args.batch_size, cpus, args.precision)
+        if torch.cuda.is_available():
+            reference = Reference(*reference_args)
+        else:
+            actor = ray.remote(num_cpus=0)(Reference).remote(*reference_args)
+            reference = SimpleNamespace(measure=lambda n: ray.get(actor.measure.remote(n)))
+        for epoch in range(args.rounds):
             references.append(reference.measure(args.reference_batches))
+            for where in outputs:
+                output = "s3://pvu-bench/cache" if where == "s3" else f"{scratch.name}/cache"
+                jobs[where].append(run_round(args, output, shards, epochs=epoch + 1))
+        references.append(reference.measure(args.reference_batches))
         ray.shutdown()
     finally:
-        server.stop()
+        scratch.cleanup()
+        if server is not None:
+            server.stop()
     report(args, endpoint, cpus, ray_start, references, jobs)
 
 
@@ -200,12 +233,13 @@ def report(
     ref_cpu = statistics.mean(cpu for _, cpu in references)
     print()
     print(
-        f"backbone {args.backbone} (random weights), batch {args.batch_size}, {cpus} CPUs; "
-        f"{args.shards} shards x {args.per_shard} JPEGs (~400x350, q90) on moto S3 ({endpoint}); "
-        f"{args.rounds} rounds"
+        f"backbone {args.backbone} (random weights, {args.precision}), batch {args.batch_size}, "
+        f"{cpus} CPUs; {args.shards} shards x {args.per_shard} JPEGs (~400x350, q90) on "
+        f"{endpoint}; {args.rounds} rounds"
     )
     print(
-        f"reference, bare Backbone.forward on pre-made tensors, {cpus} torch threads: "
+        f"reference, bare Backbone.forward on pre-made tensors ({_device()}), "
+        f"{cpus} torch threads: "
         + ", ".join(f"{rate:.2f}" for rate in ref_rates)
         + f" images/s (before/between/after rounds); mean {ref_rate:.2f} images/s, "
         f"{ref_cpu:.3f} CPU-s/image"
@@ -223,7 +257,7 @@ def report(
                 f"{rate:.2f} images/s (ratio to the references around it {ratio:.3f}); wall "
                 f"{job['wall']:.1f} s of which {job['wall'] - job['busy']:.1f} s outside units "
                 f"(actor start + model load, planning, manifest); actor threads "
-                f"{job['threads']:.0f}"
+                f"{job['threads']:.0f}, decode workers {job['decode_workers']:.0f}"
             )
         rows = sum(job["rows"] for job in rounds)
         busy = sum(job["busy"] for job in rounds)
@@ -247,6 +281,12 @@ def report(
             f"{statistics.median(ratios):.3f} (target >= 0.8); by CPU time per image "
             f"{ref_cpu / cpu_per_image:.3f}"
         )
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 if __name__ == "__main__":

@@ -39,32 +39,47 @@ class Rate:
 
 
 class Clock:
-    """Wall and process CPU time since construction."""
+    """Wall and process CPU time since construction (a CUDA device's queued work included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._sync()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def rate(self, samples: int) -> Rate:
         """Samples per wall second and per CPU second since construction."""
+        self._sync()
         wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
         return Rate(samples / wall, samples / cpu)
 
 
-def _stepper(dim: int, precision: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    head = create_head(HeadConfig(dim), seed=0)
+def _stepper(
+    dim: int, precision: str, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    head = create_head(HeadConfig(dim), seed=0).to(device)
     optimizer = create_optimizer(head, ScheduleConfig())
     objective = create_objective("ranking")
-    return lambda x, y: train_step(head, optimizer, objective, x, y, precision=precision)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        train_step(head, optimizer, objective, x, y, precision=precision)
+
+    return step
 
 
 def time_in_memory(
     x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, precision: str
 ) -> Rate:
-    """Samples/s of ``args.steps`` steps on contiguous slices of in-memory tensors."""
-    step, b = _stepper(x.shape[1], precision), args.batch_size
+    """Samples/s of ``args.steps`` steps on contiguous slices of in-memory tensors (already on
+    the device)."""
+    step, b = _stepper(x.shape[1], precision, x.device), args.batch_size
     for i in range(args.warmup):
         step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b])
-    clock = Clock()
+    clock = Clock(x.device)
     for i in range(args.steps):
         j = i % (len(y) // b)
         step(x[j * b : (j + 1) * b], y[j * b : (j + 1) * b])
@@ -72,17 +87,19 @@ def time_in_memory(
 
 
 def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -> Rate:
-    """Samples/s of training on whole passes streamed from the cache at ``url``, from cold.
+    """Samples/s of training on whole passes streamed from the cache at ``url``, from cold
+    (batches copied to ``args.device``).
 
     The clock starts before the stream opens and stops when ``args.passes`` passes are read,
     so it counts reading and decoding every row it trains on (no read-ahead left unpaid).
     """
     index = open_cache([url])
-    step = _stepper(index.dim, precision)
+    device = torch.device(args.device)
+    step = _stepper(index.dim, precision, device)
     for _ in range(args.warmup):  # the step's own warm-up, as for the in-memory reference
         step(torch.randn(args.batch_size, index.dim), torch.rand(args.batch_size))
     config = StreamConfig(seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01)
-    clock, samples = Clock(), 0
+    clock, samples = Clock(device), 0
     with CacheStream(index, config) as stream:
         while stream.state.pass_index < args.passes:
             batch = stream.next_batch(args.batch_size)
@@ -139,6 +156,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--s3", action="store_true", help="also stream through moto S3")
+    parser.add_argument("--device", default="cpu", help="where the head trains: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -158,11 +176,13 @@ def main() -> None:
         print(
             f"cache: {rows:,} rows, D={args.dim}, {size / 2**20:.0f} MiB "
             f"({size / rows / (2 * args.dim):.3f}x raw float16), "
-            f"written in {time.perf_counter() - started:.1f}s; torch threads {args.threads}"
+            f"written in {time.perf_counter() - started:.1f}s; torch threads {args.threads}; "
+            f"device {args.device}"
         )
         everything = read_validation(open_cache([url]), val_fraction=1.0 - 1e-12, max_rows=rows)
         order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
-        x, y = everything.embedding[order].contiguous(), everything.loss[order].contiguous()
+        x = everything.embedding[order].contiguous().to(args.device)
+        y = everything.loss[order].contiguous().to(args.device)
         del everything
         reader = [time_reader(url, args, seed=r) for r in range(args.repeats)]
         print(f"reader alone: {', '.join(f'{us:.2f}' for us in reader)} CPU us/row (target <= 4)")

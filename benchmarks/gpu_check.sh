@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
+# decode pool on the node's cores, shards and Parquet on local disk) against the bare bf16
+# forward in the same run, then head training on CUDA. Logs and the node's description go to
+# LOGS (default /tmp/pvu-gpu-check). Without a GPU it runs the same steps, smaller, on the CPU.
+#
+#     benchmarks/gpu_check.sh [LOGS]
+set -uo pipefail
+logs=${1:-/tmp/pvu-gpu-check}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    echo "cores $(nproc)"
+    "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__,
+'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$logs/node.txt"
+
+if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 8 --per-shard 1024
+        --rounds 3 --reference-batches 20)
+    train=(--device cuda --rows 131072 --steps 200 --repeats 2)
+else
+    cache=(--backbone vit_tiny_patch16_224 --batch-size 16 --shards 1 --per-shard 32
+        --rounds 1 --reference-batches 2 --decode-workers 1)
+    train=(--device cpu --rows 16384 --steps 5 --repeats 1)
+fi
+status=0
+timeout 330 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+    2>&1 | tee "$logs/cache_throughput.log" || status=1
+timeout 150 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
+    2>&1 | tee "$logs/train_throughput.log" || status=1
+exit $status
