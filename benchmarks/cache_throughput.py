@@ -101,6 +101,8 @@ class Reference:
 
 def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -> dict[str, float]:
     """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
+    import torch
+
     from jobs.cache import CacheJobConfig, run_cache
 
     config = CacheJobConfig(
@@ -113,6 +115,7 @@ def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -
         seed=0,
         decode_workers=args.decode_workers,
         precision=args.precision,
+        gpus_per_actor=1.0 if torch.cuda.is_available() else None,  # fail, never run on CPUs
     )
     started = time.perf_counter()
     report = run_cache(config)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
 # decode pool on the node's cores, shards and Parquet on local disk) against the bare bf16
-# forward in the same run, then head training on CUDA. Logs and the node's description go to
+# forward in the same run, head training on CUDA, and the decode pool's cost in the actor. Logs and the node's description go to
 # LOGS (default /tmp/pvu-gpu-check). Without a GPU it runs the same steps, smaller, on the CPU.
 #
 #     benchmarks/gpu_check.sh [LOGS]
@@ -21,17 +21,21 @@ python=${PYTHON:-python3}
 } 2>&1 | tee "$logs/node.txt"
 
 if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 8 --per-shard 1024
+    cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 6 --per-shard 1024
         --rounds 3 --reference-batches 20)
     train=(--device cuda --rows 131072 --steps 200 --repeats 2)
+    decode=(--images 512 --workers 7 15 --rounds 3)
 else
     cache=(--backbone vit_tiny_patch16_224 --batch-size 16 --shards 1 --per-shard 32
         --rounds 1 --reference-batches 2 --decode-workers 1)
     train=(--device cpu --rows 16384 --steps 5 --repeats 1)
+    decode=(--images 16 --workers 1 --rounds 1)
 fi
 status=0
-timeout 330 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+timeout 250 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
     2>&1 | tee "$logs/cache_throughput.log" || status=1
-timeout 150 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
+timeout 80 "$python" benchmarks/decode_throughput.py "${decode[@]}" \
+    2>&1 | tee "$logs/decode_throughput.log" || status=1
+timeout 100 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
     2>&1 | tee "$logs/train_throughput.log" || status=1
 exit $status
