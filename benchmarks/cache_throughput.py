@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import time
 from types import SimpleNamespace
+from typing import Any
 
 
 def start_s3() -> tuple[object, str]:
@@ -99,7 +100,7 @@ class Reference:
             torch.set_num_threads(previous)
 
 
-def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -> dict[str, float]:
+def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -> dict[str, Any]:
     """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
     import torch
 
@@ -128,6 +129,7 @@ def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -
             timings[stage] = timings.get(stage, 0.0) + seconds
     return {
         "rows": sum(result.rows for result in report.results),
+        "unit_seconds": [result.seconds for result in report.results],
         "units": len(report.results),
         "busy": sum(result.seconds for result in report.results),
         "wall": wall,
@@ -173,7 +175,7 @@ def main() -> None:
         ["local"] if args.local else ["s3", "local"] if args.output == "both" else [args.output]
     )
     references: list[tuple[float, float]] = []
-    jobs: dict[str, list[dict[str, float]]] = {where: [] for where in outputs}
+    jobs: dict[str, list[dict[str, Any]]] = {where: [] for where in outputs}
     scratch = tempfile.TemporaryDirectory()
     try:
         import ray
@@ -228,7 +230,7 @@ def report(
     cpus: int,
     ray_start: float,
     references: list[tuple[float, float]],
-    jobs: dict[str, list[dict[str, float]]],
+    jobs: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Print the figures: reference, job per output and round, ratios (wall and CPU)."""
     ref_rates = [rate for rate, _ in references]
@@ -260,7 +262,8 @@ def report(
                 f"{rate:.2f} images/s (ratio to the references around it {ratio:.3f}); wall "
                 f"{job['wall']:.1f} s of which {job['wall'] - job['busy']:.1f} s outside units "
                 f"(actor start + model load, planning, manifest); actor threads "
-                f"{job['threads']:.0f}, decode workers {job['decode_workers']:.0f}"
+                f"{job['threads']:.0f}, decode workers {job['decode_workers']:.0f}; seconds per "
+                "unit " + ", ".join(f"{seconds:.2f}" for seconds in job["unit_seconds"])
             )
         rows = sum(job["rows"] for job in rounds)
         busy = sum(job["busy"] for job in rounds)

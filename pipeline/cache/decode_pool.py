@@ -43,6 +43,7 @@ from pipeline.cache.skips import BadSample, SkipReason
 #: One sample to prepare: its key, encoded image bytes and augmentation seed.
 Task = tuple[str, bytes, int]
 Prepared = np.ndarray | torch.Tensor
+START_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,14 @@ class DecodePool:
         self._image_bytes = prepared_bytes(resolved)
         self._slots = [_Slot(self.chunk * self._image_bytes) for _ in range(self.in_flight)]
         context = multiprocessing.get_context("spawn")
-        self._pool = context.Pool(workers, initializer=_start_worker, initargs=(resolved,))
+        ready = context.Semaphore(0)
+        self._pool = context.Pool(workers, initializer=_start_worker, initargs=(resolved, ready))
+        # Wait until every worker has imported torch and built its transform (seconds, many
+        # workers at once): a pool that is still starting would stall the first unit.
+        for _ in range(workers):
+            if not ready.acquire(timeout=START_SECONDS):
+                self.close()
+                raise RuntimeError(f"decode workers did not start within {START_SECONDS} s")
 
     def map(self, tasks: Iterable[Task]) -> Iterator[np.ndarray | Skip]:
         """Each task's image (or :class:`Skip`), in task order; one ``map`` at a time.
@@ -206,11 +214,12 @@ _transform: Transform | None = None
 _split: SplitTransform | None = None
 
 
-def _start_worker(resolved: dict[str, Any]) -> None:
+def _start_worker(resolved: dict[str, Any], ready: Any) -> None:
     global _transform, _split
     torch.set_num_threads(1)
     _transform = build_transform(resolved)
     _split = split_transform(_transform)
+    ready.release()
 
 
 def _prepare_chunk(
