@@ -57,7 +57,7 @@ def main() -> None:
     def in_thread() -> list:
         return [prepare_image(transform, split, data, key, seed) for key, data, seed in tasks]
 
-    pools = {n: DecodePool(resolved, n) for n in args.workers}
+    pools = {n: DecodePool([resolved], n) for n in args.workers}
     for pool in pools.values():  # start-up: spawn, import torch and timm, build the transform
         list(pool.map(tasks[: 2 * pool.workers]))
     expected = in_thread()
@@ -74,7 +74,7 @@ def main() -> None:
             cpu.setdefault(f"{n} workers", []).append(
                 (time.process_time() - before[0], _cpu(workers) - before[1])
             )
-            assert all(np.array_equal(a, b) for a, b in zip(images, expected, strict=True))
+            assert all(np.array_equal(a, b) for (a,), b in zip(images, expected, strict=True))
             rates.setdefault(f"{n} workers", []).append(len(tasks) / seconds)
     for pool in pools.values():
         pool.close()

@@ -6,11 +6,13 @@ executes). Re-running the same command resumes: committed units are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
 
@@ -44,6 +46,46 @@ from schemas import SCHEMA_VERSION
 log = logging.getLogger("pvu.cache")
 
 
+def check_weights(weights: str) -> str:
+    """``weights`` if it is 'hub', 'random' or an existing file, else ``ValueError``."""
+    if weights in ("hub", "random"):
+        return weights
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.isfile(path):
+        raise ValueError(f"'{weights}' is neither 'hub', 'random' nor an existing weights file")
+    return weights
+
+
+class AlsoTarget(BaseModel):
+    """Another backbone cached in the same pass: its name, weights and output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str
+    weights: str = "hub"
+    output: str
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        return check_model_name(backbone)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, weights: str) -> str:
+        return check_weights(weights)
+
+    @classmethod
+    def parse(cls, text: str) -> AlsoTarget:
+        """``BACKBONE,WEIGHTS,OUTPUT`` (``BACKBONE,OUTPUT`` for hub weights)."""
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) == 2:
+            return cls(backbone=parts[0], output=parts[1])
+        if len(parts) == 3:
+            return cls(backbone=parts[0], weights=parts[1], output=parts[2])
+        raise ValueError(f"--also takes BACKBONE,WEIGHTS,OUTPUT, got '{text}'")
+
+
 class CacheJobConfig(BaseModel):
     """The cache job's configuration, validated before anything runs."""
 
@@ -71,6 +113,9 @@ class CacheJobConfig(BaseModel):
     label_space: Literal["classifier", "dataset"] | None = None
     ambiguity_key: str | None = None
     deteriorate: Deterioration | None = None
+    precision: Literal["bf16", "fp32"] = "bf16"
+    #: More backbones cached from the same decode pass, each into its own output.
+    also: list[AlsoTarget] = []
 
     @field_validator("deteriorate", mode="before")
     @classmethod
@@ -82,17 +127,34 @@ class CacheJobConfig(BaseModel):
     def _known_backbone(cls, backbone: str) -> str:
         return check_model_name(backbone)
 
-    precision: Literal["bf16", "fp32"] = "bf16"
+    @field_validator("also", mode="before")
+    @classmethod
+    def _parse_also(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return [AlsoTarget.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _outputs_differ(self) -> CacheJobConfig:
+        outputs = [self.output, *(target.output for target in self.also)]
+        if len(set(outputs)) != len(outputs):
+            raise ValueError("--also: every backbone needs its own --output")
+        return self
+
+    def targets(self) -> list[CacheJobConfig]:
+        """This job as one configuration per backbone (the first is this one's own)."""
+        update = {"also": []}
+        return [
+            self.model_copy(update=update),
+            *(self.model_copy(update={**update, **dict(target)}) for target in self.also),
+        ]
 
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, weights: str) -> str:
-        if weights in ("hub", "random"):
-            return weights
-        fs, path = fsspec.core.url_to_fs(weights)
-        if not fs.isfile(path):
-            raise ValueError(f"'{weights}' is neither 'hub', 'random' nor an existing weights file")
-        return weights
+        return check_weights(weights)
 
     @field_validator("label_remap")
     @classmethod
@@ -263,35 +325,51 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
     """
     check_storage(config.shards, flag="--shards")
-    check_storage(config.output, flag="--output")
-    with RunLock(config.output, owner=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])):
+    owner = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    with contextlib.ExitStack() as locks:
+        for i, target in enumerate(config.targets()):
+            check_storage(target.output, flag="--also" if i else "--output")
+            locks.enter_context(RunLock(target.output, owner=owner))
         return _run_cache(config)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One backbone of the job and the cache it writes."""
+
+    config: CacheJobConfig
+    settings: UnitSettings
+    manifest: Manifest
 
 
 def _run_cache(config: CacheJobConfig) -> PoolReport:
     urls = expand_shards(config.shards)
     names = shard_names(urls)
-    info = describe_backbone(
-        config.backbone, config.weights, input_size=config.transform_config().input_size
-    )
-    transform = resolve_transform(config.transform_config(), info.data_config)
+    size = config.transform_config().input_size
+    infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
-    size, gpus, cpus = plan_actors(
+    actors, gpus, cpus = plan_actors(
         alive_node_resources(),
         actors=config.actors,
         gpus_per_actor=config.gpus_per_actor,
         cpus_per_actor=config.cpus_per_actor,
     )
     compute = Compute.resolve("cuda" if gpus > 0 else "cpu", config.precision)
-    provenance = build_provenance(config, info, transform, compute)
-    manifest = reconcile(Manifest.open(config.output, provenance))
+    targets = []
+    for target, info in zip(config.targets(), infos, strict=True):
+        transform = resolve_transform(target.transform_config(), info.data_config)
+        provenance = build_provenance(target, info, transform, compute)
+        manifest = reconcile(Manifest.open(target.output, provenance))
+        settings = unit_settings(target, info, transform, provenance, compute)
+        targets.append(_Target(target, settings, manifest))
     units = [
         Unit(source=url, shard=name, epoch=epoch)
         for epoch in range(config.epochs)
         for url, name in zip(urls, names, strict=True)
     ]
-    todo = [unit for unit in units if not manifest.is_done(unit.relpath)]
+    # A unit runs (for every backbone, rewriting identical files) if any backbone lacks it.
+    todo = [u for u in units if not all(t.manifest.is_done(u.relpath) for t in targets)]
     log.info(
         "%d shards x %d epochs = %d units; %d already committed, %d to do",
         len(urls),
@@ -300,38 +378,43 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         len(units) - len(todo),
         len(todo),
     )
-    settings = unit_settings(config, info, transform, provenance, compute)
     started = time.monotonic()
     report = PoolReport()
     if todo:
-        log.info("%d actor(s), %g GPU and %g CPU each", size, gpus, cpus)
+        log.info("%d actor(s), %g GPU and %g CPU each", actors, gpus, cpus)
         pool = ActorPool(
-            size=size,
+            size=actors,
             gpus=gpus,
             cpus=cpus,
             backbone=config.backbone,
             weights=config.weights,
-            settings=settings,
+            settings=targets[0].settings,
             max_attempts=config.max_attempts,
+            also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
         )
-        report = _run_with_progress(pool, todo, manifest, started)
+        report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
     if not report.failed:
-        clear_staging(config.output)
+        for target in targets:
+            clear_staging(target.config.output)
     console.print(
         summarize(
             report,
             already=len(units) - len(todo),
             seconds=time.monotonic() - started,
-            manifest=manifest,
+            manifest=targets[0].manifest,
         )
     )
+    for target in targets[1:]:
+        rows = sum(unit["rows"] for unit in target.manifest.units.values())
+        console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
     return report
 
 
 def _run_with_progress(
-    pool: ActorPool, todo: list[Unit], manifest: Manifest, started: float
+    pool: ActorPool, todo: list[Unit], manifests: list[Manifest], started: float
 ) -> PoolReport:
-    """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifest``."""
+    """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifests``
+    (one per backbone of the pass)."""
     images = 0
     with Progress(
         TextColumn("[bold]cache"),
@@ -345,7 +428,8 @@ def _run_with_progress(
 
         def on_result(result: UnitResult) -> None:
             nonlocal images
-            manifest.record(result.relpath, result.manifest_entry())
+            for manifest, done in zip(manifests, [result, *result.also], strict=True):
+                manifest.record(done.relpath, done.manifest_entry())
             images += result.rows
             rate = images / max(time.monotonic() - started, 1e-9)
             progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
@@ -353,7 +437,8 @@ def _run_with_progress(
         try:
             return pool.run(todo, on_result)
         finally:
-            manifest.flush(force=True)
+            for manifest in manifests:
+                manifest.flush(force=True)
 
 
 def cache(
@@ -468,6 +553,14 @@ def cache(
             "loss, max_prob and entropy are always float32."
         ),
     ] = "bf16",
+    also: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another backbone to cache from the same decode pass, as "
+            "BACKBONE,WEIGHTS,OUTPUT (or BACKBONE,OUTPUT for hub weights); repeat for more. "
+            "Each image is decoded once; each cache is what its own run would write."
+        ),
+    ] = None,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:

@@ -72,16 +72,18 @@ def unit_settings(
     augment: str = "train",
     seed: int = 0,
     deteriorate: Deterioration | None = None,
+    backbone: str = BACKBONE,
+    size: int = 32,
     **overrides,
 ) -> UnitSettings:
-    """Settings for caching with random-weight ``BACKBONE`` at 32x32 into ``output``."""
-    info = describe_backbone(BACKBONE, "random", input_size=(3, 32, 32))
-    config = TransformConfig(augment=augment, input_size=(3, 32, 32), deteriorate=deteriorate)
+    """Settings for caching with random-weight ``backbone`` at ``size`` into ``output``."""
+    info = describe_backbone(backbone, "random", input_size=(3, size, size))
+    config = TransformConfig(augment=augment, input_size=(3, size, size), deteriorate=deteriorate)
     transform = resolve_transform(config, info.data_config)
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "label_space": overrides.get("label_space", "classifier"),
-        "backbone": BACKBONE,
+        "backbone": backbone,
         "weights_digest": info.weights_digest,
         "embedding_dim": info.embedding_dim,
         "seed": seed,
@@ -103,7 +105,7 @@ def unit_settings(
 def make_runner(output: str, **options) -> UnitRunner:
     """A ``UnitRunner`` on the CPU with :func:`unit_settings` (``options`` as it takes)."""
     settings = unit_settings(output, **options)
-    model = create_backbone_model(BACKBONE, "random")
+    model = create_backbone_model(settings.provenance["backbone"], "random")
     return UnitRunner(Backbone(model, torch.device("cpu")), settings)
 
 

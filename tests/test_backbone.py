@@ -45,7 +45,7 @@ def test_compute_precision_is_provenance(tmp_path):
     gpu = Compute.resolve("cuda", "bf16")
     assert gpu.autocast_dtype is torch.bfloat16
     runner = make_runner(str(tmp_path))
-    Manifest.open(str(tmp_path), runner.settings.provenance)
+    Manifest.open(str(tmp_path), runner.settings.provenance).flush(force=True)
     mixed = {**runner.settings.provenance, "compute": gpu.model_dump()}
     with pytest.raises(ProvenanceMismatch, match=r"compute.autocast: cache has None"):
         Manifest.open(str(tmp_path), mixed)

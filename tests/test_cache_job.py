@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 import psutil
 import pyarrow.dataset as ds
 import pyarrow.fs
+import pyarrow.parquet as pq
 import pytest
 import ray
 from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS
@@ -21,6 +23,7 @@ from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
 from pipeline.cache.shards import shard_name
 from pipeline.demo.data import write_bad_shard, write_bad_shards, write_digit_shards
+from schemas import read_provenance
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +284,36 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
     failure = report.failed["epoch=0000/digits-0001.parquet"]
     assert "its actor died" in failure and "gave up after 2 tries" in failure
     assert report.actors_replaced == 2
+
+
+def test_also_caches_a_second_backbone_from_the_same_pass(local_ray, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=6, size=32)
+    shards = str(tmp_path / "shards")
+    also = f"resnet14t,random,{tmp_path / 'both-14t'}"
+    result = CliRunner().invoke(
+        app,
+        [
+            "cache",
+            "--shards",
+            shards,
+            "--output",
+            str(tmp_path / "both-10t"),
+            "--also",
+            also,
+            *SMALL_BACKBONE_FLAGS,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    alone = {"backbone": "resnet14t", "weights": "random", "input_size": 32, "batch_size": 64}
+    run_cache(CacheJobConfig(shards=shards, output=str(tmp_path / "alone-14t"), **alone))
+    for relpath in ("epoch=0000/digits-0000.parquet", "epoch=0000/digits-0001.parquet"):
+        both = pq.read_table(tmp_path / "both-14t" / relpath)
+        theirs = pq.read_table(tmp_path / "alone-14t" / relpath)
+        assert both.equals(theirs)
+        assert read_provenance(both.schema) == read_provenance(theirs.schema)
+    manifests = [
+        json.loads((tmp_path / n / "_manifest.json").read_text()) for n in ("both-14t", "alone-14t")
+    ]
+    assert manifests[0]["provenance"] == manifests[1]["provenance"]
+    assert manifests[0]["units"].keys() == manifests[1]["units"].keys()
+    assert read_cache(str(tmp_path / "both-10t")).num_rows == 12

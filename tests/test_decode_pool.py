@@ -88,10 +88,10 @@ def test_large_images_grow_the_shared_input_and_close_frees_it(tmp_path):
     settings = unit_settings(str(tmp_path))
     transform = build_transform(settings.transform)
     split = split_transform(transform)
-    with DecodePool(settings.transform, 1, chunk=2) as pool:
+    with DecodePool([settings.transform], 1, chunk=2) as pool:
         results = list(pool.map(tasks))
         names = [s.name for slot in pool._slots for s in (slot.input, slot.output)]
-    for (key, image, seed), result in zip(tasks[:3], results[:3], strict=True):
+    for (key, image, seed), (result,) in zip(tasks[:3], results[:3], strict=True):
         assert np.array_equal(result, prepare_image(transform, split, image, key, seed))
     assert isinstance(results[3], Skip) and results[3].key == "bad"
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
@@ -125,8 +125,8 @@ def test_workers_exit_when_their_parent_is_killed():
     script = (
         "import sys, time\n"
         "from pipeline.cache.decode_pool import DecodePool\n"
-        "pool = DecodePool({'is_training': False, 'input_size': [3, 32, 32], 'mean': [0.5] * 3,"
-        " 'std': [0.5] * 3, 'crop_pct': 1.0}, 1)\n"
+        "pool = DecodePool([{'is_training': False, 'input_size': [3, 32, 32], 'mean': [0.5] * 3,"
+        " 'std': [0.5] * 3, 'crop_pct': 1.0}], 1)\n"
         "pool._pool.apply(time.sleep, (0,))\n"
         "print(*[p.pid for p in pool._pool._pool], flush=True)\n"
         "print(*[s.name for slot in pool._slots for s in (slot.input, slot.output)], flush=True)\n"

@@ -59,6 +59,10 @@ class Skip:
         return BadSample(self.reason, self.detail, self.key)
 
 
+#: A built transform and its split (None when it does not split).
+Prepare = tuple[Transform, SplitTransform | None]
+
+
 def prepare_image(
     transform: Transform, split: SplitTransform | None, data: bytes, key: str, seed: int
 ) -> Prepared:
@@ -67,15 +71,28 @@ def prepare_image(
 
     Raises ``BadSample`` for bad input.
     """
+    return prepare_images([(transform, split)], data, key, seed)[0]
+
+
+def prepare_images(prepares: list[Prepare], data: bytes, key: str, seed: int) -> list[Prepared]:
+    """:func:`prepare_image` for several transforms, decoding ``data`` once: each transform
+    starts from the same decoded image and the same seed, as it would on its own."""
     image = decode_image(data, key=key)
-    if split is not None:
-        return augment_pil(split, image, seed)
-    return augment(transform, image, seed)
+    return [
+        augment(transform, image, seed) if split is None else augment_pil(split, image, seed)
+        for transform, split in prepares
+    ]
+
+
+def build_prepare(resolved: dict[str, Any]) -> Prepare:
+    """The transform ``resolved`` describes, and its split."""
+    transform = build_transform(resolved)
+    return transform, split_transform(transform)
 
 
 class DecodePool:
-    """``workers`` processes that run :func:`prepare_image` with the transform ``resolved``
-    (``resolve_transform``'s output), created once and reused for every unit.
+    """``workers`` processes that run :func:`prepare_images` with the transforms ``resolved``
+    (``resolve_transform``'s outputs), created once and reused for every unit.
 
     Images never cross a pipe: each chunk in flight owns a :class:`_Slot` of shared memory,
     into which the parent copies the encoded bytes and the worker writes the prepared images;
@@ -83,14 +100,16 @@ class DecodePool:
     memory copies (about 0.02 ms for a 224x224 image), not a pickle through a pipe.
     """
 
-    def __init__(self, resolved: dict[str, Any], workers: int, *, chunk: int = 8) -> None:
+    def __init__(self, resolved: list[dict[str, Any]], workers: int, *, chunk: int = 8) -> None:
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker, got {workers}")
         self.workers = workers
         self.chunk = max(1, chunk)
         self.in_flight = 2 * workers  # chunks queued or running: each worker has the next one
-        self._image_bytes = prepared_bytes(resolved)
-        self._slots = [_Slot(self.chunk * self._image_bytes) for _ in range(self.in_flight)]
+        sizes = [prepared_bytes(one) for one in resolved]
+        self._offsets = [sum(sizes[:i]) for i in range(len(sizes))]  # within one task's images
+        self._task_bytes = sum(sizes)
+        self._slots = [_Slot(self.chunk * self._task_bytes) for _ in range(self.in_flight)]
         context = multiprocessing.get_context("spawn")
         ready = context.Semaphore(0)
         self._pool = context.Pool(workers, initializer=_start_worker, initargs=(resolved, ready))
@@ -101,8 +120,9 @@ class DecodePool:
                 self.close()
                 raise RuntimeError(f"decode workers did not start within {START_SECONDS} s")
 
-    def map(self, tasks: Iterable[Task]) -> Iterator[np.ndarray | Skip]:
-        """Each task's image (or :class:`Skip`), in task order; one ``map`` at a time.
+    def map(self, tasks: Iterable[Task]) -> Iterator[list[np.ndarray] | Skip]:
+        """Each task's images, one per transform (or its :class:`Skip`), in task order; one
+        ``map`` at a time.
 
         At most ``in_flight`` chunks of ``chunk`` tasks are read from ``tasks`` ahead of the
         result being yielded, so memory stays bounded however long ``tasks`` is.
@@ -114,7 +134,8 @@ class DecodePool:
                 if not free:
                     yield from self._collect(*pending.popleft(), free)
                 slot = free.popleft()
-                args = (slot.load(chunk), slot.input.name, slot.output.name, self._image_bytes)
+                places = (slot.input.name, slot.output.name, self._offsets, self._task_bytes)
+                args = (slot.load(chunk), *places)
                 pending.append((slot, self._pool.apply_async(_prepare_chunk, args)))
             while pending:
                 yield from self._collect(*pending.popleft(), free)
@@ -127,10 +148,15 @@ class DecodePool:
 
     def _collect(
         self, slot: _Slot, result: AsyncResult, free: deque[_Slot]
-    ) -> list[np.ndarray | Skip]:
+    ) -> list[list[np.ndarray] | Skip]:
         """The chunk's images, copied out of ``slot``, which goes back to ``free``."""
         images = [
-            item if isinstance(item, Skip) else slot.image(i * self._image_bytes, *item)
+            item
+            if isinstance(item, Skip)
+            else [
+                slot.image(i * self._task_bytes + offset, *layout)
+                for offset, layout in zip(self._offsets, item, strict=True)
+            ]
             for i, item in enumerate(result.get())
         ]
         free.append(slot)
@@ -155,7 +181,7 @@ def prepared_bytes(resolved: dict[str, Any]) -> int:
     """Bytes of one prepared image: uint8 ``(H, W, 3)`` when the transform splits, else the
     float32 ``(3, H, W)`` tensor."""
     channels, height, width = resolved["input_size"]
-    itemsize = 1 if split_transform(build_transform(resolved)) is not None else 4
+    itemsize = 1 if build_prepare(resolved)[1] is not None else 4
     return channels * height * width * itemsize
 
 
@@ -209,44 +235,52 @@ def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
         yield chunk
 
 
-# Worker side: the transform, built once per process by ``_start_worker``.
-_transform: Transform | None = None
-_split: SplitTransform | None = None
+# Worker side: the transforms, built once per process by ``_start_worker``.
+_prepares: list[Prepare] = []
 
 
-def _start_worker(resolved: dict[str, Any], ready: Any) -> None:
-    global _transform, _split
+def _start_worker(resolved: list[dict[str, Any]], ready: Any) -> None:
     torch.set_num_threads(1)
-    _transform = build_transform(resolved)
-    _split = split_transform(_transform)
+    _prepares[:] = [build_prepare(one) for one in resolved]
     ready.release()
 
 
+Layout = tuple[tuple[int, ...], str]  # a prepared image's shape and dtype
+
+
 def _prepare_chunk(
-    tasks: list[tuple[str, int, int, int]], source: str, target: str, image_bytes: int
-) -> list[tuple[tuple[int, ...], str] | Skip]:
-    """Prepare the chunk read from shared memory ``source`` into ``target`` (one image every
-    ``image_bytes``); returns each image's (shape, dtype), or its :class:`Skip`."""
-    assert _transform is not None, "the worker was not initialized"
+    tasks: list[tuple[str, int, int, int]],
+    source: str,
+    target: str,
+    offsets: list[int],
+    task_bytes: int,
+) -> list[list[Layout] | Skip]:
+    """Prepare the chunk read from shared memory ``source`` into ``target`` (task ``i``'s
+    image for transform ``j`` at ``i * task_bytes + offsets[j]``); returns each task's image
+    layouts, or its :class:`Skip`."""
+    assert _prepares, "the worker was not initialized"
     inputs, outputs = _attach(source), _attach(target)
-    results: list[tuple[tuple[int, ...], str] | Skip] = []
+    ends = [*offsets[1:], task_bytes]
+    results: list[list[Layout] | Skip] = []
     try:
         for i, (key, offset, size, seed) in enumerate(tasks):
             data = bytes(inputs.buf[offset : offset + size])
             try:
-                image = prepare_image(_transform, _split, data, key, seed)
+                images = prepare_images(_prepares, data, key, seed)
             except BadSample as bad:
                 results.append(Skip(bad.reason, bad.key or key, bad.detail))
                 continue
-            array = np.ascontiguousarray(
-                image.numpy() if isinstance(image, torch.Tensor) else image
-            )
-            if array.nbytes > image_bytes:
-                raise ValueError(f"{key}: prepared image {array.shape} exceeds its slot")
-            outputs.buf[i * image_bytes : i * image_bytes + array.nbytes] = array.reshape(-1).view(
-                np.uint8
-            )
-            results.append((array.shape, array.dtype.str))
+            layouts = []
+            for image, start, end in zip(images, offsets, ends, strict=True):
+                array = np.ascontiguousarray(
+                    image.numpy() if isinstance(image, torch.Tensor) else image
+                )
+                if array.nbytes > end - start:
+                    raise ValueError(f"{key}: prepared image {array.shape} exceeds its slot")
+                at = i * task_bytes + start
+                outputs.buf[at : at + array.nbytes] = array.reshape(-1).view(np.uint8)
+                layouts.append((array.shape, array.dtype.str))
+            results.append(layouts)
     finally:
         inputs.close()
         outputs.close()

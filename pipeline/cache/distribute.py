@@ -19,7 +19,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from pipeline.cache.backbone import Backbone, create_backbone_model
-from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
+from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.retry import PERMANENT_ERRORS
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,31 @@ def decode_workers(requested: int | None, device: torch.device, cpus: float) -> 
     return 0 if device.type == "cpu" else max(1, int(cpus) - 1)
 
 
-class CacheWorker:
-    """Holds one backbone on its device and runs units with it (the body of a Ray actor)."""
+#: Another backbone of a one-pass run: (timm name, weights, its unit settings).
+Target = tuple[str, str, UnitSettings]
 
-    def __init__(self, backbone: str, weights: str, settings: UnitSettings) -> None:
+
+class CacheWorker:
+    """Holds the job's backbones on one device and runs units with them (the body of a Ray
+    actor): every backbone from one read and decode of each unit (``Fanout``)."""
+
+    def __init__(
+        self, backbone: str, weights: str, settings: UnitSettings, also: tuple[Target, ...] = ()
+    ) -> None:
         context = ray.get_runtime_context()
         cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
-        model = create_backbone_model(backbone, weights)
-        workers = decode_workers(settings.decode_workers, self.device, cpus)
-        settings = settings.model_copy(update={"decode_workers": workers})
-        backbone = Backbone(model, self.device, settings.compute.autocast_dtype)
-        self.runner = UnitRunner(backbone, settings)
+        self.decode_workers = decode_workers(settings.decode_workers, self.device, cpus)
+        runners = [self._runner(*target) for target in ((backbone, weights, settings), *also)]
+        self.fanout = Fanout(runners, self.decode_workers)
         self.node_id = context.get_node_id()
+
+    def _runner(self, backbone: str, weights: str, settings: UnitSettings) -> UnitRunner:
+        model = Backbone(
+            create_backbone_model(backbone, weights), self.device, settings.compute.autocast_dtype
+        )
+        return UnitRunner(model, settings.model_copy(update={"decode_workers": 0}))
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs: node, device, GPU ids and torch threads."""
@@ -116,16 +127,18 @@ class CacheWorker:
             "device": str(self.device),
             "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "threads": torch.get_num_threads(),
-            "decode_workers": self.runner.settings.decode_workers,
+            "decode_workers": self.decode_workers,
         }
 
     def run(self, unit: Unit) -> UnitResult:
-        """Compute and commit one unit."""
-        return self.runner.run(unit)
+        """Compute and commit one unit; the other backbones' results come in ``also``."""
+        first, *rest = self.fanout.run(unit)
+        first.also = rest
+        return first
 
     def close(self) -> None:
         """Stop the decode workers (they also exit on their own once the actor is gone)."""
-        self.runner.close()
+        self.fanout.close()
 
 
 @dataclass
@@ -152,9 +165,10 @@ class ActorPool:
         settings: UnitSettings,
         max_attempts: int = 3,
         worker: type[CacheWorker] = CacheWorker,
+        also: tuple[Target, ...] = (),
     ) -> None:
         self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(worker)
-        self._args = (backbone, weights, settings)
+        self._args = (backbone, weights, settings, also)
         self.size = size
         self.max_attempts = max_attempts
         self._idle: list[Any] = []

@@ -11,6 +11,7 @@ With ``decode_workers`` > 0 the thread hands decoding and augmentation to a proc
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter, deque
@@ -23,9 +24,16 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.cache.augment import build_transform, sample_seed, split_transform
+from pipeline.cache.augment import sample_seed
 from pipeline.cache.backbone import Backbone, Compute, read_label_remap
-from pipeline.cache.decode_pool import DecodePool, Skip, Task, prepare_image
+from pipeline.cache.decode_pool import (
+    DecodePool,
+    Prepare,
+    Skip,
+    Task,
+    build_prepare,
+    prepare_images,
+)
 from pipeline.cache.samples import RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
@@ -89,6 +97,8 @@ class UnitResult:
     skipped: dict[str, int]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: The same unit's results for the other backbones of a one-pass run (``Fanout``).
+    also: list[UnitResult] = field(default_factory=list)
 
     def manifest_entry(self) -> dict[str, Any]:
         """The unit's entry in ``_manifest.json``."""
@@ -114,6 +124,7 @@ class _Batch:
     labels: torch.Tensor
     ambiguity: np.ndarray
     prepare_seconds: float
+    prepare_cpu: float  # CPU seconds of the preparing thread (not of decode workers)
 
 
 def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
@@ -132,21 +143,24 @@ class UnitRunner:
             )
         self.backbone = backbone
         self.settings = settings
-        self.transform = build_transform(settings.transform)
-        self.split = split_transform(self.transform)
+        self.split = build_prepare(settings.transform)[1]
         self.remap = read_label_remap(settings.label_remap) if settings.label_remap else None
         embedding_type = pa.float16() if settings.dtype == "float16" else pa.float32()
         self.schema = with_provenance(
             cache_schema(settings.embedding_dim, embedding_type), settings.provenance
         )
-        workers = settings.decode_workers or 0
-        self.decode_pool = DecodePool(settings.transform, workers) if workers else None
+        self._fanout: Fanout | None = Fanout([self], settings.decode_workers or 0)
+
+    @property
+    def decode_pool(self) -> DecodePool | None:
+        """The runner's decode processes, if it has any."""
+        return None if self._fanout is None else self._fanout.pool
 
     def close(self) -> None:
         """Stop the decode workers, if any. The runner cannot run units afterwards."""
-        if self.decode_pool is not None:
-            self.decode_pool.close()
-            self.decode_pool = None
+        if self._fanout is not None:
+            self._fanout.close()
+            self._fanout = None
 
     def head_label(self, sample: RawSample) -> int:
         """The sample's label in the cache's label space: its own in the dataset's space; in
@@ -164,75 +178,16 @@ class UnitRunner:
             )
         return label
 
-    def _labelled(self, unit: Unit, counts: Counter) -> Iterator[tuple[Task, Meta]]:
-        """The unit's samples with a label in the cache's space, each as a decode task and its
-        label and ambiguity."""
-        samples = iter_samples(
-            unit.source,
-            image_keys=self.settings.image_keys,
-            label_key=self.settings.label_key,
-            ambiguity_key=self.settings.ambiguity_key,
-            counts=counts,
-        )
-        for sample in samples:
-            try:
-                label = self.head_label(sample)
-            except BadSample as bad:
-                _skip(sample.key, bad, unit, counts)
-                continue
-            seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
-            ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
-            yield (sample.key, sample.image, seed), (label, ambiguity)
-
-    def _tensors(self, unit: Unit, counts: Counter) -> Iterator[tuple[str, Any, Meta]]:
-        if self.decode_pool is not None:
-            yield from self._pooled_tensors(unit, counts, self.decode_pool)
-            return
-        for (key, data, seed), meta in self._labelled(unit, counts):
-            try:
-                yield key, prepare_image(self.transform, self.split, data, key, seed), meta
-            except BadSample as bad:
-                _skip(key, bad, unit, counts)
-
-    def _pooled_tensors(
-        self, unit: Unit, counts: Counter, pool: DecodePool
-    ) -> Iterator[tuple[str, Any, Meta]]:
-        handed: deque[tuple[str, Meta]] = deque()  # (key, meta) of each task, in pool order
-
-        def tasks() -> Iterator[Task]:
-            for task, meta in self._labelled(unit, counts):
-                handed.append((task[0], meta))
-                yield task
-
-        for image in pool.map(tasks()):
-            key, meta = handed.popleft()
-            if isinstance(image, Skip):
-                _skip(key, image.error(), unit, counts)
-            else:
-                yield key, image, meta
-
-    def _batches(self, unit: Unit, counts: Counter) -> Iterator[_Batch]:
-        batch: list[tuple[str, Any, Meta]] = []
-        started = time.perf_counter()
-        for item in self._tensors(unit, counts):
-            batch.append(item)
-            if len(batch) == self.settings.batch_size:
-                yield self._collate(batch, time.perf_counter() - started)
-                batch, started = [], time.perf_counter()
-        if batch:
-            yield self._collate(batch, time.perf_counter() - started)
-
     @staticmethod
-    def _collate(batch: list[tuple[str, Any, Meta]], seconds: float) -> _Batch:
+    def _collate(batch: list[tuple[str, Any, Meta]], seconds: float, cpu: float) -> _Batch:
         keys, images, metas = zip(*batch, strict=True)
         labels, ambiguity = zip(*metas, strict=True)
         if isinstance(images[0], np.ndarray):
             stacked = torch.from_numpy(np.stack(images))
         else:
             stacked = torch.stack(images)
-        return _Batch(
-            list(keys), stacked, torch.tensor(labels), np.array(ambiguity, np.float32), seconds
-        )
+        labels_tensor, ambiguity_array = torch.tensor(labels), np.array(ambiguity, np.float32)
+        return _Batch(list(keys), stacked, labels_tensor, ambiguity_array, seconds, cpu)
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's input for a collated batch: uint8 images are normalized here, on the
@@ -241,32 +196,29 @@ class UnitRunner:
             return images
         return self.split.to_tensor(images.to(self.backbone.device, non_blocking=True))
 
-    def run(self, unit: Unit) -> UnitResult:
-        """Compute and commit ``unit``; returns its rows, bytes, skips and stage timings."""
-        started, cpu_started = time.perf_counter(), time.process_time()
-        counts: Counter = Counter()
-        timings = {"prepare": 0.0, "forward": 0.0, "wait": 0.0, "write": 0.0}
-        record_batches: list[pa.RecordBatch] = []
-        waited = time.perf_counter()
-        for batch in prefetch(self._batches(unit, counts), self.settings.prefetch_batches):
-            timings["wait"] += time.perf_counter() - waited
-            timings["prepare"] += batch.prepare_seconds
-            tick = time.perf_counter()
-            labels = batch.labels if self.settings.label_space == "classifier" else None
-            outputs = self.backbone.forward(self._model_input(batch.images), labels)
-            timings["forward"] += time.perf_counter() - tick
-            record_batches.append(
-                to_record_batch(
-                    self.schema,
-                    keys=batch.keys,
-                    shard=unit.shard,
-                    epoch=unit.epoch,
-                    labels=batch.labels.numpy(),
-                    outputs={name: value.numpy() for name, value in outputs.items()},
-                    ambiguity=batch.ambiguity,
-                )
-            )
-            waited = time.perf_counter()
+    def _record(self, batch: _Batch, unit: Unit) -> pa.RecordBatch:
+        """The batch's rows: the backbone's forward, as Arrow."""
+        labels = batch.labels if self.settings.label_space == "classifier" else None
+        outputs = self.backbone.forward(self._model_input(batch.images), labels)
+        return to_record_batch(
+            self.schema,
+            keys=batch.keys,
+            shard=unit.shard,
+            epoch=unit.epoch,
+            labels=batch.labels.numpy(),
+            outputs={name: value.numpy() for name, value in outputs.items()},
+            ambiguity=batch.ambiguity,
+        )
+
+    def _commit(
+        self,
+        unit: Unit,
+        record_batches: list[pa.RecordBatch],
+        counts: Counter,
+        started: float,
+        timings: dict[str, float],
+    ) -> UnitResult:
+        """Write the unit's file and report it."""
         rows = sum(batch.num_rows for batch in record_batches)
         skipped = {reason: count for reason, count in sorted(counts.items()) if count}
         stats = {
@@ -286,7 +238,6 @@ class UnitRunner:
             stats=stats,
         )
         timings["write"] = time.perf_counter() - tick
-        timings["cpu"] = time.process_time() - cpu_started  # all threads of this process
         return UnitResult(
             relpath=unit.relpath,
             epoch=unit.epoch,
@@ -298,3 +249,162 @@ class UnitRunner:
             seconds=time.perf_counter() - started,
             timings=timings,
         )
+
+    def run(self, unit: Unit) -> UnitResult:
+        """Compute and commit ``unit``; returns its rows, bytes, skips and stage timings."""
+        if self._fanout is None:
+            raise RuntimeError("the runner is closed")
+        (result,) = self._fanout.run(unit)
+        return result
+
+
+class Fanout:
+    """Runs each unit for several targets (each a ``UnitRunner``: a backbone and its cache)
+    from one read and one decode of every sample, one augmentation per distinct transform.
+
+    Each target sees exactly the rows, batches and skips a run of its own would: its own label
+    filter, its batches cut from its own rows in shard order, its own file. The targets must
+    share what picks and seeds the samples (seed, image/label/ambiguity keys).
+    """
+
+    SHARED = ("seed", "image_keys", "label_key", "ambiguity_key", "prefetch_batches")
+
+    def __init__(self, runners: list[UnitRunner], decode_workers: int) -> None:
+        first = runners[0].settings
+        for runner in runners[1:]:
+            for name in self.SHARED:
+                if getattr(runner.settings, name) != getattr(first, name):
+                    raise ValueError(f"targets of one pass must share {name}")
+        distinct: dict[str, dict[str, Any]] = {}
+        for runner in runners:
+            distinct.setdefault(
+                json.dumps(runner.settings.transform, sort_keys=True), runner.settings.transform
+            )
+        order = list(distinct)
+        self.runners = runners
+        self.settings = first
+        self.transform_of = [
+            order.index(json.dumps(r.settings.transform, sort_keys=True)) for r in runners
+        ]
+        self.prepares = [build_prepare(resolved) for resolved in distinct.values()]
+        resolved = list(distinct.values())
+        self.pool = DecodePool(resolved, decode_workers) if decode_workers else None
+
+    def close(self) -> None:
+        """Stop the decode workers, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _labelled(
+        self, unit: Unit, shared: Counter, own: list[Counter]
+    ) -> Iterator[tuple[Task, list[Meta | None]]]:
+        """The unit's samples some target keeps, each as a decode task and, per target, its
+        label and ambiguity (None where the target skips the sample)."""
+        samples = iter_samples(
+            unit.source,
+            image_keys=self.settings.image_keys,
+            label_key=self.settings.label_key,
+            ambiguity_key=self.settings.ambiguity_key,
+            counts=shared,
+        )
+        for sample in samples:
+            ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
+            metas: list[Meta | None] = []
+            for runner, counts in zip(self.runners, own, strict=True):
+                try:
+                    metas.append((runner.head_label(sample), ambiguity))
+                except BadSample as bad:
+                    _skip(sample.key, bad, unit, counts)
+                    metas.append(None)
+            if any(meta is not None for meta in metas):
+                seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
+                yield (sample.key, sample.image, seed), metas
+
+    def _prepared(
+        self, unit: Unit, shared: Counter, own: list[Counter]
+    ) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
+        """Each kept sample's key, its image per distinct transform and its metas."""
+        labelled = self._labelled(unit, shared, own)
+        if self.pool is None:
+            results = ((task, metas, _try_prepare(self.prepares, task)) for task, metas in labelled)
+        else:
+            handed: deque[tuple[Task, list[Meta | None]]] = deque()
+
+            def tasks() -> Iterator[Task]:
+                for task, metas in labelled:
+                    handed.append((task, metas))
+                    yield task
+
+            results = ((*handed.popleft(), images) for images in self.pool.map(tasks()))
+        for (key, _, _), metas, images in results:
+            if isinstance(images, Skip):
+                for meta, counts in zip(metas, own, strict=True):
+                    if meta is not None:
+                        _skip(key, images.error(), unit, counts)
+            else:
+                yield key, images, metas
+
+    def _batches(
+        self, unit: Unit, shared: Counter, own: list[Counter]
+    ) -> Iterator[tuple[int, _Batch]]:
+        """(target, batch) pairs: each target's rows cut into its own batches, in order."""
+        pending: list[list[tuple[str, Any, Meta]]] = [[] for _ in self.runners]
+        started, cpu = time.perf_counter(), time.thread_time()
+
+        def collate(target: int) -> _Batch:
+            nonlocal started, cpu
+            batch = UnitRunner._collate(
+                pending[target], time.perf_counter() - started, time.thread_time() - cpu
+            )
+            pending[target], started, cpu = [], time.perf_counter(), time.thread_time()
+            return batch
+
+        for key, images, metas in self._prepared(unit, shared, own):
+            for target, meta in enumerate(metas):
+                if meta is None:
+                    continue
+                pending[target].append((key, images[self.transform_of[target]], meta))
+                if len(pending[target]) == self.runners[target].settings.batch_size:
+                    yield target, collate(target)
+        for target in range(len(self.runners)):
+            if pending[target]:
+                yield target, collate(target)
+
+    def run(self, unit: Unit) -> list[UnitResult]:
+        """Compute and commit ``unit`` for every target; one result per target, in order.
+
+        Stages decoding and augmentation share (prepare, wait, cpu) are reported on the first
+        target's result; forward and write on each target's own."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        shared: Counter = Counter()
+        own: list[Counter] = [Counter() for _ in self.runners]
+        timings = [{"forward": 0.0, "write": 0.0} for _ in self.runners]
+        timings[0].update(prepare=0.0, prepare_cpu=0.0, wait=0.0)
+        record_batches: list[list[pa.RecordBatch]] = [[] for _ in self.runners]
+        waited = time.perf_counter()
+        batches = prefetch(self._batches(unit, shared, own), self.settings.prefetch_batches)
+        for target, batch in batches:
+            timings[0]["wait"] += time.perf_counter() - waited
+            timings[0]["prepare"] += batch.prepare_seconds
+            timings[0]["prepare_cpu"] += batch.prepare_cpu
+            tick = time.perf_counter()
+            record_batches[target].append(self.runners[target]._record(batch, unit))
+            timings[target]["forward"] += time.perf_counter() - tick
+            waited = time.perf_counter()
+        results = [
+            runner._commit(unit, rows, shared + counts, started, stage)
+            for runner, rows, counts, stage in zip(
+                self.runners, record_batches, own, timings, strict=True
+            )
+        ]
+        results[0].timings["cpu"] = time.process_time() - cpu_started  # all threads
+        return results
+
+
+def _try_prepare(prepares: list[Prepare], task: Task) -> list[Any] | Skip:
+    key, data, seed = task
+    try:
+        return prepare_images(prepares, data, key, seed)
+    except BadSample as bad:
+        return Skip(bad.reason, bad.key or key, bad.detail)

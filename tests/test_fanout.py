@@ -1,0 +1,67 @@
+"""Several backbones from one read and decode of each unit: every cache exactly as its own run."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from support import make_runner
+
+from pipeline.cache.unit import Fanout, Unit
+from pipeline.demo.data import write_bad_shard, write_digit_shards
+from schemas import read_provenance
+
+TARGETS = {  # name: make_runner options
+    "resnet32": {},
+    "resnet14t": {"backbone": "resnet14t"},  # shares resnet32's transform
+    "resnet48": {"size": 48},
+}
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory) -> list[Unit]:
+    root = tmp_path_factory.mktemp("shards")
+    (digits,) = write_digit_shards(str(root), shards=1, per_shard=20, size=40)
+    write_bad_shard(str(root / "bad.tar"))
+    return [Unit(digits, "digits-0000", 1), Unit(str(root / "bad.tar"), "bad", 0)]
+
+
+@pytest.fixture(scope="module")
+def remap(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("remap") / "remap.json"
+    path.write_text(json.dumps([0, 1, 2, 3, 4]))  # labels 5-9 are outside this target's head
+    return str(path)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_target_is_written_as_its_own_run_would(tmp_path, units, remap, workers):
+    options = {**TARGETS, "resnet48": {**TARGETS["resnet48"], "label_remap": remap}}
+    alone = {name: make_runner(str(tmp_path / "alone" / name), **o) for name, o in options.items()}
+    together = [make_runner(str(tmp_path / "together" / name), **o) for name, o in options.items()]
+    fanout = Fanout(together, decode_workers=workers)
+    try:
+        assert len(fanout.prepares) == 2, "one augmentation per distinct transform"
+        for unit in units:
+            results = fanout.run(unit)
+            for (name, runner), result in zip(alone.items(), results, strict=True):
+                expected = runner.run(unit)
+                assert (result.rows, result.skipped) == (expected.rows, expected.skipped), name
+                mine = pq.read_table(f"{tmp_path}/together/{name}/{result.relpath}")
+                theirs = pq.read_table(f"{tmp_path}/alone/{name}/{expected.relpath}")
+                assert mine.equals(theirs), name
+                assert read_provenance(mine.schema) == read_provenance(theirs.schema)
+        first = fanout.run(units[0])
+        assert first[2].skipped["label_outside_head"] > 0 and "label_outside_head" not in (
+            first[0].skipped
+        )
+    finally:
+        fanout.close()
+        for runner in [*alone.values(), *together]:
+            runner.close()
+
+
+def test_targets_must_agree_on_the_samples(tmp_path):
+    runners = [make_runner(str(tmp_path / "a")), make_runner(str(tmp_path / "b"), seed=1)]
+    with pytest.raises(ValueError, match="share seed"):
+        Fanout(runners, decode_workers=0)
