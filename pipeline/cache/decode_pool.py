@@ -134,8 +134,8 @@ class DecodePool:
                 if not free:
                     yield from self._collect(*pending.popleft(), free)
                 slot = free.popleft()
-                places = (slot.input.name, slot.output.name, self._offsets, self._task_bytes)
-                args = (slot.load(chunk), *places)
+                placed = slot.load(chunk)  # first: it may move the input to a new segment
+                args = (placed, slot.input.name, slot.output.name, self._offsets, self._task_bytes)
                 pending.append((slot, self._pool.apply_async(_prepare_chunk, args)))
             while pending:
                 yield from self._collect(*pending.popleft(), free)
