@@ -140,7 +140,7 @@ def test_workers_exit_when_their_parent_is_killed():
         parent.send_signal(signal.SIGKILL)  # as ray.kill does to an actor: no clean-up runs
         parent.wait()
     assert pids
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded machine tears torch down slowly
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids)
