@@ -21,7 +21,7 @@ python=${PYTHON:-python3}
 } 2>&1 | tee "$logs/node.txt"
 
 if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 6 --per-shard 1024
+    cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 4 --per-shard 1024
         --rounds 3 --reference-batches 20)
     train=(--device cuda --rows 131072 --steps 200 --repeats 2)
     decode=(--images 512 --workers 7 15 --rounds 3)
