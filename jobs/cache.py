@@ -46,6 +46,13 @@ from schemas import SCHEMA_VERSION
 log = logging.getLogger("pvu.cache")
 
 
+def absolute(url: str | None) -> str | None:
+    """Local paths made absolute: actors in other processes (and nodes) start elsewhere."""
+    if url is None or url in ("hub", "random") or "://" in url:
+        return url
+    return os.path.abspath(url)
+
+
 def check_weights(weights: str) -> str:
     """``weights`` if it is 'hub', 'random' or an existing file, else ``ValueError``."""
     if weights in ("hub", "random"):
@@ -74,6 +81,11 @@ class AlsoTarget(BaseModel):
     @classmethod
     def _weights_exist(cls, weights: str) -> str:
         return check_weights(weights)
+
+    @field_validator("output", "weights")
+    @classmethod
+    def _absolute(cls, url: str) -> str | None:
+        return absolute(url)
 
     @classmethod
     def parse(cls, text: str) -> AlsoTarget:
@@ -168,10 +180,7 @@ class CacheJobConfig(BaseModel):
     @field_validator("output", "weights", "label_remap")
     @classmethod
     def _absolute(cls, url: str | None) -> str | None:
-        """Local paths made absolute: actors in other processes (and nodes) start elsewhere."""
-        if url is None or url in ("hub", "random") or "://" in url:
-            return url
-        return os.path.abspath(url)
+        return absolute(url)
 
     @model_validator(mode="after")
     def _eval_has_one_epoch(self) -> CacheJobConfig:
