@@ -90,15 +90,21 @@ def write_digit_shards(
         samples = []
         for i in range(shard * per_shard, (shard + 1) * per_shard):
             index = order[i % len(order)]
-            gray = Image.fromarray((digits.images[index] * (255 / 16)).round().astype(np.uint8))
-            alpha = np.asarray(gray.resize((size, size), Image.Resampling.BICUBIC)) / 255.0
-            background, foreground = _contrasting_colours(rng)
-            rgb = background + alpha[..., None] * (foreground - background)
-            image = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8), mode="RGB")
+            image = coloured_digit(digits.images[index], size, rng)
             files = {fmt: encode_image(image, fmt), "cls": b"%d" % digits.target[index]}
             samples.append((f"digit-{i:06d}", files))
-        urls.append(write_shard(_join(out_dir, f"digits-{shard:04d}.tar"), samples))
+        urls.append(write_shard(join(out_dir, f"digits-{shard:04d}.tar"), samples))
     return urls
+
+
+def coloured_digit(pixels: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
+    """An 8x8 scikit-learn digit (values 0-16) upscaled (bicubic) to ``size`` x ``size`` and
+    drawn in a random foreground colour on a random, contrasting background."""
+    gray = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))
+    alpha = np.asarray(gray.resize((size, size), Image.Resampling.BICUBIC)) / 255.0
+    background, foreground = _contrasting_colours(rng)
+    rgb = background + alpha[..., None] * (foreground - background)
+    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
 def write_photo_shards(
@@ -134,7 +140,7 @@ def write_photo_shards(
             image = image.resize((width, height), Image.Resampling.BICUBIC)
             files = {"jpg": encode_image(image, "jpg", quality=quality), "cls": b"%d" % label}
             samples.append((f"photo-{i:06d}", files))
-        urls.append(write_shard(_join(out_dir, f"photos-{shard:04d}.tar"), samples))
+        urls.append(write_shard(join(out_dir, f"photos-{shard:04d}.tar"), samples))
     return urls
 
 
@@ -243,15 +249,15 @@ def write_bad_shards(out_dir: str, *, size: int = 32) -> dict[str, dict[str, int
     image = encode_image(Image.new("RGB", (size, size), (30, 60, 90)), "png")
     digit = {"png": image, "cls": b"1"}
     fs, _ = fsspec.core.url_to_fs(out_dir)
-    fs.pipe_file(_join(out_dir, "empty.tar"), b"")
+    fs.pipe_file(join(out_dir, "empty.tar"), b"")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w|") as tar:
         for key in ("ok-cut-0", "ok-cut-1", "ok-cut-2", "ok-cut-3"):
             add_sample(tar, key, digit)
     packed = gzip.compress(buffer.getvalue(), mtime=0)
-    fs.pipe_file(_join(out_dir, "cut.tar.gz"), packed[: len(packed) * 3 // 5])
+    fs.pipe_file(join(out_dir, "cut.tar.gz"), packed[: len(packed) * 3 // 5])
     write_shard(
-        _join(out_dir, "climb.tar"),
+        join(out_dir, "climb.tar"),
         [("../../x", digit), ("/abs/y", digit), ("ok-climb", digit)],
     )
     return {
@@ -318,7 +324,7 @@ def _check_counts(*, shards: int, per_shard: int, size: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _join(folder: str, name: str) -> str:
+def join(folder: str, name: str) -> str:
     """``folder/name`` for a local folder (made absolute) or any fsspec URL."""
     fs, path = fsspec.core.url_to_fs(folder)
     if isinstance(fs, LocalFileSystem):
