@@ -28,7 +28,7 @@ import jobs.label_remap
 import jobs.plan
 import jobs.shards
 import jobs.train_head
-from jobs.demo import run_demo
+from jobs.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,9 @@ def validated_only(job: str, *, verbose: bool) -> Iterator[None]:
 @pytest.fixture
 def demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder like the one ``make demo`` runs in: ``demo-output/`` and the repo's configs."""
-    run_demo(tmp_path / "demo-output", shards=2, per_shard=32, epochs=2, head_episodes=3)
+    small = {"copies": 1, "backbone_epochs": 2, "cache_epochs": 2, "head_episodes": 3}
+    sizes = {"kinds": ("blur",), "strengths": (1.0,), "clean_images": 20}
+    run_demo(DemoConfig(output=tmp_path / "demo-output", **small, **sizes))
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "configs").symlink_to(ROOT / "jobs" / "configs")
     (tmp_path / "cluster").symlink_to(ROOT / "cluster")
