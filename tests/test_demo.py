@@ -9,6 +9,7 @@ from collections import Counter
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -46,7 +47,9 @@ def demo(tmp_path_factory):
 
 
 def rows(cache) -> dict[str, np.ndarray]:
-    table = pq.read_table(cache, columns=["key", "label", "embedding", "loss", "ambiguity"])
+    columns = ["key", "label", "embedding", "loss", "ambiguity"]
+    units = sorted(cache.glob("epoch=*/*.parquet"))
+    table = pa.concat_tables(pq.read_table(unit, columns=columns) for unit in units)
     return {
         "key": np.array(table.column("key").to_pylist()),
         "label": table.column("label").to_numpy(),
