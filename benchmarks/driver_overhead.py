@@ -59,7 +59,9 @@ def finished(unit: Unit) -> UnitResult:
 class InstantWorker:
     """A cache actor whose units finish at once: what is left to measure is the driver."""
 
-    def __init__(self, backbone: str, weights: str, settings: UnitSettings) -> None:
+    def __init__(
+        self, backbone: str, weights: str, settings: UnitSettings, also: tuple = ()
+    ) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()

@@ -34,7 +34,7 @@ from pipeline.cache.backbone import (
     file_digest,
 )
 from pipeline.cache.deteriorate import Deterioration
-from pipeline.cache.distribute import ActorPool, PoolReport, plan_actors
+from pipeline.cache.distribute import ActorPool, PoolReport, actor_device_type, plan_actors
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
@@ -364,7 +364,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         gpus_per_actor=config.gpus_per_actor,
         cpus_per_actor=config.cpus_per_actor,
     )
-    compute = Compute.resolve("cuda" if gpus > 0 else "cpu", config.precision)
+    compute = Compute.resolve(actor_device_type(gpus), config.precision)
     targets = []
     for target, info in zip(config.targets(), infos, strict=True):
         transform = resolve_transform(target.transform_config(), info.data_config)

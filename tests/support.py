@@ -35,6 +35,8 @@ JOB_FLAGS: dict[str, set[str]] = {
         "--label-key",
         "--ray-address",
         "--dtype",
+        "--label-space",
+        "--config",
     },
     "train_head": {
         "--cache",
@@ -50,6 +52,7 @@ JOB_FLAGS: dict[str, set[str]] = {
         "--device",
         "--resume",
         "--val-fraction",
+        "--config",
     },
     "evaluate": {
         "--head",
@@ -62,6 +65,7 @@ JOB_FLAGS: dict[str, set[str]] = {
         "--reject-fraction",
         "--tsne-dataset",
         "--tsne-classes",
+        "--config",
     },
 }
 

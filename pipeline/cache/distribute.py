@@ -38,6 +38,22 @@ def pick_device(gpu_ids: list, cuda_available: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def actor_device_type(gpus_per_actor: float, timeout_s: float = 300.0) -> str:
+    """'cuda' if an actor given ``gpus_per_actor`` GPUs will see CUDA, else 'cpu'.
+
+    A node may declare GPUs that CUDA does not see (a test cluster, a broken driver); its actors
+    then run on the CPU, so the cache's compute precision is probed there with one task.
+    """
+    if gpus_per_actor <= 0:
+        return "cpu"
+    probe = ray.remote(num_gpus=gpus_per_actor, num_cpus=0)(_cuda_available)
+    return "cuda" if ray.get(probe.remote(), timeout=timeout_s) else "cpu"
+
+
 def plan_actors(
     nodes: list[dict[str, float]],
     *,
