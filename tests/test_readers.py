@@ -93,8 +93,8 @@ def _readme_recipes() -> list[str]:
 def test_readme_recipe_runs_as_written(tool: str, cache: Path, tmp_path: Path) -> None:
     [recipe] = [code for code in _readme_recipes() if f"import {tool}" in code]
     assert len([line for line in recipe.splitlines() if line.strip()]) == 3
-    (tmp_path / "demo-output").mkdir()
-    (tmp_path / "demo-output" / "cache").symlink_to(cache)
+    (tmp_path / "demo-output" / "cache").mkdir(parents=True)
+    (tmp_path / "demo-output" / "cache" / "train").symlink_to(cache)
     run = subprocess.run(
         [sys.executable, "-c", recipe], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
