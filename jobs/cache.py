@@ -121,6 +121,8 @@ class CacheJobConfig(BaseModel):
     dtype: Literal["float16", "float32"] = "float16"
     max_attempts: int = Field(default=3, ge=1)
     input_size: int | None = Field(default=None, ge=8)
+    #: Area range of the train transform's random-resized crop (appendix A: 0.08 to 1).
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     decode_workers: int | None = Field(default=None, ge=0)
     label_space: Literal["classifier", "dataset"] | None = None
     ambiguity_key: str | None = None
@@ -182,6 +184,13 @@ class CacheJobConfig(BaseModel):
     def _absolute(cls, url: str | None) -> str | None:
         return absolute(url)
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_is_an_area_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must be 0 < MIN <= MAX <= 1, got {scale}")
+        return scale
+
     @model_validator(mode="after")
     def _eval_has_one_epoch(self) -> CacheJobConfig:
         if self.augment == "eval" and self.epochs != 1:
@@ -206,7 +215,12 @@ class CacheJobConfig(BaseModel):
     def transform_config(self) -> TransformConfig:
         """The augmentation settings; unset fields fall back to the backbone's data config."""
         size = None if self.input_size is None else (3, self.input_size, self.input_size)
-        return TransformConfig(augment=self.augment, input_size=size, deteriorate=self.deteriorate)
+        return TransformConfig(
+            augment=self.augment,
+            input_size=size,
+            scale=self.crop_scale,
+            deteriorate=self.deteriorate,
+        )
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -524,6 +538,13 @@ def cache(
     input_size: Annotated[
         int | None, typer.Option(help="Square input size (default: the backbone's).")
     ] = None,
+    crop_scale: Annotated[
+        tuple[float, float],
+        typer.Option(
+            metavar="MIN MAX",
+            help="Area fraction range of the train transform's random-resized crop.",
+        ),
+    ] = (0.08, 1.0),
     decode_workers: Annotated[
         int | None,
         typer.Option(

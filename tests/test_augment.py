@@ -63,3 +63,20 @@ def test_transforms_not_ending_in_to_tensor_normalize_are_not_split():
 
     assert split_transform(transforms.Compose([transforms.CenterCrop(8)])) is None
     assert split_transform(lambda image: image) is None
+
+
+def test_crop_scale_reaches_the_train_transform_and_its_provenance():
+    from jobs.cache import CacheJobConfig
+
+    def crop_scale(**flags) -> tuple[float, float]:
+        job = CacheJobConfig(shards="s", backbone="resnet10t", output="o", **flags)
+        data_config = describe_backbone("resnet10t", "random").data_config
+        resolved = resolve_transform(job.transform_config(), data_config)
+        crop = build_transform(resolved).transforms[0]
+        assert tuple(resolved["scale"]) == crop.scale  # the provenance says what runs
+        return crop.scale
+
+    assert crop_scale() == (0.08, 1.0)  # appendix A
+    assert crop_scale(crop_scale=(0.5, 1.0)) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="crop_scale"):
+        CacheJobConfig(shards="s", backbone="resnet10t", output="o", crop_scale=(0.5, 2.0))
