@@ -563,17 +563,19 @@ def cache(
     ambiguity_key: Annotated[
         str | None,
         typer.Option(
+            metavar="MEMBER",
             help="Shard member with a per-sample ambiguity for the 'ambiguity' column: a "
             "number, or a JSON soft label (list or object of class weights) read as "
-            "1 - max/sum (default: none, the column is null)."
+            "1 - max/sum (default: none, the column is null).",
         ),
     ] = None,
     deteriorate: Annotated[
         str | None,
         typer.Option(
+            metavar="KIND:STRENGTH",
             help="KIND:STRENGTH, deteriorate every image before the eval transform: KIND one "
             "of blur, box (grey box), zoom (centre crop), noise; STRENGTH 0 (none) to 1 "
-            "(content all but gone), e.g. blur:0.5. Needs --augment eval."
+            "(content all but gone), e.g. blur:0.5. Needs --augment eval.",
         ),
     ] = None,
     precision: Annotated[

@@ -177,11 +177,13 @@ def evaluate_command(
     ] = None,
     upstream: Annotated[
         str | None,
-        typer.Option(help="Eval cache of held-out pretraining data (ID vs OOD, figure 8)."),
+        typer.Option(
+            metavar="URL", help="Eval cache of held-out pretraining data (ID vs OOD, figure 8)."
+        ),
     ] = None,
-    report: Annotated[str, typer.Option(help="Folder for report.json, report.md, figures.")] = (
-        "report"
-    ),
+    report: Annotated[
+        str, typer.Option(metavar="DIR", help="Folder for report.json, report.md, figures.")
+    ] = ("report"),
     device: Annotated[
         Literal["cpu", "cuda", "auto"], typer.Option(help="Device of 1-NN search and heads.")
     ] = "cpu",
@@ -206,11 +208,14 @@ def evaluate_command(
         float, typer.Option(help="Safe retrieval: share q of most uncertain images rejected.")
     ] = 0.1,
     tsne_dataset: Annotated[
-        str | None, typer.Option(help="Dataset of the t-SNE map (default: the first).")
+        str | None,
+        typer.Option(metavar="NAME", help="Dataset of the t-SNE map (default: the first)."),
     ] = None,
     tsne_classes: Annotated[
         str | None,
-        typer.Option(help="Labels on the t-SNE map, e.g. 0,1,2 (default: 6 most frequent)."),
+        typer.Option(
+            metavar="LABELS", help="Labels on the t-SNE map, e.g. 0,1,2 (default: 6 most frequent)."
+        ),
     ] = None,
     tsne_points: Annotated[int, typer.Option(help="Most points on the t-SNE map.")] = 1500,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline and t-SNE.")] = 0,

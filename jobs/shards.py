@@ -127,7 +127,7 @@ def shards(
         typer.Option(metavar="URL", help="Required. Folder for the shards: a path or fsspec URL."),
     ] = None,
     shard_size: Annotated[
-        str, typer.Option(help="Largest shard, e.g. 500MB, 1GiB (default 1GB).")
+        str, typer.Option(metavar="SIZE", help="Largest shard, e.g. 500MB, 1GiB (default 1GB).")
     ] = "1GB",
     samples_per_shard: Annotated[
         int | None, typer.Option(help="Most samples per shard (default: only --shard-size).")
@@ -136,10 +136,15 @@ def shards(
         bool, typer.Option(metavar=FLAG, help="Shuffle images across classes (seeded by --seed).")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
-    prefix: Annotated[str, typer.Option(help="Shard names: <prefix>-000000.tar, ...")] = "shard",
-    path_column: Annotated[str, typer.Option(help="Table column of image paths or URLs.")] = "path",
+    prefix: Annotated[
+        str, typer.Option(metavar="NAME", help="Shard names: <prefix>-000000.tar, ...")
+    ] = "shard",
+    path_column: Annotated[
+        str, typer.Option(metavar="COLUMN", help="Table column of image paths or URLs.")
+    ] = "path",
     label_column: Annotated[
-        str, typer.Option(help="Table column of labels (integers, or class names).")
+        str,
+        typer.Option(metavar="COLUMN", help="Table column of labels (integers, or class names)."),
     ] = "label",
     threads: Annotated[int, typer.Option(help="Images read and checked in parallel.")] = 8,
     config: ConfigFile = None,
