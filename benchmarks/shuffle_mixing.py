@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 import torch
+from train_throughput import time_in_memory, time_stream
 
-from benchmarks.train_throughput import time_in_memory, time_stream
 from pipeline.cache.index import open_cache
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head import shuffle

@@ -13,7 +13,6 @@ server on loopback. Prints samples/s and the streaming/in-memory ratio (targets,
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from local_s3 import start_s3
 
 from pipeline.cache.index import open_cache
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
@@ -122,18 +122,8 @@ def time_reader(url: str, args: argparse.Namespace, seed: int) -> float:
 def _s3_copy(local: str) -> tuple[str, Callable[[], None]]:
     """Upload the cache to a moto S3 server on loopback; returns its URL and a stopper."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
+    server, _ = start_s3()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     fs.mkdir("bench")

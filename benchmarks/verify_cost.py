@@ -11,9 +11,10 @@ listing alone), counting the S3 requests each makes: one listing per epoch folde
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections import Counter
+
+from local_s3 import start_s3
 
 
 def main() -> None:
@@ -22,17 +23,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
+    server, _ = start_s3()
     import s3fs
 
     from pipeline.cache.verify import verify_cache
