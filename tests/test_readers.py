@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -103,7 +104,22 @@ def test_readme_recipe_runs_as_written(tool: str, cache: Path, tmp_path: Path) -
     assert "embedding" in run.stdout and "loss" in run.stdout
 
 
-def test_pvu_still_reads_caches_written_with_byte_stream_split(tmp_path: Path) -> None:
+def test_the_embedding_is_stored_plain_and_uncompressed_the_rest_under_zstd(cache: Path) -> None:
+    metadata = pq.ParquetFile(next(cache.glob(UNIT_GLOB))).metadata
+    chunks = [metadata.row_group(0).column(i) for i in range(metadata.num_columns)]
+    by_path = {chunk.path_in_schema: chunk for chunk in chunks}
+    embedding = by_path.pop("embedding.list.element")
+    assert embedding.compression == "UNCOMPRESSED"
+    assert "PLAIN" in embedding.encodings and "BYTE_STREAM_SPLIT" not in embedding.encodings
+    assert {chunk.compression for chunk in by_path.values()} == {"ZSTD"}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compression"), [("BYTE_STREAM_SPLIT", "zstd"), ("PLAIN", "zstd")]
+)
+def test_pvu_still_reads_caches_written_by_earlier_versions(
+    tmp_path: Path, encoding: str, compression: str
+) -> None:
     spec = SyntheticCache(dim=8, samples_per_shard=40, shards=2, epochs=1, row_group_rows=20)
     url = str(tmp_path / "old")
     write_synthetic_cache(url, spec)
@@ -113,13 +129,17 @@ def test_pvu_still_reads_caches_written_with_byte_stream_split(tmp_path: Path) -
         pq.write_table(
             table,
             path,
-            compression="zstd",
-            column_encoding={"embedding.list.element": "BYTE_STREAM_SPLIT"},
+            compression=compression,
+            column_encoding={"embedding.list.element": encoding},
             use_dictionary=["key", "shard"],
             row_group_size=spec.row_group_rows,
         )
-        encodings = pq.ParquetFile(path).metadata.row_group(0).column(4).encodings
-        assert "BYTE_STREAM_SPLIT" in encodings
+        chunk = pq.ParquetFile(path).metadata.row_group(0).column(4)
+        assert encoding in chunk.encodings and chunk.compression == compression.upper()
+    manifest = json.loads((Path(url) / "_manifest.json").read_text())
+    for name, unit in manifest["units"].items():  # as the older writer would have recorded
+        unit["bytes"] = (Path(url) / name).stat().st_size
+    (Path(url) / "_manifest.json").write_text(json.dumps(manifest))
     after = read_validation(open_cache([url]), val_fraction=1.0, max_rows=1000)
     assert torch.equal(before.embedding, after.embedding)
     assert torch.equal(before.loss, after.loss)

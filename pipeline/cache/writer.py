@@ -12,15 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.retry import retry
-from schemas import UNIT_STATS_KEY
+from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
 ROW_GROUP_ROWS = 4096
 PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    # The float16 embedding stays PLAIN under zstd: DuckDB (2.0) refuses BYTE_STREAM_SPLIT on
-    # float16, so that 5% smaller encoding would cost every reader but pyarrow and polars.
-    # pvu itself still reads caches written with it (pyarrow decodes either).
+    # zstd for every column but the embedding: zstd saves only ~8% of a float16 embedding's
+    # bytes and costs the head trainer most of its reading time (BENCHMARKS.md), so it is
+    # stored uncompressed and PLAIN (DuckDB 2.0 refuses BYTE_STREAM_SPLIT on float16). pvu
+    # still reads caches written with a compressed or byte-stream-split embedding.
+    "compression": {name: "zstd" for name in cache_schema(1).names} | {"embedding": "none"},
     "use_dictionary": ["key", "shard"],
     "row_group_size": ROW_GROUP_ROWS,
 }
