@@ -33,6 +33,7 @@ from pipeline.cache.backbone import (
     describe_backbone,
     file_digest,
 )
+from pipeline.cache.dedupe import deduplicate
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import ActorPool, PoolReport, actor_device_type, plan_actors
 from pipeline.cache.lock import RunLock
@@ -284,8 +285,16 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
-def summarize(report: PoolReport, *, already: int, seconds: float, manifest: Manifest) -> Table:
-    """The job's closing summary: units, rows, skips by reason, throughput, time per stage."""
+def summarize(
+    report: PoolReport,
+    *,
+    already: int,
+    seconds: float,
+    manifest: Manifest,
+    duplicates: dict[str, int] | None = None,
+) -> Table:
+    """The job's closing summary: units, rows, skips by reason, duplicate keys dropped,
+    throughput, time per stage."""
     results, failed = report.results, report.failed
     rows = sum(result.rows for result in results)
     table = Table(title="pvu cache: summary", show_header=False)
@@ -302,6 +311,12 @@ def summarize(report: PoolReport, *, already: int, seconds: float, manifest: Man
     table.add_row(
         "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     )
+    if duplicates:
+        table.add_row(
+            "duplicate keys dropped",
+            f"{sum(duplicates.values()):,} row(s) of {len(duplicates)} unit(s), kept in an "
+            "earlier shard",
+        )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
     stages: dict[str, float] = {}
     for result in results:
@@ -416,6 +431,9 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
             also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
         )
         report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
+    # Each key once per epoch: later copies (in shard order) leave their units, whichever
+    # run committed them; a cache without duplicates is only read.
+    duplicates = [deduplicate(target.manifest, names) for target in targets]
     if not report.failed:
         for target in targets:
             clear_staging(target.config.output)
@@ -425,6 +443,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
             already=len(units) - len(todo),
             seconds=time.monotonic() - started,
             manifest=targets[0].manifest,
+            duplicates=duplicates[0],
         )
     )
     for target in targets[1:]:

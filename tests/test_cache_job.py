@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
 from pipeline.cache.shards import shard_name
-from pipeline.demo.data import write_bad_shard, write_bad_shards, write_digit_shards
+from pipeline.cache.verify import verify_cache
+from pipeline.demo.data import (
+    write_bad_shard,
+    write_bad_shards,
+    write_digit_shards,
+    write_duplicate_key_shards,
+)
 from schemas import read_provenance
 
 pytestmark = pytest.mark.slow
@@ -94,7 +100,7 @@ def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(local_
     output = tmp_path / "in" / "cache"
     report = run_cache(CacheJobConfig(shards=str(shards), output=str(output), **COMMON))
 
-    assert not report.failed and len(report.results) == 5
+    assert not report.failed and len(report.results) == 7
     units = json.loads((output / "_manifest.json").read_text())["units"]
     for name, counts in expected.items():
         assert units[f"epoch=0000/{shard_name(name)}.parquet"]["skipped"] == counts, name
@@ -102,12 +108,55 @@ def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(local_
     # the rest of each shard is cached: every valid sample, once
     keys = read_cache(str(output)).column("key").to_pylist()
     valid = [s.key for s in bad if s.expect is None] + [f"digit-{i:06d}" for i in range(6)]
-    assert sorted(k for k in keys if not k.startswith("ok-cut")) == sorted([*valid, "ok-climb"])
+    duplicated = [f"ok-dup-{i}" for i in range(6)]  # in two shards, ok-dup-4 twice in one
+    expected_keys = [*valid, "ok-climb", *duplicated]
+    assert sorted(k for k in keys if not k.startswith("ok-cut")) == sorted(expected_keys)
     assert keys.count("ok-cut-0") == 1 and len(keys) == len(set(keys))
     # member names are never paths: nothing appeared outside the output prefix
     created = {path for path in tmp_path.rglob("*")} - before
     assert all(output in path.parents or path == output for path in created), created
     assert not (tmp_path / "x.png").exists() and not os.path.exists("/abs/y.png")
+
+
+def test_keys_two_shards_share_are_cached_once_per_epoch_from_the_earlier_shard(
+    local_ray, tmp_path
+):
+    shards = tmp_path / "shards"
+    expected = write_duplicate_key_shards(str(shards))
+    output = tmp_path / "cache"
+    config = CacheJobConfig(shards=str(shards), output=str(output), epochs=2, **COMMON)
+    # The later shard's units commit first: by a run of their own, then the whole run.
+    run_cache(config.model_copy(update={"shards": str(shards / "dup-1.tar"), "epochs": 1}))
+    report = run_cache(config)
+    assert not report.failed and len(report.results) == 3
+
+    table = by_key_and_epoch(output)
+    assert_one_row_per_sample_and_epoch(table, 6, 2)
+    keys, shard, label = (table[name].to_pylist() for name in ("key", "shard", "label"))
+    assert shard == ["dup-0" if int(key[-1]) < 4 else "dup-1" for key in keys]
+    assert label == [1 if int(key[-1]) < 4 else 2 for key in keys]  # never ok-dup-4's 2nd (3)
+    units = json.loads((output / "_manifest.json").read_text())["units"]
+    for epoch in ("0000", "0001"):
+        assert units[f"epoch={epoch}/dup-0.parquet"]["skipped"] == expected["dup-0.tar"]
+        assert units[f"epoch={epoch}/dup-1.parquet"]["skipped"] == expected["dup-1.tar"]
+        assert units[f"epoch={epoch}/dup-1.parquet"]["rows"] == 5 - 3
+    info = CliRunner().invoke(app, ["info", str(output)])
+    assert "duplicate_key=6" in " ".join(info.output.split())
+    assert verify_cache(str(output)).ok
+
+    # The earlier shard first, into a fresh cache: the same rows.
+    fresh = tmp_path / "fresh"
+    run_cache(config.model_copy(update={"output": str(fresh)}))
+    assert by_key_and_epoch(fresh).equals(table)
+    # A lost unit that held later copies is recomputed with them, and they go again.
+    (output / "epoch=0001" / "dup-1.parquet").unlink()
+    assert len(run_cache(config).results) == 1
+    assert by_key_and_epoch(output).equals(table) and verify_cache(str(output)).ok
+    assert again_skips_everything(config) and by_key_and_epoch(output).equals(table)
+
+
+def by_key_and_epoch(root) -> pyarrow.Table:
+    return read_cache(str(root)).sort_by([("epoch", "ascending"), ("key", "ascending")])
 
 
 def again_skips_everything(config: CacheJobConfig) -> bool:

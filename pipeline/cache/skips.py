@@ -20,6 +20,9 @@ class SkipReason(str, Enum):
     TRUNCATED_TAR = "truncated_tar"
     EMPTY_SHARD = "empty_shard"
     UNSAFE_NAME = "unsafe_name"
+    #: A key an earlier shard of the run holds too, in the same epoch: counted by the driver's
+    #: pass over committed units (``pipeline.cache.dedupe``), not by the unit itself.
+    DUPLICATE_KEY = "duplicate_key"
 
 
 class BadSample(Exception):

@@ -3,8 +3,9 @@
 - ``write_digit_shards``: scikit-learn's bundled digits, upscaled and coloured to RGB (the demo).
 - ``write_photo_shards``: random crops of scikit-image's sample photos at about ImageNet size,
   JPEG quality 90 (tests and benchmarks; needs the ``dev`` extra).
-- ``bad_samples`` / ``write_bad_shard`` / ``truncate_shard`` / ``write_bad_shards``: every kind
-  of bad or odd input, made on purpose, each with the skip reason it must be counted under.
+- ``bad_samples`` / ``write_bad_shard`` / ``truncate_shard`` / ``write_bad_shards`` /
+  ``write_duplicate_key_shards``: every kind of bad or odd input, made on purpose, each with
+  the skip reason it must be counted under.
 
 Everything is deterministic in ``seed``: the same call writes the same bytes. Output may be
 any fsspec URL (a local folder, ``s3://bucket/prefix``). Nothing is downloaded.
@@ -244,7 +245,8 @@ def write_bad_shards(out_dir: str, *, size: int = 32) -> dict[str, dict[str, int
 
     ``empty.tar``: zero bytes; ``cut.tar.gz``: a gzip-compressed shard cut short (its first
     samples survive); ``climb.tar``: members named ``../../x.*`` and ``/abs/y.*`` beside a valid
-    sample, which must be skipped and never touch a path.
+    sample, which must be skipped and never touch a path; ``dup-0.tar`` and ``dup-1.tar``: keys
+    both hold (``write_duplicate_key_shards``).
     """
     image = encode_image(Image.new("RGB", (size, size), (30, 60, 90)), "png")
     digit = {"png": image, "cls": b"1"}
@@ -264,7 +266,29 @@ def write_bad_shards(out_dir: str, *, size: int = 32) -> dict[str, dict[str, int
         "empty.tar": {SkipReason.EMPTY_SHARD.value: 1},
         "cut.tar.gz": {SkipReason.TRUNCATED_TAR.value: 1},
         "climb.tar": {SkipReason.UNSAFE_NAME.value: 2},
+        **write_duplicate_key_shards(out_dir, size=size),
     }
+
+
+def write_duplicate_key_shards(out_dir: str, *, size: int = 32) -> dict[str, dict[str, int]]:
+    """Write two shards that share keys into ``out_dir``; return the skips each must count.
+
+    ``dup-0.tar`` holds ``ok-dup-0`` to ``ok-dup-3`` (label 1, red); ``dup-1.tar`` holds
+    ``ok-dup-2`` to ``ok-dup-5`` (label 2, blue), then ``ok-dup-4`` once more, apart from its
+    first copy (label 3, green). Each key must be cached once per epoch, from its first copy in
+    shard order: ``dup-1.tar`` counts its three later copies as ``duplicate_key``.
+    """
+
+    def sample(label: int, colour: tuple[int, int, int]) -> dict[str, bytes]:
+        image = encode_image(Image.new("RGB", (size, size), colour), "png")
+        return {"png": image, "cls": b"%d" % label}
+
+    colours = {1: (200, 30, 30), 2: (30, 30, 200), 3: (30, 200, 30)}
+    first, second, again = (sample(label, colour) for label, colour in colours.items())
+    write_shard(join(out_dir, "dup-0.tar"), [(f"ok-dup-{i}", first) for i in range(4)])
+    later = [(f"ok-dup-{i}", second) for i in range(2, 6)] + [("ok-dup-4", again)]
+    write_shard(join(out_dir, "dup-1.tar"), later)
+    return {"dup-0.tar": {}, "dup-1.tar": {SkipReason.DUPLICATE_KEY.value: 3}}
 
 
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:

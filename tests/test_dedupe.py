@@ -1,0 +1,78 @@
+"""Keys two shards share: one row per (key, epoch), from the earliest shard, whatever the order
+units were committed in. Real tar shards, a real timm model and real Parquet units, no Ray."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from support import make_runner
+
+from pipeline.cache.dedupe import deduplicate
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.unit import Unit
+from pipeline.cache.verify import verify_cache
+from pipeline.demo.data import write_duplicate_key_shards
+
+ORDER = ["dup-0", "dup-1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("shards")
+    write_duplicate_key_shards(str(folder))
+    return {name: str(folder / f"{name}.tar") for name in ORDER}
+
+
+def cache_in_order(root: str, shards: dict[str, str], units: list[tuple[str, int]]) -> Manifest:
+    """Commit ``units`` (shard, epoch) in the given order, then run the pass as a job does."""
+    runner = make_runner(root)
+    manifest = Manifest(root, runner.settings.provenance)
+    for name, epoch in units:
+        result = runner.run(Unit(shards[name], name, epoch))
+        manifest.record(result.relpath, result.manifest_entry())
+    deduplicate(manifest, ORDER)
+    manifest.flush(force=True)
+    return manifest
+
+
+def rows(root: str):
+    table = pq.read_table(root, partitioning=None, ignore_prefixes=["_", "."])
+    return table.sort_by([("epoch", "ascending"), ("key", "ascending")])
+
+
+def test_each_key_once_per_epoch_from_the_earliest_shard_whatever_finished_first(tmp_path, shards):
+    later_first = [("dup-1", 1), ("dup-1", 0), ("dup-0", 0), ("dup-0", 1)]
+    manifest = cache_in_order(str(tmp_path / "a"), shards, later_first)
+    table = rows(str(tmp_path / "a"))
+    pairs = list(zip(table["key"].to_pylist(), table["epoch"].to_pylist(), strict=True))
+    assert len(pairs) == len(set(pairs)) == 6 * 2
+    kept = dict(zip(table["key"].to_pylist(), table["shard"].to_pylist(), strict=True))
+    assert kept == {f"ok-dup-{i}": "dup-0" if i < 4 else "dup-1" for i in range(6)}
+    labels = dict(zip(table["key"].to_pylist(), table["label"].to_pylist(), strict=True))
+    assert labels == {f"ok-dup-{i}": 1 if i < 4 else 2 for i in range(6)}  # not ok-dup-4's 3
+    for epoch in (0, 1):
+        assert manifest.units[f"epoch={epoch:04d}/dup-1.parquet"]["skipped"] == {"duplicate_key": 3}
+        assert manifest.units[f"epoch={epoch:04d}/dup-1.parquet"]["rows"] == 2
+        assert manifest.units[f"epoch={epoch:04d}/dup-0.parquet"]["skipped"] == {}
+    assert verify_cache(str(tmp_path / "a")).ok  # rewritten files agree with their records
+
+    earlier_first = [("dup-0", 0), ("dup-0", 1), ("dup-1", 0), ("dup-1", 1)]
+    cache_in_order(str(tmp_path / "b"), shards, earlier_first)
+    assert rows(str(tmp_path / "b")).equals(table)
+
+
+def test_the_pass_again_changes_nothing_and_a_recomputed_unit_is_cut_again(tmp_path, shards):
+    root = str(tmp_path / "cache")
+    manifest = cache_in_order(root, shards, [("dup-0", 0), ("dup-1", 0)])
+    before = rows(root)
+    unit = tmp_path / "cache" / "epoch=0000" / "dup-1.parquet"
+    written = unit.stat().st_mtime_ns
+    assert deduplicate(manifest, ORDER) == {}
+    assert unit.stat().st_mtime_ns == written  # only read
+
+    unit.unlink()  # lost, then recomputed with its duplicates, as a repairing run does
+    runner = make_runner(root)
+    result = runner.run(Unit(shards["dup-1"], "dup-1", 0))
+    manifest.record(result.relpath, result.manifest_entry())
+    assert deduplicate(manifest, ORDER) == {"epoch=0000/dup-1.parquet": 3}
+    assert rows(root).equals(before)
