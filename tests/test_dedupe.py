@@ -8,6 +8,7 @@ import pytest
 from support import make_runner
 
 from pipeline.cache.dedupe import deduplicate
+from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
@@ -55,6 +56,9 @@ def test_each_key_once_per_epoch_from_the_earliest_shard_whatever_finished_first
         assert manifest.units[f"epoch={epoch:04d}/dup-1.parquet"]["rows"] == 2
         assert manifest.units[f"epoch={epoch:04d}/dup-0.parquet"]["skipped"] == {}
     assert verify_cache(str(tmp_path / "a")).ok  # rewritten files agree with their records
+    rewritten, untouched = (tmp_path / "a" / "epoch=0000" / f"{n}.parquet" for n in ORDER[::-1])
+    assert pq.read_schema(rewritten).equals(pq.read_schema(untouched))
+    assert open_cache([str(tmp_path / "a")]).rows == 6 * 2  # what train-head and evaluate read
 
     earlier_first = [("dup-0", 0), ("dup-0", 1), ("dup-1", 0), ("dup-1", 1)]
     cache_in_order(str(tmp_path / "b"), shards, earlier_first)
