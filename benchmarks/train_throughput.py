@@ -108,15 +108,20 @@ def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -
     return clock.rate(samples)
 
 
-def time_reader(url: str, args: argparse.Namespace, seed: int) -> float:
-    """CPU microseconds per row to stream one pass of the cache at ``url`` without training."""
+def time_reader(url: str, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """CPU microseconds per row to stream the cache at ``url`` without training: the first
+    pass (from opening the stream: it also touches the memory it holds rows in for the first
+    time) and the second."""
     index = open_cache([url])
     config = StreamConfig(seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01)
-    cpu, samples = time.process_time(), 0
+    passes = []
     with CacheStream(index, config) as stream:
-        while stream.state.pass_index < 1:
-            samples += len(stream.next_batch(args.batch_size))
-    return (time.process_time() - cpu) / samples * 1e6
+        for done in (1, 2):
+            cpu, samples = time.process_time(), 0
+            while stream.state.pass_index < done:
+                samples += len(stream.next_batch(args.batch_size))
+            passes.append((time.process_time() - cpu) / samples * 1e6)
+    return passes[0], passes[1]
 
 
 def _s3_copy(local: str) -> tuple[str, Callable[[], None]]:
@@ -175,7 +180,10 @@ def main() -> None:
         y = everything.loss[order].contiguous().to(args.device)
         del everything
         reader = [time_reader(url, args, seed=r) for r in range(args.repeats)]
-        print(f"reader alone: {', '.join(f'{us:.2f}' for us in reader)} CPU us/row (target <= 4)")
+        first, second = (
+            ", ".join(f"{us:.2f}" for us in column) for column in zip(*reader, strict=True)
+        )
+        print(f"reader alone, CPU us/row (target <= 4): first pass {first}; second pass {second}")
         s3_url, stop = _s3_copy(url) if args.s3 else (None, None)
         for precision in args.precision:
             memory, local, remote = [], [], []
@@ -213,9 +221,11 @@ def _report(
             )
     best = max(r.wall for r in local) / max(r.wall for r in memory)
     cpu = max(r.cpu for r in local) / max(r.cpu for r in memory)
+    rounds = ", ".join(f"{s.cpu / m.cpu:.2f}" for s, m in zip(local, memory, strict=True))
+    target = 0.9 if precision == "fp32" else 0.8
     print(
         f"  ratio local/in-memory: {best:.3f} wall (best of each), {cpu:.3f} CPU-time "
-        "(target >= 0.8)"
+        f"(best of each; per round {rounds}; target >= {target})"
     )
     if remote:
         best = max(r.wall for r in remote) / max(r.wall for r in memory)

@@ -4,11 +4,11 @@ Each pass over the cache follows :mod:`pipeline.head.shuffle`: every window inte
 slice of each of ``spread`` row groups (about ``shuffle_rows`` rows held), so batches mix rows
 from all over the cache whatever order its shards were written in. Decoded groups are held
 in their stored dtype (float16) in a fixed pool of slots; each window is gathered from the
-pool in a background thread (:func:`pipeline.prefetch.prefetch`) while the caller trains, and
-widened to float32 once, straight into the batch. Memory is about
-``(shuffle_rows + (io_threads + prefetch_windows) x group rows) x D x 2`` bytes. The
-position ``(pass, window, offset)`` is a small JSON-able state, so a run can stop and resume
-at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
+pool and widened to float32 once, in a background thread (:func:`pipeline.prefetch.prefetch`)
+while the caller trains, and a batch is a view of its window (a copy only where it spans two).
+Memory is about ``(shuffle_rows + io_threads x group rows) x D x 2 + prefetch_windows x group
+rows x D x 4`` bytes. The position ``(pass, window, offset)`` is a small JSON-able state, so a
+run can stop and resume at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
 validation slice and never appear in training batches, in any epoch.
 """
 
@@ -29,6 +29,9 @@ from pipeline.head.rows import GroupRows, read_group
 from pipeline.prefetch import prefetch
 
 _VAL_ORDER_SEED = 0x7A1
+# torch copies fewer elements than this (at::internal::GRAIN_SIZE) on the calling thread alone;
+# larger copies start its intra-op threads, which spin for a core the training step needs.
+_SERIAL_ELEMENTS = 32_767
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class CacheStream:
             config.shuffle_rows, groups=len(self._groups), group_rows=group_rows
         )
         self._lookahead = config.io_threads
-        slots = self.spread + self._lookahead
+        slots = min(self.spread + self._lookahead, len(self._groups))  # a pass holds each once
         self._pool = _Pool(slots, group_rows, index.dim, index.dtype)
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
@@ -161,24 +164,30 @@ class CacheStream:
         return self._state
 
     def next_batch(self, size: int) -> Batch:
-        """The next ``size`` training rows (crossing windows and passes as needed)."""
-        embedding = torch.empty((size, self.index.dim), dtype=torch.float32)
-        loss = torch.empty(size, dtype=torch.float32)
+        """The next ``size`` training rows (crossing windows and passes as needed).
+
+        A batch within one window is a view of it (no copy); one that spans windows is copied.
+        """
+        embedding: list[torch.Tensor] = []
+        loss: list[torch.Tensor] = []
         extras: dict[str, list[np.ndarray]] = {name: [] for name in self.config.extra_columns}
         filled = 0
         while filled < size:
             window = self._current()
             start = self._state.offset
             stop = min(start + size - filled, len(window))
-            end = filled + stop - start
-            embedding[filled:end].copy_(window.embedding[start:stop])  # the one widening
-            loss[filled:end] = window.loss[start:stop]
+            embedding.append(window.embedding[start:stop])
+            loss.append(window.loss[start:stop])
             for name, parts in extras.items():
                 parts.append(window.extras[name][start:stop])
-            filled = end
+            filled += stop - start
             self._advance(window, stop)
         self.stats.rows += size
-        return Batch(embedding, loss, {name: np.concatenate(p) for name, p in extras.items()})
+        return Batch(
+            _joined(embedding),
+            _joined(loss),
+            {name: np.concatenate(p) for name, p in extras.items()},
+        )
 
     def close(self) -> None:
         """Stop the background reader."""
@@ -292,7 +301,7 @@ class CacheStream:
             len(flat), seed=self.config.seed, pass_index=pass_index, window=w
         )
         flat = flat[permutation]
-        embedding = torch.from_numpy(np.take(self._pool.embedding, flat, axis=0))
+        embedding = _widened(np.take(self._pool.embedding, flat, axis=0))
         extras = {}
         for name in self.config.extra_columns:
             values = [
@@ -313,6 +322,26 @@ class CacheStream:
             extras,
             nonfinite,
         )
+
+
+def _widened(stored: np.ndarray) -> torch.Tensor:
+    """``stored`` rows as a float32 tensor, converted on this thread alone, in serial pieces."""
+    if stored.dtype == np.float32:
+        return torch.from_numpy(stored)
+    source = torch.from_numpy(stored)
+    out = torch.empty(source.shape, dtype=torch.float32)
+    rows = max(1, _SERIAL_ELEMENTS // max(1, stored.shape[1]))
+    for piece, part in zip(out.split(rows), source.split(rows), strict=True):
+        piece.copy_(part)
+    return out
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` one after another: the part itself when alone (a view), else one copy (NumPy's,
+    on this thread: torch's own would start its intra-op threads)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.from_numpy(np.concatenate([part.numpy() for part in parts]))
 
 
 def read_validation(
@@ -354,7 +383,7 @@ def read_validation(
         return empty
     embedding = np.concatenate([p.embedding[p.rows] for p in parts])[:max_rows]
     return Batch(
-        torch.from_numpy(embedding).float(),
+        _widened(embedding),
         torch.from_numpy(np.concatenate([p.loss[p.rows] for p in parts])[:max_rows]),
         {
             name: np.concatenate([p.extras[name][p.rows] for p in parts])[:max_rows]
