@@ -40,7 +40,7 @@ def pooled(tmp_path_factory) -> UnitRunner:
 
 
 def worker_pids(runner: UnitRunner) -> set[int]:
-    return {process.pid for process in runner.decode_pool._pool._pool}
+    return set(runner.decode_pool.pids)
 
 
 def run_both(tmp_path, pooled: UnitRunner, unit: Unit):
@@ -118,6 +118,26 @@ def test_tasks_are_read_a_bounded_window_ahead(shards, pooled):
     pool = pooled.decode_pool
     assert read <= pool.in_flight * pool.chunk + pool.chunk
     results.close()
+    # the chunks still in flight answered that map, not the next one
+    again = list(pool.map((f"j{i}", data, i) for i in range(3)))
+    assert [skip.key for skip in again] == ["j0", "j1", "j2"]
+
+
+_TINY = {
+    "is_training": False,
+    "input_size": [3, 32, 32],
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 1.0,
+}
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for(shards):
+    data = Path(shards["digits-0000"]).read_bytes()
+    with DecodePool([_TINY], 1) as pool:
+        os.kill(pool.pids[0], signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="exited"):
+            list(pool.map((f"k{i}", data, i) for i in range(3)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -125,10 +145,8 @@ def test_workers_exit_when_their_parent_is_killed():
     script = (
         "import sys, time\n"
         "from pipeline.cache.decode_pool import DecodePool\n"
-        "pool = DecodePool([{'is_training': False, 'input_size': [3, 32, 32], 'mean': [0.5] * 3,"
-        " 'std': [0.5] * 3, 'crop_pct': 1.0}], 1)\n"
-        "pool._pool.apply(time.sleep, (0,))\n"
-        "print(*[p.pid for p in pool._pool._pool], flush=True)\n"
+        f"pool = DecodePool([{_TINY!r}], 1)\n"
+        "print(*pool.pids, flush=True)\n"
         "print(*[s.name for slot in pool._slots for s in (slot.input, slot.output)], flush=True)\n"
         "time.sleep(60)\n"
     )

@@ -6,23 +6,29 @@ already runs torch or Ray threads) and returns the results in input order. Each 
 augmentation is seeded by its own (seed, epoch, key), so the results are bit-identical to
 :func:`prepare_image` run in-thread, whatever the number of workers.
 
-Images go both ways through shared memory (:class:`DecodePool`), so the parent, which is the
-actor feeding the GPU, spends a few hundredths of a millisecond per image on them.
+Images go both ways through shared memory (:class:`DecodePool`), and each worker has its own
+pipe that the parent's one thread writes requests to and reads replies from (no pool threads
+handing work on), so the parent, which is the actor feeding the GPU, spends a few hundredths
+of a millisecond per image, however many workers it has.
 
 A rejected sample comes back as a :class:`Skip` value; any other exception (a code bug) is
-re-raised in the parent. Workers run one torch thread each. They exit when their parent does,
-even when it is killed (as ``ray.kill`` kills an actor, running no clean-up): a pool worker
-holds only the read end of the task pipe, so it reads end-of-file once the parent is gone.
+re-raised in the parent, and a worker that dies is reported, not waited for. Workers run one
+torch thread each. They exit when their parent does, even when it is killed (as ``ray.kill``
+kills an actor, running no clean-up): a worker holds only its own end of its pipe, so it reads
+end-of-file once the parent is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -44,6 +50,7 @@ from pipeline.cache.skips import BadSample, SkipReason
 Task = tuple[str, bytes, int]
 Prepared = np.ndarray | torch.Tensor
 START_SECONDS = 300
+_READY = "ready"
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,10 @@ class DecodePool:
 
     Images never cross a pipe: each chunk in flight owns a :class:`_Slot` of shared memory,
     into which the parent copies the encoded bytes and the worker writes the prepared images;
-    only keys, offsets, seeds and shapes are pickled. The parent's cost per image is two
-    memory copies (about 0.02 ms for a 224x224 image), not a pickle through a pipe.
+    only keys, offsets, seeds and shapes are pickled. Chunks go to the workers in turn, two
+    per worker in flight, and come back in order from the worker that has each: the parent's
+    cost per image is two memory copies (about 0.02 ms for a 224x224 image) and its share of
+    one small message each way per chunk, with no thread of its own to wake.
     """
 
     def __init__(self, resolved: list[dict[str, Any]], workers: int, *, chunk: int = 8) -> None:
@@ -111,14 +120,31 @@ class DecodePool:
         self._task_bytes = sum(sizes)
         self._slots = [_Slot(self.chunk * self._task_bytes) for _ in range(self.in_flight)]
         context = multiprocessing.get_context("spawn")
-        ready = context.Semaphore(0)
-        self._pool = context.Pool(workers, initializer=_start_worker, initargs=(resolved, ready))
+        self._workers: list[tuple[BaseProcess, Connection]] = []
+        for _ in range(workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=_work, args=(resolved, theirs), name="pvu-decode", daemon=True
+            )
+            process.start()
+            theirs.close()  # the worker's end lives in the worker only
+            self._workers.append((process, ours))
         # Wait until every worker has imported torch and built its transform (seconds, many
         # workers at once): a pool that is still starting would stall the first unit.
-        for _ in range(workers):
-            if not ready.acquire(timeout=START_SECONDS):
-                self.close()
-                raise RuntimeError(f"decode workers did not start within {START_SECONDS} s")
+        deadline = time.monotonic() + START_SECONDS
+        try:
+            for index, (_, connection) in enumerate(self._workers):
+                if not connection.poll(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"decode workers did not start within {START_SECONDS} s")
+                self._receive(index)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids."""
+        return [process.pid for process, _ in self._workers if process.pid is not None]
 
     def map(self, tasks: Iterable[Task]) -> Iterator[list[np.ndarray] | Skip]:
         """Each task's images, one per transform (or its :class:`Skip`), in task order; one
@@ -127,28 +153,31 @@ class DecodePool:
         At most ``in_flight`` chunks of ``chunk`` tasks are read from ``tasks`` ahead of the
         result being yielded, so memory stays bounded however long ``tasks`` is.
         """
+        if not self._workers:
+            raise RuntimeError("the decode pool is closed")
         free = deque(self._slots)
-        pending: deque[tuple[_Slot, AsyncResult]] = deque()
+        pending: deque[tuple[_Slot, int]] = deque()  # each chunk's slot and worker, in order
         try:
-            for chunk in _chunks(tasks, self.chunk):
+            for turn, chunk in enumerate(_chunks(tasks, self.chunk)):
                 if not free:
                     yield from self._collect(*pending.popleft(), free)
                 slot = free.popleft()
                 placed = slot.load(chunk)  # first: it may move the input to a new segment
-                args = (placed, slot.input.name, slot.output.name, self._offsets, self._task_bytes)
-                pending.append((slot, self._pool.apply_async(_prepare_chunk, args)))
+                worker = turn % self.workers  # in turn: a worker's replies come in chunk order
+                request = (placed, slot.input.name, slot.output.name, self._offsets)
+                self._send(worker, (*request, self._task_bytes))
+                pending.append((slot, worker))
             while pending:
                 yield from self._collect(*pending.popleft(), free)
         finally:
-            # A chunk still running writes into its slot: wait for it before the slot is reused
-            # (unless the pool was closed, which stopped it).
-            if self._slots:
-                for _, result in pending:
-                    result.wait()
+            # Stopped early: the chunks in flight still write into their slots, and their
+            # replies must not answer the next map's requests. Wait for them.
+            for _, worker in pending:
+                if self._workers:
+                    with contextlib.suppress(EOFError, OSError):  # a dead one fails the next map
+                        self._workers[worker][1].recv()
 
-    def _collect(
-        self, slot: _Slot, result: AsyncResult, free: deque[_Slot]
-    ) -> list[list[np.ndarray] | Skip]:
+    def _collect(self, slot: _Slot, worker: int, free: deque[_Slot]) -> list[Any]:
         """The chunk's images, copied out of ``slot``, which goes back to ``free``."""
         images = [
             item
@@ -157,15 +186,39 @@ class DecodePool:
                 slot.image(i * self._task_bytes + offset, *layout)
                 for offset, layout in zip(self._offsets, item, strict=True)
             ]
-            for i, item in enumerate(result.get())
+            for i, item in enumerate(self._receive(worker))
         ]
         free.append(slot)
         return images
 
+    def _send(self, worker: int, request: tuple) -> None:
+        try:
+            self._workers[worker][1].send(request)
+        except OSError:  # its end is closed: it died
+            raise self._died(worker) from None
+
+    def _receive(self, worker: int) -> Any:
+        """Worker ``worker``'s next reply; raises what the worker raised, or that it died."""
+        try:
+            reply = self._workers[worker][1].recv()
+        except (EOFError, OSError):
+            raise self._died(worker) from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _died(self, worker: int) -> RuntimeError:
+        process = self._workers[worker][0]
+        process.join(timeout=5)
+        return RuntimeError(f"decode worker {process.pid} exited (exit code {process.exitcode})")
+
     def close(self) -> None:
         """Stop the workers (work still queued is dropped) and free the shared memory."""
-        self._pool.terminate()
-        self._pool.join()
+        for process, connection in self._workers:
+            process.terminate()
+            process.join()
+            connection.close()
+        self._workers = []
         for slot in self._slots:
             slot.release()
         self._slots = []
@@ -235,20 +288,29 @@ def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
         yield chunk
 
 
-# Worker side: the transforms, built once per process by ``_start_worker``.
-_prepares: list[Prepare] = []
-
-
-def _start_worker(resolved: list[dict[str, Any]], ready: Any) -> None:
+def _work(resolved: list[dict[str, Any]], connection: Connection) -> None:
+    """A worker: build the transforms once, then prepare each chunk the parent sends until it
+    closes the pipe or dies."""
     torch.set_num_threads(1)
-    _prepares[:] = [build_prepare(one) for one in resolved]
-    ready.release()
+    prepares = [build_prepare(one) for one in resolved]
+    try:
+        connection.send(_READY)
+        while True:
+            request = connection.recv()
+            try:
+                reply: Any = _prepare_chunk(prepares, *request)
+            except Exception as error:  # a code bug: raised again in the parent
+                reply = error
+            connection.send(reply)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone
 
 
 Layout = tuple[tuple[int, ...], str]  # a prepared image's shape and dtype
 
 
 def _prepare_chunk(
+    prepares: list[Prepare],
     tasks: list[tuple[str, int, int, int]],
     source: str,
     target: str,
@@ -258,7 +320,6 @@ def _prepare_chunk(
     """Prepare the chunk read from shared memory ``source`` into ``target`` (task ``i``'s
     image for transform ``j`` at ``i * task_bytes + offsets[j]``); returns each task's image
     layouts, or its :class:`Skip`."""
-    assert _prepares, "the worker was not initialized"
     inputs, outputs = _attach(source), _attach(target)
     ends = [*offsets[1:], task_bytes]
     results: list[list[Layout] | Skip] = []
@@ -266,7 +327,7 @@ def _prepare_chunk(
         for i, (key, offset, size, seed) in enumerate(tasks):
             data = bytes(inputs.buf[offset : offset + size])
             try:
-                images = prepare_images(_prepares, data, key, seed)
+                images = prepare_images(prepares, data, key, seed)
             except BadSample as bad:
                 results.append(Skip(bad.reason, bad.key or key, bad.detail))
                 continue
