@@ -132,12 +132,14 @@ _TINY = {
 }
 
 
-def test_a_worker_that_dies_is_reported_not_waited_for(shards):
+def test_a_worker_that_dies_is_reported_then_replaced(shards):
     data = Path(shards["digits-0000"]).read_bytes()
     with DecodePool([_TINY], 1) as pool:
         os.kill(pool.pids[0], signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="exited"):
+        with pytest.raises(RuntimeError, match="exited"):  # not a hang
             list(pool.map((f"k{i}", data, i) for i in range(3)))
+        again = list(pool.map((f"j{i}", data, i) for i in range(3)))
+        assert [skip.key for skip in again] == ["j0", "j1", "j2"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

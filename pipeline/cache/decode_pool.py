@@ -119,22 +119,27 @@ class DecodePool:
         self._offsets = [sum(sizes[:i]) for i in range(len(sizes))]  # within one task's images
         self._task_bytes = sum(sizes)
         self._slots = [_Slot(self.chunk * self._task_bytes) for _ in range(self.in_flight)]
+        self._resolved = resolved
+        self._workers = [self._spawn() for _ in range(workers)]
+        self._wait_ready(range(workers))
+
+    def _spawn(self) -> tuple[BaseProcess, Connection]:
         context = multiprocessing.get_context("spawn")
-        self._workers: list[tuple[BaseProcess, Connection]] = []
-        for _ in range(workers):
-            ours, theirs = context.Pipe()
-            process = context.Process(
-                target=_work, args=(resolved, theirs), name="pvu-decode", daemon=True
-            )
-            process.start()
-            theirs.close()  # the worker's end lives in the worker only
-            self._workers.append((process, ours))
-        # Wait until every worker has imported torch and built its transform (seconds, many
-        # workers at once): a pool that is still starting would stall the first unit.
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_work, args=(self._resolved, theirs), name="pvu-decode", daemon=True
+        )
+        process.start()
+        theirs.close()  # the worker's end lives in the worker only
+        return process, ours
+
+    def _wait_ready(self, indices: Iterable[int]) -> None:
+        """Wait until the workers ``indices`` have imported torch and built their transforms
+        (seconds, many workers at once): a pool still starting would stall the first unit."""
         deadline = time.monotonic() + START_SECONDS
         try:
-            for index, (_, connection) in enumerate(self._workers):
-                if not connection.poll(max(0.0, deadline - time.monotonic())):
+            for index in indices:
+                if not self._workers[index][1].poll(max(0.0, deadline - time.monotonic())):
                     raise RuntimeError(f"decode workers did not start within {START_SECONDS} s")
                 self._receive(index)
         except BaseException:
@@ -155,6 +160,11 @@ class DecodePool:
         """
         if not self._workers:
             raise RuntimeError("the decode pool is closed")
+        dead = [i for i, (process, _) in enumerate(self._workers) if not process.is_alive()]
+        for index in dead:  # one that died (reported by the map it failed) is replaced
+            self._workers[index][1].close()
+            self._workers[index] = self._spawn()
+        self._wait_ready(dead)
         free = deque(self._slots)
         pending: deque[tuple[_Slot, int]] = deque()  # each chunk's slot and worker, in order
         try:
