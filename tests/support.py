@@ -78,11 +78,20 @@ def unit_settings(
     deteriorate: Deterioration | None = None,
     backbone: str = BACKBONE,
     size: int = 32,
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
     **overrides,
 ) -> UnitSettings:
-    """Settings for caching with random-weight ``backbone`` at ``size`` into ``output``."""
+    """Settings for caching with random-weight ``backbone`` at ``size`` into ``output``
+    (``normalize``: a (mean, std) other than the backbone's)."""
     info = describe_backbone(backbone, "random", input_size=(3, size, size))
-    config = TransformConfig(augment=augment, input_size=(3, size, size), deteriorate=deteriorate)
+    mean, std = normalize or (None, None)
+    config = TransformConfig(
+        augment=augment,
+        input_size=(3, size, size),
+        deteriorate=deteriorate,
+        mean=mean,
+        std=std,
+    )
     transform = resolve_transform(config, info.data_config)
     provenance = {
         "schema_version": SCHEMA_VERSION,

@@ -277,15 +277,11 @@ class Fanout:
                     raise ValueError(f"targets of one pass must share {name}")
         distinct: dict[str, dict[str, Any]] = {}
         for runner in runners:
-            distinct.setdefault(
-                json.dumps(runner.settings.transform, sort_keys=True), runner.settings.transform
-            )
+            distinct.setdefault(_augmentation(runner), runner.settings.transform)
         order = list(distinct)
         self.runners = runners
         self.settings = first
-        self.transform_of = [
-            order.index(json.dumps(r.settings.transform, sort_keys=True)) for r in runners
-        ]
+        self.transform_of = [order.index(_augmentation(runner)) for runner in runners]
         self.prepares = [build_prepare(resolved) for resolved in distinct.values()]
         resolved = list(distinct.values())
         self.pool = DecodePool(resolved, decode_workers) if decode_workers else None
@@ -400,6 +396,16 @@ class Fanout:
         ]
         results[0].timings["cpu"] = time.process_time() - cpu_started  # all threads
         return results
+
+
+def _augmentation(runner: UnitRunner) -> str:
+    """What a target's per-image preparation depends on: its whole transform, less the
+    normalization (mean, std) where the transform splits, as each target then normalizes its
+    own uint8 batches (pvu's transforms use mean and std in ``Normalize`` only)."""
+    resolved = runner.settings.transform
+    if runner.split is not None:
+        resolved = {name: value for name, value in resolved.items() if name not in ("mean", "std")}
+    return json.dumps(resolved, sort_keys=True)
 
 
 def _try_prepare(prepares: list[Prepare], task: Task) -> list[Any] | Skip:
