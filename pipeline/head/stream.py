@@ -124,7 +124,9 @@ class _Pool:
 
     def __init__(self, slots: int, rows: int, dim: int, dtype: str) -> None:
         self.rows = rows
-        self.embedding = np.empty((slots * rows, dim), dtype=dtype)
+        # torch's allocator, not NumPy's: NumPy advises huge pages for large arrays, and the
+        # kernel's compaction for them made the pool's first touch ~2.5x slower (BENCHMARKS.md)
+        self.embedding = torch.empty((slots * rows, dim), dtype=getattr(torch, dtype)).numpy()
         self.loss = np.empty(slots * rows, dtype=np.float32)
         self.free = list(range(slots))
 
