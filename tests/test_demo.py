@@ -21,6 +21,7 @@ from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import read_state_dict
 from pipeline.cache.decode import decode_image
 from pipeline.cache.samples import iter_samples
+from pipeline.demo.sets import GLYPH_LABEL
 from pipeline.head.export import attach_head, load_head
 from schemas import read_provenance, validate_report
 
@@ -35,6 +36,8 @@ def demo(tmp_path_factory):
     config = DemoConfig(
         output=tmp_path_factory.mktemp("demo"),
         copies=1,
+        glyph_classes=20,
+        glyph_images=10,
         backbone_epochs=6,
         cache_epochs=2,
         head_episodes=4,
@@ -147,7 +150,8 @@ def test_attached_head_equals_the_head_on_cached_eval_embeddings(demo):
     with torch.no_grad():
         expected = head(torch.from_numpy(cached.astype(np.float32))).numpy()
 
-    model = timm.create_model(BACKBONE, pretrained=False, num_classes=6)
+    classes = GLYPH_LABEL + 20  # digits 0-5, 6-9 never trained, then the 20 glyphs
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=classes)
     model.load_state_dict(read_state_dict(weights))
     attached = attach_head(model.eval(), str(output / "head"))
     transform = build_transform(read_provenance(table.schema)["transform"])

@@ -67,7 +67,13 @@ def validated_only(job: str, *, verbose: bool) -> Iterator[None]:
 @pytest.fixture
 def demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder like the one ``make demo`` runs in: ``demo-output/`` and the repo's configs."""
-    small = {"copies": 1, "backbone_epochs": 2, "cache_epochs": 2, "head_episodes": 3}
+    small = {
+        "copies": 1,
+        "glyph_images": 2,
+        "backbone_epochs": 2,
+        "cache_epochs": 2,
+        "head_episodes": 3,
+    }
     sizes = {"kinds": ("blur",), "strengths": (1.0,), "clean_images": 20}
     run_demo(DemoConfig(output=tmp_path / "demo-output", **small, **sizes))
     (tmp_path / "jobs").mkdir()

@@ -1,12 +1,17 @@
 """The demo's data, split as the paper's setting is: pretraining classes and unseen classes.
 
-scikit-learn's digits become four sets of WebDataset shards:
+scikit-learn's digits and rendered glyphs (``pipeline.demo.glyphs``: letters and symbols made
+the way the digits were, 8x8 counts of a 32x32 bitmap) become four sets of WebDataset shards:
 
 - ``train``: digits of the pretraining classes (0-5 by default), each drawn ``copies`` times in
-  new colours; the backbone is trained on them and the head on their cached augmentations;
-- ``upstream``: held-out digits of the same classes (never trained on), the ImageNet-validation
+  new colours, and ``glyph_images`` renderings of each of ``glyph_classes`` glyph classes
+  (labels 10, 11, ...); the backbone is trained on them and the head on their cached
+  augmentations. Six digit classes alone give the head nothing class-agnostic to learn: the
+  paper's transfer rests on the thousands of classes of ImageNet-21k;
+- ``upstream``: held-out digits of classes 0-5 (never trained on), the ImageNet-validation
   of this miniature;
-- ``zero_shot``: every digit of the other classes (6-9), which neither backbone nor head saw;
+- ``zero_shot``: every digit of the other classes (6-9), which neither backbone nor head saw,
+  and which no glyph class looks like;
 - ``clean``: the first zero-shot digits with no degradation, the base of the deterioration
   analysis (paper figure 6).
 
@@ -28,8 +33,11 @@ import torch
 
 from pipeline.cache.deteriorate import KINDS, Deterioration
 from pipeline.demo.data import coloured_digit, encode_image, join, write_shard
+from pipeline.demo.glyphs import glyph_alphabet, render_glyph
 
 AMBIGUITY_KEY = "ambiguity"
+#: Label of the first glyph class; 6-9 stay the zero-shot digits' own.
+GLYPH_LABEL = 10
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ class SetsConfig:
     """How the digits are split, coloured and degraded."""
 
     pretraining_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    glyph_classes: int = 100
+    glyph_images: int = 40
     held_out: float = 0.3
     copies: int = 2
     size: int = 32
@@ -69,32 +79,54 @@ def write_demo_sets(out_dir: str, config: SetsConfig = SetsConfig()) -> DemoSets
     cut = round(len(seen) * config.held_out)
     upstream, train = seen[:cut], seen[cut:]
     zero_shot = rng.permutation(np.flatnonzero(~pretraining))
+
+    def pick(indices: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        return [(digits.images[i], int(digits.target[i])) for i in indices]
+
+    glyphs = _glyphs(config, rng)
     sets = {
-        "train": (np.tile(train, config.copies), config.degraded),
-        "upstream": (upstream, config.degraded),
-        "zero_shot": (zero_shot, config.degraded),
-        "clean": (zero_shot[: config.clean_images], 0.0),
+        "train": ([*pick(np.tile(train, config.copies)), *glyphs], config.degraded),
+        "upstream": (pick(upstream), config.degraded),
+        "zero_shot": (pick(zero_shot), config.degraded),
+        "clean": (pick(zero_shot[: config.clean_images]), 0.0),
     }
     urls = {
-        name: _write_set(join(out_dir, name), name, digits, indices, degraded, rng, config)
-        for name, (indices, degraded) in sets.items()
+        name: _write_set(join(out_dir, name), name, images, degraded, rng, config)
+        for name, (images, degraded) in sets.items()
     }
-    return DemoSets(**urls, pretraining_classes=tuple(config.pretraining_classes))
+    classes = (*config.pretraining_classes, *range(GLYPH_LABEL, GLYPH_LABEL + config.glyph_classes))
+    return DemoSets(**urls, pretraining_classes=classes)
+
+
+def _glyphs(config: SetsConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """``glyph_images`` renderings of each of the first ``glyph_classes`` glyphs, shuffled;
+    glyph ``i`` is labelled ``GLYPH_LABEL + i``."""
+    alphabet = glyph_alphabet(limit=config.glyph_classes)
+    if len(alphabet) < config.glyph_classes:
+        raise ValueError(
+            f"glyph_classes must be at most {len(alphabet)}, got {config.glyph_classes}"
+        )
+    glyphs = [
+        (render_glyph(char, rng), GLYPH_LABEL + label)
+        for label, char in enumerate(alphabet)
+        for _ in range(config.glyph_images)
+    ]
+    return [glyphs[i] for i in rng.permutation(len(glyphs))]
 
 
 def _write_set(
     folder: str,
     name: str,
-    digits,
-    indices: np.ndarray,
+    images: list[tuple[np.ndarray, int]],
     degraded: float,
     rng: np.random.Generator,
     config: SetsConfig,
 ) -> list[str]:
-    """Shards ``<name>-NNNN.tar`` of the digits at ``indices``, a ``degraded`` share degraded."""
+    """Shards ``<name>-NNNN.tar`` of the 8x8 ``images`` (pixels, label), a ``degraded`` share
+    degraded."""
     samples = []
-    for i, index in enumerate(indices):
-        image = coloured_digit(digits.images[index], config.size, rng)
+    for i, (pixels, label) in enumerate(images):
+        image = coloured_digit(pixels, config.size, rng)
         degradation = {"kind": None, "strength": 0.0}
         if rng.random() < degraded:
             kind = str(rng.choice(KINDS))
@@ -105,7 +137,7 @@ def _write_set(
             degradation = {"kind": kind, "strength": strength}
         files = {
             "png": encode_image(image.resize((config.size, config.size)), "png"),
-            "cls": b"%d" % digits.target[index],
+            "cls": b"%d" % label,
             "degradation.json": json.dumps(degradation).encode(),
             AMBIGUITY_KEY: b"%g" % degradation["strength"],
         }
