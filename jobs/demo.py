@@ -1,9 +1,10 @@
 """``make demo``: the paper in miniature, on bundled digits, local Ray and the local disk.
 
-1. Write digit shards split as the paper's setting is (``pipeline.demo.sets``): pretraining
-   classes 0-5 (train shards and a held-out upstream set) and zero-shot classes 6-9; a seeded
-   share of the images degraded at random strength, kind and strength stored per sample.
-2. Train a tiny timm backbone on the train shards of classes 0-5 only.
+1. Write shards split as the paper's setting is (``pipeline.demo.sets``): pretraining classes,
+   digits 0-5 and 100 rendered glyph classes (train shards; held-out digits 0-5 are the
+   upstream set), and zero-shot digits 6-9; a seeded share of the images degraded at random
+   strength, kind and strength stored per sample.
+2. Train a tiny timm backbone on the train shards only, under the train cache's augmentation.
 3. ``pvu cache`` augmented epochs of the train shards; ``pvu train-head`` on them.
 4. ``pvu cache --augment eval`` the upstream set (classifier label space) and the zero-shot
    set (the dataset's own label space), both with their per-sample ambiguity, and clean

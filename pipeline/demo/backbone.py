@@ -33,8 +33,8 @@ def train_tiny_backbone(
     """A ``name`` classifier (random init, ``seed``) fit to uint8 RGB ``images`` (N, H, W, 3)
     with AdamW under a one-cycle learning rate. Each epoch sees the images through the train
     transform ``augment`` (resolved against the model's data config, as ``pvu cache`` does), or
-    resized to ``size`` when None. The defaults bring timm's tiny test_resnet above 0.95
-    held-out 1-NN Recall@1 on the demo's digits in under a minute of CPU.
+    resized to ``size`` when None. ``make demo`` trains timm's tiny test_resnet 30 epochs
+    under its cache's augmentation: about 0.95 held-out 1-NN Recall@1 on clean digits 0-5.
     """
     torch.manual_seed(seed)
     random.seed(seed)
