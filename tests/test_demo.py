@@ -35,10 +35,9 @@ STRENGTHS = (0.5, 1.0)
 def demo(tmp_path_factory):
     config = DemoConfig(
         output=tmp_path_factory.mktemp("demo"),
-        copies=1,
         glyph_classes=20,
         glyph_images=10,
-        backbone_epochs=6,
+        backbone_epochs=15,
         cache_epochs=2,
         head_episodes=4,
         kinds=KINDS,
