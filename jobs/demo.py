@@ -51,7 +51,8 @@ BACKBONE: str = _CACHE_SETTINGS["backbone"]
 INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
 #: The backbone learns under the augmentation its train cache is made with, as a pretraining
 #: recipe and its cached epochs share one: the cached losses then measure what the backbone
-#: finds hard, not what augmentation it never saw.
+#: finds hard, not what augmentation it never saw. (The weights file does not exist yet;
+#: "random" stands in, as the transform does not depend on it.)
 _TRAIN_TRANSFORM = CacheJobConfig(**_CACHE_SETTINGS | {"weights": "random"}).transform_config()
 DEMO_PARTS = ("shards", "backbone", "cache", "head", "report")
 ZERO_SHOT = "zero-shot"

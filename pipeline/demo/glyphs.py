@@ -83,7 +83,7 @@ def render_glyph(char: str, rng: np.random.Generator) -> np.ndarray:
     )
     side = rng.uniform(0.75, 1.0) * _BITMAP
     aspect = rng.uniform(0.7, 1.3)
-    bitmap = _fit(bitmap, side, aspect, shift=rng.uniform(-0.5, 0.5, 2))
+    bitmap = _fit(bitmap, side, aspect, shift=tuple(rng.uniform(-0.5, 0.5, 2)))
     return _count_blocks(bitmap)
 
 
@@ -105,7 +105,7 @@ def _draw(char: str, font: ImageFont.FreeTypeFont, *, stroke: int, angle: float)
 
 
 def _fit(
-    ink: Image.Image, side: float, aspect: float, shift: np.ndarray = np.zeros(2)
+    ink: Image.Image, side: float, aspect: float, shift: tuple[float, float] = (0.0, 0.0)
 ) -> Image.Image:
     """``ink`` scaled so its longer side is ``side`` (width stretched by ``aspect``), pasted on
     the 32x32 bitmap, centred and then moved by ``shift`` of the free room, binarised."""
@@ -114,7 +114,7 @@ def _fit(
     size = (max(1, min(_BITMAP, round(width * scale))), max(1, min(_BITMAP, round(height * scale))))
     glyph = ink.resize(size, Image.Resampling.BILINEAR)
     room = np.array([_BITMAP - size[0], _BITMAP - size[1]])
-    left, top = np.round(room / 2 + shift * room / 2).astype(int)
+    left, top = np.round(room / 2 + np.asarray(shift) * room / 2).astype(int)
     bitmap = Image.new("L", (_BITMAP, _BITMAP), 0)
     bitmap.paste(glyph, (int(left), int(top)))
     return bitmap.point(lambda value: 255 if value >= 128 else 0)
