@@ -354,7 +354,8 @@ def test_persistent_errors_fail_with_url(digits, flaky):
 def test_shards_bad_as_a_whole_are_counted_by_kind(tmp_path):
     expected = write_bad_shards(str(tmp_path))
     survivors = {"empty.tar": [], "cut.tar.gz": ["ok-cut-0"], "climb.tar": ["ok-climb"]}
-    for name, counts in expected.items():
+    # dup-*.tar are bad only together: the cache job's driver counts them (test_cache_job).
+    for name in survivors:
         samples, got = _read(str(tmp_path / name))
-        assert dict(got) == counts, name
+        assert dict(got) == expected[name], name
         assert [sample.key for sample in samples] == survivors[name], name
