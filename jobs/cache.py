@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal
 
 import fsspec
 import typer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -64,29 +71,20 @@ def check_weights(weights: str) -> str:
     return weights
 
 
+#: Field types the cache job's backbone, weights and output share with each ``--also`` target.
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+Weights = Annotated[str, AfterValidator(check_weights), AfterValidator(absolute)]
+OutputUrl = Annotated[str, AfterValidator(absolute)]
+
+
 class AlsoTarget(BaseModel):
     """Another backbone cached in the same pass: its name, weights and output."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backbone: str
-    weights: str = "hub"
-    output: str
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, backbone: str) -> str:
-        return check_model_name(backbone)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, weights: str) -> str:
-        return check_weights(weights)
-
-    @field_validator("output", "weights")
-    @classmethod
-    def _absolute(cls, url: str) -> str | None:
-        return absolute(url)
+    backbone: ModelName
+    weights: Weights = "hub"
+    output: OutputUrl
 
     @classmethod
     def parse(cls, text: str) -> AlsoTarget:
@@ -105,9 +103,9 @@ class CacheJobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shards: str
-    backbone: str
-    output: str
-    weights: str = "hub"
+    backbone: ModelName
+    output: OutputUrl
+    weights: Weights = "hub"
     label_remap: str | None = None
     epochs: int = Field(default=1, ge=1)
     augment: Literal["train", "eval"] = "train"
@@ -137,11 +135,6 @@ class CacheJobConfig(BaseModel):
     def _parse_deteriorate(cls, value: object) -> object:
         return Deterioration.parse(value) if isinstance(value, str) else value
 
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, backbone: str) -> str:
-        return check_model_name(backbone)
-
     @field_validator("also", mode="before")
     @classmethod
     def _parse_also(cls, value: object) -> object:
@@ -166,11 +159,6 @@ class CacheJobConfig(BaseModel):
             *(self.model_copy(update={**update, **dict(target)}) for target in self.also),
         ]
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, weights: str) -> str:
-        return check_weights(weights)
-
     @field_validator("label_remap")
     @classmethod
     def _remap_exists(cls, label_remap: str | None) -> str | None:
@@ -178,12 +166,7 @@ class CacheJobConfig(BaseModel):
             fs, path = fsspec.core.url_to_fs(label_remap)
             if not fs.isfile(path):
                 raise ValueError(f"label remap file '{label_remap}' does not exist")
-        return label_remap
-
-    @field_validator("output", "weights", "label_remap")
-    @classmethod
-    def _absolute(cls, url: str | None) -> str | None:
-        return absolute(url)
+        return absolute(label_remap)
 
     @field_validator("crop_scale")
     @classmethod
