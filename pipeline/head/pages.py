@@ -14,6 +14,7 @@ back to pyarrow; the result is bit-identical either way (tested).
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -33,6 +34,7 @@ _CODECS = {
 _PLAIN, _RLE, _BYTE_STREAM_SPLIT = 0, 3, 9
 _DATA_PAGE, _DATA_PAGE_V2 = 0, 3
 _WIDTH = {"FIXED_LEN_BYTE_ARRAY": 2, "FLOAT": 4}  # float16 is FLBA(2); float32 is FLOAT
+_scratch = threading.local()  # each reading thread's column-chunk buffer
 
 
 def embedding_column(metadata: pq.FileMetaData) -> int:
@@ -66,11 +68,24 @@ def read_embedding(
     levels = (descriptor.max_repetition_level > 0) + (descriptor.max_definition_level > 0)
     rows = metadata.row_group(group).num_rows
     handle.seek(chunk.data_page_offset)
-    data = handle.read(chunk.total_compressed_size)
+    data = _read_into_scratch(handle, chunk.total_compressed_size)
     target = np.empty((rows, dim), dtype=dtype) if out is None else out[:rows]
     flat = target.reshape(-1)  # a view: ``out`` rows are contiguous
-    filled = _decode_pages(memoryview(data), flat, _CODECS[chunk.compression], levels)
+    filled = _decode_pages(data, flat, _CODECS[chunk.compression], levels)
     return target if filled == len(flat) else None
+
+
+def _read_into_scratch(handle: BinaryIO, size: int) -> memoryview:
+    """Up to ``size`` bytes from ``handle``'s position, in a buffer this thread reuses: a fresh
+    one per row group had the kernel fault in and zero its pages on every read."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _scratch.buffer = bytearray(size)
+    view = memoryview(buffer)[:size]
+    filled = 0
+    while filled < size and (got := handle.readinto(view[filled:])):
+        filled += got
+    return view[:filled]
 
 
 def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: int) -> int:

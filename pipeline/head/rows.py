@@ -119,6 +119,11 @@ def read_group(
 def _finite_rows(embedding: np.ndarray) -> np.ndarray:
     """True for rows with no NaN/inf; float16 is checked on its exponent bits (fast)."""
     if embedding.dtype == np.float16:
-        exponent = embedding.view(np.uint16) & np.uint16(0x7C00)
-        return exponent.max(axis=1, initial=0) < 0x7C00
+        bits = embedding.view(np.uint16)
+        # NaN/inf have every exponent bit set: the positive ones are 0x7C00-0x7FFF, the
+        # largest int16 values, the negative ones 0xFC00-0xFFFF, the largest uint16 values; two
+        # reductions rule them out without a temporary array, as good as always
+        if embedding.view(np.int16).max(initial=0) < 0x7C00 and bits.max(initial=0) < 0xFC00:
+            return np.ones(len(embedding), dtype=bool)
+        return (bits & np.uint16(0x7C00)).max(axis=1, initial=0) < 0x7C00
     return np.isfinite(embedding).all(axis=1)

@@ -2,20 +2,23 @@
 
 Each pass over the cache follows :mod:`pipeline.head.shuffle`: every window interleaves a
 slice of each of ``spread`` row groups (about ``shuffle_rows`` rows held), so batches mix rows
-from all over the cache whatever order its shards were written in. Decoded groups are held
-in their stored dtype (float16) in a fixed pool of slots; each window is gathered from the
-pool and widened to float32 once, in a background thread (:func:`pipeline.prefetch.prefetch`)
-while the caller trains, and a batch is a view of its window (a copy only where it spans two).
-Memory is about ``(shuffle_rows + io_threads x group rows) x D x 2 + prefetch_windows x group
-rows x D x 4`` bytes. The position ``(pass, window, offset)`` is a small JSON-able state, so a
-run can stop and resume at any row. Rows whose ``key`` hashes below ``val_fraction`` are the
-validation slice and never appear in training batches, in any epoch.
+from all over the cache whatever order its shards were written in. I/O threads read and decode
+row groups into a fixed pool of slots, in their stored dtype (float16); a background thread
+(:func:`pipeline.prefetch.prefetch`) plans each window as pool row indices. The caller's thread
+gathers a batch's rows from the pool and widens them to float32 in one step, with torch's own
+threads (no reader thread competes with the training step for them), and gives a slot back to
+the readers once the last batch that needs it is gathered. Memory is about ``(shuffle_rows +
+(io_threads + prefetch_windows + 1) x group rows) x D x 2`` bytes. The position ``(pass,
+window, offset)`` is a small JSON-able state, so a run can stop and resume at any row. Rows
+whose ``key`` hashes below ``val_fraction`` are the validation slice and never appear in
+training batches, in any epoch.
 """
 
 from __future__ import annotations
 
+import queue
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,9 +32,6 @@ from pipeline.head.rows import GroupRows, read_group
 from pipeline.prefetch import prefetch
 
 _VAL_ORDER_SEED = 0x7A1
-# torch copies fewer elements than this (at::internal::GRAIN_SIZE) on the calling thread alone;
-# larger copies start its intra-op threads, which spin for a core the training step needs.
-_SERIAL_ELEMENTS = 32_767
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,17 @@ class StreamStats:
 
 @dataclass
 class _Window:
+    """One window's plan: its rows as pool indices, their losses and extras, in window order;
+    ``retired`` are the pool slots that are free once the window's rows are gathered."""
+
     pass_index: int
     window: int
     last_in_pass: bool
-    embedding: torch.Tensor
+    rows: np.ndarray
     loss: torch.Tensor
     extras: dict[str, np.ndarray]
     nonfinite: Counter[str]
+    retired: list[int]
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -120,15 +124,29 @@ class _Held:
 
 
 class _Pool:
-    """Fixed slots of decoded row groups (embedding in the stored dtype, loss in float32)."""
+    """Fixed slots of decoded row groups (embedding in the stored dtype, loss in float32).
+
+    The reader takes a free slot (waiting for one if need be); the consumer gives slots back.
+    """
 
     def __init__(self, slots: int, rows: int, dim: int, dtype: str) -> None:
-        self.rows = rows
+        self.slots, self.rows = slots, rows
         # torch's allocator, not NumPy's: NumPy advises huge pages for large arrays, and the
         # kernel's compaction for them made the pool's first touch ~2.5x slower (BENCHMARKS.md)
-        self.embedding = torch.empty((slots * rows, dim), dtype=getattr(torch, dtype)).numpy()
+        self.embedding = torch.empty((slots * rows, dim), dtype=getattr(torch, dtype))
+        self.stored = self.embedding.numpy()  # the same memory, for the decoders
         self.loss = np.empty(slots * rows, dtype=np.float32)
-        self.free = list(range(slots))
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.give(range(slots))
+
+    def take(self) -> int:
+        """A free slot, waiting until the consumer gives one back."""
+        return self._free.get()
+
+    def give(self, slots: Iterable[int]) -> None:
+        """Return ``slots`` to the free list."""
+        for slot in slots:
+            self._free.put(slot)
 
     def slot(self, slot: int) -> slice:
         """The pool rows of ``slot``."""
@@ -153,8 +171,10 @@ class CacheStream:
             config.shuffle_rows, groups=len(self._groups), group_rows=group_rows
         )
         self._lookahead = config.io_threads
-        slots = min(self.spread + self._lookahead, len(self._groups))  # a pass holds each once
-        self._pool = _Pool(slots, group_rows, index.dim, index.dtype)
+        # the groups of a window, the reads ahead, and the groups of the windows planned ahead
+        # of the consumer (it gives their slots back once gathered); a pass holds each once
+        slots = self.spread + self._lookahead + config.prefetch_windows + 1
+        self._pool = _Pool(min(slots, len(self._groups)), group_rows, index.dim, index.dtype)
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
         self._window: _Window | None = None
@@ -166,33 +186,30 @@ class CacheStream:
         return self._state
 
     def next_batch(self, size: int) -> Batch:
-        """The next ``size`` training rows (crossing windows and passes as needed).
-
-        A batch within one window is a view of it (no copy); one that spans windows is copied.
-        """
-        embedding: list[torch.Tensor] = []
-        loss: list[torch.Tensor] = []
+        """The next ``size`` training rows (crossing windows and passes as needed), gathered
+        from the pool and widened to float32 on the calling thread."""
+        embedding = torch.empty((size, self.index.dim), dtype=torch.float32)
+        loss = torch.empty(size, dtype=torch.float32)
         extras: dict[str, list[np.ndarray]] = {name: [] for name in self.config.extra_columns}
         filled = 0
         while filled < size:
             window = self._current()
             start = self._state.offset
             stop = min(start + size - filled, len(window))
-            embedding.append(window.embedding[start:stop])
-            loss.append(window.loss[start:stop])
+            into = slice(filled, filled + stop - start)
+            rows = torch.from_numpy(window.rows[start:stop])
+            embedding[into] = self._pool.embedding.index_select(0, rows)
+            loss[into] = window.loss[start:stop]
             for name, parts in extras.items():
                 parts.append(window.extras[name][start:stop])
-            filled += stop - start
-            self._advance(window, stop)
+            filled = into.stop
+            self._advance(window, stop)  # a window done with gives its retired slots back
         self.stats.rows += size
-        return Batch(
-            _joined(embedding),
-            _joined(loss),
-            {name: np.concatenate(p) for name, p in extras.items()},
-        )
+        return Batch(embedding, loss, {name: np.concatenate(p) for name, p in extras.items()})
 
     def close(self) -> None:
         """Stop the background reader."""
+        self._pool.give(range(self._pool.slots))  # a reader waiting for a slot goes on to stop
         self._windows.close()
         self._io.shutdown(cancel_futures=True)
 
@@ -220,6 +237,7 @@ class CacheStream:
             self._state = StreamState(window.pass_index, window.window, offset)
             return
         self._window = None
+        self._pool.give(window.retired)
         if window.last_in_pass:
             self._state = StreamState(window.pass_index + 1, 0, 0)
         else:
@@ -243,33 +261,23 @@ class CacheStream:
         n, spread, seed = len(self._groups), self.spread, self.config.seed
         order = shuffle.pass_order(n, seed=seed, pass_index=pass_index)
         held: dict[int, _Held] = {}
-        loading: dict[int, tuple[int, Future[_Held]]] = {}
-        try:
-            for w in range(first, n):
-                # the groups of window w, then the one newcomer of each window ahead (slice 0)
-                upcoming = shuffle.active(w, groups=n, spread=spread)
-                upcoming += range(w + 1, min(n, w + self._lookahead + 1))
-                for position in upcoming:
-                    if position not in held and position not in loading:
-                        ref = self._groups[order[position]]
-                        slot = self._pool.free.pop()  # spread + lookahead slots suffice
-                        future = self._io.submit(self._load, ref, slot, pass_index, position)
-                        loading[position] = slot, future
-                positions = shuffle.active(w, groups=n, spread=spread)
-                for position in positions:
-                    if position not in held:
-                        held[position] = loading.pop(position)[1].result()
-                yield self._gather(pass_index, w, positions, held)
-                following = set(shuffle.active(w + 1, groups=n, spread=spread)) if w + 1 < n else ()
-                for position in positions:
-                    if position not in following:
-                        self._pool.free.append(held.pop(position).slot)
-        finally:  # closed early: wait for reads in flight, then free every slot
-            for slot, future in loading.values():
-                if not future.cancel():
-                    future.exception()  # waits until the read in flight is done with its slot
-                self._pool.free.append(slot)
-            self._pool.free.extend(h.slot for h in held.values())
+        loading: dict[int, Future[_Held]] = {}
+        for w in range(first, n):
+            # the groups of window w, then the one newcomer of each window ahead (slice 0)
+            upcoming = shuffle.active(w, groups=n, spread=spread)
+            upcoming += range(w + 1, min(n, w + self._lookahead + 1))
+            for position in upcoming:
+                if position not in held and position not in loading:
+                    ref, slot = self._groups[order[position]], self._pool.take()
+                    loading[position] = self._io.submit(self._load, ref, slot, pass_index, position)
+            positions = shuffle.active(w, groups=n, spread=spread)
+            for position in positions:
+                if position not in held:
+                    held[position] = loading.pop(position).result()
+            window = self._plan(pass_index, w, positions, held)
+            following = set(shuffle.active(w + 1, groups=n, spread=spread)) if w + 1 < n else ()
+            window.retired = [held.pop(p).slot for p in positions if p not in following]
+            yield window
 
     def _load(self, ref: RowGroupRef, slot: int, pass_index: int, position: int) -> _Held:
         rows = self._pool.slot(slot)
@@ -279,7 +287,7 @@ class CacheStream:
             extra=self.config.extra_columns,
             val_fraction=self.config.val_fraction,
             val=False,
-            out=self._pool.embedding[rows],
+            out=self._pool.stored[rows],
         )
         self._pool.loss[rows][: len(group.loss)] = group.loss
         permutation = shuffle.group_permutation(
@@ -288,22 +296,20 @@ class CacheStream:
         url = self.index.files[ref.file].url
         return _Held(slot, url, group, group.rows[permutation] + rows.start)
 
-    def _gather(
+    def _plan(
         self, pass_index: int, w: int, positions: list[int], held: dict[int, _Held]
     ) -> _Window:
-        """Window ``w``: slice ``j`` of the group at ``positions[j]``, permuted, as stored."""
+        """Window ``w``: slice ``j`` of the group at ``positions[j]``, permuted, as pool rows."""
         spread = self.spread
         parts = []
         for j, position in enumerate(positions):
             order = held[position].order
             start, stop = shuffle.slice_bounds(len(order), j, spread)
             parts.append(order[start:stop])
-        flat = np.concatenate(parts)
         permutation = shuffle.window_permutation(
-            len(flat), seed=self.config.seed, pass_index=pass_index, window=w
+            sum(map(len, parts)), seed=self.config.seed, pass_index=pass_index, window=w
         )
-        flat = flat[permutation]
-        embedding = _widened(np.take(self._pool.embedding, flat, axis=0))
+        rows = np.concatenate(parts)[permutation]
         extras = {}
         for name in self.config.extra_columns:
             values = [
@@ -319,31 +325,12 @@ class CacheStream:
             pass_index,
             w,
             w == len(self._groups) - 1,
-            embedding,
-            torch.from_numpy(self._pool.loss[flat]),
+            rows,
+            torch.from_numpy(self._pool.loss[rows]),
             extras,
             nonfinite,
+            retired=[],
         )
-
-
-def _widened(stored: np.ndarray) -> torch.Tensor:
-    """``stored`` rows as a float32 tensor, converted on this thread alone, in serial pieces."""
-    if stored.dtype == np.float32:
-        return torch.from_numpy(stored)
-    source = torch.from_numpy(stored)
-    out = torch.empty(source.shape, dtype=torch.float32)
-    rows = max(1, _SERIAL_ELEMENTS // max(1, stored.shape[1]))
-    for piece, part in zip(out.split(rows), source.split(rows), strict=True):
-        piece.copy_(part)
-    return out
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``parts`` one after another: the part itself when alone (a view), else one copy (NumPy's,
-    on this thread: torch's own would start its intra-op threads)."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.from_numpy(np.concatenate([part.numpy() for part in parts]))
 
 
 def read_validation(
@@ -385,7 +372,7 @@ def read_validation(
         return empty
     embedding = np.concatenate([p.embedding[p.rows] for p in parts])[:max_rows]
     return Batch(
-        _widened(embedding),
+        torch.from_numpy(embedding).to(torch.float32),
         torch.from_numpy(np.concatenate([p.loss[p.rows] for p in parts])[:max_rows]),
         {
             name: np.concatenate([p.extras[name][p.rows] for p in parts])[:max_rows]
