@@ -8,6 +8,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,11 +17,12 @@ import pytest
 import s3fs
 import torch
 
-from pipeline.cache.index import open_cache
+from pipeline.cache.index import CacheIndex, RowGroupRef, open_cache
 from pipeline.cache.verify import CacheMismatch
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
 from pipeline.head import shuffle
-from pipeline.head.rows import key_fraction
+from pipeline.head import stream as stream_module
+from pipeline.head.rows import GroupRows, key_fraction, read_group
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
 
 SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
@@ -98,9 +100,10 @@ def test_plan_is_deterministic_per_seed_and_pass() -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
 
 
-def test_same_seed_same_stream_and_resume_from_any_row(cache: str) -> None:
+@pytest.mark.parametrize("shuffle_rows", [250, 1_000_000], ids=["sliding", "held-whole"])
+def test_same_seed_same_stream_and_resume_from_any_row(cache: str, shuffle_rows: int) -> None:
     index = open_cache([cache])
-    config = StreamConfig(seed=7, shuffle_rows=250, val_fraction=0.1, extra_columns=EXTRA)
+    config = StreamConfig(seed=7, shuffle_rows=shuffle_rows, val_fraction=0.1, extra_columns=EXTRA)
     with CacheStream(index, config) as stream:
         head = [stream.next_batch(97) for _ in range(9)]
         state = stream.state
@@ -117,6 +120,30 @@ def test_same_seed_same_stream_and_resume_from_any_row(cache: str) -> None:
     other = StreamConfig(seed=8, shuffle_rows=250, val_fraction=0.1)
     with CacheStream(index, other) as different:
         assert not torch.equal(different.next_batch(97).embedding, head[0].embedding)
+
+
+def test_a_cache_held_whole_is_read_once_for_every_pass(
+    cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = open_cache([cache])
+    reads: Counter[RowGroupRef] = Counter()
+
+    def counted(index: CacheIndex, ref: RowGroupRef, **options: Any) -> GroupRows:
+        reads[ref] += 1
+        return read_group(index, ref, **options)
+
+    monkeypatch.setattr(stream_module, "read_group", counted)
+    config = StreamConfig(seed=3, shuffle_rows=1_000_000, val_fraction=0.1)
+    rows = len(_train_ids(cache, 0.1))
+    with CacheStream(index, config) as stream:
+        passes = [stream.next_batch(rows) for _ in range(3)]
+        assert stream.state == StreamState(3, 0, 0)
+    assert len(reads) == len(index.row_groups()) and set(reads.values()) == {1}
+    assert not torch.equal(passes[1].embedding, passes[2].embedding)
+    with CacheStream(index, config, StreamState(2, 0, 0)) as fresh:  # decodes anew
+        again = fresh.next_batch(rows)
+    assert torch.equal(again.embedding, passes[2].embedding)
+    assert torch.equal(again.loss, passes[2].loss)
 
 
 def test_validation_slice_is_held_out_by_key(cache: str) -> None:

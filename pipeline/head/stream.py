@@ -7,7 +7,9 @@ row groups into a fixed pool of slots, in their stored dtype (float16); a backgr
 (:func:`pipeline.prefetch.prefetch`) plans each window as pool row indices. The caller's thread
 gathers a batch's rows from the pool and widens them to float32 in one step, with torch's own
 threads (no reader thread competes with the training step for them), and gives a slot back to
-the readers once the last batch that needs it is gathered. Memory is about ``(shuffle_rows +
+the readers once the last batch that needs it is gathered. A cache no larger than
+``shuffle_rows`` is held whole and decoded once: later passes deal its groups again from the
+pool, with no reading. Memory is about ``(shuffle_rows +
 (io_threads + prefetch_windows + 1) x group rows) x D x 2`` bytes. The position ``(pass,
 window, offset)`` is a small JSON-able state, so a run can stop and resume at any row. Rows
 whose ``key`` hashes below ``val_fraction`` are the validation slice and never appear in
@@ -16,6 +18,7 @@ training batches, in any epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -178,6 +181,10 @@ class CacheStream:
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
         self._window: _Window | None = None
+        # a cache held whole (every window takes a slice of every group) is decoded once: its
+        # groups stay in the pool from pass to pass, by group index
+        self._held_whole = self.spread == len(self._groups)
+        self._resident: dict[int, _Held] = {}
         self._windows = prefetch(self._produce(self._state), depth=config.prefetch_windows)
 
     @property
@@ -267,19 +274,31 @@ class CacheStream:
             upcoming = shuffle.active(w, groups=n, spread=spread)
             upcoming += range(w + 1, min(n, w + self._lookahead + 1))
             for position in upcoming:
-                if position not in held and position not in loading:
-                    ref, slot = self._groups[order[position]], self._pool.take()
-                    loading[position] = self._io.submit(self._load, ref, slot, pass_index, position)
+                if position in held or position in loading:
+                    continue
+                group = order[position]
+                if group in self._resident:
+                    held[position] = self._dealt(self._resident[group], pass_index, position)
+                else:
+                    ref, slot = self._groups[group], self._pool.take()
+                    loading[position] = self._io.submit(self._load, ref, slot)
             positions = shuffle.active(w, groups=n, spread=spread)
             for position in positions:
                 if position not in held:
-                    held[position] = loading.pop(position).result()
+                    loaded = loading.pop(position).result()
+                    held[position] = self._dealt(loaded, pass_index, position)
             window = self._plan(pass_index, w, positions, held)
             following = set(shuffle.active(w + 1, groups=n, spread=spread)) if w + 1 < n else ()
-            window.retired = [held.pop(p).slot for p in positions if p not in following]
+            for position in [p for p in positions if p not in following]:
+                leaving = held.pop(position)
+                if self._held_whole:
+                    self._resident[order[position]] = leaving
+                else:
+                    window.retired.append(leaving.slot)
             yield window
 
-    def _load(self, ref: RowGroupRef, slot: int, pass_index: int, position: int) -> _Held:
+    def _load(self, ref: RowGroupRef, slot: int) -> _Held:
+        """Read and decode group ``ref`` into pool slot ``slot`` (its rows in stored order)."""
         rows = self._pool.slot(slot)
         group = read_group(
             self.index,
@@ -290,11 +309,17 @@ class CacheStream:
             out=self._pool.stored[rows],
         )
         self._pool.loss[rows][: len(group.loss)] = group.loss
-        permutation = shuffle.group_permutation(
-            len(group.rows), seed=self.config.seed, pass_index=pass_index, position=position
-        )
         url = self.index.files[ref.file].url
-        return _Held(slot, url, group, group.rows[permutation] + rows.start)
+        return _Held(slot, url, group, group.rows + rows.start)
+
+    def _dealt(self, group: _Held, pass_index: int, position: int) -> _Held:
+        """``group`` with its training rows in the order it deals them at ``position`` of
+        pass ``pass_index``."""
+        permutation = shuffle.group_permutation(
+            len(group.rows.rows), seed=self.config.seed, pass_index=pass_index, position=position
+        )
+        start = self._pool.slot(group.slot).start
+        return dataclasses.replace(group, order=group.rows.rows[permutation] + start)
 
     def _plan(
         self, pass_index: int, w: int, positions: list[int], held: dict[int, _Held]
