@@ -1,0 +1,42 @@
+"""``pvu --help`` and every sub-command's ``--help``: each flag listed, none with a value metavar.
+
+typer 0.29 renders every on/off flag, ``--help`` and ``--version`` included, as if it took a
+``<bool>`` value (pyproject.toml keeps typer below 0.29 for that).
+"""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+PVU = typer.main.get_command(app)
+SUBCOMMANDS = sorted(PVU.commands)
+
+
+def listed_options(command) -> list[str]:
+    """The option strings ``command --help`` should list: its own, and ``--help``."""
+    options = ["--help"]
+    for param in command.params:
+        if param.param_type_name == "option" and not getattr(param, "hidden", False):
+            options += [*param.opts, *param.secondary_opts]
+    return options
+
+
+@pytest.mark.parametrize("args", [[], *([name] for name in SUBCOMMANDS)], ids=["pvu", *SUBCOMMANDS])
+def test_help_lists_every_flag_without_a_bool_metavar(args: list[str]) -> None:
+    command = PVU.commands[args[0]] if args else PVU
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output, result.output
+    for option in listed_options(command):
+        assert option in result.output, f"{option} missing from pvu {' '.join(args)} --help"
+
+
+def test_every_job_is_covered() -> None:
+    assert {"cache", "train-head", "shards", "label-remap", "evaluate", "info", "plan"} <= set(
+        SUBCOMMANDS
+    )
+    assert "--version" in listed_options(PVU)
