@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections import Counter
@@ -33,6 +34,7 @@ from jobs.config import CONFIGS, ConfigFile, job_config, load_job_config, read_c
 from jobs.evaluate import EvaluateJobConfig, run_evaluate
 from jobs.terminal import Verbose, console, reported, setup_logging
 from jobs.train_head import TrainHeadConfig, run_train_head
+from pipeline.cache.augment import TransformConfig
 from pipeline.cache.decode import decode_image
 from pipeline.cache.deteriorate import KINDS
 from pipeline.cache.samples import iter_samples
@@ -49,11 +51,6 @@ DEMO_HEAD = CONFIGS / "demo" / "train-head.yaml"
 _CACHE_SETTINGS = read_config_file(str(DEMO_CACHE), CacheJobConfig)
 BACKBONE: str = _CACHE_SETTINGS["backbone"]
 INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
-#: The backbone learns under the augmentation its train cache is made with, as a pretraining
-#: recipe and its cached epochs share one: the cached losses then measure what the backbone
-#: finds hard, not what augmentation it never saw. (The weights file does not exist yet;
-#: "random" stands in, as the transform does not depend on it.)
-_TRAIN_TRANSFORM = CacheJobConfig(**_CACHE_SETTINGS | {"weights": "random"}).transform_config()
 DEMO_PARTS = ("shards", "backbone", "cache", "head", "report")
 ZERO_SHOT = "zero-shot"
 CLASSIFIER_BASELINES = ("entropy", "1-max_prob")
@@ -97,6 +94,18 @@ class DemoResult:
     def dataset(self, name: str) -> dict[str, Any]:
         """The report entry of dataset ``name``."""
         return next(d for d in self.report["datasets"] if d["name"] == name)
+
+
+@functools.cache
+def _train_transform() -> TransformConfig:
+    """The augmentation the backbone is pretrained under: its train cache's.
+
+    A pretraining recipe and its cached epochs share one, so the cached losses measure what the
+    backbone finds hard, not what augmentation it never saw. (The weights file does not exist
+    yet; "random" stands in, as the transform does not depend on it.) Built on first use, not
+    at import.
+    """
+    return CacheJobConfig(**_CACHE_SETTINGS | {"weights": "random"}).transform_config()
 
 
 def load_shard_images(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +156,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         name=BACKBONE,
         size=INPUT_SIZE,
         epochs=config.backbone_epochs,
-        augment=_TRAIN_TRANSFORM,
+        augment=_train_transform(),
         seed=config.seed,
     )
     weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
