@@ -206,8 +206,7 @@ def _signature() -> inspect.Signature:
 
 
 def plan(**arguments: Any) -> None:
-    """Dry run of `pvu cache`, same flags: units, rows, bytes and actor-hours, measured on a
-    sample here before anything is spent."""
+    """Dry run of `pvu cache` (same flags): units, rows, bytes and actor-hours, from a sample."""
     verbose = arguments["verbose"]
     setup_logging(verbose)
     job = job_config(PlanJobConfig, arguments["ctx"])
