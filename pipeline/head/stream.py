@@ -18,7 +18,6 @@ training batches, in any epoch.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,13 +115,20 @@ class _Window:
         return len(self.loss)
 
 
-@dataclass
-class _Held:
-    """A decoded group in a pool slot: its training rows as flat pool indices, in pass order."""
+@dataclass(frozen=True)
+class _Decoded:
+    """A row group decoded into pool slot ``slot``."""
 
     slot: int
     url: str
     rows: GroupRows
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A decoded group as one pass deals it: its training rows as flat pool indices, in order."""
+
+    group: _Decoded
     order: np.ndarray
 
 
@@ -184,7 +190,7 @@ class CacheStream:
         # a cache held whole (every window takes a slice of every group) is decoded once: its
         # groups stay in the pool from pass to pass, by group index
         self._held_whole = self.spread == len(self._groups)
-        self._resident: dict[int, _Held] = {}
+        self._resident: dict[int, _Decoded] = {}
         self._windows = prefetch(self._produce(self._state), depth=config.prefetch_windows)
 
     @property
@@ -268,7 +274,7 @@ class CacheStream:
         n, spread, seed = len(self._groups), self.spread, self.config.seed
         order = shuffle.pass_order(n, seed=seed, pass_index=pass_index)
         held: dict[int, _Held] = {}
-        loading: dict[int, Future[_Held]] = {}
+        loading: dict[int, Future[_Decoded]] = {}
         for w in range(first, n):
             # the groups of window w, then the one newcomer of each window ahead (slice 0)
             upcoming = shuffle.active(w, groups=n, spread=spread)
@@ -292,13 +298,13 @@ class CacheStream:
             for position in [p for p in positions if p not in following]:
                 leaving = held.pop(position)
                 if self._held_whole:
-                    self._resident[order[position]] = leaving
+                    self._resident[order[position]] = leaving.group
                 else:
-                    window.retired.append(leaving.slot)
+                    window.retired.append(leaving.group.slot)
             yield window
 
-    def _load(self, ref: RowGroupRef, slot: int) -> _Held:
-        """Read and decode group ``ref`` into pool slot ``slot`` (its rows in stored order)."""
+    def _load(self, ref: RowGroupRef, slot: int) -> _Decoded:
+        """Read and decode group ``ref`` into pool slot ``slot``."""
         rows = self._pool.slot(slot)
         group = read_group(
             self.index,
@@ -309,17 +315,16 @@ class CacheStream:
             out=self._pool.stored[rows],
         )
         self._pool.loss[rows][: len(group.loss)] = group.loss
-        url = self.index.files[ref.file].url
-        return _Held(slot, url, group, group.rows + rows.start)
+        return _Decoded(slot, self.index.files[ref.file].url, group)
 
-    def _dealt(self, group: _Held, pass_index: int, position: int) -> _Held:
+    def _dealt(self, group: _Decoded, pass_index: int, position: int) -> _Held:
         """``group`` with its training rows in the order it deals them at ``position`` of
         pass ``pass_index``."""
         permutation = shuffle.group_permutation(
             len(group.rows.rows), seed=self.config.seed, pass_index=pass_index, position=position
         )
         start = self._pool.slot(group.slot).start
-        return dataclasses.replace(group, order=group.rows.rows[permutation] + start)
+        return _Held(group, group.rows.rows[permutation] + start)
 
     def _plan(
         self, pass_index: int, w: int, positions: list[int], held: dict[int, _Held]
@@ -338,11 +343,11 @@ class CacheStream:
         extras = {}
         for name in self.config.extra_columns:
             values = [
-                held[p].rows.extras[name][part - held[p].slot * self._pool.rows]
+                held[p].group.rows.extras[name][part - held[p].group.slot * self._pool.rows]
                 for p, part in zip(positions, parts, strict=True)
             ]
             extras[name] = np.concatenate(values)[permutation]
-        newcomer = held[positions[0]]  # counted once per pass: at its slice 0
+        newcomer = held[positions[0]].group  # counted once per pass: at its slice 0
         nonfinite: Counter[str] = Counter()
         if newcomer.rows.nonfinite:
             nonfinite[newcomer.url] = newcomer.rows.nonfinite
