@@ -26,12 +26,12 @@ import time
 
 import numpy as np
 import torch
-from train_throughput import time_in_memory, time_stream
+from train_throughput import in_memory_rows, time_in_memory, time_stream
 
 from pipeline.cache.index import open_cache
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head import shuffle
-from pipeline.head.stream import CacheStream, StreamConfig, read_validation
+from pipeline.head.stream import CacheStream, StreamConfig
 
 
 def uniform_distinct(counts: np.ndarray, batch: int) -> float:
@@ -127,10 +127,7 @@ def main() -> None:
 
 
 def _throughput(url: str, rows: int, args: argparse.Namespace) -> None:
-    everything = read_validation(open_cache([url]), val_fraction=1.0 - 1e-12, max_rows=rows)
-    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
-    x, y = everything.embedding[order].contiguous(), everything.loss[order].contiguous()
-    del everything
+    x, y = in_memory_rows(url, rows, torch.device("cpu"))
     args.shuffle_rows = StreamConfig.shuffle_rows
     for precision in ("fp32", "bf16"):
         ratios = []

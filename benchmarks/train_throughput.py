@@ -74,6 +74,15 @@ def _stepper(
     return step
 
 
+def in_memory_rows(url: str, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of the cache at ``url`` shuffled once, on ``device``: float32 embeddings (the
+    strict reference: its step has no widening to do) and losses."""
+    everything = read_validation(open_cache([url]), val_fraction=1.0 - 1e-12, max_rows=rows)
+    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
+    x = everything.embedding[order].to(device, torch.float32).contiguous()
+    return x, everything.loss[order].contiguous().to(device)
+
+
 def time_in_memory(
     x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, precision: str
 ) -> Rate:
@@ -181,11 +190,7 @@ def main() -> None:
             f"written in {time.perf_counter() - started:.1f}s; torch threads {args.threads}; "
             f"device {args.device}"
         )
-        everything = read_validation(open_cache([url]), val_fraction=1.0 - 1e-12, max_rows=rows)
-        order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
-        x = everything.embedding[order].contiguous().to(args.device)
-        y = everything.loss[order].contiguous().to(args.device)
-        del everything
+        x, y = in_memory_rows(url, rows, torch.device(args.device))
         reader = [time_reader(url, args, seed=r) for r in range(args.repeats)]
         first, second = (
             ", ".join(f"{us:.2f}" for us in column) for column in zip(*reader, strict=True)

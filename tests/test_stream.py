@@ -52,7 +52,7 @@ def _read(stream: CacheStream, rows: int, batch: int) -> list[tuple[str, int]]:
     ids: list[tuple[str, int]] = []
     while len(ids) < rows:
         b = stream.next_batch(min(batch, rows - len(ids)))
-        assert b.embedding.dtype == torch.float32 and b.embedding.shape[1] == SPEC.dim
+        assert b.embedding.dtype == torch.float16 and b.embedding.shape[1] == SPEC.dim
         ids += zip(b.extras["key"].tolist(), b.extras["epoch"].tolist(), strict=True)
     return ids
 

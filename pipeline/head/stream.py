@@ -5,11 +5,12 @@ slice of each of ``spread`` row groups (about ``shuffle_rows`` rows held), so ba
 from all over the cache whatever order its shards were written in. I/O threads read and decode
 row groups into a fixed pool of slots, in their stored dtype (float16); a background thread
 (:func:`pipeline.prefetch.prefetch`) plans each window as pool row indices. The caller's thread
-gathers a batch's rows from the pool and widens them to float32 in one step, with torch's own
-threads (no reader thread competes with the training step for them), and gives a slot back to
-the readers once the last batch that needs it is gathered. A cache no larger than
-``shuffle_rows`` is held whole and decoded once: later passes deal its groups again from the
-pool, with no reading. Memory is about ``(shuffle_rows +
+gathers a batch's rows from the pool, still in the stored dtype, with torch's own threads (no
+reader thread competes with the training step for them), and gives a slot back to the readers
+once the last batch that needs it is gathered; the training step widens the batch on the
+device it trains on (half the bytes to copy there, and no float32 pass for a bfloat16 step). A
+cache no larger than ``shuffle_rows`` is held whole and decoded once: later passes deal its
+groups again from the pool, with no reading. Memory is about ``(shuffle_rows +
 (io_threads + prefetch_windows + 1) x group rows) x D x 2`` bytes. The position ``(pass,
 window, offset)`` is a small JSON-able state, so a run can stop and resume at any row. Rows
 whose ``key`` hashes below ``val_fraction`` are the validation slice and never appear in
@@ -78,7 +79,8 @@ class StreamState:
 
 @dataclass
 class Batch:
-    """Training rows: float32 embeddings ``(B, D)``, float32 losses ``(B,)``, extra columns."""
+    """Training rows: embeddings ``(B, D)`` in the cache's stored dtype (float16 or float32),
+    float32 losses ``(B,)``, extra columns."""
 
     embedding: torch.Tensor
     loss: torch.Tensor
@@ -200,8 +202,8 @@ class CacheStream:
 
     def next_batch(self, size: int) -> Batch:
         """The next ``size`` training rows (crossing windows and passes as needed), gathered
-        from the pool and widened to float32 on the calling thread."""
-        embedding = torch.empty((size, self.index.dim), dtype=torch.float32)
+        from the pool on the calling thread."""
+        embedding = torch.empty((size, self.index.dim), dtype=self._pool.embedding.dtype)
         loss = torch.empty(size, dtype=torch.float32)
         extras: dict[str, list[np.ndarray]] = {name: [] for name in self.config.extra_columns}
         filled = 0
@@ -211,7 +213,7 @@ class CacheStream:
             stop = min(start + size - filled, len(window))
             into = slice(filled, filled + stop - start)
             rows = torch.from_numpy(window.rows[start:stop])
-            embedding[into] = self._pool.embedding.index_select(0, rows)
+            torch.index_select(self._pool.embedding, 0, rows, out=embedding[into])
             loss[into] = window.loss[start:stop]
             for name, parts in extras.items():
                 parts.append(window.extras[name][start:stop])
@@ -377,7 +379,9 @@ def read_validation(
     slice spans files and epochs; non-finite rows are dropped and logged.
     """
     empty = Batch(
-        torch.empty(0, index.dim), torch.empty(0), {n: np.empty(0) for n in extra_columns}
+        torch.empty(0, index.dim, dtype=getattr(torch, index.dtype)),
+        torch.empty(0),
+        {n: np.empty(0) for n in extra_columns},
     )
     if val_fraction <= 0 or max_rows <= 0:
         return empty
@@ -402,7 +406,7 @@ def read_validation(
         return empty
     embedding = np.concatenate([p.embedding[p.rows] for p in parts])[:max_rows]
     return Batch(
-        torch.from_numpy(embedding).to(torch.float32),
+        torch.from_numpy(embedding),
         torch.from_numpy(np.concatenate([p.loss[p.rows] for p in parts])[:max_rows]),
         {
             name: np.concatenate([p.extras[name][p.rows] for p in parts])[:max_rows]
