@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +24,9 @@ def _written(table: pa.Table, **options: object) -> tuple[bytes, pq.FileMetaData
 @pytest.mark.parametrize("encoding", ["PLAIN", "BYTE_STREAM_SPLIT"])
 @pytest.mark.parametrize("compression", ["zstd", "snappy", "none"])
 @pytest.mark.parametrize("page_version", ["1.0", "2.0"])
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "memory-mapped"])
 def test_pages_decode_bit_identical_to_pyarrow(
-    dtype: str, encoding: str, compression: str, page_version: str
+    dtype: str, encoding: str, compression: str, page_version: str, mapped: bool, tmp_path: Path
 ) -> None:
     spec = SyntheticCache(dim=48, samples_per_shard=700, shards=1, epochs=1, dtype=dtype)
     data, metadata = _written(
@@ -36,13 +38,14 @@ def test_pages_decode_bit_identical_to_pyarrow(
         data_page_size=8192,  # several pages per row group
     )
     reader = pq.ParquetFile(pa.BufferReader(data))
+    path = tmp_path / "unit.parquet"
+    path.write_bytes(data)
     for group in range(metadata.num_row_groups):
         expected = reader.read_row_group(group, columns=["embedding"]).column(0)
         expected = expected.combine_chunks().flatten().to_numpy().reshape(-1, 48)
         out = np.full((320, 48), 7, dtype=dtype)
-        got = read_embedding(
-            io.BytesIO(data), metadata, group, dim=48, dtype=np.dtype(dtype), out=out
-        )
+        with pa.memory_map(str(path)) if mapped else io.BytesIO(data) as handle:
+            got = read_embedding(handle, metadata, group, dim=48, dtype=np.dtype(dtype), out=out)
         assert got is not None and np.shares_memory(got, out)
         assert got.tobytes() == expected.tobytes()
 

@@ -5,8 +5,9 @@ which walks repetition and definition levels value by value: about 3 us of CPU p
 D=768, most of the head trainer's reading cost. A fixed-size list without nulls needs none of
 that: each data page is (decompressed) levels followed by the values, PLAIN (bytes back to
 back) or BYTE_STREAM_SPLIT (one stream per byte of the value). :func:`read_embedding` reads
-the column chunk's bytes with one ranged read, skips the levels and copies the values into a
-``(rows, D)`` array: one decompression and one copy. Pages it does not understand
+the column chunk's bytes with one ranged read (or views them, in a memory-mapped local file),
+skips the levels and copies the values into a ``(rows, D)`` array: one decompression and one
+copy. Pages it does not understand
 (dictionary-encoded, nulls, other encodings or codecs) return ``None`` so the caller falls
 back to pyarrow; the result is bit-identical either way (tested).
 """
@@ -47,7 +48,7 @@ def embedding_column(metadata: pq.FileMetaData) -> int:
 
 
 def read_embedding(
-    handle: BinaryIO,
+    handle: BinaryIO | pa.NativeFile,
     metadata: pq.FileMetaData,
     group: int,
     *,
@@ -68,14 +69,22 @@ def read_embedding(
     levels = (descriptor.max_repetition_level > 0) + (descriptor.max_definition_level > 0)
     rows = metadata.row_group(group).num_rows
     handle.seek(chunk.data_page_offset)
-    data = _read_into_scratch(handle, chunk.total_compressed_size)
+    data = _chunk_bytes(handle, chunk.total_compressed_size)
     target = np.empty((rows, dim), dtype=dtype) if out is None else out[:rows]
     flat = target.reshape(-1)  # a view: ``out`` rows are contiguous
     filled = _decode_pages(data, flat, _CODECS[chunk.compression], levels)
     return target if filled == len(flat) else None
 
 
-def _read_into_scratch(handle: BinaryIO, size: int) -> memoryview:
+def _chunk_bytes(handle: BinaryIO | pa.NativeFile, size: int) -> memoryview:
+    """Up to ``size`` bytes from ``handle``'s position: a view of a memory-mapped file (no
+    copy), else read into this thread's reusable buffer."""
+    if isinstance(handle, pa.MemoryMappedFile):
+        return memoryview(handle.read_buffer(size)).cast("B")
+    return _read_into_scratch(handle, size)
+
+
+def _read_into_scratch(handle: BinaryIO | pa.NativeFile, size: int) -> memoryview:
     """Up to ``size`` bytes from ``handle``'s position, in a buffer this thread reuses: a fresh
     one per row group had the kernel fault in and zero its pages on every read."""
     buffer = getattr(_scratch, "buffer", None)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.index import CacheIndex, RowGroupRef
 from pipeline.head.pages import read_embedding
@@ -85,7 +87,7 @@ def read_group(
     dtype = np.dtype(index.dtype)
 
     def read() -> tuple[np.ndarray | None, pa.Table]:
-        with fs.open(path, "rb") as handle:
+        with _open(fs, path) as handle:
             fast = read_embedding(
                 handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
             )
@@ -114,6 +116,14 @@ def read_group(
         keep &= ~bad
     extras = {name: table.column(name).to_numpy(zero_copy_only=False) for name in extra}
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()))
+
+
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO | pa.NativeFile:
+    """``path`` for reading: a local file memory-mapped (its embedding pages are decoded
+    straight from the page cache, with no read copy), any other through fsspec."""
+    if isinstance(fs, LocalFileSystem):
+        return pa.memory_map(path)
+    return fs.open(path, "rb")
 
 
 def _finite_rows(embedding: np.ndarray) -> np.ndarray:
