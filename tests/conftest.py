@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from benchmarks.local_s3 import UNSET, loopback_s3
 
 # Ray on loopback only: node addresses resolve to 127.0.0.1, and no usage reports are sent.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -22,28 +23,14 @@ def s3_server() -> Iterator[str]:
 
     Sets ``AWS_ENDPOINT_URL`` and dummy credentials for the session; yields the endpoint URL.
     """
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
+    server, env = loopback_s3()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
-        patch.delenv("AWS_PROFILE", raising=False)
-        patch.delenv("AWS_SESSION_TOKEN", raising=False)
+        for name in UNSET:
+            patch.delenv(name, raising=False)
         _clear_s3fs_cache()
-        yield endpoint
+        yield env["AWS_ENDPOINT_URL"]
         _clear_s3fs_cache()
     server.stop()
 
