@@ -13,7 +13,7 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import FLAG, Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, verify_cache
 
@@ -80,12 +80,11 @@ def info(
         typer.Argument(metavar="CACHE", help="Cache root: a local path or any fsspec URL."),
     ] = None,
     json_output: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the summary as JSON on stdout.")
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
     verify: Annotated[
         bool,
         typer.Option(
-            metavar=FLAG,
             help="Check that every unit the manifest lists exists with its recorded size and "
             "footer; exit 1 naming each that does not.",
         ),

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import FLAG, Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
 
@@ -133,7 +133,7 @@ def shards(
         int | None, typer.Option(help="Most samples per shard (default: only --shard-size).")
     ] = None,
     shuffle: Annotated[
-        bool, typer.Option(metavar=FLAG, help="Shuffle images across classes (seeded by --seed).")
+        bool, typer.Option(help="Shuffle images across classes (seeded by --seed).")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
     prefix: Annotated[

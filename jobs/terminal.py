@@ -13,8 +13,6 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 console = Console(stderr=True)
-#: The metavar of on/off flags: nothing, where typer would print ``<bool>``.
-FLAG = " "
 
 
 def setup_logging(verbose: bool) -> None:
@@ -61,5 +59,5 @@ def reported(job: str, *, verbose: bool) -> Iterator[None]:
 
 Verbose = Annotated[
     bool,
-    typer.Option("--verbose", "-v", metavar=FLAG, help="Debug logging; tracebacks for errors."),
+    typer.Option("--verbose", "-v", help="Debug logging; tracebacks for errors."),
 ]

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import FLAG, Verbose, console, reported, resolve_device, setup_logging
+from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
 
@@ -233,7 +233,7 @@ def train_head(
     ] = "fp32",
     resume: Annotated[
         bool,
-        typer.Option("--resume", metavar=FLAG, help="Continue from the checkpoint in --output."),
+        typer.Option("--resume", help="Continue from the checkpoint in --output."),
     ] = False,
     stop_after: Annotated[
         int | None, typer.Option(help="Stop (resumably) after this many episodes.")

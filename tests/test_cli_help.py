@@ -16,7 +16,7 @@ PVU = typer.main.get_command(app)
 SUBCOMMANDS = sorted(PVU.commands)
 
 
-def listed_options(command) -> list[str]:
+def listed_options(command: typer.core.TyperCommand | typer.core.TyperGroup) -> list[str]:
     """The option strings ``command --help`` should list: its own, and ``--help``."""
     options = ["--help"]
     for param in command.params:
