@@ -229,10 +229,11 @@ def _report(
             _line(f"{name}, {label}", rates)
             wall = max(r.wall for r in rates) / max(r.wall for r in memory)
             cpu = max(r.cpu for r in rates) / max(r.cpu for r in memory)
-            rounds = ", ".join(f"{s.cpu / m.cpu:.2f}" for s, m in zip(rates, memory, strict=True))
+            rounds = [s.cpu / m.cpu for s, m in zip(rates, memory, strict=True)]
             print(
                 f"    ratio to in-memory: {wall:.3f} wall, {cpu:.3f} CPU-time (best of each; "
-                f"per round {rounds}; target >= {target})"
+                f"per round {', '.join(f'{r:.2f}' for r in rounds)}, median "
+                f"{statistics.median(rounds):.2f}; target >= {target})"
             )
 
 
