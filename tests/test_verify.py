@@ -143,7 +143,7 @@ def test_cache_rerun_repairs_a_damaged_cache_that_train_head_refused(
 
 
 @pytest.mark.slow
-def test_storage_is_listed_once_per_epoch_not_once_per_unit(s3_bucket: str) -> None:
+def test_storage_is_listed_once_per_epoch_and_each_footer_read_once(s3_bucket: str) -> None:
     import s3fs
 
     url = f"{s3_bucket}/cache"
@@ -163,6 +163,10 @@ def test_storage_is_listed_once_per_epoch_not_once_per_unit(s3_bucket: str) -> N
     assert verify_cache(url).ok
     assert calls["GetObject"] == 1 + spec.shards * spec.epochs  # the manifest, then one footer each
     assert calls["HeadObject"] <= 1
+    calls.clear()
+    index = open_cache([url])  # the readers' check and index: each footer is read once
+    assert calls["GetObject"] == 2 + spec.shards * spec.epochs  # the manifest twice, footers once
+    assert index.rows == spec.shards * spec.epochs * spec.samples_per_shard
 
 
 @pytest.mark.slow

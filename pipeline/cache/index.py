@@ -99,8 +99,9 @@ class CacheIndex:
         ]
 
 
-def list_cache_files(url: str) -> list[str]:
-    """URLs of the committed unit files of the cache at ``url`` (manifest first, else a glob)."""
+def list_cache_files(url: str) -> dict[str, str]:
+    """The committed unit files of the cache at ``url`` (manifest first, else a glob): their
+    URLs by path relative to the cache."""
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -109,26 +110,20 @@ def list_cache_files(url: str) -> list[str]:
         raise FileNotFoundError(f"cache {url} does not exist")
     manifest = f"{root}/{MANIFEST_NAME}"
     if fs.exists(manifest):
-        units = json.loads(read_bytes(fs, manifest)).get("units", {})
-        paths = [f"{root}/{name}" for name in sorted(units)]
+        relpaths = sorted(json.loads(read_bytes(fs, manifest)).get("units", {}))
     else:
         log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)
         paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
-        paths = [p for p in paths if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
-    return [prefix + p for p in paths]
+        relpaths = [
+            p[len(root) + 1 :] for p in paths if not p.rsplit("/", 1)[-1].startswith((".", "_"))
+        ]
+    return {relpath: f"{prefix}{root}/{relpath}" for relpath in relpaths}
 
 
-def _read_footer(url: str, cache: str) -> CacheFile:
-    fs, path = fsspec.core.url_to_fs(url)
-
-    def read() -> pq.FileMetaData:
-        with fs.open(path, "rb") as handle:
-            return pq.read_metadata(handle)
-
-    try:
-        metadata = retry(read, what=f"read the footer of {url}")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
+def _read_footer(url: str, cache: str, metadata: pq.FileMetaData | None = None) -> CacheFile:
+    """Unit ``url`` of ``cache``, from its footer (read here unless given)."""
+    if metadata is None:
+        metadata = _fetch_footer(url)
     schema = metadata.schema.to_arrow_schema()
     try:
         provenance = read_provenance(schema)
@@ -145,6 +140,19 @@ def _read_footer(url: str, cache: str) -> CacheFile:
         )
     provenance["label_space"] = label_space(provenance)  # version 1 predates the field
     return CacheFile(url, metadata, provenance, cache)
+
+
+def _fetch_footer(url: str) -> pq.FileMetaData:
+    fs, path = fsspec.core.url_to_fs(url)
+
+    def read() -> pq.FileMetaData:
+        with fs.open(path, "rb") as handle:
+            return pq.read_metadata(handle)
+
+    try:
+        return retry(read, what=f"read the footer of {url}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
 
 
 def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
@@ -193,18 +201,18 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     ``need_loss`` (training), caches in the dataset's label space, whose loss is null."""
     if not urls:
         raise ValueError("no cache URL given")
-    units: dict[str, str] = {}
+    units: dict[str, tuple[str, pq.FileMetaData | None]] = {}
     for url in urls:
-        require_consistent(url, io_threads=io_threads)
+        footers = require_consistent(url, io_threads=io_threads).footers  # checked: not re-read
         found = list_cache_files(url)
         if not found:
             raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")
-        for unit in found:
+        for relpath, unit in found.items():
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
-            units[unit] = url
+            units[unit] = (url, footers.get(relpath))
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        files = list(pool.map(_read_footer, units, units.values()))
+        files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
     identity = check_compatible(files)
     if need_loss and identity["label_space"] == "dataset":
         raise ValueError(

@@ -50,6 +50,8 @@ class CacheCheck:
     """Listed units whose file is missing or differs: relpath -> what is wrong."""
     orphans: dict[str, int] = field(default_factory=dict)
     """Committed unit files the manifest does not list: relpath -> size in bytes."""
+    footers: dict[str, pq.FileMetaData] = field(default_factory=dict)
+    """The footers the check read, of units that agree with the manifest: relpath -> footer."""
 
     @property
     def ok(self) -> bool:
@@ -171,7 +173,10 @@ def check_cache(
                 return "missing"
             except ValueError as error:  # pyarrow's ArrowInvalid: not (or no longer) Parquet
                 return f"unreadable footer: {error}"
-            return footer_problem(units[relpath], footer, provenance)
+            why = footer_problem(units[relpath], footer, provenance)
+            if why is None:
+                check.footers[relpath] = footer  # readers index the cache from it
+            return why
 
         with ThreadPoolExecutor(max_workers=io_threads) as pool:
             for relpath, why in zip(present, pool.map(problem, present), strict=True):
@@ -192,11 +197,13 @@ def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> Cac
     )
 
 
-def require_consistent(url: str, *, io_threads: int = 16) -> None:
-    """Raise :class:`CacheMismatch` (naming units and the repair) unless ``url`` checks out."""
+def require_consistent(url: str, *, io_threads: int = 16) -> CacheCheck:
+    """The check of ``url``; raises :class:`CacheMismatch` (naming units and the repair) unless
+    it checks out."""
     check = verify_cache(url, io_threads=io_threads)
     if not check.ok:
         raise CacheMismatch(check.refusal())
+    return check
 
 
 def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
