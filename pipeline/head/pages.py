@@ -7,9 +7,9 @@ that: each data page is (decompressed) levels followed by the values, PLAIN (byt
 back) or BYTE_STREAM_SPLIT (one stream per byte of the value). :func:`read_embedding` reads
 the column chunk's bytes with one ranged read (or views them, in a memory-mapped local file),
 skips the levels and copies the values into a ``(rows, D)`` array: one decompression and one
-copy. Pages it does not understand
-(dictionary-encoded, nulls, other encodings or codecs) return ``None`` so the caller falls
-back to pyarrow; the result is bit-identical either way (tested).
+copy. Pages it does not understand (dictionary-encoded, nulls, other encodings or codecs)
+return ``None`` so the caller falls back to pyarrow; the result is bit-identical either way
+(tested).
 """
 
 from __future__ import annotations
