@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import BinaryIO
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows
+from pipeline.head import pages
 from pipeline.head.pages import read_embedding
 
 
@@ -24,10 +27,20 @@ def _written(table: pa.Table, **options: object) -> tuple[bytes, pq.FileMetaData
 @pytest.mark.parametrize("encoding", ["PLAIN", "BYTE_STREAM_SPLIT"])
 @pytest.mark.parametrize("compression", ["zstd", "snappy", "none"])
 @pytest.mark.parametrize("page_version", ["1.0", "2.0"])
-@pytest.mark.parametrize("mapped", [False, True], ids=["read", "memory-mapped"])
+@pytest.mark.parametrize("source", ["memory", "file", "fsspec"])
 def test_pages_decode_bit_identical_to_pyarrow(
-    dtype: str, encoding: str, compression: str, page_version: str, mapped: bool, tmp_path: Path
+    dtype: str,
+    encoding: str,
+    compression: str,
+    page_version: str,
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """From an in-memory or a plain file (uncompressed PLAIN pages read page by page into
+    place) and from an fsspec file (every chunk read whole, then decoded)."""
+    if source != "fsspec" and compression == "none" and encoding == "PLAIN":
+        monkeypatch.setattr(pages, "_read_into_scratch", _whole_chunk_read)
     spec = SyntheticCache(dim=48, samples_per_shard=700, shards=1, epochs=1, dtype=dtype)
     data, metadata = _written(
         synthetic_rows(spec, 0, 0),
@@ -44,10 +57,35 @@ def test_pages_decode_bit_identical_to_pyarrow(
         expected = reader.read_row_group(group, columns=["embedding"]).column(0)
         expected = expected.combine_chunks().flatten().to_numpy().reshape(-1, 48)
         out = np.full((320, 48), 7, dtype=dtype)
-        with pa.memory_map(str(path)) if mapped else io.BytesIO(data) as handle:
+        with _open(source, data, path) as handle:
             got = read_embedding(handle, metadata, group, dim=48, dtype=np.dtype(dtype), out=out)
         assert got is not None and np.shares_memory(got, out)
         assert got.tobytes() == expected.tobytes()
+
+
+def _whole_chunk_read(*_: object) -> None:
+    raise AssertionError("read the chunk whole, not page by page into place")
+
+
+def _open(source: str, data: bytes, path: Path) -> BinaryIO:
+    if source == "memory":
+        return io.BytesIO(data)
+    if source == "file":
+        return open(path, "rb", buffering=0)  # what the stream opens a local unit with
+    return fsspec.open(str(path), "rb").open()
+
+
+def test_a_page_header_longer_than_the_probe_reads_the_chunk_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = SyntheticCache(dim=48, samples_per_shard=700, shards=1, epochs=1)
+    data, metadata = _written(
+        synthetic_rows(spec, 0, 0), compression="none", use_dictionary=["key"], data_page_size=8192
+    )
+    expected = read_embedding(io.BytesIO(data), metadata, 0, dim=48, dtype=np.dtype("float16"))
+    monkeypatch.setattr(pages, "_HEADER_PROBE", 8)  # no page header fits in 8 bytes
+    got = read_embedding(io.BytesIO(data), metadata, 0, dim=48, dtype=np.dtype("float16"))
+    assert expected is not None and got is not None and got.tobytes() == expected.tobytes()
 
 
 def test_dictionary_pages_fall_back_to_pyarrow() -> None:

@@ -5,15 +5,17 @@ which walks repetition and definition levels value by value: about 3 us of CPU p
 D=768, most of the head trainer's reading cost. A fixed-size list without nulls needs none of
 that: each data page is (decompressed) levels followed by the values, PLAIN (bytes back to
 back) or BYTE_STREAM_SPLIT (one stream per byte of the value). :func:`read_embedding` reads
-the column chunk's bytes with one ranged read (or views them, in a memory-mapped local file),
-skips the levels and copies the values into a ``(rows, D)`` array: one decompression and one
-copy. Pages it does not understand (dictionary-encoded, nulls, other encodings or codecs)
-return ``None`` so the caller falls back to pyarrow; the result is bit-identical either way
-(tested).
+the column chunk's bytes with one ranged read, skips the levels and copies the values into a
+``(rows, D)`` array: one decompression and one copy. From a plain file (a local cache), an
+uncompressed PLAIN chunk is read page by page instead, each page's values straight into the
+array: one copy, from the page cache. Pages it does not understand (dictionary-encoded,
+nulls, other encodings or codecs) return ``None`` so the caller falls back to pyarrow; the
+result is bit-identical either way (tested).
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 from typing import Any, BinaryIO
@@ -36,6 +38,7 @@ _PLAIN, _RLE, _BYTE_STREAM_SPLIT = 0, 3, 9
 _DATA_PAGE, _DATA_PAGE_V2 = 0, 3
 _WIDTH = {"FIXED_LEN_BYTE_ARRAY": 2, "FLOAT": 4}  # float16 is FLBA(2); float32 is FLOAT
 _scratch = threading.local()  # each reading thread's column-chunk buffer
+_HEADER_PROBE = 1024  # bytes read to parse a page header; a longer one takes the buffered path
 
 
 def embedding_column(metadata: pq.FileMetaData) -> int:
@@ -48,7 +51,7 @@ def embedding_column(metadata: pq.FileMetaData) -> int:
 
 
 def read_embedding(
-    handle: BinaryIO | pa.NativeFile,
+    handle: BinaryIO,
     metadata: pq.FileMetaData,
     group: int,
     *,
@@ -68,33 +71,77 @@ def read_embedding(
     descriptor = metadata.schema.column(column)
     levels = (descriptor.max_repetition_level > 0) + (descriptor.max_definition_level > 0)
     rows = metadata.row_group(group).num_rows
-    handle.seek(chunk.data_page_offset)
-    data = _chunk_bytes(handle, chunk.total_compressed_size)
+    start, size = chunk.data_page_offset, chunk.total_compressed_size
+    codec = _CODECS[chunk.compression]
     target = np.empty((rows, dim), dtype=dtype) if out is None else out[:rows]
     flat = target.reshape(-1)  # a view: ``out`` rows are contiguous
-    filled = _decode_pages(data, flat, _CODECS[chunk.compression], levels)
+    filled = -1
+    if codec is None and isinstance(handle, io.RawIOBase | io.BufferedIOBase):
+        filled = _read_plain_pages(handle, start, size, flat, levels)
+    if filled != len(flat):
+        handle.seek(start)
+        filled = _decode_pages(_read_into_scratch(handle, size), flat, codec, levels)
     return target if filled == len(flat) else None
 
 
-def _chunk_bytes(handle: BinaryIO | pa.NativeFile, size: int) -> memoryview:
-    """Up to ``size`` bytes from ``handle``'s position: a view of a memory-mapped file (no
-    copy), else read into this thread's reusable buffer."""
-    if isinstance(handle, pa.MemoryMappedFile):
-        return memoryview(handle.read_buffer(size)).cast("B")
-    return _read_into_scratch(handle, size)
-
-
-def _read_into_scratch(handle: BinaryIO | pa.NativeFile, size: int) -> memoryview:
+def _read_into_scratch(handle: BinaryIO, size: int) -> memoryview:
     """Up to ``size`` bytes from ``handle``'s position, in a buffer this thread reuses: a fresh
     one per row group had the kernel fault in and zero its pages on every read."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or len(buffer) < size:
         buffer = _scratch.buffer = bytearray(size)
     view = memoryview(buffer)[:size]
+    return view[: _read_into(handle, view)]
+
+
+def _read_into(handle: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``handle``'s position; returns the bytes read (fewer at the end)."""
     filled = 0
-    while filled < size and (got := handle.readinto(view[filled:])):
+    while filled < len(view) and (got := handle.readinto(view[filled:])):
         filled += got
-    return view[:filled]
+    return filled
+
+
+def _read_plain_pages(handle: BinaryIO, start: int, size: int, out: np.ndarray, levels: int) -> int:
+    """The ``size``-byte uncompressed chunk at ``start``, page by page: each header (and a v1
+    page's level lengths) with small reads, PLAIN values straight into ``out``; returns values
+    written (-1: a page it does not take)."""
+    raw, width = memoryview(out.view(np.uint8)), out.itemsize
+    position, end, filled = start, start + size, 0
+    while position < end:
+        handle.seek(position)
+        try:
+            header, length = _read_struct(memoryview(handle.read(_HEADER_PROBE)), 0)
+            body = position + length
+            values, count, encoding = _values_start(handle, header, body, levels)
+        except (IndexError, KeyError, struct.error, TypeError):  # long header, short file, ...
+            return -1
+        position = body + header[3]
+        if encoding != _PLAIN or position - values != count * width or filled + count > len(out):
+            return -1
+        handle.seek(values)
+        if _read_into(handle, raw[filled * width : (filled + count) * width]) != count * width:
+            return -1
+        filled += count
+    return filled
+
+
+def _values_start(
+    handle: BinaryIO, header: dict[int, Any], body: int, levels: int
+) -> tuple[int, int, int]:
+    """Where an uncompressed data page whose body starts at ``body`` has its values, their
+    count and encoding; raises ``TypeError`` for a page it does not take."""
+    if header[1] == _DATA_PAGE_V2 and not header[8].get(2, 0):  # without nulls
+        page = header[8]
+        return body + page.get(5, 0) + page.get(6, 0), page[1], page[4]
+    page = header.get(5) if header[1] == _DATA_PAGE else None
+    if page is None or (levels and (page.get(3) != _RLE or page.get(4) != _RLE)):
+        raise TypeError("not a data page of RLE levels without nulls")
+    for _ in range(levels):  # length-prefixed RLE level runs
+        handle.seek(body)
+        (length,) = struct.unpack("<i", handle.read(4))
+        body += 4 + length
+    return body, page[1], page[2]
 
 
 def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: int) -> int:

@@ -118,11 +118,11 @@ def read_group(
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()))
 
 
-def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO | pa.NativeFile:
-    """``path`` for reading: a local file memory-mapped (its embedding pages are decoded
-    straight from the page cache, with no read copy), any other through fsspec."""
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
+    """``path`` for reading: a local file as a plain one (its embedding pages are read straight
+    from the page cache into place), any other through fsspec."""
     if isinstance(fs, LocalFileSystem):
-        return pa.memory_map(path)
+        return open(path, "rb", buffering=0)
     return fs.open(path, "rb")
 
 
