@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -257,6 +258,26 @@ def test_no_training_rows_is_an_error(cache: str) -> None:
     config = StreamConfig(val_fraction=0.999999)
     with CacheStream(open_cache([cache]), config) as stream, pytest.raises(ValueError):
         stream.next_batch(10)
+
+
+@pytest.mark.slow
+def test_reading_a_row_group_from_s3_fetches_it_not_the_rest_of_its_file(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/caches/fetched"
+    # 4 row groups a file; an embedding chunk larger than the gaps pyarrow reads across (8 KiB)
+    write_synthetic_cache(url, dataclasses.replace(SPEC, dim=256, epochs=1))
+    index = open_cache([url])
+    fs = s3fs.S3FileSystem()
+    fs.connect()
+    fetched: list[int] = []
+
+    def count(parsed: dict[str, Any], **_: object) -> None:
+        fetched.append(parsed["ContentLength"])
+
+    fs.s3.meta.events.register("after-call.s3.GetObject", count)
+    for ref in index.row_groups():
+        read_group(index, ref, val_fraction=0.1, val=False)
+    stored = sum(fs.size(f.url) for f in index.files)
+    assert 0 < sum(fetched) <= stored, "each read fetched more than its row group"
 
 
 @pytest.mark.slow
