@@ -112,9 +112,13 @@ def _read_plain_pages(handle: BinaryIO, start: int, size: int, out: np.ndarray, 
         handle.seek(position)
         try:
             header, length = _read_struct(memoryview(handle.read(_HEADER_PROBE)), 0)
+            page = _data_page(header, levels)
+            if page is None:
+                return -1
+            count, encoding, skip = page
             body = position + length
-            values, count, encoding = _values_start(handle, header, body, levels)
-        except (IndexError, KeyError, struct.error, TypeError):  # long header, short file, ...
+            values = body + (_levels_size(handle, body, levels) if skip is None else skip)
+        except (IndexError, KeyError, struct.error):  # a header longer than the probe, a short file
             return -1
         position = body + header[3]
         if encoding != _PLAIN or position - values != count * width or filled + count > len(out):
@@ -126,22 +130,31 @@ def _read_plain_pages(handle: BinaryIO, start: int, size: int, out: np.ndarray, 
     return filled
 
 
-def _values_start(
-    handle: BinaryIO, header: dict[int, Any], body: int, levels: int
-) -> tuple[int, int, int]:
-    """Where an uncompressed data page whose body starts at ``body`` has its values, their
-    count and encoding; raises ``TypeError`` for a page it does not take."""
-    if header[1] == _DATA_PAGE_V2 and not header[8].get(2, 0):  # without nulls
-        page = header[8]
-        return body + page.get(5, 0) + page.get(6, 0), page[1], page[4]
-    page = header.get(5) if header[1] == _DATA_PAGE else None
-    if page is None or (levels and (page.get(3) != _RLE or page.get(4) != _RLE)):
-        raise TypeError("not a data page of RLE levels without nulls")
-    for _ in range(levels):  # length-prefixed RLE level runs
-        handle.seek(body)
+def _levels_size(handle: BinaryIO, body: int, levels: int) -> int:
+    """Bytes of the length-prefixed RLE level runs a v1 page's body at ``body`` starts with."""
+    size = 0
+    for _ in range(levels):
+        handle.seek(body + size)
         (length,) = struct.unpack("<i", handle.read(4))
-        body += 4 + length
-    return body, page[1], page[2]
+        size += 4 + length
+    return size
+
+
+def _data_page(header: dict[int, Any], levels: int) -> tuple[int, int, int | None] | None:
+    """A data page header's value count, encoding and, in a v2 page, the bytes of levels ahead
+    of its values (None in v1, whose levels are length-prefixed runs in its decompressed body);
+    None for a page the decoders do not take (another type, nulls, levels not RLE)."""
+    if header[1] == _DATA_PAGE:
+        page = header[5]
+        if levels and (page.get(3) != _RLE or page.get(4) != _RLE):
+            return None
+        return page[1], page[2], None
+    if header[1] == _DATA_PAGE_V2:
+        page = header[8]
+        if page.get(2, 0):  # nulls
+            return None
+        return page[1], page[4], page.get(5, 0) + page.get(6, 0)
+    return None
 
 
 def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: int) -> int:
@@ -149,27 +162,18 @@ def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: 
     position, filled = 0, 0
     while position < len(data):
         header, position = _read_struct(data, position)
-        size, page_type = header[3], header[1]
-        body = data[position : position + size]
-        position += size
-        if page_type == _DATA_PAGE:
-            page = header[5]
-            if levels and (page.get(3) != _RLE or page.get(4) != _RLE):
-                return -1
-            values = _strip_levels(_decompress(body, header[2], codec), levels)
-            count, encoding = page[1], page[2]
-        elif page_type == _DATA_PAGE_V2:
-            page = header[8]
-            if page.get(2, 0):  # nulls
-                return -1
-            skip = page.get(5, 0) + page.get(6, 0)
-            compressed = page.get(7, True)
-            values = body[skip:]
-            if compressed and codec is not None:
-                values = _decompress(values, header[2] - skip, codec)
-            count, encoding = page[1], page[4]
-        else:
+        body = data[position : position + header[3]]
+        position += header[3]
+        page = _data_page(header, levels)
+        if page is None:
             return -1
+        count, encoding, skip = page
+        if skip is None:
+            values = _strip_levels(_decompress(body, header[2], codec), levels)
+        else:
+            values = body[skip:]
+            if header[8].get(7, True) and codec is not None:  # v2 values may be uncompressed
+                values = _decompress(values, header[2] - skip, codec)
         if filled + count > len(out) or not _place(values, out[filled : filled + count], encoding):
             return -1
         filled += count
