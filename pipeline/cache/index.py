@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.cache.verify import require_consistent
-from pipeline.retry import read_bytes, retry
+from pipeline.cache.verify import read_footer, require_consistent
+from pipeline.retry import read_bytes
 from schemas import READABLE_VERSIONS, SCHEMA_VERSION, embedding_dim, label_space, read_provenance
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,15 @@ def list_cache_files(url: str) -> dict[str, str]:
     return {relpath: f"{prefix}{root}/{relpath}" for relpath in relpaths}
 
 
-def _read_footer(url: str, cache: str, metadata: pq.FileMetaData | None = None) -> CacheFile:
-    """Unit ``url`` of ``cache``, from its footer (read here unless given)."""
+def _read_footer(
+    url: str, cache: str, relpath: str, metadata: pq.FileMetaData | None = None
+) -> CacheFile:
+    """Unit ``url`` (``relpath`` in ``cache``), from its footer (read here unless given)."""
     if metadata is None:
-        metadata = _fetch_footer(url)
+        try:
+            metadata = read_footer(cache, relpath)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
     schema = metadata.schema.to_arrow_schema()
     try:
         provenance = read_provenance(schema)
@@ -140,19 +145,6 @@ def _read_footer(url: str, cache: str, metadata: pq.FileMetaData | None = None) 
         )
     provenance["label_space"] = label_space(provenance)  # version 1 predates the field
     return CacheFile(url, metadata, provenance, cache)
-
-
-def _fetch_footer(url: str) -> pq.FileMetaData:
-    fs, path = fsspec.core.url_to_fs(url)
-
-    def read() -> pq.FileMetaData:
-        with fs.open(path, "rb") as handle:
-            return pq.read_metadata(handle)
-
-    try:
-        return retry(read, what=f"read the footer of {url}")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
 
 
 def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
@@ -201,7 +193,7 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     ``need_loss`` (training), caches in the dataset's label space, whose loss is null."""
     if not urls:
         raise ValueError("no cache URL given")
-    units: dict[str, tuple[str, pq.FileMetaData | None]] = {}
+    units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
     for url in urls:
         footers = require_consistent(url, io_threads=io_threads).footers  # checked: not re-read
         found = list_cache_files(url)
@@ -210,7 +202,7 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
         for relpath, unit in found.items():
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
-            units[unit] = (url, footers.get(relpath))
+            units[unit] = (url, relpath, footers.get(relpath))
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
     identity = check_compatible(files)

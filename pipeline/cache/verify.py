@@ -104,12 +104,14 @@ def list_unit_files(url: str) -> dict[str, int]:
     return sizes
 
 
-def read_footer(url: str, relpath: str, size: int) -> pq.FileMetaData:
-    """The Parquet footer of unit ``relpath`` of the cache at ``url``, whose size is known."""
+def read_footer(url: str, relpath: str, size: int | None = None) -> pq.FileMetaData:
+    """The Parquet footer of unit ``relpath`` of the cache at ``url`` (``size`` bytes, if known:
+    storage is then not asked)."""
     fs, root = fsspec.core.url_to_fs(url)
+    known = {} if size is None else {"size": size}
 
     def read() -> pq.FileMetaData:
-        with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", size=size) as handle:
+        with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", **known) as handle:
             return pq.read_metadata(handle)
 
     return retry(read, what=f"read the footer of {url.rstrip('/')}/{relpath}")
