@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.cache.augment import TransformConfig, resolve_transform
@@ -136,3 +138,10 @@ def pvu(*args: str):
 def unboxed(text: str) -> str:
     """``text`` without rich's box drawing (error panels, table rules), spaces collapsed."""
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def with_embedding(table: pa.Table, embedding: np.ndarray) -> pa.Table:
+    """``table`` (cache rows) with its embedding column replaced by ``embedding`` (rows, D)."""
+    field = table.schema.field("embedding")
+    column = pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), type=field.type)
+    return table.set_column(table.schema.get_field_index("embedding"), field, column)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import with_embedding
 
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows
 from pipeline.head import pages
@@ -59,8 +60,34 @@ def test_pages_decode_bit_identical_to_pyarrow(
         out = np.full((320, 48), 7, dtype=dtype)
         with _open(source, data, path) as handle:
             got = read_embedding(handle, metadata, group, dim=48, dtype=np.dtype(dtype), out=out)
-        assert got is not None and np.shares_memory(got, out)
-        assert got.tobytes() == expected.tobytes()
+        assert got is not None and np.shares_memory(got.values, out)
+        assert got.values.tobytes() == expected.tobytes()
+        assert got.finite
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_nonfinite_value_in_any_page_is_reported(
+    value: float, dtype: str, compression: str, tmp_path: Path
+) -> None:
+    """Read page by page (uncompressed) or the chunk whole (zstd), one NaN/inf in the middle
+    page of a row group makes it not finite."""
+    table = synthetic_rows(SyntheticCache(dim=48, samples_per_shard=300, dtype=dtype), 0, 0)
+    embedding = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 48)
+    embedding = embedding.copy()
+    embedding[150, 7] = value
+    data, metadata = _written(
+        with_embedding(table, embedding),
+        compression=compression,
+        use_dictionary=["key"],
+        data_page_size=8192,  # 300 rows x 48 values in 3-4 pages
+    )
+    path = tmp_path / "unit.parquet"
+    path.write_bytes(data)
+    with _open("file", data, path) as handle:
+        got = read_embedding(handle, metadata, 0, dim=48, dtype=np.dtype(dtype))
+    assert got is not None and not got.finite
 
 
 def _whole_chunk_read(*_: object) -> None:
@@ -85,7 +112,8 @@ def test_a_page_header_longer_than_the_probe_reads_the_chunk_whole(
     expected = read_embedding(io.BytesIO(data), metadata, 0, dim=48, dtype=np.dtype("float16"))
     monkeypatch.setattr(pages, "_HEADER_PROBE", 8)  # no page header fits in 8 bytes
     got = read_embedding(io.BytesIO(data), metadata, 0, dim=48, dtype=np.dtype("float16"))
-    assert expected is not None and got is not None and got.tobytes() == expected.tobytes()
+    assert expected is not None and got is not None
+    assert got.values.tobytes() == expected.values.tobytes()
 
 
 def test_dictionary_pages_fall_back_to_pyarrow() -> None:

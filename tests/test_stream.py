@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+from support import with_embedding
 
 from pipeline.cache.index import CacheIndex, RowGroupRef, open_cache
 from pipeline.cache.verify import CacheMismatch
+from pipeline.cache.writer import PARQUET_OPTIONS
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
 from pipeline.head import shuffle
 from pipeline.head import stream as stream_module
@@ -220,9 +222,13 @@ def test_unit_in_manifest_but_missing_is_named(tmp_path: Path) -> None:
     assert "re-running the `pvu cache` command" in str(error.value)
 
 
-def test_nonfinite_rows_are_dropped_and_reported(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("written", ["by the cache writer", "by pyarrow's defaults"])
+@pytest.mark.parametrize("extra", [("key",), ()])
+def test_nonfinite_rows_are_dropped_and_reported_in_every_pass(
+    written: str, extra: tuple[str, ...], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Through the page decoder (the writer's layout) and through pyarrow (a dictionary-encoded
+    embedding); in a later pass the keys are not read again, but a warning still names them."""
     spec = SyntheticCache(dim=8, samples_per_shard=100, shards=2, epochs=1, row_group_rows=30)
     url = tmp_path / "c"
     write_synthetic_cache(str(url), spec)
@@ -234,24 +240,24 @@ def test_nonfinite_rows_are_dropped_and_reported(
     embedding[3, 2], embedding[40, 0], embedding[65, 1] = np.nan, -np.inf, -np.nan
     loss = table.column("loss").to_numpy().copy()
     loss[77] = np.nan
-    table = table.set_column(
-        table.schema.get_field_index("embedding"),
-        table.schema.field("embedding"),
-        pa.FixedSizeListArray.from_arrays(
-            pa.array(embedding.ravel()), type=table.schema.field("embedding").type
-        ),
-    ).set_column(table.schema.get_field_index("loss"), table.schema.field("loss"), pa.array(loss))
-    pq.write_table(table, path, row_group_size=30)
+    table = with_embedding(table, embedding)
+    table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
+    options = PARQUET_OPTIONS if written == "by the cache writer" else {}
+    pq.write_table(table, path, **(options | {"row_group_size": 30}))
     (url / "_manifest.json").unlink()  # it records the file before the edit; readers then glob
     bad = {"image-0000003", "image-0000040", "image-0000065", "image-0000077"}
-    config = StreamConfig(shuffle_rows=1000, val_fraction=0.0, extra_columns=("key",))
-    with caplog.at_level(logging.WARNING), CacheStream(open_cache([str(url)]), config) as stream:
-        batch = stream.next_batch(196)
-        assert stream.state == StreamState(1, 0, 0)
-        assert stream.stats.nonfinite == Counter({str(path): 4})
-    assert not bad & set(batch.extras["key"].tolist())
-    assert torch.isfinite(batch.embedding).all() and torch.isfinite(batch.loss).all()
-    assert "image-0000003" in caplog.text and "NaN/inf" in caplog.text
+    config = StreamConfig(shuffle_rows=90, val_fraction=0.0, extra_columns=extra)
+    with CacheStream(open_cache([str(url)]), config) as stream:
+        for passes in (1, 2):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                batch = stream.next_batch(196)
+            assert stream.state == StreamState(passes, 0, 0)
+            assert stream.stats.nonfinite == Counter({str(path): 4 * passes})
+            assert torch.isfinite(batch.embedding).all() and torch.isfinite(batch.loss).all()
+            assert "image-0000003" in caplog.text and "NaN/inf" in caplog.text
+            if extra:
+                assert not bad & set(batch.extras["key"].tolist())
 
 
 def test_no_training_rows_is_an_error(cache: str) -> None:

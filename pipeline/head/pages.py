@@ -8,9 +8,11 @@ back) or BYTE_STREAM_SPLIT (one stream per byte of the value). :func:`read_embed
 the column chunk's bytes with one ranged read, skips the levels and copies the values into a
 ``(rows, D)`` array: one decompression and one copy. From a plain file (a local cache), an
 uncompressed PLAIN chunk is read page by page instead, each page's values straight into the
-array: one copy, from the page cache. Pages it does not understand (dictionary-encoded,
-nulls, other encodings or codecs) return ``None`` so the caller falls back to pyarrow; the
-result is bit-identical either way (tested).
+array: one copy, from the page cache. Each page's values are checked for NaN/inf as they land,
+while still in the CPU's cache (a check of the whole group afterwards reads it back from
+memory). Pages it does not understand (dictionary-encoded, nulls, other encodings or codecs)
+return ``None`` so the caller falls back to pyarrow; the result is bit-identical either way
+(tested).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +43,23 @@ _scratch = threading.local()  # each reading thread's column-chunk buffer
 _HEADER_PROBE = 1024  # bytes read to parse a page header; a longer one takes the buffered path
 
 
+class Embedding(NamedTuple):
+    """A row group's decoded embeddings, and whether every value is finite (no NaN/inf)."""
+
+    values: np.ndarray
+    finite: bool
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether no value is NaN/inf; float16 is checked on its exponent bits, with no temporary."""
+    if values.dtype == np.float16:
+        # NaN/inf have every exponent bit set: the positive ones are 0x7C00-0x7FFF, the
+        # largest int16 values, the negative ones 0xFC00-0xFFFF, the largest uint16 values
+        positive, unsigned = values.view(np.int16), values.view(np.uint16)
+        return bool(positive.max(initial=0) < 0x7C00 and unsigned.max(initial=0) < 0xFC00)
+    return bool(np.isfinite(values).all())
+
+
 def embedding_column(metadata: pq.FileMetaData) -> int:
     """Index of the embedding's leaf column in the file's Parquet schema."""
     schema = metadata.schema
@@ -58,7 +77,7 @@ def read_embedding(
     dim: int,
     dtype: np.dtype,
     out: np.ndarray | None = None,
-) -> np.ndarray | None:
+) -> Embedding | None:
     """Row group ``group``'s embeddings as a ``(rows, dim)`` array, or None if not fast-path.
 
     Decodes into ``out`` (a ``(rows or more, dim)`` array of ``dtype``) when given.
@@ -75,13 +94,13 @@ def read_embedding(
     codec = _CODECS[chunk.compression]
     target = np.empty((rows, dim), dtype=dtype) if out is None else out[:rows]
     flat = target.reshape(-1)  # a view: ``out`` rows are contiguous
-    filled = -1
+    filled, finite = -1, False
     if codec is None and isinstance(handle, io.RawIOBase | io.BufferedIOBase):
-        filled = _read_plain_pages(handle, start, size, flat, levels)
+        filled, finite = _read_plain_pages(handle, start, size, flat, levels)
     if filled != len(flat):
         handle.seek(start)
-        filled = _decode_pages(_read_into_scratch(handle, size), flat, codec, levels)
-    return target if filled == len(flat) else None
+        filled, finite = _decode_pages(_read_into_scratch(handle, size), flat, codec, levels)
+    return Embedding(target, finite) if filled == len(flat) else None
 
 
 def _read_into_scratch(handle: BinaryIO, size: int) -> memoryview:
@@ -102,32 +121,35 @@ def _read_into(handle: BinaryIO, view: memoryview) -> int:
     return filled
 
 
-def _read_plain_pages(handle: BinaryIO, start: int, size: int, out: np.ndarray, levels: int) -> int:
+def _read_plain_pages(
+    handle: BinaryIO, start: int, size: int, out: np.ndarray, levels: int
+) -> tuple[int, bool]:
     """The ``size``-byte uncompressed chunk at ``start``, page by page: each header (and a v1
     page's level lengths) with small reads, PLAIN values straight into ``out``; returns values
-    written (-1: a page it does not take)."""
+    written (-1: a page it does not take) and whether they are all finite."""
     raw, width = memoryview(out.view(np.uint8)), out.itemsize
-    position, end, filled = start, start + size, 0
+    position, end, filled, finite = start, start + size, 0, True
     while position < end:
         handle.seek(position)
         try:
             header, length = _read_struct(memoryview(handle.read(_HEADER_PROBE)), 0)
             page = _data_page(header, levels)
             if page is None:
-                return -1
+                return -1, False
             count, encoding, skip = page
             body = position + length
             values = body + (_levels_size(handle, body, levels) if skip is None else skip)
         except (IndexError, KeyError, struct.error):  # a header longer than the probe, a short file
-            return -1
+            return -1, False
         position = body + header[3]
         if encoding != _PLAIN or position - values != count * width or filled + count > len(out):
-            return -1
+            return -1, False
         handle.seek(values)
         if _read_into(handle, raw[filled * width : (filled + count) * width]) != count * width:
-            return -1
+            return -1, False
+        finite = all_finite(out[filled : filled + count]) and finite
         filled += count
-    return filled
+    return filled, finite
 
 
 def _levels_size(handle: BinaryIO, body: int, levels: int) -> int:
@@ -157,16 +179,19 @@ def _data_page(header: dict[int, Any], levels: int) -> tuple[int, int, int | Non
     return None
 
 
-def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: int) -> int:
-    """Decode every data page of a column chunk into ``out``; returns values written (-1: no)."""
-    position, filled = 0, 0
+def _decode_pages(
+    data: memoryview, out: np.ndarray, codec: str | None, levels: int
+) -> tuple[int, bool]:
+    """Decode every data page of a column chunk into ``out``; returns values written (-1: no)
+    and whether they are all finite."""
+    position, filled, finite = 0, 0, True
     while position < len(data):
         header, position = _read_struct(data, position)
         body = data[position : position + header[3]]
         position += header[3]
         page = _data_page(header, levels)
         if page is None:
-            return -1
+            return -1, False
         count, encoding, skip = page
         if skip is None:
             values = _strip_levels(_decompress(body, header[2], codec), levels)
@@ -175,9 +200,10 @@ def _decode_pages(data: memoryview, out: np.ndarray, codec: str | None, levels: 
             if header[8].get(7, True) and codec is not None:  # v2 values may be uncompressed
                 values = _decompress(values, header[2] - skip, codec)
         if filled + count > len(out) or not _place(values, out[filled : filled + count], encoding):
-            return -1
+            return -1, False
+        finite = all_finite(out[filled : filled + count]) and finite
         filled += count
-    return filled
+    return filled, finite
 
 
 def _decompress(body: memoryview, size: int, codec: str | None) -> memoryview:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.index import CacheIndex, RowGroupRef
-from pipeline.head.pages import read_embedding
+from pipeline.head.pages import Embedding, all_finite, read_embedding
 from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class GroupRows:
     rows: np.ndarray
     extras: dict[str, np.ndarray]
     nonfinite: int
+    held_out: np.ndarray  # per row, whether it is in the validation slice (by its key's hash)
 
 
 def key_fraction(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -76,17 +77,20 @@ def read_group(
     val_fraction: float,
     val: bool,
     out: np.ndarray | None = None,
+    held_out: np.ndarray | None = None,
 ) -> GroupRows:
     """Row group ``ref``; ``rows`` are its held-out (``val``) or training rows, finite ones.
 
-    The embeddings are written into ``out`` (at least ``ref.rows`` rows) when given.
+    The embeddings are written into ``out`` (at least ``ref.rows`` rows) when given. Given
+    ``held_out`` (the group's ``GroupRows.held_out`` from an earlier read), its keys are neither
+    read nor hashed again.
     """
     f = index.files[ref.file]
-    columns = list(dict.fromkeys(["key", "loss", *extra]))
+    columns = list(dict.fromkeys([*(["key"] if held_out is None else []), "loss", *extra]))
     fs, path = fsspec.core.url_to_fs(f.url)
     dtype = np.dtype(index.dtype)
 
-    def read() -> tuple[np.ndarray | None, pa.Table]:
+    def read() -> tuple[Embedding | None, pa.Table]:
         with _open(fs, path) as handle:
             fast = read_embedding(
                 handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
@@ -95,19 +99,24 @@ def read_group(
             wanted = columns if fast is not None else [*columns, "embedding"]
             return fast, parquet.read_row_group(ref.group, columns=wanted, use_threads=False)
 
-    embedding, table = retry(read, what=f"read row group {ref.group} of {f.url}")
-    if embedding is None:
+    fast, table = retry(read, what=f"read row group {ref.group} of {f.url}")
+    if fast is None:
         flat = table.column("embedding").combine_chunks().flatten()
         embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
+        finite = all_finite(embedding)
+    else:
+        embedding, finite = fast
     if out is not None and not np.shares_memory(embedding, out):
         out[: len(embedding)] = embedding
         embedding = out[: len(embedding)]
     loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
-    keys = table.column("key")
-    held_out = key_fraction(keys) < val_fraction
+    if held_out is None:
+        held_out = key_fraction(table.column("key")) < val_fraction
     keep = held_out if val else ~held_out
-    bad = keep & ~(np.isfinite(loss) & _finite_rows(embedding))
+    finite_rows = True if finite else np.isfinite(embedding).all(axis=1)
+    bad = keep & ~(np.isfinite(loss) & finite_rows)
     if bad.any():
+        keys = table.column("key") if "key" in table.column_names else _keys(f.url, ref.group)
         examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
         log.warning(
             "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
@@ -115,7 +124,17 @@ def read_group(
         )
         keep &= ~bad
     extras = {name: table.column(name).to_numpy(zero_copy_only=False) for name in extra}
-    return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()))
+    return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
+
+
+def _keys(url: str, group: int) -> pa.ChunkedArray:
+    """The ``key`` column of row group ``group`` of the file at ``url``."""
+
+    def read() -> pa.ChunkedArray:
+        with fsspec.open(url, "rb") as handle:
+            return pq.ParquetFile(handle).read_row_group(group, columns=["key"]).column("key")
+
+    return retry(read, what=f"read the keys of row group {group} of {url}")
 
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
@@ -126,16 +145,3 @@ def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
     if isinstance(fs, LocalFileSystem):
         return open(path, "rb", buffering=0)
     return fs.open(path, "rb", cache_type="none")
-
-
-def _finite_rows(embedding: np.ndarray) -> np.ndarray:
-    """True for rows with no NaN/inf; float16 is checked on its exponent bits (fast)."""
-    if embedding.dtype == np.float16:
-        bits = embedding.view(np.uint16)
-        # NaN/inf have every exponent bit set: the positive ones are 0x7C00-0x7FFF, the
-        # largest int16 values, the negative ones 0xFC00-0xFFFF, the largest uint16 values; two
-        # reductions rule them out without a temporary array, as good as always
-        if embedding.view(np.int16).max(initial=0) < 0x7C00 and bits.max(initial=0) < 0xFC00:
-            return np.ones(len(embedding), dtype=bool)
-        return (bits & np.uint16(0x7C00)).max(axis=1, initial=0) < 0x7C00
-    return np.isfinite(embedding).all(axis=1)
