@@ -3,12 +3,15 @@
 Writes a synthetic cache (D=768 by default, the writer's Parquet options), then times the
 training step of ``pipeline.head.train`` on (a) batches sliced from tensors already in memory and
 (b) batches from ``pipeline.head.stream.CacheStream`` over the local cache (whole passes, the
-first timed from cold: it opens the stream and first touches the memory it holds rows in),
-interleaved, best of ``--repeats``; optionally (c) the same stream through a moto S3 server on
-loopback. Prints samples/s and the streaming/in-memory ratio of the first pass and of the later
-ones (targets, by CPU time: >= 0.9 in fp32, >= 0.8 in bf16; absolute >= 30,000/s), and the
-reader's own CPU per row. A cache no larger than ``--shuffle-rows`` is held whole and decoded
-once, so its later passes read nothing; a smaller ``--shuffle-rows`` makes every pass read.
+first timed from cold: it opens the stream and first touches the memory it holds rows in);
+optionally (c) the same stream through a moto S3 server on loopback. The in-memory reference
+runs before the first round and after each, and each round's streamed passes are compared with
+the reference runs just before and after them, so the host's speed drifting between runs
+(+-30% here) moves both sides. Prints samples/s and each round's streaming/in-memory ratio of
+the first pass and of the later ones, and their median (targets, by CPU time: >= 0.9 in fp32,
+>= 0.8 in bf16; absolute >= 30,000/s), and the reader's own CPU per row. A cache no larger
+than ``--shuffle-rows`` is held whole and decoded once, so its later passes read nothing; a
+smaller ``--shuffle-rows`` makes every pass read.
 
     .venv/bin/python benchmarks/train_throughput.py --dim 768 --precision fp32 bf16 --s3
 """
@@ -198,12 +201,12 @@ def main() -> None:
         print(f"reader alone, CPU us/row (target <= 4): first pass {first}; second pass {second}")
         s3_url, stop = _s3_copy(url) if args.s3 else (None, None)
         for precision in args.precision:
-            memory, local, remote = [], [], []
+            memory, local, remote = [time_in_memory(x, y, args, precision)], [], []
             for r in range(args.repeats):
-                memory.append(time_in_memory(x, y, args, precision))
                 local.append(time_stream(url, args, precision, seed=r))
                 if s3_url:
                     remote.append(time_stream(s3_url, args, precision, seed=r))
+                memory.append(time_in_memory(x, y, args, precision))
             _report(precision, args, memory, local, remote)
         if stop:
             stop()
@@ -219,25 +222,25 @@ def _report(
     print(f"\n[{precision}] batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats")
     target = 0.9 if precision == "fp32" else 0.8
     _line("in-memory tensors", memory)
+    around = [pooled(memory[r : r + 2]) for r in range(len(memory) - 1)]  # each round's bracket
     for name, runs in (("streaming local", local), ("streaming moto S3", remote)):
         if not runs:
             continue
         for passes, label in ((slice(0, 1), "first pass"), (slice(1, None), "later passes")):
-            rates = [_pooled(run[passes]) for run in runs if run[passes]]
-            if not rates:
+            if not runs[0][passes]:
                 continue
+            rates = [pooled(run[passes]) for run in runs]
             _line(f"{name}, {label}", rates)
-            wall = max(r.wall for r in rates) / max(r.wall for r in memory)
-            cpu = max(r.cpu for r in rates) / max(r.cpu for r in memory)
-            rounds = [s.cpu / m.cpu for s, m in zip(rates, memory, strict=True)]
+            cpu = [s.cpu / m.cpu for s, m in zip(rates, around, strict=True)]
+            wall = [s.wall / m.wall for s, m in zip(rates, around, strict=True)]
             print(
-                f"    ratio to in-memory: {wall:.3f} wall, {cpu:.3f} CPU-time (best of each; "
-                f"per round {', '.join(f'{r:.2f}' for r in rounds)}, median "
-                f"{statistics.median(rounds):.2f}; target >= {target})"
+                f"    ratio to in-memory, by CPU time: {statistics.median(cpu):.2f} median of "
+                f"rounds {', '.join(f'{r:.2f}' for r in cpu)} (target >= {target}); wall "
+                f"{statistics.median(wall):.2f} ({', '.join(f'{r:.2f}' for r in wall)})"
             )
 
 
-def _pooled(rates: list[Rate]) -> Rate:
+def pooled(rates: list[Rate]) -> Rate:
     """One rate for several passes of equal size (harmonic means: total samples / time)."""
     return Rate(
         len(rates) / sum(1 / r.wall for r in rates), len(rates) / sum(1 / r.cpu for r in rates)
