@@ -32,6 +32,7 @@ from pipeline.cache.index import open_cache
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head import shuffle
 from pipeline.head.stream import CacheStream, StreamConfig
+from pipeline.head.train import keep_freed_memory
 
 
 def uniform_distinct(counts: np.ndarray, batch: int) -> float:
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `pvu train-head` does
     spec = SyntheticCache(
         dim=args.dim,
         samples_per_shard=args.samples_per_shard,

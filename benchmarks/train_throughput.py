@@ -33,7 +33,7 @@ from pipeline.cache.index import open_cache
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.model import HeadConfig, create_head, create_objective
 from pipeline.head.stream import CacheStream, StreamConfig, read_validation
-from pipeline.head.train import ScheduleConfig, create_optimizer, train_step
+from pipeline.head.train import ScheduleConfig, create_optimizer, keep_freed_memory, train_step
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the head trains: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `pvu train-head` does
 
     with tempfile.TemporaryDirectory(prefix="pvu-bench-") as tmp:
         shards = max(1, args.rows // 8192)

@@ -30,7 +30,14 @@ from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.head.stream import StreamConfig
-from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, TrainResult, fit_head
+from pipeline.head.train import (
+    RunOptions,
+    ScheduleConfig,
+    TrainConfig,
+    TrainResult,
+    fit_head,
+    keep_freed_memory,
+)
 
 log = logging.getLogger("pvu.train_head")
 
@@ -141,6 +148,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
         check_storage(url, flag="--cache", must_exist=True)
     check_storage(config.output, flag="--output")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    keep_freed_memory()
     train_config = config.to_train_config()
     schedule = train_config.schedule
     columns = [
