@@ -130,16 +130,23 @@ def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -
 def time_reader(url: str, args: argparse.Namespace, seed: int) -> tuple[float, float]:
     """CPU microseconds per row to stream the cache at ``url`` without training: the first
     pass (from opening the stream: it also touches the memory it holds rows in for the first
-    time) and the second."""
+    time) and the second.
+
+    Batches are gathered on one torch thread: with two, the second OpenMP thread spins after
+    each gather while the caller waits for reads (~1 us/row here), CPU that a training run
+    spends on its step instead.
+    """
     index = open_cache([url])
     config = StreamConfig(seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01)
-    passes = []
+    passes, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
     with CacheStream(index, config) as stream:
         for done in (1, 2):
             cpu, samples = time.process_time(), 0
             while stream.state.pass_index < done:
                 samples += len(stream.next_batch(args.batch_size))
             passes.append((time.process_time() - cpu) / samples * 1e6)
+    torch.set_num_threads(threads)
     return passes[0], passes[1]
 
 
