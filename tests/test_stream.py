@@ -247,17 +247,16 @@ def test_nonfinite_rows_are_dropped_and_reported_in_every_pass(
     (url / "_manifest.json").unlink()  # it records the file before the edit; readers then glob
     bad = {"image-0000003", "image-0000040", "image-0000065", "image-0000077"}
     config = StreamConfig(shuffle_rows=90, val_fraction=0.0, extra_columns=extra)
-    with CacheStream(open_cache([str(url)]), config) as stream:
+    with caplog.at_level(logging.WARNING), CacheStream(open_cache([str(url)]), config) as stream:
         for passes in (1, 2):
-            caplog.clear()
-            with caplog.at_level(logging.WARNING):
-                batch = stream.next_batch(196)
+            batch = stream.next_batch(196)
             assert stream.state == StreamState(passes, 0, 0)
             assert stream.stats.nonfinite == Counter({str(path): 4 * passes})
             assert torch.isfinite(batch.embedding).all() and torch.isfinite(batch.loss).all()
-            assert "image-0000003" in caplog.text and "NaN/inf" in caplog.text
             if extra:
                 assert not bad & set(batch.extras["key"].tolist())
+    # one warning per read of the group (the reader may read ahead into a third pass)
+    assert caplog.text.count("NaN/inf embedding or loss, e.g. keys ['image-0000003'") >= 2
 
 
 def test_no_training_rows_is_an_error(cache: str) -> None:
