@@ -53,12 +53,11 @@ def key_fraction(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     data = np.frombuffer(keys.buffers()[2] or b"\0", dtype=np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    for length in np.unique(lengths):  # keys of one length hash as one (rows, length) matrix
+    for length in np.unique(lengths):  # keys of one length hash as one (length, rows) matrix
         rows = np.flatnonzero(lengths == length)
-        block = data[starts[rows, None] + np.arange(length)].astype(np.uint64)
         h = hashes[rows]
-        for j in range(int(length)):
-            h ^= block[:, j]
+        for byte in data[np.arange(length)[:, None] + starts[rows]]:  # byte j of every key
+            h ^= byte
             h *= _FNV_PRIME
         hashes[rows] = h
     hashes ^= hashes >> np.uint64(30)
