@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.index import CacheIndex, RowGroupRef
+from pipeline.cache.index import CacheFile, CacheIndex, RowGroupRef
 from pipeline.head.pages import Embedding, all_finite, read_embedding
 from pipeline.retry import retry
 
@@ -115,7 +115,7 @@ def read_group(
     finite_rows = True if finite else np.isfinite(embedding).all(axis=1)
     bad = keep & ~(np.isfinite(loss) & finite_rows)
     if bad.any():
-        keys = table.column("key") if "key" in table.column_names else _keys(f.url, ref.group)
+        keys = table.column("key") if "key" in table.column_names else _keys(f, ref.group)
         examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
         log.warning(
             "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
@@ -126,14 +126,17 @@ def read_group(
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
 
 
-def _keys(url: str, group: int) -> pa.ChunkedArray:
-    """The ``key`` column of row group ``group`` of the file at ``url``."""
+def _keys(f: CacheFile, group: int) -> pa.ChunkedArray:
+    """The ``key`` column of row group ``group`` of unit ``f``: opened as a row group read opens
+    it, its footer already known."""
+    fs, path = fsspec.core.url_to_fs(f.url)
 
     def read() -> pa.ChunkedArray:
-        with fsspec.open(url, "rb") as handle:
-            return pq.ParquetFile(handle).read_row_group(group, columns=["key"]).column("key")
+        with _open(fs, path) as handle:
+            parquet = pq.ParquetFile(handle, metadata=f.metadata)
+            return parquet.read_row_group(group, columns=["key"], use_threads=False).column("key")
 
-    return retry(read, what=f"read the keys of row group {group} of {url}")
+    return retry(read, what=f"read the keys of row group {group} of {f.url}")
 
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
