@@ -13,7 +13,12 @@ import torch
 from support import BACKBONE, make_runner
 
 from pipeline.cache.augment import build_transform
-from pipeline.cache.backbone import create_backbone_model, describe_backbone, state_digest
+from pipeline.cache.backbone import (
+    Backbone,
+    create_backbone_model,
+    describe_backbone,
+    state_digest,
+)
 from pipeline.cache.decode import decode_image
 from pipeline.cache.manifest import Manifest, ProvenanceMismatch
 from pipeline.cache.unit import Unit
@@ -157,8 +162,24 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
         describe_backbone("vit_small_patch16_dinov3.lvd1689m", "random")
     with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)"):
         describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"no single classifier layer on its embedding \(Module"):
+        describe_backbone("crossvit_tiny_240", "random")  # one head per branch
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
+
+
+def test_a_backbone_whose_classifier_is_a_1x1_convolution_caches_its_exact_loss():
+    """BiT's ResNetV2 and DLA classify the pooled features with a 1x1 convolution."""
+    name = "dla46_c"
+    info = describe_backbone(name, "random", input_size=(3, 64, 64))
+    model = create_backbone_model(name, "random")
+    assert isinstance(model.get_classifier(), torch.nn.Conv2d) and info.embedding_dim == 256
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 999])
+    outputs = Backbone(model, torch.device("cpu")).forward(images, labels)
+    with torch.inference_mode():
+        exact = torch.nn.functional.cross_entropy(model(images), labels, reduction="none")
+    torch.testing.assert_close(outputs["loss"], exact, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_load_model_from_a_local_file_never_reaches_the_npz_loader(tmp_path):

@@ -170,10 +170,26 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+class _PooledConv(torch.nn.Module):
+    """A 1x1 convolution classifier (BiT's ResNetV2, DLA) as a layer on the pooled ``(B, C)``
+    embedding."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.conv(embedding[:, :, None, None]).flatten(1)
+
+
 def classifier_of(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """The layer that maps ``model``'s pre-logits embedding to its logits."""
     classifier = model.get_classifier()
-    if not isinstance(classifier, torch.nn.Module):
+    if isinstance(classifier, torch.nn.Conv2d) and classifier.kernel_size == (1, 1):
+        return _PooledConv(classifier)
+    if not isinstance(classifier, torch.nn.Module) or isinstance(
+        classifier, torch.nn.ModuleList | torch.nn.ModuleDict
+    ):
         raise ValueError(
             f"backbone {name} has no single classifier layer on its embedding "
             f"({type(classifier).__name__}); pvu computes the loss from the embedding"
@@ -183,6 +199,7 @@ def classifier_of(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
     """Run one probe forward; check that the classifier on the embedding gives the logits."""
+    classifier = classifier_of(model, name)
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
@@ -193,10 +210,15 @@ def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {error}"
         ) from None
-    with torch.inference_mode():
-        recomputed = classifier_of(model, name)(embedding)
-    if recomputed.shape != logits.shape or not torch.allclose(
-        recomputed, logits, rtol=1e-4, atol=1e-4
+    try:
+        with torch.inference_mode():
+            recomputed = classifier(embedding)
+    except RuntimeError:  # e.g. a classifier that expects another shape than the embedding's
+        recomputed = None
+    if (
+        recomputed is None
+        or recomputed.shape != logits.shape
+        or not torch.allclose(recomputed, logits, rtol=1e-4, atol=1e-4)
     ):
         raise ValueError(
             f"backbone {name}: its classifier applied to the pre-logits embedding does not "
