@@ -42,7 +42,9 @@ class UserError(Exception):
 
 
 #: Failures reported as one line with exit code 2 (a traceback only under ``--verbose``).
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+#: ``OSError`` covers the rest of storage: a store down for longer than the retries, a damaged
+#: file; ``pipeline.retry`` names the operation and the URL in the message.
+USER_ERRORS = (UserError, ValueError, OSError)
 
 
 @contextmanager

@@ -116,6 +116,23 @@ def test_a_page_header_longer_than_the_probe_reads_the_chunk_whole(
     assert got.values.tobytes() == expected.values.tobytes()
 
 
+@pytest.mark.parametrize(("source", "compression"), [("file", "none"), ("fsspec", "zstd")])
+def test_a_damaged_page_header_is_left_to_pyarrow(
+    source: str, compression: str, tmp_path: Path
+) -> None:
+    """Page by page into place, or the chunk read whole: pyarrow then names what is wrong."""
+    table = synthetic_rows(SyntheticCache(dim=48, samples_per_shard=300), 0, 0)
+    data, metadata = _written(
+        table, compression=compression, use_dictionary=["key"], data_page_size=8192
+    )
+    start = metadata.row_group(0).column(pages.embedding_column(metadata)).data_page_offset
+    damaged = data[:start] + b"\xff" * 16 + data[start + 16 :]
+    path = tmp_path / "unit.parquet"
+    path.write_bytes(damaged)
+    with _open(source, damaged, path) as handle:
+        assert read_embedding(handle, metadata, 0, dim=48, dtype=np.dtype("float16")) is None
+
+
 def test_dictionary_pages_fall_back_to_pyarrow() -> None:
     table = synthetic_rows(SyntheticCache(dim=8, samples_per_shard=50, shards=1, epochs=1), 0, 0)
     data, metadata = _written(table, use_dictionary=True)

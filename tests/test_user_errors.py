@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
@@ -20,6 +21,8 @@ from support import SMALL_BACKBONE_FLAGS, pvu, unboxed
 from typer.testing import Result
 
 from pipeline.demo.data import write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.pages import embedding_column
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if "def main(" in p.read_text())
@@ -64,6 +67,24 @@ def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
     result, seconds = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"))
     assert_actionable(result, seconds, f"--cache {missing} does not exist")
     assert "samples/s" not in result.output and "━" not in result.output
+
+
+def test_a_damaged_cache_unit_is_named_with_its_row_group(tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    spec = SyntheticCache(dim=16, samples_per_shard=512, shards=2, epochs=1, row_group_rows=256)
+    write_synthetic_cache(cache, spec)
+    unit = sorted((tmp_path / "cache").glob("epoch=*/*.parquet"))[1]
+    metadata = pq.read_metadata(unit)
+    start = metadata.row_group(1).column(embedding_column(metadata)).data_page_offset
+    with open(unit, "r+b") as handle:  # bytes flipped in place: the size still matches
+        handle.seek(start)
+        handle.write(b"\xff" * 16)
+    result, seconds = timed_pvu(
+        "train-head", "--cache", cache, "--output", str(tmp_path / "head"),
+        "--episodes", "2", "--episode-size", "2048", "--batch-size", "256",
+        "--warmup-episodes", "1",
+    )  # fmt: skip
+    assert_actionable(result, seconds, f"read row group 1 of {unit} failed", "page header")
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ _DATA_PAGE, _DATA_PAGE_V2 = 0, 3
 _WIDTH = {"FIXED_LEN_BYTE_ARRAY": 2, "FLOAT": 4}  # float16 is FLBA(2); float32 is FLOAT
 _scratch = threading.local()  # each reading thread's column-chunk buffer
 _HEADER_PROBE = 1024  # bytes read to parse a page header; a longer one takes the buffered path
+_HEADER_ERRORS = (IndexError, KeyError, ValueError, struct.error)  # a page header not parsed
 
 
 class Embedding(NamedTuple):
@@ -139,7 +140,7 @@ def _read_plain_pages(
             count, encoding, skip = page
             body = position + length
             values = body + (_levels_size(handle, body, levels) if skip is None else skip)
-        except (IndexError, KeyError, struct.error):  # a header longer than the probe, a short file
+        except _HEADER_ERRORS:  # a header longer than the probe, a short file, a damaged header
             return -1, False
         position = body + header[3]
         if encoding != _PLAIN or position - values != count * width or filled + count > len(out):
@@ -186,10 +187,13 @@ def _decode_pages(
     and whether they are all finite."""
     position, filled, finite = 0, 0, True
     while position < len(data):
-        header, position = _read_struct(data, position)
-        body = data[position : position + header[3]]
-        position += header[3]
-        page = _data_page(header, levels)
+        try:
+            header, position = _read_struct(data, position)
+            body = data[position : position + header[3]]
+            position += header[3]
+            page = _data_page(header, levels)
+        except _HEADER_ERRORS:  # a damaged header: pyarrow reads it or says what is wrong
+            return -1, False
         if page is None:
             return -1, False
         count, encoding, skip = page
