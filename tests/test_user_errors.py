@@ -69,7 +69,8 @@ def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
     assert "samples/s" not in result.output and "━" not in result.output
 
 
-def test_a_damaged_cache_unit_is_named_with_its_row_group(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["train-head", "evaluate"])
+def test_a_damaged_cache_unit_is_named(command: str, tmp_path: Path) -> None:
     cache = str(tmp_path / "cache")
     spec = SyntheticCache(dim=16, samples_per_shard=512, shards=2, epochs=1, row_group_rows=256)
     write_synthetic_cache(cache, spec)
@@ -79,12 +80,15 @@ def test_a_damaged_cache_unit_is_named_with_its_row_group(tmp_path: Path) -> Non
     with open(unit, "r+b") as handle:  # bytes flipped in place: the size still matches
         handle.seek(start)
         handle.write(b"\xff" * 16)
-    result, seconds = timed_pvu(
-        "train-head", "--cache", cache, "--output", str(tmp_path / "head"),
-        "--episodes", "2", "--episode-size", "2048", "--batch-size", "256",
-        "--warmup-episodes", "1",
-    )  # fmt: skip
-    assert_actionable(result, seconds, f"read row group 1 of {unit} failed", "page header")
+    output = str(tmp_path / "out")
+    args = {
+        "train-head": ["--cache", cache, "--output", output, "--episodes", "2",
+                       "--episode-size", "2048", "--batch-size", "256", "--warmup-episodes", "1"],
+        "evaluate": ["--dataset", f"synthetic={cache}", "--report", output],
+    }[command]  # fmt: skip
+    result, seconds = timed_pvu(command, *args)
+    where = f"row group 1 of {unit}" if command == "train-head" else str(unit)
+    assert_actionable(result, seconds, f"read {where} failed", "page header")
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:

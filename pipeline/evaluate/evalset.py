@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.index import CacheFile, CacheIndex, open_cache
+from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,13 @@ def read_eval_set(
 
 
 def _read_file(cache_file: CacheFile) -> pa.Table:
+    """The columns evaluate reads of one unit, under :func:`retry` (errors name the unit)."""
     names = cache_file.metadata.schema.to_arrow_schema().names
     columns = [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in names)]
     fs, path = fsspec.core.url_to_fs(cache_file.url)
-    with fs.open(path, "rb") as handle:
-        table = pq.ParquetFile(handle, metadata=cache_file.metadata).read(columns=columns)
-    return table.replace_schema_metadata(None)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle, metadata=cache_file.metadata).read(columns=columns)
+
+    return retry(read, what=f"read {cache_file.url}").replace_schema_metadata(None)
