@@ -91,6 +91,20 @@ def test_a_damaged_cache_unit_is_named(command: str, tmp_path: Path) -> None:
     assert_actionable(result, seconds, f"read {where} failed", "page header")
 
 
+@pytest.mark.parametrize("command", ["train-head", "info"])
+def test_a_manifest_that_is_not_json_is_named(command: str, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=16, samples_per_shard=64, shards=1, epochs=1))
+    (tmp_path / "cache" / "_manifest.json").write_text('{"units": {')  # cut off mid-write
+    args = (
+        ["--cache", cache, "--output", str(tmp_path / "out")]
+        if command == "train-head"
+        else [cache]
+    )
+    result, seconds = timed_pvu(command, *args)
+    assert_actionable(result, seconds, f"{cache}/_manifest.json is not a valid manifest")
+
+
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-cache")
     result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")

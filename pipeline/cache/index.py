@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import read_footer, require_consistent
-from pipeline.retry import read_bytes
 from schemas import READABLE_VERSIONS, SCHEMA_VERSION, embedding_dim, label_space, read_provenance
 
 log = logging.getLogger(__name__)
@@ -99,18 +98,17 @@ class CacheIndex:
         ]
 
 
-def list_cache_files(url: str) -> dict[str, str]:
-    """The committed unit files of the cache at ``url`` (manifest first, else a glob): their
-    URLs by path relative to the cache."""
+def list_cache_files(url: str, listed: list[str] | None) -> dict[str, str]:
+    """The committed unit files of the cache at ``url``: its manifest's ``listed`` units, else
+    (a cache without a manifest) a glob; their URLs by path relative to the cache."""
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     if not fs.exists(root):
         raise FileNotFoundError(f"cache {url} does not exist")
-    manifest = f"{root}/{MANIFEST_NAME}"
-    if fs.exists(manifest):
-        relpaths = sorted(json.loads(read_bytes(fs, manifest)).get("units", {}))
+    if listed is not None:
+        relpaths = listed
     else:
         log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)
         paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
@@ -195,14 +193,14 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
         raise ValueError("no cache URL given")
     units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
     for url in urls:
-        footers = require_consistent(url, io_threads=io_threads).footers  # checked: not re-read
-        found = list_cache_files(url)
+        check = require_consistent(url, io_threads=io_threads)  # its footers are not re-read
+        found = list_cache_files(url, check.listed)
         if not found:
             raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")
         for relpath, unit in found.items():
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
-            units[unit] = (url, relpath, footers.get(relpath))
+            units[unit] = (url, relpath, check.footers.get(relpath))
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
     identity = check_compatible(files)

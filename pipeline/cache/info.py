@@ -14,8 +14,8 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.cache.manifest import MANIFEST_NAME
-from schemas import UNIT_STATS_KEY, label_space, read_provenance, validate_manifest
+from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
+from schemas import UNIT_STATS_KEY, label_space, read_provenance
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,8 @@ def read_cache_info(url: str) -> CacheInfo:
     root = root.rstrip("/")
     if not fs.exists(root):
         raise FileNotFoundError(f"cache {url} does not exist")
-    manifest = f"{root}/{MANIFEST_NAME}"
-    if fs.exists(manifest):
-        with fs.open(manifest, "rb") as handle:
-            document = json.load(handle)
-        try:
-            validate_manifest(document)
-        except ValueError as error:
-            raise ValueError(f"{url}/{MANIFEST_NAME} is not a valid manifest: {error}") from None
+    document = read_manifest(url)
+    if document is not None:
         return CacheInfo(
             url, document["provenance"], document["units"], "manifest", document.get("updated")
         )

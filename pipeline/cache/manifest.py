@@ -28,6 +28,23 @@ IDENTITY_FIELDS = (
 )
 
 
+def read_manifest(url: str) -> dict[str, Any] | None:
+    """The validated ``_manifest.json`` of the cache at ``url``, or None where it has none;
+    raises ``ValueError`` naming the file if it is not a valid manifest."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        data = read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}")
+    except FileNotFoundError:
+        return None
+    try:
+        document = json.loads(data)  # a JSONDecodeError is a ValueError
+        validate_manifest(document)
+    except ValueError as error:
+        where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
+        raise ValueError(f"{where} is not a valid manifest: {error}") from None
+    return document
+
+
 class ProvenanceMismatch(ValueError):
     """A run asked for a cache that differs from the one already at the output prefix."""
 
@@ -91,13 +108,9 @@ class Manifest:
         It is not yet reconciled with storage: ``pipeline.cache.verify.reconcile`` does that.
         """
         manifest = cls(root, provenance)
-        path = f"{manifest._root_path}/{MANIFEST_NAME}"
-        try:
-            data = read_bytes(manifest._fs, path)
-        except FileNotFoundError:
+        document = read_manifest(manifest.root)
+        if document is None:
             return manifest
-        document = json.loads(data)
-        validate_manifest(document)
         check_provenance(document["provenance"], provenance, root)
         manifest.units = document["units"]
         return manifest

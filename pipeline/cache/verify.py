@@ -21,13 +21,13 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import (
-    MANIFEST_NAME,
     Manifest,
     check_provenance,
     provenance_differences,
+    read_manifest,
 )
 from pipeline.cache.writer import unit_path
-from pipeline.retry import read_bytes, retry
+from pipeline.retry import retry
 from schemas import UNIT_STATS_KEY, read_provenance
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class CacheCheck:
     """Committed unit files the manifest does not list: relpath -> size in bytes."""
     footers: dict[str, pq.FileMetaData] = field(default_factory=dict)
     """The footers the check read, of units that agree with the manifest: relpath -> footer."""
+    listed: list[str] | None = None
+    """The units the manifest lists (relpaths, sorted); None for a cache without one."""
 
     @property
     def ok(self) -> bool:
@@ -154,7 +156,7 @@ def check_cache(
     ``footers=False`` checks presence and sizes only (the listing, no per-unit read).
     """
     stored = list_unit_files(url)
-    check = CacheCheck(url.rstrip("/"))
+    check = CacheCheck(url.rstrip("/"), listed=sorted(units))
     check.orphans = {path: size for path, size in stored.items() if path not in units}
     present = []
     for relpath, entry in units.items():
@@ -189,10 +191,8 @@ def check_cache(
 
 def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> CacheCheck:
     """Check the cache at ``url`` against its ``_manifest.json`` (all is well without one)."""
-    fs, root = fsspec.core.url_to_fs(url)
-    try:
-        document = json.loads(read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}"))
-    except FileNotFoundError:
+    document = read_manifest(url)
+    if document is None:
         return CacheCheck(url.rstrip("/"))
     return check_cache(
         url, document["units"], document["provenance"], footers=footers, io_threads=io_threads
