@@ -22,6 +22,8 @@ from typer.testing import Result
 
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head
+from pipeline.head.model import HeadConfig, create_head
 from pipeline.head.pages import embedding_column
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,27 @@ def test_a_manifest_that_is_not_json_is_named(command: str, tmp_path: Path) -> N
     )
     result, seconds = timed_pvu(command, *args)
     assert_actionable(result, seconds, f"{cache}/_manifest.json is not a valid manifest")
+
+
+@pytest.mark.parametrize("damage", ["head.json cut off", "weights of another width"])
+def test_a_damaged_head_export_is_named(damage: str, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=16, samples_per_shard=64, shards=1, epochs=1))
+    folder = tmp_path / "head"
+    export_head(create_head(HeadConfig(16, (8,)), seed=0), str(folder), backbone="synthetic",
+                weights_digest="sha256:synthetic", loss="ranking")  # fmt: skip
+    if damage == "head.json cut off":
+        (folder / HEAD_JSON).write_text((folder / HEAD_JSON).read_text()[:40])
+    else:
+        other = tmp_path / "other"
+        export_head(create_head(HeadConfig(16, (4,)), seed=0), str(other), backbone="synthetic",
+                    weights_digest="sha256:synthetic", loss="ranking")  # fmt: skip
+        (folder / HEAD_WEIGHTS).write_bytes((other / HEAD_WEIGHTS).read_bytes())
+    result, seconds = timed_pvu(
+        "evaluate", "--dataset", f"synthetic={cache}", "--head", str(folder),
+        "--report", str(tmp_path / "report"),
+    )  # fmt: skip
+    assert_actionable(result, seconds, f"{folder} is not a valid pvu head export")
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:

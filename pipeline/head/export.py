@@ -16,11 +16,13 @@ from typing import Any
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.head.model import HeadConfig, UncertaintyHead
+from pipeline.retry import read_bytes
 from schemas import validate_head
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -89,12 +91,17 @@ def head_config(doc: dict[str, Any]) -> HeadConfig:
 
 
 def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
-    """The head exported to ``head_dir`` (in eval mode) and its head.json document."""
+    """The head exported to ``head_dir`` (in eval mode) and its head.json document; raises
+    ``ValueError`` naming the folder if its files are not a head export that fits together."""
     fs, root = fsspec.core.url_to_fs(head_dir)
-    doc = json.loads(fs.cat_file(f"{root}/{HEAD_JSON}"))
-    validate_head(doc)
-    head = UncertaintyHead(head_config(doc))
-    head.load_state_dict(load_safetensors(fs.cat_file(f"{root}/{HEAD_WEIGHTS}")), strict=True)
+    try:
+        doc = json.loads(read_bytes(fs, f"{root}/{HEAD_JSON}"))
+        validate_head(doc)
+        head = UncertaintyHead(head_config(doc))
+        weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
+        head.load_state_dict(weights, strict=True)
+    except (ValueError, RuntimeError, SafetensorError) as error:  # a bad size is a RuntimeError
+        raise ValueError(f"{head_dir} is not a valid pvu head export: {error}") from None
     return head.eval(), doc
 
 
