@@ -128,6 +128,26 @@ def test_a_damaged_head_export_is_named(damage: str, tmp_path: Path) -> None:
     assert_actionable(result, seconds, f"{folder} is not a valid pvu head export")
 
 
+@pytest.mark.parametrize("damaged", ["state.json", "episode-00001.safetensors"])
+def test_resuming_from_a_damaged_checkpoint_is_refused_with_the_fix(
+    damaged: str, tmp_path: Path
+) -> None:
+    cache, output = str(tmp_path / "cache"), str(tmp_path / "run")
+    write_synthetic_cache(cache, SyntheticCache(dim=16, samples_per_shard=256, shards=1, epochs=1))
+    args = ["train-head", "--cache", cache, "--output", output, "--episodes", "3",
+            "--episode-size", "512", "--batch-size", "128", "--warmup-episodes", "1"]  # fmt: skip
+    assert pvu(*args, "--stop-after", "1").exit_code == 0
+    path = tmp_path / "run" / "checkpoint" / damaged
+    path.write_bytes(path.read_bytes()[:100])  # cut off, as a full disk leaves it
+    result, seconds = timed_pvu(*args, "--resume")
+    assert_actionable(
+        result,
+        seconds,
+        f"cannot resume from {output}: its checkpoint is damaged",
+        "another --output",
+    )
+
+
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-cache")
     result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")

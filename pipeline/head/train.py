@@ -23,6 +23,7 @@ from typing import Any
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -32,6 +33,7 @@ from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
 from pipeline.head.validate import validation_metrics
+from pipeline.retry import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -165,23 +167,37 @@ def load_checkpoint(
     folder = f"{root}/{CHECKPOINT_DIR}"
     if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
         return None
-    state = json.loads(fs.cat_file(f"{folder}/{CHECKPOINT_JSON}"))
-    if state["config"] != config.identity():
-        differ = [k for k, v in config.identity().items() if state["config"].get(k) != v]
+    try:
+        state = json.loads(read_bytes(fs, f"{folder}/{CHECKPOINT_JSON}"))
+        trained_with = dict(state["config"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise _damaged_checkpoint(output, error) from None
+    if trained_with != config.identity():
+        differ = [k for k, v in config.identity().items() if trained_with.get(k) != v]
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
             f"({', '.join(differ)}); use another --output or the same settings"
         )
-    tensors = load_safetensors(fs.cat_file(f"{folder}/{state['tensors']}"))
-    prefix = len("model.")
-    head.load_state_dict({k[prefix:]: v for k, v in tensors.items() if k.startswith("model.")})
-    slots: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, slot = key.split(".", 2)
-            slots.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    return int(state["episode"]), StreamState.from_json(state["stream"])
+    try:
+        tensors = load_safetensors(read_bytes(fs, f"{folder}/{state['tensors']}"))
+        prefix = len("model.")
+        head.load_state_dict({k[prefix:]: v for k, v in tensors.items() if k.startswith("model.")})
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, slot = key.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+        return int(state["episode"]), StreamState.from_json(state["stream"])
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+        raise _damaged_checkpoint(output, error) from None
+
+
+def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"cannot resume from {output}: its checkpoint is damaged ({type(error).__name__}: "
+        f"{error}); train from the start into another --output"
+    )
 
 
 def _metrics_log(
