@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.unit import UnitRunner, UnitSettings
+from pipeline.head.pages import embedding_column
 from schemas import SCHEMA_VERSION
 
 BACKBONE = "resnet10t"
@@ -145,3 +148,13 @@ def with_embedding(table: pa.Table, embedding: np.ndarray) -> pa.Table:
     field = table.schema.field("embedding")
     column = pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), type=field.type)
     return table.set_column(table.schema.get_field_index("embedding"), field, column)
+
+
+def damage_page_header(path: Path, group: int) -> None:
+    """Overwrite the first page header of row group ``group``'s embedding chunk in the Parquet
+    file at ``path``, in place: the file keeps its size."""
+    metadata = pq.read_metadata(path)
+    start = metadata.row_group(group).column(embedding_column(metadata)).data_page_offset
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        handle.write(b"\xff" * 16)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support import with_embedding
+from support import damage_page_header, with_embedding
 
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows
 from pipeline.head import pages
@@ -125,11 +125,10 @@ def test_a_damaged_page_header_is_left_to_pyarrow(
     data, metadata = _written(
         table, compression=compression, use_dictionary=["key"], data_page_size=8192
     )
-    start = metadata.row_group(0).column(pages.embedding_column(metadata)).data_page_offset
-    damaged = data[:start] + b"\xff" * 16 + data[start + 16 :]
     path = tmp_path / "unit.parquet"
-    path.write_bytes(damaged)
-    with _open(source, damaged, path) as handle:
+    path.write_bytes(data)
+    damage_page_header(path, 0)
+    with _open(source, path.read_bytes(), path) as handle:
         assert read_embedding(handle, metadata, 0, dim=48, dtype=np.dtype("float16")) is None
 
 

@@ -13,18 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
-from support import SMALL_BACKBONE_FLAGS, pvu, unboxed
+from support import SMALL_BACKBONE_FLAGS, damage_page_header, pvu, unboxed
 from typer.testing import Result
 
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head
 from pipeline.head.model import HeadConfig, create_head
-from pipeline.head.pages import embedding_column
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if "def main(" in p.read_text())
@@ -77,11 +75,7 @@ def test_a_damaged_cache_unit_is_named(command: str, tmp_path: Path) -> None:
     spec = SyntheticCache(dim=16, samples_per_shard=512, shards=2, epochs=1, row_group_rows=256)
     write_synthetic_cache(cache, spec)
     unit = sorted((tmp_path / "cache").glob("epoch=*/*.parquet"))[1]
-    metadata = pq.read_metadata(unit)
-    start = metadata.row_group(1).column(embedding_column(metadata)).data_page_offset
-    with open(unit, "r+b") as handle:  # bytes flipped in place: the size still matches
-        handle.seek(start)
-        handle.write(b"\xff" * 16)
+    damage_page_header(unit, 1)  # in place: the size still matches the manifest's
     output = str(tmp_path / "out")
     args = {
         "train-head": ["--cache", cache, "--output", output, "--episodes", "2",
