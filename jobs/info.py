@@ -15,7 +15,7 @@ from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
-from pipeline.cache.verify import CacheCheck, verify_cache
+from pipeline.cache.verify import CacheCheck, check_cache
 
 
 class InfoJobConfig(BaseModel):
@@ -73,6 +73,14 @@ def verification(check: CacheCheck) -> Table:
     return table
 
 
+def storage_check(summary: CacheInfo) -> CacheCheck:
+    """The check of storage against the manifest the summary was read from (the same snapshot,
+    read once); a cache without a manifest has nothing to check against."""
+    if summary.source != "manifest":
+        return CacheCheck(summary.root.rstrip("/"))
+    return check_cache(summary.root, summary.units, summary.provenance)
+
+
 def info(
     ctx: typer.Context,
     cache: Annotated[
@@ -98,7 +106,7 @@ def info(
     with reported("info", verbose=verbose):
         check_storage(job.cache, flag="CACHE", must_exist=True)
         summary = read_cache_info(job.cache)
-        check = verify_cache(job.cache) if job.verify else None
+        check = storage_check(summary) if job.verify else None
     if job.json_output:
         document = summary.to_json()
         if check is not None:

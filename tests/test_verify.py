@@ -167,6 +167,10 @@ def test_storage_is_listed_once_per_epoch_and_each_footer_read_once(s3_bucket: s
     index = open_cache([url])  # the readers' check and index: each footer is read once
     assert calls["GetObject"] == 1 + spec.shards * spec.epochs  # the manifest and each footer once
     assert index.rows == spec.shards * spec.epochs * spec.samples_per_shard
+    calls.clear()
+    result = CliRunner().invoke(app, ["info", url, "--verify"])
+    assert result.exit_code == 0, result.output
+    assert calls["GetObject"] == 1 + spec.shards * spec.epochs  # the summary and check share one
 
 
 @pytest.mark.slow
