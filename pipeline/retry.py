@@ -134,6 +134,12 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return retry(lambda: fs.cat_file(path), what=f"read {fs.unstrip_protocol(path)}")
 
 
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
+    disk, say, is then named with the file)."""
+    retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+
+
 def _reraise(error: BaseException, context: str) -> NoReturn:
     """Raise the error again as an ``OSError`` with ``context`` prefixed, chained to it.
 

@@ -142,6 +142,22 @@ def test_resuming_from_a_damaged_checkpoint_is_refused_with_the_fix(
     )
 
 
+@pytest.mark.parametrize(
+    "written", ["checkpoint/episode-00001.safetensors", "checkpoint/state.json.tmp", "head.json"]
+)
+def test_a_full_disk_names_the_file_it_could_not_write(written: str, tmp_path: Path) -> None:
+    cache, output = str(tmp_path / "cache"), tmp_path / "run"
+    write_synthetic_cache(cache, SyntheticCache(dim=16, samples_per_shard=256, shards=1, epochs=1))
+    full = output / written  # writes to /dev/full fail with ENOSPC, as on a full disk
+    full.parent.mkdir(parents=True)
+    full.symlink_to("/dev/full")
+    result, seconds = timed_pvu(
+        "train-head", "--cache", cache, "--output", str(output), "--episodes", "1",
+        "--episode-size", "256", "--batch-size", "128", "--warmup-episodes", "0",
+    )  # fmt: skip
+    assert_actionable(result, seconds, f"write file://{full} failed", "No space left on device")
+
+
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-cache")
     result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")

@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.head.model import HeadConfig, UncertaintyHead
-from pipeline.retry import read_bytes
+from pipeline.retry import read_bytes, write_bytes
 from schemas import validate_head
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -72,8 +72,8 @@ def export_head(head: UncertaintyHead, output: str, **document: Any) -> dict[str
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
-    fs.pipe_file(f"{root}/{HEAD_WEIGHTS}", save_safetensors(state, metadata={"format": "pt"}))
-    fs.pipe_file(f"{root}/{HEAD_JSON}", json.dumps(doc, indent=2, sort_keys=True).encode())
+    write_bytes(fs, f"{root}/{HEAD_WEIGHTS}", save_safetensors(state, metadata={"format": "pt"}))
+    write_bytes(fs, f"{root}/{HEAD_JSON}", json.dumps(doc, indent=2, sort_keys=True).encode())
     return doc
 
 

@@ -33,7 +33,7 @@ from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
 from pipeline.head.validate import validation_metrics
-from pipeline.retry import read_bytes
+from pipeline.retry import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def save_checkpoint(
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
     name = f"episode-{episode:05d}.safetensors"
-    fs.pipe_file(f"{folder}/{name}", save_safetensors(tensors))
+    write_bytes(fs, f"{folder}/{name}", save_safetensors(tensors))
     state = {
         "episode": episode,
         "tensors": name,
@@ -152,7 +152,7 @@ def save_checkpoint(
         "config": config.identity(),
     }
     tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
-    fs.pipe_file(tmp, json.dumps(state, indent=1).encode())
+    write_bytes(fs, tmp, json.dumps(state, indent=1).encode())
     fs.mv(tmp, f"{folder}/{CHECKPOINT_JSON}")
     for old in fs.glob(f"{folder}/episode-*.safetensors"):
         if not old.endswith(name):
@@ -213,7 +213,7 @@ def _metrics_log(
     kept = [line for line in lines if line and json.loads(line)["episode"] <= done]
 
     def write() -> None:
-        fs.pipe_file(f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
+        write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
         fs.mv(f"{path}.tmp", path)
 
     def append(record: dict[str, Any]) -> None:
