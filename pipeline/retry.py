@@ -26,11 +26,12 @@ runs the same policy. A user's own fsspec configuration for ``s3`` (``FSSPEC_S3`
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import aiohttp
@@ -138,6 +139,17 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
     disk, say, is then named with the file)."""
     retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+
+
+@contextlib.contextmanager
+def naming(what: str) -> Iterator[None]:
+    """Raise storage errors from inside again as :func:`retry` raises them, ``what`` (the
+    operation and its URL) prefixed: for writes that cannot be retried part-way, such as a
+    stream, and whose errors (a full disk) name no file."""
+    try:
+        yield
+    except STORAGE_ERRORS as error:
+        _reraise(error, f"{what} failed")
 
 
 def _reraise(error: BaseException, context: str) -> NoReturn:

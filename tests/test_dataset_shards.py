@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import json
 from pathlib import Path
 
@@ -141,6 +142,23 @@ def test_errors_name_the_input_and_exit_2(tmp_path):
     assert run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "o")).exit_code == 0
     result = run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "o"))
     assert result.exit_code == 2 and "already holds" in result.text
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a tar left open
+@pytest.mark.parametrize("failing", ["shard-000000", "shard-000001"])
+def test_a_full_disk_names_the_shard_and_leaves_no_partial_one(failing, tmp_path):
+    make_folder(tmp_path / "images", per_class=2)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / f".{failing}.tar.partial").symlink_to("/dev/full")  # writes fail: ENOSPC
+    result = run("--input", str(tmp_path / "images"), "--output", str(output),
+                 "--samples-per-shard", "4", "--no-shuffle")  # fmt: skip
+    gc.collect()  # a tar stream left open would try to write as it goes
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"write {output}/{failing}.tar failed" in result.text, result.output
+    assert "No space left on device" in result.text
+    left = sorted(path.name for path in output.iterdir())
+    assert left == ["shard-000000.tar"][: int(failing[-1])], "complete shards only"
 
 
 @pytest.mark.slow

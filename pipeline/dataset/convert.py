@@ -27,7 +27,7 @@ from pipeline.cache.decode import decode_image
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
-from pipeline.retry import PERMANENT_ERRORS, retry
+from pipeline.retry import PERMANENT_ERRORS, retry, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def write_dataset(
                 },
             )
             on_image(True)
-    fs.pipe_file(f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
+    write_bytes(fs, f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
     return ConvertReport(writer.shards, listing.classes, unreadable)
 
 

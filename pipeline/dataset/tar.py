@@ -7,6 +7,7 @@ place when complete, so a crash never leaves a shard that looks done.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -17,6 +18,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.retry import naming
 
 TAR_BLOCK = 512
 # the end-of-archive blocks and the padding to a whole record that closing a tar adds, at most
@@ -95,10 +98,11 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self._finish()
-        else:
-            self._abandon()
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self._abandon()  # a shard still open (it failed, or the run did) is removed
 
     def add(self, key: str, files: Mapping[str, bytes]) -> None:
         """Append a sample, starting a new shard when the current one is full."""
@@ -110,7 +114,8 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        self._bytes += add_sample(self._tar, key, files)
+        with naming(f"write {self._url(self._name(len(self.shards)))}"):
+            self._bytes += add_sample(self._tar, key, files)
         self._samples += 1
 
     def _name(self, index: int) -> str:
@@ -128,18 +133,27 @@ class ShardWriter:
         """Close the open shard and move it into place."""
         if self._tar is None:
             return
-        self._tar.close()
-        self._file.close()
-        final = f"{self._root}/{self._name(len(self.shards))}"
-        self._fs.mv(self._staging(), final)
-        url = final if isinstance(self._fs, LocalFileSystem) else self._fs.unstrip_protocol(final)
-        self.shards.append(ShardInfo(url, self._samples, int(self._fs.size(final))))
+        name = self._name(len(self.shards))
+        final = f"{self._root}/{name}"
+        with naming(f"write {self._url(name)}"):
+            self._tar.close()
+            self._file.close()
+            self._fs.mv(self._staging(), final)
+        self.shards.append(ShardInfo(self._url(name), self._samples, int(self._fs.size(final))))
         self._tar = self._file = None
+
+    def _url(self, name: str) -> str:
+        """The URL of the shard file ``name`` (a plain path for a local output)."""
+        path = f"{self._root}/{name}"
+        return path if isinstance(self._fs, LocalFileSystem) else self._fs.unstrip_protocol(path)
 
     def _abandon(self) -> None:
         if self._tar is None:
             return
-        self._file.close()
-        if self._fs.exists(self._staging()):
+        # closing may fail as the write did (a full disk); the partial shard goes all the same
+        for close in (self._tar.close, self._file.close):
+            with contextlib.suppress(OSError, ValueError):
+                close()
+        with contextlib.suppress(OSError):
             self._fs.rm(self._staging())
         self._tar = self._file = None
