@@ -255,6 +255,17 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
     assert result.exit_code == 2 and f"cache{tmp_path / 'missing'}doesnotexist" in said(result)
 
 
+def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_dir: str) -> None:
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    report = tmp_path / "r"
+    report.mkdir()
+    (report / "report.json").symlink_to("/dev/full")  # its writes fail with ENOSPC
+    result = run("--head", head_dir, "--dataset", f"ok={ok}", "--report", str(report))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"writethereportinto{report}failed" in said(result)
+    assert "Nospaceleftondevice" in said(result)
+
+
 @pytest.mark.slow
 def test_reads_caches_from_s3(s3_bucket: str, tmp_path: Path, head_dir: str) -> None:
     x, labels = clustered(120, 3, seed=6)

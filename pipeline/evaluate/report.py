@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.evaluate import figures
 from pipeline.evaluate.runner import UPSTREAM, Evaluation
 from pipeline.evaluate.tsne import html_page, write_png
+from pipeline.retry import naming
 from schemas import validate_report
 
 REPORT_JSON = "report.json"
@@ -22,12 +23,13 @@ def write_report(evaluation: Evaluation, folder: str | Path, *, pvu_version: str
     ``evaluation.report`` becomes the document written (NaN as None, version, figures).
     """
     root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
     report = finite({**evaluation.report, "pvu_version": pvu_version})
-    report["figures"] = _write_figures(evaluation, report, root)
-    validate_report(report)
-    (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (root / REPORT_MD).write_text(markdown(report))
+    with naming(f"write the report into {root}"):  # a full disk names no file
+        root.mkdir(parents=True, exist_ok=True)
+        report["figures"] = _write_figures(evaluation, report, root)
+        validate_report(report)
+        (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        (root / REPORT_MD).write_text(markdown(report))
     evaluation.report = report
     return root / REPORT_MD
 
