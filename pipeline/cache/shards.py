@@ -64,7 +64,7 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
         return _found_or_raise(fs, found, protocol, spec, "the directory")
     if fs.isfile(path):
         if _is_tar(path):
-            return [_url(fs, path, protocol)]
+            return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
     if _is_tar(path):
         raise FileNotFoundError(f"shard {spec!r} does not exist")
@@ -128,8 +128,9 @@ def _protocol(spec: str) -> str | None:
     return head if sep and "::" not in head else None
 
 
-def _url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None) -> str:
-    """The full URL of ``path`` on ``fs``: absolute for local files, ``proto://...`` otherwise."""
+def storage_url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None = None) -> str:
+    """The full URL of ``path`` on ``fs``: the path itself for local files, ``proto://...``
+    otherwise (``protocol`` as the user spelled it, else the filesystem's own)."""
     if isinstance(fs, LocalFileSystem):
         return path
     if protocol:
@@ -140,7 +141,7 @@ def _url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None) -> str:
 def _normalise(url: str) -> str:
     """A URL as ``_url`` writes it (local paths made absolute), without touching storage."""
     fs, path = fsspec.core.url_to_fs(url)
-    return _url(fs, path, _protocol(url))
+    return storage_url(fs, path, _protocol(url))
 
 
 def _dedupe(urls: Iterable[str]) -> list[str]:
@@ -154,7 +155,7 @@ def _found_or_raise(
         raise FileNotFoundError(
             f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
         )
-    return [_url(fs, path, protocol) for path in found]
+    return [storage_url(fs, path, protocol) for path in found]
 
 
 def _read_list_file(
@@ -168,7 +169,7 @@ def _read_list_file(
             f"shard spec {spec!r} is neither a tar file ({'/'.join(TAR_SUFFIXES)}) "
             f"nor a UTF-8 text file listing shard URLs"
         ) from error
-    folder = _url(fs, posixpath.dirname(path), protocol)
+    folder = storage_url(fs, posixpath.dirname(path), protocol)
     urls = []
     for line in text.splitlines():
         entry = line.strip()

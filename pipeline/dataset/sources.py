@@ -17,6 +17,8 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.cache.shards import storage_url
+
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -69,7 +71,7 @@ def list_folder(url: str) -> Listing:
         if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
             ignored += 1
         else:
-            by_class[parts[0]].append(_url(fs, path))
+            by_class[parts[0]].append(storage_url(fs, path))
     if not by_class:
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
@@ -120,10 +122,6 @@ def _read_table(url: str) -> pa.Table:
             return pyarrow.csv.read_csv(handle)
         except pa.ArrowInvalid as error:
             raise ValueError(f"table {url} is not a readable CSV: {error}") from None
-
-
-def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _folder(url: str) -> str:

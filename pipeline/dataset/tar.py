@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.cache.shards import storage_url
 from pipeline.retry import naming
 
 TAR_BLOCK = 512
@@ -144,8 +145,7 @@ class ShardWriter:
 
     def _url(self, name: str) -> str:
         """The URL of the shard file ``name`` (a plain path for a local output)."""
-        path = f"{self._root}/{name}"
-        return path if isinstance(self._fs, LocalFileSystem) else self._fs.unstrip_protocol(path)
+        return storage_url(self._fs, f"{self._root}/{name}")
 
     def _abandon(self) -> None:
         if self._tar is None:
