@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from support import BACKBONE, make_runner
+from timm.layers import ClassifierHead
 
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import (
@@ -168,12 +169,19 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
 
 
-def test_a_backbone_whose_classifier_is_a_1x1_convolution_caches_its_exact_loss():
-    """BiT's ResNetV2 and DLA classify the pooled features with a 1x1 convolution."""
-    name = "dla46_c"
+@pytest.mark.parametrize(
+    ("name", "classifier", "dim"),
+    [
+        ("dla46_c", torch.nn.Conv2d, 256),  # a 1x1 convolution on the pooled features (and BiT)
+        ("sequencer2d_s", ClassifierHead, 384),  # timm's pool + fc head module
+    ],
+)
+def test_a_backbone_whose_classifier_is_not_a_plain_linear_layer_caches_its_exact_loss(
+    name, classifier, dim
+):
     info = describe_backbone(name, "random", input_size=(3, 64, 64))
     model = create_backbone_model(name, "random")
-    assert isinstance(model.get_classifier(), torch.nn.Conv2d) and info.embedding_dim == 256
+    assert isinstance(model.get_classifier(), classifier) and info.embedding_dim == dim
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 999])
     outputs = Backbone(model, torch.device("cpu")).forward(images, labels)

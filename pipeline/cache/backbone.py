@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
+from timm.layers import ClassifierHead, ClNormMlpClassifierHead, NormMlpClassifierHead
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,10 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+#: timm head modules whose ``forward(pre_logits=True)`` is everything before their ``fc``
+_POOLING_HEADS = (ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead)
+
+
 class _PooledConv(torch.nn.Module):
     """A 1x1 convolution classifier (BiT's ResNetV2, DLA) as a layer on the pooled ``(B, C)``
     embedding."""
@@ -185,6 +190,8 @@ class _PooledConv(torch.nn.Module):
 def classifier_of(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """The layer that maps ``model``'s pre-logits embedding to its logits."""
     classifier = model.get_classifier()
+    if isinstance(classifier, _POOLING_HEADS):  # its pooling (and norm) ran for the embedding
+        classifier = classifier.fc
     if isinstance(classifier, torch.nn.Conv2d) and classifier.kernel_size == (1, 1):
         return _PooledConv(classifier)
     if not isinstance(classifier, torch.nn.Module) or isinstance(
@@ -213,7 +220,7 @@ def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...
     try:
         with torch.inference_mode():
             recomputed = classifier(embedding)
-    except RuntimeError:  # e.g. a classifier that expects another shape than the embedding's
+    except (RuntimeError, IndexError):  # e.g. a classifier expecting another shape
         recomputed = None
     if (
         recomputed is None
