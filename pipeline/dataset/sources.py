@@ -24,9 +24,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 TABLE_SUFFIXES = (".csv", ".parquet")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
-    """One image to convert: where it is and its label."""
+    """One image to convert: where it is and its label (no ``__dict__``: 40 bytes less per
+    image, of ~200 with its URL, when a listing holds ImageNet-21k's 13M)."""
 
     url: str
     label: int
