@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ import botocore.exceptions
 import fsspec
 import fsspec.config
 import s3fs
+from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +139,15 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
-    disk, say, is then named with the file)."""
-    retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+    disk, say, is then named with the file). A local file left part-written is removed; an
+    object store's put leaves nothing, or the object as it was, to keep."""
+    try:
+        retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+    except OSError:
+        if isinstance(fs, LocalFileSystem):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
 
 
 @contextlib.contextmanager

@@ -156,6 +156,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(written: str, tmp_path: P
         "--episode-size", "256", "--batch-size", "128", "--warmup-episodes", "0",
     )  # fmt: skip
     assert_actionable(result, seconds, f"write file://{full} failed", "No space left on device")
+    assert not os.path.lexists(full), "what could not be written is removed (here: the link)"
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
