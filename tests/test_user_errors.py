@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import ray
 import s3fs
-from support import SMALL_BACKBONE_FLAGS, damage_page_header, pvu, unboxed
+from support import SMALL_BACKBONE_FLAGS, damage_page_header, make_runner, pvu, unboxed
 from typer.testing import Result
 
+from pipeline.cache.unit import Unit
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head
@@ -157,6 +158,21 @@ def test_a_full_disk_names_the_file_it_could_not_write(written: str, tmp_path: P
     )  # fmt: skip
     assert_actionable(result, seconds, f"write file://{full} failed", "No space left on device")
     assert not os.path.lexists(full), "what could not be written is removed (here: the link)"
+
+
+def test_a_cache_whose_losses_are_all_equal_is_refused_naming_it(tmp_path: Path) -> None:
+    """Sequencer's classifier starts at zero: with random weights every image gets the same
+    loss, ln(1000), and a head would train on nothing to rank."""
+    shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=40)[0]
+    cache = str(tmp_path / "cache")
+    make_runner(cache, backbone="sequencer2d_s", size=64).run(Unit(shard, "digits-0000", 0))
+    result, seconds = timed_pvu(
+        "train-head", "--cache", cache, "--output", str(tmp_path / "h"), "--episodes", "1",
+        "--episode-size", "16", "--batch-size", "8", "--warmup-episodes", "0",
+    )  # fmt: skip
+    assert_actionable(
+        result, seconds, f"cache {cache}: every cached loss is 6.90776", "trained --weights"
+    )
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:

@@ -185,6 +185,42 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
     return files[0].dtype
 
 
+def _loss_range(f: CacheFile) -> tuple[float, float] | None:
+    """The smallest and largest loss of unit ``f``, from its footer's row-group statistics
+    (None where a group has none: another writer, or every loss NaN)."""
+    low, high = float("inf"), float("-inf")
+    for group in range(f.metadata.num_row_groups):
+        row_group = f.metadata.row_group(group)
+        if not row_group.num_rows:
+            continue
+        columns = map(row_group.column, range(row_group.num_columns))
+        stats = next(c for c in columns if c.path_in_schema == "loss").statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        low, high = min(low, stats.min), max(high, stats.max)
+    return low, high
+
+
+def check_losses_vary(files: Sequence[CacheFile]) -> None:
+    """Refuse a cache whose every loss is one value: its classifier gives every image the same
+    prediction (random weights with a zero-initialised classifier, say), so a head trained on
+    it has no order to learn. Read from the footers' statistics: no row is read."""
+    caches: dict[str, list[CacheFile]] = {}
+    for f in files:
+        caches.setdefault(f.cache or f.url, []).append(f)
+    for cache, units in caches.items():
+        ranges = [_loss_range(f) for f in units]
+        if None in ranges or sum(f.rows for f in units) < 2:
+            continue
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        if low == high:
+            raise ValueError(
+                f"cache {cache}: every cached loss is {low:.6g}, so a head has no order to "
+                "learn: the backbone gives every image the same prediction (random weights, "
+                "or a classifier initialised to zero?); cache it with trained --weights"
+            )
+
+
 def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = True) -> CacheIndex:
     """Index the caches at ``urls``: list units, read footers; refuse mixed or empty caches,
     caches whose storage does not match their manifest (``pipeline.cache.verify``) and, with
@@ -210,6 +246,8 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
             "cached with --label-space dataset (the default of --augment eval); train the head "
             "on a cache in the classifier's label space (--augment train)"
         )
+    if need_loss:
+        check_losses_vary(files)
     empty = [f.url for f in files if f.rows == 0]
     if empty:
         log.warning("%d cache unit(s) hold no rows, e.g. %s", len(empty), empty[0])
