@@ -248,6 +248,15 @@ def describe_backbone(
             f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
             "per-sample loss; pick weights with a classification head"
         )
+    classifier = classifier_of(model, name)
+    matrices = [p for key, p in classifier.named_parameters() if key.endswith("weight")]
+    if matrices and not any(p.count_nonzero() for p in matrices):
+        log.warning(
+            "backbone %s (weights: %s): its classifier's weights are all zero, so every image "
+            "gets the same prediction and loss, ln(%d): nothing for a head to learn (pvu "
+            "train-head refuses such a cache) or a baseline to rank; give trained --weights",
+            *(name, weights, model.num_classes),
+        )
     data_config = resolve_model_data_config(model)
     return BackboneInfo(
         name=name,
