@@ -185,9 +185,10 @@ def test_a_backbone_whose_classifier_is_not_a_plain_linear_layer_caches_its_exac
     # timm starts Sequencer's classifier at zero: random weights give one loss for every image
     zero = name == "sequencer2d_s"
     assert ("classifier's weights are all zero" in caplog.text) == zero, caplog.text
+    seeded = torch.Generator().manual_seed(0)
     if zero:  # give the losses something to differ by
-        torch.nn.init.normal_(model.get_classifier().fc.weight, generator=torch.Generator().manual_seed(0))
-    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.normal_(model.get_classifier().fc.weight, generator=seeded)
+    images = torch.randn(4, 3, 64, 64, generator=seeded)
     labels = torch.tensor([0, 1, 2, 999])
     outputs = Backbone(model, torch.device("cpu")).forward(images, labels)
     with torch.inference_mode():
