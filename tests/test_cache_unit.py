@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 from support import BACKBONE, make_runner
-from timm.layers import ClassifierHead
 
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import (
@@ -163,37 +162,39 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
         describe_backbone("vit_small_patch16_dinov3.lvd1689m", "random")
     with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)"):
         describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
-    with pytest.raises(ValueError, match=r"no single classifier layer on its embedding \(Module"):
-        describe_backbone("crossvit_tiny_240", "random")  # one head per branch
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
 
 
 @pytest.mark.parametrize(
-    ("name", "classifier", "dim"),
+    ("name", "size", "dim"),
     [
-        ("dla46_c", torch.nn.Conv2d, 256),  # a 1x1 convolution on the pooled features (and BiT)
-        ("sequencer2d_s", ClassifierHead, 384),  # timm's pool + fc head module
+        ("dla46_c", 64, 256),  # a 1x1 convolution on the pooled features (and BiT's ResNetV2)
+        ("sequencer2d_s", 64, 384),  # timm's pool + fc head module, initialised to zero
+        ("deit_tiny_distilled_patch16_224", 224, 192),  # two heads, their logits averaged
+        ("crossvit_tiny_240", 240, 288),  # one head per branch: features are a list
     ],
 )
-def test_a_backbone_whose_classifier_is_not_a_plain_linear_layer_caches_its_exact_loss(
-    name, classifier, dim, caplog
+def test_a_backbone_whose_head_is_not_one_linear_layer_caches_its_exact_loss(
+    name, size, dim, caplog
 ):
-    info = describe_backbone(name, "random", input_size=(3, 64, 64))
+    info = describe_backbone(name, "random", input_size=(3, size, size))
     model = create_backbone_model(name, "random")
-    assert isinstance(model.get_classifier(), classifier) and info.embedding_dim == dim
-    # timm starts Sequencer's classifier at zero: random weights give one loss for every image
-    zero = name == "sequencer2d_s"
-    assert ("classifier's weights are all zero" in caplog.text) == zero, caplog.text
+    assert info.embedding_dim == dim
+    zero = name == "sequencer2d_s"  # random weights give every image the same loss
+    assert ("the same logits" in caplog.text) == zero, caplog.text
     seeded = torch.Generator().manual_seed(0)
     if zero:  # give the losses something to differ by
         torch.nn.init.normal_(model.get_classifier().fc.weight, generator=seeded)
-    images = torch.randn(4, 3, 64, 64, generator=seeded)
+    images = torch.randn(4, 3, size, size, generator=seeded)
     labels = torch.tensor([0, 1, 2, 999])
     outputs = Backbone(model, torch.device("cpu")).forward(images, labels)
     with torch.inference_mode():
         exact = torch.nn.functional.cross_entropy(model(images), labels, reduction="none")
+        embedding = model.forward_head(model.forward_features(images), pre_logits=True)
     torch.testing.assert_close(outputs["loss"], exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs["embedding"], embedding)  # what an attached head is given
+    assert outputs["loss"].std() > 0
 
 
 def test_custom_load_model_from_a_local_file_never_reaches_the_npz_loader(tmp_path):

@@ -1,9 +1,11 @@
 """The frozen backbone: load a timm model once, then embedding, logits and loss in one forward.
 
-The trunk may run under bf16 autocast on a GPU; the classifier layer, the loss, ``max_prob`` and
-``entropy`` always run in float32 on the float32-cast embedding (about 0.1% of the FLOPs), since
-the loss is the label the head learns: bf16 logits would be off by up to 0.0625 between 8 and 16.
-Where and how the trunk ran (:class:`Compute`) is part of a cache's provenance.
+The trunk (``forward_features``) may run under bf16 autocast on a GPU; the model's own head
+(``forward_head``: pooling, the pre-logits embedding, the classifier, whatever its shape: one
+layer, distilled DeiT's two, CrossViT's one per branch), the loss, ``max_prob`` and ``entropy``
+always run in float32 on the float32-cast features (about 0.1% of the FLOPs), since the loss is
+the label the head learns: bf16 logits would be off by up to 0.0625 between 8 and 16. Where and
+how the trunk ran (:class:`Compute`) is part of a cache's provenance.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
-from timm.layers import ClassifierHead, ClNormMlpClassifierHead, NormMlpClassifierHead
 
 log = logging.getLogger(__name__)
 
@@ -171,65 +172,39 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-#: timm head modules whose ``forward(pre_logits=True)`` is everything before their ``fc``
-_POOLING_HEADS = (ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead)
+def _float32(features: Any) -> Any:
+    """``features`` (a tensor, or a list of them: one per branch, as CrossViT's) in float32."""
+    if isinstance(features, torch.Tensor):
+        return features.float()
+    return type(features)(map(_float32, features))
 
 
-class _PooledConv(torch.nn.Module):
-    """A 1x1 convolution classifier (BiT's ResNetV2, DLA) as a layer on the pooled ``(B, C)``
-    embedding."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.conv(embedding[:, :, None, None]).flatten(1)
-
-
-def classifier_of(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The layer that maps ``model``'s pre-logits embedding to its logits."""
-    classifier = model.get_classifier()
-    if isinstance(classifier, _POOLING_HEADS):  # its pooling (and norm) ran for the embedding
-        classifier = classifier.fc
-    if isinstance(classifier, torch.nn.Conv2d) and classifier.kernel_size == (1, 1):
-        return _PooledConv(classifier)
-    if not isinstance(classifier, torch.nn.Module) or isinstance(
-        classifier, torch.nn.ModuleList | torch.nn.ModuleDict
-    ):
-        raise ValueError(
-            f"backbone {name} has no single classifier layer on its embedding "
-            f"({type(classifier).__name__}); pvu computes the loss from the embedding"
-        )
-    return classifier
-
-
-def _embedding_dim(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
-    """Run one probe forward; check that the classifier on the embedding gives the logits."""
-    classifier = classifier_of(model, name)
+def _probe(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
+    """Run one forward on two random images; the embedding width. Warn when both get the same
+    logits: a classifier initialised to zero (random weights) gives every image one loss."""
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            features = model.forward_features(images)
+            features = _float32(model.forward_features(images))
             embedding = model.forward_head(features, pre_logits=True)
             logits = model.forward_head(features)
-    except (RuntimeError, ValueError, AssertionError) as error:
+    except (RuntimeError, ValueError, AssertionError, IndexError) as error:
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {error}"
         ) from None
-    try:
-        with torch.inference_mode():
-            recomputed = classifier(embedding)
-    except (RuntimeError, IndexError):  # e.g. a classifier expecting another shape
-        recomputed = None
-    if (
-        recomputed is None
-        or recomputed.shape != logits.shape
-        or not torch.allclose(recomputed, logits, rtol=1e-4, atol=1e-4)
-    ):
+    shapes = [tuple(getattr(out, "shape", ())) for out in (embedding, logits)]
+    if len(shapes[0]) != 2 or shapes[1] != (2, model.num_classes):
         raise ValueError(
-            f"backbone {name}: its classifier applied to the pre-logits embedding does not "
-            "give its logits; pvu computes the loss from the embedding"
+            f"backbone {name}: its head gives an embedding of shape {shapes[0]} and logits of "
+            f"shape {shapes[1]} for 2 images; pvu needs (2, width) and (2, {model.num_classes})"
+        )
+    if torch.equal(logits[0], logits[1]):
+        log.warning(
+            "backbone %s gives two different images the same logits (a classifier initialised "
+            "to zero, as timm starts Sequencer's and MLP-Mixer's?), so every image would get "
+            "one loss: nothing for a head to learn (pvu train-head refuses such a cache) or a "
+            "baseline to rank; give trained --weights",
+            name,
         )
     return int(embedding.shape[-1])
 
@@ -248,20 +223,11 @@ def describe_backbone(
             f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
             "per-sample loss; pick weights with a classification head"
         )
-    classifier = classifier_of(model, name)
-    matrices = [p for key, p in classifier.named_parameters() if key.endswith("weight")]
-    if matrices and not any(p.count_nonzero() for p in matrices):
-        log.warning(
-            "backbone %s (weights: %s): its classifier's weights are all zero, so every image "
-            "gets the same prediction and loss, ln(%d): nothing for a head to learn (pvu "
-            "train-head refuses such a cache) or a baseline to rank; give trained --weights",
-            *(name, weights, model.num_classes),
-        )
     data_config = resolve_model_data_config(model)
     return BackboneInfo(
         name=name,
         weights_digest=_weights_digest(name, weights, model),
-        embedding_dim=_embedding_dim(model, name, input_size or data_config["input_size"]),
+        embedding_dim=_probe(model, name, input_size or data_config["input_size"]),
         num_classes=int(model.num_classes),
         data_config=data_config,
     )
@@ -301,7 +267,6 @@ class Backbone:
         self.device = device
         self.autocast = autocast
         self.num_classes = int(model.num_classes)
-        self.classifier = classifier_of(model, type(model).__name__)
 
     @property
     def compute(self) -> Compute:
@@ -318,9 +283,9 @@ class Backbone:
             self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
             features = self.model.forward_features(images)
-            embedding = self.model.forward_head(features, pre_logits=True)
-        embedding = embedding.float()
-        logits = self.classifier(embedding).float()  # float32: outside autocast
+        features = _float32(features)  # the head in float32: outside autocast
+        embedding = self.model.forward_head(features, pre_logits=True)
+        logits = self.model.forward_head(features)
         log_probs = F.log_softmax(logits, dim=-1)
         max_log_prob, pred = log_probs.max(dim=-1)
         outputs = {
