@@ -8,10 +8,11 @@ holds damaged and, for training, caches without losses (the dataset's own label 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,37 +186,34 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
     return files[0].dtype
 
 
-def _loss_range(f: CacheFile) -> tuple[float, float] | None:
-    """The smallest and largest loss of unit ``f``, from its footer's row-group statistics
-    (None where a group has none: another writer, or every loss NaN)."""
-    low, high = float("inf"), float("-inf")
+def _loss_ranges(f: CacheFile) -> Iterator[tuple[float, float] | None]:
+    """(smallest, largest) loss of each row group of unit ``f`` that holds rows, from its
+    footer's statistics (None for a group without: another writer, or every loss NaN)."""
+    schema = f.metadata.schema
+    loss = next(i for i in range(len(schema)) if schema.column(i).path == "loss")
     for group in range(f.metadata.num_row_groups):
         row_group = f.metadata.row_group(group)
-        if not row_group.num_rows:
-            continue
-        columns = map(row_group.column, range(row_group.num_columns))
-        stats = next(c for c in columns if c.path_in_schema == "loss").statistics
-        if stats is None or not stats.has_min_max:
-            return None
-        low, high = min(low, stats.min), max(high, stats.max)
-    return low, high
+        if row_group.num_rows:
+            stats = row_group.column(loss).statistics
+            yield (stats.min, stats.max) if stats is not None and stats.has_min_max else None
 
 
 def check_losses_vary(files: Sequence[CacheFile]) -> None:
     """Refuse a cache whose every loss is one value: its classifier gives every image the same
     prediction (random weights with a zero-initialised classifier, say), so a head trained on
-    it has no order to learn. Read from the footers' statistics: no row is read."""
+    it has no order to learn. Read from the footers' statistics, no row: the scan of a cache
+    stops at its first row group whose losses differ (or that has no statistics)."""
     caches: dict[str, list[CacheFile]] = {}
     for f in files:
         caches.setdefault(f.cache or f.url, []).append(f)
     for cache, units in caches.items():
-        ranges = [_loss_range(f) for f in units]
-        if None in ranges or sum(f.rows for f in units) < 2:
+        ranges = itertools.chain.from_iterable(map(_loss_ranges, units))
+        first = next(ranges, None)
+        if first is None or first[0] != first[1] or sum(f.rows for f in units) < 2:
             continue
-        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        if low == high:
+        if all(other == first for other in ranges):
             raise ValueError(
-                f"cache {cache}: every cached loss is {low:.6g}, so a head has no order to "
+                f"cache {cache}: every cached loss is {first[0]:.6g}, so a head has no order to "
                 "learn: the backbone gives every image the same prediction (random weights, "
                 "or a classifier initialised to zero?); cache it with trained --weights"
             )
