@@ -101,6 +101,12 @@ def time_in_memory(
     return clock.rate(args.steps * b)
 
 
+def _stream_config(args: argparse.Namespace, seed: int) -> StreamConfig:
+    return StreamConfig(
+        seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01, io_threads=args.io_threads
+    )
+
+
 def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -> list[Rate]:
     """Samples/s of training on each of ``args.passes`` whole passes streamed from the cache at
     ``url`` (batches copied to ``args.device``).
@@ -113,7 +119,7 @@ def time_stream(url: str, args: argparse.Namespace, precision: str, seed: int) -
     step = _stepper(index.dim, precision, device)
     for _ in range(args.warmup):  # the step's own warm-up, as for the in-memory reference
         step(torch.randn(args.batch_size, index.dim), torch.rand(args.batch_size))
-    config = StreamConfig(seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01)
+    config = _stream_config(args, seed)
     rates = []
     clock, samples = Clock(device), 0
     with CacheStream(index, config) as stream:
@@ -137,7 +143,7 @@ def time_reader(url: str, args: argparse.Namespace, seed: int) -> tuple[float, f
     spends on its step instead.
     """
     index = open_cache([url])
-    config = StreamConfig(seed=seed, shuffle_rows=args.shuffle_rows, val_fraction=0.01)
+    config = _stream_config(args, seed)
     passes, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)
     with CacheStream(index, config) as stream:
@@ -172,6 +178,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--shuffle-rows", type=int, default=StreamConfig.shuffle_rows, help="rows held to shuffle"
+    )
+    parser.add_argument(
+        "--io-threads", type=int, default=StreamConfig.io_threads, help="the stream's read threads"
     )
     parser.add_argument("--passes", type=int, default=2, help="streamed passes per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
