@@ -17,6 +17,7 @@ from schemas.rows import (
     cache_schema,
     embedding_dim,
     label_space,
+    leaf_column,
     read_provenance,
     with_provenance,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "cache_schema",
     "embedding_dim",
     "label_space",
+    "leaf_column",
     "read_provenance",
     "validate_head",
     "validate_manifest",

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -48,6 +49,16 @@ def cache_schema(dim: int, embedding_type: pa.DataType | None = None) -> pa.Sche
 def embedding_dim(schema: pa.Schema) -> int:
     """Width D of the ``embedding`` column of a cache schema."""
     return schema.field("embedding").type.list_size
+
+
+def leaf_column(metadata: pq.FileMetaData, path: str) -> int:
+    """Index of the leaf column ``path`` (``loss``, ``embedding.list.element``) in a Parquet
+    file's schema; raises ``ValueError`` when it has none."""
+    schema = metadata.schema
+    for i in range(len(schema)):
+        if schema.column(i).path == path:
+            return i
+    raise ValueError(f"no {path} column in the Parquet schema")
 
 
 def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:

@@ -14,8 +14,8 @@ from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.unit import UnitRunner, UnitSettings
-from pipeline.head.pages import embedding_column
-from schemas import SCHEMA_VERSION
+from pipeline.head.pages import EMBEDDING_LEAF
+from schemas import SCHEMA_VERSION, leaf_column
 
 BACKBONE = "resnet10t"
 # The same small backbone on the command line: random weights at 32x32, fast on a CPU.
@@ -154,7 +154,7 @@ def damage_page_header(path: Path, group: int) -> None:
     """Overwrite the first page header of row group ``group``'s embedding chunk in the Parquet
     file at ``path``, in place: the file keeps its size."""
     metadata = pq.read_metadata(path)
-    start = metadata.row_group(group).column(embedding_column(metadata)).data_page_offset
+    start = metadata.row_group(group).column(leaf_column(metadata, EMBEDDING_LEAF)).data_page_offset
     with open(path, "r+b") as handle:
         handle.seek(start)
         handle.write(b"\xff" * 16)

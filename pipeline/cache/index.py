@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import read_footer, require_consistent
-from schemas import READABLE_VERSIONS, SCHEMA_VERSION, embedding_dim, label_space, read_provenance
+from schemas import (
+    READABLE_VERSIONS,
+    SCHEMA_VERSION,
+    embedding_dim,
+    label_space,
+    leaf_column,
+    read_provenance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +196,7 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
 def _loss_ranges(f: CacheFile) -> Iterator[tuple[float, float] | None]:
     """(smallest, largest) loss of each row group of unit ``f`` that holds rows, from its
     footer's statistics (None for a group without: another writer, or every loss NaN)."""
-    schema = f.metadata.schema
-    loss = next(i for i in range(len(schema)) if schema.column(i).path == "loss")
+    loss = leaf_column(f.metadata, "loss")
     for group in range(f.metadata.num_row_groups):
         row_group = f.metadata.row_group(group)
         if row_group.num_rows:

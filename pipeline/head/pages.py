@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas import leaf_column
+
 EMBEDDING_LEAF = "embedding.list.element"
 
 _CODECS = {
@@ -61,15 +63,6 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def embedding_column(metadata: pq.FileMetaData) -> int:
-    """Index of the embedding's leaf column in the file's Parquet schema."""
-    schema = metadata.schema
-    for i in range(len(schema)):
-        if schema.column(i).path == EMBEDDING_LEAF:
-            return i
-    raise ValueError(f"no {EMBEDDING_LEAF} column in the Parquet schema")
-
-
 def read_embedding(
     handle: BinaryIO,
     metadata: pq.FileMetaData,
@@ -83,7 +76,7 @@ def read_embedding(
 
     Decodes into ``out`` (a ``(rows or more, dim)`` array of ``dtype``) when given.
     """
-    column = embedding_column(metadata)
+    column = leaf_column(metadata, EMBEDDING_LEAF)
     chunk = metadata.row_group(group).column(column)
     width = _WIDTH.get(chunk.physical_type)
     if chunk.compression not in _CODECS or chunk.has_dictionary_page or width != dtype.itemsize:
