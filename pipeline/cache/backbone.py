@@ -179,15 +179,20 @@ def _float32(features: Any) -> Any:
     return type(features)(map(_float32, features))
 
 
+def _head(model: torch.nn.Module, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logits embedding, logits) of ``model``'s own head, in float32 on the float32-cast
+    ``features`` (call outside autocast)."""
+    features = _float32(features)
+    return model.forward_head(features, pre_logits=True), model.forward_head(features)
+
+
 def _probe(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
     """Run one forward on two random images; the embedding width. Warn when both get the same
     logits: a classifier initialised to zero (random weights) gives every image one loss."""
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            features = _float32(model.forward_features(images))
-            embedding = model.forward_head(features, pre_logits=True)
-            logits = model.forward_head(features)
+            embedding, logits = _head(model, model.forward_features(images))
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {error}"
@@ -283,9 +288,7 @@ class Backbone:
             self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
             features = self.model.forward_features(images)
-        features = _float32(features)  # the head in float32: outside autocast
-        embedding = self.model.forward_head(features, pre_logits=True)
-        logits = self.model.forward_head(features)
+        embedding, logits = _head(self.model, features)  # outside autocast
         log_probs = F.log_softmax(logits, dim=-1)
         max_log_prob, pred = log_probs.max(dim=-1)
         outputs = {
