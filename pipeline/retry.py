@@ -16,7 +16,8 @@ s3fs          nothing (``retries = 1``): its own loop would repeat botocore's tr
 ============  ===========================================================================
 
 Above them, ``pipeline.cache.distribute`` runs a failed unit again (``--max-attempts``) unless
-its error is permanent, which fails the unit at once. A missing object or a denied access is
+its error is permanent, which fails the unit at once, or a full store (``StorageFull``), which
+stops the run: every other unit would fill it too. A missing object or a denied access is
 thus one request, failed within a second; a store that stays down costs
 ``REQUEST_ATTEMPTS`` requests per try of the unit. :func:`configure_storage_clients` sets the
 two lower layers; importing ``pipeline`` calls it, so every pvu process (driver, Ray actors)
@@ -27,6 +28,7 @@ runs the same policy. A user's own fsspec configuration for ``s3`` (``FSSPEC_S3`
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import logging
 import os
@@ -74,6 +76,15 @@ STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.BotoCoreError,
     aiohttp.ClientError,
 )
+
+#: ``errno`` values of a write to a full disk or past a quota.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFull(OSError):
+    """A write failed because its storage is full or over quota: raised by :func:`retry` in
+    place of the ``OSError`` (ENOSPC, EDQUOT); no retry of any layer can fix it."""
+
 
 _jitter = random.Random()  # private: the global ``random`` is seeded per sample elsewhere
 
@@ -164,13 +175,16 @@ def naming(what: str) -> Iterator[None]:
 def _reraise(error: BaseException, context: str) -> NoReturn:
     """Raise the error again as an ``OSError`` with ``context`` prefixed, chained to it.
 
-    The same type where it is an ``OSError`` whose constructor takes a message; else
-    ``TimeoutError``, ``ConnectionError`` or ``OSError``, so that callers catch every storage
-    error as ``OSError`` (aiohttp's and botocore's are not).
+    :class:`StorageFull` for a full disk or quota; the same type where it is another
+    ``OSError`` whose constructor takes a message; else ``TimeoutError``, ``ConnectionError``
+    or ``OSError``, so that callers catch every storage error as ``OSError`` (aiohttp's and
+    botocore's are not).
     """
     message = f"{context}: {type(error).__name__}: {error}"
     wrapped: BaseException | None = None
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) and error.errno in _FULL:
+        wrapped = StorageFull(message)
+    elif isinstance(error, OSError):
         try:
             wrapped = type(error)(message)
         except Exception:  # a constructor that takes other arguments

@@ -335,6 +335,57 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
     assert report.actors_replaced == 2
 
 
+def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
+    local_ray, tmp_path
+):
+    """Every later unit would fill the disk too: no retries, no other unit started."""
+    from support import unit_settings
+
+    from pipeline.cache.distribute import ActorPool, CacheWorker
+    from pipeline.cache.unit import Unit
+    from pipeline.retry import StorageFull
+
+    class DiskFullOnOneShard(CacheWorker):
+        def run(self, unit):
+            if unit.shard != "digits-0001":
+                return super().run(unit)
+            import pipeline.cache.writer as writer
+
+            write_table = writer.pq.write_table
+
+            def onto_a_full_disk(table, where, **options):
+                with open("/dev/full", "wb") as full:  # fails with ENOSPC, as a full disk does
+                    write_table(table, full, **options)
+
+            writer.pq.write_table = onto_a_full_disk
+            try:
+                return super().run(unit)
+            finally:
+                writer.pq.write_table = write_table
+
+    urls = write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=4, size=32)
+    settings = unit_settings(str(tmp_path / "cache"))
+    pool = ActorPool(
+        size=1,
+        gpus=0,
+        cpus=1,
+        backbone="resnet10t",
+        weights="random",
+        settings=settings,
+        max_attempts=3,
+        worker=DiskFullOnOneShard,
+    )
+    units = [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)]
+    written = []
+    with pytest.raises(StorageFull) as stopped:
+        pool.run(units, on_result=lambda result: written.append(result.relpath))
+    message = str(stopped.value)
+    assert f"commit {settings.output}/epoch=0000/digits-0001.parquet failed" in message
+    assert "No space left on device" in message and "free space" in message
+    assert written == ["epoch=0000/digits-0000.parquet"]  # and digits-0002 never started
+    assert sorted(os.listdir(tmp_path / "cache" / "epoch=0000")) == ["digits-0000.parquet"]
+
+
 def test_also_caches_a_second_backbone_from_the_same_pass(local_ray, tmp_path):
     write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=6, size=32)
     shards = str(tmp_path / "shards")

@@ -7,7 +7,7 @@ import aiohttp
 import botocore.exceptions
 import pytest
 
-from pipeline.retry import retry
+from pipeline.retry import StorageFull, retry, write_bytes
 
 
 class Flaky:
@@ -91,6 +91,19 @@ def test_client_errors_that_are_not_oserror_come_out_as_oserror():
     cut = aiohttp.ClientPayloadError("Response payload is not completed")
     with pytest.raises(OSError, match=r"read s3://b/x failed after 2 attempts: ClientPayloadError"):
         retry(Flaky(cut, cut), attempts=2, what="read s3://b/x", sleep=lambda _: None)
+
+
+def test_a_full_disk_is_storage_full_at_once_with_the_url(tmp_path):
+    import fsspec
+
+    full = tmp_path / "unit.parquet"
+    full.symlink_to("/dev/full")  # writes to /dev/full fail with ENOSPC, as on a full disk
+    with pytest.raises(StorageFull, match=r"write file://.*unit\.parquet failed: .*No space left"):
+        write_bytes(fsspec.filesystem("file"), str(full), b"rows")
+    fn = Flaky(OSError(122, "Disk quota exceeded"))  # EDQUOT
+    with pytest.raises(StorageFull, match=r"^commit s3://b/x failed: OSError: .*quota"):
+        retry(fn, what="commit s3://b/x", sleep=pytest.fail)
+    assert fn.calls == 1
 
 
 def test_code_errors_pass_through_untouched():

@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
-from pipeline.retry import PERMANENT_ERRORS
+from pipeline.retry import PERMANENT_ERRORS, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,10 @@ class ActorPool:
         self._starting[actor.describe.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
-        """Run every unit once to completion (or failure); ``on_result`` sees each result."""
+        """Run every unit once to completion (or failure); ``on_result`` sees each result.
+
+        A unit whose output storage is full stops the run (:class:`StorageFull`).
+        """
         report = PoolReport()
         pending = deque(units)
         attempts: dict[str, int] = {}
@@ -279,6 +282,11 @@ class ActorPool:
         except RayTaskError as error:  # the unit raised; its actor is fine
             self._idle.append(actor)
             why = f"{unit.source}: {type(error.cause).__name__}: {error.cause}"
+            if isinstance(error.cause, StorageFull):  # every other unit would fill it too
+                raise StorageFull(
+                    f"{why}. Stopped: free space (or raise the quota) where the cache is "
+                    "written and run the same command again; the units written are kept"
+                ) from None
             if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it
                 report.failed[unit.relpath] = why
                 log.error("unit %s failed: %s", unit.relpath, why)
