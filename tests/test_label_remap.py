@@ -10,9 +10,11 @@ import pytest
 import timm
 from PIL import Image
 from support import make_runner, pvu
+from timm.data import ImageNetInfo
 
 from pipeline.cache.backbone import read_label_remap
 from pipeline.cache.unit import Unit
+from pipeline.dataset.remap import TIMM_SUBSETS, head_names
 from pipeline.demo.data import encode_image
 
 INFO = Path(timm.__file__).parent / "data" / "_info"
@@ -125,3 +127,10 @@ def test_shards_of_synset_folders_cache_in_the_head_label_space(tmp_path):
 
     labels = pq.read_table(tmp_path / "cache" / unit.relpath).column("label").to_pylist()
     assert sorted(labels) == [0, 0, 999, 999]
+
+
+def test_every_label_space_the_help_lists_is_one_timm_ships():
+    for name in TIMM_SUBSETS:
+        description, names = head_names(name.replace("-", ""))
+        assert len(names) == ImageNetInfo(name).num_classes() >= 1000, name
+        assert description == f"{name.replace('-', '')} (timm {name}, {len(names):,} classes)"

@@ -15,10 +15,18 @@ from dataclasses import dataclass
 import fsspec
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset
-from timm.data.imagenet_info import _SUBSETS
 
-#: Head label spaces timm ships, as ``--head`` accepts them (also spelled with - or _).
-TIMM_SUBSETS = tuple(sorted(_SUBSETS))
+#: Head label spaces timm ships (``timm.data.ImageNetInfo``), as ``--head`` accepts them (also
+#: spelled without - or _); ``infer_imagenet_subset`` names a model's among them.
+TIMM_SUBSETS = (
+    "imagenet-1k",
+    "imagenet-12k",
+    "imagenet-21k",
+    "imagenet-21k-goog",
+    "imagenet-21k-miil",
+    "imagenet-22k",
+    "imagenet-22k-ms",
+)
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,22 @@ def head_names(head: str) -> tuple[str, list[str]]:
     fs, path = fsspec.core.url_to_fs(head)
     if fs.isfile(path):
         return head, read_names(head)
-    subset = re.sub(r"[-_\s]", "", head.lower())
-    if subset not in _SUBSETS:
+    subset = next((name for name in TIMM_SUBSETS if _spelling(name) == _spelling(head)), None)
+    if subset is None:
         config = timm.models.get_pretrained_cfg(head)
-        inferred = infer_imagenet_subset({"num_classes": config.num_classes}) if config else None
-        if inferred is None:
+        subset = infer_imagenet_subset({"num_classes": config.num_classes}) if config else None
+        if subset is None:
             raise ValueError(
                 f"head {head!r} is neither a synset file, a timm label space "
                 f"({', '.join(TIMM_SUBSETS)}) nor a timm model with an ImageNet head"
             )
-        subset = re.sub(r"[-_\s]", "", inferred)
     names = ImageNetInfo(subset).label_names()
-    return f"{head} (timm {_SUBSETS[subset]}, {len(names):,} classes)", names
+    return f"{head} (timm {subset}, {len(names):,} classes)", names
+
+
+def _spelling(name: str) -> str:
+    """``name`` lower-cased without - _ or blanks, as timm matches its label spaces."""
+    return re.sub(r"[-_\s]", "", name.lower())
 
 
 def build_remap(classes: list[str], head: str) -> Remap:
