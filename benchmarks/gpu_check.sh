@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
 # decode pool on the node's cores, shards and Parquet on local disk) against the bare bf16
-# forward in the same run, head training on CUDA, and the decode pool's cost in the actor. Logs and the node's description go to
-# LOGS (default /tmp/pvu-gpu-check). Without a GPU it runs the same steps, smaller, on the CPU.
+# forward in the same run, head training on CUDA, and the decode pool's cost in the actor.
+# Logs and the node's description go to LOGS (default /tmp/pvu-gpu-check). Without a GPU it
+# runs the same steps, smaller, on the CPU.
 #
 #     benchmarks/gpu_check.sh [LOGS]
 set -uo pipefail

@@ -16,12 +16,14 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
-from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS
+from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
+from pipeline.cache.distribute import ActorPool, CacheWorker
 from pipeline.cache.shards import shard_name
+from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
 from pipeline.demo.data import (
     write_bad_shard,
@@ -29,6 +31,7 @@ from pipeline.demo.data import (
     write_digit_shards,
     write_duplicate_key_shards,
 )
+from pipeline.retry import StorageFull
 from schemas import read_provenance
 
 pytestmark = pytest.mark.slow
@@ -302,19 +305,12 @@ def test_help_explains_every_flag_the_issues_fix(command, job):
         assert "one per GPU" in " ".join(result.output.replace("│", " ").split())
 
 
-def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
-    from support import unit_settings
-
-    from pipeline.cache.distribute import ActorPool, CacheWorker
-    from pipeline.cache.unit import Unit
-
-    class CrashesOnOneShard(CacheWorker):
-        def run(self, unit):
-            if unit.shard == "digits-0001":
-                os._exit(1)  # as an OOM kill or a segfaulting decoder would
-            return super().run(unit)
-
-    urls = write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=4, size=32)
+def one_actor_pool(
+    tmp_path, worker: type[CacheWorker], *, shards: int, max_attempts: int
+) -> tuple[ActorPool, list[Unit], str]:
+    """A pool of one CPU actor of class ``worker``, epoch 0's units of ``shards`` digit shards,
+    and the cache's output."""
+    urls = write_digit_shards(str(tmp_path / "shards"), shards=shards, per_shard=4, size=32)
     settings = unit_settings(str(tmp_path / "cache"))
     pool = ActorPool(
         size=1,
@@ -323,10 +319,20 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
         backbone="resnet10t",
         weights="random",
         settings=settings,
-        max_attempts=2,
-        worker=CrashesOnOneShard,
+        max_attempts=max_attempts,
+        worker=worker,
     )
-    units = [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)]
+    return pool, [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)], settings.output
+
+
+def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
+    class CrashesOnOneShard(CacheWorker):
+        def run(self, unit):
+            if unit.shard == "digits-0001":
+                os._exit(1)  # as an OOM kill or a segfaulting decoder would
+            return super().run(unit)
+
+    pool, units, _ = one_actor_pool(tmp_path, CrashesOnOneShard, shards=2, max_attempts=2)
     report = pool.run(units, on_result=lambda result: None)
     assert [result.relpath for result in report.results] == ["epoch=0000/digits-0000.parquet"]
     assert list(report.failed) == ["epoch=0000/digits-0001.parquet"]
@@ -339,11 +345,6 @@ def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
     local_ray, tmp_path
 ):
     """Every later unit would fill the disk too: no retries, no other unit started."""
-    from support import unit_settings
-
-    from pipeline.cache.distribute import ActorPool, CacheWorker
-    from pipeline.cache.unit import Unit
-    from pipeline.retry import StorageFull
 
     class DiskFullOnOneShard(CacheWorker):
         def run(self, unit):
@@ -363,24 +364,12 @@ def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
             finally:
                 writer.pq.write_table = write_table
 
-    urls = write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=4, size=32)
-    settings = unit_settings(str(tmp_path / "cache"))
-    pool = ActorPool(
-        size=1,
-        gpus=0,
-        cpus=1,
-        backbone="resnet10t",
-        weights="random",
-        settings=settings,
-        max_attempts=3,
-        worker=DiskFullOnOneShard,
-    )
-    units = [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)]
+    pool, units, output = one_actor_pool(tmp_path, DiskFullOnOneShard, shards=3, max_attempts=3)
     written = []
     with pytest.raises(StorageFull) as stopped:
         pool.run(units, on_result=lambda result: written.append(result.relpath))
     message = str(stopped.value)
-    assert f"commit {settings.output}/epoch=0000/digits-0001.parquet failed" in message
+    assert f"commit {output}/epoch=0000/digits-0001.parquet failed" in message
     assert "No space left on device" in message and "free space" in message
     assert written == ["epoch=0000/digits-0000.parquet"]  # and digits-0002 never started
     assert sorted(os.listdir(tmp_path / "cache" / "epoch=0000")) == ["digits-0000.parquet"]
