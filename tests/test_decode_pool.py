@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,56 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone for our purposes
         return stat.read().split(") ")[-1][0] != "Z"
+
+
+def _can_mount_a_private_shm() -> bool:
+    """Whether this process may mount a tmpfs over /dev/shm in a mount namespace of its own."""
+    if not shutil.which("unshare"):
+        return False
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_a_private_shm(), reason="needs unshare -m and mount (root)")
+def test_a_dev_shm_too_small_for_the_pool_is_an_error_that_says_so_not_a_bus_error(tmp_path):
+    """Docker gives a container 64 MB of /dev/shm. Segments are sparse: unreserved, the first
+    write past the space killed a worker with SIGBUS ("exited (exit code -7)")."""
+    large = {**_TINY, "input_size": [3, 224, 224]}  # 4 slots of 1.2 MB of images, 1 MB of input
+    script = (
+        "import os, sys\n"
+        "from pipeline.cache.decode_pool import DecodePool\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "if __name__ == '__main__':\n"
+        f"    with DecodePool([{_TINY!r}], 1) as pool:  # 2 slots of ~1 MB: it fits\n"
+        "        print(len(list(pool.map((f'k{i}', data, i) for i in range(20)))))\n"
+        "    try:\n"
+        f"        with DecodePool([{large!r}], 2) as pool:\n"
+        "            print(len(list(pool.map((f'k{i}', data, i) for i in range(64)))))\n"
+        "    except OSError as error:\n"
+        "        print(error)\n"
+        "    print(sorted(os.listdir('/dev/shm')))\n"
+    )
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    result = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$0" -c "$1" "$2"',
+            sys.executable,
+            script,
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stderr  # before: "decode worker N exited (exit code -7)"
+    assert lines[0] == "20"
+    assert "no room in /dev/shm" in lines[1] and "2 of them need 8.6 MB" in lines[1]
+    assert "--decode-workers" in lines[1]
+    assert lines[2] == "[]"  # every segment made before the one that did not fit is removed

@@ -21,7 +21,10 @@ end-of-file once the parent is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing
+import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -51,6 +54,9 @@ Task = tuple[str, bytes, int]
 Prepared = np.ndarray | torch.Tensor
 START_SECONDS = 300
 _READY = "ready"
+_SHM = "/dev/shm"  # where Linux keeps POSIX shared memory
+_NO_ROOM = (errno.ENOSPC, errno.ENOMEM)
+_INPUT_BYTES = 2**20  # a slot's first area for encoded images; it grows for larger chunks
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,9 @@ class DecodePool:
     only keys, offsets, seeds and shapes are pickled. Chunks go to the workers in turn, two
     per worker in flight, and come back in order from the worker that has each: the parent's
     cost per image is two memory copies (about 0.02 ms for a 224x224 image) and its share of
-    one small message each way per chunk, with no thread of its own to wake.
+    one small message each way per chunk, with no thread of its own to wake. The slots'
+    shared memory is reserved as the pool starts: a ``/dev/shm`` too small for them is an
+    ``OSError`` that says how much they need, not a SIGBUS in whichever process writes first.
     """
 
     def __init__(self, resolved: list[dict[str, Any]], workers: int, *, chunk: int = 8) -> None:
@@ -118,7 +126,19 @@ class DecodePool:
         sizes = [prepared_bytes(one) for one in resolved]
         self._offsets = [sum(sizes[:i]) for i in range(len(sizes))]  # within one task's images
         self._task_bytes = sum(sizes)
-        self._slots = [_Slot(self.chunk * self._task_bytes) for _ in range(self.in_flight)]
+        self._workers: list[tuple[BaseProcess, Connection]] = []
+        self._slots: list[_Slot] = []
+        try:
+            for _ in range(self.in_flight):
+                self._slots.append(_Slot(self.chunk * self._task_bytes))
+        except OSError as error:
+            self.close()
+            if error.errno not in _NO_ROOM:
+                raise
+            needed = self.in_flight * (self.chunk * self._task_bytes + _INPUT_BYTES)
+            raise OSError(
+                error.errno, f"{error.strerror} ({workers} of them need {needed / 2**20:.1f} MB)"
+            ) from None
         self._resolved = resolved
         self._workers = [self._spawn() for _ in range(workers)]
         self._wait_ready(range(workers))
@@ -254,16 +274,20 @@ class _Slot:
     The input area grows (a new segment, under a new name) when a chunk does not fit.
     """
 
-    def __init__(self, output_bytes: int, input_bytes: int = 2**20) -> None:
-        self.output = SharedMemory(create=True, size=output_bytes)
-        self.input = SharedMemory(create=True, size=input_bytes)
+    def __init__(self, output_bytes: int, input_bytes: int = _INPUT_BYTES) -> None:
+        self.output = _segment(output_bytes)
+        try:
+            self.input = _segment(input_bytes)
+        except BaseException:
+            _free(self.output)
+            raise
 
     def load(self, chunk: list[Task]) -> list[tuple[str, int, int, int]]:
         """Copy the chunk's encoded bytes in; returns each task as (key, offset, size, seed)."""
         total = sum(len(data) for _, data, _ in chunk)
         if total > self.input.size:
             _free(self.input)
-            self.input = SharedMemory(create=True, size=max(total, 2 * self.input.size))
+            self.input = _segment(max(total, 2 * self.input.size))
         placed, offset = [], 0
         for key, data, seed in chunk:
             self.input.buf[offset : offset + len(data)] = data
@@ -280,6 +304,44 @@ class _Slot:
         """Unmap and remove both segments."""
         _free(self.input)
         _free(self.output)
+
+
+def _segment(size: int) -> SharedMemory:
+    """A new shared-memory segment of ``size`` bytes, its pages reserved at once.
+
+    A segment is sparse until written, and a write into it that finds ``/dev/shm`` full kills
+    the writer with SIGBUS (a worker "exited (exit code -7)", or the actor itself); Docker's
+    default ``/dev/shm`` is 64 MB. Reserving it up front turns that into this error, which
+    names the remedy.
+    """
+    segment = SharedMemory(create=True, size=size)
+    try:
+        _reserve(segment)
+    except OSError as error:
+        _free(segment)
+        if error.errno not in _NO_ROOM:
+            raise
+        free = shutil.disk_usage(_SHM).free
+        raise OSError(
+            error.errno,
+            f"decode pool: no room in {_SHM} for {size / 2**20:.1f} MB of shared memory "
+            f"({free / 2**20:.1f} MB free there); give the node a larger {_SHM} (docker run "
+            "--shm-size, or an emptyDir of medium Memory on Kubernetes) or run fewer "
+            "--decode-workers",
+        ) from None
+    return segment
+
+
+def _reserve(segment: SharedMemory) -> None:
+    """Allocate ``segment``'s pages now (where the platform keeps segments in ``/dev/shm``)."""
+    path = os.path.join(_SHM, segment.name.lstrip("/"))
+    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
+        return
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, segment.size)
+    finally:
+        os.close(descriptor)
 
 
 def _free(segment: SharedMemory) -> None:
