@@ -66,7 +66,7 @@ class InstantWorker:
 
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    def describe(self) -> dict[str, Any]:
+    def start(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "device": "cpu", "gpu_ids": [], "threads": 1}
 
     def run(self, unit: Unit) -> UnitResult:

@@ -341,6 +341,28 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
     assert report.actors_replaced == 2
 
 
+def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, tmp_path):
+    """The error start() raised, not an ActorDiedError wrapping its traceback as text: the CLI
+    prints it as one line."""
+    tries = tmp_path / "tries"
+    tries.mkdir()
+
+    class NoSharedMemory(CacheWorker):
+        def start(self):
+            (tries / str(os.getpid())).touch()
+            raise OSError(28, "decode pool: no room in /dev/shm for 1.0 MB of shared memory")
+
+    pool, units, _ = one_actor_pool(tmp_path, NoSharedMemory, shards=1, max_attempts=1)
+    with pytest.raises(OSError) as failed:
+        pool.run(units, on_result=lambda result: None)
+    assert type(failed.value) is OSError
+    assert (
+        str(failed.value)
+        == "[Errno 28] decode pool: no room in /dev/shm for 1.0 MB of shared memory"
+    )
+    assert len(list(tries.iterdir())) == 4  # the pool's size + 3 tries, each a new actor
+
+
 def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
     local_ray, tmp_path
 ):

@@ -116,19 +116,30 @@ Target = tuple[str, str, UnitSettings]
 
 class CacheWorker:
     """Holds the job's backbones on one device and runs units with them (the body of a Ray
-    actor): every backbone from one read and decode of each unit (``Fanout``)."""
+    actor): every backbone from one read and decode of each unit (``Fanout``).
+
+    The constructor only keeps its arguments; :meth:`start` loads the backbones and starts the
+    decode workers, so that a failure there reaches the driver as the error raised (one raised
+    in a constructor comes back as an opaque ``ActorDiedError`` holding its traceback as text).
+    """
 
     def __init__(
         self, backbone: str, weights: str, settings: UnitSettings, also: tuple[Target, ...] = ()
     ) -> None:
+        self._targets = ((backbone, weights, settings), *also)
+
+    def start(self) -> dict[str, Any]:
+        """Load the backbones onto this actor's device and start its decode workers; returns
+        :meth:`describe`."""
         context = ray.get_runtime_context()
         cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
-        self.decode_workers = decode_workers(settings.decode_workers, self.device, cpus)
-        runners = [self._runner(*target) for target in ((backbone, weights, settings), *also)]
+        self.decode_workers = decode_workers(self._targets[0][2].decode_workers, self.device, cpus)
+        runners = [self._runner(*target) for target in self._targets]
         self.fanout = Fanout(runners, self.decode_workers)
         self.node_id = context.get_node_id()
+        return self.describe()
 
     def _runner(self, backbone: str, weights: str, settings: UnitSettings) -> UnitRunner:
         model = Backbone(
@@ -194,7 +205,7 @@ class ActorPool:
 
     def _start_actor(self) -> None:
         actor = self._actor_class.remote(*self._args)
-        self._starting[actor.describe.remote()] = actor
+        self._starting[actor.start.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
         """Run every unit once to completion (or failure); ``on_result`` sees each result.
@@ -233,13 +244,18 @@ class ActorPool:
         actor = self._starting.pop(ref)
         try:
             description = ray.get(ref)
-        except _ACTOR_LOST as error:
+        except (RayTaskError, *_ACTOR_LOST) as error:
+            # start() raised (RayTaskError: the error itself), or the process or node died
+            failure = error.cause if isinstance(error, RayTaskError) else error
+            ray.kill(actor)
             self._start_failures += 1
             if not report.workers and self._start_failures > self.size + 2:
-                raise RuntimeError(
-                    f"no cache actor could start; the last error: {error}"
-                ) from error
-            log.warning("cache actor lost while starting (%s); starting another", error)
+                log.error("no cache actor could start in %d tries", self._start_failures)
+                raise failure from error
+            log.warning(
+                "cache actor failed to start (%s: %s); starting another",
+                *(type(failure).__name__, failure),
+            )
             report.actors_replaced += 1
             self._start_actor()
             return
