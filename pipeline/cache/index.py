@@ -61,6 +61,11 @@ class CacheFile:
         return np.dtype(value_type.to_pandas_dtype()).name
 
     @property
+    def origin(self) -> str:
+        """The cache the unit belongs to: its ``cache`` prefix, or its own URL without one."""
+        return self.cache or self.url
+
+    @property
     def epoch(self) -> int | None:
         """The augmentation epoch in the unit's path (``epoch=<EEEE>/``), if it has one."""
         found = _EPOCH_IN_PATH.search(self.url)
@@ -185,8 +190,8 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
     caches: dict[str, list[str]] = {}
     for f in files:
         where = caches.setdefault(f.dtype, [])
-        if (f.cache or f.url) not in where:
-            where.append(f.cache or f.url)
+        if f.origin not in where:
+            where.append(f.origin)
     if len(caches) > 1:
         listed = "; ".join(f"{dtype} in {', '.join(urls)}" for dtype, urls in caches.items())
         raise ValueError(f"caches store embeddings in different dtypes ({listed}); train on one")
@@ -211,7 +216,7 @@ def check_losses_vary(files: Sequence[CacheFile]) -> None:
     stops at its first row group whose losses differ (or that has no statistics)."""
     caches: dict[str, list[CacheFile]] = {}
     for f in files:
-        caches.setdefault(f.cache or f.url, []).append(f)
+        caches.setdefault(f.origin, []).append(f)
     for cache, units in caches.items():
         ranges = itertools.chain.from_iterable(map(_loss_ranges, units))
         first = next(ranges, None)

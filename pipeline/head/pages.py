@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
@@ -132,7 +133,9 @@ def _read_plain_pages(
                 return -1, False
             count, encoding, skip = page
             body = position + length
-            values = body + (_levels_size(handle, body, levels) if skip is None else skip)
+            if skip is None:
+                skip = _levels_size(_length_in_file(handle, body), levels)
+            values = body + skip
         except _HEADER_ERRORS:  # a header longer than the probe, a short file, a damaged header
             return -1, False
         position = body + header[3]
@@ -146,13 +149,12 @@ def _read_plain_pages(
     return filled, finite
 
 
-def _levels_size(handle: BinaryIO, body: int, levels: int) -> int:
-    """Bytes of the length-prefixed RLE level runs a v1 page's body at ``body`` starts with."""
+def _levels_size(length_at: Callable[[int], int], levels: int) -> int:
+    """Bytes of the ``levels`` length-prefixed RLE level runs a v1 page's body starts with;
+    ``length_at(offset)`` reads the 4-byte length at ``offset`` of the body."""
     size = 0
     for _ in range(levels):
-        handle.seek(body + size)
-        (length,) = struct.unpack("<i", handle.read(4))
-        size += 4 + length
+        size += 4 + length_at(size)
     return size
 
 
@@ -211,11 +213,17 @@ def _decompress(body: memoryview, size: int, codec: str | None) -> memoryview:
 
 def _strip_levels(page: memoryview, levels: int) -> memoryview:
     """The values of a v1 data page: skip its length-prefixed RLE level runs."""
-    position = 0
-    for _ in range(levels):
-        (length,) = struct.unpack_from("<i", page, position)
-        position += 4 + length
-    return page[position:]
+    return page[_levels_size(lambda at: struct.unpack_from("<i", page, at)[0], levels) :]
+
+
+def _length_in_file(handle: BinaryIO, body: int) -> Callable[[int], int]:
+    """Reads the 4-byte level-run length at an offset of the page body at ``body`` of a file."""
+
+    def length_at(offset: int) -> int:
+        handle.seek(body + offset)
+        return struct.unpack("<i", handle.read(4))[0]
+
+    return length_at
 
 
 def _place(values: memoryview, out: np.ndarray, encoding: int) -> bool:
