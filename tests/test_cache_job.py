@@ -305,15 +305,15 @@ def test_help_explains_every_flag_the_issues_fix(command, job):
         assert "one per GPU" in " ".join(result.output.replace("│", " ").split())
 
 
-def one_actor_pool(
-    tmp_path, worker: type[CacheWorker], *, shards: int, max_attempts: int
+def small_pool(
+    tmp_path, worker: type[CacheWorker], *, shards: int, max_attempts: int, actors: int = 1
 ) -> tuple[ActorPool, list[Unit], str]:
-    """A pool of one CPU actor of class ``worker``, epoch 0's units of ``shards`` digit shards,
-    and the cache's output."""
+    """A pool of ``actors`` one-CPU actors of class ``worker``, epoch 0's units of ``shards``
+    digit shards, and the cache's output."""
     urls = write_digit_shards(str(tmp_path / "shards"), shards=shards, per_shard=4, size=32)
     settings = unit_settings(str(tmp_path / "cache"))
     pool = ActorPool(
-        size=1,
+        size=actors,
         gpus=0,
         cpus=1,
         backbone="resnet10t",
@@ -332,7 +332,7 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
                 os._exit(1)  # as an OOM kill or a segfaulting decoder would
             return super().run(unit)
 
-    pool, units, _ = one_actor_pool(tmp_path, CrashesOnOneShard, shards=2, max_attempts=2)
+    pool, units, _ = small_pool(tmp_path, CrashesOnOneShard, shards=2, max_attempts=2)
     report = pool.run(units, on_result=lambda result: None)
     assert [result.relpath for result in report.results] == ["epoch=0000/digits-0000.parquet"]
     assert list(report.failed) == ["epoch=0000/digits-0001.parquet"]
@@ -352,7 +352,7 @@ def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, t
             (tries / str(os.getpid())).touch()
             raise OSError(28, "decode pool: no room in /dev/shm for 1.0 MB of shared memory")
 
-    pool, units, _ = one_actor_pool(tmp_path, NoSharedMemory, shards=1, max_attempts=1)
+    pool, units, _ = small_pool(tmp_path, NoSharedMemory, shards=1, max_attempts=1)
     with pytest.raises(OSError) as failed:
         pool.run(units, on_result=lambda result: None)
     assert type(failed.value) is OSError
@@ -361,6 +361,35 @@ def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, t
         == "[Errno 28] decode pool: no room in /dev/shm for 1.0 MB of shared memory"
     )
     assert len(list(tries.iterdir())) == 4  # the pool's size + 3 tries, each a new actor
+
+
+def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_ray, tmp_path):
+    """One actor starts; every later one fails (as on a node with a broken GPU, which takes each
+    new actor Ray places there). The pool stops replacing them after size + 3 failures in a
+    row, rather than starting actors for as long as the run lasts."""
+    failed = tmp_path / "failed"
+    failed.mkdir()
+
+    class OneNodeBroken(CacheWorker):
+        def start(self):
+            try:
+                (tmp_path / "started").mkdir()  # the first actor only
+            except FileExistsError:
+                (failed / str(os.getpid())).touch()
+                raise RuntimeError("CUDA error: unspecified launch failure") from None
+            return super().start()
+
+        def run(self, unit):
+            deadline = time.monotonic() + 120
+            while len(list(failed.iterdir())) < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the run lasts until the starts have failed size + 3 times
+            return super().run(unit)
+
+    pool, units, _ = small_pool(tmp_path, OneNodeBroken, shards=2, max_attempts=1, actors=2)
+    report = pool.run(units, on_result=lambda result: None)
+    assert len(report.results) == 2 and not report.failed
+    assert len(list(failed.iterdir())) == 5  # the pool's size + 3
+    assert report.actors_replaced == 4  # and no replacement asked for after the last
 
 
 def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
@@ -386,7 +415,7 @@ def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
             finally:
                 writer.pq.write_table = write_table
 
-    pool, units, output = one_actor_pool(tmp_path, DiskFullOnOneShard, shards=3, max_attempts=3)
+    pool, units, output = small_pool(tmp_path, DiskFullOnOneShard, shards=3, max_attempts=3)
     written = []
     with pytest.raises(StorageFull) as stopped:
         pool.run(units, on_result=lambda result: written.append(result.relpath))

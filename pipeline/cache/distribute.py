@@ -201,7 +201,7 @@ class ActorPool:
         self._idle: list[Any] = []
         self._starting: dict[ray.ObjectRef, Any] = {}
         self._running: dict[ray.ObjectRef, tuple[Any, Unit]] = {}
-        self._start_failures = 0
+        self._failed_starts = 0  # in a row; a start that succeeds resets it
 
     def _start_actor(self) -> None:
         actor = self._actor_class.remote(*self._args)
@@ -241,24 +241,36 @@ class ActorPool:
         return report
 
     def _on_started(self, ref: ray.ObjectRef, report: PoolReport) -> None:
+        """Take a started actor into the pool, or replace one that failed to start.
+
+        After ``size + 3`` failed starts in a row (a node whose GPU or /dev/shm is broken
+        takes every new actor Ray places there), no more are tried: the run goes on with the
+        actors it has, or, with none, ends with the last start's error.
+        """
         actor = self._starting.pop(ref)
         try:
             description = ray.get(ref)
         except (RayTaskError, *_ACTOR_LOST) as error:
             # start() raised (RayTaskError: the error itself), or the process or node died
             failure = error.cause if isinstance(error, RayTaskError) else error
+            why = f"{type(failure).__name__}: {failure}"
             ray.kill(actor)
-            self._start_failures += 1
-            if not report.workers and self._start_failures > self.size + 2:
-                log.error("no cache actor could start in %d tries", self._start_failures)
+            self._failed_starts += 1
+            if self._failed_starts <= self.size + 2:
+                log.warning("cache actor failed to start (%s); starting another", why)
+                report.actors_replaced += 1
+                self._start_actor()
+            elif not (self._idle or self._running or self._starting):
+                log.error("no cache actor could start in %d tries", self._failed_starts)
                 raise failure from error
-            log.warning(
-                "cache actor failed to start (%s: %s); starting another",
-                *(type(failure).__name__, failure),
-            )
-            report.actors_replaced += 1
-            self._start_actor()
+            else:
+                log.error(
+                    "cache actors failed to start %d times in a row (the last: %s); going on "
+                    "with the %d started, starting no more",
+                    *(self._failed_starts, why, len(self._idle) + len(self._running)),
+                )
             return
+        self._failed_starts = 0
         report.workers.append(description)
         log.info("cache actor ready: %s", description)
         self._idle.append(actor)
