@@ -258,7 +258,8 @@ def train_head(
             help="Rows held decoded for shuffling: whole row groups, interleaved so batches mix "
             "the cache whatever its shard order. Memory is about rows x D x 2 bytes (4.5 GiB "
             "at D=768); class-sorted ImageNet-21k shards need ~3M rows for batches with 0.8 "
-            "of a uniform shuffle's classes, pre-shuffled shards far fewer."
+            "of a uniform shuffle's classes, pre-shuffled shards far fewer. Refused at the "
+            "start when it would not fit in the memory left (the container's limit included)."
         ),
     ] = 3_145_728,
     prefetch: Annotated[

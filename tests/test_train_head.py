@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,25 @@ def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
     absent = ["train-head", "--cache", str(tmp_path / "none"), "--output", str(tmp_path)]
     missing = CliRunner().invoke(_app(), absent)
     assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())
+
+
+def test_a_shuffle_pool_larger_than_the_memory_left_is_refused_with_one_that_fits(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the check the kernel kills the run part way (exit 137, no message)."""
+    monkeypatch.setattr(train_module, "available_memory", lambda: 150_000)  # bytes
+    args = ["train-head", "--cache", cache, "--output", str(tmp_path / "run"), "--episodes", "2"]
+    args += ["--episode-size", "1000", "--batch-size", "256", "--warmup-episodes", "1"]
+    refused = CliRunner().invoke(_app(), [*args, "--shuffle-rows", "6000"])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2, refused.output
+    assert "--shuffle-rows 6,000 of 32-wide float16 embeddings" in message
+    assert "0.1 MiB of memory is left here" in message
+    fits = int(re.search(r"lower --shuffle-rows \(to ([\d,]+), say\)", message)[1].replace(",", ""))
+    assert 125 < fits < 6000  # a window of more than one row group still fits
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    trained = CliRunner().invoke(_app(), [*args, "--shuffle-rows", str(fits)])
+    assert trained.exit_code == 0, trained.output
 
 
 def test_config_defaults_are_the_papers() -> None:

@@ -164,6 +164,22 @@ class _Pool:
         return slice(slot * self.rows, (slot + 1) * self.rows)
 
 
+def pool_slots(groups: int, group_rows: int, config: StreamConfig) -> int:
+    """Row groups a stream holds decoded at once: those of a window, the reads ahead, and those
+    of the windows planned ahead of the consumer (it gives their slots back once gathered); a
+    pass holds each group once."""
+    spread = shuffle.spread_for(config.shuffle_rows, groups=groups, group_rows=group_rows)
+    return min(spread + config.io_threads + config.prefetch_windows + 1, groups)
+
+
+def held_bytes(index: CacheIndex, config: StreamConfig) -> int:
+    """Bytes of the rows a stream over ``index`` holds (embeddings as stored, float32 losses)."""
+    groups = index.row_groups()
+    group_rows = max(ref.rows for ref in groups)
+    row = index.dim * np.dtype(index.dtype).itemsize + 4
+    return pool_slots(len(groups), group_rows, config) * group_rows * row
+
+
 class CacheStream:
     """Endless shuffled training batches from a :class:`CacheIndex`, resumable at any row.
 
@@ -182,10 +198,8 @@ class CacheStream:
             config.shuffle_rows, groups=len(self._groups), group_rows=group_rows
         )
         self._lookahead = config.io_threads
-        # the groups of a window, the reads ahead, and the groups of the windows planned ahead
-        # of the consumer (it gives their slots back once gathered); a pass holds each once
-        slots = self.spread + self._lookahead + config.prefetch_windows + 1
-        self._pool = _Pool(min(slots, len(self._groups)), group_rows, index.dim, index.dtype)
+        slots = pool_slots(len(self._groups), group_rows, config)
+        self._pool = _Pool(slots, group_rows, index.dim, index.dtype)
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
         self._window: _Window | None = None

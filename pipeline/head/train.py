@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -28,10 +28,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.cache.index import open_cache
+from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.head.export import export_head
+from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
-from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
+from pipeline.head.stream import (
+    CacheStream,
+    StreamConfig,
+    StreamState,
+    held_bytes,
+    read_validation,
+)
 from pipeline.head.validate import validation_metrics
 from pipeline.retry import read_bytes, write_bytes
 
@@ -298,6 +305,7 @@ def fit_head(
     device = torch.device(options.device)
     sched = config.schedule
     index = open_cache(caches, io_threads=config.stream.io_threads)
+    check_memory(index, config.stream)
     head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
     optimizer = create_optimizer(head, sched)
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
@@ -381,6 +389,25 @@ def fit_head(
             training=summary,
         )
     return TrainResult(head, history, document, finished)
+
+
+def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
+    """Refuse a stream whose rows held would not fit in the memory left (the kernel would kill
+    the run part way, with no message), with a ``--shuffle-rows`` that fits, if one does."""
+    needed, available = held_bytes(index, stream), available_memory()
+    if available is None or needed <= available:
+        return
+    fits, budget = stream.shuffle_rows, 0.8 * available
+    while fits > 1 and held_bytes(index, replace(stream, shuffle_rows=fits)) > budget:
+        fits //= 2
+    fitting = held_bytes(index, replace(stream, shuffle_rows=fits)) <= budget
+    raise ValueError(
+        f"the shuffle pool would hold {needed / 2**20:,.1f} MiB of rows (--shuffle-rows "
+        f"{stream.shuffle_rows:,} of {index.dim}-wide {index.dtype} embeddings, and the reads "
+        f"ahead), but {available / 2**20:,.1f} MiB of memory is left here; "
+        + (f"lower --shuffle-rows (to {fits:,}, say) or " if fitting else "")
+        + "train where there is more memory"
+    )
 
 
 def _log_passes(schedule: ScheduleConfig, train_rows: float, epochs: int) -> None:
