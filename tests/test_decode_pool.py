@@ -203,6 +203,11 @@ def test_a_dev_shm_too_small_for_the_pool_is_an_error_that_says_so_not_a_bus_err
         "if __name__ == '__main__':\n"
         f"    with DecodePool([{_TINY!r}], 1) as pool:  # 2 slots of ~1 MB: it fits\n"
         "        print(len(list(pool.map((f'k{i}', data, i) for i in range(20)))))\n"
+        "        try:  # a chunk of 8 MB of encoded bytes: its slot's input cannot grow\n"
+        "            list(pool.map((f'b{i}', bytes(2**20), i) for i in range(8)))\n"
+        "        except OSError as error:\n"
+        "            print(error)\n"
+        "        print(len(list(pool.map((f'k{i}', data, i) for i in range(20)))))  # still whole\n"
         "    try:\n"
         f"        with DecodePool([{large!r}], 2) as pool:\n"
         "            print(len(list(pool.map((f'k{i}', data, i) for i in range(64)))))\n"
@@ -229,8 +234,9 @@ def test_a_dev_shm_too_small_for_the_pool_is_an_error_that_says_so_not_a_bus_err
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     lines = result.stdout.splitlines()
-    assert len(lines) == 3, result.stderr  # before: "decode worker N exited (exit code -7)"
-    assert lines[0] == "20"
-    assert "no room in /dev/shm" in lines[1] and "2 of them need 8.6 MB" in lines[1]
-    assert "--decode-workers" in lines[1]
-    assert lines[2] == "[]"  # every segment made before the one that did not fit is removed
+    assert len(lines) == 5, result.stderr  # before: "decode worker N exited (exit code -7)"
+    assert lines[0] == lines[2] == "20"
+    assert lines[1].startswith("[Errno 28] decode pool: no room in /dev/shm for 8.0 MB")
+    assert "no room in /dev/shm" in lines[3] and "2 of them need 8.6 MB" in lines[3]
+    assert "--decode-workers" in lines[3]
+    assert lines[4] == "[]"  # every segment made before the one that did not fit is removed

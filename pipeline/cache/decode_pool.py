@@ -285,9 +285,10 @@ class _Slot:
     def load(self, chunk: list[Task]) -> list[tuple[str, int, int, int]]:
         """Copy the chunk's encoded bytes in; returns each task as (key, offset, size, seed)."""
         total = sum(len(data) for _, data, _ in chunk)
-        if total > self.input.size:
+        if total > self.input.size:  # the new one first: if it does not fit, the slot stays whole
+            grown = _segment(max(total, 2 * self.input.size))
             _free(self.input)
-            self.input = _segment(max(total, 2 * self.input.size))
+            self.input = grown
         placed, offset = [], 0
         for key, data, seed in chunk:
             self.input.buf[offset : offset + len(data)] = data
