@@ -319,9 +319,9 @@ def _segment(size: int) -> SharedMemory:
     try:
         _reserve(segment)
     except OSError as error:
-        _free(segment)
         if error.errno not in _NO_ROOM:
-            raise
+            return segment  # a file system that cannot reserve: its pages come as written
+        _free(segment)
         free = shutil.disk_usage(_SHM).free
         raise OSError(
             error.errno,
