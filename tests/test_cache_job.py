@@ -347,7 +347,10 @@ def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, t
     tries = tmp_path / "tries"
     tries.mkdir()
 
-    class NoSharedMemory(CacheWorker):
+    class NoSharedMemory:  # not a CacheWorker: its actors start without importing torch
+        def __init__(self, *args):
+            pass
+
         def start(self):
             (tries / str(os.getpid())).touch()
             raise OSError(28, "decode pool: no room in /dev/shm for 1.0 MB of shared memory")
@@ -370,20 +373,29 @@ def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_r
     failed = tmp_path / "failed"
     failed.mkdir()
 
-    class OneNodeBroken(CacheWorker):
+    class OneNodeBroken:  # a CacheWorker in the first actor only: the others fail fast
+        def __init__(self, *args):
+            self.args = args
+
         def start(self):
             try:
                 (tmp_path / "started").mkdir()  # the first actor only
             except FileExistsError:
                 (failed / str(os.getpid())).touch()
                 raise RuntimeError("CUDA error: unspecified launch failure") from None
-            return super().start()
+            from pipeline.cache.distribute import CacheWorker
+
+            self.worker = CacheWorker(*self.args)
+            return self.worker.start()
 
         def run(self, unit):
             deadline = time.monotonic() + 120
             while len(list(failed.iterdir())) < 5 and time.monotonic() < deadline:
                 time.sleep(0.1)  # the run lasts until the starts have failed size + 3 times
-            return super().run(unit)
+            return self.worker.run(unit)
+
+        def close(self):
+            self.worker.close()
 
     pool, units, _ = small_pool(tmp_path, OneNodeBroken, shards=2, max_attempts=1, actors=2)
     report = pool.run(units, on_result=lambda result: None)
