@@ -398,9 +398,9 @@ def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
     if available is None or needed <= available:
         return
     fits, budget = stream.shuffle_rows, 0.8 * available
-    while fits > 1 and held_bytes(index, replace(stream, shuffle_rows=fits)) > budget:
+    while (held := held_bytes(index, replace(stream, shuffle_rows=fits))) > budget and fits > 1:
         fits //= 2
-    fitting = held_bytes(index, replace(stream, shuffle_rows=fits)) <= budget
+    fitting = held <= budget
     raise ValueError(
         f"the shuffle pool would hold {needed / 2**20:,.1f} MiB of rows (--shuffle-rows "
         f"{stream.shuffle_rows:,} of {index.dim}-wide {index.dtype} embeddings, and the reads "
