@@ -13,7 +13,7 @@ A job adopts it with a ``ctx: typer.Context`` parameter, ``config: ConfigFile = 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -44,8 +44,13 @@ class ConfigFileError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
-def read_config_file(path: str, config_type: type[BaseModel]) -> dict[str, Any]:
+def read_config_file(
+    path: str, config_type: type[BaseModel], aliases: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The settings in the YAML file at ``path`` (local or fsspec URL), keys as field names.
+
+    ``aliases`` maps a flag's spelling to its field where the two differ (``json`` for
+    ``--json`` -> ``json_output``); either spelling is read.
 
     Raises :class:`ConfigFileError` for a missing or unparsable file, a document that is not a
     mapping, or a key that ``config_type`` does not have (with the closest names).
@@ -61,7 +66,11 @@ def read_config_file(path: str, config_type: type[BaseModel]) -> dict[str, Any]:
         return {}
     if not isinstance(document, dict):
         raise ConfigFileError(f"config file {path}: expected key: value lines, not a list or text")
-    values = {str(key).replace("-", "_"): value for key, value in document.items()}
+    aliases = aliases or {}
+    values = {}
+    for key, value in document.items():
+        name = str(key).replace("-", "_")
+        values[aliases.get(name, name)] = value
     fields = sorted(config_type.model_fields)
     for key in values:
         if key not in config_type.model_fields:
@@ -78,7 +87,7 @@ def load_job_config(config_type: type[Config], path: str | None = None, **overri
 
     Raises :class:`ConfigFileError` naming the file's key or the override's ``--flag``.
     """
-    return _build(config_type, path, defaults={}, overrides=overrides)
+    return _build(config_type, path, aliases={}, defaults={}, overrides=overrides)
 
 
 def job_config(config_type: type[Config], ctx: typer.Context) -> Config:
@@ -93,7 +102,13 @@ def job_config(config_type: type[Config], ctx: typer.Context) -> Config:
         name: value for name, value in params.items() if name not in typed and value is not None
     }
     try:
-        return _build(config_type, ctx.params.get("config"), defaults=defaults, overrides=typed)
+        return _build(
+            config_type,
+            ctx.params.get("config"),
+            aliases=_flag_aliases(ctx),
+            defaults=defaults,
+            overrides=typed,
+        )
     except ConfigFileError as error:
         raise typer.BadParameter(str(error)) from None
 
@@ -120,15 +135,27 @@ def _build(
     config_type: type[Config],
     path: str | None,
     *,
+    aliases: Mapping[str, str],
     defaults: dict[str, Any],
     overrides: dict[str, Any],
 ) -> Config:
-    values = read_config_file(path, config_type) if path else {}
+    values = read_config_file(path, config_type, aliases) if path else {}
     try:
         return config_type(**{**defaults, **values, **overrides})
     except ValidationError as error:
         from_file = set(values) - set(overrides)
         raise ConfigFileError(explain(error, from_file=from_file, path=path)) from None
+
+
+def _flag_aliases(ctx: typer.Context) -> dict[str, str]:
+    """Each long flag's name as a config key, where it differs from its parameter's name."""
+    aliases = {}
+    for param in ctx.command.params:
+        for flag in param.opts:
+            key = flag.removeprefix("--").replace("-", "_")
+            if flag.startswith("--") and key != param.name and param.name is not None:
+                aliases[key] = param.name
+    return aliases
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

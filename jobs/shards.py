@@ -121,7 +121,7 @@ def shards(
             help="Required. A folder of class subfolders (<input>/<class>/<image>), or a .csv / "
             ".parquet table of image paths or URLs and labels; local or any fsspec URL.",
         ),
-    ],
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(metavar="URL", help="Required. Folder for the shards: a path or fsspec URL."),
