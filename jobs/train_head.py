@@ -84,6 +84,13 @@ class TrainHeadConfig(BaseModel):
                 raise ValueError(f"expected widths like 512,512, got {value!r}") from None
         return value
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {value}")
+        return value
+
     @field_validator("hidden")
     @classmethod
     def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
@@ -224,6 +231,9 @@ def train_head(
     min_lr: Annotated[float, typer.Option(help="Floor of the cosine decay.")] = 1e-8,
     warmup_episodes: Annotated[int, typer.Option(help="Episodes of linear warm-up.")] = 25,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases).")] = 1e-4,
+    betas: Annotated[
+        tuple[float, float], typer.Option(metavar="B1 B2", help="AdamW's beta1 and beta2.")
+    ] = (0.8, 0.95),
     hidden: Annotated[
         str, typer.Option(metavar="W,W,...", help="Hidden layer widths, comma-separated.")
     ] = "512,512",
