@@ -80,8 +80,8 @@ def label_remap(
             metavar="LIST|MODEL|FILE",
             help="Required. The head's label space: a timm list "
             f"({', '.join(TIMM_SUBSETS)}), a timm model whose class count names one "
-            "(vit_base_patch16_224.augreg_in21k: imagenet21k, 21,843 classes), or a text file "
-            "of synsets.",
+            "(vit_base_patch16_224.augreg_in21k: imagenet-21k-goog, 21,843 classes), or a text "
+            "file of synsets.",
         ),
     ] = None,
     output: Annotated[

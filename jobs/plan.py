@@ -185,7 +185,11 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
 
 def _plan_options(
     sample_images: Annotated[
-        int, typer.Option(help="Images read from the first shards and run through the job here.")
+        int,
+        typer.Option(
+            help="Images read from the start of a few shards spread through the list, and run "
+            "through the job here."
+        ),
     ] = 256,
     images_per_second_per_gpu: Annotated[
         float | None,
