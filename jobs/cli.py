@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from jobs.cache import cache, project_version
+from jobs.demo import demo
 from jobs.evaluate import evaluate_command
 from jobs.info import info
 from jobs.label_remap import label_remap
@@ -47,6 +48,7 @@ app.command("label-remap")(label_remap)
 app.command("evaluate")(evaluate_command)
 app.command("info")(info)
 app.command("plan")(plan)
+app.command("demo")(demo)
 
 if __name__ == "__main__":
     app(prog_name="pvu")

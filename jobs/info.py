@@ -81,6 +81,13 @@ def storage_check(summary: CacheInfo) -> CacheCheck:
     return check_cache(summary.root, summary.units, summary.provenance)
 
 
+def run_info(job: InfoJobConfig) -> tuple[CacheInfo, CacheCheck | None]:
+    """The cache's summary, and the check of storage against it when ``job.verify``."""
+    check_storage(job.cache, flag="CACHE", must_exist=True)
+    summary = read_cache_info(job.cache)
+    return summary, storage_check(summary) if job.verify else None
+
+
 def info(
     ctx: typer.Context,
     cache: Annotated[
@@ -104,9 +111,7 @@ def info(
     setup_logging(verbose)
     job = job_config(InfoJobConfig, ctx)
     with reported("info", verbose=verbose):
-        check_storage(job.cache, flag="CACHE", must_exist=True)
-        summary = read_cache_info(job.cache)
-        check = storage_check(summary) if job.verify else None
+        summary, check = run_info(job)
     if job.json_output:
         document = summary.to_json()
         if check is not None:

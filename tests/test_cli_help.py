@@ -36,7 +36,6 @@ def test_help_lists_every_flag_without_a_bool_metavar(args: list[str]) -> None:
 
 
 def test_every_job_is_covered() -> None:
-    assert {"cache", "train-head", "shards", "label-remap", "evaluate", "info", "plan"} <= set(
-        SUBCOMMANDS
-    )
+    jobs = {"cache", "train-head", "shards", "label-remap", "evaluate", "info", "plan", "demo"}
+    assert jobs <= set(SUBCOMMANDS)
     assert "--version" in listed_options(PVU)

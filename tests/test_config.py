@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from pydantic import BaseModel
 from support import pvu, unboxed
 
 import jobs.cache
+import jobs.config
 import jobs.train_head
 from jobs.cache import CacheJobConfig
 from jobs.cli import app
 from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, load_job_config
+from jobs.demo import DemoConfig
 from jobs.evaluate import EvaluateJobConfig
 from jobs.info import InfoJobConfig
 from jobs.label_remap import LabelRemapJobConfig
@@ -108,6 +112,10 @@ def test_bad_value_in_the_file_names_the_file_and_key(
     assert "job.yaml: loss: Input should be 'ranking' or 'l2'" in unboxed(result.text)
     result = pvu("train-head", "--config", path, "--episodes", "0")
     assert result.exit_code == 2 and "--episodes" in result.output
+    result = pvu("train-head", "--config", path, "--loss", "l2", "--betas", "0.9", "1")
+    assert result.exit_code == 2 and "--betas: Value error, each beta must be in [0, 1)" in (
+        unboxed(result.text)
+    )
 
 
 def test_required_settings_may_come_from_either_place(
@@ -144,18 +152,43 @@ class _NoFailures:
     failed: dict[str, str] = {}  # noqa: RUF012
 
 
-@pytest.mark.parametrize(
-    ("command", "config_type", "required"),
-    [
-        ("cache", CacheJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
-        ("train-head", TrainHeadConfig, {"cache": ["c"], "output": "o"}),
-        ("shards", ShardsJobConfig, {"input": "i", "output": "o"}),
-        ("evaluate", EvaluateJobConfig, {"dataset": ["d=c"]}),
-        ("info", InfoJobConfig, {"cache": "c"}),
-        ("plan", PlanJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
-        ("label-remap", LabelRemapJobConfig, {"classes": "c", "head": "h", "output": "o"}),
-    ],
-)
+#: Each command's required settings, with the config type its job validates them into.
+REQUIRED = [
+    ("cache", CacheJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
+    ("train-head", TrainHeadConfig, {"cache": ["c"], "output": "o"}),
+    ("shards", ShardsJobConfig, {"input": "i", "output": "o"}),
+    ("evaluate", EvaluateJobConfig, {"dataset": ["d=c"]}),
+    ("info", InfoJobConfig, {"cache": "c"}),
+    ("plan", PlanJobConfig, {"shards": "s", "backbone": "resnet10t", "output": "o"}),
+    ("label-remap", LabelRemapJobConfig, {"classes": "c", "head": "h", "output": "o"}),
+    ("demo", DemoConfig, {}),
+]
+
+
+@pytest.mark.parametrize(("command", "config_type", "required"), REQUIRED)
+def test_a_file_alone_can_hold_every_setting_keyed_as_the_flags_are_spelled(
+    command, config_type, required, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config`` alone runs every job: no flag is required on the command line, and a key
+    may be spelled as its flag (``json`` for ``--json``, whose field is ``json_output``)."""
+    click_command = typer.main.get_command(app).commands[command]
+    module = sys.modules[click_command.callback.__module__]
+    built: list[BaseModel] = []
+
+    def build_then_stop(config_type, ctx):
+        built.append(jobs.config.job_config(config_type, ctx))
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(module, "job_config", build_then_stop)
+    flagged = {"json": True} if command == "info" else {}
+    document = {name.replace("_", "-"): value for name, value in required.items()} | flagged
+    result = pvu(command, "--config", _write(tmp_path, yaml.safe_dump(document)))
+    assert result.exit_code == 0, result.output
+    expected = config_type(**required, **({"json_output": True} if flagged else {}))
+    assert built == [expected]
+
+
+@pytest.mark.parametrize(("command", "config_type", "required"), REQUIRED)
 def test_help_shows_the_defaults_the_job_uses(command, config_type, required) -> None:
     """A flag's default in --help is the config's, so a file plus defaults means what it says."""
     params = typer.main.get_command(app).commands[command].params
