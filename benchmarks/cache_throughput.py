@@ -146,7 +146,6 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     server, endpoint = (None, "local disk") if args.local else start_s3()
     outputs = (
         ["local"] if args.local else ["s3", "local"] if args.output == "both" else [args.output]
@@ -158,6 +157,7 @@ def main() -> None:
         import ray
         import torch
 
+        from pipeline.cache.distribute import start_local_ray
         from pipeline.demo.data import write_photo_shards
 
         tick = time.perf_counter()
@@ -170,12 +170,7 @@ def main() -> None:
         print(f"wrote {args.shards} x {args.per_shard} JPEGs in {time.perf_counter() - tick:.1f} s")
         tick = time.perf_counter()
         # address="local": always a fresh Ray of our own, never one that `ray start` left running
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        start_local_ray(log_to_driver=True)
         ray_start = time.perf_counter() - tick
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # The reference runs in a Ray actor too, so both figures come from a worker process

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cache.distribute import ActorPool
+from pipeline.cache.distribute import ActorPool, keep_ray_on_loopback
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 
@@ -166,6 +166,7 @@ def start_cluster(nodes: int):
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    keep_ray_on_loopback()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(nodes):
         cluster.add_node(num_cpus=1)

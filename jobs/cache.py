@@ -42,7 +42,13 @@ from pipeline.cache.backbone import (
 )
 from pipeline.cache.dedupe import deduplicate
 from pipeline.cache.deteriorate import Deterioration
-from pipeline.cache.distribute import ActorPool, PoolReport, actor_device_type, plan_actors
+from pipeline.cache.distribute import (
+    ActorPool,
+    PoolReport,
+    actor_device_type,
+    plan_actors,
+    start_local_ray,
+)
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
@@ -253,12 +259,7 @@ def connect_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        start_local_ray(log_to_driver=True)
 
 
 def alive_node_resources() -> list[dict[str, float]]:

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.local_s3 import UNSET, loopback_s3
+from pipeline.cache.distribute import keep_ray_on_loopback
 
-# Ray on loopback only: node addresses resolve to 127.0.0.1, and no usage reports are sent.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray on loopback only (local Rays, `ray.cluster_utils.Cluster` nodes, `ray start` in a child
+# process), and no usage reports are sent.
+keep_ray_on_loopback()
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # --- S3 protocol server (moto, loopback) ---------------------------------------------------

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
-from pipeline.cache.distribute import ActorPool, CacheWorker
+from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
 from pipeline.cache.shards import shard_name
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
@@ -41,7 +41,7 @@ COMMON = {"backbone": "resnet10t", "weights": "random", "input_size": 32, "batch
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):  # the S3 environment must exist before Ray's workers start
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

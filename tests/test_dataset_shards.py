@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from support import pvu
 
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
 from pipeline.demo.data import encode_image
@@ -224,7 +225,7 @@ def test_folder_to_shards_to_cache(tmp_path):
         "4",
     )
     assert result.exit_code == 0, result.output
-    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=1)
     try:
         config = CacheJobConfig(
             shards=str(tmp_path / "shards"),

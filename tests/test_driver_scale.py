@@ -13,6 +13,8 @@ import pytest
 import ray
 from ray import cloudpickle
 
+from pipeline.cache.distribute import start_local_ray
+
 pytestmark = pytest.mark.slow
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -25,7 +27,7 @@ cloudpickle.register_pickle_by_value(bench)  # Ray's workers cannot import bench
 
 
 def test_driver_cost_per_unit_is_small_and_flat(tmp_path):
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     try:
         windows = bench.run_units(1200, actors=2, window=300, output=str(tmp_path / "cache"))
     finally:

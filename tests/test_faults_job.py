@@ -14,6 +14,7 @@ import s3fs
 import torch
 
 from jobs.cache import CacheJobConfig, run_cache
+from pipeline.cache.distribute import start_local_ray
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.stream import StreamConfig
@@ -36,7 +37,7 @@ def proxy(s3_server):
     ):
         env.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         s3fs.S3FileSystem.clear_instance_cache()
-        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+        start_local_ray(num_cpus=2)
         yield proxy
         ray.shutdown()
     s3fs.S3FileSystem.clear_instance_cache()

@@ -17,6 +17,7 @@ import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS
 
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.lock import LOCK_NAME, CacheLocked, Holder, RunLock
 from pipeline.cache.verify import list_unit_files
 from pipeline.demo.data import write_digit_shards
@@ -97,7 +98,7 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

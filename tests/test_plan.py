@@ -11,6 +11,7 @@ from support import SMALL_BACKBONE_FLAGS, pvu
 
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.plan import PlanJobConfig, run_plan
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.plan import read_prefix, sample_shards, shard_sizes
 from pipeline.demo.data import truncate_shard, write_bad_shard, write_digit_shards
@@ -54,7 +55,7 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     assert not (tmp_path / "cache").exists()  # a plan writes nothing to --output
     assert part.estimate.counted_shards == 0 and everything.estimate.counted_shards == 5
 
-    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=1)
     try:
         report = run_cache(CacheJobConfig(shards=shards, output=output, epochs=2, **COMMON))
     finally:

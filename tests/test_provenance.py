@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.cache.augment import TransformConfig, build_transform, resolve_transform
 from pipeline.cache.backbone import describe_backbone
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.manifest import IDENTITY_FIELDS, Manifest, ProvenanceMismatch
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.verify import reconcile
@@ -110,7 +111,7 @@ def test_every_identity_field_refuses_a_mixed_cache(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -19,6 +19,7 @@ import s3fs
 from support import SMALL_BACKBONE_FLAGS, damage_page_header, make_runner, pvu, unboxed
 from typer.testing import Result
 
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
@@ -229,7 +230,7 @@ def test_s3_access_denied(s3_bucket: str, fault_proxy, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gpus_asked_for_on_a_cluster_without_any(tmp_path: Path) -> None:
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     try:
         shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
         result, seconds = timed_pvu(

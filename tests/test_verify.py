@@ -16,6 +16,7 @@ from support import SMALL_BACKBONE_FLAGS
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.verify import CacheMismatch, list_unit_files, reconcile, verify_cache
@@ -90,7 +91,7 @@ def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, capl
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):  # the S3 environment must exist before Ray's workers start
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

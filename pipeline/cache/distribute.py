@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import ray
 import torch
+from ray._private import ray_constants
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from pipeline.cache.backbone import Backbone, create_backbone_model
@@ -25,6 +27,28 @@ from pipeline.retry import PERMANENT_ERRORS, StorageFull
 log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def keep_ray_on_loopback() -> None:
+    """Make the Ray nodes this process starts listen on 127.0.0.1 only.
+
+    Ray takes a node address of 127.0.0.1 to mean the machine's routable address, and its
+    servers then listen on every interface, unless multi-node clusters are off (the setting
+    Ray keeps for Windows and macOS). This turns them off in this process (Ray read the setting
+    when it was imported) and in the processes Ray starts. Not for a driver that joins a real
+    cluster: it would take its own node to be 127.0.0.1.
+    """
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(**init_options: Any) -> None:
+    """Start a Ray of this machine alone, every server of it on 127.0.0.1 (no dashboard).
+
+    ``init_options`` go to ``ray.init`` (``num_cpus``, ``log_to_driver``, ...).
+    """
+    keep_ray_on_loopback()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_options)
 
 
 def pick_device(gpu_ids: list, cuda_available: bool) -> torch.device:

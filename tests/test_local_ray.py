@@ -1,0 +1,67 @@
+"""The local Ray that pvu starts (``pvu cache`` without a cluster, ``make demo``) listens on
+127.0.0.1 only: Ray would otherwise take 127.0.0.1 to mean the machine's routable address and
+open its servers on every interface."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Starts the local Ray as ``pvu cache`` does, in a fresh process, and prints where it listens.
+SCRIPT = """
+import json, psutil, ray
+from jobs.cache import connect_ray
+
+connect_ray(None)
+
+@ray.remote
+def node_ip():
+    return ray.util.get_node_ip_address()
+
+worker = ray.get(node_ip.remote())
+listening = set()
+for process in psutil.Process().children(recursive=True):
+    try:
+        connections = process.net_connections(kind="inet")
+    except psutil.NoSuchProcess:
+        continue
+    listening |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+gcs = ray.get_runtime_context().gcs_address
+print(json.dumps({"gcs": gcs, "worker": worker, "listening": sorted(listening)}))
+ray.shutdown()
+"""
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, or 127.0.0.1 as an IPv4-mapped IPv6 address."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+@pytest.mark.slow
+def test_the_local_ray_listens_on_loopback_only() -> None:
+    # a fresh environment, without the setting tests/conftest.py gives this process
+    unset = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env=env | {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["gcs"].startswith("127.0.0.1:"), found
+    assert found["worker"] == "127.0.0.1", found
+    assert found["listening"], "no Ray server found listening"
+    assert all(map(is_loopback, found["listening"])), found
