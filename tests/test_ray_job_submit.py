@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -71,9 +72,19 @@ def ray_head():
     try:
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
+        stop_head(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen, grace: float = 5) -> None:
+    """Stop the head and every process of its group: SIGTERM, then SIGKILL after ``grace``
+    seconds (Ray's own shutdown took ~30 s here, for nothing the tests keep)."""
+    os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):  # unless the whole group is gone
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
 
 
 def start_head(env: dict, temp: Path, attempt: int) -> tuple[subprocess.Popen, str | None]:
