@@ -602,7 +602,9 @@ def cache(
     """Cache embeddings and per-sample losses of a frozen timm backbone over augmented epochs."""
     setup_logging(verbose)
     job = job_config(CacheJobConfig, ctx)
-    with reported("cache", verbose=verbose):
+    with reported(
+        "cache", verbose=verbose, resume="committed units are kept; the same command resumes"
+    ):
         failures = len(run_cache(job).failed)
     if failures:
         console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")

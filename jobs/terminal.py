@@ -48,10 +48,15 @@ USER_ERRORS = (UserError, ValueError, OSError)
 
 
 @contextmanager
-def reported(job: str, *, verbose: bool) -> Iterator[None]:
-    """Run a job's body; a user error ends it with one ``job: message`` line and exit code 2."""
+def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
+    """Run a job's body; a user error ends it with one ``job: message`` line and exit code 2,
+    Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130."""
     try:
         yield
+    except KeyboardInterrupt:
+        clause = f"; {resume}" if resume else ""
+        console.print(f"[red]{job}:[/red] interrupted{clause}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
     except USER_ERRORS as error:
         if verbose:
             console.print_exception()

@@ -186,7 +186,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
     if result.finished:
         console.print(f"head exported to {config.output} (head.safetensors, head.json)")
     else:
-        console.print(f"stopped after episode {last.get('episode')}; continue with --resume")
+        console.print(f"stopped after episode {result.episodes}; continue with --resume")
     if first.get("episode") == 0 and last is not first:
         console.print(
             f"validation pair accuracy / spearman: untrained {_fmt(first['val_pair_accuracy'])}"
@@ -282,7 +282,8 @@ def train_head(
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
     setup_logging(verbose)
     job = job_config(TrainHeadConfig, ctx)
-    with reported("train-head", verbose=verbose):
+    resume = "the same command with --resume continues from the last episode's checkpoint"
+    with reported("train-head", verbose=verbose, resume=resume):
         run_train_head(job)
 
 

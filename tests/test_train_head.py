@@ -125,8 +125,11 @@ def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None
     straight = fit_head([cache], str(tmp_path / "straight"), config)
     parted = str(tmp_path / "parted")
     first = fit_head([cache], parted, config, RunOptions(stop_after=2))
-    assert not first.finished
-    fit_head([cache], parted, config, RunOptions(stop_after=3, resume=True))
+    assert not first.finished and first.episodes == 2
+    third = fit_head([cache], parted, config, RunOptions(stop_after=3, resume=True))
+    assert (third.episodes, len(third.metrics)) == (3, 1)
+    again = fit_head([cache], parted, config, RunOptions(stop_after=2, resume=True))
+    assert (again.finished, again.episodes, again.metrics) == (False, 3, []), "nothing to redo"
     resumed = fit_head([cache], parted, config, RunOptions(resume=True))
     assert resumed.finished
     for (name, a), (_, b) in zip(

@@ -6,6 +6,7 @@ real parts: moto's S3 server, a real local Ray, real files.
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import subprocess
@@ -261,3 +262,37 @@ def test_python_dash_m_jobs_cli_is_pvu() -> None:
     assert listing.returncode == 0
     for command_name in ("cache", "train-head", "evaluate", "shards", "info"):
         assert command_name in listing.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "run", "next_step"),
+    [
+        (
+            "cache",
+            ["--shards", "s", "--backbone", "resnet10t", "--output", "o"],
+            "run_cache",
+            "committed units are kept; the same command resumes",
+        ),
+        (
+            "train-head",
+            ["--cache", "c", "--output", "o"],
+            "run_train_head",
+            "the same command with --resume continues from the last episode's checkpoint",
+        ),
+        ("evaluate", ["--dataset", "d=c"], "run_evaluate", None),
+    ],
+    ids=["cache", "train-head", "evaluate"],
+)
+def test_ctrl_c_ends_a_job_with_one_line_that_says_how_to_go_on(
+    command: str, args: list[str], run: str, next_step: str | None, monkeypatch
+) -> None:
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    module = importlib.import_module(f"jobs.{command.replace('-', '_')}")
+    monkeypatch.setattr(module, run, interrupted)
+    monkeypatch.setattr(module, "check_storage", lambda *_a, **_k: None, raising=False)
+    result = pvu(command, *args)
+    assert result.exit_code == 130, result.output
+    expected = f"{command}: interrupted" + (f"; {next_step}" if next_step else "")
+    assert expected in result.text and "Traceback" not in result.output

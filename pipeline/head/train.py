@@ -289,12 +289,14 @@ def train_step(
 
 @dataclass
 class TrainResult:
-    """What a run produced: the head, its last metrics line and the export document."""
+    """What a run produced: the head, this run's metrics lines, the export document, whether
+    the schedule is done, and the episodes done (a resumed checkpoint's included)."""
 
     head: UncertaintyHead
     metrics: list[dict[str, Any]]
     export: dict[str, Any] | None
     finished: bool
+    episodes: int
 
 
 def fit_head(
@@ -388,7 +390,7 @@ def fit_head(
             input_dtype=index.dtype,
             training=summary,
         )
-    return TrainResult(head, history, document, finished)
+    return TrainResult(head, history, document, finished, max(done, last))
 
 
 def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
