@@ -31,7 +31,7 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, raise_on_sigterm, reported, setup_logging
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
     BackboneInfo,
@@ -260,6 +260,7 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         start_local_ray(log_to_driver=True)
+    raise_on_sigterm()
 
 
 def alive_node_resources() -> list[dict[str, float]]:

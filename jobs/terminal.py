@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -47,16 +49,34 @@ class UserError(Exception):
 USER_ERRORS = (UserError, ValueError, OSError)
 
 
+_sigterm = threading.Event()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _sigterm.set()
+    raise KeyboardInterrupt  # what Ray's blocking calls let through (they mangle others)
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM (``ray job stop``, a pod evicted) unwind the job from the main thread like
+    Ctrl-C (no-op in other threads). Ray's driver replaces Python's handler with its own,
+    which dumps a stack trace and aborts: call this after ``ray.init``."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 @contextmanager
 def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
     """Run a job's body; a user error ends it with one ``job: message`` line and exit code 2,
-    Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130."""
+    Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130, a
+    SIGTERM after :func:`raise_on_sigterm` with ``job: terminated`` likewise and 143."""
     try:
         yield
     except KeyboardInterrupt:
+        word, code = ("terminated", 143) if _sigterm.is_set() else ("interrupted", 130)
         clause = f"; {resume}" if resume else ""
-        console.print(f"[red]{job}:[/red] interrupted{clause}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130) from None
+        console.print(f"[red]{job}:[/red] {word}{clause}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=code) from None
     except USER_ERRORS as error:
         if verbose:
             console.print_exception()

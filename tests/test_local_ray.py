@@ -1,6 +1,7 @@
 """The local Ray that pvu starts (``pvu cache`` without a cluster, ``make demo``) listens on
 127.0.0.1 only: Ray would otherwise take 127.0.0.1 to mean the machine's routable address and
-open its servers on every interface."""
+open its servers on every interface. And a SIGTERM to its driver ends the job with one line,
+where Ray's own handler dumped a stack trace and aborted."""
 
 from __future__ import annotations
 
@@ -35,8 +36,22 @@ for process in psutil.Process().children(recursive=True):
         continue
     listening |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
 gcs = ray.get_runtime_context().gcs_address
-print(json.dumps({"gcs": gcs, "worker": worker, "listening": sorted(listening)}))
-ray.shutdown()
+print(json.dumps({"gcs": gcs, "worker": worker, "listening": sorted(listening)}), flush=True)
+
+# SIGTERM (ray job stop) while the driver waits on Ray, as pvu cache's driver does
+import os, signal, sys, threading, time, typer
+from jobs.terminal import reported
+
+@ray.remote
+def wait():
+    time.sleep(120)
+
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    with reported("cache", verbose=False, resume="the same command resumes"):
+        ray.get(wait.remote())
+except typer.Exit as stop:
+    sys.exit(stop.exit_code)
 """
 
 
@@ -47,7 +62,7 @@ def is_loopback(ip: str) -> bool:
 
 
 @pytest.mark.slow
-def test_the_local_ray_listens_on_loopback_only() -> None:
+def test_the_local_ray_listens_on_loopback_only_and_a_sigterm_ends_the_job_cleanly() -> None:
     # a fresh environment, without the setting tests/conftest.py gives this process
     unset = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
     env = {name: value for name, value in os.environ.items() if name not in unset}
@@ -59,7 +74,9 @@ def test_the_local_ray_listens_on_loopback_only() -> None:
         text=True,
         timeout=300,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 143, run.stderr
+    assert "cache: terminated; the same command resumes" in " ".join(run.stderr.split())
+    assert "SIGTERM received" not in run.stderr
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["gcs"].startswith("127.0.0.1:"), found
     assert found["worker"] == "127.0.0.1", found
