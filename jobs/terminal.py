@@ -7,7 +7,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -57,19 +57,23 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # what Ray's blocking calls let through (they mangle others)
 
 
-def raise_on_sigterm() -> None:
+def raise_on_sigterm() -> Any:
     """Make SIGTERM (``ray job stop``, a pod evicted) unwind the job from the main thread like
-    Ctrl-C (no-op in other threads). Ray's driver replaces Python's handler with its own,
-    which dumps a stack trace and aborts: call this after ``ray.init``."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    Ctrl-C; returns the handler it replaced (None in other threads, where it does nothing).
+    Ray's driver replaces it with its own, which dumps a stack trace and aborts: call this
+    again after ``ray.init``."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 @contextmanager
 def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
     """Run a job's body; a user error ends it with one ``job: message`` line and exit code 2,
-    Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130, a
-    SIGTERM after :func:`raise_on_sigterm` with ``job: terminated`` likewise and 143."""
+    Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130,
+    SIGTERM with ``job: terminated`` likewise and 143."""
+    _sigterm.clear()
+    replaced = raise_on_sigterm()
     try:
         yield
     except KeyboardInterrupt:
@@ -82,6 +86,9 @@ def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
             console.print_exception()
         console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+    finally:
+        if replaced is not None:
+            signal.signal(signal.SIGTERM, replaced)
 
 
 Verbose = Annotated[

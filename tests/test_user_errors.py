@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -283,7 +284,7 @@ def test_python_dash_m_jobs_cli_is_pvu() -> None:
     ],
     ids=["cache", "train-head", "evaluate"],
 )
-def test_ctrl_c_ends_a_job_with_one_line_that_says_how_to_go_on(
+def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     command: str, args: list[str], run: str, next_step: str | None, monkeypatch
 ) -> None:
     def interrupted(*_args: object, **_kwargs: object) -> None:
@@ -296,3 +297,14 @@ def test_ctrl_c_ends_a_job_with_one_line_that_says_how_to_go_on(
     assert result.exit_code == 130, result.output
     expected = f"{command}: interrupted" + (f"; {next_step}" if next_step else "")
     assert expected in result.text and "Traceback" not in result.output
+
+    def terminated(*_args: object, **_kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # ray job stop, a pod evicted
+        time.sleep(5)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(module, run, terminated)
+    result = pvu(command, *args)
+    assert result.exit_code == 143, result.output
+    assert expected.replace("interrupted", "terminated") in result.text
+    assert signal.getsignal(signal.SIGTERM) is handler, "the job's handler outlived the job"
