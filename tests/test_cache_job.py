@@ -381,6 +381,11 @@ def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_r
             try:
                 (tmp_path / "started").mkdir()  # the first actor only
             except FileExistsError:
+                # fail once the pool runs a unit on the first: its start, counted by then,
+                # would otherwise reset the count of failures in a row
+                deadline = time.monotonic() + 120
+                while not (tmp_path / "running").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 (failed / str(os.getpid())).touch()
                 raise RuntimeError("CUDA error: unspecified launch failure") from None
             from pipeline.cache.distribute import CacheWorker
@@ -389,6 +394,7 @@ def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_r
             return self.worker.start()
 
         def run(self, unit):
+            (tmp_path / "running").touch()
             deadline = time.monotonic() + 120
             while len(list(failed.iterdir())) < 5 and time.monotonic() < deadline:
                 time.sleep(0.1)  # the run lasts until the starts have failed size + 3 times
