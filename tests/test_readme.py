@@ -58,7 +58,7 @@ def pvu_argv(argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def validated_only(job: str, *, verbose: bool) -> Iterator[None]:
+def validated_only(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
     """In place of ``jobs.terminal.reported``: the job's config was valid, stop before work."""
     raise typer.Exit(code=0)
     yield
