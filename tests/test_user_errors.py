@@ -292,7 +292,6 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
 
     module = importlib.import_module(f"jobs.{command.replace('-', '_')}")
     monkeypatch.setattr(module, run, interrupted)
-    monkeypatch.setattr(module, "check_storage", lambda *_a, **_k: None, raising=False)
     result = pvu(command, *args)
     assert result.exit_code == 130, result.output
     expected = f"{command}: interrupted" + (f"; {next_step}" if next_step else "")
