@@ -13,7 +13,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
 
 import fsspec
@@ -29,6 +28,7 @@ from pydantic import (
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from jobs import project_version
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, raise_on_sigterm, reported, setup_logging
@@ -216,14 +216,6 @@ class CacheJobConfig(BaseModel):
     def image_keys(self) -> tuple[str, ...]:
         """Tar member extensions tried, in order, for a sample's image."""
         return (self.image_key,) if self.image_key else ("jpg", "jpeg", "png", "webp")
-
-
-def project_version() -> str:
-    """The installed pvu version."""
-    try:
-        return version("pvu")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_provenance(

@@ -1,22 +1,72 @@
-"""The ``pvu`` command: one sub-command per job (``python -m jobs.cli`` is the same command)."""
+"""The ``pvu`` command: one sub-command per job (``python -m jobs.cli`` is the same command).
+
+A job's module (torch, timm, Ray, ...) is imported only when that job runs or shows its own
+``--help``: ``pvu --help``, ``pvu --version`` and a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Annotated, Any
 
+import click
 import typer
 
-from jobs.cache import cache, project_version
-from jobs.demo import demo
-from jobs.evaluate import evaluate_command
-from jobs.info import info
-from jobs.label_remap import label_remap
-from jobs.plan import plan
-from jobs.shards import shards
-from jobs.train_head import train_head
+from jobs import project_version
+
+JOBS = {
+    "cache": "jobs.cache:cache",
+    "train-head": "jobs.train_head:train_head",
+    "shards": "jobs.shards:shards",
+    "label-remap": "jobs.label_remap:label_remap",
+    "evaluate": "jobs.evaluate:evaluate_command",
+    "info": "jobs.info:info",
+    "plan": "jobs.plan:plan",
+    "demo": "jobs.demo:demo",
+}
+"""Each sub-command's function, as ``module:function``."""
+
+
+def _docstring(target: str) -> str:
+    """A job function's docstring, read from its module's source without importing it."""
+    module, function = target.split(":")
+    source = Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+    node = next(
+        node
+        for node in ast.parse(source).body
+        if isinstance(node, ast.FunctionDef) and node.name == function
+    )
+    return ast.get_docstring(node) or ""
+
+
+class LazyJobs(typer.core.TyperGroup):
+    """Lists the jobs by their docstrings; builds a job's command when it is invoked."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        for name, target in JOBS.items():
+            self.add_command(click.Command(name, help=_docstring(target)))
+
+    def job(self, name: str) -> click.Command:
+        """The job's full command, its module imported."""
+        module, function = JOBS[name].split(":")
+        single = typer.Typer(add_completion=False)
+        single.command(name)(getattr(importlib.import_module(module), function))
+        return typer.main.get_command(single)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, listed, rest = super().resolve_command(ctx, args)
+        return name, self.job(name) if name in JOBS else listed, rest
+
 
 app = typer.Typer(
     name="pvu",
+    cls=LazyJobs,
     help="pvu: pretrained visual uncertainties, cached at scale.",
     no_args_is_help=True,
     add_completion=False,
@@ -40,15 +90,6 @@ def main(
 ) -> None:
     """Cache a frozen backbone's embeddings and losses, train an uncertainty head, evaluate it."""
 
-
-app.command("cache")(cache)
-app.command("train-head")(train_head)
-app.command("shards")(shards)
-app.command("label-remap")(label_remap)
-app.command("evaluate")(evaluate_command)
-app.command("info")(info)
-app.command("plan")(plan)
-app.command("demo")(demo)
 
 if __name__ == "__main__":
     app(prog_name="pvu")

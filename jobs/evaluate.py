@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jobs.cache import project_version
+from jobs import project_version
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.evaluate.report import write_report

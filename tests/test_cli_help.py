@@ -6,6 +6,9 @@ typer 0.29 renders every on/off flag, ``--help`` and ``--version`` included, as 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -27,12 +30,29 @@ def listed_options(command: typer.core.TyperCommand | typer.core.TyperGroup) -> 
 
 @pytest.mark.parametrize("args", [[], *([name] for name in SUBCOMMANDS)], ids=["pvu", *SUBCOMMANDS])
 def test_help_lists_every_flag_without_a_bool_metavar(args: list[str]) -> None:
-    command = PVU.commands[args[0]] if args else PVU
+    command = PVU.job(args[0]) if args else PVU
     result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "<bool>" not in result.output, result.output
     for option in listed_options(command):
         assert option in result.output, f"{option} missing from pvu {' '.join(args)} --help"
+
+
+def test_pvu_help_lists_each_job_by_its_own_help_without_importing_the_jobs() -> None:
+    """The listing reads the jobs' docstrings from source: it matches each job's own help, and
+    ``pvu --help`` answers without importing torch (seconds on a small machine)."""
+    for name in SUBCOMMANDS:
+        assert PVU.commands[name].help == PVU.job(name).help, name
+    script = (
+        "import sys; from typer.testing import CliRunner; from jobs.cli import app; "
+        "result = CliRunner().invoke(app, ['--help']); "
+        "assert result.exit_code == 0 and 'train-head' in result.output, result.output; "
+        "print(sorted(m for m in ('torch', 'timm', 'ray', 'pyarrow') if m in sys.modules))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip() == "[]", answer.stdout + answer.stderr
 
 
 def test_every_job_is_covered() -> None:

@@ -171,7 +171,7 @@ def test_a_file_alone_can_hold_every_setting_keyed_as_the_flags_are_spelled(
 ) -> None:
     """``--config`` alone runs every job: no flag is required on the command line, and a key
     may be spelled as its flag (``json`` for ``--json``, whose field is ``json_output``)."""
-    click_command = typer.main.get_command(app).commands[command]
+    click_command = typer.main.get_command(app).job(command)
     module = sys.modules[click_command.callback.__module__]
     built: list[BaseModel] = []
 
@@ -191,7 +191,7 @@ def test_a_file_alone_can_hold_every_setting_keyed_as_the_flags_are_spelled(
 @pytest.mark.parametrize(("command", "config_type", "required"), REQUIRED)
 def test_help_shows_the_defaults_the_job_uses(command, config_type, required) -> None:
     """A flag's default in --help is the config's, so a file plus defaults means what it says."""
-    params = typer.main.get_command(app).commands[command].params
+    params = typer.main.get_command(app).job(command).params
     reference = config_type(**required)
     for param in params:
         if param.name in CLI_ONLY | {"help"} or param.name in required or param.default is None:
