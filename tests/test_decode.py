@@ -192,6 +192,15 @@ def test_too_large_is_refused_from_the_header():
     assert limit == Image.MAX_IMAGE_PIXELS
 
 
+def test_a_strip_far_longer_than_wide_is_refused_before_a_transform_blows_it_up():
+    """2,000,000 x 8 px decodes small, but an eval transform resizing its short side to 256
+    would ask for ~16G pixels (a MemoryError that lost its whole shard); 100:1 still passes."""
+    strip = encode_image(Image.new("L", (2_000_000, 8)), "png")
+    assert _reason(strip) == SkipReason.TOO_LARGE
+    assert _reason(encode_image(Image.new("RGB", (8, 801)), "png")) == SkipReason.TOO_LARGE
+    assert _decode(encode_image(Image.new("RGB", (800, 8)), "png")).shape == (8, 800, 3)
+
+
 def test_code_errors_are_not_swallowed():
     with pytest.raises(TypeError):
         decode_image("not bytes")  # type: ignore[arg-type]

@@ -31,6 +31,10 @@ from pipeline.cache.skips import BadSample, SkipReason
 #: The formats tried, in order. Names not in this Pillow build are left out.
 FORMATS = ("JPEG", "PNG", "WEBP", "MPO", "GIF", "BMP", "TIFF", "PPM")
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: about 9459 x 9459
+#: The most one side may exceed the other: an eval transform resizes the short side to the
+#: backbone's input (~256-600 px), so a strip 2,000,000 x 8 px, small as decoded, would
+#: become billions of pixels. Real photos and panoramas stay well under it.
+MAX_ASPECT = 100
 _VIA = {"PA": "RGBA", "La": "LA", "RGBa": "RGBA"}
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # What Pillow raises on bad data (beyond its OSError subclasses); not TypeError or the like,
@@ -60,7 +64,8 @@ def decode_image(
 
     Reasons: ``empty_image`` (no bytes), ``undecodable`` (not an image this module reads, or
     a broken one), ``truncated_image`` (the encoded data ends early), ``too_small`` (a side
-    under ``min_side``), ``too_large`` (over ``max_pixels`` pixels, or a decompression bomb).
+    under ``min_side``), ``too_large`` (over ``max_pixels`` pixels, a decompression bomb, or
+    a side over ``MAX_ASPECT`` times the other).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image takes bytes, got {type(data).__name__}")
@@ -80,6 +85,9 @@ def decode_image(
         raise BadSample(SkipReason.TOO_LARGE, f"{width}x{height} > {max_pixels} pixels", key)
     if min(width, height) < min_side:
         raise BadSample(SkipReason.TOO_SMALL, f"{width}x{height}, a side < {min_side}", key)
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        detail = f"{width}x{height}, a side over {MAX_ASPECT}x the other"
+        raise BadSample(SkipReason.TOO_LARGE, detail, key)
 
     try:
         image.load()
