@@ -145,23 +145,55 @@ def test_parse_label():
         assert parse_label(bad) is None, bad
 
 
-def test_duplicate_member_keeps_first(tmp_path, caplog):
-    url = str(tmp_path / "dup.tar")
-    png = bad_samples()[0].files["png"]
-    with tarfile.open(url, "w") as tar:
-        for name, data in (
-            ("a.png", png),
-            ("a.cls", b"1"),
-            ("a.cls", b"2"),
-            ("b.png", png),
-            ("b.cls", b"3"),
-        ):
+def _write_members(path: Path, members: list[tuple[str, bytes]], encoding="utf-8") -> str:
+    """A tar of ``members`` in exactly this order (as ``tar -cf`` without sorting may store)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding=encoding) as tar:
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    samples, counts = _read(url)
-    assert [(s.key, s.label) for s in samples] == [("a", 1), ("b", 3)] and not counts
+    return str(path)
+
+
+def test_duplicate_member_keeps_first(tmp_path, caplog):
+    png = bad_samples()[0].files["png"]
+    members = [("a.png", png), ("a.cls", b"1"), ("a.cls", b"2"), ("b.png", png), ("b.cls", b"3")]
+    samples, counts = _read(_write_members(tmp_path / "dup.tar", members))
+    assert [(s.key, s.label) for s in samples] == [("a", 1), ("b", 3)]
+    assert counts == {"duplicate_key": 1}
     assert "duplicate" in caplog.text
+    # A whole sample twice in a row: the second copy is counted, as across shards.
+    members = [("k.png", png), ("k.cls", b"1"), ("k.png", png), ("k.cls", b"2")]
+    samples, counts = _read(_write_members(tmp_path / "twice.tar", members))
+    assert [(s.key, s.label) for s in samples] == [("k", 1)] and counts == {"duplicate_key": 1}
+
+
+def test_a_key_that_is_not_utf8_is_skipped_as_unsafe_not_fatal(tmp_path):
+    """A latin-1 name (``café``) comes out of tarfile with surrogates no Parquet string holds:
+    before, the unit failed on it and lost the whole shard."""
+    png = bad_samples()[0].files["png"]
+    members = [("a.png", png), ("a.cls", b"1"), ("café.png", png), ("café.cls", b"2")]
+    url = _write_members(
+        tmp_path / "latin1.tar", [*members, ("z.png", png), ("z.cls", b"3")], "latin-1"
+    )
+    samples, counts = _read(url)
+    assert [(s.key, s.label) for s in samples] == [("a", 1), ("z", 3)]
+    assert counts == {"unsafe_name": 1}
+
+
+def test_files_apart_or_dotted_names_are_counted_once_each_and_explained(tmp_path, caplog):
+    """A tar written in directory order, not by name, splits each sample in two; dots in file
+    names merge images into one key. Each lost sample counts once, and the log says why."""
+    png = bad_samples()[0].files["png"]
+    apart = [("a.png", png), ("b.cls", b"1"), ("a.cls", b"0"), ("b.png", png), ("c.png", png)]
+    samples, counts = _read(_write_members(tmp_path / "apart.tar", [*apart, ("c.cls", b"2")]))
+    assert [(s.key, s.label) for s in samples] == [("c", 2)]
+    assert counts == {"no_label": 1, "no_image": 1}  # a and b, once each
+    assert "tar --sort=name" in caplog.text
+    dotted = [(f"cat.{i}.jpg", png) for i in range(3)] + [("dog.jpg", png), ("dog.cls", b"1")]
+    samples, counts = _read(_write_members(tmp_path / "dotted.tar", dotted))
+    assert [s.key for s in samples] == ["dog"] and counts == {"no_image": 1}
+    assert "cat.0.jpg" in caplog.text and "first dot" in caplog.text
 
 
 def test_oversized_member_is_skipped_unread(tmp_path):

@@ -4,9 +4,11 @@ The shard is read as a stream, member by member, never downloaded whole. Files a
 into samples by webdataset's own ``group_by_keys`` (so keys are exactly WebDataset's
 ``__key__``). Bad samples are counted by ``SkipReason`` and skipped; a damaged tar yields the
 samples before the damage, counts ``truncated_tar`` once and ends the shard (a zero-byte shard
-counts ``empty_shard``). Member names are never used as paths: a sample whose key is absolute or
-climbs out (``../../x``) is counted ``unsafe_name`` and skipped. Transient storage
-errors, on open or mid-stream, are retried: the object is reopened at the byte it was read to.
+counts ``empty_shard``). Member names are never used as paths: a sample whose key is absolute,
+climbs out (``../../x``) or is not UTF-8 is counted ``unsafe_name`` and skipped. A sample whose
+files repeat in a row keeps its first copy and counts the second ``duplicate_key``. Transient
+storage errors, on open or mid-stream, are retried: the object is reopened at the byte it was
+read to.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.cache.skips import SkipReason
 from pipeline.retry import retry
@@ -81,11 +83,13 @@ def iter_samples(
         raise ValueError(f"max_member_bytes must be positive, got {max_member_bytes}")
 
     damage: list[str] = []
+    repeated: set[str] = set()  # keys whose member names repeat in a row (the second copy)
     yielded = 0
+    layout = _LayoutWarnings(url, image_keys)
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
-        for group in group_by_keys(members, handler=_duplicate_handler(url)):
+        for group in group_by_keys(members, handler=_duplicate_handler(url, repeated)):
             outcome = _to_sample(group, image_keys, label_key, ambiguity_key)
             if damage:
                 # The sample being assembled when the damage was found: all its files were
@@ -96,10 +100,13 @@ def iter_samples(
                 else:
                     logger.debug("%s: dropped %s, cut off by the damage", url, group["__key__"])
                 break
+            if group["__key__"] in repeated:
+                repeated.discard(group["__key__"])
+                counts[SkipReason.DUPLICATE_KEY.value] += 1
             if isinstance(outcome, RawSample):
                 yielded += 1
                 yield outcome
-            else:
+            elif layout.counted(group, outcome):
                 counts[outcome.value] += 1
                 logger.debug("%s: skipped %s: %s", url, group["__key__"], outcome.value)
     if damage and stream.position == 0:
@@ -129,7 +136,7 @@ def _to_sample(
 ):
     """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for."""
     key = group["__key__"]
-    if key.startswith("/") or ".." in key.split("/"):
+    if key.startswith("/") or ".." in key.split("/") or not _is_utf8(key):
         return SkipReason.UNSAFE_NAME
     image_key = next((key for key in image_keys if key in group), None)
     if image_key is None:
@@ -190,16 +197,78 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _duplicate_handler(url: str):
-    """``group_by_keys`` error handler: a repeated file name keeps the first copy; else raise."""
+def _is_utf8(key: str) -> bool:
+    """Whether ``key`` is valid text: a name that is not UTF-8 comes out of ``tarfile`` with
+    surrogates, which no Parquet string column can hold."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _duplicate_handler(url: str, repeated: set[str]):
+    """``group_by_keys`` error handler: a repeated file name keeps the first copy and adds the
+    sample's key to ``repeated``; anything else is raised."""
 
     def handle(error: Exception) -> bool:
         if isinstance(error, ValueError) and "duplicate file name" in str(error):
+            name = error.args[0].split(": duplicate file name")[0]
+            repeated.add(base_plus_ext(name)[0])
             logger.warning("%s: %s; kept the first copy", url, error.args[0])
             return True
         raise error
 
     return handle
+
+
+class _LayoutWarnings:
+    """Explains, once per shard, the two layouts WebDataset readers split samples wrongly for.
+
+    - A sample's files apart (``tar -cf`` without ``--sort=name`` stores them in directory
+      order): each part is a sample short of a member; the sample is counted once, by its
+      first part.
+    - Dots in file names (``cat.0.jpg`` is key ``cat`` with extension ``0.jpg``): several
+      images merge into one sample that has no ``jpg``.
+    """
+
+    def __init__(self, url: str, image_keys: tuple[str, ...]) -> None:
+        self.url = url
+        self.image_keys = image_keys
+        self.incomplete: set[str] = set()
+        self.warned: set[str] = set()
+
+    def counted(self, group: dict[str, Any], reason: SkipReason) -> bool:
+        """Whether the skip of ``group`` for ``reason`` counts (not a later part of a sample
+        already counted), warning about the layout that caused it."""
+        if reason not in (SkipReason.NO_IMAGE, SkipReason.NO_LABEL):
+            return True
+        key = group["__key__"]
+        if key in self.incomplete:
+            self._warn(
+                "apart",
+                "%s: the files of sample %r are not next to each other in the tar; a WebDataset "
+                "shard keeps each sample's files together (write it with `tar --sort=name`); "
+                "each such sample is counted once",
+                key,
+            )
+            return False
+        self.incomplete.add(key)
+        dotted = sorted(s for s in group if s.rsplit(".", 1)[-1] in self.image_keys and "." in s)
+        if reason is SkipReason.NO_IMAGE and dotted:
+            self._warn(
+                "dots",
+                "%s: sample %r has files %s: a WebDataset key ends at the first dot of a file "
+                "name, so several images share one sample; rename them (e.g. cat_0.jpg)",
+                key,
+                ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
+            )
+        return True
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            logger.warning(message, self.url, *args)
 
 
 class _TarInfo(tarfile.TarInfo):

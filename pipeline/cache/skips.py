@@ -21,7 +21,8 @@ class SkipReason(str, Enum):
     EMPTY_SHARD = "empty_shard"
     UNSAFE_NAME = "unsafe_name"
     #: A key an earlier shard of the run holds too, in the same epoch: counted by the driver's
-    #: pass over committed units (``pipeline.cache.dedupe``), not by the unit itself.
+    #: pass over committed units (``pipeline.cache.dedupe``); or a sample whose files repeat
+    #: in a row in one shard (``k.jpg k.cls k.jpg k.cls``), counted by the unit.
     DUPLICATE_KEY = "duplicate_key"
 
 
