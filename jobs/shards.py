@@ -65,6 +65,12 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
         len(listing.classes),
         f" ({listing.ignored} other files ignored)" if listing.ignored else "",
     )
+    if listing.empty:
+        log.warning(
+            "%d class folders hold no image (their labels are kept): %s",
+            len(listing.empty),
+            ", ".join(listing.empty[:10]),
+        )
     with Progress(
         TextColumn("[bold]shards"),
         BarColumn(),

@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from support import pvu
+from torchvision.datasets.folder import find_classes
 
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
+from pipeline.dataset.sources import list_dataset
 from pipeline.demo.data import encode_image
 
 CLASSES = ("cat", "dog", "eel")
@@ -131,6 +133,48 @@ def test_table_with_class_names_and_relative_paths(tmp_path):
     samples = read_shards(str(tmp_path / "out"))
     assert len(samples) == len(valid)
     assert "missing.jpg" in result.text and "read_error=1" in result.text
+
+
+def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty_ones_too(
+    tmp_path,
+):
+    """A class folder that is a link, or holds no image, keeps its place: before, both were
+    left out and every later class's label shifted (a train and a val split then disagreed)."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=1)
+    elsewhere = tmp_path / "elsewhere" / "fox"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.png").write_bytes(image_bytes(np.random.default_rng(0), "png"))
+    (root / "fox").symlink_to(elsewhere, target_is_directory=True)
+    (root / "bee").mkdir()
+    listing = list_dataset(str(root))
+    classes, class_to_idx = find_classes(str(root))
+    assert listing.classes == classes == ["bee", "cat", "dog", "eel", "fox"]
+    assert listing.empty == ["bee"]
+    fox = [source for source in listing.sources if "/fox/" in source.url]
+    assert [(Path(s.url).name, s.label) for s in fox] == [("a.png", class_to_idx["fox"])]
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0 and "hold no image" in result.text, result.output
+
+
+def test_table_labels_must_be_class_indices_or_names(tmp_path):
+    """Whole-number floats (pandas' float column) are indices, not names sorted as text
+    (which gave 10.0 the label 2); a fraction, a huge id or an empty name names its row."""
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\na.png,0.0\nb.png,1.0\nc.png,2.0\nd.png,10.0\n")
+    listing = list_dataset(str(table))
+    assert [source.label for source in listing.sources] == [0, 1, 2, 10]
+    assert listing.classes == [str(i) for i in range(11)]
+    for first, bad, message in (
+        ("1", "0.5", "label 0.5 in row 2"),
+        ("1", "4000000000", "label 4000000000 in row 2"),
+        ("cat", "", "row 2 lacks path or label"),
+    ):
+        table.write_text(f"path,label\na.png,{first}\nb.png,{bad}\n")
+        with pytest.raises(ValueError, match=message):
+            list_dataset(str(table))
+    result = run("--input", str(table), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "row 2" in result.text, result.output
 
 
 def test_errors_name_the_input_and_exit_2(tmp_path):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -22,6 +21,8 @@ from pipeline.cache.shards import storage_url
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 TABLE_SUFFIXES = (".csv", ".parquet")
+#: The largest integer label a table may give: classes.json names every index up to it.
+MAX_INTEGER_LABEL = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +36,13 @@ class Source:
 
 @dataclass(frozen=True)
 class Listing:
-    """A dataset's images and label names; ``ignored`` counts files that are not images."""
+    """A dataset's images and label names; ``ignored`` counts files that are not images,
+    ``empty`` names the class folders without one."""
 
     sources: list[Source]
     classes: list[str]
     ignored: int = 0
+    empty: list[str] = field(default_factory=list)
 
 
 def list_dataset(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
@@ -59,35 +62,59 @@ def list_dataset(url: str, *, path_column: str = "path", label_column: str = "la
 def list_folder(url: str) -> Listing:
     """Images under ``url/<class>/`` (any depth below the class folder), classes sorted by name.
 
-    Label ``i`` is the ``i``-th class folder in sorted order, as torchvision's ``ImageFolder``
-    numbers them. Hidden files and folders, and files directly under ``url``, are ignored.
+    The classes are ``url``'s subfolders (links to folders too), numbered in sorted order as
+    torchvision's ``ImageFolder`` numbers them; one with no image keeps its label, so two
+    splits with the same folders agree (``Listing.empty`` names it). Hidden files and
+    folders, and files directly under ``url``, are ignored.
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
-    by_class: dict[str, list[str]] = defaultdict(list)
+    folders, linked = _class_folders(fs, root)
+    by_class: dict[str, list[str]] = {name: [] for name in folders}
     ignored = 0
-    for path in sorted(fs.find(root)):
+    paths = [path for path in fs.find(root) if path not in linked]
+    for folder in linked:
+        paths += fs.find(folder)
+    for path in sorted(paths):
         parts = path[len(root) + 1 :].split("/")
         hidden = any(part.startswith(".") for part in parts)
         if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
             ignored += 1
         else:
             by_class[parts[0]].append(storage_url(fs, path))
-    if not by_class:
+    if not any(by_class.values()):
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
         )
     classes = sorted(by_class)
     sources = [Source(u, label) for label, name in enumerate(classes) for u in by_class[name]]
-    return Listing(sources, classes, ignored)
+    empty = [name for name in classes if not by_class[name]]
+    return Listing(sources, classes, ignored, empty)
+
+
+def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
+    """The names of ``root``'s visible subfolders, and the paths of those that are links
+    (which ``find`` lists as files and does not descend into)."""
+    names, linked = [], []
+    for entry in fs.ls(root, detail=True):
+        path = entry["name"].rstrip("/")
+        name = posixpath.basename(path)
+        is_link = entry.get("islink", False) and fs.isdir(path)
+        if name.startswith(".") or not (entry["type"] == "directory" or is_link):
+            continue
+        names.append(name)
+        if is_link:
+            linked.append(path)
+    return names, linked
 
 
 def list_table(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
     """Images named in the CSV or Parquet table at ``url``, one row each.
 
-    Paths are URLs or paths relative to the table's folder. Integer labels keep their value
-    (``classes`` names them ``"0"`` to ``"<max>"``); other labels are names, numbered in
-    sorted order.
+    Paths are URLs or paths relative to the table's folder. Integer labels (or whole-number
+    floats, as pandas writes a column that once held a NaN) keep their value (``classes``
+    names them ``"0"`` to ``"<max>"``, at most ``MAX_INTEGER_LABEL``); other labels are names,
+    numbered in sorted order.
     """
     table = _read_table(url)
     for column in (path_column, label_column):
@@ -98,21 +125,31 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
     paths = table.column(path_column).to_pylist()
     labels = table.column(label_column).to_pylist()
     for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        if path is None or label is None or str(path).strip() == "":
+        if path is None or label is None or "" in (str(path).strip(), str(label).strip()):
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(url)
     urls = [_resolve(str(path).strip(), folder) for path in paths]
-    if pa.types.is_integer(table.schema.field(label_column).type):
-        if min(labels) < 0:
-            raise ValueError(f"table {url}: integer labels must be >= 0, got {min(labels)}")
-        classes = [str(label) for label in range(max(labels) + 1)]
-        numbers = [int(label) for label in labels]
+    label_type = table.schema.field(label_column).type
+    if pa.types.is_integer(label_type) or pa.types.is_floating(label_type):
+        numbers = _integer_labels(url, labels)
+        classes = [str(label) for label in range(max(numbers) + 1)]
     else:
         names = [str(label) for label in labels]
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
+    """``labels`` as class indices, or a ``ValueError`` naming the first that is not one."""
+    for row, label in enumerate(labels):
+        if not float(label).is_integer() or not 0 <= label <= MAX_INTEGER_LABEL:
+            raise ValueError(
+                f"table {url}: label {label} in row {row + 1} is not a class index (a whole "
+                f"number from 0 to {MAX_INTEGER_LABEL:,}); give names as labels instead"
+            )
+    return [int(label) for label in labels]
 
 
 def _read_table(url: str) -> pa.Table:
