@@ -122,6 +122,20 @@ def test_shuffle_mixes_classes_and_is_seeded(tmp_path):
     assert labels["a"] == labels["b"] != labels["c"]
     tars = sorted(p.name for p in outs["a"].glob("*.tar"))
     assert all((outs["a"] / t).read_bytes() == (outs["b"] / t).read_bytes() for t in tars)
+    keys = {name: {key for _, key, _, _ in read_shards(str(out))} for name, out in outs.items()}
+    assert keys["a"] == keys["c"] == keys["d"], "a key names its image whatever the shuffle"
+
+
+def test_shards_made_from_other_inputs_never_share_a_key(tmp_path):
+    """Keys of two sets made apart (each numbered from 0 before) collided: cached together,
+    the second set was dropped as duplicate_key."""
+    keys = []
+    for seed in (0, 1):
+        make_folder(tmp_path / f"images{seed}", per_class=1, seed=seed)
+        out = str(tmp_path / f"out{seed}")
+        assert run("--input", str(tmp_path / f"images{seed}"), "--output", out).exit_code == 0
+        keys.append({key for _, key, _, _ in read_shards(out)})
+    assert len(keys[0]) == len(keys[1]) == 3 and not keys[0] & keys[1]
 
 
 def test_table_with_class_names_and_relative_paths(tmp_path):

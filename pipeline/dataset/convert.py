@@ -2,14 +2,17 @@
 
 Each sample is ``<key>.<jpg|png|webp>`` (the original bytes where the cache reads the format,
 else the decoded image re-encoded as PNG), ``<key>.cls`` (the label) and ``<key>.json``
-(source URL and class name). Keys are the image's position in the listing, so they are
-unique and stable whatever the shuffle. An image that cannot be read or decoded (by the same
-checks ``pvu cache`` applies) is left out and reported, never fatal. ``classes.json`` beside
-the shards lists the label names.
+(source URL and class name). Keys are ``<listing>-<position>``: the image's position in the
+listing, so they are unique and stable whatever the shuffle, after a digest of the whole
+listing (every image's URL and label), so shards made from different inputs never share a
+key and can be cached together (``pvu cache`` keeps a key's first copy only). An image that
+cannot be read or decoded (by the same checks ``pvu cache`` applies) is left out and
+reported, never fatal. ``classes.json`` beside the shards lists the label names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -108,6 +111,7 @@ def write_dataset(
     order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
     sources = [listing.sources[i] for i in order]
     width = max(8, len(str(count - 1)))
+    tag = listing_tag(listing)
     unreadable: list[Unreadable] = []
     with (
         ThreadPoolExecutor(threads, thread_name_prefix="pvu-shards") as pool,
@@ -123,7 +127,7 @@ def write_dataset(
             ext, data = outcome
             name = listing.classes[source.label]
             writer.add(
-                f"{index:0{width}d}",
+                f"{tag}-{index:0{width}d}",
                 {
                     ext: data,
                     "cls": str(source.label).encode(),
@@ -133,6 +137,14 @@ def write_dataset(
             on_image(True)
     write_bytes(fs, f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
     return ConvertReport(writer.shards, listing.classes, unreadable)
+
+
+def listing_tag(listing: Listing) -> str:
+    """8 hex digits of a digest of ``listing``'s images and labels, in order."""
+    digest = hashlib.blake2b(digest_size=4)
+    for source in listing.sources:
+        digest.update(f"{source.url}\0{source.label}\n".encode())
+    return digest.hexdigest()
 
 
 def _load(source: Source) -> tuple[str, bytes] | Unreadable:
