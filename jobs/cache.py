@@ -426,6 +426,13 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     for target in targets[1:]:
         rows = sum(unit["rows"] for unit in target.manifest.units.values())
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
+    if not report.failed and not any(u["rows"] for u in targets[0].manifest.units.values()):
+        log.warning(
+            "the cache has no rows: every sample was skipped (see 'samples skipped'); if the "
+            "shards' files are not <key>.%s with <key>.%s, set --image-key / --label-key",
+            "/".join(config.image_keys),
+            config.label_key,
+        )
     return report
 
 

@@ -295,6 +295,16 @@ def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
     assert bad.exit_code == 2 and "epochs" in bad.output
 
 
+def test_a_run_that_skips_every_sample_says_which_flags_name_the_members(local_ray, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    args = ["cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS, "--label-key", "txt"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "no_label=4" in text and "the cache has no rows" in text
+    assert "<key>.jpg/jpeg/png/webp with <key>.txt, set --image-key / --label-key" in text
+
+
 @pytest.mark.parametrize(("command", "job"), [("cache", "cache"), ("train-head", "train_head")])
 def test_help_explains_every_flag_the_issues_fix(command, job):
     result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
