@@ -75,6 +75,21 @@ def test_transient_faults_on_reads_lose_nothing(kind, shard, fault_proxy, short_
     assert ("retrying" in caplog.text) == (kind == "cut")
 
 
+def test_a_store_that_keeps_stalling_costs_one_request_per_botocore_try(
+    shard, fault_proxy, short_timeouts
+):
+    """Both layers retried a request that timed out before any answer: 25 GETs (about 25
+    minutes at botocore's 60 s read timeout) before the error."""
+    fault_proxy.requests.clear()
+    fault_proxy.stall_seconds = 1.5
+    fault_proxy.fail_next(
+        "stall", 100, pattern=re.escape(shard.removeprefix("s3:/")), methods=["GET"]
+    )
+    with pytest.raises(OSError, match=re.escape(shard)):
+        read(shard)
+    assert gets(fault_proxy, shard) == REQUEST_ATTEMPTS
+
+
 @pytest.mark.parametrize(
     ("fault", "error"),
     [("deny", PermissionError), ("no-bucket", FileNotFoundError), ("deleted", FileNotFoundError)],
