@@ -408,6 +408,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
             also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
         )
         report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
+        for target in targets:  # the actors wrote there: this process's listings are stale
+            fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
     # Each key once per epoch: later copies (in shard order) leave their units, whichever
     # run committed them; a cache without duplicates is only read.
     duplicates = [deduplicate(target.manifest, names) for target in targets]

@@ -187,6 +187,12 @@ def test_s3_in_s3_out_read_back_with_plain_pyarrow(local_ray, s3_bucket, s3_serv
     table = read_cache(f"{s3_bucket.removeprefix('s3://')}/cache", s3)
     assert_one_row_per_sample_and_epoch(table, 20, 1)
     assert table.schema.field("embedding").type.list_size == 512
+    # The same command repairs a unit lost since: the driver, which listed the cache before
+    # the actors wrote it, must not answer "not found" from its stale listing.
+    s3.delete_file(f"{s3_bucket.removeprefix('s3://')}/cache/epoch=0000/digits-0001.parquet")
+    report = run_cache(config)
+    assert not report.failed and len(report.results) == 1
+    assert read_cache(f"{s3_bucket.removeprefix('s3://')}/cache", s3).equals(table)
 
 
 def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_path):
