@@ -74,6 +74,43 @@ def test_a_dead_runs_lock_expires_after_its_lease(prefix: str, caplog) -> None:
         assert json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == lock.holder.run_id
 
 
+def test_a_lock_that_is_not_one_blocks_no_run_for_good(prefix: str, caplog) -> None:
+    """A crash mid-write (a full disk) left an empty lock: every later run failed with
+    'Expecting value: line 1 column 1', naming no file. One a later version wrote, with a
+    field this one lacks, is still a live run's lock."""
+    fs, root = fsspec.core.url_to_fs(prefix)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{LOCK_NAME}", b"")
+    with pytest.raises(CacheLocked, match=r"_lock.json is unreadable .* If none is, delete it"):
+        RunLock(prefix, owner="at once", lease=1.0).acquire()
+    time.sleep(1.2)
+    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="a lease later", lease=1.0):
+        assert "taking over the lock" in caplog.text and "unreadable" in caplog.text
+    now = time.time()
+    later = {**asdict(Holder("new", "node-9", 1, "pvu 2", now, now, 60.0)), "zone": "eu"}
+    fs.pipe_file(f"{root}/{LOCK_NAME}", json.dumps(later).encode())
+    with pytest.raises(CacheLocked, match="node-9"):
+        RunLock(prefix, owner="second").acquire()
+
+
+def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path) -> None:
+    """Writes past RLIMIT_FSIZE fail as a full disk's do, after the file was created."""
+    prefix = str(tmp_path / "cache")
+    script = (
+        "import resource, signal; from pipeline.cache.lock import RunLock;"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY));"
+        f"RunLock({prefix!r}, owner='no room').acquire()"
+    )
+    failed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and f"{prefix}/{LOCK_NAME} failed" in last, failed.stderr
+    assert "create" in last and "File too large" in last
+    assert not os.path.exists(f"{prefix}/{LOCK_NAME}")
+    with RunLock(prefix, owner="next"):
+        pass
+
+
 def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
     prefix = str(tmp_path / "cache")
     holder = subprocess.Popen(

@@ -5,11 +5,13 @@ S3), so of two runs started at once exactly one gets it; the other is refused wi
 naming the holder. The holder rewrites the lock's heartbeat every ``lease / 4`` seconds. A lock
 whose heartbeat is older than its lease belongs to a run that died (killed, node lost): the next
 run takes it over with a warning. On the holder's own host a dead process id frees it at once.
+A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old.
 Clocks of the machines that share a prefix must agree to well within the lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,13 +19,14 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.retry import read_bytes
+from pipeline.retry import naming, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ LEASE_SECONDS = 120.0
 
 class CacheLocked(ValueError):
     """Another live run holds the output prefix."""
+
+
+class UnreadableLock(ValueError):
+    """The lock file is not a lock: empty, cut short, or not JSON of a holder."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,7 @@ class RunLock:
         """Take the lock, or raise :class:`CacheLocked` naming the live run that holds it."""
         self._fs.makedirs(self._path.rsplit("/", 1)[0], exist_ok=True)
         try:
-            with self._fs.open(self._path, "xb") as handle:
-                handle.write(self._encode(self.holder))
+            self._create()
         except FileExistsError:
             self._take_over()
         current = self._read()  # a store without exclusive writes lets the last writer win
@@ -113,7 +119,11 @@ class RunLock:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
-        current = self._read()
+        try:
+            current = self._read()
+        except UnreadableLock as error:
+            log.warning("left %s in place: %s", self._url, error)
+            return
         if current is not None and current.run_id == self.holder.run_id:
             self._fs.rm(self._path)
 
@@ -124,10 +134,41 @@ class RunLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    @property
+    def _url(self) -> str:
+        return self._fs.unstrip_protocol(self._path)
+
+    def _create(self) -> None:
+        """Create the lock with an exclusive write (``FileExistsError`` if there is one). A
+        local write that fails (a full disk) leaves no empty lock behind to block later runs."""
+        try:
+            with naming(f"create {self._url}"), self._fs.open(self._path, "xb") as handle:
+                handle.write(self._encode(self.holder))
+        except FileExistsError:
+            raise
+        except OSError:
+            if isinstance(self._fs, LocalFileSystem):
+                with contextlib.suppress(OSError):
+                    os.remove(self._path)
+            raise
+
     def _take_over(self) -> None:
-        """Replace a dead run's lock; refuse a live one's."""
+        """Replace a dead run's lock; refuse a live one's. An unreadable lock (cut short, or
+        not pvu's) counts as dead once it is older than a lease."""
         now = time.time()
-        current = self._read()
+        try:
+            current = self._read()
+        except UnreadableLock as error:
+            age = now - self._fs.modified(self._path).timestamp()
+            if age <= self.holder.lease:
+                raise CacheLocked(
+                    f"{error}, written {age:.0f} s ago: another run may be starting. If none "
+                    f"is, delete it; it is taken over {self.holder.lease:.0f} s after it was "
+                    "written"
+                ) from None
+            log.warning("taking over %s, written %.0f s ago", error, age)
+            self._write(self.holder)
+            return
         if current is not None and current.run_id == self.holder.run_id:
             return  # our own create landed, but its answer was lost and the retry refused
         if current is not None and not (current.expired(now) or current.dead_here()):
@@ -159,14 +200,19 @@ class RunLock:
                     )
                     return
                 self._write(Holder(**{**asdict(self.holder), "heartbeat": time.time()}))
-            except OSError as error:  # a storage hiccup; the next beat tries again
+            except (OSError, UnreadableLock) as error:  # the next beat tries again
                 log.warning("lock heartbeat on %s failed: %r", self.root, error)
 
     def _read(self) -> Holder | None:
+        """The lock's holder, None when there is no lock, ``UnreadableLock`` when it is not
+        one (fields a later version added are ignored)."""
         try:
-            return Holder(**json.loads(read_bytes(self._fs, self._path)))
+            document = json.loads(read_bytes(self._fs, self._path))
+            return Holder(**{field.name: document[field.name] for field in fields(Holder)})
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError, KeyError) as error:
+            raise UnreadableLock(f"the lock {self._url} is unreadable ({error!r})") from None
 
     def _write(self, holder: Holder) -> None:
         """Write aside, then move into place, so a reader never sees half a lock."""
