@@ -68,6 +68,40 @@ def test_a_same_size_file_of_another_unit_is_caught_by_its_footer(tmp_path: Path
     assert "unreadable footer" in verify_cache(str(url)).damaged[UNITS[1]]
 
 
+def test_a_cache_without_a_manifest_names_the_unit_that_is_not_one(tmp_path: Path) -> None:
+    """Readers glob a bare cache, with no manifest to check against: a unit cut short, or one
+    whose columns are not the row schema's, was refused naming no unit ('Parquet magic bytes
+    not found'), or passed to a traceback (a string label) or to 'Input contains NaN'."""
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    (url / "_manifest.json").unlink()
+    path = url / UNITS[4]
+    table = pq.read_table(path)
+    stored = path.read_bytes()
+    for label, edit, expected in (
+        ("cut", lambda: path.write_bytes(stored[:-100]), "not a readable Parquet file"),
+        ("empty", lambda: path.write_bytes(b""), "not a readable Parquet file"),
+        (
+            "string label",
+            lambda: pq.write_table(
+                table.set_column(3, "label", table["label"].cast("string")), path
+            ),
+            "column 'label' is string, a pvu cache stores int64",
+        ),
+        (
+            "no entropy",
+            lambda: pq.write_table(table.drop_columns(["entropy"]), path),
+            "column 'entropy' is missing",
+        ),
+    ):
+        edit()
+        with pytest.raises(ValueError, match=f"{path}.*{expected}") as refused:
+            open_cache([str(url)], need_loss=False)
+        assert str(path) in str(refused.value), label
+    path.write_bytes(stored)
+    assert open_cache([str(url)]).rows == SPEC.images * SPEC.epochs
+
+
 def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, caplog) -> None:
     url = str(tmp_path / "c")
     write_synthetic_cache(url, SPEC)

@@ -19,6 +19,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
@@ -26,6 +27,7 @@ from pipeline.cache.verify import read_footer, require_consistent
 from schemas import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
+    cache_schema,
     embedding_dim,
     label_space,
     leaf_column,
@@ -140,6 +142,8 @@ def _read_footer(
             metadata = read_footer(cache, relpath)
         except FileNotFoundError:
             raise FileNotFoundError(f"cache unit listed but missing: {url}") from None
+        except ValueError as error:  # pyarrow's ArrowInvalid: cut short, empty, not Parquet
+            raise ValueError(f"{url}: not a readable Parquet file ({error})") from None
     schema = metadata.schema.to_arrow_schema()
     try:
         provenance = read_provenance(schema)
@@ -149,6 +153,7 @@ def _read_footer(
         if column not in schema.names:
             raise ValueError(f"{url}: not a pvu cache file, column {column!r} is missing")
     width = embedding_dim(schema)
+    _check_columns(url, schema, cache_schema(width, schema.field("embedding").type.value_type))
     if provenance.get("embedding_dim") != width:
         raise ValueError(
             f"{url}: embedding column has width {width} but provenance says "
@@ -156,6 +161,21 @@ def _read_footer(
         )
     provenance["label_space"] = label_space(provenance)  # version 1 predates the field
     return CacheFile(url, metadata, provenance, cache)
+
+
+def _check_columns(url: str, schema: pa.Schema, expected: pa.Schema) -> None:
+    """Refuse a unit whose columns are not the row schema's (``ambiguity`` is optional: cache
+    schema version 1 predates it); a manifest's checks catch this, a bare cache has none."""
+    for column in expected:
+        if column.name not in schema.names:
+            if column.name == "ambiguity":
+                continue
+            raise ValueError(f"{url}: not a pvu cache file, column {column.name!r} is missing")
+        found = schema.field(column.name).type
+        if found != column.type and column.name != "embedding":  # its dtype is checked apart
+            raise ValueError(
+                f"{url}: column {column.name!r} is {found}, a pvu cache stores {column.type}"
+            )
 
 
 def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
@@ -188,12 +208,17 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
     of the same backbone round differently, so mixing them would blur what the head expects.
     """
     caches: dict[str, list[str]] = {}
+    example: dict[str, str] = {}
     for f in files:
         where = caches.setdefault(f.dtype, [])
+        example.setdefault(f.dtype, f.url)
         if f.origin not in where:
             where.append(f.origin)
     if len(caches) > 1:
-        listed = "; ".join(f"{dtype} in {', '.join(urls)}" for dtype, urls in caches.items())
+        listed = "; ".join(
+            f"{dtype} in {', '.join(urls)} (e.g. {example[dtype]})"
+            for dtype, urls in caches.items()
+        )
         raise ValueError(f"caches store embeddings in different dtypes ({listed}); train on one")
     return files[0].dtype
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
@@ -113,8 +114,11 @@ def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheIn
     units: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
     for path in paths:
-        with fs.open(path, "rb") as handle:
-            schema = pq.read_schema(handle)
+        try:
+            with fs.open(path, "rb") as handle:
+                schema = pq.read_schema(handle)
+        except pa.ArrowInvalid as error:  # cut short, empty, not Parquet
+            raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
         try:
             provenance = provenance or read_provenance(schema)
             stats = json.loads(schema.metadata[UNIT_STATS_KEY])
