@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -31,7 +29,14 @@ from rich.table import Table
 from jobs import project_version
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, console, raise_on_sigterm, reported, setup_logging
+from jobs.terminal import (
+    Verbose,
+    command_line,
+    console,
+    raise_on_sigterm,
+    reported,
+    setup_logging,
+)
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
     BackboneInfo,
@@ -340,7 +345,7 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
     """
     check_storage(config.shards, flag="--shards")
-    owner = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    owner = command_line()
     with contextlib.ExitStack() as locks:
         for i, target in enumerate(config.targets()):
             check_storage(target.output, flag="--also" if i else "--output")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,3 +98,8 @@ Verbose = Annotated[
     bool,
     typer.Option("--verbose", "-v", help="Debug logging; tracebacks for errors."),
 ]
+
+
+def command_line() -> str:
+    """The command this process runs, as typed (a lock names its holder by it)."""
+    return shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])

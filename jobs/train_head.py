@@ -28,7 +28,14 @@ from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
+from jobs.terminal import (
+    Verbose,
+    command_line,
+    console,
+    reported,
+    resolve_device,
+    setup_logging,
+)
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import (
     RunOptions,
@@ -175,6 +182,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
 
         options = RunOptions(
             device=config.resolved_device(),
+            owner=command_line(),
             resume=config.resume,
             stop_after=config.stop_after,
             on_batch=lambda n: progress.advance(task, n),

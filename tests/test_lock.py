@@ -82,9 +82,9 @@ def test_a_lock_that_is_not_one_blocks_no_run_for_good(prefix: str, caplog) -> N
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root}/{LOCK_NAME}", b"")
     with pytest.raises(CacheLocked, match=r"_lock.json is unreadable .* If none is, delete it"):
-        RunLock(prefix, owner="at once", lease=1.0).acquire()
+        RunLock(prefix, owner="at once", lease=5.0).acquire()  # S3 times are whole seconds
     time.sleep(1.2)
-    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="a lease later", lease=1.0):
+    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="a lease later", lease=0.5):
         assert "taking over the lock" in caplog.text and "unreadable" in caplog.text
     now = time.time()
     later = {**asdict(Holder("new", "node-9", 1, "pvu 2", now, now, 60.0)), "zone": "eu"}

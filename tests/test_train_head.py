@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 import pipeline.head.train as train_module
 from jobs.train_head import TrainHeadConfig, train_head
+from pipeline.cache.lock import RunLock
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
 from pipeline.head.stream import StreamConfig
@@ -151,6 +153,34 @@ def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
     with pytest.raises(ValueError, match="other settings"):
         fit_head([cache], str(tmp_path), _config(episodes=3, seed=9), RunOptions(resume=True))
+
+
+def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
+    """It trained on whatever --cache the resume was given, and head.json named only that."""
+    fewer = tmp_path / "fewer"
+    write_synthetic_cache(str(fewer), dataclasses.replace(SPEC, epochs=2))
+    output = str(tmp_path / "run")
+    fit_head([cache], output, _config(episodes=3), RunOptions(stop_after=1))
+    with pytest.raises(ValueError, match=r"trained on other caches \(units, digest differ\)"):
+        fit_head([str(fewer)], output, _config(episodes=3), RunOptions(resume=True))
+    moved = tmp_path / "moved"
+    shutil.copytree(cache, moved)  # the same cache elsewhere still resumes
+    assert fit_head([str(moved)], output, _config(episodes=3), RunOptions(resume=True)).finished
+
+
+def test_a_second_run_into_the_same_output_is_refused_naming_the_first(
+    cache: str, tmp_path: Path
+) -> None:
+    """Both exited 0 and the second's head overwrote the first's, metrics interleaved."""
+    output = tmp_path / "run"
+    holder = RunLock(str(output), owner="pvu train-head --loss l2", job="train-head")
+    args = ["train-head", "--cache", cache, "--output", str(output), "--episodes", "2"]
+    args += ["--warmup-episodes", "1", "--episode-size", "1000", "--hidden", "8"]
+    with holder:
+        result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "another pvu train-head run is writing to" in text and "--loss l2" in text
 
 
 def _app() -> typer.Typer:

@@ -104,5 +104,6 @@ def test_checkpoint_with_pickled_tensors_never_runs_them(tmp_path: Path, marker:
         }
         (folder / CHECKPOINT_JSON).write_text(json.dumps(state))
         with pytest.raises(Exception, match=r"(?i)header|safetensor|deserializ"):
-            load_checkpoint(str(tmp_path / "run"), head=head, optimizer=optimizer, config=config)
+            run = str(tmp_path / "run")
+            load_checkpoint(run, head=head, optimizer=optimizer, config=config, data={})
         assert not marker.exists(), evil.name

@@ -1,4 +1,6 @@
-"""One cache run per output prefix: a lease in ``<cache>/_lock.json``, kept alive by a heartbeat.
+"""One run per output prefix: a lease in ``<output>/_lock.json``, kept alive by a heartbeat.
+
+``pvu cache`` holds one on its cache, ``pvu train-head`` on its output folder.
 
 The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-None-Match: *`` on
 S3), so of two runs started at once exactly one gets it; the other is refused with a message
@@ -80,11 +82,14 @@ class Holder:
 
 
 class RunLock:
-    """Hold ``<root>/_lock.json`` while a run writes ``root``; a context manager."""
+    """Hold ``<root>/_lock.json`` while a run of pvu ``job`` writes ``root``; a context manager."""
 
-    def __init__(self, root: str, *, owner: str, lease: float = LEASE_SECONDS) -> None:
+    def __init__(
+        self, root: str, *, owner: str, lease: float = LEASE_SECONDS, job: str = "cache"
+    ) -> None:
         if lease <= 0:
             raise ValueError(f"lease must be > 0 seconds, got {lease}")
+        self.job = job
         self.root = root.rstrip("/")
         self._fs, root_path = fsspec.core.url_to_fs(self.root)
         self._path = f"{root_path}/{LOCK_NAME}"
@@ -180,7 +185,7 @@ class RunLock:
     def _refusal(self, current: Holder) -> CacheLocked:
         now = time.time()
         return CacheLocked(
-            f"another pvu cache run is writing to {self.root}: {current.describe(now)}. "
+            f"another pvu {self.job} run is writing to {self.root}: {current.describe(now)}. "
             "Wait for it to finish. If it was killed, its lock expires "
             f"{current.lease:.0f} s after its last heartbeat (in "
             f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "

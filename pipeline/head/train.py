@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.cache.index import CacheIndex, open_cache
+from pipeline.cache.lock import RunLock
 from pipeline.head.export import export_head
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
@@ -105,6 +107,7 @@ class RunOptions:
     """How to run (not what to train): device, resume, early stop, observers."""
 
     device: str = "cpu"
+    owner: str = "pvu train-head"
     resume: bool = False
     stop_after: int | None = None
     on_batch: Callable[[int], None] | None = None
@@ -131,6 +134,16 @@ def create_optimizer(head: nn.Module, schedule: ScheduleConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=schedule.warmup_lr, betas=schedule.betas)
 
 
+def trained_on(index: CacheIndex) -> dict[str, Any]:
+    """What a run trains on, as its checkpoint records it: the caches' identity and a digest
+    of their units (epoch folder, file, rows) in stream order. A copy of the caches elsewhere
+    matches; other caches, or more units since, do not."""
+    digest = hashlib.sha256()
+    for f in index.files:
+        digest.update(f"{'/'.join(f.url.rsplit('/', 2)[-2:])}\0{f.rows}\n".encode())
+    return {**index.provenance, "units": len(index.files), "digest": digest.hexdigest()[:16]}
+
+
 def save_checkpoint(
     output: str,
     *,
@@ -139,6 +152,7 @@ def save_checkpoint(
     episode: int,
     stream_state: StreamState,
     config: TrainConfig,
+    data: dict[str, Any],
 ) -> None:
     """Write tensors (safetensors) then ``state.json``, the commit marker, under ``output``."""
     fs, root = fsspec.core.url_to_fs(output)
@@ -157,6 +171,7 @@ def save_checkpoint(
         "stream": stream_state.to_json(),
         "param_groups": optim["param_groups"],
         "config": config.identity(),
+        "data": data,
     }
     tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
     write_bytes(fs, tmp, json.dumps(state, indent=1).encode())
@@ -167,9 +182,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    output: str, *, head: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig
+    output: str,
+    *,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    data: dict[str, Any],
 ) -> tuple[int, StreamState] | None:
-    """Restore ``head`` and ``optimizer``; returns (episodes done, reader position) or None."""
+    """Restore ``head`` and ``optimizer``; returns (episodes done, reader position) or None.
+
+    Refuses a checkpoint trained with other settings, or on other caches (``data``, from
+    :func:`trained_on`; checkpoints written before it was recorded are not checked)."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root}/{CHECKPOINT_DIR}"
     if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
@@ -184,6 +207,14 @@ def load_checkpoint(
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
             f"({', '.join(differ)}); use another --output or the same settings"
+        )
+    recorded = state.get("data", data)
+    if recorded != data:
+        differ = [k for k, v in data.items() if recorded.get(k) != v]
+        raise ValueError(
+            f"cannot resume from {output}: its checkpoint was trained on other caches "
+            f"({', '.join(differ)} differ); pass the --cache it was trained on, or use "
+            "another --output"
         )
     try:
         tensors = load_safetensors(read_bytes(fs, f"{folder}/{state['tensors']}"))
@@ -313,84 +344,91 @@ def fit_head(
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
-
-    done, position = 0, StreamState()
-    if not options.resume and fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
-        raise ValueError(
-            f"{output} already holds a training run; pass --resume to continue it, "
-            "or choose another --output"
-        )
-    if options.resume:
-        restored = load_checkpoint(output, head=head, optimizer=optimizer, config=config)
-        if restored is None:
-            log.info("no checkpoint in %s; starting afresh", output)
-        else:
-            done, position = restored
-            log.info("resuming %s after episode %d", output, done)
-    train_rows = index.rows * (1.0 - config.stream.val_fraction)
-    _log_passes(sched, train_rows, index.epochs)
-    earlier, append_metrics = _metrics_log(output, done if done else -1)
-    val = read_validation(
-        index,
-        val_fraction=config.stream.val_fraction,
-        max_rows=config.val_rows,
-        io_threads=config.stream.io_threads,
-    )
-    history: list[dict[str, Any]] = []
-    if done == 0:
-        record = {
-            "episode": 0,
-            "samples": 0,
-            "passes": 0.0,
-            "schedule_passes": round(sched.episodes * sched.episode_size / train_rows, 4),
-            **validation_metrics(head, val.embedding, val.loss),
-        }
-        append_metrics(record)
-        history.append(record)
-    last = sched.episodes if options.stop_after is None else min(sched.episodes, options.stop_after)
-    with CacheStream(index, config.stream, position) as stream:
-        for episode in range(done, last):
-            record = _run_episode(episode, head, optimizer, objective, stream, config, options)
-            record["passes"] = round(record["samples"] / train_rows, 4)
-            record |= validation_metrics(head, val.embedding, val.loss)
-            record["val_rows"] = len(val)
-            record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
-            # metrics first: a kill before the checkpoint redoes the episode and its line
-            append_metrics(record)
-            save_checkpoint(
-                output,
-                head=head,
-                optimizer=optimizer,
-                episode=episode + 1,
-                stream_state=stream.state,
-                config=config,
+    with RunLock(output, owner=options.owner, job="train-head"):
+        done, position = 0, StreamState()
+        if not options.resume and fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
+            raise ValueError(
+                f"{output} already holds a training run; pass --resume to continue it, "
+                "or choose another --output"
             )
-            history.append(record)
-            if options.on_episode:
-                options.on_episode(record)
-    finished = last == sched.episodes
-    document = None
-    if finished:
-        records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
-        summary = {
-            "episodes": sched.episodes,
-            "samples": sched.episodes * sched.episode_size,
-            "passes": round(sched.episodes * sched.episode_size / train_rows, 4),
-            "cached_epochs": index.epochs,
-            "config": config.identity(),
-            "caches": list(caches),
-            "final": records[-1] if records else None,
-        }
-        document = export_head(
-            head,
-            output,
-            backbone=str(index.provenance["backbone"]),
-            weights_digest=str(index.provenance["weights_digest"]),
-            loss=config.loss,
-            input_dtype=index.dtype,
-            training=summary,
+        if options.resume:
+            restored = load_checkpoint(
+                output, head=head, optimizer=optimizer, config=config, data=trained_on(index)
+            )
+            if restored is None:
+                log.info("no checkpoint in %s; starting afresh", output)
+            else:
+                done, position = restored
+                log.info("resuming %s after episode %d", output, done)
+        train_rows = index.rows * (1.0 - config.stream.val_fraction)
+        _log_passes(sched, train_rows, index.epochs)
+        earlier, append_metrics = _metrics_log(output, done if done else -1)
+        val = read_validation(
+            index,
+            val_fraction=config.stream.val_fraction,
+            max_rows=config.val_rows,
+            io_threads=config.stream.io_threads,
         )
-    return TrainResult(head, history, document, finished, max(done, last))
+        history: list[dict[str, Any]] = []
+        if done == 0:
+            record = {
+                "episode": 0,
+                "samples": 0,
+                "passes": 0.0,
+                "schedule_passes": round(sched.episodes * sched.episode_size / train_rows, 4),
+                **validation_metrics(head, val.embedding, val.loss),
+            }
+            append_metrics(record)
+            history.append(record)
+        last = (
+            sched.episodes
+            if options.stop_after is None
+            else min(sched.episodes, options.stop_after)
+        )
+        with CacheStream(index, config.stream, position) as stream:
+            for episode in range(done, last):
+                record = _run_episode(episode, head, optimizer, objective, stream, config, options)
+                record["passes"] = round(record["samples"] / train_rows, 4)
+                record |= validation_metrics(head, val.embedding, val.loss)
+                record["val_rows"] = len(val)
+                record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
+                # metrics first: a kill before the checkpoint redoes the episode and its line
+                append_metrics(record)
+                save_checkpoint(
+                    output,
+                    head=head,
+                    optimizer=optimizer,
+                    episode=episode + 1,
+                    stream_state=stream.state,
+                    config=config,
+                    data=trained_on(index),
+                )
+                history.append(record)
+                if options.on_episode:
+                    options.on_episode(record)
+        finished = last == sched.episodes
+        document = None
+        if finished:
+            records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
+            summary = {
+                "episodes": sched.episodes,
+                "samples": sched.episodes * sched.episode_size,
+                "passes": round(sched.episodes * sched.episode_size / train_rows, 4),
+                "cached_epochs": index.epochs,
+                "config": config.identity(),
+                "caches": list(caches),
+                "final": records[-1] if records else None,
+            }
+            document = export_head(
+                head,
+                output,
+                backbone=str(index.provenance["backbone"]),
+                weights_digest=str(index.provenance["weights_digest"]),
+                loss=config.loss,
+                input_dtype=index.dtype,
+                training=summary,
+            )
+        return TrainResult(head, history, document, finished, max(done, last))
 
 
 def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
