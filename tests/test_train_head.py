@@ -155,6 +155,14 @@ def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
         fit_head([cache], str(tmp_path), _config(episodes=3, seed=9), RunOptions(resume=True))
 
 
+def test_a_damaged_metrics_line_is_named_when_resuming(cache: str, tmp_path: Path) -> None:
+    fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    with pytest.raises(ValueError, match=r"metrics.jsonl has a damaged line .* remove that line"):
+        fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(resume=True))
+
+
 def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     """It trained on whatever --cache the resume was given, and head.json named only that."""
     fewer = tmp_path / "fewer"

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -118,6 +119,27 @@ def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, capl
         assert f"recomputing {url}/{relpath}" in caplog.text
     assert sorted(list_unit_files(url)) == sorted(manifest.units), "damaged files are removed"
     assert verify_cache(url).ok
+
+
+def test_a_parquet_file_that_is_not_a_unit_is_left_alone(tmp_path: Path, caplog) -> None:
+    """It was deleted, under a warning that said 'recomputing'."""
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    foreign = tmp_path / "c" / "epoch=0000" / "notes.parquet"
+    pq.write_table(pa.table({"note": ["mine"]}), foreign)
+    identity = {"schema_version": SCHEMA_VERSION, "embedding_dim": SPEC.dim, **provenance(SPEC)}
+    with caplog.at_level(logging.WARNING):
+        manifest = reconcile(Manifest.open(url, identity))
+    assert foreign.exists() and sorted(manifest.units) == sorted(UNITS)
+    assert f"left {url}/epoch=0000/notes.parquet alone" in caplog.text
+
+
+def test_a_damaged_manifest_is_named_with_the_way_out(tmp_path: Path) -> None:
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    (url / "_manifest.json").write_text('{"units": {"epoch=00')
+    with pytest.raises(ValueError, match=r"_manifest.json is not a valid manifest.*Move it aside"):
+        open_cache([str(url)])
 
 
 # --- the user's path: `pvu cache` repairs what `pvu train-head` refuses ------------------------

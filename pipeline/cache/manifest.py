@@ -41,7 +41,10 @@ def read_manifest(url: str) -> dict[str, Any] | None:
         validate_manifest(document)
     except ValueError as error:
         where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
-        raise ValueError(f"{where} is not a valid manifest: {error}") from None
+        raise ValueError(
+            f"{where} is not a valid manifest: {error}. Move it aside: readers then read the "
+            "units' own footers, and the same pvu cache command writes it anew from them"
+        ) from None
     return document
 
 

@@ -228,7 +228,7 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
         entry = _orphan_entry(manifest, relpath, size)
         if entry is None:
             fs.rm(f"{root}/{relpath}")
-        else:
+        elif entry:
             manifest.record(relpath, entry)
             log.info("adopted committed unit %s missing from the manifest", relpath)
     manifest.flush(force=True)
@@ -236,14 +236,18 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
 
 
 def _orphan_entry(manifest: Manifest, relpath: str, size: int) -> dict[str, Any] | None:
-    """The manifest entry an orphan's footer describes, or None (logged) if it is unusable."""
+    """The manifest entry an orphan's footer describes; None (logged) if it is an unusable
+    unit, to remove; empty (logged) for a Parquet file that is not a pvu unit, left alone."""
     url = f"{manifest.root}/{relpath}"
     try:
         footer = read_footer(manifest.root, relpath, size)
-        stats = json.loads((footer.metadata or {})[UNIT_STATS_KEY])
-    except (ValueError, KeyError) as error:
+    except ValueError as error:
         log.warning("recomputing %s: committed but unreadable (%s)", url, error)
         return None
+    if UNIT_STATS_KEY not in (footer.metadata or {}):
+        log.warning("left %s alone: a Parquet file, but not a pvu unit", url)
+        return {}
+    stats = json.loads(footer.metadata[UNIT_STATS_KEY])
     check_provenance(read_provenance(footer.schema.to_arrow_schema()), manifest.provenance, url)
     if relpath != unit_path(int(stats.get("epoch", -1)), str(stats.get("shard"))):
         log.warning("recomputing %s: its footer describes another unit", url)

@@ -238,6 +238,17 @@ def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
     )
 
 
+def _episode(line: str, path: str) -> int:
+    """The episode of a ``metrics.jsonl`` line; a ``ValueError`` naming the file if damaged."""
+    try:
+        return int(json.loads(line)["episode"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"cannot resume: {path} has a damaged line ({type(error).__name__}: {error}); "
+            "remove that line (the episodes after it are trained again) or use another --output"
+        ) from None
+
+
 def _metrics_log(
     output: str, done: int
 ) -> tuple[list[dict[str, Any]], Callable[[dict[str, Any]], None]]:
@@ -248,7 +259,7 @@ def _metrics_log(
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
     lines = fs.cat_file(path).decode().splitlines() if fs.exists(path) else []
-    kept = [line for line in lines if line and json.loads(line)["episode"] <= done]
+    kept = [line for line in lines if line and _episode(line, path) <= done]
 
     def write() -> None:
         write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
