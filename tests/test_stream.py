@@ -23,10 +23,12 @@ from pipeline.cache.index import CacheIndex, RowGroupRef, open_cache
 from pipeline.cache.verify import CacheMismatch
 from pipeline.cache.writer import PARQUET_OPTIONS
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows, write_synthetic_cache
+from pipeline.evaluate.evalset import read_eval_set
 from pipeline.head import shuffle
 from pipeline.head import stream as stream_module
 from pipeline.head.rows import GroupRows, key_fraction, read_group
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
+from schemas import leaf_column
 
 SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
 EXTRA = ("key", "epoch", "shard")
@@ -257,6 +259,31 @@ def test_nonfinite_rows_are_dropped_and_reported_in_every_pass(
                 assert not bad & set(batch.extras["key"].tolist())
     # one warning per read of the group (the reader may read ahead into a third pass)
     assert caplog.text.count("NaN/inf embedding or loss, e.g. keys ['image-0000003'") >= 2
+
+
+@pytest.mark.parametrize("column", ["embedding.list.element", "loss"])
+def test_a_flipped_byte_is_refused_naming_the_unit_not_read_as_another_value(
+    column: str, tmp_path: Path
+) -> None:
+    """A byte flipped in a stored page (the file's size unchanged, so the manifest agrees)
+    was read as another embedding or loss: the trained head and the evaluation changed with no
+    word. Units carry page checksums; training and evaluation check them."""
+    spec = SyntheticCache(dim=8, samples_per_shard=100, shards=2, epochs=1, row_group_rows=50)
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), spec)
+    path = url / "epoch=0000" / "shard-00001.parquet"
+    metadata = pq.read_metadata(path)
+    chunk = metadata.row_group(1).column(leaf_column(metadata, column))
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x40  # in a page's body
+    path.write_bytes(data)
+    index = open_cache([str(url)])
+    config = StreamConfig(shuffle_rows=200, val_fraction=0.0)
+    crc = rf"row group 1 of {path}.*(?i:crc)"
+    with pytest.raises(OSError, match=crc), CacheStream(index, config) as stream:
+        stream.next_batch(200)
+    with pytest.raises(OSError, match=rf"{path}.*(?i:crc)"):
+        read_eval_set("damaged", str(url), index)
 
 
 def test_no_training_rows_is_an_error(cache: str) -> None:

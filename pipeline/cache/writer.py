@@ -24,6 +24,9 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "compression": {name: "zstd" for name in cache_schema(1).names} | {"embedding": "none"},
     "use_dictionary": ["key", "shard"],
     "row_group_size": ROW_GROUP_ROWS,
+    # A CRC-32 per page: readers that check it (pvu's do) refuse a flipped byte, which
+    # pyarrow and the page decoder would otherwise read as a different value.
+    "write_page_checksum": True,
 }
 
 

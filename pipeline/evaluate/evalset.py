@@ -123,6 +123,8 @@ def _read_file(cache_file: CacheFile) -> pa.Table:
 
     def read() -> pa.Table:
         with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle, metadata=cache_file.metadata).read(columns=columns)
+            return pq.ParquetFile(
+                handle, metadata=cache_file.metadata, page_checksum_verification=True
+            ).read(columns=columns)
 
     return retry(read, what=f"read {cache_file.url}").replace_schema_metadata(None)

@@ -10,9 +10,10 @@ the column chunk's bytes with one ranged read, skips the levels and copies the v
 uncompressed PLAIN chunk is read page by page instead, each page's values straight into the
 array: one copy, from the page cache. Each page's values are checked for NaN/inf as they land,
 while still in the CPU's cache (a check of the whole group afterwards reads it back from
-memory). Pages it does not understand (dictionary-encoded, nulls, other encodings or codecs)
-return ``None`` so the caller falls back to pyarrow; the result is bit-identical either way
-(tested).
+memory), and against the page's CRC-32 where the writer stored one (ISA-L's, 0.14 us per
+768-wide row); a page that fails it goes to pyarrow, which verifies it too and raises. Pages it
+does not understand (dictionary-encoded, nulls, other encodings or codecs) return ``None`` so
+the caller falls back to pyarrow; the result is bit-identical either way (tested).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from isal.isal_zlib import crc32
 
 from schemas import leaf_column
 
@@ -41,6 +43,7 @@ _CODECS = {
 }
 _PLAIN, _RLE, _BYTE_STREAM_SPLIT = 0, 3, 9
 _DATA_PAGE, _DATA_PAGE_V2 = 0, 3
+_CRC = 4  # the page header's optional CRC-32 of the page body as stored (a signed i32)
 _WIDTH = {"FIXED_LEN_BYTE_ARRAY": 2, "FLOAT": 4}  # float16 is FLBA(2); float32 is FLOAT
 _scratch = threading.local()  # each reading thread's column-chunk buffer
 _HEADER_PROBE = 1024  # bytes read to parse a page header; a longer one takes the buffered path
@@ -141,12 +144,24 @@ def _read_plain_pages(
         position = body + header[3]
         if encoding != _PLAIN or position - values != count * width or filled + count > len(out):
             return -1, False
-        handle.seek(values)
-        if _read_into(handle, raw[filled * width : (filled + count) * width]) != count * width:
+        handle.seek(body if _CRC in header else values)
+        levels_bytes = handle.read(values - body) if _CRC in header else b""  # ends at values
+        landed = raw[filled * width : (filled + count) * width]
+        if _read_into(handle, landed) != count * width or not _crc_ok(header, levels_bytes, landed):
             return -1, False
         finite = all_finite(out[filled : filled + count]) and finite
         filled += count
     return filled, finite
+
+
+def _crc_ok(header: dict[int, Any], *body: bytes | memoryview) -> bool:
+    """Whether a page's body, as stored (in parts), matches the CRC-32 its header may hold."""
+    if _CRC not in header:
+        return True
+    crc = 0
+    for part in body:
+        crc = crc32(part, crc)
+    return crc == header[_CRC] & 0xFFFFFFFF
 
 
 def _levels_size(length_at: Callable[[int], int], levels: int) -> int:
@@ -189,7 +204,7 @@ def _decode_pages(
             page = _data_page(header, levels)
         except _HEADER_ERRORS:  # a damaged header: pyarrow reads it or says what is wrong
             return -1, False
-        if page is None:
+        if page is None or not _crc_ok(header, body):
             return -1, False
         count, encoding, skip = page
         if skip is None:

@@ -94,7 +94,7 @@ def read_group(
             fast = read_embedding(
                 handle, f.metadata, ref.group, dim=index.dim, dtype=dtype, out=out
             )
-            parquet = pq.ParquetFile(handle, metadata=f.metadata)
+            parquet = pq.ParquetFile(handle, metadata=f.metadata, page_checksum_verification=True)
             wanted = columns if fast is not None else [*columns, "embedding"]
             return fast, parquet.read_row_group(ref.group, columns=wanted, use_threads=False)
 
@@ -133,7 +133,7 @@ def _keys(f: CacheFile, group: int) -> pa.ChunkedArray:
 
     def read() -> pa.ChunkedArray:
         with _open(fs, path) as handle:
-            parquet = pq.ParquetFile(handle, metadata=f.metadata)
+            parquet = pq.ParquetFile(handle, metadata=f.metadata, page_checksum_verification=True)
             return parquet.read_row_group(group, columns=["key"], use_threads=False).column("key")
 
     return retry(read, what=f"read the keys of row group {group} of {f.url}")
