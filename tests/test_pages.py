@@ -15,7 +15,8 @@ from support import damage_page_header, with_embedding
 
 from pipeline.demo.synthetic import SyntheticCache, synthetic_rows
 from pipeline.head import pages
-from pipeline.head.pages import read_embedding
+from pipeline.head.pages import EMBEDDING_LEAF, read_embedding
+from schemas import leaf_column
 
 
 def _written(table: pa.Table, **options: object) -> tuple[bytes, pq.FileMetaData]:
@@ -29,17 +30,20 @@ def _written(table: pa.Table, **options: object) -> tuple[bytes, pq.FileMetaData
 @pytest.mark.parametrize("compression", ["zstd", "snappy", "none"])
 @pytest.mark.parametrize("page_version", ["1.0", "2.0"])
 @pytest.mark.parametrize("source", ["memory", "file", "fsspec"])
+@pytest.mark.parametrize("checksum", [True, False], ids=["crc", "no-crc"])
 def test_pages_decode_bit_identical_to_pyarrow(
     dtype: str,
     encoding: str,
     compression: str,
     page_version: str,
     source: str,
+    checksum: bool,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """From an in-memory or a plain file (uncompressed PLAIN pages read page by page into
-    place) and from an fsspec file (every chunk read whole, then decoded)."""
+    place) and from an fsspec file (every chunk read whole, then decoded); pages with a CRC
+    (as pvu writes them) pass its check, or the fast path would give up on them."""
     if source != "fsspec" and compression == "none" and encoding == "PLAIN":
         monkeypatch.setattr(pages, "_read_into_scratch", _whole_chunk_read)
     spec = SyntheticCache(dim=48, samples_per_shard=700, shards=1, epochs=1, dtype=dtype)
@@ -49,6 +53,7 @@ def test_pages_decode_bit_identical_to_pyarrow(
         use_dictionary=["key"],
         column_encoding={"embedding.list.element": encoding},
         data_page_version=page_version,
+        write_page_checksum=checksum,
         data_page_size=8192,  # several pages per row group
     )
     reader = pq.ParquetFile(pa.BufferReader(data))
@@ -130,6 +135,32 @@ def test_a_damaged_page_header_is_left_to_pyarrow(
     damage_page_header(path, 0)
     with _open(source, path.read_bytes(), path) as handle:
         assert read_embedding(handle, metadata, 0, dim=48, dtype=np.dtype("float16")) is None
+
+
+@pytest.mark.parametrize(("source", "compression"), [("file", "none"), ("fsspec", "zstd")])
+@pytest.mark.parametrize("page_version", ["1.0", "2.0"])
+def test_a_page_whose_crc_fails_is_left_to_pyarrow_which_refuses_it(
+    source: str, compression: str, page_version: str, tmp_path: Path
+) -> None:
+    table = synthetic_rows(SyntheticCache(dim=48, samples_per_shard=300), 0, 0)
+    data, metadata = _written(
+        table,
+        compression=compression,
+        use_dictionary=["key"],
+        data_page_size=8192,
+        data_page_version=page_version,
+        write_page_checksum=True,
+    )
+    chunk = metadata.row_group(0).column(leaf_column(metadata, EMBEDDING_LEAF))
+    damaged = bytearray(data)
+    damaged[chunk.data_page_offset + chunk.total_compressed_size - 5] ^= 0x01  # one bit
+    path = tmp_path / "unit.parquet"
+    path.write_bytes(damaged)
+    with _open(source, bytes(damaged), path) as handle:
+        assert read_embedding(handle, metadata, 0, dim=48, dtype=np.dtype("float16")) is None
+    reader = pq.ParquetFile(pa.BufferReader(bytes(damaged)), page_checksum_verification=True)
+    with pytest.raises(OSError, match=r"(?i)crc"):
+        reader.read_row_group(0, columns=["embedding"])
 
 
 def test_dictionary_pages_fall_back_to_pyarrow() -> None:
