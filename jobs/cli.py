@@ -12,7 +12,6 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from jobs import project_version
@@ -48,9 +47,9 @@ class LazyJobs(typer.core.TyperGroup):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         for name, target in JOBS.items():
-            self.add_command(click.Command(name, help=_docstring(target)))
+            self.add_command(typer.core.TyperCommand(name, help=_docstring(target)))
 
-    def job(self, name: str) -> click.Command:
+    def job(self, name: str) -> typer.core.TyperCommand:
         """The job's full command, its module imported."""
         module, function = JOBS[name].split(":")
         single = typer.Typer(add_completion=False)
@@ -58,8 +57,8 @@ class LazyJobs(typer.core.TyperGroup):
         return typer.main.get_command(single)
 
     def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
+        self, ctx: typer.Context, args: list[str]
+    ) -> tuple[str | None, typer.core.TyperCommand | None, list[str]]:
         name, listed, rest = super().resolve_command(ctx, args)
         return name, self.job(name) if name in JOBS else listed, rest
 

@@ -42,6 +42,7 @@ import botocore.exceptions
 import fsspec
 import fsspec.config
 import s3fs
+from aiobotocore.response import AioReadTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 #: An answer broken off after it began, or a connection that failed mid-stream: what the layer
 #: below cannot retry. ``ConnectionError`` and ``TimeoutError`` are what non-S3 filesystems
 #: raise for the same; aiohttp's and botocore's own types are not ``OSError``. A body that
-#: stalls mid-read is aiobotocore's ``AioReadTimeoutError``, a ``TimeoutError``; botocore's
-#: plain ``ReadTimeoutError`` (no answer at all) is not listed: botocore has retried it.
+#: stalls mid-read is aiobotocore's ``AioReadTimeoutError``; botocore's plain
+#: ``ReadTimeoutError`` (no answer at all) is not listed: botocore has retried it.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
@@ -70,6 +71,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectionError,
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
+    AioReadTimeoutError,
 )
 #: Other errors from storage: raised at once, with the operation and URL in the message.
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gc
 import json
+import shutil
 from pathlib import Path
 
 import fsspec
@@ -136,6 +137,10 @@ def test_shards_made_from_other_inputs_never_share_a_key(tmp_path):
         assert run("--input", str(tmp_path / f"images{seed}"), "--output", out).exit_code == 0
         keys.append({key for _, key, _, _ in read_shards(out)})
     assert len(keys[0]) == len(keys[1]) == 3 and not keys[0] & keys[1]
+    moved = tmp_path / "elsewhere" / "images0"  # the same folder, moved: the same keys
+    shutil.copytree(tmp_path / "images0", moved)
+    assert run("--input", str(moved), "--output", str(tmp_path / "out-moved")).exit_code == 0
+    assert {key for _, key, _, _ in read_shards(str(tmp_path / "out-moved"))} == keys[0]
 
 
 def test_table_with_class_names_and_relative_paths(tmp_path):

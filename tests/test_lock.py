@@ -45,7 +45,7 @@ def test_the_second_run_is_refused_naming_the_first(prefix: str) -> None:
         with pytest.raises(CacheLocked) as refused, RunLock(prefix, owner="second"):
             pass
         message = str(refused.value)
-        assert "another pvu cache run is writing to" in message and prefix in message
+        assert "another pvu run is writing to" in message and prefix in message
         assert "pvu cache --output first" in message and f"pid {os.getpid()}" in message
     with RunLock(prefix, owner="third"):  # released: free again
         pass
@@ -86,6 +86,12 @@ def test_a_lock_that_is_not_one_blocks_no_run_for_good(prefix: str, caplog) -> N
     time.sleep(1.2)
     with caplog.at_level(logging.WARNING), RunLock(prefix, owner="a lease later", lease=0.5):
         assert "taking over the lock" in caplog.text and "unreadable" in caplog.text
+    fs.pipe_file(
+        f"{root}/{LOCK_NAME}",
+        json.dumps({**asdict(Holder("x", "h", 1, "o", 0, 0, 1)), "heartbeat": None}).encode(),
+    )
+    with pytest.raises(CacheLocked, match=r"_lock.json is unreadable"):
+        RunLock(prefix, owner="a field of the wrong type", lease=5.0).acquire()
     now = time.time()
     later = {**asdict(Holder("new", "node-9", 1, "pvu 2", now, now, 60.0)), "zone": "eu"}
     fs.pipe_file(f"{root}/{LOCK_NAME}", json.dumps(later).encode())
@@ -158,7 +164,7 @@ def test_two_cache_commands_at_once_one_refused_and_the_cache_exact(local_ray, t
     if codes == [0, 2]:  # the usual outcome: the second to reach the lock is refused
         refused = outputs[[run.returncode for run in runs].index(2)]
         winner = runs[[run.returncode for run in runs].index(0)]
-        assert "another pvu cache run is writing to" in " ".join(refused.split())
+        assert "another pvu run is writing to" in " ".join(refused.split())
         assert f"pid {winner.pid}" in refused
     else:  # or one finished before the other started: the second found nothing to do
         assert codes == [0, 0], outputs

@@ -181,14 +181,14 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(
 ) -> None:
     """Both exited 0 and the second's head overwrote the first's, metrics interleaved."""
     output = tmp_path / "run"
-    holder = RunLock(str(output), owner="pvu train-head --loss l2", job="train-head")
+    holder = RunLock(str(output), owner="pvu train-head --loss l2")
     args = ["train-head", "--cache", cache, "--output", str(output), "--episodes", "2"]
     args += ["--warmup-episodes", "1", "--episode-size", "1000", "--hidden", "8"]
     with holder:
         result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
-    assert "another pvu train-head run is writing to" in text and "--loss l2" in text
+    assert "another pvu run is writing to" in text and "--loss l2" in text
 
 
 def _app() -> typer.Typer:

@@ -23,7 +23,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.verify import CacheMismatch, list_unit_files, reconcile, verify_cache
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, provenance, write_synthetic_cache
-from schemas import SCHEMA_VERSION
+from schemas import SCHEMA_VERSION, UNIT_STATS_KEY
 
 SPEC = SyntheticCache(dim=8, samples_per_shard=40, shards=3, epochs=2, row_group_rows=20)
 UNITS = [f"epoch={e:04d}/shard-{s:05d}.parquet" for e in range(2) for s in range(3)]
@@ -132,6 +132,11 @@ def test_a_parquet_file_that_is_not_a_unit_is_left_alone(tmp_path: Path, caplog)
         manifest = reconcile(Manifest.open(url, identity))
     assert foreign.exists() and sorted(manifest.units) == sorted(UNITS)
     assert f"left {url}/epoch=0000/notes.parquet alone" in caplog.text
+    broken = tmp_path / "c" / "epoch=0000" / "shard-00009.parquet"  # a unit's stats cut short
+    pq.write_table(pa.table({"note": ["x"]}).replace_schema_metadata({UNIT_STATS_KEY: "{"}), broken)
+    with caplog.at_level(logging.WARNING):
+        reconcile(Manifest.open(url, identity))
+    assert not broken.exists() and "its unit stats are unreadable" in caplog.text
 
 
 def test_a_damaged_manifest_is_named_with_the_way_out(tmp_path: Path) -> None:

@@ -83,7 +83,9 @@ def read_keys(root: str, relpath: str, size: int | None = None) -> pa.ChunkedArr
 
     def read() -> pa.ChunkedArray:
         with fs.open(f"{path.rstrip('/')}/{relpath}", "rb", size=size) as handle:
-            return pq.read_table(handle, columns=["key"]).column("key")
+            return pq.read_table(handle, columns=["key"], page_checksum_verification=True).column(
+                "key"
+            )
 
     return retry(read, what=f"read the keys of {root.rstrip('/')}/{relpath}")
 
@@ -147,7 +149,7 @@ def drop_rows(manifest: Manifest, relpath: str, rows: np.ndarray) -> None:
 
     def read() -> pa.Table:
         with fs.open(f"{path.rstrip('/')}/{relpath}", "rb", size=entry["bytes"]) as handle:
-            return pq.read_table(handle)
+            return pq.read_table(handle, page_checksum_verification=True)
 
     table = retry(read, what=f"read {where}")
     keep = np.ones(table.num_rows, bool)

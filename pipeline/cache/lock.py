@@ -81,15 +81,15 @@ class Holder:
         )
 
 
-class RunLock:
-    """Hold ``<root>/_lock.json`` while a run of pvu ``job`` writes ``root``; a context manager."""
+_TYPES = {"str": str, "int": int, "float": float}  # Holder's field annotations, as written
 
-    def __init__(
-        self, root: str, *, owner: str, lease: float = LEASE_SECONDS, job: str = "cache"
-    ) -> None:
+
+class RunLock:
+    """Hold ``<root>/_lock.json`` while a run writes ``root``; a context manager."""
+
+    def __init__(self, root: str, *, owner: str, lease: float = LEASE_SECONDS) -> None:
         if lease <= 0:
             raise ValueError(f"lease must be > 0 seconds, got {lease}")
-        self.job = job
         self.root = root.rstrip("/")
         self._fs, root_path = fsspec.core.url_to_fs(self.root)
         self._path = f"{root_path}/{LOCK_NAME}"
@@ -164,7 +164,11 @@ class RunLock:
         try:
             current = self._read()
         except UnreadableLock as error:
-            age = now - self._fs.modified(self._path).timestamp()
+            try:
+                age = now - self._fs.modified(self._path).timestamp()
+            except FileNotFoundError:  # its holder removed it meanwhile
+                self._write(self.holder)
+                return
             if age <= self.holder.lease:
                 raise CacheLocked(
                     f"{error}, written {age:.0f} s ago: another run may be starting. If none "
@@ -185,7 +189,7 @@ class RunLock:
     def _refusal(self, current: Holder) -> CacheLocked:
         now = time.time()
         return CacheLocked(
-            f"another pvu {self.job} run is writing to {self.root}: {current.describe(now)}. "
+            f"another pvu run is writing to {self.root}: {current.describe(now)}. "
             "Wait for it to finish. If it was killed, its lock expires "
             f"{current.lease:.0f} s after its last heartbeat (in "
             f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "
@@ -213,7 +217,7 @@ class RunLock:
         one (fields a later version added are ignored)."""
         try:
             document = json.loads(read_bytes(self._fs, self._path))
-            return Holder(**{field.name: document[field.name] for field in fields(Holder)})
+            return Holder(**{f.name: _TYPES[f.type](document[f.name]) for f in fields(Holder)})
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as error:

@@ -6,7 +6,8 @@ into samples by webdataset's own ``group_by_keys`` (so keys are exactly WebDatas
 samples before the damage, counts ``truncated_tar`` once and ends the shard (a zero-byte shard
 counts ``empty_shard``). Member names are never used as paths: a sample whose key is absolute,
 climbs out (``../../x``) or is not UTF-8 is counted ``unsafe_name`` and skipped. A sample whose
-files repeat in a row keeps its first copy and counts the second ``duplicate_key``. Transient
+files repeat in a row (a copy of it, or one file twice) keeps the first of each file and
+counts one ``duplicate_key``, however many repeats. Transient
 storage errors, on open or mid-stream, are retried: the object is reopened at the byte it was
 read to.
 """

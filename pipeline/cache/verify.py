@@ -247,7 +247,11 @@ def _orphan_entry(manifest: Manifest, relpath: str, size: int) -> dict[str, Any]
     if UNIT_STATS_KEY not in (footer.metadata or {}):
         log.warning("left %s alone: a Parquet file, but not a pvu unit", url)
         return {}
-    stats = json.loads(footer.metadata[UNIT_STATS_KEY])
+    try:
+        stats = json.loads(footer.metadata[UNIT_STATS_KEY])
+    except ValueError as error:
+        log.warning("recomputing %s: its unit stats are unreadable (%s)", url, error)
+        return None
     check_provenance(read_provenance(footer.schema.to_arrow_schema()), manifest.provenance, url)
     if relpath != unit_path(int(stats.get("epoch", -1)), str(stats.get("shard"))):
         log.warning("recomputing %s: its footer describes another unit", url)

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,10 +141,15 @@ def write_dataset(
 
 
 def listing_tag(listing: Listing) -> str:
-    """8 hex digits of a digest of ``listing``'s images and labels, in order."""
+    """8 hex digits of a digest of ``listing``'s images and labels, in order. An image counts
+    by its URL below the parent of the folder all share (``train/cat/1.jpg``), so the same
+    folder moved elsewhere keeps its keys, and another folder laid out alike does not."""
+    urls = [source.url for source in listing.sources]
+    shared = os.path.commonprefix(urls)  # noqa: RUF071 - URLs; cut back to a "/" below
+    shared = shared[: shared[: shared.rfind("/")].rfind("/") + 1]
     digest = hashlib.blake2b(digest_size=4)
-    for source in listing.sources:
-        digest.update(f"{source.url}\0{source.label}\n".encode())
+    for url, source in zip(urls, listing.sources, strict=True):
+        digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode())
     return digest.hexdigest()
 
 

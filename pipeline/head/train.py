@@ -258,8 +258,8 @@ def _metrics_log(
     """
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
-    lines = fs.cat_file(path).decode().splitlines() if fs.exists(path) else []
-    kept = [line for line in lines if line and _episode(line, path) <= done]
+    lines = fs.cat_file(path).decode(errors="replace").splitlines() if fs.exists(path) else []
+    kept = [line for line in lines if line and _episode(line, path) <= done] if done >= 0 else []
 
     def write() -> None:
         write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
@@ -355,7 +355,7 @@ def fit_head(
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
-    with RunLock(output, owner=options.owner, job="train-head"):
+    with RunLock(output, owner=options.owner):
         done, position = 0, StreamState()
         if not options.resume and fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
             raise ValueError(
