@@ -114,8 +114,11 @@ def test_unit_files_and_manifest_survive_write_faults(
     runner = make_runner(output)
     unit = Unit(source=shard, shard="digits-0000", epoch=0)
     fault_proxy.stall_seconds = 1.5
-    for kind in TRANSIENT:  # the first writes (staging, move, manifest) get one fault each
-        fault_proxy.fail_next(kind, 1, methods=["PUT", "POST", "DELETE"])
+    # a run of three faults (within botocore's 5 tries of a request) on the staging write,
+    # and three on the manifest's
+    for kinds, target in ((TRANSIENT[:3], "_staging/"), (TRANSIENT[3:], "_manifest")):
+        for kind in kinds:
+            fault_proxy.fail_next(kind, 1, pattern=target, methods=["PUT", "POST", "DELETE"])
     result = runner.run(unit)
     manifest = Manifest.open(output, runner.settings.provenance)
     manifest.record(result.relpath, result.manifest_entry())
