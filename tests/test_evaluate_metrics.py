@@ -7,9 +7,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.evaluate.evalset import EvalSet
 from pipeline.evaluate.knn import TIE_TOLERANCE, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import neighbour_correct, r_auroc, recall_at_1
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
+from pipeline.evaluate.runner import EvaluateOptions, _tsne
+from pipeline.evaluate.sources import baseline_uncertainty
 
 
 def reference_neighbours(x: np.ndarray, queries: np.ndarray, database: np.ndarray) -> np.ndarray:
@@ -119,3 +122,24 @@ def test_a_query_with_no_database_left_counts_as_wrong() -> None:
     found = nearest_neighbours(x, database=np.array([True, False, False]))
     assert found.index.tolist() == [-1, 0, 0]
     assert not neighbour_correct(np.zeros(3, int), found.index)[0]
+
+
+def _eval_set(embedding: np.ndarray) -> EvalSet:
+    n = len(embedding)
+    zeros = np.zeros(n, np.float32)
+    labels = np.arange(n) % 2
+    keys = np.array([f"k{i}" for i in range(n)])
+    return EvalSet("same", "c", keys, labels, embedding, zeros, labels, zeros + 1, zeros, {})
+
+
+def test_identical_or_zero_embeddings_skip_the_map_and_rank_as_most_uncertain(caplog) -> None:
+    """scikit-learn's t-SNE killed the process (SIGSEGV) on identical rows; a zero row's
+    inverse norm was inf, which every metric refused ('Input contains infinity')."""
+    same = _eval_set(np.ones((20, 8), np.float16))
+    options = EvaluateOptions(heads=(), datasets=(("same", "c"),))
+    assert _tsne(same, {"entropy": same.entropy}, [], options) is None
+    assert "distinct non-zero embedding(s), too few for a t-SNE map" in caplog.text
+    embedding = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float16)
+    embedding[3] = 0
+    scores = baseline_uncertainty("inverse_norm", _eval_set(embedding))
+    assert np.isfinite(scores).all() and scores.argmax() == 3

@@ -261,7 +261,18 @@ def _tsne(
             raise ValueError(f"t-SNE of {data.name}: only {len(rows)} row(s) in classes {classes}")
         log.warning("%s: %d row(s) are too few for a t-SNE map; skipped", data.name, len(rows))
         return None
-    xy = tsne_map(normalize(data.embedding[rows]), seed=options.seed)
+    rows = rows[np.linalg.norm(data.embedding[rows].astype(np.float32), axis=1) > 0]
+    unit = normalize(data.embedding[rows])
+    distinct = len(np.unique(unit, axis=0))
+    if distinct < MIN_TSNE_POINTS:  # scikit-learn's t-SNE crashes the process on identical rows
+        log.warning(
+            "%s: the chosen rows hold %d distinct non-zero embedding(s), too few for a t-SNE "
+            "map; skipped",
+            data.name,
+            distinct,
+        )
+        return None
+    xy = tsne_map(unit, seed=options.seed)
     points = TsnePoints(xy, data.keys[rows], data.labels[rows], scores[source][rows])
     entry = {
         "dataset": data.name,

@@ -88,9 +88,9 @@ def baseline_uncertainty(name: str, data: EvalSet, *, seed: int = 0) -> np.ndarr
     if name == "1-max_prob":
         return (1.0 - data.max_prob).astype(np.float32)
     if name == "inverse_norm":
-        norm = np.linalg.norm(data.embedding.astype(np.float32), axis=1)
-        with np.errstate(divide="ignore"):
-            return np.where(norm > 0, 1.0 / norm, np.inf).astype(np.float32)
+        norm = np.linalg.norm(data.embedding.astype(np.float64), axis=1)
+        inverse = 1.0 / np.maximum(norm, np.finfo(np.float64).tiny)  # a zero row: the largest
+        return np.minimum(inverse, np.finfo(np.float32).max).astype(np.float32)
     if name == "random":
         stream = zlib.crc32(data.name.encode())
         return np.random.default_rng([seed, stream]).random(len(data)).astype(np.float32)
