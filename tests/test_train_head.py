@@ -163,6 +163,18 @@ def test_a_damaged_metrics_line_is_named_when_resuming(cache: str, tmp_path: Pat
         fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(resume=True))
 
 
+def test_a_diverged_run_stops_before_it_exports_a_nan_head(cache: str, tmp_path: Path) -> None:
+    """--lr 1e12 logged 'loss nan', exited 0 and exported NaN weights that evaluate then
+    refused with a bare 'Input contains NaN.'"""
+    config = _config(episodes=2)
+    config = dataclasses.replace(
+        config, schedule=dataclasses.replace(config.schedule, lr=1e12, warmup_episodes=0)
+    )
+    with pytest.raises(ValueError, match=r"training diverged in episode 1 .* lower --lr"):
+        fit_head([cache], str(tmp_path), config)
+    assert not (tmp_path / "head.safetensors").exists()
+
+
 def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     """It trained on whatever --cache the resume was given, and head.json named only that."""
     fewer = tmp_path / "fewer"

@@ -105,6 +105,11 @@ def uncertainties(
     for head in heads:
         check_head_fits(head, data)
         scores[head.name] = head_uncertainty(head, data.embedding, device=device)
+        if not np.isfinite(scores[head.name]).all():
+            raise ValueError(
+                f"head {head.name} gives NaN/inf uncertainties on {data.name}: its weights are "
+                "not finite (training diverged?); train it again with a lower --lr"
+            )
     for name in BASELINES:
         scores[name] = baseline_uncertainty(name, data, seed=seed)
     return scores

@@ -399,6 +399,7 @@ def fit_head(
         with CacheStream(index, config.stream, position) as stream:
             for episode in range(done, last):
                 record = _run_episode(episode, head, optimizer, objective, stream, config, options)
+                _check_finite(head, episode, record)
                 record["passes"] = round(record["samples"] / train_rows, 4)
                 record |= validation_metrics(head, val.embedding, val.loss)
                 record["val_rows"] = len(val)
@@ -440,6 +441,16 @@ def fit_head(
                 training=summary,
             )
         return TrainResult(head, history, document, finished, max(done, last))
+
+
+def _check_finite(head: nn.Module, episode: int, record: dict[str, Any]) -> None:
+    """Stop a run whose head diverged, before its checkpoint or export holds NaN/inf weights."""
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise ValueError(
+            f"training diverged in episode {episode + 1} (train loss {record.get('train_loss')}):"
+            " the head's weights are no longer finite; train again with a lower --lr (the"
+            " checkpoint of the episode before is kept)"
+        )
 
 
 def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
