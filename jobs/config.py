@@ -60,8 +60,10 @@ def read_config_file(
             document = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigFileError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigFileError(f"config file {path} is not valid YAML: {error}") from None
+    except IsADirectoryError:
+        raise ConfigFileError(f"config file {path} is a folder, not a YAML file") from None
     if document is None:
         return {}
     if not isinstance(document, dict):

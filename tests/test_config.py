@@ -137,6 +137,11 @@ def test_malformed_files_are_refused(tmp_path: Path, text: str, message: str) ->
         load_job_config(TrainHeadConfig, _write(tmp_path, text))
     with pytest.raises(ConfigFileError, match="does not exist"):
         load_job_config(TrainHeadConfig, str(tmp_path / "missing.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes("lr: 0.1 # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigFileError, match=r"latin1\.yaml is not valid YAML"):
+        load_job_config(TrainHeadConfig, str(tmp_path / "latin1.yaml"))
+    with pytest.raises(ConfigFileError, match="is a folder"):
+        load_job_config(TrainHeadConfig, str(tmp_path))
 
 
 def test_cache_reads_its_config_file_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

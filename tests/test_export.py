@@ -149,3 +149,9 @@ def test_head_json_is_validated(tmp_path: Path) -> None:
     head = create_head(HeadConfig(embedding_dim=8), seed=0)
     with pytest.raises(ValueError, match="loss"):
         export_head(head, str(tmp_path), backbone="b", weights_digest="d", loss="hinge")
+    # JSON Schema counts 16.0 as an integer; the head's layers do not (a TypeError traceback)
+    export_head(head, str(tmp_path), backbone="b", weights_digest="d", loss="ranking")
+    doc = json.loads((tmp_path / HEAD_JSON).read_text())
+    (tmp_path / HEAD_JSON).write_text(json.dumps({**doc, "embedding_dim": 8.0}))
+    with pytest.raises(ValueError, match="is not a valid pvu head export"):
+        load_head(str(tmp_path))

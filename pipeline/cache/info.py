@@ -122,7 +122,7 @@ def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheIn
         try:
             provenance = provenance or read_provenance(schema)
             stats = json.loads(schema.metadata[UNIT_STATS_KEY])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
             raise ValueError(f"{path} is not a pvu cache unit (no pvu provenance)") from None
         units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
     return CacheInfo(url, provenance, units, "footers")

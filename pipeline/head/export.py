@@ -100,7 +100,8 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         head = UncertaintyHead(head_config(doc))
         weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
         head.load_state_dict(weights, strict=True)
-    except (ValueError, RuntimeError, SafetensorError) as error:  # a bad size is a RuntimeError
+    # a bad size is a RuntimeError; a width JSON Schema let through as 16.0, a TypeError
+    except (ValueError, RuntimeError, TypeError, SafetensorError) as error:
         raise ValueError(f"{head_dir} is not a valid pvu head export: {error}") from None
     return head.eval(), doc
 
