@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 from pipeline.evaluate.evalset import EvalSet
 from pipeline.evaluate.knn import TIE_TOLERANCE, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import neighbour_correct, r_auroc, recall_at_1
+from pipeline.evaluate.report import _slug
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
 from pipeline.evaluate.runner import EvaluateOptions, _tsne
 from pipeline.evaluate.sources import baseline_uncertainty
@@ -143,3 +144,8 @@ def test_identical_or_zero_embeddings_skip_the_map_and_rank_as_most_uncertain(ca
     embedding[3] = 0
     scores = baseline_uncertainty("inverse_norm", _eval_set(embedding))
     assert np.isfinite(scores).all() and scores.argmax() == 3
+
+
+def test_figure_names_of_datasets_never_collide() -> None:
+    names = ["a.b", "a_b", "a b", "plain-1"]
+    assert len({_slug(name) for name in names}) == 4 and _slug("plain-1") == "plain-1"

@@ -14,7 +14,7 @@ from timm.data import ImageNetInfo
 
 from pipeline.cache.backbone import read_label_remap
 from pipeline.cache.unit import Unit
-from pipeline.dataset.remap import TIMM_SUBSETS, head_names
+from pipeline.dataset.remap import TIMM_SUBSETS, head_names, read_names
 from pipeline.demo.data import encode_image
 
 INFO = Path(timm.__file__).parent / "data" / "_info"
@@ -134,3 +134,15 @@ def test_every_label_space_the_help_lists_is_one_timm_ships():
         description, names = head_names(name.replace("-", ""))
         assert len(names) == ImageNetInfo(name).num_classes() >= 1000, name
         assert description == f"{name.replace('-', '')} (timm {name}, {len(names):,} classes)"
+
+
+def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> None:
+    """Bad JSON and non-UTF-8 were a bare parser message; an empty list blamed the synsets."""
+    for name, data, message in (
+        ("bad.json", b"{oops", "not a readable list of label names"),
+        ("latin1.txt", "caf\xe9\n".encode("latin-1"), "not a readable list of label names"),
+        ("empty.json", b"[]", "holds no label names"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: {message}"):
+            read_names(str(tmp_path / name))

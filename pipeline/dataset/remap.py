@@ -46,14 +46,19 @@ class Remap:
 
 def read_names(url: str) -> list[str]:
     """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
-    with fsspec.open(url, "rt", encoding="utf-8") as handle:
-        text = handle.read()
-    if url.endswith(".json"):
-        names = json.loads(text)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{url}: expected a JSON list of label names")
-        return names
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+        names = json.loads(text) if url.endswith(".json") else None
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise ValueError(f"{url}: not a readable list of label names ({error})") from None
+    if names is None:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{url}: expected a JSON list of label names")
+    if not names:
+        raise ValueError(f"{url}: holds no label names")
+    return names
 
 
 def head_names(head: str) -> tuple[str, list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def _write_figures(evaluation: Evaluation, report: dict[str, Any], root: Path) -
             figures.distributions(groups, title=f"{name}: ambiguous vs clear"),
             f"ambiguity_{_slug(name)}.png",
         )
-    if report["deterioration"]:
+    if report["deterioration"] and report["deterioration"]["kinds"]:
         curves = report["deterioration"]["kinds"]
         heads = [s["name"] for s in report["sources"] if s["kind"] == "head"] or ["entropy"]
         figure = figures.deterioration(evaluation.deteriorated, curves, heads)
@@ -87,7 +88,10 @@ def _write_figures(evaluation: Evaluation, report: dict[str, Any], root: Path) -
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    """``name`` as a file name; one that had to change gets a digest of the original, so
+    ``a.b`` and ``a_b`` do not share a figure."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return slug if slug == name else f"{slug}-{zlib.crc32(name.encode()):08x}"
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -194,7 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
             ),
             *(f"![ambiguity {d['name']}](ambiguity_{_slug(d['name'])}.png)\n" for d in ambiguous),
         ]
-    if report["deterioration"]:
+    if report["deterioration"] and report["deterioration"]["kinds"]:
         rows = []
         for kind, curve in report["deterioration"]["kinds"].items():
             for s in sources:
