@@ -20,6 +20,7 @@ from rich.table import Table
 
 from jobs import project_version
 from jobs.config import ConfigFile, job_config
+from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
@@ -120,6 +121,11 @@ class EvaluateJobConfig(BaseModel):
 
 def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     """Run the job for a validated ``config`` under progress bars; print the summary."""
+    inputs = [(f"--dataset {name}=", url) for name, url in config.named_datasets()]
+    inputs += [("--deterioration", url) for url in config.deterioration]
+    inputs += [("--upstream", config.upstream)] if config.upstream else []
+    for flag, url in inputs:  # before hours of work on the datasets ahead of a typo
+        check_storage(url, flag=flag, must_exist=True)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     with Progress(
         TextColumn("[bold]evaluate[/bold] {task.description}"),

@@ -82,6 +82,7 @@ def run_plan(config: PlanJobConfig) -> Plan:
     check_storage(config.shards, flag="--shards")
     check_storage(config.output, flag="--output")
     urls = expand_shards(config.shards)
+    shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
     info = describe_backbone(
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )

@@ -73,6 +73,19 @@ def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
     assert "samples/s" not in result.output and "━" not in result.output
 
 
+def test_a_missing_eval_dataset_is_named_before_the_others_are_evaluated(tmp_path: Path) -> None:
+    """It surfaced only after every dataset ahead of it was read, searched and mapped."""
+    cache = str(tmp_path / "eval")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1))
+    missing = str(tmp_path / "no-such-eval")
+    result, seconds = timed_pvu(
+        "evaluate", "--dataset", f"good={cache}", "--dataset", f"typo={missing}",
+        "--report", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert_actionable(result, seconds, f"--dataset typo= {missing} does not exist")
+    assert "━" not in result.output
+
+
 @pytest.mark.parametrize("command", ["train-head", "evaluate"])
 def test_a_damaged_cache_unit_is_named(command: str, tmp_path: Path) -> None:
     cache = str(tmp_path / "cache")
