@@ -137,12 +137,19 @@ def test_export_round_trip_without_pickle(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), head.eval()(x))
 
 
-def test_attach_refuses_a_model_of_another_width(tmp_path: Path) -> None:
-    head = create_head(HeadConfig(embedding_dim=192), seed=0)
-    export_head(head, str(tmp_path), backbone=BACKBONE, weights_digest="x", loss="ranking")
+def test_attach_refuses_a_model_of_another_width_or_architecture(tmp_path: Path) -> None:
+    """A resnet10t head attached silently to resnet18 (the same 512 width): garbage scores."""
     other = timm.create_model("resnet18", pretrained=False)
+    head = create_head(HeadConfig(embedding_dim=192), seed=0)
+    export_head(head, str(tmp_path), backbone="resnet18", weights_digest="x", loss="ranking")
     with pytest.raises(ValueError, match="512"):
         attach_head(other, str(tmp_path))
+    head = create_head(HeadConfig(embedding_dim=512), seed=0)
+    export_head(head, str(tmp_path), backbone="resnet10t.a1_in1k", weights_digest="x", loss="l2")
+    refusal = r"trained on resnet10t\.a1_in1k .* the model is a resnet18"
+    with pytest.raises(ValueError, match=refusal):
+        attach_head(other, str(tmp_path))
+    attach_head(timm.create_model("resnet10t", pretrained=False), str(tmp_path))
 
 
 def test_head_json_is_validated(tmp_path: Path) -> None:

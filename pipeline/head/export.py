@@ -129,9 +129,17 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
     """``model`` (a timm classifier) with the head exported to ``head_dir`` attached.
 
     The head's input is the model's pre-logit embedding, ``forward_head(..., pre_logits=True)``;
-    a width mismatch is refused. The returned module is in ``model``'s train/eval mode.
+    a model of another timm architecture than the head was trained on, or of another width,
+    is refused. The returned module is in ``model``'s train/eval mode.
     """
     head, doc = load_head(head_dir)
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    trained_on = str(doc["backbone"]).split(".")[0]
+    if architecture and architecture != trained_on:
+        raise ValueError(
+            f"head in {head_dir} was trained on {doc['backbone']} embeddings, but the model is "
+            f"a {architecture}: attach it to the backbone it was trained for"
+        )
     width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     if width is not None and width != doc["embedding_dim"]:
         raise ValueError(
