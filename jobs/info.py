@@ -59,16 +59,19 @@ def describe(info: CacheInfo) -> Table:
     return table
 
 
-def verification(check: CacheCheck) -> Table:
+def verification(check: CacheCheck, summary: CacheInfo) -> Table:
     """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
     table = Table(title=f"pvu info --verify: {check.url}", show_header=False)
+    if summary.source != "manifest":
+        table.add_row("nothing checked", "the cache has no manifest to check storage against")
+        return table
     table.add_row("units missing or damaged", f"{len(check.damaged):,}")
     for relpath, why in sorted(check.damaged.items()):
         table.add_row(f"[red]{relpath}", why)
     table.add_row(
         "committed files the manifest lacks",
         f"{len(check.orphans):,}"
-        + (" (the next pvu cache run adopts them)" if check.orphans else ""),
+        + (" (the next pvu cache run adopts those that are pvu units)" if check.orphans else ""),
     )
     return table
 
@@ -120,7 +123,7 @@ def info(
     else:
         console.print(describe(summary))
         if check is not None:
-            console.print(verification(check))
+            console.print(verification(check, summary))
     if check is not None and not check.ok:
         console.print(f"[red]error:[/red] {check.refusal()}")
         raise typer.Exit(code=1)

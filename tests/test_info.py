@@ -71,6 +71,8 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     assert from_footers["source"] == "footers"
     for field in ("rows", "bytes", "units", "skipped", "epochs", "provenance"):
         assert from_footers[field] == with_manifest[field], field
+    verified = pvu("info", str(copy), "--verify")  # said '0 missing' having checked nothing
+    assert verified.exit_code == 0 and "nothing checked" in verified.text, verified.output
 
 
 def test_info_errors_exit_2_naming_the_path(tmp_path):
