@@ -353,6 +353,7 @@ def fit_head(
     head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
     optimizer = create_optimizer(head, sched)
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
+    data = trained_on(index)
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     with RunLock(output, owner=options.owner):
@@ -364,7 +365,7 @@ def fit_head(
             )
         if options.resume:
             restored = load_checkpoint(
-                output, head=head, optimizer=optimizer, config=config, data=trained_on(index)
+                output, head=head, optimizer=optimizer, config=config, data=data
             )
             if restored is None:
                 log.info("no checkpoint in %s; starting afresh", output)
@@ -413,7 +414,7 @@ def fit_head(
                     episode=episode + 1,
                     stream_state=stream.state,
                     config=config,
-                    data=trained_on(index),
+                    data=data,
                 )
                 history.append(record)
                 if options.on_episode:
