@@ -149,9 +149,8 @@ def _read_footer(
         provenance = read_provenance(schema)
     except ValueError as error:
         raise ValueError(f"{url}: {error}") from None
-    for column in ("key", "embedding", "loss"):
-        if column not in schema.names:
-            raise ValueError(f"{url}: not a pvu cache file, column {column!r} is missing")
+    if "embedding" not in schema.names:  # the other columns: _check_columns, once it is known
+        raise ValueError(f"{url}: not a pvu cache file, column 'embedding' is missing")
     width = embedding_dim(schema)
     _check_columns(url, schema, cache_schema(width, schema.field("embedding").type.value_type))
     if provenance.get("embedding_dim") != width:
