@@ -158,10 +158,16 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     try:
         retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
     except OSError:
-        if isinstance(fs, LocalFileSystem):
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        remove_partial(fs, path)
         raise
+
+
+def remove_partial(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove a local file a failed write left part-written; an object store's failed put
+    leaves nothing (or the object as it was), which is not ours to remove."""
+    if isinstance(fs, LocalFileSystem):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 @contextlib.contextmanager

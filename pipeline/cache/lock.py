@@ -13,7 +13,6 @@ Clocks of the machines that share a prefix must agree to well within the lease.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,9 +25,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.retry import naming, read_bytes
+from pipeline.retry import naming, read_bytes, remove_partial
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +150,7 @@ class RunLock:
         except FileExistsError:
             raise
         except OSError:
-            if isinstance(self._fs, LocalFileSystem):
-                with contextlib.suppress(OSError):
-                    os.remove(self._path)
+            remove_partial(self._fs, self._path)
             raise
 
     def _take_over(self) -> None:
