@@ -115,7 +115,24 @@ def test_rejection_counts_follow_the_protocol() -> None:
     overall = most_uncertain(uncertainty, 0.1)
     assert overall.sum() == 3 and overall[29] and overall[18:20].all()
     tied = most_uncertain(np.zeros(10), 0.3)
-    np.testing.assert_array_equal(np.flatnonzero(tied), [7, 8, 9])  # ties: later rows first
+    assert tied.sum() == 3
+    np.testing.assert_array_equal(tied, most_uncertain(np.zeros(10), 0.3))  # seeded
+
+
+def test_a_constant_source_gains_nothing_from_row_order() -> None:
+    """Rows sorted with the wrong 1-NN last: a constant uncertainty must not reject exactly
+    them (a tie rule by row did, and reported a large gain for a source that ranks nothing)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, 600)
+    unit = normalize(x)
+    full = nearest_neighbours(unit)
+    wrong_last = np.argsort(labels[full.index] != labels, kind="stable")
+    unit, labels = unit[wrong_last], labels[wrong_last]
+    full = nearest_neighbours(unit)
+    errors = retrieval_errors(unit, labels, full, most_uncertain(np.zeros(600), 0.2))
+    assert errors["full"] > 0.4
+    assert errors["clean_queries"] == pytest.approx(errors["full"], abs=0.05)
 
 
 def test_a_query_with_no_database_left_counts_as_wrong() -> None:

@@ -9,7 +9,9 @@ Three rows per uncertainty source:
 
 ``per_class`` rejects ``floor(q * n_c)`` images in each class (the paper's protocol, which needs
 labels); ``class_agnostic`` rejects ``floor(q * N)`` overall, which a deployed system can do.
-Ties in uncertainty: the later row counts as the more uncertain one (a stable sort).
+Ties in uncertainty are broken in a fixed random order (seed 0), not by row: a source that
+ties many rows (a constant one at the extreme) rejects a random subset of them, so the order of
+the rows (sorted by class, or hard images last) cannot earn it a gain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import numpy as np
 from pipeline.evaluate.knn import Neighbours, nearest_neighbours
 from pipeline.evaluate.metrics import neighbour_correct
 
+TIE_SEED = 0
+"""Seed of the random order that breaks ties in uncertainty."""
+
 
 def most_uncertain(
     uncertainty: np.ndarray, fraction: float, groups: np.ndarray | None = None
@@ -27,7 +32,8 @@ def most_uncertain(
     rejected = np.zeros(len(uncertainty), bool)
     if groups is None:
         groups = np.zeros(len(uncertainty), np.int64)
-    order = np.lexsort((np.arange(len(uncertainty)), uncertainty, groups))
+    tie_break = np.random.default_rng(TIE_SEED).permutation(len(uncertainty))
+    order = np.lexsort((tie_break, uncertainty, groups))
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     ends = np.r_[starts[1:], len(order)]
