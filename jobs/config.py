@@ -13,6 +13,7 @@ A job adopts it with a ``ctx: typer.Context`` parameter, ``config: ConfigFile = 
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -53,7 +54,9 @@ def read_config_file(
     ``--json`` -> ``json_output``); either spelling is read.
 
     Raises :class:`ConfigFileError` for a missing or unparsable file, a document that is not a
-    mapping, or a key that ``config_type`` does not have (with the closest names).
+    mapping, a key that ``config_type`` does not have (with the closest names), or a YAML
+    boolean (``true``, ``yes``, ``on``) for a setting that is not one: pydantic would read it
+    as 1.
     """
     try:
         with fsspec.open(path, "r") as handle:
@@ -81,7 +84,18 @@ def read_config_file(
             raise ConfigFileError(
                 f"config file {path}: unknown key '{key}'{hint} (known: {', '.join(fields)})"
             )
+        annotation = config_type.model_fields[key].annotation
+        if isinstance(values[key], bool) and not _admits_bool(annotation):
+            raise ConfigFileError(
+                f"config file {path}: {key}: got the YAML boolean {str(values[key]).lower()} "
+                "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
+            )
     return values
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field of type ``annotation`` takes a boolean (``bool``, ``bool | None``...)."""
+    return annotation is bool or any(map(_admits_bool, typing.get_args(annotation)))
 
 
 def load_job_config(config_type: type[Config], path: str | None = None, **overrides: Any) -> Config:
@@ -122,14 +136,14 @@ def explain(error: ValidationError, *, from_file: Set[str], path: str | None) ->
         field = str(part["loc"][0]) if part["loc"] else None
         message = part["msg"]
         if field is None:
-            where = f"config file {path}" if path else "config"
+            where = f"config file {path}" if path else None
         elif field in from_file:
             where = f"config file {path}: {field}"
         else:
             where = f"--{field.replace('_', '-')}"
             if part["type"] == "missing":
                 message = f"required; give {where} or set {field} in --config"
-        clauses.append(f"{where}: {message}")
+        clauses.append(f"{where}: {message}" if where else message)
     return "; ".join(clauses)
 
 

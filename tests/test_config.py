@@ -116,6 +116,11 @@ def test_bad_value_in_the_file_names_the_file_and_key(
     assert result.exit_code == 2 and "--betas: Value error, each beta must be in [0, 1)" in (
         unboxed(result.text)
     )
+    flags = ["--cache", "a", "--output", "o", "--episodes", "5", "--warmup-episodes", "5"]
+    result = pvu("train-head", *flags)
+    assert result.exit_code == 2 and "Invalid value: Value error, warmup_episodes (5)" in (
+        unboxed(result.text)
+    )
 
 
 def test_required_settings_may_come_from_either_place(
@@ -142,6 +147,16 @@ def test_malformed_files_are_refused(tmp_path: Path, text: str, message: str) ->
         load_job_config(TrainHeadConfig, str(tmp_path / "latin1.yaml"))
     with pytest.raises(ConfigFileError, match="is a folder"):
         load_job_config(TrainHeadConfig, str(tmp_path))
+
+
+def test_a_yaml_boolean_is_no_number(tmp_path: Path) -> None:
+    """YAML reads ``yes`` as true, which pydantic would take as 1 for an integer setting."""
+    with pytest.raises(ConfigFileError, match=r"job\.yaml: seed: got the YAML boolean true"):
+        load_job_config(TrainHeadConfig, _write(tmp_path, "seed: yes\n"), cache=["a"], output="o")
+    config = load_job_config(
+        TrainHeadConfig, _write(tmp_path, "resume: on\n"), cache=["a"], output="o"
+    )
+    assert config.resume is True
 
 
 def test_cache_reads_its_config_file_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
