@@ -75,6 +75,28 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     assert verified.exit_code == 0 and "nothing checked" in verified.text, verified.output
 
 
+def test_info_refuses_a_bare_cache_mixing_backbones(cache, tmp_path):
+    """Without a manifest, info read the first unit's provenance and showed it for all."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from schemas import PROVENANCE_KEY, read_provenance
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    unit = sorted(copy.glob("epoch=0001/*.parquet"))[0]
+    table = pq.read_table(unit)
+    provenance = {**read_provenance(table.schema), "backbone": "resnet14t"}
+    metadata = {**table.schema.metadata, PROVENANCE_KEY: json.dumps(provenance)}
+    pq.write_table(table.replace_schema_metadata(metadata), unit)
+    result = pvu("info", str(copy))
+    text = result.text
+    assert result.exit_code == 2, text
+    assert "backbone is resnet10t in" in text and f"resnet14t in {unit}" in text, text
+
+
 def test_info_errors_exit_2_naming_the_path(tmp_path):
     for path, words in [
         (tmp_path / "nothing", "does not exist"),

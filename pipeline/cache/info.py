@@ -15,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
 from schemas import UNIT_STATS_KEY, label_space, read_provenance
 
@@ -113,6 +114,7 @@ def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheIn
         raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
     units: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
+    first = paths[0]
     for path in paths:
         try:
             with fs.open(path, "rb") as handle:
@@ -120,9 +122,27 @@ def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheIn
         except pa.ArrowInvalid as error:  # cut short, empty, not Parquet
             raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
         try:
-            provenance = provenance or read_provenance(schema)
+            own = read_provenance(schema)
             stats = json.loads(schema.metadata[UNIT_STATS_KEY])
         except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
             raise ValueError(f"{path} is not a pvu cache unit (no pvu provenance)") from None
+        provenance = provenance or own
+        _check_same_cache(url, (first, provenance), (path, own))
         units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
     return CacheInfo(url, provenance, units, "footers")
+
+
+UnitProvenance = tuple[str, dict[str, Any]]
+
+
+def _check_same_cache(url: str, reference: UnitProvenance, unit: UnitProvenance) -> None:
+    """Refuse a bare cache whose ``unit`` (path, provenance) is of another cache than the
+    ``reference`` unit, as every reader does; else the summary would show the first one's."""
+    (first, expected), (path, found) = reference, unit
+    for name in COMPATIBLE_FIELDS:
+        if found.get(name) != expected.get(name):
+            raise ValueError(
+                f"{url} mixes units of different caches (no {MANIFEST_NAME}): {name} is "
+                f"{expected.get(name)} in {first} but {found.get(name)} in {path}; readers "
+                "refuse it: move the units of one cache elsewhere"
+            )
