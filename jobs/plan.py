@@ -57,12 +57,14 @@ class Plan:
 
 
 def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
-    """(epoch, shard URL) units the output already holds; ``ValueError`` if ``pvu cache``
-    would refuse the output because it holds a different cache."""
+    """(epoch, shard URL) units the output already holds (with or without its manifest: pvu
+    cache adopts units it finds); ``ValueError`` if ``pvu cache`` would refuse the output
+    because it holds a different cache."""
     fs, root = fsspec.core.url_to_fs(config.output)
-    if not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{MANIFEST_NAME}") and not fs.glob(f"{root}/epoch=*/*.parquet"):
         return set()  # nothing there yet, or an empty folder: every unit is to do
-    info = read_cache_info(config.output)
+    info = read_cache_info(config.output)  # without a manifest: its units' footers, as cache
     differences = provenance_differences(info.provenance, provenance)
     if differences:
         raise ValueError(

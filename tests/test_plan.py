@@ -75,6 +75,9 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     # resuming into a longer run: the committed units are not planned again
     more = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert more.estimate.units_done == 10 and more.estimate.rows == real.rows // 2
+    (tmp_path / "cache" / "_manifest.json").unlink()  # pvu cache adopts the units it finds
+    bare = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
+    assert bare.estimate.units_done == 10 and bare.estimate.rows == real.rows // 2
 
     flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
     result = pvu("plan", *flags, "--sample-images", "8")
