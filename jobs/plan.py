@@ -97,6 +97,13 @@ def run_plan(config: PlanJobConfig) -> Plan:
     done = committed_units(config, provenance, urls)
     sizes = shard_sizes(urls)
     prefixes = sample_shards(sizes, config.sample_images)
+    if not any(prefix.samples for prefix in prefixes.values()):
+        named = ", ".join(list(prefixes)[:3]) + (", ..." if len(prefixes) > 3 else "")
+        raise ValueError(
+            f"--shards {config.shards}: the {len(prefixes)} shards sampled hold no samples "
+            f"({named}): empty, damaged from their start, or not tar files; pvu cache would "
+            "count each as empty_shard or truncated_tar"
+        )
     model = create_backbone_model(config.backbone, config.weights)
     settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
     with console.status("measuring the sampled images on this machine"):

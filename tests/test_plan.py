@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import fsspec
@@ -122,6 +123,18 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_of_shards_without_samples_says_so(tmp_path):
+    """It printed '0.0% of the sample kept; skipped there: none' for empty or non-tar shards."""
+    (tmp_path / "shards").mkdir()
+    tarfile.open(tmp_path / "shards" / "empty.tar", "w").close()
+    (tmp_path / "shards" / "text.tar").write_bytes(b"not a tar\n" * 100)
+    flags = ["--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "out")]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, "--sample-images", "8")
+    text = result.text
+    assert result.exit_code == 2 and "the 2 shards sampled hold no samples" in text, text
+    assert "empty.tar" in text and "text.tar" in text
+
+
 def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     settings = {
         "shards": shards, "backbone": "resnet10t", "weights": "random", "input_size": 32,
