@@ -134,7 +134,8 @@ def explain(error: ValidationError, *, from_file: Set[str], path: str | None) ->
     clauses = []
     for part in error.errors():
         field = str(part["loc"][0]) if part["loc"] else None
-        message = part["msg"]
+        # a validator's own ValueError: its words, without pydantic's "Value error, " prefix
+        message = str(part["ctx"]["error"]) if part["type"] == "value_error" else part["msg"]
         if field is None:
             where = f"config file {path}" if path else None
         elif field in from_file:

@@ -109,7 +109,8 @@ class TrainHeadConfig(BaseModel):
     def _consistent(self) -> TrainHeadConfig:
         if self.warmup_episodes >= self.episodes:
             raise ValueError(
-                f"warmup_episodes ({self.warmup_episodes}) must be < episodes ({self.episodes})"
+                f"--warmup-episodes ({self.warmup_episodes}) must be less than --episodes "
+                f"({self.episodes}); for a short run give fewer, or --warmup-episodes 0"
             )
         resolve_device(self.device)
         return self
