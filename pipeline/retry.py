@@ -73,6 +73,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.IncompleteReadError,
     AioReadTimeoutError,
 )
+#: pyarrow's words for a Parquet page whose CRC-32 does not match: no read can fix the file.
+_DAMAGED_PAGE = "CRC checksum verification failed"
 #: Other errors from storage: raised at once, with the operation and URL in the message.
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -190,6 +192,11 @@ def _reraise(error: BaseException, context: str) -> NoReturn:
     botocore's are not).
     """
     message = f"{context}: {type(error).__name__}: {error}"
+    if _DAMAGED_PAGE in str(error):
+        message += (
+            ". The file's stored bytes are damaged; delete it and re-run the `pvu cache` "
+            "command that wrote it, which recomputes a missing unit and keeps the rest"
+        )
     wrapped: BaseException | None = None
     if isinstance(error, OSError) and error.errno in _FULL:
         wrapped = StorageFull(message)

@@ -280,8 +280,9 @@ def test_a_flipped_byte_is_refused_naming_the_unit_not_read_as_another_value(
     index = open_cache([str(url)])
     config = StreamConfig(shuffle_rows=200, val_fraction=0.0)
     crc = rf"row group 1 of {path}.*(?i:crc)"
-    with pytest.raises(OSError, match=crc), CacheStream(index, config) as stream:
+    with pytest.raises(OSError, match=crc) as raised, CacheStream(index, config) as stream:
         stream.next_batch(200)
+    assert "delete it and re-run the `pvu cache` command" in str(raised.value)
     with pytest.raises(OSError, match=rf"{path}.*(?i:crc)"):
         read_eval_set("damaged", str(url), index)
 
