@@ -209,7 +209,8 @@ def _episode_line(record: dict[str, Any]) -> str:
     return (
         f"episode {record['episode']}: loss {record['train_loss']:.5f} lr {record['lr']:.2e} "
         f"val pair-acc {_fmt(record['val_pair_accuracy'])} "
-        f"spearman {_fmt(record['val_spearman'])} ({record['samples_per_s']:,.0f} samples/s)"
+        f"spearman {_fmt(record['val_spearman'])} passes {record['passes']:.2f} "
+        f"({record['samples_per_s']:,.0f} samples/s)"
     )
 
 

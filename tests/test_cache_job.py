@@ -369,7 +369,7 @@ def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, t
 
         def start(self):
             (tries / str(os.getpid())).touch()
-            raise OSError(28, "decode pool: no room in /dev/shm for 1.0 MB of shared memory")
+            raise OSError(28, "decode pool: no room in /dev/shm for 1.0 MiB of shared memory")
 
     pool, units, _ = small_pool(tmp_path, NoSharedMemory, shards=1, max_attempts=1)
     with pytest.raises(OSError) as failed:
@@ -377,7 +377,7 @@ def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, t
     assert type(failed.value) is OSError
     assert (
         str(failed.value)
-        == "[Errno 28] decode pool: no room in /dev/shm for 1.0 MB of shared memory"
+        == "[Errno 28] decode pool: no room in /dev/shm for 1.0 MiB of shared memory"
     )
     assert len(list(tries.iterdir())) == 4  # the pool's size + 3 tries, each a new actor
 

@@ -236,7 +236,7 @@ def test_a_dev_shm_too_small_for_the_pool_is_an_error_that_says_so_not_a_bus_err
     lines = result.stdout.splitlines()
     assert len(lines) == 5, result.stderr  # before: "decode worker N exited (exit code -7)"
     assert lines[0] == lines[2] == "20"
-    assert lines[1].startswith("[Errno 28] decode pool: no room in /dev/shm for 8.0 MB")
-    assert "no room in /dev/shm" in lines[3] and "2 of them need 8.6 MB" in lines[3]
+    assert lines[1].startswith("[Errno 28] decode pool: no room in /dev/shm for 8.0 MiB")
+    assert "no room in /dev/shm" in lines[3] and "2 of them need 8.6 MiB" in lines[3]
     assert "--decode-workers" in lines[3]
     assert lines[4] == "[]"  # every segment made before the one that did not fit is removed

@@ -101,7 +101,7 @@ def test_every_readme_command_works_as_written(demo_folder: Path, monkeypatch) -
     assert (demo_folder / "demo-output" / "cache-resnet18" / "_manifest.json").is_file()
     for head in ("head-l2", "head-seed1"):
         assert (demo_folder / "demo-output" / head / "head.json").is_file()
-    assert (demo_folder / "demo-output" / "report" / "report.md").is_file()
+    assert (demo_folder / "demo-output" / "report-heads" / "report.md").is_file()
 
     [attach] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "attach_head" in b]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

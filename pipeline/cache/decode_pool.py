@@ -137,7 +137,7 @@ class DecodePool:
                 raise
             needed = self.in_flight * (self.chunk * self._task_bytes + _INPUT_BYTES)
             raise OSError(
-                error.errno, f"{error.strerror} ({workers} of them need {needed / 2**20:.1f} MB)"
+                error.errno, f"{error.strerror} ({workers} of them need {needed / 2**20:.1f} MiB)"
             ) from None
         self._resolved = resolved
         self._workers = [self._spawn() for _ in range(workers)]
@@ -312,7 +312,7 @@ def _segment(size: int) -> SharedMemory:
 
     A segment is sparse until written, and a write into it that finds ``/dev/shm`` full kills
     the writer with SIGBUS (a worker "exited (exit code -7)", or the actor itself); Docker's
-    default ``/dev/shm`` is 64 MB. Reserving it up front turns that into this error, which
+    default ``/dev/shm`` is 64 MiB. Reserving it up front turns that into this error, which
     names the remedy.
     """
     segment = SharedMemory(create=True, size=size)
@@ -325,8 +325,8 @@ def _segment(size: int) -> SharedMemory:
         free = shutil.disk_usage(_SHM).free
         raise OSError(
             error.errno,
-            f"decode pool: no room in {_SHM} for {size / 2**20:.1f} MB of shared memory "
-            f"({free / 2**20:.1f} MB free there); give the node a larger {_SHM} (docker run "
+            f"decode pool: no room in {_SHM} for {size / 2**20:.1f} MiB of shared memory "
+            f"({free / 2**20:.1f} MiB free there); give the node a larger {_SHM} (docker run "
             "--shm-size, or an emptyDir of medium Memory on Kubernetes) or run fewer "
             "--decode-workers",
         ) from None
