@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -141,6 +142,32 @@ def test_local_weights_file_sets_the_class_count_and_is_not_unpickled(tmp_path):
     torch.save({"payload": datetime.timedelta(days=1)}, tmp_path / "evil.pth")  # any pickle
     with pytest.raises(Exception, match=r"(?i)weights_only|unpickl|not a state dict"):
         create_backbone_model(BACKBONE, str(tmp_path / "evil.pth"))
+
+
+def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
+    """Empty, text or damaged files gave IndexError, KeyError or SafetensorError tracebacks;
+    a safetensors file not named so was refused as a pickle; torch.compile's and Lightning's
+    key prefixes were not removed."""
+    from safetensors.torch import save, save_file
+
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=5)
+    state = model.state_dict()
+    save_file(state, str(tmp_path / "w.bin"))
+    torch.save({f"model._orig_mod.{key}": value for key, value in state.items()}, tmp_path / "l.pt")
+    for name in ("w.bin", "l.pt"):
+        loaded = create_backbone_model(BACKBONE, str(tmp_path / name))
+        assert torch.equal(loaded.get_classifier().weight, model.get_classifier().weight), name
+    whole = save(state)
+    damaged = {
+        "empty.pth": (b"", "neither a safetensors file nor a torch state dict (0 bytes, empty)"),
+        "text.pth": (b"hello\n", "neither a safetensors file nor a torch state dict"),
+        "cut.safetensors": (whole[: len(whole) // 2], "a damaged safetensors file"),
+        "cut.pth": ((tmp_path / "l.pt").read_bytes()[:200], "refused to unpickle"),
+    }
+    for name, (data, message) in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{name}: {message}")):
+            create_backbone_model(BACKBONE, str(tmp_path / name))
 
 
 def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import logging
-import pickle
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class Compute(BaseModel):
@@ -72,30 +76,68 @@ def _read_bytes(url: str) -> bytes:
 
 
 def read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects."""
+    """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects.
+
+    The format is read from the bytes, not the name. A dict wrapping the weights
+    (``state_dict``, ``model``, EMA) is opened, and a prefix every key shares from
+    ``DataParallel`` (``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning
+    (``model.``) is removed.
+    """
     data = _read_bytes(url)
     if url.endswith(".npz"):
         raise ValueError(f"{url}: JAX .npz checkpoints are not loaded; convert to safetensors")
-    if url.endswith(".safetensors"):
-        state = load_safetensors(data)
-    else:
-        import io
-
+    if data[:2] == b"PK" or data[:1] == b"\x80":  # a torch.save zip, or a legacy pickle
+        state = _torch_state(url, data)
+    elif _is_safetensors(data):
         try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            first = str(error).strip().splitlines()[0]
-            raise ValueError(
-                f"{url}: refused to unpickle it (it holds more than tensors, or is no torch "
-                f"file: {first}); give a safetensors file or a plain state dict"
-            ) from None
-        for wrapper in _WRAPPER_KEYS:
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
+            state = load_safetensors(data)
+        except SafetensorError as error:
+            raise ValueError(f"{url}: a damaged safetensors file ({_first_line(error)})") from None
+    else:
+        raise ValueError(
+            f"{url}: neither a safetensors file nor a torch state dict "
+            f"({len(data)} bytes{', empty' if not data else ''})"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{url}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return _strip_prefixes(state)
+
+
+def _torch_state(url: str, data: bytes) -> Any:
+    """What ``torch.save`` stored in ``data``, unpickling tensors and plain types only; a dict
+    wrapping the weights is opened."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # the weights-only unpickler raises many types for one refusal
+        raise ValueError(
+            f"{url}: refused to unpickle it (it holds more than tensors, or is no torch "
+            f"file: {_first_line(error)}); give a safetensors file or a plain state dict"
+        ) from None
+    for wrapper in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            return state[wrapper]
+    return state
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """Whether ``data`` starts as a safetensors file: an 8-byte header length, then JSON."""
+    return len(data) >= 9 and data[8:9] == b"{"
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without a wrapper prefix that every key shares, however nested."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message without terminal styling, or its type's name."""
+    lines = _ANSI.sub("", str(error)).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
