@@ -59,7 +59,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
-from pipeline.cache.writer import clear_staging
+from pipeline.cache.writer import check_fits, clear_staging
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -367,6 +367,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     names = shard_names(urls)
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
+    for target, info in zip(config.targets(), infos, strict=True):
+        check_fits(info.embedding_peak, target.dtype, f"backbone {target.backbone} (a probe)")
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
     actors, gpus, cpus = plan_actors(

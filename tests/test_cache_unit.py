@@ -187,8 +187,9 @@ def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):
 def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     with pytest.raises(ValueError, match="no classifier"):
         describe_backbone("vit_small_patch16_dinov3.lvd1689m", "random")
-    with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)") as raised:
         describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
+    assert "its own input size, (3, 224, 224): leave --input-size out" in str(raised.value)
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
 

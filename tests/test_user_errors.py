@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import s3fs
@@ -23,10 +24,12 @@ from typer.testing import Result
 
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
+from pipeline.cache.writer import to_record_batch
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head
 from pipeline.head.model import HeadConfig, create_head
+from schemas import cache_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if "def main(" in p.read_text())
@@ -56,6 +59,23 @@ def test_unknown_timm_model_suggests_close_names(tmp_path: Path) -> None:
     )  # fmt: skip
     assert_actionable(result, seconds, "timm has no model 'vit_base_patch16_244'")
     assert "vit_base_patch16_224" in unboxed(result.text).split("close names")[1]
+
+
+def test_embeddings_float16_cannot_hold_are_refused_not_stored_as_inf(tmp_path: Path) -> None:
+    """Random-weight Inception v3 embeds past 1e7: every row was stored as inf, silently."""
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    flags = ["--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
+    backbone = ["--backbone", "inception_v3", "--weights", "random", "--input-size", "75"]
+    result, seconds = timed_pvu("cache", *flags, *backbone)
+    assert_actionable(result, seconds, "beyond float16's 65504", "--dtype float32")
+    # the writer checks each batch too
+    outputs = {"embedding": np.full((2, 4), 7e4, np.float32), "pred": np.zeros(2)}
+    outputs |= {"max_prob": np.ones(2), "entropy": np.zeros(2), "loss": np.zeros(2)}
+    with pytest.raises(ValueError, match=r"unit s epoch 0, keys a\.\.\.: .* reach 7e\+04"):
+        to_record_batch(
+            cache_schema(4), keys=["a", "b"], shard="s", epoch=0, labels=np.zeros(2),
+            outputs=outputs,
+        )  # fmt: skip
 
 
 def test_shard_pattern_that_matches_nothing(tmp_path: Path) -> None:

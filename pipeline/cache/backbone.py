@@ -68,6 +68,7 @@ class BackboneInfo:
     embedding_dim: int
     num_classes: int
     data_config: dict[str, Any]
+    embedding_peak: float  # the largest embedding magnitude on the probe images
 
 
 def _read_bytes(url: str) -> bytes:
@@ -228,16 +229,24 @@ def _head(model: torch.nn.Module, features: Any) -> tuple[torch.Tensor, torch.Te
     return model.forward_head(features, pre_logits=True), model.forward_head(features)
 
 
-def _probe(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> int:
-    """Run one forward on two random images; the embedding width. Warn when both get the same
-    logits: a classifier initialised to zero (random weights) gives every image one loss."""
+def _probe(
+    model: torch.nn.Module, name: str, input_size: tuple[int, ...], native: tuple[int, ...]
+) -> tuple[int, float]:
+    """Run one forward on two random images: the embedding width and largest magnitude.
+    Warn when both get the same logits: a classifier initialised to zero (random weights)
+    gives every image one loss. ``native`` is the model's own input size."""
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
             embedding, logits = _head(model, model.forward_features(images))
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+        hint = (
+            ""
+            if tuple(input_size) == tuple(native)
+            else (f"; it may take only its own input size, {tuple(native)}: leave --input-size out")
+        )
         raise ValueError(
-            f"backbone {name} does not run on inputs of {input_size}: {error}"
+            f"backbone {name} does not run on inputs of {input_size}: {error}{hint}"
         ) from None
     shapes = [tuple(getattr(out, "shape", ())) for out in (embedding, logits)]
     if len(shapes[0]) != 2 or shapes[1] != (2, model.num_classes):
@@ -253,7 +262,7 @@ def _probe(model: torch.nn.Module, name: str, input_size: tuple[int, ...]) -> in
             "baseline to rank; give trained --weights",
             name,
         )
-    return int(embedding.shape[-1])
+    return int(embedding.shape[-1]), float(embedding.abs().max())
 
 
 def describe_backbone(
@@ -271,12 +280,15 @@ def describe_backbone(
             "per-sample loss; pick weights with a classification head"
         )
     data_config = resolve_model_data_config(model)
+    native = data_config["input_size"]
+    width, peak = _probe(model, name, input_size or native, native)
     return BackboneInfo(
         name=name,
         weights_digest=_weights_digest(name, weights, model),
-        embedding_dim=_probe(model, name, input_size or data_config["input_size"]),
+        embedding_dim=width,
         num_classes=int(model.num_classes),
         data_config=data_config,
+        embedding_peak=peak,
     )
 
 
@@ -332,11 +344,10 @@ class Backbone:
             features = self.model.forward_features(images)
         embedding, logits = _head(self.model, features)  # outside autocast
         log_probs = F.log_softmax(logits, dim=-1)
-        max_log_prob, pred = log_probs.max(dim=-1)
         outputs = {
             "embedding": embedding.cpu(),
-            "pred": pred.int().cpu(),
-            "max_prob": max_log_prob.exp().cpu(),
+            "pred": logits.argmax(dim=-1).int().cpu(),  # logits a hair apart can tie in log_probs
+            "max_prob": log_probs.amax(dim=-1).exp().cpu(),
             "entropy": -(log_probs.exp() * log_probs).sum(dim=-1).cpu(),
         }
         if labels is not None:

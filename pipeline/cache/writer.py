@@ -15,6 +15,8 @@ from pipeline.retry import retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
+#: The largest magnitude a float16 embedding holds; beyond it the cast gives inf.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 ROW_GROUP_ROWS = 4096
 PARQUET_OPTIONS: dict[str, Any] = {
     # zstd for every column but the embedding: zstd saves only ~8% of a float16 embedding's
@@ -35,6 +37,16 @@ def unit_path(epoch: int, shard: str) -> str:
     return f"epoch={epoch:04d}/{shard}.parquet"
 
 
+def check_fits(peak: float, dtype: str, where: str) -> None:
+    """Refuse embeddings whose largest magnitude, ``peak``, the stored ``dtype`` cannot hold:
+    float16 would store them as inf, and every row would be dropped when read."""
+    if dtype == "float16" and peak > FLOAT16_MAX:
+        raise ValueError(
+            f"{where}: embedding values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f} "
+            "(they would be stored as inf); cache them with --dtype float32"
+        )
+
+
 def to_record_batch(
     schema: pa.Schema,
     *,
@@ -51,8 +63,12 @@ def to_record_batch(
     ``ambiguity`` or a NaN in it (a NaN loss stays NaN: the classifier produced it).
     """
     embedding_field = schema.field("embedding").type
-    embedding = outputs["embedding"].astype(embedding_field.value_type.to_pandas_dtype())
+    dtype = embedding_field.value_type.to_pandas_dtype()
     count = len(keys)
+    if count:
+        peak = float(np.abs(outputs["embedding"]).max())
+        check_fits(peak, np.dtype(dtype).name, f"unit {shard} epoch {epoch}, keys {keys[0]}...")
+    embedding = outputs["embedding"].astype(dtype)
     columns = {
         "key": pa.array(keys, pa.string()),
         "shard": pa.array([shard] * count, pa.string()),
