@@ -29,6 +29,7 @@ from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences
 from pipeline.cache.plan import (
     Estimate,
     Measurement,
+    ShardPrefix,
     estimate,
     forward_rate,
     measure,
@@ -54,6 +55,7 @@ class Plan:
     threads: int
     gpu_rate: float | None
     gpu_rate_source: str
+    shares_decode: bool = False  # an --also target: the first backbone's pass decodes for it
 
 
 def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
@@ -79,12 +81,36 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
     }
 
 
-def run_plan(config: PlanJobConfig) -> Plan:
-    """Sample the shards, measure the sample on this machine and extrapolate to the job."""
+def run_plan(config: PlanJobConfig) -> list[Plan]:
+    """Sample the shards once, then measure each backbone of the job (the first, then each
+    ``--also`` target) on the sample on this machine and extrapolate to the job."""
     check_storage(config.shards, flag="--shards")
-    check_storage(config.output, flag="--output")
+    for target in config.targets():
+        check_storage(target.output, flag="--output")
     urls = expand_shards(config.shards)
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
+    sizes = shard_sizes(urls)
+    prefixes = sample_shards(sizes, config.sample_images)
+    if not any(prefix.samples for prefix in prefixes.values()):
+        named = ", ".join(list(prefixes)[:3]) + (", ..." if len(prefixes) > 3 else "")
+        raise ValueError(
+            f"--shards {config.shards}: the {len(prefixes)} shards sampled hold no samples "
+            f"({named}): empty, damaged from their start, or not tar files; pvu cache would "
+            "count each as empty_shard or truncated_tar"
+        )
+    sample = (urls, sizes, prefixes)
+    return [_plan_target(t, sample, first=i == 0) for i, t in enumerate(config.targets())]
+
+
+def _plan_target(
+    config: PlanJobConfig,
+    sample: tuple[list[str], dict[str, int], dict[str, ShardPrefix]],
+    *,
+    first: bool,
+) -> Plan:
+    """The plan of one backbone; ``first``: the one whose pass decodes (``--also`` targets
+    share it), and which ``--images-per-second-per-gpu`` rates."""
+    urls, sizes, prefixes = sample
     info = describe_backbone(
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )
@@ -95,20 +121,12 @@ def run_plan(config: PlanJobConfig) -> Plan:
     compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
     provenance = build_provenance(config, info, transform, compute)
     done = committed_units(config, provenance, urls)
-    sizes = shard_sizes(urls)
-    prefixes = sample_shards(sizes, config.sample_images)
-    if not any(prefix.samples for prefix in prefixes.values()):
-        named = ", ".join(list(prefixes)[:3]) + (", ..." if len(prefixes) > 3 else "")
-        raise ValueError(
-            f"--shards {config.shards}: the {len(prefixes)} shards sampled hold no samples "
-            f"({named}): empty, damaged from their start, or not tar files; pvu cache would "
-            "count each as empty_shard or truncated_tar"
-        )
     model = create_backbone_model(config.backbone, config.weights)
     settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
-    with console.status("measuring the sampled images on this machine"):
+    with console.status(f"measuring {config.backbone} on the sampled images on this machine"):
         measurement = measure(Backbone(model, torch.device("cpu")), settings, prefixes)
-        gpu_rate, source = config.images_per_second_per_gpu, "--images-per-second-per-gpu"
+        gpu_rate = config.images_per_second_per_gpu if first else None
+        source = "--images-per-second-per-gpu"
         if gpu_rate is None and torch.cuda.is_available():
             autocast = Compute.resolve("cuda", config.precision).autocast_dtype
             backbone = Backbone(model, torch.device("cuda"), autocast)
@@ -122,6 +140,7 @@ def run_plan(config: PlanJobConfig) -> Plan:
         torch.get_num_threads(),
         gpu_rate,
         source if gpu_rate else "",
+        shares_decode=not first,
     )
 
 
@@ -134,9 +153,10 @@ def _hours(rows: int, rate: float) -> str:
 
 
 def describe(plan: Plan, config: PlanJobConfig) -> Table:
-    """The plan as a two-column table."""
+    """The plan of one backbone (``config``: its own target) as a two-column table."""
     est, m = plan.estimate, plan.measurement
-    table = Table(title="pvu plan: what `pvu cache` with these flags will do", show_header=False)
+    title = f"pvu plan: what `pvu cache` will do for {config.backbone} into {config.output}"
+    table = Table(title=title, show_header=False)
     table.add_row(
         "shards",
         f"{est.shards:,} ({est.counted_shards:,} counted, the others estimated from their size)",
@@ -161,16 +181,21 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
         f"({plan.threads} threads): {m.images_per_second:,.1f} images/s, "
         f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
     )
+    # an --also target's images are decoded and augmented once, in the first backbone's pass
+    cpu = m.cpu_seconds_per_image - (m.prepare_seconds_per_image if plan.shares_decode else 0.0)
+    shared = ", decoding not counted: the first pass does it" if plan.shares_decode else ""
     table.add_row(
         "CPU actor-hours",
         f"{_hours(est.rows, m.images_per_second)} at the rate measured here; "
-        f"{_hours(est.rows, 1 / m.cpu_seconds_per_image if m.cpu_seconds_per_image else 0)} "
-        "of CPU time (divide by an actor's cores)",
+        f"{_hours(est.rows, 1 / cpu if cpu > 0 else 0)} of CPU time (divide by an actor's "
+        f"cores){shared}",
     )
     decode_rate = 1 / m.prepare_seconds_per_image if m.prepare_seconds_per_image else 0.0
     table.add_row(
         "decode + augment",
-        f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core",
+        "done once, in the first backbone's pass (--also)"
+        if plan.shares_decode
+        else f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core",
     )
     if plan.gpu_rate:
         cores = plan.gpu_rate / decode_rate if decode_rate else 0.0
@@ -182,7 +207,9 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     else:
         table.add_row(
             "GPU actor-hours",
-            "not estimated: no GPU here; pass --images-per-second-per-gpu (a forward rate "
+            "not estimated: no GPU here; --images-per-second-per-gpu rates the first backbone"
+            if plan.shares_decode
+            else "not estimated: no GPU here; pass --images-per-second-per-gpu (a forward rate "
             "measured on the target GPU)",
         )
     if config.actors:
@@ -225,8 +252,9 @@ def plan(**arguments: Any) -> None:
     setup_logging(verbose)
     job = job_config(PlanJobConfig, arguments["ctx"])
     with reported("plan", verbose=verbose):
-        result = run_plan(job)
-    console.print(describe(result, job))
+        plans = run_plan(job)
+    for target, result in zip(job.targets(), plans, strict=True):
+        console.print(describe(result, target))
 
 
 plan.__signature__ = _signature()  # type: ignore[attr-defined]

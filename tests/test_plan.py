@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tarfile
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def digits_only(shards: str, folder) -> str:
 @pytest.mark.slow
 def test_plan_predicts_the_cache_run(shards, tmp_path):
     output = str(tmp_path / "cache")
-    everything = run_plan(PlanJobConfig(shards=shards, output=output, epochs=2, **COMMON))
-    part = run_plan(
+    [everything] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=2, **COMMON))
+    [part] = run_plan(
         PlanJobConfig(
             shards=digits_only(shards, tmp_path),
             output=str(tmp_path / "other"),
@@ -74,10 +75,10 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     assert part.estimate.bytes == pytest.approx(sum(u["bytes"] for u in digits), rel=TOLERANCE)
 
     # resuming into a longer run: the committed units are not planned again
-    more = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
+    [more] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert more.estimate.units_done == 10 and more.estimate.rows == real.rows // 2
     (tmp_path / "cache" / "_manifest.json").unlink()  # pvu cache adopts the units it finds
-    bare = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
+    [bare] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert bare.estimate.units_done == 10 and bare.estimate.rows == real.rows // 2
 
     flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
@@ -99,6 +100,21 @@ def test_plan_of_shards_on_s3_prints_units_rows_bytes_and_hours(s3_bucket):
     assert "rows to compute │ ~420" in text  # 5 shards x 12 samples x 7 epochs
     assert "CPU actor-hours" in text and "at 2,000 images/s per GPU" in text
     assert not fsspec.filesystem("s3").exists(f"{s3_bucket}/cache")
+
+
+def test_plan_covers_every_also_backbone(shards, tmp_path):
+    """--also was accepted and ignored: the plan priced the first backbone's cache alone."""
+    also = f"mobilenetv3_small_050,random,{tmp_path / 'wide'}"
+    flags = ["--shards", shards, "--output", str(tmp_path / "narrow"), "--sample-images", "16"]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, "--also", also)
+    text = result.text
+    assert result.exit_code == 0, result.output
+    first, second = text.split("pvu plan: ")[1:]
+    assert first.startswith("what `pvu cache` will do for resnet10t into")
+    assert "mobilenetv3_small_050" in second and "wide" in second
+    assert "done once, in the first backbone's pass" in second
+    per_row = [int(re.search(r"([\d,]+) per row", t)[1].replace(",", "")) for t in (first, second)]
+    assert per_row[1] > per_row[0]  # 1,024 float16 values a row against 512
 
 
 def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
