@@ -344,16 +344,18 @@ class Fanout:
     def _batches(
         self, unit: Unit, shared: Counter, own: list[Counter]
     ) -> Iterator[tuple[int, _Batch]]:
-        """(target, batch) pairs: each target's rows cut into its own batches, in order."""
+        """(target, batch) pairs: each target's rows cut into its own batches, in order.
+
+        A batch's seconds are those spent preparing since the previous batch was handed on,
+        not the wait for the consumer to take it (the prefetch queue's room)."""
         pending: list[list[tuple[str, Any, Meta]]] = [[] for _ in self.runners]
         started, cpu = time.perf_counter(), time.thread_time()
 
         def collate(target: int) -> _Batch:
-            nonlocal started, cpu
             batch = UnitRunner._collate(
                 pending[target], time.perf_counter() - started, time.thread_time() - cpu
             )
-            pending[target], started, cpu = [], time.perf_counter(), time.thread_time()
+            pending[target] = []
             return batch
 
         for key, images, metas in self._prepared(unit, shared, own):
@@ -363,9 +365,11 @@ class Fanout:
                 pending[target].append((key, images[self.transform_of[target]], meta))
                 if len(pending[target]) == self.runners[target].settings.batch_size:
                     yield target, collate(target)
+                    started, cpu = time.perf_counter(), time.thread_time()
         for target in range(len(self.runners)):
             if pending[target]:
                 yield target, collate(target)
+                started, cpu = time.perf_counter(), time.thread_time()
 
     def run(self, unit: Unit) -> list[UnitResult]:
         """Compute and commit ``unit`` for every target; one result per target, in order.
