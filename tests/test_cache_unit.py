@@ -19,6 +19,7 @@ from pipeline.cache.backbone import (
     Backbone,
     create_backbone_model,
     describe_backbone,
+    read_state_dict,
     state_digest,
 )
 from pipeline.cache.decode import decode_image
@@ -145,6 +146,12 @@ def test_local_weights_file_sets_the_class_count_and_is_not_unpickled(tmp_path):
         create_backbone_model(BACKBONE, str(tmp_path / "evil.pth"))
 
 
+def read_state_dict_keys(folder, data: bytes) -> list[str]:
+    """The keys ``read_state_dict`` finds in ``data`` written to a file in ``folder``."""
+    (folder / "probe.safetensors").write_bytes(data)
+    return list(read_state_dict(str(folder / "probe.safetensors")))
+
+
 def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
     """Empty, text or damaged files gave IndexError, KeyError or SafetensorError tracebacks;
     a safetensors file not named so was refused as a pickle; torch.compile's and Lightning's
@@ -158,12 +165,16 @@ def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
     for name in ("w.bin", "l.pt"):
         loaded = create_backbone_model(BACKBONE, str(tmp_path / name))
         assert torch.equal(loaded.get_classifier().weight, model.get_classifier().weight), name
+    pickle_byte = next(  # a header 0x80 long starts as a pickle does: safetensors is read first
+        data for data in (save({"w" * n: torch.zeros(1)}) for n in range(1, 300)) if data[0] == 0x80
+    )
+    assert read_state_dict_keys(tmp_path, pickle_byte)
     whole = save(state)
     damaged = {
         "empty.pth": (b"", "neither a safetensors file nor a torch state dict (0 bytes, empty)"),
         "text.pth": (b"hello\n", "neither a safetensors file nor a torch state dict"),
         "cut.safetensors": (whole[: len(whole) // 2], "a damaged safetensors file"),
-        "cut.pth": ((tmp_path / "l.pt").read_bytes()[:200], "refused to unpickle"),
+        "cut.pth": ((tmp_path / "l.pt").read_bytes()[:200], "a damaged torch file, or none"),
     }
     for name, (data, message) in damaged.items():
         (tmp_path / name).write_bytes(data)

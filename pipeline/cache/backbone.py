@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -79,7 +80,8 @@ def _read_bytes(url: str) -> bytes:
 def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects.
 
-    The format is read from the bytes, not the name. A dict wrapping the weights
+    The format is read from the bytes, not the name (a JAX ``.npz``, refused, by its name).
+    A dict wrapping the weights
     (``state_dict``, ``model``, EMA) is opened, and a prefix every key shares from
     ``DataParallel`` (``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning
     (``model.``) is removed.
@@ -87,13 +89,13 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     data = _read_bytes(url)
     if url.endswith(".npz"):
         raise ValueError(f"{url}: JAX .npz checkpoints are not loaded; convert to safetensors")
-    if data[:2] == b"PK" or data[:1] == b"\x80":  # a torch.save zip, or a legacy pickle
-        state = _torch_state(url, data)
-    elif _is_safetensors(data):
+    if _is_safetensors(data):  # first: its header length may start with a pickle's byte
         try:
             state = load_safetensors(data)
         except SafetensorError as error:
             raise ValueError(f"{url}: a damaged safetensors file ({_first_line(error)})") from None
+    elif data[:2] == b"PK" or data[:1] == b"\x80":  # a torch.save zip, or a legacy pickle
+        state = _torch_state(url, data)
     else:
         raise ValueError(
             f"{url}: neither a safetensors file nor a torch state dict "
@@ -109,11 +111,13 @@ def _torch_state(url: str, data: bytes) -> Any:
     wrapping the weights is opened."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # the weights-only unpickler raises many types for one refusal
+    except pickle.UnpicklingError as error:  # the weights-only unpickler's refusal
         raise ValueError(
-            f"{url}: refused to unpickle it (it holds more than tensors, or is no torch "
-            f"file: {_first_line(error)}); give a safetensors file or a plain state dict"
+            f"{url}: refused to unpickle it (it holds more than tensors: "
+            f"{_first_line(error)}); give a safetensors file or a plain state dict"
         ) from None
+    except Exception as error:  # a damaged zip or pickle raises many types
+        raise ValueError(f"{url}: a damaged torch file, or none ({_first_line(error)})") from None
     for wrapper in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             return state[wrapper]
@@ -121,8 +125,10 @@ def _torch_state(url: str, data: bytes) -> Any:
 
 
 def _is_safetensors(data: bytes) -> bool:
-    """Whether ``data`` starts as a safetensors file: an 8-byte header length, then JSON."""
-    return len(data) >= 9 and data[8:9] == b"{"
+    """Whether ``data`` starts as a safetensors file: an 8-byte header length (little-endian,
+    within the file), then its JSON header."""
+    length = int.from_bytes(data[:8], "little")
+    return len(data) >= 9 and data[8:9] == b"{" and 8 + length <= len(data)
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
