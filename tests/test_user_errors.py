@@ -24,7 +24,7 @@ from typer.testing import Result
 
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
-from pipeline.cache.writer import to_record_batch
+from pipeline.cache.writer import EmbeddingOverflow, to_record_batch
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head
@@ -71,7 +71,13 @@ def test_embeddings_float16_cannot_hold_are_refused_not_stored_as_inf(tmp_path: 
     # the writer checks each batch too
     outputs = {"embedding": np.full((2, 4), 7e4, np.float32), "pred": np.zeros(2)}
     outputs |= {"max_prob": np.ones(2), "entropy": np.zeros(2), "loss": np.zeros(2)}
-    with pytest.raises(ValueError, match=r"unit s epoch 0, keys a\.\.\.: .* reach 7e\+04"):
+    outputs["embedding"][0, 0] = np.inf  # the backbone's own inf: kept, not counted as a peak
+    small = {**outputs, "embedding": np.where(np.isinf(outputs["embedding"]), np.inf, 1.0)}
+    batch = to_record_batch(
+        cache_schema(4), keys=["a", "b"], shard="s", epoch=0, labels=np.zeros(2), outputs=small
+    )
+    assert batch.num_rows == 2
+    with pytest.raises(EmbeddingOverflow, match=r"unit s epoch 0, keys a\.\.\.: .* reach 7e\+04"):
         to_record_batch(
             cache_schema(4), keys=["a", "b"], shard="s", epoch=0, labels=np.zeros(2),
             outputs=outputs,

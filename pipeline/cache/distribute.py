@@ -22,6 +22,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
+from pipeline.cache.writer import EmbeddingOverflow
 from pipeline.retry import PERMANENT_ERRORS, StorageFull
 
 log = logging.getLogger(__name__)
@@ -339,6 +340,8 @@ class ActorPool:
                     f"{why}. Stopped: free space (or raise the quota) where the cache is "
                     "written and run the same command again; the units written are kept"
                 ) from None
+            if isinstance(error.cause, EmbeddingOverflow):  # every other unit would overflow
+                raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None
             if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it
                 report.failed[unit.relpath] = why
                 log.error("unit %s failed: %s", unit.relpath, why)

@@ -37,11 +37,15 @@ def unit_path(epoch: int, shard: str) -> str:
     return f"epoch={epoch:04d}/{shard}.parquet"
 
 
+class EmbeddingOverflow(ValueError):
+    """The backbone's embeddings exceed the stored dtype: every unit would, so a run stops."""
+
+
 def check_fits(peak: float, dtype: str, where: str) -> None:
-    """Refuse embeddings whose largest magnitude, ``peak``, the stored ``dtype`` cannot hold:
-    float16 would store them as inf, and every row would be dropped when read."""
+    """Refuse embeddings whose largest finite magnitude, ``peak``, the stored ``dtype`` cannot
+    hold: float16 would store them as inf, and every row would be dropped when read."""
     if dtype == "float16" and peak > FLOAT16_MAX:
-        raise ValueError(
+        raise EmbeddingOverflow(
             f"{where}: embedding values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f} "
             "(they would be stored as inf); cache them with --dtype float32"
         )
@@ -65,9 +69,10 @@ def to_record_batch(
     embedding_field = schema.field("embedding").type
     dtype = embedding_field.value_type.to_pandas_dtype()
     count = len(keys)
-    if count:
-        peak = float(np.abs(outputs["embedding"]).max())
-        check_fits(peak, np.dtype(dtype).name, f"unit {shard} epoch {epoch}, keys {keys[0]}...")
+    finite = np.abs(outputs["embedding"][np.isfinite(outputs["embedding"])])
+    if finite.size:  # a NaN or inf the backbone gave is its own: readers drop that row
+        where = f"unit {shard} epoch {epoch}, keys {keys[0]}..."
+        check_fits(float(finite.max()), np.dtype(dtype).name, where)
     embedding = outputs["embedding"].astype(dtype)
     columns = {
         "key": pa.array(keys, pa.string()),
