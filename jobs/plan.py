@@ -9,6 +9,7 @@ starts no Ray and writes nothing to ``--output``.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,6 +39,8 @@ from pipeline.cache.plan import (
 )
 from pipeline.cache.shards import expand_shards, shard_names
 
+log = logging.getLogger("pvu.plan")
+
 
 class PlanJobConfig(CacheJobConfig):
     """The cache job's configuration, plus how the plan samples and rates GPUs."""
@@ -64,9 +67,17 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
     because it holds a different cache."""
     fs, root = fsspec.core.url_to_fs(config.output)
     root = root.rstrip("/")
-    if not fs.exists(f"{root}/{MANIFEST_NAME}") and not fs.glob(f"{root}/epoch=*/*.parquet"):
+    manifest = fs.exists(f"{root}/{MANIFEST_NAME}")
+    if not manifest and not fs.glob(f"{root}/epoch=*/*.parquet"):
         return set()  # nothing there yet, or an empty folder: every unit is to do
-    info = read_cache_info(config.output)  # without a manifest: its units' footers, as cache
+    try:  # without a manifest: its units' footers, as cache reads them to adopt the units
+        info = read_cache_info(config.output)
+    except ValueError as error:
+        if manifest:
+            raise
+        # cache recomputes a damaged unit and leaves a foreign file alone
+        log.warning("planned --output %s as if empty: %s", config.output, error)
+        return set()
     differences = provenance_differences(info.provenance, provenance)
     if differences:
         raise ValueError(
@@ -85,8 +96,8 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
     """Sample the shards once, then measure each backbone of the job (the first, then each
     ``--also`` target) on the sample on this machine and extrapolate to the job."""
     check_storage(config.shards, flag="--shards")
-    for target in config.targets():
-        check_storage(target.output, flag="--output")
+    for index, target in enumerate(config.targets()):
+        check_storage(target.output, flag="--also" if index else "--output")
     urls = expand_shards(config.shards)
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
     sizes = shard_sizes(urls)
@@ -182,7 +193,7 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
         f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
     )
     # an --also target's images are decoded and augmented once, in the first backbone's pass
-    cpu = m.cpu_seconds_per_image - (m.prepare_seconds_per_image if plan.shares_decode else 0.0)
+    cpu = m.cpu_seconds_per_image - (m.prepare_cpu_seconds_per_image if plan.shares_decode else 0)
     shared = ", decoding not counted: the first pass does it" if plan.shares_decode else ""
     table.add_row(
         "CPU actor-hours",
@@ -199,10 +210,11 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     )
     if plan.gpu_rate:
         cores = plan.gpu_rate / decode_rate if decode_rate else 0.0
+        feeding = "" if plan.shares_decode else f"; feeding it takes ~{cores:,.1f} decode cores/GPU"
         table.add_row(
             "GPU actor-hours",
             f"{_hours(est.rows, plan.gpu_rate)} at {plan.gpu_rate:,.0f} images/s per GPU "
-            f"({plan.gpu_rate_source}); feeding it takes ~{cores:,.1f} decode cores per GPU",
+            f"({plan.gpu_rate_source}){feeding}",
         )
     else:
         table.add_row(
@@ -212,7 +224,7 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
             else "not estimated: no GPU here; pass --images-per-second-per-gpu (a forward rate "
             "measured on the target GPU)",
         )
-    if config.actors:
+    if config.actors and not plan.shares_decode:  # --also: the pass's time is the sum
         rate = (
             plan.gpu_rate if plan.gpu_rate and config.gpus_per_actor != 0 else m.images_per_second
         )
@@ -255,6 +267,12 @@ def plan(**arguments: Any) -> None:
         plans = run_plan(job)
     for target, result in zip(job.targets(), plans, strict=True):
         console.print(describe(result, target))
+    if len(plans) > 1:
+        console.print(
+            f"One pass runs all {len(plans)} backbones: its time is the sum of their forwards' "
+            "(each table's actor-hours, less decoding for the --also ones), its decoding the "
+            "first table's."
+        )
 
 
 plan.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -138,7 +138,6 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     assert len(everything) == 10 and all(p.complete for p in everything.values())
 
 
-@pytest.mark.slow
 def test_plan_of_shards_without_samples_says_so(tmp_path):
     """It printed '0.0% of the sample kept; skipped there: none' for empty or non-tar shards."""
     (tmp_path / "shards").mkdir()
@@ -151,6 +150,7 @@ def test_plan_of_shards_without_samples_says_so(tmp_path):
     assert "empty.tar" in text and "text.tar" in text
 
 
+@pytest.mark.slow
 def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     settings = {
         "shards": shards, "backbone": "resnet10t", "weights": "random", "input_size": 32,

@@ -74,6 +74,11 @@ class Measurement:
         return self.result.timings.get("cpu", 0.0) / max(self.result.rows, 1)
 
     @property
+    def prepare_cpu_seconds_per_image(self) -> float:
+        """Decode + augment CPU seconds per row, of the preparing thread."""
+        return self.result.timings.get("prepare_cpu", 0.0) / max(self.result.rows, 1)
+
+    @property
     def prepare_seconds_per_image(self) -> float:
         """Decode + augment seconds per row, on one thread."""
         return self.result.timings.get("prepare", 0.0) / max(self.result.rows, 1)
