@@ -367,8 +367,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     names = shard_names(urls)
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
-    for target, info in zip(config.targets(), infos, strict=True):
-        check_fits(info.embedding_peak, target.dtype, f"backbone {target.backbone} (a probe)")
+    for info in infos:
+        check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
     actors, gpus, cpus = plan_actors(

@@ -246,11 +246,9 @@ def _probe(
         with torch.inference_mode():
             embedding, logits = _head(model, model.forward_features(images))
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
-        hint = (
-            ""
-            if tuple(input_size) == tuple(native)
-            else (f"; it may take only its own input size, {tuple(native)}: leave --input-size out")
-        )
+        hint = f"; it may take only its own input size, {tuple(native)}: leave --input-size out"
+        if tuple(input_size) == tuple(native):
+            hint = ""
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {error}{hint}"
         ) from None
