@@ -169,6 +169,10 @@ def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
         data for data in (save({"w" * n: torch.zeros(1)}) for n in range(1, 300)) if data[0] == 0x80
     )
     assert read_state_dict_keys(tmp_path, pickle_byte)
+    headless = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    torch.save(headless, tmp_path / "headless.pth")  # said "missing ['fc.weight', 'fc.bias']"
+    with pytest.raises(ValueError, match=r"headless\.pth holds no classifier for resnet10t"):
+        create_backbone_model(BACKBONE, str(tmp_path / "headless.pth"))
     whole = save(state)
     damaged = {
         "empty.pth": (b"", "neither a safetensors file nor a torch state dict (0 bytes, empty)"),

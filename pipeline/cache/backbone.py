@@ -214,6 +214,11 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         model = timm.create_model(name, pretrained=False, **kwargs)
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if num_classes is None and missing and not unexpected:
+            raise ValueError(
+                f"{weights} holds no classifier for {name} (no {', '.join(missing[:2])}): pvu "
+                "caches the classifier's per-sample loss; give weights with a classification head"
+            )
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
