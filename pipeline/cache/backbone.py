@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
 
+from pipeline.cache.writer import finite_peak
+
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
@@ -69,7 +71,7 @@ class BackboneInfo:
     embedding_dim: int
     num_classes: int
     data_config: dict[str, Any]
-    embedding_peak: float  # the largest embedding magnitude on the probe images
+    embedding_peak: float  # the largest finite embedding magnitude on the probe images
 
 
 def _read_bytes(url: str) -> bytes:
@@ -243,7 +245,7 @@ def _head(model: torch.nn.Module, features: Any) -> tuple[torch.Tensor, torch.Te
 def _probe(
     model: torch.nn.Module, name: str, input_size: tuple[int, ...], native: tuple[int, ...]
 ) -> tuple[int, float]:
-    """Run one forward on two random images: the embedding width and largest magnitude.
+    """Run one forward on two random images: the embedding width and largest finite magnitude.
     Warn when both get the same logits: a classifier initialised to zero (random weights)
     gives every image one loss. ``native`` is the model's own input size."""
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
@@ -271,7 +273,7 @@ def _probe(
             "baseline to rank; give trained --weights",
             name,
         )
-    return int(embedding.shape[-1]), float(embedding.abs().max())
+    return int(embedding.shape[-1]), finite_peak(embedding.numpy())
 
 
 def describe_backbone(

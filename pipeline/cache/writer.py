@@ -41,6 +41,13 @@ class EmbeddingOverflow(ValueError):
     """The backbone's embeddings exceed the stored dtype: every unit would, so a run stops."""
 
 
+def finite_peak(values: np.ndarray) -> float:
+    """The largest finite magnitude in ``values`` (0 if none): a NaN or inf the backbone gave
+    is its own, stored as it is and dropped by readers, not a sign the dtype is too narrow."""
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def check_fits(peak: float, dtype: str, where: str) -> None:
     """Refuse embeddings whose largest finite magnitude, ``peak``, the stored ``dtype`` cannot
     hold: float16 would store them as inf, and every row would be dropped when read."""
@@ -69,10 +76,9 @@ def to_record_batch(
     embedding_field = schema.field("embedding").type
     dtype = embedding_field.value_type.to_pandas_dtype()
     count = len(keys)
-    finite = np.abs(outputs["embedding"][np.isfinite(outputs["embedding"])])
-    if finite.size:  # a NaN or inf the backbone gave is its own: readers drop that row
+    if count:
         where = f"unit {shard} epoch {epoch}, keys {keys[0]}..."
-        check_fits(float(finite.max()), np.dtype(dtype).name, where)
+        check_fits(finite_peak(outputs["embedding"]), np.dtype(dtype).name, where)
     embedding = outputs["embedding"].astype(dtype)
     columns = {
         "key": pa.array(keys, pa.string()),
