@@ -135,8 +135,8 @@ def explain(error: ValidationError, *, from_file: Set[str], path: str | None) ->
     for part in error.errors():
         field = str(part["loc"][0]) if part["loc"] else None
         # a validator's own ValueError: its words, without pydantic's "Value error, " prefix
-        error = part.get("ctx", {}).get("error") if part["type"] == "value_error" else None
-        message = part["msg"] if error is None else str(error)
+        raised = part.get("ctx", {}).get("error") if part["type"] == "value_error" else None
+        message = part["msg"] if raised is None else str(raised)
         if field is None:
             where = f"config file {path}" if path else None
         elif field in from_file:
