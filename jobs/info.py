@@ -1,6 +1,7 @@
 """``pvu info CACHE``: what a cache is (provenance, label space) and what it holds (units, rows,
 bytes, skips by reason, epochs), from its manifest; reads no row. ``--verify`` checks storage
-against the manifest with the same check ``pvu cache`` reconciles with and readers refuse on."""
+against the manifest with the same check ``pvu cache`` reconciles with and readers refuse on;
+``--checksums`` also reads every page and checks its CRC-32."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ConfigDict
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
-from pipeline.cache.verify import CacheCheck, check_cache
+from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 
 
 class InfoJobConfig(BaseModel):
@@ -26,6 +28,7 @@ class InfoJobConfig(BaseModel):
     cache: str
     json_output: bool = False
     verify: bool = False
+    checksums: bool = False
 
 
 def describe(info: CacheInfo) -> Table:
@@ -59,12 +62,16 @@ def describe(info: CacheInfo) -> Table:
     return table
 
 
-def verification(check: CacheCheck, summary: CacheInfo) -> Table:
+def verification(check: CacheCheck, summary: CacheInfo, *, pages: bool) -> Table:
     """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
     table = Table(title=f"pvu info --verify: {check.url}", show_header=False)
     if summary.source != "manifest":
         table.add_row("nothing checked", "the cache has no manifest to check storage against")
         return table
+    table.add_row(
+        "checked",
+        "sizes, footers" + (" and every page's CRC-32" if pages else " (pages: --checksums)"),
+    )
     table.add_row("units missing or damaged", f"{len(check.damaged):,}")
     for relpath, why in sorted(check.damaged.items()):
         table.add_row(f"[red]{relpath}", why)
@@ -76,19 +83,37 @@ def verification(check: CacheCheck, summary: CacheInfo) -> Table:
     return table
 
 
-def storage_check(summary: CacheInfo) -> CacheCheck:
+def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
     """The check of storage against the manifest the summary was read from (the same snapshot,
-    read once); a cache without a manifest has nothing to check against."""
+    read once), with every page read under a progress bar if ``pages``; a cache without a
+    manifest has nothing to check against."""
     if summary.source != "manifest":
         return CacheCheck(summary.root.rstrip("/"))
-    return check_cache(summary.root, summary.units, summary.provenance)
+    check = check_cache(summary.root, summary.units, summary.provenance)
+    if pages:
+        with Progress(
+            TextColumn("[bold]checksums"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("units"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("units", total=len(check.footers))
+            for _ in check_pages(check):
+                progress.advance(task)
+    return check
 
 
 def run_info(job: InfoJobConfig) -> tuple[CacheInfo, CacheCheck | None]:
-    """The cache's summary, and the check of storage against it when ``job.verify``."""
+    """The cache's summary, and the check of storage against it when ``job.verify`` (or
+    ``job.checksums``)."""
     check_storage(job.cache, flag="CACHE", must_exist=True)
     summary = read_cache_info(job.cache)
-    return summary, storage_check(summary) if job.verify else None
+    if not (job.verify or job.checksums):
+        return summary, None
+    return summary, storage_check(summary, pages=job.checksums)
 
 
 def info(
@@ -107,6 +132,13 @@ def info(
             "footer; exit 1 naming each that does not.",
         ),
     ] = False,
+    checksums: Annotated[
+        bool,
+        typer.Option(
+            help="--verify, and also read every page of every unit and check its CRC-32 (a "
+            "byte damaged in place): reads the whole cache.",
+        ),
+    ] = False,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:
@@ -123,7 +155,7 @@ def info(
     else:
         console.print(describe(summary))
         if check is not None:
-            console.print(verification(check, summary))
+            console.print(verification(check, summary, pages=job.checksums))
     if check is not None and not check.ok:
         console.print(f"[red]error:[/red] {check.refusal()}")
         raise typer.Exit(code=1)

@@ -183,6 +183,11 @@ def naming(what: str) -> Iterator[None]:
         _reraise(error, f"{what} failed")
 
 
+def is_damaged_page(error: BaseException) -> bool:
+    """Whether ``error`` is pyarrow's refusal of a Parquet page whose CRC-32 does not match."""
+    return _DAMAGED_PAGE in str(error)
+
+
 def _reraise(error: BaseException, context: str) -> NoReturn:
     """Raise the error again as an ``OSError`` with ``context`` prefixed, chained to it.
 
@@ -192,7 +197,7 @@ def _reraise(error: BaseException, context: str) -> NoReturn:
     botocore's are not).
     """
     message = f"{context}: {type(error).__name__}: {error}"
-    if _DAMAGED_PAGE in str(error):
+    if is_damaged_page(error):
         message += (
             ". The file's stored bytes are damaged; delete it and re-run the `pvu cache` "
             "command that wrote it, which recomputes a missing unit and keeps the rest"

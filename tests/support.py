@@ -150,6 +150,16 @@ def with_embedding(table: pa.Table, embedding: np.ndarray) -> pa.Table:
     return table.set_column(table.schema.get_field_index("embedding"), field, column)
 
 
+def flip_page_byte(path: Path, group: int, column: str = EMBEDDING_LEAF) -> None:
+    """Flip a bit in the last page body of row group ``group``'s ``column`` chunk in the
+    Parquet file at ``path``, in place: the file keeps its size and footer."""
+    metadata = pq.read_metadata(path)
+    chunk = metadata.row_group(group).column(leaf_column(metadata, column))
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x40
+    path.write_bytes(data)
+
+
 def damage_page_header(path: Path, group: int) -> None:
     """Overwrite the first page header of row group ``group``'s embedding chunk in the Parquet
     file at ``path``, in place: the file keeps its size."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-from support import make_runner, pvu
+from support import damage_page_header, flip_page_byte, make_runner, pvu
 
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
@@ -136,3 +136,29 @@ def test_info_of_a_missing_bucket_exits_2_naming_it(s3_server):
     result = pvu("info", "s3://no-such-bucket/cache")
     assert result.exit_code == 2 and "Traceback" not in result.text, result.output
     assert "CACHE s3://no-such-bucket/cache: bucket no-such-bucket does not exist" in result.text
+
+
+def test_checksums_name_a_unit_damaged_in_place(cache, tmp_path):
+    """A byte flipped inside a page, or a page header overwritten, keeps the unit's size and
+    footer, so --verify passes it; --checksums reads the pages, names each unit, and says to
+    delete them before re-running."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    assert pvu("info", str(copy), "--checksums").exit_code == 0
+    flip_page_byte(copy / "epoch=0001" / "digits-0001.parquet", 0)
+    damage_page_header(copy / "epoch=0000" / "digits-0000.parquet", 0)
+    assert pvu("info", str(copy), "--verify").exit_code == 0  # sizes and footers agree
+
+    result = pvu("info", str(copy), "--checksums")
+    text = result.text
+    assert result.exit_code == 1 and "Traceback" not in text, text
+    assert "epoch=0001/digits-0001.parquet (row group 0: a page's bytes fail its CRC-32)" in text
+    assert "epoch=0000/digits-0000.parquet (row group 0: " in text
+    assert "deleting the units whose pages fail" in text
+    document = json.loads(pvu("info", str(copy), "--checksums", "--json").stdout)
+    assert sorted(document["verify"]["damaged"]) == [
+        "epoch=0000/digits-0000.parquet",
+        "epoch=0001/digits-0001.parquet",
+    ]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from support import with_embedding
+from support import flip_page_byte, with_embedding
 
 from pipeline.cache.index import CacheIndex, RowGroupRef, open_cache
 from pipeline.cache.verify import CacheMismatch
@@ -28,7 +28,6 @@ from pipeline.head import shuffle
 from pipeline.head import stream as stream_module
 from pipeline.head.rows import GroupRows, key_fraction, read_group
 from pipeline.head.stream import CacheStream, StreamConfig, StreamState, read_validation
-from schemas import leaf_column
 
 SPEC = SyntheticCache(dim=16, samples_per_shard=200, shards=4, epochs=3, row_group_rows=50)
 EXTRA = ("key", "epoch", "shard")
@@ -272,11 +271,7 @@ def test_a_flipped_byte_is_refused_naming_the_unit_not_read_as_another_value(
     url = tmp_path / "c"
     write_synthetic_cache(str(url), spec)
     path = url / "epoch=0000" / "shard-00001.parquet"
-    metadata = pq.read_metadata(path)
-    chunk = metadata.row_group(1).column(leaf_column(metadata, column))
-    data = bytearray(path.read_bytes())
-    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x40  # in a page's body
-    path.write_bytes(data)
+    flip_page_byte(path, 1, column)
     index = open_cache([str(url)])
     config = StreamConfig(shuffle_rows=200, val_fraction=0.0)
     crc = rf"row group 1 of {path}.*(?i:crc)"

@@ -5,19 +5,21 @@ lists is *damaged* when its file is missing, when its size differs from the reco
 when its Parquet footer (read in parallel, one ranged read per file) describes another unit,
 another row count or another cache. Committed files the manifest lacks are *orphans*: a run
 killed between a unit's commit and the next manifest write leaves them, and `pvu cache`
-adopts them.
+adopts them. :func:`check_pages` goes further, on demand: it reads every page of the units
+that passed and checks its CRC-32 (a byte damaged in place leaves size and footer as they were).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import (
@@ -27,7 +29,7 @@ from pipeline.cache.manifest import (
     read_manifest,
 )
 from pipeline.cache.writer import unit_path
-from pipeline.retry import retry
+from pipeline.retry import is_damaged_page, read_bytes, retry
 from schemas import UNIT_STATS_KEY, read_provenance
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class CacheCheck:
     """The footers the check read, of units that agree with the manifest: relpath -> footer."""
     listed: list[str] | None = None
     """The units the manifest lists (relpaths, sorted); None for a cache without one."""
+    damaged_pages: set[str] = field(default_factory=set)
+    """Damaged units whose pages fail (:func:`check_pages`): their size and footer are as
+    recorded, so ``pvu cache`` keeps them until they are deleted."""
 
     @property
     def ok(self) -> bool:
@@ -64,12 +69,13 @@ class CacheCheck:
         """A message naming the damaged units and the command that repairs the cache."""
         named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:_NAMED]]
         more = len(self.damaged) - len(named)
+        delete = "deleting the units whose pages fail, then " if self.damaged_pages else ""
         return (
             f"cache {self.url} does not match its manifest: {len(self.damaged)} unit(s) "
             f"missing or damaged: {'; '.join(named)}{f'; and {more} more' if more else ''}. "
-            f"Repair it by re-running the `pvu cache` command that wrote it (same --shards, "
-            f"--backbone, --weights, --seed, --epochs and --output {self.url}): it recomputes "
-            "exactly these units and keeps the rest."
+            f"Repair it by {delete}re-running the `pvu cache` command that wrote it (same "
+            f"--shards, --backbone, --weights, --seed, --epochs and --output {self.url}): it "
+            "recomputes exactly these units and keeps the rest."
         )
 
 
@@ -187,6 +193,41 @@ def check_cache(
                 if why:
                     check.damaged[relpath] = why
     return check
+
+
+def page_problem(url: str, relpath: str, footer: pq.FileMetaData) -> str | None:
+    """What is wrong with the pages of unit ``relpath`` of the cache at ``url``, if anything.
+
+    The file is read whole (under :func:`retry`: storage errors are raised, not blamed on the
+    file), then every row group is decoded from memory with each page's CRC-32 checked (units
+    written before pvu stored CRCs have none to check), so what fails is in the bytes.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    data = read_bytes(fs, f"{root.rstrip('/')}/{relpath}")
+    buffer = pa.BufferReader(data)
+    parquet = pq.ParquetFile(buffer, metadata=footer, page_checksum_verification=True)
+    for group in range(footer.num_row_groups):
+        try:
+            parquet.read_row_group(group, use_threads=False)
+        except (OSError, ValueError) as error:  # pyarrow's decoding errors: the bytes are at fault
+            why = "a page's bytes fail its CRC-32" if is_damaged_page(error) else str(error)
+            return f"row group {group}: {why}"
+    return None
+
+
+def check_pages(check: CacheCheck, *, io_threads: int = 16) -> Iterator[str]:
+    """Read every page of the units ``check`` found sound (those whose footer it holds), in
+    parallel; move those whose pages fail from ``check.footers`` to ``check.damaged`` and
+    ``check.damaged_pages``. Yields each unit's relpath when it is done (for a progress bar)."""
+    units = list(check.footers.items())
+    with ThreadPoolExecutor(max_workers=io_threads) as pool:
+        found = pool.map(lambda unit: page_problem(check.url, *unit), units)
+        for (relpath, _), why in zip(units, found, strict=True):
+            if why:
+                del check.footers[relpath]
+                check.damaged[relpath] = why
+                check.damaged_pages.add(relpath)
+            yield relpath
 
 
 def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> CacheCheck:
