@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from skimage import data as images
 from timm.data import create_transform, resolve_model_data_config
 from torch.nn import functional as F
 
+from pipeline.cache.backbone import state_digest
 from pipeline.cache.writer import to_record_batch
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, attach_head, export_head, load_head
 from pipeline.head.model import HeadConfig, create_head
@@ -162,3 +164,93 @@ def test_head_json_is_validated(tmp_path: Path) -> None:
     (tmp_path / HEAD_JSON).write_text(json.dumps({**doc, "embedding_dim": 8.0}))
     with pytest.raises(ValueError, match="is not a valid pvu head export"):
         load_head(str(tmp_path))
+
+
+def _export(folder: Path, *, backbone: str = BACKBONE, weights_digest: str = "x") -> str:
+    """A seeded head for 192-d (ViT-Ti) embeddings exported to ``folder``."""
+    head = create_head(HeadConfig(embedding_dim=192, hidden=(16,)), seed=0)
+    export_head(head, str(folder), backbone=backbone, weights_digest=weights_digest, loss="l2")
+    return str(folder)
+
+
+def test_the_head_runs_in_float32_under_autocast_and_in_a_cast_down_model(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """The cache computes the model's head and everything after it in float32 outside autocast;
+    an attached model under bf16 autocast rounded the uncertainties to bf16 (most rows tied),
+    and one cast to half failed on the float32 input it fed its own head."""
+    folder = _export(tmp_path)
+    attached = attach_head(model, folder)
+    with torch.inference_mode():
+        exact = attached(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = attached(batch)
+    assert mixed["logits"].dtype == mixed["uncertainty"].dtype == torch.float32
+    head, _ = load_head(folder)
+    with torch.inference_mode():
+        expected = head(mixed["embedding"].to(torch.float16).float())
+    torch.testing.assert_close(mixed["uncertainty"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(mixed["uncertainty"], exact["uncertainty"], rtol=0.05, atol=0.02)
+
+    torch.manual_seed(0)
+    fresh = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    halved = attach_head(fresh, folder).to(torch.bfloat16)
+    with torch.inference_mode():
+        low = halved(batch.to(torch.bfloat16))
+    assert low["uncertainty"].dtype == torch.bfloat16 and low["uncertainty"].shape == (len(batch),)
+    torch.testing.assert_close(low["uncertainty"].float(), exact["uncertainty"], rtol=0.1, atol=0.1)
+
+
+def test_a_forward_in_train_mode_warns(tmp_path: Path, batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    fresh = timm.create_model(BACKBONE, pretrained=False, num_classes=10)  # in train mode
+    attached = attach_head(fresh, _export(tmp_path))
+    with pytest.warns(UserWarning, match=r"train mode.*call \.eval\(\)"), torch.no_grad():
+        attached(batch[:2])
+
+
+def test_attach_refuses_what_would_give_wrong_uncertainties(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """Each was accepted: per-token uncertainties from an unpooled ViT, a head moved onto the
+    meta device (garbage once the model was materialised), a second head (an AttributeError at
+    the first forward)."""
+    folder = _export(tmp_path)
+    unpooled = attach_head(timm.create_model(BACKBONE, global_pool="", num_classes=10), folder)
+    with pytest.raises(ValueError, match=r"shape \(2, 197, 192\).*\(batch, 192\).*global_pool"):
+        unpooled.eval()(batch[:2])
+    with torch.device("meta"):
+        meta = timm.create_model(BACKBONE, pretrained=False, num_classes=10)
+    with pytest.raises(ValueError, match="meta device"):
+        attach_head(meta, folder)
+    with pytest.raises(ValueError, match="already has an uncertainty head"):
+        attach_head(attach_head(model, folder), folder)
+
+
+def test_attach_knows_a_deprecated_name_and_warns_of_other_hub_weights(
+    tmp_path: Path, model: torch.nn.Module
+) -> None:
+    # timm builds vit_tiny_patch16_224 for the deprecated name the head's cache was made with
+    attach_head(model, _export(tmp_path / "old", backbone="vit_tiny_patch16_224_in21k"))
+    with pytest.raises(ValueError, match="the model is a resnet10t"):
+        attach_head(timm.create_model("resnet10t"), _export(tmp_path / "vit"))
+
+    hub = f"hub:{BACKBONE}.augreg_in21k:state-sha256:{state_digest(model)}"
+    folder = _export(tmp_path / "hub", weights_digest=hub)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach_head(model, folder)  # the weights the cache was made with: no warning
+    torch.manual_seed(1)
+    other = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    with pytest.warns(UserWarning, match=r"not those .*augreg_in21k.*pretrained=True"):
+        attach_head(other, folder)
+
+
+def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a valid pvu head export"):
+        load_head(str(tmp_path / "nothing-here"))
+    folder = _export(tmp_path / "head")
+    document = json.loads((tmp_path / "head" / HEAD_JSON).read_text())
+    (tmp_path / "head" / HEAD_JSON).write_text(json.dumps({**document, "format_version": 2}))
+    with pytest.raises(ValueError, match=r"format_version 2 is newer .* upgrade pvu"):
+        load_head(folder)

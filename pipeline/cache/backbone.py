@@ -228,17 +228,19 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _float32(features: Any) -> Any:
-    """``features`` (a tensor, or a list of them: one per branch, as CrossViT's) in float32."""
+def _cast(features: Any, dtype: torch.dtype) -> Any:
+    """``features`` (a tensor, or a list of them: one per branch, as CrossViT's) as ``dtype``."""
     if isinstance(features, torch.Tensor):
-        return features.float()
-    return type(features)(map(_float32, features))
+        return features.to(dtype)
+    return type(features)(_cast(branch, dtype) for branch in features)
 
 
-def _head(model: torch.nn.Module, features: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre-logits embedding, logits) of ``model``'s own head, in float32 on the float32-cast
-    ``features`` (call outside autocast)."""
-    features = _float32(features)
+def model_head(
+    model: torch.nn.Module, features: Any, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logits embedding, logits) of ``model``'s own head on ``features`` cast to ``dtype``
+    (float32 unless the model's own weights are in another type; call outside autocast)."""
+    features = _cast(features, dtype)
     return model.forward_head(features, pre_logits=True), model.forward_head(features)
 
 
@@ -251,7 +253,7 @@ def _probe(
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            embedding, logits = _head(model, model.forward_features(images))
+            embedding, logits = model_head(model, model.forward_features(images))
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
         hint = f"; it may take only its own input size, {tuple(native)}: leave --input-size out"
         if tuple(input_size) == tuple(native):
@@ -353,7 +355,7 @@ class Backbone:
             self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
             features = self.model.forward_features(images)
-        embedding, logits = _head(self.model, features)  # outside autocast
+        embedding, logits = model_head(self.model, features)  # outside autocast
         log_probs = F.log_softmax(logits, dim=-1)
         outputs = {
             "embedding": embedding.cpu(),

@@ -5,22 +5,30 @@ Usage::
     import timm
     from pipeline.head.export import attach_head
 
-    model = attach_head(timm.create_model("vit_base_patch16_224.augreg_in21k"), "runs/head")
+    model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True).eval()
+    model = attach_head(model, "runs/head")
     out = model(images)  # {"logits": (B, C), "embedding": (B, D), "uncertainty": (B,)}
+
+The model's own head, the embedding's rounding to the cache's dtype and the uncertainty head run
+in the model's weight type (float32 unless it was cast down) outside any autocast, as
+``pvu cache`` computed what the head was trained on; the trunk runs as the caller runs it.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import fsspec
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from pipeline.cache.backbone import model_head, state_digest
 from pipeline.head.model import HeadConfig, UncertaintyHead
 from pipeline.retry import read_bytes, write_bytes
 from schemas import validate_head
@@ -96,14 +104,32 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
     fs, root = fsspec.core.url_to_fs(head_dir)
     try:
         doc = json.loads(read_bytes(fs, f"{root}/{HEAD_JSON}"))
+        if isinstance(doc, dict) and _newer(doc.get("format_version")):
+            raise ValueError(
+                f"format_version {doc['format_version']} is newer than this pvu reads "
+                f"({FORMAT_VERSION}): upgrade pvu"
+            )
         validate_head(doc)
         head = UncertaintyHead(head_config(doc))
         weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
         head.load_state_dict(weights, strict=True)
     # a bad size is a RuntimeError; a width JSON Schema let through as 16.0, a TypeError
-    except (ValueError, RuntimeError, TypeError, SafetensorError) as error:
+    except (ValueError, RuntimeError, TypeError, SafetensorError, FileNotFoundError) as error:
         raise ValueError(f"{head_dir} is not a valid pvu head export: {error}") from None
     return head.eval(), doc
+
+
+def _newer(version: object) -> bool:
+    """Whether ``version`` is a head format later than the one this pvu writes."""
+    return isinstance(version, int) and version > FORMAT_VERSION
+
+
+#: Said (once per call site) by a forward in train mode.
+TRAIN_MODE = (
+    "the model with an uncertainty head is in train mode: BatchNorm uses each batch's "
+    "statistics and dropout is on, so its embeddings, and uncertainties, are not those the head "
+    "was trained on; call .eval() first"
+)
 
 
 class HeadedModel(nn.Module):
@@ -117,25 +143,45 @@ class HeadedModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
-        features = self.model.forward_features(images)
-        embedding = self.model.forward_head(features, pre_logits=True)
-        logits = self.model.forward_head(features)
-        # The head was trained on embeddings stored as input_dtype; round them the same way.
-        head_input = embedding.detach().to(self.input_dtype).float()
-        return {"logits": logits, "embedding": embedding, "uncertainty": self.head(head_input)}
+        if self.training:
+            warnings.warn(TRAIN_MODE, stacklevel=2)
+        features = self.model.forward_features(images)  # under the caller's autocast, if any
+        with torch.autocast(images.device.type, enabled=False):
+            dtype = next(self.model.parameters()).dtype
+            embedding, logits = model_head(self.model, features, dtype)
+            width = self.head.config.embedding_dim
+            if embedding.ndim != 2 or embedding.shape[1] != width:
+                raise ValueError(
+                    f"the model's pre-logit output has shape {tuple(embedding.shape)}, but the "
+                    f"head takes (batch, {width}): give the model the pooling (global_pool) and "
+                    "head it had when its embeddings were cached"
+                )
+            # The head was trained on embeddings stored as input_dtype; round them the same way.
+            rounded = embedding.detach().to(self.input_dtype)
+            uncertainty = self.head(rounded.to(next(self.head.parameters()).dtype))
+        return {"logits": logits, "embedding": embedding, "uncertainty": uncertainty}
 
 
 def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
-    """``model`` (a timm classifier) with the head exported to ``head_dir`` attached.
+    """``model`` (a timm classifier, its weights loaded) with the head exported to ``head_dir``
+    attached.
 
     The head's input is the model's pre-logit embedding, ``forward_head(..., pre_logits=True)``;
-    a model of another timm architecture than the head was trained on, or of another width,
-    is refused. The returned module is in ``model``'s train/eval mode.
+    a model of another timm architecture than the head was trained on, or of another width, a
+    model on the meta device or one with a head already attached is refused; hub weights other
+    than those the cache was made with are warned about. The returned module is in ``model``'s
+    train/eval mode (call ``.eval()``: a forward in train mode warns).
     """
+    if isinstance(model, HeadedModel):
+        raise ValueError("the model already has an uncertainty head: attach to its .model")
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(
+            "the model's weights are on the meta device: load them (to_empty, "
+            "load_state_dict) before attaching the head"
+        )
     head, doc = load_head(head_dir)
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    trained_on = str(doc["backbone"]).split(".")[0]
-    if architecture and architecture != trained_on:
+    if architecture and architecture != _architecture(doc["backbone"], architecture):
         raise ValueError(
             f"head in {head_dir} was trained on {doc['backbone']} embeddings, but the model is "
             f"a {architecture}: attach it to the backbone it was trained for"
@@ -146,6 +192,35 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             f"head in {head_dir} expects {doc['embedding_dim']}-d embeddings "
             f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
         )
+    _check_hub_weights(model, doc, head_dir)
     attached = HeadedModel(model, head, doc.get("input_dtype", "float32"))
     head.to(next(model.parameters()).device)
     return attached.train(model.training)
+
+
+def _architecture(backbone: str, expected: str) -> str:
+    """timm's architecture of the model name ``backbone``: its name without a pretrained tag,
+    or, when that is not ``expected``, the architecture timm builds for it (a deprecated name
+    such as ``vit_tiny_patch16_224_in21k`` builds ``vit_tiny_patch16_224``)."""
+    name = backbone.split(".")[0]
+    if name == expected:
+        return name
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's "Mapping deprecated model name ..."
+        try:
+            built = timm.create_model(backbone, pretrained=False)
+        except (RuntimeError, ValueError, NotImplementedError):  # unknown to this timm
+            return name
+    return built.pretrained_cfg.get("architecture") or name
+
+
+def _check_hub_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
+    """Warn when the head's cache was made with hub weights whose digest the model's weights do
+    not have (a model created without ``pretrained=True``, say)."""
+    digest = str(doc["weights_digest"])
+    if ":state-sha256:" in digest and digest.rsplit(":", 1)[1] != state_digest(model):
+        warnings.warn(
+            f"the model's weights are not those the head in {head_dir} was trained on "
+            f"({digest.split(':state-sha256:')[0]}); did you create it with pretrained=True?",
+            stacklevel=3,
+        )
