@@ -44,6 +44,7 @@ from pipeline.cache.backbone import (
     check_model_name,
     describe_backbone,
     file_digest,
+    read_label_remap,
 )
 from pipeline.cache.dedupe import deduplicate
 from pipeline.cache.deteriorate import Deterioration
@@ -172,11 +173,12 @@ class CacheJobConfig(BaseModel):
 
     @field_validator("label_remap")
     @classmethod
-    def _remap_exists(cls, label_remap: str | None) -> str | None:
+    def _remap_reads(cls, label_remap: str | None) -> str | None:
         if label_remap is not None:
             fs, path = fsspec.core.url_to_fs(label_remap)
             if not fs.isfile(path):
                 raise ValueError(f"label remap file '{label_remap}' does not exist")
+            read_label_remap(label_remap)  # before a manifest records its digest
         return absolute(label_remap)
 
     @field_validator("crop_scale")

@@ -92,6 +92,25 @@ def test_shard_pattern_that_matches_nothing(tmp_path: Path) -> None:
     assert_actionable(result, seconds, f"no shards match '{pattern}'")
 
 
+@pytest.mark.parametrize(
+    ("remap", "bad"),
+    [("[3, null, 5]", "None"), ('{"n01440764": 0}', "'n01440764'"), ("[3, 5.5]", "5.5")],
+)
+def test_a_malformed_label_remap_is_named_before_the_output_is_touched(
+    remap: str, bad: str, tmp_path: Path
+) -> None:
+    """It was read only in the actors: a Ray traceback after a minute of actor restarts, and a
+    manifest recording its digest that refused the corrected file's re-run."""
+    (tmp_path / "remap.json").write_text(remap)
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)
+    result, seconds = timed_pvu(
+        "cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c"),
+        "--label-remap", str(tmp_path / "remap.json"), *SMALL_BACKBONE_FLAGS,
+    )  # fmt: skip
+    assert_actionable(result, seconds, f"label remap {tmp_path / 'remap.json'}: {bad} is not")
+    assert not (tmp_path / "c").exists()
+
+
 def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-cache")
     result, seconds = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"))

@@ -308,22 +308,37 @@ def describe_backbone(
 def read_label_remap(url: str) -> np.ndarray:
     """Shard label -> head index, from JSON (a list, or a dict of int keys) or a text file with
     the head index of shard labels 0, 1, 2, ... one per line (blank lines and ``#`` comments
-    skipped). Absent labels, and -1, map to no class of the head.
+    skipped). Absent labels, and -1, map to no class of the head. Raises ``ValueError`` naming
+    the file and the first entry that is not a whole number.
     """
-    text = _read_bytes(url).decode()
-    if url.endswith(".json"):
-        parsed = json.loads(text)
-        pairs = enumerate(parsed) if isinstance(parsed, list) else parsed.items()
-        mapping = {int(k): int(v) for k, v in pairs}
-    else:
-        values = [line.split("#")[0].strip() for line in text.splitlines()]
-        mapping = dict(enumerate(int(value) for value in values if value))
+    text = _read_bytes(url).decode(errors="replace")
+    try:
+        if url.endswith(".json"):
+            parsed = json.loads(text)
+            if not isinstance(parsed, list | dict):
+                raise ValueError("expected a JSON list or object")
+            pairs = enumerate(parsed) if isinstance(parsed, list) else parsed.items()
+        else:
+            values = [line.split("#")[0].strip() for line in text.splitlines()]
+            pairs = enumerate(value for value in values if value)
+        mapping = {_whole(source): _whole(target) for source, target in pairs}
+    except ValueError as error:
+        raise ValueError(f"label remap {url}: {error}") from None
     if not mapping or min(mapping) < 0:
-        raise ValueError(f"{url}: label remap must map non-negative labels, got {len(mapping)}")
+        raise ValueError(f"label remap {url} must map non-negative labels, got {len(mapping)}")
     table = np.full(max(mapping) + 1, -1, dtype=np.int64)
     for source, target in mapping.items():
         table[source] = target
     return table
+
+
+def _whole(value: object) -> int:
+    """``value`` (an int, or its decimal text) as an int; else ``ValueError`` quoting it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+        return int(value)
+    raise ValueError(f"{value!r} is not a whole number (a label or class index)")
 
 
 class Backbone:
