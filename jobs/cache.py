@@ -28,7 +28,7 @@ from rich.table import Table
 
 from jobs import project_version
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_storage
+from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import (
     Verbose,
     command_line,
@@ -350,7 +350,7 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     owner = command_line()
     with contextlib.ExitStack() as locks:
         for i, target in enumerate(config.targets()):
-            check_storage(target.output, flag="--also" if i else "--output")
+            check_output_folder(target.output, flag="--also" if i else "--output")
             locks.enter_context(RunLock(target.output, owner=owner))
         return _run_cache(config)
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from jobs import project_version
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_storage
+from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
@@ -126,6 +126,7 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     inputs += [("--upstream", config.upstream)] if config.upstream else []
     for flag, url in inputs:  # before hours of work on the datasets ahead of a typo
         check_storage(url, flag=flag, must_exist=True)
+    check_output_folder(config.report, flag="--report")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     with Progress(
         TextColumn("[bold]evaluate[/bold] {task.description}"),

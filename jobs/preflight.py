@@ -7,6 +7,8 @@ listing) name neither the flag nor the fix; each check here turns them into one
 
 from __future__ import annotations
 
+import os
+
 import botocore.exceptions
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -48,3 +50,21 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
         raise UserError(
             f"{where}: bucket {bucket} does not exist; create it or fix the URL"
         ) from None
+
+
+def check_output_folder(url: str, *, flag: str) -> None:
+    """:func:`check_storage`, and: ``url`` is not a file, and, local, it can be created and
+    written; so an output that cannot be written is named before the work, not after it."""
+    check_storage(url, flag=flag)
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(path):
+        raise UserError(f"{flag} {url} is a file; give a folder")
+    if isinstance(fs, LocalFileSystem):
+        try:
+            fs.makedirs(path, exist_ok=True)
+        except OSError as error:
+            raise UserError(
+                f"{flag} {url}: cannot create the folder ({error.strerror or error}); give another"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {url}: the folder is not writable; give another")

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_storage
+from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
@@ -54,7 +54,7 @@ class ShardsJobConfig(BaseModel):
 def run_shards(config: ShardsJobConfig) -> ConvertReport:
     """List the input, then write its shards under a progress bar."""
     check_storage(config.input, flag="--input", must_exist=True)
-    check_storage(config.output, flag="--output")
+    check_output_folder(config.output, flag="--output")
     listing = list_dataset(
         config.input, path_column=config.path_column, label_column=config.label_column
     )

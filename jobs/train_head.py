@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_storage
+from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import (
     Verbose,
     command_line,
@@ -161,7 +161,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
     """Run the job for a validated ``config``, with a progress bar and per-episode lines."""
     for url in config.cache:
         check_storage(url, flag="--cache", must_exist=True)
-    check_storage(config.output, flag="--output")
+    check_output_folder(config.output, flag="--output")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     keep_freed_memory()
     train_config = config.to_train_config()

@@ -263,18 +263,57 @@ def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_d
     (report / "report.json").symlink_to("/dev/full")  # its writes fail with ENOSPC
     result = run("--head", head_dir, "--dataset", f"ok={ok}", "--report", str(report))
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert f"writethereportinto{report}failed" in said(result)
+    assert f"write file://{report}/report.json failed" in " ".join(result.output.split())
     assert "Nospaceleftondevice" in said(result)
 
 
+def test_a_report_folder_that_is_a_file_is_refused_before_the_work(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """It was found only when the report was written, after the whole evaluation."""
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    (tmp_path / "file").write_text("")
+    for report, words in [("file", "isafile;giveafolder"), ("file/r", "cannotcreatethefolder")]:
+        result = run("--dataset", f"ok={ok}", "--report", str(tmp_path / report))
+        assert result.exit_code == 2 and f"--report{tmp_path / report}" in said(result)
+        assert words in said(result) and "━" not in result.output  # before any progress bar
+
+
+def test_a_report_rewritten_keeps_no_figure_of_the_earlier_run(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """A second run into the same folder left the first's id_vs_ood.png beside its report."""
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(90, 3, seed=8))
+    up = write_eval_cache(str(tmp_path / "up"), *clustered(90, 3, seed=9))
+    report = tmp_path / "r"
+    first = run("--dataset", f"ok={ok}", "--upstream", up, "--report", str(report))
+    assert first.exit_code == 0 and (report / "id_vs_ood.png").exists(), first.output
+    (report / "notes.txt").write_text("mine")
+    second = run("--dataset", f"ok={ok}", "--report", str(report), "--tsne-points", "30")
+    assert second.exit_code == 0, second.output
+    figures = json.loads((report / "report.json").read_text())["figures"]
+    assert "id_vs_ood.png" not in figures and not (report / "id_vs_ood.png").exists()
+    assert sorted(p.name for p in report.iterdir()) == sorted(
+        [*figures, "tsne.html", "report.json", "report.md", "notes.txt"]
+    )
+
+
 @pytest.mark.slow
-def test_reads_caches_from_s3(s3_bucket: str, tmp_path: Path, head_dir: str) -> None:
+def test_reads_caches_from_s3_and_writes_the_report_there(
+    s3_bucket: str, tmp_path: Path, head_dir: str
+) -> None:
+    """A --report URL (as the cluster README shows) was written to a local folder 's3:'."""
     x, labels = clustered(120, 3, seed=6)
     url = write_eval_cache(f"{s3_bucket}/caches/s3set", x, labels)
-    result = run("--head", head_dir, "--dataset", f"s3set={url}", "--report", str(tmp_path / "r"))
+    report = f"{s3_bucket}/reports/r"
+    result = run("--head", head_dir, "--dataset", f"s3set={url}", "--report", report)
     assert result.exit_code == 0, result.output
-    entry = json.loads((tmp_path / "r" / "report.json").read_text())["datasets"][0]
+    fs, root = fsspec.core.url_to_fs(report)
+    document = json.loads(fs.cat_file(f"{root}/report.json"))
+    entry = document["datasets"][0]
     assert entry["n"] == 120 and entry["url"] == url
+    assert fs.size(f"{root}/{document['figures'][0]}") > 1000 and fs.exists(f"{root}/report.md")
+    assert not Path("s3:").exists()
 
 
 def test_refuses_a_damaged_cache_naming_the_unit(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,13 +14,16 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 from pipeline.evaluate.analyses import DeterioratedSet, curve_points
+from pipeline.evaluate.tsne import TsnePoints, point_style
 
 
-def save(fig: Figure, path: str) -> None:
-    """Write ``fig`` as a PNG at ``path`` and free it."""
+def png(fig: Figure, *, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes; frees it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=dpi)
     plt.close(fig)
+    return data.getvalue()
 
 
 def r_auroc_bars(datasets: Sequence[dict[str, Any]], sources: Sequence[str]) -> Figure:
@@ -87,3 +91,21 @@ def deterioration(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def uncertainty_map(points: TsnePoints, *, title: str) -> Figure:
+    """The t-SNE map: one colour per class, size and transparency by uncertainty."""
+    area, alpha = point_style(points.uncertainty)
+    classes = np.unique(points.labels)
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for i, label in enumerate(classes):
+        mine = points.labels == label
+        rgba = np.tile(colours(i % colours.N), (mine.sum(), 1))
+        rgba[:, 3] = alpha[mine]
+        ax.scatter(*points.xy[mine].T, s=area[mine], c=rgba, label=str(label), linewidths=0)
+    ax.legend(title="label", markerscale=0.8, fontsize=8)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig

@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zlib
-from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from pipeline.evaluate import figures
 from pipeline.evaluate.runner import UPSTREAM, Evaluation
-from pipeline.evaluate.tsne import html_page, write_png
-from pipeline.retry import naming
+from pipeline.evaluate.tsne import html_page
+from pipeline.retry import naming, write_bytes
 from schemas import validate_report
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+_REPORT_BYTES = 2**26  # an earlier report.json larger than this is not one of ours
 
 
-def write_report(evaluation: Evaluation, folder: str | Path, *, pvu_version: str) -> Path:
-    """Write the report into ``folder`` (created); returns the path of ``report.md``.
+def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> str:
+    """Write the report into ``folder`` (a local path or any fsspec URL; created); returns the
+    URL of its ``report.md``. Figures that an earlier report in ``folder`` listed and this one
+    does not draw are removed, so none is mistaken for this run's.
 
     ``evaluation.report`` becomes the document written (NaN as None, version, figures).
     """
-    root = Path(folder)
+    fs, root = fsspec.core.url_to_fs(folder)
+    root = root.rstrip("/")
     report = finite({**evaluation.report, "pvu_version": pvu_version})
-    with naming(f"write the report into {root}"):  # a full disk names no file
-        root.mkdir(parents=True, exist_ok=True)
-        report["figures"] = _write_figures(evaluation, report, root)
-        validate_report(report)
-        (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-        (root / REPORT_MD).write_text(markdown(report))
+    files = _figures(evaluation, report)
+    validate_report(report)
+    files[REPORT_MD] = markdown(report).encode()
+    files[REPORT_JSON] = (json.dumps(report, indent=2) + "\n").encode()  # last: it lists the rest
+    with naming(f"write the report into {folder}"):
+        fs.makedirs(root, exist_ok=True)
+        for name in sorted(_earlier_figures(fs, root) - set(files)):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(f"{root}/{name}")
+    for name, data in files.items():
+        write_bytes(fs, f"{root}/{name}", data)
     evaluation.report = report
-    return root / REPORT_MD
+    return f"{folder.rstrip('/')}/{REPORT_MD}"
+
+
+def _earlier_figures(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+    """The figure files the report already in ``root`` lists, if there is a readable one."""
+    path = f"{root}/{REPORT_JSON}"
+    try:
+        info = fs.info(path)
+        if info["type"] != "file" or info["size"] > _REPORT_BYTES:  # /dev/full reads forever
+            return set()
+        earlier = json.loads(fs.cat_file(path))
+        tsne = earlier.get("tsne") or {}
+        names = {*earlier.get("figures", []), tsne.get("png"), tsne.get("html")}
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or not a report of ours
+        return set()
+    return {name for name in names if isinstance(name, str) and "/" not in name}
 
 
 def finite(value: Any) -> Any:
@@ -46,45 +72,41 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _write_figures(evaluation: Evaluation, report: dict[str, Any], root: Path) -> list[str]:
-    written = []
-
-    def save(fig: Any, name: str) -> None:
-        figures.save(fig, str(root / name))
-        written.append(name)
-
+def _figures(evaluation: Evaluation, report: dict[str, Any]) -> dict[str, bytes]:
+    """Each figure's file name and bytes; lists them in ``report``."""
+    files = {}
     sources = [s["name"] for s in report["sources"]]
-    save(figures.r_auroc_bars(report["datasets"], sources), "r_auroc.png")
+    files["r_auroc.png"] = figures.png(figures.r_auroc_bars(report["datasets"], sources))
     scores = evaluation.scores
     if UPSTREAM in scores and len(scores) > 1:
         groups = {s: {name: scores[name][s] for name in scores} for s in sources}
-        save(
-            figures.distributions(groups, title="ID (upstream) vs OOD uncertainties"),
-            "id_vs_ood.png",
-        )
+        title = "ID (upstream) vs OOD uncertainties"
+        files["id_vs_ood.png"] = figures.png(figures.distributions(groups, title=title))
     for name, flags in evaluation.ambiguous.items():
         groups = {
             s: {"clear": scores[name][s][flags == 0], "ambiguous": scores[name][s][flags == 1]}
             for s in sources
         }
-        save(
-            figures.distributions(groups, title=f"{name}: ambiguous vs clear"),
-            f"ambiguity_{_slug(name)}.png",
+        title = f"{name}: ambiguous vs clear"
+        files[f"ambiguity_{_slug(name)}.png"] = figures.png(
+            figures.distributions(groups, title=title)
         )
     if report["deterioration"] and report["deterioration"]["kinds"]:
         curves = report["deterioration"]["kinds"]
         heads = [s["name"] for s in report["sources"] if s["kind"] == "head"] or ["entropy"]
         figure = figures.deterioration(evaluation.deteriorated, curves, heads)
-        save(figure, "deterioration.png")
+        files["deterioration.png"] = figures.png(figure)
+    report["figures"] = list(files)
     if evaluation.tsne is not None:
         title = (
             f"t-SNE of {report['tsne']['dataset']}, size/transparency: {report['tsne']['source']}"
         )
-        write_png(evaluation.tsne, str(root / "tsne.png"), title=title)
-        (root / "tsne.html").write_text(html_page(evaluation.tsne, title=title))
+        tsne_map = figures.uncertainty_map(evaluation.tsne, title=title)
+        files["tsne.png"] = figures.png(tsne_map, dpi=110)
+        files["tsne.html"] = html_page(evaluation.tsne, title=title).encode()
         report["tsne"] |= {"png": "tsne.png", "html": "tsne.html"}
-        written += ["tsne.png"]
-    return written
+        report["figures"].append("tsne.png")
+    return files
 
 
 def _slug(name: str) -> str:

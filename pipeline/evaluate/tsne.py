@@ -58,31 +58,6 @@ def point_style(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 8 + 72 * level, 0.95 - 0.8 * level
 
 
-def write_png(points: TsnePoints, path: str, *, title: str) -> None:
-    """The map as a PNG: one colour per class, size and transparency by uncertainty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    area, alpha = point_style(points.uncertainty)
-    classes = np.unique(points.labels)
-    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for i, label in enumerate(classes):
-        mine = points.labels == label
-        rgba = np.tile(colours(i % colours.N), (mine.sum(), 1))
-        rgba[:, 3] = alpha[mine]
-        ax.scatter(*points.xy[mine].T, s=area[mine], c=rgba, label=str(label), linewidths=0)
-    ax.legend(title="label", markerscale=0.8, fontsize=8)
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
 
