@@ -141,6 +141,12 @@ def test_shards_made_from_other_inputs_never_share_a_key(tmp_path):
     shutil.copytree(tmp_path / "images0", moved)
     assert run("--input", str(moved), "--output", str(tmp_path / "out-moved")).exit_code == 0
     assert {key for _, key, _, _ in read_shards(str(tmp_path / "out-moved"))} == keys[0]
+    # laid out alike (one parent name, one file name per class), other images: other keys
+    make_folder(tmp_path / "elsewhere" / "images1", per_class=1, seed=2)
+    out = str(tmp_path / "out-alike")
+    assert run("--input", str(tmp_path / "elsewhere" / "images1"), "--output", out).exit_code == 0
+    alike = {key for _, key, _, _ in read_shards(out)}
+    assert len(alike) == 3 and not alike & keys[1]
 
 
 def test_table_with_class_names_and_relative_paths(tmp_path):
@@ -194,6 +200,21 @@ def test_table_labels_must_be_class_indices_or_names(tmp_path):
             list_dataset(str(table))
     result = run("--input", str(table), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "row 2" in result.text, result.output
+
+
+def test_table_label_names_are_trimmed_and_an_image_given_two_labels_is_refused(tmp_path, caplog):
+    """'cat' and 'cat ' were two classes; an image in two rows with different labels became
+    two samples that contradict each other, silently."""
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\na.png,cat\nb.png,cat \nc.png, dog\nc.png,dog\n")
+    listing = list_dataset(str(table))
+    assert listing.classes == ["cat", "dog"]
+    assert [source.label for source in listing.sources] == [0, 0, 1, 1]
+    assert "lists 1 image(s) more than once" in caplog.text
+    table.write_text("path,label\na.png,cat\nb.png,dog\na.png,dog\n")
+    result = run("--input", str(table), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "Traceback" not in result.text, result.output
+    assert "rows 1 and 3 give" in result.text and "'cat' and 'dog'" in result.text
 
 
 def test_errors_name_the_input_and_exit_2(tmp_path):

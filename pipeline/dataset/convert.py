@@ -141,15 +141,20 @@ def write_dataset(
 
 
 def listing_tag(listing: Listing) -> str:
-    """8 hex digits of a digest of ``listing``'s images and labels, in order. An image counts
-    by its URL below the parent of the folder all share (``train/cat/1.jpg``), so the same
-    folder moved elsewhere keeps its keys, and another folder laid out alike does not."""
+    """8 hex digits of a digest of ``listing``'s images and labels, in order, and of the bytes
+    of a few of its images. An image counts by its URL below the parent of the folder all
+    share (``train/cat/1.jpg``) and by its label, so the same folder moved elsewhere keeps its
+    keys; the sampled bytes tell apart datasets laid out alike (MNIST and Fashion-MNIST as
+    ``train/<digit>/<n>.png``)."""
     urls = [source.url for source in listing.sources]
     shared = os.path.commonprefix(urls)  # noqa: RUF071 - URLs; cut back to a "/" below
     shared = shared[: shared[: shared.rfind("/")].rfind("/") + 1]
     digest = hashlib.blake2b(digest_size=4)
     for url, source in zip(urls, listing.sources, strict=True):
         digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode())
+    for url in sorted({urls[0], urls[len(urls) // 2], urls[-1]} if urls else ()):
+        outcome = _load(Source(url, 0))
+        digest.update(outcome[1] if isinstance(outcome, tuple) else outcome.reason.encode())
     return digest.hexdigest()
 
 

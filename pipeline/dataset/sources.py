@@ -6,6 +6,7 @@ Either becomes a ``Listing``: every image's URL with its integer label, and the 
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.shards import storage_url
+
+log = logging.getLogger(__name__)
 
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -134,11 +137,33 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
         numbers = _integer_labels(url, labels)
         classes = [str(label) for label in range(max(numbers) + 1)]
     else:
-        names = [str(label) for label in labels]
+        names = [str(label).strip() for label in labels]
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
+    _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[str]) -> None:
+    """Refuse an image that two rows give different labels; warn of one listed twice alike
+    (it becomes two samples)."""
+    first: dict[str, int] = {}
+    repeated = 0
+    for row, image in enumerate(urls):
+        seen = first.setdefault(image, row)
+        if seen == row:
+            continue
+        if numbers[seen] != numbers[row]:
+            raise ValueError(
+                f"table {url}: rows {seen + 1} and {row + 1} give {image} two labels "
+                f"({classes[numbers[seen]]!r} and {classes[numbers[row]]!r}); keep one"
+            )
+        repeated += 1
+    if repeated:
+        log.warning(
+            "table %s lists %d image(s) more than once: each row becomes a sample", url, repeated
+        )
 
 
 def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
