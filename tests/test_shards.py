@@ -89,6 +89,15 @@ def test_prefix_and_glob(local):
     ]
 
 
+def test_a_folder_or_tar_whose_name_looks_like_a_glob_is_itself(tmp_path):
+    """'run[1]' was always globbed (matching 'run1'), so an existing folder or shard with
+    brackets in its name could not be given at all."""
+    folder = str(tmp_path / "run[1]")
+    [url] = _make(folder, "shard-0000.tar")
+    assert expand_shards(folder) == [url]
+    assert expand_shards(url) == [url]
+
+
 def test_single_tar_and_missing_tar(local):
     assert expand_shards(f"{local}/val-0000.tar") == [f"{local}/val-0000.tar"]
     with pytest.raises(FileNotFoundError, match=r"val-0001\.tar"):

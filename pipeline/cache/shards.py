@@ -56,16 +56,16 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
         return [_normalise(url) for url in urls]
 
     fs, path = fsspec.core.url_to_fs(spec)
-    if _GLOB_CHARS.search(path):
-        found = _tar_files(fs.glob(path, detail=True).values())
-        return _found_or_raise(fs, found, protocol, spec, "the glob")
-    if fs.isdir(path):
+    if fs.isdir(path):  # before globbing: a folder or file named 'run[1]' is itself
         found = _tar_files(fs.ls(path, detail=True))
         return _found_or_raise(fs, found, protocol, spec, "the directory")
     if fs.isfile(path):
         if _is_tar(path):
             return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
+    if _GLOB_CHARS.search(path):
+        found = _tar_files(fs.glob(path, detail=True).values())
+        return _found_or_raise(fs, found, protocol, spec, "the glob")
     if _is_tar(path):
         raise FileNotFoundError(f"shard {spec!r} does not exist")
     # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
