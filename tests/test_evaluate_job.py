@@ -298,6 +298,31 @@ def test_a_report_rewritten_keeps_no_figure_of_the_earlier_run(
     )
 
 
+def test_rows_without_a_finite_baseline_are_dropped_and_counted(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """NaN in a cache's entropy (a cache from another tool) ended the run with 'Input
+    contains NaN.', naming nothing; rows are now dropped as NaN embeddings are."""
+    x, labels = clustered(90, 3, seed=10)
+    x[0] = np.nan
+    url = write_eval_cache(str(tmp_path / "nan"), x, labels, shards=1)
+    unit = next((tmp_path / "nan").glob("epoch=0000/*.parquet"))
+    table = pq.read_table(unit)
+    entropy = table.column("entropy").to_numpy().copy()
+    entropy[[3, 4]] = np.nan
+    index = table.schema.get_field_index("entropy")
+    table = table.set_column(index, table.schema.field("entropy"), pa.array(entropy))
+    pq.write_table(table, unit, **PARQUET_OPTIONS)
+    report = tmp_path / "r"
+    result = run("--head", head_dir, "--dataset", f"nan|set={url}", "--report", str(report))
+    assert result.exit_code == 0, result.output
+    entry = json.loads((report / "report.json").read_text())["datasets"][0]
+    assert entry["n"] == 87 and entry["dropped_rows"] == 3
+    assert "dropped3row(s)withaNaN/infembedding,max_proborentropy" in said(result)
+    row = next(line for line in (report / "report.md").read_text().splitlines() if "nan" in line)
+    assert row.startswith("| nan\\|set |")  # a '|' in a name kept the table's columns
+
+
 @pytest.mark.slow
 def test_reads_caches_from_s3_and_writes_the_report_there(
     s3_bucket: str, tmp_path: Path, head_dir: str

@@ -2,7 +2,8 @@
 
 Read through the cache index (units listed by the manifest, footers checked to belong
 together); refuses caches that are not eval caches (more than one epoch, or a train
-transform), and drops rows with a non-finite embedding, naming how many and where.
+transform), and drops rows with a non-finite embedding, ``max_prob`` or ``entropy``, naming how
+many and where.
 """
 
 from __future__ import annotations
@@ -88,8 +89,13 @@ def read_eval_set(
     flat = table.column("embedding").combine_chunks().flatten()
     embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
     finite = np.isfinite(embedding).all(axis=1)
+    for baseline in ("max_prob", "entropy"):  # the classifier's baselines rank every row
+        finite &= np.isfinite(table.column(baseline).to_numpy(zero_copy_only=False))
     if not finite.all():
-        log.warning("%s: dropped %d row(s) with a NaN/inf embedding", url, int((~finite).sum()))
+        log.warning(
+            "%s: dropped %d row(s) with a NaN/inf embedding, max_prob or entropy",
+            *(url, int((~finite).sum())),
+        )
     keep = slice(None) if finite.all() else np.flatnonzero(finite)
 
     def column(name: str, dtype: Any) -> np.ndarray:

@@ -121,8 +121,10 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+    """A Markdown table; a ``|`` inside a cell (a dataset's name) is escaped."""
+    lines = [header, *rows]
+    cells = ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
+    return "\n".join([cells[0], "|" + " --- |" * len(header), *cells[1:]]) + "\n"
 
 
 def markdown(report: dict[str, Any]) -> str:
