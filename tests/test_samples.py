@@ -262,6 +262,20 @@ def test_whole_tar_ends_cleanly_even_without_padding(digits, tmp_path):
     assert len(samples) == 12 and counts == {"truncated_tar": 1}
 
 
+def test_tars_joined_with_cat_count_what_follows_the_first_end_marker(digits, tmp_path, caplog):
+    """'cat a.tar b.tar' lost b's samples with no word: every tar reader stops at a's end
+    marker. The shard keeps a's samples and counts the damage, saying how to join tars."""
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(Path(digits).read_bytes() * 2)
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
+    samples, counts = _read(str(joined))
+    assert len(samples) == 12 and counts == {"truncated_tar": 1}
+    assert "data after the end-of-archive marker" in caplog.text and "--concatenate" in caplog.text
+    packed = tmp_path / "joined.tar.gz"
+    packed.write_bytes(gzip.compress(joined.read_bytes()))
+    assert _read(str(packed)) == (samples, counts)
+
+
 @pytest.mark.parametrize("content", [b"", b"\0" * 100, os.urandom(4096), b"GIF89a" * 200])
 def test_not_a_tar(tmp_path, content):
     path = tmp_path / "junk.tar"

@@ -313,10 +313,23 @@ def _tar_members(
                 archive.members = []  # stream mode keeps every TarInfo otherwise
                 yield {"fname": info.name, "data": data, "__url__": url}
             end = getattr(archive, "pvu_end_error", None)
+            if isinstance(end, tarfile.EOFHeaderError) and _data_follows(archive.fileobj):
+                damage.append(
+                    "data after the end-of-archive marker, which tar readers stop at: tars "
+                    "joined with cat? (join them with tar --concatenate)"
+                )
         if not isinstance(end, tarfile.EOFHeaderError):
             damage.append(f"no end-of-archive marker: {end or 'stream ended'}")
     except (tarfile.TarError, EOFError, zlib.error) as error:
         damage.append(f"{type(error).__name__}: {error}")
+
+
+def _data_follows(archive_stream: Any) -> bool:
+    """Whether anything but zeros (the marker's padding) follows the end-of-archive marker."""
+    while chunk := archive_stream.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            return True
+    return False
 
 
 class _StorageStream:
