@@ -18,9 +18,11 @@ import ray
 from support import SMALL_BACKBONE_FLAGS
 
 from pipeline.cache.distribute import start_local_ray
+from pipeline.cache.index import open_cache
 from pipeline.cache.lock import LOCK_NAME, CacheLocked, Holder, RunLock
 from pipeline.cache.verify import list_unit_files
 from pipeline.demo.data import write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 
 STORAGES = ["local", pytest.param("s3", marks=pytest.mark.slow)]
 
@@ -51,6 +53,22 @@ def test_the_second_run_is_refused_naming_the_first(prefix: str) -> None:
         pass
     fs, root = fsspec.core.url_to_fs(prefix)
     assert not fs.exists(f"{root}/{LOCK_NAME}")
+
+
+def test_reading_a_cache_still_being_written_warns(tmp_path, caplog) -> None:
+    """train-head on a cache that pvu cache was still writing trained on the units committed
+    so far (1 of 3 epochs), saying nothing."""
+    url = str(tmp_path / "cache")
+    write_synthetic_cache(url, SyntheticCache(dim=8, samples_per_shard=20, shards=1, epochs=1))
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.index")
+    with RunLock(url, owner="pvu cache --output cache", lease=60):
+        open_cache([url])
+    assert "still being written, by run" in caplog.text and "pvu cache --output" in caplog.text
+    caplog.clear()
+    open_cache([url])  # the run ended: its lock is gone
+    plant(url, replace(RunLock(url, owner="a dead run").holder, heartbeat=time.time() - 600))
+    open_cache([url])
+    assert "still being written" not in caplog.text
 
 
 def test_a_heartbeat_keeps_a_live_lock_past_its_lease(tmp_path) -> None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.verify import read_footer, require_consistent
 from schemas import (
@@ -263,6 +265,12 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
     for url in urls:
         check = require_consistent(url, io_threads=io_threads)  # its footers are not re-read
+        writer = live_holder(url)
+        if writer is not None:
+            log.warning(
+                "cache %s is still being written, by %s: reading the units committed so far",
+                *(url, writer.describe(time.time())),
+            )
         found = list_cache_files(url, check.listed)
         if not found:
             raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")

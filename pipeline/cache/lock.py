@@ -229,3 +229,15 @@ class RunLock:
     def _encode(holder: Holder) -> bytes:
         document: dict[str, Any] = asdict(holder)
         return json.dumps(document, indent=1).encode()
+
+
+def live_holder(root: str) -> Holder | None:
+    """The live run holding ``root``'s lock, if any (no lock, an expired or unreadable one, or
+    one whose process died on this host: None). For readers, which take no lock."""
+    try:
+        holder = RunLock(root, owner="a reader")._read()
+    except UnreadableLock:
+        return None
+    if holder is None or holder.expired(time.time()) or holder.dead_here():
+        return None
+    return holder
