@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -181,6 +182,13 @@ class CacheJobConfig(BaseModel):
             read_label_remap(label_remap)  # before a manifest records its digest
         return absolute(label_remap)
 
+    @field_validator("image_key")
+    @classmethod
+    def _names_an_extension(cls, image_key: str | None) -> str | None:
+        if image_key is not None and not re.sub(r"[\s/,.]", "", image_key):
+            raise ValueError(f"--image-key {image_key!r} names no file extension")
+        return image_key
+
     @field_validator("crop_scale")
     @classmethod
     def _crop_scale_is_an_area_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
@@ -222,7 +230,9 @@ class CacheJobConfig(BaseModel):
     @property
     def image_keys(self) -> tuple[str, ...]:
         """Tar member extensions tried, in order, for a sample's image."""
-        return (self.image_key,) if self.image_key else ("jpg", "jpeg", "png", "webp")
+        if not self.image_key:
+            return ("jpg", "jpeg", "png", "webp")
+        return tuple(key for key in re.split(r"[/,]", self.image_key) if key.strip())
 
 
 def build_provenance(
@@ -533,7 +543,11 @@ def cache(
     ] = None,
     image_key: Annotated[
         str | None,
-        typer.Option(metavar="EXT", help="Image member extension (default: jpg/jpeg/png/webp)."),
+        typer.Option(
+            metavar="EXT",
+            help="Image member extension, or several tried in order as jpg/png (default: "
+            "jpg/jpeg/png/webp).",
+        ),
     ] = None,
     label_key: Annotated[str, typer.Option(metavar="EXT", help="Label member extension.")] = "cls",
     ray_address: Annotated[

@@ -227,3 +227,13 @@ def test_local_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch) -> 
     assert config.output == str(tmp_path / "out")
     assert config.weights == str(tmp_path / "w.safetensors")
     assert CacheJobConfig(shards="s", backbone="resnet10t", output="s3://b/c").output == "s3://b/c"
+
+
+def test_image_key_takes_several_extensions_as_its_help_shows_them() -> None:
+    """'--image-key jpg/png', copied from the help's default, matched no member at all."""
+    base = {"shards": "s", "backbone": "resnet10t", "output": "s3://b/c"}
+    assert CacheJobConfig(**base, image_key="jpg/png").image_keys == ("jpg", "png")
+    assert CacheJobConfig(**base, image_key="webp").image_keys == ("webp",)
+    assert CacheJobConfig(**base).image_keys == ("jpg", "jpeg", "png", "webp")
+    with pytest.raises(ValueError, match="names no file extension"):
+        CacheJobConfig(**base, image_key=" / ")
