@@ -217,6 +217,19 @@ def test_table_label_names_are_trimmed_and_an_image_given_two_labels_is_refused(
     assert "rows 1 and 3 give" in result.text and "'cat' and 'dog'" in result.text
 
 
+def test_split_folders_read_as_classes_are_warned_about(tmp_path, caplog):
+    """data/train/<class>/ and data/val/<class>/ became the two classes 'train' and 'val'."""
+    for split in ("train", "val"):
+        make_folder(tmp_path / "data" / split, per_class=1)
+    listing = list_dataset(str(tmp_path / "data"))
+    assert listing.classes == ["train", "val"]
+    assert "named like splits (train, val)" in caplog.text
+    assert f"--input, e.g. {tmp_path / 'data'}/train" in caplog.text
+    caplog.clear()
+    list_dataset(str(tmp_path / "data" / "train"))
+    assert "named like splits" not in caplog.text
+
+
 def test_errors_name_the_input_and_exit_2(tmp_path):
     result = run("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "nope" in result.text and "Traceback" not in result.text

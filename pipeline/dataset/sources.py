@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 TABLE_SUFFIXES = (".csv", ".parquet")
+#: Folder names that usually hold a split of a dataset, not a class.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "dev"})
 #: The largest integer label a table may give: classes.json names every index up to it.
 MAX_INTEGER_LABEL = 1_000_000
 
@@ -90,9 +92,19 @@ def list_folder(url: str) -> Listing:
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
         )
     classes = sorted(by_class)
+    if set(classes) <= SPLIT_NAMES:
+        log.warning(
+            "the class folders of %s are named like splits (%s): if they are, give one split "
+            "as --input, e.g. %s/%s",
+            *(url, ", ".join(classes), url.rstrip("/"), min(classes, key=_train_first)),
+        )
     sources = [Source(u, label) for label, name in enumerate(classes) for u in by_class[name]]
     empty = [name for name in classes if not by_class[name]]
     return Listing(sources, classes, ignored, empty)
+
+
+def _train_first(split: str) -> tuple[bool, str]:
+    return (not split.startswith("train"), split)
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
