@@ -276,6 +276,27 @@ def test_tars_joined_with_cat_count_what_follows_the_first_end_marker(digits, tm
     assert _read(str(packed)) == (samples, counts)
 
 
+def test_linked_members_are_named_not_only_counted_as_no_image(tmp_path, caplog):
+    """GNU tar stores a file hard-linked twice as a link: its sample was counted no_image, with
+    no hint that a stream cannot follow links."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 90, 200)).save(png, format="PNG")
+    path = tmp_path / "linked.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.png", png.getvalue()), ("a.cls", b"1"), ("b.cls", b"2")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "a.png"
+        tar.addfile(link)
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
+    samples, counts = _read(str(path))
+    assert [sample.key for sample in samples] == ["a"] and counts == {"no_image": 1}
+    assert "1 member(s) are links (e.g. b.png)" in caplog.text
+    assert "--hard-dereference" in caplog.text
+
+
 @pytest.mark.parametrize("content", [b"", b"\0" * 100, os.urandom(4096), b"GIF89a" * 200])
 def test_not_a_tar(tmp_path, content):
     path = tmp_path / "junk.tar"

@@ -297,10 +297,13 @@ def _tar_members(
     Stops at the first sign of damage and appends its description to ``damage``. A member over
     ``max_member_bytes`` is skipped unread and given ``data=None``.
     """
+    links: list[str] = []
     try:
         # Closing the archive leaves ``stream`` (not its own) open.
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo) as archive:
             for info in archive:
+                if info.islnk() or info.issym():
+                    links.append(info.name)
                 if not info.isreg() or _META.match(info.name):
                     continue
                 if info.size > max_member_bytes:
@@ -322,6 +325,12 @@ def _tar_members(
             damage.append(f"no end-of-archive marker: {end or 'stream ended'}")
     except (tarfile.TarError, EOFError, zlib.error) as error:
         damage.append(f"{type(error).__name__}: {error}")
+    if links:
+        logger.warning(
+            "%s: %d member(s) are links (e.g. %s), which a tar read as a stream cannot follow: "
+            "their samples lack them; write the tars without links (GNU tar: --hard-dereference)",
+            *(url, len(links), links[0]),
+        )
 
 
 def _data_follows(archive_stream: Any) -> bool:
