@@ -256,6 +256,28 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
     assert result.exit_code == 2 and named in said(result)
 
 
+def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir: str) -> None:
+    """A cache of another backbone, or one the head does not fit, given last was found only
+    after every cache before it had been read and evaluated."""
+    from jobs.evaluate import EvaluateJobConfig
+    from pipeline.evaluate.runner import evaluate
+
+    x, labels = clustered(60, 3, seed=11)
+    ok = write_eval_cache(str(tmp_path / "ok"), x, labels)
+    other = write_eval_cache(
+        str(tmp_path / "other"), x, labels, backbone={**BACKBONE, "weights_digest": "b"}
+    )
+    wide = write_eval_cache(str(tmp_path / "wide"), np.hstack([x, x]), labels)
+    read: list[str] = []
+    for last, words in [(other, "weights_digest 'b'"), (wide, f"expects {DIM}-d embeddings")]:
+        config = EvaluateJobConfig(
+            dataset=[f"ok={ok}", f"last={last}"], head=[head_dir], report=str(tmp_path / "r")
+        )
+        with pytest.raises(ValueError, match=words):
+            evaluate(config.to_options(), track=lambda what, total: read.append(what))
+    assert read == []
+
+
 def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_dir: str) -> None:
     ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
     report = tmp_path / "r"

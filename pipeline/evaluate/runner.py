@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.cache.index import open_cache
+from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.evaluate.analyses import (
     DeterioratedSet,
     deterioration_curves,
@@ -26,7 +26,13 @@ from pipeline.evaluate.evalset import EvalSet, read_eval_set
 from pipeline.evaluate.knn import BLOCK_BYTES, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import auroc, neighbour_correct, r_auroc
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
-from pipeline.evaluate.sources import BASELINES, LoadedHead, load_heads, uncertainties
+from pipeline.evaluate.sources import (
+    BASELINES,
+    LoadedHead,
+    check_head_fits,
+    load_heads,
+    uncertainties,
+)
 from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
 
 log = logging.getLogger(__name__)
@@ -78,14 +84,15 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     """Run every metric, analysis and application ``options`` asks for."""
     heads = load_heads(list(options.heads), device=options.device)
     named = list(options.datasets) + ([(UPSTREAM, options.upstream)] if options.upstream else [])
+    inputs = [*named, *((url, url) for url in options.deteriorated)]
+    indexes = _check_inputs(inputs, heads)
     tsne_dataset = options.tsne_dataset or named[0][0]
     result = Evaluation(report={})
     entries = []
     for name, url in named:
-        data = _load(name, url, track)
+        data = _load(name, url, indexes[url], track)
         if not result.report:
             result.report = _header(options, heads, data)
-        _check_backbone(result.report["backbone"], data)
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.scores[name] = scores
         entries.append(_evaluate_set(data, scores, options, result, track))
@@ -95,8 +102,7 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     if options.upstream:
         _add_id_vs_ood(entries, result.scores)
     for url in options.deteriorated:
-        data = _load(url, url, track)
-        _check_backbone(result.report["backbone"], data)
+        data = _load(url, url, indexes[url], track)
         kind = data.deterioration or {"kind": None, "strength": 0.0}
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.deteriorated.append(DeterioratedSet(kind["kind"], float(kind["strength"]), scores))
@@ -109,15 +115,23 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     return result
 
 
-def _check_backbone(backbone: dict[str, Any], data: EvalSet) -> None:
-    """Refuse ``data`` if its backbone or weights differ from the report's first cache."""
-    for key, name in (("name", "backbone"), ("weights_digest", "weights_digest")):
-        theirs = data.provenance.get(name)
-        if theirs != backbone[key]:
-            raise ValueError(
-                f"{data.name}: cache {data.url} has {name} {theirs!r}, but the first cache "
-                f"evaluated has {backbone[key]!r}; a report compares one backbone"
-            )
+def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dict[str, CacheIndex]:
+    """Every input cache's index (``(name, url)`` pairs), each checked against its storage, the
+    first cache's backbone and every head before any row is read: a mismatch in the last
+    cache is named in seconds, not after the others are evaluated."""
+    indexes = {url: open_cache([url], need_loss=False) for _, url in inputs}
+    first = indexes[inputs[0][1]].files[0].provenance
+    for name, url in inputs:
+        provenance = indexes[url].files[0].provenance
+        for key in ("backbone", "weights_digest"):
+            if provenance.get(key) != first.get(key):
+                raise ValueError(
+                    f"{name}: cache {url} has {key} {provenance.get(key)!r}, but the first "
+                    f"cache has {first.get(key)!r}; a report compares one backbone"
+                )
+        for head in heads:
+            check_head_fits(head, name, url, provenance, indexes[url].dim)
+    return indexes
 
 
 def _add_id_vs_ood(entries: list[dict[str, Any]], scores: dict[str, dict[str, np.ndarray]]) -> None:
@@ -130,8 +144,7 @@ def _add_id_vs_ood(entries: list[dict[str, Any]], scores: dict[str, dict[str, np
                 )
 
 
-def _load(name: str, url: str, track: Track) -> EvalSet:
-    index = open_cache([url], need_loss=False)
+def _load(name: str, url: str, index: CacheIndex, track: Track) -> EvalSet:
     return read_eval_set(name, url, index, on_rows=track(f"read {name}", index.rows))
 
 

@@ -40,10 +40,7 @@ def load_heads(paths: list[str], *, device: str = "cpu") -> list[LoadedHead]:
     """The heads exported to ``paths``, named ``head`` (one) or ``head:<folder>`` (several)."""
     heads = []
     for path in paths:
-        try:
-            head, document = load_head(path)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"head {path}: {error}") from None
+        head, document = load_head(path)
         heads.append(LoadedHead("", path, head.to(device), document))
     names = [PurePosixPath(h.path.rstrip("/")).name or h.path for h in heads]
     for i, h in enumerate(heads):
@@ -53,19 +50,22 @@ def load_heads(paths: list[str], *, device: str = "cpu") -> list[LoadedHead]:
     return heads
 
 
-def check_head_fits(head: LoadedHead, data: EvalSet) -> None:
-    """Refuse a head trained for another backbone or embedding width than ``data``'s cache."""
-    doc, prov = head.document, data.provenance
-    if doc["embedding_dim"] != data.embedding.shape[1]:
+def check_head_fits(
+    head: LoadedHead, name: str, url: str, provenance: dict[str, Any], dim: int
+) -> None:
+    """Refuse a head trained for another backbone or embedding width than the cache ``name``
+    at ``url`` (its ``provenance`` and embedding width ``dim``)."""
+    doc = head.document
+    if doc["embedding_dim"] != dim:
         raise ValueError(
             f"head {head.path} expects {doc['embedding_dim']}-d embeddings, but cache "
-            f"{data.url} ({data.name}) has {data.embedding.shape[1]}-d ones"
+            f"{url} ({name}) has {dim}-d ones"
         )
     for field in ("backbone", "weights_digest"):
-        if doc.get(field) != prov.get(field):
+        if doc.get(field) != provenance.get(field):
             raise ValueError(
                 f"head {head.path} was trained for {field} {doc.get(field)!r}, but cache "
-                f"{data.url} ({data.name}) has {prov.get(field)!r}"
+                f"{url} ({name}) has {provenance.get(field)!r}"
             )
 
 
@@ -103,7 +103,6 @@ def uncertainties(
     """Every source's uncertainty for every row of ``data``, heads first."""
     scores = {}
     for head in heads:
-        check_head_fits(head, data)
         scores[head.name] = head_uncertainty(head, data.embedding, device=device)
         if not np.isfinite(scores[head.name]).all():
             raise ValueError(
