@@ -62,6 +62,8 @@ from pipeline.cache.shards import expand_shards, shard_names
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
+from pipeline.dataset.convert import CLASSES_NAME
+from pipeline.dataset.remap import order_mismatch, read_names
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -374,9 +376,31 @@ class _Target:
     manifest: Manifest
 
 
+def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
+    """Warn when the shards' ``classes.json`` names their labels in another order than the hub
+    classifier's classes, with no ``--label-remap``: every loss would be against another
+    class (``pvu shards`` numbers a folder's classes by name)."""
+    if config.resolved_label_space != "classifier" or config.label_remap or config.weights != "hub":
+        return
+    classes = f"{shards[0].rsplit('/', 1)[0]}/{CLASSES_NAME}"
+    fs, path = fsspec.core.url_to_fs(classes)
+    if not fs.isfile(path):
+        return
+    problem = order_mismatch(read_names(classes), config.backbone)
+    if problem:
+        log.warning(
+            "%s does not list the classes of %s's classifier in its order (%s): the losses "
+            "would be against other classes. Map them with `pvu label-remap --classes %s "
+            "--head %s` and --label-remap, or cache with --label-space dataset",
+            *(classes, config.backbone, problem, classes, config.backbone),
+        )
+
+
 def _run_cache(config: CacheJobConfig) -> PoolReport:
     urls = expand_shards(config.shards)
     names = shard_names(urls)
+    for target in config.targets():
+        warn_of_label_order(target, urls)
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
     for info in infos:

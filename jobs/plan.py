@@ -19,7 +19,13 @@ import typer
 from pydantic import Field
 from rich.table import Table
 
-from jobs.cache import CacheJobConfig, build_provenance, cache, unit_settings
+from jobs.cache import (
+    CacheJobConfig,
+    build_provenance,
+    cache,
+    unit_settings,
+    warn_of_label_order,
+)
 from jobs.config import job_config
 from jobs.preflight import check_storage
 from jobs.terminal import console, reported, setup_logging
@@ -100,6 +106,8 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
         check_storage(target.output, flag="--also" if index else "--output")
     urls = expand_shards(config.shards)
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
+    for target in config.targets():
+        warn_of_label_order(target, urls)  # as pvu cache warns
     sizes = shard_sizes(urls)
     prefixes = sample_shards(sizes, config.sample_images)
     if not any(prefix.samples for prefix in prefixes.values()):

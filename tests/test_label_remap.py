@@ -146,3 +146,27 @@ def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> 
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name}: {message}"):
             read_names(str(tmp_path / name))
+
+
+def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path, caplog):
+    """A folder's classes ('cat', 'dog', ...) cached against a hub ImageNet classifier with no
+    remap: every loss was against another class, and nothing said so."""
+    from jobs.cache import CacheJobConfig, warn_of_label_order
+
+    shards = [str(tmp_path / "shard-000000.tar")]
+    base = {"shards": str(tmp_path), "backbone": "resnet18.a1_in1k", "output": str(tmp_path)}
+    (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    warn_of_label_order(CacheJobConfig(**base), shards)
+    assert "label 0 is 'cat', but the classifier's class 0 is 'n01440764'" in caplog.text
+    assert "pvu label-remap --classes" in caplog.text and "--label-space dataset" in caplog.text
+    caplog.clear()
+    (tmp_path / "remap.json").write_text("[0, 1]")
+    for quiet in (
+        CacheJobConfig(**base, label_remap=str(tmp_path / "remap.json")),
+        CacheJobConfig(**base, weights="random"),  # a classifier of the user's own classes
+        CacheJobConfig(**base, augment="eval"),  # the dataset's labels
+    ):
+        warn_of_label_order(quiet, shards)
+    (tmp_path / "classes.json").write_text(json.dumps(IN1K[:10]))  # the classifier's order
+    warn_of_label_order(CacheJobConfig(**base), shards)
+    assert not caplog.text

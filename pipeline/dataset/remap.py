@@ -92,6 +92,21 @@ def build_remap(classes: list[str], head: str) -> Remap:
     return Remap(table, classes, description, len(names))
 
 
+def order_mismatch(classes: list[str], head: str) -> str | None:
+    """Where label names ``classes`` (label ``i`` is ``classes[i]``) leave ``head``'s class order,
+    if they do; None when they follow it or ``head`` has no synset list to compare with."""
+    try:
+        _, names = head_names(head)
+    except ValueError:
+        return None
+    for label, (mine, theirs) in enumerate(zip(classes, names, strict=False)):
+        if mine != theirs:
+            return f"label {label} is {mine!r}, but the classifier's class {label} is {theirs!r}"
+    if len(classes) > len(names):
+        return f"{len(classes):,} labels, but the classifier has {len(names):,} classes"
+    return None
+
+
 def write_remap(remap: Remap, url: str) -> None:
     """Write ``remap`` as JSON (a ``.json`` URL) or text, one head index per line."""
     if url.endswith(".json"):
