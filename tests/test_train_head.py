@@ -103,6 +103,21 @@ def test_metrics_count_passes_and_warn_when_views_repeat(
     assert doc["training"]["cached_epochs"] == 3
 
 
+def test_a_handful_of_validation_rows_is_warned_about(
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache of ~100 rows at --val-fraction 0.01 validated on a row or none, silently."""
+    config = _config(episodes=2)
+    config = dataclasses.replace(
+        config,
+        schedule=dataclasses.replace(config.schedule, episode_size=512),
+        stream=dataclasses.replace(config.stream, val_fraction=0.002),
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        fit_head([cache], str(tmp_path), config)
+    assert "validation row(s) (--val-fraction 0.002 of 6000 rows)" in caplog.text
+
+
 def test_refuses_caches_of_different_embedding_dtypes(cache: str, tmp_path: Path) -> None:
     wide = str(tmp_path / "float32")
     write_synthetic_cache(wide, dataclasses.replace(SPEC, shards=1, dtype="float32"))

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "state.json"
 METRICS_FILE = "metrics.jsonl"
+#: Fewer held-out rows than this give validation metrics too noisy to follow: warned about.
+MIN_VALIDATION_ROWS = 100
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 
 
@@ -381,6 +383,12 @@ def fit_head(
             max_rows=config.val_rows,
             io_threads=config.stream.io_threads,
         )
+        if len(val) < MIN_VALIDATION_ROWS:
+            log.warning(
+                "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
+                "say little; cache more rows or raise --val-fraction",
+                *(len(val), config.stream.val_fraction, index.rows),
+            )
         history: list[dict[str, Any]] = []
         if done == 0:
             record = {
