@@ -341,8 +341,19 @@ def test_rows_without_a_finite_baseline_are_dropped_and_counted(
     entry = json.loads((report / "report.json").read_text())["datasets"][0]
     assert entry["n"] == 87 and entry["dropped_rows"] == 3
     assert "dropped3row(s)withaNaN/infembedding,max_proborentropy" in said(result)
+    assert "repeatakey" not in said(result)
     row = next(line for line in (report / "report.md").read_text().splitlines() if "nan" in line)
     assert row.startswith("| nan\\|set |")  # a '|' in a name kept the table's columns
+
+
+def test_repeated_keys_are_warned_about(tmp_path: Path) -> None:
+    """Rows cached twice (a cache from another tool) are each other's 1-NN: Recall@1 rose
+    from 0.78 to 0.97 in the audit, with no word."""
+    x, labels = clustered(60, 3, seed=12)
+    keys = [f"img-{i % 50:06d}" for i in range(60)]
+    url = write_eval_cache(str(tmp_path / "twice"), x, labels, keys=keys)
+    result = run("--dataset", f"twice={url}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 0 and "10row(s)repeatakey" in said(result), result.output
 
 
 @pytest.mark.slow

@@ -102,13 +102,21 @@ def read_eval_set(
         values = table.column(name).to_numpy(zero_copy_only=False)
         return np.asarray(values, dtype=dtype)[keep]
 
+    keys = column("key", object)
+    repeated = len(keys) - len(np.unique(keys))
+    if repeated:
+        log.warning(
+            "%s: %d row(s) repeat a key (rows cached twice?): a row and its copy are each "
+            "other's nearest neighbours, which inflates Recall@1",
+            *(url, repeated),
+        )
     ambiguity = None
     if "ambiguity" in table.column_names:
         ambiguity = column("ambiguity", np.float32)
     return EvalSet(
         name=name,
         url=url,
-        keys=column("key", object),
+        keys=keys,
         labels=column("label", np.int64),
         embedding=embedding[keep],
         loss=column("loss", np.float32),
