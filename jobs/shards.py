@@ -51,6 +51,15 @@ class ShardsJobConfig(BaseModel):
         return prefix
 
 
+def _ignored(suffixes: Counter[str]) -> str:
+    """The files a listing ignored, by suffix: `` (7 other files ignored: 5 .avif, 2 none)``."""
+    if not suffixes:
+        return ""
+    named = ", ".join(f"{n} {suffix or 'without suffix'}" for suffix, n in suffixes.most_common(5))
+    more = ", ..." if len(suffixes) > 5 else ""
+    return f" ({suffixes.total()} other files ignored: {named}{more})"
+
+
 def run_shards(config: ShardsJobConfig) -> ConvertReport:
     """List the input, then write its shards under a progress bar."""
     check_storage(config.input, flag="--input", must_exist=True)
@@ -63,7 +72,7 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
         config.input,
         len(listing.sources),
         len(listing.classes),
-        f" ({listing.ignored} other files ignored)" if listing.ignored else "",
+        _ignored(listing.ignored),
     )
     if listing.empty:
         log.warning(

@@ -230,6 +230,23 @@ def test_split_folders_read_as_classes_are_warned_about(tmp_path, caplog):
     assert "named like splits" not in caplog.text
 
 
+def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
+    """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=1)
+    (root / "cat" / "photo.jfif").write_bytes(image_bytes(np.random.default_rng(3), "jpg"))
+    for name in ("a.avif", "b.avif", "Thumbs"):
+        (root / "dog" / name).write_bytes(b"x")
+    listing = list_dataset(str(root))
+    assert any(source.url.endswith("photo.jfif") for source in listing.sources)
+    assert listing.ignored == {".avif": 2, ".txt": 1, "": 1}
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.text.split())
+    assert "(4 other files ignored: 2 .avif, 1 " in said
+    assert "1 .txt" in said and "1 without suffix" in said
+
+
 def test_errors_name_the_input_and_exit_2(tmp_path):
     result = run("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "nope" in result.text and "Traceback" not in result.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 
 import fsspec
@@ -22,7 +23,10 @@ from pipeline.cache.shards import storage_url
 log = logging.getLogger(__name__)
 
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+IMAGE_SUFFIXES = (
+    *(".jpg", ".jpeg", ".jpe", ".jfif"),  # JPEG's spellings
+    *(".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"),
+)
 TABLE_SUFFIXES = (".csv", ".parquet")
 #: Folder names that usually hold a split of a dataset, not a class.
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "dev"})
@@ -41,12 +45,12 @@ class Source:
 
 @dataclass(frozen=True)
 class Listing:
-    """A dataset's images and label names; ``ignored`` counts files that are not images,
-    ``empty`` names the class folders without one."""
+    """A dataset's images and label names; ``ignored`` counts the files that are not images by
+    suffix (``""`` for none), ``empty`` names the class folders without one."""
 
     sources: list[Source]
     classes: list[str]
-    ignored: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
     empty: list[str] = field(default_factory=list)
 
 
@@ -76,7 +80,7 @@ def list_folder(url: str) -> Listing:
     root = root.rstrip("/")
     folders, linked = _class_folders(fs, root)
     by_class: dict[str, list[str]] = {name: [] for name in folders}
-    ignored = 0
+    ignored: Counter[str] = Counter()
     paths = [path for path in fs.find(root) if path not in linked]
     for folder in linked:
         paths += fs.find(folder)
@@ -84,7 +88,7 @@ def list_folder(url: str) -> Listing:
         parts = path[len(root) + 1 :].split("/")
         hidden = any(part.startswith(".") for part in parts)
         if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
-            ignored += 1
+            ignored[posixpath.splitext(path)[1].lower()] += 1
         else:
             by_class[parts[0]].append(storage_url(fs, path))
     if not any(by_class.values()):
