@@ -189,7 +189,11 @@ def evaluate_command(
         ),
     ] = None,
     report: Annotated[
-        str, typer.Option(metavar="DIR", help="Folder for report.json, report.md, figures.")
+        str,
+        typer.Option(
+            metavar="DIR",
+            help="Folder (a local path or any fsspec URL) for report.json, report.md, figures.",
+        ),
     ] = ("report"),
     device: Annotated[
         Literal["cpu", "cuda", "auto"], typer.Option(help="Device of 1-NN search and heads.")
