@@ -53,18 +53,18 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
 
 
 def check_output_folder(url: str, *, flag: str) -> None:
-    """:func:`check_storage`, and: ``url`` is not a file, and, local, it can be created and
-    written; so an output that cannot be written is named before the work, not after it."""
+    """:func:`check_storage`, and: ``url`` is not a file, and, local, it can be created (its
+    nearest existing parent is a writable folder); so an output that cannot be written is named
+    before the work, not after it. Creates nothing."""
     check_storage(url, flag=flag)
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isfile(path):
         raise UserError(f"{flag} {url} is a file; give a folder")
     if isinstance(fs, LocalFileSystem):
-        try:
-            fs.makedirs(path, exist_ok=True)
-        except OSError as error:
-            raise UserError(
-                f"{flag} {url}: cannot create the folder ({error.strerror or error}); give another"
-            ) from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {url}: the folder is not writable; give another")
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"{flag} {url}: cannot create the folder, {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {url}: {existing} is not writable; give another folder")

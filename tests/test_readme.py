@@ -79,7 +79,7 @@ def demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "configs").symlink_to(ROOT / "jobs" / "configs")
     (tmp_path / "cluster").symlink_to(ROOT / "cluster")
-    (tmp_path / "in21k-remap.json").write_text("[]")  # what pvu label-remap writes first
+    (tmp_path / "in21k-remap.json").write_text("[0, 1]")  # as pvu label-remap would write it
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
