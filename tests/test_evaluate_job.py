@@ -268,8 +268,10 @@ def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir:
         str(tmp_path / "other"), x, labels, backbone={**BACKBONE, "weights_digest": "b"}
     )
     wide = write_eval_cache(str(tmp_path / "wide"), np.hstack([x, x]), labels)
+    train = write_eval_cache(str(tmp_path / "train"), x, labels, transform={"is_training": True})
     read: list[str] = []
-    for last, words in [(other, "weights_digest 'b'"), (wide, f"expects {DIM}-d embeddings")]:
+    cases = [(other, "weights_digest 'b'"), (wide, f"expects {DIM}-d embeddings")]
+    for last, words in [*cases, (train, "written with the train transform")]:
         config = EvaluateJobConfig(
             dataset=[f"ok={ok}", f"last={last}"], head=[head_dir], report=str(tmp_path / "r")
         )
@@ -318,6 +320,11 @@ def test_a_report_rewritten_keeps_no_figure_of_the_earlier_run(
     assert sorted(p.name for p in report.iterdir()) == sorted(
         [*figures, "tsne.html", "report.json", "report.md", "notes.txt"]
     )
+    # another tool's report.json names files pvu never wrote: none is removed, none stops it
+    (report / "report.json").write_text(json.dumps({"figures": ["notes.txt", "sub.png"]}))
+    (report / "sub.png").mkdir()
+    third = run("--dataset", f"ok={ok}", "--report", str(report))
+    assert third.exit_code == 0 and (report / "notes.txt").exists(), third.output
 
 
 def test_rows_without_a_finite_baseline_are_dropped_and_counted(

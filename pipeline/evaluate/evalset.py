@@ -64,16 +64,20 @@ def load_eval_set(name: str, url: str, *, on_rows: Callable[[int], None] | None 
     return read_eval_set(name, url, open_cache([url], need_loss=False), on_rows=on_rows)
 
 
-def read_eval_set(
-    name: str, url: str, index: CacheIndex, *, on_rows: Callable[[int], None] | None = None
-) -> EvalSet:
-    """The rows of the cache ``index`` (opened from ``url``); ``on_rows(n)`` after each file."""
-    transform = index.files[0].provenance.get("transform") or {}
-    if transform.get("is_training"):
+def check_eval_transform(name: str, url: str, provenance: dict[str, Any]) -> None:
+    """Refuse the cache ``name`` at ``url`` if its ``provenance`` says the train transform."""
+    if (provenance.get("transform") or {}).get("is_training"):
         raise ValueError(
             f"{name}: cache {url} was written with the train transform; evaluate reads eval "
             "caches (pvu cache --augment eval)"
         )
+
+
+def read_eval_set(
+    name: str, url: str, index: CacheIndex, *, on_rows: Callable[[int], None] | None = None
+) -> EvalSet:
+    """The rows of the cache ``index`` (opened from ``url``); ``on_rows(n)`` after each file."""
+    check_eval_transform(name, url, index.files[0].provenance)
     tables = []
     for cache_file in index.files:
         tables.append(_read_file(cache_file))
@@ -103,7 +107,7 @@ def read_eval_set(
         return np.asarray(values, dtype=dtype)[keep]
 
     keys = column("key", object)
-    repeated = len(keys) - len(np.unique(keys))
+    repeated = len(keys) - len(set(keys.tolist()))
     if repeated:
         log.warning(
             "%s: %d row(s) repeat a key (rows cached twice?): a row and its copy are each "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import zlib
 from typing import Any
 
@@ -19,6 +20,7 @@ from schemas import validate_report
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 _REPORT_BYTES = 2**26  # an earlier report.json larger than this is not one of ours
+_FIGURE = re.compile(r"[\w.-]+\.png|tsne\.html")  # the names of the files a report draws
 
 
 def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> str:
@@ -38,7 +40,7 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
     with naming(f"write the report into {folder}"):
         fs.makedirs(root, exist_ok=True)
         for name in sorted(_earlier_figures(fs, root) - set(files)):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError, ValueError):  # gone, or a folder: leave it
                 fs.rm(f"{root}/{name}")
     for name, data in files.items():
         write_bytes(fs, f"{root}/{name}", data)
@@ -47,18 +49,20 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
 
 
 def _earlier_figures(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
-    """The figure files the report already in ``root`` lists, if there is a readable one."""
+    """The figure files (``*.png``, ``tsne.html``) that the pvu report already in ``root``
+    lists, if there is one; another tool's ``report.json`` lists nothing to remove."""
     path = f"{root}/{REPORT_JSON}"
     try:
         info = fs.info(path)
         if info["type"] != "file" or info["size"] > _REPORT_BYTES:  # /dev/full reads forever
             return set()
         earlier = json.loads(fs.cat_file(path))
-        tsne = earlier.get("tsne") or {}
-        names = {*earlier.get("figures", []), tsne.get("png"), tsne.get("html")}
-    except (OSError, ValueError, AttributeError, TypeError):  # none, or not a report of ours
+        validate_report(earlier)
+    except (OSError, ValueError):  # none, or not a report of ours
         return set()
-    return {name for name in names if isinstance(name, str) and "/" not in name}
+    tsne = earlier["tsne"] or {}
+    names = {*earlier["figures"], tsne.get("png"), tsne.get("html")}
+    return {name for name in names if isinstance(name, str) and _FIGURE.fullmatch(name)}
 
 
 def finite(value: Any) -> Any:

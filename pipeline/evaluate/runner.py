@@ -22,7 +22,7 @@ from pipeline.evaluate.analyses import (
     id_vs_ood,
     real_ambiguous,
 )
-from pipeline.evaluate.evalset import EvalSet, read_eval_set
+from pipeline.evaluate.evalset import EvalSet, check_eval_transform, read_eval_set
 from pipeline.evaluate.knn import BLOCK_BYTES, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import auroc, neighbour_correct, r_auroc
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
@@ -123,6 +123,7 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
     first = indexes[inputs[0][1]].files[0].provenance
     for name, url in inputs:
         provenance = indexes[url].files[0].provenance
+        check_eval_transform(name, url, provenance)
         for key in ("backbone", "weights_digest"):
             if provenance.get(key) != first.get(key):
                 raise ValueError(
