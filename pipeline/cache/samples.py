@@ -272,6 +272,11 @@ class _LayoutWarnings:
             logger.warning(message, self.url, *args)
 
 
+#: How far past a tar's end-of-archive marker to look for another archive's data: the marker's
+#: padding is at most one 10 KiB record.
+_TRAILER_BYTES = 1 << 16
+
+
 class _TarInfo(tarfile.TarInfo):
     """A ``TarInfo`` that records on its archive the header error that ended the stream.
 
@@ -316,7 +321,7 @@ def _tar_members(
                 archive.members = []  # stream mode keeps every TarInfo otherwise
                 yield {"fname": info.name, "data": data, "__url__": url}
             end = getattr(archive, "pvu_end_error", None)
-            if isinstance(end, tarfile.EOFHeaderError) and _data_follows(archive.fileobj):
+            if isinstance(end, tarfile.EOFHeaderError) and _data_follows(archive):
                 damage.append(
                     "data after the end-of-archive marker, which tar readers stop at: tars "
                     "joined with cat? (join them with tar --concatenate)"
@@ -333,12 +338,15 @@ def _tar_members(
         )
 
 
-def _data_follows(archive_stream: Any) -> bool:
-    """Whether anything but zeros (the marker's padding) follows the end-of-archive marker."""
-    while chunk := archive_stream.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            return True
-    return False
+def _data_follows(archive: tarfile.TarFile) -> bool:
+    """Whether anything but zeros (the marker's padding) follows the end-of-archive marker of an
+    uncompressed tar, within ``_TRAILER_BYTES``. A compressed stream is not looked at: reading
+    past the end of its first member costs quadratic time in tarfile."""
+    stream = archive.fileobj
+    if getattr(stream, "comptype", "tar") != "tar":
+        return False
+    chunk = stream.read(_TRAILER_BYTES)
+    return chunk.count(0) != len(chunk)
 
 
 class _StorageStream:
