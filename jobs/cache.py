@@ -386,7 +386,11 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
     fs, path = fsspec.core.url_to_fs(classes)
     if not fs.isfile(path):
         return
-    problem = order_mismatch(read_names(classes), config.backbone)
+    try:
+        problem = order_mismatch(read_names(classes), config.backbone)
+    except (OSError, ValueError) as error:  # not pvu's classes.json: nothing to compare
+        log.debug("%s not compared with the classifier's classes: %s", classes, error)
+        return
     if problem:
         log.warning(
             "%s does not list the classes of %s's classifier in its order (%s): the losses "

@@ -170,3 +170,6 @@ def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path
     (tmp_path / "classes.json").write_text(json.dumps(IN1K[:10]))  # the classifier's order
     warn_of_label_order(CacheJobConfig(**base), shards)
     assert not caplog.text
+    (tmp_path / "classes.json").write_text('{"cat": 0}')  # another tool's: nothing to compare
+    warn_of_label_order(CacheJobConfig(**base), shards)
+    assert not caplog.text
