@@ -244,6 +244,11 @@ def test_attach_knows_a_deprecated_name_and_warns_of_other_hub_weights(
     other = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
     with pytest.warns(UserWarning, match=r"not those .*augreg_in21k.*pretrained=True"):
         attach_head(other, folder)
+    torch.manual_seed(0)
+    same = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach_head(same.to(torch.bfloat16), folder)  # the same weights, cast down: no warning
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

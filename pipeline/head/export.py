@@ -215,9 +215,11 @@ def _architecture(backbone: str, expected: str) -> str:
 
 
 def _check_hub_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
-    """Warn when the head's cache was made with hub weights whose digest the model's weights do
-    not have (a model created without ``pretrained=True``, say)."""
+    """Warn when the head's cache was made with hub weights whose digest the model's float32
+    weights do not have (a model created without ``pretrained=True``, say)."""
     digest = str(doc["weights_digest"])
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return  # cast down: its digest cannot match the float32 weights the cache digested
     if ":state-sha256:" in digest and digest.rsplit(":", 1)[1] != state_digest(model):
         warnings.warn(
             f"the model's weights are not those the head in {head_dir} was trained on "
