@@ -383,7 +383,8 @@ def fit_head(
             max_rows=config.val_rows,
             io_threads=config.stream.io_threads,
         )
-        if len(val) < MIN_VALIDATION_ROWS:
+        few = min(MIN_VALIDATION_ROWS, config.val_rows)  # --val-rows may cap them on purpose
+        if config.stream.val_fraction > 0 and len(val) < few:
             log.warning(
                 "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
                 "say little; cache more rows or raise --val-fraction",
