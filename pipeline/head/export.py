@@ -218,9 +218,11 @@ def _check_hub_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> 
     """Warn when the head's cache was made with hub weights whose digest the model's float32
     weights do not have (a model created without ``pretrained=True``, say)."""
     digest = str(doc["weights_digest"])
+    if ":state-sha256:" not in digest:
+        return  # a weights file or random weights: no state digest to compare
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         return  # cast down: its digest cannot match the float32 weights the cache digested
-    if ":state-sha256:" in digest and digest.rsplit(":", 1)[1] != state_digest(model):
+    if digest.rsplit(":", 1)[1] != state_digest(model):
         warnings.warn(
             f"the model's weights are not those the head in {head_dir} was trained on "
             f"({digest.split(':state-sha256:')[0]}); did you create it with pretrained=True?",
