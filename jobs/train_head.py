@@ -257,7 +257,11 @@ def train_head(
         int | None, typer.Option(help="Torch CPU threads (default: all cores).")
     ] = None,
     precision: Annotated[
-        Literal["fp32", "bf16"], typer.Option(help="fp32, or bf16 autocast for the MLP.")
+        Literal["fp32", "bf16"],
+        typer.Option(
+            help="fp32, or bf16 autocast for the MLP (on a CPU, only with AVX-512 or AMX: "
+            "others emulate bfloat16, many times slower)."
+        ),
     ] = "fp32",
     resume: Annotated[
         bool,

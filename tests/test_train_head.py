@@ -25,7 +25,13 @@ from pipeline.cache.lock import RunLock
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
 from pipeline.head.stream import StreamConfig
-from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, fit_head
+from pipeline.head.train import (
+    RunOptions,
+    ScheduleConfig,
+    TrainConfig,
+    cpu_has_fast_bf16,
+    fit_head,
+)
 from schemas import validate_head
 
 SPEC = SyntheticCache(dim=32, samples_per_shard=500, shards=4, epochs=3, row_group_rows=125)
@@ -58,10 +64,13 @@ def _metrics(output: Path) -> list[dict]:
     ("loss", "precision"), [("ranking", "fp32"), ("l2", "fp32"), ("ranking", "bf16")]
 )
 def test_head_learns_to_rank_held_out_rows(
-    cache: str, tmp_path: Path, loss: str, precision: str
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, loss: str, precision: str
 ) -> None:
     config = dataclasses.replace(_config(loss), precision=precision)
-    result = fit_head([cache], str(tmp_path), config)
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        result = fit_head([cache], str(tmp_path), config)
+    emulated = precision == "bf16" and not cpu_has_fast_bf16()  # an AVX2 CPU: ~12x slower
+    assert ("no native bfloat16" in caplog.text) == emulated, caplog.text
     untrained, trained = result.metrics[0], result.metrics[-1]
     assert untrained["episode"] == 0 and trained["episode"] == 6
     assert abs(untrained["val_pair_accuracy"] - 0.5) < 0.15

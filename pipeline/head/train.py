@@ -299,6 +299,16 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 256 << 20))
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls in hardware (oneDNN's check: AVX-512 or AMX).
+
+    Without it torch emulates them: a bf16 step ran ~12x slower than fp32 on an AVX2 host
+    (BENCHMARKS.md). True where torch offers no such check.
+    """
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -349,6 +359,11 @@ def fit_head(
     """Train a head on the rows of ``caches``; checkpoints and metrics go under ``output``."""
     options = options or RunOptions()
     device = torch.device(options.device)
+    if config.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning(
+            "--precision bf16 on a CPU with no native bfloat16 (AVX-512 or AMX): torch emulates "
+            "it, many times slower than fp32 (~12x on an AVX2 host); use --precision fp32"
+        )
     sched = config.schedule
     index = open_cache(caches, io_threads=config.stream.io_threads)
     check_memory(index, config.stream)
