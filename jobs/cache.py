@@ -423,6 +423,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         transform = resolve_transform(target.transform_config(), info.data_config)
         provenance = build_provenance(target, info, transform, compute)
         manifest = reconcile(Manifest.open(target.output, provenance))
+        _forget_if_empty(manifest)
         settings = unit_settings(target, info, transform, provenance, compute)
         targets.append(_Target(target, settings, manifest))
     units = [
@@ -473,16 +474,29 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         )
     )
     for target in targets[1:]:
-        rows = sum(unit["rows"] for unit in target.manifest.units.values())
+        rows = _rows(target.manifest)
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
-    if not report.failed and not any(u["rows"] for u in targets[0].manifest.units.values()):
-        log.warning(
+    if not report.failed and not _rows(targets[0].manifest):
+        raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); if the "
-            "shards' files are not <key>.%s with <key>.%s, set --image-key / --label-key",
-            "/".join(config.image_keys),
-            config.label_key,
+            f"shards' files are not <key>.{'/'.join(config.image_keys)} with "
+            f"<key>.{config.label_key}, set --image-key / --label-key and run again (a cache "
+            "without rows is computed afresh)"
         )
     return report
+
+
+def _rows(manifest: Manifest) -> int:
+    return sum(unit["rows"] for unit in manifest.units.values())
+
+
+def _forget_if_empty(manifest: Manifest) -> None:
+    """Forget the units of a cache without a row (every sample skipped, as when --image-key or
+    --label-key named no member), so that a corrected run computes them instead of skipping."""
+    if manifest.units and not _rows(manifest):
+        log.info("%s holds no rows: its units are computed again", manifest.root)
+        for relpath in list(manifest.units):
+            manifest.forget(relpath)
 
 
 def _run_with_progress(

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
 from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
+from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shards import shard_name
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
@@ -301,14 +302,19 @@ def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
     assert bad.exit_code == 2 and "epochs" in bad.output
 
 
-def test_a_run_that_skips_every_sample_says_which_flags_name_the_members(local_ray, tmp_path):
+def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_run_caches(
+    local_ray, tmp_path
+):
     write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
     args = ["cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
     result = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS, "--label-key", "txt"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "no_label=4" in text and "the cache has no rows" in text
     assert "<key>.jpg/jpeg/png/webp with <key>.txt, set --image-key / --label-key" in text
+    corrected = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS])  # the units held none
+    assert corrected.exit_code == 0, corrected.output
+    assert sum(unit["rows"] for unit in read_manifest(str(tmp_path / "c"))["units"].values()) == 4
 
 
 @pytest.mark.parametrize(("command", "job"), [("cache", "cache"), ("train-head", "train_head")])
