@@ -478,12 +478,18 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
     if not report.failed and not _rows(targets[0].manifest):
         raise ValueError(
-            "the cache has no rows: every sample was skipped (see 'samples skipped'); if the "
-            f"shards' files are not <key>.{'/'.join(config.image_keys)} with "
-            f"<key>.{config.label_key}, set --image-key / --label-key and run again (a cache "
-            "without rows is computed afresh)"
+            "the cache has no rows: every sample was skipped (see 'samples skipped'); "
+            f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
         )
     return report
+
+
+def member_advice(config: CacheJobConfig) -> str:
+    """What to set when every sample is skipped: the flags that name a sample's members."""
+    return (
+        f"if the shards' files are not <key>.{'/'.join(config.image_keys)} with "
+        f"<key>.{config.label_key}, set --image-key / --label-key"
+    )
 
 
 def _rows(manifest: Manifest) -> int:

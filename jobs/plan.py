@@ -23,6 +23,7 @@ from jobs.cache import (
     CacheJobConfig,
     build_provenance,
     cache,
+    member_advice,
     unit_settings,
     warn_of_label_order,
 )
@@ -275,6 +276,11 @@ def plan(**arguments: Any) -> None:
         plans = run_plan(job)
     for target, result in zip(job.targets(), plans, strict=True):
         console.print(describe(result, target))
+    if not plans[0].measurement.kept:
+        log.warning(
+            "`pvu cache` would cache no row: every sampled sample was skipped; %s",
+            member_advice(job),
+        )
     if len(plans) > 1:
         console.print(
             f"One pass runs all {len(plans)} backbones: its time is the sum of their forwards' "

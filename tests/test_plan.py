@@ -150,6 +150,17 @@ def test_plan_of_shards_without_samples_says_so(tmp_path):
     assert "empty.tar" in text and "text.tar" in text
 
 
+def test_a_plan_whose_sample_keeps_no_row_names_the_member_flags(shards, tmp_path):
+    """It printed '~0 rows' and '0.0 images/s' with no word on why, as `pvu cache` then failed."""
+    flags = ["--shards", digits_only(shards, tmp_path), "--output", str(tmp_path / "out")]
+    flags += ["--sample-images", "8", "--label-key", "txt"]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS)
+    text = result.text
+    assert result.exit_code == 0 and "no_label=8" in text, text
+    assert "`pvu cache` would cache no row: every sampled sample was skipped" in text
+    assert "<key>.jpg/jpeg/png/webp with <key>.txt, set --image-key / --label-key" in text
+
+
 @pytest.mark.slow
 def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     settings = {
