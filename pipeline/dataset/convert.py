@@ -32,7 +32,7 @@ from pipeline.cache.decode import decode_image
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
-from pipeline.retry import PERMANENT_ERRORS, retry, write_bytes
+from pipeline.retry import PERMANENT_ERRORS, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def load_image(url: str) -> tuple[str, bytes]:
 
 def _read(url: str) -> bytes:
     """The bytes of the file at ``url``, under :func:`retry`."""
-
-    def read() -> bytes:
-        with fsspec.open(url, "rb") as handle:
-            return handle.read()
-
-    return retry(read, what=f"read {url}")
+    return read_bytes(*fsspec.core.url_to_fs(url))
 
 
 def write_dataset(
