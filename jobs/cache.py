@@ -474,9 +474,9 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         )
     )
     for target in targets[1:]:
-        rows = _rows(target.manifest)
+        rows = target.manifest.rows
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
-    if not report.failed and not _rows(targets[0].manifest):
+    if not report.failed and not targets[0].manifest.rows:
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
             f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
@@ -492,14 +492,10 @@ def member_advice(config: CacheJobConfig) -> str:
     )
 
 
-def _rows(manifest: Manifest) -> int:
-    return sum(unit["rows"] for unit in manifest.units.values())
-
-
 def _forget_if_empty(manifest: Manifest) -> None:
     """Forget the units of a cache without a row (every sample skipped, as when --image-key or
     --label-key named no member), so that a corrected run computes them instead of skipping."""
-    if manifest.units and not _rows(manifest):
+    if manifest.units and not manifest.rows:
         log.info("%s holds no rows: its units are computed again", manifest.root)
         for relpath in list(manifest.units):
             manifest.forget(relpath)

@@ -118,6 +118,11 @@ class Manifest:
         manifest.units = document["units"]
         return manifest
 
+    @property
+    def rows(self) -> int:
+        """Rows across the committed units."""
+        return sum(unit["rows"] for unit in self.units.values())
+
     def is_done(self, relpath: str) -> bool:
         """Whether the unit at ``relpath`` is committed."""
         return relpath in self.units
