@@ -7,7 +7,7 @@ local Ray on 127.0.0.1. Then, in ``--rounds`` rounds, it alternates:
 - the bare reference: ``Backbone.forward`` on random tensors already on the device, same model,
   precision, batch size and torch threads as the job's actor (all of Ray's CPUs), in a Ray
   actor of its own (on a GPU node in this process: Ray hides the GPU from actors without one);
-- the real job, ``jobs.cache.run_cache`` (one actor with every CPU), for one more epoch of
+- the real job, ``jobs.run.cache.run_cache`` (one actor with every CPU), for one more epoch of
   every shard, with the Parquet output on the S3 server and/or on local disk.
 
 The machine may be shared, so each round's job figure is compared with the references just
@@ -81,7 +81,7 @@ def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -
     """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
     import torch
 
-    from jobs.cache import CacheJobConfig, run_cache
+    from jobs.run.cache import CacheJobConfig, run_cache
 
     config = CacheJobConfig(
         shards=f"{shards}/",

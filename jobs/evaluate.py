@@ -1,171 +1,14 @@
-"""``pvu evaluate``: R-AUROC, Recall@1, baselines, the paper's analyses and applications.
-
-Reads eval caches (``pvu cache --augment eval``), scores every row with each exported head and
-the training-free baselines, and writes ``<report>/report.json`` (schemas/report.schema.json),
-``<report>/report.md`` and figures. Never touches an image.
-"""
+"""``pvu evaluate``'s command line: its flags and their help. The job itself, its config and
+run (torch, timm, Ray), is :mod:`jobs.run.evaluate`, imported only when the command runs."""
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import torch
 import typer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from jobs import project_version
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_output_folder, check_storage
-from jobs.terminal import Verbose, console, reported, resolve_device, setup_logging
-from pipeline.evaluate.report import write_report
-from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
-
-log = logging.getLogger("pvu.evaluate")
-
-
-class EvaluateJobConfig(BaseModel):
-    """The evaluate job's configuration, validated before anything runs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: list[str] = Field(min_length=1)
-    head: list[str] = Field(default_factory=list)
-    upstream: str | None = None
-    report: str = "report"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    deterioration: list[str] = Field(default_factory=list)
-    ambiguity: Literal["auto", "column", "real", "none"] = "auto"
-    ambiguity_threshold: float = 0.0
-    reject_fraction: float = Field(default=0.1, gt=0, lt=1)
-    tsne_dataset: str | None = None
-    tsne_classes: tuple[int, ...] | None = None
-    tsne_points: int = Field(default=1500, ge=10)
-    seed: int = Field(default=0, ge=0)
-    threads: int | None = Field(default=None, ge=1)
-    block_mb: int = Field(default=256, ge=1)
-
-    @field_validator("dataset")
-    @classmethod
-    def _named_urls(cls, value: list[str]) -> list[str]:
-        names = []
-        for item in value:
-            name, sep, url = item.partition("=")
-            if not sep or not name or not url:
-                raise ValueError(f"expected NAME=CACHE_URL, got {item!r}")
-            if name == UPSTREAM:
-                raise ValueError(f"{item!r}: the name {UPSTREAM!r} is kept for --upstream")
-            names.append(name)
-        repeated = {n for n in names if names.count(n) > 1}
-        if repeated:
-            raise ValueError(f"dataset name(s) given twice: {', '.join(sorted(repeated))}")
-        return value
-
-    @field_validator("head")
-    @classmethod
-    def _heads_exist(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if not (Path(path) / "head.json").is_file() and "://" not in path:
-                raise ValueError(f"{path} is not an exported head (no head.json in it)")
-        return value
-
-    @field_validator("tsne_classes", mode="before")
-    @classmethod
-    def _parse_classes(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return tuple(int(part) for part in value.split(",") if part.strip())
-            except ValueError:
-                raise ValueError(f"expected class labels like 0,1,2, got {value!r}") from None
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> EvaluateJobConfig:
-        resolve_device(self.device)
-        names = [name for name, _ in self.named_datasets()]
-        names += [UPSTREAM] if self.upstream else []
-        if self.tsne_dataset is not None and self.tsne_dataset not in names:
-            raise ValueError(f"tsne dataset {self.tsne_dataset!r} is not one of {names}")
-        return self
-
-    def named_datasets(self) -> tuple[tuple[str, str], ...]:
-        """``(name, url)`` of every ``--dataset``."""
-        return tuple((name, url) for name, _, url in (d.partition("=") for d in self.dataset))
-
-    def resolved_device(self) -> str:
-        """``cpu`` or ``cuda``, with ``auto`` resolved to CUDA when available."""
-        return resolve_device(self.device)
-
-    def to_options(self) -> EvaluateOptions:
-        """The pipeline's :class:`EvaluateOptions` for this job."""
-        return EvaluateOptions(
-            heads=tuple(self.head),
-            datasets=self.named_datasets(),
-            upstream=self.upstream,
-            deteriorated=tuple(self.deterioration),
-            reject_fraction=self.reject_fraction,
-            ambiguity=self.ambiguity,
-            ambiguity_threshold=self.ambiguity_threshold,
-            tsne_dataset=self.tsne_dataset,
-            tsne_classes=self.tsne_classes,
-            tsne_points=self.tsne_points,
-            seed=self.seed,
-            device=self.resolved_device(),
-            block_bytes=self.block_mb * 2**20,
-        )
-
-
-def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
-    """Run the job for a validated ``config`` under progress bars; print the summary."""
-    inputs = [(f"--dataset {name}=", url) for name, url in config.named_datasets()]
-    inputs += [("--deterioration", url) for url in config.deterioration]
-    inputs += [("--upstream", config.upstream)] if config.upstream else []
-    for flag, url in inputs:  # before hours of work on the datasets ahead of a typo
-        check_storage(url, flag=flag, must_exist=True)
-    check_output_folder(config.report, flag="--report")
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    with Progress(
-        TextColumn("[bold]evaluate[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-
-        def track(description: str, total: int) -> Any:
-            task = progress.add_task(description, total=total)
-            return lambda n: progress.advance(task, n)
-
-        evaluation = evaluate(config.to_options(), track=track)
-    path = write_report(evaluation, config.report, pvu_version=project_version())
-    console.print(summary(evaluation.report))
-    console.print(f"report: {path} (and report.json, figures) in {config.report}")
-    return evaluation
-
-
-def summary(report: dict[str, Any]) -> Table:
-    """R-AUROC per dataset and source, Recall@1 and the first source's safe-retrieval gain."""
-    sources = [s["name"] for s in report["sources"]]
-    table = Table(title="pvu evaluate: R-AUROC (Recall@1, safe-retrieval error)")
-    for column in ["dataset", "Recall@1", *sources, f"1-NN error ({sources[0]})"]:
-        table.add_column(column)
-    for d in report["datasets"]:
-        errors = d["sources"][sources[0]]["safe_retrieval"]["class_agnostic"]
-        table.add_row(
-            d["name"],
-            _fmt(d["recall_at_1"]),
-            *(_fmt(d["sources"][s]["r_auroc"]) for s in sources),
-            f"{_fmt(errors['full'])} -> {_fmt(errors['clean_database'])}",
-        )
-    return table
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+from jobs.terminal import Verbose, reported, setup_logging
 
 
 def evaluate_command(
@@ -240,6 +83,8 @@ def evaluate_command(
     verbose: Verbose = False,
 ) -> None:
     """Evaluate uncertainty heads and baselines on eval caches; write a report with figures."""
+    from jobs.run.evaluate import EvaluateJobConfig, run_evaluate
+
     setup_logging(verbose)
     job = job_config(EvaluateJobConfig, ctx)
     with reported("evaluate", verbose=verbose):

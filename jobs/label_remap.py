@@ -1,67 +1,14 @@
-"""``pvu label-remap``: the shards' label names -> a head's class indices, for
-``pvu cache --label-remap``.
-
-The shards' names come from ``classes.json`` (written by ``pvu shards``) or a text file of
-synsets; the head's from the synset lists timm ships (e.g. ``imagenet21k_goog_synsets.txt``
-for the 21,843-class ``augreg_in21k`` heads). Classes with no counterpart are reported and
-map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
-"""
+"""``pvu label-remap``'s command line: its flags and their help. The job itself, its config and
+run (torch, timm, Ray), is :mod:`jobs.run.label_remap`, imported only when the command runs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict
-from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
-from pipeline.dataset.remap import TIMM_SUBSETS, Remap, build_remap, read_names, write_remap
-
-SHOWN_MISSING = 20
-
-
-class LabelRemapJobConfig(BaseModel):
-    """The label-remap job's configuration, validated before anything runs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    classes: str
-    head: str
-    output: str
-
-
-def run_label_remap(config: LabelRemapJobConfig) -> Remap:
-    """Build the remap and write it to ``config.output``; refuses one that maps nothing."""
-    check_storage(config.classes, flag="--classes", must_exist=True)
-    check_storage(config.output, flag="--output")
-    remap = build_remap(read_names(config.classes), config.head)
-    if len(remap.missing) == len(remap.classes):
-        raise ValueError(
-            f"no label of {config.classes} is a class of head {remap.head} "
-            f"(first labels: {', '.join(remap.classes[:3])}); are they synsets like n01440764?"
-        )
-    write_remap(remap, config.output)
-    return remap
-
-
-def summarize(remap: Remap, config: LabelRemapJobConfig) -> Table:
-    """The job's summary: how many labels map, and the ones that do not."""
-    table = Table(title="pvu label-remap: summary", show_header=False)
-    table.add_row("remap", config.output)
-    table.add_row("head", remap.head)
-    table.add_row("shard labels", f"{len(remap.classes):,} ({config.classes})")
-    table.add_row("mapped", f"{len(remap.classes) - len(remap.missing):,}")
-    missing = remap.missing
-    table.add_row(
-        "no counterpart (skipped by pvu cache)",
-        f"{len(missing):,}" + (f": {', '.join(missing[:SHOWN_MISSING])}" if missing else ""),
-    )
-    if len(missing) > SHOWN_MISSING:
-        table.add_row("", f"... and {len(missing) - SHOWN_MISSING:,} more")
-    return table
 
 
 def label_remap(
@@ -78,8 +25,9 @@ def label_remap(
         str | None,
         typer.Option(
             metavar="LIST|MODEL|FILE",
-            help="Required. The head's label space: a timm list "
-            f"({', '.join(TIMM_SUBSETS)}), a timm model whose class count names one "
+            help="Required. The head's label space: a label list timm ships (imagenet-1k, "
+            "imagenet-12k, imagenet-21k, imagenet-21k-goog, ...), a timm model whose class "
+            "count names one "
             "(vit_base_patch16_224.augreg_in21k: imagenet-21k-goog, 21,843 classes), or a text "
             "file of synsets.",
         ),
@@ -95,6 +43,8 @@ def label_remap(
     verbose: Verbose = False,
 ) -> None:
     """Map the shards' labels to a classifier head's classes, reporting those it lacks."""
+    from jobs.run.label_remap import LabelRemapJobConfig, run_label_remap, summarize
+
     setup_logging(verbose)
     job = job_config(LabelRemapJobConfig, ctx)
     with reported("label-remap", verbose=verbose):

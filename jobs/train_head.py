@@ -1,221 +1,14 @@
-"""``pvu train-head``: fit the uncertainty head on a streamed cache, on CPU or one GPU.
-
-Never touches an image: reads (embedding, loss) rows of one or more caches, trains with the
-paper's ranking loss and schedule (appendix A), checkpoints at every episode end, and exports
-``<output>/head.safetensors`` + ``<output>/head.json`` (attach with
-``pipeline.head.export.attach_head``). Re-run with ``--resume`` to continue an interrupted run.
-"""
+"""``pvu train-head``'s command line: its flags and their help. The job itself, its config and
+run (torch, timm, Ray), is :mod:`jobs.run.train_head`, imported only when the command runs."""
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import torch
 import typer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_output_folder, check_storage
-from jobs.terminal import (
-    Verbose,
-    command_line,
-    console,
-    reported,
-    resolve_device,
-    setup_logging,
-)
-from pipeline.head.stream import StreamConfig
-from pipeline.head.train import (
-    RunOptions,
-    ScheduleConfig,
-    TrainConfig,
-    TrainResult,
-    fit_head,
-    keep_freed_memory,
-)
-
-log = logging.getLogger("pvu.train_head")
-
-
-class TrainHeadConfig(BaseModel):
-    """The train-head job's configuration, validated before anything runs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cache: list[str] = Field(min_length=1)
-    output: str
-    loss: Literal["ranking", "l2"] = "ranking"
-    episodes: int = Field(default=460, ge=1)
-    episode_size: int = Field(default=200_000, ge=1)
-    batch_size: int = Field(default=2048, ge=2)
-    lr: float = Field(default=2.8e-3, gt=0)
-    warmup_lr: float = Field(default=1e-4, ge=0)
-    min_lr: float = Field(default=1e-8, ge=0)
-    warmup_episodes: int = Field(default=25, ge=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    betas: tuple[float, float] = (0.8, 0.95)
-    hidden: tuple[int, ...] = (512, 512)
-    margin: float = Field(default=0.1, ge=0)
-    leeway: float = Field(default=0.0, ge=0)
-    seed: int = Field(default=0, ge=0)
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(default=None, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    resume: bool = False
-    stop_after: int | None = Field(default=None, ge=1)
-    val_fraction: float = Field(default=0.01, ge=0, lt=1)
-    val_rows: int = Field(default=20_000, ge=0)
-    shuffle_rows: int = Field(default=3_145_728, ge=1)
-    prefetch: int = Field(default=4, ge=1)
-    io_threads: int = Field(default=8, ge=1)
-
-    @field_validator("hidden", mode="before")
-    @classmethod
-    def _parse_hidden(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return tuple(int(part) for part in value.split(",") if part.strip())
-            except ValueError:
-                raise ValueError(f"expected widths like 512,512, got {value!r}") from None
-        return value
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= beta < 1 for beta in value):
-            raise ValueError(f"each beta must be in [0, 1), got {value}")
-        return value
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(width < 1 for width in value):
-            raise ValueError(f"widths must be >= 1, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainHeadConfig:
-        if self.warmup_episodes >= self.episodes:
-            raise ValueError(
-                f"--warmup-episodes ({self.warmup_episodes}) must be less than --episodes "
-                f"({self.episodes}); for a short run give fewer, or --warmup-episodes 0"
-            )
-        resolve_device(self.device)
-        return self
-
-    def resolved_device(self) -> str:
-        """``cpu`` or ``cuda``, with ``auto`` resolved to CUDA when available."""
-        return resolve_device(self.device)
-
-    def to_train_config(self) -> TrainConfig:
-        """The pipeline's :class:`TrainConfig` for this job."""
-        return TrainConfig(
-            hidden=self.hidden,
-            loss=self.loss,
-            margin=self.margin,
-            leeway=self.leeway,
-            schedule=ScheduleConfig(
-                episodes=self.episodes,
-                episode_size=self.episode_size,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                warmup_lr=self.warmup_lr,
-                min_lr=self.min_lr,
-                warmup_episodes=self.warmup_episodes,
-                betas=self.betas,
-                weight_decay=self.weight_decay,
-            ),
-            stream=StreamConfig(
-                seed=self.seed,
-                shuffle_rows=self.shuffle_rows,
-                prefetch_windows=self.prefetch,
-                val_fraction=self.val_fraction,
-                io_threads=self.io_threads,
-            ),
-            val_rows=self.val_rows,
-            precision=self.precision,
-        )
-
-
-class RateColumn(ProgressColumn):
-    """Samples per second of a rich task."""
-
-    def render(self, task: Task) -> Text:
-        """The task's speed as ``12,345 samples/s``."""
-        return Text(f"{task.speed or 0:,.0f} samples/s", style="progress.data.speed")
-
-
-def run_train_head(config: TrainHeadConfig) -> TrainResult:
-    """Run the job for a validated ``config``, with a progress bar and per-episode lines."""
-    for url in config.cache:
-        check_storage(url, flag="--cache", must_exist=True)
-    check_output_folder(config.output, flag="--output")
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    keep_freed_memory()
-    train_config = config.to_train_config()
-    schedule = train_config.schedule
-    columns = [
-        TextColumn("[bold]train-head"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=schedule.episodes * schedule.episode_size)
-
-        def on_episode(record: dict[str, Any]) -> None:
-            progress.update(task, completed=record["samples"])
-            console.print(_episode_line(record))
-
-        options = RunOptions(
-            device=config.resolved_device(),
-            owner=command_line(),
-            resume=config.resume,
-            stop_after=config.stop_after,
-            on_batch=lambda n: progress.advance(task, n),
-            on_episode=on_episode,
-        )
-        result = fit_head(config.cache, config.output, train_config, options)
-    first = result.metrics[0] if result.metrics else {}
-    last = result.metrics[-1] if result.metrics else {}
-    if result.finished:
-        console.print(f"head exported to {config.output} (head.safetensors, head.json)")
-    else:
-        console.print(f"stopped after episode {result.episodes}; continue with --resume")
-    if first.get("episode") == 0 and last is not first:
-        console.print(
-            f"validation pair accuracy / spearman: untrained {_fmt(first['val_pair_accuracy'])}"
-            f" / {_fmt(first['val_spearman'])} -> trained {_fmt(last['val_pair_accuracy'])}"
-            f" / {_fmt(last['val_spearman'])}"
-        )
-    return result
-
-
-def _episode_line(record: dict[str, Any]) -> str:
-    return (
-        f"episode {record['episode']}: loss {record['train_loss']:.5f} lr {record['lr']:.2e} "
-        f"val pair-acc {_fmt(record['val_pair_accuracy'])} "
-        f"spearman {_fmt(record['val_spearman'])} passes {record['passes']:.2f} "
-        f"({record['samples_per_s']:,.0f} samples/s)"
-    )
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.4f}"
+from jobs.terminal import Verbose, reported, setup_logging
 
 
 def train_head(
@@ -294,6 +87,8 @@ def train_head(
     verbose: Verbose = False,
 ) -> None:
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
+    from jobs.run.train_head import TrainHeadConfig, run_train_head
+
     setup_logging(verbose)
     job = job_config(TrainHeadConfig, ctx)
     resume = "the same command with --resume continues from the last episode's checkpoint"

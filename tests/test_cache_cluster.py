@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from jobs.cache import CacheJobConfig, run_cache
+from jobs.run.cache import CacheJobConfig, run_cache
 from pipeline.cache.distribute import plan_actors
 from pipeline.demo.data import write_digit_shards
 

@@ -19,8 +19,8 @@ import ray
 from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
-from jobs.cache import CacheJobConfig, run_cache
 from jobs.cli import app
+from jobs.run.cache import CacheJobConfig, run_cache
 from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shards import shard_name

@@ -59,3 +59,24 @@ def test_every_job_is_covered() -> None:
     jobs = {"cache", "train-head", "shards", "label-remap", "evaluate", "info", "plan", "demo"}
     assert jobs <= set(SUBCOMMANDS)
     assert "--version" in listed_options(PVU)
+
+
+def test_every_jobs_help_answers_without_importing_torch_timm_or_ray() -> None:
+    """``pvu <job> --help`` and ``python -m jobs.<job> --help`` import the job's flags, not the
+    job: torch, timm and Ray cost seconds to import on a small machine."""
+    script = (
+        "import runpy, sys; from typer.testing import CliRunner; from jobs.cli import JOBS, app\n"
+        "for name, target in JOBS.items():\n"
+        "    result = CliRunner().invoke(app, [name, '--help'])\n"
+        "    assert result.exit_code == 0 and '--config' in result.output, result.output\n"
+        "    sys.argv = [name, '--help']\n"
+        "    try:\n"
+        "        runpy.run_module(target.split(':')[0], run_name='__main__')\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, None), exit.code\n"
+        "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip().splitlines()[-1] == "[]", answer.stdout + answer.stderr

@@ -11,19 +11,19 @@ import yaml
 from pydantic import BaseModel
 from support import pvu, unboxed
 
-import jobs.cache
 import jobs.config
-import jobs.train_head
-from jobs.cache import CacheJobConfig
+import jobs.run.cache
+import jobs.run.train_head
 from jobs.cli import app
 from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, load_job_config
-from jobs.demo import DemoConfig
-from jobs.evaluate import EvaluateJobConfig
 from jobs.info import InfoJobConfig
-from jobs.label_remap import LabelRemapJobConfig
-from jobs.plan import PlanJobConfig
+from jobs.run.cache import CacheJobConfig
+from jobs.run.demo import DemoConfig
+from jobs.run.evaluate import EvaluateJobConfig
+from jobs.run.label_remap import LabelRemapJobConfig
+from jobs.run.plan import PlanJobConfig
+from jobs.run.train_head import TrainHeadConfig
 from jobs.shards import ShardsJobConfig
-from jobs.train_head import TrainHeadConfig
 
 #: Each shipped file's job, by file name: a config for a job missing here fails the test.
 JOB_OF_FILE: dict[str, type[BaseModel]] = {
@@ -75,7 +75,7 @@ def _write(tmp_path: Path, text: str) -> str:
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[TrainHeadConfig]:
     """The configs ``pvu train-head`` would run, instead of running them."""
     configs: list[TrainHeadConfig] = []
-    monkeypatch.setattr(jobs.train_head, "run_train_head", configs.append)
+    monkeypatch.setattr(jobs.run.train_head, "run_train_head", configs.append)
     return configs
 
 
@@ -160,7 +160,9 @@ def test_a_yaml_boolean_is_no_number(tmp_path: Path) -> None:
 
 def test_cache_reads_its_config_file_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[CacheJobConfig] = []
-    monkeypatch.setattr(jobs.cache, "run_cache", lambda config: runs.append(config) or _NoFailures)
+    monkeypatch.setattr(
+        jobs.run.cache, "run_cache", lambda config: runs.append(config) or _NoFailures
+    )
     path = _write(tmp_path, "shards: s\nbackbone: resnet10t\noutput: o\nweights: random\n")
     result = pvu("cache", "--config", path, "--epochs", "3")
     assert result.exit_code == 0, result.output

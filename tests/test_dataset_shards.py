@@ -327,7 +327,7 @@ def test_folder_to_shards_to_cache(tmp_path):
     import pyarrow.dataset as ds
     import ray
 
-    from jobs.cache import CacheJobConfig, run_cache
+    from jobs.run.cache import CacheJobConfig, run_cache
 
     valid = make_folder(tmp_path / "images", per_class=5)
     result = run(

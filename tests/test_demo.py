@@ -16,7 +16,7 @@ import ray
 import timm
 import torch
 
-from jobs.demo import BACKBONE, ZERO_SHOT, DemoConfig, run_demo
+from jobs.run.demo import BACKBONE, ZERO_SHOT, DemoConfig, run_demo
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import read_state_dict
 from pipeline.cache.decode import decode_image

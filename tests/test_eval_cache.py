@@ -14,8 +14,8 @@ from PIL import Image
 from support import SMALL_BACKBONE_FLAGS, make_runner
 from typer.testing import CliRunner
 
-from jobs.cache import CacheJobConfig
 from jobs.cli import app
+from jobs.run.cache import CacheJobConfig
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import create_backbone_model
 from pipeline.cache.decode import decode_image

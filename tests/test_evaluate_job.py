@@ -259,7 +259,7 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
 def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir: str) -> None:
     """A cache of another backbone, or one the head does not fit, given last was found only
     after every cache before it had been read and evaluated."""
-    from jobs.evaluate import EvaluateJobConfig
+    from jobs.run.evaluate import EvaluateJobConfig
     from pipeline.evaluate.runner import evaluate
 
     x, labels = clustered(60, 3, seed=11)

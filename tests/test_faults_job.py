@@ -13,7 +13,7 @@ import ray
 import s3fs
 import torch
 
-from jobs.cache import CacheJobConfig, run_cache
+from jobs.run.cache import CacheJobConfig, run_cache
 from pipeline.cache.distribute import start_local_ray
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache

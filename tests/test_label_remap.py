@@ -151,7 +151,7 @@ def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> 
 def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path, caplog):
     """A folder's classes ('cat', 'dog', ...) cached against a hub ImageNet classifier with no
     remap: every loss was against another class, and nothing said so."""
-    from jobs.cache import CacheJobConfig, warn_of_label_order
+    from jobs.run.cache import CacheJobConfig, warn_of_label_order
 
     shards = [str(tmp_path / "shard-000000.tar")]
     base = {"shards": str(tmp_path), "backbone": "resnet18.a1_in1k", "output": str(tmp_path)}

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Starts the local Ray as ``pvu cache`` does, in a fresh process, and prints where it listens.
 SCRIPT = """
 import json, psutil, ray
-from jobs.cache import connect_ray
+from jobs.run.cache import connect_ray
 
 connect_ray(None)
 

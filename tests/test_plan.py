@@ -11,8 +11,8 @@ import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS, pvu
 
-from jobs.cache import CacheJobConfig, run_cache
-from jobs.plan import PlanJobConfig, run_plan
+from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.plan import PlanJobConfig, run_plan
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.plan import read_prefix, sample_shards, shard_sizes

@@ -28,7 +28,7 @@ import jobs.label_remap
 import jobs.plan
 import jobs.shards
 import jobs.train_head
-from jobs.demo import DemoConfig, run_demo
+from jobs.run.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 

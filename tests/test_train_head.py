@@ -20,7 +20,8 @@ import typer
 from typer.testing import CliRunner
 
 import pipeline.head.train as train_module
-from jobs.train_head import TrainHeadConfig, train_head
+from jobs.run.train_head import TrainHeadConfig
+from jobs.train_head import train_head
 from pipeline.cache.lock import RunLock
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head

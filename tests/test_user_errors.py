@@ -348,7 +348,7 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     def interrupted(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    module = importlib.import_module(f"jobs.{command.replace('-', '_')}")
+    module = importlib.import_module(f"jobs.run.{command.replace('-', '_')}")
     monkeypatch.setattr(module, run, interrupted)
     result = pvu(command, *args)
     assert result.exit_code == 130, result.output

@@ -1,0 +1,1 @@
+"""Each heavy job's typed config and ``run_*`` function, imported when its command runs."""

@@ -1,0 +1,527 @@
+"""``pvu cache``: WebDataset shards -> per-(epoch, shard) Parquet cache of embeddings and losses.
+
+Runs on a local Ray by default, or on a cluster with ``--ray-address`` (what ``ray job submit``
+executes). Re-running the same command resumes: committed units are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import fsspec
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from jobs import project_version
+from jobs.preflight import check_output_folder, check_storage
+from jobs.terminal import (
+    command_line,
+    console,
+    raise_on_sigterm,
+)
+from pipeline.cache.augment import TransformConfig, resolve_transform
+from pipeline.cache.backbone import (
+    BackboneInfo,
+    Compute,
+    check_model_name,
+    describe_backbone,
+    file_digest,
+    read_label_remap,
+)
+from pipeline.cache.dedupe import deduplicate
+from pipeline.cache.deteriorate import Deterioration
+from pipeline.cache.distribute import (
+    ActorPool,
+    PoolReport,
+    actor_device_type,
+    plan_actors,
+    start_local_ray,
+)
+from pipeline.cache.lock import RunLock
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.shards import expand_shards, shard_names
+from pipeline.cache.unit import Unit, UnitResult, UnitSettings
+from pipeline.cache.verify import reconcile
+from pipeline.cache.writer import check_fits, clear_staging
+from pipeline.dataset.convert import CLASSES_NAME
+from pipeline.dataset.remap import order_mismatch, read_names
+from schemas import SCHEMA_VERSION
+
+log = logging.getLogger("pvu.cache")
+
+
+def absolute(url: str | None) -> str | None:
+    """Local paths made absolute: actors in other processes (and nodes) start elsewhere."""
+    if url is None or url in ("hub", "random") or "://" in url:
+        return url
+    return os.path.abspath(url)
+
+
+def check_weights(weights: str) -> str:
+    """``weights`` if it is 'hub', 'random' or an existing file, else ``ValueError``."""
+    if weights in ("hub", "random"):
+        return weights
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.isfile(path):
+        raise ValueError(f"'{weights}' is neither 'hub', 'random' nor an existing weights file")
+    return weights
+
+
+#: Field types the cache job's backbone, weights and output share with each ``--also`` target.
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+Weights = Annotated[str, AfterValidator(check_weights), AfterValidator(absolute)]
+OutputUrl = Annotated[str, AfterValidator(absolute)]
+
+
+class AlsoTarget(BaseModel):
+    """Another backbone cached in the same pass: its name, weights and output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: ModelName
+    weights: Weights = "hub"
+    output: OutputUrl
+
+    @classmethod
+    def parse(cls, text: str) -> AlsoTarget:
+        """``BACKBONE,WEIGHTS,OUTPUT`` (``BACKBONE,OUTPUT`` for hub weights)."""
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) == 2:
+            return cls(backbone=parts[0], output=parts[1])
+        if len(parts) == 3:
+            return cls(backbone=parts[0], weights=parts[1], output=parts[2])
+        raise ValueError(f"--also takes BACKBONE,WEIGHTS,OUTPUT, got '{text}'")
+
+
+class CacheJobConfig(BaseModel):
+    """The cache job's configuration, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shards: str
+    backbone: ModelName
+    output: OutputUrl
+    weights: Weights = "hub"
+    label_remap: str | None = None
+    epochs: int = Field(default=1, ge=1)
+    augment: Literal["train", "eval"] = "train"
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    actors: int | None = Field(default=None, ge=1)
+    gpus_per_actor: float | None = Field(default=None, ge=0)
+    cpus_per_actor: float | None = Field(default=None, gt=0)
+    image_key: str | None = None
+    label_key: str = "cls"
+    ray_address: str | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+    max_attempts: int = Field(default=3, ge=1)
+    input_size: int | None = Field(default=None, ge=8)
+    #: Area range of the train transform's random-resized crop (appendix A: 0.08 to 1).
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    decode_workers: int | None = Field(default=None, ge=0)
+    label_space: Literal["classifier", "dataset"] | None = None
+    ambiguity_key: str | None = None
+    deteriorate: Deterioration | None = None
+    precision: Literal["bf16", "fp32"] = "bf16"
+    #: More backbones cached from the same decode pass, each into its own output.
+    also: list[AlsoTarget] = []
+
+    @field_validator("deteriorate", mode="before")
+    @classmethod
+    def _parse_deteriorate(cls, value: object) -> object:
+        return Deterioration.parse(value) if isinstance(value, str) else value
+
+    @field_validator("also", mode="before")
+    @classmethod
+    def _parse_also(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return [AlsoTarget.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _outputs_differ(self) -> CacheJobConfig:
+        outputs = [self.output, *(target.output for target in self.also)]
+        if len(set(outputs)) != len(outputs):
+            raise ValueError("--also: every backbone needs its own --output")
+        return self
+
+    def targets(self) -> list[CacheJobConfig]:
+        """This job as one configuration per backbone (the first is this one's own)."""
+        update = {"also": []}
+        return [
+            self.model_copy(update=update),
+            *(self.model_copy(update={**update, **dict(target)}) for target in self.also),
+        ]
+
+    @field_validator("label_remap")
+    @classmethod
+    def _remap_reads(cls, label_remap: str | None) -> str | None:
+        if label_remap is not None:
+            fs, path = fsspec.core.url_to_fs(label_remap)
+            if not fs.isfile(path):
+                raise ValueError(f"label remap file '{label_remap}' does not exist")
+            read_label_remap(label_remap)  # before a manifest records its digest
+        return absolute(label_remap)
+
+    @field_validator("image_key")
+    @classmethod
+    def _names_an_extension(cls, image_key: str | None) -> str | None:
+        if image_key is not None and not re.sub(r"[\s/,.]", "", image_key):
+            raise ValueError(f"--image-key {image_key!r} names no file extension")
+        return image_key
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_is_an_area_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must be 0 < MIN <= MAX <= 1, got {scale}")
+        return scale
+
+    @model_validator(mode="after")
+    def _eval_has_one_epoch(self) -> CacheJobConfig:
+        if self.augment == "eval" and self.epochs != 1:
+            raise ValueError("--augment eval caches one un-augmented epoch (0); drop --epochs")
+        if self.deteriorate is not None and self.augment != "eval":
+            raise ValueError("--deteriorate applies to the eval transform: add --augment eval")
+        if self.label_remap is not None and self.resolved_label_space == "dataset":
+            raise ValueError(
+                "--label-remap maps labels into the classifier's space, but this cache keeps the "
+                "dataset's own labels (--label-space dataset, the default of --augment eval); "
+                "drop --label-remap or pass --label-space classifier"
+            )
+        return self
+
+    @property
+    def resolved_label_space(self) -> str:
+        """The label space: as given, else ``classifier`` for train and ``dataset`` for eval."""
+        if self.label_space is not None:
+            return self.label_space
+        return "classifier" if self.augment == "train" else "dataset"
+
+    def transform_config(self) -> TransformConfig:
+        """The augmentation settings; unset fields fall back to the backbone's data config."""
+        size = None if self.input_size is None else (3, self.input_size, self.input_size)
+        return TransformConfig(
+            augment=self.augment,
+            input_size=size,
+            scale=self.crop_scale,
+            deteriorate=self.deteriorate,
+        )
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """Tar member extensions tried, in order, for a sample's image."""
+        if not self.image_key:
+            return ("jpg", "jpeg", "png", "webp")
+        return tuple(key for key in re.split(r"[/,]", self.image_key) if key.strip())
+
+
+def build_provenance(
+    config: CacheJobConfig, info: BackboneInfo, transform: dict, compute: Compute
+) -> dict[str, Any]:
+    """What this cache is: the fields that must match for two runs to share an output prefix."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": info.name,
+        "weights_digest": info.weights_digest,
+        "embedding_dim": info.embedding_dim,
+        "num_classes": info.num_classes,
+        "transform": transform,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "label_remap_digest": file_digest(config.label_remap) if config.label_remap else None,
+        "label_space": config.resolved_label_space,
+        "ambiguity_key": config.ambiguity_key,
+        "compute": compute.model_dump(),
+        "project_version": project_version(),
+    }
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, set inside ``ray job submit``),
+    else start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        start_local_ray(log_to_driver=True)
+    raise_on_sigterm()
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Resources of each alive Ray node."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def summarize(
+    report: PoolReport,
+    *,
+    already: int,
+    seconds: float,
+    manifest: Manifest,
+    duplicates: dict[str, int] | None = None,
+) -> Table:
+    """The job's closing summary: units, rows, skips by reason, duplicate keys dropped,
+    throughput, time per stage."""
+    results, failed = report.results, report.failed
+    rows = sum(result.rows for result in results)
+    table = Table(title="pvu cache: summary", show_header=False)
+    table.add_row("output", manifest.root)
+    table.add_row(
+        "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"
+    )
+    table.add_row("rows written", f"{rows:,}")
+    table.add_row("rows in cache", f"{sum(u['rows'] for u in manifest.units.values()):,}")
+    skipped: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    table.add_row(
+        "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    )
+    if duplicates:
+        table.add_row(
+            "duplicate keys dropped",
+            f"{sum(duplicates.values()):,} row(s) of {len(duplicates)} unit(s), kept in an "
+            "earlier shard",
+        )
+    table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
+    stages: dict[str, float] = {}
+    for result in results:
+        for stage, value in result.timings.items():
+            stages[stage] = stages.get(stage, 0.0) + value
+    table.add_row(
+        "seconds by stage (all actors)",
+        ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
+    )
+    for relpath, error in sorted(failed.items()):
+        table.add_row(f"[red]FAILED {relpath}", error)
+    return table
+
+
+def unit_settings(
+    config: CacheJobConfig,
+    info: BackboneInfo,
+    transform: dict,
+    provenance: dict[str, Any],
+    compute: Compute,
+) -> UnitSettings:
+    """What every unit of this job shares."""
+    return UnitSettings(
+        output=config.output,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        transform=transform,
+        provenance=provenance,
+        embedding_dim=info.embedding_dim,
+        compute=compute,
+        dtype=config.dtype,
+        image_keys=config.image_keys,
+        label_key=config.label_key,
+        label_remap=config.label_remap,
+        label_space=config.resolved_label_space,
+        ambiguity_key=config.ambiguity_key,
+        decode_workers=config.decode_workers,
+    )
+
+
+def run_cache(config: CacheJobConfig) -> PoolReport:
+    """Run the cache job: every (epoch, shard) unit not yet committed, on Ray actors.
+
+    One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
+    """
+    check_storage(config.shards, flag="--shards")
+    owner = command_line()
+    with contextlib.ExitStack() as locks:
+        for i, target in enumerate(config.targets()):
+            check_output_folder(target.output, flag="--also" if i else "--output")
+            locks.enter_context(RunLock(target.output, owner=owner))
+        return _run_cache(config)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One backbone of the job and the cache it writes."""
+
+    config: CacheJobConfig
+    settings: UnitSettings
+    manifest: Manifest
+
+
+def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
+    """Warn when the shards' ``classes.json`` names their labels in another order than the hub
+    classifier's classes, with no ``--label-remap``: every loss would be against another
+    class (``pvu shards`` numbers a folder's classes by name)."""
+    if config.resolved_label_space != "classifier" or config.label_remap or config.weights != "hub":
+        return
+    classes = f"{shards[0].rsplit('/', 1)[0]}/{CLASSES_NAME}"
+    fs, path = fsspec.core.url_to_fs(classes)
+    if not fs.isfile(path):
+        return
+    try:
+        problem = order_mismatch(read_names(classes), config.backbone)
+    except (OSError, ValueError) as error:  # not pvu's classes.json: nothing to compare
+        log.debug("%s not compared with the classifier's classes: %s", classes, error)
+        return
+    if problem:
+        log.warning(
+            "%s does not list the classes of %s's classifier in its order (%s): the losses "
+            "would be against other classes. Map them with `pvu label-remap --classes %s "
+            "--head %s` and --label-remap, or cache with --label-space dataset",
+            *(classes, config.backbone, problem, classes, config.backbone),
+        )
+
+
+def _run_cache(config: CacheJobConfig) -> PoolReport:
+    urls = expand_shards(config.shards)
+    names = shard_names(urls)
+    for target in config.targets():
+        warn_of_label_order(target, urls)
+    size = config.transform_config().input_size
+    infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
+    for info in infos:
+        check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
+    # The actors' device is part of the provenance, so the cluster is planned first.
+    connect_ray(config.ray_address)
+    actors, gpus, cpus = plan_actors(
+        alive_node_resources(),
+        actors=config.actors,
+        gpus_per_actor=config.gpus_per_actor,
+        cpus_per_actor=config.cpus_per_actor,
+    )
+    compute = Compute.resolve(actor_device_type(gpus), config.precision)
+    targets = []
+    for target, info in zip(config.targets(), infos, strict=True):
+        transform = resolve_transform(target.transform_config(), info.data_config)
+        provenance = build_provenance(target, info, transform, compute)
+        manifest = reconcile(Manifest.open(target.output, provenance))
+        _forget_if_empty(manifest)
+        settings = unit_settings(target, info, transform, provenance, compute)
+        targets.append(_Target(target, settings, manifest))
+    units = [
+        Unit(source=url, shard=name, epoch=epoch)
+        for epoch in range(config.epochs)
+        for url, name in zip(urls, names, strict=True)
+    ]
+    # A unit runs (for every backbone, rewriting identical files) if any backbone lacks it.
+    todo = [u for u in units if not all(t.manifest.is_done(u.relpath) for t in targets)]
+    log.info(
+        "%d shards x %d epochs = %d units; %d already committed, %d to do",
+        len(urls),
+        config.epochs,
+        len(units),
+        len(units) - len(todo),
+        len(todo),
+    )
+    started = time.monotonic()
+    report = PoolReport()
+    if todo:
+        log.info("%d actor(s), %g GPU and %g CPU each", actors, gpus, cpus)
+        pool = ActorPool(
+            size=actors,
+            gpus=gpus,
+            cpus=cpus,
+            backbone=config.backbone,
+            weights=config.weights,
+            settings=targets[0].settings,
+            max_attempts=config.max_attempts,
+            also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
+        )
+        report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
+        for target in targets:  # the actors wrote there: this process's listings are stale
+            fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
+    # Each key once per epoch: later copies (in shard order) leave their units, whichever
+    # run committed them; a cache without duplicates is only read.
+    duplicates = [deduplicate(target.manifest, names) for target in targets]
+    if not report.failed:
+        for target in targets:
+            clear_staging(target.config.output)
+    console.print(
+        summarize(
+            report,
+            already=len(units) - len(todo),
+            seconds=time.monotonic() - started,
+            manifest=targets[0].manifest,
+            duplicates=duplicates[0],
+        )
+    )
+    for target in targets[1:]:
+        rows = target.manifest.rows
+        console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
+    if not report.failed and not targets[0].manifest.rows:
+        raise ValueError(
+            "the cache has no rows: every sample was skipped (see 'samples skipped'); "
+            f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
+        )
+    return report
+
+
+def member_advice(config: CacheJobConfig) -> str:
+    """What to set when every sample is skipped: the flags that name a sample's members."""
+    return (
+        f"if the shards' files are not <key>.{'/'.join(config.image_keys)} with "
+        f"<key>.{config.label_key}, set --image-key / --label-key"
+    )
+
+
+def _forget_if_empty(manifest: Manifest) -> None:
+    """Forget the units of a cache without a row (every sample skipped, as when --image-key or
+    --label-key named no member), so that a corrected run computes them instead of skipping."""
+    if manifest.units and not manifest.rows:
+        log.info("%s holds no rows: its units are computed again", manifest.root)
+        for relpath in list(manifest.units):
+            manifest.forget(relpath)
+
+
+def _run_with_progress(
+    pool: ActorPool, todo: list[Unit], manifests: list[Manifest], started: float
+) -> PoolReport:
+    """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifests``
+    (one per backbone of the pass)."""
+    images = 0
+    with Progress(
+        TextColumn("[bold]cache"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units {task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("units", total=len(todo), rate="")
+
+        def on_result(result: UnitResult) -> None:
+            nonlocal images
+            for manifest, done in zip(manifests, [result, *result.also], strict=True):
+                manifest.record(done.relpath, done.manifest_entry())
+            images += result.rows
+            rate = images / max(time.monotonic() - started, 1e-9)
+            progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
+
+        try:
+            return pool.run(todo, on_result)
+        finally:
+            for manifest in manifests:
+                manifest.flush(force=True)

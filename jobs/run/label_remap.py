@@ -1,0 +1,59 @@
+"""``pvu label-remap``: the shards' label names -> a head's class indices, for
+``pvu cache --label-remap``.
+
+The shards' names come from ``classes.json`` (written by ``pvu shards``) or a text file of
+synsets; the head's from the synset lists timm ships (e.g. ``imagenet21k_goog_synsets.txt``
+for the 21,843-class ``augreg_in21k`` heads). Classes with no counterpart are reported and
+map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from rich.table import Table
+
+from jobs.preflight import check_storage
+from pipeline.dataset.remap import Remap, build_remap, read_names, write_remap
+
+SHOWN_MISSING = 20
+
+
+class LabelRemapJobConfig(BaseModel):
+    """The label-remap job's configuration, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classes: str
+    head: str
+    output: str
+
+
+def run_label_remap(config: LabelRemapJobConfig) -> Remap:
+    """Build the remap and write it to ``config.output``; refuses one that maps nothing."""
+    check_storage(config.classes, flag="--classes", must_exist=True)
+    check_storage(config.output, flag="--output")
+    remap = build_remap(read_names(config.classes), config.head)
+    if len(remap.missing) == len(remap.classes):
+        raise ValueError(
+            f"no label of {config.classes} is a class of head {remap.head} "
+            f"(first labels: {', '.join(remap.classes[:3])}); are they synsets like n01440764?"
+        )
+    write_remap(remap, config.output)
+    return remap
+
+
+def summarize(remap: Remap, config: LabelRemapJobConfig) -> Table:
+    """The job's summary: how many labels map, and the ones that do not."""
+    table = Table(title="pvu label-remap: summary", show_header=False)
+    table.add_row("remap", config.output)
+    table.add_row("head", remap.head)
+    table.add_row("shard labels", f"{len(remap.classes):,} ({config.classes})")
+    table.add_row("mapped", f"{len(remap.classes) - len(remap.missing):,}")
+    missing = remap.missing
+    table.add_row(
+        "no counterpart (skipped by pvu cache)",
+        f"{len(missing):,}" + (f": {', '.join(missing[:SHOWN_MISSING])}" if missing else ""),
+    )
+    if len(missing) > SHOWN_MISSING:
+        table.add_row("", f"... and {len(missing) - SHOWN_MISSING:,} more")
+    return table

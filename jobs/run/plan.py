@@ -1,0 +1,254 @@
+"""``pvu plan``: a dry run of ``pvu cache`` that says what a job will cost before it starts.
+
+Takes exactly the cache job's flags (plus how to sample and rate GPUs), reads the shard list
+and the first few hundred samples, and really decodes, augments, runs the backbone on and
+writes that sample on this machine. Prints units, rows, bytes on storage and actor-hours;
+starts no Ray and writes nothing to ``--output``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from pydantic import Field
+from rich.table import Table
+
+from jobs.preflight import check_storage
+from jobs.run.cache import (
+    CacheJobConfig,
+    build_provenance,
+    member_advice,
+    unit_settings,
+    warn_of_label_order,
+)
+from jobs.terminal import console
+from pipeline.cache.augment import resolve_transform
+from pipeline.cache.backbone import Backbone, Compute, create_backbone_model, describe_backbone
+from pipeline.cache.info import read_cache_info
+from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences
+from pipeline.cache.plan import (
+    Estimate,
+    Measurement,
+    ShardPrefix,
+    estimate,
+    forward_rate,
+    measure,
+    sample_shards,
+    shard_sizes,
+)
+from pipeline.cache.shards import expand_shards, shard_names
+
+log = logging.getLogger("pvu.plan")
+
+
+class PlanJobConfig(CacheJobConfig):
+    """The cache job's configuration, plus how the plan samples and rates GPUs."""
+
+    sample_images: int = Field(default=256, ge=1)
+    images_per_second_per_gpu: float | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``pvu plan`` found: the estimate, the measured sample and the GPU rate used."""
+
+    estimate: Estimate
+    measurement: Measurement
+    threads: int
+    gpu_rate: float | None
+    gpu_rate_source: str
+    shares_decode: bool = False  # an --also target: the first backbone's pass decodes for it
+
+
+def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
+    """(epoch, shard URL) units the output already holds (with or without its manifest: pvu
+    cache adopts units it finds); ``ValueError`` if ``pvu cache`` would refuse the output
+    because it holds a different cache."""
+    fs, root = fsspec.core.url_to_fs(config.output)
+    root = root.rstrip("/")
+    manifest = fs.exists(f"{root}/{MANIFEST_NAME}")
+    if not manifest and not fs.glob(f"{root}/epoch=*/*.parquet"):
+        return set()  # nothing there yet, or an empty folder: every unit is to do
+    try:  # without a manifest: its units' footers, as cache reads them to adopt the units
+        info = read_cache_info(config.output)
+    except ValueError as error:
+        if manifest:
+            raise
+        # cache recomputes a damaged unit and leaves a foreign file alone
+        log.warning("planned --output %s as if empty: %s", config.output, error)
+        return set()
+    differences = provenance_differences(info.provenance, provenance)
+    if differences:
+        raise ValueError(
+            f"pvu cache would refuse --output {config.output}: it holds another cache; "
+            + "; ".join(differences)
+        )
+    by_name = dict(zip(shard_names(urls), urls, strict=True))
+    return {
+        (unit["epoch"], by_name[unit["shard"]])
+        for unit in info.units.values()
+        if unit["shard"] in by_name and unit["epoch"] < config.epochs
+    }
+
+
+def run_plan(config: PlanJobConfig) -> list[Plan]:
+    """Sample the shards once, then measure each backbone of the job (the first, then each
+    ``--also`` target) on the sample on this machine and extrapolate to the job."""
+    check_storage(config.shards, flag="--shards")
+    for index, target in enumerate(config.targets()):
+        check_storage(target.output, flag="--also" if index else "--output")
+    urls = expand_shards(config.shards)
+    shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
+    for target in config.targets():
+        warn_of_label_order(target, urls)  # as pvu cache warns
+    sizes = shard_sizes(urls)
+    prefixes = sample_shards(sizes, config.sample_images)
+    if not any(prefix.samples for prefix in prefixes.values()):
+        named = ", ".join(list(prefixes)[:3]) + (", ..." if len(prefixes) > 3 else "")
+        raise ValueError(
+            f"--shards {config.shards}: the {len(prefixes)} shards sampled hold no samples "
+            f"({named}): empty, damaged from their start, or not tar files; pvu cache would "
+            "count each as empty_shard or truncated_tar"
+        )
+    sample = (urls, sizes, prefixes)
+    return [_plan_target(t, sample, first=i == 0) for i, t in enumerate(config.targets())]
+
+
+def _plan_target(
+    config: PlanJobConfig,
+    sample: tuple[list[str], dict[str, int], dict[str, ShardPrefix]],
+    *,
+    first: bool,
+) -> Plan:
+    """The plan of one backbone; ``first``: the one whose pass decodes (``--also`` targets
+    share it), and which ``--images-per-second-per-gpu`` rates."""
+    urls, sizes, prefixes = sample
+    info = describe_backbone(
+        config.backbone, config.weights, input_size=config.transform_config().input_size
+    )
+    transform = resolve_transform(config.transform_config(), info.data_config)
+    # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
+    # one or this machine has one.
+    on_gpu = bool(config.gpus_per_actor) or torch.cuda.is_available()
+    compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
+    provenance = build_provenance(config, info, transform, compute)
+    done = committed_units(config, provenance, urls)
+    model = create_backbone_model(config.backbone, config.weights)
+    settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
+    with console.status(f"measuring {config.backbone} on the sampled images on this machine"):
+        measurement = measure(Backbone(model, torch.device("cpu")), settings, prefixes)
+        gpu_rate = config.images_per_second_per_gpu if first else None
+        source = "--images-per-second-per-gpu"
+        if gpu_rate is None and torch.cuda.is_available():
+            autocast = Compute.resolve("cuda", config.precision).autocast_dtype
+            backbone = Backbone(model, torch.device("cuda"), autocast)
+            gpu_rate = forward_rate(backbone, transform["input_size"], config.batch_size)
+            source = f"measured here on {torch.cuda.get_device_name()}, forward only"
+    return Plan(
+        estimate(
+            sizes=sizes, prefixes=prefixes, measurement=measurement, epochs=config.epochs, done=done
+        ),
+        measurement,
+        torch.get_num_threads(),
+        gpu_rate,
+        source if gpu_rate else "",
+        shares_decode=not first,
+    )
+
+
+def _hours(rows: int, rate: float) -> str:
+    """How long ``rows`` take at ``rate`` rows per second, in hours (minutes when short)."""
+    if not rate:
+        return "-"
+    hours = rows / rate / 3600
+    return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:,.1f} min"
+
+
+def describe(plan: Plan, config: PlanJobConfig) -> Table:
+    """The plan of one backbone (``config``: its own target) as a two-column table."""
+    est, m = plan.estimate, plan.measurement
+    title = f"pvu plan: what `pvu cache` will do for {config.backbone} into {config.output}"
+    table = Table(title=title, show_header=False)
+    table.add_row(
+        "shards",
+        f"{est.shards:,} ({est.counted_shards:,} counted, the others estimated from their size)",
+    )
+    table.add_row(
+        "units", f"{est.units:,} ({est.epochs} epochs), {est.units_done:,} already in --output"
+    )
+    table.add_row("samples per epoch", f"~{est.samples:,}")
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(m.result.skipped.items())) or "none"
+    table.add_row(
+        "rows to compute",
+        f"~{est.rows:,} ({m.kept:.1%} of the sample kept; skipped there: {skipped})",
+    )
+    table.add_row(
+        "bytes on storage",
+        f"~{est.bytes:,} ({est.bytes / 2**30:,.2f} GiB: {m.bytes_per_row:,.0f} per row, "
+        f"{m.unit_file_bytes:,.0f} per unit file)",
+    )
+    table.add_row(
+        "measured sample",
+        f"{m.samples} images decoded, augmented, forwarded and written on this machine's CPU "
+        f"({plan.threads} threads): {m.images_per_second:,.1f} images/s, "
+        f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
+    )
+    # an --also target's images are decoded and augmented once, in the first backbone's pass
+    cpu = m.cpu_seconds_per_image - (m.prepare_cpu_seconds_per_image if plan.shares_decode else 0)
+    shared = ", decoding not counted: the first pass does it" if plan.shares_decode else ""
+    table.add_row(
+        "CPU actor-hours",
+        f"{_hours(est.rows, m.images_per_second)} at the rate measured here; "
+        f"{_hours(est.rows, 1 / cpu if cpu > 0 else 0)} of CPU time (divide by an actor's "
+        f"cores){shared}",
+    )
+    decode_rate = 1 / m.prepare_seconds_per_image if m.prepare_seconds_per_image else 0.0
+    table.add_row(
+        "decode + augment",
+        "done once, in the first backbone's pass (--also)"
+        if plan.shares_decode
+        else f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core",
+    )
+    if plan.gpu_rate:
+        cores = plan.gpu_rate / decode_rate if decode_rate else 0.0
+        feeding = "" if plan.shares_decode else f"; feeding it takes ~{cores:,.1f} decode cores/GPU"
+        table.add_row(
+            "GPU actor-hours",
+            f"{_hours(est.rows, plan.gpu_rate)} at {plan.gpu_rate:,.0f} images/s per GPU "
+            f"({plan.gpu_rate_source}){feeding}",
+        )
+    else:
+        table.add_row(
+            "GPU actor-hours",
+            "not estimated: no GPU here; --images-per-second-per-gpu rates the first backbone"
+            if plan.shares_decode
+            else "not estimated: no GPU here; pass --images-per-second-per-gpu (a forward rate "
+            "measured on the target GPU)",
+        )
+    if config.actors and not plan.shares_decode:  # --also: the pass's time is the sum
+        rate = (
+            plan.gpu_rate if plan.gpu_rate and config.gpus_per_actor != 0 else m.images_per_second
+        )
+        table.add_row(f"wall-clock, {config.actors} actors", _hours(est.rows, rate * config.actors))
+    return table
+
+
+def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
+    """Each backbone's plan as a table, and what the tables leave unsaid."""
+    for target, result in zip(config.targets(), plans, strict=True):
+        console.print(describe(result, target))
+    if not plans[0].measurement.kept:
+        log.warning(
+            "`pvu cache` would cache no row: every sampled sample was skipped; %s",
+            member_advice(config),
+        )
+    if len(plans) > 1:
+        console.print(
+            f"One pass runs all {len(plans)} backbones: its time is the sum of their forwards' "
+            "(each table's actor-hours, less decoding for the --also ones), its decoding the "
+            "first table's."
+        )
