@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 import warnings
 
@@ -177,9 +179,7 @@ def test_too_large_is_refused_from_the_header():
     start = time.perf_counter()
     # Beyond twice Pillow's limit (Pillow's own error) and just beyond it (Pillow only warns).
     assert _reason(decompression_bomb_png()) == SkipReason.TOO_LARGE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        assert _reason(decompression_bomb_png(10_000, 10_000)) == SkipReason.TOO_LARGE
+    assert _reason(decompression_bomb_png(10_000, 10_000)) == SkipReason.TOO_LARGE
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         assert _reason(decompression_bomb_png(10_000, 10_000)) == SkipReason.TOO_LARGE
@@ -190,6 +190,24 @@ def test_too_large_is_refused_from_the_header():
         SkipReason.TOO_LARGE
     )
     assert limit == Image.MAX_IMAGE_PIXELS
+
+
+def test_an_image_over_pillows_limit_is_counted_too_large_without_pillows_warning():
+    """Pillow's warning would repeat the ``too_large`` count in every worker's log, printed
+    whatever the warnings filter the process starts with."""
+    script = (
+        "from pipeline.cache.decode import decode_image\n"
+        "from pipeline.demo.data import decompression_bomb_png\n"
+        "try:\n"
+        "    decode_image(decompression_bomb_png(10_000, 10_000))\n"
+        "except Exception as error:\n"
+        "    print(error.reason.value)\n"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script], capture_output=True, text=True
+    )
+    assert answer.stdout.strip() == "too_large", answer.stdout + answer.stderr
+    assert "DecompressionBombWarning" not in answer.stderr, answer.stderr
 
 
 def test_a_strip_far_longer_than_wide_is_refused_before_a_transform_blows_it_up():

@@ -14,13 +14,17 @@ Conventions (those of timm and torchvision's loaders, which the backbones were t
 
 Size limits are checked from the header, before any pixel is decoded. Pillow's global state
 (``ImageFile.LOAD_TRUNCATED_IMAGES``, ``Image.MAX_IMAGE_PIXELS``) is read, never changed;
-Pillow's own decompression-bomb check still applies on top of ``max_pixels``.
+Pillow's own decompression-bomb error (over twice its limit) still applies on top of
+``max_pixels``. Its warning (over its limit) is not shown: the images it warns of are over
+``max_pixels`` too, each counted as ``too_large``, and the warning would only repeat that in
+every worker's log, as an attack.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -51,6 +55,8 @@ _DATA_ERRORS = (
     Image.DecompressionBombWarning,
 )
 _available_formats: tuple[str, ...] | None = None
+
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode_image(
