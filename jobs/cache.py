@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, console, reported, setup_logging
 
@@ -159,6 +160,9 @@ def cache(
     if failures:
         console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
         raise typer.Exit(code=1)
+
+
+__getattr__ = names_of("jobs.run.cache")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, reported, setup_logging
 
@@ -28,6 +29,9 @@ def demo(
     job = job_config(DemoConfig, ctx)
     with reported("demo", verbose=verbose):
         run_demo(job)
+
+
+__getattr__ = names_of("jobs.run.demo")
 
 
 def main() -> None:

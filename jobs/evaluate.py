@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, reported, setup_logging
 
@@ -89,6 +90,9 @@ def evaluate_command(
     job = job_config(EvaluateJobConfig, ctx)
     with reported("evaluate", verbose=verbose):
         run_evaluate(job)
+
+
+__getattr__ = names_of("jobs.run.evaluate")
 
 
 def main() -> None:

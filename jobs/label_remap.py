@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, console, reported, setup_logging
 
@@ -50,6 +51,9 @@ def label_remap(
     with reported("label-remap", verbose=verbose):
         remap = run_label_remap(job)
     console.print(summarize(remap, job))
+
+
+__getattr__ = names_of("jobs.run.label_remap")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from jobs import names_of
 from jobs.cache import cache
 from jobs.config import job_config
 from jobs.terminal import reported, setup_logging
@@ -52,6 +53,9 @@ def plan(**arguments: Any) -> None:
 
 
 plan.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+__getattr__ = names_of("jobs.run.plan")
 
 
 def main() -> None:

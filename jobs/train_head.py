@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, reported, setup_logging
 
@@ -94,6 +95,9 @@ def train_head(
     resume = "the same command with --resume continues from the last episode's checkpoint"
     with reported("train-head", verbose=verbose, resume=resume):
         run_train_head(job)
+
+
+__getattr__ = names_of("jobs.run.train_head")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ typer 0.29 renders every on/off flag, ``--help`` and ``--version`` included, as 
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -82,3 +83,17 @@ def test_every_jobs_help_answers_without_importing_torch_timm_or_ray() -> None:
         "        assert exit.code in (0, None), exit.code\n"
     )
     assert heavy_modules_after(script, ("torch", "timm", "ray")) == []
+
+
+@pytest.mark.parametrize("job", ["cache", "train_head", "label_remap", "evaluate", "plan", "demo"])
+def test_a_commands_module_still_offers_its_jobs_config_and_run(job: str) -> None:
+    """``from jobs.cache import CacheJobConfig, run_cache`` still works: the command's module
+    finds its job's names in ``jobs.run.<job>`` when asked for them."""
+    command, run = (
+        importlib.import_module(f"jobs.{job}"),
+        importlib.import_module(f"jobs.run.{job}"),
+    )
+    public = [name for name in vars(run) if name.startswith(("run_", "Config")) or "Config" in name]
+    assert public and all(getattr(command, name) is getattr(run, name) for name in public)
+    with pytest.raises(AttributeError):
+        command.no_such_name  # noqa: B018
