@@ -1,5 +1,8 @@
-"""``pvu evaluate``'s command line: its flags and their help. The job itself, its config and
-run (torch, timm, Ray), is :mod:`jobs.run.evaluate`, imported only when the command runs."""
+"""``pvu evaluate``'s command line: its flags and their help.
+
+The job itself, its config and run, is :mod:`jobs.run.evaluate`, imported only when the
+command runs: torch, timm and Ray take seconds to import, ``--help`` none.
+"""
 
 from __future__ import annotations
 
