@@ -76,7 +76,14 @@ def cache(
             "jpg/jpeg/png/webp).",
         ),
     ] = None,
-    label_key: Annotated[str, typer.Option(metavar="EXT", help="Label member extension.")] = "cls",
+    label_key: Annotated[
+        str,
+        typer.Option(
+            metavar="EXT[:FIELD]",
+            help="Label member: its extension (an integer in ASCII), or EXT:FIELD for an integer "
+            "field of a JSON member, e.g. json:label (dots for nested fields).",
+        ),
+    ] = "cls",
     ray_address: Annotated[
         str | None,
         typer.Option(

@@ -239,3 +239,15 @@ def test_image_key_takes_several_extensions_as_its_help_shows_them() -> None:
     assert CacheJobConfig(**base).image_keys == ("jpg", "jpeg", "png", "webp")
     with pytest.raises(ValueError, match="names no file extension"):
         CacheJobConfig(**base, image_key=" / ")
+
+
+def test_a_label_key_names_a_member_or_a_json_members_field() -> None:
+    base = {"shards": "s", "backbone": "resnet10t", "output": "s3://b/c"}
+    for good in ("cls", "json:label", "json:annotation.class_id"):
+        assert CacheJobConfig(**base, label_key=good).label_key == good
+    for bad in ("", " ", ":label", "json:", "json:a..b"):
+        with pytest.raises(ValueError, match="EXT:FIELD for a field of a JSON member"):
+            CacheJobConfig(**base, label_key=bad)
+    result = pvu("cache", *("--shards", "s", "--backbone", "resnet10t", "--output", "o"),
+                 "--label-key", "json:")  # fmt: skip
+    assert result.exit_code == 2 and "--label-key 'json:'" in unboxed(result.output)

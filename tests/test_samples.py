@@ -144,6 +144,29 @@ def test_parse_label():
     assert parse_label(b"+2") == 2
     for bad in (b"", b"-1", b"1.0", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 30, None):
         assert parse_label(bad) is None, bad
+    assert parse_label(b'{"label": 7, "name": "cat"}', "label") == 7
+    assert parse_label(b'{"meta": {"class_id": " 4"}}', "meta.class_id") == 4
+    for bad in (b'{"label": true}', b'{"label": -1}', b'{"label": 2.0}', b'{"label": null}',
+                b'{"other": 1}', b'[1]', b'{"label": "cat"}', b"\xff", b"{", b"7"):  # fmt: skip
+        assert parse_label(bad, "label") is None, bad
+
+
+def test_a_label_read_from_a_field_of_a_json_member(tmp_path):
+    png = bad_samples()[0].files["png"]
+    url = write_shard(
+        str(tmp_path / "s.tar"),
+        [
+            ("a", {"png": png, "json": b'{"label": 3, "meta": {"id": 9}}'}),
+            ("b", {"png": png, "json": b'{"label": "4"}'}),
+            ("c", {"png": png, "json": b'{"label": -1}'}),
+            ("d", {"png": png, "cls": b"5"}),
+        ],
+    )
+    samples, counts = _read(url, label_key="json:label")
+    assert [(s.key, s.label) for s in samples] == [("a", 3), ("b", 4)]
+    assert counts == {"bad_label": 1, "no_label": 1}
+    samples, counts = _read(url, label_key="JSON:meta.id")
+    assert [(s.key, s.label) for s in samples] == [("a", 9)]
 
 
 def _write_members(path: Path, members: list[tuple[str, bytes]], encoding="utf-8") -> str:

@@ -186,6 +186,17 @@ class CacheJobConfig(BaseModel):
             raise ValueError(f"--image-key {image_key!r} names no file extension")
         return image_key
 
+    @field_validator("label_key")
+    @classmethod
+    def _names_a_member(cls, label_key: str) -> str:
+        member, colon, field = label_key.partition(":")
+        if not member.strip(" .") or (colon and not all(field.split("."))):
+            raise ValueError(
+                f"--label-key {label_key!r}: give a member's extension (cls), or EXT:FIELD for "
+                "a field of a JSON member (json:label)"
+            )
+        return label_key
+
     @field_validator("crop_scale")
     @classmethod
     def _crop_scale_is_an_area_range(cls, scale: tuple[float, float]) -> tuple[float, float]:

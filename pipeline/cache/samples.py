@@ -66,7 +66,9 @@ def iter_samples(
     """Yield the valid samples of the tar shard at ``url``, in shard order.
 
     The image is the first of ``image_keys`` (file extensions, case-insensitive) a sample has;
-    the label is the ASCII integer in its ``label_key`` file. Each skipped sample adds one to
+    the label is the ASCII integer in its ``label_key`` file, or with ``label_key`` as
+    ``EXT:FIELD`` the integer at ``FIELD`` (dots for nested objects) of its JSON member ``EXT``
+    (:func:`parse_label`). Each skipped sample adds one to
     ``counts[reason.value]``: ``no_image``, ``empty_image``, ``too_large`` (a member over
     ``max_member_bytes``, not read into memory), ``no_label``, ``bad_label`` (not a
     non-negative integer). ``ambiguity_key`` names an optional member read with
@@ -77,7 +79,8 @@ def iter_samples(
     ``block_size`` is the filesystem's read-ahead (its own default when None; 50 MiB on S3).
     """
     image_keys = _normalise_keys(image_keys, "image_keys")
-    (label_key,) = _normalise_keys((label_key,), "label_key")
+    label_member, _, label_field = label_key.partition(":")
+    (label_member,) = _normalise_keys((label_member,), "label_key")
     if ambiguity_key is not None:
         (ambiguity_key,) = _normalise_keys((ambiguity_key,), "ambiguity_key")
     if max_member_bytes <= 0:
@@ -91,7 +94,7 @@ def iter_samples(
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
         for group in group_by_keys(members, handler=_duplicate_handler(url, repeated)):
-            outcome = _to_sample(group, image_keys, label_key, ambiguity_key)
+            outcome = _to_sample(group, image_keys, (label_member, label_field), ambiguity_key)
             if damage:
                 # The sample being assembled when the damage was found: all its files were
                 # read intact, but more may have followed. Keep it only if it is complete.
@@ -133,9 +136,13 @@ def _normalise_keys(keys: tuple[str, ...], name: str) -> tuple[str, ...]:
 
 
 def _to_sample(
-    group: dict[str, Any], image_keys: tuple[str, ...], label_key: str, ambiguity_key: str | None
+    group: dict[str, Any],
+    image_keys: tuple[str, ...],
+    label_key: tuple[str, str],
+    ambiguity_key: str | None,
 ):
-    """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for."""
+    """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for.
+    ``label_key`` is the label's member and its JSON field ("" for a whole ``.cls`` file)."""
     key = group["__key__"]
     if key.startswith("/") or ".." in key.split("/") or not _is_utf8(key):
         return SkipReason.UNSAFE_NAME
@@ -147,24 +154,46 @@ def _to_sample(
         return SkipReason.TOO_LARGE
     if not image:
         return SkipReason.EMPTY_IMAGE
-    if label_key not in group:
+    member, field = label_key
+    if member not in group:
         return SkipReason.NO_LABEL
-    label = parse_label(group[label_key])
+    label = parse_label(group[member], field)
     if label is None:
         return SkipReason.BAD_LABEL
     ambiguity = parse_ambiguity(group.get(ambiguity_key)) if ambiguity_key else None
     return RawSample(key=group["__key__"], image=image, label=label, ambiguity=ambiguity)
 
 
-def parse_label(data: bytes | None) -> int | None:
-    """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around), or None."""
+def parse_label(data: bytes | None, field: str = "") -> int | None:
+    """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around), or None.
+
+    With ``field``, ``data`` is a JSON object and the label is the integer (or a string of
+    digits) at ``field``, dots naming nested objects: ``label``, ``annotation.class_id``.
+    """
     if data is None:
         return None
+    if field:
+        return _json_label(data, field)
     match = _LABEL.fullmatch(data)
     if match is None:
         return None
     label = int(match.group(1))
     return label if label <= _INT64_MAX else None
+
+
+def _json_label(data: bytes, field: str) -> int | None:
+    """The label at ``field`` of the JSON object in ``data``, or None (see :func:`parse_label`)."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for name in field.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    if isinstance(value, str):
+        return parse_label(value.encode())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
+        return value
+    return None
 
 
 def parse_ambiguity(data: bytes | None) -> float | None:
