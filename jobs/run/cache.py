@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -305,11 +306,8 @@ def summarize(
         "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"
     )
     table.add_row("rows written", f"{rows:,}")
-    table.add_row("rows in cache", f"{sum(u['rows'] for u in manifest.units.values()):,}")
-    skipped: dict[str, int] = {}
-    for result in results:
-        for reason, count in result.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
+    table.add_row("rows in cache", f"{manifest.rows:,}")
+    skipped = _totals(result.skipped for result in results)
     table.add_row(
         "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     )
@@ -320,10 +318,7 @@ def summarize(
             "earlier shard",
         )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
-    stages: dict[str, float] = {}
-    for result in results:
-        for stage, value in result.timings.items():
-            stages[stage] = stages.get(stage, 0.0) + value
+    stages = _totals(result.timings for result in results)
     table.add_row(
         "seconds by stage (all actors)",
         ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
@@ -331,6 +326,15 @@ def summarize(
     for relpath, error in sorted(failed.items()):
         table.add_row(f"[red]FAILED {relpath}", error)
     return table
+
+
+def _totals(counts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each name's sum over ``counts`` (skips by reason, seconds by stage), in first-seen order."""
+    totals: dict[str, float] = {}
+    for count in counts:
+        for name, value in count.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 def unit_settings(
