@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -307,7 +307,11 @@ def summarize(
     )
     table.add_row("rows written", f"{rows:,}")
     table.add_row("rows in cache", f"{manifest.rows:,}")
-    skipped = _totals(result.skipped for result in results)
+    skipped: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    for result in results:
+        skipped.update(result.skipped)
+        stages.update(result.timings)
     table.add_row(
         "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     )
@@ -318,7 +322,6 @@ def summarize(
             "earlier shard",
         )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
-    stages = _totals(result.timings for result in results)
     table.add_row(
         "seconds by stage (all actors)",
         ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
@@ -326,15 +329,6 @@ def summarize(
     for relpath, error in sorted(failed.items()):
         table.add_row(f"[red]FAILED {relpath}", error)
     return table
-
-
-def _totals(counts: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Each name's sum over ``counts`` (skips by reason, seconds by stage), in first-seen order."""
-    totals: dict[str, float] = {}
-    for count in counts:
-        for name, value in count.items():
-            totals[name] = totals.get(name, 0) + value
-    return totals
 
 
 def unit_settings(
