@@ -183,10 +183,7 @@ def parse_label(data: bytes | None, field: str = "") -> int | None:
 
 def _json_label(data: bytes, field: str) -> int | None:
     """The label at ``field`` of the JSON object in ``data``, or None (see :func:`parse_label`)."""
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    value = _json(data)
     for name in field.split("."):
         value = value.get(name) if isinstance(value, dict) else None
     if isinstance(value, str):
@@ -209,10 +206,7 @@ def parse_ambiguity(data: bytes | None) -> float | None:
     """
     if not data:
         return None
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    value = _json(data)
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, list):
@@ -220,6 +214,14 @@ def parse_ambiguity(data: bytes | None) -> float | None:
             return None
         return 1.0 - max(value) / sum(value)
     return float(value) if _is_number(value) else None
+
+
+def _json(data: bytes) -> Any:
+    """The JSON value in ``data``, or None where it is not JSON (as for JSON's own null)."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _is_number(value: object) -> bool:
