@@ -153,6 +153,11 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return retry(lambda: fs.cat_file(path), what=f"read {fs.unstrip_protocol(path)}")
 
 
+def read_url(url: str) -> bytes:
+    """The whole object at ``url`` (any fsspec URL or local path), read under :func:`retry`."""
+    return read_bytes(*fsspec.core.url_to_fs(url))
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
     disk, say, is then named with the file). A local file left part-written is removed; an

@@ -145,3 +145,29 @@ def test_run_lock_taken_when_the_answer_to_its_create_is_lost(kind, s3_bucket, f
             in s3fs.S3FileSystem().cat_file(f"{s3_bucket}/cache/_lock.json").decode()
         )
     assert fault_proxy.counts[kind] >= 1
+
+
+def test_weights_and_label_files_read_through_a_cut_answer(s3_bucket, fault_proxy):
+    """A backbone's weights, a label remap and a label-names file are read whole from storage
+    under the same retry as shards: an answer cut mid-body costs one more GET, not the job."""
+    import torch
+    from safetensors.torch import save
+
+    from pipeline.cache.backbone import read_label_remap, read_state_dict
+    from pipeline.dataset.remap import read_names
+
+    weights = {"head.weight": torch.arange(4096, dtype=torch.float32).reshape(64, 64)}
+    files = {
+        "weights.safetensors": save(weights),
+        "remap.json": b"[2, 0, 1]",
+        "classes.txt": b"cat\ndog\n",
+    }
+    fs = s3fs.S3FileSystem()
+    for name, data in files.items():
+        fs.pipe_file(f"{s3_bucket}/{name}", data)
+        fault_proxy.fail_next("cut", 1, pattern=re.escape(name), methods=["GET"])
+    state = read_state_dict(f"{s3_bucket}/weights.safetensors")
+    assert torch.equal(state["head.weight"], weights["head.weight"])
+    assert read_label_remap(f"{s3_bucket}/remap.json").tolist() == [2, 0, 1]
+    assert read_names(f"{s3_bucket}/classes.txt") == ["cat", "dog"]
+    assert fault_proxy.counts["cut"] == len(files)

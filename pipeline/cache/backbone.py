@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import timm
 import torch
@@ -31,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from timm.data import resolve_model_data_config
 
 from pipeline.cache.writer import finite_peak
+from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ class BackboneInfo:
     embedding_peak: float  # the largest finite embedding magnitude on the probe images
 
 
-def _read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as handle:
-        return handle.read()
-
-
 def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects.
 
@@ -88,7 +83,7 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     ``DataParallel`` (``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning
     (``model.``) is removed.
     """
-    data = _read_bytes(url)
+    data = read_url(url)
     if url.endswith(".npz"):
         raise ValueError(f"{url}: JAX .npz checkpoints are not loaded; convert to safetensors")
     if _is_safetensors(data):  # first: its header length may start with a pickle's byte
@@ -162,7 +157,7 @@ def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def file_digest(url: str) -> str:
     """``sha256:<hex>`` of the bytes of the file at ``url``."""
-    return "sha256:" + hashlib.sha256(_read_bytes(url)).hexdigest()
+    return "sha256:" + hashlib.sha256(read_url(url)).hexdigest()
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -311,7 +306,7 @@ def read_label_remap(url: str) -> np.ndarray:
     skipped). Absent labels, and -1, map to no class of the head. Raises ``ValueError`` naming
     the file and the first entry that is not a whole number.
     """
-    text = _read_bytes(url).decode(errors="replace")
+    text = read_url(url).decode(errors="replace")
     try:
         if url.endswith(".json"):
             parsed = json.loads(text)

@@ -32,7 +32,7 @@ from pipeline.cache.decode import decode_image
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
-from pipeline.retry import PERMANENT_ERRORS, read_bytes, write_bytes
+from pipeline.retry import PERMANENT_ERRORS, read_url, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def load_image(url: str) -> tuple[str, bytes]:
     Raises ``BadSample`` if it does not decode, ``OSError`` if it cannot be read.
     """
 
-    data = _read(url)
+    data = read_url(url)
     image = decode_image(data, key=url)
     fmt = Image.open(io.BytesIO(data)).format
     if fmt in KEPT_FORMATS:
@@ -82,11 +82,6 @@ def load_image(url: str) -> tuple[str, bytes]:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "png", buffer.getvalue()
-
-
-def _read(url: str) -> bytes:
-    """The bytes of the file at ``url``, under :func:`retry`."""
-    return read_bytes(*fsspec.core.url_to_fs(url))
 
 
 def write_dataset(
@@ -156,7 +151,7 @@ def listing_tag(listing: Listing) -> str:
         digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode())
     for url in sorted({urls[0], urls[len(urls) // 2], urls[-1]} if urls else ()):
         with contextlib.suppress(OSError):  # unreadable: it is left out, named, anyway
-            digest.update(_read(url))  # as stored: no decoder's output is hashed
+            digest.update(read_url(url))  # as stored: no decoder's output is hashed
     return digest.hexdigest()
 
 

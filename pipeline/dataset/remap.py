@@ -16,6 +16,8 @@ import fsspec
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
+from pipeline.retry import read_url
+
 #: Head label spaces timm ships (``timm.data.ImageNetInfo``), as ``--head`` accepts them (also
 #: spelled without - or _); ``infer_imagenet_subset`` names a model's among them.
 TIMM_SUBSETS = (
@@ -47,8 +49,7 @@ class Remap:
 def read_names(url: str) -> list[str]:
     """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
     try:
-        with fsspec.open(url, "rt", encoding="utf-8") as handle:
-            text = handle.read()
+        text = read_url(url).decode("utf-8")
         names = json.loads(text) if url.endswith(".json") else None
     except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(f"{url}: not a readable list of label names ({error})") from None

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.shards import storage_url
+from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,13 @@ def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
 
 
 def _read_table(url: str) -> pa.Table:
-    with fsspec.open(url, "rb") as handle:
-        if url.lower().endswith(".parquet"):
-            return pq.read_table(handle)
-        try:
-            return pyarrow.csv.read_csv(handle)
-        except pa.ArrowInvalid as error:
-            raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+    data = pa.BufferReader(read_url(url))
+    if url.lower().endswith(".parquet"):
+        return pq.read_table(data)
+    try:
+        return pyarrow.csv.read_csv(data)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
 
 
 def _folder(url: str) -> str:
