@@ -168,7 +168,7 @@ def shards(
     """Convert an image folder or table into shuffled WebDataset shards for `pvu cache`."""
     setup_logging(verbose)
     job = job_config(ShardsJobConfig, ctx)
-    with reported("shards", verbose=verbose):
+    with reported("shards", verbose=verbose, resume="run the same command again to finish"):
         report = run_shards(job)
     console.print(summarize(report, job.output))
     if not report.samples:

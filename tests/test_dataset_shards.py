@@ -20,6 +20,7 @@ from torchvision.datasets.folder import find_classes
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
+from pipeline.dataset.convert import write_dataset
 from pipeline.dataset.sources import list_dataset
 from pipeline.demo.data import encode_image
 
@@ -273,7 +274,40 @@ def test_a_full_disk_names_the_shard_and_leaves_no_partial_one(failing, tmp_path
     assert f"write {output}/{failing}.tar failed" in result.text, result.output
     assert "No space left on device" in result.text
     left = sorted(path.name for path in output.iterdir())
-    assert left == ["shard-000000.tar"][: int(failing[-1])], "complete shards only"
+    complete = ["shard-000000.tar"][: int(failing[-1])]
+    assert left == ["_unfinished", *complete], "complete shards only, marked unfinished"
+
+
+def test_an_interrupted_conversion_is_refused_by_readers_and_finished_by_a_rerun(tmp_path):
+    make_folder(tmp_path / "images", per_class=4)
+    args = ["--input", str(tmp_path / "images"), "--samples-per-shard", "3"]
+    assert run(*args, "--output", str(tmp_path / "whole")).exit_code == 0
+    listing = list_dataset(str(tmp_path / "images"))
+    seen = []
+
+    def interrupt_at_the_seventh(ok: bool) -> None:
+        seen.append(ok)
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(
+            listing, str(out), max_bytes=2**30, max_samples=3, on_image=interrupt_at_the_seventh
+        )
+    assert list(out.glob("*.tar")) and not (out / "classes.json").exists()
+    with pytest.raises(ValueError, match=f"shards in {out} are from a `pvu shards` run that did"):
+        expand_shards(str(out))
+    result = pvu("plan", "--shards", f"{out}/shard-*.tar", "--backbone", "resnet10t",
+                 "--weights", "random", "--output", str(tmp_path / "cache"))  # fmt: skip
+    assert result.exit_code == 2 and "did not finish" in result.text, result.output
+
+    result = run(*args, "--output", str(out))  # the same command, again
+    assert result.exit_code == 0, result.output
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "whole").iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 @pytest.mark.slow

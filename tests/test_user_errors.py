@@ -339,8 +339,9 @@ def test_python_dash_m_jobs_cli_is_pvu() -> None:
             "the same command with --resume continues from the last episode's checkpoint",
         ),
         ("evaluate", ["--dataset", "d=c"], "run_evaluate", None),
+        ("shards", ["--input", "i", "--output", "o"], "run_shards", "run the same command again"),
     ],
-    ids=["cache", "train-head", "evaluate"],
+    ids=["cache", "train-head", "evaluate", "shards"],
 )
 def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     command: str, args: list[str], run: str, next_step: str | None, monkeypatch
@@ -348,7 +349,8 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     def interrupted(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    module = importlib.import_module(f"jobs.run.{command.replace('-', '_')}")
+    name = command.replace("-", "_")
+    module = importlib.import_module("jobs.shards" if name == "shards" else f"jobs.run.{name}")
     monkeypatch.setattr(module, run, interrupted)
     result = pvu(command, *args)
     assert result.exit_code == 130, result.output

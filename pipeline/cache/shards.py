@@ -34,6 +34,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
+#: The file ``pvu shards`` keeps in its output while it writes: shards beside it are unfinished.
+UNFINISHED_NAME = "_unfinished"
 
 
 def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
@@ -155,6 +157,12 @@ def _found_or_raise(
         raise FileNotFoundError(
             f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
         )
+    for folder in sorted({posixpath.dirname(path) for path in found}):
+        if fs.exists(f"{folder}/{UNFINISHED_NAME}"):
+            raise ValueError(
+                f"the shards in {storage_url(fs, folder, protocol)} are from a `pvu shards` run "
+                "that did not finish: run that command again to complete them"
+            )
     return [storage_url(fs, path, protocol) for path in found]
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cache.decode import decode_image
+from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
@@ -100,11 +101,14 @@ def write_dataset(
 
     ``shuffle`` permutes the images with ``seed`` across classes; ``threads`` read and check
     images in parallel. ``on_image(ok)`` is called once per image (for a progress bar).
-    Refuses an ``output`` that already holds shards.
+    Refuses an ``output`` that already holds shards, unless an unfinished run of this function
+    wrote them (its ``UNFINISHED_NAME`` file is there): those are removed and written again.
     """
     fs, root = fsspec.core.url_to_fs(output)
-    if fs.isdir(root) and any(path.endswith(".tar") for path in fs.ls(root, detail=False)):
-        raise FileExistsError(f"output {output} already holds .tar shards; choose an empty one")
+    unfinished = f"{root.rstrip('/')}/{UNFINISHED_NAME}"
+    _clear_unfinished(fs, root, unfinished, output)
+    fs.makedirs(root, exist_ok=True)
+    write_bytes(fs, unfinished, b"pvu shards is writing this folder; its shards are unfinished\n")
     count = len(listing.sources)
     order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
     sources = [listing.sources[i] for i in order]
@@ -134,7 +138,21 @@ def write_dataset(
             )
             on_image(True)
     write_bytes(fs, f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
+    fs.rm(unfinished)
     return ConvertReport(writer.shards, listing.classes, unreadable)
+
+
+def _clear_unfinished(
+    fs: fsspec.AbstractFileSystem, root: str, unfinished: str, output: str
+) -> None:
+    """Remove the shards an unfinished run left in ``root``; refuse shards of any other origin."""
+    if not fs.isdir(root):
+        return
+    shards = [path for path in fs.ls(root, detail=False) if path.endswith(".tar")]
+    if shards and not fs.exists(unfinished):
+        raise FileExistsError(f"output {output} already holds .tar shards; choose an empty one")
+    for path in shards:
+        fs.rm(path)
 
 
 def listing_tag(listing: Listing) -> str:
