@@ -28,6 +28,10 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
+    # huggingface_hub (timm's weights from the hub) also prints through a handler of its own
+    import huggingface_hub.utils.logging  # noqa: F401 - which it adds on import
+
+    logging.getLogger("huggingface_hub").handlers.clear()
 
 
 def resolve_device(device: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -152,6 +154,23 @@ def read_state_dict_keys(folder, data: bytes) -> list[str]:
     return list(read_state_dict(str(folder / "probe.safetensors")))
 
 
+def test_hub_weights_that_cannot_be_fetched_name_the_model_and_the_way_out(monkeypatch, capfd):
+    """Offline (as here: huggingface_hub's offline mode, so no request leaves), the error was
+    huggingface_hub's own, naming neither the model nor --weights; its retry lines were
+    printed twice, through its own handler and pvu's."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"pretrained weights of resnet10t .* --weights random"):
+        create_backbone_model(BACKBONE, "hub")
+    script = (
+        "import logging; from jobs.terminal import setup_logging; setup_logging(verbose=False); "
+        "import timm; logging.getLogger('huggingface_hub.file_download').warning('a hub line')"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr.count("a hub line") == 1, run.stderr
+
+
 def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
     """Empty, text or damaged files gave IndexError, KeyError or SafetensorError tracebacks;
     a safetensors file not named so was refused as a pickle; torch.compile's and Lightning's
@@ -173,6 +192,8 @@ def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
     torch.save(headless, tmp_path / "headless.pth")  # said "missing ['fc.weight', 'fc.bias']"
     with pytest.raises(ValueError, match=r"headless\.pth holds no classifier for resnet10t"):
         create_backbone_model(BACKBONE, str(tmp_path / "headless.pth"))
+    with pytest.raises(ValueError, match=r"w\.bin does not fit resnet18: \d+ tensor\(s\) of other"):
+        create_backbone_model("resnet18", str(tmp_path / "w.bin"))  # was a RuntimeError traceback
     whole = save(state)
     damaged = {
         "empty.pth": (b"", "neither a safetensors file nor a torch state dict (0 bytes, empty)"),

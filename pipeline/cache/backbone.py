@@ -198,7 +198,14 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     JAX ``.npz`` path) and decides the classifier's number of classes.
     """
     if weights == "hub":
-        model = timm.create_model(name, pretrained=True)
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except OSError as error:  # huggingface_hub's: offline, not found, denied
+            raise ValueError(
+                f"could not get the pretrained weights of {name} from the Hugging Face Hub "
+                f"({_first_line(error)}); give --weights a local file (safetensors or a torch "
+                "state dict), or --weights random"
+            ) from None
     elif weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -210,7 +217,14 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
         num_classes = _classifier_rows(probe, state)
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         model = timm.create_model(name, pretrained=False, **kwargs)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensors of other shapes: another model's weights
+            shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+            raise ValueError(
+                f"{weights} does not fit {name}: {len(shapes)} tensor(s) of other shapes, e.g. "
+                f"{shapes[0] if shapes else _first_line(error)}"
+            ) from None
         if num_classes is None and missing and not unexpected:
             raise ValueError(
                 f"{weights} holds no classifier for {name} (no {', '.join(missing[:2])}): pvu "
