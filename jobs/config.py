@@ -122,6 +122,7 @@ def job_config(config_type: type[Config], ctx: typer.Context) -> Config:
             config_type,
             ctx.params.get("config"),
             aliases=_flag_aliases(ctx),
+            spelled=_spelled(ctx),
             defaults=defaults,
             overrides=typed,
         )
@@ -129,8 +130,16 @@ def job_config(config_type: type[Config], ctx: typer.Context) -> Config:
         raise typer.BadParameter(str(error)) from None
 
 
-def explain(error: ValidationError, *, from_file: Set[str], path: str | None) -> str:
-    """A validation error as ``--flag: message`` clauses, or ``config file F: key: message``."""
+def explain(
+    error: ValidationError,
+    *,
+    from_file: Set[str],
+    path: str | None,
+    spelled: Mapping[str, str] | None = None,
+) -> str:
+    """A validation error as ``--flag: message`` clauses, or ``config file F: key: message``;
+    ``spelled`` gives a field's name on the command line where it is not ``--field`` (an
+    argument's ``CACHE``, a flag named otherwise)."""
     clauses = []
     for part in error.errors():
         field = str(part["loc"][0]) if part["loc"] else None
@@ -142,7 +151,7 @@ def explain(error: ValidationError, *, from_file: Set[str], path: str | None) ->
         elif field in from_file:
             where = f"config file {path}: {field}"
         else:
-            where = f"--{field.replace('_', '-')}"
+            where = (spelled or {}).get(field, f"--{field.replace('_', '-')}")
             if part["type"] == "missing":
                 message = f"required; give {where} or set {field} in --config"
         clauses.append(f"{where}: {message}" if where else message)
@@ -156,13 +165,16 @@ def _build(
     aliases: Mapping[str, str],
     defaults: dict[str, Any],
     overrides: dict[str, Any],
+    spelled: Mapping[str, str] | None = None,
 ) -> Config:
     values = read_config_file(path, config_type, aliases) if path else {}
     try:
         return config_type(**{**defaults, **values, **overrides})
     except ValidationError as error:
         from_file = set(values) - set(overrides)
-        raise ConfigFileError(explain(error, from_file=from_file, path=path)) from None
+        raise ConfigFileError(
+            explain(error, from_file=from_file, path=path, spelled=spelled)
+        ) from None
 
 
 def _flag_aliases(ctx: typer.Context) -> dict[str, str]:
@@ -174,6 +186,20 @@ def _flag_aliases(ctx: typer.Context) -> dict[str, str]:
             if flag.startswith("--") and key != param.name and param.name is not None:
                 aliases[key] = param.name
     return aliases
+
+
+def _spelled(ctx: typer.Context) -> dict[str, str]:
+    """Each parameter's name as the command line spells it: an argument's metavar (``CACHE``),
+    an option's first long flag."""
+    spelled = {}
+    for param in ctx.command.params:
+        if param.name is None:
+            continue
+        if param.param_type_name == "argument":
+            spelled[param.name] = param.human_readable_name
+        else:
+            spelled[param.name] = next((f for f in param.opts if f.startswith("--")), param.opts[0])
+    return spelled
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

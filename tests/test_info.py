@@ -106,6 +106,8 @@ def test_info_errors_exit_2_naming_the_path(tmp_path):
         text = result.text
         assert result.exit_code == 2 and str(path) in text and words in text, text
         assert "Traceback" not in text
+    result = pvu("info")  # said "give --cache", a flag pvu info does not have
+    assert result.exit_code == 2 and "CACHE: required; give CACHE or set cache" in result.text
 
 
 def test_verify_names_missing_and_damaged_units(cache, tmp_path):
