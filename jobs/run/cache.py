@@ -105,7 +105,10 @@ class AlsoTarget(BaseModel):
             return cls(backbone=parts[0], output=parts[1])
         if len(parts) == 3:
             return cls(backbone=parts[0], weights=parts[1], output=parts[2])
-        raise ValueError(f"--also takes BACKBONE,WEIGHTS,OUTPUT, got '{text}'")
+        raise ValueError(
+            "--also takes BACKBONE,WEIGHTS,OUTPUT (or BACKBONE,OUTPUT for hub weights), "
+            f"got '{text}'"
+        )
 
 
 class CacheJobConfig(BaseModel):
