@@ -176,8 +176,13 @@ def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None
 
 def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
-    with pytest.raises(ValueError, match="other settings"):
-        fit_head([cache], str(tmp_path), _config(episodes=3, seed=9), RunOptions(resume=True))
+    other = _config(episodes=4, seed=9)  # said only "other settings (schedule, stream)"
+    expected = (
+        "other settings (schedule.episodes: the checkpoint has 3, this run 4; "
+        "stream.seed: the checkpoint has 0, this run 9)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        fit_head([cache], str(tmp_path), other, RunOptions(resume=True))
 
 
 def test_a_damaged_metrics_line_is_named_when_resuming(cache: str, tmp_path: Path) -> None:

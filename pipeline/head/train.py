@@ -205,10 +205,10 @@ def load_checkpoint(
     except (ValueError, KeyError, TypeError) as error:
         raise _damaged_checkpoint(output, error) from None
     if trained_with != config.identity():
-        differ = [k for k, v in config.identity().items() if trained_with.get(k) != v]
+        differ = _differences(trained_with, config.identity())
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
-            f"({', '.join(differ)}); use another --output or the same settings"
+            f"({'; '.join(differ)}); use another --output or the same settings"
         )
     recorded = state.get("data", data)
     if recorded != data:
@@ -231,6 +231,19 @@ def load_checkpoint(
         return int(state["episode"]), StreamState.from_json(state["stream"])
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         raise _damaged_checkpoint(output, error) from None
+
+
+def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """``name: the checkpoint has A, this run B`` for each setting that differs (nested ones
+    dotted: ``schedule.lr``)."""
+    found = []
+    for key in dict.fromkeys([*wanted, *recorded]):
+        have, want = recorded.get(key), wanted.get(key)
+        if isinstance(have, dict) and isinstance(want, dict):
+            found += _differences(have, want, f"{prefix}{key}.")
+        elif have != want:
+            found.append(f"{prefix}{key}: the checkpoint has {have}, this run {want}")
+    return found
 
 
 def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
