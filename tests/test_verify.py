@@ -52,7 +52,7 @@ def test_deleted_truncated_and_replaced_units_are_named(tmp_path: Path) -> None:
         open_cache([url])
     for relpath in expected:
         assert relpath in str(refused.value)
-    assert f"--output {url}" in str(refused.value)
+    assert f"`pvu info {url}` shows the settings" in str(refused.value)
 
 
 def test_a_same_size_file_of_another_unit_is_caught_by_its_footer(tmp_path: Path) -> None:

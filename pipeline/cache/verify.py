@@ -73,9 +73,9 @@ class CacheCheck:
         return (
             f"cache {self.url} does not match its manifest: {len(self.damaged)} unit(s) "
             f"missing or damaged: {'; '.join(named)}{f'; and {more} more' if more else ''}. "
-            f"Repair it by {delete}re-running the `pvu cache` command that wrote it (same "
-            f"--shards, --backbone, --weights, --seed, --epochs and --output {self.url}): it "
-            "recomputes exactly these units and keeps the rest."
+            f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
+            f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
+            "are refused): it recomputes exactly these units and keeps the rest."
         )
 
 
