@@ -15,7 +15,7 @@ from timm.data import ImageNetInfo
 from pipeline.cache.backbone import read_label_remap
 from pipeline.cache.unit import Unit
 from pipeline.dataset.remap import TIMM_SUBSETS, head_names, read_names
-from pipeline.demo.data import encode_image
+from pipeline.demo.data import encode_image, write_digit_shards
 
 INFO = Path(timm.__file__).parent / "data" / "_info"
 GOOG = (INFO / "imagenet21k_goog_synsets.txt").read_text().split()
@@ -127,6 +127,20 @@ def test_shards_of_synset_folders_cache_in_the_head_label_space(tmp_path):
 
     labels = pq.read_table(tmp_path / "cache" / unit.relpath).column("label").to_pylist()
     assert sorted(labels) == [0, 0, 999, 999]
+
+
+def test_a_remap_past_the_classifiers_classes_is_refused_before_any_work(tmp_path):
+    """Each sample of such a label was skipped, one warning apiece naming its shard label."""
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    (tmp_path / "remap.json").write_text(json.dumps([*range(9), 5000]))
+    result = pvu(
+        "cache", "--shards", str(tmp_path / "shards"), "--backbone", "resnet10t",
+        "--weights", "random", "--label-remap", str(tmp_path / "remap.json"),
+        "--output", str(tmp_path / "cache"), "--input-size", "32",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    expected = "maps 1 shard label(s) past the 1000 classes of resnet10t's classifier, e.g. 9 to"
+    assert expected in result.text and not list((tmp_path / "cache").rglob("*.parquet"))
 
 
 def test_every_label_space_the_help_lists_is_one_timm_ships():

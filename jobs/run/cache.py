@@ -383,6 +383,22 @@ class _Target:
     manifest: Manifest
 
 
+def check_label_remap(config: CacheJobConfig, num_classes: int) -> None:
+    """Refuse a ``--label-remap`` that maps a shard label past the classifier's classes: each
+    such sample would be skipped, one warning apiece, naming the shard label only."""
+    if config.label_remap is None or config.resolved_label_space != "classifier":
+        return
+    table = read_label_remap(config.label_remap)
+    outside = (table >= num_classes).nonzero()[0]
+    if len(outside):
+        first = int(outside[0])
+        raise ValueError(
+            f"--label-remap {config.label_remap} maps {len(outside)} shard label(s) past the "
+            f"{num_classes} classes of {config.backbone}'s classifier, e.g. {first} to "
+            f"{int(table[first])}"
+        )
+
+
 def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
     """Warn when the shards' ``classes.json`` names their labels in another order than the hub
     classifier's classes, with no ``--label-remap``: every loss would be against another
@@ -414,8 +430,9 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         warn_of_label_order(target, urls)
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
-    for info in infos:
+    for target, info in zip(config.targets(), infos, strict=True):
         check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
+        check_label_remap(target, info.num_classes)
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
     actors, gpus, cpus = plan_actors(
