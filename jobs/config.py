@@ -13,8 +13,9 @@ A job adopts it with a ``ctx: typer.Context`` parameter, ``config: ConfigFile = 
 from __future__ import annotations
 
 import difflib
+import types
 import typing
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -85,12 +86,22 @@ def read_config_file(
                 f"config file {path}: unknown key '{key}'{hint} (known: {', '.join(fields)})"
             )
         annotation = config_type.model_fields[key].annotation
+        if isinstance(values[key], str | int | float) and _takes_only_lists(annotation):
+            values[key] = [values[key]]  # one value of a repeatable flag, as on the command line
         if isinstance(values[key], bool) and not _admits_bool(annotation):
             raise ConfigFileError(
                 f"config file {path}: {key}: got the YAML boolean {str(values[key]).lower()} "
                 "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
             )
     return values
+
+
+def _takes_only_lists(annotation: Any) -> bool:
+    """Whether a field of type ``annotation`` takes a list (or tuple) and no single value."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool(kinds) and all(map(_takes_only_lists, kinds))
+    return typing.get_origin(annotation) in (list, tuple, Sequence)
 
 
 def _admits_bool(annotation: Any) -> bool:

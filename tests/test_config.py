@@ -132,6 +132,16 @@ def test_required_settings_may_come_from_either_place(
     assert result.exit_code == 0, result.output
 
 
+def test_one_value_of_a_repeatable_setting_needs_no_list(tmp_path: Path) -> None:
+    """``cache: PATH`` as ``--cache PATH`` is given once; it was refused as "not a valid list"."""
+    path = _write(tmp_path, "cache: c1\noutput: out\nhidden: 256\n")
+    config = load_job_config(TrainHeadConfig, path)
+    assert config.cache == ["c1"] and tuple(config.hidden) == (256,)
+    path = _write(tmp_path, "dataset: d=c\ntsne-classes: 3\n")
+    config = load_job_config(EvaluateJobConfig, path)
+    assert config.dataset == ["d=c"] and list(config.tsne_classes) == [3]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("- a\n- b\n", "expected key: value"), ("a: [\n", "not valid YAML")],
