@@ -258,8 +258,9 @@ def test_cli_trains_and_exports(cache: str, tmp_path: Path) -> None:
 
 def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
     base = ["train-head", "--cache", cache, "--output", str(tmp_path)]
-    result = CliRunner().invoke(_app(), [*base, "--hidden", "512,x"])
-    assert result.exit_code == 2 and "--hidden" in result.output
+    for hidden in ("512,x", "512,,512"):  # an empty width was dropped: (512, 512)
+        result = CliRunner().invoke(_app(), [*base, "--hidden", hidden])
+        assert result.exit_code == 2 and "--hidden" in result.output, hidden
     result = CliRunner().invoke(_app(), [*base, "--episodes", "10", "--warmup-episodes", "10"])
     assert result.exit_code == 2 and "--warmup-episodes (10) must be less than --episodes (10)" in (
         " ".join(result.output.split())

@@ -81,7 +81,7 @@ class TrainHeadConfig(BaseModel):
     def _parse_hidden(cls, value: Any) -> Any:
         if isinstance(value, str):
             try:
-                return tuple(int(part) for part in value.split(",") if part.strip())
+                return tuple(int(part) for part in value.split(",")) if value.strip() else ()
             except ValueError:
                 raise ValueError(f"expected widths like 512,512, got {value!r}") from None
         return value
