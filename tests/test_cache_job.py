@@ -88,7 +88,9 @@ def test_local_round_trip_counts_bad_input_and_resumes(local_ray, tmp_path):
     assert len(shards) == 3
 
 
-def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(local_ray, tmp_path):
+def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(
+    local_ray, tmp_path, wide_console, capsys
+):
     import json
 
     shards = tmp_path / "in" / "shards"
@@ -116,6 +118,10 @@ def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(local_
     expected_keys = [*valid, "ok-climb", *duplicated]
     assert sorted(k for k in keys if not k.startswith("ok-cut")) == sorted(expected_keys)
     assert keys.count("ok-cut-0") == 1 and len(keys) == len(set(keys))
+    # the summary names the shards cut short (it said "empty_shard=1, truncated_tar=1", which
+    # reads as two samples lost)
+    [damaged] = [line for line in capsys.readouterr().err.splitlines() if "cut short" in line]
+    assert f"{shards}/cut.tar.gz, {shards}/empty.tar:" in damaged
     # member names are never paths: nothing appeared outside the output prefix
     created = {path for path in tmp_path.rglob("*")} - before
     assert all(output in path.parents or path == output for path in created), created
