@@ -109,6 +109,7 @@ def test_metrics_count_passes_and_warn_when_views_repeat(
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "1.88 passes over the cache" in warning[0].getMessage()
     assert "3 augmented epoch(s)" in warning[0].getMessage()
+    assert "one pass is ~4,800)" in warning[0].getMessage()  # how far to shorten it
     doc = json.loads((tmp_path / "long" / "head.json").read_text())
     assert doc["training"]["cached_epochs"] == 3
 

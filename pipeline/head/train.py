@@ -523,8 +523,9 @@ def _log_passes(schedule: ScheduleConfig, train_rows: float, epochs: int) -> Non
         log.warning(
             "the schedule makes %.2f passes over the cache: each of its %d augmented epoch(s) "
             "is seen ~%.1f times, so augmented views repeat; cache more epochs (pvu cache "
-            "--epochs) for fresh views, or shorten the schedule",
-            *(passes, epochs, passes),
+            "--epochs) for fresh views, or shorten the schedule (--episodes x --episode-size "
+            "samples; one pass is ~%s)",
+            *(passes, epochs, passes, f"{train_rows:,.0f}"),
         )
 
 
