@@ -174,6 +174,19 @@ def said(result: Any) -> str:
     return "".join(result.output.split())
 
 
+def test_ambiguity_asked_for_but_absent_is_warned_of(tmp_path: Path, head_dir: str) -> None:
+    """It was an info line: a run asking for the ambiguity analysis got none, with no word."""
+    x, labels = clustered(120, 4, seed=3)
+    clean = write_eval_cache(str(tmp_path / "clean"), x, labels)
+    result = run(
+        "--head", head_dir, "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--ambiguity", "column", "--tsne-points", "60",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = "clean: --ambiguity column asked for, but it has none for its rows"
+    assert expected.replace(" ", "") in said(result), result.output
+
+
 def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> None:
     x, labels = clustered(240, 4, seed=3)
     rng = np.random.default_rng(4)

@@ -243,7 +243,11 @@ def _ambiguity(
             flags, origin = real.astype(np.float64), "imagenet_real"
     if flags is None:
         if options.ambiguity in ("column", "real"):
-            log.info("%s: no %s ambiguity for its rows; skipped", data.name, options.ambiguity)
+            log.warning(
+                "%s: --ambiguity %s asked for, but it has none for its rows; its ambiguity "
+                "analysis is skipped",
+                *(data.name, options.ambiguity),
+            )
         return None, None
     return flags, {
         "origin": origin,
