@@ -187,6 +187,16 @@ def test_ambiguity_asked_for_but_absent_is_warned_of(tmp_path: Path, head_dir: s
     assert expected.replace(" ", "") in said(result), result.output
 
 
+def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) -> None:
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(120, 4, seed=3))
+    result = run(
+        "--head", head_dir, "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--tsne-classes", "99",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "only0row(s)in--tsne-classes[99]" in said(result), result.output
+
+
 def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> None:
     x, labels = clustered(240, 4, seed=3)
     rng = np.random.default_rng(4)

@@ -208,6 +208,9 @@ def test_reports_empty_caches(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="is empty"):
         open_cache([str(tmp_path / "nothing")])
+    (tmp_path / "nothing" / "shard-000000.tar").write_bytes(b"")  # shards given as a cache
+    with pytest.raises(ValueError, match=r"holds \.tar shards: give the --output of a `pvu cache`"):
+        open_cache([str(tmp_path / "nothing")])
     url = str(tmp_path / "zero")
     write_synthetic_cache(url, SyntheticCache(dim=8, samples_per_shard=0, shards=2, epochs=1))
     with pytest.raises(ValueError, match="are empty"):

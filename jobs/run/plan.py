@@ -173,10 +173,12 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     est, m = plan.estimate, plan.measurement
     title = f"pvu plan: what `pvu cache` will do for {config.backbone} into {config.output}"
     table = Table(title=title, show_header=False)
-    table.add_row(
-        "shards",
-        f"{est.shards:,} ({est.counted_shards:,} counted, the others estimated from their size)",
+    counted = (
+        "all counted"
+        if est.counted_shards == est.shards
+        else f"{est.counted_shards:,} counted, the others estimated from their size"
     )
+    table.add_row("shards", f"{est.shards:,} ({counted})")
     table.add_row(
         "units", f"{est.units:,} ({est.epochs} epochs), {est.units_done:,} already in --output"
     )

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import MANIFEST_NAME
+from pipeline.cache.shards import TAR_SUFFIXES
 from pipeline.cache.verify import read_footer, require_consistent
 from schemas import (
     READABLE_VERSIONS,
@@ -273,7 +274,9 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
             )
         found = list_cache_files(url, check.listed)
         if not found:
-            raise ValueError(f"cache {url} is empty: it has no committed Parquet unit")
+            raise ValueError(
+                f"cache {url} is empty: it has no committed Parquet unit{_shards_hint(url)}"
+            )
         for relpath, unit in found.items():
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
@@ -296,3 +299,15 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     if not files:
         raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
     return CacheIndex(files, identity, int(identity["embedding_dim"]), empty, files[0].dtype)
+
+
+def _shards_hint(url: str) -> str:
+    """A note for a folder of shards given where a cache is wanted; empty otherwise."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        names = fs.ls(path, detail=False)
+    except OSError:
+        return ""
+    if any(name.endswith(TAR_SUFFIXES) for name in names):
+        return "; it holds .tar shards: give the --output of a `pvu cache` run over them"
+    return ""

@@ -276,7 +276,9 @@ def _tsne(
     )
     if len(rows) < MIN_TSNE_POINTS:
         if classes is not None:
-            raise ValueError(f"t-SNE of {data.name}: only {len(rows)} row(s) in classes {classes}")
+            raise ValueError(
+                f"t-SNE of {data.name}: only {len(rows)} row(s) in --tsne-classes {classes}"
+            )
         log.warning("%s: %d row(s) are too few for a t-SNE map; skipped", data.name, len(rows))
         return None
     rows = rows[np.linalg.norm(data.embedding[rows].astype(np.float32), axis=1) > 0]
