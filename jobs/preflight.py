@@ -26,7 +26,7 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
     unreachable, bucket missing or access denied; with ``must_exist``, if ``url`` is absent."""
     fs, path = fsspec.core.url_to_fs(url)
     bucket = None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
-    where = f"{flag} {url}"
+    where = f"{flag}{url}" if flag.endswith("=") else f"{flag} {url}"  # --dataset NAME=URL
     try:
         if bucket is not None:
             fs.ls(bucket, detail=False)

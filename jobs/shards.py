@@ -34,7 +34,7 @@ class ShardsJobConfig(BaseModel):
 
     input: str
     output: str
-    shard_size: ByteSize = Field(default=ByteSize(1_000_000_000), gt=16_384)
+    shard_size: ByteSize = Field(default=ByteSize(1_000_000_000))
     samples_per_shard: int | None = Field(default=None, ge=1)
     shuffle: bool = True
     seed: int = Field(default=0, ge=0)
@@ -42,6 +42,13 @@ class ShardsJobConfig(BaseModel):
     path_column: str = "path"
     label_column: str = "label"
     threads: int = Field(default=8, ge=1)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _holds_a_sample(cls, size: ByteSize) -> ByteSize:
+        if size <= 16_384:
+            raise ValueError(f"must be over 16KiB (16,384 bytes), got {size:,} bytes")
+        return size
 
     @field_validator("prefix")
     @classmethod
