@@ -197,12 +197,6 @@ def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) 
     assert "only0row(s)in--tsne-classes[99]" in said(result), result.output
 
 
-def test_a_dataset_that_does_not_exist_is_named_as_typed(tmp_path: Path) -> None:
-    result = run("--dataset", f"d={tmp_path}/none", "--report", str(tmp_path / "r"))
-    assert result.exit_code == 2, result.output
-    assert f"--datasetd={tmp_path}/nonedoesnotexist" in said(result), result.output
-
-
 def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> None:
     x, labels = clustered(240, 4, seed=3)
     rng = np.random.default_rng(4)

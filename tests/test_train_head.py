@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import typer
+from support import unboxed
 from typer.testing import CliRunner
 
 import pipeline.head.train as train_module
@@ -227,6 +228,7 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(
     holder = RunLock(str(output), owner="pvu train-head --loss l2")
     args = ["train-head", "--cache", cache, "--output", str(output), "--episodes", "2"]
     args += ["--warmup-episodes", "1", "--episode-size", "1000", "--hidden", "8"]
+    args += ["--batch-size", "256"]
     with holder:
         result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 2, result.output
@@ -259,6 +261,8 @@ def test_cli_trains_and_exports(cache: str, tmp_path: Path) -> None:
 
 def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
     base = ["train-head", "--cache", cache, "--output", str(tmp_path)]
+    result = CliRunner().invoke(_app(), [*base, "--episode-size", "128", "--batch-size", "1000"])
+    assert "--batch-size (1000) must be at most --episode-size (128)" in unboxed(result.output)
     for hidden in ("512,x", "512,,512"):  # an empty width was dropped: (512, 512)
         result = CliRunner().invoke(_app(), [*base, "--hidden", hidden])
         assert result.exit_code == 2 and "--hidden" in result.output, hidden

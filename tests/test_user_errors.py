@@ -127,7 +127,7 @@ def test_a_missing_eval_dataset_is_named_before_the_others_are_evaluated(tmp_pat
         "evaluate", "--dataset", f"good={cache}", "--dataset", f"typo={missing}",
         "--report", str(tmp_path / "r"),
     )  # fmt: skip
-    assert_actionable(result, seconds, f"--dataset typo= {missing} does not exist")
+    assert_actionable(result, seconds, f"--dataset typo={missing} does not exist")
     assert "━" not in result.output
 
 

@@ -107,6 +107,11 @@ class TrainHeadConfig(BaseModel):
                 f"--warmup-episodes ({self.warmup_episodes}) must be less than --episodes "
                 f"({self.episodes}); for a short run give fewer, or --warmup-episodes 0"
             )
+        if self.batch_size > self.episode_size:
+            raise ValueError(
+                f"--batch-size ({self.batch_size}) must be at most --episode-size "
+                f"({self.episode_size}): an episode is one batch of that size at most"
+            )
         resolve_device(self.device)
         return self
 
