@@ -128,6 +128,11 @@ def test_a_handful_of_validation_rows_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
         fit_head([cache], str(tmp_path), config)
     assert "validation row(s) (--val-fraction 0.002 of 6000 rows)" in caplog.text
+    caplog.clear()
+    none = dataclasses.replace(config, stream=dataclasses.replace(config.stream, val_fraction=0))
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        fit_head([cache], str(tmp_path / "none"), none)
+    assert "--val-fraction 0: no validation rows, so no validation metrics" in caplog.text
 
 
 def test_refuses_caches_of_different_embedding_dtypes(cache: str, tmp_path: Path) -> None:

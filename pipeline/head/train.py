@@ -412,7 +412,9 @@ def fit_head(
             io_threads=config.stream.io_threads,
         )
         few = min(MIN_VALIDATION_ROWS, config.val_rows)  # --val-rows may cap them on purpose
-        if config.stream.val_fraction > 0 and len(val) < few:
+        if config.stream.val_fraction == 0:
+            log.warning("--val-fraction 0: no validation rows, so no validation metrics")
+        elif len(val) < few:
             log.warning(
                 "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
                 "say little; cache more rows or raise --val-fraction",
