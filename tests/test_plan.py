@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from pathlib import Path
@@ -9,14 +10,21 @@ from pathlib import Path
 import fsspec
 import pytest
 import ray
-from support import SMALL_BACKBONE_FLAGS, pvu
+from PIL import Image
+from support import SMALL_BACKBONE_FLAGS, make_runner, pvu
 
 from jobs.run.cache import CacheJobConfig, run_cache
 from jobs.run.plan import PlanJobConfig, run_plan
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.plan import read_prefix, sample_shards, shard_sizes
-from pipeline.demo.data import truncate_shard, write_bad_shard, write_digit_shards
+from pipeline.cache.unit import Unit
+from pipeline.demo.data import (
+    encode_image,
+    truncate_shard,
+    write_bad_shard,
+    write_digit_shards,
+)
 
 pytestmark = pytest.mark.usefixtures("wide_console")
 
@@ -124,7 +132,7 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     part = read_prefix(urls[0], 4, sizes[urls[0]])
     assert [key for key, _ in part.samples] == [f"digit-{i:06d}" for i in range(4)]
     assert not part.complete and 0 < part.bytes < sizes[urls[0]]
-    assert set(part.samples[0][1]) == {"png", "cls"}
+    assert [name for name, _ in part.samples[0][1]] == ["digit-000000.png", "digit-000000.cls"]
     whole = read_prefix(urls[0], 50, sizes[urls[0]])
     assert whole.complete and len(whole.samples) == 10 and whole.bytes == sizes[urls[0]]
     cut = truncate_shard(urls[1], str(tmp_path / "cut.tar"), keep_bytes=sizes[urls[1]] // 2)
@@ -136,6 +144,32 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     assert all(len(p.samples) == 2 for p in spread.values())
     everything = sample_shards(sizes, 1000)
     assert len(everything) == 10 and all(p.complete for p in everything.values())
+
+
+def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path):
+    """Files of a sample apart (``tar`` without ``--sort``), a key starting ``__`` and an
+    absolute name: the plan grouped each key's files wherever they lay, dropped the ``__``
+    key and read the absolute name as a safe one, so its rows differed from the cache's."""
+    image = encode_image(Image.new("RGB", (32, 32), "gray"))
+    members = [
+        ("a.png", image), ("b.png", image), ("a.cls", b"1"), ("b.cls", b"2"),  # apart
+        ("__under_3.png", image), ("__under_3.cls", b"3"),
+        ("/abs/y.png", image), ("/abs/y.cls", b"4"),
+        ("ok.png", image), ("ok.cls", b"5"),
+    ]  # fmt: skip
+    shard = tmp_path / "shards" / "odd.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cached = make_runner(str(tmp_path / "cache")).run(Unit(str(shard), "odd", 0))
+    assert cached.rows == 2, cached.skipped  # __under_3 and ok
+    config = PlanJobConfig(shards=str(shard), output=str(tmp_path / "out"), **COMMON)
+    [plan] = run_plan(config)
+    assert plan.estimate.rows == cached.rows
+    assert plan.measurement.result.skipped == cached.skipped
 
 
 def test_plan_of_shards_without_samples_says_so(tmp_path):

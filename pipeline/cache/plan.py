@@ -11,6 +11,7 @@ writes them gives the bytes per row and per file.
 
 from __future__ import annotations
 
+import io
 import tarfile
 import tempfile
 import time
@@ -26,11 +27,12 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.cache.backbone import Backbone
+from pipeline.cache.samples import METADATA_MEMBER, is_safe_name
 from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import PARQUET_OPTIONS
-from pipeline.dataset.tar import write_shard
 
-Sample = tuple[str, dict[str, bytes]]
+#: A sample as a shard stores it: its key, and its members' (name, bytes) in order.
+Sample = tuple[str, list[tuple[str, bytes]]]
 RATE_BATCHES = 5
 #: Shards the sample is spread over (evenly spaced through the list).
 SAMPLE_SHARDS = 8
@@ -99,23 +101,27 @@ class Estimate:
 
 
 def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
-    """The first ``max_samples`` samples (WebDataset keys) of the ``size``-byte tar at ``url``."""
-    groups: dict[str, dict[str, bytes]] = {}
+    """The first ``max_samples`` samples of the ``size``-byte tar at ``url``, as stored: each a
+    run of regular members next to each other with one WebDataset key, names and bytes in
+    order, so that the cache's reader groups and skips them as it does the shard."""
+    samples: list[Sample] = []
     with fsspec.open(url, "rb") as handle:
         try:
             with tarfile.open(fileobj=handle, mode="r|*") as tar:
                 for info in tar:
-                    key, ext = base_plus_ext(info.name)
-                    if not info.isreg() or key is None or key.startswith("__"):
+                    key, _ = base_plus_ext(info.name)
+                    if not info.isreg() or key is None or METADATA_MEMBER.match(info.name):
                         continue
-                    if key not in groups and len(groups) == max_samples:
-                        return ShardPrefix(list(groups.items()), info.offset, complete=False)
+                    if not samples or key != samples[-1][0]:
+                        if len(samples) == max_samples:
+                            return ShardPrefix(samples, info.offset, complete=False)
+                        samples.append((key, []))
                     member = tar.extractfile(info)
-                    groups.setdefault(key, {})[ext] = member.read() if member else b""
+                    samples[-1][1].append((info.name, member.read() if member else b""))
                     tar.members = []
         except (tarfile.TarError, EOFError, zlib.error):
             pass  # a damaged shard: its samples before the damage are what the cache reads
-    return ShardPrefix(list(groups.items()), size, complete=True)
+    return ShardPrefix(samples, size, complete=True)
 
 
 def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
@@ -161,13 +167,14 @@ def measure(
     """Run the sampled shard prefixes, as one shard, through the cache's unit code into a
     scratch folder; count the rows each shard's samples gave and fit the file's bytes."""
     numbered = list(enumerate(prefixes.items()))
-    samples = [(f"{i}/{key}", files) for i, (_, p) in numbered for key, files in p.samples]
+    samples = [sample for _, (_, prefix) in numbered for sample in prefix.samples]
     with tempfile.TemporaryDirectory(prefix="pvu-plan-") as scratch:
         runner = UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
         batch = torch.zeros(settings.batch_size, *settings.transform["input_size"])
         backbone.forward(batch, torch.zeros(settings.batch_size, dtype=torch.long))  # warm up
         try:
-            result = runner.run(Unit(write_shard(f"{scratch}/sample.tar", samples), "sample", 0))
+            sample = _write_sample(f"{scratch}/sample.tar", numbered)
+            result = runner.run(Unit(sample, "sample", 0))
             table = pq.read_table(f"{scratch}/cache/{result.relpath}")
         finally:
             runner.close()
@@ -175,6 +182,20 @@ def measure(
     kept = {url: rows[i] for i, (url, _) in numbered}
     fixed, per_row = parquet_cost(table)
     return Measurement(len(samples), result, kept, fixed, per_row)
+
+
+def _write_sample(path: str, numbered: list[tuple[int, tuple[str, ShardPrefix]]]) -> str:
+    """One tar of the shards' sampled members, in order; shard ``i``'s names under ``i/``, so
+    each row's key tells its shard. A name the reader refuses (absolute, ``..``) is kept as it
+    is: under ``i/`` it would pass."""
+    with open(path, "wb") as file, tarfile.open(fileobj=file, mode="w|") as tar:
+        for i, (_, prefix) in numbered:
+            for _, members in prefix.samples:
+                for name, data in members:
+                    info = tarfile.TarInfo(f"{i}/{name}" if is_safe_name(name) else name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def parquet_cost(table: pa.Table) -> tuple[float, float]:

@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files (``__key__`` and friends)
+#: webdataset's metadata files (``__key__`` and friends), which no sample holds
+METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
 _LABEL = re.compile(rb"\s*\+?([0-9]+)\s*")
 _INT64_MAX = 2**63 - 1
 
@@ -135,6 +136,12 @@ def _normalise_keys(keys: tuple[str, ...], name: str) -> tuple[str, ...]:
     return out
 
 
+def is_safe_name(name: str) -> bool:
+    """Whether a member name (or key) stays inside a folder it is joined to: relative, never
+    climbing out (``..``), UTF-8."""
+    return not name.startswith("/") and ".." not in name.split("/") and _is_utf8(name)
+
+
 def _to_sample(
     group: dict[str, Any],
     image_keys: tuple[str, ...],
@@ -144,7 +151,7 @@ def _to_sample(
     """A ``RawSample`` from one group of files, or the ``SkipReason`` it is rejected for.
     ``label_key`` is the label's member and its JSON field ("" for a whole ``.cls`` file)."""
     key = group["__key__"]
-    if key.startswith("/") or ".." in key.split("/") or not _is_utf8(key):
+    if not is_safe_name(key):
         return SkipReason.UNSAFE_NAME
     image_key = next((key for key in image_keys if key in group), None)
     if image_key is None:
@@ -340,7 +347,7 @@ def _tar_members(
             for info in archive:
                 if info.islnk() or info.issym():
                     links.append(info.name)
-                if not info.isreg() or _META.match(info.name):
+                if not info.isreg() or METADATA_MEMBER.match(info.name):
                     continue
                 if info.size > max_member_bytes:
                     logger.warning("%s: %s has %d bytes; skipped", url, info.name, info.size)
