@@ -72,8 +72,8 @@ def cache(
         str | None,
         typer.Option(
             metavar="EXT",
-            help="Image member extension, or several tried in order as jpg/png (default: "
-            "jpg/jpeg/png/webp).",
+            help="Image member extension, or several tried in order as jpg/png (or "
+            "WebDataset's jpg;png) (default: jpg/jpeg/png/webp).",
         ),
     ] = None,
     label_key: Annotated[

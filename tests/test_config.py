@@ -246,9 +246,11 @@ def test_image_key_takes_several_extensions_as_its_help_shows_them() -> None:
     base = {"shards": "s", "backbone": "resnet10t", "output": "s3://b/c"}
     assert CacheJobConfig(**base, image_key="jpg/png").image_keys == ("jpg", "png")
     assert CacheJobConfig(**base, image_key="webp").image_keys == ("webp",)
+    # webdataset's own separator: taken as the one extension "jpg;png", so no sample matched
+    assert CacheJobConfig(**base, image_key="jpg;png").image_keys == ("jpg", "png")
     assert CacheJobConfig(**base).image_keys == ("jpg", "jpeg", "png", "webp")
     with pytest.raises(ValueError, match="names no file extension"):
-        CacheJobConfig(**base, image_key=" / ")
+        CacheJobConfig(**base, image_key=" / ;")
 
 
 def test_a_label_key_names_a_member_or_a_json_members_field() -> None:

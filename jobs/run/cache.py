@@ -187,7 +187,7 @@ class CacheJobConfig(BaseModel):
     @field_validator("image_key")
     @classmethod
     def _names_an_extension(cls, image_key: str | None) -> str | None:
-        if image_key is not None and not re.sub(r"[\s/,.]", "", image_key):
+        if image_key is not None and not re.sub(r"[\s/,;.]", "", image_key):
             raise ValueError(f"--image-key {image_key!r} names no file extension")
         return image_key
 
@@ -245,7 +245,7 @@ class CacheJobConfig(BaseModel):
         """Tar member extensions tried, in order, for a sample's image."""
         if not self.image_key:
             return ("jpg", "jpeg", "png", "webp")
-        return tuple(key for key in re.split(r"[/,]", self.image_key) if key.strip())
+        return tuple(key for key in re.split(r"[/,;]", self.image_key) if key.strip())
 
 
 def build_provenance(
