@@ -151,6 +151,19 @@ def test_parse_label():
         assert parse_label(bad, "label") is None, bad
 
 
+def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, caplog):
+    """Class names in .cls were only counted as bad_label: nothing named a shard or a value."""
+    png = bad_samples()[0].files["png"]
+    names = [(f"k{i}", {"png": png, "cls": name}) for i, name in enumerate([b"tench", b"goldfish"])]
+    url = write_shard(str(tmp_path / "names.tar"), names)
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        samples, counts = _read(url)
+    assert not samples and counts == {"bad_label": 2}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{url}: sample 'k0' has the label b'tench' (cls member)" in warning
+    assert "not a class index" in warning and "--label-key" in warning
+
+
 def test_a_label_read_from_a_field_of_a_json_member(tmp_path):
     png = bad_samples()[0].files["png"]
     url = write_shard(

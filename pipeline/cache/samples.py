@@ -114,6 +114,8 @@ def iter_samples(
             elif layout.counted(group, outcome):
                 counts[outcome.value] += 1
                 logger.debug("%s: skipped %s: %s", url, group["__key__"], outcome.value)
+                if outcome is SkipReason.BAD_LABEL:
+                    layout.bad_label(group, label_member, label_field)
     if damage and stream.position == 0:
         counts[SkipReason.EMPTY_SHARD.value] += 1
         logger.warning("%s: empty shard (0 bytes)", url)
@@ -262,7 +264,8 @@ def _duplicate_handler(url: str, repeated: set[str]):
 
 
 class _LayoutWarnings:
-    """Explains, once per shard, the two layouts WebDataset readers split samples wrongly for.
+    """Explains, once per shard, the two layouts WebDataset readers split samples wrongly for,
+    and labels that are not class indices.
 
     - A sample's files apart (``tar -cf`` without ``--sort=name`` stores them in directory
       order): each part is a sample short of a member; the sample is counted once, by its
@@ -303,6 +306,20 @@ class _LayoutWarnings:
                 ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
             )
         return True
+
+    def bad_label(self, group: dict[str, Any], member: str, field: str) -> None:
+        """Warn of a label that is no class index, with its value (names, say, where pvu
+        reads integers); ``field`` is its JSON field ("" for a whole member)."""
+        value = group.get(member)
+        self._warn(
+            "label",
+            "%s: sample %r has the label %s (%s), which is not a class index (a whole number "
+            "from 0); each such sample is skipped. Give the label's member (--label-key), or "
+            "make the shards with `pvu shards`, which numbers class names",
+            group["__key__"],
+            repr(value[:40]) if isinstance(value, bytes) else "missing",
+            f"{member} member" + (f", field {field}" if field else ""),
+        )
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
         if kind not in self.warned:
