@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     assert len(everything) == 10 and all(p.complete for p in everything.values())
 
 
-def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path):
+def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):
     """Files of a sample apart (``tar`` without ``--sort``), a key starting ``__`` and an
     absolute name: the plan grouped each key's files wherever they lay, dropped the ``__``
     key and read the absolute name as a safe one, so its rows differed from the cache's."""
@@ -167,9 +168,14 @@ def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path):
     cached = make_runner(str(tmp_path / "cache")).run(Unit(str(shard), "odd", 0))
     assert cached.rows == 2, cached.skipped  # __under_3 and ok
     config = PlanJobConfig(shards=str(shard), output=str(tmp_path / "out"), **COMMON)
-    [plan] = run_plan(config)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        [plan] = run_plan(config)
     assert plan.estimate.rows == cached.rows
     assert plan.measurement.result.skipped == cached.skipped
+    # the warning names the user's shard and key, not the plan's scratch sample ('0/a')
+    [apart] = [r.getMessage() for r in caplog.records if "not next to each other" in r.message]
+    assert apart.startswith(f"{shard}: the files of sample 'a' are not next to each other")
 
 
 def test_plan_of_shards_without_samples_says_so(tmp_path):

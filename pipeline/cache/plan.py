@@ -12,6 +12,8 @@ writes them gives the bytes per row and per file.
 from __future__ import annotations
 
 import io
+import logging
+import re
 import tarfile
 import tempfile
 import time
@@ -34,6 +36,8 @@ from pipeline.cache.writer import PARQUET_OPTIONS
 #: A sample as a shard stores it: its key, and its members' (name, bytes) in order.
 Sample = tuple[str, list[tuple[str, bytes]]]
 RATE_BATCHES = 5
+#: The loggers that warn of a shard's samples as a unit reads them.
+_READERS = [logging.getLogger(f"pipeline.cache.{name}") for name in ("samples", "unit")]
 #: Shards the sample is spread over (evenly spaced through the list).
 SAMPLE_SHARDS = 8
 #: Bytes after a tar's last member: two zero blocks padded to a 10 KiB record, half of one on
@@ -172,16 +176,38 @@ def measure(
         runner = UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
         batch = torch.zeros(settings.batch_size, *settings.transform["input_size"])
         backbone.forward(batch, torch.zeros(settings.batch_size, dtype=torch.long))  # warm up
+        sample = _write_sample(f"{scratch}/sample.tar", numbered)
+        names = _ShardNames(sample, list(prefixes))
+        for logger in _READERS:
+            logger.addFilter(names)
         try:
-            sample = _write_sample(f"{scratch}/sample.tar", numbered)
             result = runner.run(Unit(sample, "sample", 0))
             table = pq.read_table(f"{scratch}/cache/{result.relpath}")
         finally:
             runner.close()
+            for logger in _READERS:
+                logger.removeFilter(names)
     rows = Counter(int(key.split("/", 1)[0]) for key in table.column("key").to_pylist())
     kept = {url: rows[i] for i, (url, _) in numbered}
     fixed, per_row = parquet_cost(table)
     return Measurement(len(samples), result, kept, fixed, per_row)
+
+
+class _ShardNames(logging.Filter):
+    """Names the user's shard and key in a reader's warning about the plan's sample, not the
+    scratch tar and its ``i/`` names."""
+
+    def __init__(self, sample: str, urls: list[str]) -> None:
+        super().__init__()
+        self.sample, self.urls = sample, urls
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.sample in message:
+            key = re.search(r"'(\d+)/", message)  # the first key the warning quotes
+            shard = self.urls[int(key[1])] if key else "the shards pvu plan sampled"
+            record.msg, record.args = re.sub(r"'\d+/", "'", message.replace(self.sample, shard)), ()
+        return True
 
 
 def _write_sample(path: str, numbered: list[tuple[int, tuple[str, ShardPrefix]]]) -> str:
