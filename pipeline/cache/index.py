@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.cache.shards import TAR_SUFFIXES
+from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import read_footer, require_consistent
 from schemas import (
     READABLE_VERSIONS,
@@ -308,6 +308,6 @@ def _shards_hint(url: str) -> str:
         names = fs.ls(path, detail=False)
     except OSError:
         return ""
-    if any(name.endswith(TAR_SUFFIXES) for name in names):
+    if any(map(is_tar, names)):
         return "; it holds .tar shards: give the --output of a `pvu cache` run over them"
     return ""

@@ -62,13 +62,13 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
         found = _tar_files(fs.ls(path, detail=True))
         return _found_or_raise(fs, found, protocol, spec, "the directory")
     if fs.isfile(path):
-        if _is_tar(path):
+        if is_tar(path):
             return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
     if _GLOB_CHARS.search(path):
         found = _tar_files(fs.glob(path, detail=True).values())
         return _found_or_raise(fs, found, protocol, spec, "the glob")
-    if _is_tar(path):
+    if is_tar(path):
         raise FileNotFoundError(f"shard {spec!r} does not exist")
     # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
     found = _tar_files(fs.glob(path + "*", detail=True).values())
@@ -116,11 +116,12 @@ def _tar_files(infos: Iterable[dict]) -> list[str]:
     return sorted(
         info["name"].rstrip("/")
         for info in infos
-        if info.get("type") == "file" and _is_tar(info["name"])
+        if info.get("type") == "file" and is_tar(info["name"])
     )
 
 
-def _is_tar(path: str) -> bool:
+def is_tar(path: str) -> bool:
+    """Whether ``path`` names a tar shard (``.tar``, ``.tar.gz``, ``.tgz``, any case)."""
     return path.lower().endswith(TAR_SUFFIXES)
 
 
