@@ -55,7 +55,7 @@ from pipeline.cache.distribute import (
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import expand_shards, shard_names
-from pipeline.cache.skips import SkipReason
+from pipeline.cache.skips import SHARD_DAMAGE
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
@@ -292,10 +292,6 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
-#: Skips that stand for the rest of a shard: it is empty, or cut short or damaged mid-way.
-_SHARD_DAMAGE = {SkipReason.TRUNCATED_TAR.value, SkipReason.EMPTY_SHARD.value}
-
-
 def summarize(
     report: PoolReport,
     *,
@@ -323,7 +319,7 @@ def summarize(
     table.add_row(
         "samples skipped", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     )
-    damaged = sorted({r.source for r in results if r.skipped.keys() & _SHARD_DAMAGE})
+    damaged = sorted({r.source for r in results if r.skipped.keys() & SHARD_DAMAGE})
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         table.add_row(

@@ -26,6 +26,10 @@ class SkipReason(str, Enum):
     DUPLICATE_KEY = "duplicate_key"
 
 
+#: Skips that stand for the rest of a shard: it is empty, or cut short or damaged mid-way.
+SHARD_DAMAGE = frozenset({SkipReason.TRUNCATED_TAR.value, SkipReason.EMPTY_SHARD.value})
+
+
 class BadSample(Exception):
     """Raised by a step that rejects one sample; carries the reason and the sample's key."""
 
