@@ -86,7 +86,11 @@ def read_config_file(
                 f"config file {path}: unknown key '{key}'{hint} (known: {', '.join(fields)})"
             )
         annotation = config_type.model_fields[key].annotation
-        if isinstance(values[key], str | int | float) and _takes_only_lists(annotation):
+        if (
+            isinstance(values[key], str | int | float)
+            and _takes_only_lists(annotation)
+            and key not in _parsed_by_validator(config_type)
+        ):
             values[key] = [values[key]]  # one value of a repeatable flag, as on the command line
         if isinstance(values[key], bool) and not _admits_bool(annotation):
             raise ConfigFileError(
@@ -94,6 +98,13 @@ def read_config_file(
                 "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
             )
     return values
+
+
+def _parsed_by_validator(config_type: type[BaseModel]) -> set[str]:
+    """The fields of ``config_type`` that parse their raw value themselves (a ``before``
+    validator), as their flag spells it: ``--hidden 512,512`` is one string, not a list."""
+    validators = config_type.__pydantic_decorators__.field_validators.values()
+    return {name for v in validators if v.info.mode == "before" for name in v.info.fields}
 
 
 def _takes_only_lists(annotation: Any) -> bool:

@@ -140,6 +140,21 @@ def test_one_value_of_a_repeatable_setting_needs_no_list(tmp_path: Path) -> None
     path = _write(tmp_path, "dataset: d=c\ntsne-classes: 3\n")
     config = load_job_config(EvaluateJobConfig, path)
     assert config.dataset == ["d=c"] and list(config.tsne_classes) == [3]
+    path = _write(
+        tmp_path,
+        "shards: s\nbackbone: resnet10t\noutput: o\n"
+        "also: {backbone: resnet14t, weights: random, output: o2}\n",
+    )
+    config = load_job_config(CacheJobConfig, path)
+    assert [target.backbone for target in config.also] == ["resnet14t"]
+
+
+def test_a_setting_spelled_as_its_flag_is_read_as_the_flag_reads_it(tmp_path: Path) -> None:
+    """``hidden: 256,128`` as ``--hidden 256,128``; it was taken as one width "256,128"."""
+    path = _write(tmp_path, "cache: c1\noutput: out\nhidden: 256,128\n")
+    assert tuple(load_job_config(TrainHeadConfig, path).hidden) == (256, 128)
+    path = _write(tmp_path, "dataset: d=c\ntsne-classes: 3,5,7\n")
+    assert list(load_job_config(EvaluateJobConfig, path).tsne_classes) == [3, 5, 7]
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,8 @@ class CacheJobConfig(BaseModel):
     def _parse_also(cls, value: object) -> object:
         if value is None:
             return []
+        if isinstance(value, (str, dict)):
+            value = [value]  # one target, as one --also
         if isinstance(value, (list, tuple)):
             return [AlsoTarget.parse(item) if isinstance(item, str) else item for item in value]
         return value

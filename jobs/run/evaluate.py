@@ -74,6 +74,8 @@ class EvaluateJobConfig(BaseModel):
     @field_validator("tsne_classes", mode="before")
     @classmethod
     def _parse_classes(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            return (value,)
         if isinstance(value, str):
             try:
                 return tuple(int(part) for part in value.split(",") if part.strip())

@@ -79,6 +79,8 @@ class TrainHeadConfig(BaseModel):
     @field_validator("hidden", mode="before")
     @classmethod
     def _parse_hidden(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            return (value,)
         if isinstance(value, str):
             try:
                 return tuple(int(part) for part in value.split(",")) if value.strip() else ()
