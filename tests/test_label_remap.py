@@ -129,12 +129,14 @@ def test_shards_of_synset_folders_cache_in_the_head_label_space(tmp_path):
     assert sorted(labels) == [0, 0, 999, 999]
 
 
-def test_a_remap_past_the_classifiers_classes_is_refused_before_any_work(tmp_path):
-    """Each sample of such a label was skipped, one warning apiece naming its shard label."""
+@pytest.mark.parametrize("command", ["cache", "plan"])
+def test_a_remap_past_the_classifiers_classes_is_refused_before_any_work(tmp_path, command):
+    """Each sample of such a label was skipped, one warning apiece naming its shard label (and
+    pvu plan predicted no rows where pvu cache refuses)."""
     write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
     (tmp_path / "remap.json").write_text(json.dumps([*range(9), 5000]))
     result = pvu(
-        "cache", "--shards", str(tmp_path / "shards"), "--backbone", "resnet10t",
+        command, "--shards", str(tmp_path / "shards"), "--backbone", "resnet10t",
         "--weights", "random", "--label-remap", str(tmp_path / "remap.json"),
         "--output", str(tmp_path / "cache"), "--input-size", "32",
     )  # fmt: skip

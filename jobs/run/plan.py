@@ -21,6 +21,7 @@ from jobs.preflight import check_storage
 from jobs.run.cache import (
     CacheJobConfig,
     build_provenance,
+    check_label_remap,
     member_advice,
     unit_settings,
     warn_of_label_order,
@@ -130,6 +131,7 @@ def _plan_target(
     info = describe_backbone(
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )
+    check_label_remap(config, info.num_classes)  # as pvu cache refuses
     transform = resolve_transform(config.transform_config(), info.data_config)
     # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
     # one or this machine has one.
