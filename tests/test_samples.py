@@ -142,12 +142,15 @@ def test_parse_label():
     assert parse_label(b"17") == 17
     assert parse_label(b" 3\n") == 3
     assert parse_label(b"+2") == 2
-    for bad in (b"", b"-1", b"1.0", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 30, None):
+    assert parse_label(b"0" * 30 + b"5") == 5
+    # a label of thousands of digits raised int()'s ValueError and failed the shard's unit
+    for bad in (b"", b"-1", b"1.0", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 5000, None):
         assert parse_label(bad) is None, bad
     assert parse_label(b'{"label": 7, "name": "cat"}', "label") == 7
     assert parse_label(b'{"meta": {"class_id": " 4"}}', "meta.class_id") == 4
     for bad in (b'{"label": true}', b'{"label": -1}', b'{"label": 2.0}', b'{"label": null}',
-                b'{"other": 1}', b'[1]', b'{"label": "cat"}', b"\xff", b"{", b"7"):  # fmt: skip
+                b'{"other": 1}', b'[1]', b'{"label": "cat"}', b"\xff", b"{", b"7",
+                b'{"label": "\\ud800"}', b'{"label": 1' + b"0" * 5000 + b"}"):  # fmt: skip
         assert parse_label(bad, "label") is None, bad
 
 

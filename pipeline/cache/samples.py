@@ -37,7 +37,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
 #: webdataset's metadata files (``__key__`` and friends), which no sample holds
 METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
-_LABEL = re.compile(rb"\s*\+?([0-9]+)\s*")
+# at most 19 significant digits (int64), so that no label parses thousands of digits
+_LABEL = re.compile(rb"\s*\+?0*([0-9]{1,19})\s*")
 _INT64_MAX = 2**63 - 1
 
 
@@ -195,8 +196,8 @@ def _json_label(data: bytes, field: str) -> int | None:
     value = _json(data)
     for name in field.split("."):
         value = value.get(name) if isinstance(value, dict) else None
-    if isinstance(value, str):
-        return parse_label(value.encode())
+    if isinstance(value, str):  # a lone surrogate ("\\ud800") is no digit either
+        return parse_label(value.encode(errors="surrogatepass"))
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
         return value
     return None
