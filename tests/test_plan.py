@@ -150,13 +150,14 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
 def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):
     """Files of a sample apart (``tar`` without ``--sort``), a key starting ``__`` and an
     absolute name: the plan grouped each key's files wherever they lay, dropped the ``__``
-    key and read the absolute name as a safe one, so its rows differed from the cache's."""
+    key and read the absolute name as a safe one, so its rows differed from the cache's. Its
+    warnings named the scratch sample's keys ('0/a', 'skipping 0/bad')."""
     image = encode_image(Image.new("RGB", (32, 32), "gray"))
     members = [
         ("a.png", image), ("b.png", image), ("a.cls", b"1"), ("b.cls", b"2"),  # apart
         ("__under_3.png", image), ("__under_3.cls", b"3"),
         ("/abs/y.png", image), ("/abs/y.cls", b"4"),
-        ("ok.png", image), ("ok.cls", b"5"),
+        ("ok.png", image), ("ok.cls", b"5"), ("bad.png", b"no image"), ("bad.cls", b"6"),
     ]  # fmt: skip
     shard = tmp_path / "shards" / "odd.tar"
     shard.parent.mkdir()
@@ -169,13 +170,15 @@ def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):
     assert cached.rows == 2, cached.skipped  # __under_3 and ok
     config = PlanJobConfig(shards=str(shard), output=str(tmp_path / "out"), **COMMON)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         [plan] = run_plan(config)
     assert plan.estimate.rows == cached.rows
     assert plan.measurement.result.skipped == cached.skipped
-    # the warning names the user's shard and key, not the plan's scratch sample ('0/a')
+    # the warnings name the user's shard and key, not the plan's scratch sample ('0/a')
     [apart] = [r.getMessage() for r in caplog.records if "not next to each other" in r.message]
     assert apart.startswith(f"{shard}: the files of sample 'a' are not next to each other")
+    skips = [r.getMessage() for r in caplog.records if r.message.startswith("skipping")]
+    assert skips == [f"skipping bad in {shard}: bad: undecodable: not a readable image"]
 
 
 def test_plan_of_shards_without_samples_says_so(tmp_path):

@@ -193,6 +193,11 @@ def measure(
     return Measurement(len(samples), result, kept, fixed, per_row)
 
 
+#: The ``i/`` before a key of the sample: digits and a slash that start a word (in a path such
+#: as the sample's own, digits follow a slash or a letter).
+_SAMPLE_KEY = re.compile(r"(?<![\w/.-])(\d+)/")
+
+
 class _ShardNames(logging.Filter):
     """Names the user's shard and key in a reader's warning about the plan's sample, not the
     scratch tar and its ``i/`` names."""
@@ -204,9 +209,9 @@ class _ShardNames(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if self.sample in message:
-            key = re.search(r"'(\d+)/", message)  # the first key the warning quotes
+            key = _SAMPLE_KEY.search(message)  # the first key the warning names
             shard = self.urls[int(key[1])] if key else "the shards pvu plan sampled"
-            record.msg, record.args = re.sub(r"'\d+/", "'", message.replace(self.sample, shard)), ()
+            record.msg, record.args = _SAMPLE_KEY.sub("", message).replace(self.sample, shard), ()
         return True
 
 
