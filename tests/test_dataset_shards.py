@@ -298,8 +298,12 @@ def test_an_interrupted_conversion_is_refused_by_readers_and_finished_by_a_rerun
             listing, str(out), max_bytes=2**30, max_samples=3, on_image=interrupt_at_the_seventh
         )
     assert list(out.glob("*.tar")) and not (out / "classes.json").exists()
-    with pytest.raises(ValueError, match=f"shards in {out} are from a `pvu shards` run that did"):
-        expand_shards(str(out))
+    (tmp_path / "list.txt").write_text(f"{out}/shard-000000.tar\n")
+    # every spec kind: a folder, a brace pattern, a list file, one tar (the last three were taken)
+    for spec in (out, f"{out}/shard-{{000000..000000}}.tar", tmp_path / "list.txt",
+                 out / "shard-000000.tar"):  # fmt: skip
+        with pytest.raises(ValueError, match=f"shards in {out} are from a `pvu shards` run that"):
+            expand_shards(str(spec))
     result = pvu("plan", "--shards", f"{out}/shard-*.tar", "--backbone", "resnet10t",
                  "--weights", "random", "--output", str(tmp_path / "cache"))  # fmt: skip
     assert result.exit_code == 2 and "did not finish" in result.text, result.output

@@ -63,6 +63,7 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
         return _found_or_raise(fs, found, protocol, spec, "the directory")
     if fs.isfile(path):
         if is_tar(path):
+            _refuse_unfinished(fs, [posixpath.dirname(path)], protocol)
             return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
     if _GLOB_CHARS.search(path):
@@ -158,13 +159,25 @@ def _found_or_raise(
         raise FileNotFoundError(
             f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
         )
-    for folder in sorted({posixpath.dirname(path) for path in found}):
-        if fs.exists(f"{folder}/{UNFINISHED_NAME}"):
+    _refuse_unfinished(fs, sorted({posixpath.dirname(path) for path in found}), protocol)
+    return [storage_url(fs, path, protocol) for path in found]
+
+
+def _refuse_unfinished(
+    fs: fsspec.AbstractFileSystem,
+    folders: Iterable[str],
+    protocol: str | None,
+    listed: set[str] | None = None,
+) -> None:
+    """Raise ``ValueError`` if one of ``folders`` holds ``pvu shards``' unfinished marker,
+    looked up in ``listed`` (the paths of a listing already made), else one request a folder."""
+    for folder in folders:
+        marker = f"{folder}/{UNFINISHED_NAME}"
+        if marker in listed if listed is not None else fs.exists(marker):
             raise ValueError(
                 f"the shards in {storage_url(fs, folder, protocol)} are from a `pvu shards` run "
                 "that did not finish: run that command again to complete them"
             )
-    return [storage_url(fs, path, protocol) for path in found]
 
 
 def _read_list_file(
@@ -214,10 +227,12 @@ def _verify_exist(urls: list[str], spec: str) -> None:
         fs = filesystems[proto]
         try:
             present = {p.rstrip("/") for p in fs.ls(folder, detail=False)}
+            _refuse_unfinished(fs, [folder], proto or None, listed=present)
         except FileNotFoundError:
             present = set()
         except PermissionError:
             logger.warning("cannot list %s; checking the shards of %r one by one", folder, spec)
+            _refuse_unfinished(fs, [folder], proto or None)
             present = {path for _, path in entries if fs.exists(path)}
         missing.extend(url for url, path in entries if path not in present)
 
