@@ -165,6 +165,17 @@ def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, c
     [warning] = [r.getMessage() for r in caplog.records]
     assert f"{url}: sample 'k0' has the label b'tench' (cls member)" in warning
     assert "not a class index" in warning and "--label-key" in warning
+    # a JSON field's own value, past the member's first bytes; a sample without it has no label
+    link = "https://example.com/images/" + "x" * 40
+    members = [("k0", {"png": png, "json": f'{{"url": "{link}", "label": "tench"}}'.encode()}),
+               ("k1", {"png": png, "json": b'{"name": "goldfish"}'})]  # fmt: skip
+    url = write_shard(str(tmp_path / "fields.tar"), members)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        samples, counts = _read(url, label_key="json:label")
+    assert not samples and counts == {"bad_label": 1, "no_label": 1}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{url}: sample 'k0' has the label 'tench' (json member, field label)" in warning
 
 
 def test_a_label_read_from_a_field_of_a_json_member(tmp_path):

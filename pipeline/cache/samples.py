@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import reprlib
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -165,7 +166,7 @@ def _to_sample(
     if not image:
         return SkipReason.EMPTY_IMAGE
     member, field = label_key
-    if member not in group:
+    if member not in group or (field and _json_field(group[member], field) is None):
         return SkipReason.NO_LABEL
     label = parse_label(group[member], field)
     if label is None:
@@ -193,14 +194,21 @@ def parse_label(data: bytes | None, field: str = "") -> int | None:
 
 def _json_label(data: bytes, field: str) -> int | None:
     """The label at ``field`` of the JSON object in ``data``, or None (see :func:`parse_label`)."""
-    value = _json(data)
-    for name in field.split("."):
-        value = value.get(name) if isinstance(value, dict) else None
+    value = _json_field(data, field)
     if isinstance(value, str):  # a lone surrogate ("\\ud800") is no digit either
         return parse_label(value.encode(errors="surrogatepass"))
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
         return value
     return None
+
+
+def _json_field(data: bytes | None, field: str) -> Any:
+    """The value at ``field`` (dots name nested objects) of the JSON object in ``data``, or
+    None where there is none (no such field, or no JSON object)."""
+    value = _json(data) if data is not None else None
+    for name in field.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
 
 
 def parse_ambiguity(data: bytes | None) -> float | None:
@@ -311,14 +319,14 @@ class _LayoutWarnings:
     def bad_label(self, group: dict[str, Any], member: str, field: str) -> None:
         """Warn of a label that is no class index, with its value (names, say, where pvu
         reads integers); ``field`` is its JSON field ("" for a whole member)."""
-        value = group.get(member)
+        value = _json_field(group[member], field) if field else group[member][:40]
         self._warn(
             "label",
             "%s: sample %r has the label %s (%s), which is not a class index (a whole number "
             "from 0); each such sample is skipped. Give the label's member (--label-key), or "
             "make the shards with `pvu shards`, which numbers class names",
             group["__key__"],
-            repr(value[:40]) if isinstance(value, bytes) else "missing",
+            reprlib.repr(value),
             f"{member} member" + (f", field {field}" if field else ""),
         )
 
