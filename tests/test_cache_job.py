@@ -20,7 +20,7 @@ from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import CacheJobConfig, member_advice, run_cache
 from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shards import shard_name
@@ -306,6 +306,14 @@ def test_cli_refuses_a_different_seed_into_the_same_prefix(local_ray, tmp_path):
     assert "seed: cache has 0, this run asks for 7" in " ".join(refused.output.split())
     bad = runner.invoke(app, [*args, "--augment", "eval", "--epochs", "3"])
     assert bad.exit_code == 2 and "epochs" in bad.output
+
+
+def test_the_advice_for_a_run_without_rows_names_a_json_labels_member_and_field(tmp_path):
+    """It named '<key>.json:label', a file no shard holds."""
+    config = CacheJobConfig(
+        shards="s", backbone="resnet10t", output=str(tmp_path), label_key="json:label"
+    )
+    assert "<key>.jpg/jpeg/png/webp with <key>.json (its field label), set" in member_advice(config)
 
 
 def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_run_caches(

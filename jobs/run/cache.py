@@ -521,9 +521,11 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
 
 def member_advice(config: CacheJobConfig) -> str:
     """What to set when every sample is skipped: the flags that name a sample's members."""
+    member, _, field = config.label_key.partition(":")
+    label = f"<key>.{member}" + (f" (its field {field})" if field else "")
     return (
-        f"if the shards' files are not <key>.{'/'.join(config.image_keys)} with "
-        f"<key>.{config.label_key}, set --image-key / --label-key"
+        f"if the shards' files are not <key>.{'/'.join(config.image_keys)} with {label}, "
+        "set --image-key / --label-key"
     )
 
 
