@@ -100,6 +100,20 @@ def read_config_file(
     return values
 
 
+def comma_separated_ints(value: Any, example: str) -> Any:
+    """A flag's integers as it spells them (``--hidden 512,512``; one integer from a config
+    file) as a tuple, for a ``before`` validator; ``ValueError`` naming ``example`` for an
+    empty or non-integer part. Any other value is left to the field's own type."""
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, str):
+        try:
+            return tuple(int(part) for part in value.split(",")) if value.strip() else ()
+        except ValueError:
+            raise ValueError(f"expected {example}, got {value!r}") from None
+    return value
+
+
 def _parsed_by_validator(config_type: type[BaseModel]) -> set[str]:
     """The fields of ``config_type`` that parse their raw value themselves (a ``before``
     validator), as their flag spells it: ``--hidden 512,512`` is one string, not a list."""

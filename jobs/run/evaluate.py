@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs import project_version
+from jobs.config import comma_separated_ints
 from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import console, resolve_device
 from pipeline.evaluate.report import write_report
@@ -74,14 +75,7 @@ class EvaluateJobConfig(BaseModel):
     @field_validator("tsne_classes", mode="before")
     @classmethod
     def _parse_classes(cls, value: Any) -> Any:
-        if isinstance(value, int):
-            return (value,)
-        if isinstance(value, str):
-            try:
-                return tuple(int(part) for part in value.split(",") if part.strip())
-            except ValueError:
-                raise ValueError(f"expected class labels like 0,1,2, got {value!r}") from None
-        return value
+        return comma_separated_ints(value, "class labels like 0,1,2")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateJobConfig:

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from jobs.config import comma_separated_ints
 from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
@@ -79,14 +80,7 @@ class TrainHeadConfig(BaseModel):
     @field_validator("hidden", mode="before")
     @classmethod
     def _parse_hidden(cls, value: Any) -> Any:
-        if isinstance(value, int):
-            return (value,)
-        if isinstance(value, str):
-            try:
-                return tuple(int(part) for part in value.split(",")) if value.strip() else ()
-            except ValueError:
-                raise ValueError(f"expected widths like 512,512, got {value!r}") from None
-        return value
+        return comma_separated_ints(value, "widths like 512,512")
 
     @field_validator("betas")
     @classmethod
