@@ -23,6 +23,7 @@ from pipeline.cache.shards import expand_shards
 from pipeline.dataset.convert import write_dataset
 from pipeline.dataset.sources import list_dataset
 from pipeline.demo.data import encode_image
+from pipeline.evaluate.analyses import real_ambiguous
 
 CLASSES = ("cat", "dog", "eel")
 FORMATS = ("jpg", "png", "bmp", "webp")
@@ -99,6 +100,23 @@ def test_folder_to_shards_keeps_every_readable_image_once_and_names_the_rest(tmp
     assert all(path.stat().st_size <= 20_000 for path in out.glob("*.tar"))
     assert "corrupt.jpg" in result.text and "truncated.jpg" in result.text
     assert "undecodable=1" in result.text and "truncated_image=1" in result.text
+
+
+def test_keys_end_with_the_file_name_so_imagenet_val_images_find_their_real_labels(tmp_path):
+    """Keys were '<listing>-<n>' alone: ImageNet validation shards made with pvu shards lost
+    the ILSVRC2012_val_<n> names that pvu evaluate's ReaL analysis reads."""
+    rng = np.random.default_rng(0)
+    for number, synset in ((1, "n01751748"), (2, "n09193705"), (3, "n02105855")):
+        path = tmp_path / "val" / synset / f"ILSVRC2012_val_{number:08d}.JPEG"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(image_bytes(rng, "jpg"))
+    result = run("--input", str(tmp_path / "val"), "--output", str(tmp_path / "shards"))
+    assert result.exit_code == 0, result.output
+    keys = [key for _, key, _, _ in read_shards(str(tmp_path / "shards"))]
+    assert sorted(key.split("-", 2)[2] for key in keys) == [
+        f"ILSVRC2012_val_0000000{n}" for n in (1, 2, 3)
+    ]
+    assert real_ambiguous(keys) is not None
 
 
 def test_shuffle_mixes_classes_and_is_seeded(tmp_path):

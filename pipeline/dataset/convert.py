@@ -2,10 +2,12 @@
 
 Each sample is ``<key>.<jpg|png|webp>`` (the original bytes where the cache reads the format,
 else the decoded image re-encoded as PNG), ``<key>.cls`` (the label) and ``<key>.json``
-(source URL and class name). Keys are ``<listing>-<position>``: the image's position in the
-listing, so they are unique and stable whatever the shuffle, after a digest of the whole
+(source URL and class name). Keys are ``<listing>-<position>-<name>``: the image's position in
+the listing, so they are unique and stable whatever the shuffle, after a digest of the whole
 listing (every image's URL and label), so shards made from different inputs never share a
-key and can be cached together (``pvu cache`` keeps a key's first copy only). An image that
+key and can be cached together (``pvu cache`` keeps a key's first copy only), and before the
+image's file name (readable, and how ImageNet's validation images find their ReaL labels in
+``pvu evaluate``). An image that
 cannot be read or decoded (by the same checks ``pvu cache`` applies) is left out and
 reported, never fatal. ``classes.json`` beside the shards lists the label names.
 """
@@ -18,11 +20,14 @@ import io
 import json
 import logging
 import os
+import posixpath
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -41,6 +46,8 @@ CLASSES_NAME = "classes.json"
 #: Pillow formats stored as they are; any other is re-encoded as PNG.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 READ_ERROR = "read_error"
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+_KEY_NAME_CHARS = 48
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -129,7 +136,7 @@ def write_dataset(
             ext, data = outcome
             name = listing.classes[source.label]
             writer.add(
-                f"{tag}-{index:0{width}d}",
+                f"{tag}-{index:0{width}d}{key_name(source.url)}",
                 {
                     ext: data,
                     "cls": str(source.label).encode(),
@@ -153,6 +160,15 @@ def _clear_unfinished(
         raise FileExistsError(f"output {output} already holds .tar shards; choose an empty one")
     for path in shards:
         fs.rm(path)
+
+
+def key_name(url: str) -> str:
+    """The end of a sample's key: ``-`` and the image's file name without its extension, in
+    ``[A-Za-z0-9_-]`` (a WebDataset key ends at the first dot), at most 48 characters; "" for
+    a name with none of them."""
+    stem = posixpath.splitext(posixpath.basename(urlsplit(url).path if "://" in url else url))[0]
+    name = _UNSAFE_KEY.sub("_", stem).strip("_")[:_KEY_NAME_CHARS]
+    return f"-{name}" if name else ""
 
 
 def listing_tag(listing: Listing) -> str:
