@@ -69,7 +69,9 @@ def ranking_loss(
     ``max(0, m - s * (u1 - u2))`` with ``s = sign`` of the loss difference, and ``s = 0`` (no
     loss, no gradient) when the losses are within ``leeway`` of each other, ties included.
     Eq. 3 as printed, ``max(0, s * (u1 - u2 + m))``, has the sign of ``s`` flipped against the
-    text; this follows the text (and Yoo & Kweon, 2019).
+    text; this follows the text (and Yoo & Kweon, 2019). Eq. 4 gives a tie ``s = -1``, an
+    order the losses do not have (exact ties are common: saturated samples' float32
+    cross-entropies are all 0); here a tied pair teaches nothing, and counts in the mean.
     """
     pairs = len(uncertainty) // 2
     if pairs == 0:
