@@ -171,10 +171,17 @@ def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path
 
     shards = [str(tmp_path / "shard-000000.tar")]
     base = {"shards": str(tmp_path), "backbone": "resnet18.a1_in1k", "output": str(tmp_path)}
+    (tmp_path / "classes.json").write_text(json.dumps([IN1K[1], IN1K[0]]))
+    warn_of_label_order(CacheJobConfig(**base), shards)
+    assert f"label 0 is '{IN1K[1]}', but the classifier's class 0 is '{IN1K[0]}'" in caplog.text
+    assert "pvu label-remap --classes" in caplog.text and "--label-space dataset" in caplog.text
+    caplog.clear()
+    # no synset at all: a remap would skip every sample, so the warning says what does help
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     warn_of_label_order(CacheJobConfig(**base), shards)
     assert "label 0 is 'cat', but the classifier's class 0 is 'n01440764'" in caplog.text
-    assert "pvu label-remap --classes" in caplog.text and "--label-space dataset" in caplog.text
+    assert "None of its names is one of the classifier's classes" in caplog.text
+    assert "--weights FILE" in caplog.text and "pvu label-remap" not in caplog.text
     caplog.clear()
     (tmp_path / "remap.json").write_text("[0, 1]")
     for quiet in (
@@ -184,6 +191,9 @@ def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path
     ):
         warn_of_label_order(quiet, shards)
     (tmp_path / "classes.json").write_text(json.dumps(IN1K[:10]))  # the classifier's order
+    warn_of_label_order(CacheJobConfig(**base), shards)
+    # a table's integer labels, written as they are: class indices already
+    (tmp_path / "classes.json").write_text(json.dumps([str(i) for i in range(208)]))
     warn_of_label_order(CacheJobConfig(**base), shards)
     assert not caplog.text
     (tmp_path / "classes.json").write_text('{"cat": 0}')  # another tool's: nothing to compare

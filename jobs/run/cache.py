@@ -425,13 +425,22 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
     except (OSError, ValueError) as error:  # not pvu's classes.json: nothing to compare
         log.debug("%s not compared with the classifier's classes: %s", classes, error)
         return
-    if problem:
-        log.warning(
-            "%s does not list the classes of %s's classifier in its order (%s): the losses "
-            "would be against other classes. Map them with `pvu label-remap --classes %s "
-            "--head %s` and --label-remap, or cache with --label-space dataset",
-            *(classes, config.backbone, problem, classes, config.backbone),
-        )
+    if problem is None:
+        return
+    where, shared = problem
+    fix = (
+        f"Map them with `pvu label-remap --classes {classes} --head {config.backbone}` and "
+        "--label-remap"
+        if shared
+        else "None of its names is one of the classifier's classes (synsets such as "
+        "n01440764): give weights trained on these classes (--weights FILE)"
+    )
+    log.warning(
+        "%s does not list the classes of %s's classifier in its order (%s): the losses would "
+        "be against other classes. %s, or cache with --label-space dataset (an evaluation "
+        "cache of the dataset's own labels)",
+        *(classes, config.backbone, where, fix),
+    )
 
 
 def _run_cache(config: CacheJobConfig) -> PoolReport:

@@ -93,18 +93,24 @@ def build_remap(classes: list[str], head: str) -> Remap:
     return Remap(table, classes, description, len(names))
 
 
-def order_mismatch(classes: list[str], head: str) -> str | None:
+def order_mismatch(classes: list[str], head: str) -> tuple[str, bool] | None:
     """Where label names ``classes`` (label ``i`` is ``classes[i]``) leave ``head``'s class order,
-    if they do; None when they follow it or ``head`` has no synset list to compare with."""
+    and whether any of them is a class of ``head`` at all; None when they follow its order, are
+    the labels' own numbers (``"0", "1", ...``: a table's integer labels, taken as class
+    indices already), or ``head`` has no synset list to compare with."""
+    if all(name == str(label) for label, name in enumerate(classes)):
+        return None
     try:
         _, names = head_names(head)
     except ValueError:
         return None
+    shared = not set(classes).isdisjoint(names)
     for label, (mine, theirs) in enumerate(zip(classes, names, strict=False)):
         if mine != theirs:
-            return f"label {label} is {mine!r}, but the classifier's class {label} is {theirs!r}"
+            where = f"label {label} is {mine!r}, but the classifier's class {label} is {theirs!r}"
+            return where, shared
     if len(classes) > len(names):
-        return f"{len(classes):,} labels, but the classifier has {len(names):,} classes"
+        return f"{len(classes):,} labels, but the classifier has {len(names):,} classes", shared
     return None
 
 
