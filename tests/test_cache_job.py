@@ -326,6 +326,8 @@ def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_ru
     text = " ".join(result.output.split())
     assert "no_label=4" in text and "the cache has no rows" in text
     assert "<key>.jpg/jpeg/png/webp with <key>.txt, set --image-key / --label-key" in text
+    plan = CliRunner().invoke(app, ["plan", *args[1:], *SMALL_BACKBONE_FLAGS], terminal_width=200)
+    assert "0 already in --output" in plan.output, plan.output  # it said 1 (of 1)
     corrected = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS])  # the units held none
     assert corrected.exit_code == 0, corrected.output
     assert sum(unit["rows"] for unit in read_manifest(str(tmp_path / "c"))["units"].values()) == 4

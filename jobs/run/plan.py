@@ -88,6 +88,8 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
             f"pvu cache would refuse --output {config.output}: it holds another cache; "
             + "; ".join(differences)
         )
+    if not info.rows:
+        return set()  # a cache without a row is computed afresh by pvu cache
     by_name = dict(zip(shard_names(urls), urls, strict=True))
     return {
         (unit["epoch"], by_name[unit["shard"]])
