@@ -62,9 +62,21 @@ def check_output_folder(url: str, *, flag: str) -> None:
         raise UserError(f"{flag} {url} is a file; give a folder")
     if isinstance(fs, LocalFileSystem):
         existing = path
-        while not os.path.exists(existing):
+        while not os.path.lexists(existing):
             existing = os.path.dirname(existing)
+        if not os.path.exists(existing):
+            raise UserError(
+                f"{flag} {url}: {existing} links to {os.readlink(existing)}, which does not "
+                "exist (a volume not mounted?)"
+            )
         if not os.path.isdir(existing):
             raise UserError(f"{flag} {url}: cannot create the folder, {existing} is a file")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {url}: {existing} is not writable; give another folder")
+        longest = max(os.path.relpath(path, existing).split(os.sep), key=len)
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        if len(os.fsencode(longest)) > limit:
+            raise UserError(
+                f"{flag} {url}: the name {longest[:24]}... is over the {limit} bytes a name "
+                f"may have under {existing}"
+            )

@@ -22,6 +22,8 @@ import s3fs
 from support import SMALL_BACKBONE_FLAGS, damage_page_header, make_runner, pvu, unboxed
 from typer.testing import Result
 
+from jobs.preflight import check_output_folder
+from jobs.terminal import UserError
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
 from pipeline.cache.writer import EmbeddingOverflow, to_record_batch
@@ -109,6 +111,20 @@ def test_a_malformed_label_remap_is_named_before_the_output_is_touched(
     )  # fmt: skip
     assert_actionable(result, seconds, f"label remap {tmp_path / 'remap.json'}: {bad} is not")
     assert not (tmp_path / "c").exists()
+
+
+def test_an_output_that_cannot_be_made_is_named_before_any_work(tmp_path: Path) -> None:
+    """A link to an unmounted volume and an overlong name passed the check, so pvu evaluate
+    failed writing its report after all its work; pvu plan took a file as its --output."""
+    (tmp_path / "results").symlink_to("/unmounted-volume/results")
+    with pytest.raises(UserError, match="links to /unmounted-volume/results, which does not"):
+        check_output_folder(str(tmp_path / "results" / "run1"), flag="--report")
+    with pytest.raises(UserError, match="is over the 255 bytes a name may have"):
+        check_output_folder(str(tmp_path / ("x" * 300) / "run1"), flag="--report")
+    (tmp_path / "file").write_text("")
+    flags = ["--shards", str(tmp_path), *SMALL_BACKBONE_FLAGS, "--output", str(tmp_path / "file")]
+    result = pvu("plan", *flags)
+    assert result.exit_code == 2 and "is a file; give a folder" in result.text, result.output
 
 
 def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
