@@ -64,12 +64,15 @@ def test_unknown_timm_model_suggests_close_names(tmp_path: Path) -> None:
 
 
 def test_embeddings_float16_cannot_hold_are_refused_not_stored_as_inf(tmp_path: Path) -> None:
-    """Random-weight Inception v3 embeds past 1e7: every row was stored as inf, silently."""
+    """Random-weight Inception v3 embeds past 1e7: every row was stored as inf, silently (and
+    pvu plan failed in its own sample, naming a unit and keys the user does not have)."""
     write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
     flags = ["--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
     backbone = ["--backbone", "inception_v3", "--weights", "random", "--input-size", "75"]
-    result, seconds = timed_pvu("cache", *flags, *backbone)
-    assert_actionable(result, seconds, "beyond float16's 65504", "--dtype float32")
+    for command in ("cache", "plan"):
+        result, seconds = timed_pvu(command, *flags, *backbone)
+        assert_actionable(result, seconds, "beyond float16's 65504", "--dtype float32")
+        assert "inception_v3 (a probe)" in result.text, result.output
     # the writer checks each batch too
     outputs = {"embedding": np.full((2, 4), 7e4, np.float32), "pred": np.zeros(2)}
     outputs |= {"max_prob": np.ones(2), "entropy": np.zeros(2), "loss": np.zeros(2)}

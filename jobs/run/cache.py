@@ -394,6 +394,13 @@ class _Target:
     manifest: Manifest
 
 
+def check_target(config: CacheJobConfig, info: BackboneInfo) -> None:
+    """Refuse, before any work, a backbone whose probe embeds past what ``--dtype`` holds, and a
+    ``--label-remap`` past its classifier's classes."""
+    check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
+    check_label_remap(config, info.num_classes)
+
+
 def check_label_remap(config: CacheJobConfig, num_classes: int) -> None:
     """Refuse a ``--label-remap`` that maps a shard label past the classifier's classes: each
     such sample would be skipped, one warning apiece, naming the shard label only."""
@@ -451,8 +458,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
     for target, info in zip(config.targets(), infos, strict=True):
-        check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
-        check_label_remap(target, info.num_classes)
+        check_target(target, info)
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
     actors, gpus, cpus = plan_actors(

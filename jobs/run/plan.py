@@ -21,7 +21,7 @@ from jobs.preflight import check_output_folder, check_storage
 from jobs.run.cache import (
     CacheJobConfig,
     build_provenance,
-    check_label_remap,
+    check_target,
     member_advice,
     unit_settings,
     warn_of_label_order,
@@ -133,7 +133,7 @@ def _plan_target(
     info = describe_backbone(
         config.backbone, config.weights, input_size=config.transform_config().input_size
     )
-    check_label_remap(config, info.num_classes)  # as pvu cache refuses
+    check_target(config, info)  # as pvu cache refuses
     transform = resolve_transform(config.transform_config(), info.data_config)
     # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
     # one or this machine has one.
