@@ -247,6 +247,11 @@ def test_split_folders_read_as_classes_are_warned_about(tmp_path, caplog):
     caplog.clear()
     list_dataset(str(tmp_path / "data" / "train"))
     assert "named like splits" not in caplog.text
+    for split in ("Train", "Test"):  # as many downloads name them
+        make_folder(tmp_path / "kaggle" / split, per_class=1)
+    list_dataset(str(tmp_path / "kaggle"))
+    assert "named like splits (Test, Train)" in caplog.text
+    assert f"--input, e.g. {tmp_path / 'kaggle'}/Train" in caplog.text
 
 
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):

@@ -97,7 +97,7 @@ def list_folder(url: str) -> Listing:
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
         )
     classes = sorted(by_class)
-    if set(classes) <= SPLIT_NAMES:
+    if {name.lower() for name in classes} <= SPLIT_NAMES:
         log.warning(
             "the class folders of %s are named like splits (%s): if they are, give one split "
             "as --input, e.g. %s/%s",
@@ -109,7 +109,7 @@ def list_folder(url: str) -> Listing:
 
 
 def _train_first(split: str) -> tuple[bool, str]:
-    return (not split.startswith("train"), split)
+    return (not split.lower().startswith("train"), split)
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
