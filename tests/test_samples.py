@@ -351,7 +351,8 @@ def test_linked_members_are_named_not_only_counted_as_no_image(tmp_path, caplog)
     samples, counts = _read(str(path))
     assert [sample.key for sample in samples] == ["a"] and counts == {"no_image": 1}
     assert "1 member(s) are links (e.g. b.png)" in caplog.text
-    assert "--hard-dereference" in caplog.text
+    # symbolic links too; --hard-dereference alone left them links
+    assert "--dereference for symbolic links, --hard-dereference for hard ones" in caplog.text
 
 
 @pytest.mark.parametrize("content", [b"", b"\0" * 100, os.urandom(4096), b"GIF89a" * 200])

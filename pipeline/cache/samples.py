@@ -397,7 +397,8 @@ def _tar_members(
     if links:
         logger.warning(
             "%s: %d member(s) are links (e.g. %s), which a tar read as a stream cannot follow: "
-            "their samples lack them; write the tars without links (GNU tar: --hard-dereference)",
+            "their samples lack them; write the tars without links (GNU tar: --dereference "
+            "for symbolic links, --hard-dereference for hard ones)",
             *(url, len(links), links[0]),
         )
 
