@@ -256,7 +256,7 @@ def test_local_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch) -> 
     assert CacheJobConfig(shards="s", backbone="resnet10t", output="s3://b/c").output == "s3://b/c"
 
 
-def test_image_key_takes_several_extensions_as_its_help_shows_them() -> None:
+def test_image_key_takes_several_extensions_as_its_help_shows_them(tmp_path: Path) -> None:
     """'--image-key jpg/png', copied from the help's default, matched no member at all."""
     base = {"shards": "s", "backbone": "resnet10t", "output": "s3://b/c"}
     assert CacheJobConfig(**base, image_key="jpg/png").image_keys == ("jpg", "png")
@@ -266,6 +266,13 @@ def test_image_key_takes_several_extensions_as_its_help_shows_them() -> None:
     assert CacheJobConfig(**base).image_keys == ("jpg", "jpeg", "png", "webp")
     with pytest.raises(ValueError, match="names no file extension"):
         CacheJobConfig(**base, image_key=" / ;")
+    # an entry that is no extension failed every unit at run time, each try
+    assert CacheJobConfig(**base, image_key="jpg/.").image_keys == ("jpg",)
+    with pytest.raises(ValueError, match=r"--ambiguity-key '\.' names no member"):
+        CacheJobConfig(**base, ambiguity_key=".")
+    path = tmp_path / "cache.yaml"  # a config file's list, as the flag's jpg/png
+    path.write_text("shards: s\nbackbone: resnet10t\noutput: o\nimage_key: [jpg, png]\n")
+    assert load_job_config(CacheJobConfig, str(path)).image_keys == ("jpg", "png")
 
 
 def test_a_label_key_names_a_member_or_a_json_members_field() -> None:

@@ -186,12 +186,25 @@ class CacheJobConfig(BaseModel):
             read_label_remap(label_remap)  # before a manifest records its digest
         return absolute(label_remap)
 
+    @field_validator("image_key", mode="before")
+    @classmethod
+    def _join_a_list(cls, image_key: object) -> object:
+        """A config file's list of extensions, as the flag's ``jpg/png``."""
+        return "/".join(map(str, image_key)) if isinstance(image_key, list) else image_key
+
     @field_validator("image_key")
     @classmethod
     def _names_an_extension(cls, image_key: str | None) -> str | None:
         if image_key is not None and not re.sub(r"[\s/,;.]", "", image_key):
             raise ValueError(f"--image-key {image_key!r} names no file extension")
         return image_key
+
+    @field_validator("ambiguity_key")
+    @classmethod
+    def _names_an_ambiguity_member(cls, ambiguity_key: str | None) -> str | None:
+        if ambiguity_key is not None and not ambiguity_key.strip(" ."):
+            raise ValueError(f"--ambiguity-key {ambiguity_key!r} names no member's extension")
+        return ambiguity_key
 
     @field_validator("label_key")
     @classmethod
@@ -247,7 +260,7 @@ class CacheJobConfig(BaseModel):
         """Tar member extensions tried, in order, for a sample's image."""
         if not self.image_key:
             return ("jpg", "jpeg", "png", "webp")
-        return tuple(key for key in re.split(r"[/,;]", self.image_key) if key.strip())
+        return tuple(key for key in re.split(r"[/,;]", self.image_key) if key.strip(" ."))
 
 
 def build_provenance(
