@@ -99,8 +99,12 @@ def test_shard_pattern_that_matches_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("remap", "bad"),
-    [("[3, null, 5]", "None"), ('{"n01440764": 0}', "'n01440764'"), ("[3, 5.5]", "5.5")],
-)
+    [
+        ("[3, null, 5]", "None"), ('{"n01440764": 0}', "'n01440764'"), ("[3, 5.5]", "5.5"),
+        # a MemoryError (a 745 GiB table) and an OverflowError, each with a traceback
+        ('{"100000000000": 0}', "shard label 100000000000"), (f"[1{'0' * 29}]", f"1{'0' * 29}"),
+    ],
+)  # fmt: skip
 def test_a_malformed_label_remap_is_named_before_the_output_is_touched(
     remap: str, bad: str, tmp_path: Path
 ) -> None:
@@ -112,7 +116,7 @@ def test_a_malformed_label_remap_is_named_before_the_output_is_touched(
         "cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c"),
         "--label-remap", str(tmp_path / "remap.json"), *SMALL_BACKBONE_FLAGS,
     )  # fmt: skip
-    assert_actionable(result, seconds, f"label remap {tmp_path / 'remap.json'}: {bad} is not")
+    assert_actionable(result, seconds, f"label remap {tmp_path / 'remap.json'}: {bad} is ")
     assert not (tmp_path / "c").exists()
 
 

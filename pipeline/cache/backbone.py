@@ -314,6 +314,10 @@ def describe_backbone(
     )
 
 
+#: The largest shard label a ``--label-remap`` may map (ImageNet-21k's are below 22,000).
+MAX_REMAP_LABEL = 1_000_000
+
+
 def read_label_remap(url: str) -> np.ndarray:
     """Shard label -> head index, from JSON (a list, or a dict of int keys) or a text file with
     the head index of shard labels 0, 1, 2, ... one per line (blank lines and ``#`` comments
@@ -335,6 +339,14 @@ def read_label_remap(url: str) -> np.ndarray:
         raise ValueError(f"label remap {url}: {error}") from None
     if not mapping or min(mapping) < 0:
         raise ValueError(f"label remap {url} must map non-negative labels, got {len(mapping)}")
+    if max(mapping) > MAX_REMAP_LABEL:  # its table holds an entry per label up to the largest
+        raise ValueError(
+            f"label remap {url}: shard label {max(mapping)} is over {MAX_REMAP_LABEL:,}, the "
+            "most a remap maps"
+        )
+    if not all(-1 <= target < 2**63 for target in mapping.values()):
+        wrong = next(t for t in mapping.values() if not -1 <= t < 2**63)
+        raise ValueError(f"label remap {url}: {wrong} is no class index (-1 for none)")
     table = np.full(max(mapping) + 1, -1, dtype=np.int64)
     for source, target in mapping.items():
         table[source] = target
