@@ -225,6 +225,27 @@ def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     assert fit_head([str(moved)], output, _config(episodes=3), RunOptions(resume=True)).finished
 
 
+def test_resume_refuses_a_cache_of_the_same_layout_made_with_other_settings(
+    cache: str, tmp_path: Path
+) -> None:
+    """A cache of the same units and rows but another --seed or augmentation was taken for the
+    same cache moved: the resumed head trained on two caches, and head.json named one."""
+    other = tmp_path / "reseeded"
+    write_synthetic_cache(str(other), dataclasses.replace(SPEC, seed=1, jitter=0.5))
+    output = str(tmp_path / "run")
+    fit_head([cache], output, _config(episodes=3), RunOptions(stop_after=1))
+    with pytest.raises(ValueError, match=r"trained on other caches") as refused:
+        fit_head([str(other)], output, _config(episodes=3), RunOptions(resume=True))
+    said = str(refused.value)
+    assert "seed: the checkpoint has 0, this run 1" in said, said
+    assert "transform.jitter: the checkpoint has 0.3, this run 0.5" in said, said
+    state = Path(output) / "checkpoint" / "state.json"
+    document = json.loads(state.read_text())
+    del document["data"]["provenance"]  # a checkpoint from before it was recorded
+    state.write_text(json.dumps(document))
+    assert fit_head([cache], output, _config(episodes=3), RunOptions(resume=True)).finished
+
+
 def test_a_second_run_into_the_same_output_is_refused_naming_the_first(
     cache: str, tmp_path: Path
 ) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
+from pipeline.cache.manifest import IDENTITY_FIELDS
 from pipeline.head.export import export_head
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
@@ -137,13 +138,24 @@ def create_optimizer(head: nn.Module, schedule: ScheduleConfig) -> torch.optim.A
 
 
 def trained_on(index: CacheIndex) -> dict[str, Any]:
-    """What a run trains on, as its checkpoint records it: the caches' identity and a digest
-    of their units (epoch folder, file, rows) in stream order. A copy of the caches elsewhere
-    matches; other caches, or more units since, do not."""
+    """What a run trains on, as its checkpoint records it: the caches' identity, the distinct
+    provenances of their units (the fields that define a cache: seed, transform, ...) and a
+    digest of their units (epoch folder, file, rows), in stream order. A copy of the caches
+    elsewhere matches; other caches, the same layout made with other settings, or more units
+    since, do not."""
     digest = hashlib.sha256()
     for f in index.files:
         digest.update(f"{'/'.join(f.url.rsplit('/', 2)[-2:])}\0{f.rows}\n".encode())
-    return {**index.provenance, "units": len(index.files), "digest": digest.hexdigest()[:16]}
+    provenances = {
+        json.dumps(made, sort_keys=True): made
+        for made in ({k: f.provenance.get(k) for k in IDENTITY_FIELDS} for f in index.files)
+    }
+    return {
+        **index.provenance,
+        "provenance": list(provenances.values()),
+        "units": len(index.files),
+        "digest": digest.hexdigest()[:16],
+    }
 
 
 def save_checkpoint(
@@ -194,7 +206,7 @@ def load_checkpoint(
     """Restore ``head`` and ``optimizer``; returns (episodes done, reader position) or None.
 
     Refuses a checkpoint trained with other settings, or on other caches (``data``, from
-    :func:`trained_on`; checkpoints written before it was recorded are not checked)."""
+    :func:`trained_on`; what a checkpoint predates is not checked: it resumes as before)."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root}/{CHECKPOINT_DIR}"
     if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
@@ -210,12 +222,13 @@ def load_checkpoint(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
             f"({'; '.join(differ)}); use another --output or the same settings"
         )
-    recorded = state.get("data", data)
+    recorded = {**data, **state.get("data", {})}  # what it did not record is not checked
     if recorded != data:
-        differ = [k for k, v in data.items() if recorded.get(k) != v]
+        differ = ", ".join(k for k, v in data.items() if recorded[k] != v) + " differ"
+        detail = _provenance_differences(recorded["provenance"], data["provenance"])
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained on other caches "
-            f"({', '.join(differ)} differ); pass the --cache it was trained on, or use "
+            f"({'; '.join([differ, *detail])}); pass the --cache it was trained on, or use "
             "another --output"
         )
     try:
@@ -244,6 +257,20 @@ def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str =
         elif have != want:
             found.append(f"{prefix}{key}: the checkpoint has {have}, this run {want}")
     return found
+
+
+def _provenance_differences(
+    recorded: list[dict[str, Any]], wanted: list[dict[str, Any]]
+) -> list[str]:
+    """The fields that differ between the provenances of the checkpoint's caches and this
+    run's, cache by cache; none named where they hold different numbers of provenances."""
+    if len(recorded) != len(wanted):
+        return []
+    return [
+        line
+        for have, want in zip(recorded, wanted, strict=True)
+        for line in _differences(have, want)
+    ]
 
 
 def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
