@@ -1,7 +1,8 @@
 """``pvu info CACHE``: what a cache is (provenance, label space) and what it holds (units, rows,
 bytes, skips by reason, epochs), from its manifest; reads no row. ``--verify`` checks storage
-against the manifest with the same check ``pvu cache`` reconciles with and readers refuse on;
-``--checksums`` also reads every page and checks its CRC-32."""
+against the manifest with the same check ``pvu cache`` reconciles with and readers refuse on
+(without a manifest, only each unit's footer); ``--checksums`` also reads every page and checks
+its CRC-32."""
 
 from __future__ import annotations
 
@@ -62,34 +63,41 @@ def describe(info: CacheInfo) -> Table:
     return table
 
 
-def verification(check: CacheCheck, summary: CacheInfo, *, pages: bool) -> Table:
+def checked(check: CacheCheck, *, pages: bool) -> dict[str, bool]:
+    """What the check covered besides every unit's footer: storage against the manifest
+    (units missing, sizes, orphans; a cache without one has nothing that lists its units) and
+    every page's CRC-32 (``--checksums``)."""
+    return {"manifest": check.listed is not None, "pages": pages}
+
+
+def verification(check: CacheCheck, *, pages: bool) -> Table:
     """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
     table = Table(title=f"pvu info --verify: {check.url}", show_header=False)
-    if summary.source != "manifest":
-        table.add_row("nothing checked", "the cache has no manifest to check storage against")
-        return table
+    covered = checked(check, pages=pages)
     table.add_row(
         "checked",
-        "sizes, footers" + (" and every page's CRC-32" if pages else " (pages: --checksums)"),
+        ("sizes, footers" if covered["manifest"] else "footers")
+        + (" and every page's CRC-32" if pages else " (pages: --checksums)"),
     )
+    if not covered["manifest"]:
+        table.add_row("not checked", "missing units and sizes: the cache has no manifest")
     table.add_row("units missing or damaged", f"{len(check.damaged):,}")
     for relpath, why in sorted(check.damaged.items()):
         table.add_row(f"[red]{relpath}", why)
-    table.add_row(
-        "committed files the manifest lacks",
-        f"{len(check.orphans):,}"
-        + (" (the next pvu cache run adopts those that are pvu units)" if check.orphans else ""),
-    )
+    if covered["manifest"]:
+        adopt = " (the next pvu cache run adopts those that are pvu units)" if check.orphans else ""
+        table.add_row("committed files the manifest lacks", f"{len(check.orphans):,}{adopt}")
     return table
 
 
 def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
     """The check of storage against the manifest the summary was read from (the same snapshot,
-    read once), with every page read under a progress bar if ``pages``; a cache without a
-    manifest has nothing to check against."""
-    if summary.source != "manifest":
-        return CacheCheck(summary.root.rstrip("/"))
+    read once), with every page read under a progress bar if ``pages``. A cache without a
+    manifest has its units' footers checked against the first one's provenance, and their
+    pages if ``pages``: nothing records which units it should hold, or their sizes."""
     check = check_cache(summary.root, summary.units, summary.provenance)
+    if summary.source != "manifest":
+        check.listed = None  # its units are those storage holds
     if pages:
         with Progress(
             TextColumn("[bold]checksums"),
@@ -129,7 +137,7 @@ def info(
         bool,
         typer.Option(
             help="Check that every unit the manifest lists exists with its recorded size and "
-            "footer; exit 1 naming each that does not.",
+            "footer (without a manifest: each unit's footer); exit 1 naming each that does not.",
         ),
     ] = False,
     checksums: Annotated[
@@ -150,12 +158,16 @@ def info(
     if job.json_output:
         document = summary.to_json()
         if check is not None:
-            document["verify"] = {"damaged": check.damaged, "orphans": check.orphans}
+            document["verify"] = {
+                "checked": checked(check, pages=job.checksums),
+                "damaged": check.damaged,
+                "orphans": check.orphans,
+            }
         print(json.dumps(document, indent=1))
     else:
         console.print(describe(summary))
         if check is not None:
-            console.print(verification(check, summary, pages=job.checksums))
+            console.print(verification(check, pages=job.checksums))
     if check is not None and not check.ok:
         console.print(f"[red]error:[/red] {check.refusal()}")
         raise typer.Exit(code=1)

@@ -72,7 +72,26 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     for field in ("rows", "bytes", "units", "skipped", "epochs", "provenance"):
         assert from_footers[field] == with_manifest[field], field
     verified = pvu("info", str(copy), "--verify")  # said '0 missing' having checked nothing
-    assert verified.exit_code == 0 and "nothing checked" in verified.text, verified.output
+    assert verified.exit_code == 0 and "not checked │ missing units" in verified.text, verified.text
+
+
+def test_checksums_of_a_cache_without_manifest_name_a_unit_damaged_in_place(cache, tmp_path):
+    """With its manifest moved aside, as its refusal advises, --checksums checked nothing,
+    exited 0 and printed an empty, clean-looking "verify" document."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    flip_page_byte(copy / "epoch=0001" / "digits-0001.parquet", 0)
+    result = pvu("info", str(copy), "--checksums")
+    text = result.text
+    assert result.exit_code == 1 and "Traceback" not in text, text
+    assert "epoch=0001/digits-0001.parquet (row group 0: a page's bytes fail its CRC-32)" in text
+    assert f"cache {copy} has no manifest" in text and "deleting the units whose pages" in text
+    document = json.loads(pvu("info", str(copy), "--checksums", "--json").stdout)
+    assert document["verify"]["checked"] == {"manifest": False, "pages": True}
+    assert list(document["verify"]["damaged"]) == ["epoch=0001/digits-0001.parquet"]
 
 
 def test_info_refuses_a_bare_cache_mixing_backbones(cache, tmp_path):

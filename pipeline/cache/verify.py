@@ -70,9 +70,10 @@ class CacheCheck:
         named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:_NAMED]]
         more = len(self.damaged) - len(named)
         delete = "deleting the units whose pages fail, then " if self.damaged_pages else ""
+        problem = "does not match its manifest" if self.listed is not None else "has no manifest"
         return (
-            f"cache {self.url} does not match its manifest: {len(self.damaged)} unit(s) "
-            f"missing or damaged: {'; '.join(named)}{f'; and {more} more' if more else ''}. "
+            f"cache {self.url} {problem}: {len(self.damaged)} unit(s) missing or damaged: "
+            f"{'; '.join(named)}{f'; and {more} more' if more else ''}. "
             f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
             f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
             "are refused): it recomputes exactly these units and keeps the rest."
