@@ -9,6 +9,7 @@ import pyarrow.dataset as ds
 import pytest
 from support import damage_page_header, flip_page_byte, make_runner, pvu
 
+from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import write_bad_shard, write_digit_shards
@@ -64,10 +65,12 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
 def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     import shutil
 
-    copy = tmp_path / "copy"
+    copy = tmp_path / "run[1]"  # named like a glob: its units were not found, or another's
     shutil.copytree(cache, copy)
     (copy / "_manifest.json").unlink()
+    shutil.copytree(copy / "epoch=0000", tmp_path / "run1" / "epoch=0000")
     with_manifest, from_footers = info_json(cache), info_json(str(copy))
+    assert len(open_cache([str(copy)]).files) == with_manifest["units"]
     assert from_footers["source"] == "footers"
     for field in ("rows", "bytes", "units", "skipped", "epochs", "provenance"):
         assert from_footers[field] == with_manifest[field], field

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import MANIFEST_NAME
+from pipeline.cache.manifest import MANIFEST_NAME, unit_files
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import read_footer, require_consistent
 from schemas import (
@@ -129,10 +129,7 @@ def list_cache_files(url: str, listed: list[str] | None) -> dict[str, str]:
         relpaths = listed
     else:
         log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)
-        paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
-        relpaths = [
-            p[len(root) + 1 :] for p in paths if not p.rsplit("/", 1)[-1].startswith((".", "_"))
-        ]
+        relpaths = [path[len(root) + 1 :] for path in unit_files(fs, root)]
     return {relpath: f"{prefix}{root}/{relpath}" for relpath in relpaths}
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
-from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
+from pipeline.cache.manifest import MANIFEST_NAME, read_manifest, unit_files
 from schemas import UNIT_STATS_KEY, label_space, read_provenance
 
 
@@ -108,8 +108,7 @@ def read_cache_info(url: str) -> CacheInfo:
 
 
 def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheInfo:
-    paths = sorted(fs.glob(f"{root}/epoch=*/*.parquet"))
-    paths = [path for path in paths if not path.rsplit("/", 1)[-1].startswith((".", "_"))]
+    paths = unit_files(fs, root)
     if not paths:
         raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
     units: dict[str, dict[str, Any]] = {}
