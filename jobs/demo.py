@@ -19,7 +19,11 @@ from jobs.terminal import Verbose, reported, setup_logging
 def demo(
     ctx: typer.Context,
     output: Annotated[
-        Path, typer.Option(help="Folder for shards, backbone, caches, head and report.")
+        Path,
+        typer.Option(
+            help="Folder for shards, backbone, caches, head and report; a re-run replaces "
+            "them (a folder holding any that no demo wrote is refused)."
+        ),
     ] = Path("demo-output"),
     seed: Annotated[int, typer.Option(help="Seed of the data, backbone, caches and head.")] = 0,
     config: ConfigFile = None,

@@ -23,6 +23,7 @@ from support import SMALL_BACKBONE_FLAGS, damage_page_header, make_runner, pvu, 
 from typer.testing import Result
 
 from jobs.preflight import check_output_folder
+from jobs.run.demo import DEMO_MARK, clear_earlier_demo
 from jobs.terminal import UserError
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
@@ -132,6 +133,18 @@ def test_an_output_that_cannot_be_made_is_named_before_any_work(tmp_path: Path) 
     flags = ["--shards", str(tmp_path), *SMALL_BACKBONE_FLAGS, "--output", str(tmp_path / "file")]
     result = pvu("plan", *flags)
     assert result.exit_code == 2 and "is a file; give a folder" in result.text, result.output
+
+
+def test_the_demo_replaces_only_folders_an_earlier_demo_wrote(tmp_path: Path) -> None:
+    """`pvu demo --output .` deleted a project's own cache/ and report/ without a word."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "_manifest.json").write_text("a user's cache")
+    result = pvu("demo", "--output", str(tmp_path))
+    assert result.exit_code == 2 and "holds cache, which no earlier demo wrote" in result.text
+    assert (tmp_path / "cache" / "_manifest.json").exists()
+    (tmp_path / DEMO_MARK).write_text("")  # an earlier demo's folder: replaced
+    clear_earlier_demo(tmp_path)
+    assert not (tmp_path / "cache").exists() and (tmp_path / DEMO_MARK).exists()
 
 
 def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:

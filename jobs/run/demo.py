@@ -51,6 +51,8 @@ _CACHE_SETTINGS = read_config_file(str(DEMO_CACHE), CacheJobConfig)
 BACKBONE: str = _CACHE_SETTINGS["backbone"]
 INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
 DEMO_PARTS = ("shards", "backbone", "cache", "head", "report")
+#: The file that marks a folder as the demo's: only there are its parts replaced.
+DEMO_MARK = ".pvu-demo"
 ZERO_SHOT = "zero-shot"
 CLASSIFIER_BASELINES = ("entropy", "1-max_prob")
 
@@ -125,11 +127,26 @@ def clean_recall_at_1(cache: str) -> float:
     return float(neighbour_correct(data.labels[clean], neighbours.index).mean())
 
 
+def clear_earlier_demo(output: Path) -> None:
+    """Remove what an earlier demo wrote into ``output`` (its ``DEMO_MARK`` says so) and mark
+    the folder as the demo's; refuse a folder whose parts of those names the demo did not
+    write: they may be a user's own caches or reports."""
+    present = [part for part in DEMO_PARTS if (output / part).exists()]
+    if present and not (output / DEMO_MARK).is_file():
+        raise ValueError(
+            f"--output {output} holds {', '.join(present)}, which no earlier demo wrote there "
+            "(the demo replaces those folders); give an empty or new folder"
+        )
+    for part in present:
+        shutil.rmtree(output / part)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / DEMO_MARK).write_text("written by pvu demo, which replaces its folders here\n")
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Every step of the demo under ``config.output``, each from scratch."""
     output = config.output.resolve()
-    for part in DEMO_PARTS:
-        shutil.rmtree(output / part, ignore_errors=True)
+    clear_earlier_demo(output)
     sets = write_demo_sets(
         str(output / "shards"),
         SetsConfig(
