@@ -37,6 +37,26 @@ def test_a_cgroup_v2_limit_lowers_what_the_machine_has_left(tmp_path):
     assert available_memory(root) == 4 * GIB - (GIB - GIB // 4)
 
 
+def test_a_limit_on_an_ancestor_cgroup_counts(tmp_path):
+    """Slurm limits its job's cgroup, not the task's below it: the whole machine's
+    MemAvailable was taken, and the run killed part way."""
+    job = "sys/fs/cgroup/system.slice/slurmstepd.scope/job_42"
+    task = f"{job}/step_0/user/task_0"
+    unlimited = {"memory.max": "max\n", "memory.current": "1\n", "memory.stat": "anon 1\n"}
+    root = _tree(
+        tmp_path,
+        {
+            "proc/meminfo": "MemAvailable: 67108864 kB\n",
+            "proc/self/cgroup": "0::/system.slice/slurmstepd.scope/job_42/step_0/user/task_0\n",
+            **{f"{task}/{name}": text for name, text in unlimited.items()},
+            f"{job}/memory.max": f"{4 * GIB}\n",
+            f"{job}/memory.current": f"{GIB}\n",
+            f"{job}/memory.stat": "inactive_file 0\n",
+        },
+    )
+    assert available_memory(root) == 3 * GIB
+
+
 def test_without_a_limit_it_is_what_the_machine_has_left(tmp_path):
     root = _tree(
         tmp_path,

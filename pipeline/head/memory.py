@@ -3,8 +3,9 @@
 A head trainer holds its shuffle pool in memory; one larger than what is left is killed by the
 kernel part way (exit 137, no message) rather than refused at the start. On Linux the room is
 ``MemAvailable`` (free memory plus what the kernel can reclaim), lowered to the room left under
-the process's memory cgroup limit (a container's or a Kubernetes pod's), counted as Kubernetes
-counts it: the limit less the usage, the inactive page cache excepted.
+the memory cgroup limits of the process's cgroup and its ancestors (a container's, a Kubernetes
+pod's, a Slurm job's), counted as Kubernetes counts it: the limit less the usage, the inactive
+page cache excepted.
 """
 
 from __future__ import annotations
@@ -54,11 +55,22 @@ def _cgroup_room(root: str) -> int | None:
 
 
 def _room(mount: Path, path: str, limit_file: str, usage_file: str, inactive: str) -> int | None:
-    """``limit - (usage - inactive page cache)`` of the cgroup at ``path`` under ``mount`` (its
-    mount itself when the process sees its cgroup as the root, in a cgroup namespace)."""
+    """The least ``limit - (usage - inactive page cache)`` of the cgroup at ``path`` under
+    ``mount`` and of each cgroup above it (a Slurm job's or a systemd slice's limit sits on
+    an ancestor); the mount itself when the process sees its cgroup as the root, in a cgroup
+    namespace. None where none has a limit."""
     folder = mount / path.lstrip("/")
     if not (folder / limit_file).exists():
         folder = mount
+    rooms = [_room_of(folder, limit_file, usage_file, inactive)]
+    while folder != mount and mount in folder.parents:
+        folder = folder.parent
+        rooms.append(_room_of(folder, limit_file, usage_file, inactive))
+    return min((room for room in rooms if room is not None), default=None)
+
+
+def _room_of(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
+    """``limit - (usage - inactive page cache)`` of the cgroup at ``folder``; None without."""
     try:
         limit = (folder / limit_file).read_text().strip()
         usage = int((folder / usage_file).read_text())
