@@ -160,10 +160,13 @@ def read_url(url: str) -> bytes:
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
-    disk, say, is then named with the file). A local file left part-written is removed; an
-    object store's put leaves nothing, or the object as it was, to keep."""
+    disk, say, is then named with the file). A local file left part-written is removed, but
+    not one the write was refused (permission denied: nothing of it was touched); an object
+    store's put leaves nothing, or the object as it was, to keep."""
     try:
         retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+    except PermissionError:
+        raise
     except OSError:
         remove_partial(fs, path)
         raise

@@ -3,6 +3,11 @@ once with the URL (the errors real clients raise, through a proxy: ``test_storag
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import aiohttp
 import botocore.exceptions
 import pytest
@@ -104,6 +109,30 @@ def test_a_full_disk_is_storage_full_at_once_with_the_url(tmp_path):
     with pytest.raises(StorageFull, match=r"^commit s3://b/x failed: OSError: .*quota"):
         retry(fn, what="commit s3://b/x", sleep=pytest.fail)
     assert fn.calls == 1
+
+
+def test_a_write_refused_leaves_the_file_there(tmp_path):
+    """A failed write removed the target, even a file it was not let to touch (a read-only
+    report in a shared folder). Root may write anything: it drops that power for the write."""
+    target = tmp_path / "report.md"
+    target.write_text("previous export")
+    target.chmod(0o444)
+    write = (
+        "import fsspec, sys; from pipeline.retry import write_bytes\n"
+        "try: write_bytes(fsspec.filesystem('file'), sys.argv[1], b'new')\n"
+        "except PermissionError as error: print(error)"
+    )
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if drop and not shutil.which("setpriv"):
+        pytest.skip("root, and no setpriv to drop its power to write any file")
+    result = subprocess.run(
+        [*drop, sys.executable, "-c", write, str(target)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"write file://{target} failed: PermissionError" in result.stdout, result
+    assert target.read_text() == "previous export"
 
 
 def test_code_errors_pass_through_untouched():
