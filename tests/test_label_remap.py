@@ -67,6 +67,18 @@ def test_remap_to_1k_from_a_synset_text_file(tmp_path):
     assert "2: n99999999, n00004475" in result.text
 
 
+def test_a_full_disk_leaves_no_remap_cut_short(tmp_path):
+    """The remap was written through a bare file: a full disk left a text remap cut mid-line,
+    which reads as another class for one label and none for the rest, and no file was named."""
+    (tmp_path / "synsets.txt").write_text("\n".join(CLASSES) + "\n")
+    (tmp_path / "remap.txt").symlink_to("/dev/full")  # writes fail with ENOSPC
+    result = run("--classes", str(tmp_path / "synsets.txt"), "--head", "imagenet1k",
+                 "--output", str(tmp_path / "remap.txt"))  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"write file://{tmp_path / 'remap.txt'} failed" in result.text
+    assert not (tmp_path / "remap.txt").exists()
+
+
 def test_errors_exit_2_naming_the_input(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     result = run(

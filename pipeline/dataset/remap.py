@@ -16,7 +16,7 @@ import fsspec
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
-from pipeline.retry import read_url
+from pipeline.retry import read_url, write_bytes
 
 #: Head label spaces timm ships (``timm.data.ImageNetInfo``), as ``--head`` accepts them (also
 #: spelled without - or _); ``infer_imagenet_subset`` names a model's among them.
@@ -120,5 +120,4 @@ def write_remap(remap: Remap, url: str) -> None:
         text = json.dumps(remap.table)
     else:
         text = "".join(f"{index}\n" for index in remap.table)
-    with fsspec.open(url, "wt", encoding="utf-8") as handle:
-        handle.write(text)
+    write_bytes(*fsspec.core.url_to_fs(url), text.encode())  # none left cut short
