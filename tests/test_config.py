@@ -149,6 +149,16 @@ def test_one_value_of_a_repeatable_setting_needs_no_list(tmp_path: Path) -> None
     assert [target.backbone for target in config.also] == ["resnet14t"]
 
 
+def test_a_pair_given_one_value_names_what_is_missing(tmp_path: Path) -> None:
+    """``betas: 0.9`` was 'betas: Field required', for a key the file does set."""
+    path = _write(tmp_path, "cache: c1\noutput: out\nbetas: [0.9, x]\n")
+    with pytest.raises(ConfigFileError, match="betas: value 2: Input should be a valid number"):
+        load_job_config(TrainHeadConfig, path)
+    path = _write(tmp_path, "cache: c1\noutput: out\nbetas: 0.9\n")
+    with pytest.raises(ConfigFileError, match=r"betas: too few values, no value 2$"):
+        load_job_config(TrainHeadConfig, path)
+
+
 def test_a_setting_spelled_as_its_flag_is_read_as_the_flag_reads_it(tmp_path: Path) -> None:
     """``hidden: 256,128`` as ``--hidden 256,128``; it was taken as one width "256,128"."""
     path = _write(tmp_path, "cache: c1\noutput: out\nhidden: 256,128\n")
