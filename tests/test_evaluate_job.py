@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
+from pipeline.evaluate.evalset import load_eval_set
+from pipeline.evaluate.sources import baseline_uncertainty
 from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, create_head
 from schemas import cache_schema, validate_report, with_provenance
@@ -195,6 +197,18 @@ def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) 
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "only0row(s)in--tsne-classes[99]" in said(result), result.output
+
+
+def test_the_random_baseline_does_not_depend_on_where_a_cache_lives(tmp_path: Path) -> None:
+    """It was seeded by the set's name, a deteriorated cache's URL: moving the cache changed
+    its report (and a test's median hung on pytest's temporary folder)."""
+    x, labels = clustered(60, 3, seed=5)
+    caches = [write_eval_cache(str(tmp_path / where), x, labels) for where in ("a", "b/c")]
+    scores = [baseline_uncertainty("random", load_eval_set(url, url), seed=1) for url in caches]
+    assert np.array_equal(*scores)
+    other = write_eval_cache(str(tmp_path / "d"), x, labels, keys=[f"k{i}" for i in range(60)])
+    moved = baseline_uncertainty("random", load_eval_set("d", other), seed=1)
+    assert not np.array_equal(scores[0], moved)  # other rows, other draws
 
 
 def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> None:
