@@ -154,6 +154,17 @@ def test_checkpoints_hold_no_pickle(cache: str, tmp_path: Path) -> None:
         fit_head([cache], str(tmp_path), _config(episodes=3))
 
 
+def test_a_run_named_like_a_glob_keeps_to_its_own_checkpoints(cache: str, tmp_path: Path) -> None:
+    """Old checkpoints were globbed under the unescaped --output: run[1] removed run1's."""
+    other = tmp_path / "run1" / "checkpoint" / "episode-00007.safetensors"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another run's tensors")
+    fit_head([cache], str(tmp_path / "run[1]"), _config(episodes=3), RunOptions(stop_after=2))
+    assert other.exists()
+    mine = sorted(p.name for p in (tmp_path / "run[1]" / "checkpoint").iterdir())
+    assert mine == ["episode-00002.safetensors", "state.json"]
+
+
 def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None:
     config = _config(episodes=4, seed=3)
     straight = fit_head([cache], str(tmp_path / "straight"), config)

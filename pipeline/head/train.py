@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import hashlib
 import json
 import logging
@@ -190,7 +191,7 @@ def save_checkpoint(
     tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
     write_bytes(fs, tmp, json.dumps(state, indent=1).encode())
     fs.mv(tmp, f"{folder}/{CHECKPOINT_JSON}")
-    for old in fs.glob(f"{folder}/episode-*.safetensors"):
+    for old in fs.glob(f"{glob.escape(folder)}/episode-*.safetensors"):  # run[1]: itself
         if not old.endswith(name):
             fs.rm(old)
 
