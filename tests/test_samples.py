@@ -176,6 +176,20 @@ def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, c
     assert not samples and counts == {"bad_label": 1, "no_label": 1}
     [warning] = [r.getMessage() for r in caplog.records]
     assert f"{url}: sample 'k0' has the label 'tench' (json member, field label)" in warning
+    # a member that is no JSON, or a null field, holds a bad label; one too large to read is
+    # named so (it failed the unit with a TypeError on every try)
+    members = [
+        ("k0", {"png": png, "json": b"{not json"}),
+        ("k1", {"png": png, "json": b'{"label": null}'}),
+    ]
+    url = write_shard(str(tmp_path / "odd.tar"), members)
+    assert _read(url, label_key="json:label")[1] == {"bad_label": 2}
+    url = write_shard(str(tmp_path / "large.tar"), [("k0", {"png": png, "cls": b"7" * 5000})])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        samples, counts = _read(url, max_member_bytes=len(png))
+    assert not samples and counts == {"bad_label": 1}
+    assert "sample 'k0' has the label too large to read (cls member)" in caplog.text
 
 
 def test_a_label_read_from_a_field_of_a_json_member(tmp_path):

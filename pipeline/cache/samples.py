@@ -41,6 +41,8 @@ METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
 # at most 19 significant digits (int64), so that no label parses thousands of digits
 _LABEL = re.compile(rb"\s*\+?0*([0-9]{1,19})\s*")
 _INT64_MAX = 2**63 - 1
+#: A label member, or a JSON member's field, that a sample does not have.
+_ABSENT = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +168,11 @@ def _to_sample(
     if not image:
         return SkipReason.EMPTY_IMAGE
     member, field = label_key
-    if member not in group or (field and _json_field(group[member], field) is None):
+    data = group.get(member, _ABSENT)
+    value = _json_field(data, field) if field else data
+    if value is _ABSENT:
         return SkipReason.NO_LABEL
-    label = parse_label(group[member], field)
+    label = _label(value) if field else parse_label(data)
     if label is None:
         return SkipReason.BAD_LABEL
     ambiguity = parse_ambiguity(group.get(ambiguity_key)) if ambiguity_key else None
@@ -184,7 +188,7 @@ def parse_label(data: bytes | None, field: str = "") -> int | None:
     if data is None:
         return None
     if field:
-        return _json_label(data, field)
+        return _label(_json_field(data, field))
     match = _LABEL.fullmatch(data)
     if match is None:
         return None
@@ -192,9 +196,8 @@ def parse_label(data: bytes | None, field: str = "") -> int | None:
     return label if label <= _INT64_MAX else None
 
 
-def _json_label(data: bytes, field: str) -> int | None:
-    """The label at ``field`` of the JSON object in ``data``, or None (see :func:`parse_label`)."""
-    value = _json_field(data, field)
+def _label(value: Any) -> int | None:
+    """A JSON field's value as a label (see :func:`parse_label`), or None."""
     if isinstance(value, str):  # a lone surrogate ("\\ud800") is no digit either
         return parse_label(value.encode(errors="surrogatepass"))
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
@@ -202,12 +205,17 @@ def _json_label(data: bytes, field: str) -> int | None:
     return None
 
 
-def _json_field(data: bytes | None, field: str) -> Any:
-    """The value at ``field`` (dots name nested objects) of the JSON object in ``data``, or
-    None where there is none (no such field, or no JSON object)."""
+def _json_field(data: Any, field: str) -> Any:
+    """The value at ``field`` (dots name nested objects) of the JSON object in ``data``:
+    ``_ABSENT`` where ``data`` is or its object lacks the field, None where ``data`` (a member
+    too large to read, say) holds no JSON object there."""
+    if data is _ABSENT:
+        return _ABSENT
     value = _json(data) if data is not None else None
     for name in field.split("."):
-        value = value.get(name) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name, _ABSENT)
     return value
 
 
@@ -319,14 +327,15 @@ class _LayoutWarnings:
     def bad_label(self, group: dict[str, Any], member: str, field: str) -> None:
         """Warn of a label that is no class index, with its value (names, say, where pvu
         reads integers); ``field`` is its JSON field ("" for a whole member)."""
-        value = _json_field(group[member], field) if field else group[member][:40]
+        data = group[member]
+        value = _json_field(data, field) if field else data
         self._warn(
             "label",
             "%s: sample %r has the label %s (%s), which is not a class index (a whole number "
             "from 0); each such sample is skipped. Give the label's member (--label-key), or "
             "make the shards with `pvu shards`, which numbers class names",
             group["__key__"],
-            reprlib.repr(value),
+            "too large to read" if data is None else reprlib.repr(data if value is None else value),
             f"{member} member" + (f", field {field}" if field else ""),
         )
 
