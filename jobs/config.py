@@ -182,21 +182,19 @@ def explain(
         # a validator's own ValueError: its words, without pydantic's "Value error, " prefix
         raised = part.get("ctx", {}).get("error") if part["type"] == "value_error" else None
         message = part["msg"] if raised is None else str(raised)
-        item = part["loc"][1] if len(part["loc"]) > 1 else None  # one value of a list setting
-        if isinstance(item, int):
-            missing = part["type"] == "missing"
-            message = (
-                f"too few values, no value {item + 1}"
-                if missing
-                else f"value {item + 1}: {message}"
-            )
+        item, inner = part["loc"][1:2], ".".join(map(str, part["loc"][2:]))
+        if item and isinstance(item[0], int):  # one value of a list setting, or a key of it
+            if part["type"] == "missing" and not inner:
+                message = f"too few values, no value {item[0] + 1}"
+            else:
+                message = f"value {item[0] + 1}: {inner + ': ' if inner else ''}{message}"
         if field is None:
             where = f"config file {path}" if path else None
         elif field in from_file:
             where = f"config file {path}: {field}"
         else:
             where = (spelled or {}).get(field, f"--{field.replace('_', '-')}")
-            if part["type"] == "missing" and item is None:
+            if part["type"] == "missing" and not item:
                 message = f"required; give {where} or set {field} in --config"
         clauses.append(f"{where}: {message}" if where else message)
     return "; ".join(clauses)

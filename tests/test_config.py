@@ -157,6 +157,9 @@ def test_a_pair_given_one_value_names_what_is_missing(tmp_path: Path) -> None:
     path = _write(tmp_path, "cache: c1\noutput: out\nbetas: 0.9\n")
     with pytest.raises(ConfigFileError, match=r"betas: too few values, no value 2$"):
         load_job_config(TrainHeadConfig, path)
+    path = _write(tmp_path, "shards: s\nbackbone: resnet10t\noutput: o\nalso: [{backbone: b}]\n")
+    with pytest.raises(ConfigFileError, match="also: value 1: output: Field required"):
+        load_job_config(CacheJobConfig, path)
 
 
 def test_a_setting_spelled_as_its_flag_is_read_as_the_flag_reads_it(tmp_path: Path) -> None:
