@@ -142,9 +142,14 @@ def test_the_demo_replaces_only_folders_an_earlier_demo_wrote(tmp_path: Path) ->
     result = pvu("demo", "--output", str(tmp_path))
     assert result.exit_code == 2 and "holds cache, which no earlier demo wrote" in result.text
     assert (tmp_path / "cache" / "_manifest.json").exists()
-    (tmp_path / DEMO_MARK).write_text("")  # an earlier demo's folder: replaced
+    (tmp_path / "backbone").mkdir()  # an earlier demo's folder, from before the mark: replaced
+    (tmp_path / "backbone" / "backbone.safetensors").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kept").write_text("")
+    (tmp_path / "report").symlink_to(tmp_path / "elsewhere")  # a link is removed, not followed
     clear_earlier_demo(tmp_path)
-    assert not (tmp_path / "cache").exists() and (tmp_path / DEMO_MARK).exists()
+    assert (tmp_path / "elsewhere" / "kept").exists() and (tmp_path / DEMO_MARK).exists()
+    assert not any(os.path.lexists(tmp_path / part) for part in ("report", "backbone", "cache"))
 
 
 def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:

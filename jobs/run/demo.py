@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -51,8 +52,10 @@ _CACHE_SETTINGS = read_config_file(str(DEMO_CACHE), CacheJobConfig)
 BACKBONE: str = _CACHE_SETTINGS["backbone"]
 INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
 DEMO_PARTS = ("shards", "backbone", "cache", "head", "report")
-#: The file that marks a folder as the demo's: only there are its parts replaced.
+#: The file that marks a folder as the demo's: only there are its parts replaced (or where
+#: the demo's backbone is, as demos wrote before the mark).
 DEMO_MARK = ".pvu-demo"
+DEMO_BACKBONE = "backbone/backbone.safetensors"
 ZERO_SHOT = "zero-shot"
 CLASSIFIER_BASELINES = ("entropy", "1-max_prob")
 
@@ -131,14 +134,19 @@ def clear_earlier_demo(output: Path) -> None:
     """Remove what an earlier demo wrote into ``output`` (its ``DEMO_MARK`` says so) and mark
     the folder as the demo's; refuse a folder whose parts of those names the demo did not
     write: they may be a user's own caches or reports."""
-    present = [part for part in DEMO_PARTS if (output / part).exists()]
-    if present and not (output / DEMO_MARK).is_file():
+    present = [output / part for part in DEMO_PARTS if os.path.lexists(output / part)]
+    earlier = (output / DEMO_MARK).is_file() or (output / DEMO_BACKBONE).is_file()  # unmarked
+    if present and not earlier:
         raise ValueError(
-            f"--output {output} holds {', '.join(present)}, which no earlier demo wrote there "
-            "(the demo replaces those folders); give an empty or new folder"
+            f"--output {output} holds {', '.join(path.name for path in present)}, which no "
+            "earlier demo wrote there (the demo replaces those folders); give an empty or new "
+            "folder"
         )
-    for part in present:
-        shutil.rmtree(output / part)
+    for path in present:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     output.mkdir(parents=True, exist_ok=True)
     (output / DEMO_MARK).write_text("written by pvu demo, which replaces its folders here\n")
 
@@ -175,7 +183,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         augment=_train_transform(),
         seed=config.seed,
     )
-    weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
+    weights = save_backbone(model, str(output / DEMO_BACKBONE))
     console.print(
         f"[bold]2/5[/bold] trained a tiny {BACKBONE} on {len(images)} images of "
         f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {weights}"
