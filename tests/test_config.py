@@ -166,7 +166,7 @@ def test_a_setting_spelled_as_its_flag_is_read_as_the_flag_reads_it(tmp_path: Pa
     """``hidden: 256,128`` as ``--hidden 256,128``; it was taken as one width "256,128"."""
     path = _write(tmp_path, "cache: c1\noutput: out\nhidden: 256,128\n")
     assert tuple(load_job_config(TrainHeadConfig, path).hidden) == (256, 128)
-    path = _write(tmp_path, "dataset: d=c\ntsne-classes: 3,5,7\n")
+    path = _write(tmp_path, "dataset: d=c\ntsne-classes: 3,5,7,\n")  # a trailing comma too
     assert list(load_job_config(EvaluateJobConfig, path).tsne_classes) == [3, 5, 7]
 
 
