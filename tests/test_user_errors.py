@@ -12,6 +12,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -74,6 +75,14 @@ def test_embeddings_float16_cannot_hold_are_refused_not_stored_as_inf(tmp_path: 
         result, seconds = timed_pvu(command, *flags, *backbone)
         assert_actionable(result, seconds, "beyond float16's 65504", "--dtype float32")
         assert "inception_v3 (a probe)" in result.text, result.output
+    # as an --also target, before any shard is sampled (plan sampled, measured the first
+    # backbone, then refused; here the sample would be refused first: no samples in it)
+    (tmp_path / "empty").mkdir()
+    tarfile.open(tmp_path / "empty" / "shard.tar", "w").close()
+    flags = ["--shards", str(tmp_path / "empty"), "--output", str(tmp_path / "c")]
+    also = ["--also", f"inception_v3,random,{tmp_path / 'c2'}", "--input-size", "75"]
+    result = pvu("plan", *flags, "--backbone", "resnet10t", "--weights", "random", *also)
+    assert result.exit_code == 2 and "inception_v3 (a probe)" in result.text, result.output
     # the writer checks each batch too
     outputs = {"embedding": np.full((2, 4), 7e4, np.float32), "pred": np.zeros(2)}
     outputs |= {"max_prob": np.ones(2), "entropy": np.zeros(2), "loss": np.zeros(2)}

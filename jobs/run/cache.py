@@ -407,6 +407,16 @@ class _Target:
     manifest: Manifest
 
 
+def checked_backbones(config: CacheJobConfig) -> list[BackboneInfo]:
+    """Each backbone of the job (the first, then each ``--also`` target), described by a probe
+    and checked by :func:`check_target`, all before any work."""
+    size = config.transform_config().input_size
+    infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
+    for target, info in zip(config.targets(), infos, strict=True):
+        check_target(target, info)
+    return infos
+
+
 def check_target(config: CacheJobConfig, info: BackboneInfo) -> None:
     """Refuse, before any work, a backbone whose probe embeds past what ``--dtype`` holds, and a
     ``--label-remap`` past its classifier's classes."""
@@ -468,10 +478,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     names = shard_names(urls)
     for target in config.targets():
         warn_of_label_order(target, urls)
-    size = config.transform_config().input_size
-    infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
-    for target, info in zip(config.targets(), infos, strict=True):
-        check_target(target, info)
+    infos = checked_backbones(config)
     # The actors' device is part of the provenance, so the cluster is planned first.
     connect_ray(config.ray_address)
     actors, gpus, cpus = plan_actors(

@@ -21,14 +21,14 @@ from jobs.preflight import check_output_folder, check_storage
 from jobs.run.cache import (
     CacheJobConfig,
     build_provenance,
-    check_target,
+    checked_backbones,
     member_advice,
     unit_settings,
     warn_of_label_order,
 )
 from jobs.terminal import console
 from pipeline.cache.augment import resolve_transform
-from pipeline.cache.backbone import Backbone, Compute, create_backbone_model, describe_backbone
+from pipeline.cache.backbone import Backbone, BackboneInfo, Compute, create_backbone_model
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences, unit_files
 from pipeline.cache.plan import (
@@ -108,6 +108,7 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
     for target in config.targets():
         warn_of_label_order(target, urls)  # as pvu cache warns
+    infos = checked_backbones(config)  # as pvu cache refuses, every one before any work
     sizes = shard_sizes(urls)
     prefixes = sample_shards(sizes, config.sample_images)
     if not any(prefix.samples for prefix in prefixes.values()):
@@ -118,22 +119,20 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
             "count each as empty_shard or truncated_tar"
         )
     sample = (urls, sizes, prefixes)
-    return [_plan_target(t, sample, first=i == 0) for i, t in enumerate(config.targets())]
+    targets = zip(config.targets(), infos, strict=True)
+    return [_plan_target(t, info, sample, first=i == 0) for i, (t, info) in enumerate(targets)]
 
 
 def _plan_target(
     config: PlanJobConfig,
+    info: BackboneInfo,
     sample: tuple[list[str], dict[str, int], dict[str, ShardPrefix]],
     *,
     first: bool,
 ) -> Plan:
-    """The plan of one backbone; ``first``: the one whose pass decodes (``--also`` targets
-    share it), and which ``--images-per-second-per-gpu`` rates."""
+    """The plan of one backbone (``info``: its probe); ``first``: the one whose pass decodes
+    (``--also`` targets share it), and which ``--images-per-second-per-gpu`` rates."""
     urls, sizes, prefixes = sample
-    info = describe_backbone(
-        config.backbone, config.weights, input_size=config.transform_config().input_size
-    )
-    check_target(config, info)  # as pvu cache refuses
     transform = resolve_transform(config.transform_config(), info.data_config)
     # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
     # one or this machine has one.
