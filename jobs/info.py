@@ -98,6 +98,7 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
     check = check_cache(summary.root, summary.units, summary.provenance)
     if summary.source != "manifest":
         check.listed = None  # its units are those storage holds
+        check.damaged.update(summary.unreadable)
     if pages:
         with Progress(
             TextColumn("[bold]checksums"),
@@ -118,7 +119,7 @@ def run_info(job: InfoJobConfig) -> tuple[CacheInfo, CacheCheck | None]:
     """The cache's summary, and the check of storage against it when ``job.verify`` (or
     ``job.checksums``)."""
     check_storage(job.cache, flag="CACHE", must_exist=True)
-    summary = read_cache_info(job.cache)
+    summary = read_cache_info(job.cache, keep_going=job.verify or job.checksums)
     if not (job.verify or job.checksums):
         return summary, None
     return summary, storage_check(summary, pages=job.checksums)

@@ -95,6 +95,16 @@ def test_checksums_of_a_cache_without_manifest_name_a_unit_damaged_in_place(cach
     document = json.loads(pvu("info", str(copy), "--checksums", "--json").stdout)
     assert document["verify"]["checked"] == {"manifest": False, "pages": True}
     assert list(document["verify"]["damaged"]) == ["epoch=0001/digits-0001.parquet"]
+    # a unit cut short is listed too (--verify stopped at it, exit 2, naming it alone)
+    cut = copy / "epoch=0000" / "digits-0000.parquet"
+    cut.write_bytes(cut.read_bytes()[:100])
+    result = pvu("info", str(copy), "--checksums", "--json")
+    assert result.exit_code == 1, result.output
+    damaged = json.loads(result.stdout)["verify"]["damaged"]
+    assert sorted(damaged) == ["epoch=0000/digits-0000.parquet", "epoch=0001/digits-0001.parquet"]
+    assert damaged["epoch=0000/digits-0000.parquet"].startswith("not a readable Parquet file")
+    result = pvu("info", str(copy))  # the summary alone cannot be made: the unit is named
+    assert result.exit_code == 2 and f"{cut}: not a readable Parquet file" in result.text
 
 
 def test_info_refuses_a_bare_cache_mixing_backbones(cache, tmp_path):

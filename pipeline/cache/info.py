@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -29,6 +29,8 @@ class CacheInfo:
     units: dict[str, dict[str, Any]]
     source: str  # "manifest" or "footers"
     updated: str | None = None
+    #: Units whose footer could not be read, and why (read from footers with ``keep_going``).
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -90,10 +92,12 @@ class CacheInfo:
         }
 
 
-def read_cache_info(url: str) -> CacheInfo:
+def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
     """The :class:`CacheInfo` of the cache at ``url``.
 
-    Raises ``FileNotFoundError`` if nothing is there and ``ValueError`` if it is no pvu cache.
+    Raises ``FileNotFoundError`` if nothing is there and ``ValueError`` if it is no pvu cache,
+    or, read from footers, a unit's footer is unreadable (``keep_going``: listed in the info's
+    ``unreadable`` instead, unless no unit is readable).
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
@@ -104,31 +108,46 @@ def read_cache_info(url: str) -> CacheInfo:
         return CacheInfo(
             url, document["provenance"], document["units"], "manifest", document.get("updated")
         )
-    return _from_footers(url, fs, root)
+    return _from_footers(url, fs, root, keep_going=keep_going)
 
 
-def _from_footers(url: str, fs: fsspec.AbstractFileSystem, root: str) -> CacheInfo:
+def _from_footers(
+    url: str, fs: fsspec.AbstractFileSystem, root: str, *, keep_going: bool
+) -> CacheInfo:
     paths = unit_files(fs, root)
     if not paths:
         raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
     units: dict[str, dict[str, Any]] = {}
+    unreadable: dict[str, str] = {}
     provenance: dict[str, Any] = {}
-    first = paths[0]
+    first = ""
     for path in paths:
         try:
-            with fs.open(path, "rb") as handle:
-                schema = pq.read_schema(handle)
-        except pa.ArrowInvalid as error:  # cut short, empty, not Parquet
-            raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
-        try:
-            own = read_provenance(schema)
-            stats = json.loads(schema.metadata[UNIT_STATS_KEY])
-        except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
-            raise ValueError(f"{path} is not a pvu cache unit (no pvu provenance)") from None
-        provenance = provenance or own
+            own, stats = _read_unit_footer(fs, path)
+        except ValueError as error:
+            if not keep_going or (path == paths[-1] and not units):
+                raise
+            unreadable[path[len(root) + 1 :]] = str(error).removeprefix(f"{path}: ")
+            continue
+        first, provenance = first or path, provenance or own
         _check_same_cache(url, (first, provenance), (path, own))
         units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
-    return CacheInfo(url, provenance, units, "footers")
+    return CacheInfo(url, provenance, units, "footers", unreadable=unreadable)
+
+
+def _read_unit_footer(
+    fs: fsspec.AbstractFileSystem, path: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A unit file's provenance and stats, from its footer; ``ValueError`` naming it."""
+    try:
+        with fs.open(path, "rb") as handle:
+            schema = pq.read_schema(handle)
+    except pa.ArrowInvalid as error:  # cut short, empty, not Parquet
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+    try:
+        return read_provenance(schema), json.loads(schema.metadata[UNIT_STATS_KEY])
+    except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
+        raise ValueError(f"{path}: not a pvu cache unit (no pvu provenance)") from None
 
 
 UnitProvenance = tuple[str, dict[str, Any]]
