@@ -184,6 +184,9 @@ def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, c
     ]
     url = write_shard(str(tmp_path / "odd.tar"), members)
     assert _read(url, label_key="json:label")[1] == {"bad_label": 2}
+    nested = [("k0", {"png": png, "json": b"{}"}), ("k1", {"png": png, "json": b'{"m": {}}'})]
+    url = write_shard(str(tmp_path / "nested.tar"), nested)
+    assert _read(url, label_key="json:m.label")[1] == {"no_label": 2}
     url = write_shard(str(tmp_path / "large.tar"), [("k0", {"png": png, "cls": b"7" * 5000})])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):

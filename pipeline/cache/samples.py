@@ -214,7 +214,7 @@ def _json_field(data: Any, field: str) -> Any:
     value = _json(data) if data is not None else None
     for name in field.split("."):
         if not isinstance(value, dict):
-            return None
+            return value if value is _ABSENT else None
         value = value.get(name, _ABSENT)
     return value
 
