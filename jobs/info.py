@@ -97,7 +97,8 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
     pages if ``pages``: nothing records which units it should hold, or their sizes."""
     check = check_cache(summary.root, summary.units, summary.provenance)
     if summary.source != "manifest":
-        check.listed = None  # its units are those storage holds
+        check.listed = None  # its units are those storage holds: none is an orphan
+        check.orphans = {}
         check.damaged.update(summary.unreadable)
     if pages:
         with Progress(

@@ -100,11 +100,17 @@ def test_checksums_of_a_cache_without_manifest_name_a_unit_damaged_in_place(cach
     cut.write_bytes(cut.read_bytes()[:100])
     result = pvu("info", str(copy), "--checksums", "--json")
     assert result.exit_code == 1, result.output
-    damaged = json.loads(result.stdout)["verify"]["damaged"]
+    verified = json.loads(result.stdout)["verify"]
+    damaged = verified["damaged"]
     assert sorted(damaged) == ["epoch=0000/digits-0000.parquet", "epoch=0001/digits-0001.parquet"]
+    assert verified["orphans"] == {}  # not also a committed file the manifest lacks
     assert damaged["epoch=0000/digits-0000.parquet"].startswith("not a readable Parquet file")
     result = pvu("info", str(copy))  # the summary alone cannot be made: the unit is named
     assert result.exit_code == 2 and f"{cut}: not a readable Parquet file" in result.text
+    for unit in copy.glob("epoch=*/*.parquet"):
+        unit.write_bytes(b"")
+    result = pvu("info", str(copy), "--verify")  # it named the last unit alone
+    assert result.exit_code == 2 and "no unit's footer is readable (epoch=0000/" in result.text
 
 
 def test_info_refuses_a_bare_cache_mixing_backbones(cache, tmp_path):

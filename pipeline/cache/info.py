@@ -125,13 +125,16 @@ def _from_footers(
         try:
             own, stats = _read_unit_footer(fs, path)
         except ValueError as error:
-            if not keep_going or (path == paths[-1] and not units):
+            if not keep_going:
                 raise
             unreadable[path[len(root) + 1 :]] = str(error).removeprefix(f"{path}: ")
             continue
         first, provenance = first or path, provenance or own
         _check_same_cache(url, (first, provenance), (path, own))
         units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
+    if not units:
+        named = "; ".join(f"{relpath}: {why}" for relpath, why in list(unreadable.items())[:3])
+        raise ValueError(f"{url}: no unit's footer is readable ({named})")
     return CacheInfo(url, provenance, units, "footers", unreadable=unreadable)
 
 
