@@ -239,6 +239,7 @@ def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> 
     assert sorted(curves) == ["blur", "noise"]
     for curve in curves.values():
         assert curve["strengths"] == [0.0, 1.0, 2.0, 4.0] and curve["n"] == [240] * 4
+        assert len(set(curve["sources"]["random"]["median"])) == 4  # fresh draws per strength
         norm = curve["sources"]["inverse_norm"]
         assert norm["rises"] is True and norm["spearman"] == pytest.approx(1.0)
         assert curve["sources"]["random"]["median"][0] == pytest.approx(0.5, abs=0.1)

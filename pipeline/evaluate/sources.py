@@ -11,6 +11,7 @@ Higher means more uncertain for every source:
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -91,8 +92,9 @@ def baseline_uncertainty(name: str, data: EvalSet, *, seed: int = 0) -> np.ndarr
         norm = np.linalg.norm(data.embedding.astype(np.float64), axis=1)
         inverse = 1.0 / np.maximum(norm, np.finfo(np.float64).tiny)  # a zero row: the largest
         return np.minimum(inverse, np.finfo(np.float32).max).astype(np.float32)
-    if name == "random":  # per set by its rows' keys: the same wherever its cache lives
-        stream = zlib.crc32("\n".join(map(str, data.keys)).encode())
+    if name == "random":  # per set by its rows and deterioration, wherever its cache lives
+        rows = "\n".join(map(str, data.keys)) + json.dumps(data.deterioration, sort_keys=True)
+        stream = zlib.crc32(rows.encode())
         return np.random.default_rng([seed, stream]).random(len(data)).astype(np.float32)
     raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINES)}")
 
