@@ -149,10 +149,10 @@ def test_the_demo_replaces_only_folders_an_earlier_demo_wrote(tmp_path: Path) ->
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "_manifest.json").write_text("a user's cache")
     result = pvu("demo", "--output", str(tmp_path))
-    assert result.exit_code == 2 and "holds cache, which no earlier demo wrote" in result.text
+    assert result.exit_code == 2 and "holds cache, which no earlier demo marked" in result.text
     assert (tmp_path / "cache" / "_manifest.json").exists()
-    (tmp_path / "backbone").mkdir()  # an earlier demo's folder, from before the mark: replaced
-    (tmp_path / "backbone" / "backbone.safetensors").write_bytes(b"")
+    (tmp_path / DEMO_MARK).write_text("")  # an earlier demo's folder: replaced
+    (tmp_path / "backbone").mkdir()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "kept").write_text("")
     (tmp_path / "report").symlink_to(tmp_path / "elsewhere")  # a link is removed, not followed

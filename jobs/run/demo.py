@@ -52,10 +52,8 @@ _CACHE_SETTINGS = read_config_file(str(DEMO_CACHE), CacheJobConfig)
 BACKBONE: str = _CACHE_SETTINGS["backbone"]
 INPUT_SIZE: int = _CACHE_SETTINGS["input_size"]
 DEMO_PARTS = ("shards", "backbone", "cache", "head", "report")
-#: The file that marks a folder as the demo's: only there are its parts replaced (or where
-#: the demo's backbone is, as demos wrote before the mark).
+#: The file that marks a folder as the demo's: only there are its parts replaced.
 DEMO_MARK = ".pvu-demo"
-DEMO_BACKBONE = "backbone/backbone.safetensors"
 ZERO_SHOT = "zero-shot"
 CLASSIFIER_BASELINES = ("entropy", "1-max_prob")
 
@@ -135,12 +133,11 @@ def clear_earlier_demo(output: Path) -> None:
     the folder as the demo's; refuse a folder whose parts of those names the demo did not
     write: they may be a user's own caches or reports."""
     present = [output / part for part in DEMO_PARTS if os.path.lexists(output / part)]
-    earlier = (output / DEMO_MARK).is_file() or (output / DEMO_BACKBONE).is_file()  # unmarked
-    if present and not earlier:
+    if present and not (output / DEMO_MARK).is_file():
         raise ValueError(
             f"--output {output} holds {', '.join(path.name for path in present)}, which no "
-            "earlier demo wrote there (the demo replaces those folders); give an empty or new "
-            "folder"
+            "earlier demo marked as its own (the demo replaces those folders); give an empty "
+            "or new folder, or delete them if an older pvu's demo wrote them"
         )
     for path in present:
         if path.is_dir() and not path.is_symlink():
@@ -183,7 +180,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         augment=_train_transform(),
         seed=config.seed,
     )
-    weights = save_backbone(model, str(output / DEMO_BACKBONE))
+    weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
     console.print(
         f"[bold]2/5[/bold] trained a tiny {BACKBONE} on {len(images)} images of "
         f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {weights}"
