@@ -103,13 +103,15 @@ def read_config_file(
 def comma_separated_ints(value: Any, example: str) -> Any:
     """A flag's integers as it spells them (``--hidden 512,512``; one integer from a config
     file) as a tuple, for a ``before`` validator; ``ValueError`` naming ``example`` for an
-    empty part between two commas or a non-integer one. Other values are left to the field."""
+    empty or non-integer part (one comma may end the list). Other values are left to the
+    field."""
     if isinstance(value, int):
         return (value,)
     if isinstance(value, str):
-        value = value.strip(" ,")  # a comma at either end ends nothing
+        text = value.strip()
+        parts = text.removesuffix(",").split(",") if text else []  # a last comma ends it
         try:
-            return tuple(int(part) for part in value.split(",")) if value else ()
+            return tuple(int(part) for part in parts)
         except ValueError:
             raise ValueError(f"expected {example}, got {value!r}") from None
     return value

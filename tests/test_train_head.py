@@ -300,7 +300,7 @@ def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
     base = ["train-head", "--cache", cache, "--output", str(tmp_path)]
     result = CliRunner().invoke(_app(), [*base, "--episode-size", "128", "--batch-size", "1000"])
     assert "--batch-size (1000) must be at most --episode-size (128)" in unboxed(result.output)
-    for hidden in ("512,x", "512,,512"):  # an empty width was dropped: (512, 512)
+    for hidden in ("512,x", "512,,512", ","):  # an empty width was dropped: (512, 512)
         result = CliRunner().invoke(_app(), [*base, "--hidden", hidden])
         assert result.exit_code == 2 and "--hidden" in result.output, hidden
     result = CliRunner().invoke(_app(), [*base, "--episodes", "10", "--warmup-episodes", "10"])
