@@ -207,8 +207,8 @@ def _label(value: Any) -> int | None:
 
 def _json_field(data: Any, field: str) -> Any:
     """The value at ``field`` (dots name nested objects) of the JSON object in ``data``:
-    ``_ABSENT`` where ``data`` is or its object lacks the field, None where ``data`` (a member
-    too large to read, say) holds no JSON object there."""
+    ``_ABSENT`` where the member or an object on the way lacks it, None where ``data`` holds
+    no JSON object there (not JSON, or a member too large to read)."""
     if data is _ABSENT:
         return _ABSENT
     value = _json(data) if data is not None else None

@@ -173,7 +173,8 @@ def _refuse_unfinished(
     looked up in ``listed`` (the paths of a listing already made), else one request a folder."""
     for folder in folders:
         marker = f"{folder}/{UNFINISHED_NAME}"
-        if marker in listed if listed is not None else fs.exists(marker):
+        found = marker in listed if listed is not None else fs.exists(marker)
+        if found:
             raise ValueError(
                 f"the shards in {storage_url(fs, folder, protocol)} are from a `pvu shards` run "
                 "that did not finish: run that command again to complete them"
