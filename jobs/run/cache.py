@@ -408,20 +408,15 @@ class _Target:
 
 
 def checked_backbones(config: CacheJobConfig) -> list[BackboneInfo]:
-    """Each backbone of the job (the first, then each ``--also`` target), described by a probe
-    and checked by :func:`check_target`, all before any work."""
+    """Each backbone of the job (the first, then each ``--also`` target), described by a probe;
+    refuses, before any work, one whose probe embeds past what ``--dtype`` holds, or a
+    ``--label-remap`` past its classifier's classes."""
     size = config.transform_config().input_size
     infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
     for target, info in zip(config.targets(), infos, strict=True):
-        check_target(target, info)
+        check_fits(info.embedding_peak, target.dtype, f"backbone {info.name} (a probe)")
+        check_label_remap(target, info.num_classes)
     return infos
-
-
-def check_target(config: CacheJobConfig, info: BackboneInfo) -> None:
-    """Refuse, before any work, a backbone whose probe embeds past what ``--dtype`` holds, and a
-    ``--label-remap`` past its classifier's classes."""
-    check_fits(info.embedding_peak, config.dtype, f"backbone {info.name} (a probe)")
-    check_label_remap(config, info.num_classes)
 
 
 def check_label_remap(config: CacheJobConfig, num_classes: int) -> None:
