@@ -177,6 +177,21 @@ def test_table_with_class_names_and_relative_paths(tmp_path):
     samples = read_shards(str(tmp_path / "out"))
     assert len(samples) == len(valid)
     assert "missing.jpg" in result.text and "read_error=1" in result.text
+    # './' and '../' name the same image as the plain path: two labels for it are refused
+    first = next(iter(valid))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "list.csv").write_text(
+        f"path,label\n../images/{first},cat\n.././images/{first},dog\n"
+    )
+    result = run("--input", str(tmp_path / "meta" / "list.csv"), "--output", str(tmp_path / "o2"))
+    assert result.exit_code == 2 and "rows 1 and 2 give" in result.text, result.output
+    # a table with no row: it said "no image could be read", or failed in max()
+    (tmp_path / "header.csv").write_text("path,label\n")
+    pq.write_table(pa.table({"path": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+                   tmp_path / "header.parquet")  # fmt: skip
+    for table in ("header.csv", "header.parquet"):
+        result = run("--input", str(tmp_path / table), "--output", str(tmp_path / "o3"))
+        assert result.exit_code == 2 and "has no rows, only its header" in result.text, table
 
 
 def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty_ones_too(
@@ -371,6 +386,13 @@ def test_s3_images_to_shards_on_s3_from_a_table_and_from_class_folders(s3_bucket
     classes = json.loads(fs.cat_file(f"{s3_bucket}/shards/classes.json"))
     assert classes == ["0", "1", "2", "3", "4"]
     assert not [p for p in fs.ls(f"{s3_bucket}/shards") if ".partial" in p]
+
+    # paths relative to a table on S3, through '..': all were read errors
+    lines = [f"../{url.split('/', 3)[3]},{label}" for url, label in zip(urls, labels, strict=True)]
+    fs.pipe_file(f"{s3_bucket}/meta/list.csv", ("url,y\n" + "\n".join(lines) + "\n").encode())
+    flags = ["--path-column", "url", "--label-column", "y"]
+    result = run("--input", f"{s3_bucket}/meta/list.csv", "--output", f"{s3_bucket}/rel", *flags)
+    assert result.exit_code == 0 and len(read_shards(f"{s3_bucket}/rel")) == 9, result.output
 
     result = run("--input", f"{s3_bucket}/raw", "--output", f"{s3_bucket}/by-folder")
     assert result.exit_code == 0, result.output

@@ -149,6 +149,8 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(url)
     urls = [_resolve(str(path).strip(), folder) for path in paths]
+    if not paths:
+        raise ValueError(f"table {url} has no rows, only its header")
     label_type = table.schema.field(label_column).type
     if pa.types.is_integer(label_type) or pa.types.is_floating(label_type):
         numbers = _integer_labels(url, labels)
@@ -213,6 +215,11 @@ def _folder(url: str) -> str:
 
 
 def _resolve(path: str, folder: str) -> str:
+    """A table's image ``path``: a URL or absolute path as it is, else relative to the table's
+    ``folder``, with ``.`` and ``..`` resolved (a store has no such folders)."""
     if "://" in path or os.path.isabs(path):
         return path
-    return posixpath.join(folder, path) if "://" in folder else os.path.join(folder, path)
+    if "://" in folder:
+        protocol, _, rest = folder.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.normpath(os.path.join(folder, path))
