@@ -149,7 +149,12 @@ def shards(
         typer.Option(metavar="URL", help="Required. Folder for the shards: a path or fsspec URL."),
     ] = None,
     shard_size: Annotated[
-        str, typer.Option(metavar="SIZE", help="Largest shard, e.g. 500MB, 1GiB (default 1GB).")
+        str,
+        typer.Option(
+            metavar="SIZE",
+            help="Largest shard, e.g. 500MB, 1GiB (default 1GB); an image larger than it gets a "
+            "shard of its own.",
+        ),
     ] = "1GB",
     samples_per_shard: Annotated[
         int | None, typer.Option(help="Most samples per shard (default: only --shard-size).")
@@ -162,7 +167,12 @@ def shards(
         str, typer.Option(metavar="NAME", help="Shard names: <prefix>-000000.tar, ...")
     ] = "shard",
     path_column: Annotated[
-        str, typer.Option(metavar="COLUMN", help="Table column of image paths or URLs.")
+        str,
+        typer.Option(
+            metavar="COLUMN",
+            help="Table column of image paths or URLs; relative paths are relative to the "
+            "table's own folder.",
+        ),
     ] = "path",
     label_column: Annotated[
         str,
