@@ -20,7 +20,7 @@ from torchvision.datasets.folder import find_classes
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
-from pipeline.dataset.convert import write_dataset
+from pipeline.dataset.convert import key_name, write_dataset
 from pipeline.dataset.sources import list_dataset
 from pipeline.demo.data import encode_image
 from pipeline.evaluate.analyses import real_ambiguous
@@ -117,6 +117,10 @@ def test_keys_end_with_the_file_name_so_imagenet_val_images_find_their_real_labe
         f"ILSVRC2012_val_0000000{n}" for n in (1, 2, 3)
     ]
     assert real_ambiguous(keys) is not None
+    # one file's name, however it is addressed: S3 keeps '#' and '?', a web URL escapes them
+    spellings = ("/d/ünï#cöde?.png", "s3://b/ünï#cöde?.png",
+                 "https://h/%C3%BCn%C3%AF%23c%C3%B6de%3F.png?X-Amz-Signature=0")  # fmt: skip
+    assert {key_name(url) for url in spellings} == {"-n_c_de"}
 
 
 def test_shuffle_mixes_classes_and_is_seeded(tmp_path):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 import numpy as np
@@ -165,8 +165,10 @@ def _clear_unfinished(
 def key_name(url: str) -> str:
     """The end of a sample's key: ``-`` and the image's file name without its extension, in
     ``[A-Za-z0-9_-]`` (a WebDataset key ends at the first dot), at most 48 characters; "" for
-    a name with none of them."""
-    stem = posixpath.splitext(posixpath.basename(urlsplit(url).path if "://" in url else url))[0]
+    a name with none of them. Only a web URL has a query, fragment and %-escapes: an object
+    store's or a local file's name keeps its ``?`` and ``#``."""
+    path = unquote(urlsplit(url).path) if url.startswith(("http://", "https://")) else url
+    stem = posixpath.splitext(posixpath.basename(path))[0]
     name = _UNSAFE_KEY.sub("_", stem).strip("_")[:_KEY_NAME_CHARS]
     return f"-{name}" if name else ""
 
