@@ -30,7 +30,7 @@ from jobs.terminal import console
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, BackboneInfo, Compute, create_backbone_model
 from pipeline.cache.info import read_cache_info
-from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences, unit_files
+from pipeline.cache.manifest import MANIFEST_NAME, provenance_differences
 from pipeline.cache.plan import (
     Estimate,
     Measurement,
@@ -42,6 +42,7 @@ from pipeline.cache.plan import (
     shard_sizes,
 )
 from pipeline.cache.shards import expand_shards, shard_names
+from pipeline.cache.verify import list_unit_files
 
 log = logging.getLogger("pvu.plan")
 
@@ -72,7 +73,7 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
     fs, root = fsspec.core.url_to_fs(config.output)
     root = root.rstrip("/")
     manifest = fs.exists(f"{root}/{MANIFEST_NAME}")
-    if not manifest and not unit_files(fs, root):
+    if not manifest and not list_unit_files(config.output):
         return set()  # nothing there yet, or an empty folder: every unit is to do
     try:  # without a manifest: its units' footers, as cache reads them to adopt the units
         info = read_cache_info(config.output)

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import MANIFEST_NAME, unit_files
+from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.shards import is_tar
-from pipeline.cache.verify import read_footer, require_consistent
+from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
 from schemas import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
@@ -118,7 +118,7 @@ class CacheIndex:
 
 def list_cache_files(url: str, listed: list[str] | None) -> dict[str, str]:
     """The committed unit files of the cache at ``url``: its manifest's ``listed`` units, else
-    (a cache without a manifest) a glob; their URLs by path relative to the cache."""
+    (a cache without a manifest) those storage lists; their URLs by path relative to the cache."""
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -128,8 +128,8 @@ def list_cache_files(url: str, listed: list[str] | None) -> dict[str, str]:
     if listed is not None:
         relpaths = listed
     else:
-        log.info("%s has no %s; globbing its epoch=*/ folders", url, MANIFEST_NAME)
-        relpaths = [path[len(root) + 1 :] for path in unit_files(fs, root)]
+        log.info("%s has no %s; listing its epoch=*/ folders", url, MANIFEST_NAME)
+        relpaths = sorted(list_unit_files(url))
     return {relpath: f"{prefix}{root}/{relpath}" for relpath in relpaths}
 
 

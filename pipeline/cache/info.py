@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
-from pipeline.cache.manifest import MANIFEST_NAME, read_manifest, unit_files
+from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
+from pipeline.cache.verify import list_unit_files
 from schemas import UNIT_STATS_KEY, label_space, read_provenance
 
 
@@ -114,24 +115,25 @@ def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
 def _from_footers(
     url: str, fs: fsspec.AbstractFileSystem, root: str, *, keep_going: bool
 ) -> CacheInfo:
-    paths = unit_files(fs, root)
-    if not paths:
+    sizes = list_unit_files(url)
+    if not sizes:
         raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
     units: dict[str, dict[str, Any]] = {}
     unreadable: dict[str, str] = {}
     provenance: dict[str, Any] = {}
     first = ""
-    for path in paths:
+    for relpath in sorted(sizes):
+        path = f"{root}/{relpath}"
         try:
             own, stats = _read_unit_footer(fs, path)
         except ValueError as error:
             if not keep_going:
                 raise
-            unreadable[path[len(root) + 1 :]] = str(error).removeprefix(f"{path}: ")
+            unreadable[relpath] = str(error).removeprefix(f"{path}: ")
             continue
         first, provenance = first or path, provenance or own
         _check_same_cache(url, (first, provenance), (path, own))
-        units[path[len(root) + 1 :]] = {**stats, "bytes": int(fs.size(path))}
+        units[relpath] = {**stats, "bytes": sizes[relpath]}
     if not units:
         named = "; ".join(f"{relpath}: {why}" for relpath, why in list(unreadable.items())[:3])
         raise ValueError(f"{url}: no unit's footer is readable ({named})")

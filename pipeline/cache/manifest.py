@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 import uuid
@@ -27,14 +26,6 @@ IDENTITY_FIELDS = (
     "ambiguity_key",
     "compute",
 )
-
-
-def unit_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The committed unit files under a cache's ``root`` (``epoch=*/*.parquet``, not hidden
-    staging files), sorted: what a cache holds, manifest or not. ``root`` is taken as it is,
-    even named like a glob (``run[1]``)."""
-    paths = fs.glob(f"{glob.escape(root)}/epoch=*/*.parquet")
-    return sorted(path for path in paths if not path.rsplit("/", 1)[-1].startswith((".", "_")))
 
 
 def read_manifest(url: str) -> dict[str, Any] | None:
