@@ -344,8 +344,8 @@ def read_label_remap(url: str) -> np.ndarray:
             f"label remap {url}: shard label {max(mapping)} is over {MAX_REMAP_LABEL:,}, the "
             "most a remap maps"
         )
-    if not all(-1 <= target < 2**63 for target in mapping.values()):
-        wrong = next(t for t in mapping.values() if not -1 <= t < 2**63)
+    wrong = next((target for target in mapping.values() if not -1 <= target < 2**63), None)
+    if wrong is not None:
         raise ValueError(f"label remap {url}: {wrong} is no class index (-1 for none)")
     table = np.full(max(mapping) + 1, -1, dtype=np.int64)
     for source, target in mapping.items():
