@@ -78,6 +78,7 @@ def read_config_file(
         name = str(key).replace("-", "_")
         values[aliases.get(name, name)] = value
     fields = sorted(config_type.model_fields)
+    self_parsed = _parsed_by_validator(config_type)
     for key in values:
         if key not in config_type.model_fields:
             close = difflib.get_close_matches(key, fields, n=3)
@@ -89,7 +90,7 @@ def read_config_file(
         if (
             isinstance(values[key], str | int | float)
             and _takes_only_lists(annotation)
-            and key not in _parsed_by_validator(config_type)
+            and key not in self_parsed
         ):
             values[key] = [values[key]]  # one value of a repeatable flag, as on the command line
         if isinstance(values[key], bool) and not _admits_bool(annotation):
@@ -185,19 +186,21 @@ def explain(
         # a validator's own ValueError: its words, without pydantic's "Value error, " prefix
         raised = part.get("ctx", {}).get("error") if part["type"] == "value_error" else None
         message = part["msg"] if raised is None else str(raised)
-        item, inner = part["loc"][1:2], ".".join(map(str, part["loc"][2:]))
-        if item and isinstance(item[0], int):  # one value of a list setting, or a key of it
+        loc = part["loc"]
+        index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+        if index is not None:  # one value of a list setting, or a key inside it
+            inner = ".".join(map(str, loc[2:]))
             if part["type"] == "missing" and not inner:
-                message = f"too few values, no value {item[0] + 1}"
+                message = f"too few values, no value {index + 1}"
             else:
-                message = f"value {item[0] + 1}: {inner + ': ' if inner else ''}{message}"
+                message = f"value {index + 1}: {inner + ': ' if inner else ''}{message}"
         if field is None:
             where = f"config file {path}" if path else None
         elif field in from_file:
             where = f"config file {path}: {field}"
         else:
             where = (spelled or {}).get(field, f"--{field.replace('_', '-')}")
-            if part["type"] == "missing" and not item:
+            if part["type"] == "missing" and len(loc) == 1:
                 message = f"required; give {where} or set {field} in --config"
         clauses.append(f"{where}: {message}" if where else message)
     return "; ".join(clauses)
