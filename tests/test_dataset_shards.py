@@ -240,6 +240,18 @@ def test_table_labels_must_be_class_indices_or_names(tmp_path):
     assert result.exit_code == 2 and "row 2" in result.text, result.output
 
 
+def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path):
+    """A CSV's '001', '002', '010' were read as the indices 1, 2 and 10: phantom classes 0 and
+    3-9, and the IDs lost from classes.json. A Parquet table's integer labels stay indices."""
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\na.png,010\nb.png,001\nc.png,002\nd.png,001\n")
+    listing = list_dataset(str(table))
+    assert listing.classes == ["001", "002", "010"]
+    assert [source.label for source in listing.sources] == [2, 0, 1, 0]
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": [2, 0]}), tmp_path / "t.parquet")
+    assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
+
+
 def test_table_label_names_are_trimmed_and_an_image_given_two_labels_is_refused(tmp_path, caplog):
     """'cat' and 'cat ' were two classes; an image in two rows with different labels became
     two samples that contradict each other, silently."""

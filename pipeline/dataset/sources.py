@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -134,9 +135,10 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
     Paths are URLs or paths relative to the table's folder. Integer labels (or whole-number
     floats, as pandas writes a column that once held a NaN) keep their value (``classes``
     names them ``"0"`` to ``"<max>"``, at most ``MAX_INTEGER_LABEL``); other labels are names,
-    numbered in sorted order.
+    numbered in sorted order. A CSV's zero-padded numbers (``001``) are names: such IDs are
+    not class indices, and reading them as numbers loses how they are written.
     """
-    table = _read_table(url)
+    table = _read_table(url, label_column)
     for column in (path_column, label_column):
         if column not in table.column_names:
             raise ValueError(
@@ -151,8 +153,7 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
     urls = [_resolve(str(path).strip(), folder) for path in paths]
     if not paths:
         raise ValueError(f"table {url} has no rows, only its header")
-    label_type = table.schema.field(label_column).type
-    if pa.types.is_integer(label_type) or pa.types.is_floating(label_type):
+    if _is_number(table.schema.field(label_column).type):
         numbers = _integer_labels(url, labels)
         classes = [str(label) for label in range(max(numbers) + 1)]
     else:
@@ -191,19 +192,41 @@ def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
         if not float(label).is_integer() or not 0 <= label <= MAX_INTEGER_LABEL:
             raise ValueError(
                 f"table {url}: label {label} in row {row + 1} is not a class index (a whole "
-                f"number from 0 to {MAX_INTEGER_LABEL:,}); give names as labels instead"
+                f"number from 0 to {MAX_INTEGER_LABEL:,}); give names as labels instead (a "
+                "CSV reads zero-padded numbers, such as 001, as names)"
             )
     return [int(label) for label in labels]
 
 
-def _read_table(url: str) -> pa.Table:
-    data = pa.BufferReader(read_url(url))
+def _read_table(url: str, label_column: str) -> pa.Table:
+    data = read_url(url)
     if url.lower().endswith(".parquet"):
-        return pq.read_table(data)
+        return pq.read_table(pa.BufferReader(data))
     try:
-        return pyarrow.csv.read_csv(data)
+        return _padded_labels_as_text(
+            pyarrow.csv.read_csv(pa.BufferReader(data)), data, label_column
+        )
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+
+
+def _padded_labels_as_text(table: pa.Table, data: bytes, label_column: str) -> pa.Table:
+    """``table`` with its numeric label column read again from the CSV ``data`` as text if a
+    label is zero-padded (``001``): such IDs are names, and as numbers lose how they are written."""
+    column = table.schema.get_field_index(label_column)
+    if column < 0 or not _is_number(table.schema.field(column).type):
+        return table
+    as_text = pyarrow.csv.ConvertOptions(
+        column_types={label_column: pa.string()}, include_columns=[label_column]
+    )
+    labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
+    if pa.compute.any(pa.compute.match_substring_regex(labels, r"^\s*0\d")).as_py():
+        return table.set_column(column, label_column, labels)
+    return table
+
+
+def _is_number(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
 
 
 def _folder(url: str) -> str:
