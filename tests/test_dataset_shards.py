@@ -252,6 +252,18 @@ def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path):
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
+def test_a_table_not_in_utf8_is_refused_naming_its_row_and_bytes_are_read_as_text(tmp_path):
+    """A CSV saved in cp1252 (Excel's) was read as bytes: its labels became names like
+    "b'ch\\xe9vre'" in classes.json, its paths 'b'e.jpg'' (every image a read error)."""
+    table = tmp_path / "list.csv"
+    table.write_bytes("path,label\na.png,chat\nb.png,chèvre\n".encode("cp1252"))
+    result = run("--input", str(table), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "column 'label' is not UTF-8 text (row 2" in result.text
+    names = pa.array(["chèvre".encode(), b"chat"], pa.binary())
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": names}), tmp_path / "t.parquet")
+    assert list_dataset(str(tmp_path / "t.parquet")).classes == ["chat", "chèvre"]
+
+
 def test_table_label_names_are_trimmed_and_an_image_given_two_labels_is_refused(tmp_path, caplog):
     """'cat' and 'cat ' were two classes; an image in two rows with different labels became
     two samples that contradict each other, silently."""

@@ -144,6 +144,7 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
             raise ValueError(
                 f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
             )
+        table = _bytes_as_text(url, table, column)
     paths = table.column(path_column).to_pylist()
     labels = table.column(label_column).to_pylist()
     for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
@@ -163,6 +164,24 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
         numbers = [index[name] for name in names]
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _bytes_as_text(url: str, table: pa.Table, name: str) -> pa.Table:
+    """``table`` with its column ``name`` as text if it holds bytes (pyarrow reads a CSV that is
+    not UTF-8, as Excel saves one, so: its labels became names like ``b'ch\\xe9vre'``); a
+    ``ValueError`` naming the first row that is not UTF-8."""
+    column = table.column(name)
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return table
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            (value or b"").decode()
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"table {url}: column {name!r} is not UTF-8 text (row {row + 1}: {value!r}); "
+                "save the table in UTF-8"
+            ) from None
+    return table.set_column(table.column_names.index(name), name, column.cast(pa.string()))
 
 
 def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[str]) -> None:
