@@ -80,3 +80,16 @@ def check_output_folder(url: str, *, flag: str) -> None:
                 f"{flag} {url}: the name {longest[:24]}... is over the {limit} bytes a name "
                 f"may have under {existing}"
             )
+
+
+def check_not_inside(url: str, folder: str, *, flag: str, folder_flag: str, why: str) -> None:
+    """Refuse an output ``url`` at or under the input ``folder`` (links resolved, locally);
+    ``why`` says what that would break."""
+    out_fs, out_path = fsspec.core.url_to_fs(url)
+    in_fs, in_path = fsspec.core.url_to_fs(folder)
+    if type(out_fs) is not type(in_fs) or not in_fs.isdir(in_path):
+        return
+    if isinstance(in_fs, LocalFileSystem):
+        out_path, in_path = os.path.realpath(out_path), os.path.realpath(in_path)
+    if f"{out_path.rstrip('/')}/".startswith(f"{in_path.rstrip('/')}/"):
+        raise UserError(f"{flag} {url} is inside {folder_flag} {folder}: {why}")

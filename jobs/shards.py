@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_output_folder, check_storage
+from jobs.preflight import check_not_inside, check_output_folder, check_storage
 from jobs.terminal import Verbose, console, reported, setup_logging
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
@@ -71,6 +71,13 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
     """List the input, then write its shards under a progress bar."""
     check_storage(config.input, flag="--input", must_exist=True)
     check_output_folder(config.output, flag="--output")
+    check_not_inside(
+        *(config.output, config.input),
+        flag="--output",
+        folder_flag="--input",
+        why="the run that finishes an interrupted one would list its shards as a class; "
+        "write them outside the input",
+    )
     listing = list_dataset(
         config.input, path_column=config.path_column, label_column=config.label_column
     )

@@ -297,6 +297,18 @@ def test_split_folders_read_as_classes_are_warned_about(tmp_path, caplog):
     assert f"--input, e.g. {tmp_path / 'kaggle'}/Train" in caplog.text
 
 
+def test_an_output_inside_the_input_folder_is_refused(tmp_path):
+    """--output images/shards: finishing an interrupted run listed 'shards' as a class,
+    shifting every label by one; through a link to the folder too."""
+    make_folder(tmp_path / "images", per_class=1)
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    for output in ("images/shards", "images", "link/shards"):
+        result = run("--input", str(tmp_path / "images"), "--output", str(tmp_path / output))
+        assert result.exit_code == 2 and "is inside --input" in result.text, output
+    result = run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "images-shards"))
+    assert result.exit_code == 0, result.output
+
+
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'."""
     root = tmp_path / "images"
