@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gc
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -307,6 +308,25 @@ def test_an_output_inside_the_input_folder_is_refused(tmp_path):
         assert result.exit_code == 2 and "is inside --input" in result.text, output
     result = run("--input", str(tmp_path / "images"), "--output", str(tmp_path / "images-shards"))
     assert result.exit_code == 0, result.output
+
+
+def test_file_and_class_names_that_are_not_utf8_are_converted(tmp_path):
+    """One file named in latin-1 (café.png) stopped the whole run, unable to encode its name."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=2)
+    goat = os.fsdecode(b"ch\xe8vre")
+    (root / goat).mkdir()
+    (root / goat / os.fsdecode(b"caf\xe9.png")).write_bytes(
+        image_bytes(np.random.default_rng(5), "png")
+    )
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert classes == sorted([*CLASSES, goat])
+    [(_, key, _, meta)] = [
+        s for s in read_shards(str(tmp_path / "out")) if s[2] == classes.index(goat)
+    ]
+    assert key.endswith("-caf") and meta["source"] == str(root / goat / os.fsdecode(b"caf\xe9.png"))
 
 
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):

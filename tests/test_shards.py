@@ -204,7 +204,9 @@ def test_shard_name_is_safe_and_keeps_urls_apart():
     assert shard_name("s3://b/.tar").startswith("shard-")
     long = shard_name("/d/" + "x" * 300 + ".tar")
     assert len(long) <= 120
-    for name in (odd, hidden, long):
+    latin1 = shard_name(b"/d/sh\xe9rd.tar".decode(errors="surrogateescape"))  # as listed
+    assert latin1.startswith("sh_rd-")  # it failed the run, unable to encode the name
+    for name in (odd, hidden, long, latin1):
         assert all(c.isalnum() or c in "._-" for c in name)
 
 

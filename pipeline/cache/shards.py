@@ -92,7 +92,7 @@ def shard_name(url: str) -> str:
     safe = _UNSAFE.sub("_", base).lstrip("._")
     if safe == base and 0 < len(safe) <= _MAX_NAME:
         return safe
-    digest = hashlib.sha1(url.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(url.encode(errors="surrogateescape")).hexdigest()[:8]
     return f"{safe[: _MAX_NAME - 9]}-{digest}" if safe else f"shard-{digest}"
 
 

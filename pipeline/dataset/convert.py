@@ -184,7 +184,7 @@ def listing_tag(listing: Listing) -> str:
     shared = shared[: shared[: shared.rfind("/")].rfind("/") + 1]
     digest = hashlib.blake2b(digest_size=4)
     for url, source in zip(urls, listing.sources, strict=True):
-        digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode())
+        digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode(errors="surrogateescape"))
     for url in sorted({urls[0], urls[len(urls) // 2], urls[-1]} if urls else ()):
         with contextlib.suppress(OSError):  # unreadable: it is left out, named, anyway
             digest.update(read_url(url))  # as stored: no decoder's output is hashed
