@@ -41,6 +41,7 @@ class ShardsJobConfig(BaseModel):
     prefix: str = "shard"
     path_column: str = "path"
     label_column: str = "label"
+    label_names: bool = False
     threads: int = Field(default=8, ge=1)
 
     @field_validator("shard_size")
@@ -79,7 +80,10 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
         "write them outside the input",
     )
     listing = list_dataset(
-        config.input, path_column=config.path_column, label_column=config.label_column
+        config.input,
+        path_column=config.path_column,
+        label_column=config.label_column,
+        label_names=config.label_names,
     )
     log.info(
         "%s: %d images in %d classes%s",
@@ -183,8 +187,20 @@ def shards(
     ] = "path",
     label_column: Annotated[
         str,
-        typer.Option(metavar="COLUMN", help="Table column of labels (integers, or class names)."),
+        typer.Option(
+            metavar="COLUMN",
+            help="Table column of labels: class names, or integer class indices (a CSV's "
+            "zero-padded numbers, 001, are names).",
+        ),
     ] = "label",
+    label_names: Annotated[
+        bool,
+        typer.Option(
+            "--label-names",
+            help="Read a table's numeric labels as class names (IDs such as 2435099), listed "
+            "in sorted order in classes.json, not as class indices.",
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(help="Images read and checked in parallel.")] = 8,
     config: ConfigFile = None,
     verbose: Verbose = False,

@@ -253,6 +253,23 @@ def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path):
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
+def test_numeric_ids_are_names_with_label_names_and_sparse_indices_are_warned_of(tmp_path, caplog):
+    """A CSV of taxon IDs: 1001 and 2002 gave 2,003 classes (every sample then outside a
+    1,000-class head), and an ID over 1,000,000 was refused with advice a CSV cannot follow."""
+    table = tmp_path / "ids.csv"
+    table.write_text("path,label\na.png,1001\nb.png,2002\n")
+    assert len(list_dataset(str(table)).classes) == 2003
+    assert "class indices 0-2002 of which 2 occur" in caplog.text
+    table.write_text("path,label\na.png,2435099\nb.png,1001\nc.png,1001\n")
+    result = run("--input", str(table), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "pass --label-names" in result.text, result.output
+    listing = list_dataset(str(table), label_names=True)
+    assert listing.classes == ["1001", "2435099"]
+    assert [source.label for source in listing.sources] == [1, 0, 0]
+    pq.write_table(pa.table({"path": ["a.png"], "label": [2435099]}), tmp_path / "t.parquet")
+    assert list_dataset(str(tmp_path / "t.parquet"), label_names=True).classes == ["2435099"]
+
+
 def test_a_table_not_in_utf8_is_refused_naming_its_row_and_bytes_are_read_as_text(tmp_path):
     """A CSV saved in cp1252 (Excel's) was read as bytes: its labels became names like
     "b'ch\\xe9vre'" in classes.json, its paths 'b'e.jpg'' (every image a read error)."""

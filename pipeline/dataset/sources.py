@@ -56,15 +56,20 @@ class Listing:
     empty: list[str] = field(default_factory=list)
 
 
-def list_dataset(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
-    """The images of the folder or table at ``url`` (local path or any fsspec URL)."""
+def list_dataset(
+    url: str, *, path_column: str = "path", label_column: str = "label", label_names: bool = False
+) -> Listing:
+    """The images of the folder or table at ``url`` (local path or any fsspec URL); see
+    :func:`list_table` for the table's arguments."""
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isdir(path):
         return list_folder(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"input {url} does not exist")
     if path.lower().endswith(TABLE_SUFFIXES):
-        return list_table(url, path_column=path_column, label_column=label_column)
+        return list_table(
+            url, path_column=path_column, label_column=label_column, label_names=label_names
+        )
     raise ValueError(
         f"input {url} is neither a folder of class subfolders nor a .csv / .parquet table"
     )
@@ -129,16 +134,18 @@ def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str],
     return names, linked
 
 
-def list_table(url: str, *, path_column: str = "path", label_column: str = "label") -> Listing:
+def list_table(
+    url: str, *, path_column: str = "path", label_column: str = "label", label_names: bool = False
+) -> Listing:
     """Images named in the CSV or Parquet table at ``url``, one row each.
 
     Paths are URLs or paths relative to the table's folder. Integer labels (or whole-number
     floats, as pandas writes a column that once held a NaN) keep their value (``classes``
     names them ``"0"`` to ``"<max>"``, at most ``MAX_INTEGER_LABEL``); other labels are names,
-    numbered in sorted order. A CSV's zero-padded numbers (``001``) are names: such IDs are
-    not class indices, and reading them as numbers loses how they are written.
+    numbered in sorted order. ``label_names`` reads numbers as names too, as a CSV's
+    zero-padded numbers (``001``) always are: such IDs are no class indices.
     """
-    table = _read_table(url, label_column)
+    table = _read_table(url, label_column, label_names=label_names)
     for column in (path_column, label_column):
         if column not in table.column_names:
             raise ValueError(
@@ -157,6 +164,12 @@ def list_table(url: str, *, path_column: str = "path", label_column: str = "labe
     if _is_number(table.schema.field(label_column).type):
         numbers = _integer_labels(url, labels)
         classes = [str(label) for label in range(max(numbers) + 1)]
+        if 2 * len(set(numbers)) < len(classes):
+            log.warning(
+                "table %s: its labels are class indices 0-%d of which %d occur: if they are "
+                "IDs, not indices, pass --label-names to read them as names",
+                *(url, len(classes) - 1, len(set(numbers))),
+            )
     else:
         names = [str(label).strip() for label in labels]
         classes = sorted(set(names))
@@ -211,27 +224,31 @@ def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
         if not float(label).is_integer() or not 0 <= label <= MAX_INTEGER_LABEL:
             raise ValueError(
                 f"table {url}: label {label} in row {row + 1} is not a class index (a whole "
-                f"number from 0 to {MAX_INTEGER_LABEL:,}); give names as labels instead (a "
-                "CSV reads zero-padded numbers, such as 001, as names)"
+                f"number from 0 to {MAX_INTEGER_LABEL:,}); if labels are IDs, not indices, pass "
+                "--label-names to read them as names"
             )
     return [int(label) for label in labels]
 
 
-def _read_table(url: str, label_column: str) -> pa.Table:
+def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
+    """The table at ``url``, its numeric ``label_column`` as text where labels are names."""
     data = read_url(url)
     if url.lower().endswith(".parquet"):
-        return pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data))
+        column = table.schema.get_field_index(label_column)
+        if label_names and column >= 0 and _is_number(table.schema.field(column).type):
+            return table.set_column(column, label_column, table[column].cast(pa.string()))
+        return table
     try:
-        return _padded_labels_as_text(
-            pyarrow.csv.read_csv(pa.BufferReader(data)), data, label_column
-        )
+        table = pyarrow.csv.read_csv(pa.BufferReader(data))
+        return _numbers_as_text(table, data, label_column, always=label_names)
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
 
 
-def _padded_labels_as_text(table: pa.Table, data: bytes, label_column: str) -> pa.Table:
-    """``table`` with its numeric label column read again from the CSV ``data`` as text if a
-    label is zero-padded (``001``): such IDs are names, and as numbers lose how they are written."""
+def _numbers_as_text(table: pa.Table, data: bytes, label_column: str, *, always: bool) -> pa.Table:
+    """``table`` with its numeric label column read again from the CSV ``data`` as text, as it
+    is written, if ``always`` or a label is zero-padded (``001``)."""
     column = table.schema.get_field_index(label_column)
     if column < 0 or not _is_number(table.schema.field(column).type):
         return table
@@ -239,7 +256,7 @@ def _padded_labels_as_text(table: pa.Table, data: bytes, label_column: str) -> p
         column_types={label_column: pa.string()}, include_columns=[label_column]
     )
     labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
-    if pa.compute.any(pa.compute.match_substring_regex(labels, r"^\s*0\d")).as_py():
+    if always or pa.compute.any(pa.compute.match_substring_regex(labels, r"^\s*0\d")).as_py():
         return table.set_column(column, label_column, labels)
     return table
 
