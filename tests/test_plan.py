@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_plan_covers_every_also_backbone(shards, tmp_path):
     assert per_row[1] > per_row[0]  # 1,024 float16 values a row against 512
 
 
-def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
+def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path, caplog):
     urls = write_digit_shards(str(tmp_path), shards=10, per_shard=10, size=16)
     sizes = shard_sizes(urls)
     assert sizes == {url: Path(url).stat().st_size for url in urls}
@@ -137,14 +138,30 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path):
     whole = read_prefix(urls[0], 50, sizes[urls[0]])
     assert whole.complete and len(whole.samples) == 10 and whole.bytes == sizes[urls[0]]
     cut = truncate_shard(urls[1], str(tmp_path / "cut.tar"), keep_bytes=sizes[urls[1]] // 2)
-    damaged = read_prefix(cut, 50, sizes[urls[1]] // 2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.plan"):
+        damaged = read_prefix(cut, 50, sizes[urls[1]] // 2)
     assert damaged.complete and 0 < len(damaged.samples) < 10
+    assert f"{cut}: no end-of-archive marker" in caplog.text  # it was silent
 
     spread = sample_shards(sizes, 16)  # 8 shards spread over the 10, 2 samples each
     assert list(spread) == [urls[i] for i in (0, 1, 2, 3, 5, 6, 7, 8)]
     assert all(len(p.samples) == 2 for p in spread.values())
     everything = sample_shards(sizes, 1000)
     assert len(everything) == 10 and all(p.complete for p in everything.values())
+
+
+def test_a_key_repeated_across_shards_is_counted_once_as_the_cache_keeps_it(tmp_path):
+    """Two copies of one shard: the plan counted 2 x 6 rows, the cache keeps 6 (the first
+    shard's copy of each key), though every sample was read."""
+    [first] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=6, size=32)
+    shutil.copy(first, tmp_path / "shards" / "zz-copy.tar")
+    config = PlanJobConfig(shards=str(tmp_path / "shards"), output=str(tmp_path / "o"), **COMMON)
+    [plan] = run_plan(config)
+    assert plan.estimate.counted_shards == 2 and plan.estimate.rows == 6
+    assert plan.measurement.kept_per_shard == {
+        first: 6,
+        str(tmp_path / "shards" / "zz-copy.tar"): 0,
+    }
 
 
 def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,9 +29,16 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.cache.backbone import Backbone
-from pipeline.cache.samples import METADATA_MEMBER, is_safe_name
+from pipeline.cache.samples import (
+    METADATA_MEMBER,
+    EndRecordingTarInfo,
+    is_safe_name,
+    tar_end_damage,
+)
 from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import PARQUET_OPTIONS
+
+log = logging.getLogger(__name__)
 
 #: A sample as a shard stores it: its key, and its members' (name, bytes) in order.
 Sample = tuple[str, list[tuple[str, bytes]]]
@@ -109,9 +116,10 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
     run of regular members next to each other with one WebDataset key, names and bytes in
     order, so that the cache's reader groups and skips them as it does the shard."""
     samples: list[Sample] = []
+    damage = None
     with fsspec.open(url, "rb") as handle:
         try:
-            with tarfile.open(fileobj=handle, mode="r|*") as tar:
+            with tarfile.open(fileobj=handle, mode="r|*", tarinfo=EndRecordingTarInfo) as tar:
                 for info in tar:
                     key, _ = base_plus_ext(info.name)
                     if not info.isreg() or key is None or METADATA_MEMBER.match(info.name):
@@ -123,8 +131,14 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
                     member = tar.extractfile(info)
                     samples[-1][1].append((info.name, member.read() if member else b""))
                     tar.members = []
-        except (tarfile.TarError, EOFError, zlib.error):
-            pass  # a damaged shard: its samples before the damage are what the cache reads
+                damage = tar_end_damage(tar)
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            damage = f"{type(error).__name__}: {error}"
+    if damage:  # the samples before it are what the cache reads
+        log.warning(
+            "%s: %s, after %d sample(s): pvu cache reads those and names the shard as cut short",
+            *(url, damage, len(samples)),
+        )
     return ShardPrefix(samples, size, complete=True)
 
 
@@ -144,7 +158,8 @@ def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
 
 def sample_shards(sizes: dict[str, int], max_samples: int) -> dict[str, ShardPrefix]:
     """Prefixes of up to ``SAMPLE_SHARDS`` evenly spaced shards, ``max_samples`` samples in
-    all; budget left by shards that end early goes to the next shards in order."""
+    all; budget left by shards that end early goes to the next shards in order. In the run's
+    shard order, which decides the copy of a key repeated across shards that the cache keeps."""
     urls = list(sizes)
     step = max(1, len(urls) / SAMPLE_SHARDS)
     spread = list(dict.fromkeys(urls[int(i * step)] for i in range(min(len(urls), SAMPLE_SHARDS))))
@@ -162,7 +177,7 @@ def sample_shards(sizes: dict[str, int], max_samples: int) -> dict[str, ShardPre
         if url not in prefixes:
             prefixes[url] = read_prefix(url, left, sizes[url])
             left -= len(prefixes[url].samples)
-    return prefixes
+    return {url: prefixes[url] for url in urls if url in prefixes}
 
 
 def measure(
@@ -171,13 +186,14 @@ def measure(
     """Run the sampled shard prefixes, as one shard, through the cache's unit code into a
     scratch folder; count the rows each shard's samples gave and fit the file's bytes."""
     numbered = list(enumerate(prefixes.items()))
+    urls = list(prefixes)
     samples = [sample for _, (_, prefix) in numbered for sample in prefix.samples]
     with tempfile.TemporaryDirectory(prefix="pvu-plan-") as scratch:
         runner = UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
         batch = torch.zeros(settings.batch_size, *settings.transform["input_size"])
         backbone.forward(batch, torch.zeros(settings.batch_size, dtype=torch.long))  # warm up
         sample = _write_sample(f"{scratch}/sample.tar", numbered)
-        names = _ShardNames(sample, list(prefixes))
+        names = _ShardNames(sample, urls)
         for logger in _READERS:
             logger.addFilter(names)
         try:
@@ -187,8 +203,12 @@ def measure(
             runner.close()
             for logger in _READERS:
                 logger.removeFilter(names)
-    rows = Counter(int(key.split("/", 1)[0]) for key in table.column("key").to_pylist())
-    kept = {url: rows[i] for i, (url, _) in numbered}
+    kept = dict.fromkeys(urls, 0)
+    first_shard: dict[str, str] = {}
+    for key in table.column("key").to_pylist():  # "<i>/<key>": a key's first shard keeps it
+        shard, name = key.split("/", 1)
+        if first_shard.setdefault(name, shard) == shard:
+            kept[urls[int(shard)]] += 1
     fixed, per_row = parquet_cost(table)
     return Measurement(len(samples), result, kept, fixed, per_row)
 

@@ -350,7 +350,7 @@ class _LayoutWarnings:
 _TRAILER_BYTES = 1 << 16
 
 
-class _TarInfo(tarfile.TarInfo):
+class EndRecordingTarInfo(tarfile.TarInfo):
     """A ``TarInfo`` that records on its archive the header error that ended the stream.
 
     In stream mode ``tarfile`` ends quietly both at the end-of-archive marker and at a header
@@ -378,7 +378,7 @@ def _tar_members(
     links: list[str] = []
     try:
         # Closing the archive leaves ``stream`` (not its own) open.
-        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo) as archive:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndRecordingTarInfo) as archive:
             for info in archive:
                 if info.islnk() or info.issym():
                     links.append(info.name)
@@ -393,14 +393,8 @@ def _tar_members(
                     data = member.read()
                 archive.members = []  # stream mode keeps every TarInfo otherwise
                 yield {"fname": info.name, "data": data, "__url__": url}
-            end = getattr(archive, "pvu_end_error", None)
-            if isinstance(end, tarfile.EOFHeaderError) and _data_follows(archive):
-                damage.append(
-                    "data after the end-of-archive marker, which tar readers stop at: tars "
-                    "joined with cat? (join them with tar --concatenate)"
-                )
-        if not isinstance(end, tarfile.EOFHeaderError):
-            damage.append(f"no end-of-archive marker: {end or 'stream ended'}")
+            if why := tar_end_damage(archive):
+                damage.append(why)
     except (tarfile.TarError, EOFError, zlib.error) as error:
         damage.append(f"{type(error).__name__}: {error}")
     if links:
@@ -410,6 +404,20 @@ def _tar_members(
             "for symbolic links, --hard-dereference for hard ones)",
             *(url, len(links), links[0]),
         )
+
+
+def tar_end_damage(archive: tarfile.TarFile) -> str | None:
+    """What is wrong with how ``archive``, read to its end with :class:`EndRecordingTarInfo`,
+    ended, if anything: a header cut short or garbled, or another archive's data after it."""
+    end = getattr(archive, "pvu_end_error", None)
+    if not isinstance(end, tarfile.EOFHeaderError):
+        return f"no end-of-archive marker: {end or 'stream ended'}"
+    if _data_follows(archive):
+        return (
+            "data after the end-of-archive marker, which tar readers stop at: tars joined with "
+            "cat? (join them with tar --concatenate)"
+        )
+    return None
 
 
 def _data_follows(archive: tarfile.TarFile) -> bool:
