@@ -2,9 +2,10 @@
 
 The README's examples run on ``make demo``'s output; here on a small demo built in a temporary
 folder, in README order: each ``pvu`` command really runs (local Ray, real files), and the
-Python example runs as a script. Commands for ImageNet-21k and a cluster (``YOUR-BUCKET``,
-the ``in21k`` configs, ``ray job submit``) cannot run here: they go through the real command
-line and the job's validation, with the shipped config files, and stop before any work.
+Python example runs as a script. Commands for ImageNet-21k, a cluster or the user's own data
+(``YOUR-BUCKET``, ``YOUR-IMAGES``, the ``in21k`` configs, ``ray job submit``) cannot run here:
+they go through the real command line and the job's validation, with the shipped config
+files, and stop before any work.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def test_every_readme_command_works_as_written(demo_folder: Path, monkeypatch) -
         for argv in commands[2:]:
             args = pvu_argv(argv)
             with monkeypatch.context() as patch:
-                if argv[0] == "ray" or any("YOUR-BUCKET" in a or "in21k" in a for a in argv):
+                if argv[0] == "ray" or any("YOUR-" in a or "in21k" in a for a in argv):
                     for module in JOB_MODULES:
                         patch.setattr(module, "reported", validated_only)
                 result = pvu(*args)
