@@ -227,7 +227,10 @@ class CacheJobConfig(BaseModel):
     @model_validator(mode="after")
     def _eval_has_one_epoch(self) -> CacheJobConfig:
         if self.augment == "eval" and self.epochs != 1:
-            raise ValueError("--augment eval caches one un-augmented epoch (0); drop --epochs")
+            raise ValueError(
+                f"--augment eval caches one un-augmented epoch (0): set --epochs 1 (not "
+                f"{self.epochs})"
+            )
         if self.deteriorate is not None and self.augment != "eval":
             raise ValueError("--deteriorate applies to the eval transform: add --augment eval")
         if self.label_remap is not None and self.resolved_label_space == "dataset":
