@@ -16,7 +16,7 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, answer, console, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 
@@ -36,6 +36,8 @@ def describe(info: CacheInfo) -> Table:
     """The cache as a two-column table."""
     provenance = info.provenance
     table = Table(title=f"pvu info: {info.root}", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a digest whole, not cut at the terminal's width
     table.add_row("backbone", str(provenance.get("backbone")))
     table.add_row("weights", str(provenance.get("weights_digest")))
     table.add_row(
@@ -45,6 +47,10 @@ def describe(info: CacheInfo) -> Table:
     table.add_row("label space", info.label_space())
     table.add_row("transform", json.dumps(provenance.get("transform"), sort_keys=True))
     table.add_row("seed", str(provenance.get("seed")))
+    compute = provenance.get("compute") or {}
+    autocast = compute.get("autocast") or "none"
+    table.add_row("compute", f"{compute.get('device', '?')}, autocast {autocast}")
+    table.add_row("ambiguity key", str(provenance.get("ambiguity_key") or "none"))
     table.add_row(
         "versions",
         f"schema {provenance.get('schema_version')}, pvu {provenance.get('project_version', '?')}",
@@ -167,9 +173,9 @@ def info(
             }
         print(json.dumps(document, indent=1))
     else:
-        console.print(describe(summary))
+        answer.print(describe(summary))
         if check is not None:
-            console.print(verification(check, pages=job.checksums))
+            answer.print(verification(check, pages=job.checksums))
     if check is not None and not check.ok:
         console.print(f"[red]error:[/red] {check.refusal()}")
         raise typer.Exit(code=1)

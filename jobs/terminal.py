@@ -1,4 +1,4 @@
-"""What every job shares at the edge: the stderr console, log setup, errors users can act on."""
+"""What every job shares at the edge: the consoles, log setup, errors users can act on."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+#: Progress, logs, summaries and errors: stderr.
 console = Console(stderr=True)
+#: What a command is asked for (``pvu info``'s tables): stdout, so it can be redirected.
+answer = Console()
 
 
 def setup_logging(verbose: bool) -> None:

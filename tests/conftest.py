@@ -68,7 +68,8 @@ def _clear_s3fs_cache() -> None:
 
 @pytest.fixture
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The jobs' console 250 columns wide, so summary tables keep each value on one line."""
-    from jobs.terminal import console
+    """The jobs' consoles 250 columns wide, so summary tables keep each value on one line."""
+    from jobs.terminal import answer, console
 
     monkeypatch.setattr(console, "width", 250)
+    monkeypatch.setattr(answer, "width", 250)

@@ -57,9 +57,10 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert summary["label_space"].startswith("the classifier's")
 
     result = pvu("info", cache)
-    text = result.text
+    text = " ".join(result.stdout.split())  # on stdout: `pvu info c > file` kept nothing
     assert result.exit_code == 0
     assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
+    assert "compute │ cpu, autocast none" in text  # part of the identity the repair advice cites
 
 
 def test_info_without_manifest_reads_the_footers(cache, tmp_path):
