@@ -20,7 +20,14 @@ from torch.nn import functional as F
 
 from pipeline.cache.backbone import state_digest
 from pipeline.cache.writer import to_record_batch
-from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, attach_head, export_head, load_head
+from pipeline.head.export import (
+    HEAD_JSON,
+    HEAD_WEIGHTS,
+    attach_head,
+    export_head,
+    image_input,
+    load_head,
+)
 from pipeline.head.model import HeadConfig, create_head
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import ScheduleConfig, TrainConfig, fit_head
@@ -58,10 +65,9 @@ def _write_eval_cache(root: Path, model: torch.nn.Module, batch: torch.Tensor) -
     loss = F.cross_entropy(logits, labels, reduction="none")
     probs = logits.softmax(-1)
     dim = embedding.shape[1]
-    schema = with_provenance(
-        cache_schema(dim),
-        {"backbone": BACKBONE, "weights_digest": "random:0", "transform": {}, "seed": 0},
-    )
+    transform = {"input_size": list(batch.shape[1:]), "mean": [0.5] * 3, "std": [0.5] * 3}
+    provenance = {"backbone": BACKBONE, "weights_digest": "random:0", "transform": transform}
+    schema = with_provenance(cache_schema(dim), {**provenance, "seed": 0, "num_classes": 10})
     n = len(batch)
     outputs = {
         "embedding": embedding.numpy(),
@@ -100,6 +106,8 @@ def test_attached_model_gives_the_heads_uncertainty_of_the_cached_embedding(
     doc = json.loads((output / HEAD_JSON).read_text())  # strict JSON: NaN metrics are null
     validate_head(doc)
     assert doc["backbone"] == BACKBONE and doc["input_dtype"] == "float16"
+    assert doc["num_classes"] == 10  # the classifier and the images the head learned from
+    assert doc["input"] == {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3}
 
     attached = attach_head(model, str(output))
     with torch.inference_mode():
@@ -249,6 +257,35 @@ def test_attach_knows_a_deprecated_name_and_warns_of_other_hub_weights(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attach_head(same.to(torch.bfloat16), folder)  # the same weights, cast down: no warning
+
+
+def test_attach_warns_of_another_classifier_or_image_size_and_refuses_a_compiled_model(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """Silent before: a model whose fine-tuned weights file was never loaded (1,000 classes
+    where the cache's classifier had 10), images of another size than the cache's (shifted
+    embeddings), and a compiled model (a false weights warning; the trunk ran uncompiled)."""
+    head = create_head(HeadConfig(embedding_dim=192, hidden=(16,)), seed=0)
+    transform = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "hflip": 0.5}
+    folder = str(tmp_path / "head")
+    export_head(head, folder, backbone=BACKBONE, weights_digest="x", loss="l2", num_classes=10,
+                image_input=image_input({"transform": transform}))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attached = attach_head(model, folder)
+        with torch.no_grad():
+            attached(batch[:2])  # the cache's classifier and image size: no warning
+    stock = timm.create_model(BACKBONE, pretrained=False, dynamic_img_size=True).eval()
+    smaller = torch.nn.functional.interpolate(batch[:2], size=160)
+    with pytest.warns(UserWarning) as said, torch.no_grad():
+        attach_head(stock, folder)(smaller)
+    assert [str(warning.message).split(":")[0] for warning in said] == [
+        f"the head in {folder} learned the loss of a 10-class classifier, but the model has 1000 "
+        "classes",
+        "images of (160, 160) pixels, but the head was trained on embeddings of (224, 224) images",
+    ]
+    with pytest.raises(ValueError, match="compile what attach_head returns"):
+        attach_head(torch.compile(model), folder)
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

@@ -46,9 +46,15 @@ def head_document(
     weights_digest: str,
     loss: str,
     input_dtype: str = "float16",
+    num_classes: int | None = None,
+    image_input: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The head.json document describing ``head`` (validated against the head schema)."""
+    """The head.json document describing ``head`` (validated against the head schema).
+
+    ``num_classes`` and ``image_input`` (:func:`image_input`) record the classifier whose loss
+    the head learned and the images its embeddings came from.
+    """
     cfg = head.config
     doc: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -67,8 +73,20 @@ def head_document(
         "input_dtype": input_dtype,
         "training": training or {},
     }
+    if num_classes is not None:
+        doc["num_classes"] = num_classes
+    if image_input is not None:
+        doc["input"] = image_input
     validate_head(doc)
     return doc
+
+
+def image_input(provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """The images a cache's embeddings came from (``input_size`` [C, H, W], ``mean``, ``std``),
+    from its ``provenance``; None where its transform does not say."""
+    transform = provenance.get("transform") or {}
+    fields = ("input_size", "mean", "std")
+    return {key: transform[key] for key in fields} if set(fields) <= transform.keys() else None
 
 
 def export_head(head: UncertaintyHead, output: str, **document: Any) -> dict[str, Any]:
@@ -135,16 +153,30 @@ TRAIN_MODE = (
 class HeadedModel(nn.Module):
     """A timm classifier plus an uncertainty head: one forward, three outputs."""
 
-    def __init__(self, model: nn.Module, head: UncertaintyHead, input_dtype: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: UncertaintyHead,
+        input_dtype: str,
+        image_size: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.head = head
         self.input_dtype = _DTYPES[input_dtype]
+        self.image_size = image_size  # (H, W) the head's cache fed the model, if recorded
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
         if self.training:
             warnings.warn(TRAIN_MODE, stacklevel=2)
+        if self.image_size and tuple(images.shape[-2:]) != self.image_size:
+            warnings.warn(
+                f"images of {tuple(images.shape[-2:])} pixels, but the head was trained on "
+                f"embeddings of {self.image_size} images: its uncertainties are for those; "
+                "prepare images as head.json's input says (size, mean, std)",
+                stacklevel=2,
+            )
         features = self.model.forward_features(images)  # under the caller's autocast, if any
         with torch.autocast(images.device.type, enabled=False):
             dtype = next(self.model.parameters()).dtype
@@ -174,6 +206,11 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
     """
     if isinstance(model, HeadedModel):
         raise ValueError("the model already has an uncertainty head: attach to its .model")
+    if hasattr(model, "_orig_mod"):  # its forward_features would run uncompiled
+        raise ValueError(
+            "the model is compiled: attach the head to the model itself, then compile what "
+            "attach_head returns"
+        )
     if any(parameter.is_meta for parameter in model.parameters()):
         raise ValueError(
             "the model's weights are on the meta device: load them (to_empty, "
@@ -193,7 +230,11 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
         )
     _check_hub_weights(model, doc, head_dir)
-    attached = HeadedModel(model, head, doc.get("input_dtype", "float32"))
+    _check_classes(model, doc, head_dir)
+    size = doc.get("input", {}).get("input_size")
+    attached = HeadedModel(
+        model, head, doc.get("input_dtype", "float32"), tuple(size[-2:]) if size else None
+    )
     head.to(next(model.parameters()).device)
     return attached.train(model.training)
 
@@ -212,6 +253,18 @@ def _architecture(backbone: str, expected: str) -> str:
         except (RuntimeError, ValueError, NotImplementedError):  # unknown to this timm
             return name
     return built.pretrained_cfg.get("architecture") or name
+
+
+def _check_classes(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
+    """Warn when the model's classifier has another class count than the one whose loss the
+    head learned (its weights file not loaded, say): it is another classifier."""
+    trained, found = doc.get("num_classes"), getattr(model, "num_classes", None)
+    if trained is not None and found is not None and trained != found:
+        warnings.warn(
+            f"the head in {head_dir} learned the loss of a {trained}-class classifier, but the "
+            f"model has {found} classes: load the weights its cache was made with",
+            stacklevel=3,
+        )
 
 
 def _check_hub_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import IDENTITY_FIELDS
-from pipeline.head.export import export_head
+from pipeline.head.export import export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import (
@@ -506,9 +506,17 @@ def fit_head(
                 weights_digest=str(index.provenance["weights_digest"]),
                 loss=config.loss,
                 input_dtype=index.dtype,
+                num_classes=_agreed(index, lambda provenance: provenance.get("num_classes")),
+                image_input=_agreed(index, image_input),
                 training=summary,
             )
         return TrainResult(head, history, document, finished, max(done, last))
+
+
+def _agreed(index: CacheIndex, field: Callable[[dict[str, Any]], Any]) -> Any:
+    """``field`` of the provenance of ``index``'s units, where all agree on it; else None."""
+    values = {json.dumps(field(unit.provenance), sort_keys=True) for unit in index.files}
+    return json.loads(values.pop()) if len(values) == 1 else None
 
 
 def _check_finite(head: nn.Module, episode: int, record: dict[str, Any]) -> None:
