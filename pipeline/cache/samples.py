@@ -449,8 +449,8 @@ def _data_follows_compressed(stream: Any) -> bool:
         if _has_data(padding):
             return True
         seen += len(padding)
-    trailer = 8 if stream.comptype == "gz" else 0  # gzip's CRC-32 and length
-    return _has_data(decompressor.unused_data[trailer:] + stream.fileobj.read(_TRAILER_BYTES))
+    trailer = 8 if stream.comptype == "gz" else 0  # gzip's CRC-32 and length, maybe unread
+    return _has_data((decompressor.unused_data + stream.fileobj.read(_TRAILER_BYTES))[trailer:])
 
 
 def _has_data(chunk: bytes) -> bool:
