@@ -241,14 +241,16 @@ def test_table_labels_must_be_class_indices_or_names(tmp_path):
     assert result.exit_code == 2 and "row 2" in result.text, result.output
 
 
-def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path):
+def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path, caplog):
     """A CSV's '001', '002', '010' were read as the indices 1, 2 and 10: phantom classes 0 and
-    3-9, and the IDs lost from classes.json. A Parquet table's integer labels stay indices."""
+    3-9, and the IDs lost from classes.json; read as names, with a warning saying so (they
+    could be indices). A Parquet table's integer labels stay indices."""
     table = tmp_path / "list.csv"
-    table.write_text("path,label\na.png,010\nb.png,001\nc.png,002\nd.png,001\n")
+    table.write_text("path,label\na.png,10\nb.png,001\nc.png,002\nd.png,001\n")
     listing = list_dataset(str(table))
-    assert listing.classes == ["001", "002", "010"]
+    assert listing.classes == ["001", "002", "10"]
     assert [source.label for source in listing.sources] == [2, 0, 1, 0]
+    assert "zero-padded numbers ('001' in row 2), read as names" in caplog.text
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": [2, 0]}), tmp_path / "t.parquet")
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
@@ -268,6 +270,9 @@ def test_numeric_ids_are_names_with_label_names_and_sparse_indices_are_warned_of
     assert [source.label for source in listing.sources] == [1, 0, 0]
     pq.write_table(pa.table({"path": ["a.png"], "label": [2435099]}), tmp_path / "t.parquet")
     assert list_dataset(str(tmp_path / "t.parquet"), label_names=True).classes == ["2435099"]
+    make_folder(tmp_path / "images", per_class=1)  # a folder's classes are names: refused
+    with pytest.raises(ValueError, match="--label-names reads a table's labels"):
+        list_dataset(str(tmp_path / "images"), label_names=True)
 
 
 def test_a_table_not_in_utf8_is_refused_naming_its_row_and_bytes_are_read_as_text(tmp_path):
@@ -280,6 +285,12 @@ def test_a_table_not_in_utf8_is_refused_naming_its_row_and_bytes_are_read_as_tex
     names = pa.array(["chèvre".encode(), b"chat"], pa.binary())
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": names}), tmp_path / "t.parquet")
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["chat", "chèvre"]
+    categories = {"path": ["a.png", "b.png"], "label": names.dictionary_encode()}  # pandas'
+    pq.write_table(pa.table(categories), tmp_path / "t.parquet")
+    assert list_dataset(str(tmp_path / "t.parquet")).classes == ["chat", "chèvre"]
+    indices = {"path": ["a.png", "b.png"], "label": pa.array([2, 0]).dictionary_encode()}
+    pq.write_table(pa.table(indices), tmp_path / "t.parquet")
+    assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
 def test_table_label_names_are_trimmed_and_an_image_given_two_labels_is_refused(tmp_path, caplog):

@@ -62,6 +62,8 @@ def list_dataset(
     """The images of the folder or table at ``url`` (local path or any fsspec URL); see
     :func:`list_table` for the table's arguments."""
     fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path) and label_names:
+        raise ValueError(f"--label-names reads a table's labels; {url} is a folder of classes")
     if fs.isdir(path):
         return list_folder(url)
     if not fs.exists(path):
@@ -167,7 +169,8 @@ def list_table(
         if 2 * len(set(numbers)) < len(classes):
             log.warning(
                 "table %s: its labels are class indices 0-%d of which %d occur: if they are "
-                "IDs, not indices, pass --label-names to read them as names",
+                "IDs, not indices, pass --label-names to read them as names (a subset of a "
+                "classifier's classes, as ImageNet-A's 200 of 1,000, is right as it is)",
                 *(url, len(classes) - 1, len(set(numbers))),
             )
     else:
@@ -234,21 +237,23 @@ def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
     """The table at ``url``, its numeric ``label_column`` as text where labels are names."""
     data = read_url(url)
     if url.lower().endswith(".parquet"):
-        table = pq.read_table(pa.BufferReader(data))
+        table = _decoded(pq.read_table(pa.BufferReader(data)))
         column = table.schema.get_field_index(label_column)
         if label_names and column >= 0 and _is_number(table.schema.field(column).type):
             return table.set_column(column, label_column, table[column].cast(pa.string()))
         return table
     try:
         table = pyarrow.csv.read_csv(pa.BufferReader(data))
-        return _numbers_as_text(table, data, label_column, always=label_names)
+        return _numbers_as_text(url, table, data, label_column, always=label_names)
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
 
 
-def _numbers_as_text(table: pa.Table, data: bytes, label_column: str, *, always: bool) -> pa.Table:
+def _numbers_as_text(
+    url: str, table: pa.Table, data: bytes, label_column: str, *, always: bool
+) -> pa.Table:
     """``table`` with its numeric label column read again from the CSV ``data`` as text, as it
-    is written, if ``always`` or a label is zero-padded (``001``)."""
+    is written, if ``always`` or a label is zero-padded (``001``: said with a warning)."""
     column = table.schema.get_field_index(label_column)
     if column < 0 or not _is_number(table.schema.field(column).type):
         return table
@@ -256,8 +261,25 @@ def _numbers_as_text(table: pa.Table, data: bytes, label_column: str, *, always:
         column_types={label_column: pa.string()}, include_columns=[label_column]
     )
     labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
-    if always or pa.compute.any(pa.compute.match_substring_regex(labels, r"^\s*0\d")).as_py():
+    if always:
         return table.set_column(column, label_column, labels)
+    padded = pa.compute.index(pa.compute.match_substring_regex(labels, r"^\s*0\d"), True).as_py()
+    if padded < 0:
+        return table
+    log.warning(
+        "table %s: its labels are zero-padded numbers (%r in row %d), read as names, numbered "
+        "in sorted order in classes.json; if they are class indices, write them without zeros",
+        *(url, labels[padded].as_py(), padded + 1),
+    )
+    return table.set_column(column, label_column, labels)
+
+
+def _decoded(table: pa.Table) -> pa.Table:
+    """``table`` with its dictionary-encoded columns (a pandas category) plain."""
+    for index, column in enumerate(table.schema):
+        if pa.types.is_dictionary(column.type):
+            plain = table.column(index).cast(column.type.value_type)
+            table = table.set_column(index, column.name, plain)
     return table
 
 
