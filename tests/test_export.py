@@ -286,6 +286,10 @@ def test_attach_warns_of_another_classifier_or_image_size_and_refuses_a_compiled
     ]
     with pytest.raises(ValueError, match="compile what attach_head returns"):
         attach_head(torch.compile(model), folder)
+    in_place = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    in_place.compile()
+    with pytest.raises(ValueError, match="compile what attach_head returns"):
+        attach_head(in_place, folder)
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

@@ -206,7 +206,8 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
     """
     if isinstance(model, HeadedModel):
         raise ValueError("the model already has an uncertainty head: attach to its .model")
-    if hasattr(model, "_orig_mod"):  # its forward_features would run uncompiled
+    compiled = hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None)
+    if compiled:  # torch.compile(model) or model.compile(): forward_features runs uncompiled
         raise ValueError(
             "the model is compiled: attach the head to the model itself, then compile what "
             "attach_head returns"
