@@ -47,9 +47,13 @@ def describe(info: CacheInfo) -> Table:
     table.add_row("label space", info.label_space())
     table.add_row("transform", json.dumps(provenance.get("transform"), sort_keys=True))
     table.add_row("seed", str(provenance.get("seed")))
-    compute = provenance.get("compute") or {}
-    autocast = compute.get("autocast") or "none"
-    table.add_row("compute", f"{compute.get('device', '?')}, autocast {autocast}")
+    compute = provenance.get("compute")
+    table.add_row(
+        "compute",
+        f"{compute['device']}, autocast {compute['autocast'] or 'none'}"
+        if compute
+        else "not recorded (a cache from before pvu recorded it)",
+    )
     table.add_row("ambiguity key", str(provenance.get("ambiguity_key") or "none"))
     table.add_row(
         "versions",
