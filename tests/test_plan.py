@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -150,18 +149,24 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path, caplog):
     assert len(everything) == 10 and all(p.complete for p in everything.values())
 
 
-def test_a_key_repeated_across_shards_is_counted_once_as_the_cache_keeps_it(tmp_path):
-    """Two copies of one shard: the plan counted 2 x 6 rows, the cache keeps 6 (the first
-    shard's copy of each key), though every sample was read."""
+def test_a_key_repeated_across_shards_or_in_one_is_counted_once_as_the_cache_keeps_it(tmp_path):
+    """A key in two shards, or twice in one, apart: the plan counted each copy, the cache keeps
+    the first (two copies of a shard: 2 x 6 rows planned, 6 cached), though every sample was
+    read."""
     [first] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=6, size=32)
-    shutil.copy(first, tmp_path / "shards" / "zz-copy.tar")
+    copy = str(tmp_path / "shards" / "zz-copy.tar")
+    with tarfile.open(first) as tar:
+        image = tar.extractfile("digit-000000.png").read()
+    with tarfile.open(copy, "w") as tar:  # first's digit-000000 again, and x twice, apart
+        for key in ("digit-000000", "x", "y", "x"):
+            for name, data in ((f"{key}.png", image), (f"{key}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     config = PlanJobConfig(shards=str(tmp_path / "shards"), output=str(tmp_path / "o"), **COMMON)
     [plan] = run_plan(config)
-    assert plan.estimate.counted_shards == 2 and plan.estimate.rows == 6
-    assert plan.measurement.kept_per_shard == {
-        first: 6,
-        str(tmp_path / "shards" / "zz-copy.tar"): 0,
-    }
+    assert plan.estimate.counted_shards == 2 and plan.estimate.rows == 8
+    assert plan.measurement.kept_per_shard == {first: 6, copy: 2}
 
 
 def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):

@@ -204,10 +204,11 @@ def measure(
             for logger in _READERS:
                 logger.removeFilter(names)
     kept = dict.fromkeys(urls, 0)
-    first_shard: dict[str, str] = {}
-    for key in table.column("key").to_pylist():  # "<i>/<key>": a key's first shard keeps it
+    seen: set[str] = set()
+    for key in table.column("key").to_pylist():  # "<i>/<key>": the cache keeps a key's first
         shard, name = key.split("/", 1)
-        if first_shard.setdefault(name, shard) == shard:
+        if name not in seen:
+            seen.add(name)
             kept[urls[int(shard)]] += 1
     fixed, per_row = parquet_cost(table)
     return Measurement(len(samples), result, kept, fixed, per_row)
