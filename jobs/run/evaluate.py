@@ -145,8 +145,11 @@ def summary(report: dict[str, Any]) -> Table:
     """R-AUROC per dataset and source, Recall@1 and the first source's safe-retrieval gain."""
     sources = [s["name"] for s in report["sources"]]
     table = Table(title="pvu evaluate: R-AUROC (Recall@1, safe-retrieval error)")
-    for column in ["dataset", "Recall@1", *sources, f"1-NN error ({sources[0]})"]:
-        table.add_column(column)
+    table.add_column("dataset", no_wrap=True)
+    table.add_column("Recall@1")
+    for source in sources:
+        table.add_column(source, overflow="fold")  # head:<folder> names whole at 80 columns
+    table.add_column(f"1-NN error ({sources[0]})")
     for d in report["datasets"]:
         errors = d["sources"][sources[0]]["safe_retrieval"]["class_agnostic"]
         table.add_row(
