@@ -146,10 +146,9 @@ def summary(report: dict[str, Any]) -> Table:
     sources = [s["name"] for s in report["sources"]]
     table = Table(title="pvu evaluate: R-AUROC (Recall@1, safe-retrieval error)")
     table.add_column("dataset", no_wrap=True)
-    table.add_column("Recall@1")
-    for source in sources:
-        table.add_column(source, overflow="fold")  # head:<folder> names whole at 80 columns
-    table.add_column(f"1-NN error ({sources[0]})")
+    table.add_column("Recall@1", no_wrap=True)
+    for column in [*sources, f"1-NN error ({sources[0]})"]:
+        table.add_column(column, overflow="fold")  # head:<folder> names whole at 80 columns
     for d in report["datasets"]:
         errors = d["sources"][sources[0]]["safe_retrieval"]["class_agnostic"]
         table.add_row(
