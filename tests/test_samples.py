@@ -357,6 +357,8 @@ def test_tars_joined_with_cat_count_what_follows_the_first_end_marker(digits, tm
         assert time.monotonic() - started < 10
         packed.write_bytes(compress(shard) + bytes(1000))  # zeros after it: padding, no data
         assert _read(str(packed))[1] == {}
+        packed.write_bytes(compress(shard) + compress(bytes(1024)))  # a member of zeros: too
+        assert _read(str(packed))[1] == {}, suffix
 
 
 def test_a_whole_gzip_tar_is_sound_wherever_its_trailer_falls(tmp_path):

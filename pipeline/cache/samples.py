@@ -14,9 +14,11 @@ read to.
 
 from __future__ import annotations
 
+import bz2
 import collections
 import json
 import logging
+import lzma
 import math
 import re
 import reprlib
@@ -450,7 +452,22 @@ def _data_follows_compressed(stream: Any) -> bool:
             return True
         seen += len(padding)
     trailer = 8 if stream.comptype == "gz" else 0  # gzip's CRC-32 and length, maybe unread
-    return _has_data((decompressor.unused_data + stream.fileobj.read(_TRAILER_BYTES))[trailer:])
+    rest = (decompressor.unused_data + stream.fileobj.read(_TRAILER_BYTES))[trailer:]
+    if not _has_data(rest):
+        return False
+    try:  # another compressed member: data if what it holds is (zeros are padding)
+        fresh = _DECOMPRESSORS[stream.comptype]()
+        return _has_data(fresh.decompress(rest, max_length=_TRAILER_BYTES))
+    except (zlib.error, OSError, lzma.LZMAError, EOFError, KeyError):
+        return True  # not a compressed member: bytes after the archive
+
+
+#: A decompressor of one member of each compression tarfile reads, with its header.
+_DECOMPRESSORS = {
+    "gz": lambda: zlib.decompressobj(wbits=31),
+    "bz2": bz2.BZ2Decompressor,
+    "xz": lzma.LZMADecompressor,
+}
 
 
 def _has_data(chunk: bytes) -> bool:
