@@ -205,7 +205,7 @@ def measure(
                 logger.removeFilter(names)
     kept = dict.fromkeys(urls, 0)
     seen: set[str] = set()
-    for key in table.column("key").to_pylist():  # "<i>/<key>": the cache keeps a key's first
+    for key in table.column("key").to_pylist():  # "<i>/<key>"; the cache keeps a first copy
         shard, name = key.split("/", 1)
         if name not in seen:
             seen.add(name)
