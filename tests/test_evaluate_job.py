@@ -189,6 +189,16 @@ def test_ambiguity_asked_for_but_absent_is_warned_of(tmp_path: Path, head_dir: s
     assert expected.replace(" ", "") in said(result), result.output
 
 
+def test_a_dataset_name_with_dollars_is_drawn_as_written(tmp_path: Path, head_dir: str) -> None:
+    """matplotlib read 'cars $5$ and $x_$' as math: the report failed after all the work."""
+    x, labels = clustered(60, 3, seed=5)
+    cars = write_eval_cache(str(tmp_path / "cars"), x, labels)
+    name = "cars $5$ and $x_$"
+    result = run("--head", head_dir, "--dataset", f"{name}={cars}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["datasets"][0]["name"] == name
+
+
 def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) -> None:
     clean = write_eval_cache(str(tmp_path / "clean"), *clustered(120, 4, seed=3))
     result = run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,12 @@ from matplotlib.figure import Figure
 
 from pipeline.evaluate.analyses import DeterioratedSet, curve_points
 from pipeline.evaluate.tsne import TsnePoints, point_style
+
+
+def plain_text() -> contextlib.AbstractContextManager:
+    """Text made inside it is drawn as written: a ``$`` in a dataset or head name is no math
+    expression (``cars $5$ and $x_$`` failed the report after all the work)."""
+    return matplotlib.rc_context({"text.parse_math": False})
 
 
 def png(fig: Figure, *, dpi: int = 100) -> bytes:

@@ -33,7 +33,8 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
     fs, root = fsspec.core.url_to_fs(folder)
     root = root.rstrip("/")
     report = finite({**evaluation.report, "pvu_version": pvu_version})
-    files = _figures(evaluation, report)
+    with figures.plain_text():
+        files = _figures(evaluation, report)
     validate_report(report)
     files[REPORT_MD] = markdown(report).encode()
     files[REPORT_JSON] = (json.dumps(report, indent=2) + "\n").encode()  # last: it lists the rest
