@@ -62,6 +62,15 @@ def datasets() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
 CASES = datasets()
 
 
+def test_huge_embeddings_normalize_as_small_ones_do() -> None:
+    """float32 squares of values over ~1e18 overflowed: every row became zeros, every query's
+    neighbour row 0, and Recall@1 and R-AUROC meaningless, with no word."""
+    x = np.random.default_rng(0).standard_normal((50, 96)).astype(np.float32)
+    np.testing.assert_allclose(normalize(x * np.float32(3e18)), normalize(x), rtol=1e-6)
+    small = nearest_neighbours(normalize(x)).index
+    assert (nearest_neighbours(normalize(x * np.float32(3e18))).index == small).all()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_recall_and_r_auroc_match_scikit_learn(case: str) -> None:
     x, labels, uncertainty = CASES[case]

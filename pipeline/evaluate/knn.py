@@ -30,10 +30,14 @@ class Neighbours:
 
 
 def normalize(embedding: np.ndarray, *, chunk_rows: int = 65_536) -> np.ndarray:
-    """Rows of ``embedding`` scaled to unit L2 norm, as a new float32 array."""
+    """Rows of ``embedding`` scaled to unit L2 norm, as a new float32 array; each row is first
+    scaled by its largest value, so that float32's squares cannot overflow (values over ~1e18
+    gave an infinite norm and all-zero rows)."""
     unit = np.empty(embedding.shape, np.float32)
     for start in range(0, len(embedding), chunk_rows):
         part = embedding[start : start + chunk_rows].astype(np.float32)
+        peak = np.abs(part).max(axis=1, keepdims=True)
+        np.divide(part, peak, out=part, where=peak > 0)
         norm = np.linalg.norm(part, axis=1, keepdims=True)
         np.divide(part, norm, out=part, where=norm > 0)
         unit[start : start + chunk_rows] = part
