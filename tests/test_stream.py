@@ -215,6 +215,11 @@ def test_reports_empty_caches(tmp_path: Path) -> None:
     write_synthetic_cache(url, SyntheticCache(dim=8, samples_per_shard=0, shards=2, epochs=1))
     with pytest.raises(ValueError, match="are empty"):
         open_cache([url])
+    one = str(tmp_path / "one")  # a head was "trained" on it: loss 0, its initial weights
+    write_synthetic_cache(one, SyntheticCache(dim=8, samples_per_shard=1, shards=1, epochs=1))
+    with pytest.raises(ValueError, match="hold one row: a head learns the order of pairs"):
+        open_cache([one])
+    assert open_cache([one], need_loss=False).rows == 1  # evaluate reads it
 
 
 def test_unit_in_manifest_but_missing_is_named(tmp_path: Path) -> None:

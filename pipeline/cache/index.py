@@ -295,6 +295,11 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     files = [f for f in files if f.rows > 0]
     if not files:
         raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
+    if need_loss and sum(f.rows for f in files) < 2:
+        raise ValueError(
+            f"caches {list(urls)} hold one row: a head learns the order of pairs of rows' "
+            "losses; cache more images"
+        )
     return CacheIndex(files, identity, int(identity["embedding_dim"]), empty, files[0].dtype)
 
 
