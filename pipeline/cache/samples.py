@@ -455,10 +455,12 @@ def _data_follows_compressed(stream: Any) -> bool:
     rest = (decompressor.unused_data + stream.fileobj.read(_TRAILER_BYTES))[trailer:]
     if not _has_data(rest):
         return False
+    decompressor_type = _DECOMPRESSORS.get(stream.comptype)
+    if decompressor_type is None:  # a compression this check does not know: data, to be safe
+        return True
     try:  # another compressed member: data if what it holds is (zeros are padding)
-        fresh = _DECOMPRESSORS[stream.comptype]()
-        return _has_data(fresh.decompress(rest, max_length=_TRAILER_BYTES))
-    except (zlib.error, OSError, lzma.LZMAError, EOFError, KeyError):
+        return _has_data(decompressor_type().decompress(rest, max_length=_TRAILER_BYTES))
+    except (zlib.error, OSError, lzma.LZMAError, EOFError):
         return True  # not a compressed member: bytes after the archive
 
 
