@@ -6,9 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from support import BACKBONE, make_runner
 
-from pipeline.cache.backbone import Backbone, Compute, create_backbone_model
+from pipeline.cache.backbone import (
+    Backbone,
+    Compute,
+    create_backbone_model,
+    describe_backbone,
+    state_digest,
+)
 from pipeline.cache.manifest import Manifest, ProvenanceMismatch
 
 
@@ -51,3 +58,21 @@ def test_compute_precision_is_provenance(tmp_path):
         Manifest.open(str(tmp_path), mixed)
     with pytest.raises(ValueError, match="wrong provenance"):
         make_runner(str(tmp_path), compute=gpu)  # a CPU backbone cannot write bf16-GPU units
+
+
+def test_the_loaded_weights_are_digested_by_value(tmp_path):
+    """Random weights were named by seed alone (an init that changes with timm's or torch's
+    version resumed the same cache), and a weights file's loaded state was not recorded (a
+    model with that file never loaded attached without a word)."""
+    model = create_backbone_model(BACKBONE, "random")
+    random = describe_backbone(BACKBONE, "random", input_size=(3, 32, 32))
+    assert random.weights_state == state_digest(model)
+    assert random.weights_digest == f"random:{BACKBONE}:seed0:state-sha256:{state_digest(model)}"
+    with torch.no_grad():
+        model.get_classifier().weight.add_(1.0)
+    save_file(model.state_dict(), tmp_path / "tuned.safetensors")
+    tuned = describe_backbone(BACKBONE, str(tmp_path / "tuned.safetensors"), input_size=(3, 32, 32))
+    assert (
+        tuned.weights_digest.startswith("sha256:") and tuned.weights_digest != random.weights_digest
+    )
+    assert tuned.weights_state == state_digest(model) != random.weights_state

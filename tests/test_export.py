@@ -66,7 +66,12 @@ def _write_eval_cache(root: Path, model: torch.nn.Module, batch: torch.Tensor) -
     probs = logits.softmax(-1)
     dim = embedding.shape[1]
     transform = {"input_size": list(batch.shape[1:]), "mean": [0.5] * 3, "std": [0.5] * 3}
-    provenance = {"backbone": BACKBONE, "weights_digest": "random:0", "transform": transform}
+    provenance = {
+        "backbone": BACKBONE,
+        "weights_digest": "sha256:tuned",
+        "weights_state_digest": state_digest(model),
+        "transform": transform,
+    }
     schema = with_provenance(cache_schema(dim), {**provenance, "seed": 0, "num_classes": 10})
     n = len(batch)
     outputs = {
@@ -107,9 +112,16 @@ def test_attached_model_gives_the_heads_uncertainty_of_the_cached_embedding(
     validate_head(doc)
     assert doc["backbone"] == BACKBONE and doc["input_dtype"] == "float16"
     assert doc["num_classes"] == 10  # the classifier and the images the head learned from
+    assert doc["weights_state_digest"] == state_digest(model)
     assert doc["input"] == {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3}
 
-    attached = attach_head(model, str(output))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attached = attach_head(model, str(output))  # the weights the cache was made with
+    torch.manual_seed(1)
+    never_loaded = timm.create_model(BACKBONE, pretrained=False, num_classes=10)
+    with pytest.warns(UserWarning, match=r"not those .*\(sha256:tuned\); load the weights its"):
+        attach_head(never_loaded, str(output))
     with torch.inference_mode():
         out = attached(batch)
         logits = model(batch)

@@ -274,6 +274,7 @@ def build_provenance(
         "schema_version": SCHEMA_VERSION,
         "backbone": info.name,
         "weights_digest": info.weights_digest,
+        "weights_state_digest": info.weights_state,
         "embedding_dim": info.embedding_dim,
         "num_classes": info.num_classes,
         "transform": transform,

@@ -68,6 +68,7 @@ class BackboneInfo:
 
     name: str
     weights_digest: str
+    weights_state: str  # :func:`state_digest` of the weights as loaded
     embedding_dim: int
     num_classes: int
     data_config: dict[str, Any]
@@ -169,11 +170,12 @@ def state_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _weights_digest(name: str, weights: str, model: torch.nn.Module) -> str:
-    if weights == "random":
-        return f"random:{name}:seed{RANDOM_INIT_SEED}"
+def _weights_digest(name: str, weights: str, state: str) -> str:
+    """The cache identity of ``weights``; ``state`` is the :func:`state_digest` of the model."""
+    if weights == "random":  # a seeded init still changes with timm's and torch's versions
+        return f"random:{name}:seed{RANDOM_INIT_SEED}:state-sha256:{state}"
     if weights == "hub":  # the hub's weights can change under one name: digest what was loaded
-        return f"hub:{name}:state-sha256:{state_digest(model)}"
+        return f"hub:{name}:state-sha256:{state}"
     return file_digest(weights)
 
 
@@ -304,9 +306,11 @@ def describe_backbone(
     data_config = resolve_model_data_config(model)
     native = data_config["input_size"]
     width, peak = _probe(model, name, input_size or native, native)
+    state = state_digest(model)
     return BackboneInfo(
         name=name,
-        weights_digest=_weights_digest(name, weights, model),
+        weights_digest=_weights_digest(name, weights, state),
+        weights_state=state,
         embedding_dim=width,
         num_classes=int(model.num_classes),
         data_config=data_config,

@@ -47,13 +47,14 @@ def head_document(
     loss: str,
     input_dtype: str = "float16",
     num_classes: int | None = None,
+    weights_state_digest: str | None = None,
     image_input: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The head.json document describing ``head`` (validated against the head schema).
 
-    ``num_classes`` and ``image_input`` (:func:`image_input`) record the classifier whose loss
-    the head learned and the images its embeddings came from.
+    ``num_classes``, ``weights_state_digest`` and ``image_input`` (:func:`image_input`) record
+    the classifier whose loss the head learned and the images its embeddings came from.
     """
     cfg = head.config
     doc: dict[str, Any] = {
@@ -75,6 +76,8 @@ def head_document(
     }
     if num_classes is not None:
         doc["num_classes"] = num_classes
+    if weights_state_digest is not None:
+        doc["weights_state_digest"] = weights_state_digest
     if image_input is not None:
         doc["input"] = image_input
     validate_head(doc)
@@ -200,9 +203,9 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
 
     The head's input is the model's pre-logit embedding, ``forward_head(..., pre_logits=True)``;
     a model of another timm architecture than the head was trained on, or of another width, a
-    model on the meta device or one with a head already attached is refused; hub weights other
-    than those the cache was made with are warned about. The returned module is in ``model``'s
-    train/eval mode (call ``.eval()``: a forward in train mode warns).
+    model on the meta device or one with a head already attached is refused; a classifier or
+    float32 weights other than those the cache was made with are warned about. The returned
+    module is in ``model``'s train/eval mode (call ``.eval()``: a forward in train mode warns).
     """
     if isinstance(model, HeadedModel):
         raise ValueError("the model already has an uncertainty head: attach to its .model")
@@ -230,8 +233,7 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             f"head in {head_dir} expects {doc['embedding_dim']}-d embeddings "
             f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
         )
-    _check_hub_weights(model, doc, head_dir)
-    _check_classes(model, doc, head_dir)
+    _check_weights(model, doc, head_dir)
     size = doc.get("input", {}).get("input_size")
     attached = HeadedModel(
         model, head, doc.get("input_dtype", "float32"), tuple(size[-2:]) if size else None
@@ -256,9 +258,10 @@ def _architecture(backbone: str, expected: str) -> str:
     return built.pretrained_cfg.get("architecture") or name
 
 
-def _check_classes(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
-    """Warn when the model's classifier has another class count than the one whose loss the
-    head learned (its weights file not loaded, say): it is another classifier."""
+def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
+    """Warn when ``model`` is not the classifier whose embeddings and loss the head learned:
+    one of another class count, or float32 weights whose state digest is not the cache's (a
+    weights file never loaded, a model created without ``pretrained=True``)."""
     trained, found = doc.get("num_classes"), getattr(model, "num_classes", None)
     if trained is not None and found is not None and trained != found:
         warnings.warn(
@@ -266,19 +269,24 @@ def _check_classes(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
             f"model has {found} classes: load the weights its cache was made with",
             stacklevel=3,
         )
-
-
-def _check_hub_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
-    """Warn when the head's cache was made with hub weights whose digest the model's float32
-    weights do not have (a model created without ``pretrained=True``, say)."""
+        return
     digest = str(doc["weights_digest"])
-    if ":state-sha256:" not in digest:
-        return  # a weights file or random weights: no state digest to compare
+    expected = doc.get("weights_state_digest") or (
+        digest.rsplit(":", 1)[1] if ":state-sha256:" in digest else None
+    )
+    if expected is None:
+        return  # a head exported before the state digest was recorded
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         return  # cast down: its digest cannot match the float32 weights the cache digested
-    if digest.rsplit(":", 1)[1] != state_digest(model):
+    if expected != state_digest(model):
+        made_with = digest.split(":state-sha256:")[0]
+        advice = (
+            "did you create it with pretrained=True?"
+            if digest.startswith("hub:")
+            else f"load the weights its cache was made with ({made_with})"
+        )
         warnings.warn(
             f"the model's weights are not those the head in {head_dir} was trained on "
-            f"({digest.split(':state-sha256:')[0]}); did you create it with pretrained=True?",
+            f"({made_with}); {advice}",
             stacklevel=3,
         )

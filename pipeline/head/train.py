@@ -507,6 +507,9 @@ def fit_head(
                 loss=config.loss,
                 input_dtype=index.dtype,
                 num_classes=_agreed(index, lambda provenance: provenance.get("num_classes")),
+                weights_state_digest=_agreed(
+                    index, lambda provenance: provenance.get("weights_state_digest")
+                ),
                 image_input=_agreed(index, image_input),
                 training=summary,
             )
