@@ -150,7 +150,9 @@ def test_parse_label():
         assert parse_label(bad) is None, bad
     assert parse_label(b'{"label": 7, "name": "cat"}', "label") == 7
     assert parse_label(b'{"meta": {"class_id": " 4"}}', "meta.class_id") == 4
-    for bad in (b'{"label": true}', b'{"label": -1}', b'{"label": 2.0}', b'{"label": null}',
+    assert parse_label(b'{"label": 2.0}', "label") == 2  # JSON's 2.0 is 2: was a bad label
+    for bad in (b'{"label": true}', b'{"label": -1}', b'{"label": 2.5}', b'{"label": null}',
+                b'{"label": -1.0}', b'{"label": 1e300}', b'{"label": NaN}',
                 b'{"other": 1}', b'[1]', b'{"label": "cat"}', b"\xff", b"{", b"7",
                 b'{"label": "\\ud800"}', b'{"label": 1' + b"0" * 5000 + b"}"):  # fmt: skip
         assert parse_label(bad, "label") is None, bad

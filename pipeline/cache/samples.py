@@ -184,8 +184,9 @@ def _to_sample(
 def parse_label(data: bytes | None, field: str = "") -> int | None:
     """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around), or None.
 
-    With ``field``, ``data`` is a JSON object and the label is the integer (or a string of
-    digits) at ``field``, dots naming nested objects: ``label``, ``annotation.class_id``.
+    With ``field``, ``data`` is a JSON object and the label is the integer (a whole number such
+    as ``3.0``, as JSON does not tell it from ``3``, or a string of digits) at ``field``, dots
+    naming nested objects: ``label``, ``annotation.class_id``.
     """
     if data is None:
         return None
@@ -202,6 +203,8 @@ def _label(value: Any) -> int | None:
     """A JSON field's value as a label (see :func:`parse_label`), or None."""
     if isinstance(value, str):  # a lone surrogate ("\\ud800") is no digit either
         return parse_label(value.encode(errors="surrogatepass"))
+    if isinstance(value, float) and value.is_integer():  # 3.0: pandas writes labels with gaps so
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
         return value
     return None
