@@ -167,6 +167,7 @@ def test_a_key_repeated_across_shards_or_in_one_is_counted_once_as_the_cache_kee
     [plan] = run_plan(config)
     assert plan.estimate.counted_shards == 2 and plan.estimate.rows == 8
     assert plan.measurement.kept_per_shard == {first: 6, copy: 2}
+    assert plan.measurement.kept == 8 / 10  # "80.0% of the sample kept": 90% before
 
 
 def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):

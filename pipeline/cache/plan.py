@@ -73,8 +73,9 @@ class Measurement:
 
     @property
     def kept(self) -> float:
-        """Fraction of samples that become rows."""
-        return self.result.rows / self.samples if self.samples else 0.0
+        """Fraction of samples that become rows (a key another sampled shard holds first is
+        one row, as in the cache)."""
+        return sum(self.kept_per_shard.values()) / self.samples if self.samples else 0.0
 
     @property
     def images_per_second(self) -> float:
