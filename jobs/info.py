@@ -50,7 +50,7 @@ def describe(info: CacheInfo) -> Table:
     compute = provenance.get("compute")
     table.add_row(
         "compute",
-        f"{compute['device']}, autocast {compute['autocast'] or 'none'}"
+        f"{compute.get('device', '?')}, autocast {compute.get('autocast') or 'none'}"
         if compute
         else "not recorded (a cache from before pvu recorded it)",
     )
