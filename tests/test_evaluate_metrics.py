@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.evaluate.analyses import DeterioratedSet, deterioration_curves
 from pipeline.evaluate.evalset import EvalSet
 from pipeline.evaluate.knn import TIE_TOLERANCE, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import neighbour_correct, r_auroc, recall_at_1
@@ -175,3 +176,22 @@ def test_identical_or_zero_embeddings_skip_the_map_and_rank_as_most_uncertain(ca
 def test_figure_names_of_datasets_never_collide() -> None:
     names = ["a.b", "a_b", "a b", "plain-1"]
     assert len({_slug(name) for name in names}) == 4 and _slug("plain-1") == "plain-1"
+
+
+def test_deteriorated_copies_of_several_datasets_are_pooled_per_strength() -> None:
+    """Blurred copies of two datasets, each rising with strength, one of higher uncertainty:
+    each cache was a point of its own (strengths 0, 0, 0.5, 0.5, 1, 1), the curve a saw-tooth
+    with rho 0.49 for a source that rises on both; the paper takes medians over datasets."""
+    rng = np.random.default_rng(0)
+    sets = [
+        DeterioratedSet(kind, strength, {"head": base + strength + 0.01 * rng.random(50)})
+        for base in (0.0, 3.0)
+        for kind, strength in ((None, 0.0), ("blur", 0.5), ("blur", 1.0))
+    ]
+    [curve] = deterioration_curves(sets).values()
+    assert curve["strengths"] == [0.0, 0.5, 1.0] and curve["n"] == [100, 100, 100]
+    assert curve["sources"]["head"]["spearman"] == pytest.approx(1.0)
+    pooled = [
+        np.median(np.r_[sets[i].scores["head"], sets[i + 3].scores["head"]]) for i in range(3)
+    ]
+    assert curve["sources"]["head"]["median"] == pytest.approx(pooled)

@@ -40,8 +40,9 @@ class DeterioratedSet:
 def deterioration_curves(sets: Sequence[DeterioratedSet]) -> dict[str, Any]:
     """Median uncertainty per strength and kind, and whether each curve rises.
 
-    A set with ``kind`` None (clean images) is strength 0 of every kind. ``rises`` is
-    Spearman's rho of strength vs median > 0 (None with fewer than two strengths).
+    A set with ``kind`` None (clean images) is strength 0 of every kind; the sets at one
+    strength (copies of several datasets) are pooled, as the paper's medians over datasets.
+    ``rises`` is Spearman's rho of strength vs median > 0 (None with fewer than two strengths).
     """
     kinds = sorted({s.kind for s in sets if s.kind is not None})
     sources = list(sets[0].scores) if sets else []
@@ -49,7 +50,7 @@ def deterioration_curves(sets: Sequence[DeterioratedSet]) -> dict[str, Any]:
     for kind in kinds:
         points = curve_points(sets, kind)
         entry: dict[str, Any] = {
-            "strengths": [0.0 if p.kind is None else p.strength for p in points],
+            "strengths": [p.strength for p in points],
             "n": [len(next(iter(p.scores.values()))) for p in points],
             "sources": {},
         }
@@ -66,9 +67,23 @@ def deterioration_curves(sets: Sequence[DeterioratedSet]) -> dict[str, Any]:
 
 
 def curve_points(sets: Sequence[DeterioratedSet], kind: str) -> list[DeterioratedSet]:
-    """The sets on ``kind``'s curve, by strength: clean sets (strength 0) first."""
-    points = [s for s in sets if s.kind is None] + [s for s in sets if s.kind == kind]
-    return sorted(points, key=lambda s: 0.0 if s.kind is None else s.strength)
+    """The points of ``kind``'s curve by strength, each the sets at that strength pooled; clean
+    sets are strength 0."""
+    groups: dict[float, list[DeterioratedSet]] = {}
+    for s in sets:
+        if s.kind is None or s.kind == kind:
+            groups.setdefault(0.0 if s.kind is None else s.strength, []).append(s)
+    return [
+        DeterioratedSet(
+            kind if strength else None,
+            strength,
+            {
+                source: np.concatenate([s.scores[source] for s in group])
+                for source in group[0].scores
+            },
+        )
+        for strength, group in sorted(groups.items())
+    ]
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
