@@ -15,6 +15,7 @@ from pipeline.evaluate.report import _slug
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
 from pipeline.evaluate.runner import EvaluateOptions, _tsne
 from pipeline.evaluate.sources import baseline_uncertainty
+from pipeline.evaluate.tsne import point_style
 
 
 def reference_neighbours(x: np.ndarray, queries: np.ndarray, database: np.ndarray) -> np.ndarray:
@@ -195,3 +196,12 @@ def test_deteriorated_copies_of_several_datasets_are_pooled_per_strength() -> No
         np.median(np.r_[sets[i].scores["head"], sets[i + 3].scores["head"]]) for i in range(3)
     ]
     assert curve["sources"]["head"]["median"] == pytest.approx(pooled)
+
+
+def test_points_of_equal_uncertainty_look_alike_on_the_map() -> None:
+    """60 saturated rows of entropy 0 were drawn in 60 sizes by row order (ranks by a stable
+    sort), as if they differed; a NaN is the most uncertain."""
+    uncertainty = np.r_[np.zeros(6), np.full(3, 1.5), 0.7, np.nan]
+    area, alpha = point_style(uncertainty)
+    assert len(set(area[:6])) == 1 and len(set(alpha[:6])) == 1 and len(set(area[6:9])) == 1
+    assert area[:6].max() < area[9] < area[6] < area[10] and alpha[10] < alpha[6]

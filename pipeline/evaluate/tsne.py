@@ -12,6 +12,7 @@ import html
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
@@ -52,8 +53,9 @@ def tsne_map(unit: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
 
 def point_style(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Marker area and opacity per point from its uncertainty rank: uncertain = big and faint."""
-    rank = np.argsort(np.argsort(uncertainty, kind="stable"), kind="stable")
+    """Marker area and opacity per point from its uncertainty rank: uncertain = big and faint;
+    equal uncertainties share their average rank, so they look alike."""
+    rank = rankdata(np.nan_to_num(uncertainty, nan=np.inf), method="average") - 1
     level = rank / max(len(rank) - 1, 1)
     return 8 + 72 * level, 0.95 - 0.8 * level
 
