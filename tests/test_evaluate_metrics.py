@@ -205,3 +205,24 @@ def test_points_of_equal_uncertainty_look_alike_on_the_map() -> None:
     area, alpha = point_style(uncertainty)
     assert len(set(area[:6])) == 1 and len(set(alpha[:6])) == 1 and len(set(area[6:9])) == 1
     assert area[:6].max() < area[9] < area[6] < area[10] and alpha[10] < alpha[6]
+
+
+def test_the_clean_database_follows_the_tie_rule_when_a_tied_row_is_removed() -> None:
+    """Rows at cosine 0.5, 0.5000008, 0.5000015 to a query: its neighbour is row 2 (tied with
+    row 3, the lower index). With row 3 rejected the best is row 2's, tied with row 1: by the
+    rule the neighbour is row 1, but the query kept row 2, which was not removed."""
+    cosines = np.array([0.5, 0.5 + 8e-7, 0.5 + 15e-7], np.float64)
+    x = np.zeros((4, 4))
+    x[0, 0] = 1.0
+    x[1:, 0] = cosines
+    x[1:, 1:] = np.diag(np.sqrt(1 - cosines**2))
+    labels = np.array([0, 0, 1, 1])
+    unit = normalize(x)
+    full = nearest_neighbours(unit)
+    assert full.index[0] == 2 and full.tied[0]
+    rejected = np.array([False, False, False, True])
+    errors = retrieval_errors(unit, labels, full, rejected)
+    kept = np.flatnonzero(~rejected)
+    clean_db = reference_neighbours(x, kept, ~rejected)
+    assert clean_db[0] == 1
+    assert errors["clean_database"] == pytest.approx(np.mean(labels[clean_db] != labels[kept]))

@@ -23,10 +23,12 @@ BLOCK_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Each query's nearest database row (-1 where none is left) and its cosine similarity."""
+    """Each query's nearest database row (-1 where none is left), its cosine similarity, and
+    whether another row was within ``TIE_TOLERANCE`` of it (``tied``)."""
 
     index: np.ndarray
     similarity: np.ndarray
+    tied: np.ndarray
 
 
 def normalize(embedding: np.ndarray, *, chunk_rows: int = 65_536) -> np.ndarray:
@@ -69,10 +71,11 @@ def nearest_neighbours(
     rows = np.arange(len(x)) if queries is None else np.asarray(queries, dtype=np.int64)
     index = np.full(len(rows), -1, np.int64)
     similarity = np.full(len(rows), -np.inf, np.float32)
+    tied = np.zeros(len(rows), bool)
     # database rows in ascending order, so "lowest index" is the same locally and globally
     kept = np.arange(len(x)) if database is None else np.flatnonzero(database)
     if len(kept) == 0 or len(rows) == 0:
-        return Neighbours(index, similarity)
+        return Neighbours(index, similarity, tied)
     xd = x if database is None else x[torch.as_tensor(kept, device=device)]
     position = np.full(len(x), -1, np.int64)  # each row's place in the database, -1 if absent
     position[kept] = np.arange(len(kept))
@@ -83,18 +86,22 @@ def nearest_neighbours(
             picked = rows[start : start + step]
             queries_x = x[torch.as_tensor(picked, device=device)]
             sim = torch.mm(queries_x, xd.T, out=block[: len(picked)])
-            best, found = _block_neighbours(sim, torch.as_tensor(position[picked], device=device))
+            own = torch.as_tensor(position[picked], device=device)
+            best, found, close = _block_neighbours(sim, own)
             found = found.cpu().numpy()
             index[start : start + len(picked)] = np.where(found >= 0, kept[found], -1)
             similarity[start : start + len(picked)] = best.cpu().numpy()
+            tied[start : start + len(picked)] = close.cpu().numpy()
             if on_chunk is not None:
                 on_chunk(len(picked))
-    return Neighbours(index, similarity)
+    return Neighbours(index, similarity, tied)
 
 
-def _block_neighbours(sim: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_neighbours(
+    sim: torch.Tensor, own: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best similarity and column of each query row of ``sim``, the query's own column
-    ``own`` (-1: not in the database) excluded.
+    ``own`` (-1: not in the database) excluded, and whether another column ties with it.
 
     Two max passes instead of a tolerance scan of the whole block: the runner-up tells which
     rows have a tie, and only those rows are scanned for their lowest tied column.
@@ -105,9 +112,9 @@ def _block_neighbours(sim: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tenso
     best, found = sim.max(dim=1)  # the first maximal index on exact ties
     sim[arange, found] = -torch.inf
     runner_up = sim.amax(dim=1)
-    tied = torch.nonzero((runner_up >= best - TIE_TOLERANCE) & ~torch.isneginf(runner_up))
-    for row in tied.flatten().tolist():
+    tied = (runner_up >= best - TIE_TOLERANCE) & ~torch.isneginf(runner_up)
+    for row in torch.nonzero(tied).flatten().tolist():
         close = torch.nonzero(sim[row] >= best[row] - TIE_TOLERANCE)[0, 0]
         found[row] = torch.minimum(found[row], close)
     found[torch.isneginf(best)] = -1
-    return best, found
+    return best, found, tied

@@ -58,11 +58,12 @@ def retrieval_errors(
     queries = np.flatnonzero(kept)
     index = full.index[queries].copy()
     # A query keeps its neighbour unless that neighbour was removed: removing other rows
-    # cannot create a closer one, and the tie rule (lowest index) is unchanged.
-    lost = (index >= 0) & rejected[np.maximum(index, 0)]
-    if lost.any():
-        again = nearest_neighbours(unit, queries=queries[lost], database=kept, device=device)
-        index[lost] = again.index
+    # cannot create a closer one. Where rows tied, removing one can move the best similarity
+    # and so which rows tie with it (the tolerance is not transitive): search those again.
+    stale = (index >= 0) & (rejected[np.maximum(index, 0)] | full.tied[queries])
+    if stale.any():
+        again = nearest_neighbours(unit, queries=queries[stale], database=kept, device=device)
+        index[stale] = again.index
     cleaned = neighbour_correct(labels, index, queries)
     return {
         "full": _error(correct),
