@@ -397,7 +397,10 @@ def test_rows_without_a_finite_baseline_are_dropped_and_counted(
     assert entry["n"] == 87 and entry["dropped_rows"] == 3
     assert "dropped3row(s)withaNaN/infembedding,max_proborentropy" in said(result)
     assert "repeatakey" not in said(result)
-    row = next(line for line in (report / "report.md").read_text().splitlines() if "nan" in line)
+    markdown = (report / "report.md").read_text()
+    left_out = "Rows left out of every figure below (a NaN or inf embedding, max_prob or entropy)"
+    assert f"{left_out}: nan|set 3." in markdown  # report.md gave n 87 alone
+    row = next(line for line in markdown.splitlines() if line.startswith("| nan"))
     assert row.startswith("| nan\\|set |")  # a '|' in a name kept the table's columns
 
 

@@ -147,6 +147,7 @@ def markdown(report: dict[str, Any]) -> str:
         'label" (0.5 = chance; n/a when every or no 1-NN is right). Sources: each head, and '
         "baselines from the cache: classifier entropy, 1 - max softmax, 1 / embedding norm, "
         "seeded random.\n",
+        *_dropped_note(datasets),
         "## R-AUROC and Recall@1\n",
         _table(
             ["dataset", "n", "Recall@1", *sources],
@@ -265,3 +266,16 @@ def _reduction(full: float | None, cleaned: float | None) -> str:
     if full is None or cleaned is None or full == 0:
         return "n/a"
     return f"{(full - cleaned) / full:+.0%}"
+
+
+def _dropped_note(datasets: list[dict[str, Any]]) -> list[str]:
+    """A line naming the datasets whose rows with a NaN/inf value were left out of every
+    metric, if any."""
+    dropped = [f"{d['name']} {d['dropped_rows']:,}" for d in datasets if d.get("dropped_rows")]
+    if not dropped:
+        return []
+    return [
+        "Rows left out of every figure below (a NaN or inf embedding, max_prob or entropy): "
+        + ", ".join(dropped)
+        + ".\n"
+    ]

@@ -6,7 +6,8 @@ Higher means more uncertain for every source:
 - ``entropy``: the classifier's softmax entropy (the paper's appendix B baseline);
 - ``1-max_prob``: one minus the classifier's largest softmax probability;
 - ``inverse_norm``: one over the embedding's L2 norm;
-- ``random``: uniform noise seeded by the seed and the dataset's name (the chance line).
+- ``random``: uniform noise seeded by the seed, the set's keys and deterioration (the chance
+  line).
 """
 
 from __future__ import annotations
