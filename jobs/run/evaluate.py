@@ -144,7 +144,11 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
 def summary(report: dict[str, Any]) -> Table:
     """R-AUROC per dataset and source, Recall@1 and the first source's safe-retrieval gain."""
     sources = [s["name"] for s in report["sources"]]
-    table = Table(title="pvu evaluate: R-AUROC (Recall@1, safe-retrieval error)")
+    rejected = report["settings"]["reject_fraction"]
+    table = Table(
+        title="pvu evaluate: R-AUROC (Recall@1; 1-NN error of all queries -> with the "
+        f"{rejected:g} most uncertain rejected, class-agnostic)"
+    )
     table.add_column("dataset", no_wrap=True)
     table.add_column("Recall@1", no_wrap=True)
     for column in [*sources, f"1-NN error ({sources[0]})"]:

@@ -198,8 +198,9 @@ def markdown(report: dict[str, Any]) -> str:
     downstream = [d for d in datasets if d["role"] == "downstream"]
     if any(d["sources"][sources[0]]["id_vs_ood_auroc"] is not None for d in downstream):
         parts += [
-            "## ID vs OOD (figure 8): AUROC separating upstream from each dataset (0.5 = not "
-            "confounded by novelty)\n",
+            "## ID vs OOD (figure 8): AUROC of the uncertainty ranking each dataset's rows "
+            "above upstream's (0.5 = not confounded by novelty; above: more uncertain on the "
+            "unseen dataset)\n",
             _table(
                 ["dataset", *sources],
                 [
