@@ -39,6 +39,14 @@ def cache(
             metavar="hub|random|FILE", help="Hub weights, random, or a safetensors/state-dict file."
         ),
     ] = "hub",
+    model_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            metavar="JSON",
+            help="Arguments of timm.create_model the weights were made with, as a JSON object, "
+            'e.g. \'{"global_pool": "avg"}\' for a checkpoint fine-tuned with average pooling.',
+        ),
+    ] = None,
     label_remap: Annotated[
         str | None,
         typer.Option(

@@ -40,6 +40,8 @@ def describe(info: CacheInfo) -> Table:
     table.add_column(overflow="fold")  # a digest whole, not cut at the terminal's width
     table.add_row("backbone", str(provenance.get("backbone")))
     table.add_row("weights", str(provenance.get("weights_digest")))
+    if provenance.get("model_kwargs"):
+        table.add_row("model kwargs", json.dumps(provenance["model_kwargs"], sort_keys=True))
     table.add_row(
         "embedding",
         f"{provenance.get('embedding_dim')} x {provenance.get('dtype', 'float16')}",

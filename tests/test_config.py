@@ -298,3 +298,20 @@ def test_a_label_key_names_a_member_or_a_json_members_field() -> None:
     result = pvu("cache", *("--shards", "s", "--backbone", "resnet10t", "--output", "o"),
                  "--label-key", "json:")  # fmt: skip
     assert result.exit_code == 2 and "--label-key 'json:'" in unboxed(result.output)
+
+
+def test_model_kwargs_are_a_mapping_in_a_file_and_json_on_the_command_line(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "shards: s\nbackbone: resnet10t\noutput: o\nmodel_kwargs: {global_pool: max}\n"
+        "also: {backbone: resnet14t, weights: random, output: o2, model_kwargs: {drop_rate: 0}}\n",
+    )
+    config = load_job_config(CacheJobConfig, path)
+    first, second = config.targets()
+    assert first.model_kwargs == {"global_pool": "max"} and second.model_kwargs == {"drop_rate": 0}
+    flag = CacheJobConfig(shards="s", backbone="resnet10t", output="o", model_kwargs='{"a": 1}')
+    assert flag.model_kwargs == {"a": 1}
+    for bad, said in (("{global_pool", "is not JSON"), ("[1]", "must be a JSON object"),
+                      ('{"num_classes": 3}', "may not set num_classes")):  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            CacheJobConfig(shards="s", backbone="resnet10t", output="o", model_kwargs=bad)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from pipeline.cache.augment import TransformConfig, build_transform, resolve_transform
-from pipeline.cache.backbone import describe_backbone
+from pipeline.cache.backbone import create_backbone_model, describe_backbone
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.manifest import IDENTITY_FIELDS, Manifest, ProvenanceMismatch
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.verify import reconcile
 from pipeline.demo.data import write_digit_shards
+from pipeline.head.export import attach_head
 
 
 def test_appendix_a_train_transform_is_the_default() -> None:
@@ -177,8 +179,6 @@ def test_each_cli_flag_that_defines_a_cache_is_refused_on_its_prefix(
     cache, remap = remapped
     from safetensors.torch import save_file
 
-    from pipeline.cache.backbone import create_backbone_model
-
     model = create_backbone_model(BACKBONE, "random")
     with torch.no_grad():
         model.fc.bias += 1.0
@@ -192,6 +192,7 @@ def test_each_cli_flag_that_defines_a_cache_is_refused_on_its_prefix(
         "transform.input_size": ["--input-size", "48", *same],
         "dtype": ["--dtype", "float32", *same],
         "seed": ["--seed", "3", *same],
+        "model_kwargs": ["--model-kwargs", '{"global_pool": "max"}', *same],
         "label_remap_digest": ["--label-remap", str(other_remap)],
     }
     runner = CliRunner()
@@ -199,6 +200,46 @@ def test_each_cli_flag_that_defines_a_cache_is_refused_on_its_prefix(
         result = runner.invoke(app, cache_command(shards, cache, *extra))  # the last flag wins
         assert result.exit_code == 2, (field, result.output)
         assert f"{field}: cache has" in " ".join(result.output.split()), (field, result.output)
+
+
+@pytest.mark.slow
+def test_model_kwargs_build_the_backbone_of_every_unit_and_reach_the_head(
+    remapped, shards, tmp_path
+) -> None:
+    """A checkpoint fine-tuned with global_pool='max' (the same tensors) had no way in: it was
+    cached with timm's default pooling, another embedding, and nothing said so."""
+    _, remap = remapped
+    output, default = tmp_path / "max-pooled", tmp_path / "avg-pooled"
+    common = ["--label-remap", str(remap), "--input-size", "64"]  # 2 x 2 features to pool
+    kwargs = ["--model-kwargs", '{"global_pool": "max"}', *common]
+    for cache, extra in ((output, kwargs), (default, common)):
+        result = CliRunner().invoke(app, cache_command(shards, cache, *extra))
+        assert result.exit_code == 0, result.output
+    provenance = json.loads((output / "_manifest.json").read_text())["provenance"]
+    assert provenance["model_kwargs"] == {"global_pool": "max"}
+    pooled, averaged = rows(output), rows(default)
+    assert pooled.keys() == averaged.keys()
+    for key, row in pooled.items():  # the same image: each channel's max is at least its mean
+        most = np.asarray(row["embedding"], np.float32)
+        mean = np.asarray(averaged[key]["embedding"], np.float32)
+        assert (most >= mean - 1e-3).all() and (most > mean + 1e-3).any(), key
+    head = tmp_path / "head"
+    train = ["train-head", "--cache", str(output), "--output", str(head), "--episodes", "1"]
+    train += ["--episode-size", "32", "--batch-size", "16", "--warmup-episodes", "0"]
+    result = CliRunner().invoke(app, [*train, "--hidden", "8", "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((head / "head.json").read_text())["model_kwargs"] == {"global_pool": "max"}
+    stock = create_backbone_model(BACKBONE, "random")  # the cache's weights, its pooling not
+    with pytest.warns(UserWarning, match=r"global_pool='max', but the model has global_pool='avg'"):
+        attach_head(stock, str(head))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach_head(create_backbone_model(BACKBONE, "random", {"global_pool": "max"}), str(head))
+    result = CliRunner().invoke(
+        app, cache_command(shards, tmp_path / "x", "--model-kwargs", '{"global_pol": 1}')
+    )
+    assert result.exit_code == 2
+    assert "timm could not build resnet10t with --model-kwargs" in " ".join(result.output.split())
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ executes). Re-running the same command resumes: committed units are skipped.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import fsspec
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -83,8 +85,35 @@ def check_weights(weights: str) -> str:
     return weights
 
 
+#: ``timm.create_model`` arguments pvu sets itself, never a user's ``--model-kwargs``.
+RESERVED_MODEL_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "num_classes",
+                         "checkpoint_path", "features_only")  # fmt: skip
+
+
+def parse_model_kwargs(value: object) -> object:
+    """``--model-kwargs``'s JSON object as a dict; a config file's mapping as it is."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as error:
+            raise ValueError(f"--model-kwargs is not JSON ({error}): give an object, e.g. "
+                             '\'{"global_pool": "avg"}\'') from None  # fmt: skip
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object of timm arguments, got {value!r}")
+    reserved = sorted(set(value) & set(RESERVED_MODEL_KWARGS))
+    if reserved:
+        raise ValueError(
+            f"--model-kwargs may not set {', '.join(reserved)}: --weights decides the weights "
+            "and the classifier's classes"
+        )
+    return value
+
+
 #: Field types the cache job's backbone, weights and output share with each ``--also`` target.
 ModelName = Annotated[str, AfterValidator(check_model_name)]
+ModelKwargs = Annotated[dict[str, Any], BeforeValidator(parse_model_kwargs)]
 Weights = Annotated[str, AfterValidator(check_weights), AfterValidator(absolute)]
 OutputUrl = Annotated[str, AfterValidator(absolute)]
 
@@ -97,6 +126,7 @@ class AlsoTarget(BaseModel):
     backbone: ModelName
     weights: Weights = "hub"
     output: OutputUrl
+    model_kwargs: ModelKwargs = {}
 
     @classmethod
     def parse(cls, text: str) -> AlsoTarget:
@@ -121,6 +151,8 @@ class CacheJobConfig(BaseModel):
     backbone: ModelName
     output: OutputUrl
     weights: Weights = "hub"
+    #: Arguments of ``timm.create_model`` the weights were made with (``global_pool``, ...).
+    model_kwargs: ModelKwargs = {}
     label_remap: str | None = None
     epochs: int = Field(default=1, ge=1)
     augment: Literal["train", "eval"] = "train"
@@ -275,6 +307,7 @@ def build_provenance(
         "backbone": info.name,
         "weights_digest": info.weights_digest,
         "weights_state_digest": info.weights_state,
+        **({"model_kwargs": config.model_kwargs} if config.model_kwargs else {}),
         "embedding_dim": info.embedding_dim,
         "num_classes": info.num_classes,
         "transform": transform,
@@ -416,7 +449,10 @@ def checked_backbones(config: CacheJobConfig) -> list[BackboneInfo]:
     refuses, before any work, one whose probe embeds past what ``--dtype`` holds, or a
     ``--label-remap`` past its classifier's classes."""
     size = config.transform_config().input_size
-    infos = [describe_backbone(c.backbone, c.weights, input_size=size) for c in config.targets()]
+    infos = [
+        describe_backbone(c.backbone, c.weights, input_size=size, model_kwargs=c.model_kwargs)
+        for c in config.targets()
+    ]
     for target, info in zip(config.targets(), infos, strict=True):
         check_fits(info.embedding_peak, target.dtype, f"backbone {info.name} (a probe)")
         check_label_remap(target, info.num_classes)

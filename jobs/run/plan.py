@@ -141,7 +141,7 @@ def _plan_target(
     compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
     provenance = build_provenance(config, info, transform, compute)
     done = committed_units(config, provenance, urls)
-    model = create_backbone_model(config.backbone, config.weights)
+    model = create_backbone_model(config.backbone, config.weights, config.model_kwargs)
     settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
     with console.status(f"measuring {config.backbone} on the sampled images on this machine"):
         measurement = measure(Backbone(model, torch.device("cpu")), settings, prefixes)

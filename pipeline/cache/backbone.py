@@ -179,6 +179,28 @@ def _weights_digest(name: str, weights: str, state: str) -> str:
     return file_digest(weights)
 
 
+#: Said when a weights file does not fit: a checkpoint of a model built with other arguments.
+_KWARGS_HINT = (
+    " (made with other timm arguments, as global_pool='avg' or img_size=384? give them with "
+    "--model-kwargs)"
+)
+
+
+def _create(name: str, kwargs: dict[str, Any], **fixed: Any) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs, **fixed)``, never pretrained unless ``fixed`` says
+    so; a ``ValueError`` naming ``kwargs`` where timm refuses them."""
+    arguments = {"pretrained": False, **kwargs, **fixed}
+    if not kwargs:
+        return timm.create_model(name, **arguments)
+    try:
+        return timm.create_model(name, **arguments)
+    except (TypeError, AssertionError, ValueError) as error:
+        raise ValueError(
+            f"timm could not build {name} with --model-kwargs {json.dumps(kwargs)}: "
+            f"{_first_line(error)}"
+        ) from None
+
+
 def check_model_name(name: str) -> str:
     """``name`` if timm knows the model (and its pretrained tag), else a ``ValueError`` that
     suggests the closest names."""
@@ -193,15 +215,19 @@ def check_model_name(name: str) -> str:
     raise ValueError(f"timm has no model '{name}'{hint} (all names: timm.list_pretrained())")
 
 
-def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
-    """The timm model ``name`` with ``weights``: ``hub``, ``random`` (seeded) or a local file.
+def create_backbone_model(
+    name: str, weights: str, model_kwargs: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """The timm model ``name`` with ``weights``: ``hub``, ``random`` (seeded) or a local file;
+    ``model_kwargs`` go to ``timm.create_model`` (``global_pool``, ``img_size``, ...).
 
     A local file bypasses timm's pretrained loaders (so ``custom_load`` models never reach the
     JAX ``.npz`` path) and decides the classifier's number of classes.
     """
+    kwargs = model_kwargs or {}
     if weights == "hub":
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = _create(name, kwargs, pretrained=True)
         except OSError as error:  # huggingface_hub's: offline, not found, denied
             raise ValueError(
                 f"could not get the pretrained weights of {name} from the Hugging Face Hub "
@@ -211,21 +237,22 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
     elif weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(name, pretrained=False)
+            model = _create(name, kwargs)
     else:
         state = read_state_dict(weights)
         with torch.device("meta"):
-            probe = timm.create_model(name, pretrained=False)
+            probe = _create(name, kwargs)
         num_classes = _classifier_rows(probe, state)
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(
+            name, kwargs | ({} if num_classes is None else {"num_classes": num_classes})
+        )
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # tensors of other shapes: another model's weights
             shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
             raise ValueError(
                 f"{weights} does not fit {name}: {len(shapes)} tensor(s) of other shapes, e.g. "
-                f"{shapes[0] if shapes else _first_line(error)}"
+                f"{shapes[0] if shapes else _first_line(error)}{_KWARGS_HINT}"
             ) from None
         if num_classes is None and missing and not unexpected:
             raise ValueError(
@@ -234,7 +261,8 @@ def create_backbone_model(name: str, weights: str) -> torch.nn.Module:
             )
         if missing or unexpected:
             raise ValueError(
-                f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{weights} does not fit {name}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}{_KWARGS_HINT}"
             )
     return model.eval().requires_grad_(False)
 
@@ -290,14 +318,18 @@ def _probe(
 
 
 def describe_backbone(
-    name: str, weights: str, *, input_size: tuple[int, int, int] | None = None
+    name: str,
+    weights: str,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> BackboneInfo:
     """Name, weights digest, embedding width, classes and data config of a backbone.
 
     Runs one probe forward at ``input_size`` (default: the model's own), so a backbone that
     cannot run the job is refused here, before any worker starts.
     """
-    model = create_backbone_model(name, weights)
+    model = create_backbone_model(name, weights, model_kwargs)
     if not model.num_classes:
         raise ValueError(
             f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "

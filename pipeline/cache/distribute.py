@@ -167,8 +167,11 @@ class CacheWorker:
         return self.describe()
 
     def _runner(self, backbone: str, weights: str, settings: UnitSettings) -> UnitRunner:
+        kwargs = settings.provenance.get("model_kwargs")  # the model the cache says it holds
         model = Backbone(
-            create_backbone_model(backbone, weights), self.device, settings.compute.autocast_dtype
+            create_backbone_model(backbone, weights, kwargs),
+            self.device,
+            settings.compute.autocast_dtype,
         )
         return UnitRunner(model, settings.model_copy(update={"decode_workers": 0}))
 

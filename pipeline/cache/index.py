@@ -41,7 +41,14 @@ log = logging.getLogger(__name__)
 
 _EPOCH_IN_PATH = re.compile(r"/epoch=(\d+)/[^/]*$")
 
-COMPATIBLE_FIELDS = ("schema_version", "backbone", "weights_digest", "embedding_dim", "label_space")
+COMPATIBLE_FIELDS = (
+    "schema_version",
+    "backbone",
+    "weights_digest",
+    "model_kwargs",
+    "embedding_dim",
+    "label_space",
+)
 """Provenance fields that must agree for caches to be read together."""
 
 

@@ -18,6 +18,7 @@ IDENTITY_FIELDS = (
     "schema_version",
     "backbone",
     "weights_digest",
+    "model_kwargs",
     "transform",
     "seed",
     "dtype",
@@ -26,6 +27,18 @@ IDENTITY_FIELDS = (
     "ambiguity_key",
     "compute",
 )
+#: Identity fields a provenance holds only when set (absent: none), so that the identity of a
+#: cache without one is what it was before the field existed.
+SET_ONLY_FIELDS = ("model_kwargs",)
+
+
+def identity(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``provenance`` that define its cache."""
+    return {
+        name: provenance.get(name)
+        for name in IDENTITY_FIELDS
+        if name in provenance or name not in SET_ONLY_FIELDS
+    }
 
 
 def read_manifest(url: str) -> dict[str, Any] | None:

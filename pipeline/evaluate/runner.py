@@ -124,7 +124,7 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
     for name, url in inputs:
         provenance = indexes[url].files[0].provenance
         check_eval_transform(name, url, provenance)
-        for key in ("backbone", "weights_digest"):
+        for key in ("backbone", "weights_digest", "model_kwargs"):
             if provenance.get(key) != first.get(key):
                 raise ValueError(
                     f"{name}: cache {url} has {key} {provenance.get(key)!r}, but the first "

@@ -63,7 +63,7 @@ def check_head_fits(
             f"head {head.path} expects {doc['embedding_dim']}-d embeddings, but cache "
             f"{url} ({name}) has {dim}-d ones"
         )
-    for field in ("backbone", "weights_digest"):
+    for field in ("backbone", "weights_digest", "model_kwargs"):
         if doc.get(field) != provenance.get(field):
             raise ValueError(
                 f"head {head.path} was trained for {field} {doc.get(field)!r}, but cache "

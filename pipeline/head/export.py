@@ -48,13 +48,15 @@ def head_document(
     input_dtype: str = "float16",
     num_classes: int | None = None,
     weights_state_digest: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     image_input: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The head.json document describing ``head`` (validated against the head schema).
 
-    ``num_classes``, ``weights_state_digest`` and ``image_input`` (:func:`image_input`) record
-    the classifier whose loss the head learned and the images its embeddings came from.
+    ``num_classes``, ``weights_state_digest``, ``model_kwargs`` and ``image_input``
+    (:func:`image_input`) record the classifier whose loss the head learned and the images its
+    embeddings came from.
     """
     cfg = head.config
     doc: dict[str, Any] = {
@@ -78,6 +80,8 @@ def head_document(
         doc["num_classes"] = num_classes
     if weights_state_digest is not None:
         doc["weights_state_digest"] = weights_state_digest
+    if model_kwargs:
+        doc["model_kwargs"] = model_kwargs
     if image_input is not None:
         doc["input"] = image_input
     validate_head(doc)
@@ -234,6 +238,7 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
         )
     _check_weights(model, doc, head_dir)
+    _check_model_kwargs(model, doc, head_dir)
     size = doc.get("input", {}).get("input_size")
     attached = HeadedModel(
         model, head, doc.get("input_dtype", "float32"), tuple(size[-2:]) if size else None
@@ -290,3 +295,19 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
             f"({made_with}); {advice}",
             stacklevel=3,
         )
+
+
+def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
+    """Warn when a ``timm.create_model`` argument the cache's backbone was built with is an
+    attribute of ``model`` with another value (``global_pool``: another embedding)."""
+    for name, wanted in (doc.get("model_kwargs") or {}).items():
+        found = getattr(model, name, None)
+        if isinstance(found, nn.Module):  # timm's pooling module holds its kind as pool_type
+            found = getattr(found, "pool_type", None)
+        if isinstance(found, (str, int, float, bool)) and found != wanted:
+            warnings.warn(
+                f"the head in {head_dir} was trained on {doc['backbone']} built with "
+                f"{name}={wanted!r}, but the model has {name}={found!r}: create it with "
+                "timm.create_model(..., **head.json's model_kwargs)",
+                stacklevel=3,
+            )

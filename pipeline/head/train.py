@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
-from pipeline.cache.manifest import IDENTITY_FIELDS
+from pipeline.cache.manifest import identity
 from pipeline.head.export import export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
@@ -149,7 +149,7 @@ def trained_on(index: CacheIndex) -> dict[str, Any]:
         digest.update(f"{'/'.join(f.url.rsplit('/', 2)[-2:])}\0{f.rows}\n".encode())
     provenances = {
         json.dumps(made, sort_keys=True): made
-        for made in ({k: f.provenance.get(k) for k in IDENTITY_FIELDS} for f in index.files)
+        for made in (identity(f.provenance) for f in index.files)
     }
     return {
         **index.provenance,
@@ -510,6 +510,7 @@ def fit_head(
                 weights_state_digest=_agreed(
                     index, lambda provenance: provenance.get("weights_state_digest")
                 ),
+                model_kwargs=index.provenance.get("model_kwargs"),
                 image_input=_agreed(index, image_input),
                 training=summary,
             )
