@@ -128,8 +128,22 @@ class _Batch:
 
 
 def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
+    """Count a skipped sample; name the first of its kind in the unit (the others at debug
+    level: a class the head lacks can skip thousands of samples per unit)."""
     counts[bad.reason.value] += 1
-    log.warning("skipping %s in %s: %s", key, unit.source, bad)
+    first = counts[bad.reason.value] == 1
+    log.log(
+        logging.WARNING if first else logging.DEBUG, "skipping %s in %s: %s", key, unit.source, bad
+    )
+
+
+def _log_skips(unit: Unit, counts: Counter) -> None:
+    """One line per kind of skip of which ``unit`` had more than the one named."""
+    for reason, count in sorted(counts.items()):
+        if count > 1:
+            log.warning(
+                "%s: %d samples skipped as %s (the first named above)", unit.source, count, reason
+            )
 
 
 class UnitRunner:
@@ -392,6 +406,8 @@ class Fanout:
             record_batches[target].append(self.runners[target]._record(batch, unit))
             timings[target]["forward"] += time.perf_counter() - tick
             waited = time.perf_counter()
+        for counts in own:
+            _log_skips(unit, counts)
         results = [
             runner._commit(unit, rows, shared + counts, started, stage)
             for runner, rows, counts, stage in zip(
