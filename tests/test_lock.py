@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,29 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
     holder.wait()
     with RunLock(prefix, owner="after the kill"):  # no hour-long wait
         pass
+
+
+def test_a_lock_whose_process_id_was_reused_frees_at_once(tmp_path, caplog) -> None:
+    """A restarted container's run is PID 1 again, on the same host name: the dead run's lock
+    (pid 1) held it off for a whole lease, the refusal promising 'at once' on this host. Any
+    process that took the dead one's id started after its lock did."""
+    prefix = str(tmp_path / "cache")
+    now = time.time()
+    me = Holder("old", socket.gethostname(), os.getpid(), "pvu cache, killed", now, now, 3600)
+    plant(prefix, me)  # this process's id, a run it does not hold
+    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="restarted"):
+        assert "taking over the lock of a dead run: run old" in caplog.text
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        plant(prefix, replace(me, pid=newer.pid, started=now - 60))  # the id, reused since
+        with RunLock(prefix, owner="later"):
+            pass
+        plant(prefix, replace(me, pid=os.getppid()))  # a live process older than the lock
+        with pytest.raises(CacheLocked, match="pvu cache, killed"), RunLock(prefix, owner="x"):
+            pass
+    finally:
+        newer.kill()
+        newer.wait()
 
 
 @pytest.fixture(scope="module")

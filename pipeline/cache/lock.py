@@ -6,7 +6,8 @@ The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-No
 S3), so of two runs started at once exactly one gets it; the other is refused with a message
 naming the holder. The holder rewrites the lock's heartbeat every ``lease / 4`` seconds. A lock
 whose heartbeat is older than its lease belongs to a run that died (killed, node lost): the next
-run takes it over with a warning. On the holder's own host a dead process id frees it at once.
+run takes it over with a warning. On the holder's own host a dead process frees it at once
+(its id gone, or reused by a process started later).
 A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old.
 Clocks of the machines that share a prefix must agree to well within the lease.
 """
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import psutil
 
 from pipeline.retry import naming, read_bytes, remove_partial
 
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock.json"
 LEASE_SECONDS = 120.0
+#: Seconds a process's start time (from the kernel's clock ticks) may read after its own
+#: clock's reading when it took the lock.
+_CLOCK_SLACK = 1.0
+#: Run ids of the locks this process holds.
+_HELD_HERE: set[str] = set()
 
 
 class CacheLocked(ValueError):
@@ -59,16 +66,20 @@ class Holder:
         return now > self.heartbeat + self.lease
 
     def dead_here(self) -> bool:
-        """Whether the holder ran on this host and its process is gone."""
+        """Whether the holder ran on this host and its process is gone: no process has its
+        id, or the one that has it started after the lock did (the id reused, as by a restarted
+        container's PID 1), or it is this process and the run is none of its own."""
         if self.host != socket.gethostname():
             return False
+        if self.pid == os.getpid():
+            return self.run_id not in _HELD_HERE
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            created = psutil.Process(self.pid).create_time()
+        except psutil.NoSuchProcess:
             return True
-        except PermissionError:  # alive, another user's
+        except psutil.AccessDenied:  # alive, another user's
             return False
-        return False
+        return created > self.started + _CLOCK_SLACK
 
     def describe(self, now: float) -> str:
         """One line naming the run, e.g. for the refusal of a second one."""
@@ -114,12 +125,14 @@ class RunLock:
         current = self._read()  # a store without exclusive writes lets the last writer win
         if current is None or current.run_id != self.holder.run_id:
             raise self._refusal(current) if current else CacheLocked(f"lost {self._path}")
+        _HELD_HERE.add(self.holder.run_id)
         self._beating = threading.Thread(target=self._beat, name="pvu-lock", daemon=True)
         self._beating.start()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still ours."""
         self._stop.set()
+        _HELD_HERE.discard(self.holder.run_id)
         if self._beating is not None:
             self._beating.join()
         try:
