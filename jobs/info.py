@@ -11,12 +11,12 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ConfigDict
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, answer, console, reported, setup_logging
+from jobs.terminal import Verbose, answer, console, progress_bar, reported, setup_logging
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 
@@ -113,13 +113,13 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
         check.orphans = {}
         check.damaged.update(summary.unreadable)
     if pages:
-        with Progress(
+        with progress_bar(
             TextColumn("[bold]checksums"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("units"),
             TimeRemainingColumn(),
-            console=console,
+            plain="checksums: {task.completed:,.0f}/{task.total:,.0f} units",
             transient=True,
         ) as progress:
             task = progress.add_task("units", total=len(check.footers))

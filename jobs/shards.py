@@ -14,12 +14,12 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_not_inside, check_output_folder, check_storage
-from jobs.terminal import Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, progress_bar, reported, setup_logging
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
 
@@ -98,13 +98,13 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
             len(listing.empty),
             ", ".join(listing.empty[:10]),
         )
-    with Progress(
+    with progress_bar(
         TextColumn("[bold]shards"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("images, {task.fields[bad]} left out"),
         TimeRemainingColumn(),
-        console=console,
+        plain="shards: {task.completed:,.0f}/{task.total:,.0f} images, {task.fields[bad]} left out",
     ) as progress:
         task = progress.add_task("images", total=len(listing.sources), bad=0)
         bad = 0

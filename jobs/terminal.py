@@ -10,12 +10,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import Progress, ProgressColumn, Task
 
 #: Progress, logs, summaries and errors: stderr.
 console = Console(stderr=True)
@@ -99,6 +101,43 @@ def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
     finally:
         if replaced is not None:
             signal.signal(signal.SIGTERM, replaced)
+
+
+#: Seconds between the plain progress lines written where stderr is no terminal.
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
+@contextmanager
+def progress_bar(*columns: ProgressColumn | str, plain: str, **options: Any) -> Iterator[Progress]:
+    """A rich progress bar on :data:`console`. Where stderr is no terminal (``ray job logs``,
+    ``kubectl logs``, a file), which a bar reaches only when it ends, each unfinished task is
+    written as the line ``plain`` (a format of ``task``) every ``PLAIN_PROGRESS_SECONDS``."""
+    with Progress(*columns, console=console, **options) as progress:
+        if console.is_terminal:
+            yield progress
+            return
+        stop = threading.Event()
+
+        def write_lines() -> None:
+            while not stop.wait(PLAIN_PROGRESS_SECONDS):
+                for task in progress.tasks:
+                    if not task.finished:
+                        console.print(_plain_line(plain, task), highlight=False, soft_wrap=True)
+
+        writer = threading.Thread(target=write_lines, name="pvu-progress", daemon=True)
+        writer.start()
+        try:
+            yield progress
+        finally:
+            stop.set()
+            writer.join()
+
+
+def _plain_line(plain: str, task: Task) -> str:
+    """``plain`` for ``task``, with the time spent and, where known, the time left."""
+    line = f"{plain.format(task=task)}; {timedelta(seconds=round(task.elapsed or 0))} elapsed"
+    left = task.time_remaining
+    return line if left is None else f"{line}, about {timedelta(seconds=round(left))} left"
 
 
 Verbose = Annotated[

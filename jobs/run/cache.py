@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs import project_version
@@ -34,6 +34,7 @@ from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
     console,
+    progress_bar,
     raise_on_sigterm,
 )
 from pipeline.cache.augment import TransformConfig, resolve_transform
@@ -614,13 +615,13 @@ def _run_with_progress(
     """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifests``
     (one per backbone of the pass)."""
     images = 0
-    with Progress(
+    with progress_bar(
         TextColumn("[bold]cache"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("units {task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=console,
+        plain="cache: {task.completed:,.0f}/{task.total:,.0f} units, {task.fields[rate]}",
     ) as progress:
         task = progress.add_task("units", total=len(todo), rate="")
 

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from jobs import project_version
 from jobs.config import comma_separated_ints
 from jobs.preflight import check_output_folder, check_storage
-from jobs.terminal import console, resolve_device
+from jobs.terminal import console, progress_bar, resolve_device
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
 
@@ -122,12 +122,12 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
         check_storage(url, flag=flag, must_exist=True)
     check_output_folder(config.report, flag="--report")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    with Progress(
+    with progress_bar(
         TextColumn("[bold]evaluate[/bold] {task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        plain="evaluate {task.description}: {task.completed:,.0f}/{task.total:,.0f}",
     ) as progress:
 
         def track(description: str, total: int) -> Any:

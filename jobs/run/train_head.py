@@ -16,7 +16,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import (
     BarColumn,
-    Progress,
     ProgressColumn,
     Task,
     TextColumn,
@@ -30,6 +29,7 @@ from jobs.preflight import check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
     console,
+    progress_bar,
     resolve_device,
 )
 from pipeline.head.stream import StreamConfig
@@ -170,7 +170,8 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
+    plain = "train-head: {task.completed:,.0f}/{task.total:,.0f} samples"
+    with progress_bar(*columns, plain=plain, transient=False) as progress:
         task = progress.add_task("train", total=schedule.episodes * schedule.episode_size)
 
         def on_episode(record: dict[str, Any]) -> None:
