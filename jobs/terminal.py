@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
@@ -62,21 +63,51 @@ USER_ERRORS = (UserError, ValueError, OSError)
 
 
 _sigterm = threading.Event()
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    _sigterm.set()
+def _stop(signum: int, frame: object) -> None:
+    """The first Ctrl-C or SIGTERM unwinds the job from the main thread; later ones are
+    ignored, so that what the unwinding saves (a manifest, a checkpoint) and Ray's stop are
+    not cut short (a second Ctrl-C left a traceback and Ray's agents running)."""
+    if signum == signal.SIGTERM:
+        _sigterm.set()
+    ignore_stop_signals()
     raise KeyboardInterrupt  # what Ray's blocking calls let through (they mangle others)
 
 
-def raise_on_sigterm() -> Any:
-    """Make SIGTERM (``ray job stop``, a pod evicted) unwind the job from the main thread like
-    Ctrl-C; returns the handler it replaced (None in other threads, where it does nothing).
-    Ray's driver replaces it with its own, which dumps a stack trace and aborts: call this
-    again after ``ray.init``."""
+def ignore_stop_signals() -> None:
+    """Ignore Ctrl-C and SIGTERM from here on (in the main thread; elsewhere nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def handle_stop_signals() -> dict[int, Any]:
+    """Make Ctrl-C and SIGTERM (``ray job stop``, a pod evicted) unwind the job from the main
+    thread, once; returns the handlers replaced (none in other threads, where it does
+    nothing). ``ray.init`` replaces SIGTERM's with its own, which exits with no word: call
+    this again after it."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _terminate)
+        return {}
+    return {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
+
+
+@contextmanager
+def sigterm_in_ray_init() -> Iterator[None]:
+    """Around ``ray.init``: a SIGTERM while it runs (its handler exits with code 15, no word)
+    ends the job as pvu's own handler does; pvu's handlers are back afterwards, and ignore
+    stop signals while Ray stops at exit (interrupted, it left its agents running)."""
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:
+            raise
+        _sigterm.set()
+        raise KeyboardInterrupt from None
+    finally:
+        atexit.register(ignore_stop_signals)  # runs before the exit handler ray.init added
+    handle_stop_signals()
 
 
 @contextmanager
@@ -85,7 +116,7 @@ def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
     Ctrl-C with ``job: interrupted`` (and ``resume``, how to go on from there) and 130,
     SIGTERM with ``job: terminated`` likewise and 143."""
     _sigterm.clear()
-    replaced = raise_on_sigterm()
+    replaced = handle_stop_signals()
     try:
         yield
     except KeyboardInterrupt:
@@ -99,8 +130,8 @@ def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
         console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     finally:
-        if replaced is not None:
-            signal.signal(signal.SIGTERM, replaced)
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 #: Seconds between the plain progress lines written where stderr is no terminal.

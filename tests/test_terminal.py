@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import sys
 import time
 
+import pytest
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn
 
@@ -28,3 +33,45 @@ def test_progress_reaches_a_log_that_is_no_terminal(monkeypatch) -> None:
         time.sleep(0.2)
     finished = log.getvalue().count("cache: 4/4")
     assert finished == 0  # a finished task is not repeated (the bar's own last render says it)
+
+
+def _said(monkeypatch) -> io.StringIO:
+    log = io.StringIO()
+    monkeypatch.setattr(terminal, "console", Console(file=log, width=200))
+    return log
+
+
+def test_a_second_ctrl_c_does_not_cut_the_unwinding_short(monkeypatch) -> None:
+    """A second Ctrl-C (or one during the exit) broke off what the first one's unwinding
+    saves, printed a traceback and left a local Ray's agents running."""
+    said, unwound = _said(monkeypatch), False
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as ended, terminal.reported("cache", verbose=False):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        finally:  # the manifest's last write, the lock's release
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            unwound = True
+    assert ended.value.exit_code == 130 and unwound
+    assert "cache: interrupted" in said.getvalue()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_sigterm_while_ray_starts_ends_the_job_as_its_own_handler_does(monkeypatch) -> None:
+    """ray.init first installs a SIGTERM handler that exits with code 15: a SIGTERM then
+    ended `pvu cache` with that code and no word, its Ray half started."""
+
+    def ray_init() -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray's
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    said = _said(monkeypatch)
+    before = signal.getsignal(signal.SIGTERM)
+    stop = pytest.raises(typer.Exit)
+    with stop as ended, terminal.reported("cache", verbose=False), terminal.sigterm_in_ray_init():
+        ray_init()
+    assert ended.value.exit_code == 143 and "cache: terminated" in said.getvalue()
+    assert signal.getsignal(signal.SIGTERM) is before

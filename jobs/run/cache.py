@@ -35,7 +35,7 @@ from jobs.terminal import (
     command_line,
     console,
     progress_bar,
-    raise_on_sigterm,
+    sigterm_in_ray_init,
 )
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
@@ -331,11 +331,11 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        start_local_ray(log_to_driver=True)
-    raise_on_sigterm()
+    with sigterm_in_ray_init():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            start_local_ray(log_to_driver=True)
 
 
 def alive_node_resources() -> list[dict[str, float]]:
