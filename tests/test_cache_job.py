@@ -238,8 +238,11 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
     stale = output / "_staging" / "0123-epoch=0000-digits-0000.parquet"  # as if a writer died
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"PAR1 half a file")
+    aside = output / "._manifest.json.4f7b0c"  # a kill between its write and its move (S3)
+    aside.write_bytes(b"{}")
     report = run_cache(config)
     assert not stale.parent.exists(), "a finished job leaves no staging garbage behind"
+    assert not aside.exists(), "nor a manifest left aside for good"
     assert not report.failed and len(report.results) == 12 - committed
     assert_one_row_per_sample_and_epoch(read_cache(str(output)), 6 * 24, 2)
 

@@ -105,11 +105,14 @@ def _float_or_nulls(values: np.ndarray | None, count: int, *, nan_is_null: bool)
 
 
 def clear_staging(root: str) -> None:
-    """Remove what crashed writers left in ``root``'s staging folder (call when no unit runs)."""
+    """Remove what crashed writers left in ``root``: its staging folder, and manifests written
+    aside (``._manifest.json.<id>``) but never moved into place (call when nothing writes)."""
     fs, root_path = fsspec.core.url_to_fs(root)
     staging = f"{root_path}/{STAGING_DIR}"
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
+    for aside in fs.glob(f"{root_path}/._manifest.json.*"):
+        fs.rm(aside)
 
 
 def commit_unit(
