@@ -9,7 +9,8 @@ augmentation is seeded by its own (seed, epoch, key), so the results are bit-ide
 Images go both ways through shared memory (:class:`DecodePool`), and each worker has its own
 pipe that the parent's one thread writes requests to and reads replies from (no pool threads
 handing work on), so the parent, which is the actor feeding the GPU, spends a few hundredths
-of a millisecond per image, however many workers it has.
+of a millisecond per image, however many workers it has. The shared memory has no name: it
+is freed with the last process that holds it, however that process ends.
 
 A rejected sample comes back as a :class:`Skip` value; any other exception (a code bug) is
 re-raised in the parent, and a worker that dies is reported, not waited for. Workers run one
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import multiprocessing
 import os
 import shutil
-import sys
+import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
+from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 import numpy as np
@@ -54,7 +57,7 @@ Task = tuple[str, bytes, int]
 Prepared = np.ndarray | torch.Tensor
 START_SECONDS = 300
 _READY = "ready"
-_SHM = "/dev/shm"  # where Linux keeps POSIX shared memory
+_SHM = "/dev/shm"  # where Linux keeps shared memory (elsewhere: the temporary directory)
 _NO_ROOM = (errno.ENOSPC, errno.ENOMEM)
 _INPUT_BYTES = 2**20  # a slot's first area for encoded images; it grows for larger chunks
 
@@ -109,12 +112,14 @@ class DecodePool:
 
     Images never cross a pipe: each chunk in flight owns a :class:`_Slot` of shared memory,
     into which the parent copies the encoded bytes and the worker writes the prepared images;
-    only keys, offsets, seeds and shapes are pickled. Chunks go to the workers in turn, two
-    per worker in flight, and come back in order from the worker that has each: the parent's
-    cost per image is two memory copies (about 0.02 ms for a 224x224 image) and its share of
-    one small message each way per chunk, with no thread of its own to wake. The slots'
-    shared memory is reserved as the pool starts: a ``/dev/shm`` too small for them is an
-    ``OSError`` that says how much they need, not a SIGBUS in whichever process writes first.
+    only keys, offsets, seeds and shapes are pickled, and the slot's two file descriptors go
+    with them (its files have no name, so no crash leaves them in ``/dev/shm``). Chunks go
+    to the workers in turn, two per worker in flight, and come back in order from the worker
+    that has each: the parent's cost per image is two memory copies (about 0.02 ms for a
+    224x224 image) and its share of one small message each way per chunk, with no thread of
+    its own to wake. The slots' shared memory is reserved as the pool starts: a ``/dev/shm``
+    too small for them is an ``OSError`` that says how much they need, not a SIGBUS in
+    whichever process writes first.
     """
 
     def __init__(self, resolved: list[dict[str, Any]], workers: int, *, chunk: int = 8) -> None:
@@ -194,8 +199,8 @@ class DecodePool:
                 slot = free.popleft()
                 placed = slot.load(chunk)  # first: it may move the input to a new segment
                 worker = turn % self.workers  # in turn: a worker's replies come in chunk order
-                request = (placed, slot.input.name, slot.output.name, self._offsets)
-                self._send(worker, (*request, self._task_bytes))
+                request = (placed, self._offsets, self._task_bytes)
+                self._send(worker, request, [slot.input.fd, slot.output.fd])
                 pending.append((slot, worker))
             while pending:
                 yield from self._collect(*pending.popleft(), free)
@@ -221,9 +226,11 @@ class DecodePool:
         free.append(slot)
         return images
 
-    def _send(self, worker: int, request: tuple) -> None:
+    def _send(self, worker: int, request: tuple, descriptors: list[int]) -> None:
+        connection = self._workers[worker][1]
         try:
-            self._workers[worker][1].send(request)
+            connection.send(request)
+            _send_descriptors(connection, descriptors)
         except OSError:  # its end is closed: it died
             raise self._died(worker) from None
 
@@ -271,7 +278,7 @@ def prepared_bytes(resolved: dict[str, Any]) -> int:
 class _Slot:
     """Shared memory for one chunk in flight: its encoded inputs and its prepared images.
 
-    The input area grows (a new segment, under a new name) when a chunk does not fit.
+    The input area grows (a new segment) when a chunk does not fit.
     """
 
     def __init__(self, output_bytes: int, input_bytes: int = _INPUT_BYTES) -> None:
@@ -279,7 +286,7 @@ class _Slot:
         try:
             self.input = _segment(input_bytes)
         except BaseException:
-            _free(self.output)
+            self.output.close()
             raise
 
     def load(self, chunk: list[Task]) -> list[tuple[str, int, int, int]]:
@@ -287,7 +294,7 @@ class _Slot:
         total = sum(len(data) for _, data, _ in chunk)
         if total > self.input.size:  # the new one first: if it does not fit, the slot stays whole
             grown = _segment(max(total, 2 * self.input.size))
-            _free(self.input)
+            self.input.close()
             self.input = grown
         placed, offset = [], 0
         for key, data, seed in chunk:
@@ -302,26 +309,59 @@ class _Slot:
         return view.copy()
 
     def release(self) -> None:
-        """Unmap and remove both segments."""
-        _free(self.input)
-        _free(self.output)
+        """Unmap and close both segments."""
+        self.input.close()
+        self.output.close()
 
 
-def _segment(size: int) -> SharedMemory:
+class _Segment:
+    """A shared-memory file of ``size`` bytes, open and mapped in this process, with no name:
+    the kernel frees it once every process that has it open or mapped closes it or exits."""
+
+    def __init__(self, descriptor: int, size: int) -> None:
+        self.fd = descriptor
+        self.size = size
+        self.buf = mmap.mmap(descriptor, size)
+
+    def close(self) -> None:
+        """Unmap and close it (its memory goes once no worker holds it either)."""
+        self.buf.close()
+        os.close(self.fd)
+
+
+def _segment(size: int) -> _Segment:
     """A new shared-memory segment of ``size`` bytes, its pages reserved at once.
+
+    Its file is removed as it is made, before it takes any memory, so no exit (a SIGKILL of
+    the actor and its workers, the OOM killer) leaves it in ``/dev/shm``, which it would fill.
 
     A segment is sparse until written, and a write into it that finds ``/dev/shm`` full kills
     the writer with SIGBUS (a worker "exited (exit code -7)", or the actor itself); Docker's
     default ``/dev/shm`` is 64 MiB. Reserving it up front turns that into this error, which
     names the remedy.
     """
-    segment = SharedMemory(create=True, size=size)
+    shared = os.path.isdir(_SHM)
+    descriptor, path = tempfile.mkstemp(prefix="pvu-", dir=_SHM if shared else None)
+    os.unlink(path)
     try:
-        _reserve(segment)
+        os.ftruncate(descriptor, size)
+        if shared:
+            _reserve(descriptor, size)
+        return _Segment(descriptor, size)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _reserve(descriptor: int, size: int) -> None:
+    """Allocate the file's pages now, or raise the error that says ``/dev/shm`` is too small."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(descriptor, 0, size)
     except OSError as error:
         if error.errno not in _NO_ROOM:
-            return segment  # a file system that cannot reserve: its pages come as written
-        _free(segment)
+            return  # a file system that cannot reserve: its pages come as written
         free = shutil.disk_usage(_SHM).free
         raise OSError(
             error.errno,
@@ -330,24 +370,18 @@ def _segment(size: int) -> SharedMemory:
             "--shm-size, or an emptyDir of medium Memory on Kubernetes) or run fewer "
             "--decode-workers",
         ) from None
-    return segment
 
 
-def _reserve(segment: SharedMemory) -> None:
-    """Allocate ``segment``'s pages now (where the platform keeps segments in ``/dev/shm``)."""
-    path = os.path.join(_SHM, segment.name.lstrip("/"))
-    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
-        return
-    descriptor = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(descriptor, 0, segment.size)
-    finally:
-        os.close(descriptor)
+def _send_descriptors(connection: Connection, descriptors: list[int]) -> None:
+    """Send ``descriptors`` down ``connection`` (a Unix socket), after the message just sent."""
+    with socket.fromfd(connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as channel:
+        sendfds(channel, descriptors)
 
 
-def _free(segment: SharedMemory) -> None:
-    segment.close()
-    segment.unlink()
+def _receive_descriptors(connection: Connection, count: int) -> list[int]:
+    """The ``count`` descriptors :func:`_send_descriptors` sent; ``EOFError`` once it is closed."""
+    with socket.fromfd(connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as channel:
+        return recvfds(channel, count)
 
 
 def _chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
@@ -370,10 +404,14 @@ def _work(resolved: list[dict[str, Any]], connection: Connection) -> None:
         connection.send(_READY)
         while True:
             request = connection.recv()
+            source, target = _receive_descriptors(connection, 2)
             try:
-                reply: Any = _prepare_chunk(prepares, *request)
+                reply: Any = _prepare_chunk(prepares, source, target, *request)
             except Exception as error:  # a code bug: raised again in the parent
                 reply = error
+            finally:
+                os.close(source)
+                os.close(target)
             connection.send(reply)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone
@@ -384,49 +422,33 @@ Layout = tuple[tuple[int, ...], str]  # a prepared image's shape and dtype
 
 def _prepare_chunk(
     prepares: list[Prepare],
+    source: int,
+    target: int,
     tasks: list[tuple[str, int, int, int]],
-    source: str,
-    target: str,
     offsets: list[int],
     task_bytes: int,
 ) -> list[list[Layout] | Skip]:
-    """Prepare the chunk read from shared memory ``source`` into ``target`` (task ``i``'s
+    """Prepare the chunk read from shared-memory file ``source`` into ``target`` (task ``i``'s
     image for transform ``j`` at ``i * task_bytes + offsets[j]``); returns each task's image
     layouts, or its :class:`Skip`."""
-    inputs, outputs = _attach(source), _attach(target)
     ends = [*offsets[1:], task_bytes]
     results: list[list[Layout] | Skip] = []
-    try:
-        for i, (key, offset, size, seed) in enumerate(tasks):
-            data = bytes(inputs.buf[offset : offset + size])
-            try:
-                images = prepare_images(prepares, data, key, seed)
-            except BadSample as bad:
-                results.append(Skip(bad.reason, bad.key or key, bad.detail))
-                continue
-            layouts = []
-            for image, start, end in zip(images, offsets, ends, strict=True):
-                array = np.ascontiguousarray(
-                    image.numpy() if isinstance(image, torch.Tensor) else image
-                )
-                if array.nbytes > end - start:
-                    raise ValueError(f"{key}: prepared image {array.shape} exceeds its slot")
-                at = i * task_bytes + start
-                outputs.buf[at : at + array.nbytes] = array.reshape(-1).view(np.uint8)
-                layouts.append((array.shape, array.dtype.str))
-            results.append(layouts)
-    finally:
-        inputs.close()
-        outputs.close()
+    for i, (key, offset, size, seed) in enumerate(tasks):
+        data = os.pread(source, size, offset)
+        try:
+            images = prepare_images(prepares, data, key, seed)
+        except BadSample as bad:
+            results.append(Skip(bad.reason, bad.key or key, bad.detail))
+            continue
+        layouts = []
+        for image, start, end in zip(images, offsets, ends, strict=True):
+            pixels = image.numpy() if isinstance(image, torch.Tensor) else image
+            array = np.ascontiguousarray(pixels)
+            if array.nbytes > end - start:
+                raise ValueError(f"{key}: prepared image {array.shape} exceeds its slot")
+            written = os.pwrite(target, array.reshape(-1).view(np.uint8), i * task_bytes + start)
+            if written != array.nbytes:  # a file system that could not reserve, now full
+                raise OSError(errno.ENOSPC, f"{key}: no room for its prepared image")
+            layouts.append((array.shape, array.dtype.str))
+        results.append(layouts)
     return results
-
-
-def _attach(name: str) -> SharedMemory:
-    """The parent's segment ``name``, without this process claiming it: the parent removes it.
-
-    Before Python 3.13, attaching registers the segment with the resource tracker, which the
-    parent's spawned workers share; the parent's ``unlink`` unregisters it again.
-    """
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, track=False)
-    return SharedMemory(name=name)
