@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +171,38 @@ def damage_page_header(path: Path, group: int) -> None:
     with open(path, "r+b") as handle:
         handle.seek(start)
         handle.write(b"\xff" * 16)
+
+
+@dataclass
+class FooterReads:
+    """Footer reads seen by :func:`slow_footer_reads`: how many, and the most at once."""
+
+    calls: int = 0
+    in_flight: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def slow_footer_reads(
+    monkeypatch, delay: float = 0.05, slower: dict[str, float] | None = None
+) -> FooterReads:
+    """Make every footer read of ``pipeline.cache.verify`` take ``delay`` seconds (those of the
+    relpaths in ``slower`` their own delay) and count the reads in flight at once."""
+    from pipeline.cache import verify
+
+    real, reads = verify.read_footer, FooterReads()
+
+    def slow(url: str, relpath: str, size: int | None = None):
+        with reads.lock:
+            reads.calls += 1
+            reads.in_flight += 1
+            reads.peak = max(reads.peak, reads.in_flight)
+        try:
+            time.sleep((slower or {}).get(relpath, delay))
+            return real(url, relpath, size)
+        finally:
+            with reads.lock:
+                reads.in_flight -= 1
+
+    monkeypatch.setattr(verify, "read_footer", slow)
+    return reads

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-from support import damage_page_header, flip_page_byte, make_runner, pvu
+from support import damage_page_header, flip_page_byte, make_runner, pvu, slow_footer_reads
 
 from pipeline.cache.index import open_cache
+from pipeline.cache.info import read_cache_info
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import write_bad_shard, write_digit_shards
@@ -77,6 +78,42 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
         assert from_footers[field] == with_manifest[field], field
     verified = pvu("info", str(copy), "--verify")  # said '0 missing' having checked nothing
     assert verified.exit_code == 0 and "not checked │ missing units" in verified.text, verified.text
+
+
+def test_info_without_manifest_reads_the_footers_in_parallel(cache, tmp_path, monkeypatch):
+    """They were read one at a time: 1:43 for 14,000 units on a local S3 server, where the
+    parallel --verify took 49 s (58.6 s against 12.3 s for 2,000 units at 20 ms latency)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    reads = slow_footer_reads(monkeypatch)
+    summary = read_cache_info(str(copy))
+    assert summary.source == "footers" and reads.calls == len(summary.units) == 6
+    assert reads.peak > 1, "footers read one at a time"
+    assert list(summary.units) == sorted(summary.units)
+
+
+def test_info_without_manifest_names_the_first_unreadable_unit_in_listing_order(
+    cache, tmp_path, monkeypatch
+):
+    """Read in parallel, the first unit that fails in listing order is still the one named,
+    however late its read ends."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    first, second = sorted(copy.glob("epoch=*/*.parquet"))[1:5:3]
+    for unit in (first, second):
+        unit.write_bytes(unit.read_bytes()[:100])
+    slow_footer_reads(monkeypatch, slower={str(first.relative_to(copy)): 0.3})
+    with pytest.raises(ValueError, match="not a readable Parquet file") as refused:
+        read_cache_info(str(copy))
+    assert str(refused.value).startswith(f"{first}: ")
+    summary = read_cache_info(str(copy), keep_going=True)
+    assert list(summary.unreadable) == [str(u.relative_to(copy)) for u in (first, second)]
 
 
 def test_checksums_of_a_cache_without_manifest_name_a_unit_damaged_in_place(cache, tmp_path):

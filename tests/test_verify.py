@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from support import SMALL_BACKBONE_FLAGS
+from support import SMALL_BACKBONE_FLAGS, slow_footer_reads
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -118,6 +118,28 @@ def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, capl
     for relpath in expected:
         assert f"recomputing {url}/{relpath}" in caplog.text
     assert sorted(list_unit_files(url)) == sorted(manifest.units), "damaged files are removed"
+    assert verify_cache(url).ok
+
+
+def test_reconcile_adopts_a_cache_without_manifest_in_parallel_in_one_line(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """With its manifest moved aside, every unit is an orphan: their footers were read one at a
+    time and each adoption logged at INFO (96 s and 14,000 lines for 14,000 units on a local
+    S3 server, against 43 s for the parallel check of a manifest's units)."""
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    (tmp_path / "c" / "_manifest.json").unlink()
+    identity = {"schema_version": SCHEMA_VERSION, "embedding_dim": SPEC.dim, **provenance(SPEC)}
+    reads = slow_footer_reads(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="pipeline.cache.verify"):
+        manifest = reconcile(Manifest.open(url, identity))
+    assert list(manifest.units) == UNITS and reads.calls == len(UNITS)
+    assert reads.peak > 1, "footers read one at a time"
+    adopted = [r.getMessage() for r in caplog.records if "adopted" in r.getMessage()]
+    assert adopted == [
+        f"adopted 6 committed unit(s) missing from the manifest: {', '.join(UNITS[:3])} and 3 more"
+    ]
     assert verify_cache(url).ok
 
 

@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
-from pipeline.cache.verify import list_unit_files
+from pipeline.cache.verify import FooterRead, list_unit_files, read_footers
 from schemas import UNIT_STATS_KEY, label_space, read_provenance
 
 
@@ -109,12 +107,12 @@ def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
         return CacheInfo(
             url, document["provenance"], document["units"], "manifest", document.get("updated")
         )
-    return _from_footers(url, fs, root, keep_going=keep_going)
+    return _from_footers(url, root, keep_going=keep_going)
 
 
-def _from_footers(
-    url: str, fs: fsspec.AbstractFileSystem, root: str, *, keep_going: bool
-) -> CacheInfo:
+def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
+    """The info of the cache at ``url`` (``root`` on its filesystem) from its units' footers,
+    read in parallel."""
     sizes = list_unit_files(url)
     if not sizes:
         raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
@@ -122,10 +120,10 @@ def _from_footers(
     unreadable: dict[str, str] = {}
     provenance: dict[str, Any] = {}
     first = ""
-    for relpath in sorted(sizes):
+    for relpath, footer in read_footers(url, dict(sorted(sizes.items()))):
         path = f"{root}/{relpath}"
         try:
-            own, stats = _read_unit_footer(fs, path)
+            own, stats = _unit_footer(path, footer)
         except ValueError as error:
             if not keep_going:
                 raise
@@ -140,16 +138,14 @@ def _from_footers(
     return CacheInfo(url, provenance, units, "footers", unreadable=unreadable)
 
 
-def _read_unit_footer(
-    fs: fsspec.AbstractFileSystem, path: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A unit file's provenance and stats, from its footer; ``ValueError`` naming it."""
+def _unit_footer(path: str, footer: FooterRead) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The provenance and stats a unit file's footer holds; ``ValueError`` naming it."""
+    if isinstance(footer, FileNotFoundError):
+        raise footer
+    if isinstance(footer, ValueError):  # cut short, empty, not Parquet
+        raise ValueError(f"{path}: not a readable Parquet file ({footer})") from None
     try:
-        with fs.open(path, "rb") as handle:
-            schema = pq.read_schema(handle)
-    except pa.ArrowInvalid as error:  # cut short, empty, not Parquet
-        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
-    try:
+        schema = footer.schema.to_arrow_schema()
         return read_provenance(schema), json.loads(schema.metadata[UNIT_STATS_KEY])
     except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
         raise ValueError(f"{path}: not a pvu cache unit (no pvu provenance)") from None

@@ -126,6 +126,30 @@ def read_footer(url: str, relpath: str, size: int | None = None) -> pq.FileMetaD
     return retry(read, what=f"read the footer of {url.rstrip('/')}/{relpath}")
 
 
+#: A unit's footer, or what reading it said of the file: gone, or not (or no longer) Parquet.
+FooterRead = pq.FileMetaData | FileNotFoundError | ValueError
+
+
+def read_footers(
+    url: str, sizes: Mapping[str, int], *, io_threads: int = 16
+) -> Iterator[tuple[str, FooterRead]]:
+    """The footer of each unit ``sizes`` lists (relpath -> bytes) of the cache at ``url``, read
+    ``io_threads`` at a time (one ranged read each) and yielded in ``sizes``' order.
+
+    A file gone or not Parquet yields its error in place of the footer; a storage error that
+    outlasts its retries says nothing of the file: it is raised, in its unit's turn.
+    """
+
+    def read(relpath: str) -> FooterRead:
+        try:
+            return read_footer(url, relpath, sizes[relpath])
+        except (FileNotFoundError, ValueError) as error:  # ValueError: pyarrow's ArrowInvalid
+            return error
+
+    with ThreadPoolExecutor(max_workers=io_threads) as pool:
+        yield from zip(sizes, pool.map(read, sizes), strict=True)
+
+
 def footer_problem(
     entry: Mapping[str, Any], footer: pq.FileMetaData, provenance: Mapping[str, Any]
 ) -> str | None:
@@ -175,24 +199,17 @@ def check_cache(
             )
         else:
             present.append(relpath)
-    if footers and present:
-
-        def problem(relpath: str) -> str | None:
-            try:  # a storage error that outlasts its retries says nothing of the file: raised
-                footer = read_footer(url, relpath, stored[relpath])
-            except FileNotFoundError:
-                return "missing"
-            except ValueError as error:  # pyarrow's ArrowInvalid: not (or no longer) Parquet
-                return f"unreadable footer: {error}"
-            why = footer_problem(units[relpath], footer, provenance)
-            if why is None:
+    if footers:
+        sizes = {relpath: stored[relpath] for relpath in present}
+        for relpath, footer in read_footers(url, sizes, io_threads=io_threads):
+            if isinstance(footer, FileNotFoundError):
+                check.damaged[relpath] = "missing"
+            elif isinstance(footer, ValueError):
+                check.damaged[relpath] = f"unreadable footer: {footer}"
+            elif why := footer_problem(units[relpath], footer, provenance):
+                check.damaged[relpath] = why
+            else:
                 check.footers[relpath] = footer  # readers index the cache from it
-            return why
-
-        with ThreadPoolExecutor(max_workers=io_threads) as pool:
-            for relpath, why in zip(present, pool.map(problem, present), strict=True):
-                if why:
-                    check.damaged[relpath] = why
     return check
 
 
@@ -257,7 +274,8 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     removed, so the run computes it again; each is logged with a warning naming it. An orphan
     (committed, never recorded) is adopted from its own footer, unless that footer is
     unreadable or names another unit (then it is removed and computed again); an orphan of
-    another cache is refused with ``ProvenanceMismatch``.
+    another cache is refused with ``ProvenanceMismatch``. Orphans' footers are read in parallel
+    (a cache whose manifest was moved aside is all orphans); one line says how many were adopted.
     """
     fs, root = fsspec.core.url_to_fs(manifest.root)
     check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
@@ -266,25 +284,42 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
         manifest.forget(relpath)
         if why != "missing":
             fs.rm(f"{root}/{relpath}")
-    for relpath, size in sorted(check.orphans.items()):
-        entry = _orphan_entry(manifest, relpath, size)
+    orphans = dict(sorted(check.orphans.items()))
+    adopted = []
+    for relpath, footer in read_footers(manifest.root, orphans, io_threads=io_threads):
+        entry = _orphan_entry(manifest, relpath, orphans[relpath], footer)
         if entry is None:
             fs.rm(f"{root}/{relpath}")
         elif entry:
             manifest.record(relpath, entry)
-            log.info("adopted committed unit %s missing from the manifest", relpath)
+            adopted.append(relpath)
+            log.debug("adopted committed unit %s missing from the manifest", relpath)
+    if adopted:
+        log.info(
+            "adopted %s committed unit(s) missing from the manifest: %s",
+            f"{len(adopted):,}",
+            _some(adopted),
+        )
     manifest.flush(force=True)
     return manifest
 
 
-def _orphan_entry(manifest: Manifest, relpath: str, size: int) -> dict[str, Any] | None:
-    """The manifest entry an orphan's footer describes; None (logged) if it is an unusable
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, and how many more there are."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more:,} more" if more > 0 else "")
+
+
+def _orphan_entry(
+    manifest: Manifest, relpath: str, size: int, footer: FooterRead
+) -> dict[str, Any] | None:
+    """The manifest entry an orphan's ``footer`` describes; None (logged) if it is an unusable
     unit, to remove; empty (logged) for a Parquet file that is not a pvu unit, left alone."""
     url = f"{manifest.root}/{relpath}"
-    try:
-        footer = read_footer(manifest.root, relpath, size)
-    except ValueError as error:
-        log.warning("recomputing %s: committed but unreadable (%s)", url, error)
+    if isinstance(footer, FileNotFoundError):
+        raise footer
+    if isinstance(footer, ValueError):
+        log.warning("recomputing %s: committed but unreadable (%s)", url, footer)
         return None
     if UNIT_STATS_KEY not in (footer.metadata or {}):
         log.warning("left %s alone: a Parquet file, but not a pvu unit", url)
