@@ -332,11 +332,14 @@ def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_d
     ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
     report = tmp_path / "r"
     report.mkdir()
-    (report / "report.json").symlink_to("/dev/full")  # its writes fail with ENOSPC
+    (report / "r_auroc.png").symlink_to("/dev/full")  # its writes fail with ENOSPC
+    (report / "report.json").write_text('{"figures": ["r_auroc.png"]}')  # an earlier run's
     result = run("--head", head_dir, "--dataset", f"ok={ok}", "--report", str(report))
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert f"write file://{report}/report.json failed" in " ".join(result.output.split())
+    assert f"write file://{report}/r_auroc.png failed" in " ".join(result.output.split())
     assert "Nospaceleftondevice" in said(result)
+    # the earlier report.json would list the figures of two runs: it is gone
+    assert not (report / "report.json").exists()
 
 
 def test_a_report_folder_that_is_a_file_is_refused_before_the_work(

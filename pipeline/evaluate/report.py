@@ -40,7 +40,10 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
     files[REPORT_JSON] = (json.dumps(report, indent=2) + "\n").encode()  # last: it lists the rest
     with naming(f"write the report into {folder}"):
         fs.makedirs(root, exist_ok=True)
-        for name in sorted(_earlier_figures(fs, root) - set(files)):
+        # the earlier report's own files first: a run stopped part-way leaves no report.json
+        # (nor report.md) listing figures of two runs
+        stale = sorted(_earlier_figures(fs, root) - set(files))
+        for name in [REPORT_JSON, REPORT_MD, *stale]:
             with contextlib.suppress(OSError, ValueError):  # gone, or a folder: leave it
                 fs.rm(f"{root}/{name}")
     for name, data in files.items():
