@@ -80,3 +80,26 @@ def test_the_pass_again_changes_nothing_and_a_recomputed_unit_is_cut_again(tmp_p
     manifest.record(result.relpath, result.manifest_entry())
     assert deduplicate(manifest, ORDER) == {"epoch=0000/dup-1.parquet": 3}
     assert rows(root).equals(before)
+
+
+def test_epochs_checked_as_they_are_are_not_read_again(tmp_path, shards, monkeypatch):
+    """Every run read every unit's keys again, a no-op resume too: 14,000 key columns and
+    2-3 minutes of each ImageNet-21k re-run, for nothing."""
+    import pipeline.cache.dedupe as dedupe
+
+    root = str(tmp_path / "cache")
+    manifest = cache_in_order(root, shards, [("dup-0", 0), ("dup-1", 0), ("dup-0", 1)])
+    read: list[str] = []
+    real = dedupe.read_keys
+    monkeypatch.setattr(
+        dedupe,
+        "read_keys",
+        lambda root, relpath, size=None: read.append(relpath) or real(root, relpath, size),
+    )
+    reopened = Manifest.open(root, manifest.provenance)  # what the next run finds
+    assert set(reopened.deduplicated) == {"0", "1"}
+    assert deduplicate(reopened, ORDER) == {} and read == []
+    result = make_runner(root).run(Unit(shards["dup-1"], "dup-1", 1))  # epoch 1 grows
+    reopened.record(result.relpath, result.manifest_entry())
+    assert deduplicate(reopened, ORDER) == {"epoch=0001/dup-1.parquet": 3}
+    assert {relpath.split("/")[0] for relpath in read} == {"epoch=0001"}

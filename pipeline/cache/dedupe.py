@@ -8,7 +8,9 @@ run's shard order, then any other shard of the cache by name) and keeps each key
 in that order, so which copy stays never depends on which unit finished first. A unit that
 holds a later copy is rewritten without it (written aside, moved into place, like any commit)
 and counts it as ``duplicate_key`` in its skips, in its footer and in the manifest. A cache
-without duplicates is only read; running the pass again changes nothing.
+without duplicates is only read; running the pass again changes nothing. The manifest keeps,
+per epoch, a digest of the units the last pass found clean: a run that adds or recomputes none
+of an epoch's units reads none of its keys.
 
 Keys are compared by a 64-bit hash (8 bytes a key, one epoch at a time); the keys behind a
 hash that two rows share are then compared as strings, so a collision never drops a sample.
@@ -16,6 +18,8 @@ hash that two rows share are then compared as strings, so a collision never drop
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -42,7 +46,8 @@ def deduplicate(
     """Drop every later copy of a key within each epoch of ``manifest``'s cache.
 
     ``shard_order``: the run's shard names; their units rank first, in this order. Returns the
-    rows dropped per rewritten unit (relpath -> count); the manifest is written if any was.
+    rows dropped per rewritten unit (relpath -> count). An epoch whose units are as the last
+    pass found them clean is not read; the manifest is written if an epoch was.
     """
     rank = {name: i for i, name in enumerate(shard_order)}
 
@@ -55,7 +60,10 @@ def deduplicate(
         if manifest.units[relpath]["rows"]:
             by_epoch[manifest.units[relpath]["epoch"]].append(relpath)
     dropped: dict[str, int] = {}
+    checked = False
     for epoch, units in sorted(by_epoch.items()):
+        if manifest.deduplicated.get(str(epoch)) == units_digest(manifest, units):
+            continue  # checked as they are by an earlier pass: nothing to read
         sizes = [manifest.units[relpath]["bytes"] for relpath in units]
         for relpath, (rows, example) in later_copies(
             manifest.root, units, sizes, io_threads
@@ -72,9 +80,22 @@ def deduplicate(
                 *example,
                 DUPLICATE,
             )
-    if dropped:
+        manifest.mark_deduplicated(epoch, units_digest(manifest, units))
+        checked = True
+    if checked:
         manifest.flush(force=True)
     return dropped
+
+
+def units_digest(manifest: Manifest, units: Sequence[str]) -> str:
+    """A digest of ``units`` in their order, each with its size, rows and skips: a unit added,
+    recomputed (with its duplicates again) or reordered changes it."""
+    digest = hashlib.sha256()
+    for relpath in units:
+        entry = manifest.units[relpath]
+        skipped = json.dumps(entry["skipped"], sort_keys=True)
+        digest.update(f"{relpath}\0{entry['bytes']}\0{entry['rows']}\0{skipped}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def read_keys(root: str, relpath: str, size: int | None = None) -> pa.ChunkedArray:

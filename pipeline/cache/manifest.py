@@ -110,6 +110,8 @@ class Manifest:
         self.root = root.rstrip("/")
         self.provenance = provenance
         self.units: dict[str, dict[str, Any]] = {}
+        #: Per epoch, the digest of its units when a duplicate-key pass last found them clean.
+        self.deduplicated: dict[str, str] = {}
         self.flush_seconds = flush_seconds
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         self._last_flush = 0.0
@@ -129,6 +131,7 @@ class Manifest:
             return manifest
         check_provenance(document["provenance"], provenance, root)
         manifest.units = document["units"]
+        manifest.deduplicated = document.get("deduplicated", {})
         return manifest
 
     @property
@@ -146,6 +149,11 @@ class Manifest:
         self._fresh.add(relpath)
         self._dirty = True
         self.flush()
+
+    def mark_deduplicated(self, epoch: int, digest: str) -> None:
+        """Record that epoch ``epoch``'s units, as ``digest`` describes them, hold each key once."""
+        self.deduplicated[str(epoch)] = digest
+        self._dirty = True
 
     def forget(self, relpath: str) -> None:
         """Drop a unit from the record (its file is gone or damaged), so it is computed again."""
@@ -170,6 +178,8 @@ class Manifest:
         }
         validate_manifest(document)  # the others were validated when read or last written
         document["units"] = dict(sorted(self.units.items()))
+        if self.deduplicated:
+            document["deduplicated"] = dict(sorted(self.deduplicated.items()))
         data = json.dumps(document, separators=(",", ":")).encode()  # C encoder: no indent
 
         def write_then_move() -> None:
