@@ -86,8 +86,7 @@ def ignore_stop_signals() -> None:
 def handle_stop_signals() -> dict[int, Any]:
     """Make Ctrl-C and SIGTERM (``ray job stop``, a pod evicted) unwind the job from the main
     thread, once; returns the handlers replaced (none in other threads, where it does
-    nothing). ``ray.init`` replaces SIGTERM's with its own, which exits with no word: call
-    this again after it."""
+    nothing)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
@@ -96,8 +95,10 @@ def handle_stop_signals() -> dict[int, Any]:
 @contextmanager
 def sigterm_in_ray_init() -> Iterator[None]:
     """Around ``ray.init``: a SIGTERM while it runs (its handler exits with code 15, no word)
-    ends the job as pvu's own handler does; pvu's handlers are back afterwards, and ignore
-    stop signals while Ray stops at exit (interrupted, it left its agents running)."""
+    ends the job as pvu's own handler does; the handlers it replaced are back afterwards, and
+    stop signals are ignored while Ray stops at exit (interrupted, it left its agents running)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS} if main else {}
     try:
         yield
     except SystemExit as stop:
@@ -107,7 +108,8 @@ def sigterm_in_ray_init() -> Iterator[None]:
         raise KeyboardInterrupt from None
     finally:
         atexit.register(ignore_stop_signals)  # runs before the exit handler ray.init added
-    handle_stop_signals()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager

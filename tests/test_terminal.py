@@ -75,3 +75,12 @@ def test_a_sigterm_while_ray_starts_ends_the_job_as_its_own_handler_does(monkeyp
         ray_init()
     assert ended.value.exit_code == 143 and "cache: terminated" in said.getvalue()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_starting_ray_leaves_the_signal_handlers_as_they_were() -> None:
+    """Outside a job's `reported` (a notebook, a test calling run_cache), starting Ray left
+    pvu's handlers on Ctrl-C: after one Ctrl-C, Ctrl-C and SIGTERM were ignored for good."""
+    before = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
+    with terminal.sigterm_in_ray_init():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray's
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == before
