@@ -180,6 +180,24 @@ def test_hub_weights_that_cannot_be_fetched_name_the_model_and_the_way_out(monke
     assert run.returncode == 0 and run.stderr.count("a hub line") == 1, run.stderr
 
 
+def test_hub_weights_that_do_not_fit_the_model_kwargs_are_named(monkeypatch):
+    """global_pool='avg' gives a ViT an fc_norm its hub weights lack: timm's strict load raised
+    a RuntimeError, a traceback where every other misfit is one line."""
+    stock = timm.create_model("vit_tiny_patch16_224").state_dict()
+    build = timm.create_model
+
+    def from_hub(name: str, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        model = build(name, pretrained=False, **kwargs)
+        if pretrained:  # the hub's weights, loaded strictly as timm loads them
+            model.load_state_dict(stock)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", from_hub)
+    said = r"could not build vit_tiny_patch16_224 with --model-kwargs .*Error\(s\) in loading"
+    with pytest.raises(ValueError, match=said):
+        create_backbone_model("vit_tiny_patch16_224", "hub", {"global_pool": "avg"})
+
+
 def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
     """Empty, text or damaged files gave IndexError, KeyError or SafetensorError tracebacks;
     a safetensors file not named so was refused as a pickle; torch.compile's and Lightning's

@@ -194,7 +194,8 @@ def _create(name: str, kwargs: dict[str, Any], **fixed: Any) -> torch.nn.Module:
         return timm.create_model(name, **arguments)
     try:
         return timm.create_model(name, **arguments)
-    except (TypeError, AssertionError, ValueError) as error:
+    except (TypeError, AssertionError, ValueError, RuntimeError) as error:
+        # RuntimeError: hub weights that do not fit the model the arguments build
         raise ValueError(
             f"timm could not build {name} with --model-kwargs {json.dumps(kwargs)}: "
             f"{_first_line(error)}"
