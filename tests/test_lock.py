@@ -18,6 +18,7 @@ import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS
 
+from pipeline.cache import lock as lock_module
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.index import open_cache
 from pipeline.cache.lock import LOCK_NAME, CacheLocked, Holder, RunLock
@@ -158,27 +159,34 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
         pass
 
 
-def test_a_lock_whose_process_id_was_reused_frees_at_once(tmp_path, caplog) -> None:
-    """A restarted container's run is PID 1 again, on the same host name: the dead run's lock
-    (pid 1) held it off for a whole lease, the refusal promising 'at once' on this host. Any
-    process that took the dead one's id started after its lock did."""
+def test_a_lock_whose_process_id_was_reused_or_whose_host_rebooted_frees_at_once(
+    tmp_path, caplog
+) -> None:
+    """A dead run's process id taken by another process since, or a reboot since, held the
+    lock for a whole lease. The process is told by its start in clock ticks since boot, so a
+    clock step cannot make a live holder look dead; a holder in another PID namespace (another
+    container of the pod, PID 1 too) is left to its lease."""
     prefix = str(tmp_path / "cache")
     now = time.time()
-    me = Holder("old", socket.gethostname(), os.getpid(), "pvu cache, killed", now, now, 3600)
-    plant(prefix, me)  # this process's id, a run it does not hold
-    with caplog.at_level(logging.WARNING), RunLock(prefix, owner="restarted"):
-        assert "taking over the lock of a dead run: run old" in caplog.text
-    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    try:
-        plant(prefix, replace(me, pid=newer.pid, started=now - 60))  # the id, reused since
-        with RunLock(prefix, owner="later"):
+    host = socket.gethostname()
+    parent = os.getppid()  # alive, and not this process
+    context = lock_module._context()
+    ticks = lock_module._start_ticks(parent)
+    alive = Holder(
+        "live", host, parent, "pvu cache, alive", now - 1e6, now, 3600, f"{context}/{ticks}"
+    )
+    boot, namespace = context.split("/", 1)
+    for dead in (
+        replace(alive, run_id="reused", process=f"{context}/{int(ticks) + 1}"),  # id reused
+        replace(alive, run_id="rebooted", process=f"not-{boot}/{namespace}/{ticks}"),
+    ):
+        plant(prefix, dead)
+        with caplog.at_level(logging.WARNING), RunLock(prefix, owner="later"):
+            assert f"taking over the lock of a dead run: run {dead.run_id}" in caplog.text
+    for live in (alive, replace(alive, process=f"{boot}/pid:[1]/{ticks}")):  # the lease decides
+        plant(prefix, live)
+        with pytest.raises(CacheLocked, match="pvu cache, alive"), RunLock(prefix, owner="x"):
             pass
-        plant(prefix, replace(me, pid=os.getppid()))  # a live process older than the lock
-        with pytest.raises(CacheLocked, match="pvu cache, killed"), RunLock(prefix, owner="x"):
-            pass
-    finally:
-        newer.kill()
-        newer.wait()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-No
 S3), so of two runs started at once exactly one gets it; the other is refused with a message
 naming the holder. The holder rewrites the lock's heartbeat every ``lease / 4`` seconds. A lock
 whose heartbeat is older than its lease belongs to a run that died (killed, node lost): the next
-run takes it over with a warning. On the holder's own host a dead process frees it at once
-(its id gone, or reused by a process started later).
+run takes it over with a warning. On the holder's own host a dead process frees it at once:
+in the same boot and PID namespace, its id gone or now another process's (told apart by its
+start in clock ticks since boot, which no clock step moves); after a reboot, always. A holder
+in another PID namespace (another container of a pod) is left to its lease.
 A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old.
 Clocks of the machines that share a prefix must agree to well within the lease.
 """
@@ -21,12 +23,11 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
-import psutil
 
 from pipeline.retry import naming, read_bytes, remove_partial
 
@@ -34,11 +35,6 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock.json"
 LEASE_SECONDS = 120.0
-#: Seconds a process's start time (from the kernel's clock ticks) may read after its own
-#: clock's reading when it took the lock.
-_CLOCK_SLACK = 1.0
-#: Run ids of the locks this process holds.
-_HELD_HERE: set[str] = set()
 
 
 class CacheLocked(ValueError):
@@ -60,26 +56,26 @@ class Holder:
     started: float
     heartbeat: float
     lease: float
+    #: ``<boot id>/<PID namespace>/<start ticks>`` of the holding process ("": not known).
+    process: str = ""
 
     def expired(self, now: float) -> bool:
         """Whether the lease ran out: the holder stopped beating ``lease`` seconds ago."""
         return now > self.heartbeat + self.lease
 
     def dead_here(self) -> bool:
-        """Whether the holder ran on this host and its process is gone: no process has its
-        id, or the one that has it started after the lock did (the id reused, as by a restarted
-        container's PID 1), or it is this process and the run is none of its own."""
+        """Whether the holder ran on this host and its process is gone (see the module)."""
         if self.host != socket.gethostname():
             return False
-        if self.pid == os.getpid():
-            return self.run_id not in _HELD_HERE
-        try:
-            created = psutil.Process(self.pid).create_time()
-        except psutil.NoSuchProcess:
-            return True
-        except psutil.AccessDenied:  # alive, another user's
-            return False
-        return created > self.started + _CLOCK_SLACK
+        here = _context()
+        if not self.process or not here:  # a lock from before processes were recorded
+            return not _exists(self.pid)
+        context, _, ticks = self.process.rpartition("/")
+        if context.split("/")[0] != here.split("/")[0]:
+            return True  # another boot: its process ended with it
+        if context != here:
+            return False  # another PID namespace: its id means nothing here
+        return _start_ticks(self.pid) != ticks
 
     def describe(self, now: float) -> str:
         """One line naming the run, e.g. for the refusal of a second one."""
@@ -91,6 +87,41 @@ class Holder:
 
 
 _TYPES = {"str": str, "int": int, "float": float}  # Holder's field annotations, as written
+
+
+def _context() -> str:
+    """This process's ``<boot id>/<PID namespace>`` ("" where ``/proc`` does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot; None where there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22: after comm, from 3
+    except (OSError, IndexError):
+        return None
+
+
+def _process_identity() -> str:
+    """:attr:`Holder.process` of this process."""
+    here = _context()
+    return f"{here}/{_start_ticks(os.getpid())}" if here else ""
+
+
+def _exists(pid: int) -> bool:
+    """Whether a process has the id ``pid`` here."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class RunLock:
@@ -111,6 +142,7 @@ class RunLock:
             started=now,
             heartbeat=now,
             lease=lease,
+            process=_process_identity(),
         )
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
@@ -125,14 +157,12 @@ class RunLock:
         current = self._read()  # a store without exclusive writes lets the last writer win
         if current is None or current.run_id != self.holder.run_id:
             raise self._refusal(current) if current else CacheLocked(f"lost {self._path}")
-        _HELD_HERE.add(self.holder.run_id)
         self._beating = threading.Thread(target=self._beat, name="pvu-lock", daemon=True)
         self._beating.start()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still ours."""
         self._stop.set()
-        _HELD_HERE.discard(self.holder.run_id)
         if self._beating is not None:
             self._beating.join()
         try:
@@ -202,7 +232,7 @@ class RunLock:
             "Wait for it to finish. If it was killed, its lock expires "
             f"{current.lease:.0f} s after its last heartbeat (in "
             f"{max(0.0, current.heartbeat + current.lease - now):.0f} s), or at once "
-            f"for a run started on {current.host}"
+            f"for a run started on {current.host} in the same container"
         )
 
     def _beat(self) -> None:
@@ -226,7 +256,13 @@ class RunLock:
         one (fields a later version added are ignored)."""
         try:
             document = json.loads(read_bytes(self._fs, self._path))
-            return Holder(**{f.name: _TYPES[f.type](document[f.name]) for f in fields(Holder)})
+            return Holder(
+                **{
+                    f.name: _TYPES[f.type](document[f.name])
+                    for f in fields(Holder)
+                    if f.name in document or f.default is MISSING  # added later: its default
+                }
+            )
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as error:
