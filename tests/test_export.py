@@ -236,7 +236,8 @@ def test_attach_refuses_what_would_give_wrong_uncertainties(
     meta device (garbage once the model was materialised), a second head (an AttributeError at
     the first forward)."""
     folder = _export(tmp_path)
-    unpooled = attach_head(timm.create_model(BACKBONE, global_pool="", num_classes=10), folder)
+    with pytest.warns(UserWarning, match="global_pool=''"):
+        unpooled = attach_head(timm.create_model(BACKBONE, global_pool="", num_classes=10), folder)
     with pytest.raises(ValueError, match=r"shape \(2, 197, 192\).*\(batch, 192\).*global_pool"):
         unpooled.eval()(batch[:2])
     with torch.device("meta"):
@@ -302,6 +303,20 @@ def test_attach_warns_of_another_classifier_or_image_size_and_refuses_a_compiled
     in_place.compile()
     with pytest.raises(ValueError, match="compile what attach_head returns"):
         attach_head(in_place, folder)
+
+
+def test_attach_warns_of_a_model_pooled_otherwise_than_its_cache(tmp_path: Path, model) -> None:
+    """A head from a cache of timm's default pooling (no model_kwargs) attached silently to a
+    model built with global_pool='avg': another embedding, with no parameter to tell it by."""
+    folder = _export(tmp_path / "head")
+    averaged = timm.create_model(BACKBONE, pretrained=False, num_classes=10, global_pool="avg")
+    with pytest.warns(
+        UserWarning, match=r"with global_pool='token', but the model has global_pool='avg'"
+    ):
+        attach_head(averaged, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach_head(model, folder)  # timm's default, as the cache's backbone
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

@@ -254,13 +254,19 @@ def _architecture(backbone: str, expected: str) -> str:
     name = backbone.split(".")[0]
     if name == expected:
         return name
+    built = _meta_model(backbone, {})
+    return (built.pretrained_cfg.get("architecture") if built else None) or name
+
+
+def _meta_model(backbone: str, kwargs: dict[str, Any]) -> nn.Module | None:
+    """timm's ``backbone`` built with ``kwargs`` on the meta device (no weights, no time);
+    None where this timm cannot build it."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm's "Mapping deprecated model name ..."
         try:
-            built = timm.create_model(backbone, pretrained=False)
-        except (RuntimeError, ValueError, NotImplementedError):  # unknown to this timm
-            return name
-    return built.pretrained_cfg.get("architecture") or name
+            return timm.create_model(backbone, pretrained=False, **kwargs)
+        except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError):
+            return None
 
 
 def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
@@ -288,7 +294,7 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
         advice = (
             "did you create it with pretrained=True?"
             if digest.startswith("hub:")
-            else f"load the weights its cache was made with ({made_with})"
+            else "load the weights its cache was made with"
         )
         warnings.warn(
             f"the model's weights are not those the head in {head_dir} was trained on "
@@ -298,16 +304,27 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
 
 
 def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
-    """Warn when a ``timm.create_model`` argument the cache's backbone was built with is an
-    attribute of ``model`` with another value (``global_pool``: another embedding)."""
-    for name, wanted in (doc.get("model_kwargs") or {}).items():
-        found = getattr(model, name, None)
-        if isinstance(found, nn.Module):  # timm's pooling module holds its kind as pool_type
-            found = getattr(found, "pool_type", None)
-        if isinstance(found, (str, int, float, bool)) and found != wanted:
+    """Warn when ``model``'s pooling, or another plain setting a ``model_kwargs`` argument sets,
+    differs from the backbone's the cache was made with (timm's defaults and head.json's
+    ``model_kwargs``): its embeddings are others."""
+    kwargs = doc.get("model_kwargs") or {}
+    built = _meta_model(doc["backbone"], kwargs)
+    if built is None:
+        return
+    for name in sorted({"global_pool", *kwargs}):
+        found, wanted = _setting(model, name), _setting(built, name)
+        if found is not None and wanted is not None and found != wanted:
             warnings.warn(
-                f"the head in {head_dir} was trained on {doc['backbone']} built with "
-                f"{name}={wanted!r}, but the model has {name}={found!r}: create it with "
-                "timm.create_model(..., **head.json's model_kwargs)",
+                f"the head in {head_dir} was trained on embeddings of {doc['backbone']} with "
+                f"{name}={wanted!r}, but the model has {name}={found!r}: create the model as "
+                "its cache's backbone was (timm.create_model(..., **head.json's model_kwargs))",
                 stacklevel=3,
             )
+
+
+def _setting(model: nn.Module, name: str) -> str | int | float | bool | None:
+    """``model``'s plain attribute ``name`` (timm's pooling module: its ``pool_type``)."""
+    value = getattr(model, name, None)
+    if isinstance(value, nn.Module):
+        value = getattr(value, "pool_type", None)
+    return value if isinstance(value, (str, int, float, bool)) else None
