@@ -145,6 +145,8 @@ def progress_bar(*columns: ProgressColumn | str, plain: str, **options: Any) -> 
     """A rich progress bar on :data:`console`. Where stderr is no terminal (``ray job logs``,
     ``kubectl logs``, a file), which a bar reaches only when it ends, each unfinished task is
     written as the line ``plain`` (a format of ``task``) every ``PLAIN_PROGRESS_SECONDS``."""
+    if not console.is_terminal:
+        options["transient"] = True  # its last render too: the plain lines and summary say it
     with Progress(*columns, console=console, **options) as progress:
         if console.is_terminal:
             yield progress

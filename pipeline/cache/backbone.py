@@ -182,7 +182,7 @@ def _weights_digest(name: str, weights: str, state: str) -> str:
 #: Said when a weights file does not fit: a checkpoint of a model built with other arguments.
 _KWARGS_HINT = (
     " (made with other timm arguments, as global_pool='avg' or img_size=384? give them with "
-    "--model-kwargs)"
+    "--model-kwargs, or for an --also target as model_kwargs in its also: entry of --config)"
 )
 
 

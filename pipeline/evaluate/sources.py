@@ -66,9 +66,14 @@ def check_head_fits(
     for field in ("backbone", "weights_digest", "model_kwargs"):
         if doc.get(field) != provenance.get(field):
             raise ValueError(
-                f"head {head.path} was trained for {field} {doc.get(field)!r}, but cache "
-                f"{url} ({name}) has {provenance.get(field)!r}"
+                f"head {head.path} was trained for {field} {_shown(doc.get(field))}, but cache "
+                f"{url} ({name}) has {_shown(provenance.get(field))}"
             )
+
+
+def _shown(value: Any) -> str:
+    """A provenance value in a message; none where unset (model_kwargs: timm's defaults)."""
+    return "none (timm's defaults)" if value is None else repr(value)
 
 
 def head_uncertainty(
