@@ -99,17 +99,22 @@ def sigterm_in_ray_init() -> Iterator[None]:
     stop signals are ignored while Ray stops at exit (interrupted, it left its agents running)."""
     main = threading.current_thread() is threading.main_thread()
     before = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS} if main else {}
+    stopped = False
     try:
         yield
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
             raise
         _sigterm.set()
+        stopped = True
         raise KeyboardInterrupt from None
+    except KeyboardInterrupt:
+        stopped = True
+        raise
     finally:
         atexit.register(ignore_stop_signals)  # runs before the exit handler ray.init added
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+        for signum, handler in before.items():  # a job stopping: later signals stay ignored
+            signal.signal(signum, signal.SIG_IGN if stopped and handler is _stop else handler)
 
 
 @contextmanager

@@ -317,6 +317,11 @@ def test_attach_warns_of_a_model_pooled_otherwise_than_its_cache(tmp_path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attach_head(model, folder)  # timm's default, as the cache's backbone
+    head = create_head(HeadConfig(embedding_dim=320, hidden=(8,)), seed=0)  # pooled in .head
+    export_head(head, str(tmp_path / "convnext"), backbone="convnext_atto", weights_digest="x",
+                loss="l2", model_kwargs={"global_pool": "max"})  # fmt: skip
+    with pytest.warns(UserWarning, match=r"global_pool='max', but the model has global_pool='avg'"):
+        attach_head(timm.create_model("convnext_atto"), str(tmp_path / "convnext"))
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

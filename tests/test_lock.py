@@ -159,6 +159,11 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
         pass
 
 
+NAMED_NOT_UTF8 = (
+    "import ctypes, time; ctypes.CDLL(None).prctl(15, b'a) \\xff\\xfe'); time.sleep(60)"
+)
+
+
 def test_a_lock_whose_process_id_was_reused_or_whose_host_rebooted_frees_at_once(
     tmp_path, caplog
 ) -> None:
@@ -183,6 +188,17 @@ def test_a_lock_whose_process_id_was_reused_or_whose_host_rebooted_frees_at_once
         plant(prefix, dead)
         with caplog.at_level(logging.WARNING), RunLock(prefix, owner="later"):
             assert f"taking over the lock of a dead run: run {dead.run_id}" in caplog.text
+    named = subprocess.Popen([sys.executable, "-c", NAMED_NOT_UTF8])  # a comm of any bytes
+    try:
+        comm = f"/proc/{named.pid}/comm"
+        deadline = time.monotonic() + 30
+        while b"\xff" not in open(comm, "rb").read():  # noqa: SIM115
+            assert time.monotonic() < deadline, "the process never took its name"
+            time.sleep(0.05)
+        assert lock_module._start_ticks(named.pid) is not None  # was a UnicodeDecodeError
+    finally:
+        named.kill()
+        named.wait()
     for live in (alive, replace(alive, process=f"{boot}/pid:[1]/{ticks}")):  # the lease decides
         plant(prefix, live)
         with pytest.raises(CacheLocked, match="pvu cache, alive"), RunLock(prefix, owner="x"):

@@ -84,3 +84,20 @@ def test_starting_ray_leaves_the_signal_handlers_as_they_were() -> None:
     with terminal.sigterm_in_ray_init():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray's
     assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == before
+
+
+def test_a_second_signal_after_one_in_ray_init_is_ignored_too(monkeypatch) -> None:
+    """Starting Ray put pvu's handler back after a Ctrl-C inside it: a second one then broke
+    off the unwinding again."""
+    _said(monkeypatch)
+    unwound = False
+    with pytest.raises(typer.Exit) as ended, terminal.reported("cache", verbose=False):
+        try:
+            with terminal.sigterm_in_ray_init():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            unwound = True
+    assert ended.value.exit_code == 130 and unwound

@@ -101,8 +101,8 @@ def _context() -> str:
 def _start_ticks(pid: int) -> str | None:
     """When process ``pid`` started, in clock ticks since boot; None where there is none."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22: after comm, from 3
+        with open(f"/proc/{pid}/stat", "rb") as stat:  # comm may be any bytes, ")" too
+            return stat.read().rsplit(b")", 1)[1].split()[19].decode()  # field 22
     except (OSError, IndexError):
         return None
 

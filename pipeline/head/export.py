@@ -323,8 +323,12 @@ def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) ->
 
 
 def _setting(model: nn.Module, name: str) -> str | int | float | bool | None:
-    """``model``'s plain attribute ``name`` (timm's pooling module: its ``pool_type``)."""
+    """``model``'s plain attribute ``name``, or its head's (ConvNeXt, RegNet, ... pool there);
+    of timm's pooling module, its ``pool_type``."""
     value = getattr(model, name, None)
+    head = getattr(model, "head", None)
+    if value is None and isinstance(head, nn.Module):
+        value = getattr(head, name, None)
     if isinstance(value, nn.Module):
         value = getattr(value, "pool_type", None)
     return value if isinstance(value, (str, int, float, bool)) else None
