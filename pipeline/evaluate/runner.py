@@ -27,10 +27,12 @@ from pipeline.evaluate.knn import BLOCK_BYTES, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import auroc, neighbour_correct, r_auroc
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
 from pipeline.evaluate.sources import (
+    BACKBONE_FIELDS,
     BASELINES,
     LoadedHead,
     check_head_fits,
     load_heads,
+    shown,
     uncertainties,
 )
 from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
@@ -124,11 +126,11 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
     for name, url in inputs:
         provenance = indexes[url].files[0].provenance
         check_eval_transform(name, url, provenance)
-        for key in ("backbone", "weights_digest", "model_kwargs"):
+        for key in BACKBONE_FIELDS:
             if provenance.get(key) != first.get(key):
                 raise ValueError(
-                    f"{name}: cache {url} has {key} {provenance.get(key)!r}, but the first "
-                    f"cache has {first.get(key)!r}; a report compares one backbone"
+                    f"{name}: cache {url} has {key} {shown(provenance.get(key))}, but the first "
+                    f"cache has {shown(first.get(key))}; a report compares one backbone"
                 )
         for head in heads:
             check_head_fits(head, name, url, provenance, indexes[url].dim)

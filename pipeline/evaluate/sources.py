@@ -52,6 +52,15 @@ def load_heads(paths: list[str], *, device: str = "cpu") -> list[LoadedHead]:
     return heads
 
 
+#: Provenance fields that name the backbone whose embeddings a cache holds (and a head learned).
+BACKBONE_FIELDS = ("backbone", "weights_digest", "model_kwargs")
+
+
+def shown(value: Any) -> str:
+    """A provenance value in a message; none where unset (model_kwargs: timm's defaults)."""
+    return "none (timm's defaults)" if value is None else repr(value)
+
+
 def check_head_fits(
     head: LoadedHead, name: str, url: str, provenance: dict[str, Any], dim: int
 ) -> None:
@@ -63,17 +72,12 @@ def check_head_fits(
             f"head {head.path} expects {doc['embedding_dim']}-d embeddings, but cache "
             f"{url} ({name}) has {dim}-d ones"
         )
-    for field in ("backbone", "weights_digest", "model_kwargs"):
+    for field in BACKBONE_FIELDS:
         if doc.get(field) != provenance.get(field):
             raise ValueError(
-                f"head {head.path} was trained for {field} {_shown(doc.get(field))}, but cache "
-                f"{url} ({name}) has {_shown(provenance.get(field))}"
+                f"head {head.path} was trained for {field} {shown(doc.get(field))}, but cache "
+                f"{url} ({name}) has {shown(provenance.get(field))}"
             )
-
-
-def _shown(value: Any) -> str:
-    """A provenance value in a message; none where unset (model_kwargs: timm's defaults)."""
-    return "none (timm's defaults)" if value is None else repr(value)
 
 
 def head_uncertainty(
