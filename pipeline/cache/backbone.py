@@ -189,13 +189,12 @@ _KWARGS_HINT = (
 def _create(name: str, kwargs: dict[str, Any], **fixed: Any) -> torch.nn.Module:
     """``timm.create_model(name, **kwargs, **fixed)``, never pretrained unless ``fixed`` says
     so; a ``ValueError`` naming ``kwargs`` where timm refuses them."""
-    arguments = {"pretrained": False, **kwargs, **fixed}
-    if not kwargs:
-        return timm.create_model(name, **arguments)
     try:
-        return timm.create_model(name, **arguments)
+        return timm.create_model(name, **{"pretrained": False, **kwargs, **fixed})
     except (TypeError, AssertionError, ValueError, RuntimeError) as error:
         # RuntimeError: hub weights that do not fit the model the arguments build
+        if not kwargs:
+            raise
         raise ValueError(
             f"timm could not build {name} with --model-kwargs {json.dumps(kwargs)}: "
             f"{_first_line(error)}"
