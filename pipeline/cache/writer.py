@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.retry import retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
@@ -111,7 +112,7 @@ def clear_staging(root: str) -> None:
     staging = f"{root_path}/{STAGING_DIR}"
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
-    for aside in fs.glob(f"{root_path}/._manifest.json.*"):
+    for aside in fs.glob(f"{root_path}/.{MANIFEST_NAME}.*"):  # as Manifest.flush names them
         fs.rm(aside)
 
 
