@@ -26,13 +26,21 @@ console = Console(stderr=True)
 answer = Console()
 
 
+#: A log line where stderr is no terminal: one line a record, for ``grep`` and log collectors.
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
 def setup_logging(verbose: bool) -> None:
-    """Rich log lines on stderr; debug level with ``verbose``."""
+    """Log lines on stderr, debug level with ``verbose``: rich ones on a terminal, plain ones
+    elsewhere (rich wrapped each message into a padded 80-column box in ``ray job logs``)."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     # huggingface_hub (timm's weights from the hub) also prints through a handler of its own
     import huggingface_hub.utils.logging  # noqa: F401 - which it adds on import

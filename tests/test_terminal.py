@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -101,3 +102,17 @@ def test_a_second_signal_after_one_in_ray_init_is_ignored_too(monkeypatch) -> No
             time.sleep(0.1)
             unwound = True
     assert ended.value.exit_code == 130 and unwound
+
+
+def test_log_records_are_one_line_each_where_stderr_is_no_terminal() -> None:
+    """Rich wrapped each record into a padded 80-column box in `ray job logs`: a skipped
+    sample's URL was cut over lines that `grep` could not find."""
+    message = "skipped sample " + "/".join(["s3://bucket/prefix"] + ["segment"] * 12)
+    script = (
+        "import logging; from jobs.terminal import setup_logging; setup_logging(verbose=False); "
+        f"logging.getLogger('pipeline.cache.unit').warning({message!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 0 and len(lines) == 1, run.stderr
+    assert lines[0].endswith(f" WARNING {message}")
