@@ -89,6 +89,10 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     (tmp_path / "cache" / "_manifest.json").unlink()  # pvu cache adopts the units it finds
     [bare] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert bare.estimate.units_done == 10 and bare.estimate.rows == real.rows // 2
+    # other shards of the committed ones' names: pvu cache refuses them (it took them as done)
+    write_digit_shards(str(tmp_path / "other-set"), shards=4, per_shard=9, size=32)
+    with pytest.raises(ValueError, match=r"4 shard\(s\) .* other files"):
+        run_plan(PlanJobConfig(shards=str(tmp_path / "other-set"), output=output, **COMMON))
 
     flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
     result = pvu("plan", *flags, "--sample-images", "8")

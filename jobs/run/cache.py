@@ -57,7 +57,7 @@ from pipeline.cache.distribute import (
 )
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.shards import expand_shards, shard_names
+from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
 from pipeline.cache.skips import SHARD_DAMAGE
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
@@ -530,6 +530,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         provenance = build_provenance(target, info, transform, compute)
         manifest = reconcile(Manifest.open(target.output, provenance))
         _forget_if_empty(manifest)
+        check_committed_sources(manifest.units.values(), dict(zip(names, urls, strict=True)))
         settings = unit_settings(target, info, transform, provenance, compute)
         targets.append(_Target(target, settings, manifest))
     units = [

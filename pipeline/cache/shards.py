@@ -20,12 +20,15 @@ import logging
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.retry import retry
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +109,53 @@ def shard_names(urls: Sequence[str]) -> list[str]:
         if other != url:
             raise ValueError(
                 f"shards {other!r} and {url!r} have the same name {name!r}; "
-                "unit files are named by shard, so shard basenames must be unique"
+                "unit files are named by shard, so shard basenames must be unique (pvu shards "
+                "--prefix names a set's shards apart)"
             )
         names.append(name)
     return names
+
+
+def check_committed_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) -> None:
+    """Refuse committed units made from another shard of the name a shard of this run has
+    (``by_name``: name -> URL): units are named by shard, so that shard's units would count as
+    done and it would never be read. A shard moved (the old URL gone) or copied (the same size)
+    is the same shard; ``ValueError`` names the first other one."""
+    moved = {}
+    for unit in units:
+        url = by_name.get(unit["shard"])
+        if url is not None and unit["source"] != url:
+            moved.setdefault(unit["shard"], (unit["source"], url))
+    if not moved:
+        return
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = dict(zip(moved.values(), pool.map(_other_size, moved.values()), strict=True))
+    others = [pair for pair, other in sizes.items() if other]
+    if others:
+        old, new = others[0]
+        raise ValueError(
+            f"--output holds units of {len(others):,} shard(s) that have the names of this run's "
+            f"but are other files: e.g. {shard_name(new)!r} was {old!r}, this run reads {new!r} "
+            "(another size). Cache these shards into another --output, or give the shard sets "
+            "other names (pvu shards --prefix)"
+        )
+    logger.info("%d shard(s) moved or copied since their units were committed: kept", len(moved))
+
+
+def _other_size(pair: tuple[str, str]) -> bool:
+    """Whether the shard a unit was made from (``pair[0]``) is still there and of another size
+    than the one of its name read now (``pair[1]``)."""
+    old, new = (_size(url) for url in pair)
+    return old is not None and old != new
+
+
+def _size(url: str) -> int | None:
+    """The size of the file at ``url``; None where it is gone or out of this run's reach."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return retry(lambda: fs.size(path), what=f"size of {url}")
+    except (FileNotFoundError, PermissionError):
+        return None
 
 
 def _tar_files(infos: Iterable[dict]) -> list[str]:
