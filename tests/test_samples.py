@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from pipeline.cache.decode import decode_image
+from pipeline.cache.plan import read_prefix
 from pipeline.cache.samples import RawSample, iter_samples, parse_label
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.demo.data import (
@@ -238,6 +239,23 @@ def test_duplicate_member_keeps_first(tmp_path, caplog):
     members = [("k.png", png), ("k.cls", b"1"), ("k.png", png), ("k.cls", b"2")]
     samples, counts = _read(_write_members(tmp_path / "twice.tar", members))
     assert [(s.key, s.label) for s in samples] == [("k", 1)] and counts == {"duplicate_key": 1}
+
+
+def test_macos_appledouble_members_are_left_out_not_read_as_samples(tmp_path, caplog):
+    """A tar made on macOS stores `train/._s0.jpg` before `train/s0.jpg` (extended attributes):
+    its key `train/` split every sample of the folder, and all were skipped as `no_image` under
+    a warning to sort the tar. `pvu plan` counted four times the samples."""
+    png = bad_samples()[0].files["png"]
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 50
+    members = [("__MACOSX/._train", apple)]
+    for i in range(3):
+        for ext, data in (("png", png), ("cls", str(i).encode())):
+            members += [(f"train/._s{i}.{ext}", apple), (f"train/s{i}.{ext}", data)]
+    url = _write_members(tmp_path / "mac.tar", members)
+    samples, counts = _read(url)
+    assert [(s.key, s.label) for s in samples] == [(f"train/s{i}", i) for i in range(3)]
+    assert not counts and "next to each other" not in caplog.text
+    assert len(read_prefix(url, max_samples=10, size=Path(url).stat().st_size).samples) == 3
 
 
 def test_a_key_that_is_not_utf8_is_skipped_as_unsafe_not_fatal(tmp_path):

@@ -37,6 +37,7 @@ def local(tmp_path) -> str:
         "val-0000.tar",
         "extra.tar.gz",
         "README.md",
+        "._train-0000.tar",  # macOS's AppleDouble file of a copied shard: no tar
     )
     _make(folder + "/nested", "train-0009.tar")
     return folder

@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
-#: webdataset's metadata files (``__key__`` and friends), which no sample holds
-METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
+#: Members no sample holds: webdataset's metadata files (``__key__`` and friends), and the
+#: AppleDouble files macOS's tar adds (``._<name>`` beside each file, ``__MACOSX/``), whose keys
+#: (``train/`` for ``train/._s0.jpg``) split every sample of a folder from its own files
+METADATA_MEMBER = re.compile(r"__[^/]*__($|/)|__MACOSX/|(.*/)?\._[^/]*$")
 # at most 19 significant digits (int64), so that no label parses thousands of digits
 _LABEL = re.compile(rb"\s*\+?0*([0-9]{1,19})\s*")
 _INT64_MAX = 2**63 - 1

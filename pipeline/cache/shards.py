@@ -159,11 +159,14 @@ def _size(url: str) -> int | None:
 
 
 def _tar_files(infos: Iterable[dict]) -> list[str]:
-    """Sorted paths of the tar files among fsspec ``info`` dicts (folders left out)."""
+    """Sorted paths of the tar files among fsspec ``info`` dicts (folders and macOS's
+    AppleDouble ``._<name>.tar`` files left out)."""
     return sorted(
         info["name"].rstrip("/")
         for info in infos
-        if info.get("type") == "file" and is_tar(info["name"])
+        if info.get("type") == "file"
+        and is_tar(info["name"])
+        and not posixpath.basename(info["name"].rstrip("/")).startswith("._")
     )
 
 
