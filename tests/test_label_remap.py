@@ -176,6 +176,23 @@ def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> 
             read_names(str(tmp_path / name))
 
 
+def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> None:
+    """Windows tools start UTF-8 text with a BOM: the first synset read as '\ufeffn01440764',
+    matched no class, and every sample of label 0 would have been skipped, unexplained."""
+    names, table = ["n01440764", "n01443537"], [0, 1]
+    for name, text in (
+        ("synsets.txt", "\r\n".join(names) + "\r\n"),
+        ("classes.json", json.dumps(names)),
+        ("remap.txt", "\n".join(map(str, table))),
+        ("remap.json", json.dumps(table)),
+    ):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    for name in ("synsets.txt", "classes.json"):
+        assert read_names(str(tmp_path / name)) == names
+    for name in ("remap.txt", "remap.json"):
+        assert read_label_remap(str(tmp_path / name)).tolist() == table
+
+
 def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path, caplog):
     """A folder's classes ('cat', 'dog', ...) cached against a hub ImageNet classifier with no
     remap: every loss was against another class, and nothing said so."""

@@ -120,6 +120,8 @@ def test_list_file(local, tmp_path):
         f"{local}/val-0000.tar",
         f"{local}/nested/train-0009.tar",
     ]
+    listing.write_text("train-0001.tar\n", encoding="utf-8-sig")  # Notepad's BOM
+    assert expand_shards(str(listing)) == [f"{local}/train-0001.tar"]
 
 
 def test_list_file_errors(tmp_path):

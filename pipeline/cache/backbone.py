@@ -360,7 +360,7 @@ def read_label_remap(url: str) -> np.ndarray:
     skipped). Absent labels, and -1, map to no class of the head. Raises ``ValueError`` naming
     the file and the first entry that is not a whole number.
     """
-    text = read_url(url).decode(errors="replace")
+    text = read_url(url).decode("utf-8-sig", errors="replace")
     try:
         if url.endswith(".json"):
             parsed = json.loads(text)

@@ -235,7 +235,7 @@ def _read_list_file(
 ) -> list[str]:
     """URLs listed in a text file, one a line; relative entries resolve against its folder."""
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        text = fs.cat_file(path).decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(
             f"shard spec {spec!r} is neither a tar file ({'/'.join(TAR_SUFFIXES)}) "

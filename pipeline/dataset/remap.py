@@ -49,7 +49,7 @@ class Remap:
 def read_names(url: str) -> list[str]:
     """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
     try:
-        text = read_url(url).decode("utf-8")
+        text = read_url(url).decode("utf-8-sig")  # a BOM (Notepad) is no part of the first name
         names = json.loads(text) if url.endswith(".json") else None
     except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(f"{url}: not a readable list of label names ({error})") from None
