@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import re
@@ -172,6 +173,18 @@ def test_a_key_repeated_across_shards_or_in_one_is_counted_once_as_the_cache_kee
     assert plan.estimate.counted_shards == 2 and plan.estimate.rows == 8
     assert plan.measurement.kept_per_shard == {first: 6, copy: 2}
     assert plan.measurement.kept == 8 / 10  # "80.0% of the sample kept": 90% before
+
+
+def test_the_bytes_a_prefix_takes_are_its_stored_bytes_in_a_compressed_shard(tmp_path):
+    """A .tar.gz prefix was measured in decompressed bytes and applied to compressed sizes: a
+    plan of 600 samples said ~114 (one compression ratio short)."""
+    [plain] = write_digit_shards(str(tmp_path), shards=1, per_shard=100, size=32)
+    packed = Path(plain + ".gz")
+    packed.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    for url in (plain, str(packed)):
+        size = Path(url).stat().st_size
+        prefix = read_prefix(url, max_samples=50, size=size)
+        assert prefix.bytes / size == pytest.approx(0.5, abs=0.1), url  # gzip's read ahead
 
 
 def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):

@@ -127,7 +127,9 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
                         continue
                     if not samples or key != samples[-1][0]:
                         if len(samples) == max_samples:
-                            return ShardPrefix(samples, info.offset, complete=False)
+                            # the stored bytes read: a tar's offset, a compressed one's far less
+                            read = min(info.offset, handle.tell())
+                            return ShardPrefix(samples, read, complete=False)
                         samples.append((key, []))
                     member = tar.extractfile(info)
                     samples[-1][1].append((info.name, member.read() if member else b""))
