@@ -439,6 +439,17 @@ def test_not_a_tar(tmp_path, content):
     assert samples == [] and counts == {"empty_shard" if not content else "truncated_tar": 1}
 
 
+def test_a_sound_tar_without_samples_is_named(tmp_path, caplog):
+    """An intact tar of folders alone (or none at all) gave 0 rows and no word of it."""
+    folder = tarfile.TarInfo("train")
+    folder.type = tarfile.DIRTYPE
+    with tarfile.open(tmp_path / "folders.tar", "w") as tar:
+        tar.addfile(folder)
+    samples, counts = _read(str(tmp_path / "folders.tar"))
+    assert samples == [] and not counts
+    assert f"{tmp_path}/folders.tar: a sound tar that holds no sample's files" in caplog.text
+
+
 def test_corrupt_header_mid_tar(digits, tmp_path):
     members = _member_offsets(digits)
     data = bytearray(Path(digits).read_bytes())

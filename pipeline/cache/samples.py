@@ -102,7 +102,9 @@ def iter_samples(
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
+        sampled = False  # a sample's files were found, whatever became of them
         for group in group_by_keys(members, handler=_duplicate_handler(url, repeated)):
+            sampled = True
             outcome = _to_sample(group, image_keys, (label_member, label_field), ambiguity_key)
             if damage:
                 # The sample being assembled when the damage was found: all its files were
@@ -127,6 +129,8 @@ def iter_samples(
     if damage and stream.position == 0:
         counts[SkipReason.EMPTY_SHARD.value] += 1
         logger.warning("%s: empty shard (0 bytes)", url)
+    elif not sampled and not damage:
+        logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
         counts[SkipReason.TRUNCATED_TAR.value] += 1
         logger.warning(
