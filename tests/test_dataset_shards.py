@@ -211,12 +211,20 @@ def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty
     (elsewhere / "a.png").write_bytes(image_bytes(np.random.default_rng(0), "png"))
     (root / "fox").symlink_to(elsewhere, target_is_directory=True)
     (root / "bee").mkdir()
+    more = tmp_path / "more"  # a link below a class folder was a file without suffix, ignored
+    more.mkdir()
+    (more / "b.png").write_bytes(image_bytes(np.random.default_rng(1), "png"))
+    (elsewhere / "more").symlink_to(more, target_is_directory=True)
+    (elsewhere / "up").symlink_to(root, target_is_directory=True)  # entered once: no loop
     listing = list_dataset(str(root))
     classes, class_to_idx = find_classes(str(root))
     assert listing.classes == classes == ["bee", "cat", "dog", "eel", "fox"]
     assert listing.empty == ["bee"]
     fox = [source for source in listing.sources if "/fox/" in source.url]
-    assert [(Path(s.url).name, s.label) for s in fox] == [("a.png", class_to_idx["fox"])]
+    assert [(s.url.split("/fox/")[1], s.label) for s in fox] == [
+        ("a.png", class_to_idx["fox"]),
+        ("more/b.png", class_to_idx["fox"]),
+    ]
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0 and "hold no image" in result.text, result.output
 

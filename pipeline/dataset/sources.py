@@ -78,7 +78,7 @@ def list_dataset(
 
 
 def list_folder(url: str) -> Listing:
-    """Images under ``url/<class>/`` (any depth below the class folder), classes sorted by name.
+    """Images under ``url/<class>/`` (any depth, through links), classes sorted by name.
 
     The classes are ``url``'s subfolders (links to folders too), numbered in sorted order as
     torchvision's ``ImageFolder`` numbers them; one with no image keeps its label, so two
@@ -87,13 +87,9 @@ def list_folder(url: str) -> Listing:
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
-    folders, linked = _class_folders(fs, root)
-    by_class: dict[str, list[str]] = {name: [] for name in folders}
+    by_class: dict[str, list[str]] = {name: [] for name in _class_folders(fs, root)}
     ignored: Counter[str] = Counter()
-    paths = [path for path in fs.find(root) if path not in linked]
-    for folder in linked:
-        paths += fs.find(folder)
-    for path in sorted(paths):
+    for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
         hidden = any(part.startswith(".") for part in parts)
         if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
@@ -120,20 +116,34 @@ def _train_first(split: str) -> tuple[bool, str]:
     return (not split.lower().startswith("train"), split)
 
 
-def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
-    """The names of ``root``'s visible subfolders, and the paths of those that are links
-    (which ``find`` lists as files and does not descend into)."""
-    names, linked = [], []
+def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The names of ``root``'s visible subfolders (links to folders too)."""
+    names = []
     for entry in fs.ls(root, detail=True):
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
         is_link = entry.get("islink", False) and fs.isdir(path)
-        if name.startswith(".") or not (entry["type"] == "directory" or is_link):
+        if not name.startswith(".") and (entry["type"] == "directory" or is_link):
+            names.append(name)
+    return names
+
+
+def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The files below ``root``, through links to folders at any depth (which ``find`` lists
+    as files and does not enter); each real folder entered once, so a link up cannot loop."""
+    files, folders, entered = [], [root], set()
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder) if isinstance(fs, LocalFileSystem) else folder
+        if real in entered:
             continue
-        names.append(name)
-        if is_link:
-            linked.append(path)
-    return names, linked
+        entered.add(real)
+        for path, info in fs.find(folder, detail=True).items():
+            if info.get("islink") and fs.isdir(path):
+                folders.append(path)
+            else:
+                files.append(path)
+    return files
 
 
 def list_table(
