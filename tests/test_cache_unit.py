@@ -180,6 +180,14 @@ def test_hub_weights_that_cannot_be_fetched_name_the_model_and_the_way_out(monke
     assert run.returncode == 0 and run.stderr.count("a hub line") == 1, run.stderr
 
 
+def test_a_model_built_for_another_image_size_is_fed_that_size() -> None:
+    """--model-kwargs '{"img_size": 384}' (the documented example) was fed timm's pretrained
+    224 px and refused, unless --input-size repeated the size."""
+    for size, expected in ((64, (3, 64, 64)), ([48, 64], (3, 48, 64))):
+        info = describe_backbone("vit_tiny_patch16_224", "random", model_kwargs={"img_size": size})
+        assert tuple(info.data_config["input_size"]) == expected
+
+
 def test_hub_weights_that_do_not_fit_the_model_kwargs_are_named(monkeypatch):
     """global_pool='avg' gives a ViT an fc_norm its hub weights lack: timm's strict load raised
     a RuntimeError, a traceback where every other misfit is one line."""

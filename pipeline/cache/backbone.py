@@ -317,6 +317,18 @@ def _probe(
     return int(embedding.shape[-1]), finite_peak(embedding.numpy())
 
 
+def _model_data_config(model: torch.nn.Module, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's data config of ``model``, its input size the ``img_size`` the model was built
+    with, where ``model_kwargs`` give one (timm's keeps the pretrained size: a ViT built for 384
+    px was fed 224 px and refused)."""
+    config = resolve_model_data_config(model)
+    size = model_kwargs.get("img_size")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        config["input_size"] = (config["input_size"][0], int(height), int(width))
+    return config
+
+
 def describe_backbone(
     name: str,
     weights: str,
@@ -335,7 +347,7 @@ def describe_backbone(
             f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
             "per-sample loss; pick weights with a classification head"
         )
-    data_config = resolve_model_data_config(model)
+    data_config = _model_data_config(model, model_kwargs or {})
     native = data_config["input_size"]
     width, peak = _probe(model, name, input_size or native, native)
     state = state_digest(model)
