@@ -304,6 +304,26 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
     assert result.exit_code == 2 and named in said(result)
 
 
+def test_a_head_of_other_images_than_the_caches_is_warned_of(tmp_path: Path) -> None:
+    """A head trained at 64 px scored a 224 px cache's embeddings without a word (attach warns
+    of the same)."""
+    x, labels = clustered(40, 3, seed=7)
+    image = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3}
+    head = str(tmp_path / "head")
+    export_head(
+        create_head(HeadConfig(embedding_dim=DIM, hidden=(4,)), seed=0),
+        head, loss="ranking", image_input=image, **BACKBONE,
+    )  # fmt: skip
+    for size in (64, 224):
+        transform = {"is_training": False, **image, "input_size": [3, size, size]}
+        cache = write_eval_cache(str(tmp_path / f"c{size}"), x, labels, transform=transform)
+        result = run("--head", head, "--dataset", f"d={cache}", "--report", str(tmp_path / "r"))
+        assert result.exit_code == 0, result.output
+        assert ("learnedfrom" in said(result)) == (size != 64), result.output
+    assert '[3,64,64],"mean"' in said(result) and f"butcache{cache}(d)holds" in said(result)
+    assert '{"input_size":[3,224,224]' in said(result)
+
+
 def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir: str) -> None:
     """A cache of another backbone, or one the head does not fit, given last was found only
     after every cache before it had been read and evaluated."""

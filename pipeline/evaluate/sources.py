@@ -13,6 +13,7 @@ Higher means more uncertain for every source:
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -22,8 +23,10 @@ import numpy as np
 import torch
 
 from pipeline.evaluate.evalset import EvalSet
-from pipeline.head.export import load_head
+from pipeline.head.export import image_input, load_head
 from pipeline.head.model import UncertaintyHead
+
+log = logging.getLogger(__name__)
 
 BASELINES = ("entropy", "1-max_prob", "inverse_norm", "random")
 
@@ -65,7 +68,8 @@ def check_head_fits(
     head: LoadedHead, name: str, url: str, provenance: dict[str, Any], dim: int
 ) -> None:
     """Refuse a head trained for another backbone or embedding width than the cache ``name``
-    at ``url`` (its ``provenance`` and embedding width ``dim``)."""
+    at ``url`` (its ``provenance`` and embedding width ``dim``); warn of one that learned from
+    images of another size or normalisation, as attaching it to a model warns."""
     doc = head.document
     if doc["embedding_dim"] != dim:
         raise ValueError(
@@ -78,6 +82,13 @@ def check_head_fits(
                 f"head {head.path} was trained for {field} {shown(doc.get(field))}, but cache "
                 f"{url} ({name}) has {shown(provenance.get(field))}"
             )
+    learned, given = doc.get("input"), image_input(provenance)
+    if learned and given and learned != given:
+        log.warning(
+            "head %s learned from embeddings of images %s, but cache %s (%s) holds those of "
+            "images %s: its uncertainties there are outside what it learned",
+            *(head.path, json.dumps(learned), url, name, json.dumps(given)),
+        )
 
 
 def head_uncertainty(
