@@ -61,7 +61,8 @@ def describe(info: CacheInfo) -> Table:
         "versions",
         f"schema {provenance.get('schema_version')}, pvu {provenance.get('project_version', '?')}",
     )
-    table.add_row("units", f"{len(info.units):,} ({info.shards:,} shards x epochs)")
+    shards, epochs = f"{info.shards:,} shards", f"{len(info.epochs):,} epochs"
+    table.add_row("units", f"{len(info.units):,} ({shards} x {epochs})")
     for epoch, (units, rows) in info.epochs.items():
         table.add_row(f"  epoch {epoch}", f"{units:,} units, {rows:,} rows")
     table.add_row("rows", f"{info.rows:,}")

@@ -62,6 +62,7 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert result.exit_code == 0
     assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
     assert "compute │ cpu, autocast none" in text  # part of the identity the repair advice cites
+    assert "units │ 6 (3 shards x 2 epochs)" in text  # it said "(3 shards x epochs)"
 
 
 def test_info_without_manifest_reads_the_footers(cache, tmp_path):
