@@ -77,16 +77,15 @@ def read_config_file(
     for key, value in document.items():
         name = str(key).replace("-", "_")
         values[aliases.get(name, name)] = value
-    fields = sorted(config_type.model_fields)
     self_parsed = _parsed_by_validator(config_type)
     for key in values:
-        if key not in config_type.model_fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigFileError(
-                f"config file {path}: unknown key '{key}'{hint} (known: {', '.join(fields)})"
-            )
+        _check_key(key, config_type, f"config file {path}")
         annotation = config_type.model_fields[key].annotation
+        item = _item_model(annotation)
+        if item is not None and isinstance(values[key], list):
+            for index, entry in enumerate(values[key]):  # an ``also:`` target's own keys
+                for inner in entry if isinstance(entry, dict) else ():
+                    _check_key(str(inner), item, f"config file {path}: {key}: value {index + 1}")
         if (
             isinstance(values[key], str | int | float)
             and _takes_only_lists(annotation)
@@ -99,6 +98,24 @@ def read_config_file(
                 "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
             )
     return values
+
+
+def _check_key(key: str, model: type[BaseModel], where: str) -> None:
+    """Raise :class:`ConfigFileError` at ``where`` if ``model`` has no field ``key``, naming
+    the closest ones."""
+    if key in model.model_fields:
+        return
+    fields = sorted(model.model_fields)
+    close = difflib.get_close_matches(key, fields, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigFileError(f"{where}: unknown key '{key}'{hint} (known: {', '.join(fields)})")
+
+
+def _item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of each item of a field of type ``annotation`` (``list[AlsoTarget]``)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is list else ()
+    kind = args[0] if args else None
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
 def comma_separated_ints(value: Any, example: str) -> Any:
@@ -200,7 +217,8 @@ def explain(
             where = f"config file {path}: {field}"
         else:
             where = (spelled or {}).get(field, f"--{field.replace('_', '-')}")
-            if part["type"] == "missing" and len(loc) == 1:
+            empty = part["type"] == "too_short" and not part["input"]  # a repeatable flag
+            if (part["type"] == "missing" or empty) and len(loc) == 1:
                 message = f"required; give {where} or set {field} in --config"
         clauses.append(f"{where}: {message}" if where else message)
     return "; ".join(clauses)

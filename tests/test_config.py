@@ -101,6 +101,11 @@ def test_unknown_key_is_a_usage_error_naming_it(
     assert result.exit_code == 2 and not captured
     assert "job.yaml: unknown key 'episode'; did you mean episodes" in unboxed(result.text)
     assert "Traceback" not in result.output
+    # inside an --also target too (it said "output: Field required ... Extra inputs ...")
+    path = _write(tmp_path, "shards: s\noutput: o\nalso:\n  - {backbone: r, outptu: c}\n")
+    result = pvu("plan", "--config", path)
+    said = "job.yaml: also: value 1: unknown key 'outptu'; did you mean output?"
+    assert result.exit_code == 2 and said in unboxed(result.text), result.output
 
 
 def test_bad_value_in_the_file_names_the_file_and_key(
@@ -127,6 +132,9 @@ def test_required_settings_may_come_from_either_place(
 ) -> None:
     result = pvu("train-head", "--cache", "a")
     assert result.exit_code == 2 and "--output" in result.output and not captured
+    result = pvu("train-head", "--output", "o")  # pydantic's "List should have at least 1 item"
+    said = "--cache: required; give --cache or set cache in --config"
+    assert result.exit_code == 2 and said in unboxed(result.text) and not captured
     path = _write(tmp_path, "output: out\n")
     result = pvu("train-head", "--config", path, "--cache", "a")
     assert result.exit_code == 0, result.output
