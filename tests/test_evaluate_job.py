@@ -297,6 +297,8 @@ def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
         "--dataset", f"ok={ok}", "--dataset", f"m={moved}", "--report", str(tmp_path / "r")
     )
     assert result.exit_code == 2 and f"m:cache{moved}hasweights_digest'b'" in said(result)
+    result = run("--dataset", f"ok={ok}", "--tsne-dataset", "nosuch", "--report", "r")
+    assert result.exit_code == 2 and "--tsne-dataset'nosuch'isnoneofthedatasets(ok)" in said(result)
     result = run("--dataset", "no-equals-sign", "--report", str(tmp_path / "r"))
     assert result.exit_code == 2 and "NAME=CACHE_URL" in said(result)
     result = run("--dataset", f"gone={tmp_path / 'missing'}", "--report", str(tmp_path / "r"))

@@ -83,7 +83,8 @@ class EvaluateJobConfig(BaseModel):
         names = [name for name, _ in self.named_datasets()]
         names += [UPSTREAM] if self.upstream else []
         if self.tsne_dataset is not None and self.tsne_dataset not in names:
-            raise ValueError(f"tsne dataset {self.tsne_dataset!r} is not one of {names}")
+            given = f"--tsne-dataset {self.tsne_dataset!r}"
+            raise ValueError(f"{given} is none of the datasets ({', '.join(names)})")
         return self
 
     def named_datasets(self) -> tuple[tuple[str, str], ...]:
