@@ -417,3 +417,17 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     assert result.exit_code == 143, result.output
     assert expected.replace("interrupted", "terminated") in result.text
     assert signal.getsignal(signal.SIGTERM) is handler, "the job's handler outlived the job"
+
+
+def test_a_ray_address_with_no_cluster_names_pvus_flag(tmp_path: Path) -> None:
+    """Ray's own words named its `--address` flag, which pvu does not have."""
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}  # where no cluster ever ran
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "jobs.cli", "cache", "--shards", shards[0]]
+    command += ["--output", str(tmp_path / "cache"), *SMALL_BACKBONE_FLAGS, "--ray-address", "auto"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    said = " ".join(run.stderr.split())
+    assert run.returncode == 2, run.stderr
+    assert "cache: --ray-address auto: no Ray cluster found there" in said
+    assert "leave the address out for a local Ray" in said and "`--address`" not in said

@@ -330,12 +330,20 @@ def connect_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
+    flag = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     with sigterm_in_ray_init():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
+        if not address:
             start_local_ray(log_to_driver=True)
+            return
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as error:  # its words name Ray's own flag, --address
+            said = str(error).split(". ")[0]
+            raise ConnectionError(
+                f"{flag} {address}: no Ray cluster found there ({said}); start one (ray start "
+                "--head, cluster/README.md) or leave the address out for a local Ray"
+            ) from None
 
 
 def alive_node_resources() -> list[dict[str, float]]:
