@@ -28,6 +28,12 @@ def node_ip():
     return ray.util.get_node_ip_address()
 
 worker = ray.get(node_ip.remote())
+
+@ray.remote
+def say():
+    print("a worker's line", flush=True)
+
+ray.get(say.remote())
 listening = set()
 for process in psutil.Process().children(recursive=True):
     try:
@@ -46,7 +52,7 @@ from jobs.terminal import reported
 def wait():
     time.sleep(120)
 
-threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the line reaches us
 try:
     with reported("cache", verbose=False, resume="the same command resumes"):
         ray.get(wait.remote())
@@ -77,7 +83,10 @@ def test_the_local_ray_listens_on_loopback_only_and_a_sigterm_ends_the_job_clean
     assert run.returncode == 143, run.stderr
     assert "cache: terminated; the same command resumes" in " ".join(run.stderr.split())
     assert "SIGTERM received" not in run.stderr
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    # the worker's line in plain text, where stderr is no terminal (a log file)
+    [line] = [line for line in run.stdout.splitlines() if "a worker's line" in line]
+    assert line.startswith("(say pid=") and "\x1b[" not in line, line
+    [found] = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert found["gcs"].startswith("127.0.0.1:"), found
     assert found["worker"] == "127.0.0.1", found
     assert found["listening"], "no Ray server found listening"

@@ -110,7 +110,8 @@ def test_log_records_are_one_line_each_where_stderr_is_no_terminal() -> None:
     message = "skipped sample " + "/".join(["s3://bucket/prefix"] + ["segment"] * 12)
     script = (
         "import logging; from jobs.terminal import setup_logging; setup_logging(verbose=False); "
-        f"logging.getLogger('pipeline.cache.unit').warning({message!r})"
+        f"logging.getLogger('pipeline.cache.unit').warning({message!r}); "
+        "logging.getLogger('botocore.credentials').info('Found credentials')"  # every S3 run
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     lines = run.stderr.splitlines()

@@ -328,6 +328,8 @@ def connect_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not console.is_terminal:  # the workers' line prefixes, else in colour codes in a file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         return
     flag = "--ray-address" if address else "RAY_ADDRESS"
