@@ -16,7 +16,15 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
-from jobs.terminal import Verbose, answer, console, progress_bar, reported, setup_logging
+from jobs.terminal import (
+    Verbose,
+    answer,
+    console,
+    progress_bar,
+    reported,
+    setup_logging,
+    summary_table,
+)
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 
@@ -35,9 +43,7 @@ class InfoJobConfig(BaseModel):
 def describe(info: CacheInfo) -> Table:
     """The cache as a two-column table."""
     provenance = info.provenance
-    table = Table(title=f"pvu info: {info.root}", show_header=False)
-    table.add_column()
-    table.add_column(overflow="fold")  # a digest whole, not cut at the terminal's width
+    table = summary_table(f"pvu info: {info.root}")
     table.add_row("backbone", str(provenance.get("backbone")))
     table.add_row("weights", str(provenance.get("weights_digest")))
     if provenance.get("model_kwargs"):
@@ -85,7 +91,7 @@ def checked(check: CacheCheck, *, pages: bool) -> dict[str, bool]:
 
 def verification(check: CacheCheck, *, pages: bool) -> Table:
     """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
-    table = Table(title=f"pvu info --verify: {check.url}", show_header=False)
+    table = summary_table(f"pvu info --verify: {check.url}")
     covered = checked(check, pages=pages)
     table.add_row(
         "checked",

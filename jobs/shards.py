@@ -19,7 +19,7 @@ from rich.table import Table
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_not_inside, check_output_folder, check_storage
-from jobs.terminal import Verbose, console, progress_bar, reported, setup_logging
+from jobs.terminal import Verbose, console, progress_bar, reported, setup_logging, summary_table
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
 
@@ -129,7 +129,7 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
 
 def summarize(report: ConvertReport, output: str) -> Table:
     """The job's closing summary: shards, samples, classes, and each image left out."""
-    table = Table(title="pvu shards: summary", show_header=False)
+    table = summary_table("pvu shards: summary")
     table.add_row("output", f"{output} ({len(report.shards)} shards, {CLASSES_NAME})")
     table.add_row("samples written", f"{report.samples:,}")
     table.add_row("classes", f"{len(report.classes):,}")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import Progress, ProgressColumn, Task
+from rich.table import Table
 
 #: Progress, logs, summaries and errors: stderr.
 console = Console(stderr=True)
@@ -49,6 +50,15 @@ def setup_logging(verbose: bool) -> None:
     import huggingface_hub.utils.logging  # noqa: F401 - which it adds on import
 
     logging.getLogger("huggingface_hub").handlers.clear()
+
+
+def summary_table(title: str) -> Table:
+    """A two-column table of names and values, each value whole over as many lines as it
+    takes (cut with '...' at 80 columns, a URL lost where stderr is a log file)."""
+    table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
+    return table
 
 
 def resolve_device(device: str) -> str:

@@ -117,3 +117,15 @@ def test_log_records_are_one_line_each_where_stderr_is_no_terminal() -> None:
     lines = run.stderr.splitlines()
     assert run.returncode == 0 and len(lines) == 1, run.stderr
     assert lines[0].endswith(f" WARNING {message}")
+
+
+def test_a_summary_value_is_written_whole_at_80_columns() -> None:
+    """The cache summary cut its output URL with '...' where stderr is a log file (80
+    columns): the demo's 17 deterioration caches could not be told apart in its log."""
+    url = "s3://bucket/" + "/".join(["deterioration-blur-0.25"] * 6) + "/cache"
+    log = io.StringIO()
+    table = terminal.summary_table("pvu cache: summary")
+    table.add_row("output", url)
+    Console(file=log, width=80).print(table)
+    cells = [line.split("│") for line in log.getvalue().splitlines() if line.count("│") == 3]
+    assert "".join(cell[2].strip() for cell in cells) == url

@@ -36,6 +36,7 @@ from jobs.terminal import (
     console,
     progress_bar,
     sigterm_in_ray_init,
+    summary_table,
 )
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import (
@@ -367,7 +368,7 @@ def summarize(
     throughput, time per stage."""
     results, failed = report.results, report.failed
     rows = sum(result.rows for result in results)
-    table = Table(title="pvu cache: summary", show_header=False)
+    table = summary_table("pvu cache: summary")
     table.add_row("output", manifest.root)
     table.add_row(
         "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from jobs.preflight import check_storage
+from jobs.terminal import summary_table
 from pipeline.dataset.remap import Remap, build_remap, read_names, write_remap
 
 SHOWN_MISSING = 20
@@ -44,7 +45,7 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
 
 def summarize(remap: Remap, config: LabelRemapJobConfig) -> Table:
     """The job's summary: how many labels map, and the ones that do not."""
-    table = Table(title="pvu label-remap: summary", show_header=False)
+    table = summary_table("pvu label-remap: summary")
     table.add_row("remap", config.output)
     table.add_row("head", remap.head)
     table.add_row("shard labels", f"{len(remap.classes):,} ({config.classes})")

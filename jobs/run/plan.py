@@ -26,7 +26,7 @@ from jobs.run.cache import (
     unit_settings,
     warn_of_label_order,
 )
-from jobs.terminal import console
+from jobs.terminal import console, summary_table
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, BackboneInfo, Compute, create_backbone_model
 from pipeline.cache.info import read_cache_info
@@ -177,7 +177,7 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     """The plan of one backbone (``config``: its own target) as a two-column table."""
     est, m = plan.estimate, plan.measurement
     title = f"pvu plan: what `pvu cache` will do for {config.backbone} into {config.output}"
-    table = Table(title=title, show_header=False)
+    table = summary_table(title)
     counted = (
         "all counted"
         if est.counted_shards == est.shards
