@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs.config import CONFIGS, load_job_config, read_config_file
 from jobs.run.cache import CacheJobConfig, run_cache
 from jobs.run.evaluate import EvaluateJobConfig, run_evaluate
 from jobs.run.train_head import TrainHeadConfig, run_train_head
-from jobs.terminal import console
+from jobs.terminal import console, progress_bar
 from pipeline.cache.augment import TransformConfig
 from pipeline.cache.decode import decode_image
 from pipeline.cache.deteriorate import KINDS
@@ -171,15 +172,25 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     images, labels = load_shard_images(sets.train)
     torch.set_num_threads(1)  # a model this small gains nothing from a second thread
-    model = train_tiny_backbone(
-        images,
-        labels,
-        name=BACKBONE,
-        size=INPUT_SIZE,
-        epochs=config.backbone_epochs,
-        augment=_train_transform(),
-        seed=config.seed,
-    )
+    with progress_bar(
+        TextColumn(f"[bold]2/5[/bold] training a tiny {BACKBONE}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epochs"),
+        TimeRemainingColumn(),
+        plain="demo: training the backbone, {task.completed:.0f}/{task.total:.0f} epochs",
+    ) as progress:
+        task = progress.add_task("epochs", total=config.backbone_epochs)
+        model = train_tiny_backbone(
+            images,
+            labels,
+            name=BACKBONE,
+            size=INPUT_SIZE,
+            epochs=config.backbone_epochs,
+            augment=_train_transform(),
+            seed=config.seed,
+            on_epoch=lambda: progress.advance(task),
+        )
     weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
     console.print(
         f"[bold]2/5[/bold] trained a tiny {BACKBONE} on {len(images)} images of "

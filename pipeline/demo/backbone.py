@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,14 @@ def train_tiny_backbone(
     lr: float = 5e-3,
     augment: TransformConfig | None = None,
     seed: int = 0,
+    on_epoch: Callable[[], None] = lambda: None,
 ) -> torch.nn.Module:
     """A ``name`` classifier (random init, ``seed``) fit to uint8 RGB ``images`` (N, H, W, 3)
     with AdamW under a one-cycle learning rate. Each epoch sees the images through the train
     transform ``augment`` (resolved against the model's data config, as ``pvu cache`` does), or
-    resized to ``size`` when None. ``make demo`` trains timm's tiny test_resnet 30 epochs
-    under its cache's augmentation: about 0.95 held-out 1-NN Recall@1 on clean digits 0-5.
+    resized to ``size`` when None; ``on_epoch`` is called after each. ``make demo`` trains
+    timm's tiny test_resnet 30 epochs under its cache's augmentation: about 0.95 held-out 1-NN
+    Recall@1 on clean digits 0-5.
     """
     torch.manual_seed(seed)
     random.seed(seed)
@@ -54,6 +56,7 @@ def train_tiny_backbone(
             loss.backward()
             optimizer.step()
             schedule.step()
+        on_epoch()
     return model.eval()
 
 
