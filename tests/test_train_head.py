@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 import pipeline.head.train as train_module
 from jobs.run.train_head import TrainHeadConfig
 from jobs.train_head import train_head
+from pipeline.cache.index import open_cache
 from pipeline.cache.lock import RunLock
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
@@ -154,6 +155,20 @@ def test_checkpoints_hold_no_pickle(cache: str, tmp_path: Path) -> None:
         fit_head([cache], str(tmp_path), _config(episodes=3))
 
 
+def test_an_exported_head_without_its_run_is_not_overwritten(cache: str, tmp_path: Path) -> None:
+    """A head copied into --output (no checkpoint beside it) was replaced without a word."""
+    fit_head([cache], str(tmp_path / "run"), _config(episodes=2))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("head.json", "head.safetensors"):
+        shutil.copy(tmp_path / "run" / name, kept)
+    before = (kept / "head.safetensors").read_bytes()
+    for options in (RunOptions(), RunOptions(resume=True)):
+        with pytest.raises(ValueError, match=r"holds an exported head \(head.json\) and no"):
+            fit_head([cache], str(kept), _config(episodes=2, seed=1), options)
+    assert (kept / "head.safetensors").read_bytes() == before
+
+
 def test_a_run_named_like_a_glob_keeps_to_its_own_checkpoints(cache: str, tmp_path: Path) -> None:
     """Old checkpoints were globbed under the unescaped --output: run[1] removed run1's."""
     other = tmp_path / "run1" / "checkpoint" / "episode-00007.safetensors"
@@ -229,11 +244,30 @@ def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     write_synthetic_cache(str(fewer), dataclasses.replace(SPEC, epochs=2))
     output = str(tmp_path / "run")
     fit_head([cache], output, _config(episodes=3), RunOptions(stop_after=1))
-    with pytest.raises(ValueError, match=r"trained on other caches \(units, digest differ\)"):
+    with pytest.raises(ValueError, match=r"other caches \(units, digest, sources differ\)"):
         fit_head([str(fewer)], output, _config(episodes=3), RunOptions(resume=True))
+    other = tmp_path / "other-shards"  # the same layout and settings, other images
+    write_synthetic_cache(str(other), dataclasses.replace(SPEC, noise=0.9))
+    with pytest.raises(ValueError, match=r"trained on other caches \(sources differ\)"):
+        fit_head([str(other)], output, _config(episodes=3), RunOptions(resume=True))
     moved = tmp_path / "moved"
     shutil.copytree(cache, moved)  # the same cache elsewhere still resumes
     assert fit_head([str(moved)], output, _config(episodes=3), RunOptions(resume=True)).finished
+
+
+def test_a_cache_given_twice_is_refused_under_any_spelling_or_as_a_copy(
+    cache: str, tmp_path: Path
+) -> None:
+    """`--cache c --cache c//` (or ./, a link, a copy) trained on every row twice."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    (tmp_path / "link").symlink_to(cache)
+    for twice in (cache.replace("/", "//", 1), f"{cache}/.", str(tmp_path / "link"), str(copy)):
+        with pytest.raises(ValueError, match=r"are one unit .* the same cache given twice"):
+            open_cache([cache, twice])
+    other = tmp_path / "reseeded"  # the same shards made with another seed: other rows
+    write_synthetic_cache(str(other), dataclasses.replace(SPEC, seed=1))
+    assert len(open_cache([cache, str(other)]).files) == 2 * len(open_cache([cache]).files)
 
 
 def test_resume_refuses_a_cache_of_the_same_layout_made_with_other_settings(

@@ -24,12 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import MANIFEST_NAME
+from pipeline.cache.manifest import MANIFEST_NAME, identity
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
 from schemas import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
+    UNIT_STATS_KEY,
     cache_schema,
     embedding_dim,
     label_space,
@@ -76,6 +77,13 @@ class CacheFile:
     def origin(self) -> str:
         """The cache the unit belongs to: its ``cache`` prefix, or its own URL without one."""
         return self.cache or self.url
+
+    @property
+    def unit(self) -> dict[str, Any]:
+        """The unit's record of itself in its footer (``epoch``, ``shard``, ``source``, ...);
+        empty for a unit written before pvu kept one."""
+        stats = (self.metadata.metadata or {}).get(UNIT_STATS_KEY)
+        return json.loads(stats) if stats else {}
 
     @property
     def epoch(self) -> int | None:
@@ -207,6 +215,24 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
     return {name: first.provenance.get(name) for name in COMPATIBLE_FIELDS}
 
 
+def check_distinct_units(files: Sequence[CacheFile]) -> None:
+    """Refuse a unit given twice: two files of one epoch of one source shard, made with the
+    same settings (the same cache under two paths, or a copy), whose rows would be trained on
+    twice."""
+    seen: dict[str, str] = {}
+    for f in files:
+        unit = f.unit
+        if unit:
+            made = [identity(f.provenance), *(unit.get(k) for k in ("epoch", "shard", "source"))]
+            first = seen.setdefault(json.dumps(made, sort_keys=True), f.url)
+            if first != f.url:
+                raise ValueError(
+                    f"{first} and {f.url} are one unit (epoch {unit.get('epoch')} of "
+                    f"{unit.get('source')}, made with the same settings): the same cache given "
+                    "twice, under two paths or as a copy? Give each cache once"
+                )
+
+
 def check_same_dtype(files: Sequence[CacheFile]) -> str:
     """The embedding dtype all ``files`` share; raises ``ValueError`` naming the caches if not.
 
@@ -287,8 +313,9 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
             units[unit] = (url, relpath, check.footers.get(relpath))
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
-    identity = check_compatible(files)
-    if need_loss and identity["label_space"] == "dataset":
+    shared = check_compatible(files)
+    check_distinct_units(files)
+    if need_loss and shared["label_space"] == "dataset":
         raise ValueError(
             f"cache {', '.join(urls)} has no losses to train on: it was "
             "cached with --label-space dataset (the default of --augment eval); train the head "
@@ -307,7 +334,7 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
             f"caches {list(urls)} hold one row: a head learns the order of pairs of rows' "
             "losses; cache more images"
         )
-    return CacheIndex(files, identity, int(identity["embedding_dim"]), empty, files[0].dtype)
+    return CacheIndex(files, shared, int(shared["embedding_dim"]), empty, files[0].dtype)
 
 
 def _shards_hint(url: str) -> str:

@@ -13,6 +13,7 @@ shards are sorted by class, as when shards are built from per-class folders;
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,13 +130,14 @@ def write_synthetic_cache(url: str, spec: SyntheticCache) -> int:
     root = root.rstrip("/")
     units: dict[str, Any] = {}
     options = PARQUET_OPTIONS | {"row_group_size": spec.row_group_rows}
+    spec_digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
     for epoch in range(spec.epochs):
         fs.makedirs(f"{root}/epoch={epoch:04d}", exist_ok=True)
         for shard, table in enumerate(_epoch_units(spec, epoch)):
             stats = {
                 "epoch": epoch,
                 "shard": f"shard-{shard:05d}",
-                "source": f"synthetic://{shard}",
+                "source": f"synthetic://{spec_digest}/{shard}",  # other data, another source
                 "rows": spec.samples_per_shard,
                 "skipped": {},
             }

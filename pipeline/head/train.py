@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import identity
-from pipeline.head.export import export_head, image_input
+from pipeline.head.export import HEAD_JSON, export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import (
@@ -140,13 +140,14 @@ def create_optimizer(head: nn.Module, schedule: ScheduleConfig) -> torch.optim.A
 
 def trained_on(index: CacheIndex) -> dict[str, Any]:
     """What a run trains on, as its checkpoint records it: the caches' identity, the distinct
-    provenances of their units (the fields that define a cache: seed, transform, ...) and a
-    digest of their units (epoch folder, file, rows), in stream order. A copy of the caches
-    elsewhere matches; other caches, the same layout made with other settings, or more units
-    since, do not."""
-    digest = hashlib.sha256()
+    provenances of their units (the fields that define a cache: seed, transform, ...), a
+    digest of their units (epoch folder, file, rows) and one of the shards they were made from,
+    in stream order. A copy of the caches elsewhere matches; other caches, the same layout made
+    with other settings or from other shards, or more units since, do not."""
+    digest, sources = hashlib.sha256(), hashlib.sha256()
     for f in index.files:
         digest.update(f"{'/'.join(f.url.rsplit('/', 2)[-2:])}\0{f.rows}\n".encode())
+        sources.update(f"{f.unit.get('source', '')}\n".encode())
     provenances = {
         json.dumps(made, sort_keys=True): made
         for made in (identity(f.provenance) for f in index.files)
@@ -156,6 +157,7 @@ def trained_on(index: CacheIndex) -> dict[str, Any]:
         "provenance": list(provenances.values()),
         "units": len(index.files),
         "digest": digest.hexdigest()[:16],
+        "sources": sources.hexdigest()[:16],  # a checkpoint without it resumes as before
     }
 
 
@@ -416,10 +418,16 @@ def fit_head(
     fs.makedirs(root, exist_ok=True)
     with RunLock(output, owner=options.owner):
         done, position = 0, StreamState()
-        if not options.resume and fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
+        has_run = fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}")
+        if not options.resume and has_run:
             raise ValueError(
                 f"{output} already holds a training run; pass --resume to continue it, "
                 "or choose another --output"
+            )
+        if not has_run and fs.exists(f"{root}/{HEAD_JSON}"):  # a head copied there, say
+            raise ValueError(
+                f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
+                "choose another --output, or remove that head"
             )
         if options.resume:
             restored = load_checkpoint(
