@@ -407,7 +407,7 @@ def read_validation(
         return empty
     groups = index.row_groups()
     order = np.random.default_rng(_VAL_ORDER_SEED).permutation(len(groups))
-    parts: list[GroupRows] = []
+    parts: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
     found = 0
     with ThreadPoolExecutor(io_threads, "pvu-val") as pool:
         for start in range(0, len(order), io_threads):
@@ -417,19 +417,17 @@ def read_validation(
                     index, ref, extra=extra_columns, val_fraction=val_fraction, val=True
                 ),
                 chunk,
-            ):
-                parts.append(part)
+            ):  # the held-out rows alone: a whole group is ~1/val_fraction times more
+                extras = {name: part.extras[name][part.rows] for name in extra_columns}
+                parts.append((part.embedding[part.rows], part.loss[part.rows], extras))
                 found += len(part.rows)
             if found >= max_rows:
                 break
     if not found:
         return empty
-    embedding = np.concatenate([p.embedding[p.rows] for p in parts])[:max_rows]
+    embeddings, losses, extras = zip(*parts, strict=True)
     return Batch(
-        torch.from_numpy(embedding),
-        torch.from_numpy(np.concatenate([p.loss[p.rows] for p in parts])[:max_rows]),
-        {
-            name: np.concatenate([p.extras[name][p.rows] for p in parts])[:max_rows]
-            for name in extra_columns
-        },
+        torch.from_numpy(np.concatenate(embeddings)[:max_rows]),
+        torch.from_numpy(np.concatenate(losses)[:max_rows]),
+        {name: np.concatenate([e[name] for e in extras])[:max_rows] for name in extra_columns},
     )
