@@ -61,7 +61,7 @@ def projected_distinct(
         groups += [(g, min(group_rows, end - g)) for g in range(start, end, group_rows)]
     groups *= epochs
     n = len(groups)
-    spread = shuffle.spread_for(shuffle_rows, groups=n, group_rows=group_rows)
+    spread = shuffle.spread_for(shuffle_rows, [rows for _, rows in groups])
     order = shuffle.pass_order(n, seed=0, pass_index=0)
     counts = []
     for w in np.random.default_rng(1).integers(0, n, windows):

@@ -92,8 +92,11 @@ def test_plan_is_deterministic_per_seed_and_pass() -> None:
     assert order.tolist() == shuffle.pass_order(48, seed=1, pass_index=0).tolist()
     assert order.tolist() != shuffle.pass_order(48, seed=2, pass_index=0).tolist()
     assert order.tolist() != shuffle.pass_order(48, seed=1, pass_index=1).tolist()
-    spread = shuffle.spread_for(300, groups=48, group_rows=50)
-    assert spread == 6 and shuffle.spread_for(10**9, groups=48, group_rows=50) == 48
+    spread = shuffle.spread_for(300, [50] * 48)
+    assert spread == 6 and shuffle.spread_for(10**9, [50] * 48) == 48
+    # a cache that fits is held whole, though its shards' last groups are smaller: 40,000 rows
+    # in groups of 4,096 and 904 were read again every pass at --shuffle-rows 40000
+    assert shuffle.spread_for(40_000, [4096, 904] * 8) == 16
     dealt = [
         (position, j)
         for w in range(48)

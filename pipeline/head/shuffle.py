@@ -19,6 +19,8 @@ wrap around the end of the pass are read twice per pass (once at each end).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 _ORDER_SALT = 0xF11E
@@ -26,9 +28,13 @@ _GROUP_SALT = 0x6A0
 _WINDOW_SALT = 0x3D0
 
 
-def spread_for(rows_held: int, *, groups: int, group_rows: int) -> int:
-    """How many groups to interleave so that about ``rows_held`` rows are held at a time."""
-    return max(1, min(groups, rows_held // max(1, group_rows)))
+def spread_for(rows_held: int, group_rows: Sequence[int]) -> int:
+    """How many of the groups (of ``group_rows`` rows each) to interleave so that about
+    ``rows_held`` rows are held at a time: all of them where they hold no more rows (a last
+    group of each shard smaller than the rest kept a cache that fits from being held whole)."""
+    if sum(group_rows) <= rows_held:
+        return len(group_rows)
+    return max(1, min(len(group_rows), rows_held // max(1, max(group_rows))))
 
 
 def pass_order(groups: int, *, seed: int, pass_index: int) -> np.ndarray:

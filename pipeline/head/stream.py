@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.index import CacheIndex
+from pipeline.cache.index import CacheIndex, RowGroupRef
 from pipeline.head import shuffle
 from pipeline.head.rows import GroupRows, read_group
 from pipeline.prefetch import prefetch
@@ -164,20 +164,19 @@ class _Pool:
         return slice(slot * self.rows, (slot + 1) * self.rows)
 
 
-def pool_slots(groups: int, group_rows: int, config: StreamConfig) -> int:
+def pool_slots(groups: Sequence[RowGroupRef], config: StreamConfig) -> int:
     """Row groups a stream holds decoded at once: those of a window, the reads ahead, and those
     of the windows planned ahead of the consumer (it gives their slots back once gathered); a
     pass holds each group once."""
-    spread = shuffle.spread_for(config.shuffle_rows, groups=groups, group_rows=group_rows)
-    return min(spread + config.io_threads + config.prefetch_windows + 1, groups)
+    spread = shuffle.spread_for(config.shuffle_rows, [ref.rows for ref in groups])
+    return min(spread + config.io_threads + config.prefetch_windows + 1, len(groups))
 
 
 def held_bytes(index: CacheIndex, config: StreamConfig) -> int:
     """Bytes of the rows a stream over ``index`` holds (embeddings as stored, float32 losses)."""
     groups = index.row_groups()
-    group_rows = max(ref.rows for ref in groups)
     row = index.dim * np.dtype(index.dtype).itemsize + 4
-    return pool_slots(len(groups), group_rows, config) * group_rows * row
+    return pool_slots(groups, config) * max(ref.rows for ref in groups) * row
 
 
 class CacheStream:
@@ -193,12 +192,10 @@ class CacheStream:
         self.config = config
         self.stats = StreamStats()
         self._groups = index.row_groups()
-        group_rows = max(ref.rows for ref in self._groups)
-        self.spread = shuffle.spread_for(
-            config.shuffle_rows, groups=len(self._groups), group_rows=group_rows
-        )
+        self.spread = shuffle.spread_for(config.shuffle_rows, [ref.rows for ref in self._groups])
         self._lookahead = config.io_threads
-        slots = pool_slots(len(self._groups), group_rows, config)
+        slots = pool_slots(self._groups, config)
+        group_rows = max(ref.rows for ref in self._groups)
         self._pool = _Pool(slots, group_rows, index.dim, index.dtype)
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
