@@ -43,9 +43,8 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
-    if not verbose:  # "Found credentials in environment variables." on every S3 command
-        for name in ("botocore", "aiobotocore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("botocore", "aiobotocore"):  # "Found credentials in ..." on every S3 command
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     # huggingface_hub (timm's weights from the hub) also prints through a handler of its own
     import huggingface_hub.utils.logging  # noqa: F401 - which it adds on import
 
