@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import identity
-from pipeline.head.export import HEAD_JSON, export_head, image_input
+from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import (
@@ -424,7 +424,8 @@ def fit_head(
                 f"{output} already holds a training run; pass --resume to continue it, "
                 "or choose another --output"
             )
-        if not has_run and fs.exists(f"{root}/{HEAD_JSON}"):  # a head copied there, say
+        exported = all(fs.exists(f"{root}/{name}") for name in (HEAD_JSON, HEAD_WEIGHTS))
+        if exported and not has_run:  # a head copied there, say
             raise ValueError(
                 f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
                 "choose another --output, or remove that head"
