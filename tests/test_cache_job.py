@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -89,25 +88,28 @@ def test_local_round_trip_counts_bad_input_and_resumes(local_ray, tmp_path):
     assert len(shards) == 3
 
 
-def test_another_shard_set_of_the_same_names_is_refused_and_a_moved_one_resumes(
-    local_ray, tmp_path
+def test_another_shard_set_of_the_same_names_is_warned_of_and_a_moved_one_resumes(
+    local_ray, tmp_path, caplog
 ):
-    """Units are named by shard: a second set's shard-000000.tar counted as done, and its images
-    were never cached (exit 0, 0 rows). A set copied elsewhere is the same shards."""
+    """Units are named by shard: a second set's shard-000000.tar counts as done, and its
+    images were never cached without a word (exit 0, 0 rows). A set moved resumes as well."""
     first = write_digit_shards(str(tmp_path / "a"), shards=2, per_shard=6, size=32)
     write_digit_shards(str(tmp_path / "b"), shards=2, per_shard=9, size=32, seed=1)
     config = CacheJobConfig(shards=str(tmp_path / "a"), output=str(tmp_path / "cache"), **COMMON)
     run_cache(config)
-    other = config.model_copy(update={"shards": str(tmp_path / "b")})
-    with pytest.raises(ValueError, match=r"2 shard\(s\) .* other files: .*digits-0000.*--prefix"):
-        run_cache(other)
-    copied = tmp_path / "copy"
-    copied.mkdir()
-    for url in first:
-        shutil.copy(url, copied)
-    report = run_cache(config.model_copy(update={"shards": str(copied)}))
-    assert not report.results  # every unit already committed
-    assert len(read_cache(str(tmp_path / "cache"))) == 12
+    caplog.clear()
+    run_cache(config.model_copy(update={"shards": str(tmp_path / "a") + "//"}))
+    assert "other URLs" not in caplog.text  # the same files, spelled otherwise
+    caplog.clear()
+    report = run_cache(config.model_copy(update={"shards": str(tmp_path / "b")}))
+    said = "2 committed shard(s) were read from other URLs than this run's shards of their names"
+    assert not report.results and said in caplog.text and "pvu shards --prefix" in caplog.text
+    assert f"'digits-0000' from {first[0]}, now {tmp_path / 'b' / 'digits-0000.tar'}" in caplog.text
+    moved = tmp_path / "moved"
+    (tmp_path / "a").rename(moved)
+    report = run_cache(config.model_copy(update={"shards": str(moved), "epochs": 2}))
+    assert len(report.results) == 2  # epoch 1 only: epoch 0 was committed before the move
+    assert len(read_cache(str(tmp_path / "cache"))) == 24
 
 
 def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(

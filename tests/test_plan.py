@@ -52,7 +52,7 @@ def digits_only(shards: str, folder) -> str:
 
 
 @pytest.mark.slow
-def test_plan_predicts_the_cache_run(shards, tmp_path):
+def test_plan_predicts_the_cache_run(shards, tmp_path, caplog):
     output = str(tmp_path / "cache")
     [everything] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=2, **COMMON))
     [part] = run_plan(
@@ -90,10 +90,11 @@ def test_plan_predicts_the_cache_run(shards, tmp_path):
     (tmp_path / "cache" / "_manifest.json").unlink()  # pvu cache adopts the units it finds
     [bare] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert bare.estimate.units_done == 10 and bare.estimate.rows == real.rows // 2
-    # other shards of the committed ones' names: pvu cache refuses them (it took them as done)
+    # other shards of the committed ones' names: pvu cache takes them as done, and says so
     write_digit_shards(str(tmp_path / "other-set"), shards=4, per_shard=9, size=32)
-    with pytest.raises(ValueError, match=r"4 shard\(s\) .* other files"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.shards"):
         run_plan(PlanJobConfig(shards=str(tmp_path / "other-set"), output=output, **COMMON))
+    assert "4 committed shard(s) were read from other URLs" in caplog.text
 
     flags = ["--shards", shards, "--output", output, *SMALL_BACKBONE_FLAGS, "--seed", "1"]
     result = pvu("plan", *flags, "--sample-images", "8")

@@ -58,7 +58,7 @@ from pipeline.cache.distribute import (
 )
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
+from pipeline.cache.shards import expand_shards, shard_names, warn_of_other_sources
 from pipeline.cache.skips import SHARD_DAMAGE
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
@@ -541,7 +541,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         provenance = build_provenance(target, info, transform, compute)
         manifest = reconcile(Manifest.open(target.output, provenance))
         _forget_if_empty(manifest)
-        check_committed_sources(manifest.units.values(), dict(zip(names, urls, strict=True)))
+        warn_of_other_sources(manifest.units.values(), dict(zip(names, urls, strict=True)))
         settings = unit_settings(target, info, transform, provenance, compute)
         targets.append(_Target(target, settings, manifest))
     units = [

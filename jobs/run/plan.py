@@ -41,7 +41,7 @@ from pipeline.cache.plan import (
     sample_shards,
     shard_sizes,
 )
-from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
+from pipeline.cache.shards import expand_shards, shard_names, warn_of_other_sources
 from pipeline.cache.verify import list_unit_files
 
 log = logging.getLogger("pvu.plan")
@@ -92,7 +92,7 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
     if not info.rows:
         return set()  # a cache without a row is computed afresh by pvu cache
     by_name = dict(zip(shard_names(urls), urls, strict=True))
-    check_committed_sources(info.units.values(), by_name)
+    warn_of_other_sources(info.units.values(), by_name)
     return {
         (unit["epoch"], by_name[unit["shard"]])
         for unit in info.units.values()

@@ -21,14 +21,11 @@ import posixpath
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-
-from pipeline.retry import retry
 
 logger = logging.getLogger(__name__)
 
@@ -116,46 +113,30 @@ def shard_names(urls: Sequence[str]) -> list[str]:
     return names
 
 
-def check_committed_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) -> None:
-    """Refuse committed units made from another shard of the name a shard of this run has
-    (``by_name``: name -> URL): units are named by shard, so that shard's units would count as
-    done and it would never be read. A shard moved (the old URL gone) or copied (the same size)
-    is the same shard; ``ValueError`` names the first other one."""
+def warn_of_other_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) -> None:
+    """Warn where committed units were made from a shard at another URL than the one of
+    their name in this run (``by_name``: name -> URL): units are named by shard, so such a
+    unit counts as done. Right for a shard set moved or recompressed; another set of the same
+    names (two ``pvu shards`` outputs are both ``shard-000000.tar``, ...) is then never read."""
     moved = {}
     for unit in units:
         url = by_name.get(unit["shard"])
-        if url is not None and unit["source"] != url:
+        if url is not None and _spelled_alike(unit["source"]) != _spelled_alike(url):
             moved.setdefault(unit["shard"], (unit["source"], url))
-    if not moved:
-        return
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        sizes = dict(zip(moved.values(), pool.map(_other_size, moved.values()), strict=True))
-    others = [pair for pair, other in sizes.items() if other]
-    if others:
-        old, new = others[0]
-        raise ValueError(
-            f"--output holds units of {len(others):,} shard(s) that have the names of this run's "
-            f"but are other files: e.g. {shard_name(new)!r} was {old!r}, this run reads {new!r} "
-            "(another size). Cache these shards into another --output, or give the shard sets "
-            "other names (pvu shards --prefix)"
+    if moved:
+        name, (old, new) = next(iter(moved.items()))
+        logger.warning(
+            "%d committed shard(s) were read from other URLs than this run's shards of their "
+            "names (e.g. %r from %s, now %s) and count as done: right if the shards moved; if "
+            "these are other shards, their samples are not cached: cache them into another "
+            "--output, or name the sets apart (pvu shards --prefix)",
+            *(len(moved), name, old, new),
         )
-    logger.info("%d shard(s) moved or copied since their units were committed: kept", len(moved))
 
 
-def _other_size(pair: tuple[str, str]) -> bool:
-    """Whether the shard a unit was made from (``pair[0]``) is still there and of another size
-    than the one of its name read now (``pair[1]``)."""
-    old, new = (_size(url) for url in pair)
-    return old is not None and old != new
-
-
-def _size(url: str) -> int | None:
-    """The size of the file at ``url``; None where it is gone or out of this run's reach."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        return retry(lambda: fs.size(path), what=f"size of {url}")
-    except (FileNotFoundError, PermissionError):
-        return None
+def _spelled_alike(url: str) -> str:
+    """``url`` with a local path's ``//`` and ``/./`` undone."""
+    return url if "://" in url else posixpath.normpath(url)
 
 
 def _tar_files(infos: Iterable[dict]) -> list[str]:
