@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from jobs.run.cache import CacheJobConfig, member_advice, run_cache
 from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
+from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shards import shard_name
 from pipeline.cache.unit import Unit
@@ -110,6 +112,21 @@ def test_another_shard_set_of_the_same_names_is_warned_of_and_a_moved_one_resume
     report = run_cache(config.model_copy(update={"shards": str(moved), "epochs": 2}))
     assert len(report.results) == 2  # epoch 1 only: epoch 0 was committed before the move
     assert len(read_cache(str(tmp_path / "cache"))) == 24
+
+
+def test_caches_of_other_images_once_staged_at_one_path_train_together(local_ray, tmp_path):
+    """Two caches of the same shard URL and settings but other images (a fixed scratch path
+    filled anew) were refused to train-head as one cache given twice."""
+    staged = tmp_path / "scratch"
+    caches = []
+    for seed, per_shard in ((0, 6), (7, 6)):
+        shutil.rmtree(staged, ignore_errors=True)
+        write_digit_shards(str(staged), shards=2, per_shard=per_shard, size=32, seed=seed)
+        caches.append(str(tmp_path / f"cache-{seed}"))
+        run_cache(CacheJobConfig(shards=str(staged), output=caches[-1], **COMMON))
+    assert len(open_cache(caches).files) == 4
+    with pytest.raises(ValueError, match="the same cache given twice"):
+        open_cache([caches[0], caches[0] + "/."])
 
 
 def test_every_kind_of_bad_input_is_counted_and_nothing_leaves_the_output(

@@ -217,13 +217,15 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
 
 def check_distinct_units(files: Sequence[CacheFile]) -> None:
     """Refuse a unit given twice: two files of one epoch of one source shard, made with the
-    same settings (the same cache under two paths, or a copy), whose rows would be trained on
-    twice."""
+    same settings, of the same rows, keys and losses (the same cache under two paths, or a
+    copy), whose rows would be trained on twice."""
     seen: dict[str, str] = {}
     for f in files:
         unit = f.unit
         if unit:
             made = [identity(f.provenance), *(unit.get(k) for k in ("epoch", "shard", "source"))]
+            # other images once staged at the same path differ in these, from the footer
+            made += [f.rows, *_key_range(f), next(_loss_ranges(f), None)]
             first = seen.setdefault(json.dumps(made, sort_keys=True), f.url)
             if first != f.url:
                 raise ValueError(
@@ -253,6 +255,15 @@ def check_same_dtype(files: Sequence[CacheFile]) -> str:
         )
         raise ValueError(f"caches store embeddings in different dtypes ({listed}); train on one")
     return files[0].dtype
+
+
+def _key_range(f: CacheFile) -> tuple[str | None, str | None]:
+    """The smallest and largest key of unit ``f``'s first row group, from its footer."""
+    if not f.metadata.num_row_groups:
+        return None, None
+    stats = f.metadata.row_group(0).column(leaf_column(f.metadata, "key")).statistics
+    has = stats is not None and stats.has_min_max
+    return (str(stats.min), str(stats.max)) if has else (None, None)
 
 
 def _loss_ranges(f: CacheFile) -> Iterator[tuple[float, float] | None]:
