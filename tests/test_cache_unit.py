@@ -186,6 +186,10 @@ def test_a_model_built_for_another_image_size_is_fed_that_size() -> None:
     for size, expected in ((64, (3, 64, 64)), ([48, 64], (3, 48, 64))):
         info = describe_backbone("vit_tiny_patch16_224", "random", model_kwargs={"img_size": size})
         assert tuple(info.data_config["input_size"]) == expected
+    # one that takes any size ran at timm's 224 px before, and its caches resume as they are
+    dynamic = {"img_size": 64, "dynamic_img_size": True}
+    info = describe_backbone("vit_tiny_patch16_224", "random", model_kwargs=dynamic)
+    assert tuple(info.data_config["input_size"]) == (3, 224, 224)
 
 
 def test_hub_weights_that_do_not_fit_the_model_kwargs_are_named(monkeypatch):

@@ -320,10 +320,11 @@ def _probe(
 def _model_data_config(model: torch.nn.Module, model_kwargs: dict[str, Any]) -> dict[str, Any]:
     """timm's data config of ``model``, its input size the ``img_size`` the model was built
     with, where ``model_kwargs`` give one (timm's keeps the pretrained size: a ViT built for 384
-    px was fed 224 px and refused)."""
+    px was fed 224 px and refused); not for a model that takes any size (``dynamic_img_size``),
+    which ran, and made its caches, at timm's."""
     config = resolve_model_data_config(model)
     size = model_kwargs.get("img_size")
-    if size is not None:
+    if size is not None and not model_kwargs.get("dynamic_img_size"):
         height, width = (size, size) if isinstance(size, int) else size
         config["input_size"] = (config["input_size"][0], int(height), int(width))
     return config
