@@ -130,19 +130,22 @@ def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The files below ``root``, through links to folders at any depth (which ``find`` lists
-    as files and does not enter); each real folder entered once, so a link up cannot loop."""
-    files, folders, entered = [], [root], set()
-    while folders:
-        folder = folders.pop()
-        real = os.path.realpath(folder) if isinstance(fs, LocalFileSystem) else folder
-        if real in entered:
+    as files and does not enter); each real folder listed once, so a link to one already
+    listed adds nothing and a link up cannot loop."""
+    local = isinstance(fs, LocalFileSystem)
+    files, links, listed = [], [root], set()
+    while links:
+        top = links.pop(0)  # after every folder the walks before it listed
+        if (os.path.realpath(top) if local else top) in listed:
             continue
-        entered.add(real)
-        for path, info in fs.find(folder, detail=True).items():
+        for path, info in fs.find(top, withdirs=True, detail=True).items():
             if info.get("islink") and fs.isdir(path):
-                folders.append(path)
+                links.append(path)
+            elif info["type"] == "directory":
+                listed.add(os.path.realpath(path) if local else path)
             else:
                 files.append(path)
+        listed.add(os.path.realpath(top) if local else top)
     return files
 
 
