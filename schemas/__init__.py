@@ -19,6 +19,7 @@ from schemas.rows import (
     label_space,
     leaf_column,
     read_provenance,
+    read_unit_stats,
     with_provenance,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "label_space",
     "leaf_column",
     "read_provenance",
+    "read_unit_stats",
     "validate_head",
     "validate_manifest",
     "validate_report",

@@ -75,6 +75,14 @@ def read_provenance(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def read_unit_stats(metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """A unit file's record of itself (``epoch``, ``shard``, ``source``, ``rows``, ``skipped``)
+    from its footer's key-value ``metadata``; None where it has none (not a pvu unit, or one
+    written before pvu kept it). Raises ``ValueError`` if the record is not JSON."""
+    raw = (metadata or {}).get(UNIT_STATS_KEY)
+    return None if raw is None else json.loads(raw)
+
+
 def label_space(provenance: dict[str, Any]) -> str:
     """The label space of a cache with ``provenance``: ``classifier`` or ``dataset``.
 

@@ -30,12 +30,12 @@ from pipeline.cache.verify import list_unit_files, read_footer, require_consiste
 from schemas import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
-    UNIT_STATS_KEY,
     cache_schema,
     embedding_dim,
     label_space,
     leaf_column,
     read_provenance,
+    read_unit_stats,
 )
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ class CacheFile:
     def unit(self) -> dict[str, Any]:
         """The unit's record of itself in its footer (``epoch``, ``shard``, ``source``, ...);
         empty for a unit written before pvu kept one."""
-        stats = (self.metadata.metadata or {}).get(UNIT_STATS_KEY)
-        return json.loads(stats) if stats else {}
+        return read_unit_stats(self.metadata.metadata) or {}
 
     @property
     def epoch(self) -> int | None:

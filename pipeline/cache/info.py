@@ -6,7 +6,6 @@ from ``_manifest.json`` or the ``pvu.unit`` stats each unit's Parquet footer car
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import fsspec
 from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
 from pipeline.cache.verify import FooterRead, list_unit_files, read_footers
-from schemas import UNIT_STATS_KEY, label_space, read_provenance
+from schemas import label_space, read_provenance, read_unit_stats
 
 
 @dataclass(frozen=True)
@@ -146,9 +145,12 @@ def _unit_footer(path: str, footer: FooterRead) -> tuple[dict[str, Any], dict[st
         raise ValueError(f"{path}: not a readable Parquet file ({footer})") from None
     try:
         schema = footer.schema.to_arrow_schema()
-        return read_provenance(schema), json.loads(schema.metadata[UNIT_STATS_KEY])
-    except (ValueError, KeyError, TypeError):  # TypeError: no schema metadata at all
-        raise ValueError(f"{path}: not a pvu cache unit (no pvu provenance)") from None
+        provenance, stats = read_provenance(schema), read_unit_stats(schema.metadata)
+    except ValueError:  # no provenance, or a record that is no JSON
+        stats = None
+    if stats is None:
+        raise ValueError(f"{path}: not a pvu cache unit (no pvu provenance)")
+    return provenance, stats
 
 
 UnitProvenance = tuple[str, dict[str, Any]]

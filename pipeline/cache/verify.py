@@ -11,7 +11,6 @@ that passed and checks its CRC-32 (a byte damaged in place leaves size and foote
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from pipeline.cache.manifest import (
 )
 from pipeline.cache.writer import unit_path
 from pipeline.retry import is_damaged_page, read_bytes, retry
-from schemas import UNIT_STATS_KEY, read_provenance
+from schemas import read_provenance, read_unit_stats
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +153,9 @@ def footer_problem(
     entry: Mapping[str, Any], footer: pq.FileMetaData, provenance: Mapping[str, Any]
 ) -> str | None:
     """What in ``footer`` contradicts the manifest's ``entry`` and ``provenance``, if anything."""
-    metadata = footer.metadata or {}
-    if UNIT_STATS_KEY not in metadata:
+    stats = read_unit_stats(footer.metadata)
+    if stats is None:
         return "footer has no unit stats: not a pvu unit file"
-    stats = json.loads(metadata[UNIT_STATS_KEY])
     differ = [
         f"{name} {stats.get(name)!r}, manifest records {entry.get(name)!r}"
         for name in FOOTER_FIELDS
@@ -321,14 +319,14 @@ def _orphan_entry(
     if isinstance(footer, ValueError):
         log.warning("recomputing %s: committed but unreadable (%s)", url, footer)
         return None
-    if UNIT_STATS_KEY not in (footer.metadata or {}):
-        log.warning("left %s alone: a Parquet file, but not a pvu unit", url)
-        return {}
     try:
-        stats = json.loads(footer.metadata[UNIT_STATS_KEY])
+        stats = read_unit_stats(footer.metadata)
     except ValueError as error:
         log.warning("recomputing %s: its unit stats are unreadable (%s)", url, error)
         return None
+    if stats is None:
+        log.warning("left %s alone: a Parquet file, but not a pvu unit", url)
+        return {}
     check_provenance(read_provenance(footer.schema.to_arrow_schema()), manifest.provenance, url)
     if relpath != unit_path(int(stats.get("epoch", -1)), str(stats.get("shard"))):
         log.warning("recomputing %s: its footer describes another unit", url)
