@@ -132,20 +132,20 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The files below ``root``, through links to folders at any depth (which ``find`` lists
     as files and does not enter); each real folder listed once, so a link to one already
     listed adds nothing and a link up cannot loop."""
-    local = isinstance(fs, LocalFileSystem)
+    real = os.path.realpath if isinstance(fs, LocalFileSystem) else str
     files, links, listed = [], [root], set()
     while links:
         top = links.pop(0)  # after every folder the walks before it listed
-        if (os.path.realpath(top) if local else top) in listed:
+        if real(top) in listed:
             continue
         for path, info in fs.find(top, withdirs=True, detail=True).items():
             if info.get("islink") and fs.isdir(path):
                 links.append(path)
             elif info["type"] == "directory":
-                listed.add(os.path.realpath(path) if local else path)
+                listed.add(real(path))
             else:
                 files.append(path)
-        listed.add(os.path.realpath(top) if local else top)
+        listed.add(real(top))
     return files
 
 
