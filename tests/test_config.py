@@ -319,7 +319,12 @@ def test_model_kwargs_are_a_mapping_in_a_file_and_json_on_the_command_line(tmp_p
     assert first.model_kwargs == {"global_pool": "max"} and second.model_kwargs == {"drop_rate": 0}
     flag = CacheJobConfig(shards="s", backbone="resnet10t", output="o", model_kwargs='{"a": 1}')
     assert flag.model_kwargs == {"a": 1}
-    for bad, said in (("{global_pool", "is not JSON"), ("[1]", "must be a JSON object"),
-                      ('{"num_classes": 3}', "may not set num_classes")):  # fmt: skip
+    refused = (
+        ("{global_pool", "is not JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"num_classes": 3}', "may not set num_classes"),
+        ('{"in_chans": 1}', "in_chans=1: pvu decodes every image to RGB"),
+    )
+    for bad, said in refused:
         with pytest.raises(ValueError, match=said):
             CacheJobConfig(shards="s", backbone="resnet10t", output="o", model_kwargs=bad)

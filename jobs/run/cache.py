@@ -110,6 +110,11 @@ def parse_model_kwargs(value: object) -> object:
             f"--model-kwargs may not set {', '.join(reserved)}: --weights decides the weights "
             "and the classifier's classes"
         )
+    if value.get("in_chans", 3) != 3:
+        raise ValueError(
+            f"--model-kwargs in_chans={value['in_chans']!r}: pvu decodes every image to RGB, so "
+            "the backbone takes 3 channels; leave in_chans out"
+        )
     return value
 
 
