@@ -15,17 +15,11 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.cache.backbone import create_backbone_model
 from pipeline.demo.data import write_digit_shards
+from pipeline.head.checkpoint import CHECKPOINT_DIR, CHECKPOINT_JSON, load_checkpoint
 from pipeline.head.export import HEAD_WEIGHTS, export_head, load_head
 from pipeline.head.model import HeadConfig, create_head
 from pipeline.head.stream import StreamConfig
-from pipeline.head.train import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_JSON,
-    ScheduleConfig,
-    TrainConfig,
-    create_optimizer,
-    load_checkpoint,
-)
+from pipeline.head.train import ScheduleConfig, TrainConfig, create_optimizer
 
 
 class Payload:
@@ -105,5 +99,7 @@ def test_checkpoint_with_pickled_tensors_never_runs_them(tmp_path: Path, marker:
         (folder / CHECKPOINT_JSON).write_text(json.dumps(state))
         with pytest.raises(Exception, match=r"(?i)header|safetensor|deserializ"):
             run = str(tmp_path / "run")
-            load_checkpoint(run, head=head, optimizer=optimizer, config=config, data={})
+            load_checkpoint(
+                run, head=head, optimizer=optimizer, settings=config.identity(), data={}
+            )
         assert not marker.exists(), evil.name

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
-import hashlib
 import json
 import logging
 import math
@@ -25,18 +23,24 @@ from typing import Any
 
 import fsspec
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.cache.index import CacheIndex, open_cache
 from pipeline.cache.lock import RunLock
-from pipeline.cache.manifest import identity
+from pipeline.head.checkpoint import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_JSON,
+    json_safe,
+    load_checkpoint,
+    metrics_log,
+    save_checkpoint,
+    trained_on,
+)
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
 from pipeline.head.stream import (
+    Batch,
     CacheStream,
     StreamConfig,
     StreamState,
@@ -44,13 +48,9 @@ from pipeline.head.stream import (
     read_validation,
 )
 from pipeline.head.validate import validation_metrics
-from pipeline.retry import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_JSON = "state.json"
-METRICS_FILE = "metrics.jsonl"
 #: Fewer held-out rows than this give validation metrics too noisy to follow: warned about.
 MIN_VALIDATION_ROWS = 100
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
@@ -136,193 +136,6 @@ def create_optimizer(head: nn.Module, schedule: ScheduleConfig) -> torch.optim.A
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=schedule.warmup_lr, betas=schedule.betas)
-
-
-def trained_on(index: CacheIndex) -> dict[str, Any]:
-    """What a run trains on, as its checkpoint records it: the caches' identity, the distinct
-    provenances of their units (the fields that define a cache: seed, transform, ...), a
-    digest of their units (epoch folder, file, rows) and one of the shards they were made from,
-    in stream order. A copy of the caches elsewhere matches; other caches, the same layout made
-    with other settings or from other shards, or more units since, do not."""
-    digest, sources = hashlib.sha256(), hashlib.sha256()
-    for f in index.files:
-        digest.update(f"{'/'.join(f.url.rsplit('/', 2)[-2:])}\0{f.rows}\n".encode())
-        sources.update(f"{f.unit.get('source', '')}\n".encode())
-    provenances = {
-        json.dumps(made, sort_keys=True): made
-        for made in (identity(f.provenance) for f in index.files)
-    }
-    return {
-        **index.provenance,
-        "provenance": list(provenances.values()),
-        "units": len(index.files),
-        "digest": digest.hexdigest()[:16],
-        "sources": sources.hexdigest()[:16],  # a checkpoint without it resumes as before
-    }
-
-
-def save_checkpoint(
-    output: str,
-    *,
-    head: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    episode: int,
-    stream_state: StreamState,
-    config: TrainConfig,
-    data: dict[str, Any],
-) -> None:
-    """Write tensors (safetensors) then ``state.json``, the commit marker, under ``output``."""
-    fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root}/{CHECKPOINT_DIR}"
-    fs.makedirs(folder, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    optim = optimizer.state_dict()
-    for index, slots in optim["state"].items():
-        for slot, value in slots.items():
-            tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    name = f"episode-{episode:05d}.safetensors"
-    write_bytes(fs, f"{folder}/{name}", save_safetensors(tensors))
-    state = {
-        "episode": episode,
-        "tensors": name,
-        "stream": stream_state.to_json(),
-        "param_groups": optim["param_groups"],
-        "config": config.identity(),
-        "data": data,
-    }
-    tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
-    write_bytes(fs, tmp, json.dumps(state, indent=1).encode())
-    fs.mv(tmp, f"{folder}/{CHECKPOINT_JSON}")
-    for old in fs.glob(f"{glob.escape(folder)}/episode-*.safetensors"):  # run[1]: itself
-        if not old.endswith(name):
-            fs.rm(old)
-
-
-def load_checkpoint(
-    output: str,
-    *,
-    head: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: TrainConfig,
-    data: dict[str, Any],
-) -> tuple[int, StreamState] | None:
-    """Restore ``head`` and ``optimizer``; returns (episodes done, reader position) or None.
-
-    Refuses a checkpoint trained with other settings, or on other caches (``data``, from
-    :func:`trained_on`; what a checkpoint predates is not checked: it resumes as before)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root}/{CHECKPOINT_DIR}"
-    if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
-        return None
-    try:
-        state = json.loads(read_bytes(fs, f"{folder}/{CHECKPOINT_JSON}"))
-        trained_with = dict(state["config"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise _damaged_checkpoint(output, error) from None
-    if trained_with != config.identity():
-        differ = _differences(trained_with, config.identity())
-        raise ValueError(
-            f"cannot resume from {output}: its checkpoint was trained with other settings "
-            f"({'; '.join(differ)}); use another --output or the same settings"
-        )
-    recorded = {**data, **state.get("data", {})}  # what it did not record is not checked
-    if recorded != data:
-        differ = ", ".join(k for k, v in data.items() if recorded[k] != v) + " differ"
-        detail = _provenance_differences(recorded["provenance"], data["provenance"])
-        raise ValueError(
-            f"cannot resume from {output}: its checkpoint was trained on other caches "
-            f"({'; '.join([differ, *detail])}); pass the --cache it was trained on, or use "
-            "another --output"
-        )
-    try:
-        tensors = load_safetensors(read_bytes(fs, f"{folder}/{state['tensors']}"))
-        prefix = len("model.")
-        head.load_state_dict({k[prefix:]: v for k, v in tensors.items() if k.startswith("model.")})
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, slot = key.split(".", 2)
-                slots.setdefault(int(index), {})[slot] = value
-        optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-        return int(state["episode"]), StreamState.from_json(state["stream"])
-    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
-        raise _damaged_checkpoint(output, error) from None
-
-
-def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
-    """``name: the checkpoint has A, this run B`` for each setting that differs (nested ones
-    dotted: ``schedule.lr``)."""
-    found = []
-    for key in dict.fromkeys([*wanted, *recorded]):
-        have, want = recorded.get(key), wanted.get(key)
-        if isinstance(have, dict) and isinstance(want, dict):
-            found += _differences(have, want, f"{prefix}{key}.")
-        elif have != want:
-            found.append(f"{prefix}{key}: the checkpoint has {have}, this run {want}")
-    return found
-
-
-def _provenance_differences(
-    recorded: list[dict[str, Any]], wanted: list[dict[str, Any]]
-) -> list[str]:
-    """The fields that differ between the provenances of the checkpoint's caches and this
-    run's, cache by cache; none named where they hold different numbers of provenances."""
-    if len(recorded) != len(wanted):
-        return []
-    return [
-        line
-        for have, want in zip(recorded, wanted, strict=True)
-        for line in _differences(have, want)
-    ]
-
-
-def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
-    return ValueError(
-        f"cannot resume from {output}: its checkpoint is damaged ({type(error).__name__}: "
-        f"{error}); train from the start into another --output"
-    )
-
-
-def _episode(line: str, path: str) -> int:
-    """The episode of a ``metrics.jsonl`` line; a ``ValueError`` naming the file if damaged."""
-    try:
-        return int(json.loads(line)["episode"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"cannot resume: {path} has a damaged line ({type(error).__name__}: {error}); "
-            "remove that line (the episodes after it are trained again) or use another --output"
-        ) from None
-
-
-def _metrics_log(
-    output: str, done: int
-) -> tuple[list[dict[str, Any]], Callable[[dict[str, Any]], None]]:
-    """Keep ``metrics.jsonl`` records of episodes <= ``done``; return them and an appender.
-
-    The file is rewritten aside and moved into place, so a kill never leaves half a line.
-    """
-    fs, root = fsspec.core.url_to_fs(output)
-    path = f"{root}/{METRICS_FILE}"
-    lines = fs.cat_file(path).decode(errors="replace").splitlines() if fs.exists(path) else []
-    kept = [line for line in lines if line and _episode(line, path) <= done] if done >= 0 else []
-
-    def write() -> None:
-        write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
-        fs.mv(f"{path}.tmp", path)
-
-    def append(record: dict[str, Any]) -> None:
-        kept.append(json.dumps(json_safe(record), allow_nan=False))
-        write()
-
-    write()
-    return [json.loads(line) for line in kept], append
-
-
-def json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
 
 
 def keep_freed_memory() -> bool:
@@ -417,22 +230,11 @@ def fit_head(
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     with RunLock(output, owner=options.owner):
+        _check_output(output, resume=options.resume)
         done, position = 0, StreamState()
-        has_run = fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}")
-        if not options.resume and has_run:
-            raise ValueError(
-                f"{output} already holds a training run; pass --resume to continue it, "
-                "or choose another --output"
-            )
-        exported = all(fs.exists(f"{root}/{name}") for name in (HEAD_JSON, HEAD_WEIGHTS))
-        if exported and not has_run:  # a head copied there, say
-            raise ValueError(
-                f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
-                "choose another --output, or remove that head"
-            )
         if options.resume:
             restored = load_checkpoint(
-                output, head=head, optimizer=optimizer, config=config, data=data
+                output, head=head, optimizer=optimizer, settings=config.identity(), data=data
             )
             if restored is None:
                 log.info("no checkpoint in %s; starting afresh", output)
@@ -441,22 +243,8 @@ def fit_head(
                 log.info("resuming %s after episode %d", output, done)
         train_rows = index.rows * (1.0 - config.stream.val_fraction)
         _log_passes(sched, train_rows, index.epochs)
-        earlier, append_metrics = _metrics_log(output, done if done else -1)
-        val = read_validation(
-            index,
-            val_fraction=config.stream.val_fraction,
-            max_rows=config.val_rows,
-            io_threads=config.stream.io_threads,
-        )
-        few = min(MIN_VALIDATION_ROWS, config.val_rows)  # --val-rows may cap them on purpose
-        if config.stream.val_fraction == 0:
-            log.warning("--val-fraction 0: no validation rows, so no validation metrics")
-        elif len(val) < few:
-            log.warning(
-                "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
-                "say little; cache more rows or raise --val-fraction",
-                *(len(val), config.stream.val_fraction, index.rows),
-            )
+        earlier, append_metrics = metrics_log(output, done if done else -1)
+        val = _validation_rows(index, config)
         history: list[dict[str, Any]] = []
         if done == 0:
             record = {
@@ -489,41 +277,89 @@ def fit_head(
                     optimizer=optimizer,
                     episode=episode + 1,
                     stream_state=stream.state,
-                    config=config,
+                    settings=config.identity(),
                     data=data,
                 )
                 history.append(record)
                 if options.on_episode:
                     options.on_episode(record)
         finished = last == sched.episodes
-        document = None
-        if finished:
-            records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
-            summary = {
-                "episodes": sched.episodes,
-                "samples": sched.episodes * sched.episode_size,
-                "passes": round(sched.episodes * sched.episode_size / train_rows, 4),
-                "cached_epochs": index.epochs,
-                "config": config.identity(),
-                "caches": list(caches),
-                "final": records[-1] if records else None,
-            }
-            document = export_head(
-                head,
-                output,
-                backbone=str(index.provenance["backbone"]),
-                weights_digest=str(index.provenance["weights_digest"]),
-                loss=config.loss,
-                input_dtype=index.dtype,
-                num_classes=_agreed(index, lambda provenance: provenance.get("num_classes")),
-                weights_state_digest=_agreed(
-                    index, lambda provenance: provenance.get("weights_state_digest")
-                ),
-                model_kwargs=index.provenance.get("model_kwargs"),
-                image_input=_agreed(index, image_input),
-                training=summary,
-            )
+        records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
+        document = _export(head, output, index, config, caches, records) if finished else None
         return TrainResult(head, history, document, finished, max(done, last))
+
+
+def _check_output(output: str, *, resume: bool) -> None:
+    """Refuse an ``output`` holding a run, unless resuming it, or an exported head alone."""
+    fs, root = fsspec.core.url_to_fs(output)
+    has_run = fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}")
+    if not resume and has_run:
+        raise ValueError(
+            f"{output} already holds a training run; pass --resume to continue it, "
+            "or choose another --output"
+        )
+    exported = all(fs.exists(f"{root}/{name}") for name in (HEAD_JSON, HEAD_WEIGHTS))
+    if exported and not has_run:  # a head copied there, say
+        raise ValueError(
+            f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
+            "choose another --output, or remove that head"
+        )
+
+
+def _validation_rows(index: CacheIndex, config: TrainConfig) -> Batch:
+    """The held-out rows the run validates on; warns when there are none, or too few."""
+    val = read_validation(
+        index,
+        val_fraction=config.stream.val_fraction,
+        max_rows=config.val_rows,
+        io_threads=config.stream.io_threads,
+    )
+    few = min(MIN_VALIDATION_ROWS, config.val_rows)  # --val-rows may cap them on purpose
+    if config.stream.val_fraction == 0:
+        log.warning("--val-fraction 0: no validation rows, so no validation metrics")
+    elif len(val) < few:
+        log.warning(
+            "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
+            "say little; cache more rows or raise --val-fraction",
+            *(len(val), config.stream.val_fraction, index.rows),
+        )
+    return val
+
+
+def _export(
+    head: UncertaintyHead,
+    output: str,
+    index: CacheIndex,
+    config: TrainConfig,
+    caches: Sequence[str],
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Export the finished ``head`` with what it was trained on; returns ``head.json``."""
+    samples = config.schedule.episodes * config.schedule.episode_size
+    summary = {
+        "episodes": config.schedule.episodes,
+        "samples": samples,
+        "passes": round(samples / (index.rows * (1.0 - config.stream.val_fraction)), 4),
+        "cached_epochs": index.epochs,
+        "config": config.identity(),
+        "caches": list(caches),
+        "final": records[-1] if records else None,
+    }
+    return export_head(
+        head,
+        output,
+        backbone=str(index.provenance["backbone"]),
+        weights_digest=str(index.provenance["weights_digest"]),
+        loss=config.loss,
+        input_dtype=index.dtype,
+        num_classes=_agreed(index, lambda provenance: provenance.get("num_classes")),
+        weights_state_digest=_agreed(
+            index, lambda provenance: provenance.get("weights_state_digest")
+        ),
+        model_kwargs=index.provenance.get("model_kwargs"),
+        image_input=_agreed(index, image_input),
+        training=summary,
+    )
 
 
 def _agreed(index: CacheIndex, field: Callable[[dict[str, Any]], Any]) -> Any:
