@@ -139,9 +139,23 @@ def markdown(report: dict[str, Any]) -> str:
     """The human-readable report: one table per metric, analysis and application."""
     sources = [s["name"] for s in report["sources"]]
     datasets = report["datasets"]
-    q = report["settings"]["reject_fraction"]
-    backbone = report["backbone"]
     parts = [
+        *_headline(report, sources),
+        *_classifier_section(datasets, sources),
+        *_safe_retrieval_section(datasets, sources, report["settings"]["reject_fraction"]),
+        *_id_vs_ood_section(datasets, sources),
+        *_ambiguity_section(datasets, sources),
+        *_deterioration_section(report["deterioration"], sources),
+        *_tsne_section(report["tsne"]),
+    ]
+    return "\n".join(parts)
+
+
+def _headline(report: dict[str, Any], sources: list[str]) -> list[str]:
+    """The title, what each metric and source is, and the R-AUROC / Recall@1 table."""
+    datasets = report["datasets"]
+    backbone = report["backbone"]
+    return [
         "# pvu evaluation report\n",
         f"Backbone `{backbone['name']}` ({backbone['embedding_dim']}-d), pvu "
         f"{report['pvu_version']}. Recall@1: leave-one-out cosine 1-NN accuracy (the query "
@@ -162,20 +176,33 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "![R-AUROC](r_auroc.png)\n",
     ]
+
+
+def _classifier_section(datasets: list[dict[str, Any]], sources: list[str]) -> list[str]:
+    """AUROC against the classifier's correctness, where the datasets have its labels."""
     classifier = [d for d in datasets if d["classifier_accuracy"] is not None]
-    if classifier:
-        parts += [
-            "## Classifier AUROC (uncertainty vs pred == label, classifier label space)\n",
-            _table(
-                ["dataset", "accuracy", *sources],
-                [
-                    [d["name"], _f(d["classifier_accuracy"])]
-                    + [_f(d["sources"][s]["classifier_auroc"]) for s in sources]
-                    for d in classifier
-                ],
-            ),
-        ]
-    parts += [f"## Safe retrieval: 1-NN error, {q:g} most uncertain rejected (table 1)\n"]
+    if not classifier:
+        return []
+    return [
+        "## Classifier AUROC (uncertainty vs pred == label, classifier label space)\n",
+        _table(
+            ["dataset", "accuracy", *sources],
+            [
+                [d["name"], _f(d["classifier_accuracy"])]
+                + [_f(d["sources"][s]["classifier_auroc"]) for s in sources]
+                for d in classifier
+            ],
+        ),
+    ]
+
+
+def _safe_retrieval_section(
+    datasets: list[dict[str, Any]], sources: list[str], reject_fraction: float
+) -> list[str]:
+    """Table 1: the 1-NN error with the most uncertain queries or database rows rejected."""
+    parts = [
+        f"## Safe retrieval: 1-NN error, {reject_fraction:g} most uncertain rejected (table 1)\n"
+    ]
     for variant in ("per_class", "class_agnostic"):
         rows = []
         for d in datasets:
@@ -198,72 +225,91 @@ def markdown(report: dict[str, Any]) -> str:
                 rows,
             ),
         ]
+    return parts
+
+
+def _id_vs_ood_section(datasets: list[dict[str, Any]], sources: list[str]) -> list[str]:
+    """Figure 8: whether each downstream dataset's rows rank above upstream's."""
     downstream = [d for d in datasets if d["role"] == "downstream"]
-    if any(d["sources"][sources[0]]["id_vs_ood_auroc"] is not None for d in downstream):
-        parts += [
-            "## ID vs OOD (figure 8): AUROC of the uncertainty ranking each dataset's rows "
-            "above upstream's (0.5 = not confounded by novelty; above: more uncertain on the "
-            "unseen dataset)\n",
-            _table(
-                ["dataset", *sources],
-                [
-                    [d["name"]] + [_f(d["sources"][s]["id_vs_ood_auroc"]) for s in sources]
-                    for d in downstream
-                ],
-            ),
-            "![ID vs OOD](id_vs_ood.png)\n",
-        ]
+    if all(d["sources"][sources[0]]["id_vs_ood_auroc"] is None for d in downstream):
+        return []
+    return [
+        "## ID vs OOD (figure 8): AUROC of the uncertainty ranking each dataset's rows "
+        "above upstream's (0.5 = not confounded by novelty; above: more uncertain on the "
+        "unseen dataset)\n",
+        _table(
+            ["dataset", *sources],
+            [
+                [d["name"]] + [_f(d["sources"][s]["id_vs_ood_auroc"]) for s in sources]
+                for d in downstream
+            ],
+        ),
+        "![ID vs OOD](id_vs_ood.png)\n",
+    ]
+
+
+def _ambiguity_section(datasets: list[dict[str, Any]], sources: list[str]) -> list[str]:
+    """Figure 7: uncertainty of the images people found ambiguous against the clear ones."""
     ambiguous = [d for d in datasets if d["ambiguity"]]
-    if ambiguous:
-        parts += [
-            "## Human ambiguity (figure 7): AUROC of uncertainty, ambiguous vs clear\n",
-            _table(
-                ["dataset", "flags", "ambiguous", "clear", *sources],
+    if not ambiguous:
+        return []
+    return [
+        "## Human ambiguity (figure 7): AUROC of uncertainty, ambiguous vs clear\n",
+        _table(
+            ["dataset", "flags", "ambiguous", "clear", *sources],
+            [
                 [
-                    [
-                        d["name"],
-                        d["ambiguity"]["origin"],
-                        str(d["ambiguity"]["ambiguous"]),
-                        str(d["ambiguity"]["clear"]),
-                    ]
-                    + [_f(d["sources"][s]["ambiguity_auroc"]) for s in sources]
-                    for d in ambiguous
-                ],
-            ),
-            *(f"![ambiguity {d['name']}](ambiguity_{_slug(d['name'])}.png)\n" for d in ambiguous),
-        ]
-    if report["deterioration"] and report["deterioration"]["kinds"]:
-        rows = []
-        for kind, curve in report["deterioration"]["kinds"].items():
-            for s in sources:
-                c = curve["sources"][s]
-                rows.append(
-                    [
-                        kind,
-                        s,
-                        " / ".join(_f(m) for m in c["median"]),
-                        _f(c["spearman"], 2),
-                        {True: "yes", False: "no", None: "n/a"}[c["rises"]],
-                    ]
-                )
-        strengths = {k: c["strengths"] for k, c in report["deterioration"]["kinds"].items()}
-        parts += [
-            "## Deterioration (figure 6): median uncertainty per strength\n",
-            "Strengths: "
-            + "; ".join(f"{k} {', '.join(f'{s:g}' for s in v)}" for k, v in strengths.items())
-            + "\n",
-            _table(["kind", "source", "medians", "Spearman", "rises"], rows),
-            "![deterioration](deterioration.png)\n",
-        ]
-    if report["tsne"]:
-        t = report["tsne"]
-        parts += [
-            "## Uncertainty-aware t-SNE (figure 9)\n",
-            f"{t['points']} points of {t['dataset']}, classes {t['classes']}; larger and fainter "
-            f"= more uncertain ({t['source']}). Interactive: [tsne.html](tsne.html).\n",
-            "![t-SNE](tsne.png)\n",
-        ]
-    return "\n".join(parts)
+                    d["name"],
+                    d["ambiguity"]["origin"],
+                    str(d["ambiguity"]["ambiguous"]),
+                    str(d["ambiguity"]["clear"]),
+                ]
+                + [_f(d["sources"][s]["ambiguity_auroc"]) for s in sources]
+                for d in ambiguous
+            ],
+        ),
+        *(f"![ambiguity {d['name']}](ambiguity_{_slug(d['name'])}.png)\n" for d in ambiguous),
+    ]
+
+
+def _deterioration_section(deterioration: dict[str, Any] | None, sources: list[str]) -> list[str]:
+    """Figure 6: the median uncertainty per strength of each image deterioration."""
+    if not deterioration or not deterioration["kinds"]:
+        return []
+    rows = []
+    for kind, curve in deterioration["kinds"].items():
+        for s in sources:
+            c = curve["sources"][s]
+            rows.append(
+                [
+                    kind,
+                    s,
+                    " / ".join(_f(m) for m in c["median"]),
+                    _f(c["spearman"], 2),
+                    {True: "yes", False: "no", None: "n/a"}[c["rises"]],
+                ]
+            )
+    strengths = {k: c["strengths"] for k, c in deterioration["kinds"].items()}
+    return [
+        "## Deterioration (figure 6): median uncertainty per strength\n",
+        "Strengths: "
+        + "; ".join(f"{k} {', '.join(f'{s:g}' for s in v)}" for k, v in strengths.items())
+        + "\n",
+        _table(["kind", "source", "medians", "Spearman", "rises"], rows),
+        "![deterioration](deterioration.png)\n",
+    ]
+
+
+def _tsne_section(tsne: dict[str, Any] | None) -> list[str]:
+    """Figure 9: the uncertainty-aware t-SNE, where one was drawn."""
+    if not tsne:
+        return []
+    return [
+        "## Uncertainty-aware t-SNE (figure 9)\n",
+        f"{tsne['points']} points of {tsne['dataset']}, classes {tsne['classes']}; larger and "
+        f"fainter = more uncertain ({tsne['source']}). Interactive: [tsne.html](tsne.html).\n",
+        "![t-SNE](tsne.png)\n",
+    ]
 
 
 def _reduction(full: float | None, cleaned: float | None) -> str:
