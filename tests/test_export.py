@@ -332,3 +332,35 @@ def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:
     (tmp_path / "head" / HEAD_JSON).write_text(json.dumps({**document, "format_version": 2}))
     with pytest.raises(ValueError, match=r"format_version 2 is newer .* upgrade pvu"):
         load_head(folder)
+
+
+def test_the_attached_model_stays_a_timm_model_to_its_users(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """Each was silent or a traceback: timm's data config of the attached model was timm's
+    default (other mean and std than the model's), pooling changed after attach scored other
+    embeddings, a features_only model failed at its first forward, the path of head.json
+    raised NotADirectoryError, and a forward on the meta device (shapes only) raised."""
+    folder = _export(tmp_path / "head")
+    own = timm.create_model(f"{BACKBONE}.augreg_in21k", pretrained=False, num_classes=10).eval()
+    assert resolve_model_data_config(attach_head(own, folder)) == resolve_model_data_config(own)
+
+    changed = attach_head(timm.create_model(BACKBONE, num_classes=10).eval(), folder)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        changed(batch[:2])
+        changed.model.reset_classifier(10, global_pool="avg")
+        with pytest.raises(UserWarning, match="global_pool is 'avg' since the head was attached"):
+            changed(batch[:2])
+
+    features = timm.create_model("resnet10t", pretrained=False, features_only=True)
+    with pytest.raises(ValueError, match="create the model without features_only"):
+        attach_head(features, folder)
+    with pytest.raises(ValueError, match=r"give the folder `pvu train-head --output` wrote"):
+        attach_head(model, f"{folder}/{HEAD_JSON}")
+
+    shapes = attach_head(timm.create_model(BACKBONE, num_classes=10).eval(), folder).to("meta")
+    out = shapes(torch.empty(2, *batch.shape[1:], device="meta"))
+    assert {name: tuple(value.shape) for name, value in out.items()} == {
+        "logits": (2, 10), "embedding": (2, 192), "uncertainty": (2,)
+    }  # fmt: skip

@@ -16,6 +16,7 @@ in the model's weight type (float32 unless it was cast down) outside any autocas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from typing import Any
@@ -138,9 +139,15 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         head = UncertaintyHead(head_config(doc))
         weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
         head.load_state_dict(weights, strict=True)
+    except OSError as error:  # no such folder, or the path of head.json itself
+        raise ValueError(
+            f"{head_dir} is not a valid pvu head export: {error}; give the folder `pvu "
+            f"train-head --output` wrote, which holds {HEAD_JSON} and {HEAD_WEIGHTS}"
+        ) from None
     # a bad size is a RuntimeError; a width JSON Schema let through as 16.0, a TypeError
-    except (ValueError, RuntimeError, TypeError, SafetensorError, FileNotFoundError) as error:
-        raise ValueError(f"{head_dir} is not a valid pvu head export: {error}") from None
+    except (ValueError, RuntimeError, TypeError, SafetensorError) as error:
+        reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ValueError(f"{head_dir} is not a valid pvu head export: {reason}") from None
     return head.eval(), doc
 
 
@@ -172,6 +179,18 @@ class HeadedModel(nn.Module):
         self.head = head
         self.input_dtype = _DTYPES[input_dtype]
         self.image_size = image_size  # (H, W) the head's cache fed the model, if recorded
+        self.pooling = _setting(model, "global_pool")  # checked at attach; a change is warned of
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any] | None:
+        """The model's timm config, so ``timm.data.resolve_model_data_config`` of the attached
+        model gives the model's input size, mean and std."""
+        return getattr(self.model, "pretrained_cfg", None)
+
+    @property
+    def default_cfg(self) -> dict[str, Any] | None:
+        """The model's timm config under its older name."""
+        return getattr(self.model, "default_cfg", None)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
@@ -184,8 +203,18 @@ class HeadedModel(nn.Module):
                 "prepare images as head.json's input says (size, mean, std)",
                 stacklevel=2,
             )
+        pooling = _setting(self.model, "global_pool")
+        if pooling != self.pooling:  # reset_classifier(n, global_pool=...) since attach
+            warnings.warn(
+                f"the model's global_pool is {pooling!r} since the head was attached, not "
+                f"{self.pooling!r}: its embeddings are not those the head was trained on",
+                stacklevel=2,
+            )
         features = self.model.forward_features(images)  # under the caller's autocast, if any
-        with torch.autocast(images.device.type, enabled=False):
+        meta = images.device.type == "meta"  # shapes only (autocast has no meta device)
+        with (
+            contextlib.nullcontext() if meta else torch.autocast(images.device.type, enabled=False)
+        ):
             dtype = next(self.model.parameters()).dtype
             embedding, logits = model_head(self.model, features, dtype)
             width = self.head.config.embedding_dim
@@ -219,6 +248,12 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             "the model is compiled: attach the head to the model itself, then compile what "
             "attach_head returns"
         )
+    if not all(hasattr(model, name) for name in ("forward_features", "forward_head")):
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no forward_features and forward_head: "
+            "attach the head to a timm classifier (a features_only model is a feature "
+            "extractor; create the model without features_only)"
+        )
     if any(parameter.is_meta for parameter in model.parameters()):
         raise ValueError(
             "the model's weights are on the meta device: load them (to_empty, "
@@ -235,7 +270,8 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
     if width is not None and width != doc["embedding_dim"]:
         raise ValueError(
             f"head in {head_dir} expects {doc['embedding_dim']}-d embeddings "
-            f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}"
+            f"(backbone {doc['backbone']}), but the model's pre-logit width is {width}: "
+            "attach it to the backbone it was trained for, created with head.json's model_kwargs"
         )
     _check_weights(model, doc, head_dir)
     _check_model_kwargs(model, doc, head_dir)
