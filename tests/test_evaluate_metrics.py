@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.evaluate import knn
 from pipeline.evaluate.analyses import DeterioratedSet, deterioration_curves
 from pipeline.evaluate.evalset import EvalSet
 from pipeline.evaluate.knn import TIE_TOLERANCE, nearest_neighbours, normalize
@@ -106,7 +107,7 @@ def test_safe_retrieval_matches_scikit_learn(case: str, per_class: bool) -> None
     unit = normalize(x)
     full = nearest_neighbours(unit)
     rejected = most_uncertain(uncertainty, q, labels if per_class else None)
-    errors = retrieval_errors(unit, labels, full, rejected)
+    errors = retrieval_errors(unit, labels, full, rejected, block_bytes=4 * len(x) * 7)
     kept = np.flatnonzero(~rejected)
     every = np.arange(len(x))
     all_db = reference_neighbours(x, every, np.ones(len(x), bool))
@@ -115,6 +116,25 @@ def test_safe_retrieval_matches_scikit_learn(case: str, per_class: bool) -> None
     assert errors["full"] == pytest.approx(np.mean(labels[all_db] != labels))
     assert errors["clean_queries"] == pytest.approx(np.mean(labels[all_db[kept]] != labels[kept]))
     assert errors["clean_database"] == pytest.approx(np.mean(labels[clean_db] != labels[kept]))
+
+
+def test_the_clean_database_search_keeps_to_the_block_budget(monkeypatch) -> None:
+    """It ran with the default 256 MiB block whatever --block-mb said, on a gathered copy of
+    the rows kept: a GPU short of memory ran out though the user lowered --block-mb."""
+    rng = np.random.default_rng(3)
+    unit = normalize(rng.normal(size=(500, 8)).astype(np.float32))
+    labels = rng.integers(0, 4, 500)
+    full = nearest_neighbours(unit)
+    blocks, chunk = [], knn.query_chunk
+
+    def counted(rows: int, *, block_bytes: int) -> int:
+        blocks.append(4 * rows * chunk(rows, block_bytes=block_bytes))  # float32 similarities
+        return blocks[-1] // (4 * rows)
+
+    monkeypatch.setattr(knn, "query_chunk", counted)
+    budget = 4 * 500 * 16
+    retrieval_errors(unit, labels, full, most_uncertain(rng.random(500), 0.2), block_bytes=budget)
+    assert blocks and max(blocks) <= budget
 
 
 def test_rejection_counts_follow_the_protocol() -> None:

@@ -64,7 +64,7 @@ def nearest_neighbours(
 
     ``unit``: (N, D) unit-norm rows (see :func:`normalize`). ``queries``: row indices to
     search for (default: all). ``database``: boolean mask (N,) of rows that may be returned
-    (default: all; a subset is gathered once, so memory grows by its size).
+    (default: all; the others are masked out of each block, so memory does not grow).
     ``on_chunk`` is called with the number of queries done after each block.
     """
     x = torch.as_tensor(unit, device=device)
@@ -72,24 +72,21 @@ def nearest_neighbours(
     index = np.full(len(rows), -1, np.int64)
     similarity = np.full(len(rows), -np.inf, np.float32)
     tied = np.zeros(len(rows), bool)
-    # database rows in ascending order, so "lowest index" is the same locally and globally
-    kept = np.arange(len(x)) if database is None else np.flatnonzero(database)
-    if len(kept) == 0 or len(rows) == 0:
+    if len(x) == 0 or len(rows) == 0:
         return Neighbours(index, similarity, tied)
-    xd = x if database is None else x[torch.as_tensor(kept, device=device)]
-    position = np.full(len(x), -1, np.int64)  # each row's place in the database, -1 if absent
-    position[kept] = np.arange(len(kept))
-    step = min(query_chunk(len(kept), block_bytes=block_bytes), len(rows))
-    block = torch.empty((step, len(kept)), dtype=x.dtype, device=device)
+    removed = None
+    if database is not None:
+        removed = torch.as_tensor(np.flatnonzero(~database), device=device)
+    step = min(query_chunk(len(x), block_bytes=block_bytes), len(rows))
+    block = torch.empty((step, len(x)), dtype=x.dtype, device=device)
     with torch.inference_mode():
         for start in range(0, len(rows), step):
-            picked = rows[start : start + step]
-            queries_x = x[torch.as_tensor(picked, device=device)]
-            sim = torch.mm(queries_x, xd.T, out=block[: len(picked)])
-            own = torch.as_tensor(position[picked], device=device)
-            best, found, close = _block_neighbours(sim, own)
-            found = found.cpu().numpy()
-            index[start : start + len(picked)] = np.where(found >= 0, kept[found], -1)
+            picked = torch.as_tensor(rows[start : start + step], device=device)
+            sim = torch.mm(x[picked], x.T, out=block[: len(picked)])
+            if removed is not None:
+                sim[:, removed] = -torch.inf
+            best, found, close = _block_neighbours(sim, picked)
+            index[start : start + len(picked)] = found.cpu().numpy()
             similarity[start : start + len(picked)] = best.cpu().numpy()
             tied[start : start + len(picked)] = close.cpu().numpy()
             if on_chunk is not None:
@@ -100,15 +97,14 @@ def nearest_neighbours(
 def _block_neighbours(
     sim: torch.Tensor, own: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best similarity and column of each query row of ``sim``, the query's own column
-    ``own`` (-1: not in the database) excluded, and whether another column ties with it.
+    """Best similarity and column of each query row of ``sim`` (-1 where every column is
+    -inf), the query's own column ``own`` excluded, and whether another column ties with it.
 
     Two max passes instead of a tolerance scan of the whole block: the runner-up tells which
     rows have a tie, and only those rows are scanned for their lowest tied column.
     """
     arange = torch.arange(len(own), device=sim.device)
-    present = own >= 0
-    sim[arange[present], own[present]] = -torch.inf
+    sim[arange, own] = -torch.inf
     best, found = sim.max(dim=1)  # the first maximal index on exact ties
     sim[arange, found] = -torch.inf
     runner_up = sim.amax(dim=1)

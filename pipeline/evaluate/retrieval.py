@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluate.knn import Neighbours, nearest_neighbours
+from pipeline.evaluate.knn import BLOCK_BYTES, Neighbours, nearest_neighbours
 from pipeline.evaluate.metrics import neighbour_correct
 
 TIE_SEED = 0
@@ -50,6 +50,7 @@ def retrieval_errors(
     rejected: np.ndarray,
     *,
     device: str = "cpu",
+    block_bytes: int = BLOCK_BYTES,
 ) -> dict[str, float | int]:
     """1-NN error with all queries, with ``rejected`` queries refused, and with them also
     removed from the database; ``full`` is the leave-one-out search over every row."""
@@ -62,7 +63,9 @@ def retrieval_errors(
     # and so which rows tie with it (the tolerance is not transitive): search those again.
     stale = (index >= 0) & (rejected[np.maximum(index, 0)] | full.tied[queries])
     if stale.any():
-        again = nearest_neighbours(unit, queries=queries[stale], database=kept, device=device)
+        again = nearest_neighbours(
+            unit, queries=queries[stale], database=kept, device=device, block_bytes=block_bytes
+        )
         index[stale] = again.index
     cleaned = neighbour_correct(labels, index, queries)
     return {

@@ -210,6 +210,7 @@ def _evaluate_set(
                     full,
                     most_uncertain(u, options.reject_fraction, groups),
                     device=options.device,
+                    block_bytes=options.block_bytes,
                 )
                 for variant, groups in (("per_class", data.labels), ("class_agnostic", None))
             },
