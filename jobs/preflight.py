@@ -24,9 +24,12 @@ CREDENTIALS_HINT = (
 def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
     """Raise :class:`UserError` if ``url``'s store cannot be used: no credentials, endpoint
     unreachable, bucket missing or access denied; with ``must_exist``, if ``url`` is absent."""
-    fs, path = fsspec.core.url_to_fs(url)
-    bucket = None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
     where = f"{flag}{url}" if flag.endswith("=") else f"{flag} {url}"  # --dataset NAME=URL
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as error:  # "Protocol not known: foo", "Install gcsfs ..."
+        raise UserError(f"{where}: {error}; give a local path or an fsspec URL") from None
+    bucket = None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
     try:
         if bucket is not None:
             fs.ls(bucket, detail=False)

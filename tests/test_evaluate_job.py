@@ -207,6 +207,29 @@ def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) 
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "only0row(s)in--tsne-classes[99]" in said(result), result.output
+    result = run(
+        "--head", head_dir, "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--tsne-classes", "0,1,99", "--tsne-points", "60",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "t-SNEofclean:--tsne-classes[99]holdnorowthere" in said(result), result.output
+
+
+def test_a_deterioration_cache_given_twice_is_refused(tmp_path: Path, head_dir: str) -> None:
+    """It was pooled twice into its strength, without a word."""
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))
+    result = run(
+        "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--deterioration", clean, "--deterioration", clean,
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--deterioration:cache(s)giventwice:" in said(result)
+
+
+def test_a_report_url_of_no_known_protocol_names_the_flag(tmp_path: Path) -> None:
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))
+    result = run("--dataset", f"clean={clean}", "--report", "foo://bucket/r")
+    assert result.exit_code == 2, result.output
+    assert "--reportfoo://bucket/r:Protocolnotknown:foo" in said(result), result.output
 
 
 def test_the_random_baseline_does_not_depend_on_where_a_cache_lives(tmp_path: Path) -> None:
@@ -274,6 +297,7 @@ def test_imagenet_validation_keys_get_real_flags() -> None:
     keys = [f"val/ILSVRC2012_val_{i:08d}" for i in (1, 2, 3, 4)]
     assert real_ambiguous(keys).tolist() == [True, True, True, False]
     assert real_ambiguous(["img-000001"]) is None
+    assert real_ambiguous(["ILSVRC2012_val_00000000"]) is None  # read as image 50,000's
 
 
 def test_refuses_inputs_naming_them(tmp_path: Path, head_dir: str) -> None:
@@ -324,6 +348,12 @@ def test_a_head_of_other_images_than_the_caches_is_warned_of(tmp_path: Path) -> 
         assert ("learnedfrom" in said(result)) == (size != 64), result.output
     assert '[3,64,64],"mean"' in said(result) and f"butcache{cache}(d)holds" in said(result)
     assert '{"input_size":[3,224,224]' in said(result)
+    document = json.loads((tmp_path / "r" / "report.json").read_text())  # the 224 px run's
+    validate_report(document)
+    assert document["sources"][0]["input"] == image
+    assert document["datasets"][0]["input"]["input_size"] == [3, 224, 224]
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "learned from 3x64x64 images (mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]); d" in markdown
 
 
 def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir: str) -> None:

@@ -64,6 +64,14 @@ class EvaluateJobConfig(BaseModel):
             raise ValueError(f"dataset name(s) given twice: {', '.join(sorted(repeated))}")
         return value
 
+    @field_validator("deterioration")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({url for url in value if value.count(url) > 1})
+        if repeated:
+            raise ValueError(f"cache(s) given twice: {', '.join(repeated)}; give each once")
+        return value
+
     @field_validator("head")
     @classmethod
     def _heads_exist(cls, value: list[str]) -> list[str]:

@@ -107,6 +107,6 @@ def real_ambiguous(keys: Sequence[str]) -> np.ndarray | None:
     real = json.loads(
         resources.files("timm.data").joinpath("_info/imagenet_real_labels.json").read_text()
     )
-    if max(numbers, default=0) >= len(real):
+    if not all(0 <= number < len(real) for number in numbers):  # val_00000000 is none
         return None
     return np.array([len(real[i]) != 1 for i in numbers])

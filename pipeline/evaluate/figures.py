@@ -53,7 +53,9 @@ def _histograms(ax: Any, groups: dict[str, np.ndarray]) -> None:
     values = np.concatenate([v[np.isfinite(v)] for v in groups.values()])
     bins = np.histogram_bin_edges(values, bins=40) if len(values) else 10
     for label, v in groups.items():
-        ax.hist(v[np.isfinite(v)], bins=bins, density=True, histtype="step", label=label)
+        finite = v[np.isfinite(v)]
+        if len(finite):  # an empty group has no density (numpy divided by zero)
+            ax.hist(finite, bins=bins, density=True, histtype="step", label=label)
 
 
 def distributions(groups_by_source: dict[str, dict[str, np.ndarray]], *, title: str) -> Figure:

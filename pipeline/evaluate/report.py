@@ -117,11 +117,17 @@ def _figures(evaluation: Evaluation, report: dict[str, Any]) -> dict[str, bytes]
     return files
 
 
+#: The longest dataset name a figure's file name keeps whole (a name is at most 255 bytes).
+SLUG_CHARS = 64
+
+
 def _slug(name: str) -> str:
-    """``name`` as a file name; one that had to change gets a digest of the original, so
-    ``a.b`` and ``a_b`` do not share a figure."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    return slug if slug == name else f"{slug}-{zlib.crc32(name.encode()):08x}"
+    """``name`` as a file name; one that had to change (or be cut to ``SLUG_CHARS``) gets a
+    digest of the original, so ``a.b`` and ``a_b`` do not share a figure."""
+    slug = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in name)
+    if slug == name and len(slug) <= SLUG_CHARS:
+        return slug
+    return f"{slug[:SLUG_CHARS]}-{zlib.crc32(name.encode()):08x}"
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -157,7 +163,7 @@ def _headline(report: dict[str, Any], sources: list[str]) -> list[str]:
     backbone = report["backbone"]
     return [
         "# pvu evaluation report\n",
-        f"Backbone `{backbone['name']}` ({backbone['embedding_dim']}-d), pvu "
+        f"Backbone `{backbone['name']}` ({backbone['embedding_dim']}-d{_kwargs(backbone)}), pvu "
         f"{report['pvu_version']}. Recall@1: leave-one-out cosine 1-NN accuracy (the query "
         "excluded by its row, so exact duplicates count; similarities within 1e-6 tie and the "
         'lowest row wins). R-AUROC: AUROC of -uncertainty against "the 1-NN has the same '
@@ -165,6 +171,7 @@ def _headline(report: dict[str, Any], sources: list[str]) -> list[str]:
         "baselines from the cache: classifier entropy, 1 - max softmax, 1 / embedding norm, "
         "seeded random.\n",
         *_dropped_note(datasets),
+        *_input_note(report["sources"], datasets),
         "## R-AUROC and Recall@1\n",
         _table(
             ["dataset", "n", "Recall@1", *sources],
@@ -316,6 +323,29 @@ def _reduction(full: float | None, cleaned: float | None) -> str:
     if full is None or cleaned is None or full == 0:
         return "n/a"
     return f"{(full - cleaned) / full:+.0%}"
+
+
+def _kwargs(backbone: dict[str, Any]) -> str:
+    """``, model_kwargs {...}`` where the backbone was built with timm arguments."""
+    kwargs = backbone.get("model_kwargs")
+    return f", model_kwargs `{json.dumps(kwargs, sort_keys=True)}`" if kwargs else ""
+
+
+def _input_note(sources: list[dict[str, Any]], datasets: list[dict[str, Any]]) -> list[str]:
+    """A line per head whose training images (size, mean, std) differ from a dataset's: its
+    uncertainties there are outside what it learned."""
+    lines = []
+    for source in sources:
+        learned = source.get("input")
+        other = [d["name"] for d in datasets if learned and d.get("input") not in (None, learned)]
+        if other:
+            size = "x".join(map(str, learned["input_size"]))
+            lines.append(
+                f"Head `{source['name']}` learned from {size} images (mean {learned['mean']}, "
+                f"std {learned['std']}); {', '.join(other)} hold(s) other images: its "
+                "uncertainties there are outside what it learned.\n"
+            )
+    return lines
 
 
 def _dropped_note(datasets: list[dict[str, Any]]) -> list[str]:

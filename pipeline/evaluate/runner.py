@@ -36,6 +36,7 @@ from pipeline.evaluate.sources import (
     uncertainties,
 )
 from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
+from pipeline.head.export import image_input
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def _header(options: EvaluateOptions, heads: list[LoadedHead], data: EvalSet) ->
             "name": prov.get("backbone"),
             "weights_digest": prov.get("weights_digest"),
             "embedding_dim": int(data.embedding.shape[1]),
+            **({"model_kwargs": prov["model_kwargs"]} if prov.get("model_kwargs") else {}),
         },
         "settings": {
             "reject_fraction": options.reject_fraction,
@@ -166,7 +168,10 @@ def _header(options: EvaluateOptions, heads: list[LoadedHead], data: EvalSet) ->
             "ambiguity_threshold": options.ambiguity_threshold,
             "seed": options.seed,
         },
-        "sources": [{"name": h.name, "kind": "head", "path": h.path} for h in heads]
+        "sources": [
+            {"name": h.name, "kind": "head", "path": h.path, "input": h.document.get("input")}
+            for h in heads
+        ]
         + [{"name": name, "kind": "baseline"} for name in BASELINES],
         "tsne": None,
     }
@@ -222,6 +227,7 @@ def _evaluate_set(
         "dropped_rows": data.dropped,
         "classes": len(np.unique(data.labels)),
         "label_space": data.label_space,
+        "input": image_input(data.provenance),
         "recall_at_1": float(correct.mean()),
         "classifier_accuracy": float(hit.mean()) if classifier else None,
         "ambiguity": ambiguity,
@@ -277,6 +283,9 @@ def _tsne(
         max_points=options.tsne_points,
         seed=options.seed,
     )
+    absent = sorted(set(classes or ()) - set(data.labels[rows].tolist()))
+    if absent and len(absent) < len(classes or ()):
+        log.warning("t-SNE of %s: --tsne-classes %s hold no row there", data.name, absent)
     if len(rows) < MIN_TSNE_POINTS:
         if classes is not None:
             raise ValueError(
