@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
 from pipeline.evaluate.evalset import load_eval_set
+from pipeline.evaluate.runner import EvaluateOptions, evaluate
 from pipeline.evaluate.sources import baseline_uncertainty
 from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, create_head
@@ -213,6 +215,27 @@ def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "t-SNEofclean:--tsne-classes[99]holdnorowthere" in said(result), result.output
+
+
+def test_progress_covers_safe_retrieval_and_bad_tsne_classes_stop_before_the_search(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """Safe retrieval's searches (as long as the 1-NN's) ran with no progress; --tsne-classes
+    holding no row were refused only after the set's whole evaluation."""
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(120, 4, seed=3))
+    done: dict[str, list[int]] = {}
+
+    def track(description: str, total: int):
+        done[description] = [0, total]
+        return lambda n: done[description].__setitem__(0, done[description][0] + n)
+
+    options = EvaluateOptions(heads=(head_dir,), datasets=(("clean", clean),), tsne_points=60)
+    evaluate(options, track=track)
+    assert done["safe retrieval clean"] == [10, 10]  # 1 head + 4 baselines, 2 variants each
+    done.clear()
+    with pytest.raises(ValueError, match=r"only 0 row\(s\) in --tsne-classes \[99\]"):
+        evaluate(replace(options, tsne_classes=(99,)), track=track)
+    assert "read clean" in done and "1-NN clean" not in done
 
 
 def test_a_deterioration_cache_given_twice_is_refused(tmp_path: Path, head_dir: str) -> None:

@@ -94,14 +94,16 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     entries = []
     for name, url in named:
         data = _load(name, url, indexes[url], track)
+        tsne_rows = _tsne_rows(data, options) if name == tsne_dataset else None
         if not result.report:
             result.report = _header(options, heads, data)
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.scores[name] = scores
         entries.append(_evaluate_set(data, scores, options, result, track))
         entries[-1]["role"] = UPSTREAM if options.upstream and name == UPSTREAM else "downstream"
-        if name == tsne_dataset:
-            result.tsne, result.report["tsne"] = _tsne(data, scores, heads, options) or (None, None)
+        if tsne_rows is not None:
+            tsne = _tsne(data, tsne_rows, scores, heads, options.seed)
+            result.tsne, result.report["tsne"] = tsne or (None, None)
     if options.upstream:
         _add_id_vs_ood(entries, result.scores)
     for url in options.deteriorated:
@@ -201,6 +203,21 @@ def _evaluate_set(
     if flags is not None:
         result.ambiguous[data.name] = flags
     known = None if flags is None else ~np.isnan(flags)
+    searched = track(f"safe retrieval {data.name}", 2 * len(scores))  # per source and variant
+
+    def safe_retrieval(u: np.ndarray, groups: np.ndarray | None) -> dict[str, float | int]:
+        rejected = most_uncertain(u, options.reject_fraction, groups)
+        errors = retrieval_errors(
+            unit,
+            data.labels,
+            full,
+            rejected,
+            device=options.device,
+            block_bytes=options.block_bytes,
+        )
+        searched(1)
+        return errors
+
     sources = {}
     for source, u in scores.items():
         sources[source] = {
@@ -209,14 +226,7 @@ def _evaluate_set(
             "id_vs_ood_auroc": None,
             "ambiguity_auroc": None if flags is None else auroc(flags[known] > 0, u[known]),
             "safe_retrieval": {
-                variant: retrieval_errors(
-                    unit,
-                    data.labels,
-                    full,
-                    most_uncertain(u, options.reject_fraction, groups),
-                    device=options.device,
-                    block_bytes=options.block_bytes,
-                )
+                variant: safe_retrieval(u, groups)
                 for variant, groups in (("per_class", data.labels), ("class_agnostic", None))
             },
         }
@@ -266,15 +276,10 @@ def _ambiguity(
     }
 
 
-def _tsne(
-    data: EvalSet,
-    scores: dict[str, np.ndarray],
-    heads: list[LoadedHead],
-    options: EvaluateOptions,
-) -> tuple[TsnePoints, dict[str, Any]] | None:
-    """The t-SNE map of ``data``'s chosen classes, coloured by the first head (else entropy);
-    None when the default classes hold too few rows."""
-    source = heads[0].name if heads else "entropy"
+def _tsne_rows(data: EvalSet, options: EvaluateOptions) -> np.ndarray | None:
+    """The rows of ``data`` the t-SNE map shows: of ``--tsne-classes`` (refused when they hold
+    too few, as soon as the set is read; absent ones warned of), else of the most frequent
+    classes (None when those hold too few)."""
     classes = list(options.tsne_classes) if options.tsne_classes else None
     rows = pick_rows(
         data.labels,
@@ -283,7 +288,7 @@ def _tsne(
         max_points=options.tsne_points,
         seed=options.seed,
     )
-    absent = sorted(set(classes or ()) - set(data.labels[rows].tolist()))
+    absent = sorted(set(classes or ()) - set(np.unique(data.labels).tolist()))
     if absent and len(absent) < len(classes or ()):
         log.warning("t-SNE of %s: --tsne-classes %s hold no row there", data.name, absent)
     if len(rows) < MIN_TSNE_POINTS:
@@ -293,6 +298,19 @@ def _tsne(
             )
         log.warning("%s: %d row(s) are too few for a t-SNE map; skipped", data.name, len(rows))
         return None
+    return rows
+
+
+def _tsne(
+    data: EvalSet,
+    rows: np.ndarray,
+    scores: dict[str, np.ndarray],
+    heads: list[LoadedHead],
+    seed: int,
+) -> tuple[TsnePoints, dict[str, Any]] | None:
+    """The t-SNE map of ``rows`` of ``data``, coloured by the first head (else entropy); None
+    when they hold too few distinct embeddings."""
+    source = heads[0].name if heads else "entropy"
     rows = rows[np.linalg.norm(data.embedding[rows].astype(np.float32), axis=1) > 0]
     unit = normalize(data.embedding[rows])
     distinct = len(np.unique(unit, axis=0))
@@ -304,7 +322,7 @@ def _tsne(
             distinct,
         )
         return None
-    xy = tsne_map(unit, seed=options.seed)
+    xy = tsne_map(unit, seed=seed)
     points = TsnePoints(xy, data.keys[rows], data.labels[rows], scores[source][rows])
     entry = {
         "dataset": data.name,
