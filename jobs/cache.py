@@ -105,6 +105,15 @@ def cache(
     max_attempts: Annotated[
         int, typer.Option(help="Tries per unit before it counts as failed.")
     ] = 3,
+    unit_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="A unit with no result after this long has its actor killed and is tried "
+            "again (a hung read or device). Default: 10x the longest unit finished so far, at "
+            "least 15 minutes; 2 hours for the first units.",
+        ),
+    ] = None,
     input_size: Annotated[
         int | None, typer.Option(help="Square input size (default: the backbone's).")
     ] = None,

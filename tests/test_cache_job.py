@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.run.cache import CacheJobConfig, member_advice, run_cache
-from pipeline.cache.distribute import ActorPool, CacheWorker, start_local_ray
+from pipeline.cache.distribute import (
+    FIRST_UNIT_DEADLINE_S,
+    MIN_UNIT_DEADLINE_S,
+    ActorPool,
+    CacheWorker,
+    start_local_ray,
+)
 from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.shards import shard_name
@@ -421,6 +427,40 @@ def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local
     failure = report.failed["epoch=0000/digits-0001.parquet"]
     assert "its actor died" in failure and "gave up after 2 tries" in failure
     assert report.actors_replaced == 2
+
+
+def test_a_unit_that_hangs_has_its_actor_killed_and_runs_again_elsewhere(local_ray, tmp_path):
+    """An actor stopped mid-unit (SIGSTOP, as a read of a stalled mount or a hung GPU leaves
+    it) held the run forever: the driver waited on it with no limit."""
+    stopped = tmp_path / "stopped"
+
+    class HangsOnceOnOneShard(CacheWorker):
+        def run(self, unit):
+            if unit.shard == "digits-0001" and not stopped.exists():
+                stopped.touch()
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return super().run(unit)
+
+    pool, units, _ = small_pool(tmp_path, HangsOnceOnOneShard, shards=2, max_attempts=2)
+    pool.unit_timeout = 10.0
+    started = time.monotonic()
+    report = pool.run(units, on_result=lambda result: None)
+    assert sorted(result.relpath for result in report.results) == [
+        f"epoch=0000/digits-000{i}.parquet" for i in (0, 1)
+    ]
+    assert not report.failed and report.actors_replaced == 1 and stopped.exists()
+    assert time.monotonic() - started < 90
+
+
+def test_the_unit_deadline_follows_the_longest_unit_unless_given() -> None:
+    pool = ActorPool(size=1, gpus=0, cpus=1, backbone="b", weights="w", settings=None)
+    assert pool.unit_deadline() == FIRST_UNIT_DEADLINE_S  # nothing finished yet
+    pool._longest = 30.0
+    assert pool.unit_deadline() == MIN_UNIT_DEADLINE_S
+    pool._longest = 600.0
+    assert pool.unit_deadline() == 6000.0
+    pool.unit_timeout = 5.0
+    assert pool.unit_deadline() == 5.0
 
 
 def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, tmp_path):

@@ -173,6 +173,8 @@ class CacheJobConfig(BaseModel):
     ray_address: str | None = None
     dtype: Literal["float16", "float32"] = "float16"
     max_attempts: int = Field(default=3, ge=1)
+    #: Seconds a unit may run before its actor is killed and the unit tried again (None: auto).
+    unit_timeout: float | None = Field(default=None, gt=0)
     input_size: int | None = Field(default=None, ge=8)
     #: Area range of the train transform's random-resized crop (appendix A: 0.08 to 1).
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -576,6 +578,7 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
             weights=config.weights,
             settings=targets[0].settings,
             max_attempts=config.max_attempts,
+            unit_timeout=config.unit_timeout,
             also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
         )
         report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)

@@ -3,6 +3,8 @@
 Ray only moves units and their results; the per-sample work is ``pipeline.cache.unit``. A unit whose
 actor or node dies is given to another actor; a unit that raises is retried, then reported failed,
 except for a permanent storage error (a missing object, a denied access), which fails it at once.
+A unit with no result by its deadline (a read that never returns, a hung device, a stopped
+process) has its actor killed and is tried again like one whose actor died.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +31,13 @@ from pipeline.retry import PERMANENT_ERRORS, StorageFull
 log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+#: Without ``--unit-timeout``: a unit is taken as hung after this many times the longest unit
+#: finished so far, and no sooner than ``MIN_UNIT_DEADLINE_S``; before any unit has finished
+#: (the actors' first units), after ``FIRST_UNIT_DEADLINE_S``.
+SLOW_UNIT_FACTOR = 10
+MIN_UNIT_DEADLINE_S = 15 * 60
+FIRST_UNIT_DEADLINE_S = 2 * 3600
 
 
 def keep_ray_on_loopback() -> None:
@@ -221,14 +231,18 @@ class ActorPool:
         max_attempts: int = 3,
         worker: type[CacheWorker] = CacheWorker,
         also: tuple[Target, ...] = (),
+        unit_timeout: float | None = None,
     ) -> None:
         self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(worker)
         self._args = (backbone, weights, settings, also)
         self.size = size
         self.max_attempts = max_attempts
+        self.unit_timeout = unit_timeout
         self._idle: list[Any] = []
         self._starting: dict[ray.ObjectRef, Any] = {}
         self._running: dict[ray.ObjectRef, tuple[Any, Unit]] = {}
+        self._given_at: dict[ray.ObjectRef, float] = {}  # when each running unit was given out
+        self._longest = 0.0  # seconds, of the units finished so far
         self._failed_starts = 0  # in a row; a start that succeeds resets it
 
     def _start_actor(self) -> None:
@@ -249,7 +263,8 @@ class ActorPool:
             while pending or self._running:
                 while pending and self._idle:
                     actor, unit = self._idle.pop(), pending.popleft()
-                    self._running[actor.run.remote(unit)] = (actor, unit)
+                    ref = actor.run.remote(unit)
+                    self._running[ref], self._given_at[ref] = (actor, unit), time.monotonic()
                 if not self._running and not self._starting:
                     raise RuntimeError("no cache actor is alive and none is starting")
                 ready, _ = ray.wait([*self._running, *self._starting], num_returns=1, timeout=5)
@@ -258,6 +273,7 @@ class ActorPool:
                         self._on_started(ref, report)
                     else:
                         self._on_finished(ref, report, pending, attempts, on_result)
+                self._stop_hung(report, pending, attempts)
         finally:
             closing = [actor.close.remote() for actor in self._idle]
             if closing:  # stop decode workers before the kill; they would exit soon anyway
@@ -267,6 +283,31 @@ class ActorPool:
             for actor, _ in self._running.values():
                 ray.kill(actor)
         return report
+
+    def unit_deadline(self) -> float:
+        """Seconds a unit may run before it counts as hung: ``unit_timeout``, else
+        ``SLOW_UNIT_FACTOR`` times the longest unit finished so far (see the constants)."""
+        if self.unit_timeout is not None:
+            return self.unit_timeout
+        if not self._longest:
+            return FIRST_UNIT_DEADLINE_S
+        return max(MIN_UNIT_DEADLINE_S, SLOW_UNIT_FACTOR * self._longest)
+
+    def _stop_hung(self, report: PoolReport, pending: deque, attempts: dict[str, int]) -> None:
+        """Kill the actor of each unit past its deadline and try the unit again (counted as a
+        try): a read that never returns or a hung device would hold the run forever."""
+        deadline, now = self.unit_deadline(), time.monotonic()
+        for ref in [ref for ref, given in self._given_at.items() if now - given > deadline]:
+            actor, unit = self._running.pop(ref)
+            del self._given_at[ref]
+            ray.kill(actor)
+            report.actors_replaced += 1
+            self._start_actor()
+            why = (
+                f"{unit.source}: no result after {deadline:.0f} s (a read that never returns, "
+                "a hung device?); its actor was killed (--unit-timeout sets the limit)"
+            )
+            self._retry_or_fail(unit, why, report, pending, attempts)
 
     def _on_started(self, ref: ray.ObjectRef, report: PoolReport) -> None:
         """Take a started actor into the pool, or replace one that failed to start.
@@ -333,6 +374,7 @@ class ActorPool:
         on_result: Callable[[UnitResult], None],
     ) -> None:
         actor, unit = self._running.pop(ref)
+        seconds = time.monotonic() - self._given_at.pop(ref)
         try:
             result = ray.get(ref)
         except RayTaskError as error:  # the unit raised; its actor is fine
@@ -357,6 +399,7 @@ class ActorPool:
             why = f"{unit.source}: its actor died ({type(error).__name__})"
             self._retry_or_fail(unit, why, report, pending, attempts)
             return
+        self._longest = max(self._longest, seconds)
         report.results.append(result)
         on_result(result)
         self._idle.append(actor)
