@@ -68,7 +68,8 @@ def test_reading_a_cache_still_being_written_warns(tmp_path, caplog) -> None:
     assert "still being written, by run" in caplog.text and "pvu cache --output" in caplog.text
     caplog.clear()
     open_cache([url])  # the run ended: its lock is gone
-    plant(url, replace(RunLock(url, owner="a dead run").holder, heartbeat=time.time() - 600))
+    dead = replace(RunLock(url, owner="a dead run").holder, host="node-7")  # not this process
+    plant(url, replace(dead, heartbeat=time.time() - 600))
     open_cache([url])
     assert "still being written" not in caplog.text
 
@@ -156,6 +157,39 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     with RunLock(prefix, owner="after the kill"):  # no hour-long wait
+        pass
+
+
+def test_a_stopped_runs_lock_is_not_taken_while_it_lives(tmp_path) -> None:
+    """A run stopped (Ctrl-Z) past its lease, or a clock stepped forward, lost its lock to a
+    second run while it lived: once resumed, both wrote. Its host tells it is alive."""
+    prefix = str(tmp_path / "cache")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pipeline.cache.lock import RunLock;"
+            f"RunLock({prefix!r}, owner='stopped', lease=0.5).acquire();"
+            "print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # three leases without a beat
+        with pytest.raises(CacheLocked) as refused, RunLock(prefix, owner="second"):
+            pass
+        message = str(refused.value)
+        assert "alive on this host but not beating" in message, message
+        assert f"kill -CONT {holder.pid}" in message and "stopped" in message
+        assert lock_module.live_holder(prefix) is not None  # readers are warned too
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    with RunLock(prefix, owner="after the kill"):  # its process gone: free at once
         pass
 
 

@@ -6,10 +6,12 @@ The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-No
 S3), so of two runs started at once exactly one gets it; the other is refused with a message
 naming the holder. The holder rewrites the lock's heartbeat every ``lease / 4`` seconds. A lock
 whose heartbeat is older than its lease belongs to a run that died (killed, node lost): the next
-run takes it over with a warning. On the holder's own host a dead process frees it at once:
-in the same boot and PID namespace, its id gone or now another process's (told apart by its
-start in clock ticks since boot, which no clock step moves); after a reboot, always. A holder
-in another PID namespace (another container of a pod) is left to its lease.
+run takes it over with a warning. On the holder's own host its process decides, whatever the
+heartbeat: in the same boot and PID namespace, its id gone or now another process's (told
+apart by its start in clock ticks since boot, which no clock step moves) frees the lock at
+once, and a live one keeps it however long it has not beaten (stopped by Ctrl-Z or SIGSTOP, or
+a clock stepped forward); after a reboot, the lock is free. A holder in another PID namespace
+(another container of a pod) or on another host is left to its lease.
 A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old.
 Clocks of the machines that share a prefix must agree to well within the lease.
 """
@@ -63,19 +65,31 @@ class Holder:
         """Whether the lease ran out: the holder stopped beating ``lease`` seconds ago."""
         return now > self.heartbeat + self.lease
 
-    def dead_here(self) -> bool:
-        """Whether the holder ran on this host and its process is gone (see the module)."""
+    def alive_here(self) -> bool | None:
+        """Whether the holder's process runs, as this host can tell (see the module): True or
+        False where it can, None where it cannot (another host or PID namespace; a process id
+        that exists, in a lock that records no process start)."""
         if self.host != socket.gethostname():
-            return False
+            return None
         here = _context()
         if not self.process or not here:  # a lock from before processes were recorded
-            return not _exists(self.pid)
+            return None if _exists(self.pid) else False
         context, _, ticks = self.process.rpartition("/")
         if context.split("/")[0] != here.split("/")[0]:
-            return True  # another boot: its process ended with it
+            return False  # another boot: its process ended with it
         if context != here:
-            return False  # another PID namespace: its id means nothing here
-        return _start_ticks(self.pid) != ticks
+            return None  # another PID namespace: its id means nothing here
+        return _start_ticks(self.pid) == ticks
+
+    def dead_here(self) -> bool:
+        """Whether the holder ran on this host and its process is gone (see the module)."""
+        return self.alive_here() is False
+
+    def live(self, now: float) -> bool:
+        """Whether the holder still runs: as this host tells where it can, whatever the
+        heartbeat (a stopped process, a clock step); else while its lease lasts."""
+        alive = self.alive_here()
+        return not self.expired(now) if alive is None else alive
 
     def describe(self, now: float) -> str:
         """One line naming the run, e.g. for the refusal of a second one."""
@@ -219,7 +233,7 @@ class RunLock:
             return
         if current is not None and current.run_id == self.holder.run_id:
             return  # our own create landed, but its answer was lost and the retry refused
-        if current is not None and not (current.expired(now) or current.dead_here()):
+        if current is not None and current.live(now):
             raise self._refusal(current)
         if current is not None:
             log.warning("taking over the lock of a dead run: %s", current.describe(now))
@@ -227,6 +241,13 @@ class RunLock:
 
     def _refusal(self, current: Holder) -> CacheLocked:
         now = time.time()
+        if current.expired(now):  # live all the same: its process runs here
+            return CacheLocked(
+                f"another pvu run is writing to {self.root}: {current.describe(now)}. It is "
+                "alive on this host but not beating (stopped, e.g. by Ctrl-Z?): resume it "
+                f"with `kill -CONT {current.pid}` (or `fg` in its shell), or end it with "
+                f"`kill {current.pid}`"
+            )
         return CacheLocked(
             f"another pvu run is writing to {self.root}: {current.describe(now)}. "
             "Wait for it to finish. If it was killed, its lock expires "
@@ -287,6 +308,4 @@ def live_holder(root: str) -> Holder | None:
         holder = RunLock(root, owner="a reader")._read()
     except UnreadableLock:
         return None
-    if holder is None or holder.expired(time.time()) or holder.dead_here():
-        return None
-    return holder
+    return holder if holder is not None and holder.live(time.time()) else None
