@@ -169,6 +169,22 @@ def test_a_damaged_manifest_is_named_with_the_way_out(tmp_path: Path) -> None:
         open_cache([str(url)])
 
 
+def test_a_manifest_from_a_newer_pvu_says_to_upgrade(tmp_path: Path) -> None:
+    """It failed validation and was called invalid, with advice to move it aside and let this
+    (older) pvu write it anew over a newer cache."""
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    manifest = url / "_manifest.json"
+    newer = SCHEMA_VERSION + 1
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "schema_version": newer}))
+    with pytest.raises(ValueError) as refused:
+        open_cache([str(url)])
+    message = str(refused.value)
+    assert f"{manifest} was written by a newer pvu (schema_version {newer}" in message
+    assert f"reads up to {SCHEMA_VERSION}): upgrade pvu" in message
+    assert "Move it aside" not in message
+
+
 # --- the user's path: `pvu cache` repairs what `pvu train-head` refuses ------------------------
 
 

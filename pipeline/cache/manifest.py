@@ -49,16 +49,35 @@ def read_manifest(url: str) -> dict[str, Any] | None:
         data = read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}")
     except FileNotFoundError:
         return None
+    where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
     try:
         document = json.loads(data)  # a JSONDecodeError is a ValueError
+    except ValueError as error:
+        raise _invalid(where, error) from None
+    version = document.get("schema_version") if isinstance(document, dict) else None
+    if _newer(version):
+        raise ValueError(
+            f"{where} was written by a newer pvu (schema_version {version}; this pvu reads up "
+            f"to {SCHEMA_VERSION}): upgrade pvu"
+        )
+    try:
         validate_manifest(document)
     except ValueError as error:
-        where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
-        raise ValueError(
-            f"{where} is not a valid manifest: {error}. Move it aside: readers then read the "
-            "units' own footers, and the same pvu cache command writes it anew from them"
-        ) from None
+        raise _invalid(where, error) from None
     return document
+
+
+def _newer(version: object) -> bool:
+    """Whether ``version`` is a manifest schema later than the one this pvu writes."""
+    return isinstance(version, int) and version > SCHEMA_VERSION
+
+
+def _invalid(where: str, error: ValueError) -> ValueError:
+    """The refusal of a manifest this pvu should read but cannot."""
+    return ValueError(
+        f"{where} is not a valid manifest: {error}. Move it aside: readers then read the "
+        "units' own footers, and the same pvu cache command writes it anew from them"
+    )
 
 
 class ProvenanceMismatch(ValueError):
