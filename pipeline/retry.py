@@ -91,6 +91,11 @@ class StorageFull(OSError):
     place of the ``OSError`` (ENOSPC, EDQUOT); no retry of any layer can fix it."""
 
 
+class BucketGone(FileNotFoundError):
+    """The bucket an output is written to no longer exists (deleted mid-run): pvu does not
+    create buckets, so every later write would fail too."""
+
+
 _jitter = random.Random()  # private: the global ``random`` is seeded per sample elsewhere
 
 
@@ -178,6 +183,43 @@ def remove_partial(fs: fsspec.AbstractFileSystem, path: str) -> None:
     if isinstance(fs, LocalFileSystem):
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+def make_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the folder ``path`` on a local disk. Nothing elsewhere: an object store needs no
+    folders, and s3fs's ``makedirs`` creates a missing bucket, which would bring back one
+    deleted mid-run without its policy, encryption or lifecycle."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def bucket_kept(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
+    """Raise a ``FileNotFoundError`` from inside as :class:`BucketGone` where the bucket of
+    ``path`` is what is missing; other errors, and a local disk's, pass as they are."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        bucket = None if isinstance(fs, LocalFileSystem) else path.lstrip("/").split("/")[0]
+        if bucket is None or _has_bucket(fs, bucket):
+            raise
+        raise BucketGone(
+            f"the bucket {bucket} of {fs.unstrip_protocol(path)} is gone (deleted while pvu "
+            "ran?); pvu does not create buckets: re-create it as it was (its policy, "
+            "encryption, lifecycle) and run the same command again, or give another output"
+        ) from error
+
+
+def _has_bucket(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
+    """Whether ``bucket`` exists on the object store ``fs`` (asked anew, not from a cache)."""
+    fs.invalidate_cache(bucket)
+    try:
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        return False
+    except OSError:  # denied or unreachable: not known to be gone
+        return True
+    return True
 
 
 @contextlib.contextmanager

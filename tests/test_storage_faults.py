@@ -18,11 +18,14 @@ import pytest
 import s3fs
 from support import make_runner
 
+from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.unit import Unit
+from pipeline.cache.writer import commit_unit
 from pipeline.demo.data import write_digit_shards
-from pipeline.retry import REQUEST_ATTEMPTS
+from pipeline.retry import REQUEST_ATTEMPTS, BucketGone
+from schemas import cache_schema
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +174,32 @@ def test_weights_and_label_files_read_through_a_cut_answer(s3_bucket, fault_prox
     assert read_label_remap(f"{s3_bucket}/remap.json").tolist() == [2, 0, 1]
     assert read_names(f"{s3_bucket}/classes.txt") == ["cat", "dog"]
     assert fault_proxy.counts["cut"] == len(files)
+
+
+def test_a_bucket_deleted_mid_run_is_not_created_again(s3_bucket, shard):
+    """s3fs's makedirs, called before each unit commit, manifest write and lock, created a
+    missing bucket: one deleted mid-run came back, without its policy, encryption or
+    lifecycle, and the run went on writing into it."""
+    output = f"{s3_bucket}/cache"
+    runner = make_runner(output)
+    result = runner.run(Unit(source=shard, shard="digits-0000", epoch=0))
+    manifest = Manifest.open(output, runner.settings.provenance)
+    manifest.record(result.relpath, result.manifest_entry())
+    fs = s3fs.S3FileSystem()
+    bucket = s3_bucket.removeprefix("s3://")
+    fs.rm(bucket, recursive=True)  # its objects, then the bucket
+    fs.invalidate_cache()
+    assert not fs.exists(bucket)
+    schema = cache_schema(4)
+    writes = {
+        "commit": lambda: commit_unit([], schema, root=output, relpath=result.relpath, stats={}),
+        "manifest": lambda: manifest.flush(force=True),
+        "lock": lambda: RunLock(output, owner="pvu cache").acquire(),
+    }
+    for what, write in writes.items():
+        with pytest.raises(
+            BucketGone, match=rf"the bucket {bucket} of s3://{bucket}/cache\S* is gone"
+        ):
+            write()
+        fs.invalidate_cache()
+        assert bucket not in fs.ls("", detail=False), f"{what} created the bucket again"

@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import EmbeddingOverflow
-from pipeline.retry import PERMANENT_ERRORS, StorageFull
+from pipeline.retry import PERMANENT_ERRORS, BucketGone, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ class ActorPool:
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
         """Run every unit once to completion (or failure); ``on_result`` sees each result.
 
-        A unit whose output storage is full stops the run (:class:`StorageFull`).
+        A unit whose output storage is full (:class:`StorageFull`) or whose output bucket is
+        gone (:class:`BucketGone`) stops the run.
         """
         report = PoolReport()
         pending = deque(units)
@@ -385,6 +386,8 @@ class ActorPool:
                     f"{why}. Stopped: free space (or raise the quota) where the cache is "
                     "written and run the same command again; the units written are kept"
                 ) from None
+            if isinstance(error.cause, BucketGone):  # every other unit would fail too
+                raise BucketGone(f"{why}. Stopped; the units written are gone with it") from None
             if isinstance(error.cause, EmbeddingOverflow):  # every other unit would overflow
                 raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None
             if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it

@@ -31,7 +31,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import naming, read_bytes, remove_partial
+from pipeline.retry import bucket_kept, make_folder, naming, read_bytes, remove_partial
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,10 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`CacheLocked` naming the live run that holds it."""
-        self._fs.makedirs(self._path.rsplit("/", 1)[0], exist_ok=True)
+        make_folder(self._fs, self._path.rsplit("/", 1)[0])
         try:
-            self._create()
+            with bucket_kept(self._fs, self._path):
+                self._create()
         except FileExistsError:
             self._take_over()
         current = self._read()  # a store without exclusive writes lets the last writer win

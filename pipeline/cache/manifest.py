@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import read_bytes, retry
+from pipeline.retry import bucket_kept, make_folder, read_bytes, retry
 from schemas import SCHEMA_VERSION, validate_manifest
 
 MANIFEST_NAME = "_manifest.json"
@@ -202,12 +202,13 @@ class Manifest:
         data = json.dumps(document, separators=(",", ":")).encode()  # C encoder: no indent
 
         def write_then_move() -> None:
-            self._fs.makedirs(self._root_path, exist_ok=True)
+            make_folder(self._fs, self._root_path)
             staging = f"{self._root_path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
             self._fs.pipe_file(staging, data)
             self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
 
-        retry(write_then_move, what=f"write {self.root}/{MANIFEST_NAME}")
+        with bucket_kept(self._fs, self._root_path):
+            retry(write_then_move, what=f"write {self.root}/{MANIFEST_NAME}")
         self._last_flush = time.monotonic()
         self._last_write_seconds = time.perf_counter() - started
         self._fresh.clear()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.retry import retry
+from pipeline.retry import bucket_kept, make_folder, retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
@@ -131,8 +131,8 @@ def commit_unit(
     staging = f"{root_path}/{STAGING_DIR}/{uuid.uuid4().hex}-{relpath.replace('/', '-')}"
 
     def write_then_move() -> None:
-        fs.makedirs(f"{root_path}/{STAGING_DIR}", exist_ok=True)
-        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        make_folder(fs, f"{root_path}/{STAGING_DIR}")
+        make_folder(fs, final.rsplit("/", 1)[0])
         try:
             with fs.open(staging, "wb") as handle:
                 pq.write_table(table, handle, **PARQUET_OPTIONS)
@@ -141,5 +141,6 @@ def commit_unit(
             if fs.exists(staging):
                 fs.rm(staging)
 
-    retry(write_then_move, what=f"commit {root}/{relpath}")
+    with bucket_kept(fs, final):
+        retry(write_then_move, what=f"commit {root}/{relpath}")
     return int(fs.size(final))
