@@ -185,11 +185,16 @@ def remove_partial(fs: fsspec.AbstractFileSystem, path: str) -> None:
             os.remove(path)
 
 
+#: fsspec protocols of object stores: buckets and keys, no folders.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
+
+
 def make_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Create the folder ``path`` on a local disk. Nothing elsewhere: an object store needs no
-    folders, and s3fs's ``makedirs`` creates a missing bucket, which would bring back one
-    deleted mid-run without its policy, encryption or lifecycle."""
-    if isinstance(fs, LocalFileSystem):
+    """Create the folder ``path``, except on an object store: it needs no folders, and s3fs's
+    ``makedirs`` creates a missing bucket, which would bring back one deleted mid-run without
+    its policy, encryption or lifecycle."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & OBJECT_STORES:
         fs.makedirs(path, exist_ok=True)
 
 
