@@ -120,6 +120,32 @@ def test_another_shard_set_of_the_same_names_is_warned_of_and_a_moved_one_resume
     assert len(read_cache(str(tmp_path / "cache"))) == 24
 
 
+def test_a_shard_set_rebuilt_under_the_same_urls_is_refused_until_its_units_are_deleted(
+    local_ray, tmp_path
+):
+    """Units are done by name: shards rebuilt in place (other samples, same URLs) counted as
+    done, their new samples never read, with exit 0. Each unit records its shard's size; a
+    shard at the same URL of another size is refused, naming the units to delete."""
+    shards = tmp_path / "sh"
+    first = write_digit_shards(str(shards), shards=2, per_shard=6, size=32)
+    config = CacheJobConfig(shards=str(shards), output=str(tmp_path / "cache"), **COMMON)
+    run_cache(config)
+    shutil.rmtree(shards)
+    write_digit_shards(str(shards), shards=2, per_shard=9, size=32, seed=5)
+    units = [tmp_path / "cache" / f"epoch=0000/digits-000{i}.parquet" for i in range(2)]
+    with pytest.raises(ValueError, match="rebuilt under the same URLs") as refused:
+        run_cache(config)
+    said = str(refused.value)
+    assert f"{first[0]} was " in said and all(str(unit) in said for unit in units)
+    assert "another --output" in said
+    for unit in units:
+        unit.unlink()
+    report = run_cache(config)
+    assert len(report.results) == 2 and len(read_cache(str(tmp_path / "cache"))) == 18
+    entry = read_manifest(str(tmp_path / "cache"))["units"]["epoch=0000/digits-0000.parquet"]
+    assert entry["source_bytes"] == os.path.getsize(first[0])
+
+
 def test_caches_of_other_images_once_staged_at_one_path_train_together(local_ray, tmp_path):
     """Two caches of the same shard URL and settings but other images (a fixed scratch path
     filled anew) were refused to train-head as one cache given twice."""

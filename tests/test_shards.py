@@ -7,7 +7,13 @@ import os
 import fsspec
 import pytest
 
-from pipeline.cache.shards import expand_shards, shard_name, shard_names
+from pipeline.cache.shards import (
+    expand_shards,
+    listed_sizes,
+    refuse_rebuilt_shards,
+    shard_name,
+    shard_names,
+)
 from pipeline.demo.data import write_shard
 
 ONE_SAMPLE = [("k0", {"cls": b"0"})]
@@ -217,3 +223,23 @@ def test_shard_names_refuses_collisions():
     assert shard_names(["s3://b/a/x.tar", "s3://b/a/y.tar"]) == ["x", "y"]
     with pytest.raises(ValueError, match="same name 'x'"):
         shard_names(["s3://b/train/x.tar", "s3://b/val/x.tar"])
+
+
+def test_listed_sizes_come_from_one_listing_a_folder(local):
+    urls = [*expand_shards(f"{local}/train-{{0000..0002}}.tar"), f"{local}/gone/x.tar"]
+    assert listed_sizes(urls) == {url: os.path.getsize(url) for url in urls[:3]}
+
+
+def test_units_of_a_shard_of_another_size_at_the_same_url_are_refused():
+    def unit(source: str, size: int | None = None) -> dict:
+        entry = {"shard": "x", "source": source}
+        return entry if size is None else {**entry, "source_bytes": size}
+
+    by_name, sizes = {"x": "s3://b/x.tar"}, {"s3://b/x.tar": 20}
+    for kept in (unit("s3://b/x.tar", 20), unit("s3://b/x.tar"), unit("s3://old/x.tar", 10)):
+        refuse_rebuilt_shards({"epoch=0000/x.parquet": kept}, by_name, sizes, "s3://c")
+    refuse_rebuilt_shards({"epoch=0000/x.parquet": unit("s3://b/x.tar", 10)}, by_name, {}, "c")
+    units = {f"epoch=000{i}/x.parquet": unit("s3://b/x.tar", 10) for i in range(5)}
+    said = r"1 shard\(s\) .* s3://b/x.tar was 10 bytes, now 20.*s3://c/epoch=0000/x.parquet, "
+    with pytest.raises(ValueError, match=said + ".* and 2 more"):
+        refuse_rebuilt_shards(units, by_name, sizes, "s3://c")

@@ -58,7 +58,13 @@ from pipeline.cache.distribute import (
 )
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.shards import expand_shards, shard_names, warn_of_other_sources
+from pipeline.cache.shards import (
+    expand_shards,
+    listed_sizes,
+    refuse_rebuilt_shards,
+    shard_names,
+    warn_of_other_sources,
+)
 from pipeline.cache.skips import SHARD_DAMAGE
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
@@ -530,6 +536,8 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
 def _run_cache(config: CacheJobConfig) -> PoolReport:
     urls = expand_shards(config.shards)
     names = shard_names(urls)
+    by_name = dict(zip(names, urls, strict=True))
+    sizes = listed_sizes(urls)
     for target in config.targets():
         warn_of_label_order(target, urls)
     infos = checked_backbones(config)
@@ -548,11 +556,12 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         provenance = build_provenance(target, info, transform, compute)
         manifest = reconcile(Manifest.open(target.output, provenance))
         _forget_if_empty(manifest)
-        warn_of_other_sources(manifest.units.values(), dict(zip(names, urls, strict=True)))
+        warn_of_other_sources(manifest.units.values(), by_name)
+        refuse_rebuilt_shards(manifest.units, by_name, sizes, manifest.root)
         settings = unit_settings(target, info, transform, provenance, compute)
         targets.append(_Target(target, settings, manifest))
     units = [
-        Unit(source=url, shard=name, epoch=epoch)
+        Unit(source=url, shard=name, epoch=epoch, source_bytes=sizes.get(url))
         for epoch in range(config.epochs)
         for url, name in zip(urls, names, strict=True)
     ]

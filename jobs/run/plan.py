@@ -41,7 +41,12 @@ from pipeline.cache.plan import (
     sample_shards,
     shard_sizes,
 )
-from pipeline.cache.shards import expand_shards, shard_names, warn_of_other_sources
+from pipeline.cache.shards import (
+    expand_shards,
+    refuse_rebuilt_shards,
+    shard_names,
+    warn_of_other_sources,
+)
 from pipeline.cache.verify import list_unit_files
 
 log = logging.getLogger("pvu.plan")
@@ -66,10 +71,14 @@ class Plan:
     shares_decode: bool = False  # an --also target: the first backbone's pass decodes for it
 
 
-def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: list[str]) -> set:
+def committed_units(
+    config: PlanJobConfig, provenance: dict[str, Any], sizes: dict[str, int]
+) -> set:
     """(epoch, shard URL) units the output already holds (with or without its manifest: pvu
-    cache adopts units it finds); ``ValueError`` if ``pvu cache`` would refuse the output
-    because it holds a different cache."""
+    cache adopts units it finds) of the shards ``sizes`` lists (URL -> bytes); ``ValueError``
+    if ``pvu cache`` would refuse the output because it holds a different cache, or units of
+    shards rebuilt since."""
+    urls = list(sizes)
     fs, root = fsspec.core.url_to_fs(config.output)
     root = root.rstrip("/")
     manifest = fs.exists(f"{root}/{MANIFEST_NAME}")
@@ -93,6 +102,7 @@ def committed_units(config: PlanJobConfig, provenance: dict[str, Any], urls: lis
         return set()  # a cache without a row is computed afresh by pvu cache
     by_name = dict(zip(shard_names(urls), urls, strict=True))
     warn_of_other_sources(info.units.values(), by_name)
+    refuse_rebuilt_shards(info.units, by_name, sizes, config.output.rstrip("/"))
     return {
         (unit["epoch"], by_name[unit["shard"]])
         for unit in info.units.values()
@@ -134,14 +144,14 @@ def _plan_target(
 ) -> Plan:
     """The plan of one backbone (``info``: its probe); ``first``: the one whose pass decodes
     (``--also`` targets share it), and which ``--images-per-second-per-gpu`` rates."""
-    urls, sizes, prefixes = sample
+    _, sizes, prefixes = sample
     transform = resolve_transform(config.transform_config(), info.data_config)
     # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
     # one or this machine has one.
     on_gpu = bool(config.gpus_per_actor) or torch.cuda.is_available()
     compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
     provenance = build_provenance(config, info, transform, compute)
-    done = committed_units(config, provenance, urls)
+    done = committed_units(config, provenance, sizes)
     model = create_backbone_model(config.backbone, config.weights, config.model_kwargs)
     settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
     with console.status(f"measuring {config.backbone} on the sampled images on this machine"):

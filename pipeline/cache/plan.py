@@ -18,7 +18,6 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from pipeline.cache.samples import (
     is_safe_name,
     tar_end_damage,
 )
+from pipeline.cache.shards import listed_sizes
 from pipeline.cache.unit import Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import PARQUET_OPTIONS
 
@@ -146,17 +146,10 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
 
 
 def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
-    """Bytes of each shard, one listing per folder (a couple of calls for 2,000 shards on S3)."""
-    by_folder: dict[str, list[str]] = defaultdict(list)
-    for url in urls:
-        by_folder[url.rsplit("/", 1)[0]].append(url)
-    sizes: dict[str, int] = {}
-    for folder, members in by_folder.items():
-        fs, path = fsspec.core.url_to_fs(folder)
-        listed = {info["name"].rstrip("/"): info["size"] for info in fs.ls(path, detail=True)}
-        for url in members:
-            sizes[url] = int(listed.get(fsspec.core.url_to_fs(url)[1], 0) or fs.size(url))
-    return sizes
+    """Bytes of each shard, one listing per folder (a couple of calls for 2,000 shards on S3);
+    a shard its folder's listing lacks (or gives as empty) is asked for alone."""
+    listed = listed_sizes(urls)
+    return {url: listed.get(url) or int(fsspec.core.url_to_fs(url)[0].size(url)) for url in urls}
 
 
 def sample_shards(sizes: dict[str, int], max_samples: int) -> dict[str, ShardPrefix]:

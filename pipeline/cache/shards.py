@@ -134,6 +134,73 @@ def warn_of_other_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) 
         )
 
 
+def refuse_rebuilt_shards(
+    units: Mapping[str, Mapping], by_name: Mapping[str, str], sizes: Mapping[str, int], root: str
+) -> None:
+    """Raise ``ValueError`` where committed units (``units``: relpath -> manifest entry) were
+    read from this run's shard URL of their name and that shard now has another size
+    (``sizes``: URL -> bytes): the set was rebuilt under the same URLs, and the units would
+    count as done with the old samples. Units without a recorded size (cached before pvu kept
+    it), of a shard at another URL (moved: :func:`warn_of_other_sources`) or of a shard whose
+    size is unknown are not checked."""
+    rebuilt = {
+        relpath: url for relpath, unit in units.items() if (url := _rebuilt(unit, by_name, sizes))
+    }
+    if not rebuilt:
+        return
+    relpath, url = next(iter(sorted(rebuilt.items())))
+    shards = len(set(rebuilt.values()))
+    files = [f"{root}/{path}" for path in sorted(rebuilt)]
+    more = f" and {len(files) - 3:,} more" if len(files) > 3 else ""
+    raise ValueError(
+        f"{shards:,} shard(s) of this run have another size than when their committed units "
+        f"were cached (e.g. {url} was {units[relpath]['source_bytes']:,} bytes, now "
+        f"{sizes[url]:,}): the shards were rebuilt under the same URLs, and their new samples "
+        f"would never be read. Delete those {len(files):,} unit(s) ({', '.join(files[:3])}{more}: "
+        "every epoch=*/<shard>.parquet of these shards) and run the same command to recompute "
+        "them, or cache into another --output"
+    )
+
+
+def _rebuilt(unit: Mapping, by_name: Mapping[str, str], sizes: Mapping[str, int]) -> str | None:
+    """The URL of ``unit``'s shard if the unit was read from it and recorded another size."""
+    url = by_name.get(unit["shard"])
+    recorded = unit.get("source_bytes")
+    if url is None or recorded is None or url not in sizes:
+        return None
+    if _spelled_alike(unit["source"]) != _spelled_alike(url):
+        return None
+    return url if sizes[url] != recorded else None
+
+
+def listed_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """Bytes of each of ``urls`` as its folder's listing gives them: one listing per folder (a
+    couple of requests for 2,000 shards on S3), none per shard. Shards of a folder that cannot
+    be listed, or missing from its listing, are left out."""
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_folder[url.rsplit("/", 1)[0]].append(url)
+    sizes: dict[str, int] = {}
+    for folder, members in by_folder.items():
+        listed = _folder_sizes(folder)
+        for url in members:
+            size = listed.get(fsspec.core.url_to_fs(url)[1])
+            if size is not None:
+                sizes[url] = int(size)
+    return sizes
+
+
+def _folder_sizes(folder: str) -> dict[str, int | None]:
+    """Bytes of each entry of ``folder`` by path, from one listing; empty where it cannot be
+    listed (its shards' sizes are then unknown, not an error)."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    try:
+        return {info["name"].rstrip("/"): info.get("size") for info in fs.ls(path, detail=True)}
+    except (FileNotFoundError, PermissionError) as error:
+        logger.debug("shard sizes in %s not listed: %s", folder, error)
+        return {}
+
+
 def _spelled_alike(url: str) -> str:
     """``url`` with a local path's ``//`` and ``/./`` undone."""
     return url if "://" in url else posixpath.normpath(url)

@@ -77,6 +77,9 @@ class Unit:
     source: str
     shard: str
     epoch: int
+    #: The shard's size in bytes when the run started, if its listing gave it: recorded with
+    #: the unit, so a later run finds a shard rebuilt under the same URL.
+    source_bytes: int | None = None
 
     @property
     def relpath(self) -> str:
@@ -99,6 +102,7 @@ class UnitResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: The same unit's results for the other backbones of a one-pass run (``Fanout``).
     also: list[UnitResult] = field(default_factory=list)
+    source_bytes: int | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
         """The unit's entry in ``_manifest.json``."""
@@ -106,11 +110,17 @@ class UnitResult:
             "epoch": self.epoch,
             "shard": self.shard,
             "source": self.source,
+            **_source_bytes(self.source_bytes),
             "rows": self.rows,
             "bytes": self.bytes,
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
         }
+
+
+def _source_bytes(size: int | None) -> dict[str, int]:
+    """The ``source_bytes`` field of a unit's record: absent where the shard's size is unknown."""
+    return {} if size is None else {"source_bytes": size}
 
 
 #: What a sample carries besides its image: its label and its ambiguity (NaN when unknown).
@@ -239,6 +249,7 @@ class UnitRunner:
             "epoch": unit.epoch,
             "shard": unit.shard,
             "source": unit.source,
+            **_source_bytes(unit.source_bytes),
             "rows": rows,
             "skipped": skipped,
             "seconds": round(time.perf_counter() - started, 3),
@@ -262,6 +273,7 @@ class UnitRunner:
             skipped=skipped,
             seconds=time.perf_counter() - started,
             timings=timings,
+            source_bytes=unit.source_bytes,
         )
 
     def run(self, unit: Unit) -> UnitResult:

@@ -34,7 +34,7 @@ from schemas import read_provenance, read_unit_stats
 log = logging.getLogger(__name__)
 
 #: Unit fields the footer's own stats must repeat (``seconds`` and ``bytes`` are not in both).
-FOOTER_FIELDS = ("epoch", "shard", "source", "rows", "skipped")
+FOOTER_FIELDS = ("epoch", "shard", "source", "source_bytes", "rows", "skipped")
 _NAMED = 10  # damaged units named in a message; the rest are counted
 
 
