@@ -196,7 +196,7 @@ def _folder_sizes(folder: str) -> dict[str, int | None]:
     fs, path = fsspec.core.url_to_fs(folder)
     try:
         return {info["name"].rstrip("/"): info.get("size") for info in fs.ls(path, detail=True)}
-    except (FileNotFoundError, PermissionError) as error:
+    except (OSError, ValueError, NotImplementedError) as error:  # sizes are best effort
         logger.debug("shard sizes in %s not listed: %s", folder, error)
         return {}
 
