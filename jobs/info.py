@@ -26,6 +26,7 @@ from jobs.terminal import (
     summary_table,
 )
 from pipeline.cache.info import CacheInfo, read_cache_info
+from pipeline.cache.manifest import unfinished_note
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 
 
@@ -79,6 +80,8 @@ def describe(info: CacheInfo) -> Table:
     table.add_row(
         "read from", f"{info.source}" + (f", updated {info.updated}" if info.updated else "")
     )
+    if info.last_run is not None:
+        table.add_row("last run", unfinished_note(info.last_run) or "finished, every unit")
     return table
 
 

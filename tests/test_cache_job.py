@@ -307,6 +307,7 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
     wait_for_no_cache_actor()  # the dead job's actor may still be committing its unit
     committed = len(list(output.glob("epoch=*/*.parquet")))
     assert 1 <= committed < 12, "the kill must land mid-job"
+    assert read_manifest(str(output))["last_run"] == {"units": 12, "finished": False}
     config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(output), epochs=2, **COMMON)
     stale = output / "_staging" / "0123-epoch=0000-digits-0000.parquet"  # as if a writer died
     stale.parent.mkdir(exist_ok=True)
@@ -318,6 +319,8 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
     assert not aside.exists(), "nor a manifest left aside for good"
     assert not report.failed and len(report.results) == 12 - committed
     assert_one_row_per_sample_and_epoch(read_cache(str(output)), 6 * 24, 2)
+    finished = {"units": 12, "finished": True, "failed": 0, "failed_units": []}
+    assert read_manifest(str(output))["last_run"] == finished
 
 
 def wait_for_no_cache_actor(seconds: float = 120) -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.index import open_cache
-from pipeline.cache.manifest import Manifest
+from pipeline.cache.manifest import Manifest, read_manifest
 from pipeline.cache.verify import CacheMismatch, list_unit_files, reconcile, verify_cache
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, provenance, write_synthetic_cache
@@ -167,6 +167,36 @@ def test_a_damaged_manifest_is_named_with_the_way_out(tmp_path: Path) -> None:
     (url / "_manifest.json").write_text('{"units": {"epoch=00')
     with pytest.raises(ValueError, match=r"_manifest.json is not a valid manifest.*Move it aside"):
         open_cache([str(url)])
+
+
+def test_readers_warn_of_a_cache_whose_last_run_did_not_finish_or_failed_units(
+    tmp_path: Path, caplog
+) -> None:
+    """A cache whose run was killed, or failed units, was trained on without a word: the
+    manifest kept no record of the run, so readers could not tell the cache was partial."""
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    manifest = Manifest.open(url, read_manifest(url)["provenance"])
+    for last in (None, "begun", "failed", "whole"):
+        if last == "begun":
+            manifest.begin_run(units=8)
+        elif last == "failed":
+            manifest.end_run(["epoch=0001/shard-00003.parquet", "epoch=0000/shard-00003.parquet"])
+        elif last == "whole":
+            manifest.begin_run(units=6)
+            manifest.end_run([])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            open_cache([url])
+        said = {
+            None: "",
+            "begun": "its last pvu cache run did not finish (stopped or killed)",
+            "failed": "failed 2 unit(s) (e.g. epoch=0000/shard-00003.parquet, epoch=0001/",
+            "whole": "",
+        }[last]
+        assert (said in caplog.text) if said else "last pvu cache run" not in caplog.text, last
+    result = CliRunner().invoke(app, ["info", url])
+    assert "finished, every unit" in result.output, result.output
 
 
 def test_a_manifest_from_a_newer_pvu_says_to_upgrade(tmp_path: Path) -> None:

@@ -567,6 +567,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     ]
     # A unit runs (for every backbone, rewriting identical files) if any backbone lacks it.
     todo = [u for u in units if not all(t.manifest.is_done(u.relpath) for t in targets)]
+    for target in targets:  # until it ends, readers warn that units may be missing
+        target.manifest.begin_run(len(units))
     log.info(
         "%d shards x %d epochs = %d units; %d already committed, %d to do",
         len(urls),
@@ -596,6 +598,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     # Each key once per epoch: later copies (in shard order) leave their units, whichever
     # run committed them; a cache without duplicates is only read.
     duplicates = [deduplicate(target.manifest, names) for target in targets]
+    for target in targets:
+        target.manifest.end_run(report.failed)
     if not report.failed:
         for target in targets:
             clear_staging(target.config.output)

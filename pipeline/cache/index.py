@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import MANIFEST_NAME, identity
+from pipeline.cache.manifest import MANIFEST_NAME, identity, unfinished_note
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
 from schemas import (
@@ -312,6 +312,8 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
                 "cache %s is still being written, by %s: reading the units committed so far",
                 *(url, writer.describe(time.time())),
             )
+        elif note := unfinished_note(check.last_run):
+            log.warning("cache %s: %s; reading the units it holds", url, note)
         found = list_cache_files(url, check.listed)
         if not found:
             raise ValueError(

@@ -27,6 +27,8 @@ class CacheInfo:
     units: dict[str, dict[str, Any]]
     source: str  # "manifest" or "footers"
     updated: str | None = None
+    #: The manifest's record of the last ``pvu cache`` run (None without one).
+    last_run: dict[str, Any] | None = None
     #: Units whose footer could not be read, and why (read from footers with ``keep_going``).
     unreadable: dict[str, str] = field(default_factory=dict)
 
@@ -79,6 +81,7 @@ class CacheInfo:
             "cache": self.root,
             "source": self.source,
             "updated": self.updated,
+            "last_run": self.last_run,
             "provenance": self.provenance,
             "label_space": self.label_space(),
             "units": len(self.units),
@@ -104,7 +107,12 @@ def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
     document = read_manifest(url)
     if document is not None:
         return CacheInfo(
-            url, document["provenance"], document["units"], "manifest", document.get("updated")
+            url,
+            document["provenance"],
+            document["units"],
+            "manifest",
+            document.get("updated"),
+            document.get("last_run"),
         )
     return _from_footers(url, root, keep_going=keep_going)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -111,6 +112,29 @@ def check_provenance(existing: dict[str, Any], requested: dict[str, Any], where:
         )
 
 
+#: The failed units a manifest names (it counts them all).
+FAILED_UNITS_KEPT = 20
+
+
+def unfinished_note(last_run: dict[str, Any] | None) -> str | None:
+    """What a reader should know of a cache whose last run (``last_run`` of its manifest) did
+    not finish, or failed units; None for one that finished whole (or predates the record)."""
+    if not last_run:
+        return None
+    if not last_run.get("finished"):
+        return (
+            "its last pvu cache run did not finish (stopped or killed), so units may be "
+            "missing; the same pvu cache command completes it"
+        )
+    if last_run.get("failed"):
+        named = ", ".join(last_run.get("failed_units", [])[:3])
+        return (
+            f"its last pvu cache run failed {last_run['failed']:,} unit(s) (e.g. {named}), "
+            "which it lacks; the same pvu cache command tries them again"
+        )
+    return None
+
+
 #: The manifest is rewritten whole; waiting this many times its last write time between writes
 #: keeps the driver's share in them under 5% however many units the cache holds.
 WRITE_SHARE_LIMIT = 20
@@ -131,6 +155,8 @@ class Manifest:
         self.units: dict[str, dict[str, Any]] = {}
         #: Per epoch, the digest of its units when a duplicate-key pass last found them clean.
         self.deduplicated: dict[str, str] = {}
+        #: The last run on the cache: its units, whether it finished, the units it failed.
+        self.last_run: dict[str, Any] | None = None
         self.flush_seconds = flush_seconds
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         self._last_flush = 0.0
@@ -151,6 +177,7 @@ class Manifest:
         check_provenance(document["provenance"], provenance, root)
         manifest.units = document["units"]
         manifest.deduplicated = document.get("deduplicated", {})
+        manifest.last_run = document.get("last_run")
         return manifest
 
     @property
@@ -173,6 +200,25 @@ class Manifest:
         """Record that epoch ``epoch``'s units, as ``digest`` describes them, hold each key once."""
         self.deduplicated[str(epoch)] = digest
         self._dirty = True
+
+    def begin_run(self, units: int) -> None:
+        """Record (and write) that a run of ``units`` units started: until :meth:`end_run`,
+        readers warn that the cache may lack units (the run stopped or was killed)."""
+        self.last_run = {"units": units, "finished": False}
+        self._dirty = True
+        self.flush(force=True)
+
+    def end_run(self, failed: Iterable[str]) -> None:
+        """Record (and write) that the run finished, with the units it ``failed`` for good."""
+        failed = sorted(failed)
+        self.last_run = {
+            **(self.last_run or {}),
+            "finished": True,
+            "failed": len(failed),
+            "failed_units": failed[:FAILED_UNITS_KEPT],
+        }
+        self._dirty = True
+        self.flush(force=True)
 
     def forget(self, relpath: str) -> None:
         """Drop a unit from the record (its file is gone or damaged), so it is computed again."""
@@ -199,6 +245,8 @@ class Manifest:
         document["units"] = dict(sorted(self.units.items()))
         if self.deduplicated:
             document["deduplicated"] = dict(sorted(self.deduplicated.items()))
+        if self.last_run is not None:
+            document["last_run"] = self.last_run
         data = json.dumps(document, separators=(",", ":")).encode()  # C encoder: no indent
 
         def write_then_move() -> None:

@@ -55,6 +55,8 @@ class CacheCheck:
     """The footers the check read, of units that agree with the manifest: relpath -> footer."""
     listed: list[str] | None = None
     """The units the manifest lists (relpaths, sorted); None for a cache without one."""
+    last_run: dict[str, Any] | None = None
+    """The manifest's record of the last ``pvu cache`` run (None without one)."""
     damaged_pages: set[str] = field(default_factory=set)
     """Damaged units whose pages fail (:func:`check_pages`): their size and footer are as
     recorded, so ``pvu cache`` keeps them until they are deleted."""
@@ -251,9 +253,11 @@ def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> Cac
     document = read_manifest(url)
     if document is None:
         return CacheCheck(url.rstrip("/"))
-    return check_cache(
+    check = check_cache(
         url, document["units"], document["provenance"], footers=footers, io_threads=io_threads
     )
+    check.last_run = document.get("last_run")
+    return check
 
 
 def require_consistent(url: str, *, io_threads: int = 16) -> CacheCheck:
