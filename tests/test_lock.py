@@ -82,6 +82,27 @@ def test_a_heartbeat_keeps_a_live_lock_past_its_lease(tmp_path) -> None:
             pass
 
 
+def test_a_run_that_loses_its_lock_is_stopped(tmp_path, caplog) -> None:
+    """A run whose lock another took (its lease ran out on another host) went on writing
+    beside the new holder: the heartbeat only logged the loss."""
+    prefix = str(tmp_path / "cache")
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        with caplog.at_level(logging.ERROR), RunLock(prefix, owner="first", lease=0.4):
+            now = time.time()
+            plant(prefix, Holder("other", "node-7", 4242, "pvu cache on node-7", now, now, 60.0))
+            deadline = time.monotonic() + 10
+            while not stopped and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped == [signal.SIGTERM]
+    assert "lost the lock" in caplog.text and "stopping this run" in caplog.text
+    fs, root = fsspec.core.url_to_fs(prefix)
+    assert json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "other"  # left to it
+
+
 def test_a_dead_runs_lock_expires_after_its_lease(prefix: str, caplog) -> None:
     now = time.time()
     elsewhere = Holder("abc", "node-7", 4242, "pvu cache on node-7", now, now, lease=1.0)

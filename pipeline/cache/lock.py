@@ -18,9 +18,11 @@ Clocks of the machines that share a prefix must agree to well within the lease.
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -264,10 +266,14 @@ class RunLock:
                 current = self._read()
                 if current is None or current.run_id != self.holder.run_id:
                     log.error(
-                        "lost the lock on %s to %s; another run may be writing there",
+                        "lost the lock on %s to %s; stopping this run, so that two do not "
+                        "write there",
                         self.root,
                         current.describe(time.time()) if current else "nobody",
                     )
+                    # the job's SIGTERM handler unwinds it, keeping what it wrote (nothing
+                    # where no handler is set: a library caller decides for itself)
+                    _thread.interrupt_main(signal.SIGTERM)
                     return
                 self._write(Holder(**{**asdict(self.holder), "heartbeat": time.time()}))
             except (OSError, UnreadableLock) as error:  # the next beat tries again
