@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from urllib.parse import urlsplit
 
 import psutil
@@ -27,6 +28,7 @@ from pipeline.cache.distribute import (
     MIN_UNIT_DEADLINE_S,
     ActorPool,
     CacheWorker,
+    PoolReport,
     start_local_ray,
 )
 from pipeline.cache.index import open_cache
@@ -481,15 +483,32 @@ def test_a_unit_that_hangs_has_its_actor_killed_and_runs_again_elsewhere(local_r
     assert time.monotonic() - started < 90
 
 
-def test_the_unit_deadline_follows_the_longest_unit_unless_given() -> None:
+def test_a_unit_whose_result_waits_for_a_busy_driver_is_not_taken_as_hung(local_ray) -> None:
+    """A driver busy past a deadline (a slow manifest write, a paused process) killed the
+    actors of units that had finished, their results not yet collected, and ran them again."""
     pool = ActorPool(size=1, gpus=0, cpus=1, backbone="b", weights="w", settings=None)
-    assert pool.unit_deadline() == FIRST_UNIT_DEADLINE_S  # nothing finished yet
-    pool._longest = 30.0
-    assert pool.unit_deadline() == MIN_UNIT_DEADLINE_S
+    pool.unit_timeout = 10.0
+    finished = ray.put("a result waiting to be collected")
+    pool._running[finished] = (None, Unit("s.tar", "s", 0))
+    pool._given_at[finished] = time.monotonic() - 60
+    report = PoolReport()
+    pool._stop_hung(report, deque(), {})
+    assert finished in pool._running and report.actors_replaced == 0
+
+
+def test_the_unit_deadline_follows_the_slowest_units_unless_given() -> None:
+    """A small shard finished first set every larger one's deadline by its own time: a
+    normal 20-minute unit was killed at 15 minutes, on every try."""
+    pool = ActorPool(size=1, gpus=0, cpus=1, backbone="b", weights="w", settings=None)
+    small, large, unsized = (Unit("s.tar", "s", 0, size) for size in (10**6, 10**8, None))
+    assert pool.unit_deadline(large) == FIRST_UNIT_DEADLINE_S  # nothing finished yet
+    pool._longest, pool._slowest = 60.0, 60.0 / 10**6  # the small shard took a minute
+    assert pool.unit_deadline(small) == pool.unit_deadline(unsized) == MIN_UNIT_DEADLINE_S
+    assert pool.unit_deadline(large) == 10 * 6000.0  # 100x the bytes: 100 minutes expected
     pool._longest = 600.0
-    assert pool.unit_deadline() == 6000.0
+    assert pool.unit_deadline(unsized) == 6000.0
     pool.unit_timeout = 5.0
-    assert pool.unit_deadline() == 5.0
+    assert pool.unit_deadline(large) == 5.0
 
 
 def test_an_actor_that_cannot_start_ends_the_run_with_its_own_error(local_ray, tmp_path):

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 _ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 #: Without ``--unit-timeout``: a unit is taken as hung after this many times the longest unit
-#: finished so far, and no sooner than ``MIN_UNIT_DEADLINE_S``; before any unit has finished
-#: (the actors' first units), after ``FIRST_UNIT_DEADLINE_S``.
+#: finished so far (or, for a larger shard, the slowest per byte), and no sooner than
+#: ``MIN_UNIT_DEADLINE_S``; before any unit has finished, after ``FIRST_UNIT_DEADLINE_S``.
 SLOW_UNIT_FACTOR = 10
 MIN_UNIT_DEADLINE_S = 15 * 60
 FIRST_UNIT_DEADLINE_S = 2 * 3600
@@ -243,6 +243,7 @@ class ActorPool:
         self._running: dict[ray.ObjectRef, tuple[Any, Unit]] = {}
         self._given_at: dict[ray.ObjectRef, float] = {}  # when each running unit was given out
         self._longest = 0.0  # seconds, of the units finished so far
+        self._slowest = 0.0  # seconds per shard byte, of the units finished so far
         self._failed_starts = 0  # in a row; a start that succeeds resets it
 
     def _start_actor(self) -> None:
@@ -285,21 +286,30 @@ class ActorPool:
                 ray.kill(actor)
         return report
 
-    def unit_deadline(self) -> float:
-        """Seconds a unit may run before it counts as hung: ``unit_timeout``, else
-        ``SLOW_UNIT_FACTOR`` times the longest unit finished so far (see the constants)."""
+    def unit_deadline(self, unit: Unit) -> float:
+        """Seconds ``unit`` may run before it counts as hung: ``unit_timeout``, else
+        ``SLOW_UNIT_FACTOR`` times what the units finished so far took (see the constants)."""
         if self.unit_timeout is not None:
             return self.unit_timeout
         if not self._longest:
             return FIRST_UNIT_DEADLINE_S
-        return max(MIN_UNIT_DEADLINE_S, SLOW_UNIT_FACTOR * self._longest)
+        expected = max(self._longest, self._slowest * (unit.source_bytes or 0))
+        return max(MIN_UNIT_DEADLINE_S, SLOW_UNIT_FACTOR * expected)
 
     def _stop_hung(self, report: PoolReport, pending: deque, attempts: dict[str, int]) -> None:
         """Kill the actor of each unit past its deadline and try the unit again (counted as a
-        try): a read that never returns or a hung device would hold the run forever."""
-        deadline, now = self.unit_deadline(), time.monotonic()
-        for ref in [ref for ref, given in self._given_at.items() if now - given > deadline]:
+        try): a read that never returns or a hung device would hold the run forever. A unit
+        whose result waits to be collected (the driver was busy) is not one."""
+        now = time.monotonic()
+        late = [
+            ref
+            for ref, given in self._given_at.items()
+            if now - given > self.unit_deadline(self._running[ref][1])
+        ]
+        done, _ = ray.wait(late, num_returns=len(late), timeout=0) if late else ([], [])
+        for ref in [ref for ref in late if ref not in done]:
             actor, unit = self._running.pop(ref)
+            deadline = self.unit_deadline(unit)
             del self._given_at[ref]
             ray.kill(actor)
             report.actors_replaced += 1
@@ -403,6 +413,8 @@ class ActorPool:
             self._retry_or_fail(unit, why, report, pending, attempts)
             return
         self._longest = max(self._longest, seconds)
+        if unit.source_bytes:
+            self._slowest = max(self._slowest, seconds / unit.source_bytes)
         report.results.append(result)
         on_result(result)
         self._idle.append(actor)
