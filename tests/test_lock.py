@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, replace
 
 import fsspec
+import psutil
 import pytest
 import ray
 from support import SMALL_BACKBONE_FLAGS
@@ -176,9 +177,12 @@ def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:
     with pytest.raises(CacheLocked, match="doomed"), RunLock(prefix, owner="second"):
         pass
     holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    while psutil.Process(holder.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
+    # exited, not yet reaped by its parent: its /proc entry stays, and was taken as alive
     with RunLock(prefix, owner="after the kill"):  # no hour-long wait
         pass
+    holder.wait()
 
 
 def test_a_stopped_runs_lock_is_not_taken_while_it_lives(tmp_path) -> None:

@@ -115,12 +115,16 @@ def _context() -> str:
 
 
 def _start_ticks(pid: int) -> str | None:
-    """When process ``pid`` started, in clock ticks since boot; None where there is none."""
+    """When process ``pid`` started, in clock ticks since boot; None where there is none, or
+    it has exited and awaits its parent (a zombie holds no lock)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:  # comm may be any bytes, ")" too
-            return stat.read().rsplit(b")", 1)[1].split()[19].decode()  # field 22
-    except (OSError, IndexError):
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):  # field 3, the state: exited
+        return None
+    return fields[19].decode()  # field 22
 
 
 def _process_identity() -> str:
@@ -261,9 +265,13 @@ class RunLock:
 
     def _beat(self) -> None:
         interval = self.holder.lease / 4
+        missing = 0  # beats in a row that found no lock: one may be a store's passing 404
         while not self._stop.wait(interval):
             try:
                 current = self._read()
+                missing = missing + 1 if current is None else 0
+                if missing == 1:
+                    continue
                 if current is None or current.run_id != self.holder.run_id:
                     log.error(
                         "lost the lock on %s to %s; stopping this run, so that two do not "
