@@ -193,19 +193,24 @@ def make_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Create the folder ``path``, except on an object store: it needs no folders, and s3fs's
     ``makedirs`` creates a missing bucket, which would bring back one deleted mid-run without
     its policy, encryption or lifecycle."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & OBJECT_STORES:
+    if not is_object_store(fs):
         fs.makedirs(path, exist_ok=True)
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is an object store (S3, GCS, Azure): buckets and keys, no folders."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & OBJECT_STORES)
 
 
 @contextlib.contextmanager
 def bucket_kept(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
     """Raise a ``FileNotFoundError`` from inside as :class:`BucketGone` where the bucket of
-    ``path`` is what is missing; other errors, and a local disk's, pass as they are."""
+    ``path`` is what is missing; other errors, and those of stores without buckets, pass."""
     try:
         yield
     except FileNotFoundError as error:
-        bucket = None if isinstance(fs, LocalFileSystem) else path.lstrip("/").split("/")[0]
+        bucket = path.lstrip("/").split("/")[0] if is_object_store(fs) else None
         if bucket is None or _has_bucket(fs, bucket):
             raise
         raise BucketGone(

@@ -343,7 +343,10 @@ def test_the_attached_model_stays_a_timm_model_to_its_users(
     raised NotADirectoryError, and a forward on the meta device (shapes only) raised."""
     folder = _export(tmp_path / "head")
     own = timm.create_model(f"{BACKBONE}.augreg_in21k", pretrained=False, num_classes=10).eval()
-    assert resolve_model_data_config(attach_head(own, folder)) == resolve_model_data_config(own)
+    attached = attach_head(own, folder)
+    assert resolve_model_data_config(attached) == resolve_model_data_config(own)
+    attached.pretrained_cfg = {**own.pretrained_cfg, "mean": (0.1, 0.2, 0.3)}  # timm's habit
+    assert own.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
 
     changed = attach_head(timm.create_model(BACKBONE, num_classes=10).eval(), folder)
     with warnings.catch_warnings(), torch.no_grad():

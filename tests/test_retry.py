@@ -10,9 +10,10 @@ import sys
 
 import aiohttp
 import botocore.exceptions
+import fsspec
 import pytest
 
-from pipeline.retry import StorageFull, retry, write_bytes
+from pipeline.retry import BucketGone, StorageFull, bucket_kept, make_folder, retry, write_bytes
 
 
 class Flaky:
@@ -157,3 +158,14 @@ def test_arguments_are_checked():
         retry(lambda: None, attempts=0, what="x")
     with pytest.raises(ValueError, match="base_delay"):
         retry(lambda: None, base_delay=-1, what="x")
+
+
+def test_a_missing_path_on_a_store_without_buckets_is_no_bucket_gone() -> None:
+    """Any store but local disk was taken to have buckets: a file missing on sftp or hdfs
+    (here: memory) became "the bucket home is gone"."""
+    fs = fsspec.filesystem("memory")
+    with pytest.raises(FileNotFoundError) as raised, bucket_kept(fs, "/home/out/unit.parquet"):
+        fs.cat_file("/home/out/unit.parquet")
+    assert not isinstance(raised.value, BucketGone)
+    make_folder(fs, "/home/out/epoch=0000")  # a store with folders still gets them
+    assert fs.isdir("/home/out/epoch=0000")

@@ -67,7 +67,8 @@ class EvaluateJobConfig(BaseModel):
     @field_validator("deterioration")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
-        repeated = sorted({url for url in value if value.count(url) > 1})
+        spelled = [url.rstrip("/") for url in value]  # s3://b/c and s3://b/c/ are one cache
+        repeated = sorted({url for url in spelled if spelled.count(url) > 1})
         if repeated:
             raise ValueError(f"cache(s) given twice: {', '.join(repeated)}; give each once")
         return value

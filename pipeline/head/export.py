@@ -187,6 +187,10 @@ class HeadedModel(nn.Module):
         model gives the model's input size, mean and std."""
         return getattr(self.model, "pretrained_cfg", None)
 
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, config: dict[str, Any] | None) -> None:
+        self.model.pretrained_cfg = config
+
     @property
     def default_cfg(self) -> dict[str, Any] | None:
         """The model's timm config under its older name."""
