@@ -59,11 +59,10 @@ from pipeline.cache.distribute import (
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.shards import (
+    check_committed_sources,
     expand_shards,
     listed_sizes,
-    refuse_rebuilt_shards,
     shard_names,
-    warn_of_other_sources,
 )
 from pipeline.cache.skips import SHARD_DAMAGE
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
@@ -550,16 +549,10 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         cpus_per_actor=config.cpus_per_actor,
     )
     compute = Compute.resolve(actor_device_type(gpus), config.precision)
-    targets = []
-    for target, info in zip(config.targets(), infos, strict=True):
-        transform = resolve_transform(target.transform_config(), info.data_config)
-        provenance = build_provenance(target, info, transform, compute)
-        manifest = reconcile(Manifest.open(target.output, provenance))
-        _forget_if_empty(manifest)
-        warn_of_other_sources(manifest.units.values(), by_name)
-        refuse_rebuilt_shards(manifest.units, by_name, sizes, manifest.root)
-        settings = unit_settings(target, info, transform, provenance, compute)
-        targets.append(_Target(target, settings, manifest))
+    targets = [
+        _open_target(target, info, compute, by_name, sizes)
+        for target, info in zip(config.targets(), infos, strict=True)
+    ]
     units = [
         Unit(source=url, shard=name, epoch=epoch, source_bytes=sizes.get(url))
         for epoch in range(config.epochs)
@@ -595,18 +588,50 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
         report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
         for target in targets:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
-    # Each key once per epoch: later copies (in shard order) leave their units, whichever
-    # run committed them; a cache without duplicates is only read.
+    _finish(config, report, targets, names, already=len(units) - len(todo), started=started)
+    return report
+
+
+def _open_target(
+    target: CacheJobConfig,
+    info: BackboneInfo,
+    compute: Compute,
+    by_name: dict[str, str],
+    sizes: dict[str, int],
+) -> _Target:
+    """One backbone's cache, its manifest reconciled with storage and its committed units
+    checked against this run's shards (``by_name``: name -> URL; ``sizes``: URL -> bytes)."""
+    transform = resolve_transform(target.transform_config(), info.data_config)
+    provenance = build_provenance(target, info, transform, compute)
+    manifest = reconcile(Manifest.open(target.output, provenance))
+    _forget_if_empty(manifest)
+    check_committed_sources(manifest.units, by_name, sizes, manifest.root)
+    settings = unit_settings(target, info, transform, provenance, compute)
+    return _Target(target, settings, manifest)
+
+
+def _finish(
+    config: CacheJobConfig,
+    report: PoolReport,
+    targets: list[_Target],
+    names: list[str],
+    *,
+    already: int,
+    started: float,
+) -> None:
+    """After the pool: each key once per epoch, the run recorded as ended, staging cleared
+    (when no unit failed), the summary printed; a cache without rows is an error."""
+    # Later copies of a key (in shard order) leave their units, whichever run committed them;
+    # a cache without duplicates is only read.
     duplicates = [deduplicate(target.manifest, names) for target in targets]
     for target in targets:
         target.manifest.end_run(report.failed)
-    if not report.failed:
-        for target in targets:
+        if not report.failed:
             clear_staging(target.config.output)
     console.print(
         summarize(
             report,
-            already=len(units) - len(todo),
+            already=already,
             seconds=time.monotonic() - started,
             manifest=targets[0].manifest,
             duplicates=duplicates[0],
@@ -620,7 +645,6 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
             f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
         )
-    return report
 
 
 def member_advice(config: CacheJobConfig) -> str:

@@ -41,12 +41,7 @@ from pipeline.cache.plan import (
     sample_shards,
     shard_sizes,
 )
-from pipeline.cache.shards import (
-    expand_shards,
-    refuse_rebuilt_shards,
-    shard_names,
-    warn_of_other_sources,
-)
+from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
 from pipeline.cache.verify import list_unit_files
 
 log = logging.getLogger("pvu.plan")
@@ -101,8 +96,7 @@ def committed_units(
     if not info.rows:
         return set()  # a cache without a row is computed afresh by pvu cache
     by_name = dict(zip(shard_names(urls), urls, strict=True))
-    warn_of_other_sources(info.units.values(), by_name)
-    refuse_rebuilt_shards(info.units, by_name, sizes, config.output.rstrip("/"))
+    check_committed_sources(info.units, by_name, sizes, config.output.rstrip("/"))
     return {
         (unit["epoch"], by_name[unit["shard"]])
         for unit in info.units.values()

@@ -134,6 +134,15 @@ def warn_of_other_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) 
         )
 
 
+def check_committed_sources(
+    units: Mapping[str, Mapping], by_name: Mapping[str, str], sizes: Mapping[str, int], root: str
+) -> None:
+    """:func:`warn_of_other_sources` and :func:`refuse_rebuilt_shards` for the committed
+    ``units`` (relpath -> manifest entry) of the cache at ``root``."""
+    warn_of_other_sources(units.values(), by_name)
+    refuse_rebuilt_shards(units, by_name, sizes, root)
+
+
 def refuse_rebuilt_shards(
     units: Mapping[str, Mapping], by_name: Mapping[str, str], sizes: Mapping[str, int], root: str
 ) -> None:
