@@ -231,6 +231,18 @@ def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty
     assert result.exit_code == 0 and "hold no image" in result.text, result.output
 
 
+def test_a_fifo_among_the_images_is_left_out_not_read_forever(tmp_path):
+    """A FIFO (or socket, device) named like an image was listed as one, and its read never
+    returned: `pvu shards` sat at 0/N images until killed."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=1)
+    os.mkfifo(root / "cat" / "9.png")
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "left out 1 entr(ies)" in result.text and "9.png" in result.text, result.output
+    assert "9.png" not in {Path(s.url).name for s in list_dataset(str(root)).sources}
+
+
 def test_table_labels_must_be_class_indices_or_names(tmp_path):
     """Whole-number floats (pandas' float column) are indices, not names sorted as text
     (which gave 10.0 the label 2); a fraction, a huge id or an empty name names its row."""

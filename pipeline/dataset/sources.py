@@ -133,7 +133,7 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     as files and does not enter); each real folder listed once, so a link to one already
     listed adds nothing and a link up cannot loop."""
     real = os.path.realpath if isinstance(fs, LocalFileSystem) else str
-    files, links, listed = [], [root], set()
+    files, links, listed, special = [], [root], set(), []
     while links:
         top = links.pop(0)  # after every folder the walks before it listed
         if real(top) in listed:
@@ -143,9 +143,17 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                 links.append(path)
             elif info["type"] == "directory":
                 listed.add(real(path))
+            elif info["type"] == "other":  # a FIFO, socket or device: a read may never end
+                special.append(path)
             else:
                 files.append(path)
         listed.add(real(top))
+    if special:
+        log.warning(
+            "left out %d entr(ies) below %s that are no regular file (a FIFO, socket or "
+            "device), e.g. %s",
+            *(len(special), root, special[0]),
+        )
     return files
 
 
