@@ -199,6 +199,19 @@ def test_readers_warn_of_a_cache_whose_last_run_did_not_finish_or_failed_units(
     assert "finished, every unit" in result.output, result.output
 
 
+def test_the_first_unit_after_a_run_begins_is_written_at_once(tmp_path: Path) -> None:
+    """The run's start record reset the manifest's 10 s write spacing: a run killed in that
+    time left its first units unlisted, and readers called the cache empty."""
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, SPEC)
+    manifest = Manifest.open(url, read_manifest(url)["provenance"])
+    entry = manifest.units[UNITS[0]]
+    manifest.forget(UNITS[0])
+    manifest.begin_run(units=6)
+    manifest.record(UNITS[0], entry)
+    assert UNITS[0] in read_manifest(url)["units"]
+
+
 def test_a_manifest_from_a_newer_pvu_says_to_upgrade(tmp_path: Path) -> None:
     """It failed validation and was called invalid, with advice to move it aside and let this
     (older) pvu write it anew over a newer cache."""

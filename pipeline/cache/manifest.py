@@ -207,6 +207,7 @@ class Manifest:
         self.last_run = {"units": units, "finished": False}
         self._dirty = True
         self.flush(force=True)
+        self._last_flush = 0.0  # not a unit's write: the first unit committed is written at once
 
     def end_run(self, failed: Iterable[str]) -> None:
         """Record (and write) that the run finished, with the units it ``failed`` for good."""
