@@ -23,7 +23,10 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.unit import Unit
 from pipeline.cache.writer import commit_unit
+from pipeline.dataset.tar import write_shard
 from pipeline.demo.data import write_digit_shards
+from pipeline.head.export import export_head
+from pipeline.head.model import HeadConfig, create_head
 from pipeline.retry import REQUEST_ATTEMPTS, BucketGone
 from schemas import cache_schema
 
@@ -200,6 +203,18 @@ def test_a_bucket_deleted_mid_run_is_not_created_again(s3_bucket, shard):
         with pytest.raises(
             BucketGone, match=rf"the bucket {bucket} of s3://{bucket}/cache\S* is gone"
         ):
+            write()
+        fs.invalidate_cache()
+        assert bucket not in fs.ls("", detail=False), f"{what} created the bucket again"
+    head = create_head(HeadConfig(embedding_dim=4, hidden=(2,)), seed=0)
+    other_writes = {  # a head's export, a report's folder: an error, not a new bucket
+        "head export": lambda: export_head(
+            head, f"{s3_bucket}/head", backbone="b", weights_digest="d", loss="l2"
+        ),
+        "shards": lambda: write_shard(f"{s3_bucket}/shards/s-000000.tar", [("k", {"cls": b"0"})]),
+    }
+    for what, write in other_writes.items():
+        with pytest.raises(OSError):
             write()
         fs.invalidate_cache()
         assert bucket not in fs.ls("", detail=False), f"{what} created the bucket again"

@@ -38,7 +38,7 @@ from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
-from pipeline.retry import PERMANENT_ERRORS, read_url, write_bytes
+from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def write_dataset(
     fs, root = fsspec.core.url_to_fs(output)
     unfinished = f"{root.rstrip('/')}/{UNFINISHED_NAME}"
     _clear_unfinished(fs, root, unfinished, output)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     write_bytes(fs, unfinished, b"pvu shards is writing this folder; its shards are unfinished\n")
     count = len(listing.sources)
     order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.shards import storage_url
-from pipeline.retry import naming
+from pipeline.retry import make_folder, naming
 
 TAR_BLOCK = 512
 # the end-of-archive blocks and the padding to a whole record that closing a tar adds, at most
@@ -33,8 +32,7 @@ def write_shard(url: str, samples: Iterable[tuple[str, Mapping[str, bytes]]]) ->
     Members are written in the given order. Returns ``url``.
     """
     fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    make_folder(fs, os.path.dirname(path))
     with fs.open(path, "wb") as file, tarfile.open(fileobj=file, mode="w|") as tar:
         for key, files in samples:
             add_sample(tar, key, files)
@@ -89,7 +87,7 @@ class ShardWriter:
         self.max_samples = max_samples
         self.shards: list[ShardInfo] = []
         self._fs, self._root = fsspec.core.url_to_fs(self.output)
-        self._fs.makedirs(self._root, exist_ok=True)
+        make_folder(self._fs, self._root)
         self._file: Any = None
         self._tar: tarfile.TarFile | None = None
         self._samples = 0

@@ -14,7 +14,7 @@ import fsspec
 from pipeline.evaluate import figures
 from pipeline.evaluate.runner import UPSTREAM, Evaluation
 from pipeline.evaluate.tsne import html_page
-from pipeline.retry import naming, write_bytes
+from pipeline.retry import make_folder, naming, write_bytes
 from schemas import validate_report
 
 REPORT_JSON = "report.json"
@@ -39,7 +39,7 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
     files[REPORT_MD] = markdown(report).encode()
     files[REPORT_JSON] = (json.dumps(report, indent=2) + "\n").encode()  # last: it lists the rest
     with naming(f"write the report into {folder}"):
-        fs.makedirs(root, exist_ok=True)
+        make_folder(fs, root)
         # the earlier report's own files first: a run stopped part-way leaves no report.json
         # (nor report.md) listing figures of two runs
         stale = sorted(_earlier_figures(fs, root) - set(files))

@@ -25,7 +25,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex
 from pipeline.cache.manifest import identity
 from pipeline.head.stream import StreamState
-from pipeline.retry import read_bytes, write_bytes
+from pipeline.retry import make_folder, read_bytes, write_bytes
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "state.json"
@@ -69,7 +69,7 @@ def save_checkpoint(
     ``settings`` is the run's ``TrainConfig.identity()``."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root}/{CHECKPOINT_DIR}"
-    fs.makedirs(folder, exist_ok=True)
+    make_folder(fs, folder)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     optim = optimizer.state_dict()
     for index, slots in optim["state"].items():

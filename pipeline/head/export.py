@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline.cache.backbone import model_head, state_digest
 from pipeline.head.model import HeadConfig, UncertaintyHead
-from pipeline.retry import read_bytes, write_bytes
+from pipeline.retry import make_folder, read_bytes, write_bytes
 from schemas import validate_head
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -104,7 +104,7 @@ def export_head(head: UncertaintyHead, output: str, **document: Any) -> dict[str
     """
     doc = head_document(head, **document)
     fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     state = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
     write_bytes(fs, f"{root}/{HEAD_WEIGHTS}", save_safetensors(state, metadata={"format": "pt"}))
     write_bytes(fs, f"{root}/{HEAD_JSON}", json.dumps(doc, indent=2, sort_keys=True).encode())

@@ -48,6 +48,7 @@ from pipeline.head.stream import (
     read_validation,
 )
 from pipeline.head.validate import validation_metrics
+from pipeline.retry import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def fit_head(
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
     data = trained_on(index)
     fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     with RunLock(output, owner=options.owner):
         _check_output(output, resume=options.resume)
         done, position = 0, StreamState()
