@@ -110,8 +110,9 @@ def cache(
         typer.Option(
             metavar="SECONDS",
             help="A unit with no result after this long has its actor killed and is tried "
-            "again (a hung read or device). Default: 10x the longest unit finished so far, at "
-            "least 15 minutes; 2 hours for the first units.",
+            "again (a hung read or device). Default: 10x the longest unit finished so far (for "
+            "a larger shard, its bytes at the slowest rate per byte), at least 15 minutes; 2 "
+            "hours for the first units.",
         ),
     ] = None,
     input_size: Annotated[

@@ -49,7 +49,7 @@ def evaluate_command(
         list[str] | None,
         typer.Option(
             help="Eval cache of a deteriorated copy of one dataset (figure 6); repeatable. "
-            "A clean copy is strength 0 of every kind."
+            "A clean copy is strength 0 of every kind; each cache once."
         ),
     ] = None,
     ambiguity: Annotated[
@@ -81,7 +81,11 @@ def evaluate_command(
         int | None, typer.Option(help="Torch CPU threads (default: all cores).")
     ] = None,
     block_mb: Annotated[
-        int, typer.Option(help="Memory of one block of 1-NN similarities, MiB.")
+        int,
+        typer.Option(
+            help="Memory of one block of similarities (the 1-NN and safe retrieval's searches), "
+            "MiB."
+        ),
     ] = 256,
     config: ConfigFile = None,
     verbose: Verbose = False,

@@ -243,7 +243,7 @@ def test_a_deterioration_cache_given_twice_is_refused(tmp_path: Path, head_dir: 
     clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))
     result = run(
         "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
-        "--deterioration", clean, "--deterioration", f"{clean}/",
+        "--deterioration", clean, "--deterioration", f"{clean}/.",
     )  # fmt: skip
     assert result.exit_code == 2 and "--deterioration:cache(s)giventwice:" in said(result)
 

@@ -67,8 +67,8 @@ class EvaluateJobConfig(BaseModel):
     @field_validator("deterioration")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
-        spelled = [url.rstrip("/") for url in value]  # s3://b/c and s3://b/c/ are one cache
-        repeated = sorted({url for url in spelled if spelled.count(url) > 1})
+        caches = [url.rstrip("/") if "://" in url else os.path.realpath(url) for url in value]
+        repeated = sorted({value[i] for i, cache in enumerate(caches) if caches.count(cache) > 1})
         if repeated:
             raise ValueError(f"cache(s) given twice: {', '.join(repeated)}; give each once")
         return value
