@@ -18,6 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray._private import ray_constants
 from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
@@ -296,8 +297,15 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
         "--batch-size",
         "16",
     ]
+    # a user's shell: without the setting this process made to keep its own Ray on loopback
+    # (joining 127.0.0.1 then hung for good, Ray trying this machine's address instead)
+    shell = {k: v for k, v in os.environ.items() if k != ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR}
     driver = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=shell,
     )
     deadline = time.monotonic() + 180
     while not list(output.glob("epoch=*/*.parquet")):

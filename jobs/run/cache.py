@@ -53,6 +53,7 @@ from pipeline.cache.distribute import (
     ActorPool,
     PoolReport,
     actor_device_type,
+    keep_ray_on_loopback,
     plan_actors,
     start_local_ray,
 )
@@ -335,6 +336,15 @@ def build_provenance(
     }
 
 
+#: Hosts of a Ray address that is this machine's loopback: a cluster started on 127.0.0.1.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def _host(address: str) -> str:
+    """The host of a Ray address such as ``127.0.0.1:6379`` (``auto`` and others as they are)."""
+    return address.rsplit(":", 1)[0] if ":" in address and "://" not in address else address
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, set inside ``ray job submit``),
     else start a local Ray bound to 127.0.0.1."""
@@ -351,8 +361,15 @@ def connect_ray(address: str | None) -> None:
         if not address:
             start_local_ray(log_to_driver=True)
             return
+        loopback = _host(address) in LOOPBACK_HOSTS
+        if loopback:  # else Ray takes 127.0.0.1 for this machine's address and never connects
+            keep_ray_on_loopback()
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(
+                address=address,
+                log_to_driver=True,
+                **({"_node_ip_address": "127.0.0.1"} if loopback else {}),
+            )
         except ConnectionError as error:  # its words name Ray's own flag, --address
             said = str(error).split(". ")[0]
             raise ConnectionError(
