@@ -18,6 +18,12 @@ HEAD_SCHEMA = _load("head.schema.json")
 REPORT_SCHEMA = _load("report.schema.json")
 
 
+def is_newer(version: object, current: int) -> bool:
+    """Whether a document's ``version`` is a format later than ``current``, the one this pvu
+    writes: such a document is refused with "upgrade pvu", not called invalid."""
+    return isinstance(version, int) and version > current
+
+
 def validate_manifest(document: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the field at fault if ``document`` is not a valid manifest."""
     _validate(document, MANIFEST_SCHEMA, "manifest")

@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 
 from pipeline.retry import bucket_kept, make_folder, read_bytes, retry
-from schemas import SCHEMA_VERSION, validate_manifest
+from schemas import SCHEMA_VERSION, is_newer, validate_manifest
 
 MANIFEST_NAME = "_manifest.json"
 IDENTITY_FIELDS = (
@@ -56,7 +56,7 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     except ValueError as error:
         raise _invalid(where, error) from None
     version = document.get("schema_version") if isinstance(document, dict) else None
-    if _newer(version):
+    if is_newer(version, SCHEMA_VERSION):
         raise ValueError(
             f"{where} was written by a newer pvu (schema_version {version}; this pvu reads up "
             f"to {SCHEMA_VERSION}): upgrade pvu"
@@ -66,11 +66,6 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     except ValueError as error:
         raise _invalid(where, error) from None
     return document
-
-
-def _newer(version: object) -> bool:
-    """Whether ``version`` is a manifest schema later than the one this pvu writes."""
-    return isinstance(version, int) and version > SCHEMA_VERSION
 
 
 def _invalid(where: str, error: ValueError) -> ValueError:

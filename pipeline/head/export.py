@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.cache.backbone import model_head, state_digest
 from pipeline.head.model import HeadConfig, UncertaintyHead
 from pipeline.retry import make_folder, read_bytes, write_bytes
-from schemas import validate_head
+from schemas import is_newer, validate_head
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_JSON = "head.json"
@@ -130,7 +130,7 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
     fs, root = fsspec.core.url_to_fs(head_dir)
     try:
         doc = json.loads(read_bytes(fs, f"{root}/{HEAD_JSON}"))
-        if isinstance(doc, dict) and _newer(doc.get("format_version")):
+        if isinstance(doc, dict) and is_newer(doc.get("format_version"), FORMAT_VERSION):
             raise ValueError(
                 f"format_version {doc['format_version']} is newer than this pvu reads "
                 f"({FORMAT_VERSION}): upgrade pvu"
@@ -149,11 +149,6 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise ValueError(f"{head_dir} is not a valid pvu head export: {reason}") from None
     return head.eval(), doc
-
-
-def _newer(version: object) -> bool:
-    """Whether ``version`` is a head format later than the one this pvu writes."""
-    return isinstance(version, int) and version > FORMAT_VERSION
 
 
 #: Said (once per call site) by a forward in train mode.
