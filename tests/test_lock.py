@@ -23,6 +23,7 @@ from pipeline.cache import lock as lock_module
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.index import open_cache
 from pipeline.cache.lock import LOCK_NAME, CacheLocked, Holder, RunLock
+from pipeline.cache.manifest import MANIFEST_NAME, Manifest, read_manifest
 from pipeline.cache.verify import list_unit_files
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
@@ -85,23 +86,31 @@ def test_a_heartbeat_keeps_a_live_lock_past_its_lease(tmp_path) -> None:
 
 def test_a_run_that_loses_its_lock_is_stopped(tmp_path, caplog) -> None:
     """A run whose lock another took (its lease ran out on another host) went on writing
-    beside the new holder: the heartbeat only logged the loss."""
+    beside the new holder: the heartbeat only logged the loss, and the run's last manifest
+    write, as it stopped, landed over the new holder's."""
     prefix = str(tmp_path / "cache")
+    write_synthetic_cache(prefix, SyntheticCache(dim=8, samples_per_shard=20, shards=2, epochs=1))
+    fs, root = fsspec.core.url_to_fs(prefix)
     stopped: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     try:
-        with caplog.at_level(logging.ERROR), RunLock(prefix, owner="first", lease=0.4):
+        with caplog.at_level(logging.WARNING), RunLock(prefix, owner="first", lease=0.4) as lock:
+            manifest = Manifest.open(prefix, read_manifest(prefix)["provenance"], lock.lost)
             now = time.time()
             plant(prefix, Holder("other", "node-7", 4242, "pvu cache on node-7", now, now, 60.0))
+            fs.pipe_file(f"{root}/{MANIFEST_NAME}", b'{"written by": "other"}')
             deadline = time.monotonic() + 10
             while not stopped and time.monotonic() < deadline:
                 time.sleep(0.05)
+            manifest.forget(next(iter(manifest.units)))
+            manifest.flush(force=True)  # as the stopping run's unwinding does
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped == [signal.SIGTERM]
     assert "lost the lock" in caplog.text and "stopping this run" in caplog.text
-    fs, root = fsspec.core.url_to_fs(prefix)
     assert json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "other"  # left to it
+    assert fs.cat_file(f"{root}/{MANIFEST_NAME}") == b'{"written by": "other"}'
+    assert "left to the run that took the lock" in caplog.text
 
 
 def test_a_dead_runs_lock_expires_after_its_lease(prefix: str, caplog) -> None:

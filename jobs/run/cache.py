@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -469,11 +470,12 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     """
     check_storage(config.shards, flag="--shards")
     owner = command_line()
-    with contextlib.ExitStack() as locks:
+    with contextlib.ExitStack() as stack:
+        locks = []
         for i, target in enumerate(config.targets()):
             check_output_folder(target.output, flag="--also" if i else "--output")
-            locks.enter_context(RunLock(target.output, owner=owner))
-        return _run_cache(config)
+            locks.append(stack.enter_context(RunLock(target.output, owner=owner)))
+        return _run_cache(config, [lock.lost for lock in locks])
 
 
 @dataclass(frozen=True)
@@ -549,7 +551,7 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
     )
 
 
-def _run_cache(config: CacheJobConfig) -> PoolReport:
+def _run_cache(config: CacheJobConfig, locks_lost: list[threading.Event]) -> PoolReport:
     urls = expand_shards(config.shards)
     names = shard_names(urls)
     by_name = dict(zip(names, urls, strict=True))
@@ -567,8 +569,8 @@ def _run_cache(config: CacheJobConfig) -> PoolReport:
     )
     compute = Compute.resolve(actor_device_type(gpus), config.precision)
     targets = [
-        _open_target(target, info, compute, by_name, sizes)
-        for target, info in zip(config.targets(), infos, strict=True)
+        _open_target(target, info, compute, by_name, sizes, lost)
+        for target, info, lost in zip(config.targets(), infos, locks_lost, strict=True)
     ]
     units = [
         Unit(source=url, shard=name, epoch=epoch, source_bytes=sizes.get(url))
@@ -615,12 +617,14 @@ def _open_target(
     compute: Compute,
     by_name: dict[str, str],
     sizes: dict[str, int],
+    lock_lost: threading.Event,
 ) -> _Target:
     """One backbone's cache, its manifest reconciled with storage and its committed units
-    checked against this run's shards (``by_name``: name -> URL; ``sizes``: URL -> bytes)."""
+    checked against this run's shards (``by_name``: name -> URL; ``sizes``: URL -> bytes);
+    the manifest is not written once ``lock_lost`` is set."""
     transform = resolve_transform(target.transform_config(), info.data_config)
     provenance = build_provenance(target, info, transform, compute)
-    manifest = reconcile(Manifest.open(target.output, provenance))
+    manifest = reconcile(Manifest.open(target.output, provenance, lock_lost))
     _forget_if_empty(manifest)
     check_committed_sources(manifest.units, by_name, sizes, manifest.root)
     settings = unit_settings(target, info, transform, provenance, compute)

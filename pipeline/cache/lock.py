@@ -166,6 +166,8 @@ class RunLock:
         )
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
+        #: Set once another run took the lock: what this run writes no longer counts.
+        self.lost = threading.Event()
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`CacheLocked` naming the live run that holds it."""
@@ -281,6 +283,7 @@ class RunLock:
                     )
                     # the job's SIGTERM handler unwinds it, keeping what it wrote (nothing
                     # where no handler is set: a library caller decides for itself)
+                    self.lost.set()
                     _thread.interrupt_main(signal.SIGTERM)
                     return
                 self._write(Holder(**{**asdict(self.holder), "heartbeat": time.time()}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -13,6 +15,8 @@ import fsspec
 
 from pipeline.retry import bucket_kept, make_folder, read_bytes, retry
 from schemas import SCHEMA_VERSION, is_newer, validate_manifest
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
 IDENTITY_FIELDS = (
@@ -144,7 +148,13 @@ class Manifest:
     after the last write are not lost by a crash: the next run adopts them from their footers.
     """
 
-    def __init__(self, root: str, provenance: dict[str, Any], flush_seconds: float = 10.0):
+    def __init__(
+        self,
+        root: str,
+        provenance: dict[str, Any],
+        flush_seconds: float = 10.0,
+        lock_lost: threading.Event | None = None,
+    ):
         self.root = root.rstrip("/")
         self.provenance = provenance
         self.units: dict[str, dict[str, Any]] = {}
@@ -153,6 +163,8 @@ class Manifest:
         #: The last run on the cache: its units, whether it finished, the units it failed.
         self.last_run: dict[str, Any] | None = None
         self.flush_seconds = flush_seconds
+        #: Set when the run's lock went to another run: the manifest is then its to write.
+        self.lock_lost = lock_lost
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         self._last_flush = 0.0
         self._last_write_seconds = 0.0
@@ -160,12 +172,15 @@ class Manifest:
         self._dirty = False
 
     @classmethod
-    def open(cls, root: str, provenance: dict[str, Any]) -> Manifest:
-        """The manifest at ``root`` (empty if absent), refusing a different provenance.
+    def open(
+        cls, root: str, provenance: dict[str, Any], lock_lost: threading.Event | None = None
+    ) -> Manifest:
+        """The manifest at ``root`` (empty if absent), refusing a different provenance;
+        it stops writing once ``lock_lost`` is set.
 
         It is not yet reconciled with storage: ``pipeline.cache.verify.reconcile`` does that.
         """
-        manifest = cls(root, provenance)
+        manifest = cls(root, provenance, lock_lost=lock_lost)
         document = read_manifest(manifest.root)
         if document is None:
             return manifest
@@ -228,6 +243,10 @@ class Manifest:
             return
         wait = max(self.flush_seconds, WRITE_SHARE_LIMIT * self._last_write_seconds)
         if not force and time.monotonic() - self._last_flush < wait:
+            return
+        if self.lock_lost is not None and self.lock_lost.is_set():
+            if force:  # the next run adopts this run's units from their footers
+                log.warning("%s/%s left to the run that took the lock", self.root, MANIFEST_NAME)
             return
         started = time.perf_counter()
         document = {
