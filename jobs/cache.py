@@ -177,14 +177,13 @@ def cache(
     verbose: Verbose = False,
 ) -> None:
     """Cache embeddings and per-sample losses of a frozen timm backbone over augmented epochs."""
-    from jobs.run.cache import CacheJobConfig, run_cache
-
     setup_logging(verbose)
-    job = job_config(CacheJobConfig, ctx)
-    with reported(
+    with reported(  # a Ctrl-C while torch and Ray import says so too
         "cache", verbose=verbose, resume="committed units are kept; the same command resumes"
     ):
-        failures = len(run_cache(job).failed)
+        from jobs.run.cache import CacheJobConfig, run_cache
+
+        failures = len(run_cache(job_config(CacheJobConfig, ctx)).failed)
     if failures:
         console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
         raise typer.Exit(code=1)

@@ -30,12 +30,11 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Run the paper in miniature on scikit-learn's digits (re-running starts afresh)."""
-    from jobs.run.demo import DemoConfig, run_demo
-
     setup_logging(verbose)
-    job = job_config(DemoConfig, ctx)
-    with reported("demo", verbose=verbose):
-        run_demo(job)
+    with reported("demo", verbose=verbose):  # a Ctrl-C while torch imports says so too
+        from jobs.run.demo import DemoConfig, run_demo
+
+        run_demo(job_config(DemoConfig, ctx))
 
 
 __getattr__ = names_of("jobs.run.demo")

@@ -91,12 +91,11 @@ def evaluate_command(
     verbose: Verbose = False,
 ) -> None:
     """Evaluate uncertainty heads and baselines on eval caches; write a report with figures."""
-    from jobs.run.evaluate import EvaluateJobConfig, run_evaluate
-
     setup_logging(verbose)
-    job = job_config(EvaluateJobConfig, ctx)
-    with reported("evaluate", verbose=verbose):
-        run_evaluate(job)
+    with reported("evaluate", verbose=verbose):  # a Ctrl-C while torch imports says so too
+        from jobs.run.evaluate import EvaluateJobConfig, run_evaluate
+
+        run_evaluate(job_config(EvaluateJobConfig, ctx))
 
 
 __getattr__ = names_of("jobs.run.evaluate")

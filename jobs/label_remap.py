@@ -47,11 +47,11 @@ def label_remap(
     verbose: Verbose = False,
 ) -> None:
     """Map the shards' labels to a classifier head's classes, reporting those it lacks."""
-    from jobs.run.label_remap import LabelRemapJobConfig, run_label_remap, summarize
-
     setup_logging(verbose)
-    job = job_config(LabelRemapJobConfig, ctx)
-    with reported("label-remap", verbose=verbose):
+    with reported("label-remap", verbose=verbose):  # a Ctrl-C while timm imports says so too
+        from jobs.run.label_remap import LabelRemapJobConfig, run_label_remap, summarize
+
+        job = job_config(LabelRemapJobConfig, ctx)
         remap = run_label_remap(job)
     console.print(summarize(remap, job))
 

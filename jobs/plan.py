@@ -45,12 +45,12 @@ def _signature() -> inspect.Signature:
 
 def plan(**arguments: Any) -> None:
     """Dry run of `pvu cache` (same flags): units, rows, bytes and actor-hours, from a sample."""
-    from jobs.run.plan import PlanJobConfig, print_plans, run_plan
-
     verbose = arguments["verbose"]
     setup_logging(verbose)
-    job = job_config(PlanJobConfig, arguments["ctx"])
-    with reported("plan", verbose=verbose):
+    with reported("plan", verbose=verbose):  # a Ctrl-C while torch imports says so too
+        from jobs.run.plan import PlanJobConfig, print_plans, run_plan
+
+        job = job_config(PlanJobConfig, arguments["ctx"])
         plans = run_plan(job)
     print_plans(plans, job)
 

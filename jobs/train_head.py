@@ -91,13 +91,12 @@ def train_head(
     verbose: Verbose = False,
 ) -> None:
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
-    from jobs.run.train_head import TrainHeadConfig, run_train_head
-
     setup_logging(verbose)
-    job = job_config(TrainHeadConfig, ctx)
     resume = "the same command with --resume continues from the last episode's checkpoint"
-    with reported("train-head", verbose=verbose, resume=resume):
-        run_train_head(job)
+    with reported("train-head", verbose=verbose, resume=resume):  # Ctrl-C while torch imports
+        from jobs.run.train_head import TrainHeadConfig, run_train_head
+
+        run_train_head(job_config(TrainHeadConfig, ctx))
 
 
 __getattr__ = names_of("jobs.run.train_head")

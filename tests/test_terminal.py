@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn
+from typer.testing import CliRunner
 
 from jobs import terminal
+from jobs.cli import app
 
 
 def test_progress_reaches_a_log_that_is_no_terminal(monkeypatch) -> None:
@@ -129,3 +132,21 @@ def test_a_summary_value_is_written_whole_at_80_columns() -> None:
     Console(file=log, width=80).print(table)
     cells = [line.split("│") for line in log.getvalue().splitlines() if line.count("│") == 3]
     assert "".join(cell[2].strip() for cell in cells) == url
+
+
+class _Interrupted(types.ModuleType):
+    """A job's heavy module whose import a Ctrl-C cuts short."""
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("job", ["cache", "train-head", "evaluate", "plan", "demo", "label-remap"])
+def test_a_ctrl_c_while_the_job_imports_torch_says_so(monkeypatch, job: str) -> None:
+    """Ctrl-C in a job's first seconds, while torch, timm and Ray import, exited 130 without
+    a word."""
+    module = f"jobs.run.{job.replace('-', '_')}"
+    monkeypatch.setitem(sys.modules, module, _Interrupted(module))
+    result = CliRunner().invoke(app, [job])
+    assert result.exit_code == 130
+    assert result.output.startswith(f"{job}: interrupted"), result.output
