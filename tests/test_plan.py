@@ -219,7 +219,12 @@ def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):
     [apart] = [r.getMessage() for r in caplog.records if "not next to each other" in r.message]
     assert apart.startswith(f"{shard}: the files of sample 'a' are not next to each other")
     skips = [r.getMessage() for r in caplog.records if r.message.startswith("skipping")]
-    assert skips == [f"skipping bad in {shard}: bad: undecodable: not a readable image"]
+    assert skips == [
+        f"skipping a in {shard}: no_label: its files (.png) hold no label by --label-key (cls)",
+        "skipping /abs/y in the shards pvu plan sampled: unsafe_name: its name is absolute, "
+        "climbs out with '..' or is not UTF-8",  # kept unnumbered in the sample: shard unknown
+        f"skipping bad in {shard}: bad: undecodable: not a readable image",
+    ]
 
 
 def test_plan_of_shards_without_samples_says_so(tmp_path):
@@ -242,7 +247,7 @@ def test_a_plan_whose_sample_keeps_no_row_names_the_member_flags(shards, tmp_pat
     text = result.text
     assert result.exit_code == 0 and "no_label=8" in text, text
     assert "`pvu cache` would cache no row: every sampled sample was skipped" in text
-    assert "<key>.jpg/jpeg/png/webp with <key>.txt, set --image-key / --label-key" in text
+    assert "/tiff/ppm with <key>.txt, set --image-key / --label-key" in text
 
 
 @pytest.mark.slow

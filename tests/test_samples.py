@@ -118,7 +118,10 @@ def test_each_bad_sample_is_counted_by_reason(tmp_path):
     }
 
 
-def test_keys_labels_and_image_choice(tmp_path):
+def test_keys_labels_and_image_choice(tmp_path, caplog):
+    """Images in any format the decoder reads are found by default (a .bmp or .tif sample,
+    as other tools write them, was skipped as no_image without a word), and the first
+    sample skipped of each kind is named with what it holds."""
     png = bad_samples()[0].files["png"]
     url = write_shard(
         str(tmp_path / "s.tar"),
@@ -128,15 +131,24 @@ def test_keys_labels_and_image_choice(tmp_path):
             ("c", {"webp": png, "label": b"5"}),
             ("dir/d", {"jpeg": png, "cls": b"6", "json": b"{}"}),
             ("e", {"tif": png, "cls": b"7"}),
+            ("f", {"bmp": png, "cls": b"8"}),
+            ("g", {"txt": b"a caption", "cls": b"9"}),
+            ("h", {"svg": b"<svg/>", "cls": b"9"}),
         ],
     )
-    samples, counts = _read(url)
-    assert [(s.key, s.label) for s in samples] == [("a", 3), ("dir/d", 6)]
-    assert counts == {"empty_image": 1, "no_label": 1, "no_image": 1}
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        samples, counts = _read(url)
+    assert [(s.key, s.label) for s in samples] == [("a", 3), ("dir/d", 6), ("e", 7), ("f", 8)]
+    assert counts == {"empty_image": 1, "no_label": 1, "no_image": 2}
+    said = caplog.text
+    assert f"skipping b in {url}: empty_image" in said
+    assert f"skipping c in {url}: no_label: its files (.label, .webp) hold no label" in said
+    assert f"skipping g in {url}: no_image: none of its files (.cls, .txt) is an image" in said
+    assert "skipping h" not in said  # the second of a kind: at debug level
 
     samples, counts = _read(url, image_keys=(".PNG", "webp"), label_key="label")
     assert [(s.key, s.label) for s in samples] == [("c", 5)]
-    assert counts == {"no_image": 3, "no_label": 1}
+    assert counts == {"no_image": 6, "no_label": 1}
     with pytest.raises(ValueError, match="image_keys"):
         _read(url, image_keys="jpg")
 
@@ -179,7 +191,8 @@ def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
         samples, counts = _read(url, label_key="json:label")
     assert not samples and counts == {"bad_label": 1, "no_label": 1}
-    [warning] = [r.getMessage() for r in caplog.records]
+    [warning, missing] = [r.getMessage() for r in caplog.records]
+    assert "skipping k1" in missing and "its .json has no field label" in missing
     assert f"{url}: sample 'k0' has the label 'tench' (json member, field label)" in warning
     # a member that is no JSON, or a null field, holds a bad label; one too large to read is
     # named so (it failed the unit with a TypeError on every try)

@@ -60,6 +60,7 @@ from pipeline.cache.distribute import (
 )
 from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
+from pipeline.cache.samples import IMAGE_KEYS
 from pipeline.cache.shards import (
     check_committed_sources,
     expand_shards,
@@ -310,7 +311,7 @@ class CacheJobConfig(BaseModel):
     def image_keys(self) -> tuple[str, ...]:
         """Tar member extensions tried, in order, for a sample's image."""
         if not self.image_key:
-            return ("jpg", "jpeg", "png", "webp")
+            return IMAGE_KEYS
         return tuple(key for key in re.split(r"[/,;]", self.image_key) if key.strip(" ."))
 
 

@@ -36,7 +36,9 @@ from pipeline.retry import retry
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+#: The image members tried, in order: every format the decoder reads (``pvu shards`` writes
+#: jpg, png or webp; other tools also bmp, gif, tiff or ppm).
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 MAX_MEMBER_BYTES = 256 * 2**20
 #: Members no sample holds: webdataset's metadata files (``__key__`` and friends), and the
 #: AppleDouble files macOS's tar adds (``._<name>`` beside each file, ``__MACOSX/``), whose keys
@@ -123,9 +125,17 @@ def iter_samples(
                 yield outcome
             elif layout.counted(group, outcome):
                 counts[outcome.value] += 1
-                logger.debug("%s: skipped %s: %s", url, group["__key__"], outcome.value)
                 if outcome is SkipReason.BAD_LABEL:
                     layout.bad_label(group, label_member, label_field)
+                # the first of each kind named, as the unit names its decode skips
+                first = counts[outcome.value] == 1 and outcome is not SkipReason.BAD_LABEL
+                logger.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "skipping %s in %s: %s",
+                    group["__key__"],
+                    url,
+                    _why(outcome, group, image_keys, label_key),
+                )
     if damage and stream.position == 0:
         counts[SkipReason.EMPTY_SHARD.value] += 1
         logger.warning("%s: empty shard (0 bytes)", url)
@@ -185,6 +195,29 @@ def _to_sample(
         return SkipReason.BAD_LABEL
     ambiguity = parse_ambiguity(group.get(ambiguity_key)) if ambiguity_key else None
     return RawSample(key=group["__key__"], image=image, label=label, ambiguity=ambiguity)
+
+
+def _why(
+    reason: SkipReason, group: dict[str, Any], image_keys: tuple[str, ...], label_key: str
+) -> str:
+    """``reason`` for the sample of files ``group``, in words that say what to change."""
+    files = ", ".join(f".{name}" for name in sorted(group) if not name.startswith("__"))
+    if reason is SkipReason.NO_IMAGE:
+        return (
+            f"no_image: none of its files ({files or 'none'}) is an image by --image-key "
+            f"({'/'.join(image_keys)})"
+        )
+    member, _, field = label_key.partition(":")
+    if reason is SkipReason.NO_LABEL and field and member in group:
+        return f"no_label: its .{member} has no field {field} (--label-key {label_key})"
+    if reason is SkipReason.NO_LABEL:
+        return f"no_label: its files ({files or 'none'}) hold no label by --label-key ({label_key})"
+    return {
+        SkipReason.UNSAFE_NAME: "unsafe_name: its name is absolute, climbs out with '..' or "
+        "is not UTF-8",
+        SkipReason.TOO_LARGE: "too_large: its image member is too large to read",
+        SkipReason.EMPTY_IMAGE: "empty_image: its image member is empty (0 bytes)",
+    }.get(reason, reason.value)
 
 
 def parse_label(data: bytes | None, field: str = "") -> int | None:

@@ -34,7 +34,7 @@ from pipeline.cache.decode_pool import (
     build_prepare,
     prepare_images,
 )
-from pipeline.cache.samples import RawSample, iter_samples
+from pipeline.cache.samples import IMAGE_KEYS, RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
 from pipeline.prefetch import prefetch
@@ -57,7 +57,7 @@ class UnitSettings(BaseModel):
     #: Where and how the backbone must run: the provenance records it, the runner checks it.
     compute: Compute = Compute()
     dtype: str = "float16"
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    image_keys: tuple[str, ...] = IMAGE_KEYS
     label_key: str = "cls"
     label_remap: str | None = None
     #: ``classifier``: labels remapped into the classifier's classes, loss against them;
