@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
@@ -35,7 +38,7 @@ from pipeline.head.train import (
     cpu_has_fast_bf16,
     fit_head,
 )
-from schemas import validate_head
+from schemas import leaf_column, validate_head
 
 SPEC = SyntheticCache(dim=32, samples_per_shard=500, shards=4, epochs=3, row_group_rows=125)
 
@@ -480,3 +483,40 @@ def test_a_training_process_keeps_freed_memory_instead_of_faulting_it_in_each_st
 
     assert faults_per_step("returned") > 1000  # ~18 MB of pages, every step
     assert faults_per_step("kept") < 10
+
+
+def _rewrite_unit(
+    cache: Path, relpath: str, *, loss: float | None = None, loss_statistics: bool = True
+) -> None:
+    """Write unit ``relpath`` of ``cache`` again: every loss ``loss`` (if given), the loss
+    column without footer statistics (as another writer may leave it); its manifest size too."""
+    path = cache / relpath
+    table = pq.read_table(path)
+    if loss is not None:
+        column = table.schema.get_field_index("loss")
+        losses = pa.array(np.full(table.num_rows, loss, np.float32))
+        table = table.set_column(column, table.schema.field("loss"), losses)
+    stats = True if loss_statistics else [name for name in table.column_names if name != "loss"]
+    pq.write_table(table, path, row_group_size=64, write_statistics=stats)
+    manifest = json.loads((cache / "_manifest.json").read_text())
+    manifest["units"][relpath]["bytes"] = path.stat().st_size
+    (cache / "_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_equal_losses_are_refused_when_the_first_row_group_has_no_statistics(
+    tmp_path: Path,
+) -> None:
+    """The check read the footers' statistics and gave up at a first group without them."""
+    spec = SyntheticCache(dim=8, samples_per_shard=128, shards=2)
+    cache, varied = tmp_path / "cache", tmp_path / "varied"
+    for url in (cache, varied):
+        write_synthetic_cache(str(url), spec)
+    units = sorted(str(p.relative_to(cache)) for p in cache.glob("epoch=*/*.parquet"))
+    for n, relpath in enumerate(units):
+        _rewrite_unit(cache, relpath, loss=2.5, loss_statistics=n > 0)
+        _rewrite_unit(varied, relpath, loss_statistics=False)
+    first = pq.read_metadata(cache / units[0])
+    assert first.row_group(0).column(leaf_column(first, "loss")).statistics is None
+    with pytest.raises(ValueError, match=f"cache {cache}: every cached loss is 2.5"):
+        open_cache([str(cache)])
+    assert open_cache([str(varied)]).rows == spec.epochs * spec.images  # read, and they differ

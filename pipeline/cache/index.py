@@ -27,6 +27,7 @@ from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import MANIFEST_NAME, identity, unfinished_note
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
+from pipeline.retry import retry
 from schemas import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
@@ -268,24 +269,55 @@ def _key_range(f: CacheFile) -> tuple[str | None, str | None]:
 def _loss_ranges(f: CacheFile) -> Iterator[tuple[float, float] | None]:
     """(smallest, largest) loss of each row group of unit ``f`` that holds rows, from its
     footer's statistics (None for a group without: another writer, or every loss NaN)."""
-    loss = leaf_column(f.metadata, "loss")
     for group in range(f.metadata.num_row_groups):
-        row_group = f.metadata.row_group(group)
-        if row_group.num_rows:
-            stats = row_group.column(loss).statistics
-            yield (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+        if f.metadata.row_group(group).num_rows:
+            yield _footer_loss_range(f, group)
+
+
+def _footer_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
+    """(smallest, largest) loss of row group ``group`` of unit ``f`` by its footer's
+    statistics; None where it has none."""
+    stats = f.metadata.row_group(group).column(leaf_column(f.metadata, "loss")).statistics
+    return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+
+
+def _read_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
+    """(smallest, largest) non-NaN loss of row group ``group`` of unit ``f``, its loss column
+    read (4 bytes a row); None where every loss is NaN."""
+    fs, path = fsspec.core.url_to_fs(f.url)
+
+    def read() -> pa.ChunkedArray:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle, metadata=f.metadata)
+            return parquet.read_row_group(group, columns=["loss"]).column("loss")
+
+    column = retry(read, what=f"read the losses of row group {group} of {f.url}")
+    losses = column.to_numpy().astype(np.float64)  # a null (no loss) reads as NaN
+    losses = losses[~np.isnan(losses)]
+    return (float(losses.min()), float(losses.max())) if losses.size else None
+
+
+def _loss_extents(f: CacheFile) -> Iterator[tuple[float, float]]:
+    """(smallest, largest) loss of each row group of unit ``f`` that holds a loss: from its
+    footer's statistics or, for a group without them, from its loss column."""
+    for group in range(f.metadata.num_row_groups):
+        if f.metadata.row_group(group).num_rows:
+            extent = _footer_loss_range(f, group) or _read_loss_range(f, group)
+            if extent is not None:
+                yield extent
 
 
 def check_losses_vary(files: Sequence[CacheFile]) -> None:
     """Refuse a cache whose every loss is one value: its classifier gives every image the same
     prediction (random weights with a zero-initialised classifier, say), so a head trained on
-    it has no order to learn. Read from the footers' statistics, no row: the scan of a cache
-    stops at its first row group whose losses differ (or that has no statistics)."""
+    it has no order to learn. Read from the footers' statistics, and the loss column of a row
+    group without them: the scan of a cache stops at its first row group whose losses differ
+    from the first's, or from each other (a cache's first group, as a rule)."""
     caches: dict[str, list[CacheFile]] = {}
     for f in files:
         caches.setdefault(f.origin, []).append(f)
     for cache, units in caches.items():
-        ranges = itertools.chain.from_iterable(map(_loss_ranges, units))
+        ranges = itertools.chain.from_iterable(map(_loss_extents, units))
         first = next(ranges, None)
         if first is None or first[0] != first[1] or sum(f.rows for f in units) < 2:
             continue
