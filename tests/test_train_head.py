@@ -520,3 +520,22 @@ def test_equal_losses_are_refused_when_the_first_row_group_has_no_statistics(
     with pytest.raises(ValueError, match=f"cache {cache}: every cached loss is 2.5"):
         open_cache([str(cache)])
     assert open_cache([str(varied)]).rows == spec.epochs * spec.images  # read, and they differ
+
+
+def test_a_training_split_smaller_than_a_batch_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every batch repeats rows: trained, with a warning, where it was silent."""
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=50, shards=1, epochs=1))
+    config = TrainConfig(
+        hidden=(8,),
+        schedule=ScheduleConfig(episodes=1, episode_size=64, batch_size=32, warmup_episodes=0),
+        stream=StreamConfig(shuffle_rows=64, val_fraction=0.5),
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        assert fit_head([cache], str(tmp_path / "run"), config).finished
+    assert (
+        "--val-fraction 0.5 leaves 30 of the cache's 50 rows to train on, fewer than one batch "
+        "(--batch-size 32): every batch repeats rows"
+    ) in caplog.text

@@ -286,6 +286,24 @@ def test_a_cache_whose_losses_are_all_equal_is_refused_naming_it(tmp_path: Path)
     )
 
 
+def test_a_validation_split_that_leaves_no_pair_to_train_on_is_refused(tmp_path: Path) -> None:
+    """--val-fraction 0.99 of a 50-row cache trained on the one row left, silently."""
+    cache, output = str(tmp_path / "cache"), tmp_path / "h"
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=50, shards=1, epochs=1))
+    args = ["train-head", "--cache", cache, "--output", str(output), "--episodes", "1",
+            "--episode-size", "16", "--batch-size", "8", "--warmup-episodes", "0"]  # fmt: skip
+    result, seconds = timed_pvu(*args, "--val-fraction", "0.99")
+    assert_actionable(
+        result,
+        seconds,
+        "--val-fraction 0.99 leaves 1 of the cache's 50 rows to train on",
+        "lower --val-fraction",
+    )
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not output.exists(), "refused before the output is made"
+    assert pvu(*args, "--val-fraction", "0.5").exit_code == 0  # a batch and more
+
+
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-cache")
     result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")

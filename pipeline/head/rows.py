@@ -126,6 +126,13 @@ def read_group(
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
 
 
+def held_out_rows(index: CacheIndex, ref: RowGroupRef, val_fraction: float) -> int:
+    """Rows of row group ``ref`` in the validation slice: its keys read and hashed."""
+    if val_fraction <= 0:
+        return 0
+    return int((key_fraction(_keys(index.files[ref.file], ref.group)) < val_fraction).sum())
+
+
 def _keys(f: CacheFile, group: int) -> pa.ChunkedArray:
     """The ``key`` column of row group ``group`` of unit ``f``: opened as a row group read opens
     it, its footer already known."""

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ from pipeline.head.checkpoint import (
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
+from pipeline.head.rows import held_out_rows
 from pipeline.head.stream import (
     Batch,
     CacheStream,
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 
 #: Fewer held-out rows than this give validation metrics too noisy to follow: warned about.
 MIN_VALIDATION_ROWS = 100
+#: A cache of at most this many rows has its validation split counted key by key (a second or
+#: so); a larger one's is taken as its share of the rows, which its keys meet closely.
+COUNTED_SPLIT_ROWS = 1 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 
 
@@ -224,6 +229,7 @@ def fit_head(
     sched = config.schedule
     index = open_cache(caches, io_threads=config.stream.io_threads)
     check_memory(index, config.stream)
+    training_rows(index, config)
     head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
     optimizer = create_optimizer(head, sched)
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
@@ -286,7 +292,9 @@ def fit_head(
                     options.on_episode(record)
         finished = last == sched.episodes
         records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
-        document = _export(head, output, index, config, caches, records) if finished else None
+        document = (
+            _export(head, output, index, config, caches, records, train_rows) if finished else None
+        )
         return TrainResult(head, history, document, finished, max(done, last))
 
 
@@ -305,6 +313,31 @@ def _check_output(output: str, *, resume: bool) -> None:
             f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
             "choose another --output, or remove that head"
         )
+
+
+def training_rows(index: CacheIndex, config: TrainConfig) -> float:
+    """Rows a pass over ``index`` trains on: those outside the validation slice, counted by
+    their keys in a cache of up to ``COUNTED_SPLIT_ROWS`` rows, else rows x (1 - val_fraction).
+    Refuses a split that leaves fewer than two (no pair to order); warns of fewer than a batch."""
+    fraction, batch = config.stream.val_fraction, config.schedule.batch_size
+    rows: float = index.rows * (1.0 - fraction)
+    if index.rows <= COUNTED_SPLIT_ROWS:
+        with ThreadPoolExecutor(config.stream.io_threads, "pvu-split") as pool:
+            held = pool.map(lambda ref: held_out_rows(index, ref, fraction), index.row_groups())
+            rows = index.rows - sum(held)
+    left = f"--val-fraction {fraction:g} leaves {rows:,.0f} of the cache's {index.rows:,} rows"
+    if rows < 2:
+        raise ValueError(
+            f"{left} to train on, and a head learns the order of pairs of rows' losses: lower "
+            "--val-fraction, or cache more images"
+        )
+    if rows < batch:
+        log.warning(
+            "%s to train on, fewer than one batch (--batch-size %s): every batch repeats rows; "
+            "lower --batch-size or --val-fraction, or cache more images",
+            *(left, f"{batch:,}"),
+        )
+    return rows
 
 
 def _validation_rows(index: CacheIndex, config: TrainConfig) -> Batch:
@@ -334,13 +367,15 @@ def _export(
     config: TrainConfig,
     caches: Sequence[str],
     records: list[dict[str, Any]],
+    train_rows: float,
 ) -> dict[str, Any]:
-    """Export the finished ``head`` with what it was trained on; returns ``head.json``."""
+    """Export the finished ``head`` with what it was trained on (``train_rows`` a pass);
+    returns ``head.json``."""
     samples = config.schedule.episodes * config.schedule.episode_size
     summary = {
         "episodes": config.schedule.episodes,
         "samples": samples,
-        "passes": round(samples / (index.rows * (1.0 - config.stream.val_fraction)), 4),
+        "passes": round(samples / train_rows, 4),
         "cached_epochs": index.epochs,
         "config": config.identity(),
         "caches": list(caches),
