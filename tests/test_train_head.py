@@ -30,6 +30,7 @@ from pipeline.cache.index import open_cache
 from pipeline.cache.lock import RunLock
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
+from pipeline.head.rows import key_fraction
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import (
     RunOptions,
@@ -91,17 +92,28 @@ def test_head_learns_to_rank_held_out_rows(
     assert doc["loss"] == loss and doc["backbone"] == SPEC.backbone and doc["embedding_dim"] == 32
 
 
+def _training_rows(cache: str, val_fraction: float) -> int:
+    """Rows of ``cache`` outside the validation slice, by their keys."""
+    keys = pa.concat_tables(
+        pq.read_table(path, columns=["key"]) for path in Path(cache).glob("epoch=*/*.parquet")
+    ).column("key")
+    return int((key_fraction(keys) >= val_fraction).sum())
+
+
 def test_metrics_count_passes_and_warn_when_views_repeat(
     cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rows = SPEC.samples_per_shard * SPEC.shards * SPEC.epochs * (1 - 0.2)
+    """Passes count the rows the split leaves to train on: 4,731 here, where the share of
+    6,000 rows, 4,800, gave 0.83 passes for 0.85."""
+    rows = _training_rows(cache, 0.2)
+    assert rows == 4731
     short = _config(episodes=2)
     short = dataclasses.replace(
         short, schedule=dataclasses.replace(short.schedule, episode_size=2000)
     )
     with caplog.at_level(logging.INFO, logger="pipeline.head.train"):
         fit_head([cache], str(tmp_path / "short"), short)
-    assert "0.83 passes over ~4,800 training rows" in caplog.text
+    assert "0.85 passes over ~4,731 training rows" in caplog.text
     assert not [r for r in caplog.records if r.levelno == logging.WARNING], "no view repeats"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.head.train"):
@@ -112,11 +124,12 @@ def test_metrics_count_passes_and_warn_when_views_repeat(
         [0.0, 3000 / rows, 6000 / rows, 9000 / rows], abs=1e-4
     )
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warning) == 1 and "1.88 passes over the cache" in warning[0].getMessage()
+    assert len(warning) == 1 and "1.90 passes over the cache" in warning[0].getMessage()
     assert "3 augmented epoch(s)" in warning[0].getMessage()
-    assert "one pass is ~4,800)" in warning[0].getMessage()  # how far to shorten it
+    assert "one pass is ~4,731)" in warning[0].getMessage()  # how far to shorten it
     doc = json.loads((tmp_path / "long" / "head.json").read_text())
     assert doc["training"]["cached_epochs"] == 3
+    assert doc["training"]["passes"] == pytest.approx(9000 / rows, abs=1e-4)
 
 
 def test_a_handful_of_validation_rows_is_warned_about(

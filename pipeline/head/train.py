@@ -229,7 +229,7 @@ def fit_head(
     sched = config.schedule
     index = open_cache(caches, io_threads=config.stream.io_threads)
     check_memory(index, config.stream)
-    training_rows(index, config)
+    train_rows = training_rows(index, config)
     head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
     optimizer = create_optimizer(head, sched)
     objective = create_objective(config.loss, margin=config.margin, leeway=config.leeway)
@@ -248,7 +248,6 @@ def fit_head(
             else:
                 done, position = restored
                 log.info("resuming %s after episode %d", output, done)
-        train_rows = index.rows * (1.0 - config.stream.val_fraction)
         _log_passes(sched, train_rows, index.epochs)
         earlier, append_metrics = metrics_log(output, done if done else -1)
         val = _validation_rows(index, config)
