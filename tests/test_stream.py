@@ -352,3 +352,25 @@ def test_reads_a_cache_through_the_s3_protocol(s3_bucket: str, cache: str) -> No
     assert torch.equal(val.loss, read_validation(local, val_fraction=0.1, max_rows=500).loss)
     manifest = json.loads(s3fs.S3FileSystem().cat_file(f"{url}/_manifest.json"))
     assert len(manifest["units"]) == SPEC.shards * SPEC.epochs
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_a_unit_changed_after_its_footer_was_read_is_named_by_the_stream(
+    tmp_path: Path, change: str
+) -> None:
+    spec = SyntheticCache(dim=8, samples_per_shard=256, shards=1, epochs=1, row_group_rows=64)
+    cache, other = tmp_path / "cache", tmp_path / "other"
+    write_synthetic_cache(str(cache), spec)
+    write_synthetic_cache(str(other), dataclasses.replace(spec, row_group_rows=100, seed=1))
+    index = open_cache([str(cache)])
+    unit = Path(index.files[0].url)
+    if change == "rewritten":
+        unit.write_bytes(next(other.glob("epoch=*/*.parquet")).read_bytes())
+    else:
+        unit.unlink()
+    config = StreamConfig(shuffle_rows=64, val_fraction=0.1, io_threads=1)
+    with (
+        pytest.raises(ValueError, match=f"cache unit {unit} was rewritten or removed"),
+        CacheStream(index, config) as stream,
+    ):
+        stream.next_batch(spec.images)

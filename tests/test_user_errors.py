@@ -6,9 +6,11 @@ real parts: moto's S3 server, a real local Ray, real files.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import s3fs
 from support import SMALL_BACKBONE_FLAGS, damage_page_header, make_runner, pvu, unboxed
 from typer.testing import Result
 
+import pipeline.head.train as train_module
 from jobs.preflight import check_output_folder
 from jobs.run.demo import DEMO_MARK, clear_earlier_demo
 from jobs.terminal import UserError
@@ -302,6 +305,36 @@ def test_a_validation_split_that_leaves_no_pair_to_train_on_is_refused(tmp_path:
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not output.exists(), "refused before the output is made"
     assert pvu(*args, "--val-fraction", "0.5").exit_code == 0  # a batch and more
+
+
+def test_a_cache_unit_rewritten_while_train_head_reads_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit another pvu cache run rewrote after train-head read its footer ended in pyarrow's
+    words ("Couldn't deserialize thrift")."""
+    cache, other = tmp_path / "cache", tmp_path / "other"
+    spec = SyntheticCache(dim=8, samples_per_shard=256, shards=1, epochs=1, row_group_rows=64)
+    write_synthetic_cache(str(cache), spec)
+    write_synthetic_cache(str(other), dataclasses.replace(spec, row_group_rows=100, seed=1))
+    unit = next(cache.glob("epoch=*/*.parquet"))
+    indexed = train_module.check_memory
+
+    def then_rewritten(*args: object) -> None:  # the footers are read: a run rewrites a unit
+        indexed(*args)
+        os.replace(shutil.copy(next(other.glob("epoch=*/*.parquet")), tmp_path / "new"), unit)
+
+    monkeypatch.setattr(train_module, "check_memory", then_rewritten)
+    result, seconds = timed_pvu(
+        "train-head", "--cache", str(cache), "--output", str(tmp_path / "h"), "--episodes", "1",
+        "--episode-size", "64", "--batch-size", "32", "--warmup-episodes", "0",
+    )  # fmt: skip
+    assert_actionable(
+        result,
+        seconds,
+        f"cache unit {unit} was rewritten or removed after train-head read its footer",
+        "then run train-head again",
+    )
+    assert "thrift" not in result.output
 
 
 def test_traceback_only_under_verbose(tmp_path: Path) -> None:
