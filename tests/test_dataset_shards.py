@@ -277,6 +277,19 @@ def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path, caplog):
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
+def test_whole_number_labels_but_for_a_word_are_refused(tmp_path):
+    """One stray word in a column of class indices made every label a name, numbered in sorted
+    order ('10' before '2'): every class index moved, without a word."""
+    table = tmp_path / "typo.csv"
+    rows = "".join(f"{n}.png,{n}\n" for n in range(12))
+    table.write_text(f"path,label\n{rows}12.png,x\n")
+    with pytest.raises(ValueError, match=r"whole numbers but for 1 \(row 13: 'x'\)"):
+        list_dataset(str(table))
+    result = run("--input", str(table), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "pass --label-names" in result.text, result.output
+    assert list_dataset(str(table), label_names=True).classes[:3] == ["0", "1", "10"]
+
+
 def test_numeric_ids_are_names_with_label_names_and_sparse_indices_are_warned_of(tmp_path, caplog):
     """A CSV of taxon IDs: 1001 and 2002 gave 2,003 classes (every sample then outside a
     1,000-class head), and an ID over 1,000,000 was refused with advice a CSV cannot follow."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -196,6 +197,8 @@ def list_table(
             )
     else:
         names = [str(label).strip() for label in labels]
+        if not label_names:
+            _refuse_mixed_labels(url, names)
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
@@ -239,6 +242,19 @@ def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[
     if repeated:
         log.warning(
             "table %s lists %d image(s) more than once: each row becomes a sample", url, repeated
+        )
+
+
+def _refuse_mixed_labels(url: str, names: list[str]) -> None:
+    """Refuse labels that are whole numbers but for some words (a typo, a stray header): as
+    names they would be numbered in sorted order, '10' before '2', every class index moved."""
+    words = [row for row, name in enumerate(names) if not re.fullmatch(r"[0-9]+", name)]
+    if words and len(words) < len(names):
+        raise ValueError(
+            f"table {url}: its labels are whole numbers but for {len(words)} (row "
+            f"{words[0] + 1}: {names[words[0]]!r}), so all would be read as names and numbered "
+            "in sorted order ('10' before '2'), not kept as class indices: fix those rows, or "
+            "pass --label-names if the labels are names"
         )
 
 
