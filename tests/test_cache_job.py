@@ -38,10 +38,12 @@ from pipeline.cache.shards import shard_name
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
 from pipeline.demo.data import (
+    bad_samples,
     write_bad_shard,
     write_bad_shards,
     write_digit_shards,
     write_duplicate_key_shards,
+    write_shard,
 )
 from pipeline.retry import StorageFull
 from schemas import read_provenance
@@ -239,6 +241,20 @@ def test_keys_two_shards_share_are_cached_once_per_epoch_from_the_earlier_shard(
     assert len(run_cache(config).results) == 1
     assert by_key_and_epoch(output).equals(table) and verify_cache(str(output)).ok
     assert again_skips_everything(config) and by_key_and_epoch(output).equals(table)
+
+
+def test_shards_whose_keys_restart_are_named_in_the_summary(local_ray, tmp_path, capsys):
+    """Shards written with keys 000000... in each (as a per-shard counter gives) kept one
+    shard's samples: two thirds of the rows went as duplicate keys under a plain count."""
+    png = bad_samples()[0].files["png"]
+    for shard in range(3):
+        members = [(f"{n:06d}", {"png": png, "cls": str(shard).encode()}) for n in range(4)]
+        write_shard(str(tmp_path / "shards" / f"part-{shard}.tar"), members)
+    config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(tmp_path / "c"), **COMMON)
+    assert not run_cache(config).failed
+    said = " ".join(capsys.readouterr().err.split()).replace("│ ", "")
+    assert "8 row(s) of 2 unit(s), the key's first row kept" in said, said
+    assert "67% of the rows" in said and "keys restart (000000 in each)" in said, said
 
 
 def by_key_and_epoch(root) -> pyarrow.Table:

@@ -423,10 +423,11 @@ def summarize(
             "warnings); to cache a repaired shard, delete its units and run the same command",
         )
     if duplicates:
+        dropped = sum(duplicates.values())
         table.add_row(
             "duplicate keys dropped",
-            f"{sum(duplicates.values()):,} row(s) of {len(duplicates)} unit(s), kept in an "
-            "earlier shard",
+            f"{dropped:,} row(s) of {len(duplicates)} unit(s), the key's first row kept (in "
+            "shard order)" + _restarted_keys_note(dropped, manifest.rows),
         )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
     table.add_row(
@@ -667,6 +668,23 @@ def _finish(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
             f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
         )
+
+
+#: A share of rows dropped as duplicate keys past which the keys likely restart in each shard.
+MANY_DUPLICATES = 0.1
+
+
+def _restarted_keys_note(dropped: int, kept: int) -> str:
+    """Advice when ``dropped`` is a large share of the rows: shards whose keys restart
+    (``000000`` in each) keep only the first shard's samples of each key."""
+    if dropped < MANY_DUPLICATES * (dropped + kept):
+        return ""
+    return (
+        f"; [yellow]{dropped / (dropped + kept):.0%} of the rows[/yellow]: a key names one "
+        "sample across all shards, so shards whose keys restart (000000 in each) lose all but "
+        "one sample per key: write them with unique keys (`pvu shards` does) and cache them "
+        "into a new --output"
+    )
 
 
 def member_advice(config: CacheJobConfig) -> str:
