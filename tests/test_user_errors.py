@@ -12,6 +12,7 @@ import os
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -468,6 +469,30 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     assert result.exit_code == 143, result.output
     assert expected.replace("interrupted", "terminated") in result.text
     assert signal.getsignal(signal.SIGTERM) is handler, "the job's handler outlived the job"
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A --ray-address with no cluster behind it (a typo, a stopped head) was retried by Ray
+    for minutes (7 by hand) before any word."""
+    from jobs.run.cache import connect_ray
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def retried_for_minutes(**options: object) -> None:
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", retried_for_minutes)
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConnectionError) as refused:
+            connect_ray(address)
+        said = str(refused.value)
+        assert said.startswith(f"--ray-address {address}: no Ray cluster found there"), said
+        assert "leave the address out for a local Ray" in said
 
 
 def test_a_ray_address_with_no_cluster_names_pvus_flag(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -363,6 +364,7 @@ def connect_ray(address: str | None) -> None:
         if not address:
             start_local_ray(log_to_driver=True)
             return
+        _check_answers(address, flag)
         loopback = _host(address) in LOOPBACK_HOSTS
         if loopback:  # else Ray takes 127.0.0.1 for this machine's address and never connects
             keep_ray_on_loopback()
@@ -373,11 +375,26 @@ def connect_ray(address: str | None) -> None:
                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}),
             )
         except ConnectionError as error:  # its words name Ray's own flag, --address
-            said = str(error).split(". ")[0]
-            raise ConnectionError(
-                f"{flag} {address}: no Ray cluster found there ({said}); start one (ray start "
-                "--head, cluster/README.md) or leave the address out for a local Ray"
-            ) from None
+            raise _no_cluster(flag, address, str(error).split(". ")[0]) from None
+
+
+def _check_answers(address: str, flag: str) -> None:
+    """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing listens, which
+    Ray retries for minutes; ``auto`` and the rest are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if "://" in host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as error:
+        raise _no_cluster(flag, address, error.strerror or repr(error)) from None
+
+
+def _no_cluster(flag: str, address: str, said: str) -> ConnectionError:
+    return ConnectionError(
+        f"{flag} {address}: no Ray cluster found there ({said}); start one (ray start "
+        "--head, cluster/README.md) or leave the address out for a local Ray"
+    )
 
 
 def alive_node_resources() -> list[dict[str, float]]:
