@@ -17,6 +17,7 @@ import timm
 import torch
 from support import BACKBONE, make_runner
 
+from pipeline.cache import backbone as backbone_module
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import (
     Backbone,
@@ -268,6 +269,38 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     assert "its own input size, (3, 224, 224): leave --input-size out" in str(raised.value)
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
+    # timm's bare assert gave the reason "" ("(3, 40, 40): ; it may take only ...")
+    with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it may take"):
+        describe_backbone("halonet26t", "random", input_size=(3, 40, 40))
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        ("vit_base_patch32_clip_224.openai", True),  # 512 outputs into CLIP's text space
+        ("resnet50_clip", True),  # its default tag, openai: a 1,024-wide projection
+        ("convnext_large_mlp.clip_laion2b_ft_320", True),  # fine-tuned, still a projection
+        ("vit_pe_core_base_patch16_224", True),  # Perception Encoder
+        ("vit_base_patch32_clip_224", False),  # its default tag is fine-tuned on ImageNet-1k
+        ("vit_base_patch16_clip_224.openai_ft_in12k", False),
+    ],
+)
+def test_hub_weights_of_an_image_text_tower_are_refused_before_the_download(
+    name, refused, monkeypatch
+):
+    """A CLIP tower's 512 projection outputs were taken for classes: a cache, a head and a
+    report of losses that mean nothing, without a word."""
+    downloads: list[str] = []
+
+    def offline(name: str, kwargs: dict, pretrained: bool) -> None:
+        downloads.append(name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(backbone_module, "_create", offline)
+    said = f"backbone {name}: its hub weights .* are an image" if refused else "could not get"
+    with pytest.raises(ValueError, match=said):
+        create_backbone_model(name, "hub")
+    assert downloads == ([] if refused else [name])
 
 
 @pytest.mark.parametrize(

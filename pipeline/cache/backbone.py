@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from timm.data import resolve_model_data_config
+from timm.data import infer_imagenet_subset, resolve_model_data_config
 
 from pipeline.cache.writer import finite_peak
 from pipeline.retry import read_url
@@ -38,6 +38,9 @@ RANDOM_INIT_SEED = 0
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: timm's image-text towers (CLIP, SigLIP, MobileCLIP, Perception Encoder): their hub heads
+#: project into a text embedding space unless fine-tuned on ImageNet's classes.
+_IMAGE_TEXT = re.compile(r"clip|siglip|pe_core")
 
 
 class Compute(BaseModel):
@@ -215,6 +218,24 @@ def check_model_name(name: str) -> str:
     raise ValueError(f"timm has no model '{name}'{hint} (all names: timm.list_pretrained())")
 
 
+def _refuse_image_text_tower(name: str) -> None:
+    """Refuse hub weights whose head is an image-text projection (``vit_base_patch32_clip_224
+    .openai``'s 512 "classes"): a loss over its outputs means nothing."""
+    try:
+        config = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: timm.create_model says so
+        return
+    if config is None or infer_imagenet_subset(config.to_dict()) is not None:
+        return
+    if _IMAGE_TEXT.search(f"{config.architecture}.{config.tag}".lower()):
+        raise ValueError(
+            f"backbone {name}: its hub weights ({config.architecture}.{config.tag}) are an "
+            f"image-text tower whose {config.num_classes} outputs project into a text space, "
+            "not classes, so its per-sample loss would mean nothing; pick a tag fine-tuned on "
+            "ImageNet (e.g. ..._ft_in1k), or give a classifier's --weights FILE"
+        )
+
+
 def create_backbone_model(
     name: str, weights: str, model_kwargs: dict[str, Any] | None = None
 ) -> torch.nn.Module:
@@ -226,6 +247,7 @@ def create_backbone_model(
     """
     kwargs = model_kwargs or {}
     if weights == "hub":
+        _refuse_image_text_tower(name)
         try:
             model = _create(name, kwargs, pretrained=True)
         except OSError as error:  # huggingface_hub's: offline, not found, denied
@@ -298,7 +320,7 @@ def _probe(
         if tuple(input_size) == tuple(native):
             hint = ""
         raise ValueError(
-            f"backbone {name} does not run on inputs of {input_size}: {error}{hint}"
+            f"backbone {name} does not run on inputs of {input_size}: {_first_line(error)}{hint}"
         ) from None
     shapes = [tuple(getattr(out, "shape", ())) for out in (embedding, logits)]
     if len(shapes[0]) != 2 or shapes[1] != (2, model.num_classes):
