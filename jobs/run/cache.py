@@ -435,9 +435,10 @@ def summarize(
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         table.add_row(
-            "[yellow]shards cut short",
-            f"{', '.join(damaged[:3])}{more}: samples past the damage are not cached (see the "
-            "warnings); to cache a repaired shard, delete its units and run the same command",
+            "[yellow]shards empty or cut short",
+            f"{', '.join(damaged[:3])}{more}: samples past the damage (an empty shard's all) are "
+            "not cached (see the warnings); to cache a repaired shard, delete its units and run "
+            "the same command",
         )
     if duplicates:
         dropped = sum(duplicates.values())
