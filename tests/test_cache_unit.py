@@ -272,6 +272,9 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     # timm's bare assert gave the reason "" ("(3, 40, 40): ; it may take only ...")
     with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it may take"):
         describe_backbone("halonet26t", "random", input_size=(3, 40, 40))
+    # at the model's own size, a pooling the weights do not fit left no word of the kwargs
+    with pytest.raises(ValueError, match=r"cannot be multiplied .*; check --model-kwargs"):
+        describe_backbone("resnet18", "random", model_kwargs={"global_pool": ""})
 
 
 @pytest.mark.parametrize(

@@ -306,19 +306,28 @@ def model_head(
 
 
 def _probe(
-    model: torch.nn.Module, name: str, input_size: tuple[int, ...], native: tuple[int, ...]
+    model: torch.nn.Module,
+    name: str,
+    input_size: tuple[int, ...],
+    native: tuple[int, ...],
+    model_kwargs: dict[str, Any],
 ) -> tuple[int, float]:
     """Run one forward on two random images: the embedding width and largest finite magnitude.
     Warn when both get the same logits: a classifier initialised to zero (random weights)
-    gives every image one loss. ``native`` is the model's own input size."""
+    gives every image one loss. ``native`` is the model's own input size; ``model_kwargs``
+    the timm arguments it was built with."""
     images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
             embedding, logits = model_head(model, model.forward_features(images))
     except (RuntimeError, ValueError, AssertionError, IndexError) as error:
-        hint = f"; it may take only its own input size, {tuple(native)}: leave --input-size out"
-        if tuple(input_size) == tuple(native):
-            hint = ""
+        own = tuple(native)
+        hints = []
+        if tuple(input_size) != own:
+            hints.append(f"it may take only its own input size, {own}: leave --input-size out")
+        if model_kwargs:
+            hints.append(f"check --model-kwargs {json.dumps(model_kwargs)}")
+        hint = "".join(f"; {h}" for h in hints)
         raise ValueError(
             f"backbone {name} does not run on inputs of {input_size}: {_first_line(error)}{hint}"
         ) from None
@@ -372,7 +381,7 @@ def describe_backbone(
         )
     data_config = _model_data_config(model, model_kwargs or {})
     native = data_config["input_size"]
-    width, peak = _probe(model, name, input_size or native, native)
+    width, peak = _probe(model, name, input_size or native, native, model_kwargs or {})
     state = state_digest(model)
     return BackboneInfo(
         name=name,
