@@ -283,11 +283,18 @@ def test_whole_number_labels_but_for_a_word_are_refused(tmp_path):
     table = tmp_path / "typo.csv"
     rows = "".join(f"{n}.png,{n}\n" for n in range(12))
     table.write_text(f"path,label\n{rows}12.png,x\n")
-    with pytest.raises(ValueError, match=r"whole numbers but for 1 \(row 13: 'x'\)"):
+    with pytest.raises(ValueError, match=r"with words \(1 row\(s\), the first row 13: 'x'\)"):
         list_dataset(str(table))
     result = run("--input", str(table), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "pass --label-names" in result.text, result.output
     assert list_dataset(str(table), label_names=True).classes[:3] == ["0", "1", "10"]
+    # the same as pandas writes it, whole numbers as floats
+    table.write_text(table.read_text().replace(",1\n", ",1.0\n"))
+    with pytest.raises(ValueError, match=r"mix whole numbers \(0, 1.0, 10"):
+        list_dataset(str(table))
+    # single digits and letters (EMNIST's classes) sort as their indices would: names
+    table.write_text("path,label\na.png,0\nb.png,9\nc.png,A\nd.png,z\n")
+    assert list_dataset(str(table)).classes == ["0", "9", "A", "z"]
 
 
 def test_numeric_ids_are_names_with_label_names_and_sparse_indices_are_warned_of(tmp_path, caplog):

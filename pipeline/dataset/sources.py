@@ -245,16 +245,23 @@ def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[
         )
 
 
+#: A label that is a whole number as a CSV or pandas writes one: ``7``, ``7.0``.
+_WHOLE_NUMBER = re.compile(r"[0-9]+(\.0*)?")
+
+
 def _refuse_mixed_labels(url: str, names: list[str]) -> None:
-    """Refuse labels that are whole numbers but for some words (a typo, a stray header): as
-    names they would be numbered in sorted order, '10' before '2', every class index moved."""
-    words = [row for row, name in enumerate(names) if not re.fullmatch(r"[0-9]+", name)]
-    if words and len(words) < len(names):
+    """Refuse whole-number labels mixed with words (a typo, a stray header) where reading all
+    as names moves class indices: sorted as names, '10' comes before '2' (single digits and
+    letters, as EMNIST's classes, keep their order and pass)."""
+    numbers = [name for name in names if _WHOLE_NUMBER.fullmatch(name)]
+    words = [row for row, name in enumerate(names) if not _WHOLE_NUMBER.fullmatch(name)]
+    if words and any(len(name) > 1 for name in numbers):
         raise ValueError(
-            f"table {url}: its labels are whole numbers but for {len(words)} (row "
-            f"{words[0] + 1}: {names[words[0]]!r}), so all would be read as names and numbered "
-            "in sorted order ('10' before '2'), not kept as class indices: fix those rows, or "
-            "pass --label-names if the labels are names"
+            f"table {url}: its labels mix whole numbers ({', '.join(sorted(set(numbers))[:3])}, "
+            f"...) with words ({len(words)} row(s), the first row {words[0] + 1}: "
+            f"{names[words[0]]!r}); read as names, they would be numbered in sorted order ('10' "
+            "before '2'), not kept as class indices: fix those rows, or pass --label-names if "
+            "the labels are names"
         )
 
 
