@@ -132,6 +132,12 @@ def test_label_remap_and_labels_outside_the_head(tmp_path, shards, caplog):
         f"{shards[0]}: {nines} samples skipped as label_outside_head (the first named above)"
         in said
     )
+    # a later epoch skips the same samples: counted, named no more (2,000 shards x 7 epochs
+    # named each, some 14,000 lines of each kind through Ray)
+    caplog.clear()
+    later = runner.run(Unit(shards[0], "digits-0000", 1))
+    assert later.skipped == {"label_outside_head": nines}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def _shard_labels(url: str) -> list[int]:

@@ -145,6 +145,10 @@ def test_keys_labels_and_image_choice(tmp_path, caplog):
     assert f"skipping c in {url}: no_label: its files (.label, .webp) hold no label" in said
     assert f"skipping g in {url}: no_image: none of its files (.cls, .txt) is an image" in said
     assert "skipping h" not in said  # the second of a kind: at debug level
+    caplog.clear()  # a later epoch of the shard: the same skips, counted and not named
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+        assert len(list(iter_samples(url, counts=counts, name_skips=False))) == 4
+    assert not caplog.records
 
     samples, counts = _read(url, image_keys=(".PNG", "webp"), label_key="label")
     assert [(s.key, s.label) for s in samples] == [("c", 5)]

@@ -69,6 +69,7 @@ def iter_samples(
     label_key: str = "cls",
     ambiguity_key: str | None = None,
     counts: collections.Counter[str],
+    name_skips: bool = True,
     max_member_bytes: int = MAX_MEMBER_BYTES,
     attempts: int = 5,
     base_delay: float = 0.5,
@@ -82,7 +83,9 @@ def iter_samples(
     (:func:`parse_label`). Each skipped sample adds one to
     ``counts[reason.value]``: ``no_image``, ``empty_image``, ``too_large`` (a member over
     ``max_member_bytes``, not read into memory), ``no_label``, ``bad_label`` (not a
-    non-negative integer). ``ambiguity_key`` names an optional member read with
+    non-negative integer); with ``name_skips``, the first of each kind and the shard's layout
+    faults are logged as warnings (else at debug level: a later epoch reads the same shard).
+    ``ambiguity_key`` names an optional member read with
     :func:`parse_ambiguity`; its absence never skips a sample. A truncated or corrupt tar adds
     one ``truncated_tar`` and ends the shard after its last intact sample. Storage errors are
     retried ``attempts`` times with exponential backoff from ``base_delay`` seconds; a
@@ -100,7 +103,7 @@ def iter_samples(
     damage: list[str] = []
     repeated: set[str] = set()  # keys whose member names repeat in a row (the second copy)
     yielded = 0
-    layout = _LayoutWarnings(url, image_keys)
+    layout = _LayoutWarnings(url, image_keys, logging.WARNING if name_skips else logging.DEBUG)
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
@@ -130,7 +133,7 @@ def iter_samples(
                 # the first of each kind named, as the unit names its decode skips
                 first = counts[outcome.value] == 1 and outcome is not SkipReason.BAD_LABEL
                 logger.log(
-                    logging.WARNING if first else logging.DEBUG,
+                    layout.level if first else logging.DEBUG,
                     "skipping %s in %s: %s",
                     group["__key__"],
                     url,
@@ -335,9 +338,10 @@ class _LayoutWarnings:
       images merge into one sample that has no ``jpg``.
     """
 
-    def __init__(self, url: str, image_keys: tuple[str, ...]) -> None:
+    def __init__(self, url: str, image_keys: tuple[str, ...], level: int) -> None:
         self.url = url
         self.image_keys = image_keys
+        self.level = level  # of the warnings, and of the first skip of each kind
         self.incomplete: set[str] = set()
         self.warned: set[str] = set()
 
@@ -386,7 +390,7 @@ class _LayoutWarnings:
     def _warn(self, kind: str, message: str, *args: object) -> None:
         if kind not in self.warned:
             self.warned.add(kind)
-            logger.warning(message, self.url, *args)
+            logger.log(self.level, message, self.url, *args)
 
 
 #: How far past a tar's end-of-archive marker to look for another archive's data: the marker's

@@ -138,17 +138,20 @@ class _Batch:
 
 
 def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
-    """Count a skipped sample; name the first of its kind in the unit (the others at debug
-    level: a class the head lacks can skip thousands of samples per unit)."""
+    """Count a skipped sample; name the first of its kind in the unit of epoch 0 (the others
+    at debug level: a class the head lacks can skip thousands of samples per unit, and each
+    later epoch skips the same ones)."""
     counts[bad.reason.value] += 1
-    first = counts[bad.reason.value] == 1
+    first = counts[bad.reason.value] == 1 and unit.epoch == 0
     log.log(
         logging.WARNING if first else logging.DEBUG, "skipping %s in %s: %s", key, unit.source, bad
     )
 
 
 def _log_skips(unit: Unit, counts: Counter) -> None:
-    """One line per kind of skip of which ``unit`` had more than the one named."""
+    """One line per kind of skip of which ``unit`` (of epoch 0) had more than the one named."""
+    if unit.epoch:
+        return
     for reason, count in sorted(counts.items()):
         if count > 1:
             log.warning(
@@ -329,6 +332,7 @@ class Fanout:
             label_key=self.settings.label_key,
             ambiguity_key=self.settings.ambiguity_key,
             counts=shared,
+            name_skips=unit.epoch == 0,
         )
         for sample in samples:
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
@@ -418,7 +422,7 @@ class Fanout:
             record_batches[target].append(self.runners[target]._record(batch, unit))
             timings[target]["forward"] += time.perf_counter() - tick
             waited = time.perf_counter()
-        for counts in own:
+        for counts in (shared, *own):
             _log_skips(unit, counts)
         results = [
             runner._commit(unit, rows, shared + counts, started, stage)
