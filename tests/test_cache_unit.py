@@ -292,6 +292,7 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
         ("vit_pe_core_base_patch16_224", True),  # Perception Encoder
         ("vit_base_patch32_clip_224", False),  # its default tag is fine-tuned on ImageNet-1k
         ("vit_base_patch16_clip_224.openai_ft_in12k", False),
+        ("vit_base_patch16_siglip_224.webli", "no classifier"),  # said "its 0 outputs"
     ],
 )
 def test_hub_weights_of_an_image_text_tower_are_refused_before_the_download(
@@ -306,7 +307,8 @@ def test_hub_weights_of_an_image_text_tower_are_refused_before_the_download(
         raise OSError("offline")
 
     monkeypatch.setattr(backbone_module, "_create", offline)
-    said = f"backbone {name}: its hub weights .* are an image" if refused else "could not get"
+    said = {True: f"backbone {name}: its hub weights .* are an image", False: "could not get"}
+    said = said.get(refused, refused)
     with pytest.raises(ValueError, match=said):
         create_backbone_model(name, "hub")
     assert downloads == ([] if refused else [name])

@@ -218,15 +218,25 @@ def check_model_name(name: str) -> str:
     raise ValueError(f"timm has no model '{name}'{hint} (all names: timm.list_pretrained())")
 
 
-def _refuse_image_text_tower(name: str) -> None:
-    """Refuse hub weights whose head is an image-text projection (``vit_base_patch32_clip_224
-    .openai``'s 512 "classes"): a loss over its outputs means nothing."""
+def _no_classifier(name: str) -> ValueError:
+    return ValueError(
+        f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
+        "per-sample loss; pick weights with a classification head"
+    )
+
+
+def _refuse_hub_head(name: str) -> None:
+    """Refuse, before their download, hub weights without a classifier, or whose head is an
+    image-text projection (``vit_base_patch32_clip_224.openai``'s 512 "classes"): a loss over
+    its outputs means nothing."""
     try:
         config = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # an unknown tag: timm.create_model says so
         return
     if config is None or infer_imagenet_subset(config.to_dict()) is not None:
         return
+    if config.num_classes == 0:
+        raise _no_classifier(name)
     if _IMAGE_TEXT.search(f"{config.architecture}.{config.tag}".lower()):
         raise ValueError(
             f"backbone {name}: its hub weights ({config.architecture}.{config.tag}) are an "
@@ -247,7 +257,7 @@ def create_backbone_model(
     """
     kwargs = model_kwargs or {}
     if weights == "hub":
-        _refuse_image_text_tower(name)
+        _refuse_hub_head(name)
         try:
             model = _create(name, kwargs, pretrained=True)
         except OSError as error:  # huggingface_hub's: offline, not found, denied
@@ -375,10 +385,7 @@ def describe_backbone(
     """
     model = create_backbone_model(name, weights, model_kwargs)
     if not model.num_classes:
-        raise ValueError(
-            f"backbone {name} has no classifier (num_classes=0): pvu caches the classifier's "
-            "per-sample loss; pick weights with a classification head"
-        )
+        raise _no_classifier(name)
     data_config = _model_data_config(model, model_kwargs or {})
     native = data_config["input_size"]
     width, peak = _probe(model, name, input_size or native, native, model_kwargs or {})
