@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 
@@ -110,7 +111,7 @@ def test_a_run_that_loses_its_lock_is_stopped(tmp_path, caplog) -> None:
     assert "lost the lock" in caplog.text and "stopping this run" in caplog.text
     assert json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "other"  # left to it
     assert fs.cat_file(f"{root}/{MANIFEST_NAME}") == b'{"written by": "other"}'
-    assert "left to the run that took the lock" in caplog.text
+    assert f"{prefix}/{MANIFEST_NAME} not written: this run lost its lock" in caplog.text
 
 
 def test_a_dead_runs_lock_expires_after_its_lease(prefix: str, caplog) -> None:
@@ -307,3 +308,18 @@ def test_two_cache_commands_at_once_one_refused_and_the_cache_exact(local_ray, t
         "epoch=0000/digits-0001.parquet",
     ]
     assert not (output / LOCK_NAME).exists()
+
+
+def test_a_library_run_that_lost_its_lock_stops_before_rewriting_units(tmp_path) -> None:
+    """A library caller (no SIGTERM handler to unwind it) went on from a lost lock to the
+    duplicate-key pass, which rewrites units, and returned a normal report."""
+    from jobs.run.cache import CacheJobConfig, _finish, _Target
+    from pipeline.cache.distribute import PoolReport
+
+    output = str(tmp_path / "cache")
+    lost = threading.Event()
+    lost.set()
+    config = CacheJobConfig(shards="s", backbone="resnet10t", output=output)
+    target = _Target(config, None, Manifest(output, {}, lock_lost=lost))  # type: ignore[arg-type]
+    with pytest.raises(CacheLocked, match=f"lost the lock on {output} to another run"):
+        _finish(config, PoolReport(), [target], [], already=0, started=0.0)

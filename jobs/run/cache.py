@@ -59,7 +59,7 @@ from pipeline.cache.distribute import (
     plan_actors,
     start_local_ray,
 )
-from pipeline.cache.lock import RunLock
+from pipeline.cache.lock import CacheLocked, RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.samples import IMAGE_KEYS
 from pipeline.cache.shards import (
@@ -662,6 +662,9 @@ def _finish(
 ) -> None:
     """After the pool: each key once per epoch, the run recorded as ended, staging cleared
     (when no unit failed), the summary printed; a cache without rows is an error."""
+    for target in targets:  # stopped by SIGTERM in a job; a library caller gets here
+        if target.manifest.lock_lost.is_set():
+            raise CacheLocked(f"lost the lock on {target.manifest.root} to another run")
     # Later copies of a key (in shard order) leave their units, whichever run committed them;
     # a cache without duplicates is only read.
     duplicates = [deduplicate(target.manifest, names) for target in targets]

@@ -164,7 +164,7 @@ class Manifest:
         self.last_run: dict[str, Any] | None = None
         self.flush_seconds = flush_seconds
         #: Set when the run's lock went to another run: the manifest is then its to write.
-        self.lock_lost = lock_lost
+        self.lock_lost = lock_lost or threading.Event()
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         self._last_flush = 0.0
         self._last_write_seconds = 0.0
@@ -244,9 +244,9 @@ class Manifest:
         wait = max(self.flush_seconds, WRITE_SHARE_LIMIT * self._last_write_seconds)
         if not force and time.monotonic() - self._last_flush < wait:
             return
-        if self.lock_lost is not None and self.lock_lost.is_set():
+        if self.lock_lost.is_set():
             if force:  # the next run adopts this run's units from their footers
-                log.warning("%s/%s left to the run that took the lock", self.root, MANIFEST_NAME)
+                log.warning("%s/%s not written: this run lost its lock", self.root, MANIFEST_NAME)
             return
         started = time.perf_counter()
         document = {
