@@ -379,15 +379,15 @@ def connect_ray(address: str | None) -> None:
 
 
 def _check_answers(address: str, flag: str) -> None:
-    """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing listens, which
-    Ray retries for minutes; ``auto`` and the rest are left to Ray."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    """Refuse at once a cluster's ``host:port`` where nothing listens, which Ray retries for
+    minutes; ``auto``, ``ray://`` (a client, maybe through a proxy) and the rest are Ray's."""
+    host, _, port = address.rpartition(":")
     if "://" in host or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as error:
-        raise _no_cluster(flag, address, error.strerror or repr(error)) from None
+        raise _no_cluster(flag, address, error.strerror or str(error)) from None
 
 
 def _no_cluster(flag: str, address: str, said: str) -> ConnectionError:
@@ -702,9 +702,9 @@ def _restarted_keys_note(dropped: int, kept: int) -> str:
         return ""
     return (
         f"; [yellow]{dropped / (dropped + kept):.0%} of the rows[/yellow]: a key names one "
-        "sample across all shards, so shards whose keys restart (000000 in each) lose all but "
-        "one sample per key: write them with unique keys (`pvu shards` does) and cache them "
-        "into a new --output"
+        "sample across all shards; if the shards' keys restart (000000 in each), all but one "
+        "sample per key are lost: write them with unique keys (`pvu shards` does) and cache "
+        "them into a new --output"
     )
 
 
