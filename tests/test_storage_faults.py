@@ -218,3 +218,21 @@ def test_a_bucket_deleted_mid_run_is_not_created_again(s3_bucket, shard):
             write()
         fs.invalidate_cache()
         assert bucket not in fs.ls("", detail=False), f"{what} created the bucket again"
+
+
+def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
+    s3_bucket, fault_proxy, caplog
+):
+    """Credentials expired or a policy changed mid-run: the lock's release failed too, and
+    its error ("read .../_lock.json failed") replaced the one that stopped the run."""
+    output = f"{s3_bucket}/cache"
+    lock = f"{output.removeprefix('s3:/')}/_lock.json"
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(RuntimeError, match="the run's own"),
+        RunLock(output, owner="pvu cache"),
+    ):
+        fault_proxy.deny(re.escape(lock))
+        raise RuntimeError("the run's own error")
+    assert f"left {output}/_lock.json in place" in caplog.text
+    assert "taken over at once on this host" in caplog.text

@@ -190,11 +190,15 @@ class RunLock:
             self._beating.join()
         try:
             current = self._read()
-        except UnreadableLock as error:
-            log.warning("left %s in place: %s", self._url, error)
-            return
-        if current is not None and current.run_id == self.holder.run_id:
-            self._fs.rm(self._path)
+            if current is not None and current.run_id == self.holder.run_id:
+                self._fs.rm(self._path)
+        except (OSError, UnreadableLock) as error:  # storage failing: the run's own error stands
+            log.warning(
+                "left %s in place (%s): it is taken over at once on this host, after its "
+                "lease elsewhere",
+                self._url,
+                error,
+            )
 
     def __enter__(self) -> RunLock:
         self.acquire()
