@@ -96,6 +96,11 @@ class BucketGone(FileNotFoundError):
     create buckets, so every later write would fail too."""
 
 
+class OutputDenied(PermissionError):
+    """A write to an output was denied (a policy changed, credentials expired mid-run): every
+    later write would be too."""
+
+
 _jitter = random.Random()  # private: the global ``random`` is seeded per sample elsewhere
 
 

@@ -19,6 +19,7 @@ from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.stream import StreamConfig
 from pipeline.head.train import ScheduleConfig, TrainConfig, fit_head
+from pipeline.retry import OutputDenied
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -122,3 +123,19 @@ def test_a_shard_denied_mid_job_fails_its_unit_with_the_url_and_no_other(bucket,
     assert urls[1] in why and "PermissionError" in why
     assert len(report.results) == 2
     assert proxy.counts["deny"] <= 2, "a permanent error is not retried"
+
+
+def test_writes_denied_mid_job_stop_it_at_the_first_denied_commit(bucket, proxy):
+    """A bucket policy changed (or credentials expired) mid-run: every later unit was computed
+    in full and then denied at its commit, each tried again, hours of GPUs for nothing."""
+    write_digit_shards(f"{bucket}/shards", shards=4, per_shard=4, size=32)
+    proxy.deny(f"{bucket.removeprefix('s3:/')}/c/.*digits-000[1-3]", methods=["PUT", "POST"])
+    config = CacheJobConfig(shards=f"{bucket}/shards", output=f"{bucket}/c", actors=1, **COMMON)
+    with pytest.raises(OutputDenied) as stopped:
+        run_cache(config)
+    said = str(stopped.value)
+    assert f"commit {bucket}/c/epoch=0000/digits-0001.parquet failed" in said, said
+    assert "Stopped: restore write access to the output" in said
+    assert proxy.counts["deny"] == 1, "the first denied commit stops the run, untried again"
+    units = s3fs.S3FileSystem().glob(f"{bucket}/c/epoch=0000/*.parquet")
+    assert [unit.rsplit("/", 1)[1] for unit in units] == ["digits-0000.parquet"]  # kept

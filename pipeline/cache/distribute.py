@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import EmbeddingOverflow
-from pipeline.retry import PERMANENT_ERRORS, BucketGone, StorageFull
+from pipeline.retry import PERMANENT_ERRORS, BucketGone, OutputDenied, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,9 @@ class ActorPool:
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
         """Run every unit once to completion (or failure); ``on_result`` sees each result.
 
-        A unit whose output storage is full (:class:`StorageFull`) or whose output bucket is
-        gone (:class:`BucketGone`) stops the run.
+        A unit whose output storage is full (:class:`StorageFull`), whose output bucket is
+        gone (:class:`BucketGone`) or whose write is denied (:class:`OutputDenied`) stops the
+        run.
         """
         report = PoolReport()
         pending = deque(units)
@@ -398,6 +399,11 @@ class ActorPool:
                 ) from None
             if isinstance(error.cause, BucketGone):  # every other unit would fail too
                 raise BucketGone(f"{why}. Stopped; the units written are gone with it") from None
+            if isinstance(error.cause, OutputDenied):  # every other unit would be denied too
+                raise OutputDenied(
+                    f"{why}. Stopped: restore write access to the output and run the same "
+                    "command again; the units written are kept"
+                ) from None
             if isinstance(error.cause, EmbeddingOverflow):  # every other unit would overflow
                 raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None
             if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it

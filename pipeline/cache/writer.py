@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.retry import bucket_kept, make_folder, retry
+from pipeline.retry import OutputDenied, bucket_kept, make_folder, retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
@@ -137,10 +138,14 @@ def commit_unit(
             with fs.open(staging, "wb") as handle:
                 pq.write_table(table, handle, **PARQUET_OPTIONS)
             fs.mv(staging, final)
-        finally:
-            if fs.exists(staging):
-                fs.rm(staging)
+        finally:  # a cleanup that fails (expired credentials) must not hide the write's error
+            with contextlib.suppress(OSError):
+                if fs.exists(staging):
+                    fs.rm(staging)
 
-    with bucket_kept(fs, final):
-        retry(write_then_move, what=f"commit {root}/{relpath}")
+    try:
+        with bucket_kept(fs, final):
+            retry(write_then_move, what=f"commit {root}/{relpath}")
+    except PermissionError as error:
+        raise OutputDenied(str(error)) from error
     return int(fs.size(final))
