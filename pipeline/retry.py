@@ -168,6 +168,12 @@ def read_url(url: str) -> bytes:
     return read_bytes(*fsspec.core.url_to_fs(url))
 
 
+def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move ``source`` (a file written aside) onto ``target`` on ``fs``, under :func:`retry`."""
+    what = f"move {fs.unstrip_protocol(source)} to {fs.unstrip_protocol(target)}"
+    retry(lambda: fs.mv(source, target), what=what)
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
     disk, say, is then named with the file). A local file left part-written is removed, but

@@ -25,8 +25,11 @@ from pipeline.cache.unit import Unit
 from pipeline.cache.writer import commit_unit
 from pipeline.dataset.tar import write_shard
 from pipeline.demo.data import write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import export_head
 from pipeline.head.model import HeadConfig, create_head
+from pipeline.head.stream import StreamConfig
+from pipeline.head.train import RunOptions, ScheduleConfig, TrainConfig, fit_head
 from pipeline.retry import REQUEST_ATTEMPTS, BucketGone
 from schemas import cache_schema
 
@@ -236,3 +239,23 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
         raise RuntimeError("the run's own error")
     assert f"left {output}/_lock.json in place" in caplog.text
     assert "taken over at once on this host" in caplog.text
+
+
+def test_a_checkpoint_move_that_storage_refuses_is_named_and_the_run_resumes(
+    s3_bucket, fault_proxy, tmp_path
+):
+    """503s past botocore's own tries (the layer that retries them), on the move of
+    metrics.jsonl into place, ended the run with "[Errno 16] Service Unavailable": no file."""
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=200, shards=1))
+    config = TrainConfig(
+        hidden=(8,),
+        schedule=ScheduleConfig(episodes=2, episode_size=256, batch_size=64, warmup_episodes=0),
+        stream=StreamConfig(shuffle_rows=256, val_fraction=0.2),
+    )
+    output = f"{s3_bucket}/head"
+    moved = r"metrics\.jsonl\.tmp$"
+    fault_proxy.fail_next("503", REQUEST_ATTEMPTS, pattern=moved, methods=["HEAD"])
+    with pytest.raises(OSError, match=f"move {output}/metrics.jsonl.tmp to {output}/metrics"):
+        fit_head([cache], output, config)
+    assert fit_head([cache], output, config, RunOptions(resume=True)).finished

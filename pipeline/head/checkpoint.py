@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,9 @@ from torch import nn
 from pipeline.cache.index import CacheIndex
 from pipeline.cache.manifest import identity
 from pipeline.head.stream import StreamState
-from pipeline.retry import make_folder, read_bytes, write_bytes
+from pipeline.retry import make_folder, move_file, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "state.json"
@@ -87,10 +90,13 @@ def save_checkpoint(
     }
     tmp = f"{folder}/{CHECKPOINT_JSON}.tmp"
     write_bytes(fs, tmp, json.dumps(state, indent=1).encode())
-    fs.mv(tmp, f"{folder}/{CHECKPOINT_JSON}")
-    for old in fs.glob(f"{glob.escape(folder)}/episode-*.safetensors"):  # run[1]: itself
-        if not old.endswith(name):
-            fs.rm(old)
+    move_file(fs, tmp, f"{folder}/{CHECKPOINT_JSON}")
+    try:
+        for old in fs.glob(f"{glob.escape(folder)}/episode-*.safetensors"):  # run[1]: itself
+            if not old.endswith(name):
+                fs.rm(old)
+    except OSError as error:  # an earlier episode's tensors left behind take space, nothing else
+        log.warning("left earlier checkpoints in %s (%r)", fs.unstrip_protocol(folder), error)
 
 
 def load_checkpoint(
@@ -199,12 +205,13 @@ def metrics_log(
     """
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
-    lines = fs.cat_file(path).decode(errors="replace").splitlines() if fs.exists(path) else []
+    data = read_bytes(fs, path) if fs.exists(path) else b""
+    lines = data.decode(errors="replace").splitlines()
     kept = [line for line in lines if line and _episode(line, path) <= done] if done >= 0 else []
 
     def write() -> None:
         write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
-        fs.mv(f"{path}.tmp", path)
+        move_file(fs, f"{path}.tmp", path)
 
     def append(record: dict[str, Any]) -> None:
         kept.append(json.dumps(json_safe(record), allow_nan=False))
