@@ -152,6 +152,18 @@ def test_a_handful_of_validation_rows_is_warned_about(
     assert "--val-fraction 0: no validation rows, so no validation metrics" in caplog.text
 
 
+def test_resume_without_a_checkpoint_warns_that_it_starts_afresh(
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped --output (or a checkpoint folder not copied) under --resume trained from the
+    start, said only at info level."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        fit_head([cache], str(tmp_path / "typo"), _config(episodes=2), RunOptions(resume=True))
+    assert f"--resume: no checkpoint in {tmp_path / 'typo'}; training from the start" in (
+        caplog.text
+    )
+
+
 def test_refuses_caches_of_different_embedding_dtypes(cache: str, tmp_path: Path) -> None:
     wide = str(tmp_path / "float32")
     write_synthetic_cache(wide, dataclasses.replace(SPEC, shards=1, dtype="float32"))

@@ -238,17 +238,24 @@ def test_a_damaged_head_export_is_named(damage: str, tmp_path: Path) -> None:
     assert_actionable(result, seconds, f"{folder} is not a valid pvu head export")
 
 
-@pytest.mark.parametrize("damaged", ["state.json", "episode-00001.safetensors"])
+@pytest.mark.parametrize(
+    "damaged", ["state.json", "episode-00001.safetensors", "episode-00001.safetensors gone"]
+)
 def test_resuming_from_a_damaged_checkpoint_is_refused_with_the_fix(
     damaged: str, tmp_path: Path
 ) -> None:
+    """Cut off, as a full disk leaves it; or its tensors gone (deleted, a copy without them),
+    which ended in a bare FileNotFoundError."""
     cache, output = str(tmp_path / "cache"), str(tmp_path / "run")
     write_synthetic_cache(cache, SyntheticCache(dim=16, samples_per_shard=256, shards=1, epochs=1))
     args = ["train-head", "--cache", cache, "--output", output, "--episodes", "3",
             "--episode-size", "512", "--batch-size", "128", "--warmup-episodes", "1"]  # fmt: skip
     assert pvu(*args, "--stop-after", "1").exit_code == 0
-    path = tmp_path / "run" / "checkpoint" / damaged
-    path.write_bytes(path.read_bytes()[:100])  # cut off, as a full disk leaves it
+    path = tmp_path / "run" / "checkpoint" / damaged.removesuffix(" gone")
+    if damaged.endswith(" gone"):
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:100])
     result, seconds = timed_pvu(*args, "--resume")
     assert_actionable(
         result,

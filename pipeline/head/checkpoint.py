@@ -149,6 +149,8 @@ def load_checkpoint(
         return int(state["episode"]), StreamState.from_json(state["stream"])
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         raise _damaged_checkpoint(output, error) from None
+    except FileNotFoundError as error:  # its tensors deleted, or the folder copied without
+        raise _damaged_checkpoint(output, error) from None
 
 
 def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:

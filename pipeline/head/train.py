@@ -245,7 +245,7 @@ def fit_head(
                 output, head=head, optimizer=optimizer, settings=config.identity(), data=data
             )
             if restored is None:
-                log.info("no checkpoint in %s; starting afresh", output)
+                log.warning("--resume: no checkpoint in %s; training from the start", output)
             else:
                 done, position = restored
                 log.info("resuming %s after episode %d", output, done)
