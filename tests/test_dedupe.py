@@ -103,3 +103,16 @@ def test_epochs_checked_as_they_are_are_not_read_again(tmp_path, shards, monkeyp
     reopened.record(result.relpath, result.manifest_entry())
     assert deduplicate(reopened, ORDER) == {"epoch=0001/dup-1.parquet": 3}
     assert {relpath.split("/")[0] for relpath in read} == {"epoch=0001"}
+
+
+def test_a_unit_removed_before_the_pass_is_named_with_the_way_on(tmp_path, shards):
+    """A unit deleted after its commit ended the run in a bare FileNotFoundError."""
+    root = str(tmp_path / "cache")
+    runner = make_runner(root)
+    manifest = Manifest(root, runner.settings.provenance)
+    for name in ORDER:
+        result = runner.run(Unit(shards[name], name, 0))
+        manifest.record(result.relpath, result.manifest_entry())
+    (tmp_path / "cache" / "epoch=0000" / "dup-0.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"dup-0\.parquet.* run the same command again"):
+        deduplicate(manifest, ORDER)

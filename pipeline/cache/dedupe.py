@@ -108,7 +108,13 @@ def read_keys(root: str, relpath: str, size: int | None = None) -> pa.ChunkedArr
                 "key"
             )
 
-    return retry(read, what=f"read the keys of {root.rstrip('/')}/{relpath}")
+    try:
+        return retry(read, what=f"read the keys of {root.rstrip('/')}/{relpath}")
+    except FileNotFoundError as error:  # deleted since its commit (by hand, a cleanup)
+        raise FileNotFoundError(
+            f"{error}; the unit was removed after it was committed: run the same command "
+            "again, which computes it anew"
+        ) from error
 
 
 def _hashes(keys: pa.ChunkedArray) -> np.ndarray:
