@@ -16,8 +16,9 @@ s3fs          nothing (``retries = 1``): its own loop would repeat botocore's tr
 ============  ===========================================================================
 
 Above them, ``pipeline.cache.distribute`` runs a failed unit again (``--max-attempts``) unless
-its error is permanent, which fails the unit at once, or a full store (``StorageFull``), which
-stops the run: every other unit would fill it too. A missing object or a denied access is
+its error is permanent, which fails the unit at once, or a full store (``StorageFull``), the
+output's bucket gone (``BucketGone``) or a unit's write denied (``OutputDenied``), which stops
+the run: every other unit would fail the same way. A missing object or a denied access is
 thus one request, failed within a second; a store that stays down costs
 ``REQUEST_ATTEMPTS`` requests per try of the unit. :func:`configure_storage_clients` sets the
 two lower layers; importing ``pipeline`` calls it, so every pvu process (driver, Ray actors)

@@ -4,6 +4,7 @@ reads and writes of shards, unit files and the manifest (``make test-faults``)."
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pyarrow.dataset as ds
@@ -15,6 +16,7 @@ import torch
 
 from jobs.run.cache import CacheJobConfig, run_cache
 from pipeline.cache.distribute import start_local_ray
+from pipeline.cache.manifest import Manifest
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.stream import StreamConfig
@@ -125,17 +127,27 @@ def test_a_shard_denied_mid_job_fails_its_unit_with_the_url_and_no_other(bucket,
     assert proxy.counts["deny"] <= 2, "a permanent error is not retried"
 
 
-def test_writes_denied_mid_job_stop_it_at_the_first_denied_commit(bucket, proxy):
+def test_writes_denied_mid_job_stop_it_at_the_first_denied_commit(
+    bucket, proxy, monkeypatch, caplog
+):
     """A bucket policy changed (or credentials expired) mid-run: every later unit was computed
-    in full and then denied at its commit, each tried again, hours of GPUs for nothing."""
+    in full and then denied at its commit, each tried again, hours of GPUs for nothing; and the
+    manifest's last write, denied too, hid why the run stopped."""
     write_digit_shards(f"{bucket}/shards", shards=4, per_shard=4, size=32)
-    proxy.deny(f"{bucket.removeprefix('s3:/')}/c/.*digits-000[1-3]", methods=["PUT", "POST"])
-    config = CacheJobConfig(shards=f"{bucket}/shards", output=f"{bucket}/c", actors=1, **COMMON)
-    with pytest.raises(OutputDenied) as stopped:
+    output = f"{bucket}/c"
+    started = Manifest.begin_run
+
+    def then_denied(manifest: Manifest, units: int) -> None:  # the run has begun: no writes
+        started(manifest, units)
+        proxy.deny(f"{output.removeprefix('s3:/')}/", methods=["PUT", "POST", "DELETE"])
+
+    monkeypatch.setattr(Manifest, "begin_run", then_denied)
+    config = CacheJobConfig(shards=f"{bucket}/shards", output=output, actors=1, **COMMON)
+    with caplog.at_level(logging.WARNING), pytest.raises(OutputDenied) as stopped:
         run_cache(config)
     said = str(stopped.value)
-    assert f"commit {bucket}/c/epoch=0000/digits-0001.parquet failed" in said, said
+    assert f"commit {output}/epoch=0000/digits-0000.parquet failed" in said, said
     assert "Stopped: restore write access to the output" in said
-    assert proxy.counts["deny"] == 1, "the first denied commit stops the run, untried again"
-    units = s3fs.S3FileSystem().glob(f"{bucket}/c/epoch=0000/*.parquet")
-    assert [unit.rsplit("/", 1)[1] for unit in units] == ["digits-0000.parquet"]  # kept
+    assert "_manifest.json not written" in caplog.text  # a warning: the denial above is told
+    unit_writes = [path for (_, path) in proxy.requests if "/c/" in path and "digits" in path]
+    assert all("digits-0000" in path for path in unit_writes), "no other unit was started"

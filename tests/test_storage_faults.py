@@ -238,7 +238,7 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
         fault_proxy.deny(re.escape(lock))
         raise RuntimeError("the run's own error")
     assert f"left {output}/_lock.json in place" in caplog.text
-    assert "taken over at once on this host" in caplog.text
+    assert "taken over once this process has ended" in caplog.text
 
 
 def test_a_checkpoint_move_that_storage_refuses_is_named_and_the_run_resumes(

@@ -751,8 +751,27 @@ def _run_with_progress(
             rate = images / max(time.monotonic() - started, 1e-9)
             progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
 
+        stopped = True
         try:
-            return pool.run(todo, on_result)
+            report = pool.run(todo, on_result)
+            stopped = False
+            return report
         finally:
             for manifest in manifests:
-                manifest.flush(force=True)
+                _flush_after(manifest, stopped)
+
+
+def _flush_after(manifest: Manifest, stopped: bool) -> None:
+    """Write ``manifest`` after the pool; where an error ``stopped`` it (denied writes, say),
+    a failed write is a warning, so that the error that stopped the run is the one told."""
+    try:
+        manifest.flush(force=True)
+    except OSError as error:
+        if not stopped:
+            raise
+        log.warning(
+            "%s/_manifest.json not written (%s); the next run adopts the units committed from "
+            "their footers",
+            manifest.root,
+            error,
+        )

@@ -194,8 +194,8 @@ class RunLock:
                 self._fs.rm(self._path)
         except (OSError, UnreadableLock) as error:  # storage failing: the run's own error stands
             log.warning(
-                "left %s in place (%s): it is taken over at once on this host, after its "
-                "lease elsewhere",
+                "left %s in place (%s): it is taken over once this process has ended (at "
+                "once on this host, after its lease elsewhere)",
                 self._url,
                 error,
             )

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.retry import OutputDenied, bucket_kept, make_folder, retry
+from pipeline.retry import STORAGE_ERRORS, OutputDenied, bucket_kept, make_folder, retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
@@ -139,13 +139,13 @@ def commit_unit(
                 pq.write_table(table, handle, **PARQUET_OPTIONS)
             fs.mv(staging, final)
         finally:  # a cleanup that fails (expired credentials) must not hide the write's error
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(*STORAGE_ERRORS):
                 if fs.exists(staging):
                     fs.rm(staging)
 
     try:
         with bucket_kept(fs, final):
             retry(write_then_move, what=f"commit {root}/{relpath}")
+            return int(retry(lambda: fs.size(final), what=f"size {root}/{relpath}"))
     except PermissionError as error:
         raise OutputDenied(str(error)) from error
-    return int(fs.size(final))
