@@ -225,7 +225,9 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
         if unit:
             made = [identity(f.provenance), *(unit.get(k) for k in ("epoch", "shard", "source"))]
             # other images once staged at the same path differ in these, from the footer
-            made += [f.rows, *_key_range(f), next(_loss_ranges(f), None)]
+            first_group = next(_filled_groups(f), None)
+            loss = None if first_group is None else _footer_loss_range(f, first_group)
+            made += [f.rows, *_key_range(f), loss]
             first = seen.setdefault(json.dumps(made, sort_keys=True), f.url)
             if first != f.url:
                 raise ValueError(
@@ -266,17 +268,14 @@ def _key_range(f: CacheFile) -> tuple[str | None, str | None]:
     return (str(stats.min), str(stats.max)) if has else (None, None)
 
 
-def _loss_ranges(f: CacheFile) -> Iterator[tuple[float, float] | None]:
-    """(smallest, largest) loss of each row group of unit ``f`` that holds rows, from its
-    footer's statistics (None for a group without: another writer, or every loss NaN)."""
-    for group in range(f.metadata.num_row_groups):
-        if f.metadata.row_group(group).num_rows:
-            yield _footer_loss_range(f, group)
+def _filled_groups(f: CacheFile) -> Iterator[int]:
+    """The row groups of unit ``f`` that hold rows."""
+    return (g for g in range(f.metadata.num_row_groups) if f.metadata.row_group(g).num_rows)
 
 
 def _footer_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
     """(smallest, largest) loss of row group ``group`` of unit ``f`` by its footer's
-    statistics; None where it has none."""
+    statistics; None where it has none (another writer, or every loss NaN)."""
     stats = f.metadata.row_group(group).column(leaf_column(f.metadata, "loss")).statistics
     return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
 
@@ -300,11 +299,10 @@ def _read_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
 def _loss_extents(f: CacheFile) -> Iterator[tuple[float, float]]:
     """(smallest, largest) loss of each row group of unit ``f`` that holds a loss: from its
     footer's statistics or, for a group without them, from its loss column."""
-    for group in range(f.metadata.num_row_groups):
-        if f.metadata.row_group(group).num_rows:
-            extent = _footer_loss_range(f, group) or _read_loss_range(f, group)
-            if extent is not None:
-                yield extent
+    for group in _filled_groups(f):
+        extent = _footer_loss_range(f, group) or _read_loss_range(f, group)
+        if extent is not None:
+            yield extent
 
 
 def check_losses_vary(files: Sequence[CacheFile]) -> None:
