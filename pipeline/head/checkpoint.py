@@ -147,9 +147,14 @@ def load_checkpoint(
                 slots.setdefault(int(index), {})[slot] = value
         optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         return int(state["episode"]), StreamState.from_json(state["stream"])
-    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
-        raise _damaged_checkpoint(output, error) from None
-    except FileNotFoundError as error:  # its tensors deleted, or the folder copied without
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        RuntimeError,
+        SafetensorError,
+        FileNotFoundError,  # its tensors deleted, or the folder copied without them
+    ) as error:
         raise _damaged_checkpoint(output, error) from None
 
 
