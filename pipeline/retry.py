@@ -170,9 +170,23 @@ def read_url(url: str) -> bytes:
 
 
 def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
-    """Move ``source`` (a file written aside) onto ``target`` on ``fs``, under :func:`retry`."""
+    """Move ``source`` (a file written aside) onto ``target`` on ``fs``, under :func:`retry`.
+
+    An object store moves by a copy and a delete; when a try's answer was lost after its
+    delete, the next try finds no source: the move is done, once ``target`` is there."""
+    tries = 0
+
+    def move() -> None:
+        nonlocal tries
+        tries += 1
+        try:
+            fs.mv(source, target)
+        except FileNotFoundError:
+            if tries == 1 or fs.exists(source) or not fs.exists(target):
+                raise
+
     what = f"move {fs.unstrip_protocol(source)} to {fs.unstrip_protocol(target)}"
-    retry(lambda: fs.mv(source, target), what=what)
+    retry(move, what=what)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

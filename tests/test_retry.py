@@ -12,8 +12,17 @@ import aiohttp
 import botocore.exceptions
 import fsspec
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.retry import BucketGone, StorageFull, bucket_kept, make_folder, retry, write_bytes
+from pipeline.retry import (
+    BucketGone,
+    StorageFull,
+    bucket_kept,
+    make_folder,
+    move_file,
+    retry,
+    write_bytes,
+)
 
 
 class Flaky:
@@ -169,3 +178,31 @@ def test_a_missing_path_on_a_store_without_buckets_is_no_bucket_gone() -> None:
     assert not isinstance(raised.value, BucketGone)
     make_folder(fs, "/home/out/epoch=0000")  # a store with folders still gets them
     assert fs.isdir("/home/out/epoch=0000")
+
+
+class AnswerLostOnce(LocalFileSystem):
+    """A filesystem whose first move is done but answers with a dropped connection, as an
+    object store's copy and delete can: the delete happened, its answer did not arrive."""
+
+    cachable = False
+    moves = 0
+
+    def mv(self, path1: str, path2: str, **kwargs: object) -> None:
+        super().mv(path1, path2, **kwargs)
+        self.moves += 1
+        if self.moves == 1:
+            raise ConnectionResetError("connection reset by peer")
+
+
+def test_a_move_done_though_its_answer_was_lost_is_done(tmp_path):
+    """Its retry found no source and raised FileNotFoundError with the file in place."""
+    (tmp_path / "metrics.jsonl.tmp").write_text("episode 2")
+    (tmp_path / "metrics.jsonl").write_text("episode 1")
+    source, target = tmp_path / "metrics.jsonl.tmp", tmp_path / "metrics.jsonl"
+    move_file(AnswerLostOnce(), str(source), str(target))
+    assert (tmp_path / "metrics.jsonl").read_text() == "episode 2"
+
+
+def test_a_move_whose_source_is_missing_from_the_start_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"move file://.*x\.tmp to"):
+        move_file(LocalFileSystem(), str(tmp_path / "x.tmp"), str(tmp_path / "x"))
