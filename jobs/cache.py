@@ -81,7 +81,7 @@ def cache(
         typer.Option(
             metavar="EXT",
             help="Image member extension, or several tried in order as jpg/png (or "
-            "WebDataset's jpg;png) (default: jpg/jpeg/png/webp/bmp/gif/tif/tiff/ppm).",
+            "WebDataset's jpg;png) (default: jpg/jpeg/png/webp/bmp/gif/tif/tiff/ppm/pgm/pbm/pnm).",
         ),
     ] = None,
     label_key: Annotated[

@@ -418,7 +418,7 @@ def test_the_advice_for_a_run_without_rows_names_a_json_labels_member_and_field(
     config = CacheJobConfig(
         shards="s", backbone="resnet10t", output=str(tmp_path), label_key="json:label"
     )
-    assert "/tiff/ppm with <key>.json (its field label), set" in member_advice(config)
+    assert "/ppm/pgm/pbm/pnm with <key>.json (its field label), set" in member_advice(config)
 
 
 def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_run_caches(
@@ -430,7 +430,7 @@ def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_ru
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "no_label=4" in text and "the cache has no rows" in text
-    assert "/tiff/ppm with <key>.txt, set --image-key / --label-key" in text
+    assert "/ppm/pgm/pbm/pnm with <key>.txt, set --image-key / --label-key" in text
     plan = CliRunner().invoke(app, ["plan", *args[1:], *SMALL_BACKBONE_FLAGS], terminal_width=200)
     assert "0 already in --output" in plan.output, plan.output  # it said 1 (of 1)
     corrected = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS])  # the units held none

@@ -284,7 +284,8 @@ def test_image_key_takes_several_extensions_as_its_help_shows_them(tmp_path: Pat
     assert CacheJobConfig(**base, image_key="webp").image_keys == ("webp",)
     # webdataset's own separator: taken as the one extension "jpg;png", so no sample matched
     assert CacheJobConfig(**base, image_key="jpg;png").image_keys == ("jpg", "png")
-    default = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+    default = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+    default += ("pnm",)
     assert CacheJobConfig(**base).image_keys == default
     with pytest.raises(ValueError, match="names no file extension"):
         CacheJobConfig(**base, image_key=" / ;")

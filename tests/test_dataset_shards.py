@@ -404,10 +404,12 @@ def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     root = tmp_path / "images"
     make_folder(root, per_class=1)
     (root / "cat" / "photo.jfif").write_bytes(image_bytes(np.random.default_rng(3), "jpg"))
+    Image.new("L", (20, 20), 90).save(root / "cat" / "scan.pgm")  # netpbm's gray
     for name in ("a.avif", "b.avif", "Thumbs"):
         (root / "dog" / name).write_bytes(b"x")
     listing = list_dataset(str(root))
     assert any(source.url.endswith("photo.jfif") for source in listing.sources)
+    assert any(source.url.endswith("scan.pgm") for source in listing.sources)
     assert listing.ignored == {".avif": 2, ".txt": 1, "": 1}
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output

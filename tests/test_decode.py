@@ -105,6 +105,18 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(fmt):
     assert expected.tolist() == [[0, 0, 1, 127], [128, 191, 254, 255]]
 
 
+@pytest.mark.parametrize(("extension", "mode"), [("pbm", "1"), ("pgm", "L"), ("ppm", "RGB")])
+def test_netpbm_images_decode(extension, mode):
+    """pbm/pgm/pnm members (netpbm's tools, older datasets) are in the default image keys."""
+    gray = _gradient()[:, :, 0]
+    image = Image.fromarray(gray).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PPM")
+    out = _decode(buffer.getvalue())
+    assert out.shape == (40, 48, 3)
+    assert np.array_equal(out[:, :, 0], np.asarray(image.convert("L")))
+
+
 def test_thirty_two_bit_integer_mode_is_clipped_to_sixteen_bits():
     values = np.array([[-5, 0, 65535, 100000]], np.int32)
     image = Image.fromarray(np.kron(values, np.ones((8, 8), np.int32)), "I")

@@ -247,7 +247,7 @@ def test_a_plan_whose_sample_keeps_no_row_names_the_member_flags(shards, tmp_pat
     text = result.text
     assert result.exit_code == 0 and "no_label=8" in text, text
     assert "`pvu cache` would cache no row: every sampled sample was skipped" in text
-    assert "/tiff/ppm with <key>.txt, set --image-key / --label-key" in text
+    assert "/ppm/pgm/pbm/pnm with <key>.txt, set --image-key / --label-key" in text
 
 
 @pytest.mark.slow

@@ -132,13 +132,20 @@ def test_keys_labels_and_image_choice(tmp_path, caplog):
             ("dir/d", {"jpeg": png, "cls": b"6", "json": b"{}"}),
             ("e", {"tif": png, "cls": b"7"}),
             ("f", {"bmp": png, "cls": b"8"}),
+            ("f2", {"pgm": png, "cls": b"8"}),
             ("g", {"txt": b"a caption", "cls": b"9"}),
             ("h", {"svg": b"<svg/>", "cls": b"9"}),
         ],
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
         samples, counts = _read(url)
-    assert [(s.key, s.label) for s in samples] == [("a", 3), ("dir/d", 6), ("e", 7), ("f", 8)]
+    assert [(s.key, s.label) for s in samples] == [
+        ("a", 3),
+        ("dir/d", 6),
+        ("e", 7),
+        ("f", 8),
+        ("f2", 8),
+    ]
     assert counts == {"empty_image": 1, "no_label": 1, "no_image": 2}
     said = caplog.text
     assert f"skipping b in {url}: empty_image" in said
@@ -147,12 +154,12 @@ def test_keys_labels_and_image_choice(tmp_path, caplog):
     assert "skipping h" not in said  # the second of a kind: at debug level
     caplog.clear()  # a later epoch of the shard: the same skips, counted and not named
     with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
-        assert len(list(iter_samples(url, counts=counts, name_skips=False))) == 4
+        assert len(list(iter_samples(url, counts=counts, name_skips=False))) == 5
     assert not caplog.records
 
     samples, counts = _read(url, image_keys=(".PNG", "webp"), label_key="label")
     assert [(s.key, s.label) for s in samples] == [("c", 5)]
-    assert counts == {"no_image": 6, "no_label": 1}
+    assert counts == {"no_image": 7, "no_label": 1}
     with pytest.raises(ValueError, match="image_keys"):
         _read(url, image_keys="jpg")
 

@@ -37,8 +37,8 @@ from pipeline.retry import retry
 logger = logging.getLogger(__name__)
 
 #: The image members tried, in order: every format the decoder reads (``pvu shards`` writes
-#: jpg, png or webp; other tools also bmp, gif, tiff or ppm).
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+#: jpg, png or webp; other tools also bmp, gif, tiff or netpbm's ppm, pgm, pbm and pnm).
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 MAX_MEMBER_BYTES = 256 * 2**20
 #: Members no sample holds: webdataset's metadata files (``__key__`` and friends), and the
 #: AppleDouble files macOS's tar adds (``._<name>`` beside each file, ``__MACOSX/``), whose keys

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 #: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
 IMAGE_SUFFIXES = (
     *(".jpg", ".jpeg", ".jpe", ".jfif"),  # JPEG's spellings
-    *(".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"),
+    *(".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"),
 )
 TABLE_SUFFIXES = (".csv", ".parquet")
 #: Folder names that usually hold a split of a dataset, not a class.
