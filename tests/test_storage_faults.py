@@ -227,7 +227,8 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
     s3_bucket, fault_proxy, caplog
 ):
     """Credentials expired or a policy changed mid-run: the lock's release failed too, and
-    its error ("read .../_lock.json failed") replaced the one that stopped the run."""
+    its error ("read .../_lock.json failed") replaced the one that stopped the run. The lock
+    left is the ended run's: the same process takes it over."""
     output = f"{s3_bucket}/cache"
     lock = f"{output.removeprefix('s3:/')}/_lock.json"
     with (
@@ -238,7 +239,11 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
         fault_proxy.deny(re.escape(lock))
         raise RuntimeError("the run's own error")
     assert f"left {output}/_lock.json in place" in caplog.text
-    assert "taken over once this process has ended" in caplog.text
+    assert "a later run in this process takes it over at once" in caplog.text
+    fault_proxy.clear()  # storage answers again: the same process (a notebook) runs again
+    with RunLock(output, owner="pvu cache"):  # refused as "another pvu run", pid its own
+        pass
+    assert "taking over the lock of a dead run" in caplog.text
 
 
 def test_a_checkpoint_move_that_storage_refuses_is_named_and_the_run_resumes(

@@ -12,7 +12,8 @@ apart by its start in clock ticks since boot, which no clock step moves) frees t
 once, and a live one keeps it however long it has not beaten (stopped by Ctrl-Z or SIGSTOP, or
 a clock stepped forward); after a reboot, the lock is free. A holder in another PID namespace
 (another container of a pod) or on another host is left to its lease.
-A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old.
+A lock file that is not a lock (a crash mid-write) counts as dead once it is a lease old; one
+that storage refused to remove as its run ended is free to this process's next run.
 Clocks of the machines that share a prefix must agree to well within the lease.
 """
 
@@ -71,6 +72,8 @@ class Holder:
         """Whether the holder's process runs, as this host can tell (see the module): True or
         False where it can, None where it cannot (another host or PID namespace; a process id
         that exists, in a lock that records no process start)."""
+        if self.run_id in _ENDED_RUNS:
+            return False  # a run of this process that ended, its lock left by storage
         if self.host != socket.gethostname():
             return None
         here = _context()
@@ -103,6 +106,8 @@ class Holder:
 
 
 _TYPES = {"str": str, "int": int, "float": float}  # Holder's field annotations, as written
+#: Run ids of the locks this process released (or tried to: storage may have refused).
+_ENDED_RUNS: set[str] = set()
 
 
 def _context() -> str:
@@ -188,14 +193,16 @@ class RunLock:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
+        _ENDED_RUNS.add(self.holder.run_id)
         try:
             current = self._read()
             if current is not None and current.run_id == self.holder.run_id:
                 self._fs.rm(self._path)
         except (OSError, UnreadableLock) as error:  # storage failing: the run's own error stands
             log.warning(
-                "left %s in place (%s): it is taken over once this process has ended (at "
-                "once on this host, after its lease elsewhere)",
+                "left %s in place (%s): a later run in this process takes it over at once, "
+                "one in another process once this process has ended (on this host) or after "
+                "its lease (elsewhere)",
                 self._url,
                 error,
             )
