@@ -229,6 +229,19 @@ def test_a_forward_in_train_mode_warns(tmp_path: Path, batch: torch.Tensor) -> N
         attached(batch[:2])
 
 
+def test_an_attached_model_compiles_whole_in_train_mode(tmp_path: Path, batch: torch.Tensor):
+    """torch.compile(fullgraph=True) stopped at the train-mode warning (dynamo cannot trace
+    warnings.warn): fine-tuning a model with its head attached could not compile whole."""
+    torch.manual_seed(0)
+    attached = attach_head(timm.create_model(BACKBONE, num_classes=10), _export(tmp_path))
+    compiled = torch.compile(attached, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        expected = attached.eval()(batch[:2])
+        got = compiled.eval()(batch[:2])
+        compiled.train()(batch[:2])  # recompiled for train mode: whole, no warning to trace
+    assert torch.equal(got["uncertainty"], expected["uncertainty"])
+
+
 def test_attach_refuses_what_would_give_wrong_uncertainties(
     tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
 ) -> None:

@@ -191,24 +191,29 @@ class HeadedModel(nn.Module):
         """The model's timm config under its older name."""
         return getattr(self.model, "default_cfg", None)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
+    def _warn_of_misuse(self, images: torch.Tensor) -> None:
+        """Warn of a forward whose uncertainties are not those the head learned."""
         if self.training:
-            warnings.warn(TRAIN_MODE, stacklevel=2)
+            warnings.warn(TRAIN_MODE, stacklevel=3)
         if self.image_size and tuple(images.shape[-2:]) != self.image_size:
             warnings.warn(
                 f"images of {tuple(images.shape[-2:])} pixels, but the head was trained on "
                 f"embeddings of {self.image_size} images: its uncertainties are for those; "
                 "prepare images as head.json's input says (size, mean, std)",
-                stacklevel=2,
+                stacklevel=3,
             )
         pooling = _setting(self.model, "global_pool")
         if pooling != self.pooling:  # reset_classifier(n, global_pool=...) since attach
             warnings.warn(
                 f"the model's global_pool is {pooling!r} since the head was attached, not "
                 f"{self.pooling!r}: its embeddings are not those the head was trained on",
-                stacklevel=2,
+                stacklevel=3,
             )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
+        if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
+            self._warn_of_misuse(images)
         features = self.model.forward_features(images)  # under the caller's autocast, if any
         meta = images.device.type == "meta"  # shapes only (autocast has no meta device)
         with (
