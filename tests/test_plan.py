@@ -6,6 +6,7 @@ import gzip
 import io
 import logging
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_plan_predicts_the_cache_run(shards, tmp_path, caplog):
     # resuming into a longer run: the committed units are not planned again
     [more] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert more.estimate.units_done == 10 and more.estimate.rows == real.rows // 2
+    # a listed unit gone from storage is recomputed by pvu cache: not done
+    shutil.copytree(output, tmp_path / "damaged")
+    relpath, gone = min(real.units.items())
+    (tmp_path / "damaged" / relpath).unlink()
+    damaged = PlanJobConfig(shards=shards, output=str(tmp_path / "damaged"), epochs=3, **COMMON)
+    [repair] = run_plan(damaged)
+    assert repair.estimate.units_done == 9
+    assert repair.estimate.rows == real.rows // 2 + gone["rows"]
     (tmp_path / "cache" / "_manifest.json").unlink()  # pvu cache adopts the units it finds
     [bare] = run_plan(PlanJobConfig(shards=shards, output=output, epochs=3, **COMMON))
     assert bare.estimate.units_done == 10 and bare.estimate.rows == real.rows // 2

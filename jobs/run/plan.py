@@ -42,7 +42,7 @@ from pipeline.cache.plan import (
     shard_sizes,
 )
 from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
-from pipeline.cache.verify import list_unit_files
+from pipeline.cache.verify import check_cache, list_unit_files
 
 log = logging.getLogger("pvu.plan")
 
@@ -95,11 +95,15 @@ def committed_units(
         )
     if not info.rows:
         return set()  # a cache without a row is computed afresh by pvu cache
+    units = info.units
+    if manifest:  # pvu cache recomputes a listed unit that is missing or resized: not done
+        damaged = check_cache(config.output, units, info.provenance, footers=False).damaged
+        units = {relpath: unit for relpath, unit in units.items() if relpath not in damaged}
     by_name = dict(zip(shard_names(urls), urls, strict=True))
-    check_committed_sources(info.units, by_name, sizes, config.output.rstrip("/"))
+    check_committed_sources(units, by_name, sizes, config.output.rstrip("/"))
     return {
         (unit["epoch"], by_name[unit["shard"]])
-        for unit in info.units.values()
+        for unit in units.values()
         if unit["shard"] in by_name and unit["epoch"] < config.epochs
     }
 
