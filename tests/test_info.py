@@ -175,9 +175,12 @@ def test_info_refuses_a_bare_cache_mixing_backbones(cache, tmp_path):
 
 
 def test_info_errors_exit_2_naming_the_path(tmp_path):
+    a_file = tmp_path / "notes.txt"  # a file, not a cache folder
+    a_file.write_text("x")
     for path, words in [
         (tmp_path / "nothing", "does not exist"),
         (tmp_path, "is not a pvu cache"),
+        (a_file, "is a file, not a cache"),  # said "read .../_manifest.json failed: ..."
     ]:
         result = pvu("info", str(path))
         text = result.text

@@ -54,6 +54,11 @@ def read_manifest(url: str) -> dict[str, Any] | None:
         data = read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}")
     except FileNotFoundError:
         return None
+    except NotADirectoryError:  # a unit's, the manifest's or another file's path
+        raise ValueError(
+            f"{url} is a file, not a cache: give the cache's folder, the one that holds "
+            f"{MANIFEST_NAME} and epoch=*/"
+        ) from None
     where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
     try:
         document = json.loads(data)  # a JSONDecodeError is a ValueError
