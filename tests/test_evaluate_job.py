@@ -429,6 +429,27 @@ def test_a_report_folder_that_is_a_file_is_refused_before_the_work(
         assert words in said(result) and "━" not in result.output  # before any progress bar
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--ambiguity-threshold", "nan", "finitenumber"),
+        ("--ambiguity-threshold", "inf", "finitenumber"),
+        ("--seed", str(2**32), "lessthanorequalto4294967295"),
+    ],
+)
+def test_settings_the_report_cannot_hold_are_refused_before_the_work(
+    tmp_path: Path, flag: str, value: str, words: str
+) -> None:
+    """A non-finite --ambiguity-threshold was refused only when report.json was validated,
+    after the whole evaluation ("invalid report.json at settings/ambiguity_threshold"), and a
+    --seed over 2**32 - 1 failed in the t-SNE, naming scikit-learn's random_state."""
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    result = run("--dataset", f"ok={ok}", "--report", str(tmp_path / "r"), f"{flag}={value}")
+    assert result.exit_code == 2, result.output
+    assert flag in said(result) and words in said(result), result.output
+    assert "━" not in result.output and not (tmp_path / "r").exists()
+
+
 def test_a_report_rewritten_keeps_no_figure_of_the_earlier_run(
     tmp_path: Path, head_dir: str
 ) -> None:

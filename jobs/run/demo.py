@@ -32,7 +32,7 @@ from rich.table import Table
 
 from jobs.config import CONFIGS, load_job_config, read_config_file
 from jobs.run.cache import CacheJobConfig, run_cache
-from jobs.run.evaluate import EvaluateJobConfig, run_evaluate
+from jobs.run.evaluate import MAX_SEED, EvaluateJobConfig, run_evaluate
 from jobs.run.train_head import TrainHeadConfig, run_train_head
 from jobs.terminal import console, progress_bar
 from pipeline.cache.augment import TransformConfig
@@ -66,7 +66,7 @@ class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     output: Path = Path("demo-output")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # it seeds the evaluation too
     copies: int = Field(default=2, ge=1, description="times each train digit is drawn")
     glyph_classes: int = Field(default=100, ge=0, description="pretraining glyph classes")
     glyph_images: int = Field(default=40, ge=1, description="train images per glyph class")

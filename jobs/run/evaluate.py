@@ -26,6 +26,9 @@ from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, eval
 
 log = logging.getLogger("pvu.evaluate")
 
+MAX_SEED = 2**32 - 1
+"""The largest --seed: scikit-learn's t-SNE takes no larger ``random_state``."""
+
 
 class EvaluateJobConfig(BaseModel):
     """The evaluate job's configuration, validated before anything runs."""
@@ -39,12 +42,12 @@ class EvaluateJobConfig(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     deterioration: list[str] = Field(default_factory=list)
     ambiguity: Literal["auto", "column", "real", "none"] = "auto"
-    ambiguity_threshold: float = 0.0
+    ambiguity_threshold: float = Field(default=0.0, allow_inf_nan=False)
     reject_fraction: float = Field(default=0.1, gt=0, lt=1)
     tsne_dataset: str | None = None
     tsne_classes: tuple[int, ...] | None = None
     tsne_points: int = Field(default=1500, ge=10)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     threads: int | None = Field(default=None, ge=1)
     block_mb: int = Field(default=256, ge=1)
 
