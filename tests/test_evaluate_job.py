@@ -450,6 +450,20 @@ def test_settings_the_report_cannot_hold_are_refused_before_the_work(
     assert "━" not in result.output and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flag", ["--report", "--upstream"])
+def test_an_empty_url_is_refused(tmp_path: Path, flag: str, monkeypatch: Any) -> None:
+    """``--report ""`` wrote the report into the working folder and said it was at
+    "/report.md"; ``--upstream ""`` (an unset variable) silently dropped the ID vs OOD
+    analysis."""
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    monkeypatch.chdir(tmp_path)
+    args = {"--report": str(tmp_path / "r"), flag: ""}
+    result = run("--dataset", f"ok={ok}", *(f"{k}={v}" for k, v in args.items()))
+    assert result.exit_code == 2, result.output
+    assert flag in said(result) and "atleast1character" in said(result), result.output
+    assert not list(tmp_path.glob("report.*")) and not (tmp_path / "r").exists()
+
+
 def test_a_report_rewritten_keeps_no_figure_of_the_earlier_run(
     tmp_path: Path, head_dir: str
 ) -> None:

@@ -37,8 +37,8 @@ class EvaluateJobConfig(BaseModel):
 
     dataset: list[str] = Field(min_length=1)
     head: list[str] = Field(default_factory=list)
-    upstream: str | None = None
-    report: str = "report"
+    upstream: str | None = Field(default=None, min_length=1)  # "": an unset variable
+    report: str = Field(default="report", min_length=1)  # "" wrote into the working folder
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     deterioration: list[str] = Field(default_factory=list)
     ambiguity: Literal["auto", "column", "real", "none"] = "auto"
