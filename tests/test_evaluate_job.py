@@ -392,8 +392,10 @@ def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir:
     )
     wide = write_eval_cache(str(tmp_path / "wide"), np.hstack([x, x]), labels)
     train = write_eval_cache(str(tmp_path / "train"), x, labels, transform={"is_training": True})
+    two = write_eval_cache(str(tmp_path / "two"), x, labels, epochs=2)  # was read after ok
     read: list[str] = []
     cases = [(other, "weights_digest 'b'"), (wide, f"expects {DIM}-d embeddings")]
+    cases += [(two, "holds 2 epochs")]
     for last, words in [*cases, (train, "written with the train transform")]:
         config = EvaluateJobConfig(
             dataset=[f"ok={ok}", f"last={last}"], head=[head_dir], report=str(tmp_path / "r")

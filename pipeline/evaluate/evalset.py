@@ -73,23 +73,34 @@ def check_eval_transform(name: str, url: str, provenance: dict[str, Any]) -> Non
         )
 
 
+def check_one_epoch(name: str, url: str, epochs: int) -> None:
+    """Refuse the cache ``name`` at ``url`` if it holds more than one epoch (``epochs``)."""
+    if epochs > 1:
+        raise ValueError(
+            f"{name}: cache {url} holds {epochs} epochs; evaluate reads eval caches "
+            "(pvu cache --augment eval, one epoch)"
+        )
+
+
+def index_epochs(index: CacheIndex) -> int:
+    """The epochs the units of ``index`` hold, by their ``epoch=<EEEE>/`` folders (no row
+    read; units outside such folders are counted when their rows are read)."""
+    return len({f.epoch for f in index.files if f.epoch is not None})
+
+
 def read_eval_set(
     name: str, url: str, index: CacheIndex, *, on_rows: Callable[[int], None] | None = None
 ) -> EvalSet:
     """The rows of the cache ``index`` (opened from ``url``); ``on_rows(n)`` after each file."""
     check_eval_transform(name, url, index.files[0].provenance)
+    check_one_epoch(name, url, index_epochs(index))
     tables = []
     for cache_file in index.files:
         tables.append(_read_file(cache_file))
         if on_rows is not None:
             on_rows(cache_file.rows)
     table = pa.concat_tables(tables, promote_options="permissive")
-    epochs = np.unique(table.column("epoch").to_numpy())
-    if len(epochs) > 1:
-        raise ValueError(
-            f"{name}: cache {url} holds {len(epochs)} epochs; evaluate reads eval caches "
-            "(pvu cache --augment eval, one epoch)"
-        )
+    check_one_epoch(name, url, len(np.unique(table.column("epoch").to_numpy())))
     flat = table.column("embedding").combine_chunks().flatten()
     embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
     finite = np.isfinite(embedding).all(axis=1)

@@ -22,7 +22,13 @@ from pipeline.evaluate.analyses import (
     id_vs_ood,
     real_ambiguous,
 )
-from pipeline.evaluate.evalset import EvalSet, check_eval_transform, read_eval_set
+from pipeline.evaluate.evalset import (
+    EvalSet,
+    check_eval_transform,
+    check_one_epoch,
+    index_epochs,
+    read_eval_set,
+)
 from pipeline.evaluate.knn import BLOCK_BYTES, nearest_neighbours, normalize
 from pipeline.evaluate.metrics import auroc, neighbour_correct, r_auroc
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
@@ -129,6 +135,7 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
     for name, url in inputs:
         provenance = indexes[url].files[0].provenance
         check_eval_transform(name, url, provenance)
+        check_one_epoch(name, url, index_epochs(indexes[url]))
         for key in BACKBONE_FIELDS:
             if provenance.get(key) != first.get(key):
                 raise ValueError(
