@@ -9,9 +9,10 @@ Usage::
     model = attach_head(model, "runs/head")
     out = model(images)  # {"logits": (B, C), "embedding": (B, D), "uncertainty": (B,)}
 
-The model's own head, the embedding's rounding to the cache's dtype and the uncertainty head run
-in the model's weight type (float32 unless it was cast down) outside any autocast, as
-``pvu cache`` computed what the head was trained on; the trunk runs as the caller runs it.
+The model's own head and the embedding's rounding to the cache's dtype run in the model's
+weight type (float32 unless it was cast down), the uncertainty head in its own (float32, unless
+the attached model is cast), outside any autocast, as ``pvu cache`` computed what the head was
+trained on; the trunk runs as the caller runs it.
 """
 
 from __future__ import annotations
