@@ -18,7 +18,7 @@ from pipeline.evaluate.report import _slug
 from pipeline.evaluate.retrieval import most_uncertain, retrieval_errors
 from pipeline.evaluate.runner import EvaluateOptions, _tsne, _tsne_rows
 from pipeline.evaluate.sources import baseline_uncertainty
-from pipeline.evaluate.tsne import point_style
+from pipeline.evaluate.tsne import TsnePoints, point_style
 
 
 def reference_neighbours(x: np.ndarray, queries: np.ndarray, database: np.ndarray) -> np.ndarray:
@@ -273,3 +273,17 @@ def test_inverse_norm_is_the_float64_norm_a_chunk_at_a_time(monkeypatch) -> None
     assert np.array_equal(baseline_uncertainty("inverse_norm", _eval_set(embedding)), whole)
     norm = np.linalg.norm(embedding.astype(np.float64), axis=1)
     np.testing.assert_array_equal(whole[norm > 0], (1 / norm[norm > 0]).astype(np.float32))
+
+
+def test_the_tsne_legend_shows_each_class_at_full_colour_and_one_size():
+    """Each legend marker took its class's first point's transparency and size: a class whose
+    first point was certain showed a pale, tiny swatch."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([3, 5, 7], 20)
+    uncertainty = rng.random(60)
+    uncertainty[[0, 20, 40]] = [uncertainty.min() - 1, uncertainty.max() + 1, uncertainty.mean()]
+    points = TsnePoints(rng.normal(size=(60, 2)), np.arange(60), labels, uncertainty)
+    fig = figures.uncertainty_map(points, title="t")
+    handles = fig.axes[0].get_legend().legend_handles
+    assert [handle.get_facecolor()[0][3] for handle in handles] == [1.0, 1.0, 1.0]
+    assert len({float(handle.get_sizes()[0]) for handle in handles}) == 1

@@ -113,7 +113,10 @@ def uncertainty_map(points: TsnePoints, *, title: str) -> Figure:
         rgba = np.tile(colours(i % colours.N), (mine.sum(), 1))
         rgba[:, 3] = alpha[mine]
         ax.scatter(*points.xy[mine].T, s=area[mine], c=rgba, label=str(label), linewidths=0)
-    ax.legend(title="label", markerscale=0.8, fontsize=8)
+    legend = ax.legend(title="label", fontsize=8)
+    for handle in legend.legend_handles:  # not the class's first point's size and alpha
+        handle.set_sizes([30])
+        handle.set_alpha(1.0)
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
