@@ -235,6 +235,33 @@ def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None
     assert torch.equal(head(x), straight.head.eval()(x))
 
 
+def test_a_resumed_run_counts_the_nonfinite_rows_an_uninterrupted_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metrics.jsonl's ``nonfinite_rows`` goes on from the checkpoint (it restarted at 0), and
+    a window resumed part way is not counted twice."""
+    import pipeline.demo.synthetic as synthetic
+
+    written = synthetic.to_record_batch
+
+    def some_losses_nan(schema: pa.Schema, **kw: Any) -> pa.RecordBatch:
+        loss = kw["outputs"]["loss"].copy()
+        loss[::50] = np.nan
+        return written(schema, **{**kw, "outputs": {**kw["outputs"], "loss": loss}})
+
+    monkeypatch.setattr(synthetic, "to_record_batch", some_losses_nan)
+    url = str(tmp_path / "nan")
+    write_synthetic_cache(url, SPEC)
+    config = _config(episodes=4)
+    fit_head([url], str(tmp_path / "straight"), config)
+    parted = str(tmp_path / "parted")
+    fit_head([url], parted, config, RunOptions(stop_after=1))
+    fit_head([url], parted, config, RunOptions(resume=True))
+    straight = [line.get("nonfinite_rows") for line in _metrics(tmp_path / "straight")]
+    assert straight[-1] > 0
+    assert [line.get("nonfinite_rows") for line in _metrics(Path(parted))] == straight
+
+
 def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
     other = _config(episodes=4, seed=9)  # said only "other settings (schedule, stream)"

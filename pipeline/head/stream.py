@@ -23,7 +23,7 @@ import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,11 +61,14 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class StreamState:
-    """Position of the next unread training row: pass, window within the pass, row within it."""
+    """Position of the next unread training row: pass, window within the pass, row within it;
+    and the rows dropped as non-finite before it, every pass counted (not part of the position:
+    a resumed run's count goes on from it)."""
 
     pass_index: int = 0
     window: int = 0
     offset: int = 0
+    nonfinite: int = field(default=0, compare=False)
 
     def to_json(self) -> dict[str, int]:
         """The state as a plain dict (for checkpoints)."""
@@ -74,7 +77,8 @@ class StreamState:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> StreamState:
         """Inverse of :meth:`to_json`."""
-        return cls(int(doc["pass_index"]), int(doc["window"]), int(doc["offset"]))
+        position = (int(doc["pass_index"]), int(doc["window"]), int(doc["offset"]))
+        return cls(*position, int(doc.get("nonfinite", 0)))  # older checkpoints: none counted
 
 
 @dataclass
@@ -200,6 +204,8 @@ class CacheStream:
         self._io = ThreadPoolExecutor(config.io_threads, "pvu-read")
         self._state = state or StreamState()
         self._window: _Window | None = None
+        # a window resumed part way was counted in the state's ``nonfinite`` as it began
+        self._counted = self._state.offset > 0
         # a cache held whole (every window takes a slice of every group) is decoded once: its
         # groups stay in the pool from pass to pass, by group index
         self._held_whole = self.spread == len(self._groups)
@@ -257,20 +263,25 @@ class CacheStream:
                 raise RuntimeError("stream out of step with its background reader")
             self._window = item
             self.stats.nonfinite.update(item.nonfinite)
+            if not self._counted:
+                tally = self._state.nonfinite + sum(item.nonfinite.values())
+                self._state = replace(self._state, nonfinite=tally)
+            self._counted = False
             if item.window == 0:
                 self.stats.passes_started += 1
         return self._window
 
     def _advance(self, window: _Window, offset: int) -> None:
+        tally = self._state.nonfinite
         if offset < len(window):
-            self._state = StreamState(window.pass_index, window.window, offset)
+            self._state = StreamState(window.pass_index, window.window, offset, tally)
             return
         self._window = None
         self._pool.give(window.retired)
         if window.last_in_pass:
-            self._state = StreamState(window.pass_index + 1, 0, 0)
+            self._state = StreamState(window.pass_index + 1, 0, 0, tally)
         else:
-            self._state = StreamState(window.pass_index, window.window + 1, 0)
+            self._state = StreamState(window.pass_index, window.window + 1, 0, tally)
 
     def _produce(self, start: StreamState) -> Iterator[_Window]:
         """Every window from ``start`` on, pass after pass (runs in the background thread)."""

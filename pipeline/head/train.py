@@ -275,7 +275,7 @@ def fit_head(
                 record["passes"] = round(record["samples"] / train_rows, 4)
                 record |= validation_metrics(head, val.embedding, val.loss)
                 record["val_rows"] = len(val)
-                record["nonfinite_rows"] = sum(stream.stats.nonfinite.values())
+                record["nonfinite_rows"] = stream.state.nonfinite  # a resumed run's included
                 # metrics first: a kill before the checkpoint redoes the episode and its line
                 append_metrics(record)
                 save_checkpoint(
