@@ -293,6 +293,21 @@ def test_a_diverged_run_stops_before_it_exports_a_nan_head(cache: str, tmp_path:
     assert not (tmp_path / "head.safetensors").exists()
 
 
+def test_a_run_diverged_after_a_checkpoint_says_where_to_train_again(
+    cache: str, tmp_path: Path
+) -> None:
+    """It said 'train again with a lower --lr (the checkpoint of the episode before is kept)':
+    in that --output a run needs --resume, and --resume refuses another --lr."""
+    config = _config(episodes=3)
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, lr=1e30))
+    with pytest.raises(ValueError, match=r"episode 2 .* lower --lr into another --output"):
+        fit_head([cache], str(tmp_path), config)
+    lower = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, lr=1e-3))
+    with pytest.raises(ValueError, match=r"other settings \(schedule.lr"):
+        fit_head([cache], str(tmp_path), lower, RunOptions(resume=True))
+    fit_head([cache], str(tmp_path / "another"), lower)
+
+
 def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     """It trained on whatever --cache the resume was given, and head.json named only that."""
     fewer = tmp_path / "fewer"

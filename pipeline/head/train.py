@@ -411,8 +411,9 @@ def _check_finite(head: nn.Module, episode: int, record: dict[str, Any]) -> None
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise ValueError(
             f"training diverged in episode {episode + 1} (train loss {record.get('train_loss')}):"
-            " the head's weights are no longer finite; train again with a lower --lr (the"
-            " checkpoint of the episode before is kept)"
+            " the head's weights are no longer finite; train again with a lower --lr into "
+            "another --output (--resume keeps a run's --lr)"
+            + (", or remove this one" if episode else "")
         )
 
 
