@@ -308,6 +308,18 @@ def test_a_run_diverged_after_a_checkpoint_says_where_to_train_again(
     fit_head([cache], str(tmp_path / "another"), lower)
 
 
+def test_resume_with_the_caches_in_another_order_says_so(cache: str, tmp_path: Path) -> None:
+    """It said the checkpoint 'was trained on other caches (...; seed: the checkpoint has 0,
+    this run 1; seed: the checkpoint has 1, this run 0)' of the same two caches."""
+    other = str(tmp_path / "seed1")
+    write_synthetic_cache(other, dataclasses.replace(SPEC, seed=1, epochs=1))
+    output = str(tmp_path / "run")
+    fit_head([cache, other], output, _config(episodes=3), RunOptions(stop_after=1))
+    with pytest.raises(ValueError, match=r"same caches in another order") as error:
+        fit_head([other, cache], output, _config(episodes=3), RunOptions(resume=True))
+    assert "seed: the checkpoint has" not in str(error.value)
+
+
 def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     """It trained on whatever --cache the resume was given, and head.json named only that."""
     fewer = tmp_path / "fewer"

@@ -131,6 +131,8 @@ def load_checkpoint(
     if recorded != data:
         differ = ", ".join(k for k, v in data.items() if recorded[k] != v) + " differ"
         detail = _provenance_differences(recorded["provenance"], data["provenance"])
+        if _same_caches_reordered(recorded, data):
+            detail = ["the same caches in another order? --cache in the first run's order"]
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained on other caches "
             f"({'; '.join([differ, *detail])}); pass the --cache it was trained on, or use "
@@ -183,6 +185,16 @@ def _provenance_differences(
         for have, want in zip(recorded, wanted, strict=True)
         for line in _differences(have, want)
     ]
+
+
+def _same_caches_reordered(recorded: dict[str, Any], data: dict[str, Any]) -> bool:
+    """Whether ``recorded`` and ``data`` differ only as the caches' order does: the same
+    units and provenances, listed otherwise (the stream's order is the caches' order)."""
+    if recorded["units"] != data["units"] or len(recorded["provenance"]) < 2:
+        return False
+    key = [json.dumps(p, sort_keys=True) for p in recorded["provenance"]]
+    wanted = [json.dumps(p, sort_keys=True) for p in data["provenance"]]
+    return key != wanted and sorted(key) == sorted(wanted)
 
 
 def _damaged_checkpoint(output: str, error: Exception) -> ValueError:
