@@ -1,7 +1,8 @@
 """One Parquet row group of a cache as NumPy arrays, split into training and held-out rows.
 
 Rows whose ``key`` hashes below ``val_fraction`` are the validation slice, in every epoch;
-rows with a NaN/inf embedding or loss are dropped, counted and logged with example keys. The
+rows with a NaN/inf embedding or loss are dropped, counted, and named with example keys at their
+group's first read (a later pass drops them again, at debug level). The
 embedding column is decoded by :mod:`pipeline.head.pages` (pyarrow where it cannot), the other
 columns by pyarrow.
 """
@@ -111,18 +112,23 @@ def read_group(
         out[: len(embedding)] = embedding
         embedding = out[: len(embedding)]
     loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
+    first_read = held_out is None
     if held_out is None:
         held_out = key_fraction(table.column("key")) < val_fraction
     keep = held_out if val else ~held_out
     finite_rows = True if finite else np.isfinite(embedding).all(axis=1)
     bad = keep & ~(np.isfinite(loss) & finite_rows)
     if bad.any():
-        keys = table.column("key") if "key" in table.column_names else _keys(f, ref.group)
-        examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
-        log.warning(
-            "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
-            *(f.url, ref.group, int(bad.sum()), examples),
-        )
+        # named at the group's first read; each later pass drops the same rows (and counts them)
+        level = logging.WARNING if first_read else logging.DEBUG
+        if log.isEnabledFor(level):
+            keys = table.column("key") if "key" in table.column_names else _keys(f, ref.group)
+            examples = keys.to_numpy(zero_copy_only=False)[bad][:3].tolist()
+            log.log(
+                level,
+                "%s row group %d: dropped %d row(s) with NaN/inf embedding or loss, e.g. keys %s",
+                *(f.url, ref.group, int(bad.sum()), examples),
+            )
         keep &= ~bad
     extras = {name: table.column(name).to_numpy(zero_copy_only=False) for name in extra}
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
