@@ -243,6 +243,24 @@ def test_a_fifo_among_the_images_is_left_out_not_read_forever(tmp_path):
     assert "9.png" not in {Path(s.url).name for s in list_dataset(str(root)).sources}
 
 
+def test_links_to_image_files_are_images(tmp_path):
+    """A class folder of symbolic links to image files (a split made with `ln -s`, a DVC or
+    Hugging Face cache) was listed as "no regular file (a FIFO, socket or device)": every
+    linked image was left out, all of them "no images in class subfolders"."""
+    elsewhere = tmp_path / "blobs"
+    valid = make_folder(elsewhere, per_class=2)
+    root = tmp_path / "images"
+    for image in valid:
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        (root / image).symlink_to(elsewhere / image)
+    listing = list_dataset(str(root))
+    assert sorted(Path(s.url).relative_to(root).as_posix() for s in listing.sources) == sorted(
+        valid
+    )
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0 and "FIFO" not in result.text, result.output
+
+
 def test_table_labels_must_be_class_indices_or_names(tmp_path):
     """Whole-number floats (pandas' float column) are indices, not names sorted as text
     (which gave 10.0 the label 2); a fraction, a huge id or an empty name names its row."""

@@ -144,8 +144,8 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                 links.append(path)
             elif info["type"] == "directory":
                 listed.add(real(path))
-            elif info["type"] == "other":  # a FIFO, socket or device: a read may never end
-                special.append(path)
+            elif info["type"] == "other" and not (info.get("islink") and fs.isfile(path)):
+                special.append(path)  # a FIFO, socket or device: a read may never end
             else:
                 files.append(path)
         listed.add(real(top))
