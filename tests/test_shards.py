@@ -96,6 +96,19 @@ def test_prefix_and_glob(local):
     ]
 
 
+def test_links_to_shards_are_shards(local, tmp_path):
+    """A folder of symbolic links to shards (a subset picked with `ln -s`) matched "no shards"
+    as a directory, glob or prefix: a local listing types a link to a file ``other``."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("train-0000.tar", "train-0001.tar"):
+        (links / name).symlink_to(f"{local}/{name}")
+    expected = [f"{links}/train-0000.tar", f"{links}/train-0001.tar"]
+    assert expand_shards(str(links)) == expected
+    assert expand_shards(f"{links}/*.tar") == expected
+    assert expand_shards(f"{links}/train-") == expected
+
+
 def test_a_folder_or_tar_whose_name_looks_like_a_glob_is_itself(tmp_path):
     """'run[1]' was always globbed (matching 'run1'), so an existing folder or shard with
     brackets in its name could not be given at all."""

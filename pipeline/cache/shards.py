@@ -59,7 +59,7 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
 
     fs, path = fsspec.core.url_to_fs(spec)
     if fs.isdir(path):  # before globbing: a folder or file named 'run[1]' is itself
-        found = _tar_files(fs.ls(path, detail=True))
+        found = _tar_files(fs, fs.ls(path, detail=True))
         return _found_or_raise(fs, found, protocol, spec, "the directory")
     if fs.isfile(path):
         if is_tar(path):
@@ -67,12 +67,12 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
             return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
     if _GLOB_CHARS.search(path):
-        found = _tar_files(fs.glob(path, detail=True).values())
+        found = _tar_files(fs, fs.glob(path, detail=True).values())
         return _found_or_raise(fs, found, protocol, spec, "the glob")
     if is_tar(path):
         raise FileNotFoundError(f"shard {spec!r} does not exist")
     # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
-    found = _tar_files(fs.glob(path + "*", detail=True).values())
+    found = _tar_files(fs, fs.glob(path + "*", detail=True).values())
     return _found_or_raise(fs, found, protocol, spec, "the prefix")
 
 
@@ -215,13 +215,14 @@ def _spelled_alike(url: str) -> str:
     return url if "://" in url else posixpath.normpath(url)
 
 
-def _tar_files(infos: Iterable[dict]) -> list[str]:
+def _tar_files(fs: fsspec.AbstractFileSystem, infos: Iterable[dict]) -> list[str]:
     """Sorted paths of the tar files among fsspec ``info`` dicts (folders and macOS's
-    AppleDouble ``._<name>.tar`` files left out)."""
+    AppleDouble ``._<name>.tar`` files left out; a link to a file, which a local listing
+    types ``other``, kept)."""
     return sorted(
         info["name"].rstrip("/")
         for info in infos
-        if info.get("type") == "file"
+        if (info.get("type") == "file" or (info.get("islink") and fs.isfile(info["name"])))
         and is_tar(info["name"])
         and not posixpath.basename(info["name"].rstrip("/")).startswith("._")
     )
