@@ -295,6 +295,22 @@ def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path, caplog):
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
+def test_parquet_text_labels_that_are_whole_numbers_are_warned_of(tmp_path, caplog):
+    """A Parquet string column of class indices ('0', '2', '10') was numbered in sorted order
+    without a word ('10' became class 1, '2' class 2): every loss against a classifier of
+    those indices was against another class."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png"], "label": ["0", "2", "10"]}), path)
+    listing = list_dataset(str(path))
+    assert listing.classes == ["0", "10", "2"]
+    assert "label '10' is class 1" in caplog.text
+    caplog.clear()
+    list_dataset(str(path), label_names=True)
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": ["0", "1"]}), path)
+    list_dataset(str(path))  # names that are their own indices: nothing moved
+    assert "held as text" not in caplog.text
+
+
 def test_whole_number_labels_but_for_a_word_are_refused(tmp_path):
     """One stray word in a column of class indices made every label a name, numbered in sorted
     order ('10' before '2'): every class index moved, without a word."""

@@ -202,6 +202,8 @@ def list_table(
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
+        if not label_names:
+            _warn_of_numbers_as_text(url, classes)
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
 
@@ -262,6 +264,23 @@ def _refuse_mixed_labels(url: str, names: list[str]) -> None:
             f"{names[words[0]]!r}); read as names, they would be numbered in sorted order ('10' "
             "before '2'), not kept as class indices: fix those rows, or pass --label-names if "
             "the labels are names"
+        )
+
+
+def _warn_of_numbers_as_text(url: str, classes: list[str]) -> None:
+    """Warn where every label is a whole number held as text (a Parquet string column), so
+    that reading them as names, numbered in sorted order, moves class indices ('10' before
+    '2'); zero-padded IDs (``001``) are names and pass."""
+    numbers = [name for name in classes if _WHOLE_NUMBER.fullmatch(name)]
+    if len(numbers) < len(classes) or any(len(n) > 1 and n.startswith("0") for n in numbers):
+        return
+    moved = next((n for label, n in enumerate(classes) if int(float(n)) != label), None)
+    if moved is not None:
+        log.warning(
+            "table %s: its labels are whole numbers held as text, read as names and numbered "
+            "in sorted order: label %r is class %d (classes.json names each); if they are "
+            "class indices, store them as integers; pass --label-names if they are names",
+            *(url, moved, classes.index(moved)),
         )
 
 
