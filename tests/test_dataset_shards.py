@@ -311,6 +311,16 @@ def test_parquet_text_labels_that_are_whole_numbers_are_warned_of(tmp_path, capl
     assert "held as text" not in caplog.text
 
 
+def test_an_absolute_path_spelled_two_ways_is_one_image(tmp_path):
+    """Relative paths were normalised but absolute ones not: '/x/./a.png' and '/x/a.png' given
+    two labels were two samples of one image, not refused."""
+    image = tmp_path / "a.png"
+    table = tmp_path / "t.csv"
+    table.write_text(f"path,label\n{image},cat\n{tmp_path}/./a.png,dog\n")
+    with pytest.raises(ValueError, match="two labels"):
+        list_dataset(str(table))
+
+
 def test_whole_number_labels_but_for_a_word_are_refused(tmp_path):
     """One stray word in a column of class indices made every label a name, numbered in sorted
     order ('10' before '2'): every class index moved, without a word."""

@@ -361,8 +361,10 @@ def _folder(url: str) -> str:
 def _resolve(path: str, folder: str) -> str:
     """A table's image ``path``: a URL or absolute path as it is, else relative to the table's
     ``folder``, with ``.`` and ``..`` resolved (a store has no such folders)."""
-    if "://" in path or os.path.isabs(path):
+    if "://" in path:
         return path
+    if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
+        return os.path.normpath(path)
     if "://" in folder:
         protocol, _, rest = folder.partition("://")
         return f"{protocol}://{posixpath.normpath(posixpath.join(rest, path))}"
