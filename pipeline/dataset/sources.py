@@ -202,8 +202,6 @@ def list_table(
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
-        if not label_names:
-            _warn_of_numbers_as_text(url, classes)
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
 
@@ -267,23 +265,6 @@ def _refuse_mixed_labels(url: str, names: list[str]) -> None:
         )
 
 
-def _warn_of_numbers_as_text(url: str, classes: list[str]) -> None:
-    """Warn where every label is a whole number held as text (a Parquet string column), so
-    that reading them as names, numbered in sorted order, moves class indices ('10' before
-    '2'); zero-padded IDs (``001``) are names and pass."""
-    numbers = [name for name in classes if _WHOLE_NUMBER.fullmatch(name)]
-    if len(numbers) < len(classes) or any(len(n) > 1 and n.startswith("0") for n in numbers):
-        return
-    moved = next((n for label, n in enumerate(classes) if int(float(n)) != label), None)
-    if moved is not None:
-        log.warning(
-            "table %s: its labels are whole numbers held as text, read as names and numbered "
-            "in sorted order: label %r is class %d (classes.json names each); if they are "
-            "class indices, store them as integers; pass --label-names if they are names",
-            *(url, moved, classes.index(moved)),
-        )
-
-
 def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
     """``labels`` as class indices, or a ``ValueError`` naming the first that is not one."""
     for row, label in enumerate(labels):
@@ -302,8 +283,13 @@ def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
     if url.lower().endswith(".parquet"):
         table = _decoded(pq.read_table(pa.BufferReader(data)))
         column = table.schema.get_field_index(label_column)
-        if label_names and column >= 0 and _is_number(table.schema.field(column).type):
+        if column < 0:
+            return table
+        if label_names and _is_number(table.schema.field(column).type):
             return table.set_column(column, label_column, table[column].cast(pa.string()))
+        if not label_names and _indices_as_text(table[column]):
+            numbers = pa.compute.utf8_trim_whitespace(table[column]).cast(pa.float64())
+            return table.set_column(column, label_column, numbers)
         return table
     try:
         table = pyarrow.csv.read_csv(pa.BufferReader(data))
@@ -335,6 +321,20 @@ def _numbers_as_text(
         *(url, labels[padded].as_py(), padded + 1),
     )
     return table.set_column(column, label_column, labels)
+
+
+#: A class index written as text: a whole number without leading zeros (``7``, ``7.0``).
+_INDEX_TEXT = re.compile(r"\s*(0|[1-9][0-9]*)(\.0*)?\s*")
+
+
+def _indices_as_text(labels: pa.ChunkedArray) -> bool:
+    """Whether ``labels`` is text of class indices only (a Parquet string column of ``'0'``,
+    ``'2'``, ``'10'``): read as indices, as a CSV's are, not as names numbered in sorted order
+    ('10' before '2'). Zero-padded IDs (``001``) are names, as in a CSV."""
+    if not (pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type)):
+        return False
+    values = labels.drop_null().to_pylist()
+    return bool(values) and all(_INDEX_TEXT.fullmatch(value) for value in values)
 
 
 def _decoded(table: pa.Table) -> pa.Table:
