@@ -84,7 +84,7 @@ def list_folder(url: str) -> Listing:
     The classes are ``url``'s subfolders (links to folders too), numbered in sorted order as
     torchvision's ``ImageFolder`` numbers them; one with no image keeps its label, so two
     splits with the same folders agree (``Listing.empty`` names it). Hidden files and
-    folders, and files directly under ``url``, are ignored.
+    folders (``__MACOSX`` too), and files directly under ``url``, are ignored.
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
@@ -92,8 +92,7 @@ def list_folder(url: str) -> Listing:
     ignored: Counter[str] = Counter()
     for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
-        hidden = any(part.startswith(".") for part in parts)
-        if len(parts) < 2 or hidden or not path.lower().endswith(IMAGE_SUFFIXES):
+        if len(parts) < 2 or any(map(_hidden, parts)) or not path.lower().endswith(IMAGE_SUFFIXES):
             ignored[posixpath.splitext(path)[1].lower()] += 1
         else:
             by_class[parts[0]].append(storage_url(fs, path))
@@ -117,6 +116,12 @@ def _train_first(split: str) -> tuple[bool, str]:
     return (not split.lower().startswith("train"), split)
 
 
+def _hidden(name: str) -> bool:
+    """Whether a file or folder ``name`` is hidden: a dot file, or macOS's ``__MACOSX`` folder
+    of a zip (AppleDouble files: no images, and no class)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The names of ``root``'s visible subfolders (links to folders too)."""
     names = []
@@ -124,7 +129,7 @@ def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
         is_link = entry.get("islink", False) and fs.isdir(path)
-        if not name.startswith(".") and (entry["type"] == "directory" or is_link):
+        if not _hidden(name) and (entry["type"] == "directory" or is_link):
             names.append(name)
     return names
 
