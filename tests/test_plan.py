@@ -232,7 +232,7 @@ def test_plan_samples_a_shard_as_the_cache_reads_it(tmp_path, caplog):
         f"skipping a in {shard}: no_label: its files (.png) hold no label by --label-key (cls)",
         "skipping /abs/y in the shards pvu plan sampled: unsafe_name: its name is absolute, "
         "climbs out with '..' or is not UTF-8",  # kept unnumbered in the sample: shard unknown
-        f"skipping bad in {shard}: bad: undecodable: not a readable image",
+        f"skipping bad in {shard}: undecodable: not a readable image",
     ]
 
 

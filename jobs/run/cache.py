@@ -421,7 +421,7 @@ def summarize(
     table.add_row(
         "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"
     )
-    table.add_row("rows written", f"{rows:,}")
+    table.add_row("rows computed (this run)", f"{rows:,}")  # before duplicates dropped
     table.add_row("rows in cache", f"{manifest.rows:,}")
     skipped: Counter[str] = Counter()
     stages: Counter[str] = Counter()

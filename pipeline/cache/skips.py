@@ -34,7 +34,12 @@ class BadSample(Exception):
     """Raised by a step that rejects one sample; carries the reason and the sample's key."""
 
     def __init__(self, reason: SkipReason, detail: str = "", key: str = "") -> None:
-        super().__init__(f"{key or '<sample>'}: {reason.value}{': ' + detail if detail else ''}")
         self.reason = reason
         self.detail = detail
         self.key = key
+        super().__init__(f"{key or '<sample>'}: {self.why}")
+
+    @property
+    def why(self) -> str:
+        """The reason, and its detail if any (``undecodable: not a readable image``)."""
+        return f"{self.reason.value}{': ' + self.detail if self.detail else ''}"

@@ -144,7 +144,8 @@ def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
     counts[bad.reason.value] += 1
     first = counts[bad.reason.value] == 1 and unit.epoch == 0
     log.log(
-        logging.WARNING if first else logging.DEBUG, "skipping %s in %s: %s", key, unit.source, bad
+        logging.WARNING if first else logging.DEBUG,
+        *("skipping %s in %s: %s", key, unit.source, bad.why),
     )
 
 
