@@ -253,12 +253,15 @@ def test_links_to_image_files_are_images(tmp_path):
     for image in valid:
         (root / image).parent.mkdir(parents=True, exist_ok=True)
         (root / image).symlink_to(elsewhere / image)
+    gone = f"{Path(next(iter(valid))).parent}/gone.png"
+    (root / gone).symlink_to(elsewhere / "gone.png")  # dangling: named as unreadable
     listing = list_dataset(str(root))
     assert sorted(Path(s.url).relative_to(root).as_posix() for s in listing.sources) == sorted(
-        valid
+        [*valid, gone]
     )
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0 and "FIFO" not in result.text, result.output
+    assert "gone.png" in result.text
 
 
 def test_table_labels_must_be_class_indices_or_names(tmp_path):

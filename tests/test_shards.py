@@ -98,15 +98,18 @@ def test_prefix_and_glob(local):
 
 def test_links_to_shards_are_shards(local, tmp_path):
     """A folder of symbolic links to shards (a subset picked with `ln -s`) matched "no shards"
-    as a directory, glob or prefix: a local listing types a link to a file ``other``."""
+    as a directory, glob or prefix: a local listing types a link to a file ``other``. A
+    dangling link is listed, so that its unit fails naming it, rather than left out unsaid."""
     links = tmp_path / "links"
     links.mkdir()
     for name in ("train-0000.tar", "train-0001.tar"):
         (links / name).symlink_to(f"{local}/{name}")
-    expected = [f"{links}/train-0000.tar", f"{links}/train-0001.tar"]
-    assert expand_shards(str(links)) == expected
-    assert expand_shards(f"{links}/*.tar") == expected
-    assert expand_shards(f"{links}/train-") == expected
+    (links / "train-0002.tar").symlink_to(tmp_path / "gone.tar")  # dangling: its unit fails
+    (links / "train-0003.tar").symlink_to(tmp_path, target_is_directory=True)  # no shard
+    expected = [f"{links}/train-000{i}.tar" for i in range(3)]
+    assert expand_shards(str(links), verify=False) == expected
+    assert expand_shards(f"{links}/*.tar", verify=False) == expected
+    assert expand_shards(f"{links}/train-", verify=False) == expected
 
 
 def test_a_folder_or_tar_whose_name_looks_like_a_glob_is_itself(tmp_path):

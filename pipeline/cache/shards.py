@@ -218,11 +218,11 @@ def _spelled_alike(url: str) -> str:
 def _tar_files(fs: fsspec.AbstractFileSystem, infos: Iterable[dict]) -> list[str]:
     """Sorted paths of the tar files among fsspec ``info`` dicts (folders and macOS's
     AppleDouble ``._<name>.tar`` files left out; a link to a file, which a local listing
-    types ``other``, kept)."""
+    types ``other``, kept, and a dangling one, so that its unit fails naming it)."""
     return sorted(
         info["name"].rstrip("/")
         for info in infos
-        if (info.get("type") == "file" or (info.get("islink") and fs.isfile(info["name"])))
+        if (info.get("type") == "file" or (info.get("islink") and not fs.isdir(info["name"])))
         and is_tar(info["name"])
         and not posixpath.basename(info["name"].rstrip("/")).startswith("._")
     )

@@ -149,7 +149,7 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                 links.append(path)
             elif info["type"] == "directory":
                 listed.add(real(path))
-            elif info["type"] == "other" and not (info.get("islink") and fs.isfile(path)):
+            elif info["type"] == "other" and not info.get("islink"):  # a link: to a file
                 special.append(path)  # a FIFO, socket or device: a read may never end
             else:
                 files.append(path)
