@@ -349,6 +349,31 @@ def test_killed_driver_then_rerun_gives_each_row_exactly_once(local_ray, tmp_pat
     assert read_manifest(str(output))["last_run"] == finished
 
 
+def test_a_driver_whose_ray_node_dies_stops_naming_it(tmp_path):
+    """The local Ray's raylet killed mid-run (the OOM killer takes it): the driver waited on
+    its actors forever, holding the output's lock, its progress bar still ticking."""
+    write_digit_shards(str(tmp_path / "shards"), shards=8, per_shard=64, size=32)
+    output = tmp_path / "cache"
+    command = [sys.executable, "-m", "jobs.cache", "--shards", str(tmp_path / "shards")]
+    # 320 units, ~30 s: Ray marks a node dead ~15 s after its raylet is gone
+    command += ["--output", str(output), "--epochs", "40", *SMALL_BACKBONE_FLAGS]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = ""
+    while "cache actor ready" not in said:  # the run is under way, its units to do
+        line = driver.stdout.readline()
+        assert line, f"the job ended before its node could be killed: {said}"
+        said += line
+    ours = psutil.Process(driver.pid).children(recursive=True)  # its own Ray
+    next(p for p in ours if p.name() == "raylet").kill()
+    try:
+        said += driver.communicate(timeout=120)[0]
+    finally:
+        driver.kill()  # a driver that hangs, as it did
+    assert driver.returncode == 2, said
+    assert "the Ray node this run's driver is on" in said and "died" in said, said
+    assert not (output / "_lock.json").exists()  # released: the same command runs at once
+
+
 def wait_for_no_cache_actor(seconds: float = 120) -> None:
     """Return once the local Ray (this module's) runs no cache actor: it reaps a dead job's."""
     raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)

@@ -4,7 +4,8 @@ Ray only moves units and their results; the per-sample work is ``pipeline.cache.
 actor or node dies is given to another actor; a unit that raises is retried, then reported failed,
 except for a permanent storage error (a missing object, a denied access), which fails it at once.
 A unit with no result by its deadline (a read that never returns, a hung device, a stopped
-process) has its actor killed and is tried again like one whose actor died.
+process) has its actor killed and is tried again like one whose actor died. The driver's own
+node dying (its raylet killed) stops the run: no actor could start or report again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from pipeline.retry import PERMANENT_ERRORS, BucketGone, OutputDenied, StorageFu
 log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+class RayNodeLost(ConnectionError):
+    """The Ray node the driver runs on died (its raylet killed, or out of memory): no actor
+    can start or report to it, so the run would wait forever."""
+
 
 #: Without ``--unit-timeout``: a unit is taken as hung after this many times the longest unit
 #: finished so far (or, for a larger shard, the slowest per byte), and no sooner than
@@ -206,6 +213,17 @@ class CacheWorker:
         self.fanout.close()
 
 
+def _check_alive(node_id: str) -> None:
+    """Raise :class:`RayNodeLost` if the driver's Ray node ``node_id`` is dead: its actors'
+    results and new actors' starts would never come (Ray marks it dead within ~15 s)."""
+    if not any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes()):
+        raise RayNodeLost(
+            f"the Ray node this run's driver is on ({node_id[:12]}) died: its raylet was "
+            "killed, or ran out of memory? No unit can run; run the same command again (the "
+            "units written are kept)"
+        )
+
+
 @dataclass
 class PoolReport:
     """How a pool run went: results per unit, units that failed for good, actors replaced."""
@@ -260,6 +278,7 @@ class ActorPool:
         report = PoolReport()
         pending = deque(units)
         attempts: dict[str, int] = {}
+        own_node = ray.get_runtime_context().get_node_id()
         for _ in range(min(self.size, len(pending))):
             self._start_actor()
         try:
@@ -271,6 +290,8 @@ class ActorPool:
                 if not self._running and not self._starting:
                     raise RuntimeError("no cache actor is alive and none is starting")
                 ready, _ = ray.wait([*self._running, *self._starting], num_returns=1, timeout=5)
+                if not ready:
+                    _check_alive(own_node)
                 for ref in ready:
                     if ref in self._starting:
                         self._on_started(ref, report)
