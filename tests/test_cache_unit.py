@@ -281,6 +281,11 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     # at the model's own size, a pooling the weights do not fit left no word of the kwargs
     with pytest.raises(ValueError, match=r"cannot be multiplied .*; check --model-kwargs"):
         describe_backbone("resnet18", "random", model_kwargs={"global_pool": ""})
+    # kwargs whose forward_features gives no features forward_head takes: a traceback
+    kwargs = {"return_interm_layers": True, "img_size": 64}  # CoaT's: a dict of stages
+    with pytest.raises(ValueError, match=r"not iterable; check --model-kwargs") as raised:
+        describe_backbone("coat_lite_tiny", "random", input_size=(3, 64, 64), model_kwargs=kwargs)
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize(

@@ -330,7 +330,16 @@ def _probe(
     try:
         with torch.inference_mode():
             embedding, logits = model_head(model, model.forward_features(images))
-    except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+    # TypeError, AttributeError: features of another type than forward_head takes (a tuple,
+    # inception_v3's aux_logits; a dict, or None, CoaT's return_interm_layers)
+    except (
+        RuntimeError,
+        ValueError,
+        AssertionError,
+        IndexError,
+        TypeError,
+        AttributeError,
+    ) as error:
         own = tuple(native)
         hints = []
         if tuple(input_size) != own:
