@@ -276,11 +276,17 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
     # timm's bare assert gave the reason "" ("(3, 40, 40): ; it may take only ...")
-    with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it may take"):
+    with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it takes only"):
         describe_backbone("halonet26t", "random", input_size=(3, 40, 40))
     # at the model's own size, a pooling the weights do not fit left no word of the kwargs
     with pytest.raises(ValueError, match=r"cannot be multiplied .*; check --model-kwargs"):
         describe_backbone("resnet18", "random", model_kwargs={"global_pool": ""})
+    # at another size too, and it said to leave --input-size out, which failed the same way
+    with pytest.raises(ValueError, match=r"cannot be multiplied") as raised:
+        describe_backbone(
+            "resnet18", "random", input_size=(3, 32, 32), model_kwargs={"global_pool": ""}
+        )
+    assert "--input-size" not in str(raised.value)
     # kwargs whose forward_features gives no features forward_head takes: a traceback
     kwargs = {"return_interm_layers": True, "img_size": 64}  # CoaT's: a dict of stages
     with pytest.raises(ValueError, match=r"not iterable; check --model-kwargs") as raised:

@@ -315,6 +315,29 @@ def model_head(
     return model.forward_head(features, pre_logits=True), model.forward_head(features)
 
 
+#: What a timm model's forward raises on inputs or arguments it cannot take (TypeError and
+#: AttributeError: features forward_head cannot take, as inception_v3's aux_logits tuple).
+_FORWARD_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError, TypeError, AttributeError)
+
+
+def _forward(
+    model: torch.nn.Module, input_size: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, logits) of ``model`` for two seeded random images of ``input_size``."""
+    images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return model_head(model, model.forward_features(images))
+
+
+def _runs_at(model: torch.nn.Module, input_size: tuple[int, ...]) -> bool:
+    """Whether ``model`` runs on inputs of ``input_size``."""
+    try:
+        _forward(model, input_size)
+    except _FORWARD_ERRORS:
+        return False
+    return True
+
+
 def _probe(
     model: torch.nn.Module,
     name: str,
@@ -326,24 +349,13 @@ def _probe(
     Warn when both get the same logits: a classifier initialised to zero (random weights)
     gives every image one loss. ``native`` is the model's own input size; ``model_kwargs``
     the timm arguments it was built with."""
-    images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     try:
-        with torch.inference_mode():
-            embedding, logits = model_head(model, model.forward_features(images))
-    # TypeError, AttributeError: features of another type than forward_head takes (a tuple,
-    # inception_v3's aux_logits; a dict, or None, CoaT's return_interm_layers)
-    except (
-        RuntimeError,
-        ValueError,
-        AssertionError,
-        IndexError,
-        TypeError,
-        AttributeError,
-    ) as error:
+        embedding, logits = _forward(model, input_size)
+    except _FORWARD_ERRORS as error:
         own = tuple(native)
         hints = []
-        if tuple(input_size) != own:
-            hints.append(f"it may take only its own input size, {own}: leave --input-size out")
+        if tuple(input_size) != own and _runs_at(model, own):
+            hints.append(f"it takes only its own input size, {own}: leave --input-size out")
         if model_kwargs:
             hints.append(f"check --model-kwargs {json.dumps(model_kwargs)}")
         hint = "".join(f"; {h}" for h in hints)
