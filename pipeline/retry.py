@@ -277,7 +277,8 @@ def is_damaged_page(error: BaseException) -> bool:
 def _reraise(error: BaseException, context: str) -> NoReturn:
     """Raise the error again as an ``OSError`` with ``context`` prefixed, chained to it.
 
-    :class:`StorageFull` for a full disk or quota; the same type where it is another
+    :class:`StorageFull` for a full disk or quota; ``PermissionError`` for a read-only file
+    system (EROFS), a denied write like any other; the same type where it is another
     ``OSError`` whose constructor takes a message; else ``TimeoutError``, ``ConnectionError``
     or ``OSError``, so that callers catch every storage error as ``OSError`` (aiohttp's and
     botocore's are not).
@@ -291,6 +292,8 @@ def _reraise(error: BaseException, context: str) -> NoReturn:
     wrapped: BaseException | None = None
     if isinstance(error, OSError) and error.errno in _FULL:
         wrapped = StorageFull(message)
+    elif isinstance(error, OSError) and error.errno == errno.EROFS:
+        wrapped = PermissionError(message)  # a read-only mount denies every write alike
     elif isinstance(error, OSError):
         try:
             wrapped = type(error)(message)

@@ -121,6 +121,26 @@ def test_a_full_disk_is_storage_full_at_once_with_the_url(tmp_path):
     assert fn.calls == 1
 
 
+def test_a_read_only_output_is_a_denied_commit_that_stops_the_run(tmp_path, monkeypatch):
+    """EROFS (a mount remounted read-only mid-run) is a denied write: its commit raises
+    ``OutputDenied``, which stops the run, not an error each unit tries ``--max-attempts``
+    times after computing it in full."""
+    import errno
+
+    import pyarrow as pa
+
+    from pipeline.cache.writer import commit_unit
+    from pipeline.retry import OutputDenied
+
+    def read_only(self, path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", read_only)
+    schema = pa.schema([("key", pa.string())])
+    with pytest.raises(OutputDenied, match=r"commit .*epoch=0000/s\.parquet failed: .*Read-only"):
+        commit_unit([], schema, root=str(tmp_path), relpath="epoch=0000/s.parquet", stats={})
+
+
 def test_a_write_refused_leaves_the_file_there(tmp_path):
     """A failed write removed the target, even a file it was not let to touch (a read-only
     report in a shared folder). Root may write anything: it drops that power for the write."""
