@@ -595,3 +595,19 @@ def test_shards_bad_as_a_whole_are_counted_by_kind(tmp_path):
         samples, got = _read(str(tmp_path / name))
         assert dict(got) == expected[name], name
         assert [sample.key for sample in samples] == survivors[name], name
+
+
+def test_a_shard_cut_short_after_it_was_listed_is_no_unit_of_fewer_samples(digits, tmp_path):
+    """A shard rewritten shorter while the run reads it (a copy over it in progress) is an
+    error, not a ``truncated_tar`` unit recorded with the size listed before: once the copy
+    completed, that size would match again and the lost samples never be read."""
+    from pipeline.cache.samples import ShardChanged
+
+    listed = os.path.getsize(digits)
+    cut = _cut(digits, str(tmp_path / "cut.tar"), listed // 3)
+    with pytest.raises(ShardChanged, match=r"cut\.tar: ended at byte .* where [\d,]+ were listed"):
+        list(iter_samples(cut, counts=collections.Counter(), source_bytes=listed))
+    # A shard damaged at the size it was listed at is still a truncated tar.
+    counts: collections.Counter[str] = collections.Counter()
+    list(iter_samples(cut, counts=counts, source_bytes=os.path.getsize(cut)))
+    assert counts == {"truncated_tar": 1}

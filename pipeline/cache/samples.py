@@ -74,6 +74,7 @@ def iter_samples(
     attempts: int = 5,
     base_delay: float = 0.5,
     block_size: int | None = None,
+    source_bytes: int | None = None,
 ) -> Iterator[RawSample]:
     """Yield the valid samples of the tar shard at ``url``, in shard order.
 
@@ -91,6 +92,10 @@ def iter_samples(
     retried ``attempts`` times with exponential backoff from ``base_delay`` seconds; a
     permanent one raises with the URL.
     ``block_size`` is the filesystem's read-ahead (its own default when None; 50 MiB on S3).
+    ``source_bytes``: the shard's size when the run listed it. A tar that ends in damage while
+    the shard now has another size was rewritten as it was read (a copy over it, a rebuild):
+    :class:`ShardChanged` is raised rather than its samples after the damage lost under a unit
+    that records the listed size.
     """
     image_keys = _normalise_keys(image_keys, "image_keys")
     label_member, _, label_field = label_key.partition(":")
@@ -145,6 +150,16 @@ def iter_samples(
     elif not sampled and not damage:
         logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
+        if source_bytes is not None:
+            size = retry(
+                lambda: stream.size(), attempts=attempts, base_delay=base_delay, what=f"size {url}"
+            )
+            if size != source_bytes:
+                raise ShardChanged(
+                    f"{url}: ended at byte {stream.position:,} ({damage[0]}), and it now holds "
+                    f"{size:,} bytes where {source_bytes:,} were listed: it was rewritten while "
+                    "read; run the same command again once it is complete"
+                )
         counts[SkipReason.TRUNCATED_TAR.value] += 1
         logger.warning(
             "%s: truncated or corrupt tar (%s); kept the %d samples before the damage",
@@ -522,6 +537,10 @@ def _has_data(chunk: bytes) -> bool:
     return chunk.count(0) != len(chunk)
 
 
+class ShardChanged(OSError):
+    """A shard changed size while a unit read it: the unit is not committed from it."""
+
+
 class _StorageStream:
     """A forward-reading byte stream of one object that survives transient storage errors.
 
@@ -561,6 +580,11 @@ class _StorageStream:
         )
         self._pos += len(data)
         return data
+
+    def size(self) -> int:
+        """The object's size now."""
+        self._fs.invalidate_cache(self._path)
+        return int(self._fs.size(self._path))
 
     @property
     def position(self) -> int:

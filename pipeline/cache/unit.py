@@ -334,6 +334,7 @@ class Fanout:
             ambiguity_key=self.settings.ambiguity_key,
             counts=shared,
             name_skips=unit.epoch == 0,
+            source_bytes=unit.source_bytes,
         )
         for sample in samples:
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
