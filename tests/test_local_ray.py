@@ -5,11 +5,14 @@ where Ray's own handler dumped a stack trace and aborted."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,40 @@ def test_the_local_ray_listens_on_loopback_only_and_a_sigterm_ends_the_job_clean
     assert found["worker"] == "127.0.0.1", found
     assert found["listening"], "no Ray server found listening"
     assert all(map(is_loopback, found["listening"])), found
+
+
+@pytest.mark.faults
+def test_a_full_temp_folder_is_named_when_ray_cannot_start(tmp_path) -> None:
+    """Ray keeps its session files under TMPDIR: a full one (a cluster node's small /tmp) ended
+    `pvu cache` with a 120-line traceback, 'Timed out waiting for file .../gcs_server_port'."""
+    from pipeline.demo.data import write_digit_shards
+
+    full = Path(tempfile.mkdtemp(prefix="pvu-")) / "t"  # short: Ray's socket paths are long
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)]).returncode:
+        pytest.skip("no tmpfs can be mounted here (not root)")
+    with contextlib.suppress(OSError):  # full
+        (full / "filler").write_bytes(b"\0" * 1024 * 1024)
+    try:
+        shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+        command = [sys.executable, "-m", "jobs.cache", "--shards", shards[0], "--output"]
+        command += [str(tmp_path / "cache"), "--backbone", "resnet10t", "--weights", "random"]
+        unset = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_TMPDIR")
+        env = {name: value for name, value in os.environ.items() if name not in unset}
+        run = subprocess.run(
+            command,
+            cwd=REPO,
+            env=env | {"PYTHONPATH": str(REPO), "TMPDIR": str(full)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+        shutil.rmtree(full.parent)
+    said = " ".join(run.stdout.split() + run.stderr.split())
+    assert run.returncode == 2, said
+    assert (
+        "could not start a local Ray" in said and f"under {full}/ray, where 0 MiB are free" in said
+    )
+    assert "Traceback" not in said

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from typing import Any
 
 import ray
 import torch
+from ray._common.utils import get_default_ray_temp_dir
 from ray._private import ray_constants
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
@@ -66,7 +68,18 @@ def start_local_ray(**init_options: Any) -> None:
     ``init_options`` go to ``ray.init`` (``num_cpus``, ``log_to_driver``, ...).
     """
     keep_ray_on_loopback()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_options)
+    try:
+        ray.init(
+            address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_options
+        )
+    except RuntimeError as error:  # "Timed out waiting for file .../gcs_server_port_...", say
+        folder = get_default_ray_temp_dir()  # RAY_TMPDIR, TMPDIR or /tmp, then ray/
+        free = shutil.disk_usage(os.path.dirname(folder)).free / 2**20
+        raise OSError(
+            f"could not start a local Ray ({error}): it keeps its session files under "
+            f"{folder}, where {free:,.0f} MiB are free; free space there, or set TMPDIR to a "
+            "folder with room"
+        ) from None
 
 
 def pick_device(gpu_ids: list, cuda_available: bool) -> torch.device:
