@@ -106,6 +106,8 @@ def test_links_to_shards_are_shards(local, tmp_path):
         (links / name).symlink_to(f"{local}/{name}")
     (links / "train-0002.tar").symlink_to(tmp_path / "gone.tar")  # dangling: its unit fails
     (links / "train-0003.tar").symlink_to(tmp_path, target_is_directory=True)  # no shard
+    os.mkfifo(tmp_path / "pipe")
+    (links / "train-0004.tar").symlink_to(tmp_path / "pipe")  # no shard: a read never ends
     expected = [f"{links}/train-000{i}.tar" for i in range(3)]
     assert expand_shards(str(links), verify=False) == expected
     assert expand_shards(f"{links}/*.tar", verify=False) == expected

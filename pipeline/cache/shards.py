@@ -215,14 +215,27 @@ def _spelled_alike(url: str) -> str:
     return url if "://" in url else posixpath.normpath(url)
 
 
+def is_file_entry(fs: fsspec.AbstractFileSystem, info: dict) -> bool:
+    """Whether the fsspec listing entry ``info`` is a file to read: a file, a link to one (a
+    local listing types every link ``other``) or a dangling link, whose read fails naming it;
+    not a folder, nor a FIFO, socket or device (a read may never end), nor a link to one."""
+    if info.get("type") == "file":
+        return True
+    if not info.get("islink"):
+        return False
+    try:
+        return fs.info(info["name"])["type"] == "file"  # the link's target
+    except FileNotFoundError:
+        return True
+
+
 def _tar_files(fs: fsspec.AbstractFileSystem, infos: Iterable[dict]) -> list[str]:
     """Sorted paths of the tar files among fsspec ``info`` dicts (folders and macOS's
-    AppleDouble ``._<name>.tar`` files left out; a link to a file, which a local listing
-    types ``other``, kept, and a dangling one, so that its unit fails naming it)."""
+    AppleDouble ``._<name>.tar`` files left out; see :func:`is_file_entry` for links)."""
     return sorted(
         info["name"].rstrip("/")
         for info in infos
-        if (info.get("type") == "file" or (info.get("islink") and not fs.isdir(info["name"])))
+        if is_file_entry(fs, info)
         and is_tar(info["name"])
         and not posixpath.basename(info["name"].rstrip("/")).startswith("._")
     )

@@ -20,7 +20,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.shards import storage_url
+from pipeline.cache.shards import is_file_entry, storage_url
 from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                 links.append(path)
             elif info["type"] == "directory":
                 listed.add(real(path))
-            elif info["type"] == "other" and not info.get("islink"):  # a link: to a file
-                special.append(path)  # a FIFO, socket or device: a read may never end
-            else:
+            elif is_file_entry(fs, info):
                 files.append(path)
+            else:  # a FIFO, socket or device (or a link to one): a read may never end
+                special.append(path)
         listed.add(real(top))
     if special:
         log.warning(
