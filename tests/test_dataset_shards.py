@@ -300,7 +300,7 @@ def test_zero_padded_csv_labels_are_names_not_class_indices(tmp_path, caplog):
     assert list_dataset(str(tmp_path / "t.parquet")).classes == ["0", "1", "2"]
 
 
-def test_parquet_text_labels_that_are_whole_numbers_are_class_indices(tmp_path):
+def test_parquet_text_labels_that_are_whole_numbers_are_class_indices(tmp_path, caplog):
     """A Parquet string column of class indices ('0', '2', '10') was numbered in sorted order
     without a word ('10' became class 1, '2' class 2): every loss against a classifier of
     those indices was against another class. They are indices, as a CSV's are."""
@@ -312,8 +312,10 @@ def test_parquet_text_labels_that_are_whole_numbers_are_class_indices(tmp_path):
     assert listing.classes == [str(i) for i in range(11)]
     named = list_dataset(str(path), label_names=True)
     assert named.classes == ["0", "10", "2", "2.0"]
-    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": ["001", "010"]}), path)
-    assert list_dataset(str(path)).classes == ["001", "010"]  # zero-padded IDs: names
+    labels = ["0", "2", "10", "001"]  # zero-padded IDs: names, said as a CSV's are
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png", "d.png"], "label": labels}), path)
+    assert list_dataset(str(path)).classes == ["0", "001", "10", "2"]
+    assert "zero-padded numbers ('001' in row 4), read as names" in caplog.text
 
 
 def test_whole_number_labels_but_for_a_word_are_refused(tmp_path):

@@ -292,9 +292,8 @@ def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
             return table
         if label_names and _is_number(table.schema.field(column).type):
             return table.set_column(column, label_column, table[column].cast(pa.string()))
-        if not label_names and _indices_as_text(table[column]):
-            numbers = pa.compute.utf8_trim_whitespace(table[column]).cast(pa.float64())
-            return table.set_column(column, label_column, numbers)
+        if not label_names and _is_text(table.schema.field(column).type):
+            return _indices_of_text(url, table, column)
         return table
     try:
         table = pyarrow.csv.read_csv(pa.BufferReader(data))
@@ -315,31 +314,35 @@ def _numbers_as_text(
         column_types={label_column: pa.string()}, include_columns=[label_column]
     )
     labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
-    if always:
+    if always or _warn_of_padding(url, labels):
         return table.set_column(column, label_column, labels)
+    return table
+
+
+def _warn_of_padding(url: str, labels: pa.ChunkedArray) -> bool:
+    """Whether a label of ``labels`` (whole numbers as text) is zero-padded (``001``): then
+    they are IDs, read as names, which a warning says."""
     padded = pa.compute.index(pa.compute.match_substring_regex(labels, r"^\s*0\d"), True).as_py()
     if padded < 0:
-        return table
+        return False
     log.warning(
         "table %s: its labels are zero-padded numbers (%r in row %d), read as names, numbered "
         "in sorted order in classes.json; if they are class indices, write them without zeros",
         *(url, labels[padded].as_py(), padded + 1),
     )
-    return table.set_column(column, label_column, labels)
+    return True
 
 
-#: A class index written as text: a whole number without leading zeros (``7``, ``7.0``).
-_INDEX_TEXT = re.compile(r"\s*(0|[1-9][0-9]*)(\.0*)?\s*")
-
-
-def _indices_as_text(labels: pa.ChunkedArray) -> bool:
-    """Whether ``labels`` is text of class indices only (a Parquet string column of ``'0'``,
-    ``'2'``, ``'10'``): read as indices, as a CSV's are, not as names numbered in sorted order
-    ('10' before '2'). Zero-padded IDs (``001``) are names, as in a CSV."""
-    if not (pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type)):
-        return False
-    values = labels.drop_null().to_pylist()
-    return bool(values) and all(_INDEX_TEXT.fullmatch(value) for value in values)
+def _indices_of_text(url: str, table: pa.Table, column: int) -> pa.Table:
+    """``table`` with its text label ``column`` as numbers if every label is a whole number (a
+    Parquet string column of ``'0'``, ``'2'``, ``'10'``): class indices, as a CSV's are, not
+    names numbered in sorted order ('10' before '2'); zero-padded ones are names, with the
+    CSV's warning."""
+    labels = pa.compute.utf8_trim_whitespace(table[column])
+    whole = pa.compute.match_substring_regex(labels, f"^{_WHOLE_NUMBER.pattern}$")
+    if not pa.compute.all(whole).as_py() or _warn_of_padding(url, labels):
+        return table
+    return table.set_column(column, table.field(column).name, labels.cast(pa.float64()))
 
 
 def _decoded(table: pa.Table) -> pa.Table:
@@ -353,6 +356,10 @@ def _decoded(table: pa.Table) -> pa.Table:
 
 def _is_number(data_type: pa.DataType) -> bool:
     return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
 
 
 def _folder(url: str) -> str:
