@@ -20,7 +20,6 @@ training batches, in any epoch.
 from __future__ import annotations
 
 import queue
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -96,10 +95,10 @@ class Batch:
 
 @dataclass
 class StreamStats:
-    """What the reader saw: rows delivered, rows dropped as non-finite (by file), passes."""
+    """What the reader saw: rows delivered, passes begun (rows dropped as non-finite are
+    counted in :attr:`StreamState.nonfinite`, which a checkpoint keeps)."""
 
     rows: int = 0
-    nonfinite: Counter[str] = field(default_factory=Counter)
     passes_started: int = 0
 
 
@@ -114,7 +113,7 @@ class _Window:
     rows: np.ndarray
     loss: torch.Tensor
     extras: dict[str, np.ndarray]
-    nonfinite: Counter[str]
+    nonfinite: int  # rows dropped from the group that joins the window (each group once a pass)
     retired: list[int]
 
     def __len__(self) -> int:
@@ -126,7 +125,6 @@ class _Decoded:
     """A row group decoded into pool slot ``slot``."""
 
     slot: int
-    url: str
     rows: GroupRows
 
 
@@ -262,9 +260,8 @@ class CacheStream:
             if (item.pass_index, item.window) != (self._state.pass_index, self._state.window):
                 raise RuntimeError("stream out of step with its background reader")
             self._window = item
-            self.stats.nonfinite.update(item.nonfinite)
             if not self._counted:
-                tally = self._state.nonfinite + sum(item.nonfinite.values())
+                tally = self._state.nonfinite + item.nonfinite
                 self._state = replace(self._state, nonfinite=tally)
             self._counted = False
             if item.window == 0:
@@ -345,7 +342,7 @@ class CacheStream:
         if packed is None:
             self._held_out[group] = np.packbits(decoded.held_out)
         self._pool.loss[rows][: len(decoded.loss)] = decoded.loss
-        return _Decoded(slot, self.index.files[ref.file].url, decoded)
+        return _Decoded(slot, decoded)
 
     def _dealt(self, group: _Decoded, pass_index: int, position: int) -> _Held:
         """``group`` with its training rows in the order it deals them at ``position`` of
@@ -378,9 +375,6 @@ class CacheStream:
             ]
             extras[name] = np.concatenate(values)[permutation]
         newcomer = held[positions[0]].group  # counted once per pass: at its slice 0
-        nonfinite: Counter[str] = Counter()
-        if newcomer.rows.nonfinite:
-            nonfinite[newcomer.url] = newcomer.rows.nonfinite
         return _Window(
             pass_index,
             w,
@@ -388,7 +382,7 @@ class CacheStream:
             rows,
             torch.from_numpy(self._pool.loss[rows]),
             extras,
-            nonfinite,
+            newcomer.rows.nonfinite,
             retired=[],
         )
 
