@@ -228,3 +228,33 @@ def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path
     (tmp_path / "classes.json").write_text('{"cat": 0}')  # another tool's: nothing to compare
     warn_of_label_order(CacheJobConfig(**base), shards)
     assert not caplog.text
+
+
+def test_cache_warns_of_a_remap_made_for_another_head(tmp_path, caplog):
+    """A remap made with --head imagenet-22k (21,841 classes) for a 21,843-class in21k
+    classifier fits its class count, so it was taken without a word: 12,636 of its labels are
+    then one or two classes off, and every loss of theirs is against another class."""
+    from jobs.run.cache import CacheJobConfig, warn_of_label_order
+
+    fall11 = ImageNetInfo("imagenet-22k").label_names()
+    classes = [GOOG[9212], GOOG[0]]  # past and before the classes fall11 lacks
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    shards = [str(tmp_path / "shard-000000.tar")]
+    base = {"shards": str(tmp_path), "backbone": "vit_base_patch16_224.augreg_in21k"}
+    wrong, right = tmp_path / "22k.json", tmp_path / "goog.json"
+    wrong.write_text(json.dumps([fall11.index(name) for name in classes]))
+    right.write_text(json.dumps([GOOG.index(name) for name in classes]))
+    warn_of_label_order(
+        CacheJobConfig(**base, output=str(tmp_path), label_remap=str(wrong)), shards
+    )
+    expected = f"1 label(s), e.g. label 0 ('{GOOG[9212]}') to class 9211, which is '{GOOG[9211]}'"
+    assert expected in caplog.text and "made for another head" in caplog.text
+    caplog.clear()
+    warn_of_label_order(
+        CacheJobConfig(**base, output=str(tmp_path), label_remap=str(right)), shards
+    )
+    (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))  # the user's own mapping
+    warn_of_label_order(
+        CacheJobConfig(**base, output=str(tmp_path), label_remap=str(wrong)), shards
+    )
+    assert not caplog.text

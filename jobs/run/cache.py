@@ -73,7 +73,7 @@ from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
 from pipeline.dataset.convert import CLASSES_NAME
-from pipeline.dataset.remap import order_mismatch, read_names
+from pipeline.dataset.remap import order_mismatch, read_names, remap_mismatch
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -541,17 +541,33 @@ def check_label_remap(config: CacheJobConfig, num_classes: int) -> None:
 def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
     """Warn when the shards' ``classes.json`` names their labels in another order than the hub
     classifier's classes, with no ``--label-remap``: every loss would be against another
-    class (``pvu shards`` numbers a folder's classes by name)."""
-    if config.resolved_label_space != "classifier" or config.label_remap or config.weights != "hub":
+    class (``pvu shards`` numbers a folder's classes by name); with one, when it maps a label
+    to a class of another name (a remap made for another head)."""
+    if config.resolved_label_space != "classifier" or config.weights != "hub":
         return
     classes = f"{shards[0].rsplit('/', 1)[0]}/{CLASSES_NAME}"
     fs, path = fsspec.core.url_to_fs(classes)
     if not fs.isfile(path):
         return
     try:
-        problem = order_mismatch(read_names(classes), config.backbone)
+        names = read_names(classes)
+        if config.label_remap:
+            table = read_label_remap(config.label_remap).tolist()
+            mismatch = remap_mismatch(names, table, config.backbone)
+        else:
+            problem = order_mismatch(names, config.backbone)
     except (OSError, ValueError) as error:  # not pvu's classes.json: nothing to compare
         log.debug("%s not compared with the classifier's classes: %s", classes, error)
+        return
+    if config.label_remap:
+        if mismatch is not None:
+            log.warning(
+                "--label-remap %s maps the labels of %s to classes of %s's classifier of "
+                "other names (%s): was it made for another head? The losses would be against "
+                "other classes. Make it with `pvu label-remap --classes %s --head %s`",
+                *(config.label_remap, classes, config.backbone, mismatch, classes),
+                config.backbone,
+            )
         return
     if problem is None:
         return

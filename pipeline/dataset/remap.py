@@ -114,6 +114,30 @@ def order_mismatch(classes: list[str], head: str) -> tuple[str, bool] | None:
     return None
 
 
+def remap_mismatch(classes: list[str], table: list[int], head: str) -> str | None:
+    """Where remap ``table`` sends a label named by one of ``head``'s classes (label ``i`` is
+    ``classes[i]``) to a class of ``head`` of another name, as a remap made for another head
+    does (``--head imagenet-22k`` for a 21,843-class ``imagenet-21k-goog`` classifier: most
+    indices off by one or two); None when it sends none so, or ``head`` has no synset list."""
+    try:
+        _, names = head_names(head)
+    except ValueError:
+        return None
+    known = set(names)
+    wrong = [
+        (label, name, index)
+        for label, (name, index) in enumerate(zip(classes, table, strict=False))
+        if name in known and 0 <= index < len(names) and names[index] != name
+    ]
+    if not wrong:
+        return None
+    label, name, index = wrong[0]
+    return (
+        f"{len(wrong):,} label(s), e.g. label {label} ({name!r}) to class {index}, which is "
+        f"{names[index]!r}"
+    )
+
+
 def write_remap(remap: Remap, url: str) -> None:
     """Write ``remap`` as JSON (a ``.json`` URL) or text, one head index per line."""
     if url.endswith(".json"):
