@@ -258,3 +258,17 @@ def test_cache_warns_of_a_remap_made_for_another_head(tmp_path, caplog):
         CacheJobConfig(**base, output=str(tmp_path), label_remap=str(wrong)), shards
     )
     assert not caplog.text
+
+
+def test_a_sample_the_remap_leaves_out_is_named_by_the_remap(tmp_path, caplog):
+    """It read 'label 9 is not a class of the 1000-way head': the head has a class 9, but the
+    remap maps label 9 to none."""
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=16, size=32)
+    (tmp_path / "remap.json").write_text(json.dumps([0, 1, 2, 3, -1, 5, 6, 7, 8]))
+    runner = make_runner(str(tmp_path / "cache"), label_remap=str(tmp_path / "remap.json"))
+    unit = runner.run(Unit(str(tmp_path / "shards" / "digits-0000.tar"), "digits-0000", 0))
+    assert unit.skipped == {"label_outside_head": 3}
+    assert "is not a class of the 1000-way head" not in caplog.text
+    assert "label 9 maps to no class of the head by --label-remap (it maps labels 0 to 8)" in (
+        caplog.text
+    )

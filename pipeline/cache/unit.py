@@ -198,6 +198,17 @@ class UnitRunner:
             return label
         if self.remap is not None:
             label = int(self.remap[label]) if 0 <= label < len(self.remap) else -1
+            if label < 0:  # the shard label may well be below the head's class count
+                raise BadSample(
+                    SkipReason.LABEL_OUTSIDE_HEAD,
+                    f"label {sample.label} maps to no class of the head by --label-remap "
+                    + (
+                        "(-1 there)"
+                        if sample.label < len(self.remap)
+                        else f"(it maps labels 0 to {len(self.remap) - 1})"
+                    ),
+                    sample.key,
+                )
         if not 0 <= label < self.backbone.num_classes:
             raise BadSample(
                 SkipReason.LABEL_OUTSIDE_HEAD,
