@@ -694,3 +694,19 @@ def test_also_caches_a_second_backbone_from_the_same_pass(local_ray, tmp_path):
     assert manifests[0]["provenance"] == manifests[1]["provenance"]
     assert manifests[0]["units"].keys() == manifests[1]["units"].keys()
     assert read_cache(str(tmp_path / "both-10t")).num_rows == 12
+
+
+def test_a_run_whose_every_label_is_outside_the_head_blames_the_labels_not_the_members(
+    local_ray, tmp_path
+):
+    """Every sample skipped as label_outside_head (a remap of another dataset's classes) ended
+    advising --image-key / --label-key, for shards whose images and labels were read."""
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    (tmp_path / "remap.json").write_text("[-1]")
+    args = ["cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
+    remap = ["--label-remap", str(tmp_path / "remap.json")]
+    result = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS, *remap])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "label_outside_head=4" in text and "the cache has no rows" in text
+    assert "--image-key" not in text and "check --label-remap" in text

@@ -68,7 +68,7 @@ from pipeline.cache.shards import (
     listed_sizes,
     shard_names,
 )
-from pipeline.cache.skips import SHARD_DAMAGE
+from pipeline.cache.skips import SHARD_DAMAGE, SkipReason
 from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
@@ -701,9 +701,17 @@ def _finish(
         rows = target.manifest.rows
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
     if not report.failed and not targets[0].manifest.rows:
+        skipped = {reason for result in report.results for reason in result.skipped}
+        advice = member_advice(config)
+        if skipped == {SkipReason.LABEL_OUTSIDE_HEAD.value}:  # the members were read
+            advice = (
+                "no sample's label is a class of the classifier (label_outside_head): check "
+                "--label-remap (pvu label-remap), or keep the dataset's own labels with "
+                "--label-space dataset,"
+            )
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
-            f"{member_advice(config)} and run again (a cache without rows is computed afresh)"
+            f"{advice} and run again (a cache without rows is computed afresh)"
         )
 
 
