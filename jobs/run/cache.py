@@ -551,26 +551,35 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
         return
     try:
         names = read_names(classes)
-        if config.label_remap:
-            table = read_label_remap(config.label_remap).tolist()
-            mismatch = remap_mismatch(names, table, config.backbone)
-        else:
-            problem = order_mismatch(names, config.backbone)
+        warning = (_remap_warning if config.label_remap else _order_warning)(config, classes, names)
     except (OSError, ValueError) as error:  # not pvu's classes.json: nothing to compare
         log.debug("%s not compared with the classifier's classes: %s", classes, error)
         return
-    if config.label_remap:
-        if mismatch is not None:
-            log.warning(
-                "--label-remap %s maps the labels of %s to classes of %s's classifier of "
-                "other names (%s): was it made for another head? The losses would be against "
-                "other classes. Make it with `pvu label-remap --classes %s --head %s`",
-                *(config.label_remap, classes, config.backbone, mismatch, classes),
-                config.backbone,
-            )
-        return
+    if warning:
+        log.warning("%s", warning)
+
+
+def _remap_warning(config: CacheJobConfig, classes: str, names: list[str]) -> str | None:
+    """What is wrong with ``--label-remap`` for the label ``names`` of ``classes``: a label
+    it sends to a class of another name (a remap made for another head); None if nothing."""
+    table = read_label_remap(config.label_remap).tolist()
+    mismatch = remap_mismatch(names, table, config.backbone)
+    if mismatch is None:
+        return None
+    return (
+        f"--label-remap {config.label_remap} maps the labels of {classes} to classes of "
+        f"{config.backbone}'s classifier of other names ({mismatch}): was it made for another "
+        "head? The losses would be against other classes. Make it with `pvu label-remap "
+        f"--classes {classes} --head {config.backbone}`"
+    )
+
+
+def _order_warning(config: CacheJobConfig, classes: str, names: list[str]) -> str | None:
+    """What is wrong with the label ``names`` of ``classes``, with no remap: another order
+    than the classifier's classes; None if nothing."""
+    problem = order_mismatch(names, config.backbone)
     if problem is None:
-        return
+        return None
     where, shared = problem
     fix = (
         f"Map them with `pvu label-remap --classes {classes} --head {config.backbone}` and "
@@ -579,11 +588,10 @@ def warn_of_label_order(config: CacheJobConfig, shards: list[str]) -> None:
         else "None of its names is one of the classifier's classes (synsets such as "
         "n01440764): give weights trained on these classes (--weights FILE)"
     )
-    log.warning(
-        "%s does not list the classes of %s's classifier in its order (%s): the losses would "
-        "be against other classes. %s, or cache with --label-space dataset (an evaluation "
-        "cache of the dataset's own labels)",
-        *(classes, config.backbone, where, fix),
+    return (
+        f"{classes} does not list the classes of {config.backbone}'s classifier in its order "
+        f"({where}): the losses would be against other classes. {fix}, or cache with "
+        "--label-space dataset (an evaluation cache of the dataset's own labels)"
     )
 
 
