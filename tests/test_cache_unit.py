@@ -378,7 +378,7 @@ def test_state_digest_tells_weights_apart():
 
 
 def test_label_remap_files_json_or_one_index_per_line(tmp_path):
-    from pipeline.cache.backbone import read_label_remap
+    from pipeline.dataset.remap import read_label_remap
 
     (tmp_path / "remap.txt").write_text("# shard label i -> head index on line i\n7\n\n3 # cat\n")
     assert read_label_remap(str(tmp_path / "remap.txt")).tolist() == [7, 3]

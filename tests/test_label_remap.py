@@ -12,9 +12,8 @@ from PIL import Image
 from support import make_runner, pvu
 from timm.data import ImageNetInfo
 
-from pipeline.cache.backbone import read_label_remap
 from pipeline.cache.unit import Unit
-from pipeline.dataset.remap import TIMM_SUBSETS, head_names, read_names
+from pipeline.dataset.remap import TIMM_SUBSETS, head_names, read_label_remap, read_names
 from pipeline.demo.data import encode_image, write_digit_shards
 
 INFO = Path(timm.__file__).parent / "data" / "_info"
@@ -191,6 +190,28 @@ def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> N
         assert read_names(str(tmp_path / name)) == names
     for name in ("remap.txt", "remap.json"):
         assert read_label_remap(str(tmp_path / name)).tolist() == table
+
+
+def test_remaps_other_tools_write_read_as_their_indices(tmp_path: Path) -> None:
+    """numpy's savetxt writes '2.000000000000000000e+00', pandas' to_json 2.0, and a Windows
+    tool REMAP.JSON: each was refused as no whole number, or read as text lines."""
+    table = np.array([2, -1, 0])
+    np.savetxt(tmp_path / "remap.txt", table)
+    (tmp_path / "floats.json").write_text(json.dumps(table.astype(float).tolist()))
+    (tmp_path / "REMAP.JSON").write_text('{"0": 2, "2": 0}')
+    for name in ("remap.txt", "floats.json", "REMAP.JSON"):
+        assert read_label_remap(str(tmp_path / name)).tolist() == table.tolist(), name
+    (tmp_path / "half.json").write_text("[2.5]")
+    with pytest.raises(ValueError, match=r"2\.5 is not a whole number"):
+        read_label_remap(str(tmp_path / "half.json"))
+
+
+@pytest.mark.parametrize("text", ['{"0": 1, "00": 2}', '{"1": 1, "1": 2}'])
+def test_a_shard_label_given_twice_is_refused_naming_both(tmp_path: Path, text: str) -> None:
+    """The last of two entries for one shard label won, silently: half the remap was lost."""
+    (tmp_path / "remap.json").write_text(text)
+    with pytest.raises(ValueError, match=r"remap.json: shard label \d is given twice"):
+        read_label_remap(str(tmp_path / "remap.json"))
 
 
 def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path, caplog):

@@ -162,8 +162,8 @@ def test_weights_and_label_files_read_through_a_cut_answer(s3_bucket, fault_prox
     import torch
     from safetensors.torch import save
 
-    from pipeline.cache.backbone import read_label_remap, read_state_dict
-    from pipeline.dataset.remap import read_names
+    from pipeline.cache.backbone import read_state_dict
+    from pipeline.dataset.remap import read_label_remap, read_names
 
     weights = {"head.weight": torch.arange(4096, dtype=torch.float32).reshape(64, 64)}
     files = {

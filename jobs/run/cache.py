@@ -47,7 +47,6 @@ from pipeline.cache.backbone import (
     check_model_name,
     describe_backbone,
     file_digest,
-    read_label_remap,
 )
 from pipeline.cache.dedupe import deduplicate
 from pipeline.cache.deteriorate import Deterioration
@@ -73,7 +72,7 @@ from pipeline.cache.unit import Unit, UnitResult, UnitSettings
 from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
 from pipeline.dataset.convert import CLASSES_NAME
-from pipeline.dataset.remap import order_mismatch, read_names, remap_mismatch
+from pipeline.dataset.remap import order_mismatch, read_label_remap, read_names, remap_mismatch
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")

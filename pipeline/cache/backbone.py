@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -420,54 +419,6 @@ def describe_backbone(
         data_config=data_config,
         embedding_peak=peak,
     )
-
-
-#: The largest shard label a ``--label-remap`` may map (ImageNet-21k's are below 22,000).
-MAX_REMAP_LABEL = 1_000_000
-
-
-def read_label_remap(url: str) -> np.ndarray:
-    """Shard label -> head index, from JSON (a list, or a dict of int keys) or a text file with
-    the head index of shard labels 0, 1, 2, ... one per line (blank lines and ``#`` comments
-    skipped). Absent labels, and -1, map to no class of the head. Raises ``ValueError`` naming
-    the file and the first entry that is not a whole number.
-    """
-    text = read_url(url).decode("utf-8-sig", errors="replace")
-    try:
-        if url.endswith(".json"):
-            parsed = json.loads(text)
-            if not isinstance(parsed, list | dict):
-                raise ValueError("expected a JSON list or object")
-            pairs = enumerate(parsed) if isinstance(parsed, list) else parsed.items()
-        else:
-            values = [line.split("#")[0].strip() for line in text.splitlines()]
-            pairs = enumerate(value for value in values if value)
-        mapping = {_whole(source): _whole(target) for source, target in pairs}
-    except ValueError as error:
-        raise ValueError(f"label remap {url}: {error}") from None
-    if not mapping or min(mapping) < 0:
-        raise ValueError(f"label remap {url} must map non-negative labels, got {len(mapping)}")
-    if max(mapping) > MAX_REMAP_LABEL:  # its table holds an entry per label up to the largest
-        raise ValueError(
-            f"label remap {url}: shard label {max(mapping)} is over {MAX_REMAP_LABEL:,}, the "
-            "most a remap maps"
-        )
-    wrong = next((target for target in mapping.values() if not -1 <= target < 2**63), None)
-    if wrong is not None:
-        raise ValueError(f"label remap {url}: {wrong} is no class index (-1 for none)")
-    table = np.full(max(mapping) + 1, -1, dtype=np.int64)
-    for source, target in mapping.items():
-        table[source] = target
-    return table
-
-
-def _whole(value: object) -> int:
-    """``value`` (an int, or its decimal text) as an int; else ``ValueError`` quoting it."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
-        return int(value)
-    raise ValueError(f"{value!r} is not a whole number (a label or class index)")
 
 
 class Backbone:

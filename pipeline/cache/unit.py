@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cache.augment import sample_seed
-from pipeline.cache.backbone import Backbone, Compute, read_label_remap
+from pipeline.cache.backbone import Backbone, Compute
 from pipeline.cache.decode_pool import (
     DecodePool,
     Prepare,
@@ -37,6 +37,7 @@ from pipeline.cache.decode_pool import (
 from pipeline.cache.samples import IMAGE_KEYS, RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
+from pipeline.dataset.remap import read_label_remap
 from pipeline.prefetch import prefetch
 from schemas import cache_schema, with_provenance
 

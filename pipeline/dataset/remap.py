@@ -9,10 +9,12 @@ index of shard labels 0, 1, 2, ..., with -1 where the head has no counterpart.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
@@ -50,7 +52,7 @@ def read_names(url: str) -> list[str]:
     """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
     try:
         text = read_url(url).decode("utf-8-sig")  # a BOM (Notepad) is no part of the first name
-        names = json.loads(text) if url.endswith(".json") else None
+        names = json.loads(text) if _is_json(url) else None
     except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(f"{url}: not a readable list of label names ({error})") from None
     if names is None:
@@ -140,8 +142,87 @@ def remap_mismatch(classes: list[str], table: list[int], head: str) -> str | Non
 
 def write_remap(remap: Remap, url: str) -> None:
     """Write ``remap`` as JSON (a ``.json`` URL) or text, one head index per line."""
-    if url.endswith(".json"):
+    if _is_json(url):
         text = json.dumps(remap.table)
     else:
         text = "".join(f"{index}\n" for index in remap.table)
     write_bytes(*fsspec.core.url_to_fs(url), text.encode())  # none left cut short
+
+
+#: The largest shard label a ``--label-remap`` may map (ImageNet-21k's are below 22,000).
+MAX_REMAP_LABEL = 1_000_000
+
+
+def read_label_remap(url: str) -> np.ndarray:
+    """Shard label -> head index, from JSON (a list, or an object of int keys) or a text file
+    with the head index of shard labels 0, 1, 2, ... one per line (blank lines and ``#``
+    comments skipped). Absent labels, and -1, map to no class of the head. Raises
+    ``ValueError`` naming the file and the first entry that is not a whole number, or a shard
+    label given twice (``"0"`` and ``"00"``).
+    """
+    text = read_url(url).decode("utf-8-sig", errors="replace")
+    try:
+        if _is_json(url):
+            parsed = json.loads(text, object_pairs_hook=_Pairs)
+            if not isinstance(parsed, list):
+                raise ValueError("expected a JSON list or object")
+            pairs = parsed if isinstance(parsed, _Pairs) else list(enumerate(parsed))
+        else:
+            values = [line.split("#")[0].strip() for line in text.splitlines()]
+            pairs = list(enumerate(value for value in values if value))
+        mapping = _mapping(pairs)
+    except ValueError as error:
+        raise ValueError(f"label remap {url}: {error}") from None
+    if not mapping or min(mapping) < 0:
+        raise ValueError(f"label remap {url} must map non-negative labels, got {len(mapping)}")
+    if max(mapping) > MAX_REMAP_LABEL:  # its table holds an entry per label up to the largest
+        raise ValueError(
+            f"label remap {url}: shard label {max(mapping)} is over {MAX_REMAP_LABEL:,}, the "
+            "most a remap maps"
+        )
+    wrong = next((target for target in mapping.values() if not -1 <= target < 2**63), None)
+    if wrong is not None:
+        raise ValueError(f"label remap {url}: {wrong} is no class index (-1 for none)")
+    table = np.full(max(mapping) + 1, -1, dtype=np.int64)
+    for source, target in mapping.items():
+        table[source] = target
+    return table
+
+
+class _Pairs(list):
+    """A JSON object's (key, value) pairs in file order, duplicates kept."""
+
+
+def _mapping(pairs: list[tuple[object, object]]) -> dict[int, int]:
+    """``pairs`` as shard label -> head index; ``ValueError`` for a label given twice."""
+    mapping: dict[int, int] = {}
+    spelled: dict[int, object] = {}
+    for source, target in pairs:
+        label = _whole(source)
+        if label in mapping:
+            raise ValueError(
+                f"shard label {label} is given twice ({spelled[label]!r} and {source!r})"
+            )
+        mapping[label], spelled[label] = _whole(target), source
+    return mapping
+
+
+def _whole(value: object) -> int:
+    """``value`` (an int, a whole float such as ``3.0``, or the text of either: numpy's
+    ``savetxt`` writes ``3.000000000000000000e+00``) as an int; else ``ValueError`` quoting it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+        return int(value)
+    try:
+        number = float(value) if isinstance(value, float | str) else math.nan
+    except ValueError:
+        number = math.nan
+    if number.is_integer() and abs(number) < 2**53:  # exact as a float
+        return int(number)
+    raise ValueError(f"{value!r} is not a whole number (a label or class index)")
+
+
+def _is_json(url: str) -> bool:
+    """Whether ``url`` names a JSON file (``.json``, in any case)."""
+    return url.lower().endswith(".json")
