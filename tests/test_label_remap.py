@@ -78,6 +78,21 @@ def test_a_full_disk_leaves_no_remap_cut_short(tmp_path):
     assert not (tmp_path / "remap.txt").exists()
 
 
+def test_synsets_in_upper_case_map_as_in_lower(tmp_path: Path) -> None:
+    """Folders named 'N01440764' (an upper-cased export) matched no class: all skipped."""
+    (tmp_path / "synsets.txt").write_text("N01443537\nn01440764\n")
+    result = run(
+        "--classes",
+        str(tmp_path / "synsets.txt"),
+        "--head",
+        "imagenet-1k",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
+    assert result.exit_code == 0, result.output
+    assert read_label_remap(str(tmp_path / "r.json")).tolist() == [1, 0]
+
+
 def test_errors_exit_2_naming_the_input(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     result = run(

@@ -88,10 +88,12 @@ def _spelling(name: str) -> str:
 
 
 def build_remap(classes: list[str], head: str) -> Remap:
-    """The remap from label names ``classes`` (label ``i`` is ``classes[i]``) to ``head``."""
+    """The remap from label names ``classes`` (label ``i`` is ``classes[i]``) to ``head``; a
+    name the head does not spell so is matched in any case (``N01440764``)."""
     description, names = head_names(head)
     index = {name: i for i, name in reversed(list(enumerate(names)))}
-    table = [index.get(name, -1) for name in classes]
+    folded = {name.casefold(): i for i, name in reversed(list(enumerate(names)))}
+    table = [index.get(name, folded.get(name.casefold(), -1)) for name in classes]
     return Remap(table, classes, description, len(names))
 
 
