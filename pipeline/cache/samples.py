@@ -108,7 +108,8 @@ def iter_samples(
     damage: list[str] = []
     repeated: set[str] = set()  # keys whose member names repeat in a row (the second copy)
     yielded = 0
-    layout = _LayoutWarnings(url, image_keys, logging.WARNING if name_skips else logging.DEBUG)
+    level = logging.WARNING if name_skips else logging.DEBUG
+    skips = _Skips(url, image_keys, label_key, counts, level)
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
@@ -131,19 +132,8 @@ def iter_samples(
             if isinstance(outcome, RawSample):
                 yielded += 1
                 yield outcome
-            elif layout.counted(group, outcome):
-                counts[outcome.value] += 1
-                if outcome is SkipReason.BAD_LABEL:
-                    layout.bad_label(group, label_member, label_field)
-                # the first of each kind named, as the unit names its decode skips
-                first = counts[outcome.value] == 1 and outcome is not SkipReason.BAD_LABEL
-                logger.log(
-                    layout.level if first else logging.DEBUG,
-                    "skipping %s in %s: %s",
-                    group["__key__"],
-                    url,
-                    _why(outcome, group, image_keys, label_key),
-                )
+            else:
+                skips.add(group, outcome)
     if damage and stream.position == 0:
         counts[SkipReason.EMPTY_SHARD.value] += 1
         logger.warning("%s: empty shard (0 bytes)", url)
@@ -151,21 +141,25 @@ def iter_samples(
         logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
         if source_bytes is not None:
-            size = retry(
-                lambda: stream.size(), attempts=attempts, base_delay=base_delay, what=f"size {url}"
-            )
-            if size != source_bytes:
-                raise ShardChanged(
-                    f"{url}: ended at byte {stream.position:,} ({damage[0]}), and it now holds "
-                    f"{size:,} bytes where {source_bytes:,} were listed: it was rewritten while "
-                    "read; run the same command again once it is complete"
-                )
+            size = retry(stream.size, attempts=attempts, base_delay=base_delay, what=f"size {url}")
+            _check_unchanged(url, stream.position, damage[0], size, source_bytes)
         counts[SkipReason.TRUNCATED_TAR.value] += 1
         logger.warning(
             "%s: truncated or corrupt tar (%s); kept the %d samples before the damage",
             url,
             damage[0],
             yielded,
+        )
+
+
+def _check_unchanged(url: str, position: int, damage: str, size: int, listed: int) -> None:
+    """Raise :class:`ShardChanged` when a shard that ended in ``damage`` at byte ``position``
+    now holds ``size`` bytes, not the ``listed`` ones: it was rewritten as it was read."""
+    if size != listed:
+        raise ShardChanged(
+            f"{url}: ended at byte {position:,} ({damage}), and it now holds {size:,} bytes "
+            f"where {listed:,} were listed: it was rewritten while read; run the same command "
+            "again once it is complete"
         )
 
 
@@ -342,8 +336,9 @@ def _duplicate_handler(url: str, repeated: set[str]):
     return handle
 
 
-class _LayoutWarnings:
-    """Explains, once per shard, the two layouts WebDataset readers split samples wrongly for,
+class _Skips:
+    """Counts a shard's skipped samples into ``counts`` and names the first of each kind; and
+    explains, once per shard, the two layouts WebDataset readers split samples wrongly for,
     and labels that are not class indices.
 
     - A sample's files apart (``tar -cf`` without ``--sort=name`` stores them in directory
@@ -353,14 +348,41 @@ class _LayoutWarnings:
       images merge into one sample that has no ``jpg``.
     """
 
-    def __init__(self, url: str, image_keys: tuple[str, ...], level: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        image_keys: tuple[str, ...],
+        label_key: str,
+        counts: collections.Counter[str],
+        level: int,
+    ) -> None:
         self.url = url
         self.image_keys = image_keys
+        self.label_key = label_key
+        self.counts = counts
         self.level = level  # of the warnings, and of the first skip of each kind
         self.incomplete: set[str] = set()
         self.warned: set[str] = set()
 
-    def counted(self, group: dict[str, Any], reason: SkipReason) -> bool:
+    def add(self, group: dict[str, Any], reason: SkipReason) -> None:
+        """Count and log the skip of sample ``group`` for ``reason``, unless it is a later part
+        of a sample already counted; the first of each kind is named, as the unit names its
+        decode skips (a bad label by its value, :meth:`_bad_label`)."""
+        if not self._counted(group, reason):
+            return
+        self.counts[reason.value] += 1
+        if reason is SkipReason.BAD_LABEL:
+            self._bad_label(group)
+        first = self.counts[reason.value] == 1 and reason is not SkipReason.BAD_LABEL
+        logger.log(
+            self.level if first else logging.DEBUG,
+            "skipping %s in %s: %s",
+            group["__key__"],
+            self.url,
+            _why(reason, group, self.image_keys, self.label_key),
+        )
+
+    def _counted(self, group: dict[str, Any], reason: SkipReason) -> bool:
         """Whether the skip of ``group`` for ``reason`` counts (not a later part of a sample
         already counted), warning about the layout that caused it."""
         if reason not in (SkipReason.NO_IMAGE, SkipReason.NO_LABEL):
@@ -387,9 +409,11 @@ class _LayoutWarnings:
             )
         return True
 
-    def bad_label(self, group: dict[str, Any], member: str, field: str) -> None:
+    def _bad_label(self, group: dict[str, Any]) -> None:
         """Warn of a label that is no class index, with its value (names, say, where pvu
-        reads integers); ``field`` is its JSON field ("" for a whole member)."""
+        reads integers)."""
+        member, _, field = self.label_key.partition(":")
+        (member,) = _normalise_keys((member,), "label_key")
         data = group[member]
         value = _json_field(data, field) if field else data
         self._warn(
