@@ -333,6 +333,28 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     ``need_loss`` (training), caches in the dataset's label space, whose loss is null."""
     if not urls:
         raise ValueError("no cache URL given")
+    units = _committed_units(urls, io_threads)
+    with ThreadPoolExecutor(max_workers=io_threads) as pool:
+        files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
+    shared = check_compatible(files)
+    check_distinct_units(files)
+    if need_loss:
+        _check_trainable(urls, files, shared)
+    empty = [f.url for f in files if f.rows == 0]
+    if empty:
+        log.warning("%d cache unit(s) hold no rows, e.g. %s", len(empty), empty[0])
+    files = [f for f in files if f.rows > 0]
+    if not files:
+        raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
+    return CacheIndex(files, shared, int(shared["embedding_dim"]), empty, files[0].dtype)
+
+
+def _committed_units(
+    urls: Sequence[str], io_threads: int
+) -> dict[str, tuple[str, str, pq.FileMetaData | None]]:
+    """Each committed unit of the caches at ``urls``: unit URL -> (cache URL, its path in the
+    cache, its footer if the consistency check read it); warns of a cache still being written
+    or left unfinished, refuses an empty cache and a unit listed twice."""
     units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
     for url in urls:
         check = require_consistent(url, io_threads=io_threads)  # its footers are not re-read
@@ -353,30 +375,24 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
             units[unit] = (url, relpath, check.footers.get(relpath))
-    with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
-    shared = check_compatible(files)
-    check_distinct_units(files)
-    if need_loss and shared["label_space"] == "dataset":
+    return units
+
+
+def _check_trainable(urls: Sequence[str], files: list[CacheFile], shared: dict) -> None:
+    """Refuse caches a head cannot learn from: no losses (the dataset's label space), losses
+    that do not vary, or one row (none is refused by the caller)."""
+    if shared["label_space"] == "dataset":
         raise ValueError(
             f"cache {', '.join(urls)} has no losses to train on: it was "
             "cached with --label-space dataset (the default of --augment eval); train the head "
             "on a cache in the classifier's label space (--augment train)"
         )
-    if need_loss:
-        check_losses_vary(files)
-    empty = [f.url for f in files if f.rows == 0]
-    if empty:
-        log.warning("%d cache unit(s) hold no rows, e.g. %s", len(empty), empty[0])
-    files = [f for f in files if f.rows > 0]
-    if not files:
-        raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
-    if need_loss and sum(f.rows for f in files) < 2:
+    check_losses_vary(files)
+    if sum(f.rows for f in files) == 1:
         raise ValueError(
             f"caches {list(urls)} hold one row: a head learns the order of pairs of rows' "
             "losses; cache more images"
         )
-    return CacheIndex(files, shared, int(shared["embedding_dim"]), empty, files[0].dtype)
 
 
 def _shards_hint(url: str) -> str:
