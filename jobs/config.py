@@ -59,6 +59,19 @@ def read_config_file(
     boolean (``true``, ``yes``, ``on``) for a setting that is not one: pydantic would read it
     as 1.
     """
+    document = _load_yaml(path)
+    aliases = aliases or {}
+    self_parsed = _parsed_by_validator(config_type)
+    values = {}
+    for key, value in document.items():
+        name = str(key).replace("-", "_")
+        name = aliases.get(name, name)
+        values[name] = _checked_value(name, value, config_type, path, name in self_parsed)
+    return values
+
+
+def _load_yaml(path: str) -> dict[Any, Any]:
+    """The mapping in the YAML file at ``path`` (empty for an empty file)."""
     try:
         with fsspec.open(path, "r") as handle:
             document = yaml.safe_load(handle)
@@ -72,32 +85,30 @@ def read_config_file(
         return {}
     if not isinstance(document, dict):
         raise ConfigFileError(f"config file {path}: expected key: value lines, not a list or text")
-    aliases = aliases or {}
-    values = {}
-    for key, value in document.items():
-        name = str(key).replace("-", "_")
-        values[aliases.get(name, name)] = value
-    self_parsed = _parsed_by_validator(config_type)
-    for key in values:
-        _check_key(key, config_type, f"config file {path}")
-        annotation = config_type.model_fields[key].annotation
-        item = _item_model(annotation)
-        if item is not None and isinstance(values[key], list):
-            for index, entry in enumerate(values[key]):  # an ``also:`` target's own keys
-                for inner in entry if isinstance(entry, dict) else ():
-                    _check_key(str(inner), item, f"config file {path}: {key}: value {index + 1}")
-        if (
-            isinstance(values[key], str | int | float)
-            and _takes_only_lists(annotation)
-            and key not in self_parsed
-        ):
-            values[key] = [values[key]]  # one value of a repeatable flag, as on the command line
-        if isinstance(values[key], bool) and not _admits_bool(annotation):
-            raise ConfigFileError(
-                f"config file {path}: {key}: got the YAML boolean {str(values[key]).lower()} "
-                "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
-            )
-    return values
+    return document
+
+
+def _checked_value(
+    key: str, value: Any, config_type: type[BaseModel], path: str, self_parsed: bool
+) -> Any:
+    """``value`` of setting ``key`` of the config file at ``path``, checked against
+    ``config_type``; one value of a list setting becomes a list of it (unless the field's own
+    validator parses it: ``self_parsed``)."""
+    _check_key(key, config_type, f"config file {path}")
+    annotation = config_type.model_fields[key].annotation
+    item = _item_model(annotation)
+    if item is not None and isinstance(value, list):
+        for index, entry in enumerate(value):  # an ``also:`` target's own keys
+            for inner in entry if isinstance(entry, dict) else ():
+                _check_key(str(inner), item, f"config file {path}: {key}: value {index + 1}")
+    if isinstance(value, bool) and not _admits_bool(annotation):
+        raise ConfigFileError(
+            f"config file {path}: {key}: got the YAML boolean {str(value).lower()} "
+            "(YAML reads true/false, yes/no and on/off as booleans); this setting is not one"
+        )
+    if isinstance(value, str | int | float) and _takes_only_lists(annotation) and not self_parsed:
+        return [value]  # one value of a repeatable flag, as on the command line
+    return value
 
 
 def _check_key(key: str, model: type[BaseModel], where: str) -> None:
