@@ -40,7 +40,7 @@ from pipeline.cache.decode import decode_image
 from pipeline.cache.deteriorate import KINDS
 from pipeline.cache.samples import iter_samples
 from pipeline.demo.backbone import save_backbone, train_tiny_backbone
-from pipeline.demo.sets import AMBIGUITY_KEY, SetsConfig, write_demo_sets
+from pipeline.demo.sets import AMBIGUITY_KEY, DemoSets, SetsConfig, write_demo_sets
 from pipeline.evaluate.evalset import load_eval_set
 from pipeline.evaluate.knn import nearest_neighbours, normalize
 from pipeline.evaluate.metrics import neighbour_correct
@@ -153,8 +153,46 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Every step of the demo under ``config.output``, each from scratch."""
     output = config.output.resolve()
     clear_earlier_demo(output)
+    sets = _write_sets(config, output / "shards")
+    weights = _train_backbone(config, sets, output / "backbone" / "backbone.safetensors")
+    cache = functools.partial(_cache, config, output, weights)
+    _train_head(config, output, cache("train", "train", epochs=config.cache_epochs))
+
+    evaluated = {"augment": "eval", "epochs": 1, "ambiguity_key": AMBIGUITY_KEY}
+    upstream = cache("upstream", "upstream", label_space="classifier", **evaluated)
+    zero_shot = cache("zero-shot", "zero_shot", label_space="dataset", **evaluated)
+    deteriorated = [cache("clean", "clean", augment="eval", epochs=1)]
+    for kind in config.kinds:
+        for strength in config.strengths:
+            step = {"deteriorate": f"{kind}:{strength}"}
+            deteriorated.append(
+                cache(f"{kind}-{strength:g}", "clean", augment="eval", epochs=1, **step)
+            )
+    heldout = clean_recall_at_1(upstream)
+    console.print(
+        f"[bold]4/5[/bold] cached the upstream, zero-shot and {len(deteriorated)} deterioration "
+        f"eval sets; the backbone's 1-NN Recall@1 on clean held-out digits: {heldout:.3f}"
+    )
+
+    evaluation = run_evaluate(
+        EvaluateJobConfig(
+            head=[str(output / "head")],
+            dataset=[f"{ZERO_SHOT}={zero_shot}"],
+            upstream=upstream,
+            deterioration=deteriorated,
+            report=str(output / "report"),
+            seed=config.seed,
+        )
+    )
+    demo = DemoResult(evaluation.report, output / "report", heldout)
+    console.print(demo_table(demo))
+    return demo
+
+
+def _write_sets(config: DemoConfig, shards: Path) -> DemoSets:
+    """Step 1: the digit and glyph shards of every set under ``shards``."""
     sets = write_demo_sets(
-        str(output / "shards"),
+        str(shards),
         SetsConfig(
             copies=config.copies,
             glyph_classes=config.glyph_classes,
@@ -166,10 +204,13 @@ def run_demo(config: DemoConfig) -> DemoResult:
         ),
     )
     console.print(
-        f"[bold]1/5[/bold] wrote digit and {config.glyph_classes}-class glyph shards to "
-        f"{output / 'shards'}"
+        f"[bold]1/5[/bold] wrote digit and {config.glyph_classes}-class glyph shards to {shards}"
     )
+    return sets
 
+
+def _train_backbone(config: DemoConfig, sets: DemoSets, weights: Path) -> str:
+    """Step 2: a tiny backbone pretrained on the training shards, saved at ``weights``."""
     images, labels = load_shard_images(sets.train)
     torch.set_num_threads(1)  # a model this small gains nothing from a second thread
     with progress_bar(
@@ -191,28 +232,35 @@ def run_demo(config: DemoConfig) -> DemoResult:
             seed=config.seed,
             on_epoch=lambda: progress.advance(task),
         )
-    weights = save_backbone(model, str(output / "backbone" / "backbone.safetensors"))
+    saved = save_backbone(model, str(weights))
     console.print(
         f"[bold]2/5[/bold] trained a tiny {BACKBONE} on {len(images)} images of "
-        f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {weights}"
+        f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {saved}"
     )
+    return saved
 
-    def cache(name: str, shards: str, **options: Any) -> str:
-        job = load_job_config(
-            CacheJobConfig,
-            str(DEMO_CACHE),
-            shards=shards,
-            weights=weights,
-            output=str(output / "cache" / name),
-            seed=config.seed,
-            **options,
-        )
-        if run_cache(job).failed:
-            raise RuntimeError(f"some units of the {name} cache failed; see the summary above")
-        return job.output
 
-    shards = output / "shards"
-    train = cache("train", str(shards / "train"), epochs=config.cache_epochs)
+def _cache(
+    config: DemoConfig, output: Path, weights: str, name: str, shards: str, **options: Any
+) -> str:
+    """The demo's cache ``name`` of the shards of set ``shards`` (``pvu cache`` with the
+    bundled config and ``options``); its URL."""
+    job = load_job_config(
+        CacheJobConfig,
+        str(DEMO_CACHE),
+        shards=str(output / "shards" / shards),
+        weights=weights,
+        output=str(output / "cache" / name),
+        seed=config.seed,
+        **options,
+    )
+    if run_cache(job).failed:
+        raise RuntimeError(f"some units of the {name} cache failed; see the summary above")
+    return job.output
+
+
+def _train_head(config: DemoConfig, output: Path, train: str) -> None:
+    """Step 3: the uncertainty head, trained on the cache at ``train``."""
     result = run_train_head(
         load_job_config(
             TrainHeadConfig,
@@ -223,42 +271,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
             seed=config.seed,
         )
     )
-    trained = result.metrics[-1]
     console.print(
         f"[bold]3/5[/bold] cached {config.cache_epochs} augmented epochs and trained the head: "
-        f"held-out pair accuracy {trained['val_pair_accuracy']:.3f}"
+        f"held-out pair accuracy {result.metrics[-1]['val_pair_accuracy']:.3f}"
     )
-
-    evaluated = {"augment": "eval", "epochs": 1, "ambiguity_key": AMBIGUITY_KEY}
-    upstream = cache("upstream", str(shards / "upstream"), label_space="classifier", **evaluated)
-    zero_shot = cache("zero-shot", str(shards / "zero_shot"), label_space="dataset", **evaluated)
-    deteriorated = [cache("clean", str(shards / "clean"), augment="eval", epochs=1)]
-    for kind in config.kinds:
-        for strength in config.strengths:
-            name = f"{kind}-{strength:g}"
-            step = {"deteriorate": f"{kind}:{strength}"}
-            deteriorated.append(
-                cache(name, str(shards / "clean"), augment="eval", epochs=1, **step)
-            )
-    heldout = clean_recall_at_1(upstream)
-    console.print(
-        f"[bold]4/5[/bold] cached the upstream, zero-shot and {len(deteriorated)} deterioration "
-        f"eval sets; the backbone's 1-NN Recall@1 on clean held-out digits: {heldout:.3f}"
-    )
-
-    evaluation = run_evaluate(
-        EvaluateJobConfig(
-            head=[str(output / "head")],
-            dataset=[f"{ZERO_SHOT}={zero_shot}"],
-            upstream=upstream,
-            deterioration=deteriorated,
-            report=str(output / "report"),
-            seed=config.seed,
-        )
-    )
-    demo = DemoResult(evaluation.report, output / "report", heldout)
-    console.print(demo_table(demo))
-    return demo
 
 
 def demo_table(demo: DemoResult) -> Table:
