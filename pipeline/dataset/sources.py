@@ -180,6 +180,7 @@ def list_table(
             raise ValueError(
                 f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
             )
+        _refuse_nested(url, table, column, path_column)
         table = _bytes_as_text(url, table, column)
     paths = table.column(path_column).to_pylist()
     labels = table.column(label_column).to_pylist()
@@ -209,6 +210,25 @@ def list_table(
         numbers = [index[name] for name in names]
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _refuse_nested(url: str, table: pa.Table, name: str, path_column: str) -> None:
+    """A ``ValueError`` for a column ``name`` of nested values (a struct, list or map), whose
+    text would be read as a path or class name: a Hugging Face export's ``image`` column of
+    ``{bytes, path}`` structs, a multi-label list."""
+    data_type = table.schema.field(name).type
+    if not pa.types.is_nested(data_type):
+        return
+    what = "image path or URL" if name == path_column else "label"
+    hint = (
+        ": images stored in the table (a Hugging Face dataset's {bytes, path}) are not read; "
+        "write them to files and list their paths"
+        if name == path_column
+        else " (a multi-label column?): give one class name or index per row"
+    )
+    raise ValueError(
+        f"table {url}: column {name!r} holds {data_type}, not one {what} per row{hint}"
+    )
 
 
 def _bytes_as_text(url: str, table: pa.Table, name: str) -> pa.Table:
@@ -355,7 +375,12 @@ def _decoded(table: pa.Table) -> pa.Table:
 
 
 def _is_number(data_type: pa.DataType) -> bool:
-    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+    """Integers, floats and decimals (a SQL NUMERIC column): class indices, not names."""
+    return (
+        pa.types.is_integer(data_type)
+        or pa.types.is_floating(data_type)
+        or pa.types.is_decimal(data_type)
+    )
 
 
 def _is_text(data_type: pa.DataType) -> bool:

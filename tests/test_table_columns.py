@@ -1,0 +1,45 @@
+"""Table columns that hold no plain path or label: nested values (a Hugging Face export's
+image struct, a multi-label list) and decimal labels (a SQL NUMERIC column)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dataset.sources import list_dataset
+
+
+def test_an_image_struct_column_is_refused_naming_it_not_read_as_paths(tmp_path):
+    """A Hugging Face parquet's ``image`` column, {bytes, path}, was turned into the text of
+    each dict and read as a path: every image left out as unreadable, the whole JPEG dumped
+    into the summary, and a run that ended 'no image could be read'."""
+    image = pa.array(
+        [{"bytes": b"\xff\xd8\xff", "path": "x.jpg"}],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    path = tmp_path / "hf.parquet"
+    pq.write_table(pa.table({"image": image, "label": [0]}), path)
+    with pytest.raises(ValueError, match=r"column 'image' holds struct<bytes.*not one image path"):
+        list_dataset(str(path), path_column="image")
+
+
+def test_a_list_label_column_is_refused_not_made_class_names(tmp_path):
+    """A multi-label list column became classes named '[1, 2]' and '[3]', without a word."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": [[1, 2], [3]]}), path)
+    with pytest.raises(ValueError, match=r"column 'label' holds list<.*not one label"):
+        list_dataset(str(path))
+
+
+def test_decimal_labels_are_class_indices_as_integers_are(tmp_path):
+    """Decimal labels 1 and 2 were names, numbered in sorted order: label 1 became class 0
+    and 2 class 1, where an integer or text column of the same numbers keeps 1 and 2."""
+    path = tmp_path / "t.parquet"
+    labels = pa.array([1, 2, 10], pa.decimal128(5, 0))
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png"], "label": labels}), path)
+    listing = list_dataset(str(path))
+    assert [source.label for source in listing.sources] == [1, 2, 10]
+    assert listing.classes == [str(i) for i in range(11)]
+    named = list_dataset(str(path), label_names=True)
+    assert named.classes == ["1", "10", "2"]
