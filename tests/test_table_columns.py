@@ -43,3 +43,21 @@ def test_decimal_labels_are_class_indices_as_integers_are(tmp_path):
     assert listing.classes == [str(i) for i in range(11)]
     named = list_dataset(str(path), label_names=True)
     assert named.classes == ["1", "10", "2"]
+
+
+def test_a_csv_in_utf16_or_with_a_header_not_in_utf8_is_refused_naming_the_table(tmp_path):
+    """Excel's 'Unicode Text' (UTF-16) ended 'shards: 'utf-8' codec can't decode byte 0xff in
+    position 0' naming no file, or 'CSV parse error: Expected 2 columns, got 1'; a cp1252
+    header ('catégorie') the same UnicodeDecodeError: the header was decoded unguarded."""
+    table = tmp_path / "list.csv"
+    for text, encoding in (
+        ("path\tlabel\na.png\tcat\n", "utf-16"),
+        ("path,label\na.png,cat\n", "utf-16"),
+        ("path,label\na.png,cat\n", "utf-16-le"),  # no byte-order mark
+    ):
+        table.write_bytes(text.encode(encoding))
+        with pytest.raises(ValueError, match=rf"table {table} is UTF-16 text.*save it as UTF-8"):
+            list_dataset(str(table))
+    table.write_bytes("path,catégorie\na.png,chat\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=rf"table {table}: its header is not UTF-8 text"):
+        list_dataset(str(table), label_column="catégorie")

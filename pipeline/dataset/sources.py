@@ -315,8 +315,23 @@ def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
         if not label_names and _is_text(table.schema.field(column).type):
             return _indices_of_text(url, table, column)
         return table
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:1024]:
+        raise ValueError(
+            f"table {url} is UTF-16 text (as Excel's 'Unicode Text' saves it), not a UTF-8 "
+            "CSV; save it as UTF-8 (Excel: 'CSV UTF-8')"
+        )
     try:
         table = pyarrow.csv.read_csv(pa.BufferReader(data))
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+    try:
+        table.column_names  # noqa: B018 - pyarrow decodes the header's bytes only here
+    except UnicodeDecodeError:
+        header = data.removeprefix(b"\xef\xbb\xbf").splitlines()[0]
+        raise ValueError(
+            f"table {url}: its header is not UTF-8 text ({header!r}); save the table in UTF-8"
+        ) from None
+    try:
         return _numbers_as_text(url, table, data, label_column, always=label_names)
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
