@@ -61,3 +61,16 @@ def test_a_csv_in_utf16_or_with_a_header_not_in_utf8_is_refused_naming_the_table
     table.write_bytes("path,catégorie\na.png,chat\n".encode("cp1252"))
     with pytest.raises(ValueError, match=rf"table {table}: its header is not UTF-8 text"):
         list_dataset(str(table), label_column="catégorie")
+
+
+def test_csv_labels_that_pyarrow_reads_as_booleans_keep_their_text(tmp_path):
+    """A CSV's 'true'/'false' labels became the classes 'True' and 'False', and in a column of
+    '1', '0' and 'true', '1' and 'true' became one class: pyarrow reads such a column as
+    booleans. They are names, as written."""
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\na.png,true\nb.png,false\n")
+    assert list_dataset(str(table)).classes == ["false", "true"]
+    table.write_text("path,label\na.png,true\nb.png,1\nc.png,0\n")
+    listing = list_dataset(str(table))
+    assert listing.classes == ["0", "1", "true"]
+    assert [source.label for source in listing.sources] == [2, 1, 0]

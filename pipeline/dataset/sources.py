@@ -341,15 +341,17 @@ def _numbers_as_text(
     url: str, table: pa.Table, data: bytes, label_column: str, *, always: bool
 ) -> pa.Table:
     """``table`` with its numeric label column read again from the CSV ``data`` as text, as it
-    is written, if ``always`` or a label is zero-padded (``001``: said with a warning)."""
+    is written, if ``always`` or a label is zero-padded (``001``: said with a warning); its
+    boolean one (``true``, ``false``, ``1``, as pyarrow reads them) always."""
     column = table.schema.get_field_index(label_column)
-    if column < 0 or not _is_number(table.schema.field(column).type):
+    boolean = column >= 0 and pa.types.is_boolean(table.schema.field(column).type)
+    if column < 0 or not (boolean or _is_number(table.schema.field(column).type)):
         return table
     as_text = pyarrow.csv.ConvertOptions(
         column_types={label_column: pa.string()}, include_columns=[label_column]
     )
     labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
-    if always or _warn_of_padding(url, labels):
+    if always or boolean or _warn_of_padding(url, labels):  # 'true', '1': names as written
         return table.set_column(column, label_column, labels)
     return table
 
