@@ -74,3 +74,16 @@ def test_csv_labels_that_pyarrow_reads_as_booleans_keep_their_text(tmp_path):
     listing = list_dataset(str(table))
     assert listing.classes == ["0", "1", "true"]
     assert [source.label for source in listing.sources] == [2, 1, 0]
+
+
+def test_csv_paths_that_look_like_numbers_are_read_as_written(tmp_path):
+    """A path '000123' (an image saved without an extension) was read as the number 123 and
+    the image looked for at '123': left out as unreadable."""
+    (tmp_path / "000123").write_bytes(b"")
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\n000123,cat\n")
+    (source,) = list_dataset(str(table)).sources
+    assert source.url == str(tmp_path / "000123")
+    table.write_bytes("path,label\nchèvre.png,cat\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"column 'path' is not UTF-8 text \(row 1"):
+        list_dataset(str(table))

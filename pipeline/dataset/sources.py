@@ -174,7 +174,7 @@ def list_table(
     numbered in sorted order. ``label_names`` reads numbers as names too, as a CSV's
     zero-padded numbers (``001``) always are: such IDs are no class indices.
     """
-    table = _read_table(url, label_column, label_names=label_names)
+    table = _read_table(url, path_column, label_column, label_names=label_names)
     for column in (path_column, label_column):
         if column not in table.column_names:
             raise ValueError(
@@ -302,8 +302,10 @@ def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
     return [int(label) for label in labels]
 
 
-def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
-    """The table at ``url``, its numeric ``label_column`` as text where labels are names."""
+def _read_table(url: str, path_column: str, label_column: str, *, label_names: bool) -> pa.Table:
+    """The table at ``url``, its numeric ``label_column`` as text where labels are names; a
+    CSV's ``path_column`` as written (``000123`` is no number; its bytes, checked as UTF-8
+    by the caller)."""
     data = read_url(url)
     if url.lower().endswith(".parquet"):
         table = _decoded(pq.read_table(pa.BufferReader(data)))
@@ -321,7 +323,8 @@ def _read_table(url: str, label_column: str, *, label_names: bool) -> pa.Table:
             "CSV; save it as UTF-8 (Excel: 'CSV UTF-8')"
         )
     try:
-        table = pyarrow.csv.read_csv(pa.BufferReader(data))
+        paths = pyarrow.csv.ConvertOptions(column_types={path_column: pa.binary()})
+        table = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=paths)
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
     try:
