@@ -442,24 +442,28 @@ def test_file_and_class_names_that_are_not_utf8_are_converted(tmp_path):
 
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'.
-    A zip made on macOS made its __MACOSX folder class 0 (the real classes moved up one)."""
+    A zip made on macOS made its __MACOSX folder class 0 (the real classes moved up one); a
+    Synology NAS's @eaDir thumbnails became images of their class."""
     root = tmp_path / "images"
     make_folder(root, per_class=1)
     (root / "cat" / "photo.jfif").write_bytes(image_bytes(np.random.default_rng(3), "jpg"))
     Image.new("L", (20, 20), 90).save(root / "cat" / "scan.pgm")  # netpbm's gray
     (root / "__MACOSX" / "cat").mkdir(parents=True)  # a zip made on macOS: no class
     (root / "__MACOSX" / "cat" / "._photo.jfif").write_bytes(b"\x00\x05\x16\x07")
+    (root / "dog" / "@eaDir" / "0.jpg").mkdir(parents=True)  # a Synology NAS's thumbnails
+    (root / "dog" / "@eaDir" / "0.jpg" / "SYNOPHOTO_THUMB_S.jpg").write_bytes(b"x")
     for name in ("a.avif", "b.avif", "Thumbs"):
         (root / "dog" / name).write_bytes(b"x")
     listing = list_dataset(str(root))
     assert any(source.url.endswith("photo.jfif") for source in listing.sources)
     assert any(source.url.endswith("scan.pgm") for source in listing.sources)
     assert "__MACOSX" not in listing.classes and not listing.empty
-    assert listing.ignored == {".avif": 2, ".txt": 1, "": 1, ".jfif": 1}
+    assert not any("@eaDir" in source.url for source in listing.sources)
+    assert listing.ignored == {".avif": 2, ".txt": 1, "": 1, ".jfif": 1, ".jpg": 1}
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     said = " ".join(result.text.split())
-    assert "(5 other files ignored: 2 .avif, 1 " in said
+    assert "(6 other files ignored: 2 .avif, 1 " in said
     assert "1 .txt" in said and "1 without suffix" in said
 
 

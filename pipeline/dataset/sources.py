@@ -116,10 +116,14 @@ def _train_first(split: str) -> tuple[bool, str]:
     return (not split.lower().startswith("train"), split)
 
 
+#: Folders that tools leave beside users' images, of no class: macOS's ``__MACOSX`` of a zip
+#: (AppleDouble files), a Synology NAS's ``@eaDir`` (its thumbnails, ``SYNOPHOTO_THUMB_XL.jpg``).
+_TOOL_FOLDERS = {"__MACOSX", "@eaDir"}
+
+
 def _hidden(name: str) -> bool:
-    """Whether a file or folder ``name`` is hidden: a dot file, or macOS's ``__MACOSX`` folder
-    of a zip (AppleDouble files: no images, and no class)."""
-    return name.startswith(".") or name == "__MACOSX"
+    """Whether a file or folder ``name`` is hidden: a dot file, or a tool's folder."""
+    return name.startswith(".") or name in _TOOL_FOLDERS
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
