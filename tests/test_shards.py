@@ -57,6 +57,9 @@ def test_brace_pattern_expands_in_order(local):
 def test_brace_pattern_with_alternatives_and_duplicates(local):
     urls = expand_shards(f"{local}/{{val,train}}-{{0000,0000}}.tar")
     assert urls == [f"{local}/val-0000.tar", f"{local}/train-0000.tar"]
+    # one shard spelled two ways is one shard (it was refused as two of the same name)
+    urls = expand_shards(f"{local}/{{.,nested/..}}/val-0000.tar")
+    assert urls == [f"{local}/val-0000.tar"]
 
 
 def test_brace_pattern_names_missing_shards(local):
@@ -138,6 +141,7 @@ def test_list_file(local, tmp_path):
         f"   {local}/val-0000.tar   \n"
         "nested/train-0009.tar\n"
         "train-0001.tar\n"
+        "./train-0001.tar\n"
     )
     assert expand_shards(str(listing)) == [
         f"{local}/train-0001.tar",

@@ -52,10 +52,10 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
     protocol = _protocol(spec)
 
     if _BRACE.search(spec):
-        urls = _dedupe(braceexpand.braceexpand(spec))
+        urls = _dedupe(map(_normalise, braceexpand.braceexpand(spec)))
         if verify:
             _verify_exist(urls, spec)
-        return [_normalise(url) for url in urls]
+        return urls
 
     fs, path = fsspec.core.url_to_fs(spec)
     if fs.isdir(path):  # before globbing: a folder or file named 'run[1]' is itself
@@ -263,12 +263,16 @@ def storage_url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None =
 
 
 def _normalise(url: str) -> str:
-    """A URL as ``_url`` writes it (local paths made absolute), without touching storage."""
+    """A URL as ``storage_url`` writes it, local paths absolute and without ``.`` or ``..``
+    steps (``/x/./a.tar`` is ``/x/a.tar``), without touching storage."""
     fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        path = posixpath.normpath(path)
     return storage_url(fs, path, _protocol(url))
 
 
 def _dedupe(urls: Iterable[str]) -> list[str]:
+    """``urls`` in order, each once (normalised first: ``./a.tar`` is ``a.tar``)."""
     return list(dict.fromkeys(urls))
 
 
@@ -323,10 +327,10 @@ def _read_list_file(
         urls.append(entry)
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
-    urls = _dedupe(urls)
+    urls = _dedupe(map(_normalise, urls))
     if verify:
         _verify_exist(urls, spec)
-    return [_normalise(url) for url in urls]
+    return urls
 
 
 def _verify_exist(urls: list[str], spec: str) -> None:
