@@ -239,16 +239,11 @@ def fit_head(
     make_folder(fs, root)
     with RunLock(output, owner=options.owner):
         _check_output(output, resume=options.resume)
-        done, position = 0, StreamState()
-        if options.resume:
-            restored = load_checkpoint(
-                output, head=head, optimizer=optimizer, settings=config.identity(), data=data
-            )
-            if restored is None:
-                log.warning("--resume: no checkpoint in %s; training from the start", output)
-            else:
-                done, position = restored
-                log.info("resuming %s after episode %d", output, done)
+        done, position = (
+            _restore(output, head, optimizer, config, data)
+            if options.resume
+            else (0, StreamState())
+        )
         _log_passes(sched, train_rows, index.epochs)
         earlier, append_metrics = metrics_log(output, done if done else -1)
         val = _validation_rows(index, config)
@@ -434,6 +429,25 @@ def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
         + (f"lower --shuffle-rows (to {fits:,}, say) or " if fitting else "")
         + "train where there is more memory"
     )
+
+
+def _restore(
+    output: str,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    data: dict[str, Any],
+) -> tuple[int, StreamState]:
+    """``--resume``: the episodes done and the stream's position of the checkpoint in
+    ``output``, loaded into ``head`` and ``optimizer``; (0, the start) if there is none."""
+    restored = load_checkpoint(
+        output, head=head, optimizer=optimizer, settings=config.identity(), data=data
+    )
+    if restored is None:
+        log.warning("--resume: no checkpoint in %s; training from the start", output)
+        return 0, StreamState()
+    log.info("resuming %s after episode %d", output, restored[0])
+    return restored
 
 
 def _log_passes(schedule: ScheduleConfig, train_rows: float, epochs: int) -> None:
