@@ -212,6 +212,14 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
         f"({plan.threads} threads): {m.images_per_second:,.1f} images/s, "
         f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
     )
+    _add_time_rows(table, plan, config)
+    return table
+
+
+def _add_time_rows(table: Table, plan: Plan, config: PlanJobConfig) -> None:
+    """The rows of ``describe`` that say how long the job takes: on CPUs, decoding, GPUs and,
+    given ``--actors``, by the clock."""
+    est, m = plan.estimate, plan.measurement
     # an --also target's images are decoded and augmented once, in the first backbone's pass
     cpu = m.cpu_seconds_per_image - (m.prepare_cpu_seconds_per_image if plan.shares_decode else 0)
     shared = ", decoding not counted: the first pass does it" if plan.shares_decode else ""
@@ -249,7 +257,6 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
             plan.gpu_rate if plan.gpu_rate and config.gpus_per_actor != 0 else m.images_per_second
         )
         table.add_row(f"wall-clock, {config.actors} actors", _hours(est.rows, rate * config.actors))
-    return table
 
 
 def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
