@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from skimage import data as images
 from timm.data import create_transform, resolve_model_data_config
+from timm.utils.model import reparameterize_model
 from torch.nn import functional as F
 
 from pipeline.cache.backbone import state_digest
@@ -380,3 +381,27 @@ def test_the_attached_model_stays_a_timm_model_to_its_users(
     assert {name: tuple(value.shape) for name, value in out.items()} == {
         "logits": (2, 10), "embedding": (2, 192), "uncertainty": (2,)
     }  # fmt: skip
+
+
+def test_attach_tells_a_reparameterized_model_from_one_of_other_weights(tmp_path: Path) -> None:
+    """MobileOne fused by timm.utils.reparameterize_model gives the same embeddings under other
+    weight names; attach said its weights were not the cache's ("load the weights ...")."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobileone_s0", pretrained=False, num_classes=10).eval()
+    digest = f"random:mobileone_s0:seed0:state-sha256:{state_digest(model)}"
+    head = create_head(HeadConfig(embedding_dim=model.num_features, hidden=(8,)), seed=0)
+    export_head(head, str(tmp_path), backbone="mobileone_s0", weights_digest=digest,
+                loss="ranking", num_classes=10)  # fmt: skip
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model.forward_head(model.forward_features(images), pre_logits=True)
+
+    with pytest.warns(UserWarning, match="reparameterized or fused") as record:
+        attach_head(reparameterize_model(model), str(tmp_path))  # a fused copy
+    assert not any("load the weights" in str(w.message) for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the weights the cache was made with, fused after
+        attached = reparameterize_model(attach_head(model, str(tmp_path)))
+        with torch.inference_mode():
+            got = attached(images)["embedding"]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

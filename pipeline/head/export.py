@@ -332,6 +332,19 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
         return  # cast down: its digest cannot match the float32 weights the cache digested
     if expected != state_digest(model):
         made_with = digest.split(":state-sha256:")[0]
+        built = _meta_model(doc["backbone"], doc.get("model_kwargs") or {})
+        if built is not None and set(built.state_dict()) != set(model.state_dict()):
+            # timm.utils.reparameterize_model (MobileOne, FastViT, RepViT, LeViT, ...) fuses
+            # layers: the same function, so the same embeddings, under other weight names
+            warnings.warn(
+                f"the model's layers are not those of timm's {doc['backbone']} (reparameterized "
+                "or fused, as timm.utils.reparameterize_model does?), so its weights could not "
+                f"be checked against those the head in {head_dir} was trained on ({made_with}); "
+                "attach the head to the model as timm creates it, then reparameterize what "
+                "attach_head returns",
+                stacklevel=3,
+            )
+            return
         advice = (
             "did you create it with pretrained=True?"
             if digest.startswith("hub:")
