@@ -336,6 +336,13 @@ def test_attach_warns_of_a_model_pooled_otherwise_than_its_cache(tmp_path: Path,
                 loss="l2", model_kwargs={"global_pool": "max"})  # fmt: skip
     with pytest.warns(UserWarning, match=r"global_pool='max', but the model has global_pool='avg'"):
         attach_head(timm.create_model("convnext_atto"), str(tmp_path / "convnext"))
+    # dropout is off in eval mode, where caches are made: the same embeddings without it
+    export_head(head, str(tmp_path / "dropout"), backbone="convnext_atto", weights_digest="x",
+                loss="l2", model_kwargs={"drop_rate": 0.3, "drop_path_rate": 0.1})  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_head(timm.create_model("convnext_atto"), str(tmp_path / "dropout"))
+    assert not [w for w in caught if "drop" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_a_missing_or_newer_head_is_named(tmp_path: Path) -> None:

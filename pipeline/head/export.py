@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from typing import Any
 
@@ -357,6 +358,11 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
         )
 
 
+#: ``model_kwargs`` of training only (dropout, stochastic depth): no-ops in eval mode, where
+#: caches are made, so a model created without them has the same embeddings.
+_EVAL_NO_OP = re.compile(r"drop(_path|_block)?_rate$")
+
+
 def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
     """Warn when ``model``'s pooling, or another plain setting a ``model_kwargs`` argument sets,
     differs from the backbone's the cache was made with (timm's defaults and head.json's
@@ -365,7 +371,7 @@ def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) ->
     built = _meta_model(doc["backbone"], kwargs)
     if built is None:
         return
-    for name in sorted({"global_pool", *kwargs}):
+    for name in sorted({"global_pool", *kwargs} - set(filter(_EVAL_NO_OP.search, kwargs))):
         found, wanted = _setting(model, name), _setting(built, name)
         if found is not None and wanted is not None and found != wanted:
             warnings.warn(
