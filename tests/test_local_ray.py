@@ -131,3 +131,19 @@ def test_a_full_temp_folder_is_named_when_ray_cannot_start(tmp_path) -> None:
         "could not start a local Ray" in said and f"under {full}/ray, where 0 MiB are free" in said
     )
     assert "Traceback" not in said
+
+
+def test_a_local_ray_whose_node_never_comes_up_is_one_line(monkeypatch) -> None:
+    """A raylet that dies as it starts (a file-size limit, `ulimit -f`, killed it: SIGXFSZ)
+    makes Ray raise a bare ``Exception`` ('The current node timed out during startup'), not the
+    ``RuntimeError`` of a full temp folder: `pvu cache` ended with a 120-line traceback, exit 1."""
+    import ray
+
+    from pipeline.cache.distribute import start_local_ray
+
+    def node_never_up(**_: object) -> None:
+        raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "init", node_never_up)
+    with pytest.raises(OSError, match=r"could not start a local Ray \(The current node timed out"):
+        start_local_ray()

@@ -72,13 +72,16 @@ def start_local_ray(**init_options: Any) -> None:
         ray.init(
             address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init_options
         )
-    except RuntimeError as error:  # "Timed out waiting for file .../gcs_server_port_...", say
+    except Exception as error:  # Ray's own startup failures, as one line
+        # a full temp folder: RuntimeError "Timed out waiting for file .../gcs_server_port_...";
+        # a raylet that died as it started (a resource limit): a bare Exception, "The current
+        # node timed out during startup"
         folder = get_default_ray_temp_dir()  # RAY_TMPDIR, TMPDIR or /tmp, then ray/
         free = shutil.disk_usage(os.path.dirname(folder)).free / 2**20
         raise OSError(
             f"could not start a local Ray ({error}): it keeps its session files under "
             f"{folder}, where {free:,.0f} MiB are free; free space there, or set TMPDIR to a "
-            "folder with room"
+            f"folder with room (its processes' logs: {folder}/session_latest/logs)"
         ) from None
 
 
