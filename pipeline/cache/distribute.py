@@ -78,10 +78,11 @@ def start_local_ray(**init_options: Any) -> None:
         # node timed out during startup"
         folder = get_default_ray_temp_dir()  # RAY_TMPDIR, TMPDIR or /tmp, then ray/
         free = shutil.disk_usage(os.path.dirname(folder)).free / 2**20
+        room = "free space there, or set TMPDIR to a folder with room; " if free < 1024 else ""
         raise OSError(
             f"could not start a local Ray ({error}): it keeps its session files under "
-            f"{folder}, where {free:,.0f} MiB are free; free space there, or set TMPDIR to a "
-            f"folder with room (its processes' logs: {folder}/session_latest/logs)"
+            f"{folder}, where {free:,.0f} MiB are free; {room}its processes' logs are in "
+            f"{folder}/session_latest/logs"
         ) from None
 
 
