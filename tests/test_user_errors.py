@@ -502,6 +502,28 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(
     assert "leave the address out for a local Ray" in said
 
 
+def test_a_ray_address_that_answers_but_is_not_joined_says_why(monkeypatch) -> None:
+    """A cluster that refuses the driver's token (Ray's token authentication) or a port of
+    another server: Ray logs InvalidAuthToken and raises 'Failed to connect', which read 'no
+    Ray cluster found there; start one' of a running cluster."""
+    from jobs.run.cache import connect_ray
+
+    def refused(**options: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1. Please check")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with socket.socket() as server:  # something that answers on the address
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(ConnectionError) as failed:
+            connect_ray(address)
+    said = str(failed.value)
+    assert said.startswith(f"--ray-address {address}: something answers there"), said
+    assert "RAY_AUTH_TOKEN" in said and "6379" in said
+
+
 def test_a_ray_address_with_no_cluster_names_pvus_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's own words named its `--address` flag, which pvu does not have. (Ray's text, raised
     as ray.init raises it with no cluster: a real `auto` finds any Ray running on the machine,

@@ -363,7 +363,7 @@ def connect_ray(address: str | None) -> None:
         if not address:
             start_local_ray(log_to_driver=True)
             return
-        _check_answers(address, flag)
+        answered = _check_answers(address, flag)
         loopback = _host(address) in LOOPBACK_HOSTS
         if loopback:  # else Ray takes 127.0.0.1 for this machine's address and never connects
             keep_ray_on_loopback()
@@ -374,19 +374,33 @@ def connect_ray(address: str | None) -> None:
                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}),
             )
         except ConnectionError as error:  # its words name Ray's own flag, --address
-            raise _no_cluster(flag, address, str(error).split(". ")[0]) from None
+            said = str(error).split(". ")[0]
+            raise (_not_joined if answered else _no_cluster)(flag, address, said) from None
 
 
-def _check_answers(address: str, flag: str) -> None:
+def _check_answers(address: str, flag: str) -> bool:
     """Refuse at once a cluster's ``host:port`` where nothing listens, which Ray retries for
-    minutes; ``auto``, ``ray://`` (a client, maybe through a proxy) and the rest are Ray's."""
+    minutes; whether something answered there (``auto``, ``ray://``, a client maybe through a
+    proxy, and the rest are Ray's to find: False)."""
     host, _, port = address.rpartition(":")
     if "://" in host or not port.isdigit():
-        return
+        return False
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as error:
         raise _no_cluster(flag, address, error.strerror or str(error)) from None
+    return True
+
+
+def _not_joined(flag: str, address: str, said: str) -> ConnectionError:
+    """Ray could not join what answers at ``address``: another port, or a cluster that refuses
+    this driver's token (Ray says so only in its log lines: InvalidAuthToken)."""
+    return ConnectionError(
+        f"{flag} {address}: something answers there, but Ray could not join it as a cluster "
+        f"({said}): give the head's GCS port (6379 by default; not the dashboard's 8265 or a "
+        "client's 10001), and where the cluster takes tokens (RAY_AUTH_MODE=token) this "
+        "driver's (RAY_AUTH_TOKEN or ~/.ray/auth_token) must be its own"
+    )
 
 
 def _no_cluster(flag: str, address: str, said: str) -> ConnectionError:
