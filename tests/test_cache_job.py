@@ -125,6 +125,21 @@ def test_another_shard_set_of_the_same_names_is_warned_of_and_a_moved_one_resume
     assert len(read_cache(str(tmp_path / "cache"))) == 24
 
 
+def test_units_of_shards_and_epochs_a_run_no_longer_names_are_warned_of(
+    local_ray, tmp_path, caplog
+):
+    """A shard left out of --shards (bad data, say) or fewer --epochs: its earlier units stayed
+    in the cache and were trained on, with no word (the summary counted their rows)."""
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=6, size=32)
+    config = CacheJobConfig(shards=shards[0], output=str(tmp_path / "cache"), **COMMON)
+    run_cache(config.model_copy(update={"shards": str(tmp_path / "shards"), "epochs": 2}))
+    assert "this run's --shards and --epochs do not make" not in caplog.text
+    run_cache(config)
+    said = " ".join(caplog.text.split())
+    assert "holds 3 unit(s), 18 rows, that this run's --shards and --epochs do not make" in said
+    assert "e.g. epoch=0000/digits-0001.parquet (shard digits-0001, epoch 0)" in said
+
+
 def test_a_shard_set_rebuilt_under_the_same_urls_is_refused_until_its_units_are_deleted(
     local_ray, tmp_path
 ):

@@ -665,7 +665,25 @@ def _run_cache(config: CacheJobConfig, locks_lost: list[threading.Event]) -> Poo
         for target in targets:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
     _finish(config, report, targets, names, already=len(units) - len(todo), started=started)
+    for target in targets:
+        _warn_of_units_not_planned(target.manifest, {unit.relpath for unit in units})
     return report
+
+
+def _warn_of_units_not_planned(manifest: Manifest, planned: set[str]) -> None:
+    """Warn of units of ``manifest``'s cache that this run did not plan (of shards since left
+    out of ``--shards``, or epochs past ``--epochs``): readers take their rows too."""
+    others = {relpath: unit for relpath, unit in manifest.units.items() if relpath not in planned}
+    if not others:
+        return
+    relpath, unit = min(others.items())
+    log.warning(
+        "%s holds %d unit(s), %s rows, that this run's --shards and --epochs do not make (an "
+        "earlier run's), e.g. %s (shard %s, epoch %d): pvu train-head and evaluate read them "
+        "too; delete them, or cache into a new --output, to leave them out",
+        *(manifest.root, len(others), f"{sum(u['rows'] for u in others.values()):,}", relpath),
+        *(unit["shard"], unit["epoch"]),
+    )
 
 
 def _open_target(
