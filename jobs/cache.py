@@ -22,7 +22,7 @@ def cache(
         typer.Option(
             metavar="URL",
             help="Required. Brace pattern (s3://b/train-{0000..2047}.tar), a "
-            "directory or prefix of .tar files, or a text file of URLs.",
+            "directory or prefix of .tar (.tar.gz, .tgz) files, or a text file of URLs.",
         ),
     ] = None,
     backbone: Annotated[
