@@ -201,6 +201,27 @@ def test_a_dataset_name_with_dollars_is_drawn_as_written(tmp_path: Path, head_di
     assert json.loads((tmp_path / "r" / "report.json").read_text())["datasets"][0]["name"] == name
 
 
+def test_a_cache_still_being_written_is_named_in_the_report(tmp_path: Path, head_dir: str) -> None:
+    """evaluate warned of a cache still being written, but report.md and report.json did not
+    say so: a saved report gave no hint that it was made on part of its cache."""
+    from pipeline.cache.lock import RunLock
+
+    x, labels = clustered(60, 3, seed=5)
+    cars = write_eval_cache(str(tmp_path / "cars"), x, labels)
+    with RunLock(cars, owner="pvu cache"):  # a cache run writing it now
+        result = run(
+            "--head", head_dir, "--dataset", f"cars={cars}", "--report", str(tmp_path / "r")
+        )
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r" / "report.json").read_text())
+    [incomplete] = document["incomplete_caches"]
+    assert incomplete["url"] == cars and "still being written, by run" in incomplete["note"]
+    said = " ".join((tmp_path / "r" / "report.md").read_text().split())
+    assert f"Cache `{cars}` may be incomplete**: still being written, by run" in said
+    result = run("--head", head_dir, "--dataset", f"cars={cars}", "--report", str(tmp_path / "r"))
+    assert "incomplete_caches" not in json.loads((tmp_path / "r" / "report.json").read_text())
+
+
 def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) -> None:
     clean = write_eval_cache(str(tmp_path / "clean"), *clustered(120, 4, seed=3))
     result = run(

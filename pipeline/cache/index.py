@@ -110,6 +110,9 @@ class CacheIndex:
     dim: int
     empty_files: list[str] = field(default_factory=list)
     dtype: str = "float16"
+    #: cache URL -> why its units may be incomplete (a run still writing it, or one that did
+    #: not finish or failed units), for the caches that may be
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -333,7 +336,7 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     ``need_loss`` (training), caches in the dataset's label space, whose loss is null."""
     if not urls:
         raise ValueError("no cache URL given")
-    units = _committed_units(urls, io_threads)
+    units, incomplete = _committed_units(urls, io_threads)
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         files = list(pool.map(lambda item: _read_footer(item[0], *item[1]), units.items()))
     shared = check_compatible(files)
@@ -346,26 +349,29 @@ def open_cache(urls: Sequence[str], *, io_threads: int = 16, need_loss: bool = T
     files = [f for f in files if f.rows > 0]
     if not files:
         raise ValueError(f"caches {list(urls)} are empty: every unit has 0 rows")
-    return CacheIndex(files, shared, int(shared["embedding_dim"]), empty, files[0].dtype)
+    return CacheIndex(
+        files, shared, int(shared["embedding_dim"]), empty, files[0].dtype, incomplete
+    )
 
 
 def _committed_units(
     urls: Sequence[str], io_threads: int
-) -> dict[str, tuple[str, str, pq.FileMetaData | None]]:
+) -> tuple[dict[str, tuple[str, str, pq.FileMetaData | None]], dict[str, str]]:
     """Each committed unit of the caches at ``urls``: unit URL -> (cache URL, its path in the
-    cache, its footer if the consistency check read it); warns of a cache still being written
-    or left unfinished, refuses an empty cache and a unit listed twice."""
+    cache, its footer if the consistency check read it); and why a cache may lack units (one
+    still being written, or left unfinished), each warned of. Refuses an empty cache and a
+    unit listed twice."""
     units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
+    incomplete: dict[str, str] = {}
     for url in urls:
         check = require_consistent(url, io_threads=io_threads)  # its footers are not re-read
         writer = live_holder(url)
         if writer is not None:
-            log.warning(
-                "cache %s is still being written, by %s: reading the units committed so far",
-                *(url, writer.describe(time.time())),
-            )
+            incomplete[url] = f"still being written, by {writer.describe(time.time())}"
         elif note := unfinished_note(check.last_run):
-            log.warning("cache %s: %s; reading the units it holds", url, note)
+            incomplete[url] = note
+        if url in incomplete:
+            log.warning("cache %s: %s; reading the units committed so far", url, incomplete[url])
         found = list_cache_files(url, check.listed)
         if not found:
             raise ValueError(
@@ -375,7 +381,7 @@ def _committed_units(
             if unit in units:
                 raise ValueError(f"cache unit listed twice (same cache given twice?): {unit}")
             units[unit] = (url, relpath, check.footers.get(relpath))
-    return units
+    return units, incomplete
 
 
 def _check_trainable(urls: Sequence[str], files: list[CacheFile], shared: dict) -> None:

@@ -170,6 +170,7 @@ def _headline(report: dict[str, Any], sources: list[str]) -> list[str]:
         'label" (0.5 = chance; n/a when every or no 1-NN is right). Sources: each head, and '
         "baselines from the cache: classifier entropy, 1 - max softmax, 1 / embedding norm, "
         "seeded random.\n",
+        *_incomplete_note(report.get("incomplete_caches") or []),
         *_dropped_note(datasets),
         *_input_note(report["sources"], datasets),
         "## R-AUROC and Recall@1\n",
@@ -346,6 +347,15 @@ def _input_note(sources: list[dict[str, Any]], datasets: list[dict[str, Any]]) -
                 "uncertainties there are outside what it learned.\n"
             )
     return lines
+
+
+def _incomplete_note(caches: list[dict[str, str]]) -> list[str]:
+    """A line per input cache that may lack units (being written, or its run unfinished)."""
+    return [
+        f"**Cache `{cache['url']}` may be incomplete**: {cache['note']}; this report read the "
+        "units it held then.\n"
+        for cache in caches
+    ]
 
 
 def _dropped_note(datasets: list[dict[str, Any]]) -> list[str]:

@@ -118,6 +118,13 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.deteriorated.append(DeterioratedSet(kind["kind"], float(kind["strength"]), scores))
     result.report["datasets"] = entries
+    incomplete = [
+        {"url": url, "note": note}
+        for index in indexes.values()
+        for url, note in index.incomplete.items()
+    ]
+    if incomplete:
+        result.report["incomplete_caches"] = incomplete
     result.report["deterioration"] = (
         {"caches": list(options.deteriorated), "kinds": deterioration_curves(result.deteriorated)}
         if result.deteriorated
