@@ -92,6 +92,22 @@ def test_head_learns_to_rank_held_out_rows(
     assert doc["loss"] == loss and doc["backbone"] == SPEC.backbone and doc["embedding_dim"] == 32
 
 
+def test_a_head_trained_on_a_cache_still_being_written_records_it(
+    cache: str, tmp_path: Path
+) -> None:
+    """head.json named the caches but not that one was still being written when read: the
+    head learned from part of it, and only the run's log had said so."""
+    with RunLock(cache, owner="pvu cache --output synthetic"):
+        fit_head([cache], str(tmp_path), _config(episodes=2))
+    training = json.loads((tmp_path / "head.json").read_text())["training"]
+    assert "still being written, by run" in training["incomplete_caches"][cache]
+    fit_head([cache], str(tmp_path / "whole"), _config(episodes=2))
+    assert (
+        "incomplete_caches"
+        not in json.loads((tmp_path / "whole" / "head.json").read_text())["training"]
+    )
+
+
 def _training_rows(cache: str, val_fraction: float) -> int:
     """Rows of ``cache`` outside the validation slice, by their keys."""
     keys = pa.concat_tables(

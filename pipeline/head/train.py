@@ -378,6 +378,8 @@ def _export(
         "caches": list(caches),
         "final": records[-1] if records else None,
     }
+    if index.incomplete:  # a cache still being written, or left unfinished, when opened
+        summary["incomplete_caches"] = index.incomplete
     return export_head(
         head,
         output,
