@@ -212,6 +212,23 @@ def test_all_spec_kinds_on_s3(s3_bucket):
         expand_shards(f"{s3_bucket}/elsewhere/")
 
 
+@pytest.mark.slow
+def test_list_file_on_s3_resolves_dot_steps(s3_bucket):
+    """A list file's './x.tar' and '../other/x.tar' entries are relative to its folder on S3
+    too, as on a local disk: they were joined as they were, keys 'lists/../other/x.tar' that
+    a store does not have, and the run was refused as 'shards do not exist'."""
+    root = f"{s3_bucket}/data"
+    _make(root + "/a", "train-0000.tar", "train-0001.tar")
+    _make(root + "/b", "train-0002.tar")
+    with fsspec.open(f"{root}/a/shards.txt", "w") as file:
+        file.write("./train-0000.tar\ntrain-0001.tar\n../b/train-0002.tar\n")
+    assert expand_shards(f"{root}/a/shards.txt") == [
+        f"{root}/a/train-0000.tar",
+        f"{root}/a/train-0001.tar",
+        f"{root}/b/train-0002.tar",
+    ]
+
+
 @pytest.mark.parametrize(
     ("url", "name"),
     [

@@ -323,7 +323,7 @@ def _read_list_file(
         if not entry or entry.startswith("#"):
             continue
         if "://" not in entry and "::" not in entry and not posixpath.isabs(entry):
-            entry = posixpath.join(folder, entry)
+            entry = _relative_to(folder, entry)
         urls.append(entry)
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
@@ -331,6 +331,16 @@ def _read_list_file(
     if verify:
         _verify_exist(urls, spec)
     return urls
+
+
+def _relative_to(folder: str, entry: str) -> str:
+    """A list file's relative ``entry`` in its ``folder`` (a URL or an absolute path), its
+    ``.`` and ``..`` steps resolved on a store too (which has no such folders: the key
+    ``lists/../a.tar`` is not ``a.tar``), as ``pvu shards`` resolves a table's paths."""
+    protocol, sep, rest = folder.partition("://")
+    if sep:
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, entry))}"
+    return posixpath.join(folder, entry)
 
 
 def _verify_exist(urls: list[str], spec: str) -> None:
