@@ -95,4 +95,13 @@ def check_not_inside(url: str, folder: str, *, flag: str, folder_flag: str, why:
     if isinstance(in_fs, LocalFileSystem):
         out_path, in_path = os.path.realpath(out_path), os.path.realpath(in_path)
     if f"{out_path.rstrip('/')}/".startswith(f"{in_path.rstrip('/')}/"):
-        raise UserError(f"{flag} {url} is inside {folder_flag} {folder}: {why}")
+        named = folder_flag if folder_flag.endswith("=") else f"{folder_flag} "  # --dataset d=
+        raise UserError(f"{flag} {url} is inside {named}{folder}: {why}")
+
+
+#: Why an output may not lie in a cache (``why`` of :func:`check_not_inside`).
+INSIDE_A_CACHE = (
+    "its files would sit among the cache's units, where a Parquet reader of the cache's "
+    "folder (pyarrow's dataset, as the README shows) meets files that are no Parquet; give "
+    "a folder outside the cache"
+)

@@ -388,6 +388,26 @@ def test_s3_bucket_that_does_not_exist(s3_server: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_output_inside_a_cache_is_refused_before_any_work(s3_bucket: str) -> None:
+    """`--output` (train-head) or `--report` (evaluate) at or under a cache was taken: the
+    head, checkpoints and report landed among the cache's units, where pyarrow's dataset of
+    the cache's folder (as the README reads one) then failed on `head.safetensors`."""
+    cache = f"{s3_bucket}/caches/eval"
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1))
+    bucket = s3_bucket.removeprefix("s3://")
+    before = sorted(s3fs.S3FileSystem().find(bucket))
+    train = ["train-head", "--cache", cache, "--episodes", "1", "--warmup-episodes", "0"]
+    for output in (cache + "/", f"s3a://{bucket}/caches/eval/heads/h1"):
+        result, seconds = timed_pvu(*train, "--output", output)
+        assert_actionable(result, seconds, f"--output {output} is inside --cache {cache}")
+    result, seconds = timed_pvu("evaluate", "--dataset", f"d={cache}", "--report", cache)
+    assert_actionable(result, seconds, f"--report {cache} is inside --dataset d={cache}")
+    assert sorted(s3fs.S3FileSystem().find(bucket)) == before
+    # beside the cache (a name it starts with, too) is outside it
+    assert timed_pvu(*train, "--output", f"{cache}-heads/h1")[0].exit_code == 0
+
+
+@pytest.mark.slow
 def test_s3_access_denied(s3_bucket: str, fault_proxy, tmp_path: Path) -> None:
     bucket = s3_bucket.removeprefix("s3://")
     fault_proxy.deny(f"/{bucket}", kind="deny")

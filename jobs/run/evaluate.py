@@ -19,7 +19,7 @@ from rich.table import Table
 
 from jobs import project_version
 from jobs.config import comma_separated_ints
-from jobs.preflight import check_output_folder, check_storage
+from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
 from jobs.terminal import console, progress_bar, resolve_device
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
@@ -134,6 +134,8 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     for flag, url in inputs:  # before hours of work on the datasets ahead of a typo
         check_storage(url, flag=flag, must_exist=True)
     check_output_folder(config.report, flag="--report")
+    for flag, url in inputs:
+        check_not_inside(config.report, url, flag="--report", folder_flag=flag, why=INSIDE_A_CACHE)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     with progress_bar(
         TextColumn("[bold]evaluate[/bold] {task.description}"),

@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 from jobs.config import comma_separated_ints
-from jobs.preflight import check_output_folder, check_storage
+from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
     console,
@@ -158,6 +158,10 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
     for url in config.cache:
         check_storage(url, flag="--cache", must_exist=True)
     check_output_folder(config.output, flag="--output")
+    for url in config.cache:
+        check_not_inside(
+            config.output, url, flag="--output", folder_flag="--cache", why=INSIDE_A_CACHE
+        )
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     keep_freed_memory()
     train_config = config.to_train_config()
