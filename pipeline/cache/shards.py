@@ -211,8 +211,16 @@ def _folder_sizes(folder: str) -> dict[str, int | None]:
 
 
 def _spelled_alike(url: str) -> str:
-    """``url`` with a local path's ``//`` and ``/./`` undone."""
-    return url if "://" in url else posixpath.normpath(url)
+    """``url`` with a local path's ``//`` and ``/./`` undone, and a store's protocol in its
+    filesystem's first spelling (``s3a://b/x.tar`` is ``s3://b/x.tar``: one object)."""
+    if "://" not in url:
+        return posixpath.normpath(url)
+    protocol, _, rest = url.partition("://")
+    try:
+        spellings = fsspec.get_filesystem_class(protocol).protocol
+    except (ValueError, ImportError):  # not a filesystem fsspec knows here
+        return url
+    return f"{spellings if isinstance(spellings, str) else spellings[0]}://{rest}"
 
 
 def is_file_entry(fs: fsspec.AbstractFileSystem, info: dict) -> bool:
