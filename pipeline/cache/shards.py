@@ -331,7 +331,7 @@ def _read_list_file(
         if not entry or entry.startswith("#"):
             continue
         if "://" not in entry and "::" not in entry and not posixpath.isabs(entry):
-            entry = _relative_to(folder, entry)
+            entry = join_relative(folder, entry)
         urls.append(entry)
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
@@ -341,14 +341,14 @@ def _read_list_file(
     return urls
 
 
-def _relative_to(folder: str, entry: str) -> str:
-    """A list file's relative ``entry`` in its ``folder`` (a URL or an absolute path), its
-    ``.`` and ``..`` steps resolved on a store too (which has no such folders: the key
-    ``lists/../a.tar`` is not ``a.tar``), as ``pvu shards`` resolves a table's paths."""
+def join_relative(folder: str, entry: str) -> str:
+    """The relative path ``entry`` (of a list file's or a table's) in ``folder`` (a URL or an
+    absolute path), its ``.`` and ``..`` steps resolved, on a store too (which has no such
+    folders: the key ``lists/../a.tar`` is not ``a.tar``)."""
     protocol, sep, rest = folder.partition("://")
     if sep:
         return f"{protocol}://{posixpath.normpath(posixpath.join(rest, entry))}"
-    return posixpath.join(folder, entry)
+    return posixpath.normpath(posixpath.join(folder, entry))
 
 
 def _verify_exist(urls: list[str], spec: str) -> None:

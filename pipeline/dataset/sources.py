@@ -20,7 +20,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.shards import is_file_entry, storage_url
+from pipeline.cache.shards import is_file_entry, join_relative, storage_url
 from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
@@ -426,7 +426,4 @@ def _resolve(path: str, folder: str) -> str:
         return path
     if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
         return os.path.normpath(path)
-    if "://" in folder:
-        protocol, _, rest = folder.partition("://")
-        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, path))}"
-    return os.path.normpath(os.path.join(folder, path))
+    return join_relative(folder, path)
