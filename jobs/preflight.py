@@ -8,12 +8,15 @@ listing) name neither the flag nor the fix; each check here turns them into one
 from __future__ import annotations
 
 import os
+import posixpath
 
 import botocore.exceptions
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.terminal import UserError
+from pipeline.cache.manifest import MANIFEST_NAME
+from pipeline.cache.shards import storage_url
 
 CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
@@ -105,3 +108,18 @@ INSIDE_A_CACHE = (
     "folder (pyarrow's dataset, as the README shows) meets files that are no Parquet; give "
     "a folder outside the cache"
 )
+
+
+def check_not_in_a_cache(url: str, *, flag: str) -> None:
+    """Refuse an output ``url`` below a folder that holds a cache (its ``_manifest.json``): a
+    Parquet reader of that cache's folder would read the nested cache's rows as its own."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = posixpath.dirname(path.rstrip("/"))
+    while parent and parent != posixpath.dirname(parent):
+        if fs.isfile(f"{parent}/{MANIFEST_NAME}"):
+            raise UserError(
+                f"{flag} {url} is inside the cache {storage_url(fs, parent)}: a Parquet reader "
+                "of that cache's folder (pyarrow's dataset, as the README shows) would take "
+                "this cache's rows for its own; give a folder outside it"
+            )
+        parent = posixpath.dirname(parent)

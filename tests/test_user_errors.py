@@ -388,10 +388,13 @@ def test_s3_bucket_that_does_not_exist(s3_server: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_an_output_inside_a_cache_is_refused_before_any_work(s3_bucket: str) -> None:
+def test_an_output_inside_a_cache_is_refused_before_any_work(
+    s3_bucket: str, tmp_path: Path
+) -> None:
     """`--output` (train-head) or `--report` (evaluate) at or under a cache was taken: the
     head, checkpoints and report landed among the cache's units, where pyarrow's dataset of
-    the cache's folder (as the README reads one) then failed on `head.safetensors`."""
+    the cache's folder (as the README reads one) then failed on `head.safetensors`; and a
+    cache written inside another became rows of the outer one to that reader."""
     cache = f"{s3_bucket}/caches/eval"
     write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1))
     bucket = s3_bucket.removeprefix("s3://")
@@ -402,6 +405,12 @@ def test_an_output_inside_a_cache_is_refused_before_any_work(s3_bucket: str) -> 
         assert_actionable(result, seconds, f"--output {output} is inside --cache {cache}")
     result, seconds = timed_pvu("evaluate", "--dataset", f"d={cache}", "--report", cache)
     assert_actionable(result, seconds, f"--report {cache} is inside --dataset d={cache}")
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    nested = f"{cache}/by-resnet"
+    result, seconds = timed_pvu(
+        "cache", "--shards", shards[0], "--output", nested, *SMALL_BACKBONE_FLAGS
+    )
+    assert_actionable(result, seconds, f"--output {nested} is inside the cache {cache}")
     assert sorted(s3fs.S3FileSystem().find(bucket)) == before
     # beside the cache (a name it starts with, too) is outside it
     assert timed_pvu(*train, "--output", f"{cache}-heads/h1")[0].exit_code == 0

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from jobs import project_version
-from jobs.preflight import check_output_folder, check_storage
+from jobs.preflight import check_not_in_a_cache, check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
     console,
@@ -502,13 +502,22 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     One run per output prefix: a second is refused with ``CacheLocked`` naming the first.
     """
     check_storage(config.shards, flag="--shards")
+    check_outputs(config)
     owner = command_line()
     with contextlib.ExitStack() as stack:
-        locks = []
-        for i, target in enumerate(config.targets()):
-            check_output_folder(target.output, flag="--also" if i else "--output")
-            locks.append(stack.enter_context(RunLock(target.output, owner=owner)))
+        locks = [
+            stack.enter_context(RunLock(target.output, owner=owner)) for target in config.targets()
+        ]
         return _run_cache(config, [lock.lost for lock in locks])
+
+
+def check_outputs(config: CacheJobConfig) -> None:
+    """Refuse an ``--output`` (or ``--also`` target's) that cannot be written, or that lies
+    inside another cache; creates nothing."""
+    for index, target in enumerate(config.targets()):
+        flag = "--also" if index else "--output"
+        check_output_folder(target.output, flag=flag)
+        check_not_in_a_cache(target.output, flag=flag)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ import torch
 from pydantic import Field
 from rich.table import Table
 
-from jobs.preflight import check_output_folder, check_storage
+from jobs.preflight import check_storage
 from jobs.run.cache import (
     CacheJobConfig,
     build_provenance,
+    check_outputs,
     checked_backbones,
     member_advice,
     unit_settings,
@@ -112,8 +113,7 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
     """Sample the shards once, then measure each backbone of the job (the first, then each
     ``--also`` target) on the sample on this machine and extrapolate to the job."""
     check_storage(config.shards, flag="--shards")
-    for index, target in enumerate(config.targets()):  # as pvu cache checks them; none made
-        check_output_folder(target.output, flag="--also" if index else "--output")
+    check_outputs(config)  # as pvu cache checks them
     urls = expand_shards(config.shards)
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
     for target in config.targets():
