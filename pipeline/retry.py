@@ -23,7 +23,8 @@ thus one request, failed within a second; a store that stays down costs
 ``REQUEST_ATTEMPTS`` requests per try of the unit. :func:`configure_storage_clients` sets the
 two lower layers; importing ``pipeline`` calls it, so every pvu process (driver, Ray actors)
 runs the same policy. A user's own fsspec configuration for ``s3`` (``FSSPEC_S3`` or
-``~/.config/fsspec``) takes precedence over these defaults.
+``~/.config/fsspec``) takes precedence over these defaults; botocore ``config_kwargs`` of theirs
+without ``retries`` (an ``s3`` addressing style, say) keep the retries.
 """
 
 from __future__ import annotations
@@ -108,11 +109,8 @@ _jitter = random.Random()  # private: the global ``random`` is seeded per sample
 def configure_storage_clients() -> None:
     """Give botocore the request retries and s3fs none (see the module docstring)."""
     s3fs.S3FileSystem.retries = 1
-    defaults = fsspec.config.conf.setdefault("s3", {})
-    defaults.setdefault(
-        "config_kwargs",
-        {"retries": {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS}},
-    )
+    config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
+    config.setdefault("retries", {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS})
 
 
 def retry(

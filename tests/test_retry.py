@@ -15,6 +15,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.retry import (
+    REQUEST_ATTEMPTS,
     BucketGone,
     StorageFull,
     bucket_kept,
@@ -226,3 +227,22 @@ def test_a_move_done_though_its_answer_was_lost_is_done(tmp_path):
 def test_a_move_whose_source_is_missing_from_the_start_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"move file://.*x\.tmp to"):
         move_file(LocalFileSystem(), str(tmp_path / "x.tmp"), str(tmp_path / "x"))
+
+
+def test_a_users_own_botocore_settings_keep_the_request_retries() -> None:
+    """A user's FSSPEC_S3 with config_kwargs for another setting (an s3 addressing style)
+    replaced pvu's whole config_kwargs: botocore's request retries were silently gone."""
+    import json
+
+    code = "import fsspec, pipeline, json; print(json.dumps(fsspec.config.conf['s3']))"
+    mine = {"config_kwargs": {"s3": {"addressing_style": "path"}}}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "FSSPEC_S3": json.dumps(mine)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    config = json.loads(run.stdout)["config_kwargs"]
+    assert config["s3"] == {"addressing_style": "path"}, run.stderr
+    assert config["retries"]["total_max_attempts"] == REQUEST_ATTEMPTS
+    own = {"config_kwargs": {"retries": {"max_attempts": 2}}}  # theirs take precedence
+    env["FSSPEC_S3"] = json.dumps(own)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert json.loads(run.stdout)["config_kwargs"] == own["config_kwargs"], run.stderr
