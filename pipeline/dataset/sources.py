@@ -312,15 +312,30 @@ def _read_table(url: str, path_column: str, label_column: str, *, label_names: b
     by the caller)."""
     data = read_url(url)
     if url.lower().endswith(".parquet"):
-        table = _decoded(pq.read_table(pa.BufferReader(data)))
-        column = table.schema.get_field_index(label_column)
-        if column < 0:
-            return table
-        if label_names and _is_number(table.schema.field(column).type):
-            return table.set_column(column, label_column, table[column].cast(pa.string()))
-        if not label_names and _is_text(table.schema.field(column).type):
-            return _indices_of_text(url, table, column)
+        return _read_parquet(url, data, label_column, label_names=label_names)
+    table = _read_csv(url, data, path_column)
+    try:
+        return _numbers_as_text(url, table, data, label_column, always=label_names)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+
+
+def _read_parquet(url: str, data: bytes, label_column: str, *, label_names: bool) -> pa.Table:
+    """The Parquet table ``data`` (of ``url``), its labels as names or indices as asked."""
+    table = _decoded(pq.read_table(pa.BufferReader(data)))
+    column = table.schema.get_field_index(label_column)
+    if column < 0:
         return table
+    if label_names and _is_number(table.schema.field(column).type):
+        return table.set_column(column, label_column, table[column].cast(pa.string()))
+    if not label_names and _is_text(table.schema.field(column).type):
+        return _indices_of_text(url, table, column)
+    return table
+
+
+def _read_csv(url: str, data: bytes, path_column: str) -> pa.Table:
+    """The CSV table ``data`` (of ``url``), ``path_column`` as its bytes; ``ValueError`` naming
+    ``url`` for text that is not UTF-8 or no CSV."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:1024]:
         raise ValueError(
             f"table {url} is UTF-16 text (as Excel's 'Unicode Text' saves it), not a UTF-8 "
@@ -338,10 +353,7 @@ def _read_table(url: str, path_column: str, label_column: str, *, label_names: b
         raise ValueError(
             f"table {url}: its header is not UTF-8 text ({header!r}); save the table in UTF-8"
         ) from None
-    try:
-        return _numbers_as_text(url, table, data, label_column, always=label_names)
-    except pa.ArrowInvalid as error:
-        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+    return table
 
 
 def _numbers_as_text(
