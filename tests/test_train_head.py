@@ -353,6 +353,26 @@ def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     assert fit_head([str(moved)], output, _config(episodes=3), RunOptions(resume=True)).finished
 
 
+def test_an_old_checkpoint_resumed_on_a_smaller_cache_is_refused(
+    cache: str, tmp_path: Path
+) -> None:
+    """A checkpoint from before pvu recorded its caches (no ``data`` in state.json) resumed
+    on a cache with fewer row groups than its reader position: it ended in a traceback,
+    'RuntimeError: stream out of step with its background reader'."""
+    output = tmp_path / "run"
+    fit_head([cache], str(output), _config(episodes=3), RunOptions(stop_after=1))
+    state_file = output / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["data"]  # as an older pvu wrote it
+    state_file.write_text(json.dumps(state))
+    assert state["stream"]["window"] >= 4
+    smaller = tmp_path / "smaller"  # 4 row groups
+    write_synthetic_cache(str(smaller), dataclasses.replace(SPEC, shards=1, epochs=2))
+    with pytest.raises(ValueError, match=r"past the 8 windows .* other caches") as error:
+        fit_head([str(smaller)], str(output), _config(episodes=3), RunOptions(resume=True))
+    assert "pass the --cache it was trained on" in str(error.value)
+
+
 def test_a_cache_given_twice_is_refused_under_any_spelling_or_as_a_copy(
     cache: str, tmp_path: Path
 ) -> None:

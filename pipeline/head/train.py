@@ -240,7 +240,7 @@ def fit_head(
     with RunLock(output, owner=options.owner):
         _check_output(output, resume=options.resume)
         done, position = (
-            _restore(output, head, optimizer, config, data)
+            _restore(output, head, optimizer, config, data, index)
             if options.resume
             else (0, StreamState())
         )
@@ -439,15 +439,28 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     data: dict[str, Any],
+    index: CacheIndex,
 ) -> tuple[int, StreamState]:
     """``--resume``: the episodes done and the stream's position of the checkpoint in
-    ``output``, loaded into ``head`` and ``optimizer``; (0, the start) if there is none."""
+    ``output``, loaded into ``head`` and ``optimizer``; (0, the start) if there is none.
+    Refuses a position past a pass over ``index``: what a checkpoint that predates its
+    ``data`` record says of its caches."""
     restored = load_checkpoint(
         output, head=head, optimizer=optimizer, settings=config.identity(), data=data
     )
     if restored is None:
         log.warning("--resume: no checkpoint in %s; training from the start", output)
         return 0, StreamState()
+    position = restored[1]
+    windows = len(index.row_groups())  # a pass reads one window per row group
+    if position.window >= windows:  # the reader would wait for a window no pass has
+        raise ValueError(
+            f"cannot resume from {output}: its checkpoint's reader stopped at window "
+            f"{position.window} of pass {position.pass_index}, past the {windows} windows of "
+            "a pass over this run's caches, so it was trained on other caches (a checkpoint "
+            "of a pvu that did not record its caches is checked no further); pass the --cache "
+            "it was trained on, or use another --output"
+        )
     log.info("resuming %s after episode %d", output, restored[0])
     return restored
 
