@@ -354,11 +354,12 @@ def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
 
 
 def test_an_old_checkpoint_resumed_on_a_smaller_cache_is_refused(
-    cache: str, tmp_path: Path
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A checkpoint from before pvu recorded its caches (no ``data`` in state.json) resumed
     on a cache with fewer row groups than its reader position: it ended in a traceback,
-    'RuntimeError: stream out of step with its background reader'."""
+    'RuntimeError: stream out of step with its background reader'. On any cache, resuming it
+    said nothing of the caches going unchecked."""
     output = tmp_path / "run"
     fit_head([cache], str(output), _config(episodes=3), RunOptions(stop_after=1))
     state_file = output / "checkpoint" / "state.json"
@@ -371,6 +372,9 @@ def test_an_old_checkpoint_resumed_on_a_smaller_cache_is_refused(
     with pytest.raises(ValueError, match=r"past the 8 windows .* other caches") as error:
         fit_head([str(smaller)], str(output), _config(episodes=3), RunOptions(resume=True))
     assert "pass the --cache it was trained on" in str(error.value)
+    assert "did not record its caches, so this run's --cache is not" in " ".join(
+        caplog.text.split()
+    )
 
 
 def test_a_cache_given_twice_is_refused_under_any_spelling_or_as_a_copy(

@@ -127,6 +127,14 @@ def load_checkpoint(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
             f"({'; '.join(differ)}); use another --output or the same settings"
         )
+    unrecorded = sorted(set(data) - set(state.get("data", {})))
+    if unrecorded:
+        what = "caches" if "data" not in state else f"caches' {', '.join(unrecorded[:3])}"
+        log.warning(
+            "--resume: the checkpoint in %s was written by a pvu that did not record its %s, "
+            "so this run's --cache is not checked against it: give the caches it was trained on",
+            *(output, what),
+        )
     recorded = {**data, **state.get("data", {})}  # what it did not record is not checked
     if recorded != data:
         differ = ", ".join(k for k, v in data.items() if recorded[k] != v) + " differ"
