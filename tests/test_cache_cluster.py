@@ -19,7 +19,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from jobs.run.cache import CacheJobConfig, run_cache
-from pipeline.cache.distribute import plan_actors
+from pipeline.cache.distribute import actor_device_type, plan_actors
 from pipeline.demo.data import write_digit_shards
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,32 @@ def lose_node(cluster: Cluster, node) -> None:
     for worker in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.kill()
+
+
+def test_a_cluster_whose_gpus_are_all_held_is_named_as_such(gpu_cluster):
+    """Another job holding every GPU: the device probe gives up saying so (before: a silent
+    wait of 5 minutes, then 'cache: Get timed out: some object(s) not ready.')."""
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    # hold every GPU of the alive nodes (a node an earlier test lost is gone), once free
+    deadline = time.monotonic() + 60
+    gpus = int(sum(node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]))
+    while ray.available_resources().get("GPU", 0) < gpus and time.monotonic() < deadline:
+        time.sleep(0.5)
+    holders = [Holder.remote() for _ in range(gpus)]
+    ray.get([holder.ping.remote() for holder in holders], timeout=120)
+    try:
+        with pytest.raises(TimeoutError, match=r"no 1 GPU\(s\) .* came free in 3 s .*ray status"):
+            actor_device_type(1.0, timeout_s=3)
+    finally:
+        for holder in holders:
+            ray.kill(holder)
+    # the probe given up holds no GPU: one comes free and the next probe gets it
+    assert actor_device_type(1.0, timeout_s=120) in {"cpu", "cuda"}
 
 
 def test_one_actor_per_gpu_and_a_lost_node_loses_no_row(gpu_cluster, tmp_path):

@@ -101,16 +101,40 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+#: Seconds the device probe waits for a free GPU before saying that it waits.
+PROBE_NOTICE_S = 15.0
+
+
 def actor_device_type(gpus_per_actor: float, timeout_s: float = 300.0) -> str:
     """'cuda' if an actor given ``gpus_per_actor`` GPUs will see CUDA, else 'cpu'.
 
     A node may declare GPUs that CUDA does not see (a test cluster, a broken driver); its actors
-    then run on the CPU, so the cache's compute precision is probed there with one task.
+    then run on the CPU, so the cache's compute precision is probed there with one task. The
+    task needs a free GPU: while every GPU is held (another job's actors) it waits, saying so
+    after ``PROBE_NOTICE_S``, and after ``timeout_s`` raises :class:`TimeoutError` saying why.
     """
     if gpus_per_actor <= 0:
         return "cpu"
     probe = ray.remote(num_gpus=gpus_per_actor, num_cpus=0)(_cuda_available)
-    return "cuda" if ray.get(probe.remote(), timeout=timeout_s) else "cpu"
+    ref = probe.remote()
+    ready, _ = ray.wait([ref], timeout=min(PROBE_NOTICE_S, timeout_s))
+    if not ready:
+        log.warning(
+            "waiting for %g free GPU(s) to see whether CUDA works on the cluster's GPU nodes: "
+            "all are held (by another job? `ray status` shows them); giving up after %.0f s",
+            gpus_per_actor,
+            timeout_s,
+        )
+        ready, _ = ray.wait([ref], timeout=max(0.0, timeout_s - PROBE_NOTICE_S))
+    if not ready:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(
+            f"no {gpus_per_actor:g} GPU(s) of the Ray cluster came free in {timeout_s:.0f} s to "
+            "run the cache actors on (another job or actor holds them? `ray status` shows "
+            "them): run the same command again once they are free, or cache on CPUs with "
+            "--gpus-per-actor 0"
+        )
+    return "cuda" if ray.get(ref) else "cpu"
 
 
 def plan_actors(
