@@ -8,6 +8,7 @@ mid-job must lose and duplicate nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 
@@ -156,3 +157,18 @@ def test_plan_actors_defaults():
         plan_actors([{"CPU": 2}], actors=None, gpus_per_actor=0, cpus_per_actor=4)
     with pytest.raises(ValueError, match="--cpus-per-actor 9 is more than any node"):
         plan_actors([{"CPU": 8, "GPU": 1}], actors=None, gpus_per_actor=1, cpus_per_actor=9)
+
+
+def test_plan_actors_counts_only_the_actors_a_node_can_hold(caplog):
+    """A GPU node started without CPUs was planned an actor that never started, and was
+    refused as '--cpus-per-actor 1 is more than any node has (0); ask for at most that many'
+    of a flag never given; --actors past what the cluster holds waited unplaced, unsaid."""
+    mixed = [{"CPU": 0, "GPU": 1}, {"CPU": 4, "GPU": 1}]
+    assert plan_actors(mixed, actors=None, gpus_per_actor=None, cpus_per_actor=None) == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"needs 1 CPU\(s\) beside its GPU, .* at most 0: st"):
+        plan_actors([{"CPU": 0, "GPU": 1}], actors=None, gpus_per_actor=None, cpus_per_actor=None)
+    with caplog.at_level(logging.WARNING):
+        planned = plan_actors(mixed, actors=4, gpus_per_actor=None, cpus_per_actor=None)
+    assert planned[0] == 4 and "--actors 4: the Ray cluster holds 1 cache actor(s) at once" in (
+        caplog.text
+    )

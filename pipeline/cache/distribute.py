@@ -165,24 +165,46 @@ def plan_actors(
             node.get("CPU", 0) / count for node, count in zip(gpu_nodes, per_node, strict=True)
         ]
         cpus = cpus_per_actor or max(1.0, math.floor(min(shares)))
-        _check_fits(cpus, [node.get("CPU", 0) for node in gpu_nodes])
-        return actors or sum(per_node), gpus, cpus
+        node_cpus = [node.get("CPU", 0) for node in gpu_nodes]
+        _check_fits(cpus, node_cpus, given=cpus_per_actor is not None)
+        fits = sum(
+            min(count, math.floor(cores / cpus))
+            for count, cores in zip(per_node, node_cpus, strict=True)
+        )  # a GPU node without the CPUs for an actor holds none
+        return _asked_or(actors, fits), gpus, cpus
     cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
     if not cpu_nodes:
         raise ValueError("the Ray cluster has no CPUs to run cache actors on")
     cpus = cpus_per_actor or float(min(cpu_nodes))
-    _check_fits(cpus, cpu_nodes)
-    default_actors = sum(max(1, math.floor(node / cpus)) for node in cpu_nodes if node >= cpus)
-    return actors or max(1, default_actors), 0.0, cpus
+    _check_fits(cpus, cpu_nodes, given=cpus_per_actor is not None)
+    return _asked_or(actors, sum(math.floor(cores / cpus) for cores in cpu_nodes)), 0.0, cpus
 
 
-def _check_fits(cpus: float, node_cpus: list[float]) -> None:
+def _check_fits(cpus: float, node_cpus: list[float], *, given: bool) -> None:
     """Refuse actors no node can hold: Ray would keep them pending forever."""
-    if cpus > max(node_cpus):
+    if cpus <= max(node_cpus):
+        return
+    if given:
         raise ValueError(
             f"--cpus-per-actor {cpus:g} is more than any node of the Ray cluster has "
             f"({max(node_cpus):g}); ask for at most that many"
         )
+    raise ValueError(
+        f"a cache actor needs {cpus:g} CPU(s) beside its GPU, but the Ray cluster's GPU nodes "
+        f"have at most {max(node_cpus):g}: start them with CPUs (ray start --num-cpus N)"
+    )
+
+
+def _asked_or(actors: int | None, fits: int) -> int:
+    """``actors`` where given, else the ``fits`` the cluster holds at once; warns of actors
+    asked for past those, which wait unplaced all run unless the cluster grows."""
+    if actors and actors > fits:
+        log.warning(
+            "--actors %d: the Ray cluster holds %d cache actor(s) at once; the other %d wait "
+            "for room all run unless it grows (add nodes, or ask for --actors %d)",
+            *(actors, fits, actors - fits, fits),
+        )
+    return actors or fits
 
 
 def decode_workers(requested: int | None, device: torch.device, cpus: float) -> int:
