@@ -123,3 +123,27 @@ def check_not_in_a_cache(url: str, *, flag: str) -> None:
                 "this cache's rows for its own; give a folder outside it"
             )
         parent = posixpath.dirname(parent)
+
+
+def check_apart(outputs: list[tuple[str, str]]) -> None:
+    """Refuse one of ``outputs`` (``(flag, url)``, a job's targets) at or under another: its
+    cache would lie in the other's folder, and the same command run again would be refused by
+    :func:`check_not_in_a_cache` (the outer one holds a manifest by then)."""
+    located = [(flag, url, *_located(url)) for flag, url in outputs]
+    for index, (flag, url, kind, path) in enumerate(located):
+        for other, (other_flag, other_url, other_kind, other_path) in enumerate(located):
+            if other != index and kind is other_kind and path.startswith(other_path):
+                raise UserError(
+                    f"{flag} {url} is inside {other_flag} {other_url}: one cache would lie in "
+                    "the other's folder, where a Parquet reader of that folder (pyarrow's "
+                    "dataset, as the README shows) takes its rows for the other's; give each "
+                    "target a folder of its own"
+                )
+
+
+def _located(url: str) -> tuple[type, str]:
+    """``url``'s filesystem type and its path with a trailing ``/`` (links resolved, locally)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)
+    return type(fs), f"{path.rstrip('/')}/"

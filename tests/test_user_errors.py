@@ -416,6 +416,30 @@ def test_an_output_inside_a_cache_is_refused_before_any_work(
     assert timed_pvu(*train, "--output", f"{cache}-heads/h1")[0].exit_code == 0
 
 
+def test_an_also_target_inside_the_output_is_refused_on_the_first_run_too(
+    tmp_path: Path,
+) -> None:
+    """`--also` nested in `--output` was taken on the first run (one cache written inside the
+    other), then the same command, run again to resume, was refused as inside the cache."""
+    from jobs.run.cache import CacheJobConfig, check_outputs
+
+    shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
+    for output, also in (("c", "c/r18"), ("c/r18", "c")):
+        config = CacheJobConfig(
+            shards=shard,
+            output=str(tmp_path / output),
+            backbone="resnet10t",
+            weights="random",
+            also=[f"resnet18,random,{tmp_path / also}"],
+        )
+        inner, outer = sorted([config.output, config.also[0].output], key=len, reverse=True)
+        with pytest.raises(UserError, match=f" {inner} is inside --(output|also) {outer}: one"):
+            check_outputs(config)
+        assert not (tmp_path / "c").exists()
+    apart = config.model_copy(update={"output": str(tmp_path / "c-resnet10t")})
+    check_outputs(apart)  # a name the other starts with is beside it
+
+
 @pytest.mark.slow
 def test_s3_access_denied(s3_bucket: str, fault_proxy, tmp_path: Path) -> None:
     bucket = s3_bucket.removeprefix("s3://")

@@ -32,7 +32,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from jobs import project_version
-from jobs.preflight import check_not_in_a_cache, check_output_folder, check_storage
+from jobs.preflight import (
+    check_apart,
+    check_not_in_a_cache,
+    check_output_folder,
+    check_storage,
+)
 from jobs.terminal import (
     command_line,
     console,
@@ -513,11 +518,15 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
 
 def check_outputs(config: CacheJobConfig) -> None:
     """Refuse an ``--output`` (or ``--also`` target's) that cannot be written, or that lies
-    inside another cache; creates nothing."""
-    for index, target in enumerate(config.targets()):
-        flag = "--also" if index else "--output"
-        check_output_folder(target.output, flag=flag)
-        check_not_in_a_cache(target.output, flag=flag)
+    inside another cache or another target's; creates nothing."""
+    outputs = [
+        ("--also" if index else "--output", target.output)
+        for index, target in enumerate(config.targets())
+    ]
+    for flag, url in outputs:
+        check_output_folder(url, flag=flag)
+        check_not_in_a_cache(url, flag=flag)
+    check_apart(outputs)
 
 
 @dataclass(frozen=True)
