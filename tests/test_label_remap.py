@@ -93,6 +93,21 @@ def test_synsets_in_upper_case_map_as_in_lower(tmp_path: Path) -> None:
     assert read_label_remap(str(tmp_path / "r.json")).tolist() == [1, 0]
 
 
+def test_synsets_in_upper_case_are_checked_as_build_remap_maps_them() -> None:
+    """build_remap maps 'N01440764' to the head's class, but pvu cache's checks compared names
+    exactly: upper-cased synsets in the classifier's order were warned of as out of order, out
+    of order they were said to be no class of the classifier ('give weights trained on these
+    classes', where `pvu label-remap` maps them), and a remap sending them elsewhere passed."""
+    from pipeline.dataset.remap import order_mismatch, remap_mismatch
+
+    assert order_mismatch(["N01440764", "N01443537"], "imagenet-1k") is None
+    where, shared = order_mismatch(["N01443537", "N01440764"], "imagenet-1k")
+    assert shared and "label 0 is 'N01443537'" in where
+    assert remap_mismatch(["N01443537", "N01440764"], [1, 0], "imagenet-1k") is None
+    said = remap_mismatch(["N01443537", "N01440764"], [0, 1], "imagenet-1k")
+    assert said is not None and said.startswith("2 label(s), e.g. label 0 ('N01443537')")
+
+
 def test_errors_exit_2_naming_the_input(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     result = run(

@@ -101,16 +101,17 @@ def order_mismatch(classes: list[str], head: str) -> tuple[str, bool] | None:
     """Where label names ``classes`` (label ``i`` is ``classes[i]``) leave ``head``'s class order,
     and whether any of them is a class of ``head`` at all; None when they follow its order, are
     the labels' own numbers (``"0", "1", ...``: a table's integer labels, taken as class
-    indices already), or ``head`` has no synset list to compare with."""
+    indices already), or ``head`` has no synset list to compare with. Names are compared in
+    any case (``N01440764`` is ``n01440764``), as :func:`build_remap` matches them."""
     if all(name == str(label) for label, name in enumerate(classes)):
         return None
     try:
         _, names = head_names(head)
     except ValueError:
         return None
-    shared = not set(classes).isdisjoint(names)
+    shared = not {name.casefold() for name in classes}.isdisjoint(n.casefold() for n in names)
     for label, (mine, theirs) in enumerate(zip(classes, names, strict=False)):
-        if mine != theirs:
+        if mine.casefold() != theirs.casefold():  # as build_remap matches them
             where = f"label {label} is {mine!r}, but the classifier's class {label} is {theirs!r}"
             return where, shared
     if len(classes) > len(names):
@@ -127,11 +128,13 @@ def remap_mismatch(classes: list[str], table: list[int], head: str) -> str | Non
         _, names = head_names(head)
     except ValueError:
         return None
-    known = set(names)
+    known = {name.casefold() for name in names}  # in any case, as build_remap matches them
     wrong = [
         (label, name, index)
         for label, (name, index) in enumerate(zip(classes, table, strict=False))
-        if name in known and 0 <= index < len(names) and names[index] != name
+        if name.casefold() in known
+        and 0 <= index < len(names)
+        and names[index].casefold() != name.casefold()
     ]
     if not wrong:
         return None
