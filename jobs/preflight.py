@@ -91,15 +91,18 @@ def check_output_folder(url: str, *, flag: str) -> None:
 def check_not_inside(url: str, folder: str, *, flag: str, folder_flag: str, why: str) -> None:
     """Refuse an output ``url`` at or under the input ``folder`` (links resolved, locally);
     ``why`` says what that would break."""
-    out_fs, out_path = fsspec.core.url_to_fs(url)
-    in_fs, in_path = fsspec.core.url_to_fs(folder)
-    if type(out_fs) is not type(in_fs) or not in_fs.isdir(in_path):
-        return
-    if isinstance(in_fs, LocalFileSystem):
-        out_path, in_path = os.path.realpath(out_path), os.path.realpath(in_path)
-    if f"{out_path.rstrip('/')}/".startswith(f"{in_path.rstrip('/')}/"):
+    (out_kind, out_path), (in_kind, in_path) = _located(url), _located(folder)
+    if out_kind is in_kind and out_path.startswith(in_path):
         named = folder_flag if folder_flag.endswith("=") else f"{folder_flag} "  # --dataset d=
         raise UserError(f"{flag} {url} is inside {named}{folder}: {why}")
+
+
+def _located(url: str) -> tuple[type, str]:
+    """``url``'s filesystem type and its path with a trailing ``/`` (links resolved, locally)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)
+    return type(fs), f"{path.rstrip('/')}/"
 
 
 #: Why an output may not lie in a cache (``why`` of :func:`check_not_inside`).
@@ -129,21 +132,14 @@ def check_apart(outputs: list[tuple[str, str]]) -> None:
     """Refuse one of ``outputs`` (``(flag, url)``, a job's targets) at or under another: its
     cache would lie in the other's folder, and the same command run again would be refused by
     :func:`check_not_in_a_cache` (the outer one holds a manifest by then)."""
-    located = [(flag, url, *_located(url)) for flag, url in outputs]
-    for index, (flag, url, kind, path) in enumerate(located):
-        for other, (other_flag, other_url, other_kind, other_path) in enumerate(located):
-            if other != index and kind is other_kind and path.startswith(other_path):
-                raise UserError(
-                    f"{flag} {url} is inside {other_flag} {other_url}: one cache would lie in "
-                    "the other's folder, where a Parquet reader of that folder (pyarrow's "
-                    "dataset, as the README shows) takes its rows for the other's; give each "
-                    "target a folder of its own"
-                )
+    for index, (flag, url) in enumerate(outputs):
+        for other, (other_flag, other_url) in enumerate(outputs):
+            if other != index:
+                check_not_inside(url, other_url, flag=flag, folder_flag=other_flag, why=_APART)
 
 
-def _located(url: str) -> tuple[type, str]:
-    """``url``'s filesystem type and its path with a trailing ``/`` (links resolved, locally)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        path = os.path.realpath(path)
-    return type(fs), f"{path.rstrip('/')}/"
+_APART = (
+    "one cache would lie in the other's folder, where a Parquet reader of that folder "
+    "(pyarrow's dataset, as the README shows) takes its rows for the other's; give each target "
+    "a folder of its own"
+)
