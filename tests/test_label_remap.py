@@ -231,9 +231,15 @@ def test_remaps_other_tools_write_read_as_their_indices(tmp_path: Path) -> None:
     (tmp_path / "REMAP.JSON").write_text('{"0": 2, "2": 0}')
     for name in ("remap.txt", "floats.json", "REMAP.JSON"):
         assert read_label_remap(str(tmp_path / name)).tolist() == table.tolist(), name
-    (tmp_path / "half.json").write_text("[2.5]")
-    with pytest.raises(ValueError, match=r"2\.5 is not a whole number"):
-        read_label_remap(str(tmp_path / "half.json"))
+    for name, text, said in (
+        ("half.json", "[2.5]", r"2\.5 is not a whole number"),
+        ("signs.txt", "+-1\n", r"'\+-1' is not a whole number"),
+        ("negative.json", '{"-3": 1}', r"shard label -3 is negative"),
+        ("empty.json", "{}", r"maps no shard label"),
+    ):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=said):
+            read_label_remap(str(tmp_path / name))
 
 
 @pytest.mark.parametrize("text", ['{"0": 1, "00": 2}', '{"1": 1, "1": 2}'])

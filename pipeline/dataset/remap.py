@@ -178,8 +178,10 @@ def read_label_remap(url: str) -> np.ndarray:
         mapping = _mapping(pairs)
     except ValueError as error:
         raise ValueError(f"label remap {url}: {error}") from None
-    if not mapping or min(mapping) < 0:
-        raise ValueError(f"label remap {url} must map non-negative labels, got {len(mapping)}")
+    if not mapping:
+        raise ValueError(f"label remap {url} maps no shard label")
+    if min(mapping) < 0:
+        raise ValueError(f"label remap {url}: shard label {min(mapping)} is negative")
     if max(mapping) > MAX_REMAP_LABEL:  # its table holds an entry per label up to the largest
         raise ValueError(
             f"label remap {url}: shard label {max(mapping)} is over {MAX_REMAP_LABEL:,}, the "
@@ -217,7 +219,7 @@ def _whole(value: object) -> int:
     ``savetxt`` writes ``3.000000000000000000e+00``) as an int; else ``ValueError`` quoting it."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value, re.ASCII):
         return int(value)
     try:
         number = float(value) if isinstance(value, float | str) else math.nan
