@@ -162,6 +162,13 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return retry(lambda: fs.cat_file(path), what=f"read {fs.unstrip_protocol(path)}")
 
 
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` is on ``fs``, asked under :func:`retry`: a store that keeps failing the
+    request (503s past botocore's tries) is named with the URL, not a bare
+    ``[Errno 16] Service Unavailable``."""
+    return retry(lambda: fs.exists(path), what=f"look for {fs.unstrip_protocol(path)}")
+
+
 def read_url(url: str) -> bytes:
     """The whole object at ``url`` (any fsspec URL or local path), read under :func:`retry`."""
     return read_bytes(*fsspec.core.url_to_fs(url))

@@ -246,6 +246,27 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
     assert "taking over the lock of a dead run" in caplog.text
 
 
+@pytest.mark.parametrize("path", ["head.json", "metrics.jsonl", "checkpoint/state.json"])
+def test_a_look_for_an_output_file_that_storage_refuses_is_named(
+    s3_bucket, fault_proxy, tmp_path, path
+):
+    """503s past botocore's tries on train-head's look for a file of its --output (an earlier
+    head, run or metrics) ended the run with a bare "[Errno 16] Service Unavailable": no file."""
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=200, shards=1))
+    config = TrainConfig(
+        hidden=(8,),
+        schedule=ScheduleConfig(episodes=1, episode_size=256, batch_size=64, warmup_episodes=0),
+        stream=StreamConfig(shuffle_rows=256, val_fraction=0.2),
+    )
+    output = f"{s3_bucket}/head"
+    pattern = re.escape(path) + "$"
+    fault_proxy.fail_next("503", REQUEST_ATTEMPTS, pattern=pattern, methods=["HEAD"])
+    with pytest.raises(OSError, match=f"look for {re.escape(output)}/{re.escape(path)} failed"):
+        fit_head([cache], output, config, RunOptions(resume=True))
+    assert fit_head([cache], output, config, RunOptions(resume=True)).finished
+
+
 def test_a_checkpoint_move_that_storage_refuses_is_named_and_the_run_resumes(
     s3_bucket, fault_proxy, tmp_path
 ):

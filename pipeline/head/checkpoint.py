@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex
 from pipeline.cache.manifest import identity
 from pipeline.head.stream import StreamState
-from pipeline.retry import make_folder, move_file, read_bytes, write_bytes
+from pipeline.retry import exists, make_folder, move_file, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def load_checkpoint(
     :func:`trained_on`; what a checkpoint predates is not checked: it resumes as before)."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root}/{CHECKPOINT_DIR}"
-    if not fs.exists(f"{folder}/{CHECKPOINT_JSON}"):
+    if not exists(fs, f"{folder}/{CHECKPOINT_JSON}"):
         return None
     try:
         state = json.loads(read_bytes(fs, f"{folder}/{CHECKPOINT_JSON}"))
@@ -232,7 +232,7 @@ def metrics_log(
     """
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
-    data = read_bytes(fs, path) if fs.exists(path) else b""
+    data = read_bytes(fs, path) if exists(fs, path) else b""
     lines = data.decode(errors="replace").splitlines()
     kept = [line for line in lines if line and _episode(line, path) <= done] if done >= 0 else []
 

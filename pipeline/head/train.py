@@ -50,7 +50,7 @@ from pipeline.head.stream import (
     read_validation,
 )
 from pipeline.head.validate import validation_metrics
-from pipeline.retry import make_folder
+from pipeline.retry import exists, make_folder
 
 log = logging.getLogger(__name__)
 
@@ -296,13 +296,13 @@ def fit_head(
 def _check_output(output: str, *, resume: bool) -> None:
     """Refuse an ``output`` holding a run, unless resuming it, or an exported head alone."""
     fs, root = fsspec.core.url_to_fs(output)
-    has_run = fs.exists(f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}")
+    has_run = exists(fs, f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}")
     if not resume and has_run:
         raise ValueError(
             f"{output} already holds a training run; pass --resume to continue it, "
             "or choose another --output"
         )
-    exported = all(fs.exists(f"{root}/{name}") for name in (HEAD_JSON, HEAD_WEIGHTS))
+    exported = all(exists(fs, f"{root}/{name}") for name in (HEAD_JSON, HEAD_WEIGHTS))
     if exported and not has_run:  # a head copied there, say
         raise ValueError(
             f"{output} holds an exported head ({HEAD_JSON}) and no training run to resume; "
