@@ -577,3 +577,19 @@ def test_refuses_a_damaged_cache_naming_the_unit(tmp_path: Path) -> None:
     unit.write_bytes(unit.read_bytes()[:-100])
     result = run("--dataset", f"d={url}", "--report", str(tmp_path / "r"))
     assert result.exit_code == 2 and "epoch=0000/shard-00001.parquet" in said(result)
+
+
+def test_an_earlier_report_that_storage_will_not_delete_stops_the_report(
+    s3_bucket: str, fault_proxy: Any, head_dir: str
+) -> None:
+    """A bucket that takes writes but refuses deletes kept the earlier report.json (every
+    error of its removal was ignored): a run that then died part-way left it beside new
+    figures, reading as complete."""
+    x, labels = clustered(60, 3, seed=8)
+    url = write_eval_cache(f"{s3_bucket}/caches/d", x, labels)
+    report = f"{s3_bucket}/reports/kept"
+    assert run("--head", head_dir, "--dataset", f"d={url}", "--report", report).exit_code == 0
+    fault_proxy.deny(r"/reports/kept/report\.json|\?delete", methods=["DELETE", "POST"])
+    result = run("--head", head_dir, "--dataset", f"d={url}", "--report", report)
+    assert result.exit_code == 2, result.output
+    assert f"write the report into {report}" in " ".join(result.output.split())

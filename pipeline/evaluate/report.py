@@ -44,7 +44,9 @@ def write_report(evaluation: Evaluation, folder: str, *, pvu_version: str) -> st
         # (nor report.md) listing figures of two runs
         stale = sorted(_earlier_figures(fs, root) - set(files))
         for name in [REPORT_JSON, REPORT_MD, *stale]:
-            with contextlib.suppress(OSError, ValueError):  # gone, or a folder: leave it
+            # gone, or a folder: leave it; a store refusing the delete stops the report, as an
+            # earlier report.json left beside new figures would read as this run's
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, ValueError):
                 fs.rm(f"{root}/{name}")
     for name, data in files.items():
         write_bytes(fs, f"{root}/{name}", data)

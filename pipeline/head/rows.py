@@ -164,7 +164,7 @@ def _read_unit(f: CacheFile, read: Callable[[], T], *, what: str) -> T:
             raise ValueError(
                 f"cache unit {f.url} was rewritten or removed after train-head read its footer "
                 "(by a pvu cache run writing to that cache?): wait until no pvu cache run "
-                "writes to it, then run train-head again"
+                "writes to it, then run the same train-head command again with --resume"
             ) from error
         raise
 
