@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -23,7 +24,7 @@ from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import CacheJobConfig, member_advice, run_cache
+from jobs.run.cache import FAILED_SHOWN, CacheJobConfig, member_advice, run_cache, summarize
 from pipeline.cache.distribute import (
     FIRST_UNIT_DEADLINE_S,
     MIN_UNIT_DEADLINE_S,
@@ -33,7 +34,7 @@ from pipeline.cache.distribute import (
     start_local_ray,
 )
 from pipeline.cache.index import open_cache
-from pipeline.cache.manifest import read_manifest
+from pipeline.cache.manifest import Manifest, read_manifest
 from pipeline.cache.shards import shard_name
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import verify_cache
@@ -725,3 +726,25 @@ def test_a_run_whose_every_label_is_outside_the_head_blames_the_labels_not_the_m
     text = " ".join(result.output.split())
     assert "label_outside_head=4" in text and "the cache has no rows" in text
     assert "--image-key" not in text and "check --label-remap" in text
+
+
+def test_the_summary_names_ten_failed_units_and_counts_the_rest():
+    """A run whose every unit failed at once (shards denied to read: 2,000 shards x 7 epochs)
+    printed a 14,000-row summary table, one row per unit; the log names each instead."""
+    report = PoolReport()
+    for i in range(4000):
+        report.failed[f"epoch=0000/s-{i:05d}.parquet"] = f"s3://b/s-{i:05d}.tar: PermissionError"
+    table = summarize(report, already=0, seconds=1.0, manifest=Manifest("/nowhere", {}))
+    failed = [cell for cell in table.columns[0].cells if "FAILED" in str(cell)]
+    assert len(failed) == FAILED_SHOWN + 1, len(failed)
+    assert failed[-1].endswith(f"and {4000 - FAILED_SHOWN:,} more")
+
+
+def test_a_unit_out_of_tries_is_named_in_the_log(caplog):
+    """The summary names the first failed units only: one that ran out of tries was named
+    nowhere else (only its earlier tries were logged, as tried again)."""
+    pool = types.SimpleNamespace(max_attempts=1)
+    unit, report = Unit("s3://b/s-1.tar", "s-1", 0), PoolReport()
+    ActorPool._retry_or_fail(pool, unit, "its actor died", report, deque(), {})
+    assert list(report.failed) == [unit.relpath]
+    assert f"unit {unit.relpath} failed: its actor died; gave up after 1 tries" in caplog.text

@@ -470,9 +470,19 @@ def summarize(
         "seconds by stage (all actors)",
         ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
     )
-    for relpath, error in sorted(failed.items()):
+    named = sorted(failed.items())[:FAILED_SHOWN]
+    for relpath, error in named:
         table.add_row(f"[red]FAILED {relpath}", error)
+    if len(failed) > len(named):
+        table.add_row(
+            f"[red]FAILED ... and {len(failed) - len(named):,} more",
+            "each is named in the log ('unit ... failed'); the same command tries them again",
+        )
     return table
+
+
+#: Failed units the summary names, one row each (the log names every one).
+FAILED_SHOWN = 10
 
 
 def unit_settings(

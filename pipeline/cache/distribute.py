@@ -455,6 +455,7 @@ class ActorPool:
         attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
         if attempts[unit.relpath] >= self.max_attempts:
             report.failed[unit.relpath] = f"{why}; gave up after {self.max_attempts} tries"
+            log.error("unit %s failed: %s", unit.relpath, report.failed[unit.relpath])
             return
         log.warning(
             "unit %s: try %d failed, trying again: %s", unit.relpath, attempts[unit.relpath], why
