@@ -121,6 +121,25 @@ def test_reconcile_forgets_damaged_units_and_adopts_orphans(tmp_path: Path, capl
     assert verify_cache(url).ok
 
 
+def test_reconcile_names_ten_damaged_units_and_counts_the_rest(tmp_path: Path, caplog) -> None:
+    """Units deleted by hand (as the refusal of rebuilt shards asks: every epoch of each) were
+    each warned of: 1,000 / 2,000 / 4,000 units gone, as many lines (14,000 for 2,000 shards
+    x 7 epochs)."""
+    spec = SyntheticCache(dim=8, samples_per_shard=2, shards=15, epochs=2, row_group_rows=2)
+    url = str(tmp_path / "c")
+    write_synthetic_cache(url, spec)
+    for path in (tmp_path / "c" / "epoch=0001").iterdir():
+        path.unlink()
+    identity = {"schema_version": SCHEMA_VERSION, "embedding_dim": spec.dim, **provenance(spec)}
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.verify"):
+        manifest = reconcile(Manifest.open(url, identity))
+    assert len(manifest.units) == 15
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 11, lines
+    assert lines[0] == f"recomputing {url}/epoch=0001/shard-00000.parquet: missing"
+    assert lines[-1].startswith(f"recomputing 5 more unit(s) of {url} (15 of all 15 missing")
+
+
 def test_reconcile_adopts_a_cache_without_manifest_in_parallel_in_one_line(
     tmp_path: Path, caplog, monkeypatch
 ) -> None:

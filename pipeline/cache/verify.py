@@ -273,7 +273,8 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     """Make ``manifest`` agree with storage before a run, and write it; returns it.
 
     A damaged unit (missing, other size, footer of another unit) is forgotten and its file
-    removed, so the run computes it again; each is logged with a warning naming it. An orphan
+    removed, so the run computes it again; the first ``_NAMED`` are each logged with a warning
+    naming it, the rest in one line (each at debug level). An orphan
     (committed, never recorded) is adopted from its own footer, unless that footer is
     unreadable or names another unit (then it is removed and computed again); an orphan of
     another cache is refused with ``ProvenanceMismatch``. Orphans' footers are read in parallel
@@ -281,11 +282,20 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     """
     fs, root = fsspec.core.url_to_fs(manifest.root)
     check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
-    for relpath, why in sorted(check.damaged.items()):
-        log.warning("recomputing %s/%s: %s", manifest.root, relpath, why)
+    for count, (relpath, why) in enumerate(sorted(check.damaged.items())):
+        level = logging.WARNING if count < _NAMED else logging.DEBUG  # --verbose: every one
+        log.log(level, "recomputing %s/%s: %s", manifest.root, relpath, why)
         manifest.forget(relpath)
         if why != "missing":
             fs.rm(f"{root}/{relpath}")
+    if len(check.damaged) > _NAMED:
+        missing = sum(why == "missing" for why in check.damaged.values())
+        log.warning(
+            "recomputing %s more unit(s) of %s (%s of all %s missing, the rest damaged); "
+            "--verbose names each",
+            *(f"{len(check.damaged) - _NAMED:,}", manifest.root, f"{missing:,}"),
+            f"{len(check.damaged):,}",
+        )
     orphans = dict(sorted(check.orphans.items()))
     adopted = []
     for relpath, footer in read_footers(manifest.root, orphans, io_threads=io_threads):
