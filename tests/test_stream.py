@@ -375,3 +375,20 @@ def test_a_unit_changed_after_its_footer_was_read_is_named_by_the_stream(
         CacheStream(index, config) as stream,
     ):
         stream.next_batch(spec.images)
+
+
+def test_a_synthetic_cache_draws_its_class_effects_once(tmp_path: Path, monkeypatch) -> None:
+    """Every unit drew all classes' means again: a cache of ImageNet-21k's 21,843 classes
+    took 2.1 ms a unit against 0.3 ms for one class (30 s more for 14,000 units)."""
+    from pipeline.demo import synthetic
+
+    draws = Counter()
+    rng = np.random.default_rng
+    monkeypatch.setattr(
+        synthetic.np.random,
+        "default_rng",
+        lambda seed: draws.update([tuple(seed)[:2]]) or rng(seed),
+    )
+    spec = SyntheticCache(dim=8, samples_per_shard=2, shards=6, epochs=2, classes=21843, seed=7)
+    write_synthetic_cache(str(tmp_path / "c"), spec)
+    assert draws[(spec.seed, 5)] == 1, draws

@@ -13,6 +13,7 @@ shards are sorted by class, as when shards are built from per-class folders;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -69,8 +70,10 @@ def direction(spec: SyntheticCache) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
+@functools.lru_cache(maxsize=4)
 def _class_effects(spec: SyntheticCache) -> tuple[np.ndarray, np.ndarray]:
-    """Class means ``mu_c`` (classes, dim) and loss offsets ``o_c`` (zero for one class)."""
+    """Class means ``mu_c`` (classes, dim) and loss offsets ``o_c`` (zero for one class);
+    drawn once per spec, not once per unit (read only: shared by every unit's rows)."""
     if spec.classes <= 1:
         return np.zeros((1, spec.dim)), np.zeros(1)
     rng = np.random.default_rng([spec.seed, 5])
