@@ -75,9 +75,17 @@ def _class_effects(spec: SyntheticCache) -> tuple[np.ndarray, np.ndarray]:
     """Class means ``mu_c`` (classes, dim) and loss offsets ``o_c`` (zero for one class);
     drawn once per spec, not once per unit (read only: shared by every unit's rows)."""
     if spec.classes <= 1:
-        return np.zeros((1, spec.dim)), np.zeros(1)
-    rng = np.random.default_rng([spec.seed, 5])
-    return rng.standard_normal((spec.classes, spec.dim)), 2.0 * rng.standard_normal(spec.classes)
+        means, offsets = np.zeros((1, spec.dim)), np.zeros(1)
+    else:
+        rng = np.random.default_rng([spec.seed, 5])
+        means, offsets = (
+            rng.standard_normal((spec.classes, spec.dim)),
+            rng.standard_normal(spec.classes),
+        )
+        offsets *= 2.0
+    means.setflags(write=False)  # cached: a caller writing to them would change later units
+    offsets.setflags(write=False)
+    return means, offsets
 
 
 def synthetic_rows(spec: SyntheticCache, shard: int, epoch: int) -> pa.Table:
