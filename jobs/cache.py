@@ -185,7 +185,9 @@ def cache(
 
         failures = len(run_cache(job_config(CacheJobConfig, ctx)).failed)
     if failures:
-        console.print(f"[red]{failures} unit(s) failed permanently; re-run to retry them")
+        console.print(
+            f"[red]{failures} unit(s) failed permanently; re-run to retry them", markup=True
+        )
         raise typer.Exit(code=1)
 
 

@@ -11,8 +11,10 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ConfigDict
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_storage
@@ -105,7 +107,7 @@ def verification(check: CacheCheck, *, pages: bool) -> Table:
         table.add_row("not checked", "missing units and sizes: the cache has no manifest")
     table.add_row("units missing or damaged", f"{len(check.damaged):,}")
     for relpath, why in sorted(check.damaged.items()):
-        table.add_row(f"[red]{relpath}", why)
+        table.add_row(Text(relpath, style="red"), why)
     if covered["manifest"]:
         adopt = " (the next pvu cache run adopts those that are pvu units)" if check.orphans else ""
         table.add_row("committed files the manifest lacks", f"{len(check.orphans):,}{adopt}")
@@ -193,7 +195,7 @@ def info(
         if check is not None:
             answer.print(verification(check, pages=job.checksums))
     if check is not None and not check.ok:
-        console.print(f"[red]error:[/red] {check.refusal()}")
+        console.print(f"[red]error:[/red] {escape(check.refusal())}", markup=True)
         raise typer.Exit(code=1)
 
 

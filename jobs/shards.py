@@ -14,8 +14,10 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_not_inside, check_output_folder, check_storage
@@ -139,7 +141,7 @@ def summarize(report: ConvertReport, output: str) -> Table:
         "images left out", ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "none"
     )
     for item in report.unreadable[:SHOWN_UNREADABLE]:
-        table.add_row(f"[yellow]left out ({item.reason})", item.url)
+        table.add_row(Text(f"left out ({item.reason})", style="yellow"), item.url)
     if len(report.unreadable) > SHOWN_UNREADABLE:
         table.add_row("", f"... and {len(report.unreadable) - SHOWN_UNREADABLE} more (see log)")
     return table
@@ -212,7 +214,9 @@ def shards(
         report = run_shards(job)
     console.print(summarize(report, job.output))
     if not report.samples:
-        console.print(f"[red]error:[/red] no image of {job.input} could be read")
+        console.print(
+            f"[red]error:[/red] no image of {escape(job.input)} could be read", markup=True
+        )
         raise typer.Exit(code=2)
 
 

@@ -21,10 +21,13 @@ from rich.markup import escape
 from rich.progress import Progress, ProgressColumn, Task
 from rich.table import Table
 
+# Both consoles print text as it is: paths, URLs and class names are the user's, and rich
+# markup in them (a folder ``runs/[exp1]`` printed as ``runs//``, ``[/x]`` a MarkupError after
+# the work was done) is no markup; what pvu styles itself says so (``markup=True``, a ``Text``).
 #: Progress, logs, summaries and errors: stderr.
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)
 #: What a command is asked for (``pvu info``'s tables): stdout, so it can be redirected.
-answer = Console()
+answer = Console(markup=False)
 
 
 #: A log line where stderr is no terminal: one line a record, for ``grep`` and log collectors.
@@ -148,13 +151,17 @@ def reported(job: str, *, verbose: bool, resume: str = "") -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         word, code = ("terminated", 143) if _sigterm.is_set() else ("interrupted", 130)
-        clause = f"; {resume}" if resume else ""
-        console.print(f"[red]{job}:[/red] {word}{clause}", highlight=False, soft_wrap=True)
+        clause = f"; {escape(resume)}" if resume else ""
+        console.print(
+            f"[red]{job}:[/red] {word}{clause}", markup=True, highlight=False, soft_wrap=True
+        )
         raise typer.Exit(code=code) from None
     except USER_ERRORS as error:
         if verbose:
             console.print_exception()
-        console.print(f"[red]{job}:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]{job}:[/red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True
+        )
         raise typer.Exit(code=2) from None
     finally:
         for signum, handler in replaced.items():

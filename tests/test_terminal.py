@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import typer
@@ -150,3 +151,28 @@ def test_a_ctrl_c_while_the_job_imports_torch_says_so(monkeypatch, job: str) -> 
     result = CliRunner().invoke(app, [job])
     assert result.exit_code == 130
     assert result.output.startswith(f"{job}: interrupted"), result.output
+
+
+@pytest.mark.usefixtures("wide_console")
+@pytest.mark.parametrize("folder", ["runs/[exp1]", "odd[/x]"])
+def test_paths_with_square_brackets_are_printed_as_they_are(tmp_path, monkeypatch, folder) -> None:
+    """rich took ``[exp1]`` in a path for markup (``runs//cache`` printed) and ended a job whose
+    work was done with a MarkupError traceback, exit 1, on ``[/x]``."""
+    from PIL import Image
+    from support import pvu
+
+    from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+
+    monkeypatch.chdir(tmp_path)  # short paths: the summary keeps each on one line
+    root = Path(folder)
+    write_synthetic_cache(str(root / "cache"), SyntheticCache(dim=4, samples_per_shard=4, shards=1))
+    result = pvu("info", str(root / "cache"))
+    assert result.exit_code == 0, result.output
+    assert f"pvu info: {root / 'cache'}" in result.stdout
+
+    Path("images/cat").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(f"images/cat/{i}.png")
+    result = pvu("shards", "--input", "images", "--output", str(root / "shards"))
+    assert result.exit_code == 0, result.output
+    assert f"{root / 'shards'} (1 shards, classes.json)" in result.output

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from jobs import project_version
 from jobs.preflight import (
@@ -453,7 +454,7 @@ def summarize(
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         table.add_row(
-            "[yellow]shards empty or cut short",
+            Text("shards empty or cut short", style="yellow"),
             f"{', '.join(damaged[:3])}{more}: samples past the damage (an empty shard's all) are "
             "not cached (see the warnings); to cache a repaired shard, delete its units and run "
             "the same command",
@@ -462,8 +463,10 @@ def summarize(
         dropped = sum(duplicates.values())
         table.add_row(
             "duplicate keys dropped",
-            f"{dropped:,} row(s) of {len(duplicates)} unit(s), the key's first row kept (in "
-            "shard order)" + _restarted_keys_note(dropped, manifest.rows),
+            Text.from_markup(
+                f"{dropped:,} row(s) of {len(duplicates)} unit(s), the key's first row kept (in "
+                "shard order)" + _restarted_keys_note(dropped, manifest.rows)
+            ),
         )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
     table.add_row(
@@ -472,10 +475,10 @@ def summarize(
     )
     named = sorted(failed.items())[:FAILED_SHOWN]
     for relpath, error in named:
-        table.add_row(f"[red]FAILED {relpath}", error)
+        table.add_row(Text(f"FAILED {relpath}", style="red"), error)
     if len(failed) > len(named):
         table.add_row(
-            f"[red]FAILED ... and {len(failed) - len(named):,} more",
+            Text(f"FAILED ... and {len(failed) - len(named):,} more", style="red"),
             "each is named in the log ('unit ... failed'); the same command tries them again",
         )
     return table

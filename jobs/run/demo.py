@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -171,7 +172,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     heldout = clean_recall_at_1(upstream)
     console.print(
         f"[bold]4/5[/bold] cached the upstream, zero-shot and {len(deteriorated)} deterioration "
-        f"eval sets; the backbone's 1-NN Recall@1 on clean held-out digits: {heldout:.3f}"
+        f"eval sets; the backbone's 1-NN Recall@1 on clean held-out digits: {heldout:.3f}",
+        markup=True,
     )
 
     evaluation = run_evaluate(
@@ -204,7 +206,9 @@ def _write_sets(config: DemoConfig, shards: Path) -> DemoSets:
         ),
     )
     console.print(
-        f"[bold]1/5[/bold] wrote digit and {config.glyph_classes}-class glyph shards to {shards}"
+        f"[bold]1/5[/bold] wrote digit and {config.glyph_classes}-class glyph shards to "
+        f"{escape(str(shards))}",
+        markup=True,
     )
     return sets
 
@@ -235,7 +239,8 @@ def _train_backbone(config: DemoConfig, sets: DemoSets, weights: Path) -> str:
     saved = save_backbone(model, str(weights))
     console.print(
         f"[bold]2/5[/bold] trained a tiny {BACKBONE} on {len(images)} images of "
-        f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {saved}"
+        f"{len(sets.pretraining_classes)} classes (digits 0-5 and glyphs): {escape(str(saved))}",
+        markup=True,
     )
     return saved
 
@@ -273,7 +278,8 @@ def _train_head(config: DemoConfig, output: Path, train: str) -> None:
     )
     console.print(
         f"[bold]3/5[/bold] cached {config.cache_epochs} augmented epochs and trained the head: "
-        f"held-out pair accuracy {result.metrics[-1]['val_pair_accuracy']:.3f}"
+        f"held-out pair accuracy {result.metrics[-1]['val_pair_accuracy']:.3f}",
+        markup=True,
     )
 
 
