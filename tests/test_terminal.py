@@ -176,3 +176,21 @@ def test_paths_with_square_brackets_are_printed_as_they_are(tmp_path, monkeypatc
     result = pvu("shards", "--input", "images", "--output", str(root / "shards"))
     assert result.exit_code == 0, result.output
     assert f"{root / 'shards'} (1 shards, classes.json)" in result.output
+
+
+def test_train_heads_episode_lines_are_one_line_each_at_80_columns(tmp_path, monkeypatch) -> None:
+    """Each episode's line reaches a log (80 columns, no terminal) whole: it was cut before
+    its speed, so ``grep episode`` lost the end of every record."""
+    from support import pvu
+
+    from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+
+    monkeypatch.setattr(terminal.console, "width", 80)
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=4, samples_per_shard=32, shards=2))
+    flags = ["--episodes", "2", "--episode-size", "32", "--batch-size", "16", "--hidden", "4"]
+    flags += ["--warmup-episodes", "1", "--val-fraction", "0.2"]
+    result = pvu("train-head", "--cache", cache, "--output", str(tmp_path / "head"), *flags)
+    assert result.exit_code == 0, result.output
+    episodes = [line for line in result.output.splitlines() if line.startswith("episode ")]
+    assert len(episodes) == 2 and all(line.endswith(" samples/s)") for line in episodes)

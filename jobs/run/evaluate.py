@@ -152,7 +152,7 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
         evaluation = evaluate(config.to_options(), track=track)
     path = write_report(evaluation, config.report, pvu_version=project_version())
     console.print(summary(evaluation.report))
-    console.print(f"report: {path} (and report.json, figures) in {config.report}")
+    console.print(f"report: {path} (and report.json, figures) in {config.report}", soft_wrap=True)
     return evaluation
 
 

@@ -180,7 +180,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
 
         def on_episode(record: dict[str, Any]) -> None:
             progress.update(task, completed=record["samples"])
-            console.print(_episode_line(record))
+            console.print(_episode_line(record), soft_wrap=True)
 
         options = RunOptions(
             device=config.resolved_device(),
@@ -194,14 +194,19 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
     first = result.metrics[0] if result.metrics else {}
     last = result.metrics[-1] if result.metrics else {}
     if result.finished:
-        console.print(f"head exported to {config.output} (head.safetensors, head.json)")
+        console.print(
+            f"head exported to {config.output} (head.safetensors, head.json)", soft_wrap=True
+        )
     else:
-        console.print(f"stopped after episode {result.episodes}; continue with --resume")
+        console.print(
+            f"stopped after episode {result.episodes}; continue with --resume", soft_wrap=True
+        )
     if first.get("episode") == 0 and last is not first:
         console.print(
             f"validation pair accuracy / spearman: untrained {_fmt(first['val_pair_accuracy'])}"
             f" / {_fmt(first['val_spearman'])} -> trained {_fmt(last['val_pair_accuracy'])}"
-            f" / {_fmt(last['val_spearman'])}"
+            f" / {_fmt(last['val_spearman'])}",
+            soft_wrap=True,
         )
     return result
 
