@@ -246,19 +246,22 @@ def test_a_lock_that_storage_will_not_release_leaves_the_runs_own_error(
     assert "taking over the lock of a dead run" in caplog.text
 
 
+def _tiny_head_run(tmp_path, *, episodes: int) -> tuple[str, TrainConfig]:
+    """A small local cache and a head training of ``episodes`` on it, in seconds."""
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=200, shards=1))
+    schedule = ScheduleConfig(episodes=episodes, episode_size=256, batch_size=64, warmup_episodes=0)
+    stream = StreamConfig(shuffle_rows=256, val_fraction=0.2)
+    return cache, TrainConfig(hidden=(8,), schedule=schedule, stream=stream)
+
+
 @pytest.mark.parametrize("path", ["head.json", "metrics.jsonl", "checkpoint/state.json"])
 def test_a_look_for_an_output_file_that_storage_refuses_is_named(
     s3_bucket, fault_proxy, tmp_path, path
 ):
     """503s past botocore's tries on train-head's look for a file of its --output (an earlier
     head, run or metrics) ended the run with a bare "[Errno 16] Service Unavailable": no file."""
-    cache = str(tmp_path / "cache")
-    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=200, shards=1))
-    config = TrainConfig(
-        hidden=(8,),
-        schedule=ScheduleConfig(episodes=1, episode_size=256, batch_size=64, warmup_episodes=0),
-        stream=StreamConfig(shuffle_rows=256, val_fraction=0.2),
-    )
+    cache, config = _tiny_head_run(tmp_path, episodes=1)
     output = f"{s3_bucket}/head"
     pattern = re.escape(path) + "$"
     fault_proxy.fail_next("503", REQUEST_ATTEMPTS, pattern=pattern, methods=["HEAD"])
@@ -272,13 +275,7 @@ def test_a_checkpoint_move_that_storage_refuses_is_named_and_the_run_resumes(
 ):
     """503s past botocore's own tries (the layer that retries them), on the move of
     metrics.jsonl into place, ended the run with "[Errno 16] Service Unavailable": no file."""
-    cache = str(tmp_path / "cache")
-    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=200, shards=1))
-    config = TrainConfig(
-        hidden=(8,),
-        schedule=ScheduleConfig(episodes=2, episode_size=256, batch_size=64, warmup_episodes=0),
-        stream=StreamConfig(shuffle_rows=256, val_fraction=0.2),
-    )
+    cache, config = _tiny_head_run(tmp_path, episodes=2)
     output = f"{s3_bucket}/head"
     moved = r"metrics\.jsonl\.tmp$"
     fault_proxy.fail_next("503", REQUEST_ATTEMPTS, pattern=moved, methods=["HEAD"])
