@@ -52,7 +52,7 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
     protocol = _protocol(spec)
 
     if _BRACE.search(spec):
-        urls = _dedupe(map(_normalise, braceexpand.braceexpand(spec)))
+        urls = _dedupe(braceexpand.braceexpand(spec))
         if verify:
             _verify_exist(urls, spec)
         return urls
@@ -280,8 +280,8 @@ def _normalise(url: str) -> str:
 
 
 def _dedupe(urls: Iterable[str]) -> list[str]:
-    """``urls`` in order, each once (normalised first: ``./a.tar`` is ``a.tar``)."""
-    return list(dict.fromkeys(urls))
+    """``urls`` normalised (:func:`_normalise`: ``./a.tar`` is ``a.tar``), in order, each once."""
+    return list(dict.fromkeys(map(_normalise, urls)))
 
 
 def _found_or_raise(
@@ -335,7 +335,7 @@ def _read_list_file(
         urls.append(entry)
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
-    urls = _dedupe(map(_normalise, urls))
+    urls = _dedupe(urls)
     if verify:
         _verify_exist(urls, spec)
     return urls
