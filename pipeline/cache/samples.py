@@ -98,8 +98,8 @@ def iter_samples(
     that records the listed size.
     """
     image_keys = _normalise_keys(image_keys, "image_keys")
-    label_member, _, label_field = label_key.partition(":")
-    (label_member,) = _normalise_keys((label_member,), "label_key")
+    member, _, field = label_key.partition(":")
+    label = (*_normalise_keys((member,), "label_key"), field)  # (member, JSON field or "")
     if ambiguity_key is not None:
         (ambiguity_key,) = _normalise_keys((ambiguity_key,), "ambiguity_key")
     if max_member_bytes <= 0:
@@ -109,14 +109,14 @@ def iter_samples(
     repeated: set[str] = set()  # keys whose member names repeat in a row (the second copy)
     yielded = 0
     level = logging.WARNING if name_skips else logging.DEBUG
-    skips = _Skips(url, image_keys, label_key, counts, level)
+    skips = _Skips(url, image_keys, label_key, label, counts, level)
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
         members = _tar_members(stream, url, damage, max_member_bytes)
         sampled = False  # a sample's files were found, whatever became of them
         for group in group_by_keys(members, handler=_duplicate_handler(url, repeated)):
             sampled = True
-            outcome = _to_sample(group, image_keys, (label_member, label_field), ambiguity_key)
+            outcome = _to_sample(group, image_keys, label, ambiguity_key)
             if damage:
                 # The sample being assembled when the damage was found: all its files were
                 # read intact, but more may have followed. Keep it only if it is complete.
@@ -353,12 +353,14 @@ class _Skips:
         url: str,
         image_keys: tuple[str, ...],
         label_key: str,
+        label: tuple[str, str],
         counts: collections.Counter[str],
         level: int,
     ) -> None:
         self.url = url
         self.image_keys = image_keys
-        self.label_key = label_key
+        self.label_key = label_key  # as given, for messages
+        self.label = label  # its member and JSON field ("" for a whole member)
         self.counts = counts
         self.level = level  # of the warnings, and of the first skip of each kind
         self.incomplete: set[str] = set()
@@ -412,8 +414,7 @@ class _Skips:
     def _bad_label(self, group: dict[str, Any]) -> None:
         """Warn of a label that is no class index, with its value (names, say, where pvu
         reads integers)."""
-        member, _, field = self.label_key.partition(":")
-        (member,) = _normalise_keys((member,), "label_key")
+        member, field = self.label
         data = group[member]
         value = _json_field(data, field) if field else data
         self._warn(
