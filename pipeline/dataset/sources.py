@@ -313,11 +313,7 @@ def _read_table(url: str, path_column: str, label_column: str, *, label_names: b
     data = read_url(url)
     if url.lower().endswith(".parquet"):
         return _read_parquet(url, data, label_column, label_names=label_names)
-    table = _read_csv(url, data, path_column)
-    try:
-        return _numbers_as_text(url, table, data, label_column, always=label_names)
-    except pa.ArrowInvalid as error:
-        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+    return _read_csv(url, data, path_column, label_column, label_names=label_names)
 
 
 def _read_parquet(url: str, data: bytes, label_column: str, *, label_names: bool) -> pa.Table:
@@ -333,27 +329,29 @@ def _read_parquet(url: str, data: bytes, label_column: str, *, label_names: bool
     return table
 
 
-def _read_csv(url: str, data: bytes, path_column: str) -> pa.Table:
-    """The CSV table ``data`` (of ``url``), ``path_column`` as its bytes; ``ValueError`` naming
-    ``url`` for text that is not UTF-8 or no CSV."""
+def _read_csv(
+    url: str, data: bytes, path_column: str, label_column: str, *, label_names: bool
+) -> pa.Table:
+    """The CSV table ``data`` (of ``url``), ``path_column`` as its bytes, its labels as
+    :func:`_numbers_as_text` reads them; ``ValueError`` naming ``url`` for text that is not
+    UTF-8 or no CSV."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:1024]:
         raise ValueError(
             f"table {url} is UTF-16 text (as Excel's 'Unicode Text' saves it), not a UTF-8 "
             "CSV; save it as UTF-8 (Excel: 'CSV UTF-8')"
         )
+    paths = pyarrow.csv.ConvertOptions(column_types={path_column: pa.binary()})
     try:
-        paths = pyarrow.csv.ConvertOptions(column_types={path_column: pa.binary()})
         table = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=paths)
+        table.column_names  # noqa: B018 - pyarrow decodes the header's bytes only here
+        return _numbers_as_text(url, table, data, label_column, always=label_names)
     except pa.ArrowInvalid as error:
         raise ValueError(f"table {url} is not a readable CSV: {error}") from None
-    try:
-        table.column_names  # noqa: B018 - pyarrow decodes the header's bytes only here
     except UnicodeDecodeError:
         header = data.removeprefix(b"\xef\xbb\xbf").splitlines()[0]
         raise ValueError(
             f"table {url}: its header is not UTF-8 text ({header!r}); save the table in UTF-8"
         ) from None
-    return table
 
 
 def _numbers_as_text(
