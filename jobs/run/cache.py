@@ -696,8 +696,9 @@ def _run_cache(config: CacheJobConfig, locks_lost: list[threading.Event]) -> Poo
         for target in targets:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
     _finish(config, report, targets, names, already=len(units) - len(todo), started=started)
+    planned = {unit.relpath for unit in units}
     for target in targets:
-        _warn_of_units_not_planned(target.manifest, {unit.relpath for unit in units})
+        _warn_of_units_not_planned(target.manifest, planned)
     return report
 
 
