@@ -73,6 +73,18 @@ def decode_image(
     under ``min_side``), ``too_large`` (over ``max_pixels`` pixels, a decompression bomb, or
     a side over ``MAX_ASPECT`` times the other).
     """
+    return load_rgb(open_image(data, key=key, min_side=min_side, max_pixels=max_pixels), key)
+
+
+def open_image(
+    data: bytes,
+    *,
+    key: str = "",
+    min_side: int = 8,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """``data``'s image, its header read and its size checked, no pixel decoded yet: the
+    first half of :func:`decode_image`, whose ``BadSample`` reasons it raises."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image takes bytes, got {type(data).__name__}")
     if not data:
@@ -94,7 +106,12 @@ def decode_image(
     if max(width, height) > MAX_ASPECT * min(width, height):
         detail = f"{width}x{height}, a side over {MAX_ASPECT}x the other"
         raise BadSample(SkipReason.TOO_LARGE, detail, key)
+    return image
 
+
+def load_rgb(image: Image.Image, key: str = "") -> Image.Image:
+    """Decode an image :func:`open_image` returned, as RGB: the second half of
+    :func:`decode_image`, whose ``BadSample`` reasons for broken data it raises."""
     try:
         image.load()
         return _to_rgb(image)
