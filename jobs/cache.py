@@ -132,6 +132,16 @@ def cache(
             "(default: 0 on CPUs, the actor's CPUs - 1 on a GPU)."
         ),
     ] = None,
+    decode: Annotated[
+        Literal["pil", "device"],
+        typer.Option(
+            help="Where images are decoded and augmented: 'pil' (Pillow and timm's PIL steps on "
+            "the actor's CPUs, or its --decode-workers) or 'device' (JPEGs decoded by nvJPEG "
+            "and timm's transform run on the backbone's GPU; other formats by Pillow). Pixels "
+            "differ slightly between the two, so a cache keeps one. 'device' is for GPU actors: "
+            "on a CPU it runs, slower than 'pil'."
+        ),
+    ] = "pil",
     label_space: Annotated[
         Literal["classifier", "dataset"] | None,
         typer.Option(

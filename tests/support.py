@@ -87,10 +87,11 @@ def unit_settings(
     backbone: str = BACKBONE,
     size: int = 32,
     normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+    decode: str = "pil",
     **overrides,
 ) -> UnitSettings:
     """Settings for caching with random-weight ``backbone`` at ``size`` into ``output``
-    (``normalize``: a (mean, std) other than the backbone's)."""
+    (``normalize``: a (mean, std) other than the backbone's; ``decode``: ``--decode``)."""
     info = describe_backbone(backbone, "random", input_size=(3, size, size))
     mean, std = normalize or (None, None)
     config = TransformConfig(
@@ -99,6 +100,7 @@ def unit_settings(
         deteriorate=deteriorate,
         mean=mean,
         std=std,
+        decode=decode,
     )
     transform = resolve_transform(config, info.data_config)
     provenance = {

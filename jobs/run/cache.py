@@ -193,6 +193,7 @@ class CacheJobConfig(BaseModel):
     #: Area range of the train transform's random-resized crop (appendix A: 0.08 to 1).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     decode_workers: int | None = Field(default=None, ge=0)
+    decode: Literal["pil", "device"] = "pil"
     label_space: Literal["classifier", "dataset"] | None = None
     ambiguity_key: str | None = None
     deteriorate: Deterioration | None = None
@@ -288,6 +289,13 @@ class CacheJobConfig(BaseModel):
             )
         if self.deteriorate is not None and self.augment != "eval":
             raise ValueError("--deteriorate applies to the eval transform: add --augment eval")
+        if self.decode == "device" and self.deteriorate is not None:
+            raise ValueError("--deteriorate runs on PIL images: drop --decode device")
+        if self.decode == "device" and self.decode_workers:
+            raise ValueError(
+                f"--decode-workers {self.decode_workers} starts PIL decoding processes, but "
+                "--decode device decodes on the backbone's device: drop one of them"
+            )
         if self.label_remap is not None and self.resolved_label_space == "dataset":
             raise ValueError(
                 "--label-remap maps labels into the classifier's space, but this cache keeps the "
@@ -311,6 +319,7 @@ class CacheJobConfig(BaseModel):
             input_size=size,
             scale=self.crop_scale,
             deteriorate=self.deteriorate,
+            decode=self.decode,
         )
 
     @property

@@ -47,13 +47,21 @@ class TransformConfig(BaseModel):
     color_jitter: float = Field(default=0.4, ge=0)
     color_jitter_prob: float | None = Field(default=None, ge=0, le=1)
     deteriorate: Deterioration | None = None
+    #: ``pil``: Pillow decodes, PIL steps augment (on CPUs, in the actor or its decode pool);
+    #: ``device``: JPEGs decoded and every image augmented on the backbone's device
+    #: (``pipeline.cache.device_decode``).
+    decode: Literal["pil", "device"] = "pil"
 
 
 def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> dict[str, Any]:
     """``create_transform`` keyword arguments: ``config`` over the backbone's ``data_config``.
 
-    The result is plain JSON and is what the cache's provenance records as its transform.
+    The result is plain JSON and is what the cache's provenance records as its transform
+    (``decode`` only when it is ``device``, so the PIL path's record is as it always was).
     """
+    if config.decode == "device" and config.deteriorate is not None:
+        raise ValueError("a deterioration runs on PIL images: it needs --decode pil")
+    on_device = {"decode": "device"} if config.decode == "device" else {}
 
     def pick(name: str, fallback: Any = None) -> Any:
         value = getattr(config, name)
@@ -71,6 +79,7 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
             "interpolation": pick("interpolation", "bicubic"),
             "crop_pct": pick("crop_pct"),
             "crop_mode": pick("crop_mode", "center"),
+            **on_device,
         }
         if config.deteriorate is not None:
             resolved["deterioration"] = config.deteriorate.model_dump()
@@ -87,14 +96,17 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
         "vflip": 0.0,
         "color_jitter": config.color_jitter,
         "color_jitter_prob": config.color_jitter_prob,
+        **on_device,
     }
 
 
 def build_transform(resolved: dict[str, Any]) -> Transform:
     """The torchvision/timm transform described by ``resolve_transform``'s output: timm's,
-    preceded by the deterioration when there is one."""
+    preceded by the deterioration when there is one. It takes PIL images, and tensors too
+    where it has no deterioration (``pipeline.cache.device_decode``)."""
     kwargs = dict(resolved)
     deteriorate = kwargs.pop("deterioration", None)
+    kwargs.pop("decode", None)  # where the transform runs, not what it does
     for name in ("input_size", "mean", "std", "scale", "ratio"):
         if name in kwargs:
             kwargs[name] = tuple(kwargs[name])
@@ -117,11 +129,12 @@ def augment(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor
     generator is seeded (the transforms draw from no other), not CUDA's as ``torch.manual_seed``
     would, which is slower and would touch the device from the decoding thread.
     """
-    _seed_rngs(seed)
+    seed_rngs(seed)
     return transform(image)
 
 
-def _seed_rngs(seed: int) -> None:
+def seed_rngs(seed: int) -> None:
+    """Seed the RNGs the transforms draw from: Python's and torch's CPU generator."""
     random.seed(seed)
     torch.default_generator.manual_seed(seed)
 
@@ -173,7 +186,7 @@ def augment_pil(split: SplitTransform, image: Image.Image, seed: int) -> np.ndar
 
     Same RNG rules as :func:`augment` (the tensor steps draw no random numbers).
     """
-    _seed_rngs(seed)
+    seed_rngs(seed)
     result = split.pil(image)
     if result.mode != "RGB":
         raise ValueError(f"the PIL steps must return RGB images, got mode {result.mode}")

@@ -207,12 +207,15 @@ def _asked_or(actors: int | None, fits: int) -> int:
     return actors or fits
 
 
-def decode_workers(requested: int | None, device: torch.device, cpus: float) -> int:
-    """Decode processes for an actor: ``requested``, else (None) none on a CPU, where the
-    forward needs the cores, and on a GPU one per assigned CPU but the actor's own."""
-    if requested is not None:
-        return requested
-    return 0 if device.type == "cpu" else max(1, int(cpus) - 1)
+def decode_workers(settings: UnitSettings, device: torch.device, cpus: float) -> int:
+    """Decode processes for an actor: as ``settings`` ask, else (None) none on a CPU, where the
+    forward needs the cores, or where the device decodes (``--decode device``), and on a GPU
+    one per assigned CPU but the actor's own."""
+    if settings.decode_workers is not None:
+        return settings.decode_workers
+    if device.type == "cpu" or settings.transform.get("decode") == "device":
+        return 0
+    return max(1, int(cpus) - 1)
 
 
 #: Another backbone of a one-pass run: (timm name, weights, its unit settings).
@@ -240,7 +243,7 @@ class CacheWorker:
         cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
-        self.decode_workers = decode_workers(self._targets[0][2].decode_workers, self.device, cpus)
+        self.decode_workers = decode_workers(self._targets[0][2], self.device, cpus)
         runners = [self._runner(*target) for target in self._targets]
         self.fanout = Fanout(runners, self.decode_workers)
         self.node_id = context.get_node_id()

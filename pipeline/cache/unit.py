@@ -6,11 +6,14 @@ previous batch; they yield uint8 images, which the main thread turns into normal
 tensors one batch at a time (``SplitTransform``). The background thread then runs no torch
 kernels, so it never starts a second OpenMP team that would fight the forward's for the cores.
 With ``decode_workers`` > 0 the thread hands decoding and augmentation to a process pool
-(``pipeline.cache.decode_pool``), for GPUs that forward faster than one thread decodes.
+(``pipeline.cache.decode_pool``), for GPUs that forward faster than one thread decodes. With
+``--decode device`` it decodes and augments chunks of samples on the backbone's device instead
+(``pipeline.cache.device_decode``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -34,6 +37,7 @@ from pipeline.cache.decode_pool import (
     build_prepare,
     prepare_images,
 )
+from pipeline.cache.device_decode import DeviceDecoder
 from pipeline.cache.samples import IMAGE_KEYS, RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
@@ -326,6 +330,12 @@ class Fanout:
         self.transform_of = [order.index(_augmentation(runner)) for runner in runners]
         self.prepares = [build_prepare(resolved) for resolved in distinct.values()]
         resolved = list(distinct.values())
+        on_device = {one.get("decode") == "device" for one in resolved}
+        if len(on_device) > 1 or (decode_workers and True in on_device):
+            raise ValueError("targets of one pass decode alike, --decode device with no workers")
+        self.on_device = (
+            DeviceDecoder(resolved, runners[0].backbone.device) if True in on_device else None
+        )
         self.pool = DecodePool(resolved, decode_workers) if decode_workers else None
 
     def close(self) -> None:
@@ -366,7 +376,9 @@ class Fanout:
     ) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
         """Each kept sample's key, its image per distinct transform and its metas."""
         labelled = self._labelled(unit, shared, own)
-        if self.pool is None:
+        if self.on_device is not None:
+            results = _prepared_on(self.on_device, labelled, self.settings.batch_size)
+        elif self.pool is None:
             results = ((task, metas, _try_prepare(self.prepares, task)) for task, metas in labelled)
         else:
             handed: deque[tuple[Task, list[Meta | None]]] = deque()
@@ -456,6 +468,16 @@ def _augmentation(runner: UnitRunner) -> str:
     if runner.split is not None:
         resolved = {name: value for name, value in resolved.items() if name not in ("mean", "std")}
     return json.dumps(resolved, sort_keys=True)
+
+
+def _prepared_on(
+    decoder: DeviceDecoder, labelled: Iterator[tuple[Task, list[Meta | None]]], chunk: int
+) -> Iterator[tuple[Task, list[Meta | None], list[Any] | Skip]]:
+    """``labelled`` prepared by ``decoder``, ``chunk`` samples at a time."""
+    while pairs := list(itertools.islice(labelled, chunk)):
+        prepared = decoder.prepare([task for task, _ in pairs])
+        for (task, metas), images in zip(pairs, prepared, strict=True):
+            yield task, metas, images
 
 
 def _try_prepare(prepares: list[Prepare], task: Task) -> list[Any] | Skip:

@@ -1,0 +1,223 @@
+"""Decode and augment on the backbone's device (``--decode device``): nvJPEG on a GPU.
+
+On a GPU node the PIL path (``pipeline.cache.decode_pool``) costs ~4.5 CPU-ms per image, so an
+H200's bf16 forward would need ~40 cores to stay fed. Here the CPU only reads each image's
+header and launches kernels:
+
+- JPEGs are decoded a chunk at a time by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on
+  CUDA, libjpeg-turbo on a CPU). Other formats, and JPEGs the device decoder refuses or that do
+  not end in an end-of-image marker (so a truncated file is judged by Pillow, as in the PIL
+  path), are decoded by Pillow and copied over.
+- Every image passes the header checks of :func:`pipeline.cache.decode.open_image` first, so
+  the same samples are skipped for the same reasons as in the PIL path.
+- The augmentation is timm's own transform applied to the uint8 tensor (torchvision's
+  transforms take tensors), seeded per sample as in the PIL path: the same crops, flips and
+  jitter factors. Pixels differ by the resampling and rounding of tensor kernels against
+  Pillow's (about 0.2 of a level on average on a CPU), and the transform records
+  ``decode: device`` so the two kinds of rows never share a cache.
+- A trailing ``ColorJitter`` (timm's train transform) draws its factors and order per image,
+  in sequence, and is then applied to the whole chunk at once with torchvision's formulas:
+  batched kernels rather than ~50 launches per image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import io as tvio
+from torchvision import transforms
+
+from pipeline.cache.augment import build_transform, seed_rngs, split_transform
+from pipeline.cache.decode import load_rgb, open_image
+from pipeline.cache.decode_pool import Skip, Task
+from pipeline.cache.skips import BadSample
+
+_JPEG_MODES = ("RGB", "L")  # what the device decoder turns into RGB as Pillow does
+_END_OF_IMAGE = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One transform on tensors: the steps run per image, and a trailing jitter run per chunk."""
+
+    steps: Sequence[Any]
+    jitter: transforms.ColorJitter | None
+
+
+def _plan(resolved: dict[str, Any]) -> _Plan:
+    """The tensor plan for the transform ``resolved`` describes (it must split, without a
+    deterioration: ``CacheJobConfig`` refuses ``--decode device`` otherwise)."""
+    split = split_transform(build_transform(resolved))
+    if split is None or "deterioration" in resolved:
+        raise ValueError("--decode device takes timm's train or eval transform, undeteriorated")
+    steps = list(split.pil.transforms)
+    last = steps[-1] if steps else None
+    if isinstance(last, transforms.ColorJitter) and last.hue is None:
+        return _Plan(steps[:-1], last)
+    return _Plan(steps, None)
+
+
+class DeviceDecoder:
+    """Decodes and augments chunks of samples on ``device`` with each transform ``resolved``.
+
+    Same RNG rules as ``pipeline.cache.augment.augment``: call from one thread per process.
+    """
+
+    def __init__(self, resolved: list[dict[str, Any]], device: torch.device) -> None:
+        self.plans = [_plan(one) for one in resolved]
+        self.device = device
+
+    def prepare(self, tasks: list[Task]) -> list[list[torch.Tensor] | Skip]:
+        """Per task, its uint8 ``(H, W, C)`` image per transform (on the device), or a
+        :class:`Skip` saying why the sample was rejected."""
+        decoded = self._decode(tasks)
+        kept = [index for index, image in enumerate(decoded) if not isinstance(image, Skip)]
+        seeds = [tasks[index][2] for index in kept]
+        images = [decoded[index] for index in kept]
+        per_plan = [self._augment(plan, images, seeds) for plan in self.plans]
+        results: list[list[torch.Tensor] | Skip] = list(decoded)  # type: ignore[arg-type]
+        for position, index in enumerate(kept):
+            results[index] = [augmented[position] for augmented in per_plan]
+        return results
+
+    def _decode(self, tasks: list[Task]) -> list[torch.Tensor | Skip]:
+        """Each task's image as uint8 ``(C, H, W)`` RGB on the device, or its ``Skip``."""
+        results: list[Any] = [None] * len(tasks)
+        opened: dict[int, Image.Image] = {}
+        for index, (key, data, _) in enumerate(tasks):
+            try:
+                opened[index] = open_image(data, key=key)
+            except BadSample as bad:
+                results[index] = Skip(bad.reason, bad.key or key, bad.detail)
+        jpegs = [index for index, image in opened.items() if _device_takes(image, tasks[index][1])]
+        decoded = self._decode_jpegs([tasks[index][1] for index in jpegs])
+        for index, image in zip(jpegs, decoded, strict=True):
+            width, height = opened[index].size
+            if image is not None and tuple(image.shape) == (3, height, width):
+                results[index] = image
+        for index, image in opened.items():
+            if results[index] is None:
+                results[index] = self._decode_with_pillow(image, tasks[index][0])
+        return results
+
+    def _decode_jpegs(self, data: list[bytes]) -> list[torch.Tensor | None]:
+        """``data`` decoded on the device in one call; where that fails, one by one, None for
+        each the device decoder refuses."""
+        if not data:
+            return []
+        encoded = [torch.frombuffer(bytearray(one), dtype=torch.uint8) for one in data]
+        try:
+            return list(_decode_jpeg(encoded, self.device))
+        except RuntimeError:
+            return [_decode_one(one, self.device) for one in encoded]
+
+    def _decode_with_pillow(self, image: Image.Image, key: str) -> torch.Tensor | Skip:
+        try:
+            rgb = np.array(load_rgb(image, key))
+        except BadSample as bad:
+            return Skip(bad.reason, bad.key or key, bad.detail)
+        return torch.from_numpy(rgb).permute(2, 0, 1).to(self.device)
+
+    @staticmethod
+    def _augment(plan: _Plan, images: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
+        """``images`` through ``plan``, each seeded by its seed: uint8 ``(H, W, C)`` each."""
+        if not images:
+            return []
+        augmented, jitters = [], []
+        for image, seed in zip(images, seeds, strict=True):
+            seed_rngs(seed)
+            for step in plan.steps:
+                image = step(image)
+            augmented.append(image)
+            if plan.jitter is not None:
+                jitter = plan.jitter
+                jitters.append(
+                    jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, None)
+                )
+        batch = torch.stack(augmented)
+        if plan.jitter is not None:
+            batch = color_jitter(batch, jitters)
+        return list(batch.permute(0, 2, 3, 1).unbind(0))
+
+
+def _device_takes(image: Image.Image, data: bytes) -> bool:
+    """Whether the device decoder takes this image: a whole baseline or progressive JPEG whose
+    pixels Pillow would return as RGB or replicate from gray."""
+    return (
+        image.format == "JPEG"
+        and image.mode in _JPEG_MODES
+        and bytes(data).rstrip(b"\0").endswith(_END_OF_IMAGE)
+    )
+
+
+def _decode_jpeg(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, once per call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.RGB, device=device)
+
+
+def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _decode_jpeg([encoded], device)[0]
+    except RuntimeError:
+        return None
+
+
+#: (order of the four ops, brightness, contrast, saturation, hue) as ColorJitter draws them.
+JitterParams = tuple[torch.Tensor, float | None, float | None, float | None, float | None]
+
+
+def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a uint8
+    ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas of
+    ``torchvision.transforms.functional`` on tensors, one op over all the images it applies to."""
+    orders = [[int(op) for op in order] for order, *_ in params]
+    for position in range(4):
+        for op in (0, 1, 2):
+            members = [
+                i
+                for i, (order, factors) in enumerate(zip(orders, params, strict=True))
+                if order[position] == op and factors[1 + op] is not None
+            ]
+            if members:
+                ratios = [float(params[i][1 + op]) for i in members]
+                index = torch.tensor(members, device=batch.device)
+                batch[index] = _ADJUST[op](batch[index], ratios)
+    return batch
+
+
+def _blend(first: torch.Tensor, second: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    """``_blend`` of torchvision with one ratio per image: the same float32 arithmetic."""
+    shape = (len(ratios), 1, 1, 1)
+    ratio = torch.tensor(ratios, dtype=torch.float32, device=first.device).view(shape)
+    rest = torch.tensor([1.0 - r for r in ratios], dtype=torch.float32, device=first.device)
+    blended = ratio * first + rest.view(shape) * second
+    return blended.clamp(0, 255).to(first.dtype)
+
+
+def _grayscale(batch: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``rgb_to_grayscale`` with one output channel, uint8 in and out."""
+    red, green, blue = batch.unbind(dim=-3)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue).to(batch.dtype).unsqueeze(dim=-3)
+
+
+def _brightness(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    return _blend(batch, torch.zeros_like(batch), ratios)
+
+
+def _contrast(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    mean = torch.mean(_grayscale(batch).to(torch.float32), dim=(-3, -2, -1), keepdim=True)
+    return _blend(batch, mean, ratios)
+
+
+def _saturation(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    return _blend(batch, _grayscale(batch), ratios)
+
+
+_ADJUST = (_brightness, _contrast, _saturation)

@@ -1,0 +1,151 @@
+"""``--decode device``: JPEGs decoded and timm's transform run on the backbone's device. Here the
+device is the CPU (libjpeg-turbo through torchvision); on a GPU the same code runs nvJPEG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from skimage import data
+from support import BACKBONE, make_runner
+from torchvision import transforms
+
+from jobs.run.cache import CacheJobConfig
+from pipeline.cache.augment import TransformConfig, augment_pil, resolve_transform, seed_rngs
+from pipeline.cache.decode import decode_image
+from pipeline.cache.decode_pool import Skip, build_prepare
+from pipeline.cache.device_decode import DeviceDecoder, color_jitter
+from pipeline.cache.manifest import Manifest, ProvenanceMismatch
+from pipeline.cache.skips import BadSample
+from pipeline.cache.unit import Unit
+from pipeline.cache.verify import reconcile
+from pipeline.demo.data import write_bad_shard, write_digit_shards
+from schemas import read_provenance
+
+SIZE = 64
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """Real photographs in the formats and modes shards hold: the device decodes the JPEGs it
+    can, Pillow the rest (PNG, CMYK JPEG)."""
+    astronaut = Image.fromarray(data.astronaut()).resize((300, 220))
+    return {
+        "jpeg": _encoded(astronaut, "JPEG", quality=90),
+        "progressive": _encoded(Image.fromarray(data.chelsea()), "JPEG", progressive=True),
+        "gray-jpeg": _encoded(Image.fromarray(data.camera()).resize((200, 260)), "JPEG"),
+        "cmyk-jpeg": _encoded(astronaut.convert("CMYK"), "JPEG"),
+        "png": _encoded(Image.fromarray(data.coffee()).resize((240, 160)), "PNG"),
+    }
+
+
+def _resolved(augment: str) -> dict:
+    config = TransformConfig(augment=augment, input_size=(3, SIZE, SIZE), decode="device")
+    return resolve_transform(config, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875})
+
+
+def test_color_jitter_on_a_batch_is_torchvisions_per_image_bit_for_bit():
+    jitter = transforms.ColorJitter(0.4, 0.4, 0.4)
+    batch = torch.randint(0, 256, (24, 3, 20, 30), dtype=torch.uint8)
+    ranges = (jitter.brightness, jitter.contrast, jitter.saturation, None)
+    expected, params = [], []
+    for index in range(len(batch)):
+        seed_rngs(index)
+        expected.append(jitter(batch[index]))
+        seed_rngs(index)
+        params.append(jitter.get_params(*ranges))
+    assert torch.equal(color_jitter(batch.clone(), params), torch.stack(expected))
+
+
+@pytest.mark.parametrize("augment", ["train", "eval"])
+def test_each_image_gets_the_pil_paths_crop_flip_and_jitter(photos, augment):
+    resolved = _resolved(augment)
+    split = build_prepare(resolved)[1]
+    tasks = [(name, encoded, 1000 + index) for index, (name, encoded) in enumerate(photos.items())]
+    prepared = DeviceDecoder([resolved], torch.device("cpu")).prepare(tasks)
+    for (name, encoded, seed), (image,) in zip(tasks, prepared, strict=True):
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (SIZE, SIZE, 3), name
+        pil = decode_image(encoded)
+        same_draws = augment_pil(split, pil, seed).astype(int)
+        difference = np.abs(image.numpy().astype(int) - same_draws).mean()
+        assert difference < 2.0, f"{name}: {difference:.2f} levels from the PIL path"
+        if augment == "train":  # another seed's crop is far off: the draws are what match
+            other = np.abs(image.numpy().astype(int) - augment_pil(split, pil, seed + 1)).mean()
+            assert other > 5 * max(difference, 1.0), name
+
+
+def test_bad_images_are_skipped_for_the_pil_paths_reasons(photos):
+    cut = photos["jpeg"][: len(photos["jpeg"]) // 2]
+    bad = {
+        "empty": b"",
+        "junk": b"not an image at all",
+        "cut-jpeg": cut,
+        "cut-jpeg-padded": cut + b"\0" * 64,
+        "tiny-jpeg": _encoded(Image.new("RGB", (4, 4)), "JPEG"),
+        "strip-jpeg": _encoded(Image.new("RGB", (2000, 10)), "JPEG"),
+        "bad-marker": photos["jpeg"][:200] + b"\xff\x00" * 500 + b"\xff\xd9",
+    }
+    tasks = [(name, encoded, 0) for name, encoded in bad.items()]
+    prepared = DeviceDecoder([_resolved("train")], torch.device("cpu")).prepare(tasks)
+    for (name, encoded, _), result in zip(tasks, prepared, strict=True):
+        try:
+            decode_image(encoded, key=name)
+        except BadSample as expected:
+            assert isinstance(result, Skip), f"{name}: the PIL path skips it as {expected.reason}"
+            assert (result.reason, result.key) == (expected.reason, name)
+        else:
+            assert not isinstance(result, Skip), f"{name}: the PIL path keeps it"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_digit_shards(
+        str(tmp_path_factory.mktemp("shards")), shards=1, per_shard=12, size=40
+    )
+
+
+def test_a_unit_cached_on_the_device_is_reproducible_and_says_so(tmp_path, shards):
+    runner = make_runner(str(tmp_path / "device"), decode="device")
+    first = runner.run(Unit(shards[0], "digits-0000", 0))
+    table = pq.read_table(tmp_path / "device" / first.relpath)
+    assert table.num_rows == 12 and read_provenance(table.schema)["backbone"] == BACKBONE
+    assert read_provenance(table.schema)["transform"]["decode"] == "device"
+    (tmp_path / "device" / first.relpath).unlink()
+    again = make_runner(str(tmp_path / "device"), decode="device").run(
+        Unit(shards[0], "digits-0000", 0)
+    )
+    assert pq.read_table(tmp_path / "device" / again.relpath).equals(table)
+
+    pil = make_runner(str(tmp_path / "pil"))
+    assert "decode" not in pil.settings.transform, "the PIL path's record is unchanged"
+    reconcile(Manifest.open(str(tmp_path / "device"), runner.settings.provenance))
+    with pytest.raises(ProvenanceMismatch, match="transform"):
+        Manifest.open(str(tmp_path / "device"), pil.settings.provenance)
+
+
+def test_bad_samples_of_a_shard_are_counted_as_on_the_pil_path(tmp_path):
+    write_bad_shard(str(tmp_path / "bad.tar"))
+    unit = Unit(str(tmp_path / "bad.tar"), "bad", 0)
+    on_device = make_runner(str(tmp_path / "device"), decode="device").run(unit)
+    on_pil = make_runner(str(tmp_path / "pil")).run(unit)
+    assert on_device.skipped == on_pil.skipped and on_device.rows == on_pil.rows > 0
+
+
+def test_what_the_device_cannot_do_is_refused_naming_the_flags():
+    base = {"shards": "s/", "backbone": BACKBONE, "output": "out", "decode": "device"}
+    with pytest.raises(ValidationError, match="--deteriorate runs on PIL images"):
+        CacheJobConfig(**base, augment="eval", deteriorate="blur:0.5")
+    with pytest.raises(ValidationError, match="--decode-workers 2 starts PIL decoding"):
+        CacheJobConfig(**base, decode_workers=2)
+    assert CacheJobConfig(**base).transform_config().decode == "device"
