@@ -92,6 +92,7 @@ def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -
         epochs=epochs,
         seed=0,
         decode_workers=args.decode_workers,
+        decode=args.decode,
         precision=args.precision,
         gpus_per_actor=1.0 if torch.cuda.is_available() else None,  # fail, never run on CPUs
     )
@@ -134,6 +135,9 @@ def main() -> None:
         type=int,
         default=None,
         help="the job's --decode-workers [default: the job's own, 0 on CPUs]",
+    )
+    parser.add_argument(
+        "--decode", choices=["pil", "device"], default="pil", help="the job's --decode"
     )
     parser.add_argument(
         "--precision", choices=["bf16", "fp32"], default="bf16", help="the job's --precision"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
-# decode pool on the node's cores, shards and Parquet on local disk) against the bare bf16
-# forward in the same run, head training on CUDA, and the decode pool's cost in the actor.
+# decode pool on the node's cores, then --decode device: nvJPEG and the transform on the GPU;
+# shards and Parquet on local disk) against the bare bf16 forward in the same run, head
+# training on CUDA, and the decode pool's cost in the actor.
 # Logs and the node's description go to LOGS (default /tmp/pvu-gpu-check). Without a GPU it
 # runs the same steps, smaller, on the CPU.
 #
@@ -23,7 +24,7 @@ python=${PYTHON:-python3}
 
 if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     cache=(--backbone vit_base_patch16_224 --batch-size 256 --shards 4 --per-shard 1024
-        --rounds 3 --reference-batches 20)
+        --rounds 2 --reference-batches 20)
     train=(--device cuda --rows 131072 --steps 200 --repeats 2)
     decode=(--images 512 --workers 7 15 --rounds 3)
 else
@@ -33,8 +34,10 @@ else
     decode=(--images 16 --workers 1 --rounds 1)
 fi
 status=0
-timeout 250 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
     2>&1 | tee "$logs/cache_throughput.log" || status=1
+timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+    --decode device --decode-workers 0 2>&1 | tee "$logs/cache_throughput_device.log" || status=1
 timeout 80 "$python" benchmarks/decode_throughput.py "${decode[@]}" \
     2>&1 | tee "$logs/decode_throughput.log" || status=1
 timeout 100 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
