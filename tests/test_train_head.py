@@ -533,6 +533,29 @@ def test_a_kill_around_the_checkpoint_loses_no_metrics_line(
     assert [line["episode"] for line in _metrics(tmp_path)] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("cut", ["after", "at"])
+def test_a_metrics_line_cut_short_blocks_resume_only_at_or_before_the_checkpoint(
+    cache: str, tmp_path: Path, cut: str
+) -> None:
+    """A kill mid-write of episode 3's line, after episode 2's checkpoint: that line is trained
+    again, so the cut is dropped; episode 2's own line cut short is still refused."""
+    config = _config(episodes=4)
+    fit_head([cache], str(tmp_path), config, RunOptions(stop_after=2))
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    if cut == "after":
+        lines.append(json.dumps(_metrics(tmp_path)[-1] | {"episode": 3})[:20])
+    else:
+        lines[-1] = lines[-1][:20]
+    path.write_text("\n".join(lines))
+    if cut == "at":
+        with pytest.raises(ValueError, match=r"metrics\.jsonl has a damaged line"):
+            fit_head([cache], str(tmp_path), config, RunOptions(resume=True))
+    else:
+        fit_head([cache], str(tmp_path), config, RunOptions(resume=True))
+        assert [line["episode"] for line in _metrics(tmp_path)] == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.slow
 @pytest.mark.faults
 def test_sigkill_mid_episode_then_resume_gives_the_same_head_bit_for_bit(

@@ -223,6 +223,19 @@ def _episode(line: str, path: str) -> int:
         ) from None
 
 
+def _up_to(lines: list[str], done: int, path: str) -> list[str]:
+    """The lines of episodes <= ``done``, read up to the first of episode >= ``done``; those
+    after it are trained again, so one cut short there (a kill mid-write) is dropped unread."""
+    kept = []
+    for line in filter(None, lines):
+        episode = _episode(line, path)
+        if episode <= done:
+            kept.append(line)
+        if episode >= done:
+            break
+    return kept
+
+
 def metrics_log(
     output: str, done: int
 ) -> tuple[list[dict[str, Any]], Callable[[dict[str, Any]], None]]:
@@ -233,8 +246,7 @@ def metrics_log(
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root}/{METRICS_FILE}"
     data = read_bytes(fs, path) if exists(fs, path) else b""
-    lines = data.decode(errors="replace").splitlines()
-    kept = [line for line in lines if line and _episode(line, path) <= done] if done >= 0 else []
+    kept = _up_to(data.decode(errors="replace").splitlines(), done, path) if done >= 0 else []
 
     def write() -> None:
         write_bytes(fs, f"{path}.tmp", "".join(line + "\n" for line in kept).encode())
