@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from jobs.terminal import UserError
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.shards import storage_url
+from pipeline.retry import list_folder
 
 CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
@@ -126,6 +127,40 @@ def check_not_in_a_cache(url: str, *, flag: str) -> None:
                 "this cache's rows for its own; give a folder outside it"
             )
         parent = posixpath.dirname(parent)
+
+
+#: How many folders below an output :func:`check_holds_no_cache` looks for a cache.
+NESTED_CACHE_DEPTH = 2
+
+
+def check_holds_no_cache(url: str, *, flag: str) -> None:
+    """Refuse an output ``url`` holding a cache (its ``_manifest.json``) up to
+    ``NESTED_CACHE_DEPTH`` folders down: this cache's units would lie beside it, and a Parquet
+    reader of ``url`` would read both. One listing per folder; ``epoch=*`` folders (a cache's
+    units) are not listed, so the cost is that of the tree's top, whatever the caches hold."""
+    fs, path = fsspec.core.url_to_fs(url)
+    folders = [path.rstrip("/")]
+    for depth in range(NESTED_CACHE_DEPTH + 1):
+        below = []
+        for folder in folders:
+            try:
+                entries = list_folder(fs, folder)
+            except FileNotFoundError:  # an output not made yet
+                continue
+            names = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
+            if depth and MANIFEST_NAME in names:
+                raise UserError(
+                    f"{flag} {url} holds the cache {storage_url(fs, folder)}: this cache's "
+                    "units would lie beside that one's, and a Parquet reader of its folder "
+                    "(pyarrow's dataset, as the README shows) would take both caches' rows for "
+                    "its own; give a folder that holds no cache"
+                )
+            below += [
+                entry["name"].rstrip("/")
+                for name, entry in names.items()
+                if entry["type"] == "directory" and not name.startswith("epoch=")
+            ]
+        folders = below
 
 
 def check_apart(outputs: list[tuple[str, str]]) -> None:

@@ -37,7 +37,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import botocore.exceptions
@@ -167,6 +167,13 @@ def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     request (503s past botocore's tries) is named with the URL, not a bare
     ``[Errno 16] Service Unavailable``."""
     return retry(lambda: fs.exists(path), what=f"look for {fs.unstrip_protocol(path)}")
+
+
+def list_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """The entries (``fs.ls`` details) of the folder ``path``, listed afresh (not from a
+    listing cache) under :func:`retry`; ``FileNotFoundError`` if there is none."""
+    what = f"list {fs.unstrip_protocol(path)}"
+    return retry(lambda: fs.ls(path, detail=True, refresh=True), what=what)
 
 
 def read_url(url: str) -> bytes:

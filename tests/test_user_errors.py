@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -438,6 +439,29 @@ def test_an_also_target_inside_the_output_is_refused_on_the_first_run_too(
         assert not (tmp_path / "c").exists()
     apart = config.model_copy(update={"output": str(tmp_path / "c-resnet10t")})
     check_outputs(apart)  # a name the other starts with is beside it
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_an_output_that_holds_another_cache_is_refused(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`--output runs` with `runs/exp/vit_b` a cache was taken: its units were written beside
+    the other's, and a Parquet reader of `runs` read both; an output inside a cache was already
+    refused."""
+    from jobs.run.cache import CacheJobConfig, check_outputs
+
+    root = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
+    held = f"{root}/runs/exp/vit_b"
+    write_synthetic_cache(held, SyntheticCache(dim=8, samples_per_shard=8, shards=1, epochs=1))
+    shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
+    config = CacheJobConfig(shards=shard, output=held, backbone="resnet10t", weights="random")
+    for output in (f"{root}/runs", f"{root}/runs/exp/"):
+        with pytest.raises(
+            UserError, match=re.escape(f"--output {output} holds the cache {held}: ")
+        ):
+            check_outputs(config.model_copy(update={"output": output}))
+    check_outputs(config)  # the cache itself, run again to resume or extend it
+    check_outputs(config.model_copy(update={"output": f"{root}/runs/exp-2"}))
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from rich.text import Text
 from jobs import project_version
 from jobs.preflight import (
     check_apart,
+    check_holds_no_cache,
     check_not_in_a_cache,
     check_output_folder,
     check_storage,
@@ -539,8 +540,8 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
 
 
 def check_outputs(config: CacheJobConfig) -> None:
-    """Refuse an ``--output`` (or ``--also`` target's) that cannot be written, or that lies
-    inside another cache or another target's; creates nothing."""
+    """Refuse an ``--output`` (or ``--also`` target's) that cannot be written, that lies
+    inside another cache or another target's, or that holds another cache; creates nothing."""
     outputs = [
         ("--also" if index else "--output", target.output)
         for index, target in enumerate(config.targets())
@@ -548,6 +549,7 @@ def check_outputs(config: CacheJobConfig) -> None:
     for flag, url in outputs:
         check_output_folder(url, flag=flag)
         check_not_in_a_cache(url, flag=flag)
+        check_holds_no_cache(url, flag=flag)
     check_apart(outputs)
 
 

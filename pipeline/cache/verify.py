@@ -28,7 +28,7 @@ from pipeline.cache.manifest import (
     read_manifest,
 )
 from pipeline.cache.writer import unit_path
-from pipeline.retry import is_damaged_page, read_bytes, retry
+from pipeline.retry import is_damaged_page, list_folder, read_bytes, retry
 from schemas import read_provenance, read_unit_stats
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,8 @@ def list_unit_files(url: str) -> dict[str, int]:
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
-
-    def listing(path: str) -> list[dict[str, Any]]:
-        what = f"list {fs.unstrip_protocol(path)}"
-        return retry(lambda: fs.ls(path, detail=True, refresh=True), what=what)
-
     try:
-        folders = listing(root)
+        folders = list_folder(fs, root)
     except FileNotFoundError:
         return {}
     sizes: dict[str, int] = {}
@@ -103,7 +98,7 @@ def list_unit_files(url: str) -> dict[str, int]:
         name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
         if folder["type"] != "directory" or not name.startswith("epoch="):
             continue
-        for entry in listing(folder["name"]):
+        for entry in list_folder(fs, folder["name"]):
             filename = entry["name"].rsplit("/", 1)[-1]
             if (
                 entry["type"] == "file"
