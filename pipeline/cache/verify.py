@@ -28,6 +28,7 @@ from pipeline.cache.manifest import (
     read_manifest,
 )
 from pipeline.cache.writer import unit_path
+from pipeline.named import NAMED, named_level
 from pipeline.retry import is_damaged_page, list_folder, read_bytes, retry
 from schemas import read_provenance, read_unit_stats
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Unit fields the footer's own stats must repeat (``seconds`` and ``bytes`` are not in both).
 FOOTER_FIELDS = ("epoch", "shard", "source", "source_bytes", "rows", "skipped")
-_NAMED = 10  # damaged units named in a message; the rest are counted
 
 
 class CacheMismatch(ValueError):
@@ -68,7 +68,7 @@ class CacheCheck:
 
     def refusal(self) -> str:
         """A message naming the damaged units and the command that repairs the cache."""
-        named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:_NAMED]]
+        named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:NAMED]]
         more = len(self.damaged) - len(named)
         delete = "deleting the units whose pages fail, then " if self.damaged_pages else ""
         problem = "does not match its manifest" if self.listed is not None else "has no manifest"
@@ -268,7 +268,7 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     """Make ``manifest`` agree with storage before a run, and write it; returns it.
 
     A damaged unit (missing, other size, footer of another unit) is forgotten and its file
-    removed, so the run computes it again; the first ``_NAMED`` are each logged with a warning
+    removed, so the run computes it again; the first ``NAMED`` are each logged with a warning
     naming it, the rest in one line (each at debug level). An orphan
     (committed, never recorded) is adopted from its own footer, unless that footer is
     unreadable or names another unit (then it is removed and computed again); an orphan of
@@ -278,17 +278,16 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     fs, root = fsspec.core.url_to_fs(manifest.root)
     check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
     for count, (relpath, why) in enumerate(sorted(check.damaged.items())):
-        level = logging.WARNING if count < _NAMED else logging.DEBUG  # --verbose: every one
-        log.log(level, "recomputing %s/%s: %s", manifest.root, relpath, why)
+        log.log(named_level(count), "recomputing %s/%s: %s", manifest.root, relpath, why)
         manifest.forget(relpath)
         if why != "missing":
             fs.rm(f"{root}/{relpath}")
-    if len(check.damaged) > _NAMED:
+    if len(check.damaged) > NAMED:
         missing = sum(why == "missing" for why in check.damaged.values())
         log.warning(
             "recomputing %s more unit(s) of %s (%s of all %s missing, the rest damaged); "
             "--verbose names each",
-            *(f"{len(check.damaged) - _NAMED:,}", manifest.root, f"{missing:,}"),
+            *(f"{len(check.damaged) - NAMED:,}", manifest.root, f"{missing:,}"),
             f"{len(check.damaged):,}",
         )
     orphans = dict(sorted(check.orphans.items()))

@@ -22,7 +22,7 @@ import logging
 import os
 import posixpath
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
+from pipeline.named import NAMED, named_level
 from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, write_bytes
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def write_dataset(
     """Write ``listing``'s images into shards under ``output``, then ``classes.json``.
 
     ``shuffle`` permutes the images with ``seed`` across classes; ``threads`` read and check
-    images in parallel. ``on_image(ok)`` is called once per image (for a progress bar).
+    images in parallel. ``on_image(ok)`` is called once per image (for a progress bar). The
+    first ``NAMED`` images left out for each reason get a warning each, the rest one in all.
     Refuses an ``output`` that already holds shards, unless an unfinished run of this function
     wrote them (its ``UNFINISHED_NAME`` file is there): those are removed and written again.
     """
@@ -122,6 +124,7 @@ def write_dataset(
     width = max(8, len(str(count - 1)))
     tag = listing_tag(listing)
     unreadable: list[Unreadable] = []
+    reasons: Counter[str] = Counter()
     with (
         ThreadPoolExecutor(threads, thread_name_prefix="pvu-shards") as pool,
         ShardWriter(output, prefix=prefix, max_bytes=max_bytes, max_samples=max_samples) as writer,
@@ -130,7 +133,9 @@ def write_dataset(
         for index, source, outcome in zip(order, sources, loaded, strict=True):
             if isinstance(outcome, Unreadable):
                 unreadable.append(outcome)
-                log.warning("left out %s: %s (%s)", outcome.url, outcome.reason, outcome.detail)
+                level = named_level(reasons[outcome.reason])
+                reasons[outcome.reason] += 1
+                log.log(level, "left out %s: %s (%s)", outcome.url, outcome.reason, outcome.detail)
                 on_image(False)
                 continue
             ext, data = outcome
@@ -146,6 +151,13 @@ def write_dataset(
             on_image(True)
     write_bytes(fs, f"{root.rstrip('/')}/{CLASSES_NAME}", json.dumps(listing.classes).encode())
     fs.rm(unfinished)
+    unnamed = {reason: n - NAMED for reason, n in sorted(reasons.items()) if n > NAMED}
+    if unnamed:
+        log.warning(
+            "left out %s more image(s) than named above (%s); --verbose names each",
+            f"{sum(unnamed.values()):,}",
+            ", ".join(f"{reason}={n:,}" for reason, n in unnamed.items()),
+        )
     return ConvertReport(writer.shards, listing.classes, unreadable)
 
 
