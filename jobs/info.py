@@ -30,6 +30,7 @@ from jobs.terminal import (
 from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.manifest import unfinished_note
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
+from pipeline.named import NAMED
 
 
 class InfoJobConfig(BaseModel):
@@ -95,7 +96,8 @@ def checked(check: CacheCheck, *, pages: bool) -> dict[str, bool]:
 
 
 def verification(check: CacheCheck, *, pages: bool) -> Table:
-    """What ``--verify`` found: each damaged unit, and the orphans ``pvu cache`` would adopt."""
+    """What ``--verify`` found: the first ``NAMED`` damaged units (and how many more), and the
+    orphans ``pvu cache`` would adopt."""
     table = summary_table(f"pvu info --verify: {check.url}")
     covered = checked(check, pages=pages)
     table.add_row(
@@ -106,8 +108,12 @@ def verification(check: CacheCheck, *, pages: bool) -> Table:
     if not covered["manifest"]:
         table.add_row("not checked", "missing units and sizes: the cache has no manifest")
     table.add_row("units missing or damaged", f"{len(check.damaged):,}")
-    for relpath, why in sorted(check.damaged.items()):
+    named = sorted(check.damaged.items())[:NAMED]
+    for relpath, why in named:
         table.add_row(Text(relpath, style="red"), why)
+    if len(check.damaged) > len(named):
+        more = len(check.damaged) - len(named)
+        table.add_row(Text(f"... and {more:,} more", style="red"), "--json lists every one")
     if covered["manifest"]:
         adopt = " (the next pvu cache run adopts those that are pvu units)" if check.orphans else ""
         table.add_row("committed files the manifest lacks", f"{len(check.orphans):,}{adopt}")
@@ -163,7 +169,8 @@ def info(
         bool,
         typer.Option(
             help="Check that every unit the manifest lists exists with its recorded size and "
-            "footer (without a manifest: each unit's footer); exit 1 naming each that does not.",
+            "footer (without a manifest: each unit's footer); exit 1 naming the first 10 that do "
+            "not (--json: every one).",
         ),
     ] = False,
     checksums: Annotated[

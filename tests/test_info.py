@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+from rich.console import Console
 from support import damage_page_header, flip_page_byte, make_runner, pvu, slow_footer_reads
 
+from jobs.info import verification
 from pipeline.cache.index import open_cache
 from pipeline.cache.info import read_cache_info
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
+from pipeline.cache.verify import CacheCheck
 from pipeline.demo.data import write_bad_shard, write_digit_shards
+from pipeline.named import NAMED
 
 pytestmark = pytest.mark.usefixtures("wide_console")
 
@@ -211,6 +216,18 @@ def test_verify_names_missing_and_damaged_units(cache, tmp_path):
         "epoch=0000/digits-0000.parquet",
         "epoch=0001/bad.parquet",
     ]
+
+
+def test_verify_names_ten_damaged_units_and_counts_the_rest() -> None:
+    """Every damaged unit was a row of the table: 14,000 rows when a shard set was rebuilt."""
+    damaged = {f"epoch=0000/shard-{i:05d}.parquet": "missing" for i in range(NAMED + 4)}
+    check = CacheCheck("s3://bucket/cache", damaged=damaged, listed=sorted(damaged))
+    out = io.StringIO()
+    Console(file=out, width=200).print(verification(check, pages=False))
+    text = " ".join(out.getvalue().split())
+    assert f"units missing or damaged │ {NAMED + 4}" in text
+    assert text.count("shard-") == NAMED and "shard-00009" in text and "shard-00010" not in text
+    assert "... and 4 more │ --json lists every one" in text
 
 
 @pytest.mark.slow
