@@ -763,9 +763,7 @@ def _finish(
     for target in targets:  # stopped by SIGTERM in a job; a library caller gets here
         if target.manifest.lock_lost.is_set():
             raise CacheLocked(f"lost the lock on {target.manifest.root} to another run")
-    # Later copies of a key (in shard order) leave their units, whichever run committed them;
-    # a cache without duplicates is only read.
-    duplicates = [deduplicate(target.manifest, names) for target in targets]
+    duplicates = _deduplicate_with_progress(targets, names)
     for target in targets:
         target.manifest.end_run(report.failed)
         if not report.failed:
@@ -795,6 +793,31 @@ def _finish(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
             f"{advice} and run again (a cache without rows is computed afresh)"
         )
+
+
+def _deduplicate_with_progress(targets: list[_Target], names: list[str]) -> list[dict[str, int]]:
+    """Later copies of a key (in shard order) leave their units, whichever run committed them;
+    a cache without duplicates is only read. The keys read show as a bar per target; returns
+    the rows dropped per rewritten unit, per target."""
+    with progress_bar(
+        TextColumn("[bold]duplicate keys"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units read"),
+        TimeRemainingColumn(),
+        plain="duplicate keys: {task.completed:,.0f}/{task.total:,.0f} units read",
+        transient=True,
+    ) as progress:
+
+        def deduplicated(manifest: Manifest) -> dict[str, int]:
+            task = progress.add_task("units", total=0)
+            return deduplicate(
+                manifest,
+                names,
+                on_read=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+
+        return [deduplicated(target.manifest) for target in targets]
 
 
 #: A share of rows dropped as duplicate keys past which the keys likely restart in each shard.

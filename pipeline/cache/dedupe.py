@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -41,13 +41,19 @@ DUPLICATE = SkipReason.DUPLICATE_KEY.value
 
 
 def deduplicate(
-    manifest: Manifest, shard_order: Sequence[str], *, io_threads: int = 16
+    manifest: Manifest,
+    shard_order: Sequence[str],
+    *,
+    io_threads: int = 16,
+    on_read: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict[str, int]:
     """Drop every later copy of a key within each epoch of ``manifest``'s cache.
 
     ``shard_order``: the run's shard names; their units rank first, in this order. Returns the
     rows dropped per rewritten unit (relpath -> count). An epoch whose units are as the last
     pass found them clean is not read; the manifest is written if an epoch was.
+    ``on_read(done, total)`` is called before the first unit's keys are read and after each
+    (for a progress bar): ``total`` counts the units of the epochs to read.
     """
     rank = {name: i for i, name in enumerate(shard_order)}
 
@@ -59,14 +65,24 @@ def deduplicate(
     for relpath in sorted(manifest.units, key=shard_rank):
         if manifest.units[relpath]["rows"]:
             by_epoch[manifest.units[relpath]["epoch"]].append(relpath)
+    to_read = {  # the other epochs were checked as they are by an earlier pass
+        epoch: units
+        for epoch, units in sorted(by_epoch.items())
+        if manifest.deduplicated.get(str(epoch)) != units_digest(manifest, units)
+    }
+    total, done = sum(map(len, to_read.values())), 0
+    on_read(done, total)
+
+    def read_one() -> None:
+        nonlocal done
+        done += 1
+        on_read(done, total)
+
     dropped: dict[str, int] = {}
-    checked = False
-    for epoch, units in sorted(by_epoch.items()):
-        if manifest.deduplicated.get(str(epoch)) == units_digest(manifest, units):
-            continue  # checked as they are by an earlier pass: nothing to read
+    for epoch, units in to_read.items():
         sizes = [manifest.units[relpath]["bytes"] for relpath in units]
         for relpath, (rows, example) in later_copies(
-            manifest.root, units, sizes, io_threads
+            manifest.root, units, sizes, io_threads, on_read=read_one
         ).items():
             drop_rows(manifest, relpath, rows)
             dropped[relpath] = len(rows)
@@ -81,8 +97,7 @@ def deduplicate(
                 DUPLICATE,
             )
         manifest.mark_deduplicated(epoch, units_digest(manifest, units))
-        checked = True
-    if checked:
+    if to_read:
         manifest.flush(force=True)
     return dropped
 
@@ -123,16 +138,24 @@ def _hashes(keys: pa.ChunkedArray) -> np.ndarray:
 
 
 def later_copies(
-    root: str, units: Sequence[str], sizes: Sequence[int], io_threads: int = 16
+    root: str,
+    units: Sequence[str],
+    sizes: Sequence[int],
+    io_threads: int = 16,
+    *,
+    on_read: Callable[[], None] = lambda: None,
 ) -> dict[str, tuple[np.ndarray, tuple[str, str]]]:
     """Rows of ``units`` (in rank order) whose key an earlier row holds, by unit, each with an
-    example (key, unit that keeps it) for the log."""
+    example (key, unit that keeps it) for the log. ``on_read()`` follows each unit's keys read."""
 
     def unit_hashes(unit: str, size: int) -> np.ndarray:
         return _hashes(read_keys(root, unit, size))
 
+    hashes: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        hashes = list(pool.map(unit_hashes, units, sizes))
+        for unit_hash in pool.map(unit_hashes, units, sizes):
+            hashes.append(unit_hash)
+            on_read()
     if not hashes:
         return {}
     starts = np.cumsum([0, *map(len, hashes)])
