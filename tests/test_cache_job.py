@@ -102,6 +102,18 @@ def test_local_round_trip_counts_bad_input_and_resumes(local_ray, tmp_path):
     assert len(shards) == 3
 
 
+def test_decode_device_runs_through_the_job_with_no_decode_pool(local_ray, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=12, size=32)
+    config = CacheJobConfig(
+        shards=str(tmp_path / "shards"), output=str(tmp_path / "cache"), decode="device", **COMMON
+    )
+    report = run_cache(config)
+    assert not report.failed and [result.rows for result in report.results] == [12]
+    assert [worker["decode_workers"] for worker in report.workers] == [0]
+    manifest = read_manifest(str(tmp_path / "cache"))
+    assert manifest["provenance"]["transform"]["decode"] == "device"
+
+
 def test_another_shard_set_of_the_same_names_is_warned_of_and_a_moved_one_resumes(
     local_ray, tmp_path, caplog
 ):
