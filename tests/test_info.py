@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -68,6 +71,38 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
     assert "compute │ cpu, autocast none" in text  # part of the identity the repair advice cites
     assert "units │ 6 (3 shards x 2 epochs)" in text  # it said "(3 shards x epochs)"
+
+
+def pvu_writing_to(stdout: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pvu ARGS`` as a process whose stdout is ``full`` (``/dev/full``) or ``closed`` (a pipe
+    whose reader is gone), buffered as in a shell (``PYTHONUNBUFFERED`` unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "jobs.cli", *args]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(command, stdout=writer, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["info"], ["info", "--json"]], ids=" ".join)
+def test_stdout_that_cannot_be_written_ends_in_one_line_not_a_traceback(cache, args) -> None:
+    """``pvu info c > /dev/full`` ended in a traceback, ``pvu info c --json | head -1`` in
+    'Exception ignored ... BrokenPipeError' and exit code 120; a closed pipe ends quietly."""
+    args = [*args, cache] if args[0] == "info" else args
+    full = pvu_writing_to("full", *args)
+    assert (full.returncode, full.stderr) == (
+        1,
+        "pvu: cannot write to standard output: No space left on device\n",
+    )
+    closed = pvu_writing_to("closed", *args)
+    assert (closed.returncode, closed.stderr) == (1, "")
 
 
 def test_info_without_manifest_reads_the_footers(cache, tmp_path):
