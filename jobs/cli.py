@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from jobs import project_version
+from jobs.terminal import Verbose
 
 JOBS = {
     "cache": "jobs.cache:cache",
@@ -90,8 +91,12 @@ def options(
             "--version", callback=_print_version, is_eager=True, help="Print pvu's version."
         ),
     ] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Cache a frozen backbone's embeddings and losses, train an uncertainty head, evaluate it."""
+    """Cache a frozen backbone's embeddings and losses, train an uncertainty head, evaluate it.
+
+    ``verbose`` is read by the job's own ``-v`` (``pvu -v info c`` is ``pvu info -v c``).
+    """
 
 
 #: What a write reports when its destination cannot take it (a pipe closed, a disk full).

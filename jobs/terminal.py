@@ -207,9 +207,20 @@ def _plain_line(plain: str, task: Task) -> str:
     return line if left is None else f"{line}, about {timedelta(seconds=round(left))} left"
 
 
+def _verbose_here_or_before(ctx: typer.Context, verbose: bool) -> bool:
+    """``-v`` after the command (``pvu info -v c``) or before it (``pvu -v info c``)."""
+    return verbose or bool(ctx.parent and ctx.parent.params.get("verbose"))
+
+
+#: ``pvu``'s and each job's ``-v``: a job's is also on where ``pvu -v`` is.
 Verbose = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help="Debug logging; tracebacks for errors."),
+    typer.Option(
+        "--verbose",
+        "-v",
+        callback=_verbose_here_or_before,
+        help="Debug logging; tracebacks for errors.",
+    ),
 ]
 
 

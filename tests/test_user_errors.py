@@ -346,11 +346,16 @@ def test_a_cache_unit_rewritten_while_train_head_reads_it_is_named(
     assert "thrift" not in result.output
 
 
-def test_traceback_only_under_verbose(tmp_path: Path) -> None:
+@pytest.mark.parametrize("before", [False, True], ids=["pvu train-head -v", "pvu -v train-head"])
+def test_traceback_only_under_verbose(tmp_path: Path, before: bool) -> None:
+    """``-v`` after the command or before it (``pvu -v train-head`` was 'No such option: -v')."""
     missing = str(tmp_path / "no-such-cache")
-    result, _ = timed_pvu("train-head", "--cache", missing, "--output", str(tmp_path / "h"), "-v")
-    assert result.exit_code == 2 and "Traceback" in result.output
+    args = ["train-head", "--cache", missing, "--output", str(tmp_path / "h")]
+    result, _ = timed_pvu(*(["-v", *args] if before else [*args, "-v"]))
+    assert result.exit_code == 2 and "Traceback" in result.output, result.output
     assert f"--cache {missing} does not exist" in result.text
+    quiet, _ = timed_pvu(*args)
+    assert quiet.exit_code == 2 and "Traceback" not in quiet.output
 
 
 @pytest.fixture
