@@ -24,9 +24,9 @@ from jobs.preflight import check_not_inside, check_output_folder, check_storage
 from jobs.terminal import Verbose, console, progress_bar, reported, setup_logging, summary_table
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
+from pipeline.named import NAMED
 
 log = logging.getLogger("pvu.shards")
-SHOWN_UNREADABLE = 10
 
 
 class ShardsJobConfig(BaseModel):
@@ -140,10 +140,11 @@ def summarize(report: ConvertReport, output: str) -> Table:
     table.add_row(
         "images left out", ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "none"
     )
-    for item in report.unreadable[:SHOWN_UNREADABLE]:
+    for item in report.unreadable[:NAMED]:
         table.add_row(Text(f"left out ({item.reason})", style="yellow"), item.url)
-    if len(report.unreadable) > SHOWN_UNREADABLE:
-        table.add_row("", f"... and {len(report.unreadable) - SHOWN_UNREADABLE} more (see log)")
+    if len(report.unreadable) > NAMED:
+        more = len(report.unreadable) - NAMED
+        table.add_row("", f"... and {more:,} more (the log names the first {NAMED} of each kind)")
     return table
 
 

@@ -24,7 +24,7 @@ from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import FAILED_SHOWN, CacheJobConfig, member_advice, run_cache, summarize
+from jobs.run.cache import CacheJobConfig, member_advice, run_cache, summarize
 from pipeline.cache.distribute import (
     FIRST_UNIT_DEADLINE_S,
     MIN_UNIT_DEADLINE_S,
@@ -46,6 +46,7 @@ from pipeline.demo.data import (
     write_duplicate_key_shards,
     write_shard,
 )
+from pipeline.named import NAMED
 from pipeline.retry import StorageFull
 from schemas import read_provenance
 
@@ -748,8 +749,8 @@ def test_the_summary_names_ten_failed_units_and_counts_the_rest():
         report.failed[f"epoch=0000/s-{i:05d}.parquet"] = f"s3://b/s-{i:05d}.tar: PermissionError"
     table = summarize(report, already=0, seconds=1.0, manifest=Manifest("/nowhere", {}))
     failed = [cell for cell in table.columns[0].cells if "FAILED" in str(cell)]
-    assert len(failed) == FAILED_SHOWN + 1, len(failed)
-    assert str(failed[-1]).endswith(f"and {4000 - FAILED_SHOWN:,} more")
+    assert len(failed) == NAMED + 1, len(failed)
+    assert str(failed[-1]).endswith(f"and {4000 - NAMED:,} more")
 
 
 def test_a_unit_out_of_tries_is_named_in_the_log(caplog):

@@ -80,6 +80,7 @@ from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
 from pipeline.dataset.convert import CLASSES_NAME
 from pipeline.dataset.remap import order_mismatch, read_label_remap, read_names, remap_mismatch
+from pipeline.named import NAMED
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -483,7 +484,7 @@ def summarize(
         "seconds by stage (all actors)",
         ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
     )
-    named = sorted(failed.items())[:FAILED_SHOWN]
+    named = sorted(failed.items())[:NAMED]
     for relpath, error in named:
         table.add_row(Text(f"FAILED {relpath}", style="red"), error)
     if len(failed) > len(named):
@@ -492,10 +493,6 @@ def summarize(
             "each is named in the log ('unit ... failed'); the same command tries them again",
         )
     return table
-
-
-#: Failed units the summary names, one row each (the log names every one).
-FAILED_SHOWN = 10
 
 
 def unit_settings(
