@@ -148,3 +148,17 @@ def test_the_pass_shows_the_units_whose_keys_it_reads(tmp_path, shards, monkeypa
     manifest.forget("epoch=0001/dup-0.parquet")
     deduplicate(manifest, ORDER, on_read=lambda done, total: calls.append((done, total)))
     assert calls[1:] == [(0, 1), (1, 1)]
+
+
+def test_rewritten_units_past_the_first_few_are_counted_not_each_warned_of(
+    tmp_path, shards, monkeypatch, caplog
+):
+    for module in ("pipeline.named", "pipeline.cache.dedupe"):
+        monkeypatch.setattr(f"{module}.NAMED", 1)  # 2 rewritten units stand for 14,000
+    with caplog.at_level("DEBUG", logger="pipeline.cache.dedupe"):
+        cache_in_order(str(tmp_path), shards, [(name, e) for e in (0, 1) for name in ORDER])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([line for line in warned if "dup-1.parquet: dropped 3 row(s)" in line]) == 1
+    assert any("1 more unit(s) than named above had rows dropped" in line for line in warned)
+    debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert len([line for line in debug if "dup-1.parquet: dropped 3 row(s)" in line]) == 1

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.skips import SkipReason
 from pipeline.cache.writer import commit_unit
+from pipeline.named import NAMED, named_level
 from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def deduplicate(
     """Drop every later copy of a key within each epoch of ``manifest``'s cache.
 
     ``shard_order``: the run's shard names; their units rank first, in this order. Returns the
-    rows dropped per rewritten unit (relpath -> count). An epoch whose units are as the last
+    rows dropped per rewritten unit (relpath -> count); the first ``NAMED`` such units are
+    logged one warning each, the rest at debug level. An epoch whose units are as the last
     pass found them clean is not read; the manifest is written if an epoch was.
     ``on_read(done, total)`` is called before the first unit's keys are read and after each
     (for a progress bar): ``total`` counts the units of the epochs to read.
@@ -86,7 +88,8 @@ def deduplicate(
         ).items():
             drop_rows(manifest, relpath, rows)
             dropped[relpath] = len(rows)
-            log.warning(
+            log.log(
+                named_level(len(dropped) - 1),
                 "%s/%s: dropped %d row(s) whose key an earlier row of epoch %d holds "
                 "(e.g. %s, kept in %s); counted as %s",
                 manifest.root,
@@ -99,6 +102,11 @@ def deduplicate(
         manifest.mark_deduplicated(epoch, units_digest(manifest, units))
     if to_read:
         manifest.flush(force=True)
+    if len(dropped) > NAMED:  # keys that restart in every shard: one line per unit else
+        log.warning(
+            "%s: %s more unit(s) than named above had rows dropped as %s; --verbose names each",
+            *(manifest.root, f"{len(dropped) - NAMED:,}", DUPLICATE),
+        )
     return dropped
 
 
