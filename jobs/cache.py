@@ -12,7 +12,7 @@ import typer
 
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
-from jobs.terminal import Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, reported, run_cli, setup_logging
 
 
 def cache(
@@ -206,7 +206,7 @@ __getattr__ = names_of("jobs.run.cache")
 
 def main() -> None:
     """``python -m jobs.cache``."""
-    typer.run(cache)
+    run_cli(lambda: typer.run(cache), "cache")
 
 
 if __name__ == "__main__":

@@ -7,19 +7,15 @@ A job's module (torch, timm, Ray, ...) is imported only when that job runs or sh
 from __future__ import annotations
 
 import ast
-import errno
 import importlib
 import importlib.util
-import os
-import sys
-from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from jobs import project_version
-from jobs.terminal import Verbose
+from jobs.terminal import Verbose, run_cli
 
 JOBS = {
     "cache": "jobs.cache:cache",
@@ -99,35 +95,10 @@ def options(
     """
 
 
-#: What a write reports when its destination cannot take it (a pipe closed, a disk full).
-OUTPUT_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-
-
 def main() -> None:
-    """``pvu`` itself: the app, with stdout that cannot be written ending in exit code 1, no
-    traceback (``pvu info c > /dev/full``, ``pvu info c | head -1``).
-
-    A job reports its own storage errors (``reported``), so such an error that escapes the app,
-    or its last flush, is stdout's. A closed pipe ends quietly, as the Python docs advise
-    (https://docs.python.org/3/library/signal.html#note-on-sigpipe) and as typer and rich
-    already end on one with exit code 1; any other says ``pvu: cannot write to standard
-    output: <reason>`` on stderr. Either way stdout then goes to devnull, where the
-    interpreter's own flush at exit cannot fail again.
-    """
-    try:
-        try:
-            app(prog_name="pvu")
-        finally:
-            if sys.stdout is not None:  # None where stdout is closed (``pvu --version >&-``)
-                sys.stdout.flush()  # what is buffered fails here, not in the interpreter's exit
-    except OSError as error:
-        if error.errno not in OUTPUT_ERRNOS:
-            raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if error.errno != errno.EPIPE:
-            with suppress(OSError):  # stderr full as well: the exit code says it
-                print(f"pvu: cannot write to standard output: {error.strerror}", file=sys.stderr)
-        sys.exit(1)
+    """``pvu`` itself: the app, where stdout that cannot be written ends in one line
+    (``run_cli``)."""
+    run_cli(lambda: app(prog_name="pvu"), "pvu")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import typer
 
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
-from jobs.terminal import Verbose, reported, setup_logging
+from jobs.terminal import Verbose, reported, run_cli, setup_logging
 
 
 def demo(
@@ -42,7 +42,7 @@ __getattr__ = names_of("jobs.run.demo")
 
 def main() -> None:
     """``python -m jobs.demo`` (what ``make demo`` runs)."""
-    typer.run(demo)
+    run_cli(lambda: typer.run(demo), "demo")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import typer
 
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
-from jobs.terminal import Verbose, reported, setup_logging
+from jobs.terminal import Verbose, reported, run_cli, setup_logging
 
 
 def evaluate_command(
@@ -103,7 +103,7 @@ __getattr__ = names_of("jobs.run.evaluate")
 
 def main() -> None:
     """``python -m jobs.evaluate``."""
-    typer.run(evaluate_command)
+    run_cli(lambda: typer.run(evaluate_command), "evaluate")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jobs.terminal import (
     console,
     progress_bar,
     reported,
+    run_cli,
     setup_logging,
     summary_table,
 )
@@ -208,7 +209,7 @@ def info(
 
 def main() -> None:
     """``python -m jobs.info``."""
-    typer.run(info)
+    run_cli(lambda: typer.run(info), "info")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import typer
 
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
-from jobs.terminal import Verbose, console, reported, setup_logging
+from jobs.terminal import Verbose, console, reported, run_cli, setup_logging
 
 
 def label_remap(
@@ -61,7 +61,7 @@ __getattr__ = names_of("jobs.run.label_remap")
 
 def main() -> None:
     """``python -m jobs.label_remap``."""
-    typer.run(label_remap)
+    run_cli(lambda: typer.run(label_remap), "label-remap")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import typer
 from jobs import names_of
 from jobs.cache import cache
 from jobs.config import job_config
-from jobs.terminal import reported, setup_logging
+from jobs.terminal import reported, run_cli, setup_logging
 
 
 def _plan_options(
@@ -63,7 +63,7 @@ __getattr__ = names_of("jobs.run.plan")
 
 def main() -> None:
     """``python -m jobs.plan``."""
-    typer.run(plan)
+    run_cli(lambda: typer.run(plan), "plan")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
 from jobs.preflight import check_not_inside, check_output_folder, check_storage
-from jobs.terminal import Verbose, console, progress_bar, reported, setup_logging, summary_table
+from jobs.terminal import (
+    Verbose,
+    console,
+    progress_bar,
+    reported,
+    run_cli,
+    setup_logging,
+    summary_table,
+)
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
 from pipeline.named import NAMED
@@ -223,7 +231,7 @@ def shards(
 
 def main() -> None:
     """``python -m jobs.shards``."""
-    typer.run(shards)
+    run_cli(lambda: typer.run(shards), "shards")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -227,3 +228,34 @@ Verbose = Annotated[
 def command_line() -> str:
     """The command this process runs, as typed (a lock names its holder by it)."""
     return shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+
+
+#: What a write reports when its destination cannot take it (a pipe closed, a disk full).
+OUTPUT_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def run_cli(command: Callable[[], object], name: str) -> None:
+    """Run a command line (``pvu``, ``python -m jobs.<job>``) so that stdout that cannot be
+    written ends in exit code 1, no traceback (``pvu info c > /dev/full``, ``| head -1``).
+
+    A job reports its own storage errors (``reported``), so such an error that escapes
+    ``command``, or its last flush, is stdout's. A closed pipe ends quietly, as the Python docs
+    advise (https://docs.python.org/3/library/signal.html#note-on-sigpipe) and as typer and rich
+    already end on one with exit code 1; any other says ``NAME: cannot write to standard
+    output: <reason>`` on stderr. Either way stdout then goes to devnull, where the
+    interpreter's own flush at exit cannot fail again.
+    """
+    try:
+        try:
+            command()
+        finally:
+            if sys.stdout is not None:  # None where stdout is closed (``pvu --version >&-``)
+                sys.stdout.flush()  # what is buffered fails here, not in the interpreter's exit
+    except OSError as error:
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if error.errno != errno.EPIPE:
+            with suppress(OSError):  # stderr full as well: the exit code says it
+                print(f"{name}: cannot write to standard output: {error.strerror}", file=sys.stderr)
+        sys.exit(1)

@@ -12,7 +12,7 @@ import typer
 
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
-from jobs.terminal import Verbose, reported, setup_logging
+from jobs.terminal import Verbose, reported, run_cli, setup_logging
 
 
 def train_head(
@@ -104,7 +104,7 @@ __getattr__ = names_of("jobs.run.train_head")
 
 def main() -> None:
     """``python -m jobs.train_head``."""
-    typer.run(train_head)
+    run_cli(lambda: typer.run(train_head), "train-head")
 
 
 if __name__ == "__main__":

@@ -73,12 +73,13 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert "units │ 6 (3 shards x 2 epochs)" in text  # it said "(3 shards x epochs)"
 
 
-def pvu_writing_to(stdout: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``pvu ARGS`` as a process whose stdout is ``full`` (``/dev/full``) or ``closed`` (a pipe
-    whose reader is gone), buffered as in a shell (``PYTHONUNBUFFERED`` unset)."""
+def writing_to(stdout: str, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` as a process whose stdout is ``full`` (``/dev/full``) or
+    ``closed`` (a pipe whose reader is gone), buffered as in a shell (``PYTHONUNBUFFERED``
+    unset)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    command = [sys.executable, "-m", "jobs.cli", *args]
+    command = [sys.executable, "-m", module, *args]
     if stdout == "full":
         with open("/dev/full", "w") as full:
             return subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env)
@@ -91,17 +92,23 @@ def pvu_writing_to(stdout: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("args", [["--help"], ["info"], ["info", "--json"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [["jobs.cli", "--help"], ["jobs.cli", "info"], ["jobs.cli", "info", "--json"], ["jobs.info"]],
+    ids=" ".join,
+)
 def test_stdout_that_cannot_be_written_ends_in_one_line_not_a_traceback(cache, args) -> None:
     """``pvu info c > /dev/full`` ended in a traceback, ``pvu info c --json | head -1`` in
-    'Exception ignored ... BrokenPipeError' and exit code 120; a closed pipe ends quietly."""
-    args = [*args, cache] if args[0] == "info" else args
-    full = pvu_writing_to("full", *args)
+    'Exception ignored ... BrokenPipeError' and exit code 120; a closed pipe ends quietly. The
+    same for a job run as ``python -m jobs.info`` (``ray job submit`` runs them so)."""
+    args = [*args, cache] if args[-1] != "--help" else args
+    name = "pvu" if args[0] == "jobs.cli" else "info"
+    full = writing_to("full", *args)
     assert (full.returncode, full.stderr) == (
         1,
-        "pvu: cannot write to standard output: No space left on device\n",
+        f"{name}: cannot write to standard output: No space left on device\n",
     )
-    closed = pvu_writing_to("closed", *args)
+    closed = writing_to("closed", *args)
     assert (closed.returncode, closed.stderr) == (1, "")
 
 
