@@ -50,8 +50,10 @@ def photos() -> dict[str, bytes]:
     }
 
 
-def _resolved(augment: str) -> dict:
-    config = TransformConfig(augment=augment, input_size=(3, SIZE, SIZE), decode="device")
+def _resolved(augment: str, crop_mode: str | None = None) -> dict:
+    config = TransformConfig(
+        augment=augment, input_size=(3, SIZE, SIZE), crop_mode=crop_mode, decode="device"
+    )
     return resolve_transform(config, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875})
 
 
@@ -68,9 +70,12 @@ def test_color_jitter_on_a_batch_is_torchvisions_per_image_bit_for_bit():
     assert torch.equal(color_jitter(batch.clone(), params), torch.stack(expected))
 
 
-@pytest.mark.parametrize("augment", ["train", "eval"])
-def test_each_image_gets_the_pil_paths_crop_flip_and_jitter(photos, augment):
-    resolved = _resolved(augment)
+@pytest.mark.parametrize(
+    ("augment", "crop_mode"),
+    [("train", None), ("eval", None), ("eval", "squash"), ("eval", "border")],  # border pads
+)
+def test_each_image_gets_the_pil_paths_crop_flip_and_jitter(photos, augment, crop_mode):
+    resolved = _resolved(augment, crop_mode)
     split = build_prepare(resolved)[1]
     tasks = [(name, encoded, 1000 + index) for index, (name, encoded) in enumerate(photos.items())]
     prepared = DeviceDecoder([resolved], torch.device("cpu")).prepare(tasks)

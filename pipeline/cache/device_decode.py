@@ -27,11 +27,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.transforms import CenterCropOrPad, center_crop_or_pad
 from torchvision import io as tvio
 from torchvision import transforms
 
@@ -58,11 +60,30 @@ def _plan(resolved: dict[str, Any]) -> _Plan:
     split = split_transform(build_transform(resolved))
     if split is None:
         raise ValueError("--decode device needs a transform that ends in ToTensor, Normalize")
-    steps = list(split.pil.transforms)
+    steps = [_on_tensors(step) for step in split.pil.transforms]
     last = steps[-1] if steps else None
     if isinstance(last, transforms.ColorJitter) and last.hue is None:
         return _Plan(steps[:-1], last)
     return _Plan(steps, None)
+
+
+def _on_tensors(step: Any) -> Any:
+    """``step`` as it runs on a tensor: a ``CenterCropOrPad`` that pads with a colour (timm's
+    ``border`` crop mode), which torchvision's tensor ``pad`` refuses, pads channel by channel."""
+    if isinstance(step, CenterCropOrPad) and isinstance(step.fill, (list, tuple)):
+        return partial(_crop_or_pad_per_channel, step)
+    return step
+
+
+def _crop_or_pad_per_channel(step: CenterCropOrPad, image: torch.Tensor) -> torch.Tensor:
+    channels = image.split(1, dim=-3)
+    return torch.cat(
+        [
+            center_crop_or_pad(channel, step.size, fill=fill, padding_mode=step.padding_mode)
+            for channel, fill in zip(channels, step.fill, strict=True)
+        ],
+        dim=-3,
+    )
 
 
 class DeviceDecoder:
