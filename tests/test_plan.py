@@ -126,6 +126,17 @@ def test_plan_of_shards_on_s3_prints_units_rows_bytes_and_hours(s3_bucket):
     assert not fsspec.filesystem("s3").exists(f"{s3_bucket}/cache")
 
 
+def test_a_plan_with_decode_device_counts_no_decode_cores_for_a_gpu(shards, tmp_path):
+    """It said a GPU needs ~N cores of decoding, which --decode device does on the GPU."""
+    flags = ["--shards", shards, "--output", str(tmp_path / "c"), "--sample-images", "16"]
+    gpu = ["--images-per-second-per-gpu", "2500"]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, *gpu, "--decode", "device")
+    assert result.exit_code == 0, result.output
+    assert "(on CPUs; --decode device: on the GPU of a GPU node)" in result.text
+    assert "decode cores/GPU" not in result.text
+    assert "decode cores/GPU" in pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, *gpu).text
+
+
 def test_plan_covers_every_also_backbone(shards, tmp_path):
     """--also was accepted and ignored: the plan priced the first backbone's cache alone."""
     also = f"mobilenetv3_small_050,random,{tmp_path / 'wide'}"

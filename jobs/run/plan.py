@@ -230,15 +230,21 @@ def _add_time_rows(table: Table, plan: Plan, config: PlanJobConfig) -> None:
         f"cores){shared}",
     )
     decode_rate = 1 / m.prepare_seconds_per_image if m.prepare_seconds_per_image else 0.0
+    on_gpu = config.decode == "device"  # a GPU actor decodes on its GPU, not its cores
     table.add_row(
         "decode + augment",
         "done once, in the first backbone's pass (--also)"
         if plan.shares_decode
-        else f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core",
+        else f"{decode_rate:,.1f} images/s per core: {_hours(est.rows, decode_rate)} of one core"
+        + (" (on CPUs; --decode device: on the GPU of a GPU node)" if on_gpu else ""),
     )
     if plan.gpu_rate:
         cores = plan.gpu_rate / decode_rate if decode_rate else 0.0
-        feeding = "" if plan.shares_decode else f"; feeding it takes ~{cores:,.1f} decode cores/GPU"
+        feeding = (
+            ""
+            if plan.shares_decode or on_gpu
+            else f"; feeding it takes ~{cores:,.1f} decode cores/GPU"
+        )
         table.add_row(
             "GPU actor-hours",
             f"{_hours(est.rows, plan.gpu_rate)} at {plan.gpu_rate:,.0f} images/s per GPU "
