@@ -16,6 +16,7 @@ from support import BACKBONE, make_runner
 from torchvision import transforms
 
 from jobs.run.cache import CacheJobConfig
+from pipeline.cache import device_decode
 from pipeline.cache.augment import TransformConfig, augment_pil, resolve_transform, seed_rngs
 from pipeline.cache.decode import decode_image
 from pipeline.cache.decode_pool import Skip, build_prepare
@@ -88,6 +89,15 @@ def test_each_image_gets_the_pil_paths_crop_flip_and_jitter(photos, augment, cro
         if augment == "train":  # another seed's crop is far off: the draws are what match
             other = np.abs(image.numpy().astype(int) - augment_pil(split, pil, seed + 1)).mean()
             assert other > 5 * max(difference, 1.0), name
+
+
+def test_a_chunk_of_large_photos_decoded_in_parts_gives_the_same_images(photos, monkeypatch):
+    tasks = [(name, encoded, index) for index, (name, encoded) in enumerate(photos.items())]
+    decoder = DeviceDecoder([_resolved("train"), _resolved("eval")], torch.device("cpu"))
+    whole = decoder.prepare(tasks)
+    monkeypatch.setattr(device_decode, "DECODE_PIXELS", 1)  # one image a part
+    for (name, _, _), in_parts, at_once in zip(tasks, decoder.prepare(tasks), whole, strict=True):
+        assert all(map(torch.equal, in_parts, at_once)), name
 
 
 def test_bad_images_are_skipped_for_the_pil_paths_reasons(photos):

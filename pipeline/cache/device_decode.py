@@ -25,7 +25,7 @@ header and launches kernels:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -114,35 +114,54 @@ class DeviceDecoder:
         return results
 
     def _prepare(self, tasks: list[Task]) -> list[list[torch.Tensor] | Skip]:
-        decoded = self._decode(tasks)
-        kept = [index for index, image in enumerate(decoded) if not isinstance(image, Skip)]
-        seeds = [tasks[index][2] for index in kept]
-        images = [decoded[index] for index in kept]
-        per_plan = [self._augment(plan, images, seeds) for plan in self.plans]
-        results: list[list[torch.Tensor] | Skip] = list(decoded)  # type: ignore[arg-type]
-        for position, index in enumerate(kept):
-            results[index] = [augmented[position] for augmented in per_plan]
-        return results
-
-    def _decode(self, tasks: list[Task]) -> list[torch.Tensor | Skip]:
-        """Each task's image as uint8 ``(C, H, W)`` RGB on the device, or its ``Skip``."""
+        """:meth:`prepare` on the current stream: headers first, then the images decoded a
+        part at a time (``DECODE_PIXELS``), each cut to size by every plan before the next."""
         results: list[Any] = [None] * len(tasks)
         opened: dict[int, Image.Image] = {}
         for index, (key, data, _) in enumerate(tasks):
             try:
                 opened[index] = open_image(data, key=key)
             except BadSample as bad:
-                results[index] = Skip(bad.reason, bad.key or key, bad.detail)
-        jpegs = [index for index, image in opened.items() if _device_takes(image, tasks[index][1])]
-        decoded = self._decode_jpegs([tasks[index][1] for index in jpegs])
-        for index, image in zip(jpegs, decoded, strict=True):
+                results[index] = _skip(bad, key)
+        kept: list[int] = []
+        shaped: list[list[torch.Tensor]] = [[] for _ in self.plans]
+        draws: list[list[JitterParams]] = [[] for _ in self.plans]
+        for part in _parts(opened, DECODE_PIXELS):
+            for index, image in zip(part, self._decode(tasks, opened, part), strict=True):
+                if isinstance(image, Skip):
+                    results[index] = image
+                    continue
+                kept.append(index)
+                for plan, images, params in zip(self.plans, shaped, draws, strict=True):
+                    _shape(plan, image, tasks[index][2], images, params)
+        per_plan = [
+            _jittered(plan, images, params)
+            for plan, images, params in zip(self.plans, shaped, draws, strict=True)
+        ]
+        for position, index in enumerate(kept):
+            results[index] = [augmented[position] for augmented in per_plan]
+        return results
+
+    def _decode(
+        self, tasks: list[Task], opened: dict[int, Image.Image], part: list[int]
+    ) -> list[torch.Tensor | Skip]:
+        """The images ``part`` indexes, as uint8 ``(C, H, W)`` RGB on the device, or a
+        ``Skip``: JPEGs the device takes in one call, the others (and those it refuses) by
+        Pillow."""
+        decoded: dict[int, torch.Tensor | Skip] = {}
+        jpegs = [index for index in part if _device_takes(opened[index], tasks[index][1])]
+        for index, image in zip(
+            jpegs, self._decode_jpegs([tasks[i][1] for i in jpegs]), strict=True
+        ):
             width, height = opened[index].size
             if image is not None and tuple(image.shape) == (3, height, width):
-                results[index] = image
-        for index, image in opened.items():
-            if results[index] is None:
-                results[index] = self._decode_with_pillow(image, tasks[index][0])
-        return results
+                decoded[index] = image
+        return [
+            decoded[index]
+            if index in decoded
+            else self._decode_with_pillow(opened[index], tasks[index][0])
+            for index in part
+        ]
 
     def _decode_jpegs(self, data: list[bytes]) -> list[torch.Tensor | None]:
         """``data`` decoded on the device in one call; where that fails, one by one, None for
@@ -159,29 +178,64 @@ class DeviceDecoder:
         try:
             rgb = np.array(load_rgb(image, key))
         except BadSample as bad:
-            return Skip(bad.reason, bad.key or key, bad.detail)
+            return _skip(bad, key)
         return torch.from_numpy(rgb).permute(2, 0, 1).to(self.device)
 
-    @staticmethod
-    def _augment(plan: _Plan, images: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
-        """``images`` through ``plan``, each seeded by its seed: uint8 ``(H, W, C)`` each."""
-        if not images:
-            return []
-        augmented, jitters = [], []
-        for image, seed in zip(images, seeds, strict=True):
-            seed_rngs(seed)
-            for step in plan.steps:
-                image = step(image)
-            augmented.append(image)
-            if plan.jitter is not None:
-                jitter = plan.jitter
-                jitters.append(
-                    jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, None)
-                )
-        batch = torch.stack(augmented)
-        if plan.jitter is not None:
-            batch = color_jitter(batch, jitters)
-        return list(batch.permute(0, 2, 3, 1).unbind(0))
+
+#: Pixels decoded on the device at once (~200 MB as RGB): a chunk of large photos is decoded
+#: in parts, each cut to the transforms' size before the next, so full-size images never hold
+#: more than that beside the forward.
+DECODE_PIXELS = 64 * 2**20
+
+
+def _parts(opened: dict[int, Image.Image], budget: int) -> Iterator[list[int]]:
+    """The indices of ``opened`` in order, in runs of at most ``budget`` pixels (at least one
+    image a run)."""
+    part: list[int] = []
+    pixels = 0
+    for index, image in opened.items():
+        width, height = image.size
+        if part and pixels + width * height > budget:
+            yield part
+            part, pixels = [], 0
+        part.append(index)
+        pixels += width * height
+    if part:
+        yield part
+
+
+def _shape(
+    plan: _Plan,
+    image: torch.Tensor,
+    seed: int,
+    shaped: list[torch.Tensor],
+    draws: list[JitterParams],
+) -> None:
+    """``image`` through ``plan``'s per-image steps, seeded by ``seed``, onto ``shaped``; the
+    jitter's order and factors, drawn next as the jitter itself would, onto ``draws``."""
+    seed_rngs(seed)
+    for step in plan.steps:
+        image = step(image)
+    shaped.append(image)
+    if plan.jitter is not None:
+        jitter = plan.jitter
+        draws.append(jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, None))
+
+
+def _jittered(
+    plan: _Plan, shaped: list[torch.Tensor], draws: list[JitterParams]
+) -> list[torch.Tensor]:
+    """``shaped`` with ``plan``'s jitter applied as drawn: uint8 ``(H, W, C)`` each."""
+    if not shaped:
+        return []
+    batch = torch.stack(shaped)
+    if plan.jitter is not None:
+        batch = color_jitter(batch, draws)
+    return list(batch.permute(0, 2, 3, 1).unbind(0))
+
+
+def _skip(bad: BadSample, key: str) -> Skip:
+    return Skip(bad.reason, bad.key or key, bad.detail)
 
 
 def _device_takes(image: Image.Image, data: bytes) -> bool:
