@@ -164,3 +164,26 @@ def test_what_the_device_cannot_do_is_refused_naming_the_flags():
     with pytest.raises(ValidationError, match="--decode-workers 2 starts PIL decoding"):
         CacheJobConfig(**base, decode_workers=2)
     assert CacheJobConfig(**base).transform_config().decode == "device"
+
+
+def test_the_decoders_stream_is_idle_before_nvjpeg_writes(photos, monkeypatch):
+    """torchvision allocates nvJPEG's outputs on the current stream (the decoder's) but writes
+    them on a stream of its own that waits for nothing: a block the previous chunk's queued
+    kernels still read would be overwritten. The decoder's stream must be idle first."""
+    events: list[str] = []
+
+    class Stream:  # the decoder's CUDA stream, here where there is no GPU
+        def synchronize(self) -> None:
+            events.append("synchronize")
+
+    real = device_decode._decode_jpeg
+
+    def decode(encoded, device):
+        events.append("decode")
+        return real(encoded, device)
+
+    monkeypatch.setattr(device_decode, "_decode_jpeg", decode)
+    decoder = DeviceDecoder([_resolved("eval")], torch.device("cpu"))
+    decoder.stream = Stream()
+    decoder._decode_jpegs([photos["jpeg"]])
+    assert events == ["synchronize", "decode"]

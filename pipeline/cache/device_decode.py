@@ -19,7 +19,9 @@ header and launches kernels:
   in sequence, and is then applied to the whole chunk at once with torchvision's formulas:
   batched kernels rather than ~50 launches per image.
 - On a GPU the chunk's kernels run on a stream of their own, so they overlap the forward of the
-  previous batch; the caller's stream waits for them before it reads the images.
+  previous batch; the caller's stream waits for them before it reads the images. That stream is
+  idle before each chunk's JPEGs are decoded, as torchvision's nvJPEG writes on a stream that
+  does not wait for it.
 """
 
 from __future__ import annotations
@@ -169,6 +171,11 @@ class DeviceDecoder:
         if not data:
             return []
         encoded = [torch.frombuffer(bytearray(one), dtype=torch.uint8) for one in data]
+        if self.stream is not None:
+            # torchvision allocates nvJPEG's outputs on this stream but writes them on one of
+            # its own that waits for nothing: a block freed here that the previous chunk's
+            # queued kernels still read would be overwritten (pytorch/vision#9606).
+            self.stream.synchronize()
         try:
             return list(_decode_jpeg(encoded, self.device))
         except RuntimeError:
