@@ -2,7 +2,8 @@
 # GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
 # decode pool on the node's cores, then --decode device: nvJPEG and the transform on the GPU;
 # shards and Parquet on local disk) against the bare bf16 forward in the same run, head
-# training on CUDA, and the decode pool's cost in the actor.
+# training on CUDA, the decode pool's cost in the actor, and --decode device on its own: its
+# images/s, the actor's CPU per image, and whether nvJPEG keeps and skips what Pillow does.
 # Logs and the node's description go to LOGS (default /tmp/pvu-gpu-check). Without a GPU it
 # runs the same steps, smaller, on the CPU.
 #
@@ -27,11 +28,13 @@ if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; th
         --rounds 2 --reference-batches 20)
     train=(--device cuda --rows 131072 --steps 200 --repeats 2)
     decode=(--images 512 --workers 7 15 --rounds 3)
+    device=(--images 1024 --chunk 256 --rounds 3)
 else
     cache=(--backbone vit_tiny_patch16_224 --batch-size 16 --shards 1 --per-shard 32
         --rounds 1 --reference-batches 2 --decode-workers 1)
     train=(--device cpu --rows 16384 --steps 5 --repeats 1)
     decode=(--images 16 --workers 1 --rounds 1)
+    device=(--images 16 --chunk 8 --rounds 1 --corrupted 20)
 fi
 status=0
 timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
@@ -40,6 +43,8 @@ timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "$
     --decode device --decode-workers 0 2>&1 | tee "$logs/cache_throughput_device.log" || status=1
 timeout 80 "$python" benchmarks/decode_throughput.py "${decode[@]}" \
     2>&1 | tee "$logs/decode_throughput.log" || status=1
+timeout 80 "$python" benchmarks/device_decode_check.py "${device[@]}" \
+    2>&1 | tee "$logs/device_decode_check.log" || status=1
 timeout 100 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
     2>&1 | tee "$logs/train_throughput.log" || status=1
 exit $status

@@ -9,7 +9,10 @@ header and launches kernels:
   not end in an end-of-image marker (so a truncated file is judged by Pillow, as in the PIL
   path), are decoded by Pillow and copied over.
 - Every image passes the header checks of :func:`pipeline.cache.decode.open_image` first, so
-  the same samples are skipped for the same reasons as in the PIL path.
+  the same samples are skipped for the same reasons as in the PIL path. The pixel data itself
+  is judged by the device's decoder: on a CPU libjpeg-turbo, as Pillow's; on a GPU nvJPEG,
+  which may keep a corrupt JPEG that Pillow refuses (``benchmarks/device_decode_check.py``
+  compares the two on corrupted JPEGs; a size other than the header's goes to Pillow).
 - The augmentation is timm's own transform applied to the uint8 tensor (torchvision's
   transforms take tensors), seeded per sample as in the PIL path: the same crops, flips and
   jitter factors. Pixels differ by the resampling and rounding of tensor kernels against
@@ -178,7 +181,9 @@ class DeviceDecoder:
             self.stream.synchronize()
         try:
             return list(_decode_jpeg(encoded, self.device))
-        except RuntimeError:
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # one image it refuses fails the call: find it
             return [_decode_one(one, self.device) for one in encoded]
 
     def _decode_with_pillow(self, image: Image.Image, key: str) -> torch.Tensor | Skip:
@@ -264,7 +269,9 @@ def _decode_jpeg(encoded: list[torch.Tensor], device: torch.device) -> list[torc
 def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
         return _decode_jpeg([encoded], device)[0]
-    except RuntimeError:
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # what torchvision raises for data nvJPEG refuses
         return None
 
 
@@ -275,29 +282,26 @@ JitterParams = tuple[torch.Tensor, float | None, float | None, float | None, flo
 def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tensor:
     """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a uint8
     ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas of
-    ``torchvision.transforms.functional`` on tensors, one op over all the images it applies to."""
-    orders = [[int(op) for op in order] for order, *_ in params]
-    for position in range(4):
-        for op in (0, 1, 2):
-            members = [
-                i
-                for i, (order, factors) in enumerate(zip(orders, params, strict=True))
-                if order[position] == op and factors[1 + op] is not None
-            ]
-            if members:
-                ratios = [float(params[i][1 + op]) for i in members]
-                index = torch.tensor(members, device=batch.device)
-                batch[index] = _ADJUST[op](batch[index], ratios)
+    ``torchvision.transforms.functional`` on tensors. Each op runs over the whole batch at each
+    place of the orders, with ratio 1 (which leaves an image as it is, bit for bit) for the
+    images it is not at that place for; the ratios reach the device in one copy."""
+    ratios = torch.ones(4, 3, len(params), dtype=torch.float64)
+    for image, (order, *factors) in enumerate(params):
+        for position, op in enumerate(order.tolist()):
+            if op < 3 and factors[op] is not None:
+                ratios[position, op, image] = factors[op]
+    # (ratio, 1 - ratio) as torchvision's float arithmetic has them: in double, then float32
+    blends = torch.stack([ratios, 1.0 - ratios]).to(torch.float32).to(batch.device)
+    for position, op in (ratios != 1).any(dim=2).nonzero().tolist():
+        batch = _ADJUST[op](batch, blends[:, position, op])
     return batch
 
 
-def _blend(first: torch.Tensor, second: torch.Tensor, ratios: list[float]) -> torch.Tensor:
-    """``_blend`` of torchvision with one ratio per image: the same float32 arithmetic."""
-    shape = (len(ratios), 1, 1, 1)
-    ratio = torch.tensor(ratios, dtype=torch.float32, device=first.device).view(shape)
-    rest = torch.tensor([1.0 - r for r in ratios], dtype=torch.float32, device=first.device)
-    blended = ratio * first + rest.view(shape) * second
-    return blended.clamp(0, 255).to(first.dtype)
+def _blend(first: torch.Tensor, second: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend`` with one (ratio, 1 - ratio) per image: the same float32
+    arithmetic."""
+    ratio, rest = blend.view(2, -1, 1, 1, 1)
+    return (ratio * first + rest * second).clamp(0, 255).to(first.dtype)
 
 
 def _grayscale(batch: torch.Tensor) -> torch.Tensor:
@@ -306,17 +310,17 @@ def _grayscale(batch: torch.Tensor) -> torch.Tensor:
     return (0.2989 * red + 0.587 * green + 0.114 * blue).to(batch.dtype).unsqueeze(dim=-3)
 
 
-def _brightness(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
-    return _blend(batch, torch.zeros_like(batch), ratios)
+def _brightness(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+    return _blend(batch, torch.zeros_like(batch), blend)
 
 
-def _contrast(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+def _contrast(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
     mean = torch.mean(_grayscale(batch).to(torch.float32), dim=(-3, -2, -1), keepdim=True)
-    return _blend(batch, mean, ratios)
+    return _blend(batch, mean, blend)
 
 
-def _saturation(batch: torch.Tensor, ratios: list[float]) -> torch.Tensor:
-    return _blend(batch, _grayscale(batch), ratios)
+def _saturation(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+    return _blend(batch, _grayscale(batch), blend)
 
 
 _ADJUST = (_brightness, _contrast, _saturation)
