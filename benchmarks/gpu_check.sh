@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU-node checks of issue 9, in one run of a few minutes: the cache job (ViT-B/16, bf16, the
-# decode pool on the node's cores, then --decode device: nvJPEG and the transform on the GPU;
-# shards and Parquet on local disk) against the bare bf16 forward in the same run, head
-# training on CUDA, the decode pool's cost in the actor, and --decode device on its own: its
-# images/s, the actor's CPU per image, and whether nvJPEG keeps and skips what Pillow does.
+# GPU-node checks of issue 9, in one run of at most 8.5 minutes (usually ~5): the cache job
+# (ViT-B/16, bf16, shards and Parquet on local disk) with the decode pool on the node's cores,
+# then with --decode device (nvJPEG and the transform on the GPU), each against the bare bf16
+# forward in the same run; head training on CUDA; the decode pool's cost in the actor; and
+# --decode device on its own: its images/s, the actor's CPU per image, and whether nvJPEG keeps
+# and skips what Pillow does.
 # Logs and the node's description go to LOGS (default /tmp/pvu-gpu-check). Without a GPU it
 # runs the same steps, smaller, on the CPU.
 #
@@ -37,14 +38,14 @@ else
     device=(--images 16 --chunk 8 --rounds 1 --corrupted 20)
 fi
 status=0
-timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+timeout 150 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
     2>&1 | tee "$logs/cache_throughput.log" || status=1
-timeout 200 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
+timeout 150 "$python" benchmarks/cache_throughput.py --local --precision bf16 "${cache[@]}" \
     --decode device --decode-workers 0 2>&1 | tee "$logs/cache_throughput_device.log" || status=1
-timeout 80 "$python" benchmarks/decode_throughput.py "${decode[@]}" \
+timeout 60 "$python" benchmarks/decode_throughput.py "${decode[@]}" \
     2>&1 | tee "$logs/decode_throughput.log" || status=1
-timeout 80 "$python" benchmarks/device_decode_check.py "${device[@]}" \
+timeout 60 "$python" benchmarks/device_decode_check.py "${device[@]}" \
     2>&1 | tee "$logs/device_decode_check.log" || status=1
-timeout 100 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
+timeout 90 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${train[@]}" \
     2>&1 | tee "$logs/train_throughput.log" || status=1
 exit $status
