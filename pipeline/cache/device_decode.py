@@ -282,18 +282,34 @@ JitterParams = tuple[torch.Tensor, float | None, float | None, float | None, flo
 def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tensor:
     """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a uint8
     ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas of
-    ``torchvision.transforms.functional`` on tensors. Each op runs over the whole batch at each
-    place of the orders, with ratio 1 (which leaves an image as it is, bit for bit) for the
-    images it is not at that place for; the ratios reach the device in one copy."""
-    ratios = torch.ones(4, 3, len(params), dtype=torch.float64)
-    for image, (order, *factors) in enumerate(params):
-        for position, op in enumerate(order.tolist()):
-            if op < 3 and factors[op] is not None:
-                ratios[position, op, image] = factors[op]
+    ``torchvision.transforms.functional`` on tensors, each op over the images it applies to at
+    each place of their orders. The images and factors reach the device in two copies."""
+    orders = [order.tolist() for order, *_ in params]
+    places: list[tuple[int, list[int]]] = []  # (op, the images it applies to), in order
+    for position in range(4):
+        for op in range(3):
+            members = [
+                image
+                for image, (order, factors) in enumerate(zip(orders, params, strict=True))
+                if order[position] == op and factors[1 + op] is not None
+            ]
+            if members:
+                places.append((op, members))
+    if not places:
+        return batch
+    members = [image for _, images in places for image in images]
+    indices = torch.tensor(members).to(batch.device)
+    factors = torch.tensor(
+        [params[image][1 + op] for op, images in places for image in images], dtype=torch.float64
+    )
     # (ratio, 1 - ratio) as torchvision's float arithmetic has them: in double, then float32
-    blends = torch.stack([ratios, 1.0 - ratios]).to(torch.float32).to(batch.device)
-    for position, op in (ratios != 1).any(dim=2).nonzero().tolist():
-        batch = _ADJUST[op](batch, blends[:, position, op])
+    blends = torch.stack([factors, 1.0 - factors]).to(torch.float32).to(batch.device)
+    start = 0
+    for op, images in places:
+        end = start + len(images)
+        index = indices[start:end]
+        batch[index] = _ADJUST[op](batch[index], blends[:, start:end])
+        start = end
     return batch
 
 
