@@ -328,14 +328,16 @@ class Fanout:
         self.runners = runners
         self.settings = first
         self.transform_of = [order.index(_augmentation(runner)) for runner in runners]
-        self.prepares = [build_prepare(resolved) for resolved in distinct.values()]
         resolved = list(distinct.values())
         on_device = {one.get("decode") == "device" for one in resolved}
-        if len(on_device) > 1 or (decode_workers and True in on_device):
-            raise ValueError("targets of one pass decode alike, --decode device with no workers")
+        if len(on_device) > 1:
+            raise ValueError("targets of one pass must share --decode")
+        if decode_workers and True in on_device:
+            raise ValueError("--decode device decodes on the backbone's device: no decode workers")
         self.on_device = (
             DeviceDecoder(resolved, runners[0].backbone.device) if True in on_device else None
         )
+        self.prepares = [] if self.on_device else [build_prepare(one) for one in resolved]
         self.pool = DecodePool(resolved, decode_workers) if decode_workers else None
 
     def close(self) -> None:
