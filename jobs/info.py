@@ -186,8 +186,8 @@ def info(
 ) -> None:
     """Show a cache's provenance, units, rows, bytes, skips by reason, epochs and label space."""
     setup_logging(verbose)
-    job = job_config(InfoJobConfig, ctx)
-    with reported("info", verbose=verbose):
+    with reported("info", verbose=verbose):  # a --config file that cannot be read, too
+        job = job_config(InfoJobConfig, ctx)
         summary, check = run_info(job)
     if job.json_output:
         document = summary.to_json()

@@ -218,8 +218,8 @@ def shards(
 ) -> None:
     """Convert an image folder or table into shuffled WebDataset shards for `pvu cache`."""
     setup_logging(verbose)
-    job = job_config(ShardsJobConfig, ctx)
     with reported("shards", verbose=verbose, resume="run the same command again to finish"):
+        job = job_config(ShardsJobConfig, ctx)  # a --config file that cannot be read, too
         report = run_shards(job)
     console.print(summarize(report, job.output))
     if not report.samples:

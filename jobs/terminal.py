@@ -252,7 +252,7 @@ def run_cli(command: Callable[[], object], name: str) -> None:
             if sys.stdout is not None:  # None where stdout is closed (``pvu --version >&-``)
                 sys.stdout.flush()  # what is buffered fails here, not in the interpreter's exit
     except OSError as error:
-        if error.errno not in OUTPUT_ERRNOS:
+        if error.errno not in OUTPUT_ERRNOS or sys.stdout is None:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if error.errno != errno.EPIPE:

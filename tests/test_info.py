@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -303,3 +304,25 @@ def test_checksums_name_a_unit_damaged_in_place(cache, tmp_path):
         "epoch=0000/digits-0000.parquet",
         "epoch=0001/digits-0001.parquet",
     ]
+
+
+@pytest.mark.parametrize("job", ["info", "shards"])
+def test_a_config_file_that_cannot_be_read_is_named_not_taken_for_stdout(
+    job, monkeypatch, capsys, tmp_path
+):
+    """info and shards read their --config outside their error report: a disk error there
+    escaped to the stdout handler and read 'cannot write to standard output'."""
+    from jobs import config as config_module
+    from jobs.cli import app
+    from jobs.terminal import run_cli
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "c.yaml"))
+
+    monkeypatch.setattr(config_module, "_build", unreadable)
+    args = [str(tmp_path)] if job == "info" else ["--input", "in", "--output", "out"]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: app([job, *args], prog_name="pvu"), "pvu")
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and f"{job}: [Errno 5] Input/output error" in said, said
+    assert "c.yaml" in said and "standard output" not in said
