@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel, ConfigDict
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -22,7 +21,7 @@ from jobs.terminal import (
     Verbose,
     answer,
     console,
-    progress_bar,
+    counted_bar,
     reported,
     run_cli,
     setup_logging,
@@ -132,15 +131,7 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
         check.orphans = {}
         check.damaged.update(summary.unreadable)
     if pages:
-        with progress_bar(
-            TextColumn("[bold]checksums"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("units"),
-            TimeRemainingColumn(),
-            plain="checksums: {task.completed:,.0f}/{task.total:,.0f} units",
-            transient=True,
-        ) as progress:
+        with counted_bar("checksums", "units", transient=True) as progress:
             task = progress.add_task("units", total=len(check.footers))
             for _ in check_pages(check):
                 progress.advance(task)

@@ -15,7 +15,6 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -24,7 +23,7 @@ from jobs.preflight import check_not_inside, check_output_folder, check_storage
 from jobs.terminal import (
     Verbose,
     console,
-    progress_bar,
+    counted_bar,
     reported,
     run_cli,
     setup_logging,
@@ -108,14 +107,7 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
             len(listing.empty),
             ", ".join(listing.empty[:10]),
         )
-    with progress_bar(
-        TextColumn("[bold]shards"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images, {task.fields[bad]} left out"),
-        TimeRemainingColumn(),
-        plain="shards: {task.completed:,.0f}/{task.total:,.0f} images, {task.fields[bad]} left out",
-    ) as progress:
+    with counted_bar("shards", "images, {task.fields[bad]} left out") as progress:
         task = progress.add_task("images", total=len(listing.sources), bad=0)
         bad = 0
 

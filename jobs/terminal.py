@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Annotated, Any
@@ -19,7 +20,15 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import Progress, ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 # Both consoles print text as it is: paths, URLs and class names are the user's, and rich
@@ -199,6 +208,21 @@ def progress_bar(*columns: ProgressColumn | str, plain: str, **options: Any) -> 
         finally:
             stop.set()
             writer.join()
+
+
+def counted_bar(label: str, counted: str, **options: Any) -> ContextManager[Progress]:
+    """:func:`progress_bar` of ``label``: a bar, done/total ``counted`` (a format of the task:
+    ``"images, {task.fields[bad]} left out"``) and the time left; as a plain line, ``label:
+    done/total counted``."""
+    return progress_bar(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(counted),
+        TimeRemainingColumn(),
+        plain=f"{label}: {{task.completed:,.0f}}/{{task.total:,.0f}} {counted}",
+        **options,
+    )
 
 
 def _plain_line(plain: str, task: Task) -> str:

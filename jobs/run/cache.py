@@ -43,6 +43,7 @@ from jobs.preflight import (
 from jobs.terminal import (
     command_line,
     console,
+    counted_bar,
     progress_bar,
     sigterm_in_ray_init,
     summary_table,
@@ -796,15 +797,7 @@ def _deduplicate_with_progress(targets: list[_Target], names: list[str]) -> list
     """Later copies of a key (in shard order) leave their units, whichever run committed them;
     a cache without duplicates is only read. The keys read show as a bar per target; returns
     the rows dropped per rewritten unit, per target."""
-    with progress_bar(
-        TextColumn("[bold]duplicate keys"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units read"),
-        TimeRemainingColumn(),
-        plain="duplicate keys: {task.completed:,.0f}/{task.total:,.0f} units read",
-        transient=True,
-    ) as progress:
+    with counted_bar("duplicate keys", "units read", transient=True) as progress:
 
         def deduplicated(manifest: Manifest) -> dict[str, int]:
             task = progress.add_task("units", total=0)
