@@ -129,20 +129,25 @@ def check_not_in_a_cache(url: str, *, flag: str) -> None:
         parent = posixpath.dirname(parent)
 
 
-#: How many folders below an output :func:`check_holds_no_cache` looks for a cache.
+#: How many folders below an output :func:`check_holds_no_cache` looks for a cache, and in
+#: how many folders at most (an output at a bucket's top would list thousands).
 NESTED_CACHE_DEPTH = 2
+NESTED_CACHE_LISTINGS = 100
 
 
 def check_holds_no_cache(url: str, *, flag: str) -> None:
     """Refuse an output ``url`` holding a cache (its ``_manifest.json``) up to
     ``NESTED_CACHE_DEPTH`` folders down: this cache's units would lie beside it, and a Parquet
-    reader of ``url`` would read both. One listing per folder; ``epoch=*`` folders (a cache's
-    units) are not listed, so the cost is that of the tree's top, whatever the caches hold."""
+    reader of ``url`` would read both. One listing per folder, ``NESTED_CACHE_LISTINGS`` at
+    most, nearest first; ``epoch=*`` folders (a cache's units) are not listed, so the cost is
+    that of the tree's top, whatever the caches hold."""
     fs, path = fsspec.core.url_to_fs(url)
     folders = [path.rstrip("/")]
+    listed = 0
     for depth in range(NESTED_CACHE_DEPTH + 1):
         below = []
-        for folder in folders:
+        for folder in folders[: NESTED_CACHE_LISTINGS - listed]:
+            listed += 1
             try:
                 entries = list_folder(fs, folder)
             except FileNotFoundError:  # an output not made yet

@@ -469,6 +469,25 @@ def test_an_output_that_holds_another_cache_is_refused(
     check_outputs(config.model_copy(update={"output": f"{root}/runs/exp-2"}))
 
 
+def test_looking_for_caches_under_an_output_lists_a_bounded_number_of_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --output at a bucket's top, thousands of folders, cost a listing of each and of
+    each of theirs before the run started."""
+    from jobs import preflight
+
+    for index in range(300):
+        (tmp_path / f"run-{index:03d}" / "exp").mkdir(parents=True)
+    listed: list[str] = []
+    real = preflight.list_folder
+    monkeypatch.setattr(
+        preflight, "list_folder", lambda fs, path: listed.append(path) or real(fs, path)
+    )
+    preflight.check_holds_no_cache(str(tmp_path), flag="--output")
+    assert len(listed) == preflight.NESTED_CACHE_LISTINGS
+    assert listed[0] == str(tmp_path)  # nearest first
+
+
 @pytest.mark.slow
 def test_s3_access_denied(s3_bucket: str, fault_proxy, tmp_path: Path) -> None:
     bucket = s3_bucket.removeprefix("s3://")
