@@ -11,6 +11,7 @@ zeroed; ``random.Random(0)``) and the bad-input shard: a sample kept by one path
 difference from the PIL path in levels is summarised.
 
     .venv/bin/python benchmarks/device_decode_check.py --images 512 --rounds 3
+    .venv/bin/python benchmarks/device_decode_check.py --photo-size 32 24 --input-size 16
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--corrupted", type=int, default=200, help="corrupted JPEGs compared")
     parser.add_argument("--backbone", default="vit_base_patch16_224")
+    parser.add_argument(
+        "--photo-size", type=int, nargs=2, default=(400, 350), metavar=("W", "H"), help="JPEGs'"
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        help="the transform's output side (default: the backbone's); with tiny photos and a "
+        "tiny input the device's own work is nil, and what is left is the CPU's per image",
+    )
     args = parser.parse_args()
 
     from pipeline.cache.augment import TransformConfig, resolve_transform, sample_seed
@@ -44,11 +54,14 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data_config = describe_backbone(args.backbone, "random").data_config
-    resolved = resolve_transform(TransformConfig(decode="device"), data_config)
+    size = None if args.input_size is None else (3, args.input_size, args.input_size)
+    resolved = resolve_transform(TransformConfig(decode="device", input_size=size), data_config)
     prepare = build_prepare(resolved)
     decoder = DeviceDecoder([resolved], device)
     with tempfile.TemporaryDirectory() as tmp:
-        (shard,) = write_photo_shards(tmp, shards=1, per_shard=args.images)
+        (shard,) = write_photo_shards(
+            tmp, shards=1, per_shard=args.images, size=tuple(args.photo_size)
+        )
         samples = list(iter_samples(shard, counts=Counter()))
     tasks = [(s.key, s.image, sample_seed(0, 0, s.key)) for s in samples]
     print(f"device {device}, {len(tasks)} JPEGs, chunks of {args.chunk}, {args.backbone}")
