@@ -58,9 +58,10 @@ def _resolved(augment: str, crop_mode: str | None = None) -> dict:
     return resolve_transform(config, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875})
 
 
-def test_color_jitter_on_a_batch_is_torchvisions_per_image_bit_for_bit():
+@pytest.mark.parametrize("size", [(20, 30), (224, 224), (384, 384)], ids=str)
+def test_color_jitter_on_a_batch_is_torchvisions_per_image_bit_for_bit(size):
     jitter = transforms.ColorJitter(0.4, 0.4, 0.4)
-    batch = torch.randint(0, 256, (24, 3, 20, 30), dtype=torch.uint8)
+    batch = torch.randint(0, 256, (24, 3, *size), dtype=torch.uint8)
     ranges = (jitter.brightness, jitter.contrast, jitter.saturation, None)
     expected, params = [], []
     for index in range(len(batch)):

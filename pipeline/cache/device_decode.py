@@ -331,8 +331,12 @@ def _brightness(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
 
 
 def _contrast(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    mean = torch.mean(_grayscale(batch).to(torch.float32), dim=(-3, -2, -1), keepdim=True)
-    return _blend(batch, mean, blend)
+    """torchvision's ``adjust_contrast``: its float32 mean of the grayscale image, from an
+    integer sum, exact whatever order a device sums in, so an image's mean does not depend on
+    the other images of its chunk (a GPU splits a reduction by the batch's shape)."""
+    gray = _grayscale(batch)
+    total = gray.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.int64)
+    return _blend(batch, total.to(torch.float32) / gray[0].numel(), blend)
 
 
 def _saturation(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
