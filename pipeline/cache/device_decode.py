@@ -16,11 +16,13 @@ header and launches kernels:
 - The augmentation is timm's own transform applied to the uint8 tensor (torchvision's
   transforms take tensors), seeded per sample as in the PIL path: the same crops, flips and
   jitter factors. Pixels differ by the resampling and rounding of tensor kernels against
-  Pillow's (about 0.2 of a level on average on a CPU), and the transform records
+  Pillow's (about 0.3 of a level on average on a CPU), and the transform records
   ``decode: device`` so the two kinds of rows never share a cache.
 - A trailing ``ColorJitter`` (timm's train transform) draws its factors and order per image,
-  in sequence, and is then applied to the whole chunk at once with torchvision's formulas:
-  batched kernels rather than ~50 launches per image.
+  in sequence, and is then applied to the chunk with torchvision's formulas, each op at once
+  to the images it is for: a few dozen launches a chunk rather than ~50 an image.
+- A chunk's images are decoded in parts of at most ``DECODE_PIXELS``, each cut to size before
+  the next, so full-size photos never fill the GPU beside the forward.
 - On a GPU the chunk's kernels run on a stream of their own, so they overlap the forward of the
   previous batch; the caller's stream waits for them before it reads the images. That stream is
   idle before each chunk's JPEGs are decoded, as torchvision's nvJPEG writes on a stream that
