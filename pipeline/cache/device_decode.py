@@ -183,7 +183,7 @@ class DeviceDecoder:
             self.stream.synchronize()
         try:
             return list(_decode_jpeg(encoded, self.device))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError:  # one image it refuses fails the call: find it
             return [_decode_one(one, self.device) for one in encoded]
@@ -271,7 +271,7 @@ def _decode_jpeg(encoded: list[torch.Tensor], device: torch.device) -> list[torc
 def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
         return _decode_jpeg([encoded], device)[0]
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError:  # what torchvision raises for data nvJPEG refuses
         return None
