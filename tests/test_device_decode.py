@@ -21,11 +21,12 @@ from pipeline.cache.augment import TransformConfig, augment_pil, resolve_transfo
 from pipeline.cache.decode import decode_image
 from pipeline.cache.decode_pool import Skip, build_prepare
 from pipeline.cache.device_decode import DeviceDecoder, color_jitter
-from pipeline.cache.manifest import Manifest, ProvenanceMismatch
+from pipeline.cache.manifest import Manifest, ProvenanceMismatch, provenance_differences
 from pipeline.cache.skips import BadSample
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import reconcile
 from pipeline.demo.data import write_bad_shard, write_digit_shards
+from pipeline.head.checkpoint import _provenance_differences
 from schemas import read_provenance
 
 SIZE = 64
@@ -148,6 +149,23 @@ def test_a_unit_cached_on_the_device_is_reproducible_and_says_so(tmp_path, shard
     reconcile(Manifest.open(str(tmp_path / "device"), runner.settings.provenance))
     with pytest.raises(ProvenanceMismatch, match="transform"):
         Manifest.open(str(tmp_path / "device"), pil.settings.provenance)
+
+
+def test_a_refusal_names_the_pil_decode_a_cache_does_not_record():
+    """It said `transform.decode: cache has 'device', this run asks for None` to a user who
+    ran `--decode pil` (or no --decode) into a device cache, and `this run None` on --resume."""
+    pil = {"seed": 0, "transform": {"is_training": True}}
+    device = {"seed": 0, "transform": {"is_training": True, "decode": "device"}}
+    assert provenance_differences(device, pil) == [
+        "transform.decode: cache has 'device', this run asks for 'pil'"
+    ]
+    assert provenance_differences(pil, device) == [
+        "transform.decode: cache has 'pil', this run asks for 'device'"
+    ]
+    assert provenance_differences(pil, pil) == []
+    assert _provenance_differences([device], [pil]) == [
+        "transform.decode: the checkpoint has device, this run pil"
+    ]
 
 
 def test_bad_samples_of_a_shard_are_counted_as_on_the_pil_path(tmp_path):

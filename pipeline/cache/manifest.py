@@ -89,8 +89,24 @@ class ProvenanceMismatch(ValueError):
     """A run asked for a cache that differs from the one already at the output prefix."""
 
 
+#: What a provenance field's absent keys mean, as refusals name them: a transform without
+#: ``decode`` was decoded by Pillow (``--decode pil``, which records none).
+ABSENT_MEANS: dict[str, dict[str, Any]] = {"transform": {"decode": "pil"}}
+
+
+def spelled_out(provenance: dict[str, Any]) -> dict[str, Any]:
+    """``provenance`` with the keys ``ABSENT_MEANS`` knows filled in where absent, so that a
+    message names ``decode: 'pil'`` rather than None; equal provenances stay equal."""
+    filled = dict(provenance)
+    for name, defaults in ABSENT_MEANS.items():
+        if isinstance(filled.get(name), dict):
+            filled[name] = {**defaults, **filled[name]}
+    return filled
+
+
 def provenance_differences(existing: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """Human-readable differences between two provenances in the fields that define a cache."""
+    existing, requested = spelled_out(existing), spelled_out(requested)
     differences = []
     for name in IDENTITY_FIELDS:
         old, new = existing.get(name), requested.get(name)

@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.cache.index import CacheIndex
-from pipeline.cache.manifest import identity
+from pipeline.cache.manifest import identity, spelled_out
 from pipeline.head.stream import StreamState
 from pipeline.retry import exists, make_folder, move_file, read_bytes, write_bytes
 
@@ -191,7 +191,7 @@ def _provenance_differences(
     return [
         line
         for have, want in zip(recorded, wanted, strict=True)
-        for line in _differences(have, want)
+        for line in _differences(spelled_out(have), spelled_out(want))
     ]
 
 
