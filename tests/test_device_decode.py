@@ -206,3 +206,17 @@ def test_the_decoders_stream_is_idle_before_nvjpeg_writes(photos, monkeypatch):
     decoder.stream = Stream()
     decoder._decode_jpegs([photos["jpeg"]])
     assert events == ["synchronize", "decode"]
+
+
+def test_the_same_views_decoded_two_ways_are_not_trained_on_twice(tmp_path, shards):
+    """A pil cache and a device cache of the same shards, seed and epochs hold the same crops
+    (losses a rounding apart): train-head took both and trained each view twice."""
+    from pipeline.cache.index import open_cache
+
+    unit = Unit(shards[0], "digits-0000", 0)
+    for decode in ("pil", "device"):
+        make_runner(str(tmp_path / decode), decode=decode).run(unit)
+    with pytest.raises(ValueError, match="decoded by --decode pil and device: their rows"):
+        open_cache([str(tmp_path / "pil"), str(tmp_path / "device")])
+    make_runner(str(tmp_path / "later"), decode="device").run(Unit(shards[0], "digits-0000", 1))
+    assert open_cache([str(tmp_path / "pil"), str(tmp_path / "later")]).rows == 24

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import MANIFEST_NAME, identity, unfinished_note
+from pipeline.cache.manifest import ABSENT_MEANS, MANIFEST_NAME, identity, unfinished_note
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
 from pipeline.retry import retry
@@ -221,23 +221,47 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
 def check_distinct_units(files: Sequence[CacheFile]) -> None:
     """Refuse a unit given twice: two files of one epoch of one source shard, made with the
     same settings, of the same rows, keys and losses (the same cache under two paths, or a
-    copy), whose rows would be trained on twice."""
+    copy), or the same but decoded two ways (``--decode pil`` and ``device``: the same crops,
+    losses a rounding apart), whose rows would be trained on twice."""
     seen: dict[str, str] = {}
+    views: dict[str, CacheFile] = {}
     for f in files:
         unit = f.unit
-        if unit:
-            made = [identity(f.provenance), *(unit.get(k) for k in ("epoch", "shard", "source"))]
-            # other images once staged at the same path differ in these, from the footer
-            first_group = next(_filled_groups(f), None)
-            loss = None if first_group is None else _footer_loss_range(f, first_group)
-            made += [f.rows, *_key_range(f), loss]
-            first = seen.setdefault(json.dumps(made, sort_keys=True), f.url)
-            if first != f.url:
-                raise ValueError(
-                    f"{first} and {f.url} are one unit (epoch {unit.get('epoch')} of "
-                    f"{unit.get('source')}, made with the same settings): the same cache given "
-                    "twice, under two paths or as a copy? Give each cache once"
-                )
+        if not unit:
+            continue
+        where = [unit.get(k) for k in ("epoch", "shard", "source")]
+        # other images once staged at the same path differ in these, from the footer
+        first_group = next(_filled_groups(f), None)
+        loss = None if first_group is None else _footer_loss_range(f, first_group)
+        made = [identity(f.provenance), *where, f.rows, *_key_range(f)]
+        first = seen.setdefault(json.dumps([*made, loss], sort_keys=True), f.url)
+        if first != f.url:
+            raise ValueError(
+                f"{first} and {f.url} are one unit (epoch {unit.get('epoch')} of "
+                f"{unit.get('source')}, made with the same settings): the same cache given "
+                "twice, under two paths or as a copy? Give each cache once"
+            )
+        made[0] = {**made[0], "transform": _undecoded(made[0].get("transform"))}
+        other = views.setdefault(json.dumps(made, sort_keys=True), f)
+        if _decode(other) != _decode(f):
+            raise ValueError(
+                f"{other.url} and {f.url} hold the same augmented images (epoch "
+                f"{unit.get('epoch')} of {unit.get('source')}), decoded by --decode "
+                f"{_decode(other)} and {_decode(f)}: their rows would be trained on twice. "
+                "Give one of the two caches, or cache other epochs into the second"
+            )
+
+
+def _undecoded(transform: Any) -> Any:
+    """A cache's transform record less where it was decoded."""
+    if not isinstance(transform, dict):
+        return transform
+    return {name: value for name, value in transform.items() if name != "decode"}
+
+
+def _decode(f: CacheFile) -> str:
+    """Where unit ``f``'s images were decoded: ``device``, or ``pil`` (which records none)."""
+    return (f.provenance.get("transform") or {}).get("decode", ABSENT_MEANS["transform"]["decode"])
 
 
 def check_same_dtype(files: Sequence[CacheFile]) -> str:
