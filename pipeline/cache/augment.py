@@ -49,7 +49,7 @@ class TransformConfig(BaseModel):
     deteriorate: Deterioration | None = None
     #: ``pil``: Pillow decodes, PIL steps augment (on CPUs, in the actor or its decode pool);
     #: ``device``: JPEGs decoded and every image augmented on the backbone's device
-    #: (``pipeline.cache.device_decode``).
+    #: (``pipeline.cache.device_decode``), with no deterioration (a PIL step).
     decode: Literal["pil", "device"] = "pil"
 
 
@@ -59,8 +59,6 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
     The result is plain JSON and is what the cache's provenance records as its transform
     (``decode`` only when it is ``device``, so the PIL path's record is as it always was).
     """
-    if config.decode == "device" and config.deteriorate is not None:
-        raise ValueError("a deterioration runs on PIL images: it needs --decode pil")
     on_device = {"decode": "device"} if config.decode == "device" else {}
 
     def pick(name: str, fallback: Any = None) -> Any:

@@ -63,7 +63,7 @@ class _Plan:
 
 def _plan(resolved: dict[str, Any]) -> _Plan:
     """The tensor plan for the transform ``resolved`` describes (one without a deterioration,
-    which ``resolve_transform`` refuses with ``--decode device``)."""
+    which ``CacheJobConfig`` refuses with ``--decode device``)."""
     split = split_transform(build_transform(resolved))
     if split is None:
         raise ValueError("--decode device needs a transform that ends in ToTensor, Normalize")
