@@ -67,3 +67,19 @@ def test_targets_must_agree_on_the_samples(tmp_path):
     runners = [make_runner(str(tmp_path / "a")), make_runner(str(tmp_path / "b"), seed=1)]
     with pytest.raises(ValueError, match="share seed"):
         Fanout(runners, decode_workers=0)
+
+
+def test_a_sample_every_target_skips_alike_is_named_once(tmp_path, units, caplog):
+    """With --also, each undecodable image was named once per backbone, and so was each
+    unit's count of them."""
+    runners = [make_runner(str(tmp_path / name), **TARGETS[name]) for name in TARGETS]
+    fanout = Fanout(runners, decode_workers=0)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.cache.unit"):
+            results = fanout.run(units[1])
+    finally:
+        fanout.close()
+    assert all(result.skipped["truncated_image"] == 2 for result in results)
+    said = [record.getMessage() for record in caplog.records]
+    assert len([line for line in said if line.startswith("skipping corrupt in ")]) == 1, said
+    assert len([line for line in said if "2 samples skipped as truncated_image" in line]) == 1

@@ -142,11 +142,13 @@ class _Batch:
     prepare_cpu: float  # CPU seconds of the preparing thread (not of decode workers)
 
 
-def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
+def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter, *, said: bool = False) -> None:
     """Count a skipped sample; name the first of its kind in the unit of epoch 0 (the others
     at debug level: a class the head lacks can skip thousands of samples per unit, and each
-    later epoch skips the same ones)."""
+    later epoch skips the same ones), unless another target ``said`` it already."""
     counts[bad.reason.value] += 1
+    if said:
+        return
     first = counts[bad.reason.value] == 1 and unit.epoch == 0
     log.log(
         logging.WARNING if first else logging.DEBUG,
@@ -154,12 +156,14 @@ def _skip(key: str, bad: BadSample, unit: Unit, counts: Counter) -> None:
     )
 
 
-def _log_skips(unit: Unit, counts: Counter) -> None:
-    """One line per kind of skip of which ``unit`` (of epoch 0) had more than the one named."""
+def _log_skips(unit: Unit, counts: Counter, said: set[tuple[str, int]]) -> None:
+    """One line per kind of skip of which ``unit`` (of epoch 0) had more than the one named,
+    unless another target's counts ``said`` the same."""
     if unit.epoch:
         return
     for reason, count in sorted(counts.items()):
-        if count > 1:
+        if count > 1 and (reason, count) not in said:
+            said.add((reason, count))
             log.warning(
                 "%s: %d samples skipped as %s (the first named above)", unit.source, count, reason
             )
@@ -392,10 +396,10 @@ class Fanout:
 
             results = ((*handed.popleft(), images) for images in self.pool.map(tasks()))
         for (key, _, _), metas, images in results:
-            if isinstance(images, Skip):
-                for meta, counts in zip(metas, own, strict=True):
-                    if meta is not None:
-                        _skip(key, images.error(), unit, counts)
+            if isinstance(images, Skip):  # the same for every target: named once
+                keeping = [c for meta, c in zip(metas, own, strict=True) if meta is not None]
+                for place, counts in enumerate(keeping):
+                    _skip(key, images.error(), unit, counts, said=place > 0)
             else:
                 yield key, images, metas
 
@@ -450,8 +454,9 @@ class Fanout:
             record_batches[target].append(self.runners[target]._record(batch, unit))
             timings[target]["forward"] += time.perf_counter() - tick
             waited = time.perf_counter()
+        said: set[tuple[str, int]] = set()
         for counts in (shared, *own):
-            _log_skips(unit, counts)
+            _log_skips(unit, counts, said)
         results = [
             runner._commit(unit, rows, shared + counts, started, stage)
             for runner, rows, counts, stage in zip(
