@@ -201,8 +201,8 @@ def test_the_decoders_stream_is_idle_before_nvjpeg_writes(photos, monkeypatch):
         events.append("decode")
         return real(encoded, device)
 
-    monkeypatch.setattr(device_decode, "_decode_jpeg", decode)
     decoder = DeviceDecoder([_resolved("eval")], torch.device("cpu"))
+    monkeypatch.setattr(device_decode, "_decode_jpeg", decode)
     decoder.stream = Stream()
     decoder._decode_jpegs([photos["jpeg"]])
     assert events == ["synchronize", "decode"]
@@ -220,3 +220,23 @@ def test_the_same_views_decoded_two_ways_are_not_trained_on_twice(tmp_path, shar
         open_cache([str(tmp_path / "pil"), str(tmp_path / "device")])
     make_runner(str(tmp_path / "later"), decode="device").run(Unit(shards[0], "digits-0000", 1))
     assert open_cache([str(tmp_path / "pil"), str(tmp_path / "later")]).rows == 24
+
+
+def test_a_torchvision_that_cannot_decode_on_the_device_is_warned_of(monkeypatch, caplog):
+    """A torchvision built without nvJPEG fails every decode on the GPU: each JPEG then went
+    through Pillow without a word, the run as slow as the PIL path."""
+
+    def no_nvjpeg(encoded, device):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(device_decode, "_decode_jpeg", no_nvjpeg)
+    with caplog.at_level("WARNING", logger="pipeline.cache.device_decode"):
+        DeviceDecoder([_resolved("train")], torch.device("cpu"))
+    assert "torchvision cannot decode JPEGs on cpu (decode_jpegs_cuda: torchvision not" in (
+        caplog.text
+    )
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="pipeline.cache.device_decode"):
+        DeviceDecoder([_resolved("train")], torch.device("cpu"))
+    assert not caplog.text

@@ -31,6 +31,8 @@ header and launches kernels:
 
 from __future__ import annotations
 
+import io
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ from pipeline.cache.augment import build_transform, seed_rngs, split_transform
 from pipeline.cache.decode import load_rgb, open_image
 from pipeline.cache.decode_pool import Skip, Task
 from pipeline.cache.skips import BadSample
+
+log = logging.getLogger(__name__)
 
 _JPEG_MODES = ("RGB", "L")  # what the device decoder turns into RGB as Pillow does
 _END_OF_IMAGE = b"\xff\xd9"
@@ -103,6 +107,7 @@ class DeviceDecoder:
         self.plans = [_plan(one) for one in resolved]
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        _check_decoder(device)
 
     def prepare(self, tasks: list[Task]) -> list[list[torch.Tensor] | Skip]:
         """Per task, its uint8 ``(H, W, C)`` image per transform (on the device), or a
@@ -260,6 +265,22 @@ def _device_takes(image: Image.Image, data: bytes) -> bool:
         and image.mode in _JPEG_MODES
         and bytes(data).rstrip(b"\0").endswith(_END_OF_IMAGE)
     )
+
+
+def _check_decoder(device: torch.device) -> None:
+    """Warn where this torchvision cannot decode JPEGs on ``device`` (one built without nvJPEG):
+    every JPEG would then go through Pillow on the CPU, as slowly as the PIL path."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        _decode_jpeg([probe], device)
+    except RuntimeError as error:
+        log.warning(
+            "--decode device: torchvision cannot decode JPEGs on %s (%s); Pillow decodes them "
+            "on the CPU, and only the augmentation runs on the device",
+            *(device, str(error).splitlines()[0]),
+        )
 
 
 def _decode_jpeg(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
