@@ -230,13 +230,17 @@ def test_a_torchvision_that_cannot_decode_on_the_device_is_warned_of(monkeypatch
         raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
 
     monkeypatch.setattr(device_decode, "_decode_jpeg", no_nvjpeg)
+    device_decode._check_decoder.cache_clear()
     with caplog.at_level("WARNING", logger="pipeline.cache.device_decode"):
         DeviceDecoder([_resolved("train")], torch.device("cpu"))
+        DeviceDecoder([_resolved("eval")], torch.device("cpu"))  # once a process
     assert "torchvision cannot decode JPEGs on cpu (decode_jpegs_cuda: torchvision not" in (
         caplog.text
     )
+    assert caplog.text.count("cannot decode JPEGs") == 1
     caplog.clear()
     monkeypatch.undo()
+    device_decode._check_decoder.cache_clear()
     with caplog.at_level("WARNING", logger="pipeline.cache.device_decode"):
         DeviceDecoder([_resolved("train")], torch.device("cpu"))
     assert not caplog.text

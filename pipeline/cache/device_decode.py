@@ -36,7 +36,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -267,9 +267,11 @@ def _device_takes(image: Image.Image, data: bytes) -> bool:
     )
 
 
+@cache
 def _check_decoder(device: torch.device) -> None:
     """Warn where this torchvision cannot decode JPEGs on ``device`` (one built without nvJPEG):
-    every JPEG would then go through Pillow on the CPU, as slowly as the PIL path."""
+    every JPEG would then go through Pillow on the CPU, as slowly as the PIL path. Once per
+    device and process."""
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "JPEG")
     probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
