@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 from skimage import data
-from support import BACKBONE, make_runner
+from support import BACKBONE, make_runner, unit_settings
 from torchvision import transforms
 
 from jobs.run.cache import CacheJobConfig
@@ -216,7 +216,8 @@ def test_the_same_views_decoded_two_ways_are_not_trained_on_twice(tmp_path, shar
     unit = Unit(shards[0], "digits-0000", 0)
     for decode in ("pil", "device"):
         make_runner(str(tmp_path / decode), decode=decode).run(unit)
-    with pytest.raises(ValueError, match="decoded by --decode pil and device: their rows"):
+    twice = r"made twice \(transform.decode: .*'pil'.*'device'\): their rows"
+    with pytest.raises(ValueError, match=twice):
         open_cache([str(tmp_path / "pil"), str(tmp_path / "device")])
     make_runner(str(tmp_path / "later"), decode="device").run(Unit(shards[0], "digits-0000", 1))
     assert open_cache([str(tmp_path / "pil"), str(tmp_path / "later")]).rows == 24
@@ -244,3 +245,20 @@ def test_a_torchvision_that_cannot_decode_on_the_device_is_warned_of(monkeypatch
     with caplog.at_level("WARNING", logger="pipeline.cache.device_decode"):
         DeviceDecoder([_resolved("train")], torch.device("cpu"))
     assert not caplog.text
+
+
+def test_the_same_views_made_on_other_compute_are_not_trained_on_twice(tmp_path, shards):
+    """A device cache is made on a GPU (bf16) and a pil one often on a CPU (fp32): their
+    provenance differs in compute too, and the two-decodes refusal missed exactly that pair."""
+    from pipeline.cache.backbone import Backbone, create_backbone_model
+    from pipeline.cache.index import open_cache
+    from pipeline.cache.unit import UnitRunner
+
+    unit = Unit(shards[0], "digits-0000", 0)
+    make_runner(str(tmp_path / "cpu"), decode="pil").run(unit)
+    settings = unit_settings(str(tmp_path / "gpu"), decode="device")
+    on_gpu = {**settings.provenance, "compute": {"device": "cuda", "autocast": "bfloat16"}}
+    model = Backbone(create_backbone_model(BACKBONE, "random"), torch.device("cpu"))
+    UnitRunner(model, settings.model_copy(update={"provenance": on_gpu})).run(unit)
+    with pytest.raises(ValueError, match=r"made twice \(.*compute.*\): their rows"):
+        open_cache([str(tmp_path / "cpu"), str(tmp_path / "gpu")])

@@ -20,7 +20,8 @@ header and launches kernels:
   ``decode: device`` so the two kinds of rows never share a cache.
 - A trailing ``ColorJitter`` (timm's train transform) draws its factors and order per image,
   in sequence, and is then applied to the chunk with torchvision's formulas, each op at once
-  to the images it is for: a few dozen launches a chunk rather than ~50 an image.
+  to the images it is for: a few dozen launches a chunk rather than ~50 an image (bit for bit
+  torchvision's up to ~400 px crops; see ``_contrast``).
 - A chunk's images are decoded in parts of at most ``DECODE_PIXELS``, each cut to size before
   the next, so full-size photos never fill the GPU beside the forward.
 - On a GPU the chunk's kernels run on a stream of their own, so they overlap the forward of the
@@ -191,6 +192,8 @@ class DeviceDecoder:
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError:  # one image it refuses fails the call: find it
+            if self.stream is not None:  # nothing of the failed call still writes
+                torch.cuda.synchronize(self.device)
             return [_decode_one(one, self.device) for one in encoded]
 
     def _decode_with_pillow(self, image: Image.Image, key: str) -> torch.Tensor | Skip:
@@ -356,9 +359,11 @@ def _brightness(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
 
 
 def _contrast(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``adjust_contrast``: its float32 mean of the grayscale image, from an
-    integer sum, exact whatever order a device sums in, so an image's mean does not depend on
-    the other images of its chunk (a GPU splits a reduction by the batch's shape)."""
+    """torchvision's ``adjust_contrast``, its mean of the grayscale image from an integer sum:
+    exact whatever order a device sums in, so an image's mean does not depend on the other
+    images of its chunk (a GPU splits a reduction by the batch's shape). Where the sum passes
+    2**24 (crops from ~400 px), torchvision's float32 sum on a CPU is not exact, and a pixel may
+    land a level apart from it."""
     gray = _grayscale(batch)
     total = gray.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.int64)
     return _blend(batch, total.to(torch.float32) / gray[0].numel(), blend)

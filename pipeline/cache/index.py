@@ -24,7 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.lock import live_holder
-from pipeline.cache.manifest import ABSENT_MEANS, MANIFEST_NAME, identity, unfinished_note
+from pipeline.cache.manifest import (
+    MANIFEST_NAME,
+    identity,
+    provenance_differences,
+    unfinished_note,
+)
 from pipeline.cache.shards import is_tar
 from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
 from pipeline.retry import retry
@@ -221,8 +226,9 @@ def check_compatible(files: Sequence[CacheFile]) -> dict[str, Any]:
 def check_distinct_units(files: Sequence[CacheFile]) -> None:
     """Refuse a unit given twice: two files of one epoch of one source shard, made with the
     same settings, of the same rows, keys and losses (the same cache under two paths, or a
-    copy), or the same but decoded two ways (``--decode pil`` and ``device``: the same crops,
-    losses a rounding apart), whose rows would be trained on twice."""
+    copy), or of the same augmented images made twice (``--decode pil`` and ``device``, or on
+    a CPU and a GPU: the same crops, losses a rounding apart), whose rows would be trained on
+    twice."""
     seen: dict[str, str] = {}
     views: dict[str, CacheFile] = {}
     for f in files:
@@ -241,27 +247,27 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
                 f"{unit.get('source')}, made with the same settings): the same cache given "
                 "twice, under two paths or as a copy? Give each cache once"
             )
-        made[0] = {**made[0], "transform": _undecoded(made[0].get("transform"))}
+        made[0] = _views(made[0])
         other = views.setdefault(json.dumps(made, sort_keys=True), f)
-        if _decode(other) != _decode(f):
+        # equal settings and other losses: other images once staged at the same path
+        differences = "; ".join(provenance_differences(other.provenance, f.provenance))
+        if differences:
             raise ValueError(
                 f"{other.url} and {f.url} hold the same augmented images (epoch "
-                f"{unit.get('epoch')} of {unit.get('source')}), decoded by --decode "
-                f"{_decode(other)} and {_decode(f)}: their rows would be trained on twice. "
-                "Give one of the two caches, or cache other epochs into the second"
+                f"{unit.get('epoch')} of {unit.get('source')}) made twice ({differences}): "
+                "their rows would be trained on twice. Give one of the two caches, or cache "
+                "other epochs into the second"
             )
 
 
-def _undecoded(transform: Any) -> Any:
-    """A cache's transform record less where it was decoded."""
-    if not isinstance(transform, dict):
-        return transform
-    return {name: value for name, value in transform.items() if name != "decode"}
-
-
-def _decode(f: CacheFile) -> str:
-    """Where unit ``f``'s images were decoded: ``device``, or ``pil`` (which records none)."""
-    return (f.provenance.get("transform") or {}).get("decode", ABSENT_MEANS["transform"]["decode"])
+def _views(identity: dict[str, Any]) -> dict[str, Any]:
+    """What of a cache's ``identity`` picks its augmented images: not where they were decoded
+    (``--decode``), on what device and precision, or how the embedding is stored."""
+    views = {name: value for name, value in identity.items() if name not in ("compute", "dtype")}
+    transform = views.get("transform")
+    if isinstance(transform, dict):
+        views["transform"] = {name: value for name, value in transform.items() if name != "decode"}
+    return views
 
 
 def check_same_dtype(files: Sequence[CacheFile]) -> str:
