@@ -250,7 +250,8 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
         made[0] = _views(made[0])
         other = views.setdefault(json.dumps(made, sort_keys=True), f)
         # equal settings and other losses: other images once staged at the same path
-        differences = "; ".join(provenance_differences(other.provenance, f.provenance))
+        sides = ("the first has", "the second")
+        differences = "; ".join(provenance_differences(other.provenance, f.provenance, sides))
         if differences:
             raise ValueError(
                 f"{other.url} and {f.url} hold the same augmented images (epoch "

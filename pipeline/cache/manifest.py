@@ -104,9 +104,15 @@ def spelled_out(provenance: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
-def provenance_differences(existing: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two provenances in the fields that define a cache."""
+def provenance_differences(
+    existing: dict[str, Any],
+    requested: dict[str, Any],
+    sides: tuple[str, str] = ("cache has", "this run asks for"),
+) -> list[str]:
+    """Human-readable differences between two provenances in the fields that define a cache,
+    each ``name: <sides[0]> A, <sides[1]> B``."""
     existing, requested = spelled_out(existing), spelled_out(requested)
+    had, asked = sides
     differences = []
     for name in IDENTITY_FIELDS:
         old, new = existing.get(name), requested.get(name)
@@ -114,12 +120,12 @@ def provenance_differences(existing: dict[str, Any], requested: dict[str, Any]) 
             continue
         if isinstance(old, dict) and isinstance(new, dict):
             differences += [
-                f"{name}.{key}: cache has {old.get(key)!r}, this run asks for {new.get(key)!r}"
+                f"{name}.{key}: {had} {old.get(key)!r}, {asked} {new.get(key)!r}"
                 for key in sorted(old.keys() | new.keys())
                 if old.get(key) != new.get(key)
             ]
         else:
-            differences.append(f"{name}: cache has {old!r}, this run asks for {new!r}")
+            differences.append(f"{name}: {had} {old!r}, {asked} {new!r}")
     return differences
 
 
