@@ -78,11 +78,8 @@ def _class_effects(spec: SyntheticCache) -> tuple[np.ndarray, np.ndarray]:
         means, offsets = np.zeros((1, spec.dim)), np.zeros(1)
     else:
         rng = np.random.default_rng([spec.seed, 5])
-        means, offsets = (
-            rng.standard_normal((spec.classes, spec.dim)),
-            rng.standard_normal(spec.classes),
-        )
-        offsets *= 2.0
+        means = rng.standard_normal((spec.classes, spec.dim))
+        offsets = 2.0 * rng.standard_normal(spec.classes)
     means.setflags(write=False)  # cached: a caller writing to them would change later units
     offsets.setflags(write=False)
     return means, offsets
