@@ -323,3 +323,21 @@ def test_a_library_run_that_lost_its_lock_stops_before_rewriting_units(tmp_path)
     target = _Target(config, None, Manifest(output, {}, lock_lost=lost))  # type: ignore[arg-type]
     with pytest.raises(CacheLocked, match=f"lost the lock on {output} to another run"):
         _finish(config, PoolReport(), [target], [], already=0, started=0.0)
+
+
+def test_a_lock_being_created_is_read_again_and_its_holder_named(prefix: str) -> None:
+    """Another run's exclusive create makes the lock file before it writes it: a run reading it
+    in between refused with 'the lock is unreadable ... another run may be starting', naming
+    no one."""
+    fs, root = fsspec.core.url_to_fs(prefix)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{LOCK_NAME}", b"")  # made, not yet written
+    now = time.time()
+    first = Holder("first", socket.gethostname(), os.getppid(), "pvu cache, first", now, now, 60)
+    writer = threading.Timer(0.3, plant, (prefix, first))
+    writer.start()
+    try:
+        with pytest.raises(CacheLocked, match="another pvu run is writing to"):
+            RunLock(prefix, owner="second").acquire()
+    finally:
+        writer.join()

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock.json"
 LEASE_SECONDS = 120.0
+#: How long an unreadable lock is read again before it counts as one: another run creating
+#: it has made the file but not yet written it.
+CREATING_SECONDS = 2.0
 
 
 class CacheLocked(ValueError):
@@ -235,7 +238,7 @@ class RunLock:
         not pvu's) counts as dead once it is older than a lease."""
         now = time.time()
         try:
-            current = self._read()
+            current = self._read_settled()
         except UnreadableLock as error:
             try:
                 age = now - self._fs.modified(self._path).timestamp()
@@ -300,6 +303,18 @@ class RunLock:
                 self._write(Holder(**{**asdict(self.holder), "heartbeat": time.time()}))
             except (OSError, UnreadableLock) as error:  # the next beat tries again
                 log.warning("lock heartbeat on %s failed: %r", self.root, error)
+
+    def _read_settled(self) -> Holder | None:
+        """:meth:`_read`, read again for up to ``CREATING_SECONDS`` while the lock is
+        unreadable: another run's exclusive create makes the file before it writes it."""
+        deadline = time.monotonic() + CREATING_SECONDS
+        while True:
+            try:
+                return self._read()
+            except UnreadableLock:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def _read(self) -> Holder | None:
         """The lock's holder, None when there is no lock, ``UnreadableLock`` when it is not
