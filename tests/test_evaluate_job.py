@@ -593,3 +593,20 @@ def test_an_earlier_report_that_storage_will_not_delete_stops_the_report(
     result = run("--head", head_dir, "--dataset", f"d={url}", "--report", report)
     assert result.exit_code == 2, result.output
     assert f"write the report into {report}" in " ".join(result.output.split())
+
+
+def test_deterioration_caches_of_two_decodes_are_refused(tmp_path: Path, head_dir: str) -> None:
+    """A clean cache decoded on the device beside Pillow-decoded deteriorated copies (the only
+    kind there is) was taken: the curve's strength 0 was other images, ~0.3 levels apart."""
+    x, labels = clustered(60, 3, seed=3)
+    clean = write_eval_cache(
+        str(tmp_path / "clean"), x, labels, transform={"is_training": False, "decode": "device"}
+    )
+    noisy = {"is_training": False, "deterioration": {"kind": "noise", "strength": 1.0}}
+    noise = write_eval_cache(str(tmp_path / "noise"), x, labels, transform=noisy)
+    result = run(
+        "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
+        "--deterioration", clean, "--deterioration", noise,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"decodedtwoways(device:{clean};pil:{noise})" in said(result)

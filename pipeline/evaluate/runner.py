@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.cache.index import CacheIndex, open_cache
+from pipeline.cache.manifest import spelled_out
 from pipeline.evaluate.analyses import (
     DeterioratedSet,
     deterioration_curves,
@@ -95,6 +96,7 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     named = list(options.datasets) + ([(UPSTREAM, options.upstream)] if options.upstream else [])
     inputs = [*named, *((url, url) for url in options.deteriorated)]
     indexes = _check_inputs(inputs, heads)
+    _check_one_decode(list(options.deteriorated), indexes)
     tsne_dataset = options.tsne_dataset or named[0][0]
     result = Evaluation(report={})
     entries = []
@@ -152,6 +154,22 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
         for head in heads:
             check_head_fits(head, name, url, provenance, indexes[url].dim)
     return indexes
+
+
+def _check_one_decode(deteriorated: list[str], indexes: dict[str, CacheIndex]) -> None:
+    """Refuse ``--deterioration`` caches decoded two ways: a curve would then compare the
+    decoders (~0.3 levels apart) along with the deteriorations."""
+    by_decode: dict[str, list[str]] = {}
+    for url in deteriorated:
+        transform = spelled_out(indexes[url].files[0].provenance).get("transform") or {}
+        by_decode.setdefault(transform.get("decode", "pil"), []).append(url)
+    if len(by_decode) > 1:
+        decodes = "; ".join(f"{decode}: {', '.join(urls)}" for decode, urls in by_decode.items())
+        raise ValueError(
+            f"--deterioration caches were decoded two ways ({decodes}); a curve compares one "
+            "decode's images (deteriorated caches are made with --decode pil, so make the "
+            "clean one with it too)"
+        )
 
 
 def _add_id_vs_ood(entries: list[dict[str, Any]], scores: dict[str, dict[str, np.ndarray]]) -> None:
