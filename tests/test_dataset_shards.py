@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from support import pvu
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
 from pipeline.dataset.convert import key_name, write_dataset
-from pipeline.dataset.sources import list_dataset
+from pipeline.dataset.sources import IMAGE_SUFFIXES, list_dataset
 from pipeline.demo.data import encode_image
 from pipeline.evaluate.analyses import real_ambiguous
 from pipeline.named import NAMED
@@ -250,6 +250,26 @@ def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty
     assert len(cat) == 1, cat  # not again through cat/latest
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0 and "hold no image" in result.text, result.output
+
+
+def test_a_class_folder_linked_to_another_lists_its_images_as_image_folder_does(tmp_path):
+    """A class folder that is a link to another (``kitty -> cat``) was an empty class: each
+    real folder was listed once across the whole walk, so the second class got none."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=2)
+    (root / "kitty").symlink_to(root / "cat", target_is_directory=True)
+    (root / "pup").symlink_to("dog", target_is_directory=True)  # relative, as `ln -s` makes
+    (root / "eel" / "twice").symlink_to(root / "eel" / "nested")  # in its class once
+    (root / "dog" / "up").symlink_to(root, target_is_directory=True)  # a loop: not entered
+    listing = list_dataset(str(root))
+    assert listing.empty == []
+    listed = sorted((Path(s.url).relative_to(root).as_posix(), s.label) for s in listing.sources)
+    (root / "eel" / "twice").unlink()  # ImageFolder walks both, and loops on dog/up
+    (root / "dog" / "up").unlink()
+    classes, class_to_idx = find_classes(str(root))
+    expected = make_dataset(str(root), class_to_idx, extensions=IMAGE_SUFFIXES)
+    assert listing.classes == classes
+    assert listed == sorted((Path(p).relative_to(root).as_posix(), i) for p, i in expected)
 
 
 def test_a_fifo_among_the_images_is_left_out_not_read_forever(tmp_path):

@@ -10,7 +10,8 @@ import logging
 import os
 import posixpath
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
@@ -140,24 +141,30 @@ def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The files below ``root``, through links to folders at any depth (which ``find`` lists
-    as files and does not enter); each real folder listed once, so a link to one already
-    listed adds nothing and a link up cannot loop."""
+    as files and does not enter): one ``find`` of ``root``, then one a link. Each class folder
+    (``root``'s subfolder) lists its own files, so a link to another class gets that class's
+    images; within a class each real folder is listed once, so a link to one listed already
+    adds nothing and a loop ends. A link to ``root`` or a folder above it is not entered (it
+    would put every class in one)."""
     real = os.path.realpath if isinstance(fs, LocalFileSystem) else str
-    files, links, listed, special = [], [root], set(), []
+    above = _and_above(real(root))
+    walked: defaultdict[str, set[str]] = defaultdict(set)  # class -> its real folders listed
+    files, links, special = [], [root], []
     while links:
         top = links.pop(0)  # after every folder the walks before it listed
-        if real(top) in listed:
+        if top != root and (real(top) in above or real(top) in walked[_class_of(root, top)]):
             continue
-        for path, info in fs.find(top, withdirs=True, detail=True).items():
+        listing = fs.find(top, withdirs=True, detail=True)
+        listed = _listed_before(root, top, listing, walked, real)
+        for path, info in listing.items():
+            if path == top or posixpath.dirname(path) in listed:
+                continue
             if info.get("islink") and fs.isdir(path):
                 links.append(path)
-            elif info["type"] == "directory":
-                listed.add(real(path))
             elif is_file_entry(fs, info):
                 files.append(path)
-            else:  # a FIFO, socket or device (or a link to one): a read may never end
+            elif info["type"] != "directory":  # a FIFO, socket or device (or a link to one)
                 special.append(path)
-        listed.add(real(top))
     if special:
         log.warning(
             "left out %d entr(ies) below %s that are no regular file (a FIFO, socket or "
@@ -165,6 +172,38 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
             *(len(special), root, special[0]),
         )
     return files
+
+
+def _listed_before(
+    root: str,
+    top: str,
+    listing: dict[str, dict],
+    walked: defaultdict[str, set[str]],
+    real: Callable[[str], str],
+) -> set[str]:
+    """The folders of ``listing`` (a ``find`` of ``top``) whose class listed them already, by
+    another path; the others are added to ``walked`` (class -> real folders)."""
+    folders = [top, *(path for path, info in listing.items() if info["type"] == "directory")]
+    before = set()
+    for path in dict.fromkeys(folders):
+        seen = walked[_class_of(root, path)]
+        if real(path) in seen:
+            before.add(path)
+        seen.add(real(path))
+    return before
+
+
+def _class_of(root: str, path: str) -> str:
+    """The class folder ``path`` (below ``root``) is in; ``""`` for ``root`` itself."""
+    return path[len(root) + 1 :].split("/", 1)[0]
+
+
+def _and_above(path: str) -> set[str]:
+    """``path`` and every folder above it."""
+    folders = {path}
+    while (path := posixpath.dirname(path)) not in folders:
+        folders.add(path)
+    return folders
 
 
 def list_table(
