@@ -220,6 +220,26 @@ def test_table_with_class_names_and_relative_paths(tmp_path):
         assert result.exit_code == 2 and "has no rows, only its header" in result.text, table
 
 
+def test_a_table_reached_through_a_link_resolves_dot_dot_as_the_os_does(tmp_path):
+    """``../images/x.jpg`` in a table whose folder is a link names the image beside the link's
+    target, as the OS opens it: it was resolved as text, beside the link, and every image was
+    a read error (or another dataset's)."""
+    real = tmp_path / "disk" / "dataset"
+    valid = make_folder(real / "images", per_class=1)
+    (real / "meta").mkdir()
+    (tmp_path / "meta").symlink_to(real / "meta", target_is_directory=True)
+    rows = [(f"../images/{path}", name) for path, name in valid.items()]
+    rows[0] = (f"{tmp_path}/meta/../images/{next(iter(valid))}", rows[0][1])  # absolute too
+    columns = {"path": [path for path, _ in rows], "label": [name for _, name in rows]}
+    lines = "".join(f"{path},{name}\n" for path, name in rows)
+    (real / "meta" / "list.csv").write_text(f"path,label\n{lines}")
+    pq.write_table(pa.table(columns), real / "meta" / "list.parquet")
+    expected = sorted(str(real / "images" / path) for path in valid)
+    for table in ("list.csv", "list.parquet"):
+        listing = list_dataset(str(tmp_path / "meta" / table))
+        assert sorted(source.url for source in listing.sources) == expected, table
+
+
 def test_class_folders_are_numbered_as_image_folder_numbers_them_links_and_empty_ones_too(
     tmp_path,
 ):

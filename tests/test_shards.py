@@ -153,6 +153,21 @@ def test_list_file(local, tmp_path):
     assert expand_shards(str(listing)) == [f"{local}/train-0001.tar"]
 
 
+def test_a_list_file_reached_through_a_link_resolves_dot_dot_as_the_os_does(tmp_path):
+    """``..`` in a list file whose folder is a link is the parent of the link's target, as
+    ``cat`` or ``tar`` would read it: it was resolved as text, the link's own parent, which
+    named other shards (or none)."""
+    real = tmp_path / "disk" / "dataset"
+    shards = _make(str(real / "shards"), "train-0000.tar", "train-0001.tar")
+    _make(str(tmp_path / "shards"), "train-0000.tar", "train-0001.tar")  # the text's reading
+    (real / "lists").mkdir()
+    (tmp_path / "lists").symlink_to(real / "lists", target_is_directory=True)
+    listing = real / "lists" / "shards.txt"
+    listing.write_text(f"../shards/train-0000.tar\n{tmp_path}/lists/../shards/train-0001.tar\n")
+    assert expand_shards(str(tmp_path / "lists" / "shards.txt")) == shards
+    assert expand_shards(str(tmp_path / "lists" / ".." / "lists" / "shards.txt")) == shards
+
+
 def test_list_file_errors(tmp_path):
     listing = tmp_path / "shards.txt"
     listing.write_text("# nothing here\n\n")

@@ -15,8 +15,10 @@ protocol (``s3://bucket/key.tar``); local paths come back absolute.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import posixpath
 import re
 from collections import defaultdict
@@ -272,10 +274,10 @@ def storage_url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None =
 
 def _normalise(url: str) -> str:
     """A URL as ``storage_url`` writes it, local paths absolute and without ``.`` or ``..``
-    steps (``/x/./a.tar`` is ``/x/a.tar``), without touching storage."""
+    steps (``/x/./a.tar`` is ``/x/a.tar``; ``..`` as :func:`resolve_local` takes it)."""
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        path = posixpath.normpath(path)
+        path = resolve_local(path)
     return storage_url(fs, path, _protocol(url))
 
 
@@ -343,12 +345,34 @@ def _read_list_file(
 
 def join_relative(folder: str, entry: str) -> str:
     """The relative path ``entry`` (of a list file's or a table's) in ``folder`` (a URL or an
-    absolute path), its ``.`` and ``..`` steps resolved, on a store too (which has no such
-    folders: the key ``lists/../a.tar`` is not ``a.tar``)."""
+    absolute path), its ``.`` and ``..`` steps resolved: on a local disk as the OS resolves
+    them (:func:`resolve_local`), on a store as text (it has no such folders: the key
+    ``lists/../a.tar`` is not ``a.tar``)."""
     protocol, sep, rest = folder.partition("://")
     if sep:
         return f"{protocol}://{posixpath.normpath(posixpath.join(rest, entry))}"
-    return posixpath.normpath(posixpath.join(folder, entry))
+    return resolve_local(posixpath.join(folder, entry))
+
+
+def resolve_local(path: str) -> str:
+    """The absolute local ``path`` without ``.`` or ``..`` steps, each ``..`` taken as the OS
+    takes it: the parent of the folder before it, links resolved (``link/..`` is the parent of
+    the link's target, not the folder holding ``link``). Other links are kept as spelled."""
+    if ".." not in path.split("/"):
+        return posixpath.normpath(path)
+    resolved = "/"
+    for step in path.split("/"):
+        if step == "..":
+            resolved = _real_parent(resolved)
+        elif step not in ("", "."):
+            resolved = posixpath.join(resolved, step)
+    return resolved
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_parent(folder: str) -> str:
+    """The parent of ``folder`` with its links resolved (cached: a table's rows share one)."""
+    return posixpath.dirname(os.path.realpath(folder))
 
 
 def _verify_exist(urls: list[str], spec: str) -> None:

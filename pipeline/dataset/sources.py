@@ -21,7 +21,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.shards import is_file_entry, join_relative, storage_url
+from pipeline.cache.shards import is_file_entry, join_relative, resolve_local, storage_url
 from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
@@ -464,15 +464,16 @@ def _folder(url: str) -> str:
     """The folder a table at ``url`` sits in, as a URL (absolute for local paths)."""
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        return os.path.dirname(os.path.abspath(path))
+        return posixpath.dirname(resolve_local(path))
     return url.rsplit("/", 1)[0]
 
 
 def _resolve(path: str, folder: str) -> str:
-    """A table's image ``path``: a URL or absolute path as it is, else relative to the table's
-    ``folder``, with ``.`` and ``..`` resolved (a store has no such folders)."""
+    """A table's image ``path``: a URL as it is, else (absolute or relative to the table's
+    ``folder``) with ``.`` and ``..`` resolved, ``..`` as the OS takes it on a local disk
+    (see :func:`join_relative`)."""
     if "://" in path:
         return path
     if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
-        return os.path.normpath(path)
+        return resolve_local(path)
     return join_relative(folder, path)
