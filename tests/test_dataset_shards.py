@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -292,6 +294,41 @@ def test_a_class_folder_linked_to_another_lists_its_images_as_image_folder_does(
     assert listed == sorted((Path(p).relative_to(root).as_posix(), i) for p, i in expected)
 
 
+def test_class_names_are_their_text_in_a_c_locale(tmp_path):
+    """Under ``LC_ALL=C`` (a cron job, a bare container) Python lists ``café`` as
+    ``caf\\udcc3\\udca9``, and classes.json, each sample's json and the log named its classes
+    so; a name that is not UTF-8 is named by its bytes, as ``\\xe8``. A table's paths name
+    the files their UTF-8 text spells."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("café".encode(), "猫".encode(), b"ch\xe8vre", "vidé".encode()):
+        folder = os.path.join(bytes(root), name)
+        os.makedirs(folder)
+        if name != "vidé".encode():
+            Path(os.fsdecode(folder), "a.png").write_bytes(image_bytes(rng, "png"))
+    shards = tmp_path / "out"
+    pvu_shards = [sys.executable, "-c", "from jobs.cli import main; main()", "shards"]
+    cwd, c_locale = Path(__file__).parents[1], {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
+    folder = [*pvu_shards, "--input", str(root), "--output", str(shards)]
+    done = subprocess.run(folder, capture_output=True, text=True, cwd=cwd, env=c_locale)
+    assert done.returncode == 0, done.stderr
+    classes = ["café", "ch\\xe8vre", "vidé", "猫"]
+    assert json.loads((shards / "classes.json").read_text()) == classes
+    names = {
+        (meta["class"], Path(meta["source"]).parent.name) for *_, meta in read_shards(str(shards))
+    }
+    assert names == {(name, name) for name in classes if name != "vidé"}
+    assert "\\udc" not in done.stderr and "vid\\xe9" in done.stderr, done.stderr
+    # a table's UTF-8 paths name those files: they could not be opened (UnicodeEncodeError)
+    (tmp_path / "list.csv").write_text("path,label\nimages/猫/a.png,猫\n", encoding="utf-8")
+    table = [*pvu_shards, "--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "t")]
+    done = subprocess.run(table, capture_output=True, text=True, cwd=cwd, env=c_locale)
+    assert done.returncode == 0, done.stderr
+    assert [meta["source"] for *_, meta in read_shards(str(tmp_path / "t"))] == [
+        str(root / "猫" / "a.png")
+    ]
+
+
 def test_a_fifo_among_the_images_is_left_out_not_read_forever(tmp_path):
     """A FIFO (or socket, device) named like an image was listed as one, and its read never
     returned: `pvu shards` sat at 0/N images until killed."""
@@ -494,11 +531,11 @@ def test_file_and_class_names_that_are_not_utf8_are_converted(tmp_path):
     result = run("--input", str(root), "--output", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
-    assert classes == sorted([*CLASSES, goat])
+    assert classes == sorted([*CLASSES, "ch\\xe8vre"])  # named by its bytes, in any locale
     [(_, key, _, meta)] = [
-        s for s in read_shards(str(tmp_path / "out")) if s[2] == classes.index(goat)
+        s for s in read_shards(str(tmp_path / "out")) if s[2] == classes.index("ch\\xe8vre")
     ]
-    assert key.endswith("-caf") and meta["source"] == str(root / goat / os.fsdecode(b"caf\xe9.png"))
+    assert key.endswith("-caf_xe9") and meta["source"] == f"{root}/ch\\xe8vre/caf\\xe9.png"
 
 
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):

@@ -36,7 +36,7 @@ from PIL import Image
 from pipeline.cache.decode import decode_image
 from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
-from pipeline.dataset.sources import Listing, Source
+from pipeline.dataset.sources import Listing, Source, readable
 from pipeline.dataset.tar import ShardInfo, ShardWriter
 from pipeline.named import NAMED, named_level
 from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, write_bytes
@@ -145,7 +145,7 @@ def write_dataset(
                 {
                     ext: data,
                     "cls": str(source.label).encode(),
-                    "json": json.dumps({"source": source.url, "class": name}).encode(),
+                    "json": json.dumps({"source": readable(source.url), "class": name}).encode(),
                 },
             )
             on_image(True)
@@ -180,7 +180,7 @@ def key_name(url: str) -> str:
     a name with none of them. Only a web URL has a query, fragment and %-escapes: an object
     store's or a local file's name keeps its ``?`` and ``#``."""
     path = unquote(urlsplit(url).path) if url.startswith(("http://", "https://")) else url
-    stem = posixpath.splitext(posixpath.basename(path))[0]
+    stem = readable(posixpath.splitext(posixpath.basename(path))[0])  # alike in any locale
     name = _UNSAFE_KEY.sub("_", stem).strip("_")[:_KEY_NAME_CHARS]
     return f"-{name}" if name else ""
 
@@ -207,9 +207,9 @@ def _load(source: Source) -> tuple[str, bytes] | Unreadable:
     try:
         return load_image(source.url)
     except BadSample as bad:
-        return Unreadable(source.url, bad.reason.value, bad.detail)
+        return Unreadable(readable(source.url), bad.reason.value, bad.detail)
     except (*PERMANENT_ERRORS, OSError) as error:
-        return Unreadable(source.url, READ_ERROR, f"{type(error).__name__}: {error}")
+        return Unreadable(readable(source.url), READ_ERROR, f"{type(error).__name__}: {error}")
 
 
 def ordered_map(

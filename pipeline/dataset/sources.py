@@ -94,9 +94,9 @@ def list_folder(url: str) -> Listing:
     for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
         if len(parts) < 2 or any(map(_hidden, parts)) or not path.lower().endswith(IMAGE_SUFFIXES):
-            ignored[posixpath.splitext(path)[1].lower()] += 1
+            ignored[readable(posixpath.splitext(path)[1].lower())] += 1
         else:
-            by_class[parts[0]].append(storage_url(fs, path))
+            by_class[readable(parts[0])].append(storage_url(fs, path))
     if not any(by_class.values()):
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
@@ -111,6 +111,13 @@ def list_folder(url: str) -> Listing:
     sources = [Source(u, label) for label, name in enumerate(classes) for u in by_class[name]]
     empty = [name for name in classes if not by_class[name]]
     return Listing(sources, classes, ignored, empty)
+
+
+def readable(name: str) -> str:
+    """A listed file or folder ``name`` as text whatever the locale: its bytes decoded as UTF-8
+    (under a C locale Python lists ``café`` as ``caf\\udcc3\\udca9``), those that are not UTF-8
+    as ``\\xe9``. For output only: a file is opened by the name as listed."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _train_first(split: str) -> tuple[bool, str]:
@@ -128,14 +135,14 @@ def _hidden(name: str) -> bool:
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The names of ``root``'s visible subfolders (links to folders too)."""
+    """The names of ``root``'s visible subfolders (links to folders too), as text."""
     names = []
     for entry in fs.ls(root, detail=True):
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
         is_link = entry.get("islink", False) and fs.isdir(path)
         if not _hidden(name) and (entry["type"] == "directory" or is_link):
-            names.append(name)
+            names.append(readable(name))
     return names
 
 
@@ -169,7 +176,7 @@ def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         log.warning(
             "left out %d entr(ies) below %s that are no regular file (a FIFO, socket or "
             "device), e.g. %s",
-            *(len(special), root, special[0]),
+            *(len(special), root, readable(special[0])),
         )
     return files
 
@@ -303,7 +310,7 @@ def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[
             continue
         if numbers[seen] != numbers[row]:
             raise ValueError(
-                f"table {url}: rows {seen + 1} and {row + 1} give {image} two labels "
+                f"table {url}: rows {seen + 1} and {row + 1} give {readable(image)} two labels "
                 f"({classes[numbers[seen]]!r} and {classes[numbers[row]]!r}); keep one"
             )
         repeated += 1
@@ -474,6 +481,8 @@ def _resolve(path: str, folder: str) -> str:
     (see :func:`join_relative`)."""
     if "://" in path:
         return path
+    if os.path.isabs(path) or "://" not in folder:  # a local file: named as the OS lists it
+        path = os.fsdecode(path.encode())  # its name's bytes are the table's UTF-8 text
     if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
         return resolve_local(path)
     return join_relative(folder, path)
