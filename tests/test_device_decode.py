@@ -93,6 +93,34 @@ def test_each_image_gets_the_pil_paths_crop_flip_and_jitter(photos, augment, cro
             assert other > 5 * max(difference, 1.0), name
 
 
+def _levels_apart(resolved: dict, photos: dict[str, bytes]) -> dict[str, float]:
+    """Per photo, the mean difference between the device's image and the PIL path's."""
+    split = build_prepare(resolved)[1]
+    tasks = [(name, encoded, 1000 + index) for index, (name, encoded) in enumerate(photos.items())]
+    prepared = DeviceDecoder([resolved], torch.device("cpu")).prepare(tasks)
+    return {
+        name: np.abs(
+            image.numpy().astype(int) - augment_pil(split, decode_image(encoded), seed)
+        ).mean()
+        for (name, encoded, seed), (image,) in zip(tasks, prepared, strict=True)
+    }
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_a_nearest_resize_samples_pixel_centres_as_pillow_does(photos, crop_mode):
+    """torchvision's NEAREST on tensors samples each output pixel's corner, Pillow's its centre:
+    the device's images were 5 to 20 levels from the PIL path's."""
+    config = TransformConfig(
+        augment="eval",
+        input_size=(3, SIZE, SIZE),
+        interpolation="nearest",
+        crop_mode=crop_mode,
+        decode="device",
+    )
+    resolved = resolve_transform(config, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert max(_levels_apart(resolved, photos).values()) < 0.5
+
+
 def test_a_chunk_of_large_photos_decoded_in_parts_gives_the_same_images(photos, monkeypatch):
     tasks = [(name, encoded, index) for index, (name, encoded) in enumerate(photos.items())]
     decoder = DeviceDecoder([_resolved("train"), _resolved("eval")], torch.device("cpu"))
