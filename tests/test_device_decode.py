@@ -121,6 +121,17 @@ def test_a_nearest_resize_samples_pixel_centres_as_pillow_does(photos, crop_mode
     assert max(_levels_apart(resolved, photos).values()) < 0.5
 
 
+@pytest.mark.parametrize("interpolation", ["lanczos", "box", "hamming"])
+def test_a_resampling_tensors_lack_is_refused_before_any_image(interpolation):
+    """torchvision resizes no tensor with box, hamming or lanczos: every chunk failed mid-run."""
+    config = TransformConfig(augment="eval", input_size=(3, SIZE, SIZE), decode="device")
+    data_config = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": interpolation}
+    with pytest.raises(ValueError, match=f"no '{interpolation}' resampling.*--decode pil"):
+        resolve_transform(config, data_config)
+    on_pil = config.model_copy(update={"decode": "pil"})
+    assert resolve_transform(on_pil, data_config)["interpolation"] == interpolation
+
+
 def test_a_chunk_of_large_photos_decoded_in_parts_gives_the_same_images(photos, monkeypatch):
     tasks = [(name, encoded, index) for index, (name, encoded) in enumerate(photos.items())]
     decoder = DeviceDecoder([_resolved("train"), _resolved("eval")], torch.device("cpu"))

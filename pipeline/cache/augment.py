@@ -65,6 +65,12 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
         value = getattr(config, name)
         return value if value is not None else data_config.get(name, fallback)
 
+    if config.augment == "eval":
+        interpolation = pick("interpolation", "bicubic")
+    else:
+        interpolation = config.interpolation or "random"
+    if config.decode == "device":
+        _refuse_on_tensors(interpolation)
     common = {
         "input_size": list(pick("input_size")),
         "mean": list(pick("mean")),
@@ -74,7 +80,7 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
         resolved = {
             "is_training": False,
             **common,
-            "interpolation": pick("interpolation", "bicubic"),
+            "interpolation": interpolation,
             "crop_pct": pick("crop_pct"),
             "crop_mode": pick("crop_mode", "center"),
             **on_device,
@@ -87,7 +93,7 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
     return {
         "is_training": True,
         **common,
-        "interpolation": config.interpolation or "random",
+        "interpolation": interpolation,
         "scale": list(config.scale),
         "ratio": list(config.ratio),
         "hflip": config.hflip,
@@ -96,6 +102,20 @@ def resolve_transform(config: TransformConfig, data_config: dict[str, Any]) -> d
         "color_jitter_prob": config.color_jitter_prob,
         **on_device,
     }
+
+
+#: The resamplings torchvision runs on tensors (``random`` is timm's bilinear or bicubic).
+_ON_TENSORS = frozenset({"nearest", "bilinear", "bicubic", "random"})
+
+
+def _refuse_on_tensors(interpolation: str) -> None:
+    """Refuse, before any image, a resampling ``--decode device`` cannot run: every chunk's
+    resize would fail."""
+    if interpolation not in _ON_TENSORS:
+        raise ValueError(
+            f"--decode device resizes tensors, and torchvision has no {interpolation!r} "
+            "resampling for them (the backbone's data config asks for it): use --decode pil"
+        )
 
 
 def build_transform(resolved: dict[str, Any]) -> Transform:
