@@ -19,9 +19,10 @@ header and launches kernels:
   Pillow's (about 0.3 of a level on average on a CPU), and the transform records
   ``decode: device`` so the two kinds of rows never share a cache.
 - A trailing ``ColorJitter`` (timm's train transform) draws its factors and order per image,
-  in sequence, and is then applied to the chunk with torchvision's formulas, each op at once
-  to the images it is for: a few dozen launches a chunk rather than ~50 an image (bit for bit
-  torchvision's up to ~400 px crops; see ``_contrast``).
+  in sequence, and is then applied to the chunk with Pillow's formulas (those the PIL path
+  runs, bit for bit: torchvision's tensor formulas truncate gray a level down at each op, up
+  to 3 levels on gray images), each op at once to the images it is for: a few dozen launches
+  a chunk rather than ~50 an image.
 - A chunk's images are decoded in parts of at most ``DECODE_PIXELS``, each cut to size before
   the next, so full-size photos never fill the GPU beside the forward.
 - On a GPU the chunk's kernels run on a stream of their own, so they overlap the forward of the
@@ -316,9 +317,10 @@ JitterParams = tuple[torch.Tensor, float | None, float | None, float | None, flo
 
 def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tensor:
     """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a uint8
-    ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas of
-    ``torchvision.transforms.functional`` on tensors, each op over the images it applies to at
-    each place of their orders. The images and factors reach the device in two copies."""
+    ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas
+    of Pillow's ``ImageEnhance``, which it runs on PIL images, each op over the images it
+    applies to at each place of their orders. The images and factors reach the device in two
+    copies."""
     orders = [order.tolist() for order, *_ in params]
     places: list[tuple[int, list[int]]] = []  # (op, the images it applies to), in order
     for position in range(4):
@@ -337,47 +339,50 @@ def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tenso
     factors = torch.tensor(
         [params[image][1 + op] for op, images in places for image in images], dtype=torch.float64
     )
-    # (ratio, 1 - ratio) as torchvision's float arithmetic has them: in double, then float32
-    blends = torch.stack([factors, 1.0 - factors]).to(torch.float32).to(batch.device)
+    factors = factors.to(torch.float32).to(batch.device)  # as Pillow's C float has them
     start = 0
     for op, images in places:
         end = start + len(images)
         index = indices[start:end]
-        batch[index] = _ADJUST[op](batch[index], blends[:, start:end])
+        batch[index] = _ADJUST[op](batch[index], factors[start:end])
         start = end
     return batch
 
 
-def _blend(first: torch.Tensor, second: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``_blend`` with one (ratio, 1 - ratio) per image: the same float32
-    arithmetic."""
-    ratio, rest = blend.view(2, -1, 1, 1, 1)
-    return (ratio * first + rest * second).clamp(0, 255).to(first.dtype)
+def _blend(degenerate: torch.Tensor, batch: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``Image.blend(degenerate, image, factor)``, as ``ImageEnhance`` calls it, with one
+    float32 factor per image: ``degenerate + factor * (image - degenerate)`` in float32,
+    clipped to [0, 255] and truncated."""
+    base = degenerate.to(torch.float32)
+    blended = base + factor.view(-1, 1, 1, 1) * (batch.to(torch.float32) - base)
+    return blended.clamp(0, 255).to(batch.dtype)
 
 
 def _grayscale(batch: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``rgb_to_grayscale`` with one output channel, uint8 in and out."""
-    red, green, blue = batch.unbind(dim=-3)
-    return (0.2989 * red + 0.587 * green + 0.114 * blue).to(batch.dtype).unsqueeze(dim=-3)
+    """Pillow's RGB to ``L``, one uint8 channel: ``(19595 R + 38470 G + 7471 B + 2**15) >> 16``
+    (a gray pixel keeps its value; torchvision's float weights sum to 0.9999 and truncate, and
+    took a level off)."""
+    red, green, blue = batch.to(torch.int32).unbind(dim=-3)
+    gray = (19595 * red + 38470 * green + 7471 * blue + 0x8000) >> 16
+    return gray.to(batch.dtype).unsqueeze(dim=-3)
 
 
-def _brightness(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    return _blend(batch, torch.zeros_like(batch), blend)
+def _brightness(batch: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(torch.zeros_like(batch[:, :1, :1, :1]), batch, factor)
 
 
-def _contrast(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``adjust_contrast``, its mean of the grayscale image from an integer sum:
-    exact whatever order a device sums in, so an image's mean does not depend on the other
-    images of its chunk (a GPU splits a reduction by the batch's shape). Where the sum passes
-    2**24 (crops from ~400 px), torchvision's float32 sum on a CPU is not exact, and a pixel may
-    land a level apart from it."""
+def _contrast(batch: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``ImageEnhance.Contrast``: towards the grayscale image's mean, rounded to a
+    level, from an integer sum (exact whatever order a device sums in, so an image's mean does
+    not depend on the other images of its chunk)."""
     gray = _grayscale(batch)
     total = gray.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.int64)
-    return _blend(batch, total.to(torch.float32) / gray[0].numel(), blend)
+    mean = (total.to(torch.float64) / gray[0].numel() + 0.5).floor()
+    return _blend(mean, batch, factor)
 
 
-def _saturation(batch: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    return _blend(batch, _grayscale(batch), blend)
+def _saturation(batch: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(_grayscale(batch), batch, factor)
 
 
 _ADJUST = (_brightness, _contrast, _saturation)
