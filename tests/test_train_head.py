@@ -109,11 +109,31 @@ def test_a_head_trained_on_a_cache_still_being_written_records_it(
 
 
 def _training_rows(cache: str, val_fraction: float) -> int:
-    """Rows of ``cache`` outside the validation slice, by their keys."""
-    keys = pa.concat_tables(
-        pq.read_table(path, columns=["key"]) for path in Path(cache).glob("epoch=*/*.parquet")
-    ).column("key")
-    return int((key_fraction(keys) >= val_fraction).sum())
+    """Rows of ``cache`` outside the validation slice with a finite loss, by their keys."""
+    table = pa.concat_tables(
+        pq.read_table(path, columns=["key", "loss"])
+        for path in Path(cache).glob("epoch=*/*.parquet")
+    )
+    finite = np.isfinite(table.column("loss").to_numpy())
+    return int(((key_fraction(table.column("key")) >= val_fraction) & finite).sum())
+
+
+@pytest.fixture
+def nan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A cache whose every 50th row of each batch written has a NaN loss (2%)."""
+    import pipeline.demo.synthetic as synthetic
+
+    written = synthetic.to_record_batch
+
+    def some_losses_nan(schema: pa.Schema, **kw: Any) -> pa.RecordBatch:
+        loss = kw["outputs"]["loss"].copy()
+        loss[::50] = np.nan
+        return written(schema, **{**kw, "outputs": {**kw["outputs"], "loss": loss}})
+
+    monkeypatch.setattr(synthetic, "to_record_batch", some_losses_nan)
+    url = str(tmp_path / "nan")
+    write_synthetic_cache(url, SPEC)
+    return url
 
 
 def test_metrics_count_passes_and_warn_when_views_repeat(
@@ -146,6 +166,22 @@ def test_metrics_count_passes_and_warn_when_views_repeat(
     doc = json.loads((tmp_path / "long" / "head.json").read_text())
     assert doc["training"]["cached_epochs"] == 3
     assert doc["training"]["passes"] == pytest.approx(9000 / rows, abs=1e-4)
+
+
+def test_passes_count_only_the_rows_training_uses(
+    nan_cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows with a NaN loss are dropped by the stream, so a pass is that much shorter: counting
+    them (2% here) gave passes ~2% low."""
+    rows = _training_rows(nan_cache, 0.2)
+    with caplog.at_level(logging.INFO, logger="pipeline.head.train"):
+        fit_head([nan_cache], str(tmp_path), _config(episodes=2))
+    assert f"passes over ~{rows:,} training rows" in caplog.text
+    lines = _metrics(tmp_path)
+    assert lines[-1]["nonfinite_rows"] > 0
+    assert [line["passes"] for line in lines] == pytest.approx(
+        [0.0, 3000 / rows, 6000 / rows], abs=1e-4
+    )
 
 
 def test_a_handful_of_validation_rows_is_warned_about(
@@ -252,22 +288,11 @@ def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None
 
 
 def test_a_resumed_run_counts_the_nonfinite_rows_an_uninterrupted_one_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nan_cache: str, tmp_path: Path
 ) -> None:
     """metrics.jsonl's ``nonfinite_rows`` goes on from the checkpoint (it restarted at 0), and
     a window resumed part way is not counted twice."""
-    import pipeline.demo.synthetic as synthetic
-
-    written = synthetic.to_record_batch
-
-    def some_losses_nan(schema: pa.Schema, **kw: Any) -> pa.RecordBatch:
-        loss = kw["outputs"]["loss"].copy()
-        loss[::50] = np.nan
-        return written(schema, **{**kw, "outputs": {**kw["outputs"], "loss": loss}})
-
-    monkeypatch.setattr(synthetic, "to_record_batch", some_losses_nan)
-    url = str(tmp_path / "nan")
-    write_synthetic_cache(url, SPEC)
+    url = nan_cache
     config = _config(episodes=4)
     fit_head([url], str(tmp_path / "straight"), config)
     parted = str(tmp_path / "parted")

@@ -134,24 +134,34 @@ def read_group(
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
 
 
-def held_out_rows(index: CacheIndex, ref: RowGroupRef, val_fraction: float) -> int:
-    """Rows of row group ``ref`` in the validation slice: its keys read and hashed."""
-    if val_fraction <= 0:
-        return 0
-    return int((key_fraction(_keys(index.files[ref.file], ref.group)) < val_fraction).sum())
+def unused_rows(index: CacheIndex, ref: RowGroupRef, val_fraction: float) -> int:
+    """Rows of row group ``ref`` that training leaves out: those in the validation slice (its
+    keys read and hashed) and those whose loss is NaN/inf (its loss column read, 4 bytes a row).
+    A row whose embedding alone is non-finite is not seen (that takes reading the embeddings)."""
+    columns = ["key", "loss"] if val_fraction > 0 else ["loss"]
+    table = _columns(index.files[ref.file], ref.group, columns)
+    unused = ~np.isfinite(table.column("loss").to_numpy().astype(np.float32, copy=False))
+    if val_fraction > 0:
+        unused |= key_fraction(table.column("key")) < val_fraction
+    return int(unused.sum())
 
 
 def _keys(f: CacheFile, group: int) -> pa.ChunkedArray:
-    """The ``key`` column of row group ``group`` of unit ``f``: opened as a row group read opens
-    it, its footer already known."""
+    """The ``key`` column of row group ``group`` of unit ``f``."""
+    return _columns(f, group, ["key"]).column("key")
+
+
+def _columns(f: CacheFile, group: int, columns: list[str]) -> pa.Table:
+    """``columns`` of row group ``group`` of unit ``f``: opened as a row group read opens it,
+    its footer already known."""
     fs, path = fsspec.core.url_to_fs(f.url)
 
-    def read() -> pa.ChunkedArray:
+    def read() -> pa.Table:
         with _open(fs, path) as handle:
             parquet = pq.ParquetFile(handle, metadata=f.metadata, page_checksum_verification=True)
-            return parquet.read_row_group(group, columns=["key"], use_threads=False).column("key")
+            return parquet.read_row_group(group, columns=columns, use_threads=False)
 
-    return _read_unit(f, read, what=f"read the keys of row group {group} of {f.url}")
+    return _read_unit(f, read, what=f"read {', '.join(columns)} of row group {group} of {f.url}")
 
 
 def _read_unit(f: CacheFile, read: Callable[[], T], *, what: str) -> T:

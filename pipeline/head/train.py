@@ -40,7 +40,7 @@ from pipeline.head.checkpoint import (
 from pipeline.head.export import HEAD_JSON, HEAD_WEIGHTS, export_head, image_input
 from pipeline.head.memory import available_memory
 from pipeline.head.model import HeadConfig, LossName, UncertaintyHead, create_head, create_objective
-from pipeline.head.rows import held_out_rows
+from pipeline.head.rows import unused_rows
 from pipeline.head.stream import (
     Batch,
     CacheStream,
@@ -311,17 +311,18 @@ def _check_output(output: str, *, resume: bool) -> None:
 
 
 def training_rows(index: CacheIndex, config: TrainConfig) -> float:
-    """Rows a pass over ``index`` trains on: those outside the validation slice, counted by
-    their keys in a cache of up to ``COUNTED_SPLIT_GROUPS`` row groups, else rows x
-    (1 - val_fraction).
+    """Rows a pass over ``index`` trains on. In a cache of up to ``COUNTED_SPLIT_GROUPS`` row
+    groups, those outside the validation slice with a finite loss, counted by their keys and
+    losses (a row whose embedding alone is NaN/inf is counted, though the stream drops it:
+    knowing it takes reading every embedding); in a larger cache, rows x (1 - val_fraction).
     Refuses a split that leaves fewer than two (no pair to order); warns of fewer than a batch."""
     fraction, batch = config.stream.val_fraction, config.schedule.batch_size
     rows: float = index.rows * (1.0 - fraction)
     groups = index.row_groups()
     if len(groups) <= COUNTED_SPLIT_GROUPS:
         with ThreadPoolExecutor(config.stream.io_threads, "pvu-split") as pool:
-            held = pool.map(lambda ref: held_out_rows(index, ref, fraction), groups)
-            rows = index.rows - sum(held)
+            unused = pool.map(lambda ref: unused_rows(index, ref, fraction), groups)
+            rows = index.rows - sum(unused)
     left = f"--val-fraction {fraction:g} leaves {rows:,.0f} of the cache's {index.rows:,} rows"
     if rows < 2:
         raise ValueError(
