@@ -412,3 +412,30 @@ def test_attach_tells_a_reparameterized_model_from_one_of_other_weights(tmp_path
         with torch.inference_mode():
             got = attached(images)["embedding"]
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("backbone", "width", "size"), [("resnet18", 512, 64), (BACKBONE, 192, 224)]
+)
+def test_an_attached_model_scripts_as_the_stock_model_does(
+    tmp_path: Path, backbone: str, width: int, size: int
+) -> None:
+    """torch.jit.script of an attached model failed (timm's config properties, warnings,
+    parameters() and autocast with a device known only at run time); the stock model's scripts."""
+    head = create_head(HeadConfig(embedding_dim=width, hidden=(16,)), seed=0)
+    export_head(head, str(tmp_path), backbone=backbone, weights_digest="x", loss="l2")
+    torch.manual_seed(0)
+    attached = attach_head(timm.create_model(backbone, num_classes=10).eval(), str(tmp_path))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    _assert_scripts_the_same(attached, images)
+    _assert_scripts_the_same(attached.to(torch.bfloat16), images.bfloat16())  # a cast followed
+
+
+def _assert_scripts_the_same(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """``model`` scripted gives what it gives eagerly on ``images``."""
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        expected, got = model(images), scripted(images)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.cache.backbone import model_head, state_digest
+from pipeline.cache.backbone import cast_features, state_digest
 from pipeline.head.model import HeadConfig, UncertaintyHead
 from pipeline.retry import make_folder, read_bytes, write_bytes
 from schemas import is_newer, validate_head
@@ -162,7 +162,16 @@ TRAIN_MODE = (
 
 
 class HeadedModel(nn.Module):
-    """A timm classifier plus an uncertainty head: one forward, three outputs."""
+    """A timm classifier plus an uncertainty head: one forward, three outputs.
+
+    ``torch.jit.script`` takes it where it takes the model. A scripted forward warns of nothing
+    (:meth:`_warn_of_misuse`), runs the model's own head and the uncertainty head under the
+    caller's autocast (TorchScript cannot turn it off inside: call it outside autocast for the
+    uncertainties the head learned) and takes the model's weight type from the attached model's
+    (``.to(dtype)`` of what :func:`attach_head` returns, not of its ``.model``).
+    """
+
+    __jit_unused_properties__ = ("pretrained_cfg", "default_cfg")  # timm's config: Python's
 
     def __init__(
         self,
@@ -177,6 +186,11 @@ class HeadedModel(nn.Module):
         self.input_dtype = _DTYPES[input_dtype]
         self.image_size = image_size  # (H, W) the head's cache fed the model, if recorded
         self.pooling = _setting(model, "global_pool")  # checked at attach; a change is warned of
+        self.width = head.config.embedding_dim
+        # the model's weight type for a scripted forward, which cannot iterate its parameters:
+        # an empty tensor, cast with the attached model (not kept in its state_dict)
+        weights = next(model.parameters())
+        self.register_buffer("weight_type", weights.new_empty(0), persistent=False)
 
     @property
     def pretrained_cfg(self) -> dict[str, Any] | None:
@@ -193,6 +207,7 @@ class HeadedModel(nn.Module):
         """The model's timm config under its older name."""
         return getattr(self.model, "default_cfg", None)
 
+    @torch.jit.unused
     def _warn_of_misuse(self, images: torch.Tensor) -> None:
         """Warn of a forward whose uncertainties are not those the head learned."""
         if self.training:
@@ -214,25 +229,31 @@ class HeadedModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logits (B, C)``, pre-logit ``embedding (B, D)`` and ``uncertainty (B,)``."""
-        if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
-            self._warn_of_misuse(images)
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            self._warn_of_misuse(images)  # neither dynamo nor TorchScript takes warnings.warn
         features = self.model.forward_features(images)  # under the caller's autocast, if any
+        if torch.jit.is_scripting():  # autocast's device and switch must be constants there
+            return self._outputs(features.to(self.weight_type.dtype))
         meta = images.device.type == "meta"  # shapes only (autocast has no meta device)
         with (
             contextlib.nullcontext() if meta else torch.autocast(images.device.type, enabled=False)
         ):
-            dtype = next(self.model.parameters()).dtype
-            embedding, logits = model_head(self.model, features, dtype)
-            width = self.head.config.embedding_dim
-            if embedding.ndim != 2 or embedding.shape[1] != width:
-                raise ValueError(
-                    f"the model's pre-logit output has shape {tuple(embedding.shape)}, but the "
-                    f"head takes (batch, {width}): give the model the pooling (global_pool) and "
-                    "head it had when its embeddings were cached"
-                )
-            # The head was trained on embeddings stored as input_dtype; round them the same way.
-            rounded = embedding.detach().to(self.input_dtype)
-            uncertainty = self.head(rounded.to(next(self.head.parameters()).dtype))
+            return self._outputs(cast_features(features, next(self.model.parameters()).dtype))
+
+    def _outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward`'s outputs from the model's ``features``, cast to its weight type."""
+        embedding = self.model.forward_head(features, pre_logits=True)
+        logits = self.model.forward_head(features)
+        if embedding.ndim != 2 or embedding.shape[1] != self.width:
+            shape = ", ".join([str(size) for size in embedding.shape])  # tuple() does not script
+            raise ValueError(
+                f"the model's pre-logit output has shape ({shape}), but the head takes "
+                f"(batch, {self.width}): give the model the pooling (global_pool) and head it "
+                "had when its embeddings were cached"
+            )
+        # The head was trained on embeddings stored as input_dtype; round them the same way.
+        rounded = embedding.detach().to(self.input_dtype)
+        uncertainty = self.head(rounded.to(self.head.layers[0].weight.dtype))
         return {"logits": logits, "embedding": embedding, "uncertainty": uncertainty}
 
 
