@@ -125,7 +125,9 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
     read once), with every page read under a progress bar if ``pages``. A cache without a
     manifest has its units' footers checked against the first one's provenance, and their
     pages if ``pages``: nothing records which units it should hold, or their sizes."""
-    check = check_cache(summary.root, summary.units, summary.provenance)
+    check = check_cache(
+        summary.root, summary.units, summary.provenance, keep_footers=pages
+    )  # each footer dropped once checked, unless its pages are read next
     if summary.source != "manifest":
         check.listed = None  # its units are those storage holds: none is an orphan
         check.orphans = {}
