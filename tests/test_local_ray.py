@@ -151,3 +151,38 @@ def test_a_local_ray_whose_node_never_comes_up_is_one_line(monkeypatch) -> None:
         start_local_ray()
     # Ray's temp folder has room here: its logs are named, with no advice to free space
     assert "session_latest/logs" in str(said.value) and "free space" not in str(said.value)
+
+
+#: Joins the cluster at $RAY_ADDRESS through ``--ray-address auto`` as ``pvu cache`` does.
+JOIN_AUTO = """
+import ray
+from jobs.run.cache import connect_ray
+
+connect_ray("auto")
+print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_auto_joins_a_running_cluster_on_loopback() -> None:
+    """`--ray-address auto` is checked before Ray is asked (a dead address failed only after
+    minutes); a live cluster at $RAY_ADDRESS, one on 127.0.0.1 included, is still joined."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    address = cluster.address
+    try:
+        # a user's shell: without the setting tests/conftest.py gives this process
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        run = subprocess.run(
+            [sys.executable, "-c", JOIN_AUTO],
+            cwd=REPO,
+            env=env | {"PYTHONPATH": str(REPO), "RAY_ADDRESS": address},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        cluster.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [address, "3.0"], run.stdout

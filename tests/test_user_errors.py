@@ -579,6 +579,13 @@ def test_ctrl_c_or_sigterm_ends_a_job_with_one_line_that_says_how_to_go_on(
     assert signal.getsignal(signal.SIGTERM) is handler, "the job's handler outlived the job"
 
 
+def closed_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago: nothing listens there."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_a_ray_address_where_nothing_listens_is_refused_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -586,9 +593,7 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(
     for minutes (7 by hand) before any word."""
     from jobs.run.cache import connect_ray
 
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = closed_port()
 
     def retried_for_minutes(**options: object) -> None:
         raise AssertionError("ray.init was called")
@@ -625,20 +630,26 @@ def test_a_ray_address_that_answers_but_is_not_joined_says_why(monkeypatch) -> N
     assert "RAY_AUTH_TOKEN" in said and "6379" in said
 
 
-def test_a_ray_address_with_no_cluster_names_pvus_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray's own words named its `--address` flag, which pvu does not have. (Ray's text, raised
-    as ray.init raises it with no cluster: a real `auto` finds any Ray running on the machine,
-    such as this suite's own, and a dead address waits minutes in Ray's retries.)"""
+def no_ray_found_by_auto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Ray's ``auto`` sees no Ray running on this machine (this suite's own, say) and looks for
+    its address file under ``tmp_path``; ``ray.init`` must not be reached. The file's path."""
+    from ray._private import services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(services, "find_gcs_addresses", frozenset)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: pytest.fail("ray.init was called"))
+    return tmp_path / "ray" / "ray_current_cluster"
+
+
+def test_a_ray_address_with_no_cluster_names_pvus_flag(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ray's own words named its `--address` flag, which pvu does not have: `auto` finding no
+    address at all is said in pvu's words, naming pvu's flag or RAY_ADDRESS."""
     from jobs.run.cache import connect_ray
 
-    def no_cluster(**options: object) -> None:
-        raise ConnectionError(
-            "Could not find any running Ray instance. Please specify the one to connect to by "
-            "setting `--address` flag or `RAY_ADDRESS` environment variable."
-        )
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", no_cluster)
+    no_ray_found_by_auto(monkeypatch, tmp_path)
     for address, flag in (("auto", "--ray-address auto"), (None, "RAY_ADDRESS auto")):
         monkeypatch.setenv("RAY_ADDRESS", "auto")
         with pytest.raises(ConnectionError) as refused:
@@ -646,3 +657,50 @@ def test_a_ray_address_with_no_cluster_names_pvus_flag(monkeypatch: pytest.Monke
         said = str(refused.value)
         assert said.startswith(f"{flag}: no Ray cluster found there (Could not find any running")
         assert "leave the address out for a local Ray" in said and "`--address`" not in said
+
+
+def test_auto_finding_a_stale_address_file_names_it_and_ray_stop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A cluster stopped without `ray stop` leaves its address in Ray's address file, where
+    `auto` finds it; Ray then retried the dead address for minutes."""
+    from jobs.run.cache import connect_ray
+
+    file = no_ray_found_by_auto(monkeypatch, tmp_path)
+    file.parent.mkdir()
+    address = f"127.0.0.1:{closed_port()}"
+    file.write_text(address)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as refused:
+        connect_ray("auto")
+    assert time.monotonic() - started < 15
+    said = str(refused.value)
+    assert said.startswith(f"--ray-address auto ({address}, from {file}): no Ray cluster found")
+    assert "run `ray stop` to clear it" in said and "ray start --head" in said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["auto", "the address"])
+def test_a_dead_ray_address_fails_the_real_command_within_seconds(
+    given: str, tmp_path: Path
+) -> None:
+    """`pvu cache --ray-address auto` with `$RAY_ADDRESS` left from a cluster that is gone (or
+    that address given itself): Ray retried it for minutes (over 5, measured) before a
+    confusing error; now exit 2 within seconds, naming the address and where it came from."""
+    write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)
+    address = f"127.0.0.1:{closed_port()}"
+    flag = "auto" if given == "auto" else address
+    command = [sys.executable, "-m", "jobs.cli", "cache", "--shards", str(tmp_path / "shards")]
+    command += ["--output", str(tmp_path / "cache"), "--ray-address", flag, *SMALL_BACKBONE_FLAGS]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": address}
+    env["RAY_TMPDIR"] = str(tmp_path)  # no address file of another Ray on this machine
+    started = time.monotonic()
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=90)
+    seconds = time.monotonic() - started
+    said = " ".join(run.stderr.split() + run.stdout.split())
+    assert run.returncode == 2, said
+    assert seconds < 60, f"took {seconds:.0f} s"
+    named = f"auto ({address}, from $RAY_ADDRESS)" if given == "auto" else address
+    assert f"--ray-address {named}: no Ray cluster found there" in said, said
+    assert "ray start --head" in said and "Traceback" not in said
