@@ -415,13 +415,15 @@ def test_attach_tells_a_reparameterized_model_from_one_of_other_weights(tmp_path
 
 
 @pytest.mark.parametrize(
-    ("backbone", "width", "size"), [("resnet18", 512, 64), (BACKBONE, 192, 224)]
+    ("backbone", "width", "size"),
+    [("resnet18", 512, 64), (BACKBONE, 192, 224), ("crossvit_tiny_240", 288, 64)],
 )
 def test_an_attached_model_scripts_as_the_stock_model_does(
     tmp_path: Path, backbone: str, width: int, size: int
 ) -> None:
     """torch.jit.script of an attached model failed (timm's config properties, warnings,
-    parameters() and autocast with a device known only at run time); the stock model's scripts."""
+    parameters() and autocast with a device known only at run time; CrossViT's features, one
+    tensor per branch, were cast as one tensor); the stock model's scripts."""
     head = create_head(HeadConfig(embedding_dim=width, hidden=(16,)), seed=0)
     export_head(head, str(tmp_path), backbone=backbone, weights_digest="x", loss="l2")
     torch.manual_seed(0)

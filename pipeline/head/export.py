@@ -233,17 +233,25 @@ class HeadedModel(nn.Module):
             self._warn_of_misuse(images)  # neither dynamo nor TorchScript takes warnings.warn
         features = self.model.forward_features(images)  # under the caller's autocast, if any
         if torch.jit.is_scripting():  # autocast's device and switch must be constants there
-            return self._outputs(features.to(self.weight_type.dtype))
+            dtype = self.weight_type.dtype
+            # features' type is static there, so one branch is compiled; cast_features does not
+            # script, and a list of them (one per branch, CrossViT's) has no .to()
+            if isinstance(features, torch.Tensor):
+                features = features.to(dtype)
+            else:
+                features = [branch.to(dtype) for branch in features]
+            embedding = self.model.forward_head(features, pre_logits=True)
+            return self._outputs(embedding, self.model.forward_head(features))
         meta = images.device.type == "meta"  # shapes only (autocast has no meta device)
         with (
             contextlib.nullcontext() if meta else torch.autocast(images.device.type, enabled=False)
         ):
-            return self._outputs(cast_features(features, next(self.model.parameters()).dtype))
+            features = cast_features(features, next(self.model.parameters()).dtype)
+            embedding = self.model.forward_head(features, pre_logits=True)
+            return self._outputs(embedding, self.model.forward_head(features))
 
-    def _outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`forward`'s outputs from the model's ``features``, cast to its weight type."""
-        embedding = self.model.forward_head(features, pre_logits=True)
-        logits = self.model.forward_head(features)
+    def _outputs(self, embedding: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward`'s outputs from the model's pre-logit ``embedding`` and ``logits``."""
         if embedding.ndim != 2 or embedding.shape[1] != self.width:
             shape = ", ".join([str(size) for size in embedding.shape])  # tuple() does not script
             raise ValueError(
