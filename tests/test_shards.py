@@ -313,3 +313,17 @@ def test_units_of_a_shard_of_another_size_at_the_same_url_are_refused():
     said = r"1 shard\(s\) .* s3://b/x.tar was 10 bytes, now 20.*s3://c/epoch=0000/x.parquet, "
     with pytest.raises(ValueError, match=said + ".* and 2 more"):
         refuse_rebuilt_shards(units, by_name, sizes, "s3://c")
+
+
+def test_dot_dot_resolves_only_the_link_it_steps_out_of(tmp_path):
+    """``lists/../shards`` below a linked mount (``/data -> /mnt/data``) is ``/data/shards``, as
+    listing the folder spells it: every link above was resolved too, so the same shards got
+    another URL from a list file than from their folder, and a resumed cache took its units
+    for moved shards (a warning, and no check that a shard was rebuilt)."""
+    real = tmp_path / "mnt" / "data"
+    (real / "lists").mkdir(parents=True)
+    (tmp_path / "data").symlink_to(real, target_is_directory=True)
+    shards = _make(str(tmp_path / "data" / "shards"), "train-0000.tar")
+    (real / "lists" / "shards.txt").write_text("../shards/train-0000.tar\n")
+    assert expand_shards(str(tmp_path / "data" / "lists" / "shards.txt")) == shards
+    assert expand_shards(str(tmp_path / "data" / "shards")) == shards

@@ -356,23 +356,27 @@ def join_relative(folder: str, entry: str) -> str:
 
 def resolve_local(path: str) -> str:
     """The absolute local ``path`` without ``.`` or ``..`` steps, each ``..`` taken as the OS
-    takes it: the parent of the folder before it, links resolved (``link/..`` is the parent of
-    the link's target, not the folder holding ``link``). Other links are kept as spelled."""
+    takes it: ``link/..`` is the parent of the link's target, not the folder holding ``link``.
+    Other links are kept as spelled (``/data/lists/../a.tar``, ``/data`` a link, is
+    ``/data/a.tar``), so a shard's URL is the one its folder's listing gives."""
     if ".." not in path.split("/"):
         return posixpath.normpath(path)
     resolved = "/"
     for step in path.split("/"):
         if step == "..":
-            resolved = _real_parent(resolved)
+            resolved = _parent(resolved)
         elif step not in ("", "."):
             resolved = posixpath.join(resolved, step)
     return resolved
 
 
 @functools.lru_cache(maxsize=1024)
-def _real_parent(folder: str) -> str:
-    """The parent of ``folder`` with its links resolved (cached: a table's rows share one)."""
-    return posixpath.dirname(os.path.realpath(folder))
+def _parent(folder: str) -> str:
+    """The parent of ``folder`` (a path without ``..``) as the OS takes it: its target's when
+    ``folder`` is a link, else the folder it is spelled in (cached: a table's rows share one)."""
+    if os.path.islink(folder):
+        return posixpath.dirname(os.path.realpath(folder))
+    return posixpath.dirname(folder)
 
 
 def _verify_exist(urls: list[str], spec: str) -> None:
