@@ -538,6 +538,24 @@ def test_file_and_class_names_that_are_not_utf8_are_converted(tmp_path):
     assert key.endswith("-caf_xe9") and meta["source"] == f"{root}/ch\\xe8vre/caf\\xe9.png"
 
 
+def test_a_class_not_in_utf8_is_numbered_as_image_folder_numbers_it(tmp_path):
+    """Classes were numbered by their output text, where ``caf\\xe9`` (``\\`` before ``e``)
+    comes before ``cafe``: ImageFolder, and pvu before, number the listed ``caf\\udce9`` after
+    it, so the labels of both classes moved; a folder named ``caf\\xe9`` in ASCII merged in."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(7)
+    for name in (b"cafe", b"caf\xe9", b"caf\\xe9"):
+        folder = Path(os.fsdecode(os.path.join(bytes(root), name)))
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(image_bytes(rng, "png"))
+    listing = list_dataset(str(root))
+    order, _ = find_classes(str(root))
+    listed = [os.path.basename(os.path.dirname(source.url)) for source in listing.sources]
+    assert listed == order and [source.label for source in listing.sources] == [0, 1, 2]
+    texts = [os.fsencode(name).decode(errors="backslashreplace") for name in order]
+    assert listing.classes == texts  # named by their text, still three
+
+
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'.
     A zip made on macOS made its __MACOSX folder class 0 (the real classes moved up one); a

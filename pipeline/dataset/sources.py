@@ -89,6 +89,7 @@ def list_folder(url: str) -> Listing:
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
+    # keyed and sorted by the names as listed, as ImageFolder numbers them; text for output
     by_class: dict[str, list[str]] = {name: [] for name in _class_folders(fs, root)}
     ignored: Counter[str] = Counter()
     for path in sorted(_files_below(fs, root)):
@@ -96,20 +97,21 @@ def list_folder(url: str) -> Listing:
         if len(parts) < 2 or any(map(_hidden, parts)) or not path.lower().endswith(IMAGE_SUFFIXES):
             ignored[readable(posixpath.splitext(path)[1].lower())] += 1
         else:
-            by_class[readable(parts[0])].append(storage_url(fs, path))
+            by_class[parts[0]].append(storage_url(fs, path))
     if not any(by_class.values()):
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
         )
-    classes = sorted(by_class)
+    listed = sorted(by_class)
+    classes = [readable(name) for name in listed]
     if {name.lower() for name in classes} <= SPLIT_NAMES:
         log.warning(
             "the class folders of %s are named like splits (%s): if they are, give one split "
             "as --input, e.g. %s/%s",
             *(url, ", ".join(classes), url.rstrip("/"), min(classes, key=_train_first)),
         )
-    sources = [Source(u, label) for label, name in enumerate(classes) for u in by_class[name]]
-    empty = [name for name in classes if not by_class[name]]
+    sources = [Source(u, label) for label, name in enumerate(listed) for u in by_class[name]]
+    empty = [readable(name) for name in listed if not by_class[name]]
     return Listing(sources, classes, ignored, empty)
 
 
@@ -135,14 +137,14 @@ def _hidden(name: str) -> bool:
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The names of ``root``'s visible subfolders (links to folders too), as text."""
+    """The names of ``root``'s visible subfolders (links to folders too), as listed."""
     names = []
     for entry in fs.ls(root, detail=True):
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
         is_link = entry.get("islink", False) and fs.isdir(path)
         if not _hidden(name) and (entry["type"] == "directory" or is_link):
-            names.append(readable(name))
+            names.append(name)
     return names
 
 
