@@ -357,3 +357,31 @@ def test_footers_are_read_a_bounded_way_ahead(cache, monkeypatch) -> None:
     time.sleep(0.3)  # room for reads run ahead to happen
     assert len(reads) <= 3, reads  # the one yielded and two ahead, of six
     assert len(list(footers)) == 5
+
+
+def test_footer_reads_not_begun_are_not_made_once_the_caller_stops(cache, monkeypatch) -> None:
+    """A storage error in one unit's turn (or a caller that stops reading) waited for every
+    read queued ahead, each retried against the same failing store, before the error came."""
+    import pipeline.cache.verify as verify
+
+    reads: list[str] = []
+    real_read = verify.read_footer
+    down = True
+
+    def read_footer(url: str, relpath: str, size: int) -> pq.FileMetaData:
+        reads.append(relpath)
+        time.sleep(0.2)
+        if down:
+            raise OSError("the store is down")
+        return real_read(url, relpath, size)
+
+    monkeypatch.setattr(verify, "read_footer", read_footer)
+    with pytest.raises(OSError, match="the store is down"):
+        list(verify.read_footers(cache, verify.list_unit_files(cache), io_threads=1))
+    assert len(reads) <= 2, reads  # the one that failed, and the one begun beside it
+    reads.clear()
+    down = False
+    footers = verify.read_footers(cache, verify.list_unit_files(cache), io_threads=1)
+    next(footers)
+    footers.close()  # the caller stops: the one yielded, and the one begun
+    assert len(reads) <= 2, reads

@@ -148,13 +148,17 @@ def read_footers(
 
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         ahead: deque[tuple[str, Future[FooterRead]]] = deque()
-        for relpath in sizes:
-            ahead.append((relpath, pool.submit(read, relpath)))
-            if len(ahead) > 2 * io_threads:
+        try:
+            for relpath in sizes:
+                ahead.append((relpath, pool.submit(read, relpath)))
+                if len(ahead) > 2 * io_threads:
+                    done, future = ahead.popleft()
+                    yield done, future.result()
+            while ahead:
                 done, future = ahead.popleft()
                 yield done, future.result()
-        for done, future in ahead:
-            yield done, future.result()
+        finally:  # raised or left early: the reads not begun are not made (nor waited for)
+            pool.shutdown(cancel_futures=True)
 
 
 def footer_problem(
