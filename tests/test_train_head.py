@@ -38,6 +38,7 @@ from pipeline.head.train import (
     TrainConfig,
     cpu_has_fast_bf16,
     fit_head,
+    training_rows,
 )
 from schemas import leaf_column, validate_head
 
@@ -182,6 +183,27 @@ def test_passes_count_only_the_rows_training_uses(
     assert [line["passes"] for line in lines] == pytest.approx(
         [0.0, 3000 / rows, 6000 / rows], abs=1e-4
     )
+
+
+def test_rows_left_out_for_their_loss_are_not_blamed_on_the_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache of NaN losses was refused as '--val-fraction 0 leaves 0 of the cache's rows':
+    lower --val-fraction, which cannot go lower and brings no row back."""
+    import pipeline.demo.synthetic as synthetic
+
+    written = synthetic.to_record_batch
+
+    def losses_nan(schema: pa.Schema, **kw: Any) -> pa.RecordBatch:
+        loss = np.full_like(kw["outputs"]["loss"], np.nan)
+        return written(schema, **{**kw, "outputs": {**kw["outputs"], "loss": loss}})
+
+    monkeypatch.setattr(synthetic, "to_record_batch", losses_nan)
+    write_synthetic_cache(str(tmp_path / "nan"), SPEC)
+    config = _config(episodes=2)
+    config = dataclasses.replace(config, stream=dataclasses.replace(config.stream, val_fraction=0))
+    with pytest.raises(ValueError, match=r"leaves 0 of .* \(6,000 more have a NaN/inf loss"):
+        training_rows(open_cache([str(tmp_path / "nan")]), config)
 
 
 def test_a_handful_of_validation_rows_is_warned_about(

@@ -134,16 +134,18 @@ def read_group(
     return GroupRows(embedding, loss, np.flatnonzero(keep), extras, int(bad.sum()), held_out)
 
 
-def unused_rows(index: CacheIndex, ref: RowGroupRef, val_fraction: float) -> int:
-    """Rows of row group ``ref`` that training leaves out: those in the validation slice (its
-    keys read and hashed) and those whose loss is NaN/inf (its loss column read, 4 bytes a row).
-    A row whose embedding alone is non-finite is not seen (that takes reading the embeddings)."""
+def unused_rows(index: CacheIndex, ref: RowGroupRef, val_fraction: float) -> tuple[int, int]:
+    """Rows of row group ``ref`` that training leaves out: ``(held out, dropped)``, those in the
+    validation slice (its keys read and hashed) and the others whose loss is NaN/inf (its loss
+    column read, 4 bytes a row). A row whose embedding alone is non-finite is not seen (that
+    takes reading the embeddings)."""
     columns = ["key", "loss"] if val_fraction > 0 else ["loss"]
     table = _columns(index.files[ref.file], ref.group, columns)
-    unused = ~np.isfinite(table.column("loss").to_numpy().astype(np.float32, copy=False))
-    if val_fraction > 0:
-        unused |= key_fraction(table.column("key")) < val_fraction
-    return int(unused.sum())
+    dropped = ~np.isfinite(table.column("loss").to_numpy().astype(np.float32, copy=False))
+    if val_fraction <= 0:
+        return 0, int(dropped.sum())
+    held = key_fraction(table.column("key")) < val_fraction
+    return int(held.sum()), int((dropped & ~held).sum())
 
 
 def _keys(f: CacheFile, group: int) -> pa.ChunkedArray:

@@ -318,12 +318,16 @@ def training_rows(index: CacheIndex, config: TrainConfig) -> float:
     Refuses a split that leaves fewer than two (no pair to order); warns of fewer than a batch."""
     fraction, batch = config.stream.val_fraction, config.schedule.batch_size
     rows: float = index.rows * (1.0 - fraction)
+    dropped = 0
     groups = index.row_groups()
     if len(groups) <= COUNTED_SPLIT_GROUPS:
         with ThreadPoolExecutor(config.stream.io_threads, "pvu-split") as pool:
-            unused = pool.map(lambda ref: unused_rows(index, ref, fraction), groups)
-            rows = index.rows - sum(unused)
+            unused = list(pool.map(lambda ref: unused_rows(index, ref, fraction), groups))
+            dropped = sum(nonfinite for _, nonfinite in unused)
+            rows = index.rows - sum(held for held, _ in unused) - dropped
     left = f"--val-fraction {fraction:g} leaves {rows:,.0f} of the cache's {index.rows:,} rows"
+    if dropped:  # not the split's doing: lowering --val-fraction does not bring them back
+        left += f" ({dropped:,} more have a NaN/inf loss, which training drops)"
     if rows < 2:
         raise ValueError(
             f"{left} to train on, and a head learns the order of pairs of rows' losses: lower "
