@@ -332,7 +332,7 @@ def test_a_config_file_that_cannot_be_read_is_named_not_taken_for_stdout(
 
 
 def test_verify_keeps_no_footer_unless_checksums_read_the_pages(cache) -> None:
-    """--verify held every unit's footer to the end (~24 KB each, ~340 MB at 14,000 units),
+    """--verify held every unit's footer to the end (~280 KB parsed for 32 row groups),
     though only --checksums reads them again."""
     _, check = run_info(InfoJobConfig(cache=cache, verify=True))
     assert check is not None and check.ok
