@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Starts the local Ray as ``pvu cache`` does, in a fresh process, and prints where it listens.
 SCRIPT = """
 import json, psutil, ray
-from jobs.run.cache import connect_ray
+from jobs.run.ray_address import connect_ray
 
 connect_ray(None)
 
@@ -156,7 +156,7 @@ def test_a_local_ray_whose_node_never_comes_up_is_one_line(monkeypatch) -> None:
 #: Joins the cluster at $RAY_ADDRESS through ``--ray-address auto`` as ``pvu cache`` does.
 JOIN_AUTO = """
 import ray
-from jobs.run.cache import connect_ray
+from jobs.run.ray_address import connect_ray
 
 connect_ray("auto")
 print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"], flush=True)

@@ -591,7 +591,7 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(
 ) -> None:
     """A --ray-address with no cluster behind it (a typo, a stopped head) was retried by Ray
     for minutes (7 by hand) before any word."""
-    from jobs.run.cache import connect_ray
+    from jobs.run.ray_address import connect_ray
 
     port = closed_port()
 
@@ -612,7 +612,7 @@ def test_a_ray_address_that_answers_but_is_not_joined_says_why(monkeypatch) -> N
     """A cluster that refuses the driver's token (Ray's token authentication) or a port of
     another server: Ray logs InvalidAuthToken and raises 'Failed to connect', which read 'no
     Ray cluster found there; start one' of a running cluster."""
-    from jobs.run.cache import connect_ray
+    from jobs.run.ray_address import connect_ray
 
     def refused(**options: object) -> None:
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1. Please check")
@@ -647,7 +647,7 @@ def test_a_ray_address_with_no_cluster_names_pvus_flag(
 ) -> None:
     """Ray's own words named its `--address` flag, which pvu does not have: `auto` finding no
     address at all is said in pvu's words, naming pvu's flag or RAY_ADDRESS."""
-    from jobs.run.cache import connect_ray
+    from jobs.run.ray_address import connect_ray
 
     no_ray_found_by_auto(monkeypatch, tmp_path)
     for address, flag in (("auto", "--ray-address auto"), (None, "RAY_ADDRESS auto")):
@@ -664,7 +664,7 @@ def test_auto_finding_a_stale_address_file_names_it_and_ray_stop(
 ) -> None:
     """A cluster stopped without `ray stop` leaves its address in Ray's address file, where
     `auto` finds it; Ray then retried the dead address for minutes."""
-    from jobs.run.cache import connect_ray
+    from jobs.run.ray_address import connect_ray
 
     file = no_ray_found_by_auto(monkeypatch, tmp_path)
     file.parent.mkdir()
