@@ -298,11 +298,11 @@ def create_backbone_model(
     return model.eval().requires_grad_(False)
 
 
-def cast_features(features: Any, dtype: torch.dtype) -> Any:
+def _cast(features: Any, dtype: torch.dtype) -> Any:
     """``features`` (a tensor, or a list of them: one per branch, as CrossViT's) as ``dtype``."""
     if isinstance(features, torch.Tensor):
         return features.to(dtype)
-    return type(features)(cast_features(branch, dtype) for branch in features)
+    return type(features)(_cast(branch, dtype) for branch in features)
 
 
 def model_head(
@@ -310,7 +310,7 @@ def model_head(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pre-logits embedding, logits) of ``model``'s own head on ``features`` cast to ``dtype``
     (float32 unless the model's own weights are in another type; call outside autocast)."""
-    features = cast_features(features, dtype)
+    features = _cast(features, dtype)
     return model.forward_head(features, pre_logits=True), model.forward_head(features)
 
 

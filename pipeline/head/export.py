@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from pipeline.cache.backbone import cast_features, state_digest
+from pipeline.cache.backbone import model_head, state_digest
 from pipeline.head.model import HeadConfig, UncertaintyHead
 from pipeline.retry import make_folder, read_bytes, write_bytes
 from schemas import is_newer, validate_head
@@ -234,7 +234,7 @@ class HeadedModel(nn.Module):
         features = self.model.forward_features(images)  # under the caller's autocast, if any
         if torch.jit.is_scripting():  # autocast's device and switch must be constants there
             dtype = self.weight_type.dtype
-            # features' type is static there, so one branch is compiled; cast_features does not
+            # features' type is static there, so one branch is compiled; model_head does not
             # script, and a list of them (one per branch, CrossViT's) has no .to()
             if isinstance(features, torch.Tensor):
                 features = features.to(dtype)
@@ -246,9 +246,8 @@ class HeadedModel(nn.Module):
         with (
             contextlib.nullcontext() if meta else torch.autocast(images.device.type, enabled=False)
         ):
-            features = cast_features(features, next(self.model.parameters()).dtype)
-            embedding = self.model.forward_head(features, pre_logits=True)
-            return self._outputs(embedding, self.model.forward_head(features))
+            dtype = next(self.model.parameters()).dtype
+            return self._outputs(*model_head(self.model, features, dtype))
 
     def _outputs(self, embedding: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`forward`'s outputs from the model's pre-logit ``embedding`` and ``logits``."""
