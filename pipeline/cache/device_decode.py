@@ -336,10 +336,9 @@ def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tenso
         return batch
     members = [image for _, images in places for image in images]
     indices = torch.tensor(members).to(batch.device)
-    factors = torch.tensor(
-        [params[image][1 + op] for op, images in places for image in images], dtype=torch.float64
-    )
-    factors = factors.to(torch.float32).to(batch.device)  # as Pillow's C float has them
+    factors = torch.tensor(  # float32, as Pillow's C float has them
+        [params[image][1 + op] for op, images in places for image in images], dtype=torch.float32
+    ).to(batch.device)
     start = 0
     for op, images in places:
         end = start + len(images)
