@@ -425,7 +425,10 @@ def test_actor_killed_mid_unit_loses_and_duplicates_no_row(local_ray, tmp_path):
 
     import psutil
 
-    write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=16, size=32)
+    # units long enough that the kill lands mid-unit: at 16 images the five units left could
+    # all finish while the scan below looked for the actor, and then nothing was replaced
+    per_shard = 64
+    write_digit_shards(str(tmp_path / "shards"), shards=3, per_shard=per_shard, size=32)
     output = tmp_path / "cache"
     config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(output), epochs=2, **COMMON)
     outcome: dict = {}
@@ -444,7 +447,7 @@ def test_actor_killed_mid_unit_loses_and_duplicates_no_row(local_ray, tmp_path):
     assert not job.is_alive(), "the job did not finish after losing its actor"
     report = outcome["report"]
     assert not report.failed and report.actors_replaced >= 1
-    assert_one_row_per_sample_and_epoch(read_cache(str(output)), 3 * 16, 2)
+    assert_one_row_per_sample_and_epoch(read_cache(str(output)), 3 * per_shard, 2)
     assert len(list(output.glob("epoch=*/*.parquet"))) == 6
 
 
