@@ -78,6 +78,26 @@ def test_color_jitter_on_a_batch_is_the_pil_paths_per_image_bit_for_bit(size):
     assert torch.equal(color_jitter(batch.clone(), params), torch.stack(expected))
 
 
+@pytest.mark.parametrize("probability", [None, 0.5, 1.0])
+def test_a_jitter_applied_at_random_is_the_pil_paths_bit_for_bit(probability):
+    """``color_jitter_prob`` wraps timm's jitter in a RandomApply, which ran torchvision's
+    tensor formulas: a flat gray image (any resize keeps it flat) came out a level darker than
+    the PIL path's, whose jitter is Pillow's."""
+    config = TransformConfig(
+        input_size=(3, SIZE, SIZE), color_jitter_prob=probability, decode="device"
+    )
+    resolved = resolve_transform(config, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    flat = _encoded(Image.new("RGB", (80, 60), (128, 128, 128)), "PNG")
+    tasks = [(f"flat-{seed}", flat, seed) for seed in range(12)]
+    prepared = DeviceDecoder([resolved], torch.device("cpu")).prepare(tasks)
+    split = build_prepare(resolved)[1]
+    pil = [augment_pil(split, decode_image(flat), seed) for _, _, seed in tasks]
+    device = [image.numpy() for (image,) in prepared]
+    assert all(np.array_equal(a, b) for a, b in zip(device, pil, strict=True))
+    if probability == 0.5:  # some images jittered, some not
+        assert len({int(image[0, 0, 0]) for image in pil}) > 2
+
+
 @pytest.mark.parametrize(
     ("augment", "crop_mode"),
     [("train", None), ("eval", None), ("eval", "squash"), ("eval", "border")],  # border pads

@@ -18,11 +18,12 @@ header and launches kernels:
   jitter factors. Pixels differ by the resampling and rounding of tensor kernels against
   Pillow's (about 0.3 of a level on average on a CPU), and the transform records
   ``decode: device`` so the two kinds of rows never share a cache.
-- A trailing ``ColorJitter`` (timm's train transform) draws its factors and order per image,
-  in sequence, and is then applied to the chunk with Pillow's formulas (those the PIL path
-  runs, bit for bit: torchvision's tensor formulas truncate gray a level down at each op, up
-  to 3 levels on gray images), each op at once to the images it is for: a few dozen launches
-  a chunk rather than ~50 an image.
+- A trailing ``ColorJitter`` (timm's train transform; in a ``RandomApply`` under
+  ``color_jitter_prob``) draws whether it applies, its factors and its order per image, in
+  sequence, and is then applied to the chunk with Pillow's formulas (those the PIL path runs,
+  bit for bit: torchvision's tensor formulas truncate gray a level down at each op, up to 3
+  levels on gray images), each op at once to the images it is for: a few dozen launches a
+  chunk rather than ~50 an image.
 - A chunk's images are decoded in parts of at most ``DECODE_PIXELS``, each cut to size before
   the next, so full-size photos never fill the GPU beside the forward.
 - On a GPU the chunk's kernels run on a stream of their own, so they overlap the forward of the
@@ -63,10 +64,12 @@ _END_OF_IMAGE = b"\xff\xd9"
 
 @dataclass(frozen=True)
 class _Plan:
-    """One transform on tensors: the steps run per image, and a trailing jitter run per chunk."""
+    """One transform on tensors: the steps run per image, and a trailing jitter run per chunk,
+    applied to each image with probability ``jitter_p`` (``None``: always, no draw for it)."""
 
     steps: Sequence[Any]
     jitter: transforms.ColorJitter | None
+    jitter_p: float | None = None
 
 
 def _plan(resolved: dict[str, Any]) -> _Plan:
@@ -77,9 +80,21 @@ def _plan(resolved: dict[str, Any]) -> _Plan:
         raise ValueError("--decode device needs a transform that ends in ToTensor, Normalize")
     steps = [_on_tensors(step) for step in split.pil.transforms]
     last = steps[-1] if steps else None
-    if isinstance(last, transforms.ColorJitter) and last.hue is None:
+    if _pillow_jitter(last):
         return _Plan(steps[:-1], last)
+    applied = getattr(last, "transforms", ())  # timm's ``color_jitter_prob``: a RandomApply
+    if (
+        isinstance(last, transforms.RandomApply)
+        and len(applied) == 1
+        and _pillow_jitter(applied[0])
+    ):
+        return _Plan(steps[:-1], applied[0], last.p)
     return _Plan(steps, None)
+
+
+def _pillow_jitter(step: Any) -> bool:
+    """Whether ``step`` is a jitter :func:`color_jitter` runs: one without hue."""
+    return isinstance(step, transforms.ColorJitter) and step.hue is None
 
 
 def _on_tensors(step: Any) -> Any:
@@ -146,7 +161,7 @@ class DeviceDecoder:
                 results[index] = _skip(bad, key)
         kept: list[int] = []
         shaped: list[list[torch.Tensor]] = [[] for _ in self.plans]
-        draws: list[list[JitterParams]] = [[] for _ in self.plans]
+        draws: list[list[JitterParams | None]] = [[] for _ in self.plans]
         for part in _parts(opened, DECODE_PIXELS):
             for index, image in zip(part, self._decode(tasks, opened, part), strict=True):
                 if isinstance(image, Skip):
@@ -239,21 +254,26 @@ def _shape(
     image: torch.Tensor,
     seed: int,
     shaped: list[torch.Tensor],
-    draws: list[JitterParams],
+    draws: list[JitterParams | None],
 ) -> None:
     """``image`` through ``plan``'s per-image steps, seeded by ``seed``, onto ``shaped``; the
-    jitter's order and factors, drawn next as the jitter itself would, onto ``draws``."""
+    jitter's order and factors, drawn next as the jitter itself would, onto ``draws`` (None
+    where a jitter applied at random is not)."""
     seed_rngs(seed)
     for step in plan.steps:
         image = step(image)
     shaped.append(image)
-    if plan.jitter is not None:
-        jitter = plan.jitter
+    jitter = plan.jitter
+    if jitter is None:
+        return
+    if plan.jitter_p is not None and plan.jitter_p < torch.rand(1):  # RandomApply's draw
+        draws.append(None)
+    else:
         draws.append(jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, None))
 
 
 def _jittered(
-    plan: _Plan, shaped: list[torch.Tensor], draws: list[JitterParams]
+    plan: _Plan, shaped: list[torch.Tensor], draws: list[JitterParams | None]
 ) -> list[torch.Tensor]:
     """``shaped`` with ``plan``'s jitter applied as drawn: uint8 ``(H, W, C)`` each."""
     if not shaped:
@@ -315,20 +335,22 @@ def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | N
 JitterParams = tuple[torch.Tensor, float | None, float | None, float | None, float | None]
 
 
-def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tensor:
+def color_jitter(batch: torch.Tensor, params: list[JitterParams | None]) -> torch.Tensor:
     """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a uint8
-    ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]``: the formulas
+    ``(N, 3, H, W)`` batch, image ``i`` with the order and factors ``params[i]`` (left as it is
+    where that is None): the formulas
     of Pillow's ``ImageEnhance``, which it runs on PIL images, each op over the images it
     applies to at each place of their orders. The images and factors reach the device in two
     copies."""
-    orders = [order.tolist() for order, *_ in params]
+    jittered = {image: drawn for image, drawn in enumerate(params) if drawn is not None}
+    orders = {image: drawn[0].tolist() for image, drawn in jittered.items()}
     places: list[tuple[int, list[int]]] = []  # (op, the images it applies to), in order
     for position in range(4):
         for op in range(3):
             members = [
                 image
-                for image, (order, factors) in enumerate(zip(orders, params, strict=True))
-                if order[position] == op and factors[1 + op] is not None
+                for image, factors in jittered.items()
+                if orders[image][position] == op and factors[1 + op] is not None
             ]
             if members:
                 places.append((op, members))
@@ -337,7 +359,7 @@ def color_jitter(batch: torch.Tensor, params: list[JitterParams]) -> torch.Tenso
     members = [image for _, images in places for image in images]
     indices = torch.tensor(members).to(batch.device)
     factors = torch.tensor(  # float32, as Pillow's C float has them
-        [params[image][1 + op] for op, images in places for image in images], dtype=torch.float32
+        [jittered[image][1 + op] for op, images in places for image in images], dtype=torch.float32
     ).to(batch.device)
     start = 0
     for op, images in places:
