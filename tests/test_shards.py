@@ -182,6 +182,27 @@ def test_list_file_errors(tmp_path):
         expand_shards(str(binary))
 
 
+def test_a_listed_folder_or_fifo_is_refused_naming_it(local, tmp_path):
+    """A list file's or brace pattern's entry that is a folder, or a FIFO, is refused up front:
+    it passed the existence check, and its unit failed on every try (a folder) or its read
+    waited for a writer until the unit timeout, hours (a FIFO)."""
+    listing = tmp_path / "data" / "shards.txt"
+    listing.write_text("train-0000.tar\nnested\n")
+    with pytest.raises(ValueError, match=r"nested' of .*shards\.txt' is a folder"):
+        expand_shards(str(listing))
+    with pytest.raises(ValueError, match="is a folder"):
+        expand_shards(f"{local}/{{train-0000.tar,nested}}")
+    os.mkfifo(f"{local}/pipe.tar")
+    listing.write_text("train-0000.tar\npipe.tar\n")
+    with pytest.raises(ValueError, match=r"pipe\.tar' of .* is no regular file"):
+        expand_shards(str(listing))
+    listing.write_text("train-0000.tar\nnested/train-0009.tar\n")  # files in both: as before
+    assert expand_shards(str(listing)) == [
+        f"{local}/train-0000.tar",
+        f"{local}/nested/train-0009.tar",
+    ]
+
+
 def test_nothing_matches(tmp_path):
     (tmp_path / "empty").mkdir()
     for spec in (str(tmp_path / "empty"), str(tmp_path / "absent"), str(tmp_path / "x-")):

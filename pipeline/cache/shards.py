@@ -379,8 +379,25 @@ def _parent(folder: str) -> str:
     return posixpath.dirname(folder)
 
 
+def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    """``fs``'s listing entry of ``path``, or None where it does not exist."""
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
+
+
+def _not_a_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """What the entry at ``path``, no file, is instead, and what to give."""
+    if fs.isdir(path):
+        return "a folder: list its tar files, or give the folder itself as --shards"
+    return "no regular file (a FIFO, socket or device), whose read may never end: list tar files"
+
+
 def _verify_exist(urls: list[str], spec: str) -> None:
-    """Raise ``FileNotFoundError`` naming ``spec`` if any of ``urls`` does not exist.
+    """Raise ``FileNotFoundError`` naming ``spec`` if any of ``urls`` does not exist, and
+    ``ValueError`` if one is a folder, or a FIFO, socket or device, which no tar is read from
+    (its unit failed on every try, or a FIFO's read waited for the unit timeout).
 
     Lists each parent folder once rather than asking about every object, so 2,000 shards on
     S3 cost a couple of list calls. Where listing is forbidden, asks object by object.
@@ -397,15 +414,18 @@ def _verify_exist(urls: list[str], spec: str) -> None:
     for (proto, folder), entries in by_folder.items():
         fs = filesystems[proto]
         try:
-            present = {p.rstrip("/") for p in fs.ls(folder, detail=False)}
-            _refuse_unfinished(fs, [folder], proto or None, listed=present)
+            present = {info["name"].rstrip("/"): info for info in fs.ls(folder, detail=True)}
+            _refuse_unfinished(fs, [folder], proto or None, listed=set(present))
         except FileNotFoundError:
-            present = set()
+            present = {}
         except PermissionError:
             logger.warning("cannot list %s; checking the shards of %r one by one", folder, spec)
             _refuse_unfinished(fs, [folder], proto or None)
-            present = {path for _, path in entries if fs.exists(path)}
+            present = {path: info for _, path in entries if (info := _info(fs, path))}
         missing.extend(url for url, path in entries if path not in present)
+        for url, path in entries:
+            if path in present and not is_file_entry(fs, present[path]):
+                raise ValueError(f"shard {url!r} of {spec!r} is {_not_a_file(fs, path)}")
 
     if len(missing) == len(urls):
         raise FileNotFoundError(f"no shards match {spec!r} (for example {missing[0]!r})")
