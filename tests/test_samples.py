@@ -474,6 +474,28 @@ def test_a_sound_tar_without_samples_is_named(tmp_path, caplog):
     assert f"{tmp_path}/folders.tar: a sound tar that holds no sample's files" in caplog.text
 
 
+def test_members_of_no_sample_are_named(tmp_path, caplog):
+    """Members whose names WebDataset splits into no key (no extension, a leading dot) were
+    dropped by group_by_keys without a word: their samples were lost unseen."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 90, 200)).save(png, format="PNG")
+    members = [("a.png", png.getvalue()), ("a.cls", b"1"), (".b.png", png.getvalue()),
+               (".b.cls", b"2"), ("c", png.getvalue()), ("README", b"hi")]  # fmt: skip
+    url = str(tmp_path / "unkeyed.tar")
+    with tarfile.open(url, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
+    samples, counts = _read(url)
+    assert [sample.key for sample in samples] == ["a"] and not counts
+    assert f"{url}: left out 4 member(s) that belong to no sample, e.g. '.b.png'" in caplog.text
+    caplog.clear()
+    _read(url, name_skips=False)  # a later epoch: the same, at debug level
+    assert "belong to no sample" not in caplog.text
+
+
 def test_corrupt_header_mid_tar(digits, tmp_path):
     members = _member_offsets(digits)
     data = bytearray(Path(digits).read_bytes())

@@ -112,7 +112,8 @@ def iter_samples(
     skips = _Skips(url, image_keys, label_key, label, counts, level)
     stream = _StorageStream(url, attempts=attempts, base_delay=base_delay, block_size=block_size)
     with stream:
-        members = _tar_members(stream, url, damage, max_member_bytes)
+        unkeyed: list[str] = []  # members no sample can hold (no key by WebDataset's split)
+        members = _keyed(_tar_members(stream, url, damage, max_member_bytes), unkeyed)
         sampled = False  # a sample's files were found, whatever became of them
         for group in group_by_keys(members, handler=_duplicate_handler(url, repeated)):
             sampled = True
@@ -134,6 +135,13 @@ def iter_samples(
                 yield outcome
             else:
                 skips.add(group, outcome)
+    if unkeyed:
+        logger.log(
+            level,
+            "%s: left out %d member(s) that belong to no sample, e.g. %r: a WebDataset name is "
+            "<key>.<extension>, with a key before the base name's first dot",
+            *(url, len(unkeyed), unkeyed[0]),
+        )
     if damage and stream.position == 0:
         counts[SkipReason.EMPTY_SHARD.value] += 1
         logger.warning("%s: empty shard (0 bytes)", url)
@@ -150,6 +158,17 @@ def iter_samples(
             damage[0],
             yielded,
         )
+
+
+def _keyed(members: Iterator[dict[str, Any]], unkeyed: list[str]) -> Iterator[dict[str, Any]]:
+    """``members`` whose names WebDataset splits into a key and an extension; the names of
+    the others (``README``, ``.hidden.jpg``), which ``group_by_keys`` drops without a word,
+    are appended to ``unkeyed``."""
+    for member in members:
+        if base_plus_ext(member["fname"])[0] is None:
+            unkeyed.append(member["fname"])
+        else:
+            yield member
 
 
 def _check_unchanged(url: str, position: int, damage: str, size: int, listed: int) -> None:
