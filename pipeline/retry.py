@@ -35,6 +35,7 @@ import http.client
 import logging
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -158,8 +159,25 @@ def retry(
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole object at ``path`` on ``fs``, read under :func:`retry`."""
-    return retry(lambda: fs.cat_file(path), what=f"read {fs.unstrip_protocol(path)}")
+    """The whole object at ``path`` on ``fs``, read under :func:`retry`. A local FIFO, socket or
+    device is refused with an ``OSError``, unread: a FIFO's read waits for a writer forever."""
+
+    def read() -> bytes:
+        if isinstance(fs, LocalFileSystem):
+            _refuse_special_file(path)
+        return fs.cat_file(path)
+
+    return retry(read, what=f"read {fs.unstrip_protocol(path)}")
+
+
+def _refuse_special_file(path: str) -> None:
+    """Raise ``OSError`` where the local ``path`` (through links) is a FIFO, socket or device;
+    a folder or a missing path is left to the read, which names it."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise OSError(
+            errno.EINVAL, "not a regular file (a FIFO, socket or device), whose read may never end"
+        )
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:

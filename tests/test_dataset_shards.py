@@ -343,6 +343,21 @@ def test_a_fifo_among_the_images_is_left_out_not_read_forever(tmp_path):
     assert not {"8.png", "9.png"} & {Path(s.url).name for s in list_dataset(str(root)).sources}
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_a_table_lists_is_left_out_not_read_forever(tmp_path):
+    """A table's path to a FIFO (a folder's FIFOs are never listed) was read, and the read
+    waited for a writer forever: `pvu shards` hung (reading it for the listing's digest too)."""
+    (tmp_path / "a.png").write_bytes(image_bytes(np.random.default_rng(0), "png"))
+    os.mkfifo(tmp_path / "b.png")
+    (tmp_path / "t.csv").write_text("path,label\na.png,cat\nb.png,dog\n")
+    result = run("--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "b.png: read_error" in result.text and "not a regular file" in result.text
+    assert [meta["source"] for *_, meta in read_shards(str(tmp_path / "out"))] == [
+        str(tmp_path / "a.png")
+    ]
+
+
 def test_links_to_image_files_are_images(tmp_path):
     """A class folder of symbolic links to image files (a split made with `ln -s`, a DVC or
     Hugging Face cache) was listed as "no regular file (a FIFO, socket or device)": every
