@@ -196,6 +196,8 @@ def test_a_listed_folder_or_fifo_is_refused_naming_it(local, tmp_path):
     listing.write_text("train-0000.tar\npipe.tar\n")
     with pytest.raises(ValueError, match=r"pipe\.tar' of .* is no regular file"):
         expand_shards(str(listing))
+    with pytest.raises(ValueError, match=r"--shards .*pipe\.tar' is no regular file"):
+        expand_shards(f"{local}/pipe.tar")  # was "does not exist"
     listing.write_text("train-0000.tar\nnested/train-0009.tar\n")  # files in both: as before
     assert expand_shards(str(listing)) == [
         f"{local}/train-0000.tar",

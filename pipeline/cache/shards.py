@@ -68,6 +68,8 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
             _refuse_unfinished(fs, [posixpath.dirname(path)], protocol)
             return [storage_url(fs, path, protocol)]
         return _read_list_file(fs, path, protocol, spec, verify=verify)
+    if isinstance(fs, LocalFileSystem) and os.path.exists(path):  # neither: a FIFO, a socket
+        raise ValueError(f"--shards {spec!r} is {_not_a_file(fs, path)}")
     if _GLOB_CHARS.search(path):
         found = _tar_files(fs, fs.glob(path, detail=True).values())
         return _found_or_raise(fs, found, protocol, spec, "the glob")
