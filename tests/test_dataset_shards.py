@@ -571,6 +571,25 @@ def test_a_class_not_in_utf8_is_numbered_as_image_folder_numbers_it(tmp_path):
     assert listing.classes == texts  # named by their text, still three
 
 
+def test_a_folder_of_photos_pvu_cannot_read_names_what_it_holds(tmp_path):
+    """A phone's export of HEIC photos (or AVIF) was refused only as 'no images in class
+    subfolders', as if the folders were empty; files beside the class folders and hidden ones
+    are no part of what it names."""
+    root = tmp_path / "images"
+    for path in ("cat/1.HEIC", "cat/2.heic", "dog/3.avif", "dog/.DS_Store", "notes.txt"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"\0\0\0\x18ftypheic")
+    result = run("--input", str(root), "--output", str(tmp_path / "out"))
+    said = " ".join(result.text.split())
+    assert result.exit_code == 2 and "no images in class subfolders" in said, result.output
+    assert "class folders' 3 file(s) (2 .heic, 1 .avif) are no image pvu reads" in said, said
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(image_bytes(np.random.default_rng(0), "png"))
+    result = run("--input", str(flat), "--output", str(tmp_path / "out2"))
+    assert result.exit_code == 2 and "no image pvu reads" not in result.text, result.output
+
+
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'.
     A zip made on macOS made its __MACOSX folder class 0 (the real classes moved up one); a

@@ -79,6 +79,19 @@ def list_dataset(
     )
 
 
+def _none_read(unread: Counter[str]) -> str:
+    """What the class folders of a folder without images hold instead, by suffix, and what pvu
+    reads: a folder of HEIC or AVIF photos was only said to hold no images."""
+    if not unread:
+        return ""
+    named = ", ".join(f"{n:,} {suffix or 'without suffix'}" for suffix, n in unread.most_common(5))
+    return (
+        f"; its class folders' {unread.total():,} file(s) ({named}"
+        f"{', ...' if len(unread) > 5 else ''}) are "
+        f"no image pvu reads ({', '.join(IMAGE_SUFFIXES)}): convert them, e.g. to .jpg or .png"
+    )
+
+
 def list_folder(url: str) -> Listing:
     """Images under ``url/<class>/`` (any depth, through links), classes sorted by name.
 
@@ -92,15 +105,20 @@ def list_folder(url: str) -> Listing:
     # keyed and sorted by the names as listed, as ImageFolder numbers them; text for output
     by_class: dict[str, list[str]] = {name: [] for name in _class_folders(fs, root)}
     ignored: Counter[str] = Counter()
+    unread: Counter[str] = Counter()  # the ignored files of class folders, not hidden
     for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
         if len(parts) < 2 or any(map(_hidden, parts)) or not path.lower().endswith(IMAGE_SUFFIXES):
-            ignored[readable(posixpath.splitext(path)[1].lower())] += 1
+            suffix = readable(posixpath.splitext(path)[1].lower())
+            ignored[suffix] += 1
+            if len(parts) >= 2 and not any(map(_hidden, parts)):
+                unread[suffix] += 1
         else:
             by_class[parts[0]].append(storage_url(fs, path))
     if not any(by_class.values()):
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
+            + _none_read(unread)
         )
     listed = sorted(by_class)
     classes = [readable(name) for name in listed]
