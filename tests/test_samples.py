@@ -463,6 +463,23 @@ def test_not_a_tar(tmp_path, content):
     assert samples == [] and counts == {"empty_shard" if not content else "truncated_tar": 1}
 
 
+@pytest.mark.parametrize(
+    ("magic", "kind"),
+    [(b"\x28\xb5\x2f\xfd", "a zstd-compressed file"), (b"PK\x03\x04", "a zip file")],
+)
+def test_an_archive_that_is_no_tar_is_named_as_what_it_is(tmp_path, caplog, magic, kind):
+    """A .tar.zst (or a zip) listed as a shard was named only 'truncated or corrupt tar
+    (ReadError: invalid header)', as if a tar had been cut short."""
+    path = tmp_path / "shard.tar.zst"
+    path.write_bytes(magic + os.urandom(4096))
+    caplog.set_level(logging.WARNING, logger="pipeline.cache.samples")
+    samples, counts = _read(str(path))
+    assert samples == [] and counts == {"truncated_tar": 1}
+    assert f"{path}: truncated or corrupt tar ({kind}, which no tar reader here opens" in (
+        caplog.text
+    )
+
+
 def test_a_sound_tar_without_samples_is_named(tmp_path, caplog):
     """An intact tar of folders alone (or none at all) gave 0 rows and no word of it."""
     folder = tarfile.TarInfo("train")

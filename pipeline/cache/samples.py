@@ -148,6 +148,10 @@ def iter_samples(
     elif not sampled and not damage:
         logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
+        if yielded == 0 and (kind := foreign_archive(stream.head)):
+            damage[0] = (
+                f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz; {damage[0]}"
+            )
         if source_bytes is not None:
             size = retry(stream.size, attempts=attempts, base_delay=base_delay, what=f"size {url}")
             _check_unchanged(url, stream.position, damage[0], size, source_bytes)
@@ -169,6 +173,23 @@ def _keyed(members: Iterator[dict[str, Any]], unkeyed: list[str]) -> Iterator[di
             unkeyed.append(member["fname"])
         else:
             yield member
+
+
+#: Leading bytes of archives and compressions that are no tar and that ``tarfile`` does not
+#: open (it reads gzip, bzip2 and xz), named in the damage they come out as.
+_FOREIGN = {
+    b"\x28\xb5\x2f\xfd": "a zstd-compressed file",
+    b"\x04\x22\x4d\x18": "an LZ4-compressed file",
+    b"PK\x03\x04": "a zip file",
+    b"7z\xbc\xaf\x27\x1c": "a 7z file",
+    b"Rar!": "a RAR file",
+}
+
+
+def foreign_archive(head: bytes) -> str | None:
+    """What a file that starts with ``head`` is, where it is a known archive or compression
+    that no tar reader here opens; None otherwise."""
+    return next((kind for magic, kind in _FOREIGN.items() if head.startswith(magic)), None)
 
 
 def _check_unchanged(url: str, position: int, damage: str, size: int, listed: int) -> None:
@@ -585,6 +606,9 @@ class ShardChanged(OSError):
     """A shard changed size while a unit read it: the unit is not committed from it."""
 
 
+_HEAD_BYTES = 8
+
+
 class _StorageStream:
     """A forward-reading byte stream of one object that survives transient storage errors.
 
@@ -602,6 +626,7 @@ class _StorageStream:
         self._base_delay = base_delay
         self._file: Any = None
         self._pos = 0
+        self.head = b""  # the object's first bytes, to name a file that is no tar
 
     def __enter__(self) -> _StorageStream:
         retry(
@@ -622,6 +647,8 @@ class _StorageStream:
             base_delay=self._base_delay,
             what=f"read {self._url} at byte {self._pos}",
         )
+        if len(self.head) < _HEAD_BYTES:
+            self.head += data[: _HEAD_BYTES - len(self.head)]
         self._pos += len(data)
         return data
 
