@@ -205,6 +205,26 @@ def test_a_listed_folder_or_fifo_is_refused_naming_it(local, tmp_path):
     ]
 
 
+def test_a_listed_folder_is_refused_where_its_parent_cannot_be_listed(local, monkeypatch):
+    """Where listing is forbidden, each shard is looked up alone: a folder is refused so too."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    listed = LocalFileSystem.ls
+
+    def ls(self, path, detail=True, **kwargs):
+        if path.rstrip("/") == local:
+            raise PermissionError(f"may not list {path}")
+        return listed(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    assert expand_shards(f"{local}/{{train-0000.tar,val-0000.tar}}") == [
+        f"{local}/train-0000.tar",
+        f"{local}/val-0000.tar",
+    ]
+    with pytest.raises(ValueError, match=r"nested' of .* is a folder"):
+        expand_shards(f"{local}/{{train-0000.tar,nested}}")
+
+
 def test_nothing_matches(tmp_path):
     (tmp_path / "empty").mkdir()
     for spec in (str(tmp_path / "empty"), str(tmp_path / "absent"), str(tmp_path / "x-")):

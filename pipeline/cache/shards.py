@@ -382,9 +382,10 @@ def _parent(folder: str) -> str:
 
 
 def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
-    """``fs``'s listing entry of ``path``, or None where it does not exist."""
+    """``fs``'s listing entry of ``path``, or None where it does not exist (by ``fs.exists``,
+    which a store that forbids the look answers as it does)."""
     try:
-        return fs.info(path)
+        return fs.info(path) if fs.exists(path) else None
     except FileNotFoundError:
         return None
 
