@@ -167,6 +167,11 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path, caplog):
         damaged = read_prefix(cut, 50, sizes[urls[1]] // 2)
     assert damaged.complete and 0 < len(damaged.samples) < 10
     assert f"{cut}: no end-of-archive marker" in caplog.text  # it was silent
+    zstd = tmp_path / "z.tar"  # a .tar.zst: named so, as pvu cache names it
+    zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(256)) * 8)
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.plan"):
+        assert read_prefix(str(zstd), 50, zstd.stat().st_size).samples == []
+    assert f"{zstd}: a zstd-compressed file, which no tar reader here opens" in caplog.text
 
     spread = sample_shards(sizes, 16)  # 8 shards spread over the 10, 2 samples each
     assert list(spread) == [urls[i] for i in (0, 1, 2, 3, 5, 6, 7, 8)]

@@ -31,6 +31,7 @@ from pipeline.cache.backbone import Backbone
 from pipeline.cache.samples import (
     METADATA_MEMBER,
     EndRecordingTarInfo,
+    foreign_archive,
     is_safe_name,
     tar_end_damage,
 )
@@ -137,6 +138,10 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
                 damage = tar_end_damage(tar)
         except (tarfile.TarError, EOFError, zlib.error) as error:
             damage = f"{type(error).__name__}: {error}"
+    if damage and not samples:  # a zstd or zip file, say, named as the cache names it
+        with fsspec.open(url, "rb") as handle:
+            if kind := foreign_archive(handle.read(8)):
+                damage = f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
     if damage:  # the samples before it are what the cache reads
         log.warning(
             "%s: %s, after %d sample(s): pvu cache reads those and names the shard as cut short",
