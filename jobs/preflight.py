@@ -98,6 +98,24 @@ def check_not_inside(url: str, folder: str, *, flag: str, folder_flag: str, why:
         raise UserError(f"{flag} {url} is inside {named}{folder}: {why}")
 
 
+def check_holds_no_shards(url: str, shards: list[str], *, flag: str) -> None:
+    """Refuse an output ``url`` whose folder holds (at any depth) one of the job's ``shards``:
+    its cache's units would lie among them, where a Parquet reader of the cache's folder
+    (pyarrow's dataset, as the README shows) meets the tar files and fails. One lookup per
+    folder of shards."""
+    out_kind, out_path = _located(url)
+    for folder in dict.fromkeys(posixpath.dirname(shard) for shard in shards):
+        kind, path = _located(folder)
+        if kind is out_kind and path.startswith(out_path):
+            first = next(s for s in shards if posixpath.dirname(s) == folder)
+            raise UserError(
+                f"{flag} {url} holds the shards it would read ({first}): its units would lie "
+                "among them, where a Parquet reader of the cache's folder (pyarrow's dataset, "
+                "as the README shows) meets the tar files and fails; give an --output beside "
+                "the shards' folder, not at or above it"
+            )
+
+
 def _located(url: str) -> tuple[type, str]:
     """``url``'s filesystem type and its path with a trailing ``/`` (links resolved, locally)."""
     fs, path = fsspec.core.url_to_fs(url)

@@ -422,6 +422,34 @@ def test_an_output_inside_a_cache_is_refused_before_any_work(
     assert timed_pvu(*train, "--output", f"{cache}-heads/h1")[0].exit_code == 0
 
 
+@pytest.mark.parametrize("where", ["the shards' folder", "a folder above it"])
+@pytest.mark.parametrize("command", ["cache", "plan"])
+def test_an_output_that_holds_the_shards_is_refused_before_any_work(
+    tmp_path: Path, where: str, command: str
+) -> None:
+    """`--output` at (or above) the shards' folder was taken: the units were written among
+    the tars, and pyarrow's dataset of the cache's folder (as the README reads one) then
+    failed with 'Could not open Parquet input source .../digits-0000.tar'."""
+    shards = tmp_path / "data" / "shards"
+    write_digit_shards(str(shards), shards=2, per_shard=2, size=32)
+    output = shards if where == "the shards' folder" else tmp_path / "data"
+    before = sorted(p.name for p in shards.iterdir())
+    for spec in (str(shards), f"{shards}/digits-{{0000..0001}}.tar"):
+        result, seconds = timed_pvu(
+            command, "--shards", spec, "--output", f"{output}/", *SMALL_BACKBONE_FLAGS
+        )
+        assert_actionable(
+            result, seconds, f"--output {output} holds the shards it would read", "beside"
+        )
+    assert sorted(p.name for p in shards.iterdir()) == before  # no lock, no unit
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shards"]
+    # a folder beside the shards (a name they start with, too) is apart from them
+    from jobs.run.cache import CacheJobConfig, check_outputs_apart_from_shards
+
+    beside = CacheJobConfig(shards=str(shards), output=f"{shards}-cache", backbone="resnet10t")
+    check_outputs_apart_from_shards(beside, [str(shards / "digits-0000.tar")])
+
+
 def test_an_also_target_inside_the_output_is_refused_on_the_first_run_too(
     tmp_path: Path,
 ) -> None:

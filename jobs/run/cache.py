@@ -35,6 +35,7 @@ from jobs import project_version
 from jobs.preflight import (
     check_apart,
     check_holds_no_cache,
+    check_holds_no_shards,
     check_not_in_a_cache,
     check_output_folder,
     check_storage,
@@ -454,12 +455,14 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
     """
     check_storage(config.shards, flag="--shards")
     check_outputs(config)
+    urls = expand_shards(config.shards)
+    check_outputs_apart_from_shards(config, urls)
     owner = command_line()
     with contextlib.ExitStack() as stack:
         locks = [
             stack.enter_context(RunLock(target.output, owner=owner)) for target in config.targets()
         ]
-        return _run_cache(config, [lock.lost for lock in locks])
+        return _run_cache(config, urls, [lock.lost for lock in locks])
 
 
 def check_outputs(config: CacheJobConfig) -> None:
@@ -573,8 +576,16 @@ def _order_warning(config: CacheJobConfig, classes: str, names: list[str]) -> st
     )
 
 
-def _run_cache(config: CacheJobConfig, locks_lost: list[threading.Event]) -> PoolReport:
-    urls = expand_shards(config.shards)
+def check_outputs_apart_from_shards(config: CacheJobConfig, urls: list[str]) -> None:
+    """Refuse an ``--output`` (or ``--also`` target's) at or above the folder of a shard of
+    ``urls``: pyarrow's dataset of that cache would read the tar files as Parquet."""
+    for index, target in enumerate(config.targets()):
+        check_holds_no_shards(target.output, urls, flag="--also" if index else "--output")
+
+
+def _run_cache(
+    config: CacheJobConfig, urls: list[str], locks_lost: list[threading.Event]
+) -> PoolReport:
     names = shard_names(urls)
     by_name = dict(zip(names, urls, strict=True))
     sizes = listed_sizes(urls)

@@ -22,6 +22,7 @@ from jobs.run.cache import (
     CacheJobConfig,
     build_provenance,
     check_outputs,
+    check_outputs_apart_from_shards,
     checked_backbones,
     member_advice,
     unit_settings,
@@ -116,6 +117,7 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
     check_outputs(config)  # as pvu cache checks them
     urls = expand_shards(config.shards)
     shard_names(urls)  # refuses what pvu cache refuses: two shards of one name
+    check_outputs_apart_from_shards(config, urls)  # and an output that holds the shards
     for target in config.targets():
         warn_of_label_order(target, urls)  # as pvu cache warns
     infos = checked_backbones(config)  # as pvu cache refuses, every one before any work
