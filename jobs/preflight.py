@@ -132,17 +132,29 @@ INSIDE_A_CACHE = (
 )
 
 
-def check_not_in_a_cache(url: str, *, flag: str) -> None:
+def check_not_in_a_cache(url: str, *, flag: str, itself: bool = False) -> None:
     """Refuse an output ``url`` below a folder that holds a cache (its ``_manifest.json``): a
-    Parquet reader of that cache's folder would read the nested cache's rows as its own."""
+    Parquet reader of that cache's folder would read the nested cache's rows as its own. With
+    ``itself`` (an output of files that are no Parquet: ``pvu shards``'s tars), ``url`` may
+    not be a cache either, and the refusal says that such a reader would meet them."""
     fs, path = fsspec.core.url_to_fs(url)
-    parent = posixpath.dirname(path.rstrip("/"))
+    path = path.rstrip("/")
+    why = (
+        "meets files that are no Parquet" if itself else "would take this cache's rows for its own"
+    )
+    if itself and fs.isfile(f"{path}/{MANIFEST_NAME}"):
+        raise UserError(
+            f"{flag} {url} is the cache {storage_url(fs, path)}: a Parquet reader of the "
+            f"cache's folder (pyarrow's dataset, as the README shows) {why}; give a folder "
+            "outside it"
+        )
+    parent = posixpath.dirname(path)
     while parent and parent != posixpath.dirname(parent):
         if fs.isfile(f"{parent}/{MANIFEST_NAME}"):
             raise UserError(
                 f"{flag} {url} is inside the cache {storage_url(fs, parent)}: a Parquet reader "
-                "of that cache's folder (pyarrow's dataset, as the README shows) would take "
-                "this cache's rows for its own; give a folder outside it"
+                f"of that cache's folder (pyarrow's dataset, as the README shows) {why}; give a "
+                "folder outside it"
             )
         parent = posixpath.dirname(parent)
 

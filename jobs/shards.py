@@ -19,7 +19,12 @@ from rich.table import Table
 from rich.text import Text
 
 from jobs.config import ConfigFile, job_config
-from jobs.preflight import check_not_inside, check_output_folder, check_storage
+from jobs.preflight import (
+    check_not_in_a_cache,
+    check_not_inside,
+    check_output_folder,
+    check_storage,
+)
 from jobs.terminal import (
     Verbose,
     console,
@@ -88,6 +93,7 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
         why="the run that finishes an interrupted one would list its shards as a class; "
         "write them outside the input",
     )
+    check_not_in_a_cache(config.output, flag="--output", itself=True)
     listing = list_dataset(
         config.input,
         path_column=config.path_column,

@@ -534,6 +534,27 @@ def test_an_output_inside_the_input_folder_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_an_output_that_is_a_cache_or_inside_one_is_refused(tmp_path):
+    """--output of a pvu cache's folder (or a folder in it) was taken: shard-000000.tar and
+    classes.json were written among the cache's units, and pyarrow's dataset of the cache's
+    folder (as the README reads one) then failed on the tar."""
+    from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+
+    make_folder(tmp_path / "images", per_class=1)
+    cache = tmp_path / "cache"
+    write_synthetic_cache(
+        str(cache), SyntheticCache(dim=8, samples_per_shard=4, shards=1, epochs=1)
+    )
+    before = sorted(path.name for path in cache.rglob("*"))
+    for output, said in ((cache, "is the cache"), (cache / "shards", "is inside the cache")):
+        result = run("--input", str(tmp_path / "images"), "--output", str(output))
+        assert result.exit_code == 2, result.output
+        assert f"{said} {cache}" in result.text and "no Parquet" in result.text, result.output
+    assert sorted(path.name for path in cache.rglob("*")) == before
+    result = run("--input", str(tmp_path / "images"), "--output", f"{cache}-shards")
+    assert result.exit_code == 0, result.output
+
+
 def test_file_and_class_names_that_are_not_utf8_are_converted(tmp_path):
     """One file named in latin-1 (café.png) stopped the whole run, unable to encode its name."""
     root = tmp_path / "images"
