@@ -658,6 +658,44 @@ def test_a_ray_address_that_answers_but_is_not_joined_says_why(monkeypatch) -> N
     assert "RAY_AUTH_TOKEN" in said and "6379" in said
 
 
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:port", ":6379", "127.0.0.1:99999"]
+)
+@pytest.mark.parametrize("given", ["--ray-address", "RAY_ADDRESS"])
+def test_a_ray_address_that_is_no_host_and_port_is_named(
+    monkeypatch: pytest.MonkeyPatch, address: str, given: str
+) -> None:
+    """A Ray address without a port, or with one that is no port number, ended the job with
+    Ray's 'Invalid address format: 127.0.0.1' or 'Unable to parse port number from port',
+    naming neither the flag nor RAY_ADDRESS nor the form to give; ':6379' was looked up as a
+    host name."""
+    from jobs.run.ray_address import connect_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: pytest.fail("ray.init was called"))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("connected"))
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ValueError) as refused:
+        connect_ray(address if given == "--ray-address" else None)
+    said = str(refused.value)
+    assert said.startswith(f"{given} {address}: not a Ray cluster's address; give HOST:PORT")
+
+
+def test_ray_address_local_starts_pvus_local_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`local`, Ray's word for a new local Ray, went to ray.init as it was: a Ray not bound
+    to 127.0.0.1 as pvu's own local Ray is."""
+    import jobs.run.ray_address as ray_address
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: pytest.fail("ray.init was called"))
+    monkeypatch.setattr(ray_address, "start_local_ray", lambda **k: started.append(k))
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    ray_address.connect_ray(None)
+    ray_address.connect_ray("local")
+    assert len(started) == 2
+
+
 def no_ray_found_by_auto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Ray's ``auto`` sees no Ray running on this machine (this suite's own, say) and looks for
     its address file under ``tmp_path``; ``ray.init`` must not be reached. The file's path."""

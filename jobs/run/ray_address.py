@@ -1,6 +1,7 @@
 """Joining Ray for a job: the cluster at ``--ray-address`` (or ``$RAY_ADDRESS``, ``auto``
 resolved as Ray resolves it), its port probed first so that a cluster that is not there is
-refused in seconds, naming where the address came from; else a local Ray on 127.0.0.1."""
+refused in seconds, naming where the address came from; else (or ``local``) a local Ray on
+127.0.0.1. An address that is no ``HOST:PORT`` (nor ``ray://``...) is refused naming it."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _given_address(address: str | None) -> RayAddress | None:
     """``--ray-address``, else ``$RAY_ADDRESS``, with ``auto`` resolved; None for a local Ray."""
     flag = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address or address == "local":  # Ray's own word for a new local Ray
         return None
     if address == "auto":
         return _auto_address(flag)
@@ -110,8 +111,14 @@ def _check_answers(given: RayAddress) -> bool:
     for minutes; whether something answered there (``ray://``, a client maybe through a proxy,
     and the rest are Ray's to find: False)."""
     host, _, port = given.address.rpartition(":")
-    if "://" in host or not port.isdigit():
+    if "://" in given.address:
         return False
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{given.named}: not a Ray cluster's address; give HOST:PORT, the head's GCS port "
+            "(e.g. 127.0.0.1:6379, as `ray start --head` prints it), ray://HOST:PORT for a Ray "
+            "client, or auto"
+        )
     try:
         _connect(host.strip("[]"), int(port))
     except OSError as error:
