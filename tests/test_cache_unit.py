@@ -253,6 +253,34 @@ def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
             create_backbone_model(BACKBONE, str(tmp_path / name))
 
 
+def test_a_trainers_checkpoint_is_opened_at_its_one_state_dict(tmp_path):
+    """PyTorch's tutorial checkpoint ({'epoch', 'model_state_dict', 'optimizer_state_dict',
+    'loss'}) and one under a key of a trainer's own ('net') were refused as 'not a state dict of
+    tensors', naming nothing it held; an empty 'state_dict_ema' beside the weights was taken
+    for them; an empty state dict was said to hold 'no classifier'."""
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=5)
+    state = model.state_dict()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    files = {
+        "tutorial.pt": {"epoch": 3, "model_state_dict": state, "loss": 0.25,
+                        "optimizer_state_dict": optimizer.state_dict()},
+        "own_key.pt": {"epoch": 3, "net": {f"module.{k}": v for k, v in state.items()}},
+        "empty_ema.pt": {"state_dict_ema": {}, "state_dict": state},
+    }  # fmt: skip
+    for name, checkpoint in files.items():
+        torch.save(checkpoint, tmp_path / name)
+        loaded = create_backbone_model(BACKBONE, str(tmp_path / name))
+        assert torch.equal(loaded.get_classifier().weight, model.get_classifier().weight), name
+    torch.save({"epoch": 3, "a": state, "b": state}, tmp_path / "two.pt")  # which is the model?
+    with pytest.raises(ValueError, match=r"two\.pt: not a state dict .*'epoch', 'a', 'b'"):
+        create_backbone_model(BACKBONE, str(tmp_path / "two.pt"))
+    torch.save({}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty\.pt: holds no tensors"):
+        create_backbone_model(BACKBONE, str(tmp_path / "empty.pt"))
+
+
 def test_manifest_adopts_orphans_and_refuses_other_caches(tmp_path, shards):
     runner = make_runner(str(tmp_path))
     provenance = runner.settings.provenance

@@ -81,10 +81,10 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a torch state dict, never unpickling arbitrary objects.
 
     The format is read from the bytes, not the name (a JAX ``.npz``, refused, by its name).
-    A dict wrapping the weights
-    (``state_dict``, ``model``, EMA) is opened, and a prefix every key shares from
-    ``DataParallel`` (``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning
-    (``model.``) is removed.
+    A dict wrapping the weights (``state_dict``, ``model``, EMA, or the one dict of tensors a
+    checkpoint holds beside others, as ``model_state_dict``) is opened, and a prefix every key
+    shares from ``DataParallel`` (``module.``), ``torch.compile`` (``_orig_mod.``) or
+    Lightning (``model.``) is removed.
     """
     data = read_url(url)
     if url.endswith(".npz"):
@@ -102,7 +102,17 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
             f"({len(data)} bytes{', empty' if not data else ''})"
         )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{url}: not a state dict of tensors")
+        holds = (
+            f"a dict of {', '.join(map(repr, list(state)[:8]))}"
+            if isinstance(state, dict)
+            else f"a {type(state).__name__}"
+        )
+        raise ValueError(
+            f"{url}: not a state dict of tensors, nor a checkpoint holding one dict of them (it "
+            f"holds {holds}); save the model's state_dict() alone, or as a safetensors file"
+        )
+    if not state:
+        raise ValueError(f"{url}: holds no tensors (an empty state dict)")
     return _strip_prefixes(state)
 
 
@@ -118,10 +128,24 @@ def _torch_state(url: str, data: bytes) -> Any:
         ) from None
     except Exception as error:  # a damaged zip or pickle raises many types
         raise ValueError(f"{url}: a damaged torch file, or none ({_first_line(error)})") from None
+    if not isinstance(state, dict) or _holds_tensors(state):
+        return state
     for wrapper in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+        if _holds_tensors(state.get(wrapper)):
             return state[wrapper]
-    return state
+    # a trainer's own key (PyTorch's tutorial saves ``model_state_dict`` beside the
+    # optimizer's, an epoch and a loss): the one dict of tensors the checkpoint holds
+    nested = [key for key, value in state.items() if _holds_tensors(value)]
+    return state[nested[0]] if len(nested) == 1 else state
+
+
+def _holds_tensors(value: Any) -> bool:
+    """Whether ``value`` is a non-empty dict of tensors (a state dict)."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
 
 
 def _is_safetensors(data: bytes) -> bool:
