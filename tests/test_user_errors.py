@@ -450,6 +450,30 @@ def test_an_output_that_holds_the_shards_is_refused_before_any_work(
     check_outputs_apart_from_shards(beside, [str(shards / "digits-0000.tar")])
 
 
+def test_an_empty_output_is_refused_not_taken_for_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--output ""` (an unset variable in a script: `--output "$OUT"`), or an `--also`
+    target's empty output, was made absolute as the working folder, and the cache (or pvu
+    shards' tars) written there; `--output " out"` made a folder named ' out' in it."""
+    shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)
+    write_synthetic_cache(str(tmp_path / "c"), SyntheticCache(dim=8, shards=1, epochs=1))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cache = ["cache", "--shards", shards[0], *SMALL_BACKBONE_FLAGS]
+    for args, said in (
+        ([*cache, "--output", ""], "--output: '' is empty"),
+        ([*cache, "--output", " c"], "--output: ' c' starts or ends with a space"),
+        ([*cache, "--output", "c", "--also", "resnet18,random,"], "--also: '' is empty"),
+        (["shards", "--input", str(tmp_path / "shards"), "--output", ""], "--output '' is empty"),
+        (["shards", "--input", str(tmp_path / "shards"), "--output", "s "], "with a space"),
+        (["train-head", "--cache", str(tmp_path / "c"), "--output", ""], "--output '' is empty"),
+    ):
+        result, seconds = timed_pvu(*args)
+        assert_actionable(result, seconds, said)
+    assert not list((tmp_path / "cwd").iterdir())
+
+
 def test_an_also_target_inside_the_output_is_refused_on_the_first_run_too(
     tmp_path: Path,
 ) -> None:

@@ -92,6 +92,16 @@ def absolute(url: str | None) -> str | None:
     return os.path.abspath(url)
 
 
+def check_given(url: str) -> str:
+    """``url`` unless it is empty or has spaces around it: a local path made absolute would be
+    the working folder (``--output ""``), or a folder named by the spaces below it."""
+    if not url.strip():
+        raise ValueError(f"{url!r} is empty: give a folder (a local path or an fsspec URL)")
+    if url != url.strip():
+        raise ValueError(f"{url!r} starts or ends with a space: give it without (quoted?)")
+    return url
+
+
 def check_weights(weights: str) -> str:
     """``weights`` if it is 'hub', 'random' or an existing file, else ``ValueError``."""
     if weights in ("hub", "random"):
@@ -137,7 +147,7 @@ def parse_model_kwargs(value: object) -> object:
 ModelName = Annotated[str, AfterValidator(check_model_name)]
 ModelKwargs = Annotated[dict[str, Any], BeforeValidator(parse_model_kwargs)]
 Weights = Annotated[str, AfterValidator(check_weights), AfterValidator(absolute)]
-OutputUrl = Annotated[str, AfterValidator(absolute)]
+OutputUrl = Annotated[str, AfterValidator(check_given), AfterValidator(absolute)]
 
 
 class AlsoTarget(BaseModel):
