@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import braceexpand
 import fsspec
 import pytest
 
 from pipeline.cache.shards import (
+    brace_count,
     expand_shards,
     listed_sizes,
     refuse_rebuilt_shards,
@@ -71,6 +73,30 @@ def test_brace_pattern_names_missing_shards(local):
     assert spec in message and "2 of 5" in message and "train-0004.tar" in message
     # Without verification the pattern is taken as it is.
     assert len(expand_shards(spec, verify=False)) == 5
+
+
+def test_a_brace_pattern_of_too_many_urls_is_refused_before_it_is_expanded(tmp_path):
+    """A range a few digits too long ({0..99999999999}) was expanded whole: pvu plan and pvu
+    cache filled the memory until the kernel killed them (exit 137, no message)."""
+    spec = f"{tmp_path}/train-{{0..99999999999}}-{{a,b}}.tar"
+    with pytest.raises(ValueError, match=r"names 200,000,000,000 URLs, more than the 1,000,000"):
+        expand_shards(spec, verify=False)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "a{0000..2047}.tar",
+        "{a,b}{1..5}",
+        "python{2.{5..7},3.{2,3}}",
+        "{4..1}{2..-1}{-3..3..2}{0..10..0}",
+        "{a..g..2}{Z..c}{c..A}",
+        r"{1\{2,3}x{}y{a}{a,}{,}",
+        "{a,b{1..3},{x,y}{1..2}}s{0..2}-{a..c}{,.bak}",
+    ],
+)
+def test_brace_count_is_the_number_braceexpand_makes(pattern):
+    assert brace_count(pattern) == len(list(braceexpand.braceexpand(pattern)))
 
 
 def test_brace_pattern_matching_nothing(tmp_path):

@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import re
+import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -38,6 +39,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
 #: The file ``pvu shards`` keeps in its output while it writes: shards beside it are unfinished.
 UNFINISHED_NAME = "_unfinished"
+#: The most URLs a brace pattern may name. braceexpand makes every URL at once (and each range
+#: whole first), so a range a few digits too long (``{0..99999999999}``) filled the memory and
+#: the kernel killed the run; a list file or a folder names more shards than this.
+MAX_BRACE_URLS = 1_000_000
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # braceexpand's own
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
 
 
 def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
@@ -54,6 +61,12 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
     protocol = _protocol(spec)
 
     if _BRACE.search(spec):
+        if (count := brace_count(spec)) > MAX_BRACE_URLS:
+            raise ValueError(
+                f"--shards {spec!r} names {count:,} URLs, more than the {MAX_BRACE_URLS:,} a "
+                "brace pattern may: check its ranges ({0000..2047} names 2,048); for more "
+                "shards, give their folder or a text file of their URLs, one a line"
+            )
         urls = _dedupe(braceexpand.braceexpand(spec))
         if verify:
             _verify_exist(urls, spec)
@@ -78,6 +91,49 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
     # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
     found = _tar_files(fs, fs.glob(path + "*", detail=True).values())
     return _found_or_raise(fs, found, protocol, spec, "the prefix")
+
+
+def brace_count(pattern: str) -> int:
+    """How many URLs ``braceexpand`` makes of ``pattern`` (duplicates included), counted as
+    it parses the pattern but without making any."""
+    count, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _expression_count(pattern[start + 1 : pos])
+        pos += 1
+    return count
+
+
+def _expression_count(expr: str) -> int:
+    """The URLs one ``{...}`` of a brace pattern makes: a range, a sequence, or a literal."""
+    if match := _INT_RANGE.match(expr):
+        first, last, step = int(match[1]), int(match[2]), int(match[3] or 1) or 1
+        return abs(last - first) // step + 1
+    if match := _CHAR_RANGE.match(expr):
+        alphabet = string.ascii_uppercase + string.ascii_lowercase
+        first, last, step = alphabet.index(match[1]), alphabet.index(match[2]), int(match[3] or 1)
+        return abs(last - first) // (step or 1) + 1
+    parts, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
+        if expr[pos] == "," and depth == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth or not parts:  # no sequence: braceexpand keeps the braces, expands what is inside
+        return brace_count(expr)
+    return sum(brace_count(part) for part in [*parts, expr[start:]])
 
 
 def shard_name(url: str) -> str:
