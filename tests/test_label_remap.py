@@ -13,7 +13,13 @@ from support import make_runner, pvu
 from timm.data import ImageNetInfo
 
 from pipeline.cache.unit import Unit
-from pipeline.dataset.remap import TIMM_SUBSETS, head_names, read_label_remap, read_names
+from pipeline.dataset.remap import (
+    TIMM_SUBSETS,
+    build_remap,
+    head_names,
+    read_label_remap,
+    read_names,
+)
 from pipeline.demo.data import encode_image, write_digit_shards
 
 INFO = Path(timm.__file__).parent / "data" / "_info"
@@ -203,6 +209,23 @@ def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> 
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name}: {message}"):
             read_names(str(tmp_path / name))
+
+
+def test_a_blank_line_inside_a_synset_file_is_refused_not_dropped(tmp_path: Path) -> None:
+    """Line i of a text file names label (or head class) i - 1, but blank lines were dropped:
+    a head file with one in its middle moved every later synset up a class, and the remap sent
+    their samples to the wrong classes, exit 0. Blank lines at the end are still no names."""
+    (tmp_path / "head.txt").write_text("n01443537\n\nn01440764\n")
+    (tmp_path / "classes.txt").write_text("n01440764\nn01443537\n\n\n")
+    assert read_names(str(tmp_path / "classes.txt")) == ["n01440764", "n01443537"]
+    with pytest.raises(ValueError, match=r"head.txt: line 2 is blank, and line i names label"):
+        build_remap(read_names(str(tmp_path / "classes.txt")), str(tmp_path / "head.txt"))
+    result = pvu(
+        *("label-remap", "--classes", str(tmp_path / "head.txt"), "--head", "imagenet-1k"),
+        *("--output", str(tmp_path / "remap.json")),
+    )
+    assert result.exit_code == 2 and "line 2 is blank" in result.text, result.output
+    assert not (tmp_path / "remap.json").exists()
 
 
 def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> None:

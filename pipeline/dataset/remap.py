@@ -56,7 +56,14 @@ def read_names(url: str) -> list[str]:
     except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(f"{url}: not a readable list of label names ({error})") from None
     if names is None:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        names = [line.strip() for line in text.splitlines()]
+        while names and not names[-1]:
+            names.pop()  # the file's last line break, or a few
+        if "" in names:  # line i names label i - 1: a blank line left out moves those after it
+            raise ValueError(
+                f"{url}: line {names.index('') + 1} is blank, and line i names label i - 1: "
+                "remove it (the names after it would move up a label) or write its label's name"
+            )
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{url}: expected a JSON list of label names")
     if not names:
