@@ -521,9 +521,11 @@ def test_a_shuffle_pool_larger_than_the_memory_left_is_refused_with_one_that_fit
     cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without the check the kernel kills the run part way (exit 137, no message)."""
-    monkeypatch.setattr(train_module, "available_memory", lambda: 150_000)  # bytes
+    head = 16 * (33 * 8 + 9)  # bytes of a --hidden 8 head, its gradients and AdamW's moments
+    monkeypatch.setattr(train_module, "available_memory", lambda: 150_000 + head)  # bytes
     args = ["train-head", "--cache", cache, "--output", str(tmp_path / "run"), "--episodes", "2"]
     args += ["--episode-size", "1000", "--batch-size", "256", "--warmup-episodes", "1"]
+    args += ["--hidden", "8"]  # 512,512 would not fit either, as the next test shows
     refused = CliRunner().invoke(_app(), [*args, "--shuffle-rows", "6000"])
     message = " ".join(refused.output.split())
     assert refused.exit_code == 2, refused.output
@@ -533,6 +535,36 @@ def test_a_shuffle_pool_larger_than_the_memory_left_is_refused_with_one_that_fit
     assert 125 < fits < 6000  # a window of more than one row group still fits
     assert not (tmp_path / "run").exists()  # refused before anything was written
     trained = CliRunner().invoke(_app(), [*args, "--shuffle-rows", str(fits)])
+    assert trained.exit_code == 0, trained.output
+
+
+def test_a_head_too_wide_for_the_memory_left_is_refused_naming_hidden(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --hidden typo reached torch: a traceback ('can't allocate memory', or a TypeError for
+    a width past 64 bits), or, where the allocation was granted, a run the kernel killed."""
+    args = ["train-head", "--cache", cache, "--output", str(tmp_path / "run"), "--episodes", "2"]
+    args += ["--episode-size", "1000", "--batch-size", "256", "--warmup-episodes", "1"]
+    for hidden, parameters in (
+        ("99999999999999999999", "3,399,999,999,999,999,999,967"),  # past int64: a TypeError
+        ("200000,200000", "40,007,000,001"),  # 596 GiB: "can't allocate memory"
+    ):
+        refused = CliRunner().invoke(_app(), [*args, "--hidden", hidden])
+        message = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "Traceback" not in message, refused.output
+        head = f"a head of --hidden {hidden} on 32-wide embeddings has {parameters} parameters"
+        assert head in message, message
+        assert "give narrower --hidden widths" in message, message
+    monkeypatch.setattr(train_module, "available_memory", lambda: 2 * 2**20)
+    refused = CliRunner().invoke(_app(), [*args, "--hidden", "512,512"])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2, refused.output
+    assert "has 280,065 parameters, 4.3 MiB with their gradients and AdamW's moments, but " in (
+        message
+    ), message
+    assert "2.0 MiB is left here" in message, message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    trained = CliRunner().invoke(_app(), [*args, "--hidden", "8", "--shuffle-rows", "250"])
     assert trained.exit_code == 0, trained.output
 
 

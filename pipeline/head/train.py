@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import math
@@ -229,7 +230,7 @@ def fit_head(
         )
     sched = config.schedule
     index = open_cache(caches, io_threads=config.stream.io_threads)
-    check_memory(index, config.stream)
+    check_memory(index, config.stream, reserved=check_head_memory(index.dim, config.hidden, device))
     train_rows = training_rows(index, config)
     head = create_head(HeadConfig(index.dim, config.hidden), seed=config.seed).to(device)
     optimizer = create_optimizer(head, sched)
@@ -419,11 +420,35 @@ def _check_finite(head: nn.Module, episode: int, record: dict[str, Any]) -> None
         )
 
 
-def check_memory(index: CacheIndex, stream: StreamConfig) -> None:
+def check_head_memory(dim: int, hidden: Sequence[int], device: torch.device) -> int:
+    """Refuse a head whose weights, gradients and AdamW moments would not fit in the memory
+    left on ``device`` (a --hidden typo): torch's allocation failed with a traceback, a width
+    past 64 bits with a TypeError, and one that fit only on paper got the run killed. Returns
+    the bytes the head takes of the host's memory (none on a GPU)."""
+    widths = (dim, *hidden, 1)
+    params = sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(widths))
+    needed = 16 * params  # float32 weights, their gradients and AdamW's two moments
+    if device.type == "cuda":
+        available: int | None = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = available_memory()
+    room = (1 << 62) if available is None else available  # unknown: still refuse 64-bit overflow
+    if needed <= room:
+        return 0 if device.type == "cuda" else needed
+    left = "" if available is None else f", but {available / 2**20:,.1f} MiB is left here"
+    raise ValueError(
+        f"a head of --hidden {','.join(map(str, hidden))} on {dim}-wide embeddings has "
+        f"{params:,} parameters, {needed / 2**20:,.1f} MiB with their gradients and AdamW's "
+        f"moments{left}; give narrower --hidden widths (the paper's are 512,512)"
+    )
+
+
+def check_memory(index: CacheIndex, stream: StreamConfig, *, reserved: int = 0) -> None:
     """Refuse a stream whose rows held would not fit in the memory left (the kernel would kill
-    the run part way, with no message), with a ``--shuffle-rows`` that fits, if one does."""
+    the run part way, with no message), with a ``--shuffle-rows`` that fits, if one does;
+    ``reserved``: bytes of it the head takes."""
     needed, available = held_bytes(index, stream), available_memory()
-    if available is None or needed <= available:
+    if available is None or needed <= (available := max(0, available - reserved)):
         return
     fits, budget = stream.shuffle_rows, 0.8 * available
     while (held := held_bytes(index, replace(stream, shuffle_rows=fits))) > budget and fits > 1:
