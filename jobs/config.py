@@ -66,15 +66,46 @@ def read_config_file(
     for key, value in document.items():
         name = str(key).replace("-", "_")
         name = aliases.get(name, name)
+        if name in values:  # batch_size and batch-size: the last one won, unsaid
+            raise ConfigFileError(
+                f"config file {path}: {key} is given twice, also spelled another way"
+            )
         values[name] = _checked_value(name, value, config_type, path, name in self_parsed)
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: YAML calls that
+    an error, but PyYAML kept the last value without a word (``batch_size: 64`` written twice
+    in a long file, the first one read by the user)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *defaults, which later keys override
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice, on line {first} and", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _load_yaml(path: str) -> dict[Any, Any]:
     """The mapping in the YAML file at ``path`` (empty for an empty file)."""
     try:
         with fsspec.open(path, "r") as handle:
-            document = yaml.safe_load(handle)
+            document = yaml.load(handle, Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigFileError(f"config file {path} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -15,7 +15,7 @@ import jobs.config
 import jobs.run.cache
 import jobs.run.train_head
 from jobs.cli import app
-from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, load_job_config
+from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, _load_yaml, load_job_config
 from jobs.info import InfoJobConfig
 from jobs.run.cache import CacheJobConfig
 from jobs.run.demo import DemoConfig
@@ -192,6 +192,29 @@ def test_malformed_files_are_refused(tmp_path: Path, text: str, message: str) ->
         load_job_config(TrainHeadConfig, str(tmp_path / "latin1.yaml"))
     with pytest.raises(ConfigFileError, match="is a folder"):
         load_job_config(TrainHeadConfig, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "cache: c\nbatch_size: 64\nlr: 0.1\nbatch_size: 8\n",
+            r"'batch_size' is given twice, on line 2",
+        ),
+        ("cache: c\nbatch_size: 64\nbatch-size: 8\n", "batch-size is given twice, also spelled"),
+        ("cache: [c, {a: 1, a: 2}]\n", "'a' is given twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_the_last_one_taken(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """PyYAML kept the last of two equal keys without a word (YAML calls it an error), and a
+    setting spelled both ways (batch_size, batch-size) kept the later one: a long file's first
+    value, the one the user read, was not the one trained with."""
+    with pytest.raises(ConfigFileError, match=message):
+        load_job_config(TrainHeadConfig, _write(tmp_path, text), output="o")
+    merged = "defaults: &d {lr: 0.1}\nbatches: {<<: *d, lr: 0.2}\n"  # a merge key is overridden
+    assert _load_yaml(_write(tmp_path, merged))["batches"] == {"lr": 0.2}
 
 
 def test_a_yaml_boolean_is_no_number(tmp_path: Path) -> None:
