@@ -10,7 +10,7 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -38,7 +38,7 @@ class InfoJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cache: str
+    cache: str = Field(min_length=1)  # "" (an unset variable) was the working folder
     json_output: bool = False
     verify: bool = False
     checksums: bool = False

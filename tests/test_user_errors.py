@@ -173,6 +173,31 @@ def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:
     assert "samples/s" not in result.output and "━" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("train-head", "--cache", "{cache}", "--output", ""), "--output"),
+        (("train-head", "--cache", "", "--output", "{tmp}/h"), "--cache: value 1"),
+        (("info", ""), "CACHE"),
+        (("label-remap", "--classes", "", "--head", "imagenet-1k", "--output", "r"), "--classes"),
+        (("label-remap", "--classes", "c", "--head", "imagenet-1k", "--output", ""), "--output"),
+    ],
+)
+def test_an_empty_url_is_refused_not_taken_for_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], flag: str
+) -> None:
+    """``--output ""`` (an unset variable) trained into the working folder and said "head
+    exported to  (head.safetensors, head.json)"; ``--cache ""`` and ``pvu info ""`` read the
+    working folder as a cache, as ``pvu evaluate --report ""`` once did."""
+    cache = str(tmp_path / "cache")
+    write_synthetic_cache(cache, SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1))
+    monkeypatch.chdir(tmp_path)
+    result = pvu(*(arg.format(cache=cache, tmp=tmp_path) for arg in args))
+    assert result.exit_code == 2, result.output
+    assert f"{flag}: String should have at least 1 character" in unboxed(result.output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache"]
+
+
 def test_a_missing_eval_dataset_is_named_before_the_others_are_evaluated(tmp_path: Path) -> None:
     """It surfaced only after every dataset ahead of it was read, searched and mapped."""
     cache = str(tmp_path / "eval")

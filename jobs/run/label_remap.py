@@ -9,7 +9,7 @@ map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
 from jobs.preflight import check_storage
@@ -24,9 +24,9 @@ class LabelRemapJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    classes: str
-    head: str
-    output: str
+    classes: str = Field(min_length=1)  # "": an unset variable
+    head: str = Field(min_length=1)
+    output: str = Field(min_length=1)
 
 
 def run_label_remap(config: LabelRemapJobConfig) -> Remap:

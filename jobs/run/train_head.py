@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,8 +50,9 @@ class TrainHeadConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cache: list[str] = Field(min_length=1)
-    output: str
+    # "" (an unset variable) read the working folder as a cache, or trained into it
+    cache: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    output: str = Field(min_length=1)
     loss: Literal["ranking", "l2"] = "ranking"
     episodes: int = Field(default=460, ge=1)
     episode_size: int = Field(default=200_000, ge=1)
