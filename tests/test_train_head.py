@@ -510,6 +510,10 @@ def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--warmup-episodes (10) must be less than --episodes (10)" in (
         " ".join(result.output.split())
     )
+    for flag in ("--min-lr", "--warmup-lr"):  # a decay or warmup that would raise the rate
+        result = CliRunner().invoke(_app(), [*base, "--lr", "0.001", flag, "0.01"])
+        said = f"{flag} (0.01) must be at most --lr (0.001)"
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), flag
     result = CliRunner().invoke(_app(), [*base, "--loss", "hinge"])
     assert result.exit_code == 2 and "--loss" in result.output
     absent = ["train-head", "--cache", str(tmp_path / "none"), "--output", str(tmp_path)]

@@ -104,6 +104,12 @@ class TrainHeadConfig(BaseModel):
                 f"--warmup-episodes ({self.warmup_episodes}) must be less than --episodes "
                 f"({self.episodes}); for a short run give fewer, or --warmup-episodes 0"
             )
+        for flag, rate in (("--min-lr", self.min_lr), ("--warmup-lr", self.warmup_lr)):
+            if rate > self.lr:
+                raise ValueError(
+                    f"{flag} ({rate:g}) must be at most --lr ({self.lr:g}): the schedule "
+                    "warms up from --warmup-lr to --lr, then decays to --min-lr"
+                )
         if self.batch_size > self.episode_size:
             raise ValueError(
                 f"--batch-size ({self.batch_size}) must be at most --episode-size "
