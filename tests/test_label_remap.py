@@ -228,6 +228,17 @@ def test_a_blank_line_inside_a_synset_file_is_refused_not_dropped(tmp_path: Path
     assert not (tmp_path / "remap.json").exists()
 
 
+@pytest.mark.parametrize("suffix", ["txt", "json"])
+def test_a_head_that_names_a_class_twice_is_refused(tmp_path: Path, suffix: str) -> None:
+    """A head's classes are its logits' order: a synset on two lines mapped its samples to the
+    first of them without a word, whichever the classifier was trained on."""
+    names = ["n01440764", "n01443537", "n01440764"]
+    head = tmp_path / f"head.{suffix}"
+    head.write_text(json.dumps(names) if suffix == "json" else "\n".join(names))
+    with pytest.raises(ValueError, match=r"head\.\w+: 'n01440764' names classes 0 and 2"):
+        build_remap(["n01440764"], str(head))
+
+
 def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> None:
     """Windows tools start UTF-8 text with a BOM: the first synset read as '\ufeffn01440764',
     matched no class, and every sample of label 0 would have been skipped, unexplained."""

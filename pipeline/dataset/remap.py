@@ -75,7 +75,7 @@ def head_names(head: str) -> tuple[str, list[str]]:
     """(description, synsets) of a head: a synset file, a timm subset name or a timm model."""
     fs, path = fsspec.core.url_to_fs(head)
     if fs.isfile(path):
-        return head, read_names(head)
+        return head, _unique(head, read_names(head))
     subset = next((name for name in TIMM_SUBSETS if _spelling(name) == _spelling(head)), None)
     if subset is None:
         config = timm.models.get_pretrained_cfg(head)
@@ -87,6 +87,18 @@ def head_names(head: str) -> tuple[str, list[str]]:
             )
     names = ImageNetInfo(subset).label_names()
     return f"{head} (timm {subset}, {len(names):,} classes)", names
+
+
+def _unique(url: str, names: list[str]) -> list[str]:
+    """A head's class ``names`` (its logits' order), refused where one names two classes."""
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if first.setdefault(name, index) != index:
+            raise ValueError(
+                f"{url}: {name!r} names classes {first[name]} and {index}: a head's classes "
+                "are its logits, one name each; which of them was the classifier trained on?"
+            )
+    return names
 
 
 def _spelling(name: str) -> str:
