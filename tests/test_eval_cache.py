@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import numpy as np
@@ -81,6 +82,26 @@ def test_dataset_space_keeps_every_label_and_the_classifier_baselines(tmp_path, 
     expected = list(AMBIGUITY.values()) + [None] * (12 - len(AMBIGUITY))
     assert table.column("ambiguity").to_pylist() == expected
     assert reference.column("ambiguity").null_count == 12, "no --ambiguity-key, no ambiguity"
+
+
+def test_an_ambiguity_key_no_sample_has_is_named(tmp_path, relabelled, caplog):
+    """A misspelled --ambiguity-key gave an all-null column without a word, and the key is the
+    cache's provenance: a rerun with the right one is refused as another cache."""
+    runner = make_runner(
+        str(tmp_path), augment="eval", label_space="dataset", ambiguity_key="ambig"
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.unit"):
+        result = runner.run(Unit(relabelled, "big-0000", 0))
+    assert result.rows == 12
+    assert "none of its 12 sample(s) has a readable 'ambig' member (--ambiguity-key)" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.unit"):
+        make_runner(
+            str(tmp_path / "right"), augment="eval", label_space="dataset", ambiguity_key="amb"
+        ).run(Unit(relabelled, "big-0000", 0))
+    assert "--ambiguity-key" not in caplog.text
 
 
 def test_classifier_space_still_refuses_labels_outside_the_head(tmp_path, relabelled):

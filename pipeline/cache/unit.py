@@ -364,7 +364,10 @@ class Fanout:
             name_skips=unit.epoch == 0,
             source_bytes=unit.source_bytes,
         )
+        seen, with_ambiguity = 0, 0
         for sample in samples:
+            seen += 1
+            with_ambiguity += sample.ambiguity is not None
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
             metas: list[Meta | None] = []
             for runner, counts in zip(self.runners, own, strict=True):
@@ -376,6 +379,14 @@ class Fanout:
             if any(meta is not None for meta in metas):
                 seed = sample_seed(self.settings.seed, unit.epoch, sample.key)
                 yield (sample.key, sample.image, seed), metas
+        key = self.settings.ambiguity_key
+        if key is not None and seen and not with_ambiguity and unit.epoch == 0:
+            log.warning(
+                "%s: none of its %d sample(s) has a readable %r member (--ambiguity-key), so "
+                "their ambiguity is null: is the key right? (the key is part of the cache's "
+                "settings; another one makes another cache)",
+                *(unit.source, seen, key),
+            )
 
     def _prepared(
         self, unit: Unit, shared: Counter, own: list[Counter]
