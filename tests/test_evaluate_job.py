@@ -191,6 +191,19 @@ def test_ambiguity_asked_for_but_absent_is_warned_of(tmp_path: Path, head_dir: s
     assert expected.replace(" ", "") in said(result), result.output
 
 
+def test_a_dataset_whose_retrievals_are_all_right_is_warned_of(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """A one-class cache (a label column of one value, -1 say) reported Recall@1 1.000 and
+    R-AUROC n/a with no word naming it."""
+    x, _ = clustered(60, 3, seed=4)
+    one = write_eval_cache(str(tmp_path / "one"), x, np.zeros(60, dtype=np.int64))
+    result = run("--head", head_dir, "--dataset", f"one={one}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    expected = "one: every row's nearest neighbour has its label (1 class): R-AUROC is n/a"
+    assert expected.replace(" ", "") in said(result), result.output
+
+
 def test_a_dataset_name_with_dollars_is_drawn_as_written(tmp_path: Path, head_dir: str) -> None:
     """matplotlib read 'cars $5$ and $x_$' as math: the report failed after all the work."""
     x, labels = clustered(60, 3, seed=5)

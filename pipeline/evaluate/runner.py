@@ -229,6 +229,14 @@ def _evaluate_set(
         on_chunk=track(f"1-NN {data.name}", len(data)),
     )
     correct = neighbour_correct(data.labels, full.index)
+    if correct.all() or not correct.any():
+        classes = len(np.unique(data.labels))
+        log.warning(
+            "%s: %s row's nearest neighbour has its label (%d %s): R-AUROC is n/a, with no "
+            "right and wrong retrievals to rank",
+            *(data.name, "every" if correct.all() else "no", classes),
+            "class" if classes == 1 else "classes",
+        )
     classifier = data.label_space == "classifier"
     hit = data.pred == data.labels
     flags, ambiguity = _ambiguity(data, options)
