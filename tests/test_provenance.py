@@ -19,6 +19,7 @@ from torchvision import transforms
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from pipeline.cache import shards as shards_module
 from pipeline.cache.augment import TransformConfig, build_transform, resolve_transform
 from pipeline.cache.backbone import create_backbone_model, describe_backbone
 from pipeline.cache.distribute import start_local_ray
@@ -266,15 +267,19 @@ def test_dtype_float32_end_to_end(remapped, shards, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_exit_codes_2_for_bad_input_and_1_for_failed_units(local_ray, shards, tmp_path) -> None:
+def test_exit_codes_2_for_bad_input_and_1_for_failed_units(
+    local_ray, shards, tmp_path, monkeypatch
+) -> None:
     runner = CliRunner()
     missing = runner.invoke(app, cache_command(tmp_path / "no-such-shards", tmp_path / "c1"))
     assert missing.exit_code == 2 and "no-such-shards" in missing.output
     assert "Traceback" not in missing.output
     bad_value = runner.invoke(app, [*cache_command(shards, tmp_path / "c2"), "--epochs", "0"])
     assert bad_value.exit_code == 2 and "epochs" in bad_value.output
-    # a listed shard that cannot be read (a directory named like a tar) fails its unit for good
+    # a listed shard that cannot be read fails its unit for good: a directory named like a tar,
+    # as if it became one after the up-front check (which refuses a listed folder, exit 2)
     (tmp_path / "broken.tar").mkdir()
+    monkeypatch.setattr(shards_module, "is_file_entry", lambda fs, info: True)
     listing = tmp_path / "shards.txt"
     listing.write_text(f"{sorted(shards.glob('*.tar'))[0]}\n{tmp_path / 'broken.tar'}\n")
     failed = runner.invoke(app, [*cache_command(listing, tmp_path / "c3"), "--max-attempts", "1"])

@@ -353,8 +353,8 @@ def test_a_cache_unit_rewritten_while_train_head_reads_it_is_named(
     unit = next(cache.glob("epoch=*/*.parquet"))
     indexed = train_module.check_memory
 
-    def then_rewritten(*args: object) -> None:  # the footers are read: a run rewrites a unit
-        indexed(*args)
+    def then_rewritten(*args: object, **kwargs: object) -> None:  # footers read: a unit rewritten
+        indexed(*args, **kwargs)
         os.replace(shutil.copy(next(other.glob("epoch=*/*.parquet")), tmp_path / "new"), unit)
 
     monkeypatch.setattr(train_module, "check_memory", then_rewritten)
@@ -482,7 +482,6 @@ def test_an_empty_output_is_refused_not_taken_for_the_working_folder(
     target's empty output, was made absolute as the working folder, and the cache (or pvu
     shards' tars) written there; `--output " out"` made a folder named ' out' in it."""
     shards = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)
-    write_synthetic_cache(str(tmp_path / "c"), SyntheticCache(dim=8, shards=1, epochs=1))
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     cache = ["cache", "--shards", shards[0], *SMALL_BACKBONE_FLAGS]
@@ -492,8 +491,7 @@ def test_an_empty_output_is_refused_not_taken_for_the_working_folder(
         ([*cache, "--output", "c", "--also", "resnet18,random,"], "--also: '' is empty"),
         (["shards", "--input", str(tmp_path / "shards"), "--output", ""], "--output '' is empty"),
         (["shards", "--input", str(tmp_path / "shards"), "--output", "s "], "with a space"),
-        (["train-head", "--cache", str(tmp_path / "c"), "--output", ""], "--output '' is empty"),
-    ):
+    ):  # train-head's: test_an_empty_url_is_refused_not_taken_for_the_working_folder
         result, seconds = timed_pvu(*args)
         assert_actionable(result, seconds, said)
     assert not list((tmp_path / "cwd").iterdir())
