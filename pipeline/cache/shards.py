@@ -23,7 +23,7 @@ import posixpath
 import re
 import string
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import braceexpand
@@ -96,20 +96,28 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
 def brace_count(pattern: str) -> int:
     """How many URLs ``braceexpand`` makes of ``pattern`` (duplicates included), counted as
     it parses the pattern but without making any."""
-    count, start, depth, pos = 1, 0, 0, 0
-    while pos < len(pattern):
-        if pattern[pos] == "\\":
-            pos += 2
-            continue
-        if pattern[pos] == "{":
+    count, start, depth = 1, 0, 0
+    for pos, char in _unescaped(pattern):
+        if char == "{":
             start = pos if depth == 0 else start
             depth += 1
-        elif pattern[pos] == "}":
+        elif char == "}":
             depth -= 1
             if depth == 0:
                 count *= _expression_count(pattern[start + 1 : pos])
-        pos += 1
     return count
+
+
+def _unescaped(text: str) -> Iterator[tuple[int, str]]:
+    """``(position, character)`` of each character of ``text`` that a backslash does not
+    escape (braceexpand's escapes: the backslash and the character after it are skipped)."""
+    pos = 0
+    while pos < len(text):
+        if text[pos] == "\\":
+            pos += 2
+            continue
+        yield pos, text[pos]
+        pos += 1
 
 
 def _expression_count(expr: str) -> int:
@@ -121,16 +129,12 @@ def _expression_count(expr: str) -> int:
         alphabet = string.ascii_uppercase + string.ascii_lowercase
         first, last, step = alphabet.index(match[1]), alphabet.index(match[2]), int(match[3] or 1)
         return abs(last - first) // (step or 1) + 1
-    parts, start, depth, pos = [], 0, 0, 0
-    while pos < len(expr):
-        if expr[pos] == "\\":
-            pos += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
-        if expr[pos] == "," and depth == 0:
+    parts, start, depth = [], 0, 0
+    for pos, char in _unescaped(expr):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
             parts.append(expr[start:pos])
             start = pos + 1
-        pos += 1
     if depth or not parts:  # no sequence: braceexpand keeps the braces, expands what is inside
         return brace_count(expr)
     return sum(brace_count(part) for part in [*parts, expr[start:]])
