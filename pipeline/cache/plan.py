@@ -29,6 +29,7 @@ from webdataset.tariterators import base_plus_ext
 
 from pipeline.cache.backbone import Backbone
 from pipeline.cache.samples import (
+    FOREIGN_HEAD_BYTES,
     METADATA_MEMBER,
     EndRecordingTarInfo,
     foreign_archive,
@@ -140,7 +141,7 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
             damage = f"{type(error).__name__}: {error}"
     if damage and not samples:  # a zstd or zip file, say, named as the cache names it
         with fsspec.open(url, "rb") as handle:
-            if kind := foreign_archive(handle.read(8)):
+            if kind := foreign_archive(handle.read(FOREIGN_HEAD_BYTES)):
                 damage = f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
     if damage:  # the samples before it are what the cache reads
         log.warning(

@@ -186,6 +186,10 @@ _FOREIGN = {
 }
 
 
+#: Bytes of a file's start that :func:`foreign_archive` looks at.
+FOREIGN_HEAD_BYTES = max(map(len, _FOREIGN))
+
+
 def foreign_archive(head: bytes) -> str | None:
     """What a file that starts with ``head`` is, where it is a known archive or compression
     that no tar reader here opens; None otherwise."""
@@ -606,9 +610,6 @@ class ShardChanged(OSError):
     """A shard changed size while a unit read it: the unit is not committed from it."""
 
 
-_HEAD_BYTES = 8
-
-
 class _StorageStream:
     """A forward-reading byte stream of one object that survives transient storage errors.
 
@@ -647,8 +648,8 @@ class _StorageStream:
             base_delay=self._base_delay,
             what=f"read {self._url} at byte {self._pos}",
         )
-        if len(self.head) < _HEAD_BYTES:
-            self.head += data[: _HEAD_BYTES - len(self.head)]
+        if len(self.head) < FOREIGN_HEAD_BYTES:
+            self.head += data[: FOREIGN_HEAD_BYTES - len(self.head)]
         self._pos += len(data)
         return data
 
