@@ -141,8 +141,7 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
             damage = f"{type(error).__name__}: {error}"
     if damage and not samples:  # a zstd or zip file, say, named as the cache names it
         with fsspec.open(url, "rb") as handle:
-            if kind := foreign_archive(handle.read(FOREIGN_HEAD_BYTES)):
-                damage = f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
+            damage = foreign_archive(handle.read(FOREIGN_HEAD_BYTES)) or damage
     if damage:  # the samples before it are what the cache reads
         log.warning(
             "%s: %s, after %d sample(s): pvu cache reads those and names the shard as cut short",

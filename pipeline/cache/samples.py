@@ -148,10 +148,8 @@ def iter_samples(
     elif not sampled and not damage:
         logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
-        if yielded == 0 and (kind := foreign_archive(stream.head)):
-            damage[0] = (
-                f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz; {damage[0]}"
-            )
+        if yielded == 0 and (named := foreign_archive(stream.head)):
+            damage[0] = f"{named}; {damage[0]}"
         if source_bytes is not None:
             size = retry(stream.size, attempts=attempts, base_delay=base_delay, what=f"size {url}")
             _check_unchanged(url, stream.position, damage[0], size, source_bytes)
@@ -191,9 +189,10 @@ FOREIGN_HEAD_BYTES = max(map(len, _FOREIGN))
 
 
 def foreign_archive(head: bytes) -> str | None:
-    """What a file that starts with ``head`` is, where it is a known archive or compression
-    that no tar reader here opens; None otherwise."""
-    return next((kind for magic, kind in _FOREIGN.items() if head.startswith(magic)), None)
+    """What a file that starts with ``head`` is and what to do, where it is a known archive or
+    compression that no tar reader here opens; None otherwise."""
+    kind = next((kind for magic, kind in _FOREIGN.items() if head.startswith(magic)), None)
+    return kind and f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
 
 
 def _check_unchanged(url: str, position: int, damage: str, size: int, listed: int) -> None:
