@@ -108,10 +108,12 @@ def check_holds_no_shards(url: str, shards: list[str], *, flag: str) -> None:
     (pyarrow's dataset, as the README shows) meets the tar files and fails. One lookup per
     folder of shards."""
     out_kind, out_path = _located(url)
-    for folder in dict.fromkeys(posixpath.dirname(shard) for shard in shards):
+    first_in: dict[str, str] = {}  # each folder of shards, and its first shard
+    for shard in shards:
+        first_in.setdefault(posixpath.dirname(shard), shard)
+    for folder, first in first_in.items():
         kind, path = _located(folder)
         if kind is out_kind and path.startswith(out_path):
-            first = next(s for s in shards if posixpath.dirname(s) == folder)
             raise UserError(
                 f"{flag} {url} holds the shards it would read ({first}): its units would lie "
                 "among them, where a Parquet reader of the cache's folder (pyarrow's dataset, "
