@@ -108,13 +108,14 @@ def list_folder(url: str) -> Listing:
     unread: Counter[str] = Counter()  # the ignored files of class folders, not hidden
     for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
-        if len(parts) < 2 or any(map(_hidden, parts)) or not path.lower().endswith(IMAGE_SUFFIXES):
+        in_class = len(parts) >= 2 and not any(map(_hidden, parts))
+        if in_class and path.lower().endswith(IMAGE_SUFFIXES):
+            by_class[parts[0]].append(storage_url(fs, path))
+        else:
             suffix = readable(posixpath.splitext(path)[1].lower())
             ignored[suffix] += 1
-            if len(parts) >= 2 and not any(map(_hidden, parts)):
+            if in_class:
                 unread[suffix] += 1
-        else:
-            by_class[parts[0]].append(storage_url(fs, path))
     if not any(by_class.values()):
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
