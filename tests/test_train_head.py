@@ -226,6 +226,18 @@ def test_a_handful_of_validation_rows_is_warned_about(
     assert "--val-fraction 0: no validation rows, so no validation metrics" in caplog.text
 
 
+def test_val_rows_0_warns_that_the_slice_is_held_out_unvalidated(
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--val-rows 0 turned validation off silently, while the --val-fraction slice stayed out
+    of training: rows neither trained nor validated on."""
+    config = dataclasses.replace(_config(episodes=2), val_rows=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        result = fit_head([cache], str(tmp_path), config)
+    assert "--val-rows 0: no validation metrics, yet the --val-fraction 0.2 slice" in caplog.text
+    assert result.metrics[-1]["val_rows"] == 0
+
+
 def test_resume_without_a_checkpoint_warns_that_it_starts_afresh(
     cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -354,6 +354,12 @@ def _validation_rows(index: CacheIndex, config: TrainConfig) -> Batch:
     few = min(MIN_VALIDATION_ROWS, config.val_rows)  # --val-rows may cap them on purpose
     if config.stream.val_fraction == 0:
         log.warning("--val-fraction 0: no validation rows, so no validation metrics")
+    elif config.val_rows == 0:  # the slice is held out all the same: its rows go unused
+        log.warning(
+            "--val-rows 0: no validation metrics, yet the --val-fraction %g slice is still "
+            "held out of training; give --val-fraction 0 as well to train on every row",
+            config.stream.val_fraction,
+        )
     elif len(val) < few:
         log.warning(
             "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
