@@ -363,3 +363,19 @@ def test_a_sample_the_remap_leaves_out_is_named_by_the_remap(tmp_path, caplog):
     assert "label 9 maps to no class of the head by --label-remap (it maps labels 0 to 8)" in (
         caplog.text
     )
+
+
+def test_a_remap_into_a_cache_is_refused(tmp_path: Path) -> None:
+    """An --output inside a cache (or at a cache's folder) was written there: a Parquet reader
+    of the cache's folder then met a .json among its units and failed."""
+    from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+
+    cache = tmp_path / "cache"
+    write_synthetic_cache(str(cache), SyntheticCache(dim=8, samples_per_shard=64, shards=1))
+    (tmp_path / "synsets.txt").write_text("\n".join(CLASSES) + "\n")
+    for output, said in ((cache / "remap.json", "is inside the cache"), (cache, "is the cache")):
+        result = run("--classes", str(tmp_path / "synsets.txt"), "--head", "imagenet1k",
+                     "--output", str(output))  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert f"--output {output} {said} {cache}" in result.text
+    assert not (cache / "remap.json").exists()

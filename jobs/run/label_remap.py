@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-from jobs.preflight import check_storage
+from jobs.preflight import check_not_in_a_cache, check_storage
 from jobs.terminal import summary_table
 from pipeline.dataset.remap import Remap, build_remap, read_names, write_remap
 
@@ -33,6 +33,7 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     """Build the remap and write it to ``config.output``; refuses one that maps nothing."""
     check_storage(config.classes, flag="--classes", must_exist=True)
     check_storage(config.output, flag="--output")
+    check_not_in_a_cache(config.output, flag="--output", itself=True)  # a .json/.txt, no Parquet
     remap = build_remap(read_names(config.classes), config.head)
     if len(remap.missing) == len(remap.classes):
         raise ValueError(
