@@ -379,3 +379,15 @@ def test_a_remap_into_a_cache_is_refused(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert f"--output {output} {said} {cache}" in result.text
     assert not (cache / "remap.json").exists()
+
+
+def test_names_in_a_json_list_are_stripped_as_a_text_files_are(tmp_path: Path) -> None:
+    """A text file's lines were stripped, a JSON list's names not: ' n01440764' in a
+    classes.json matched no class, and its samples were all skipped as outside the head."""
+    names = [" n01440764", "n01443537\t", "n15075141\r"]
+    (tmp_path / "classes.json").write_text(json.dumps(names))
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    for name in ("classes.json", "classes.txt"):
+        assert read_names(str(tmp_path / name)) == ["n01440764", "n01443537", "n15075141"]
+    remap = build_remap(read_names(str(tmp_path / "classes.json")), "imagenet-1k")
+    assert remap.table == [0, 1, 999] and not remap.missing

@@ -49,7 +49,8 @@ class Remap:
 
 
 def read_names(url: str) -> list[str]:
-    """Label names from a JSON list (``classes.json``) or a text file, one name per line."""
+    """Label names from a JSON list (``classes.json``) or a text file, one name per line; each
+    stripped of the blanks around it, in either (``" n01440764"`` is that synset)."""
     try:
         text = read_url(url).decode("utf-8-sig")  # a BOM (Notepad) is no part of the first name
         names = json.loads(text) if _is_json(url) else None
@@ -68,7 +69,7 @@ def read_names(url: str) -> list[str]:
         raise ValueError(f"{url}: expected a JSON list of label names")
     if not names:
         raise ValueError(f"{url}: holds no label names")
-    return names
+    return [name.strip() for name in names]  # a text file's are already
 
 
 def head_names(head: str) -> tuple[str, list[str]]:
