@@ -391,3 +391,17 @@ def test_names_in_a_json_list_are_stripped_as_a_text_files_are(tmp_path: Path) -
         assert read_names(str(tmp_path / name)) == ["n01440764", "n01443537", "n15075141"]
     remap = build_remap(read_names(str(tmp_path / "classes.json")), "imagenet-1k")
     assert remap.table == [0, 1, 999] and not remap.missing
+
+
+@pytest.mark.parametrize("suffix", ["txt", "json"])
+def test_classes_that_name_a_label_twice_are_refused(tmp_path: Path, suffix: str) -> None:
+    """A --classes file naming one synset for two labels was remapped without a word, both
+    labels sent to one class; a --head file naming a synset twice was already refused."""
+    names = ["n01440764", "n01443537", "n01440764"]
+    classes = tmp_path / f"classes.{suffix}"
+    classes.write_text(json.dumps(names) if suffix == "json" else "\n".join(names))
+    result = run("--classes", str(classes), "--head", "imagenet1k",
+                 "--output", str(tmp_path / "remap.json"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{classes}: 'n01440764' names labels 0 and 2" in result.text
+    assert not (tmp_path / "remap.json").exists()

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from jobs.preflight import check_not_in_a_cache, check_storage
 from jobs.terminal import summary_table
-from pipeline.dataset.remap import Remap, build_remap, read_names, write_remap
+from pipeline.dataset.remap import Remap, build_remap, read_names, unique_names, write_remap
 
 SHOWN_MISSING = 20
 
@@ -34,7 +34,8 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     check_storage(config.classes, flag="--classes", must_exist=True)
     check_storage(config.output, flag="--output")
     check_not_in_a_cache(config.output, flag="--output", itself=True)  # a .json/.txt, no Parquet
-    remap = build_remap(read_names(config.classes), config.head)
+    classes = unique_names(config.classes, read_names(config.classes), of="labels")
+    remap = build_remap(classes, config.head)
     if len(remap.missing) == len(remap.classes):
         raise ValueError(
             f"no label of {config.classes} is a class of head {remap.head} "

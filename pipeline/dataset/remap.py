@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import fsspec
 import numpy as np
@@ -76,7 +77,7 @@ def head_names(head: str) -> tuple[str, list[str]]:
     """(description, synsets) of a head: a synset file, a timm subset name or a timm model."""
     fs, path = fsspec.core.url_to_fs(head)
     if fs.isfile(path):
-        return head, _unique(head, read_names(head))
+        return head, unique_names(head, read_names(head), of="classes")
     subset = next((name for name in TIMM_SUBSETS if _spelling(name) == _spelling(head)), None)
     if subset is None:
         config = timm.models.get_pretrained_cfg(head)
@@ -90,14 +91,23 @@ def head_names(head: str) -> tuple[str, list[str]]:
     return f"{head} (timm {subset}, {len(names):,} classes)", names
 
 
-def _unique(url: str, names: list[str]) -> list[str]:
-    """A head's class ``names`` (its logits' order), refused where one names two classes."""
+#: Why a name may not name two of a list's entries, by what they are.
+_NAMED_ONCE = {
+    "classes": "a head's classes are its logits, one name each; which of them was the "
+    "classifier trained on?",
+    "labels": "each of the shards' labels is a class of its own, one name each; correct the "
+    "one that names another's class",
+}
+
+
+def unique_names(url: str, names: list[str], *, of: Literal["classes", "labels"]) -> list[str]:
+    """``names`` read from ``url``, a head's ``classes`` (its logits' order) or the shards'
+    ``labels``, refused where one names two of them."""
     first: dict[str, int] = {}
     for index, name in enumerate(names):
         if first.setdefault(name, index) != index:
             raise ValueError(
-                f"{url}: {name!r} names classes {first[name]} and {index}: a head's classes "
-                "are its logits, one name each; which of them was the classifier trained on?"
+                f"{url}: {name!r} names {of} {first[name]} and {index}: {_NAMED_ONCE[of]}"
             )
     return names
 
