@@ -132,6 +132,25 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     assert verified.exit_code == 0 and "not checked │ missing units" in verified.text, verified.text
 
 
+def test_a_folder_named_epoch_but_no_number_is_no_epoch_of_the_cache(cache, tmp_path):
+    """A bare cache's epoch=abc folder (a backup, say) was taken for an epoch: its units were
+    counted as an epoch's, and read by training."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    os.rename(copy / "epoch=0001", copy / "epoch=abc")
+    summary = info_json(str(copy))
+    assert list(summary["epochs"]) == ["0"] and summary["units"] == 3
+    assert [Path(f.url).parent.name for f in open_cache([str(copy)]).files] == ["epoch=0000"] * 3
+    shutil.rmtree(copy / "epoch=0000")
+    result = pvu("info", str(copy))
+    assert result.exit_code == 2, result.output
+    assert f"left out {copy}/epoch=abc: not an epoch folder" in result.text
+    assert f"{copy} is not a pvu cache: no _manifest.json and no epoch=<number>/" in result.text
+
+
 def test_info_without_manifest_reads_the_footers_in_parallel(cache, tmp_path, monkeypatch):
     """They were read one at a time: 1:43 for 14,000 units on a local S3 server, where the
     parallel --verify took 49 s (58.6 s against 12.3 s for 2,000 units at 20 ms latency)."""

@@ -55,6 +55,22 @@ def test_deleted_truncated_and_replaced_units_are_named(tmp_path: Path) -> None:
     assert f"`pvu info {url}` shows the settings" in str(refused.value)
 
 
+def test_reconcile_leaves_a_folder_named_epoch_but_no_number_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy of an epoch as epoch=backup was taken for an epoch folder: pvu cache deleted its
+    files as units in the wrong place."""
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    (url / "epoch=backup").mkdir()
+    (url / "epoch=backup" / "shard-00000.parquet").write_bytes((url / UNITS[0]).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.verify"):
+        manifest = reconcile(Manifest.open(str(url), read_manifest(str(url))["provenance"]))
+    assert (url / "epoch=backup" / "shard-00000.parquet").exists()
+    assert sorted(manifest.units) == UNITS
+    assert f"left out {url}/epoch=backup: not an epoch folder" in caplog.text
+
+
 def test_a_same_size_file_of_another_unit_is_caught_by_its_footer(tmp_path: Path) -> None:
     url = tmp_path / "c"
     write_synthetic_cache(str(url), SPEC)

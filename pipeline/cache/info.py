@@ -122,7 +122,9 @@ def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
     read in parallel."""
     sizes = list_unit_files(url)
     if not sizes:
-        raise ValueError(f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=*/*.parquet")
+        raise ValueError(
+            f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=<number>/*.parquet"
+        )
     units: dict[str, dict[str, Any]] = {}
     unreadable: dict[str, str] = {}
     provenance: dict[str, Any] = {}

@@ -12,6 +12,7 @@ that passed and checks its CRC-32 (a byte damaged in place leaves size and foote
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,11 +84,16 @@ class CacheCheck:
         )
 
 
+#: The name of a cache's epoch folder (``epoch=0000``, as :func:`unit_path` writes it).
+EPOCH_FOLDER = re.compile(r"epoch=[0-9]+")
+
+
 def list_unit_files(url: str) -> dict[str, int]:
     """Size of every committed unit file under the cache at ``url``, by path relative to it.
 
-    One listing of the root and one of each ``epoch=*`` folder, bypassing listing caches;
-    staging and hidden files (``_*``, ``.*``) are not units.
+    One listing of the root and one of each ``epoch=<number>`` folder, bypassing listing
+    caches; staging and hidden files (``_*``, ``.*``) are not units, nor are the files of an
+    ``epoch=`` folder of another name (``epoch=abc``: warned of, naming it).
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
@@ -99,6 +105,14 @@ def list_unit_files(url: str) -> dict[str, int]:
     for folder in folders:
         name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
         if folder["type"] != "directory" or not name.startswith("epoch="):
+            continue
+        if not EPOCH_FOLDER.fullmatch(name):
+            log.warning(
+                "left out %s/%s: not an epoch folder (pvu cache writes epoch=<number>, as "
+                "epoch=0000), though a Parquet reader of the cache's folder takes it for one; "
+                "move it out of the cache",
+                *(url.rstrip("/"), name),
+            )
             continue
         for entry in list_folder(fs, folder["name"]):
             filename = entry["name"].rsplit("/", 1)[-1]
