@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from jobs.terminal import UserError
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.shards import storage_url
+from pipeline.cache.verify import EPOCH_FOLDER
 from pipeline.retry import list_folder
 
 CREDENTIALS_HINT = (
@@ -175,8 +176,8 @@ def check_holds_no_cache(url: str, *, flag: str) -> None:
     """Refuse an output ``url`` holding a cache (its ``_manifest.json``) up to
     ``NESTED_CACHE_DEPTH`` folders down: this cache's units would lie beside it, and a Parquet
     reader of ``url`` would read both. One listing per folder, ``NESTED_CACHE_LISTINGS`` at
-    most, nearest first; ``epoch=*`` folders (a cache's units) are not listed, so the cost is
-    that of the tree's top, whatever the caches hold."""
+    most, nearest first; ``epoch=<number>`` folders (a cache's units) are not listed, so the
+    cost is that of the tree's top, whatever the caches hold."""
     fs, path = fsspec.core.url_to_fs(url)
     folders = [path.rstrip("/")]
     listed = 0
@@ -199,7 +200,7 @@ def check_holds_no_cache(url: str, *, flag: str) -> None:
             below += [
                 entry["name"].rstrip("/")
                 for name, entry in names.items()
-                if entry["type"] == "directory" and not name.startswith("epoch=")
+                if entry["type"] == "directory" and not EPOCH_FOLDER.fullmatch(name)
             ]
         folders = below
 

@@ -531,17 +531,17 @@ def test_an_output_that_holds_another_cache_is_refused(
     from jobs.run.cache import CacheJobConfig, check_outputs
 
     root = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
-    held = f"{root}/runs/exp/vit_b"
+    held = f"{root}/runs/epoch=best/vit_b"  # only epoch=<number> folders go unlisted
     write_synthetic_cache(held, SyntheticCache(dim=8, samples_per_shard=8, shards=1, epochs=1))
     shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
     config = CacheJobConfig(shards=shard, output=held, backbone="resnet10t", weights="random")
-    for output in (f"{root}/runs", f"{root}/runs/exp/"):
+    for output in (f"{root}/runs", f"{root}/runs/epoch=best/"):
         with pytest.raises(
             UserError, match=re.escape(f"--output {output} holds the cache {held}: ")
         ):
             check_outputs(config.model_copy(update={"output": output}))
     check_outputs(config)  # the cache itself, run again to resume or extend it
-    check_outputs(config.model_copy(update={"output": f"{root}/runs/exp-2"}))
+    check_outputs(config.model_copy(update={"output": f"{root}/runs/epoch=best-2"}))
 
 
 def test_looking_for_caches_under_an_output_lists_a_bounded_number_of_folders(
