@@ -74,7 +74,11 @@ def cache(
         typer.Option(help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)."),
     ] = None,
     cpus_per_actor: Annotated[
-        float | None, typer.Option(help="CPUs per actor (default: the node's share).")
+        float | None,
+        typer.Option(
+            help="CPUs per actor, above 0 (default: the node's share); below 1, several actors "
+            "share a core, each with its own backbone (warned of past the cluster's cores)."
+        ),
     ] = None,
     image_key: Annotated[
         str | None,

@@ -172,3 +172,17 @@ def test_plan_actors_counts_only_the_actors_a_node_can_hold(caplog):
     assert planned[0] == 4 and "--actors 4: the Ray cluster holds 1 cache actor(s) at once" in (
         caplog.text
     )
+
+
+def test_plan_actors_warns_of_fractional_cpus_past_the_cores(caplog):
+    """--cpus-per-actor 0.1 on a CPU cluster planned 80 actors on 8 cores without a word: each
+    runs its backbone on at least one thread, holding its own copy of it."""
+    with caplog.at_level(logging.WARNING):
+        planned = plan_actors([{"CPU": 8}], actors=None, gpus_per_actor=0, cpus_per_actor=0.1)
+    assert planned == (80, 0.0, 0.1)
+    assert "--cpus-per-actor 0.1 plans 80 cache actors on 8 CPU(s)" in caplog.text
+    assert "--cpus-per-actor 1 or more, or --actors 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # as many actors as cores: nothing to say
+        plan_actors([{"CPU": 8}], actors=8, gpus_per_actor=0, cpus_per_actor=0.5)
+    assert caplog.text == ""

@@ -171,13 +171,14 @@ def plan_actors(
             min(count, math.floor(cores / cpus))
             for count, cores in zip(per_node, node_cpus, strict=True)
         )  # a GPU node without the CPUs for an actor holds none
-        return _asked_or(actors, fits), gpus, cpus
+        return _warn_of_shared_cores(_asked_or(actors, fits), cpus, node_cpus), gpus, cpus
     cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
     if not cpu_nodes:
         raise ValueError("the Ray cluster has no CPUs to run cache actors on")
     cpus = cpus_per_actor or float(min(cpu_nodes))
     _check_fits(cpus, cpu_nodes, given=cpus_per_actor is not None)
-    return _asked_or(actors, sum(math.floor(cores / cpus) for cores in cpu_nodes)), 0.0, cpus
+    planned = _asked_or(actors, sum(math.floor(cores / cpus) for cores in cpu_nodes))
+    return _warn_of_shared_cores(planned, cpus, cpu_nodes), 0.0, cpus
 
 
 def _check_fits(cpus: float, node_cpus: list[float], *, given: bool) -> None:
@@ -193,6 +194,21 @@ def _check_fits(cpus: float, node_cpus: list[float], *, given: bool) -> None:
         f"a cache actor needs {cpus:g} CPU(s) beside its GPU, but the Ray cluster's GPU nodes "
         f"have at most {max(node_cpus):g}: start them with CPUs (ray start --num-cpus N)"
     )
+
+
+def _warn_of_shared_cores(planned: int, cpus: float, node_cpus: list[float]) -> int:
+    """``planned``; warns where a fractional ``cpus`` plans more actors than the nodes
+    ``node_cpus`` have cores: each actor still runs at least one thread and holds its own
+    backbone, so they only share the cores and multiply the memory."""
+    cores = sum(node_cpus)
+    if cpus < 1 and planned > cores:
+        log.warning(
+            "--cpus-per-actor %g plans %d cache actors on %g CPU(s): each runs its backbone "
+            "with at least one thread and holds its own copy, so they share the cores (no "
+            "faster) and multiply the memory; give --cpus-per-actor 1 or more, or --actors %d",
+            *(cpus, planned, cores, max(1, math.floor(cores))),
+        )
+    return planned
 
 
 def _asked_or(actors: int | None, fits: int) -> int:
