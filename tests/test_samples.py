@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.cache.decode import decode_image
 from pipeline.cache.plan import read_prefix
 from pipeline.cache.samples import RawSample, iter_samples, parse_label
+from pipeline.cache.shards import expand_shards
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.demo.data import (
     bad_samples,
@@ -478,6 +479,28 @@ def test_an_archive_that_is_no_tar_is_named_as_what_it_is(tmp_path, caplog, magi
     assert f"{path}: truncated or corrupt tar ({kind}, which no tar reader here opens" in (
         caplog.text
     )
+
+
+def test_a_listed_file_that_is_no_tar_is_named(tmp_path, caplog):
+    """A JPEG or a text file named in a shard list was counted 'truncated or corrupt tar
+    (ReadError: bad checksum)', as if a tar had been cut short; pvu plan said the same."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 90, 200)).save(jpeg, format="JPEG")
+    (tmp_path / "cat.jpg").write_bytes(jpeg.getvalue())
+    (tmp_path / "notes.txt").write_text("shard-000000.tar\n" * 50)
+    (tmp_path / "list.txt").write_text("cat.jpg\nnotes.txt\n")
+    photo, notes = expand_shards(str(tmp_path / "list.txt"))
+    caplog.set_level(logging.WARNING)
+    for url in (photo, notes):
+        samples, counts = _read(url)
+        assert samples == [] and counts == {"truncated_tar": 1}
+        read_prefix(url, 8, Path(url).stat().st_size)
+    assert f"{photo}: truncated or corrupt tar (a JPEG image, not a tar: list only .tar or " in (
+        caplog.text
+    )
+    assert f"{photo}: a JPEG image, not a tar: list only .tar or .tar.gz shards" in caplog.text
+    assert f"{notes}: truncated or corrupt tar (not a tar (a text file? " in caplog.text
+    assert f"{notes}: not a tar (a text file? a tar cut short in its first 512" in caplog.text
 
 
 def test_a_sound_tar_without_samples_is_named(tmp_path, caplog):

@@ -32,8 +32,9 @@ from pipeline.cache.samples import (
     FOREIGN_HEAD_BYTES,
     METADATA_MEMBER,
     EndRecordingTarInfo,
-    foreign_archive,
+    NoTarHeader,
     is_safe_name,
+    not_a_tar,
     tar_end_damage,
 )
 from pipeline.cache.shards import listed_sizes
@@ -120,6 +121,7 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
     order, so that the cache's reader groups and skips them as it does the shard."""
     samples: list[Sample] = []
     damage = None
+    no_tar: NoTarHeader | None = None
     with fsspec.open(url, "rb") as handle:
         try:
             with tarfile.open(fileobj=handle, mode="r|*", tarinfo=EndRecordingTarInfo) as tar:
@@ -137,11 +139,13 @@ def read_prefix(url: str, max_samples: int, size: int) -> ShardPrefix:
                     samples[-1][1].append((info.name, member.read() if member else b""))
                     tar.members = []
                 damage = tar_end_damage(tar)
+        except NoTarHeader as error:
+            no_tar = error
         except (tarfile.TarError, EOFError, zlib.error) as error:
             damage = f"{type(error).__name__}: {error}"
-    if damage and not samples:  # a zstd or zip file, say, named as the cache names it
+    if no_tar:  # a zstd file or a JPEG, say, named as the cache names it
         with fsspec.open(url, "rb") as handle:
-            damage = foreign_archive(handle.read(FOREIGN_HEAD_BYTES)) or damage
+            damage = not_a_tar(handle.read(FOREIGN_HEAD_BYTES), no_tar)
     if damage:  # the samples before it are what the cache reads
         log.warning(
             "%s: %s, after %d sample(s): pvu cache reads those and names the shard as cut short",

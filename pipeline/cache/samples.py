@@ -148,8 +148,6 @@ def iter_samples(
     elif not sampled and not damage:
         logger.warning("%s: a sound tar that holds no sample's files; nothing read", url)
     elif damage:
-        if yielded == 0 and (named := foreign_archive(stream.head)):
-            damage[0] = f"{named}; {damage[0]}"
         if source_bytes is not None:
             size = retry(stream.size, attempts=attempts, base_delay=base_delay, what=f"size {url}")
             _check_unchanged(url, stream.position, damage[0], size, source_bytes)
@@ -184,8 +182,22 @@ _FOREIGN = {
 }
 
 
-#: Bytes of a file's start that :func:`foreign_archive` looks at.
-FOREIGN_HEAD_BYTES = max(map(len, _FOREIGN))
+#: Leading bytes of files a shard list may name by mistake that are no archive at all.
+_NOT_ARCHIVES = {
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x89PNG": "a PNG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF file",
+}
+
+
+#: Bytes of a file's start that :func:`not_a_tar` looks at.
+FOREIGN_HEAD_BYTES = max(map(len, _FOREIGN | _NOT_ARCHIVES))
+
+
+class NoTarHeader(tarfile.ReadError):
+    """A file whose first 512 bytes are no tar header (:class:`EndRecordingTarInfo`): no tar
+    at all, or one cut short inside its first header."""
 
 
 def foreign_archive(head: bytes) -> str | None:
@@ -193,6 +205,17 @@ def foreign_archive(head: bytes) -> str | None:
     compression that no tar reader here opens; None otherwise."""
     kind = next((kind for magic, kind in _FOREIGN.items() if head.startswith(magic)), None)
     return kind and f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
+
+
+def not_a_tar(head: bytes, error: NoTarHeader) -> str:
+    """The damage of a file that starts with ``head`` and raised ``error``: what it is, by its
+    first :data:`FOREIGN_HEAD_BYTES`, and what to do."""
+    kind = next((kind for magic, kind in _NOT_ARCHIVES.items() if head.startswith(magic)), None)
+    named = foreign_archive(head) or (
+        f"{kind or 'not a tar (a text file? a tar cut short in its first 512 bytes?)'}"
+        f"{', not a tar' if kind else ''}: list only .tar or .tar.gz shards"
+    )
+    return f"{named}; its first header: {error}"
 
 
 def _check_unchanged(url: str, position: int, damage: str, size: int, listed: int) -> None:
@@ -495,6 +518,10 @@ class EndRecordingTarInfo(tarfile.TarInfo):
             return super().fromtarfile(tarfile_)
         except tarfile.HeaderError as error:
             tarfile_.pvu_end_error = error  # type: ignore[attr-defined]
+            if tarfile_.offset == 0 and isinstance(
+                error, (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)
+            ):  # no tar header where the first must be (tarfile says only "bad checksum")
+                raise NoTarHeader(str(error)) from error
             raise
 
 
@@ -526,6 +553,8 @@ def _tar_members(
                 yield {"fname": info.name, "data": data, "__url__": url}
             if why := tar_end_damage(archive):
                 damage.append(why)
+    except NoTarHeader as error:
+        damage.append(not_a_tar(stream.head, error))
     except (tarfile.TarError, EOFError, zlib.error) as error:
         damage.append(f"{type(error).__name__}: {error}")
     if links:
