@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 
 import braceexpand
 import fsspec
@@ -396,3 +397,22 @@ def test_dot_dot_resolves_only_the_link_it_steps_out_of(tmp_path):
     (real / "lists" / "shards.txt").write_text("../shards/train-0000.tar\n")
     assert expand_shards(str(tmp_path / "data" / "lists" / "shards.txt")) == shards
     assert expand_shards(str(tmp_path / "data" / "shards")) == shards
+
+
+def test_a_folder_of_other_archives_names_them_and_what_pvu_reads(tmp_path):
+    """A folder of .tar.xz and .tar.bz2 shards gave only 'no shards (*.tar, *.tar.gz, *.tgz)
+    match the directory', as if it were empty."""
+    for name, mode in [("train-0000.tar.xz", "w:xz"), ("train-0001.tar.bz2", "w:bz2")]:
+        with tarfile.open(tmp_path / name, mode) as tar:
+            tar.addfile(tarfile.TarInfo("a.cls"))
+    (tmp_path / "notes.txt").write_text("made with tar -cJf\n")
+    advice = "make each a .tar or .tar.gz (a .tar.xz, .tar.bz2 or .tar.zst decompressed"
+    for spec, holds in [(tmp_path, 2), (tmp_path / "train-", 2), (tmp_path / "*.tar.xz", 1)]:
+        with pytest.raises(FileNotFoundError) as error:
+            expand_shards(str(spec))
+        assert f"it holds {holds} archive(s) pvu does not read, e.g. 'train-0000.tar.xz': " in (
+            str(error.value)
+        )
+        assert advice in str(error.value)
+    with pytest.raises(ValueError, match=r"train-0000.tar.xz' is no shard pvu reads: make it a"):
+        expand_shards(str(tmp_path / "train-0000.tar.xz"))  # was: 'neither a tar file nor ...'

@@ -31,6 +31,7 @@ from typing import Any
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from pipeline.cache.shards import TAR_FORMATS
 from pipeline.cache.skips import SkipReason
 from pipeline.retry import retry
 
@@ -204,7 +205,7 @@ def foreign_archive(head: bytes) -> str | None:
     """What a file that starts with ``head`` is and what to do, where it is a known archive or
     compression that no tar reader here opens; None otherwise."""
     kind = next((kind for magic, kind in _FOREIGN.items() if head.startswith(magic)), None)
-    return kind and f"{kind}, which no tar reader here opens: make it a .tar or .tar.gz"
+    return kind and f"{kind}, which no tar reader here opens: make it {TAR_FORMATS}"
 
 
 def not_a_tar(head: bytes, error: NoTarHeader) -> str:
@@ -213,7 +214,7 @@ def not_a_tar(head: bytes, error: NoTarHeader) -> str:
     kind = next((kind for magic, kind in _NOT_ARCHIVES.items() if head.startswith(magic)), None)
     named = foreign_archive(head) or (
         f"{kind or 'not a tar (a text file? a tar cut short in its first 512 bytes?)'}"
-        f"{', not a tar' if kind else ''}: list only .tar or .tar.gz shards"
+        f"{', not a tar' if kind else ''}: list only shards that are {TAR_FORMATS}"
     )
     return f"{named}; its first header: {error}"
 

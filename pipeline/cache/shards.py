@@ -33,6 +33,14 @@ from fsspec.implementations.local import LocalFileSystem
 logger = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+#: The shards pvu reads, in the advice for a file it does not (a .tar.zst, a zip, a .tar.xz).
+TAR_FORMATS = "a .tar or .tar.gz"
+#: Archives that are no shard pvu lists: other compressions of a tar and other archivers'.
+_OTHER_ARCHIVE = re.compile(
+    r".*\.(tar\.(xz|bz2|zst|zstd|lz4|lzma|lz|z|br)|tbz2?|txz|tzst|tlz|zip|7z|rar)", re.IGNORECASE
+)
+#: How to make an archive pvu lists no shards of (:data:`_OTHER_ARCHIVE`) one it reads.
+_DECOMPRESS = "a .tar.xz, .tar.bz2 or .tar.zst decompressed, as by `xz -d`, is its .tar"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -74,23 +82,25 @@ def expand_shards(spec: str, *, verify: bool = True) -> list[str]:
 
     fs, path = fsspec.core.url_to_fs(spec)
     if fs.isdir(path):  # before globbing: a folder or file named 'run[1]' is itself
-        found = _tar_files(fs, fs.ls(path, detail=True))
-        return _found_or_raise(fs, found, protocol, spec, "the directory")
+        return _found_or_raise(fs, fs.ls(path, detail=True), protocol, spec, "the directory")
     if fs.isfile(path):
         if is_tar(path):
             _refuse_unfinished(fs, [posixpath.dirname(path)], protocol)
             return [storage_url(fs, path, protocol)]
+        if _OTHER_ARCHIVE.fullmatch(path):
+            raise ValueError(
+                f"--shards {spec!r} is no shard pvu reads: make it {TAR_FORMATS} ({_DECOMPRESS})"
+            )
         return _read_list_file(fs, path, protocol, spec, verify=verify)
     if isinstance(fs, LocalFileSystem) and os.path.exists(path):  # neither: a FIFO, a socket
         raise ValueError(f"--shards {spec!r} is {_not_a_file(fs, path)}")
     if _GLOB_CHARS.search(path):
-        found = _tar_files(fs, fs.glob(path, detail=True).values())
-        return _found_or_raise(fs, found, protocol, spec, "the glob")
+        return _found_or_raise(fs, fs.glob(path, detail=True).values(), protocol, spec, "the glob")
     if is_tar(path):
         raise FileNotFoundError(f"shard {spec!r} does not exist")
     # Neither a file nor a directory: a prefix such as s3://bucket/train- or /data/train-.
-    found = _tar_files(fs, fs.glob(path + "*", detail=True).values())
-    return _found_or_raise(fs, found, protocol, spec, "the prefix")
+    infos = fs.glob(path + "*", detail=True).values()
+    return _found_or_raise(fs, infos, protocol, spec, "the prefix")
 
 
 def brace_count(pattern: str) -> int:
@@ -349,11 +359,30 @@ def _dedupe(urls: Iterable[str]) -> list[str]:
 
 
 def _found_or_raise(
-    fs: fsspec.AbstractFileSystem, found: list[str], protocol: str | None, spec: str, what: str
+    fs: fsspec.AbstractFileSystem,
+    infos: Iterable[dict],
+    protocol: str | None,
+    spec: str,
+    what: str,
 ) -> list[str]:
+    """The URLs of the tar shards among the listing ``infos`` of ``spec`` (``what`` it is);
+    ``FileNotFoundError`` where there are none, naming the archives of other kinds found."""
+    infos = list(infos)
+    found = _tar_files(fs, infos)
     if not found:
+        others = [
+            posixpath.basename(info["name"].rstrip("/"))
+            for info in infos
+            if is_file_entry(fs, info) and _OTHER_ARCHIVE.fullmatch(info["name"])
+        ]
+        named = (
+            f": it holds {len(others)} archive(s) pvu does not read, e.g. {min(others)!r}: "
+            f"make each {TAR_FORMATS} ({_DECOMPRESS})"
+            if others
+            else ""
+        )
         raise FileNotFoundError(
-            f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
+            f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}" + named
         )
     _refuse_unfinished(fs, sorted({posixpath.dirname(path) for path in found}), protocol)
     return [storage_url(fs, path, protocol) for path in found]
