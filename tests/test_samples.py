@@ -171,7 +171,7 @@ def test_parse_label():
     assert parse_label(b"+2") == 2
     assert parse_label(b"0" * 30 + b"5") == 5
     # a label of thousands of digits raised int()'s ValueError and failed the shard's unit
-    for bad in (b"", b"-1", b"1.0", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 5000, None):
+    for bad in (b"", b"-1", b"1.5", b"cat", b"\xff", b"1 2", "٣".encode(), b"9" * 5000, None):
         assert parse_label(bad) is None, bad
     assert parse_label(b'{"label": 7, "name": "cat"}', "label") == 7
     assert parse_label(b'{"meta": {"class_id": " 4"}}', "meta.class_id") == 4
@@ -223,6 +223,27 @@ def test_labels_that_are_no_class_index_are_warned_of_once_per_shard(tmp_path, c
         samples, counts = _read(url, max_member_bytes=len(png))
     assert not samples and counts == {"bad_label": 1}
     assert "sample 'k0' has the label too large to read (cls member)" in caplog.text
+
+
+def test_a_whole_number_label_reads_alike_from_cls_and_json(tmp_path, caplog):
+    """A .cls "3.0" (pandas' text of a label) was a bad_label where a JSON 3.0 was label 3, and
+    a JSON "3.0" refused again: now every spelling of a whole number is that label, and one
+    that is no whole number is refused alike, naming the sample and its member."""
+    png = bad_samples()[0].files["png"]
+    members = [
+        ("a", {"png": png, "cls": b"3.0\n", "json": b'{"label": "3.0"}'}),
+        ("b", {"png": png, "cls": b"3", "json": b'{"label": 3.0}'}),
+        ("c", {"png": png, "cls": b"3.5", "json": b'{"label": "3.5"}'}),
+    ]
+    url = write_shard(str(tmp_path / "s.tar"), members)
+    for label_key, member in [("cls", "cls member"), ("json:label", "json member, field label")]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.cache.samples"):
+            samples, counts = _read(url, label_key=label_key)
+        assert [(s.key, s.label) for s in samples] == [("a", 3), ("b", 3)], label_key
+        assert counts == {"bad_label": 1}
+        said = f"sample 'c' has the label {b'3.5' if member == 'cls member' else '3.5'!r}"
+        assert f"{said} ({member}), which is not a class index" in caplog.text
 
 
 def test_a_label_read_from_a_field_of_a_json_member(tmp_path):

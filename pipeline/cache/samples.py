@@ -45,8 +45,9 @@ MAX_MEMBER_BYTES = 256 * 2**20
 #: AppleDouble files macOS's tar adds (``._<name>`` beside each file, ``__MACOSX/``), whose keys
 #: (``train/`` for ``train/._s0.jpg``) split every sample of a folder from its own files
 METADATA_MEMBER = re.compile(r"__[^/]*__($|/)|__MACOSX/|(.*/)?\._[^/]*$")
-# at most 19 significant digits (int64), so that no label parses thousands of digits
-_LABEL = re.compile(rb"\s*\+?0*([0-9]{1,19})\s*")
+# at most 19 significant digits (int64), so that no label parses thousands of digits; a whole
+# number as pandas writes one (``3.0``) too, as in a JSON field, a label remap and a table
+_LABEL = re.compile(rb"\s*\+?0*([0-9]{1,19})(?:\.0*)?\s*")
 _INT64_MAX = 2**63 - 1
 #: A label member, or a JSON member's field, that a sample does not have.
 _ABSENT = object()
@@ -300,11 +301,12 @@ def _why(
 
 
 def parse_label(data: bytes | None, field: str = "") -> int | None:
-    """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around), or None.
+    """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around, a whole
+    number's ``.0`` allowed: ``3.0`` is 3, ``3.5`` None), or None.
 
-    With ``field``, ``data`` is a JSON object and the label is the integer (a whole number such
-    as ``3.0``, as JSON does not tell it from ``3``, or a string of digits) at ``field``, dots
-    naming nested objects: ``label``, ``annotation.class_id``.
+    With ``field``, ``data`` is a JSON object and the label is the integer at ``field``, dots
+    naming nested objects (``label``, ``annotation.class_id``): a number (``3`` or ``3.0``,
+    which JSON does not tell apart) or a string read as a ``.cls`` file's text (``"3.0"``).
     """
     if data is None:
         return None
