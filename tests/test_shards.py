@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import braceexpand
 import fsspec
@@ -18,7 +21,7 @@ from pipeline.cache.shards import (
     shard_names,
     warn_of_other_sources,
 )
-from pipeline.demo.data import write_shard
+from pipeline.demo.data import write_digit_shards, write_shard
 
 ONE_SAMPLE = [("k0", {"cls": b"0"})]
 
@@ -416,3 +419,28 @@ def test_a_folder_of_other_archives_names_them_and_what_pvu_reads(tmp_path):
         assert advice in str(error.value)
     with pytest.raises(ValueError, match=r"train-0000.tar.xz' is no shard pvu reads: make it a"):
         expand_shards(str(tmp_path / "train-0000.tar.xz"))  # was: 'neither a tar file nor ...'
+
+
+def test_a_list_file_names_a_non_ascii_shard_in_any_locale(tmp_path):
+    """A list naming shards/ü-000.tar found no shard where Python decodes file names as ASCII
+    (LC_ALL=C with PYTHONUTF8=0): the list's UTF-8 'ü' is no name the folder lists then."""
+    [made] = write_digit_shards(str(tmp_path / "made"), shards=1, per_shard=3, size=16)
+    (tmp_path / "shards").mkdir()
+    os.rename(made, os.fsencode(tmp_path / "shards") + "/ü-000.tar".encode())  # UTF-8 bytes
+    (tmp_path / "list.txt").write_bytes("shards/ü-000.tar\n".encode())
+    script = (
+        "import collections, sys\n"
+        "from pipeline.cache.samples import iter_samples\n"
+        "from pipeline.cache.shards import expand_shards\n"
+        "[url] = expand_shards(sys.argv[1])\n"
+        "print(len(list(iter_samples(url, counts=collections.Counter()))))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "list.txt")],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == b"3", done.stderr.decode()[-800:]

@@ -423,8 +423,11 @@ def _read_list_file(
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if "://" not in entry and "::" not in entry and not posixpath.isabs(entry):
-            entry = join_relative(folder, entry)
+        if "://" not in entry and "::" not in entry:
+            if posixpath.isabs(entry) or "://" not in folder:
+                entry = local_name(entry)
+            if not posixpath.isabs(entry):
+                entry = join_relative(folder, entry)
         urls.append(entry)
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
@@ -432,6 +435,13 @@ def _read_list_file(
     if verify:
         _verify_exist(urls, spec)
     return urls
+
+
+def local_name(path: str) -> str:
+    """The local ``path`` read from a UTF-8 text (a list file, a table) as the OS lists it: the
+    file whose name's bytes are that text's, also where Python decodes names otherwise (a
+    non-UTF-8 locale, or ``LC_ALL=C`` with ``PYTHONUTF8=0``: ``ü`` is then no file's name)."""
+    return os.fsdecode(path.encode())
 
 
 def join_relative(folder: str, entry: str) -> str:

@@ -21,7 +21,13 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.shards import is_file_entry, join_relative, resolve_local, storage_url
+from pipeline.cache.shards import (
+    is_file_entry,
+    join_relative,
+    local_name,
+    resolve_local,
+    storage_url,
+)
 from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
@@ -503,7 +509,7 @@ def _resolve(path: str, folder: str) -> str:
     if "://" in path:
         return path
     if os.path.isabs(path) or "://" not in folder:  # a local file: named as the OS lists it
-        path = os.fsdecode(path.encode())  # its name's bytes are the table's UTF-8 text
+        path = local_name(path)
     if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
         return resolve_local(path)
     return join_relative(folder, path)
