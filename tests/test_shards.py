@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -419,6 +420,17 @@ def test_a_folder_of_other_archives_names_them_and_what_pvu_reads(tmp_path):
         assert advice in str(error.value)
     with pytest.raises(ValueError, match=r"train-0000.tar.xz' is no shard pvu reads: make it a"):
         expand_shards(str(tmp_path / "train-0000.tar.xz"))  # was: 'neither a tar file nor ...'
+
+
+def test_other_archives_beside_shards_are_named(tmp_path, caplog):
+    """A folder of train-0000.tar and train-0001.tar.xz read the .tar alone without a word:
+    half the data went uncached."""
+    [shard] = write_digit_shards(str(tmp_path), shards=1, per_shard=2, size=16)
+    with tarfile.open(tmp_path / "train-0001.tar.xz", "w:xz") as tar:
+        tar.addfile(tarfile.TarInfo("a.cls"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache.shards"):
+        assert expand_shards(str(tmp_path)) == [shard]
+    assert "read without 1 archive(s) pvu does not read, e.g. 'train-0001.tar.xz'" in caplog.text
 
 
 def test_a_list_file_names_a_non_ascii_shard_in_any_locale(tmp_path):

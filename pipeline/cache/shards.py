@@ -366,24 +366,28 @@ def _found_or_raise(
     what: str,
 ) -> list[str]:
     """The URLs of the tar shards among the listing ``infos`` of ``spec`` (``what`` it is);
-    ``FileNotFoundError`` where there are none, naming the archives of other kinds found."""
+    ``FileNotFoundError`` where there are none. Archives of other kinds found are named (and
+    warned of where they lie beside shards, which are read without them)."""
     infos = list(infos)
     found = _tar_files(fs, infos)
+    others = [
+        posixpath.basename(info["name"].rstrip("/"))
+        for info in infos
+        if is_file_entry(fs, info) and _OTHER_ARCHIVE.fullmatch(info["name"])
+    ]
+    named = (
+        f"{len(others)} archive(s) pvu does not read, e.g. {min(others)!r}: "
+        f"make each {TAR_FORMATS} ({_DECOMPRESS})"
+        if others
+        else ""
+    )
     if not found:
-        others = [
-            posixpath.basename(info["name"].rstrip("/"))
-            for info in infos
-            if is_file_entry(fs, info) and _OTHER_ARCHIVE.fullmatch(info["name"])
-        ]
-        named = (
-            f": it holds {len(others)} archive(s) pvu does not read, e.g. {min(others)!r}: "
-            f"make each {TAR_FORMATS} ({_DECOMPRESS})"
-            if others
-            else ""
-        )
         raise FileNotFoundError(
-            f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}" + named
+            f"no shards ({', '.join('*' + s for s in TAR_SUFFIXES)}) match {what} {spec!r}"
+            + (f": it holds {named}" if named else "")
         )
+    if named:
+        logger.warning("%s %r: read without %s", what, spec, named)
     _refuse_unfinished(fs, sorted({posixpath.dirname(path) for path in found}), protocol)
     return [storage_url(fs, path, protocol) for path in found]
 
