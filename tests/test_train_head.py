@@ -352,8 +352,29 @@ def test_a_damaged_metrics_line_is_named_when_resuming(cache: str, tmp_path: Pat
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(metrics.read_text()[:-20])
-    with pytest.raises(ValueError, match=r"metrics.jsonl has a damaged line .* remove that line"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl has a damaged line .* restore the file"):
         fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(resume=True))
+
+
+@pytest.mark.parametrize("lost", ["the checkpoint's line", "every line"])
+def test_metrics_lines_lost_at_or_before_the_checkpoint_block_resume(
+    cache: str, tmp_path: Path, lost: str
+) -> None:
+    """metrics.jsonl cut at a line boundary (a copy cut off) or left empty (a crash before its
+    data reached the disk): the lost episodes' lines cannot be made again from the checkpoint.
+    Before, the resume went on: the log read 0, 1, 3, 4, and a finished run resumed rewrote
+    head.json with no final metrics."""
+    config = _config(episodes=4)
+    fit_head([cache], str(tmp_path), config, RunOptions(stop_after=2))
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) if lost == "the checkpoint's line" else "")
+    missing = "2" if lost == "the checkpoint's line" else "0-2"
+    with pytest.raises(
+        ValueError, match=rf"metrics\.jsonl lacks the lines of episode\(s\) {missing}"
+    ):
+        fit_head([cache], str(tmp_path), config, RunOptions(resume=True))
+    assert path.read_text() == ("".join(lines[:-1]) if lost == "the checkpoint's line" else "")
 
 
 def test_a_diverged_run_stops_before_it_exports_a_nan_head(cache: str, tmp_path: Path) -> None:

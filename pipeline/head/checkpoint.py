@@ -219,21 +219,44 @@ def _episode(line: str, path: str) -> int:
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"cannot resume: {path} has a damaged line ({type(error).__name__}: {error}); "
-            "remove that line (the episodes after it are trained again) or use another --output"
+            f"{_LINES_LOST}"
         ) from None
+
+
+#: What to do when lines of episodes the checkpoint holds are lost: a resume cannot make them.
+_LINES_LOST = (
+    "the checkpoint's episodes are not trained again, so their lines cannot be made anew: "
+    "restore the file from a copy, or train from the start into another --output"
+)
 
 
 def _up_to(lines: list[str], done: int, path: str) -> list[str]:
     """The lines of episodes <= ``done``, read up to the first of episode >= ``done``; those
-    after it are trained again, so one cut short there (a kill mid-write) is dropped unread."""
-    kept = []
+    after it are trained again, so one cut short there (a kill mid-write) is dropped unread.
+    A ``ValueError`` naming the file if a line of episode 0 to ``done`` is damaged or lost
+    (the file cut at a line boundary, or emptied by a crash)."""
+    kept, episodes = [], set()
     for line in filter(None, lines):
         episode = _episode(line, path)
         if episode <= done:
             kept.append(line)
+            episodes.add(episode)
         if episode >= done:
             break
+    missing = [episode for episode in range(done + 1) if episode not in episodes]
+    if missing:
+        raise ValueError(
+            f"cannot resume: {path} lacks the lines of episode(s) {_span(missing)}, which the "
+            f"checkpoint (episode {done}) trained; {_LINES_LOST}"
+        )
     return kept
+
+
+def _span(episodes: list[int]) -> str:
+    """``0-2`` for [0, 1, 2], ``1, 3`` for [1, 3]: sorted episode numbers, runs joined."""
+    if episodes == list(range(episodes[0], episodes[-1] + 1)) and len(episodes) > 1:
+        return f"{episodes[0]}-{episodes[-1]}"
+    return ", ".join(map(str, episodes))
 
 
 def metrics_log(
