@@ -230,6 +230,25 @@ def test_a_forward_in_train_mode_warns(tmp_path: Path, batch: torch.Tensor) -> N
         attached(batch[:2])
 
 
+def test_the_train_mode_warning_follows_the_models_own_mode(
+    tmp_path: Path, batch: torch.Tensor
+) -> None:
+    """The warning read the wrapper's mode: a model switched to train mode through the
+    reference its user kept scored other embeddings silently, and one switched to eval mode
+    that way was told to call .eval()."""
+    torch.manual_seed(0)
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    attached = attach_head(model, _export(tmp_path))
+    model.train()  # the model the head was attached to, not what attach_head returned
+    with pytest.warns(UserWarning, match=r"train mode"), torch.no_grad():
+        attached(batch[:2])
+    attached.train()
+    model.eval()  # the trunk in eval mode: the embeddings the head learned
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        attached(batch[:2])
+
+
 def test_an_attached_model_compiles_whole_in_train_mode(tmp_path: Path, batch: torch.Tensor):
     """torch.compile(fullgraph=True) stopped at the train-mode warning (dynamo cannot trace
     warnings.warn): fine-tuning a model with its head attached could not compile whole."""

@@ -153,7 +153,7 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
     return head.eval(), doc
 
 
-#: Said (once per call site) by a forward in train mode.
+#: Said (once per call site) by a forward of a model in train mode.
 TRAIN_MODE = (
     "the model with an uncertainty head is in train mode: BatchNorm uses each batch's "
     "statistics and dropout is on, so its embeddings, and uncertainties, are not those the head "
@@ -210,7 +210,9 @@ class HeadedModel(nn.Module):
     @torch.jit.unused
     def _warn_of_misuse(self, images: torch.Tensor) -> None:
         """Warn of a forward whose uncertainties are not those the head learned."""
-        if self.training:
+        # the model's own mode, which a switch through the reference its user kept sets too
+        # (not each layer's: those timm.utils.reparameterize_model fuses are made in train mode)
+        if self.model.training:
             warnings.warn(TRAIN_MODE, stacklevel=3)
         if self.image_size and tuple(images.shape[-2:]) != self.image_size:
             warnings.warn(
