@@ -305,6 +305,32 @@ def test_attach_knows_a_deprecated_name_and_warns_of_other_hub_weights(
         attach_head(same.to(torch.bfloat16), folder)  # the same weights, cast down: no warning
 
 
+def test_attach_says_a_model_without_classifier_went_unchecked(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """timm's num_classes=0 (the trunk alone, its embedding as output) with the cache's weights
+    was told to load the weights its cache was made with (a head recording the class count) or
+    that it was reparameterized (an older head): its weights are right, only uncheckable."""
+    hub = f"hub:{BACKBONE}.augreg_in21k:state-sha256:{state_digest(model)}"
+    head = create_head(HeadConfig(embedding_dim=192, hidden=(16,)), seed=0)
+    counted, older = str(tmp_path / "counted"), str(tmp_path / "older")
+    export_head(head, counted, backbone=BACKBONE, weights_digest=hub, loss="l2", num_classes=10)
+    export_head(head, older, backbone=BACKBONE, weights_digest=hub, loss="l2")
+    trunk = timm.create_model(BACKBONE, pretrained=False, num_classes=0).eval()
+    trunk.load_state_dict({k: v for k, v in model.state_dict().items() if k in trunk.state_dict()})
+    for folder in (counted, older):
+        with pytest.warns(UserWarning) as said:
+            attached = attach_head(trunk, folder)
+        assert [str(warning.message) for warning in said] == [
+            f"the model has no classifier (num_classes=0), so its weights could not be checked "
+            f"against those the head in {folder} was trained on (hub:{BACKBONE}.augreg_in21k); "
+            "its logits are its embedding"
+        ]
+    with torch.no_grad():
+        got, want = attached(batch[:2]), attach_head(model, older)(batch[:2])
+    assert torch.equal(got["uncertainty"], want["uncertainty"])
+
+
 def test_attach_warns_of_another_classifier_or_image_size_and_refuses_a_compiled_model(
     tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
 ) -> None:

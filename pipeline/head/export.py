@@ -344,8 +344,24 @@ def _meta_model(backbone: str, kwargs: dict[str, Any]) -> nn.Module | None:
 def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None:
     """Warn when ``model`` is not the classifier whose embeddings and loss the head learned:
     one of another class count, or float32 weights whose state digest is not the cache's (a
-    weights file never loaded, a model created without ``pretrained=True``)."""
+    weights file never loaded, a model created without ``pretrained=True``); say that one
+    without a classifier (``num_classes=0``) could not be checked."""
     trained, found = doc.get("num_classes"), getattr(model, "num_classes", None)
+    digest = str(doc["weights_digest"])
+    made_with = digest.split(":state-sha256:")[0]
+    expected = doc.get("weights_state_digest") or (
+        digest.rsplit(":", 1)[1] if ":state-sha256:" in digest else None
+    )
+    if found == 0 and trained != 0 and (trained or expected):
+        # timm.create_model(..., num_classes=0): the trunk alone, whose state cannot be digested
+        # as the whole classifier's was; its embeddings are the classifier's
+        warnings.warn(
+            "the model has no classifier (num_classes=0), so its weights could not be checked "
+            f"against those the head in {head_dir} was trained on ({made_with}); its logits are "
+            "its embedding",
+            stacklevel=3,
+        )
+        return
     if trained is not None and found is not None and trained != found:
         warnings.warn(
             f"the head in {head_dir} learned the loss of a {trained}-class classifier, but the "
@@ -353,16 +369,11 @@ def _check_weights(model: nn.Module, doc: dict[str, Any], head_dir: str) -> None
             stacklevel=3,
         )
         return
-    digest = str(doc["weights_digest"])
-    expected = doc.get("weights_state_digest") or (
-        digest.rsplit(":", 1)[1] if ":state-sha256:" in digest else None
-    )
     if expected is None:
         return  # a head exported before the state digest was recorded
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         return  # cast down: its digest cannot match the float32 weights the cache digested
     if expected != state_digest(model):
-        made_with = digest.split(":state-sha256:")[0]
         built = _meta_model(doc["backbone"], doc.get("model_kwargs") or {})
         if built is not None and set(built.state_dict()) != set(model.state_dict()):
             # timm.utils.reparameterize_model (MobileOne, FastViT, RepViT, LeViT, ...) fuses
