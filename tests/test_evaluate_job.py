@@ -439,6 +439,32 @@ def test_every_input_is_checked_before_any_row_is_read(tmp_path: Path, head_dir:
     assert read == []
 
 
+def test_a_set_too_small_to_search_is_refused_before_any_row_is_read(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """An upstream (or later dataset) cache of one row was refused only after every dataset
+    before it had been read and searched; deteriorated copies, never searched, may be that
+    small."""
+    from jobs.run.evaluate import EvaluateJobConfig
+
+    x, labels = clustered(60, 3, seed=11)
+    ok = write_eval_cache(str(tmp_path / "ok"), x, labels)
+    one = write_eval_cache(str(tmp_path / "one"), x[:1], labels[:1], shards=1)
+    read: list[str] = []
+    config = EvaluateJobConfig(
+        dataset=[f"ok={ok}"], upstream=one, head=[head_dir], report=str(tmp_path / "r")
+    )
+    with pytest.raises(ValueError, match=r"upstream: cache .*one has 1 row\(s\), Recall@1 needs 2"):
+        evaluate(
+            config.to_options(), track=lambda what, total: read.append(what) or (lambda n: None)
+        )
+    assert read == []
+    config = EvaluateJobConfig(
+        dataset=[f"ok={ok}"], deterioration=[ok, one], head=[head_dir], report=str(tmp_path / "r")
+    )
+    evaluate(config.to_options())
+
+
 def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_dir: str) -> None:
     ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
     report = tmp_path / "r"

@@ -96,6 +96,8 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
     named = list(options.datasets) + ([(UPSTREAM, options.upstream)] if options.upstream else [])
     inputs = [*named, *((url, url) for url in options.deteriorated)]
     indexes = _check_inputs(inputs, heads)
+    for name, url in named:  # searched for neighbours, unlike the deteriorated copies
+        _check_searchable(name, url, indexes[url].rows)
     _check_one_decode(list(options.deteriorated), indexes)
     tsne_dataset = options.tsne_dataset or named[0][0]
     result = Evaluation(report={})
@@ -154,6 +156,12 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
         for head in heads:
             check_head_fits(head, name, url, provenance, indexes[url].dim)
     return indexes
+
+
+def _check_searchable(name: str, url: str, rows: int) -> None:
+    """Refuse the cache ``name`` at ``url`` if its ``rows`` are too few for a 1-NN search."""
+    if rows < 2:
+        raise ValueError(f"{name}: cache {url} has {rows} row(s), Recall@1 needs 2")
 
 
 def _check_one_decode(deteriorated: list[str], indexes: dict[str, CacheIndex]) -> None:
@@ -219,8 +227,7 @@ def _evaluate_set(
     track: Track,
 ) -> dict[str, Any]:
     """The report entry of one dataset: Recall@1 and, per source, every metric on it."""
-    if len(data) < 2:
-        raise ValueError(f"{data.name}: cache {data.url} has {len(data)} row(s), Recall@1 needs 2")
+    _check_searchable(data.name, data.url, len(data))  # rows dropped as non-finite count
     unit = normalize(data.embedding)
     full = nearest_neighbours(
         unit,
