@@ -249,6 +249,19 @@ def test_the_train_mode_warning_follows_the_models_own_mode(
         attached(batch[:2])
 
 
+def test_a_model_moved_without_its_head_is_named(tmp_path: Path, batch: torch.Tensor) -> None:
+    """A model moved through the reference its user kept (model.cuda()) left the head behind:
+    its first forward was torch's device-mismatch traceback, naming neither what to move."""
+    torch.manual_seed(0)
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=10).eval()
+    attached = attach_head(model, _export(tmp_path))
+    model.to("meta")  # another device than the head's, as cuda would be
+    images = torch.empty(2, *batch.shape[1:], device="meta")
+    with pytest.raises(ValueError, match=r"on meta, but its uncertainty head on cpu: move what"):
+        attached(images)
+    assert attached.to("meta")(images)["uncertainty"].shape == (2,)
+
+
 def test_an_attached_model_compiles_whole_in_train_mode(tmp_path: Path, batch: torch.Tensor):
     """torch.compile(fullgraph=True) stopped at the train-mode warning (dynamo cannot trace
     warnings.warn): fine-tuning a model with its head attached could not compile whole."""

@@ -209,7 +209,14 @@ class HeadedModel(nn.Module):
 
     @torch.jit.unused
     def _warn_of_misuse(self, images: torch.Tensor) -> None:
-        """Warn of a forward whose uncertainties are not those the head learned."""
+        """Warn of a forward whose uncertainties are not those the head learned; refuse one of
+        a model moved to another device than its head."""
+        model, head = next(self.model.parameters()).device, self.head.layers[0].weight.device
+        if model != head:  # moved through the reference its user kept: the head stayed
+            raise ValueError(
+                f"the model is on {model}, but its uncertainty head on {head}: move what "
+                "attach_head returns (.to(device)), not the model it was attached to"
+            )
         # the model's own mode, which a switch through the reference its user kept sets too
         # (not each layer's: those timm.utils.reparameterize_model fuses are made in train mode)
         if self.model.training:
