@@ -418,7 +418,8 @@ def test_the_attached_model_stays_a_timm_model_to_its_users(
 ) -> None:
     """Each was silent or a traceback: timm's data config of the attached model was timm's
     default (other mean and std than the model's), pooling changed after attach scored other
-    embeddings, a features_only model failed at its first forward, the path of head.json
+    embeddings, a features_only model failed at its first forward (a DataParallel one was told
+    to be created without features_only), the path of head.json
     raised NotADirectoryError, and a forward on the meta device (shapes only) raised."""
     folder = _export(tmp_path / "head")
     own = timm.create_model(f"{BACKBONE}.augreg_in21k", pretrained=False, num_classes=10).eval()
@@ -438,6 +439,8 @@ def test_the_attached_model_stays_a_timm_model_to_its_users(
     features = timm.create_model("resnet10t", pretrained=False, features_only=True)
     with pytest.raises(ValueError, match="create the model without features_only"):
         attach_head(features, folder)
+    with pytest.raises(ValueError, match=r"the timm classifier it wraps \(its \.module\)"):
+        attach_head(torch.nn.DataParallel(own), folder)  # was told: without features_only
     with pytest.raises(ValueError, match=r"give the folder `pvu train-head --output` wrote"):
         attach_head(model, f"{folder}/{HEAD_JSON}")
 

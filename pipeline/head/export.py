@@ -292,10 +292,16 @@ def attach_head(model: nn.Module, head_dir: str) -> HeadedModel:
             "attach_head returns"
         )
     if not all(hasattr(model, name) for name in ("forward_features", "forward_head")):
+        wrapped = isinstance(getattr(model, "module", None), nn.Module)  # DataParallel, DDP
         raise ValueError(
             f"the model ({type(model).__name__}) has no forward_features and forward_head: "
-            "attach the head to a timm classifier (a features_only model is a feature "
-            "extractor; create the model without features_only)"
+            + (
+                "attach the head to the timm classifier it wraps (its .module), then wrap "
+                "what attach_head returns"
+                if wrapped
+                else "attach the head to a timm classifier (a features_only model is a "
+                "feature extractor; create the model without features_only)"
+            )
         )
     if any(parameter.is_meta for parameter in model.parameters()):
         raise ValueError(
