@@ -34,6 +34,7 @@ import errno
 import http.client
 import logging
 import os
+import posixpath
 import random
 import stat
 import time
@@ -210,7 +211,7 @@ def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         nonlocal tries
         tries += 1
         try:
-            fs.mv(source, target)
+            place(fs, source, target)
         except FileNotFoundError:
             if tries == 1 or fs.exists(source) or not fs.exists(target):
                 raise
@@ -219,13 +220,45 @@ def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
     retry(move, what=what)
 
 
+def place(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move the file ``source``, written aside, onto ``target`` (not retried: callers retry the
+    write and the move together), so that not even a power loss leaves ``target`` empty.
+
+    On a local disk the source's data is synced before the rename and the target's folder
+    after it: XFS and ext4 may commit a rename before the renamed file's data, and after a
+    power loss (a killed process loses nothing) show the file empty. An object store's move
+    needs neither: an object is whole once written.
+    """
+    sync_local(fs, source)
+    fs.mv(source, target)
+    sync_local(fs, posixpath.dirname(target))
+
+
+def sync_local(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Flush the local file or folder ``path`` to the disk (``fsync``); nothing on other
+    file systems (an object store has no such step)."""
+    if not isinstance(fs, LocalFileSystem):
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the whole object at ``path`` on ``fs``, under :func:`retry` (a full
     disk, say, is then named with the file). A local file left part-written is removed, but
     not one the write was refused (permission denied: nothing of it was touched); an object
-    store's put leaves nothing, or the object as it was, to keep."""
+    store's put leaves nothing, or the object as it was, to keep. A local file's data is on
+    the disk when this returns (:func:`sync_local`)."""
+
+    def write() -> None:
+        fs.pipe_file(path, data)
+        sync_local(fs, path)
+
     try:
-        retry(lambda: fs.pipe_file(path, data), what=f"write {fs.unstrip_protocol(path)}")
+        retry(write, what=f"write {fs.unstrip_protocol(path)}")
     except PermissionError:
         raise
     except OSError:

@@ -34,7 +34,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import bucket_kept, make_folder, naming, read_bytes, remove_partial
+from pipeline.retry import bucket_kept, make_folder, naming, place, read_bytes, remove_partial
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class RunLock:
         """Write aside, then move into place, so a reader never sees half a lock."""
         staging = f"{self._path}.{uuid.uuid4().hex}"
         self._fs.pipe_file(staging, self._encode(holder))
-        self._fs.mv(staging, self._path)
+        place(self._fs, staging, self._path)
 
     @staticmethod
     def _encode(holder: Holder) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import bucket_kept, make_folder, read_bytes, retry
+from pipeline.retry import bucket_kept, make_folder, place, read_bytes, retry
 from schemas import SCHEMA_VERSION, is_newer, validate_manifest
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class Manifest:
             make_folder(self._fs, self._root_path)
             staging = f"{self._root_path}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
             self._fs.pipe_file(staging, data)
-            self._fs.mv(staging, f"{self._root_path}/{MANIFEST_NAME}")
+            place(self._fs, staging, f"{self._root_path}/{MANIFEST_NAME}")
 
         with bucket_kept(self._fs, self._root_path):
             retry(write_then_move, what=f"write {self.root}/{MANIFEST_NAME}")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import MANIFEST_NAME
-from pipeline.retry import STORAGE_ERRORS, OutputDenied, bucket_kept, make_folder, retry
+from pipeline.retry import STORAGE_ERRORS, OutputDenied, bucket_kept, make_folder, place, retry
 from schemas import UNIT_STATS_KEY, cache_schema
 
 STAGING_DIR = "_staging"
@@ -137,7 +137,7 @@ def commit_unit(
         try:
             with fs.open(staging, "wb") as handle:
                 pq.write_table(table, handle, **PARQUET_OPTIONS)
-            fs.mv(staging, final)
+            place(fs, staging, final)  # synced: not even a power loss leaves it empty
         finally:  # a cleanup that fails (expired credentials) must not hide the write's error
             with contextlib.suppress(*STORAGE_ERRORS):
                 if fs.exists(staging):

@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 
 from pipeline.cache.shards import storage_url
-from pipeline.retry import make_folder, naming
+from pipeline.retry import make_folder, naming, place
 
 TAR_BLOCK = 512
 # the end-of-archive blocks and the padding to a whole record that closing a tar adds, at most
@@ -137,7 +137,7 @@ class ShardWriter:
         with naming(f"write {self._url(name)}"):
             self._tar.close()
             self._file.close()
-            self._fs.mv(self._staging(), final)
+            place(self._fs, self._staging(), final)
         self.shards.append(ShardInfo(self._url(name), self._samples, int(self._fs.size(final))))
         self._tar = self._file = None
 
