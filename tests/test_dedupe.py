@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import types
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
@@ -13,11 +14,12 @@ from support import make_runner
 
 import jobs.run.cache as cache_job
 from jobs import terminal
-from pipeline.cache.dedupe import deduplicate
+from pipeline.cache.dedupe import deduplicate, drop_rows
 from pipeline.cache.index import open_cache
+from pipeline.cache.lock import RunLock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
-from pipeline.cache.verify import verify_cache
+from pipeline.cache.verify import CacheMismatch, verify_cache
 from pipeline.demo.data import write_duplicate_key_shards
 
 ORDER = ["dup-0", "dup-1"]
@@ -162,3 +164,21 @@ def test_rewritten_units_past_the_first_few_are_counted_not_each_warned_of(
     assert any("1 more unit(s) than named above had rows dropped" in line for line in warned)
     debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
     assert len([line for line in debug if "dup-1.parquet: dropped 3 row(s)" in line]) == 1
+
+
+def test_a_reader_inside_a_live_runs_pass_is_told_the_run_still_writes(tmp_path, shards):
+    """A train-head started between the pass's rewrite of a unit and the manifest's write was
+    refused as damaged, "re-run pvu cache to repair", though that run held the lock."""
+    root = str(tmp_path / "cache")
+    manifest = committed(root, shards, [("dup-0", 0), ("dup-1", 0)])
+    manifest.flush(force=True)
+    with RunLock(root, owner="pvu cache --output cache", lease=60):
+        drop_rows(manifest, "epoch=0000/dup-1.parquet", np.array([0]))  # not yet recorded
+        with pytest.raises(CacheMismatch) as refused:
+            open_cache([root])
+    message = str(refused.value)
+    assert "still being written, by run" in message and "pvu cache --output cache" in message
+    assert "epoch=0000/dup-1.parquet" in message and "Wait until it finishes" in message
+    assert "Repair it" not in message
+    with pytest.raises(CacheMismatch, match="Repair it by re-running"):  # no run: damage
+        open_cache([root])

@@ -395,8 +395,8 @@ def _committed_units(
     units: dict[str, tuple[str, str, pq.FileMetaData | None]] = {}
     incomplete: dict[str, str] = {}
     for url in urls:
-        check = require_consistent(url, io_threads=io_threads)  # its footers are not re-read
-        writer = live_holder(url)
+        writer = live_holder(url)  # first: a live run's rewrites are no damage to repair
+        check = require_consistent(url, io_threads=io_threads, writer=writer)  # footers kept
         if writer is not None:
             incomplete[url] = f"still being written, by {writer.describe(time.time())}"
         elif note := unfinished_note(check.last_run):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.lock import Holder, live_holder
 from pipeline.cache.manifest import (
     Manifest,
     check_provenance,
@@ -81,6 +83,18 @@ class CacheCheck:
             f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
             f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
             "are refused): it recomputes exactly these units and keeps the rest."
+        )
+
+    def being_written(self, writer: Holder) -> str:
+        """A message for units that differ while ``writer``, a live run, writes the cache."""
+        named = "; ".join(f"{path} ({why})" for path, why in sorted(self.damaged.items())[:NAMED])
+        more = len(self.damaged) - min(len(self.damaged), NAMED)
+        return (
+            f"cache {self.url} is still being written, by {writer.describe(time.time())}: "
+            f"{len(self.damaged)} unit(s) differ from its manifest as that run rewrites them: "
+            f"{named}{f'; and {more} more' if more else ''}. Wait until it finishes, then run "
+            "this command again (if the units still differ then, re-running that `pvu cache` "
+            "command repairs them)."
         )
 
 
@@ -287,12 +301,21 @@ def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> Cac
     return check
 
 
-def require_consistent(url: str, *, io_threads: int = 16) -> CacheCheck:
+def require_consistent(
+    url: str, *, io_threads: int = 16, writer: Holder | None = None
+) -> CacheCheck:
     """The check of ``url``; raises :class:`CacheMismatch` (naming units and the repair) unless
-    it checks out."""
+    it checks out.
+
+    ``writer`` is the live run holding the cache's lock, looked for before the check: its
+    duplicate-key pass rewrites units before it writes the manifest, so a unit that differs
+    while it runs is no damage to repair; the refusal then says to wait for it (a run that
+    took the lock during the check is looked for too).
+    """
     check = verify_cache(url, io_threads=io_threads)
     if not check.ok:
-        raise CacheMismatch(check.refusal())
+        writer = writer or live_holder(url)
+        raise CacheMismatch(check.refusal() if writer is None else check.being_written(writer))
     return check
 
 
