@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import fsspec
 import typer
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -40,6 +40,30 @@ ConfigFile = Annotated[
         "flags given on the command line override it. Shipped setups: jobs/configs/.",
     ),
 ]
+
+
+def check_path(value: str) -> str:
+    """``value``, a setting's path or URL, unless it is empty or has spaces around it:
+    ``--output "$UNSET"`` made absolute is the working folder, ``--output " out"`` a folder
+    named with a space in it; neither is what was meant. ``ValueError`` saying which."""
+    if not value.strip():
+        raise ValueError(f"{value!r} is empty: give a local path or an fsspec URL")
+    if value != value.strip():
+        raise ValueError(f"{value!r} starts or ends with a space: give it without")
+    return value
+
+
+def _check_path_text(value: Any) -> Any:
+    """:func:`check_path` of a path given as text, before pydantic makes it a ``Path``
+    (``Path("")`` is ``.``, the working folder)."""
+    return check_path(value) if isinstance(value, str) else value
+
+
+#: A path or fsspec URL setting (every input and output of every job): refused empty or with
+#: spaces around it, the message naming the flag or config key (:func:`explain`).
+PathOrUrl = Annotated[str, AfterValidator(check_path)]
+#: A local path setting, checked as :data:`PathOrUrl` is.
+LocalPath = Annotated[Path, BeforeValidator(_check_path_text)]
 
 
 class ConfigFileError(ValueError):
@@ -275,7 +299,12 @@ def _build(
     overrides: dict[str, Any],
     spelled: Mapping[str, str] | None = None,
 ) -> Config:
-    values = read_config_file(path, config_type, aliases) if path else {}
+    if path is not None:  # --config "$UNSET" read no file, unsaid
+        try:
+            check_path(path)
+        except ValueError as error:
+            raise ConfigFileError(f"--config: {error}") from None
+    values = read_config_file(path, config_type, aliases) if path is not None else {}
     try:
         return config_type(**{**defaults, **values, **overrides})
     except ValidationError as error:

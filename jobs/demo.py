@@ -6,7 +6,6 @@ command runs: torch, timm and Ray take seconds to import, ``--help`` none.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,12 +18,13 @@ from jobs.terminal import Verbose, reported, run_cli, setup_logging
 def demo(
     ctx: typer.Context,
     output: Annotated[
-        Path,
+        str,  # not a Path: typer makes "" the working folder, Path(".")
         typer.Option(
+            metavar="DIR",
             help="Folder for shards, backbone, caches, head and report; a re-run replaces "
-            "them (a folder holding any that no demo wrote is refused)."
+            "them (a folder holding any that no demo wrote is refused).",
         ),
-    ] = Path("demo-output"),
+    ] = "demo-output",
     seed: Annotated[int, typer.Option(help="Seed of the data, backbone, caches and head.")] = 0,
     config: ConfigFile = None,
     verbose: Verbose = False,

@@ -10,12 +10,12 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from jobs.config import ConfigFile, job_config
+from jobs.config import ConfigFile, PathOrUrl, job_config
 from jobs.preflight import check_storage
 from jobs.terminal import (
     Verbose,
@@ -38,7 +38,7 @@ class InfoJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cache: str = Field(min_length=1)  # "" (an unset variable) was the working folder
+    cache: PathOrUrl
     json_output: bool = False
     verify: bool = False
     checksums: bool = False

@@ -28,10 +28,9 @@ CREDENTIALS_HINT = (
 
 def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
     """Raise :class:`UserError` if ``url``'s store cannot be used: no credentials, endpoint
-    unreachable, bucket missing or access denied; with ``must_exist``, if ``url`` is absent."""
+    unreachable, bucket missing or access denied; with ``must_exist``, if ``url`` is absent.
+    ``url`` is a job config's :data:`~jobs.config.PathOrUrl`: neither empty nor space-padded."""
     where = f"{flag}{url}" if flag.endswith("=") else f"{flag} {url}"  # --dataset NAME=URL
-    if not url.strip():  # a local path made of it is the working folder
-        raise UserError(f"{flag} {url!r} is empty: give a local path or an fsspec URL")
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as error:  # "Protocol not known: foo", "Install gcsfs ..."
@@ -63,12 +62,10 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
 
 
 def check_output_folder(url: str, *, flag: str) -> None:
-    """:func:`check_storage`, and: ``url`` has no spaces around it, is not a file, and, local,
-    it can be created (its nearest existing parent is a writable folder); so an output that
-    cannot be written is named before the work, not after it. Creates nothing."""
+    """:func:`check_storage`, and: ``url`` is not a file, and, local, it can be created (its
+    nearest existing parent is a writable folder); so an output that cannot be written is named
+    before the work, not after it. Creates nothing."""
     check_storage(url, flag=flag)
-    if url != url.strip():  # " out" is a folder named so, in the working folder
-        raise UserError(f"{flag} {url!r} starts or ends with a space: give it without")
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isfile(path):
         raise UserError(f"{flag} {url} is a file; give a folder")

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from jobs.config import ConfigFile, job_config
+from jobs.config import ConfigFile, PathOrUrl, job_config
 from jobs.preflight import (
     check_not_in_a_cache,
     check_not_inside,
@@ -46,8 +46,8 @@ class ShardsJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str
-    output: str
+    input: PathOrUrl
+    output: PathOrUrl
     shard_size: ByteSize = Field(default=ByteSize(1_000_000_000))
     samples_per_shard: int | None = Field(default=None, ge=1)
     shuffle: bool = True

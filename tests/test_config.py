@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import jobs.run.train_head
 from jobs.cli import app
 from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, _load_yaml, load_job_config
 from jobs.info import InfoJobConfig
-from jobs.run.cache import CacheJobConfig
+from jobs.run.cache import AlsoTarget, CacheJobConfig
 from jobs.run.demo import DemoConfig
 from jobs.run.evaluate import EvaluateJobConfig
 from jobs.run.label_remap import LabelRemapJobConfig
@@ -288,6 +291,97 @@ def test_help_shows_the_defaults_the_job_uses(command, config_type, required) ->
             continue  # None: not set, the config's default applies
         from_cli = config_type(**required, **{param.name: param.default})
         assert getattr(from_cli, param.name) == getattr(reference, param.name), param.name
+
+
+#: Every path or URL flag of every job: (command, flag, its value with ``{}`` the path);
+#: ``CACHE`` is ``pvu info``'s argument.
+PATH_FLAGS = [
+    *((command, flag, "{}") for command in ("cache", "plan")
+      for flag in ("--shards", "--output", "--weights", "--label-remap")),
+    ("cache", "--also", "resnet18,random,{}"),
+    ("cache", "--also", "resnet18,{},o2"),
+    ("train-head", "--cache", "{}"),
+    ("train-head", "--output", "{}"),
+    ("shards", "--input", "{}"),
+    ("shards", "--output", "{}"),
+    ("evaluate", "--dataset", "d={}"),
+    ("evaluate", "--head", "{}"),
+    ("evaluate", "--upstream", "{}"),
+    ("evaluate", "--report", "{}"),
+    ("evaluate", "--deterioration", "{}"),
+    ("info", "CACHE", "{}"),
+    ("label-remap", "--classes", "{}"),
+    ("label-remap", "--head", "{}"),
+    ("label-remap", "--output", "{}"),
+    ("demo", "--output", "{}"),
+    *((command, "--config", "{}") for command, _, _ in REQUIRED),
+]  # fmt: skip
+
+
+def _command_line(command: str, flag: str, value: str) -> list[str]:
+    """``pvu command`` with its required settings (:data:`REQUIRED`), ``flag``'s among them
+    given as ``value``."""
+    required = next(settings for name, _, settings in REQUIRED if name == command)
+    args = [command]
+    for name, setting in required.items():
+        spelled = "CACHE" if (command, name) == ("info", "cache") else f"--{name.replace('_', '-')}"
+        if spelled != flag:
+            given = setting[0] if isinstance(setting, list) else setting
+            args += [given] if spelled == "CACHE" else [spelled, given]
+    return [*args, *([value] if flag == "CACHE" else [flag, value])]
+
+
+@pytest.mark.parametrize("path", ["", " x "], ids=["empty", "spaces"])
+@pytest.mark.parametrize(("command", "flag", "value"), PATH_FLAGS)
+def test_every_path_flag_refuses_an_empty_or_space_padded_path_naming_the_flag(
+    command: str, flag: str, value: str, path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--output "$UNSET"`` wrote into the working folder (pvu demo), ``--config ""`` read no
+    file, unsaid; the others were refused, each job in its own words or not at all (``pvu
+    shards --input ' x '`` did not exist). One type, :data:`jobs.config.PathOrUrl`, refuses
+    every one in one form, naming the flag."""
+    if flag == "--also" and path.strip():
+        pytest.skip("--also trims its parts: 'resnet18, random, out' reads 'out'")
+    monkeypatch.chdir(tmp_path)
+    result = pvu(*_command_line(command, flag, value.format(path)))
+    reason = "is empty: give a local path" if not path.strip() else "starts or ends with a space"
+    said = rf"{flag}: (value 1: |'d=[^']*': )?{re.escape(repr(path))} {reason}"
+    assert result.exit_code == 2, result.output
+    assert re.search(said, unboxed(result.output)), result.output
+    assert not list(tmp_path.iterdir())  # nothing made, or read, in the working folder
+
+
+def _checks_path(annotation: object, metadata: Sequence[object] = ()) -> bool:
+    """Whether a field of ``annotation`` (``metadata`` its own validators) is checked as a
+    path, in any of its parts (``list[PathOrUrl]``, ``PathOrUrl | None``)."""
+    checked = (jobs.config.check_path, jobs.config._check_path_text)
+    parts = [*metadata, *typing.get_args(annotation)]
+    return any(getattr(part, "func", None) in checked or _checks_path(part) for part in parts)
+
+
+def _holds_text(annotation: object) -> bool:
+    """Whether a field of ``annotation`` takes text or a path (a ``Literal`` aside)."""
+    if annotation in (str, Path):
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return False
+    return any(_holds_text(arg) for arg in typing.get_args(annotation))
+
+
+#: Each job's settings that take text but name no path or URL.
+NOT_PATHS = {
+    "backbone", "model_kwargs", "image_key", "label_key", "ray_address", "ambiguity_key",
+    "deteriorate", "prefix", "path_column", "label_column", "tsne_dataset", "kinds",
+    "dataset",  # NAME=URL: its URL is checked by check_path in its own validator
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config_type", [*(c for _, c, _ in REQUIRED), AlsoTarget])
+def test_every_path_setting_is_checked_as_one(config_type: type[BaseModel]) -> None:
+    """A new path or URL setting gets PathOrUrl (or LocalPath), not a check of its own."""
+    for name, field in config_type.model_fields.items():
+        if _holds_text(field.annotation) and name not in NOT_PATHS:
+            assert _checks_path(field.annotation, field.metadata), f"{config_type.__name__}.{name}"
 
 
 def test_local_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch) -> None:

@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jobs import project_version
+from jobs.config import PathOrUrl
 from jobs.preflight import (
     check_apart,
     check_holds_no_cache,
@@ -92,16 +93,6 @@ def absolute(url: str | None) -> str | None:
     return os.path.abspath(url)
 
 
-def check_given(url: str) -> str:
-    """``url`` unless it is empty or has spaces around it: a local path made absolute would be
-    the working folder (``--output ""``), or a folder named by the spaces below it."""
-    if not url.strip():
-        raise ValueError(f"{url!r} is empty: give a folder (a local path or an fsspec URL)")
-    if url != url.strip():
-        raise ValueError(f"{url!r} starts or ends with a space: give it without (quoted?)")
-    return url
-
-
 def check_weights(weights: str) -> str:
     """``weights`` if it is 'hub', 'random' or an existing file, else ``ValueError``."""
     if weights in ("hub", "random"):
@@ -146,8 +137,8 @@ def parse_model_kwargs(value: object) -> object:
 #: Field types the cache job's backbone, weights and output share with each ``--also`` target.
 ModelName = Annotated[str, AfterValidator(check_model_name)]
 ModelKwargs = Annotated[dict[str, Any], BeforeValidator(parse_model_kwargs)]
-Weights = Annotated[str, AfterValidator(check_weights), AfterValidator(absolute)]
-OutputUrl = Annotated[str, AfterValidator(check_given), AfterValidator(absolute)]
+Weights = Annotated[PathOrUrl, AfterValidator(check_weights), AfterValidator(absolute)]
+OutputUrl = Annotated[PathOrUrl, AfterValidator(absolute)]
 
 
 class AlsoTarget(BaseModel):
@@ -179,13 +170,13 @@ class CacheJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    shards: str
+    shards: PathOrUrl
     backbone: ModelName
     output: OutputUrl
     weights: Weights = "hub"
     #: Arguments of ``timm.create_model`` the weights were made with (``global_pool``, ...).
     model_kwargs: ModelKwargs = {}
-    label_remap: str | None = None
+    label_remap: PathOrUrl | None = None
     epochs: int = Field(default=1, ge=1)
     augment: Literal["train", "eval"] = "train"
     seed: int = Field(default=0, ge=0)

@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs.config import CONFIGS, load_job_config, read_config_file
+from jobs.config import CONFIGS, LocalPath, load_job_config, read_config_file
 from jobs.run.cache import CacheJobConfig, run_cache
 from jobs.run.evaluate import MAX_SEED, EvaluateJobConfig, run_evaluate
 from jobs.run.train_head import TrainHeadConfig, run_train_head
@@ -66,7 +66,7 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    output: Path = Path("demo-output")
+    output: LocalPath = Path("demo-output")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)  # it seeds the evaluation too
     copies: int = Field(default=2, ge=1, description="times each train digit is drawn")
     glyph_classes: int = Field(default=100, ge=0, description="pretraining glyph classes")

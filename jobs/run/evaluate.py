@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from jobs import project_version
-from jobs.config import comma_separated_ints
+from jobs.config import PathOrUrl, check_path, comma_separated_ints
 from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
 from jobs.terminal import console, progress_bar, resolve_device
 from pipeline.evaluate.report import write_report
@@ -35,12 +35,12 @@ class EvaluateJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: list[str] = Field(min_length=1)
-    head: list[str] = Field(default_factory=list)
-    upstream: str | None = Field(default=None, min_length=1)  # "": an unset variable
-    report: str = Field(default="report", min_length=1)  # "" wrote into the working folder
+    dataset: list[str] = Field(min_length=1)  # NAME=URL, each URL a PathOrUrl
+    head: list[PathOrUrl] = Field(default_factory=list)
+    upstream: PathOrUrl | None = None
+    report: PathOrUrl = "report"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    deterioration: list[str] = Field(default_factory=list)
+    deterioration: list[PathOrUrl] = Field(default_factory=list)
     ambiguity: Literal["auto", "column", "real", "none"] = "auto"
     ambiguity_threshold: float = Field(default=0.0, allow_inf_nan=False)
     reject_fraction: float = Field(default=0.1, gt=0, lt=1)
@@ -57,8 +57,12 @@ class EvaluateJobConfig(BaseModel):
         names = []
         for item in value:
             name, sep, url = item.partition("=")
-            if not sep or not name or not url:
+            if not sep or not name:
                 raise ValueError(f"expected NAME=CACHE_URL, got {item!r}")
+            try:
+                check_path(url)
+            except ValueError as error:
+                raise ValueError(f"{item!r}: {error}") from None
             if name == UPSTREAM:
                 raise ValueError(f"{item!r}: the name {UPSTREAM!r} is kept for --upstream")
             names.append(name)

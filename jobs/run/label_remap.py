@@ -9,9 +9,10 @@ map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
+from jobs.config import PathOrUrl
 from jobs.preflight import check_not_in_a_cache, check_storage
 from jobs.terminal import summary_table
 from pipeline.dataset.remap import Remap, build_remap, read_names, unique_names, write_remap
@@ -24,9 +25,9 @@ class LabelRemapJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    classes: str = Field(min_length=1)  # "": an unset variable
-    head: str = Field(min_length=1)
-    output: str = Field(min_length=1)
+    classes: PathOrUrl
+    head: PathOrUrl  # a label list's or a model's name, or a file
+    output: PathOrUrl
 
 
 def run_label_remap(config: LabelRemapJobConfig) -> Remap:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from jobs.config import comma_separated_ints
+from jobs.config import PathOrUrl, comma_separated_ints
 from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
 from jobs.terminal import (
     command_line,
@@ -50,9 +50,8 @@ class TrainHeadConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # "" (an unset variable) read the working folder as a cache, or trained into it
-    cache: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    output: str = Field(min_length=1)
+    cache: list[PathOrUrl] = Field(min_length=1)
+    output: PathOrUrl
     loss: Literal["ranking", "l2"] = "ranking"
     episodes: int = Field(default=460, ge=1)
     episode_size: int = Field(default=200_000, ge=1)
