@@ -18,8 +18,9 @@ import timm
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from pipeline.cache.index import open_cache
 from pipeline.cache.writer import PARQUET_OPTIONS, to_record_batch
-from pipeline.evaluate.evalset import load_eval_set
+from pipeline.evaluate.evalset import load_eval_set, read_eval_set
 from pipeline.evaluate.runner import EvaluateOptions, evaluate
 from pipeline.evaluate.sources import baseline_uncertainty
 from pipeline.head.export import export_head
@@ -510,6 +511,18 @@ def test_settings_the_report_cannot_hold_are_refused_before_the_work(
     assert result.exit_code == 2, result.output
     assert flag in said(result) and words in said(result), result.output
     assert "━" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_a_unit_rewritten_after_it_was_indexed_is_named(tmp_path: Path) -> None:
+    """A unit rewritten between the index and its read (a pvu cache run's duplicate-key pass)
+    failed as a damaged file ('delete it'), sending the user to delete a good unit."""
+    url = write_eval_cache(str(tmp_path / "c"), *clustered(60, 3, seed=7))
+    other = write_eval_cache(str(tmp_path / "o"), *clustered(90, 3, seed=8))
+    index = open_cache([url], need_loss=False)
+    unit = Path(index.files[0].url)
+    unit.write_bytes(sorted(Path(other).rglob("*.parquet"))[0].read_bytes())
+    with pytest.raises(ValueError, match=f"cache unit {unit} was rewritten or removed after"):
+        read_eval_set("c", url, index)
 
 
 @pytest.mark.parametrize("flag", ["--report", "--upstream"])

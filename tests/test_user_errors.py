@@ -365,7 +365,7 @@ def test_a_cache_unit_rewritten_while_train_head_reads_it_is_named(
     assert_actionable(
         result,
         seconds,
-        f"cache unit {unit} was rewritten or removed after train-head read its footer",
+        f"cache unit {unit} was rewritten or removed after it was indexed",
         "then run the same train-head command again with --resume",
     )
     assert "thrift" not in result.output

@@ -13,10 +13,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -45,6 +45,7 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _EPOCH_IN_PATH = re.compile(r"/epoch=(\d+)/[^/]*$")
 
@@ -442,3 +443,31 @@ def _shards_hint(url: str) -> str:
     if any(map(is_tar, names)):
         return "; it holds .tar shards: give the --output of a `pvu cache` run over them"
     return ""
+
+
+def read_unit(f: CacheFile, read: Callable[[], T], *, what: str, again: str) -> T:
+    """``read()`` of unit ``f``, under :func:`retry`; a failure of a unit no longer the one
+    indexed (rewritten by a ``pvu cache`` run, say) is raised naming it and ``again``, what to
+    run once no such run writes to it."""
+    try:
+        return retry(read, what=what)
+    except (OSError, ValueError) as error:
+        if _changed(f):
+            raise ValueError(
+                f"cache unit {f.url} was rewritten or removed after it was indexed (by a pvu "
+                f"cache run writing to that cache?): wait until no pvu cache run writes to it, "
+                f"then {again}"
+            ) from error
+        raise
+
+
+def _changed(f: CacheFile) -> bool:
+    """Whether unit ``f`` is gone, or its footer is no longer the one it was indexed with."""
+    fs, path = fsspec.core.url_to_fs(f.url)
+    try:
+        with fs.open(path, "rb") as handle:
+            return not pq.read_metadata(handle).equals(f.metadata)
+    except (FileNotFoundError, ValueError):  # gone, or no longer Parquet (pyarrow's words)
+        return True
+    except OSError:  # storage failing says nothing of the file: its first error stands
+        return False

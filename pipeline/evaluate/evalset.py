@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.index import CacheFile, CacheIndex, open_cache
-from pipeline.retry import retry
+from pipeline.cache.index import CacheFile, CacheIndex, open_cache, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,8 @@ def read_eval_set(
 
 
 def _read_file(cache_file: CacheFile) -> pa.Table:
-    """The columns evaluate reads of one unit, under :func:`retry` (errors name the unit)."""
+    """The columns evaluate reads of one unit, under :func:`retry` (errors name the unit, and
+    say so of one rewritten since it was indexed)."""
     names = cache_file.metadata.schema.to_arrow_schema().names
     columns = [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in names)]
     fs, path = fsspec.core.url_to_fs(cache_file.url)
@@ -156,4 +156,6 @@ def _read_file(cache_file: CacheFile) -> pa.Table:
                 handle, metadata=cache_file.metadata, page_checksum_verification=True
             ).read(columns=columns)
 
-    return retry(read, what=f"read {cache_file.url}").replace_schema_metadata(None)
+    again = "run the same pvu evaluate command again"
+    table = read_unit(cache_file, read, what=f"read {cache_file.url}", again=again)
+    return table.replace_schema_metadata(None)

@@ -10,9 +10,9 @@ columns by pyarrow.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.cache.index import CacheFile, CacheIndex, RowGroupRef
+from pipeline.cache.index import CacheFile, CacheIndex, RowGroupRef, read_unit
 from pipeline.head.pages import Embedding, all_finite, read_embedding
-from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+#: What a read of a unit rewritten under train-head says to run, once no pvu cache writes it.
+_AGAIN = "run the same train-head command again with --resume"
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -101,7 +101,7 @@ def read_group(
             wanted = columns if fast is not None else [*columns, "embedding"]
             return fast, parquet.read_row_group(ref.group, columns=wanted, use_threads=False)
 
-    fast, table = _read_unit(f, read, what=f"read row group {ref.group} of {f.url}")
+    fast, table = read_unit(f, read, what=f"read row group {ref.group} of {f.url}", again=_AGAIN)
     if fast is None:
         flat = table.column("embedding").combine_chunks().flatten()
         embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
@@ -163,34 +163,8 @@ def _columns(f: CacheFile, group: int, columns: list[str]) -> pa.Table:
             parquet = pq.ParquetFile(handle, metadata=f.metadata, page_checksum_verification=True)
             return parquet.read_row_group(group, columns=columns, use_threads=False)
 
-    return _read_unit(f, read, what=f"read {', '.join(columns)} of row group {group} of {f.url}")
-
-
-def _read_unit(f: CacheFile, read: Callable[[], T], *, what: str) -> T:
-    """``read()`` of unit ``f``, under :func:`retry`; a failure of a unit no longer the one
-    indexed (rewritten by a ``pvu cache`` run, say) is raised naming it and what to do."""
-    try:
-        return retry(read, what=what)
-    except (OSError, ValueError) as error:
-        if _changed(f):
-            raise ValueError(
-                f"cache unit {f.url} was rewritten or removed after train-head read its footer "
-                "(by a pvu cache run writing to that cache?): wait until no pvu cache run "
-                "writes to it, then run the same train-head command again with --resume"
-            ) from error
-        raise
-
-
-def _changed(f: CacheFile) -> bool:
-    """Whether unit ``f`` is gone, or its footer is no longer the one it was indexed with."""
-    fs, path = fsspec.core.url_to_fs(f.url)
-    try:
-        with _open(fs, path) as handle:
-            return not pq.read_metadata(handle).equals(f.metadata)
-    except (FileNotFoundError, ValueError):  # gone, or no longer Parquet (pyarrow's words)
-        return True
-    except OSError:  # storage failing says nothing of the file: its first error stands
-        return False
+    what = f"read {', '.join(columns)} of row group {group} of {f.url}"
+    return read_unit(f, read, what=what, again=_AGAIN)
 
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
