@@ -439,6 +439,42 @@ def test_kuberay_gpus_consistent(path):
     assert gpu_groups, "no GPU worker group"
 
 
+#: Shared memory one decode worker holds at 224x224 (docs/usage.md, `--decode-workers`).
+DECODE_WORKER_SHM = 4.3 * 2**20
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_kuberay_object_store_and_decode_pool_fit_in_dev_shm(path):
+    """Ray puts its object store in /dev/shm only where it fits (else in /tmp, on disk, with
+    "This will harm performance!"), and the decode pools need room beside it. KubeRay mounts a
+    memory emptyDir there as large as the container's memory limit unless the pod mounts its
+    own; Ray's default store is up to 30% of that memory."""
+    from ray._private import ray_constants
+
+    for group_name, group in all_groups(load(path)):
+        spec = group["template"]["spec"]
+        (ray_container, *_) = spec["containers"]  # KubeRay's Ray container is the first
+        memory = k8s_quantity(ray_container["resources"]["limits"]["memory"])
+        shm = memory
+        mounts = ray_container.get("volumeMounts", [])
+        shm_volumes = {m["name"] for m in mounts if m["mountPath"].rstrip("/") == "/dev/shm"}
+        for volume in spec.get("volumes", []):
+            if volume["name"] in shm_volumes:
+                empty_dir = volume.get("emptyDir", {})
+                assert empty_dir.get("medium") == "Memory", f"{group_name}: /dev/shm not in memory"
+                shm = min(memory, k8s_quantity(empty_dir.get("sizeLimit", memory)))
+        params = group.get("rayStartParams", {})
+        default = ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION * memory
+        store = float(params.get("object-store-memory", default))
+        cpus = float(params.get("num-cpus", group_resources(group, "limits", "cpu")))
+        pools = max(0.0, cpus - 1) * DECODE_WORKER_SHM  # one actor's pool per GPU pod
+        assert store + pools <= shm, (
+            f"{path.name} {group_name}: /dev/shm of {shm / 2**30:.1f} GiB holds no object store "
+            f"of {store / 2**30:.1f} GiB beside {pools / 2**20:.0f} MiB of decode pools: mount "
+            "none (KubeRay sizes it to the memory limit) or set object-store-memory"
+        )
+
+
 def test_rayjob_runtime_env_is_valid_without_a_client():
     """In K8sJobMode nothing uploads local files: runtimeEnvYAML may hold URIs only."""
     from ray.runtime_env import RuntimeEnv
