@@ -298,11 +298,12 @@ def test_launcher_resources_match_instances():
         assert instance in AWS_INSTANCES, f"{name}: add {instance} to AWS_INSTANCES in this test"
         cpus, gpus = AWS_INSTANCES[instance]
         resources = node_type.get("resources", {})
-        assert resources.get("GPU", 0) == gpus, f"{name}: {instance} has {gpus} GPUs"
-        assert resources.get("CPU", cpus) == cpus, f"{name}: {instance} has {cpus} vCPUs"
         if name == config["head_node_type"]:
             assert gpus == 0, "the head node should be a CPU node"
-        elif gpus:
+            continue  # what it offers Ray: test_the_head_takes_no_work
+        assert resources.get("GPU", 0) == gpus, f"{name}: {instance} has {gpus} GPUs"
+        assert resources.get("CPU", cpus) == cpus, f"{name}: {instance} has {cpus} vCPUs"
+        if gpus:
             gpu_types.append(name)
             assert node_type.get("max_workers", 0) >= 1, f"{name} can never start"
     assert gpu_types, "no GPU worker node type"
@@ -312,6 +313,22 @@ def test_launcher_resources_match_instances():
         if n != config["head_node_type"]
     )
     assert max_workers <= config["max_workers"], "node types allow more workers than max_workers"
+
+
+def test_the_head_takes_no_work():
+    """The head runs the GCS, the dashboard, the autoscaler and every job's driver: it offers
+    Ray no CPUs or GPUs, so that neither cache actors nor an entrypoint that asks for CPUs
+    (`ray job submit --entrypoint-num-cpus 8`, train-head and evaluate) land on it."""
+    launcher = load(LAUNCHER)
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    offered = {k: v for k, v in head.get("resources", {}).items() if k in ("CPU", "GPU") and v}
+    assert "CPU" in head.get("resources", {}) and not offered, (
+        f"ray-cluster.yaml: give the head resources {{CPU: 0}} (it offers {offered or 'its vCPUs'})"
+    )
+    for path in KUBERAY_FILES:
+        params = cluster_spec(load(path))["headGroupSpec"].get("rayStartParams", {})
+        assert params.get("num-cpus") == "0", f"{path.name}: give the head num-cpus '0'"
+        assert params.get("num-gpus", "0") == "0", f"{path.name}: the head has num-gpus"
 
 
 def test_launcher_installs_the_repo_like_the_makefile():
