@@ -611,6 +611,22 @@ def test_a_folder_of_photos_pvu_cannot_read_names_what_it_holds(tmp_path):
     assert result.exit_code == 2 and "no image pvu reads" not in result.text, result.output
 
 
+def test_a_table_written_in_parts_is_named_as_such_not_as_photos_to_convert(tmp_path):
+    """A Parquet table as Spark or pandas' partition_cols write it (a folder of part files,
+    ``label=<class>/`` folders) was told its .parquet files were images to convert to .jpg."""
+    image = tmp_path / "cat.png"
+    image.write_bytes(image_bytes(np.random.default_rng(0), "png"))
+    table = pa.table({"path": [str(image)], "label": ["cat"]})
+    pq.write_to_dataset(table, tmp_path / "flat.parquet")
+    pq.write_to_dataset(table, tmp_path / "hive.parquet", partition_cols=["label"])
+    for name in ("flat.parquet", "hive.parquet"):
+        result = run("--input", str(tmp_path / name), "--output", str(tmp_path / "out"))
+        said = " ".join(result.text.split())
+        assert result.exit_code == 2 and "convert them" not in said, said
+        assert f"{tmp_path / name} holds 1 table file(s) (1 .parquet), no images" in said, said
+        assert "merge them into one .csv or .parquet file" in said, said
+
+
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
     """A camera's .jfif (a JPEG) was ignored, and the log said only 'N other files ignored'.
     A zip made on macOS made its __MACOSX folder class 0 (the real classes moved up one); a

@@ -123,6 +123,7 @@ def list_folder(url: str) -> Listing:
             if in_class:
                 unread[suffix] += 1
     if not any(by_class.values()):
+        _refuse_table_parts(url, ignored)
         raise FileNotFoundError(
             f"no images in class subfolders of {url} (expected {url}/<class>/<image>.jpg)"
             + _none_read(unread)
@@ -138,6 +139,21 @@ def list_folder(url: str) -> Listing:
     sources = [Source(u, label) for label, name in enumerate(listed) for u in by_class[name]]
     empty = [readable(name) for name in listed if not by_class[name]]
     return Listing(sources, classes, ignored, empty)
+
+
+def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
+    """A ``ValueError`` for a folder without images that holds tables: one written in parts
+    (a Spark or Dask output, pandas' ``partition_cols``), which is no folder of classes."""
+    tables = Counter({suffix: ignored[suffix] for suffix in TABLE_SUFFIXES if ignored[suffix]})
+    if not tables:
+        return
+    named = ", ".join(f"{n:,} {suffix}" for suffix, n in tables.most_common())
+    raise ValueError(
+        f"{url} holds {tables.total():,} table file(s) ({named}), no images: a table written "
+        "in parts (as Spark, Dask or pandas' partition_cols write one) is not read as one; "
+        "merge them into one .csv or .parquet file and give that as --input (Parquet: "
+        f"pyarrow.parquet.write_table(pyarrow.parquet.read_table({url!r}), 'table.parquet'))"
+    )
 
 
 def readable(name: str) -> str:
