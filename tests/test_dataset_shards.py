@@ -660,6 +660,10 @@ def test_errors_name_the_input_and_exit_2(tmp_path):
     (tmp_path / "list.csv").write_text("file,label\na.jpg,1\n")
     result = run("--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "no column 'path'" in result.text
+    assert "(it has file, label): name yours with --path-column" in result.text, result.output
+    (tmp_path / "list.csv").write_text("path,class\na.jpg,1\n")
+    result = run("--input", str(tmp_path / "list.csv"), "--output", str(tmp_path / "out"))
+    assert "no column 'label'" in result.text and "--label-column" in result.text, result.output
     result = run("--input", str(tmp_path / "list.csv"), "--output", "o", "--shard-size", "10")
     assert result.exit_code == 2 and "over 16KiB (16,384 bytes), got 10 bytes" in result.text
     make_folder(tmp_path / "images", per_class=1)

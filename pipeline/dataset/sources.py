@@ -268,10 +268,11 @@ def list_table(
     zero-padded numbers (``001``) always are: such IDs are no class indices.
     """
     table = _read_table(url, path_column, label_column, label_names=label_names)
-    for column in (path_column, label_column):
+    for column, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
         if column not in table.column_names:
             raise ValueError(
                 f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
+                f": name yours with {flag}"
             )
         _refuse_nested(url, table, column, path_column)
         table = _bytes_as_text(url, table, column)
