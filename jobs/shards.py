@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 from rich.markup import escape
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -29,6 +30,7 @@ from jobs.terminal import (
     Verbose,
     console,
     counted_bar,
+    progress_bar,
     reported,
     run_cli,
     setup_logging,
@@ -94,12 +96,17 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
         "write them outside the input",
     )
     check_not_in_a_cache(config.output, flag="--output", itself=True)
-    listing = list_dataset(
-        config.input,
-        path_column=config.path_column,
-        label_column=config.label_column,
-        label_names=config.label_names,
-    )
+    # one listing of the whole input, no count until it ends: minutes for millions on S3
+    said = f"listing {config.input}".replace("{", "{{").replace("}", "}}")  # a format
+    columns = (SpinnerColumn(), TextColumn(said, markup=False), TimeElapsedColumn())
+    with progress_bar(*columns, plain=f"shards: {said}", transient=True) as progress:
+        progress.add_task("listing", total=None)
+        listing = list_dataset(
+            config.input,
+            path_column=config.path_column,
+            label_column=config.label_column,
+            label_names=config.label_names,
+        )
     log.info(
         "%s: %d images in %d classes%s",
         config.input,

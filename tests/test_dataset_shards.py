@@ -779,6 +779,22 @@ def test_s3_images_to_shards_on_s3_from_a_table_and_from_class_folders(s3_bucket
     ]
 
 
+def test_a_slow_listing_of_the_input_says_it_is_listing(fault_proxy, s3_bucket, monkeypatch):
+    """Listing ImageNet-21k's 13M images on S3 takes many minutes, in which pvu shards wrote
+    nothing where stderr is a log; now it writes a line every PLAIN_PROGRESS_SECONDS."""
+    from jobs import terminal
+
+    fs = fsspec.filesystem("s3")
+    for i in range(2):
+        fs.pipe_file(f"{s3_bucket}/raw/c{i}/{i}.png", image_bytes(np.random.default_rng(i), "png"))
+    monkeypatch.setattr(terminal, "PLAIN_PROGRESS_SECONDS", 0.05)
+    fault_proxy.stall_seconds = 0.5
+    fault_proxy.fail_next("stall", 1, pattern=r"list-type=2.*delimiter=&")  # the find
+    result = run("--input", f"{s3_bucket}/raw", "--output", f"{s3_bucket}/shards")
+    assert result.exit_code == 0 and fault_proxy.counts["stall"] == 1, result.output
+    assert f"shards: listing {s3_bucket}/raw; 0:00:00 elapsed" in result.output, result.output
+
+
 @pytest.mark.slow
 def test_folder_to_shards_to_cache(tmp_path):
     import pyarrow.dataset as ds
