@@ -194,10 +194,10 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
         else f"{est.counted_shards:,} counted, the others estimated from their size"
     )
     table.add_row("shards", f"{est.shards:,} ({counted})")
-    table.add_row(
-        "units", f"{est.units:,} ({est.epochs} epochs), {est.units_done:,} already in --output"
-    )
-    table.add_row("samples per epoch", f"~{est.samples:,}")
+    epochs = f"{est.epochs} epoch{'s' if est.epochs != 1 else ''}"
+    table.add_row("units", f"{est.units:,} ({epochs}), {est.units_done:,} already in --output")
+    about = "" if est.counted_shards == est.shards else "~"  # every shard counted: exact
+    table.add_row("samples per epoch", f"{about}{est.samples:,}")
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(m.result.skipped.items())) or "none"
     table.add_row(
         "rows to compute",
