@@ -182,9 +182,10 @@ def cache(
     also: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="BACKBONE,WEIGHTS,OUTPUT",
             help="Another backbone to cache from the same decode pass, as "
             "BACKBONE,WEIGHTS,OUTPUT (or BACKBONE,OUTPUT for hub weights); repeat for more. "
-            "Each image is decoded once; each cache is what its own run would write."
+            "Each image is decoded once; each cache is what its own run would write.",
         ),
     ] = None,
     config: ConfigFile = None,

@@ -27,7 +27,9 @@ def evaluate_command(
     ] = None,
     head: Annotated[
         list[str] | None,
-        typer.Option(help="Exported head folder (pvu train-head --output); repeatable."),
+        typer.Option(
+            metavar="DIR", help="Exported head folder (pvu train-head --output); repeatable."
+        ),
     ] = None,
     upstream: Annotated[
         str | None,
@@ -48,8 +50,9 @@ def evaluate_command(
     deterioration: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="URL",
             help="Eval cache of a deteriorated copy of one dataset (figure 6); repeatable. "
-            "A clean copy is strength 0 of every kind; each cache once."
+            "A clean copy is strength 0 of every kind; each cache once.",
         ),
     ] = None,
     ambiguity: Annotated[

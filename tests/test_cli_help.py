@@ -49,6 +49,20 @@ def test_help_lists_every_flag_without_a_bool_metavar(args: list[str]) -> None:
         assert option in result.output, f"{option} missing from pvu {' '.join(args)} --help"
 
 
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_text_flag_says_what_it_takes(name: str) -> None:
+    """A flag taking text shows what to give (``URL``, ``DIR``, ``NAME=URL``), not typer's
+    ``<str>``, which tells a user nothing."""
+    result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+    bare = [
+        param.opts[0]
+        for param in PVU.job(name).params
+        if param.param_type_name == "option" and param.metavar is None and param.type.name == "str"
+    ]
+    assert bare == [], f"pvu {name} --help shows {bare} as <str>: give each a metavar"
+    assert "<str>" not in result.output.split("Options")[-1], result.output
+
+
 def test_pvu_help_lists_each_job_by_its_own_help_without_importing_the_jobs() -> None:
     """The listing reads the jobs' docstrings from source: it matches each job's own help, and
     ``pvu --help`` answers without importing torch (seconds on a small machine)."""
