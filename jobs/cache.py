@@ -66,7 +66,8 @@ def cache(
     actors: Annotated[
         int | None,
         typer.Option(
-            help="Backbone actors (default: one per GPU, or one per node on CPU clusters)."
+            help="Backbone actors (default: as many as the cluster holds at once: one per GPU, "
+            "or on CPU clusters one per node where the nodes are alike)."
         ),
     ] = None,
     gpus_per_actor: Annotated[
@@ -76,7 +77,8 @@ def cache(
     cpus_per_actor: Annotated[
         float | None,
         typer.Option(
-            help="CPUs per actor, above 0 (default: the node's share); below 1, several actors "
+            help="CPUs per actor, above 0 (default: the GPU nodes' CPUs per GPU, the "
+            "fewest; on CPU clusters the smallest node's CPUs); below 1, several actors "
             "share a core, each with its own backbone (warned of past the cluster's cores)."
         ),
     ] = None,
@@ -100,7 +102,8 @@ def cache(
         str | None,
         typer.Option(
             metavar="ADDRESS",
-            help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1).",
+            help="Ray cluster to join: HOST:PORT, ray://..., auto (the one Ray finds running) or "
+            "local (default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1).",
         ),
     ] = None,
     dtype: Annotated[
@@ -167,9 +170,9 @@ def cache(
         str | None,
         typer.Option(
             metavar="KIND:STRENGTH",
-            help="KIND:STRENGTH, deteriorate every image before the eval transform: KIND one "
-            "of blur, box (grey box), zoom (centre crop), noise; STRENGTH 0 (none) to 1 "
-            "(content all but gone), e.g. blur:0.5. Needs --augment eval.",
+            help="Deteriorate every image before the eval transform: KIND one of blur, box "
+            "(grey box), zoom (centre crop), noise; STRENGTH 0 (none) to 1 (content all but "
+            "gone), e.g. blur:0.5. Needs --augment eval.",
         ),
     ] = None,
     precision: Annotated[

@@ -58,8 +58,9 @@ def evaluate_command(
     ambiguity: Annotated[
         Literal["auto", "column", "real", "none"],
         typer.Option(
-            help="Ambiguity flags (figure 7): auto, column (the cache's ambiguity column), "
-            "real (ImageNet ReaL labels by validation file name) or none."
+            help="Ambiguity flags (figure 7): column (the cache's ambiguity column), real "
+            "(ImageNet ReaL labels by validation file name), auto (column where a cache has "
+            "one, else real) or none."
         ),
     ] = "auto",
     ambiguity_threshold: Annotated[

@@ -179,7 +179,7 @@ def shards(
         str,
         typer.Option(
             metavar="SIZE",
-            help="Largest shard, e.g. 500MB, 1GiB (default 1GB); an image larger than it gets a "
+            help="Largest shard, e.g. 500MB, 1GiB; an image larger than it gets a "
             "shard of its own.",
         ),
     ] = "1GB",

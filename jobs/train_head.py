@@ -65,7 +65,12 @@ def train_head(
         typer.Option("--resume", help="Continue from the checkpoint in --output."),
     ] = False,
     stop_after: Annotated[
-        int | None, typer.Option(help="Stop (resumably) after this many episodes.")
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Stop (resumably) once the schedule's first N episodes are done, counted from "
+            "its start, also on --resume.",
+        ),
     ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Share of sample keys held out for validation.")
