@@ -111,3 +111,42 @@ def test_a_commands_module_still_offers_its_jobs_config_and_run(job: str) -> Non
     assert public and all(getattr(command, name) is getattr(run, name) for name in public)
     with pytest.raises(AttributeError):
         command.no_such_name  # noqa: B018
+
+
+#: Each command's config class, and the fewest settings it validates with.
+CONFIGS = {
+    "cache": (
+        "jobs.run.cache:CacheJobConfig",
+        {"shards": "s", "backbone": "resnet18", "output": "o"},
+    ),
+    "plan": ("jobs.run.plan:PlanJobConfig", {"shards": "s", "backbone": "resnet18", "output": "o"}),
+    "train-head": ("jobs.run.train_head:TrainHeadConfig", {"cache": ["c"], "output": "o"}),
+    "evaluate": ("jobs.run.evaluate:EvaluateJobConfig", {"dataset": ["a=c"]}),
+    "label-remap": (
+        "jobs.run.label_remap:LabelRemapJobConfig",
+        {"classes": "c", "head": "imagenet-1k", "output": "o.json"},
+    ),
+    "info": ("jobs.info:InfoJobConfig", {"cache": "c"}),
+    "shards": ("jobs.shards:ShardsJobConfig", {"input": "i", "output": "o"}),
+    "demo": ("jobs.run.demo:DemoConfig", {}),
+}
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_flags_default_is_its_configs_default(name: str) -> None:
+    """The default ``--help`` shows is the one a ``--config`` file or ``load_job_config`` gets
+    where the setting is left out: a command line without the flag and a config without the key
+    run alike."""
+    module, config = CONFIGS[name][0].split(":")
+    config_type, required = getattr(importlib.import_module(module), config), CONFIGS[name][1]
+    left_out = config_type(**required)
+    differ = []
+    for param in PVU.job(name).params:
+        if param.name in ("config", "verbose") or param.default is None:
+            continue
+        given = config_type(**required, **{param.name: param.default})
+        if getattr(given, param.name) != getattr(left_out, param.name):
+            differ.append(
+                f"{param.opts[0]}: {param.default!r} vs {getattr(left_out, param.name)!r}"
+            )
+    assert differ == [], f"pvu {name}: flag default vs config default: {differ}"
