@@ -294,7 +294,9 @@ def test_a_run_named_like_a_glob_keeps_to_its_own_checkpoints(cache: str, tmp_pa
     assert mine == ["episode-00002.safetensors", "state.json"]
 
 
-def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None:
+def test_resumed_run_ends_with_the_same_head(
+    cache: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = _config(episodes=4, seed=3)
     straight = fit_head([cache], str(tmp_path / "straight"), config)
     parted = str(tmp_path / "parted")
@@ -302,8 +304,10 @@ def test_resumed_run_ends_with_the_same_head(cache: str, tmp_path: Path) -> None
     assert not first.finished and first.episodes == 2
     third = fit_head([cache], parted, config, RunOptions(stop_after=3, resume=True))
     assert (third.episodes, len(third.metrics)) == (3, 1)
-    again = fit_head([cache], parted, config, RunOptions(stop_after=2, resume=True))
+    with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
+        again = fit_head([cache], parted, config, RunOptions(stop_after=2, resume=True))
     assert (again.finished, again.episodes, again.metrics) == (False, 3, []), "nothing to redo"
+    assert "--stop-after 2: the run already trained 3 of 4 episodes" in caplog.text  # was silent
     resumed = fit_head([cache], parted, config, RunOptions(resume=True))
     assert resumed.finished
     for (name, a), (_, b) in zip(

@@ -264,6 +264,12 @@ def fit_head(
             if options.stop_after is None
             else min(sched.episodes, options.stop_after)
         )
+        if last <= done < sched.episodes:  # --stop-after counts from the schedule's start
+            log.warning(
+                "--stop-after %d: the run already trained %d of %d episodes, so this one trains "
+                "none; give a --stop-after above %d, or none to finish the schedule",
+                options.stop_after, done, sched.episodes, done,
+            )  # fmt: skip
         with CacheStream(index, config.stream, position) as stream:
             for episode in range(done, last):
                 record = _run_episode(episode, head, optimizer, objective, stream, config, options)
