@@ -94,8 +94,9 @@ def cache(
         str,
         typer.Option(
             metavar="EXT[:FIELD]",
-            help="Label member: its extension (an integer in ASCII), or EXT:FIELD for an integer "
-            "field of a JSON member, e.g. json:label (dots for nested fields).",
+            help="Label member: its extension (a whole number from 0 as text: 3, 003, 3.0), or "
+            "EXT:FIELD for such a field of a JSON member, e.g. json:label (dots for nested "
+            "fields).",
         ),
     ] = "cls",
     ray_address: Annotated[
