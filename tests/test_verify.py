@@ -85,6 +85,28 @@ def test_a_same_size_file_of_another_unit_is_caught_by_its_footer(tmp_path: Path
     assert "unreadable footer" in verify_cache(str(url)).damaged[UNITS[1]]
 
 
+def test_a_unit_whose_footer_is_damaged_in_place_is_named_and_recomputed(
+    tmp_path: Path,
+) -> None:
+    """A byte damaged in a footer (same size) was taken for a storage error: `pvu info --verify`
+    exited 2 with 'read the footer ... failed', and `pvu cache` could not repair the cache."""
+    url = tmp_path / "c"
+    write_synthetic_cache(str(url), SPEC)
+    stored = bytearray((url / UNITS[2]).read_bytes())
+    stored[len(stored) - 8 - int.from_bytes(stored[-8:-4], "little")] = 0  # the footer's 1st byte
+    (url / UNITS[2]).write_bytes(stored)
+    check = verify_cache(str(url))
+    assert list(check.damaged) == [UNITS[2]]
+    assert "unreadable footer: Couldn't deserialize thrift" in check.damaged[UNITS[2]]
+    result = CliRunner().invoke(app, ["info", str(url), "--verify"])
+    assert result.exit_code == 1 and UNITS[2] in result.output, result.output
+    with pytest.raises(CacheMismatch, match=UNITS[2]):
+        open_cache([str(url)])
+    manifest = reconcile(Manifest.open(str(url), read_manifest(str(url))["provenance"]))
+    assert sorted(manifest.units) == sorted(set(UNITS) - {UNITS[2]})
+    assert not (url / UNITS[2]).exists(), "removed, to be computed again"
+
+
 def test_a_cache_without_a_manifest_names_the_unit_that_is_not_one(tmp_path: Path) -> None:
     """Readers glob a bare cache, with no manifest to check against: a unit cut short, or one
     whose columns are not the row schema's, was refused naming no unit ('Parquet magic bytes

@@ -139,17 +139,37 @@ def list_unit_files(url: str) -> dict[str, int]:
     return sizes
 
 
+#: Bytes read from a unit's end for its footer (pyarrow's own first read); a longer footer
+#: takes a second read.
+FOOTER_READ = 64 * 1024
+
+
 def read_footer(url: str, relpath: str, size: int | None = None) -> pq.FileMetaData:
     """The Parquet footer of unit ``relpath`` of the cache at ``url`` (``size`` bytes, if known:
-    storage is then not asked)."""
+    storage is then not asked).
+
+    The file's end is read under :func:`retry` and parsed from memory, so a storage error is
+    raised as such, and bytes that are no footer (cut short, not Parquet, damaged in place)
+    raise ``ValueError``: the file is at fault.
+    """
     fs, root = fsspec.core.url_to_fs(url)
+    path = f"{root.rstrip('/')}/{relpath}"
     known = {} if size is None else {"size": size}
 
-    def read() -> pq.FileMetaData:
-        with fs.open(f"{root.rstrip('/')}/{relpath}", "rb", **known) as handle:
-            return pq.read_metadata(handle)
+    def read_end(length: int) -> bytes:
+        with fs.open(path, "rb", **known) as handle:
+            handle.seek(max(0, handle.seek(0, 2) - length))
+            return handle.read()
 
-    return retry(read, what=f"read the footer of {url.rstrip('/')}/{relpath}")
+    what = f"read the footer of {url.rstrip('/')}/{relpath}"
+    end = retry(lambda: read_end(FOOTER_READ), what=what)
+    length = 8 + int.from_bytes(end[-8:-4], "little")  # the footer, its length and "PAR1"
+    if len(end) == FOOTER_READ < length:
+        end = retry(lambda: read_end(length), what=what)
+    try:
+        return pq.read_metadata(pa.BufferReader(end))
+    except OSError as error:  # pyarrow's ArrowIOError: thrift or the schema does not decode
+        raise ValueError(str(error).strip()) from None
 
 
 #: A unit's footer, or what reading it said of the file: gone, or not (or no longer) Parquet.
