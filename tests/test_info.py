@@ -25,6 +25,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.unit import Unit
 from pipeline.cache.verify import CacheCheck
 from pipeline.demo.data import write_bad_shard, write_digit_shards
+from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.named import NAMED
 
 pytestmark = pytest.mark.usefixtures("wide_console")
@@ -300,6 +301,17 @@ def test_info_of_a_missing_bucket_exits_2_naming_it(s3_server):
     result = pvu("info", "s3://no-such-bucket/cache")
     assert result.exit_code == 2 and "Traceback" not in result.text, result.output
     assert "CACHE s3://no-such-bucket/cache: bucket no-such-bucket does not exist" in result.text
+
+
+@pytest.mark.slow
+def test_info_of_a_unit_file_on_s3_says_to_give_the_cache_folder(s3_bucket) -> None:
+    """A local unit's path said so; the same unit on S3 said 'is not a pvu cache'."""
+    url = f"{s3_bucket}/cache"
+    write_synthetic_cache(url, SyntheticCache(dim=8, samples_per_shard=4, shards=1, epochs=1))
+    unit = f"{url}/epoch=0000/shard-00000.parquet"
+    result = pvu("info", unit)
+    assert result.exit_code == 2, result.output
+    assert f"{unit} is a file, not a cache: give the cache's folder" in result.text
 
 
 def test_checksums_name_a_unit_damaged_in_place(cache, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
-from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
+from pipeline.cache.manifest import MANIFEST_NAME, not_a_folder, read_manifest
 from pipeline.cache.verify import FooterRead, list_unit_files, read_footers
 from schemas import label_space, read_provenance, read_unit_stats
 
@@ -122,6 +122,9 @@ def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
     read in parallel."""
     sizes = list_unit_files(url)
     if not sizes:
+        fs, _ = fsspec.core.url_to_fs(url)
+        if fs.isfile(root):  # an object store has no NotADirectoryError to say so
+            raise not_a_folder(url)
         raise ValueError(
             f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=<number>/*.parquet"
         )

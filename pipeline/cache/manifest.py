@@ -55,10 +55,7 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except NotADirectoryError:  # a unit's, the manifest's or another file's path
-        raise ValueError(
-            f"{url} is a file, not a cache: give the cache's folder, the one that holds "
-            f"{MANIFEST_NAME} and epoch=*/"
-        ) from None
+        raise not_a_folder(url) from None
     where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
     try:
         document = json.loads(data)  # a JSONDecodeError is a ValueError
@@ -75,6 +72,14 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     except ValueError as error:
         raise _invalid(where, error) from None
     return document
+
+
+def not_a_folder(url: str) -> ValueError:
+    """The refusal of a cache URL that names a file (a unit's, the manifest's)."""
+    return ValueError(
+        f"{url} is a file, not a cache: give the cache's folder, the one that holds "
+        f"{MANIFEST_NAME} and epoch=*/"
+    )
 
 
 def _invalid(where: str, error: ValueError) -> ValueError:
