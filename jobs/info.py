@@ -20,6 +20,7 @@ from jobs.preflight import check_storage
 from jobs.terminal import (
     Verbose,
     answer,
+    binary_size,
     console,
     counted_bar,
     reported,
@@ -77,7 +78,7 @@ def describe(info: CacheInfo) -> Table:
         table.add_row(f"  epoch {epoch}", f"{units:,} units, {rows:,} rows")
     table.add_row("rows", f"{info.rows:,}")
     per_row = f", {info.bytes / info.rows:,.0f} per row" if info.rows else ""
-    table.add_row("bytes", f"{info.bytes:,} ({info.bytes / 2**30:,.2f} GiB{per_row})")
+    table.add_row("bytes", f"{info.bytes:,} ({binary_size(info.bytes)}{per_row})")
     skipped = info.skipped
     table.add_row("samples skipped", ", ".join(f"{k}={v:,}" for k, v in skipped.items()) or "none")
     table.add_row(

@@ -64,6 +64,17 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("huggingface_hub").handlers.clear()
 
 
+def binary_size(count: float) -> str:
+    """``count`` bytes in the largest binary unit it holds at least one of (``4.89 MiB``), so a
+    small cache does not read as ``0.00 GiB``, as if empty."""
+    unit = "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if count < 1024:
+            break
+        count, unit = count / 1024, larger
+    return f"{count:,.0f} B" if unit == "B" else f"{count:,.2f} {unit}"
+
+
 def summary_table(title: str) -> Table:
     """A two-column table of names and values, each value whole over as many lines as it
     takes (cut with '...' at 80 columns, a URL lost where stderr is a log file)."""

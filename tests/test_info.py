@@ -76,6 +76,8 @@ def test_info_counts_what_storage_holds(cache, tmp_path):
     assert f"{table.num_rows:,}" in text and "resnet10t" in text and "epoch 1" in text
     assert "compute │ cpu, autocast none" in text  # part of the identity the repair advice cites
     assert "units │ 6 (3 shards x 2 epochs)" in text  # it said "(3 shards x epochs)"
+    kib = f"{summary['bytes'] / 1024:,.2f} KiB"
+    assert f"bytes │ {summary['bytes']:,} ({kib}, " in text  # it said "(0.00 GiB, ", as if empty
 
 
 def writing_to(stdout: str, module: str, *args: str) -> subprocess.CompletedProcess[str]:

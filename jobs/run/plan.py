@@ -28,7 +28,7 @@ from jobs.run.cache import (
     unit_settings,
     warn_of_label_order,
 )
-from jobs.terminal import console, summary_table
+from jobs.terminal import binary_size, console, summary_table
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, BackboneInfo, Compute, create_backbone_model
 from pipeline.cache.info import read_cache_info
@@ -205,7 +205,7 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     )
     table.add_row(
         "bytes on storage",
-        f"~{est.bytes:,} ({est.bytes / 2**30:,.2f} GiB: {m.bytes_per_row:,.0f} per row, "
+        f"~{est.bytes:,} ({binary_size(est.bytes)}: {m.bytes_per_row:,.0f} per row, "
         f"{m.unit_file_bytes:,.0f} per unit file)",
     )
     table.add_row(
