@@ -62,8 +62,18 @@ def _check_path_text(value: Any) -> Any:
 #: A path or fsspec URL setting (every input and output of every job): refused empty or with
 #: spaces around it, the message naming the flag or config key (:func:`explain`).
 PathOrUrl = Annotated[str, AfterValidator(check_path)]
-#: A local path setting, checked as :data:`PathOrUrl` is.
-LocalPath = Annotated[Path, BeforeValidator(_check_path_text)]
+
+
+def _refuse_url(value: Any) -> Any:
+    """``value`` unless it is a URL: ``Path("s3://b/x")`` is the local folder ``s3:/b/x``."""
+    if isinstance(value, str) and fsspec.core.split_protocol(value)[0] is not None:
+        raise ValueError(f"{value!r} is a URL: give a local path (this job writes to local disk)")
+    return value
+
+
+#: A local path setting, checked as :data:`PathOrUrl` is (the last validator runs first),
+#: and refused as a URL.
+LocalPath = Annotated[Path, BeforeValidator(_refuse_url), BeforeValidator(_check_path_text)]
 
 
 class ConfigFileError(ValueError):

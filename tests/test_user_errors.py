@@ -29,7 +29,7 @@ from typer.testing import Result
 
 import pipeline.head.train as train_module
 from jobs.preflight import check_output_folder
-from jobs.run.demo import DEMO_MARK, clear_earlier_demo
+from jobs.run.demo import DEMO_MARK, DemoConfig, clear_earlier_demo
 from jobs.terminal import UserError
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.unit import Unit
@@ -164,6 +164,21 @@ def test_the_demo_replaces_only_folders_an_earlier_demo_wrote(tmp_path: Path) ->
     clear_earlier_demo(tmp_path)
     assert (tmp_path / "elsewhere" / "kept").exists() and (tmp_path / DEMO_MARK).exists()
     assert not any(os.path.lexists(tmp_path / part) for part in ("report", "backbone", "cache"))
+
+
+def test_the_demo_refuses_an_output_it_cannot_write_before_any_work(tmp_path: Path) -> None:
+    """`pvu demo --output s3://b/demo` wrote the whole demo to ./s3:/b/demo; a file as --output
+    said only "[Errno 17] File exists"."""
+    with pytest.raises(ValueError, match="is a URL: give a local path"):
+        DemoConfig(output="s3://bucket/demo")
+    (tmp_path / "file").write_text("")
+    for output, words in [
+        ("s3://bucket/demo", "--output: 's3://bucket/demo' is a URL: give a local path"),
+        (str(tmp_path / "file"), f"--output {tmp_path / 'file'} is a file; give a folder"),
+    ]:
+        result = pvu("demo", "--output", output)
+        assert result.exit_code == 2 and words in unboxed(result.output), result.output
+    assert not (tmp_path / "file" / ".pvu-demo").exists() and not Path("s3:").exists()
 
 
 def test_missing_cache_fails_before_any_progress_bar(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from jobs.config import CONFIGS, LocalPath, load_job_config, read_config_file
+from jobs.preflight import check_output_folder
 from jobs.run.cache import CacheJobConfig, run_cache
 from jobs.run.evaluate import MAX_SEED, EvaluateJobConfig, run_evaluate
 from jobs.run.train_head import TrainHeadConfig, run_train_head
@@ -153,6 +154,7 @@ def clear_earlier_demo(output: Path) -> None:
 def run_demo(config: DemoConfig) -> DemoResult:
     """Every step of the demo under ``config.output``, each from scratch."""
     output = config.output.resolve()
+    check_output_folder(str(output), flag="--output")
     clear_earlier_demo(output)
     sets = _write_sets(config, output / "shards")
     weights = _train_backbone(config, sets, output / "backbone" / "backbone.safetensors")
