@@ -31,8 +31,12 @@ def train_head(
         Literal["ranking", "l2"], typer.Option(help="Objective: ranking (eq. 3) or l2 (eq. 2).")
     ] = "ranking",
     episodes: Annotated[int, typer.Option(help="Episodes in the schedule.")] = 460,
-    episode_size: Annotated[int, typer.Option(help="Samples per episode.")] = 200_000,
-    batch_size: Annotated[int, typer.Option(help="Samples per optimiser step.")] = 2048,
+    episode_size: Annotated[
+        int, typer.Option(help="Samples per episode (even, for --loss ranking).")
+    ] = 200_000,
+    batch_size: Annotated[
+        int, typer.Option(help="Samples per optimiser step (even, for --loss ranking).")
+    ] = 2048,
     lr: Annotated[float, typer.Option(help="Peak learning rate after warm-up.")] = 2.8e-3,
     warmup_lr: Annotated[float, typer.Option(help="Learning rate of the first episode.")] = 1e-4,
     min_lr: Annotated[float, typer.Option(help="Floor of the cosine decay.")] = 1e-8,

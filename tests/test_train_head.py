@@ -553,6 +553,10 @@ def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:
         assert result.exit_code == 2 and said in " ".join(result.output.split()), flag
     result = CliRunner().invoke(_app(), [*base, "--loss", "hinge"])
     assert result.exit_code == 2 and "--loss" in result.output
+    odd = ["--episode-size", "1025", "--batch-size", "256"]  # a last batch of one row: no pair
+    result = CliRunner().invoke(_app(), [*base, *odd])
+    said = "--episode-size (1025) must be even for --loss ranking"
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     absent = ["train-head", "--cache", str(tmp_path / "none"), "--output", str(tmp_path)]
     missing = CliRunner().invoke(_app(), absent)
     assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())

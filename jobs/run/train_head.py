@@ -114,6 +114,14 @@ class TrainHeadConfig(BaseModel):
                 f"--batch-size ({self.batch_size}) must be at most --episode-size "
                 f"({self.episode_size}): an episode is one batch of that size at most"
             )
+        odd = [f"{flag} ({n})" for flag, n in (("--batch-size", self.batch_size),
+               ("--episode-size", self.episode_size)) if n % 2]  # fmt: skip
+        if self.loss == "ranking" and odd:
+            raise ValueError(
+                f"{' and '.join(odd)} must be even for --loss ranking, which pairs a batch's "
+                "rows two by two: a row left over in each batch (or the episode's last) would "
+                "go unused, and a last batch of one row steps the optimizer on no pair"
+            )
         resolve_device(self.device)
         return self
 
