@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import timm
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -346,6 +347,40 @@ def test_deterioration_and_ambiguity_sections(tmp_path: Path, head_dir: str) -> 
     assert "deterioration.png" in document["figures"]
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "## Deterioration" in markdown and "## Human ambiguity" in markdown
+
+
+def test_every_auroc_ranks_the_uncertain_rows_first_as_scikit_learn_does(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """Each AUROC of the report, recomputed from the caches with the paper's orientation
+    (higher uncertainty predicts the positive class): R-AUROC (1-NN wrong, by brute-force
+    cosine search), classifier AUROC (pred != label), ID vs OOD (the downstream row) and human
+    ambiguity (flag set). A sign flip anywhere would still pass the schema and the ranges."""
+    x, labels = clustered(240, 4, seed=5)
+    ambiguity = np.random.default_rng(6).random(240).astype(np.float32)
+    ambiguity[::8] = np.nan  # unknown: left out of the ambiguity AUROC
+    zs = write_eval_cache(str(tmp_path / "zs"), x, labels, ambiguity=ambiguity)
+    up = write_eval_cache(str(tmp_path / "up"), *clustered(160, 4, seed=7))
+    options = EvaluateOptions(
+        heads=(head_dir,), datasets=(("zs", zs),), upstream=up, ambiguity_threshold=0.5
+    )
+    result = evaluate(options)
+    entry = next(d for d in result.report["datasets"] if d["name"] == "zs")
+    data = load_eval_set("zs", zs)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    wrong = labels[similarity.argmax(axis=1)] != labels
+    known = ~np.isnan(ambiguity)
+    for source, u in result.scores["zs"].items():
+        got = entry["sources"][source]
+        assert got["r_auroc"] == pytest.approx(roc_auc_score(wrong, u))
+        assert got["classifier_auroc"] == pytest.approx(roc_auc_score(data.pred != labels, u))
+        ood = np.r_[np.zeros(160, bool), np.ones(240, bool)]
+        both = np.r_[result.scores["upstream"][source], u]
+        assert got["id_vs_ood_auroc"] == pytest.approx(roc_auc_score(ood, both))
+        flags = ambiguity[known] > 0.5
+        assert got["ambiguity_auroc"] == pytest.approx(roc_auc_score(flags, u[known]))
 
 
 def test_imagenet_validation_keys_get_real_flags() -> None:
