@@ -3,8 +3,9 @@
 The trunk (``forward_features``) may run under bf16 autocast on a GPU; the model's own head
 (``forward_head``: pooling, the pre-logits embedding, the classifier, whatever its shape: one
 layer, distilled DeiT's two, CrossViT's one per branch), the loss, ``max_prob`` and ``entropy``
-always run in float32 on the float32-cast features (about 0.1% of the FLOPs), since the loss is
-the label the head learns: bf16 logits would be off by up to 0.0625 between 8 and 16. Where and
+always run in float32 on the float32-cast features (about 0.1% of the FLOPs), IEEE float32 even
+where CUDA's TF32 is on (:func:`exact_float32`), since the loss is the label the head learns:
+bf16 logits would be off by up to 0.0625 between 8 and 16. Where and
 how the trunk ran (:class:`Compute`) is part of a cache's provenance.
 """
 
@@ -29,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from timm.data import infer_imagenet_subset, resolve_model_data_config
 
 from pipeline.cache.writer import finite_peak
+from pipeline.precision import exact_float32
 from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
@@ -474,8 +476,9 @@ class Backbone:
             self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
         ):
             features = self.model.forward_features(images)
-        embedding, logits = model_head(self.model, features)  # outside autocast
-        log_probs = F.log_softmax(logits, dim=-1)
+        with exact_float32():  # outside autocast, and no TF32: the loss is the head's label
+            embedding, logits = model_head(self.model, features)
+            log_probs = F.log_softmax(logits, dim=-1)
         outputs = {
             "embedding": embedding.cpu(),
             "pred": logits.argmax(dim=-1).int().cpu(),  # logits a hair apart can tie in log_probs

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.precision import exact_float32
+
 TIE_TOLERANCE = 1e-6
 BLOCK_BYTES = 256 * 2**20
 """Size of one block of query-by-database similarities; memory is this plus the embeddings."""
@@ -79,7 +81,7 @@ def nearest_neighbours(
         removed = torch.as_tensor(np.flatnonzero(~database), device=device)
     step = min(query_chunk(len(x), block_bytes=block_bytes), len(rows))
     block = torch.empty((step, len(x)), dtype=x.dtype, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_float32():  # TF32 would blur similarities past ties
         for start in range(0, len(rows), step):
             picked = torch.as_tensor(rows[start : start + step], device=device)
             sim = torch.mm(x[picked], x.T, out=block[: len(picked)])
