@@ -7,9 +7,16 @@ from collections.abc import Iterator
 
 import torch
 
-#: The CUDA settings that may run float32 work as TF32: cuBLAS's products and cuDNN's
-#: convolutions (a timm head's 1x1 conv_head, as MobileNetV3's).
-_TF32_SETTINGS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+#: The CUDA settings that may run float32 work as TF32, cuBLAS's products and cuDNN's
+#: convolutions (a timm head's 1x1 conv_head, as MobileNetV3's), and their IEEE value: torch
+#: newer ``fp32_precision`` where it has them (mixing them with the older flags is an error).
+_TF32_SETTINGS = (
+    ((torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+     (torch.backends.cudnn.conv, "fp32_precision", "ieee"))
+    if hasattr(torch.backends.cudnn, "conv")
+    else ((torch.backends.cuda.matmul, "allow_tf32", False),
+          (torch.backends.cudnn, "allow_tf32", False))
+)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -23,11 +30,11 @@ def exact_float32() -> Iterator[None]:
     logits between 8 and 16 off by up to ~0.01, the losses with them, and cosine similarities
     far past a 1e-6 tie.
     """
-    before = [setting.fp32_precision for setting in _TF32_SETTINGS]
-    for setting in _TF32_SETTINGS:
-        setting.fp32_precision = "ieee"
+    before = [getattr(owner, name) for owner, name, _ in _TF32_SETTINGS]
+    for owner, name, exact in _TF32_SETTINGS:
+        setattr(owner, name, exact)
     try:
         yield
     finally:
-        for setting, precision in zip(_TF32_SETTINGS, before, strict=True):
-            setting.fp32_precision = precision
+        for (owner, name, _), value in zip(_TF32_SETTINGS, before, strict=True):
+            setattr(owner, name, value)
