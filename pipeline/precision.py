@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 #: The CUDA settings that may run float32 work as TF32, cuBLAS's products and cuDNN's
-#: convolutions (a timm head's 1x1 conv_head, as MobileNetV3's), and their IEEE value: torch
+#: convolutions (a timm head's 1x1 conv_head, as MobileNetV3's), and their IEEE value: torch's
 #: newer ``fp32_precision`` where it has them (mixing them with the older flags is an error).
 _TF32_SETTINGS = (
     ((torch.backends.cuda.matmul, "fp32_precision", "ieee"),
