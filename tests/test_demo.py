@@ -3,6 +3,7 @@ the exported head on a stock timm model."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ import pytest
 import ray
 import timm
 import torch
+from rich.console import Console
 
 from jobs.run.demo import BACKBONE, ZERO_SHOT, DemoConfig, run_demo
 from pipeline.cache.augment import build_transform
@@ -162,3 +164,23 @@ def test_attached_head_equals_the_head_on_cached_eval_embeddings(demo):
     np.testing.assert_allclose(out["uncertainty"].numpy(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(table.column("pred").to_numpy(), out["logits"].argmax(1))
     assert document["backbone"] == BACKBONE
+
+
+def test_a_report_without_an_r_auroc_is_shown_as_such(tmp_path):
+    """A set where every (or no) 1-NN is right has no R-AUROC (null in the report): the demo's
+    table and its claim raised TypeError on it, after the whole run."""
+    from jobs.run.demo import DemoResult, demo_table
+
+    errors = {"class_agnostic": {"full": 0.0, "clean_database": 0.0}}
+    sources = {name: {"r_auroc": None, "safe_retrieval": errors} for name in ("head", "entropy")}
+    sources["1-max_prob"] = {"r_auroc": 0.6, "safe_retrieval": errors}
+    report = {
+        "sources": [{"name": name} for name in sources],
+        "datasets": [{"name": ZERO_SHOT, "n": 3, "recall_at_1": 1.0, "sources": sources}],
+    }
+    demo = DemoResult(report, tmp_path, heldout_recall_at_1=1.0)
+    assert not demo.claim_holds()
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(demo_table(demo))
+    text = console.export_text()
+    assert text.count("n/a") == 2 and "0.600" in text and "does NOT hold" in text

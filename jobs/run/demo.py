@@ -93,8 +93,12 @@ class DemoResult:
         """The paper's claim in miniature: on classes the backbone never saw, the head ranks
         retrieval failures better than chance and than the classifier's own uncertainty."""
         sources = self.dataset(ZERO_SHOT)["sources"]
-        head = sources["head"]["r_auroc"]
-        return head > 0.5 and all(head > sources[b]["r_auroc"] for b in CLASSIFIER_BASELINES)
+        head = sources["head"]["r_auroc"]  # None where every or no 1-NN is right
+        return (
+            head is not None
+            and head > 0.5
+            and all(head > (sources[b]["r_auroc"] or 0) for b in CLASSIFIER_BASELINES)
+        )
 
     def dataset(self, name: str) -> dict[str, Any]:
         """The report entry of dataset ``name``."""
@@ -285,6 +289,11 @@ def _train_head(config: DemoConfig, output: Path, train: str) -> None:
     )
 
 
+def _score(value: float | None) -> str:
+    """An R-AUROC in the table; n/a where the report has none (every or no 1-NN right)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def demo_table(demo: DemoResult) -> Table:
     """A column per set (R-AUROC of each source, Recall@1, safe retrieval with the head) and
     the claim; sets as columns keep it narrow enough for an 80-column terminal."""
@@ -295,7 +304,7 @@ def demo_table(demo: DemoResult) -> Table:
     for entry in datasets:
         table.add_column(f"{entry['name']} (n={entry['n']})", justify="right")
     for source in sources:
-        table.add_row(source, *(f"{e['sources'][source]['r_auroc']:.3f}" for e in datasets))
+        table.add_row(source, *(_score(e["sources"][source]["r_auroc"]) for e in datasets))
     table.add_section()
     table.add_row("Recall@1", *(f"{e['recall_at_1']:.3f}" for e in datasets))
     errors = [e["sources"]["head"]["safe_retrieval"]["class_agnostic"] for e in datasets]
