@@ -6,9 +6,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from support import make_runner
+import torch
+from support import BACKBONE, make_runner, unit_settings
 
-from pipeline.cache.unit import Fanout, Unit
+from pipeline.cache.backbone import Backbone, create_backbone_model
+from pipeline.cache.distribute import describe_failure
+from pipeline.cache.unit import Fanout, Unit, UnitRunner
 from pipeline.demo.data import write_bad_shard, write_digit_shards
 from schemas import read_provenance
 
@@ -83,3 +86,21 @@ def test_a_sample_every_target_skips_alike_is_named_once(tmp_path, units, caplog
     said = [record.getMessage() for record in caplog.records]
     assert len([line for line in said if line.startswith("skipping corrupt in ")]) == 1, said
     assert len([line for line in said if "2 samples skipped as truncated_image" in line]) == 1
+
+
+def test_a_backbone_that_fails_is_named_with_its_cache(tmp_path, units):
+    """With --also, a unit whose forward failed in one backbone was reported as the error
+    alone ("Input height (32) doesn't match model (224)"): nothing said which backbone."""
+    fits = make_runner(str(tmp_path / "resnet"))
+    settings = unit_settings(str(tmp_path / "mixer"))  # a model that takes 224 px only
+    model = create_backbone_model("mixer_s32_224", "random")
+    fails = UnitRunner(Backbone(model, torch.device("cpu")), settings)
+    fanout = Fanout([fits, fails], decode_workers=0)
+    try:
+        with pytest.raises(AssertionError) as raised:
+            fanout.run(units[0])
+    finally:
+        fanout.close()
+    why = describe_failure(units[0].source, raised.value)
+    assert why.startswith(f"{units[0].source}: AssertionError: Input height (32)"), why
+    assert f"backbone {BACKBONE}, cache {tmp_path / 'mixer'}" in why, why

@@ -295,6 +295,13 @@ class CacheWorker:
         self.fanout.close()
 
 
+def describe_failure(source: str, error: BaseException) -> str:
+    """How a unit of ``source`` failed, as one line: the error, then its notes (with
+    ``--also``, the backbone and cache it failed in)."""
+    notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+    return f"{source}: {type(error).__name__}: {error}{notes}"
+
+
 def _check_alive(node_id: str) -> None:
     """Raise :class:`RayNodeLost` if the driver's Ray node ``node_id`` is dead: its actors'
     results and new actors' starts would never come (Ray marks it dead within ~15 s)."""
@@ -495,7 +502,7 @@ class ActorPool:
             result = ray.get(ref)
         except RayTaskError as error:  # the unit raised; its actor is fine
             self._idle.append(actor)
-            why = f"{unit.source}: {type(error.cause).__name__}: {error.cause}"
+            why = describe_failure(unit.source, error.cause)
             if isinstance(error.cause, StorageFull):  # every other unit would fill it too
                 raise StorageFull(
                     f"{why}. Stopped: free space (or raise the quota) where the cache is "

@@ -462,7 +462,14 @@ class Fanout:
             timings[0]["prepare"] += batch.prepare_seconds
             timings[0]["prepare_cpu"] += batch.prepare_cpu
             tick = time.perf_counter()
-            record_batches[target].append(self.runners[target]._record(batch, unit))
+            try:
+                record_batches[target].append(self.runners[target]._record(batch, unit))
+            except Exception as error:  # which of several backbones failed, for the driver
+                if len(self.runners) > 1:
+                    settings = self.runners[target].settings
+                    backbone = settings.provenance.get("backbone")
+                    error.add_note(f"backbone {backbone}, cache {settings.output}")
+                raise
             timings[target]["forward"] += time.perf_counter() - tick
             waited = time.perf_counter()
         said: set[tuple[str, int]] = set()
