@@ -764,3 +764,19 @@ def test_a_unit_out_of_tries_is_named_in_the_log(caplog):
     ActorPool._retry_or_fail(pool, unit, "its actor died", report, deque(), {})
     assert list(report.failed) == [unit.relpath]
     assert f"unit {unit.relpath} failed: its actor died; gave up after 1 tries" in caplog.text
+
+
+def test_also_computes_only_the_backbone_whose_cache_lacks_the_units(local_ray, tmp_path):
+    """A finished cache given again beside a new --also target was computed again in full:
+    every unit it held was forwarded and rewritten, only because the other cache lacked it."""
+    write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=4, size=32)
+    flags = {"shards": str(tmp_path / "shards"), "output": str(tmp_path / "a"), **COMMON}
+    run_cache(CacheJobConfig(**flags))
+    units = sorted((tmp_path / "a").glob("epoch=*/*.parquet"))
+    written = {path: path.stat().st_mtime_ns for path in units}
+    also = f"resnet14t,random,{tmp_path / 'b'}"
+    report = run_cache(CacheJobConfig(**flags, also=[also]))
+    assert {path: path.stat().st_mtime_ns for path in units} == written
+    assert sum(result.rows for result in report.results) == 8  # the new cache's
+    manifest = json.loads((tmp_path / "b" / "_manifest.json").read_text())
+    assert sorted(manifest["units"]) == [str(p.relative_to(tmp_path / "a")) for p in units]

@@ -611,8 +611,10 @@ def _run_cache(
         for epoch in range(config.epochs)
         for url, name in zip(urls, names, strict=True)
     ]
-    # A unit runs (for every backbone, rewriting identical files) if any backbone lacks it.
+    # A unit runs if any backbone lacks it, for every backbone that lacks any unit to do
+    # (rewriting identical files): a cache that holds them all is not computed again.
     todo = [u for u in units if not all(t.manifest.is_done(u.relpath) for t in targets)]
+    running = [t for t in targets if not all(t.manifest.is_done(u.relpath) for u in todo)]
     for target in targets:  # until it ends, readers warn that units may be missing
         target.manifest.begin_run(len(units))
     log.info(
@@ -627,21 +629,27 @@ def _run_cache(
     report = PoolReport()
     if todo:
         log.info("%d actor(s), %g GPU and %g CPU each", actors, gpus, cpus)
+        for target in targets:
+            if target not in running:
+                log.info("%s holds every unit: not computed again", target.manifest.root)
         pool = ActorPool(
             size=actors,
             gpus=gpus,
             cpus=cpus,
-            backbone=config.backbone,
-            weights=config.weights,
-            settings=targets[0].settings,
+            backbone=running[0].config.backbone,
+            weights=running[0].config.weights,
+            settings=running[0].settings,
             max_attempts=config.max_attempts,
             unit_timeout=config.unit_timeout,
-            also=tuple((t.config.backbone, t.config.weights, t.settings) for t in targets[1:]),
+            also=tuple((t.config.backbone, t.config.weights, t.settings) for t in running[1:]),
         )
-        report = _run_with_progress(pool, todo, [t.manifest for t in targets], started)
-        for target in targets:  # the actors wrote there: this process's listings are stale
+        report = _run_with_progress(pool, todo, [t.manifest for t in running], started)
+        for target in running:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
-    _finish(config, report, targets, names, already=len(units) - len(todo), started=started)
+    lead = targets.index(running[0]) if running else 0  # whose results the report holds
+    _finish(
+        config, report, targets, names, lead=lead, already=len(units) - len(todo), started=started
+    )
     planned = {unit.relpath for unit in units}
     for target in targets:
         _warn_of_units_not_planned(target.manifest, planned)
@@ -690,11 +698,13 @@ def _finish(
     targets: list[_Target],
     names: list[str],
     *,
+    lead: int = 0,
     already: int,
     started: float,
 ) -> None:
     """After the pool: each key once per epoch, the run recorded as ended, staging cleared
-    (when no unit failed), the summary printed; a cache without rows is an error."""
+    (when no unit failed), the summary printed (of ``targets[lead]``, whose results ``report``
+    holds); a cache without rows is an error."""
     for target in targets:  # stopped by SIGTERM in a job; a library caller gets here
         if target.manifest.lock_lost.is_set():
             raise CacheLocked(f"lost the lock on {target.manifest.root} to another run")
@@ -708,11 +718,11 @@ def _finish(
             report,
             already=already,
             seconds=time.monotonic() - started,
-            manifest=targets[0].manifest,
-            duplicates=duplicates[0],
+            manifest=targets[lead].manifest,
+            duplicates=duplicates[lead],
         )
     )
-    for target in targets[1:]:
+    for target in targets[:lead] + targets[lead + 1 :]:
         rows = target.manifest.rows
         console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
     if not report.failed and not targets[0].manifest.rows:
