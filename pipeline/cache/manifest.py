@@ -139,7 +139,8 @@ def check_provenance(existing: dict[str, Any], requested: dict[str, Any], where:
     differences = provenance_differences(existing, requested)
     if differences:
         raise ProvenanceMismatch(
-            f"refusing to mix caches at {where}; use another --output. " + "; ".join(differences)
+            f"refusing to mix caches at {where}; write to another folder (the --output or "
+            "--also target naming it). " + "; ".join(differences)
         )
 
 
