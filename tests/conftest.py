@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from benchmarks.local_s3 import UNSET, loopback_s3
 from pipeline.cache.distribute import keep_ray_on_loopback
@@ -64,6 +65,21 @@ def _clear_s3fs_cache() -> None:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def tf32_on() -> Iterator[Callable[[], tuple[str, ...]]]:
+    """TF32 turned on for CUDA's float32 products and convolutions, as NVIDIA's containers
+    (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) and cuDNN's own default do, restored afterwards; yields
+    a reader of the two settings as they are when it is called (a CPU computes no TF32: what
+    code runs under is what a test can check)."""
+    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [setting.fp32_precision for setting in settings]
+    for setting in settings:
+        setting.fp32_precision = "tf32"
+    yield lambda: tuple(setting.fp32_precision for setting in settings)
+    for setting, precision in zip(settings, before, strict=True):
+        setting.fp32_precision = precision
 
 
 @pytest.fixture

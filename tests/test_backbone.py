@@ -47,23 +47,6 @@ def test_bf16_trunk_gives_float32_logits_from_the_embedding(batch):
     assert torch.equal(outputs["pred"], logits.argmax(-1).int())
 
 
-@pytest.fixture
-def tf32_on():
-    """TF32 turned on for CUDA's float32 products and convolutions, as NVIDIA's containers
-    (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) and cuDNN's own default do; restored afterwards."""
-    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-    before = [setting.fp32_precision for setting in settings]
-    for setting in settings:
-        setting.fp32_precision = "tf32"
-    yield settings
-    for setting, precision in zip(settings, before, strict=True):
-        setting.fp32_precision = precision
-
-
-def _precisions(settings) -> tuple[str, ...]:
-    return tuple(setting.fp32_precision for setting in settings)
-
-
 def test_the_head_and_the_loss_run_without_tf32(batch, tf32_on, monkeypatch):
     """The fp32 head ran under whatever TF32 the process had: on a GPU in NVIDIA's containers
     (and in any conv_head, by cuDNN's default) the logits kept 10 bits of mantissa, and the
@@ -74,11 +57,11 @@ def test_the_head_and_the_loss_run_without_tf32(batch, tf32_on, monkeypatch):
     seen = []
     head = model.forward_head
     monkeypatch.setattr(
-        model, "forward_head", lambda *a, **k: seen.append(_precisions(tf32_on)) or head(*a, **k)
+        model, "forward_head", lambda *a, **k: seen.append(tf32_on()) or head(*a, **k)
     )
     Backbone(model, torch.device("cpu"), torch.bfloat16).forward(images, labels)
     assert seen and set(seen) == {("ieee", "ieee")}
-    assert _precisions(tf32_on) == ("tf32", "tf32")  # the process's own setting, restored
+    assert tf32_on() == ("tf32", "tf32")  # the process's own setting, restored
 
 
 def test_nearest_neighbours_search_without_tf32(tf32_on, monkeypatch):
@@ -88,13 +71,11 @@ def test_nearest_neighbours_search_without_tf32(tf32_on, monkeypatch):
 
     seen = []
     mm = torch.mm
-    monkeypatch.setattr(
-        torch, "mm", lambda *a, **k: seen.append(_precisions(tf32_on)) or mm(*a, **k)
-    )
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: seen.append(tf32_on()) or mm(*a, **k))
     unit = normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)).numpy())
     nearest_neighbours(unit)
     assert seen and set(seen) == {("ieee", "ieee")}
-    assert _precisions(tf32_on) == ("tf32", "tf32")
+    assert tf32_on() == ("tf32", "tf32")
 
 
 def test_compute_precision_is_provenance(tmp_path):

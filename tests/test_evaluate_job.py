@@ -274,6 +274,16 @@ def test_progress_covers_safe_retrieval_and_bad_tsne_classes_stop_before_the_sea
     assert "read clean" in done and "1-NN clean" not in done
 
 
+def test_evaluation_runs_without_tf32(tmp_path: Path, head_dir: str, tf32_on) -> None:
+    """The heads' uncertainties on a GPU ran as the process said (TF32 in NVIDIA's
+    containers), unlike the CPU's. Checked by the settings the work runs under."""
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))
+    seen = set()
+    options = EvaluateOptions(heads=(head_dir,), datasets=(("clean", clean),), tsne_points=0)
+    evaluate(options, track=lambda description, total: lambda n: seen.add(tf32_on()))
+    assert seen == {("ieee", "ieee")} and tf32_on() == ("tf32", "tf32")
+
+
 def test_a_deterioration_cache_given_twice_is_refused(tmp_path: Path, head_dir: str) -> None:
     """It was pooled twice into its strength, without a word."""
     clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))

@@ -260,6 +260,16 @@ def test_refuses_caches_of_different_embedding_dtypes(cache: str, tmp_path: Path
     assert single.export is not None and single.export["input_dtype"] == "float32"
 
 
+def test_training_runs_without_tf32(cache: str, tmp_path: Path, tf32_on) -> None:
+    """A head trained on a GPU ran its float32 steps as the process said: TF32 in NVIDIA's
+    containers, so --device cuda trained another head than the CPU. Checked by the settings
+    the steps run under (a CPU computes no TF32)."""
+    seen = set()
+    options = RunOptions(on_batch=lambda n: seen.add(tf32_on()), stop_after=1)
+    fit_head([cache], str(tmp_path), _config(episodes=2), options)
+    assert seen == {("ieee", "ieee")} and tf32_on() == ("tf32", "tf32")
+
+
 def test_checkpoints_hold_no_pickle(cache: str, tmp_path: Path) -> None:
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())

@@ -44,6 +44,7 @@ from pipeline.evaluate.sources import (
 )
 from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
 from pipeline.head.export import image_input
+from pipeline.precision import exact_float32
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Evaluation:
     tsne: TsnePoints | None = None
 
 
+@exact_float32()  # the heads' uncertainties and the searches as on a CPU: no TF32 on a GPU
 def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluation:
     """Run every metric, analysis and application ``options`` asks for."""
     heads = load_heads(list(options.heads), device=options.device)

@@ -51,6 +51,7 @@ from pipeline.head.stream import (
     read_validation,
 )
 from pipeline.head.validate import validation_metrics
+from pipeline.precision import exact_float32
 from pipeline.retry import exists, make_folder
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ class TrainResult:
     episodes: int
 
 
+@exact_float32()  # fp32 on a GPU as on a CPU: no TF32, whatever the process sets
 def fit_head(
     caches: Sequence[str], output: str, config: TrainConfig, options: RunOptions | None = None
 ) -> TrainResult:
