@@ -17,8 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from jobs.terminal import UserError
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.shards import storage_url
-from pipeline.cache.verify import EPOCH_FOLDER
-from pipeline.retry import list_folder
+from pipeline.cache.verify import caches_under
 
 CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
@@ -163,43 +162,17 @@ def check_not_in_a_cache(url: str, *, flag: str, itself: bool = False) -> None:
         parent = posixpath.dirname(parent)
 
 
-#: How many folders below an output :func:`check_holds_no_cache` looks for a cache, and in
-#: how many folders at most (an output at a bucket's top would list thousands).
-NESTED_CACHE_DEPTH = 2
-NESTED_CACHE_LISTINGS = 100
-
-
 def check_holds_no_cache(url: str, *, flag: str) -> None:
-    """Refuse an output ``url`` holding a cache (its ``_manifest.json``) up to
-    ``NESTED_CACHE_DEPTH`` folders down: this cache's units would lie beside it, and a Parquet
-    reader of ``url`` would read both. One listing per folder, ``NESTED_CACHE_LISTINGS`` at
-    most, nearest first; ``epoch=<number>`` folders (a cache's units) are not listed, so the
-    cost is that of the tree's top, whatever the caches hold."""
-    fs, path = fsspec.core.url_to_fs(url)
-    folders = [path.rstrip("/")]
-    listed = 0
-    for depth in range(NESTED_CACHE_DEPTH + 1):
-        below = []
-        for folder in folders[: NESTED_CACHE_LISTINGS - listed]:
-            listed += 1
-            try:
-                entries = list_folder(fs, folder)
-            except FileNotFoundError:  # an output not made yet
-                continue
-            names = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
-            if depth and MANIFEST_NAME in names:
-                raise UserError(
-                    f"{flag} {url} holds the cache {storage_url(fs, folder)}: this cache's "
-                    "units would lie beside that one's, and a Parquet reader of its folder "
-                    "(pyarrow's dataset, as the README shows) would take both caches' rows for "
-                    "its own; give a folder that holds no cache"
-                )
-            below += [
-                entry["name"].rstrip("/")
-                for name, entry in names.items()
-                if entry["type"] == "directory" and not EPOCH_FOLDER.fullmatch(name)
-            ]
-        folders = below
+    """Refuse an output ``url`` holding a cache (its ``_manifest.json``) a few folders down
+    (:func:`caches_under`: a bounded number of listings): this cache's units would lie beside
+    it, and a Parquet reader of ``url`` would read both."""
+    held = next(caches_under(url), None)
+    if held is not None:
+        raise UserError(
+            f"{flag} {url} holds the cache {held}: this cache's units would lie beside that "
+            "one's, and a Parquet reader of its folder (pyarrow's dataset, as the README "
+            "shows) would take both caches' rows for its own; give a folder that holds no cache"
+        )
 
 
 def check_apart(outputs: list[tuple[str, str]]) -> None:

@@ -263,6 +263,18 @@ def test_info_errors_exit_2_naming_the_path(tmp_path):
     assert result.exit_code == 2 and "CACHE: required; give CACHE or set cache" in result.text
 
 
+def test_info_of_a_folder_of_caches_names_them(cache, tmp_path):
+    """`pvu info demo-output` (a folder holding caches) said only 'is not a pvu cache'."""
+    import shutil
+
+    held = tmp_path / "runs" / "vit" / "cache"
+    shutil.copytree(cache, held)
+    result = pvu("info", str(tmp_path / "runs"))
+    text = result.text
+    assert result.exit_code == 2, text
+    assert f"it holds the cache(s) {held}: give one of those" in text, text
+
+
 def test_verify_names_missing_and_damaged_units(cache, tmp_path):
     import shutil
 

@@ -566,16 +566,17 @@ def test_looking_for_caches_under_an_output_lists_a_bounded_number_of_folders(
     """An --output at a bucket's top, thousands of folders, cost a listing of each and of
     each of theirs before the run started."""
     from jobs import preflight
+    from pipeline.cache import verify
 
     for index in range(300):
         (tmp_path / f"run-{index:03d}" / "exp").mkdir(parents=True)
     listed: list[str] = []
-    real = preflight.list_folder
+    real = verify.list_folder
     monkeypatch.setattr(
-        preflight, "list_folder", lambda fs, path: listed.append(path) or real(fs, path)
+        verify, "list_folder", lambda fs, path: listed.append(path) or real(fs, path)
     )
     preflight.check_holds_no_cache(str(tmp_path), flag="--output")
-    assert len(listed) == preflight.NESTED_CACHE_LISTINGS
+    assert len(listed) == verify.NESTED_CACHE_LISTINGS
     assert listed[0] == str(tmp_path)  # nearest first
 
 

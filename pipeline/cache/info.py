@@ -6,6 +6,7 @@ from ``_manifest.json`` or the ``pvu.unit`` stats each unit's Parquet footer car
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import fsspec
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.manifest import MANIFEST_NAME, not_a_folder, read_manifest
-from pipeline.cache.verify import FooterRead, list_unit_files, read_footers
+from pipeline.cache.verify import FooterRead, caches_under, list_unit_files, read_footers
 from schemas import label_space, read_provenance, read_unit_stats
 
 
@@ -117,6 +118,16 @@ def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
     return _from_footers(url, root, keep_going=keep_going)
 
 
+#: Caches named where a folder holding caches is given as one.
+SHOWN_CACHES = 5
+
+
+def _listed(caches: list[str]) -> str:
+    """``caches`` (up to ``SHOWN_CACHES`` and one more, to say there are more) for a message."""
+    more = ", ..." if len(caches) > SHOWN_CACHES else ""
+    return ", ".join(caches[:SHOWN_CACHES]) + more
+
+
 def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
     """The info of the cache at ``url`` (``root`` on its filesystem) from its units' footers,
     read in parallel."""
@@ -125,8 +136,10 @@ def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
         fs, _ = fsspec.core.url_to_fs(url)
         if fs.isfile(root):  # an object store has no NotADirectoryError to say so
             raise not_a_folder(url)
+        held = list(itertools.islice(caches_under(url), SHOWN_CACHES + 1))
         raise ValueError(
             f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=<number>/*.parquet"
+            + (f"; it holds the cache(s) {_listed(held)}: give one of those" if held else "")
         )
     units: dict[str, dict[str, Any]] = {}
     unreadable: dict[str, str] = {}

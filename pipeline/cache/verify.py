@@ -26,11 +26,13 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.lock import Holder, live_holder
 from pipeline.cache.manifest import (
+    MANIFEST_NAME,
     Manifest,
     check_provenance,
     provenance_differences,
     read_manifest,
 )
+from pipeline.cache.shards import storage_url
 from pipeline.cache.writer import unit_path
 from pipeline.named import NAMED, named_level
 from pipeline.retry import is_damaged_page, list_folder, read_bytes, retry
@@ -100,6 +102,39 @@ class CacheCheck:
 
 #: The name of a cache's epoch folder (``epoch=0000``, as :func:`unit_path` writes it).
 EPOCH_FOLDER = re.compile(r"epoch=[0-9]+")
+
+
+#: How many folders below a folder :func:`caches_under` looks for caches, and in how many
+#: folders at most (an output at a bucket's top would list thousands).
+NESTED_CACHE_DEPTH = 2
+NESTED_CACHE_LISTINGS = 100
+
+
+def caches_under(url: str) -> Iterator[str]:
+    """The caches (folders holding a ``_manifest.json``) from one to ``NESTED_CACHE_DEPTH``
+    folders below ``url``, nearest first. One listing per folder, ``NESTED_CACHE_LISTINGS`` at
+    most; ``epoch=<number>`` folders (a cache's units) are not listed, so the cost is that of
+    the tree's top, whatever the caches hold."""
+    fs, path = fsspec.core.url_to_fs(url)
+    folders = [path.rstrip("/")]
+    listed = 0
+    for depth in range(NESTED_CACHE_DEPTH + 1):
+        below = []
+        for folder in folders[: NESTED_CACHE_LISTINGS - listed]:
+            listed += 1
+            try:
+                entries = list_folder(fs, folder)
+            except FileNotFoundError:  # an output not made yet
+                continue
+            names = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
+            if depth and MANIFEST_NAME in names:
+                yield storage_url(fs, folder)
+            below += [
+                entry["name"].rstrip("/")
+                for name, entry in names.items()
+                if entry["type"] == "directory" and not EPOCH_FOLDER.fullmatch(name)
+            ]
+        folders = below
 
 
 def list_unit_files(url: str) -> dict[str, int]:
