@@ -75,13 +75,11 @@ class CacheCheck:
 
     def refusal(self) -> str:
         """A message naming the damaged units and the command that repairs the cache."""
-        named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:NAMED]]
-        more = len(self.damaged) - len(named)
         delete = "deleting the units whose pages fail, then " if self.damaged_pages else ""
         problem = "does not match its manifest" if self.listed is not None else "has no manifest"
         return (
             f"cache {self.url} {problem}: {len(self.damaged)} unit(s) missing or damaged: "
-            f"{'; '.join(named)}{f'; and {more} more' if more else ''}. "
+            f"{self._named_damage()}. "
             f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
             f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
             "are refused): it recomputes exactly these units and keeps the rest."
@@ -89,15 +87,18 @@ class CacheCheck:
 
     def being_written(self, writer: Holder) -> str:
         """A message for units that differ while ``writer``, a live run, writes the cache."""
-        named = "; ".join(f"{path} ({why})" for path, why in sorted(self.damaged.items())[:NAMED])
-        more = len(self.damaged) - min(len(self.damaged), NAMED)
         return (
             f"cache {self.url} is still being written, by {writer.describe(time.time())}: "
             f"{len(self.damaged)} unit(s) differ from its manifest as that run rewrites them: "
-            f"{named}{f'; and {more} more' if more else ''}. Wait until it finishes, then run "
-            "this command again (if the units still differ then, re-running that `pvu cache` "
-            "command repairs them)."
+            f"{self._named_damage()}. Wait until it finishes, then run this command again (if "
+            "the units still differ then, re-running that `pvu cache` command repairs them)."
         )
+
+    def _named_damage(self) -> str:
+        """The first ``NAMED`` damaged units, each with what is wrong, and how many more."""
+        named = [f"{path} ({why})" for path, why in sorted(self.damaged.items())[:NAMED]]
+        more = len(self.damaged) - len(named)
+        return "; ".join(named) + (f"; and {more} more" if more else "")
 
 
 #: The name of a cache's epoch folder (``epoch=0000``, as :func:`unit_path` writes it).
