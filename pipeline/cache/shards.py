@@ -427,18 +427,27 @@ def _read_list_file(
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if "://" not in entry and "::" not in entry:
-            if posixpath.isabs(entry) or "://" not in folder:
-                entry = local_name(entry)
-            if not posixpath.isabs(entry):
-                entry = join_relative(folder, entry)
-        urls.append(entry)
+        urls.append(resolve_entry(entry, folder))
     if not urls:
         raise ValueError(f"shard list file {spec!r} lists no URLs")
     urls = _dedupe(urls)
     if verify:
         _verify_exist(urls, spec)
     return urls
+
+
+def resolve_entry(entry: str, folder: str) -> str:
+    """A list file's or a table's ``entry``: a URL (or an fsspec chain, ``a::b``) as it is, else
+    a path, absolute or relative to ``folder`` (the file's, a URL or an absolute path), with
+    ``.`` and ``..`` resolved (``..`` as the OS takes it on a local disk, see
+    :func:`join_relative`), a local one named as the OS lists it (:func:`local_name`)."""
+    if "://" in entry or "::" in entry:
+        return entry
+    if posixpath.isabs(entry) or "://" not in folder:
+        entry = local_name(entry)
+    if posixpath.isabs(entry):  # one file, however spelled (/a/./b.jpg, /a//b.jpg)
+        return resolve_local(entry)
+    return join_relative(folder, entry)
 
 
 def local_name(path: str) -> str:

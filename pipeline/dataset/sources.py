@@ -23,8 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.shards import (
     is_file_entry,
-    join_relative,
-    local_name,
+    resolve_entry,
     resolve_local,
     storage_url,
 )
@@ -282,7 +281,7 @@ def list_table(
         if path is None or label is None or "" in (str(path).strip(), str(label).strip()):
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(url)
-    urls = [_resolve(str(path).strip(), folder) for path in paths]
+    urls = [resolve_entry(str(path).strip(), folder) for path in paths]
     if not paths:
         raise ValueError(f"table {url} has no rows, only its header")
     if _is_number(table.schema.field(label_column).type):
@@ -517,16 +516,3 @@ def _folder(url: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return posixpath.dirname(resolve_local(path))
     return url.rsplit("/", 1)[0]
-
-
-def _resolve(path: str, folder: str) -> str:
-    """A table's image ``path``: a URL as it is, else (absolute or relative to the table's
-    ``folder``) with ``.`` and ``..`` resolved, ``..`` as the OS takes it on a local disk
-    (see :func:`join_relative`)."""
-    if "://" in path:
-        return path
-    if os.path.isabs(path) or "://" not in folder:  # a local file: named as the OS lists it
-        path = local_name(path)
-    if os.path.isabs(path):  # one image, however spelled (/a/./b.jpg, /a//b.jpg)
-        return resolve_local(path)
-    return join_relative(folder, path)
