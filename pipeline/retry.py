@@ -281,9 +281,30 @@ OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl
 def make_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Create the folder ``path``, except on an object store: it needs no folders, and s3fs's
     ``makedirs`` creates a missing bucket, which would bring back one deleted mid-run without
-    its policy, encryption or lifecycle."""
-    if not is_object_store(fs):
-        fs.makedirs(path, exist_ok=True)
+    its policy, encryption or lifecycle.
+
+    On a local disk the folder that gained each new folder is synced (:func:`sync_local`),
+    once, as the folder is created: else a power loss may take the new folder, and with it the
+    files later moved into it, though :func:`place` synced the folder holding them. A folder
+    that is there already costs a ``stat``, no sync.
+    """
+    if is_object_store(fs):
+        return
+    created = _missing_folders(path) if isinstance(fs, LocalFileSystem) else []
+    fs.makedirs(path, exist_ok=True)
+    for folder in created:
+        sync_local(fs, posixpath.dirname(folder))
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The local folders ``makedirs(path)`` would create: ``path`` and those of its parents
+    not there, the outermost first."""
+    missing: list[str] = []
+    path = os.path.abspath(path)  # no trailing "/", and a relative path's parents too
+    while not os.path.lexists(path) and path != posixpath.dirname(path):
+        missing.append(path)
+        path = posixpath.dirname(path)
+    return missing[::-1]
 
 
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,3 +210,21 @@ def slow_footer_reads(
 
     monkeypatch.setattr(verify, "read_footer", slow)
     return reads
+
+
+def record_fsyncs(
+    monkeypatch, note: Callable[[str], object] = lambda path: None
+) -> list[tuple[str, object]]:
+    """Record every ``os.fsync`` (and make it): the path synced and ``note(path)`` as it was
+    synced. A power loss cannot be produced in a test; the syncs that guard against one can be
+    seen."""
+    synced: list[tuple[str, object]] = []
+    fsync = os.fsync
+
+    def recorded(descriptor: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        synced.append((path, note(path)))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    return synced

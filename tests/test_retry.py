@@ -13,6 +13,7 @@ import botocore.exceptions
 import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from support import record_fsyncs
 
 from pipeline.retry import (
     REQUEST_ATTEMPTS,
@@ -252,22 +253,38 @@ def test_a_committed_unit_and_its_folder_are_synced_around_its_rename(tmp_path, 
     """Units (and every file written aside) were renamed into place unsynced: after a power
     loss XFS and ext4 may show such a file empty. Power loss cannot be produced in a test, so
     the ``fsync`` calls are recorded (and made): the file before its rename, its folder after."""
+    final = tmp_path / "epoch=0000" / "s.parquet"
+    synced = record_fsyncs(monkeypatch, lambda path: final.exists())  # the unit in place?
+    _commit(tmp_path, str(final.relative_to(tmp_path)))
+    assert [seen for path, seen in synced if "/_staging/" in path] == [False], synced
+    assert (str(final.parent), True) in synced, synced
+    assert final.stat().st_size > 0
+
+
+def test_a_caches_new_folders_are_synced_into_their_parents_once(tmp_path, monkeypatch):
+    """A cache's new folders (the cache itself, ``_staging``, ``epoch=<n>``) were created and
+    never synced into the folder that gained them: after a power loss such a folder could be
+    gone, and with it the units renamed into it. Each new folder's parent is synced once, as
+    the folder is made; a unit into a folder that is there syncs only its file and folder."""
+    root = tmp_path / "cache"
+    synced = record_fsyncs(monkeypatch)
+
+    def folders_synced(relpath: str) -> list[str]:
+        synced.clear()
+        _commit(root, relpath)
+        return sorted(path for path, _ in synced if os.path.isdir(path))
+
+    first = folders_synced("epoch=0000/a.parquet")  # the cache, _staging, epoch=0000 are new
+    assert first == sorted([str(tmp_path), str(root), str(root), str(root / "epoch=0000")])
+    assert folders_synced("epoch=0000/b.parquet") == [str(root / "epoch=0000")]
+    assert folders_synced("epoch=0001/c.parquet") == [str(root), str(root / "epoch=0001")]
+
+
+def _commit(root, relpath: str) -> None:
+    """Commit a unit of two rows to ``root/relpath``."""
     import pyarrow as pa
 
     from pipeline.cache.writer import commit_unit
 
-    final = tmp_path / "epoch=0000" / "s.parquet"
-    synced: list[tuple[str, bool]] = []  # (what was synced, whether the unit was in place)
-    fsync = os.fsync
-
-    def recorded(descriptor: int) -> None:
-        synced.append((os.readlink(f"/proc/self/fd/{descriptor}"), final.exists()))
-        fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", recorded)
     table = pa.table({"key": ["a", "b"]})
-    relpath = str(final.relative_to(tmp_path))
-    commit_unit(table.to_batches(), table.schema, root=str(tmp_path), relpath=relpath, stats={})
-    assert [seen for path, seen in synced if "/_staging/" in path] == [False], synced
-    assert (str(final.parent), True) in synced, synced
-    assert final.stat().st_size > 0
+    commit_unit(table.to_batches(), table.schema, root=str(root), relpath=relpath, stats={})
