@@ -18,7 +18,7 @@ import fsspec
 import psutil
 import pytest
 import ray
-from support import SMALL_BACKBONE_FLAGS
+from support import SMALL_BACKBONE_FLAGS, record_fsyncs
 
 from pipeline.cache import lock as lock_module
 from pipeline.cache.distribute import start_local_ray
@@ -168,6 +168,17 @@ def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path) -> None:
     assert not os.path.exists(f"{prefix}/{LOCK_NAME}")
     with RunLock(prefix, owner="next"):
         pass
+
+
+def test_a_new_lock_is_on_the_disk_once_taken(tmp_path, monkeypatch) -> None:
+    """The lock's first write was not synced: after a power loss it could be empty, which
+    reads as a run starting, and refused the next run for a lease. A power loss cannot be
+    produced in a test; the lock is synced, whole, before the run goes on."""
+    prefix = tmp_path / "cache"
+    synced = record_fsyncs(monkeypatch, lambda path: os.path.getsize(path))
+    with RunLock(str(prefix), owner="first") as held:
+        written = len(RunLock._encode(held.holder))
+        assert (str(prefix / LOCK_NAME), written) in synced, synced
 
 
 def test_a_killed_runs_lock_frees_at_once_on_its_host(tmp_path) -> None:

@@ -34,7 +34,15 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import bucket_kept, make_folder, naming, place, read_bytes, remove_partial
+from pipeline.retry import (
+    bucket_kept,
+    make_folder,
+    naming,
+    place,
+    read_bytes,
+    remove_partial,
+    sync_local,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +231,14 @@ class RunLock:
 
     def _create(self) -> None:
         """Create the lock with an exclusive write (``FileExistsError`` if there is one). A
-        local write that fails (a full disk) leaves no empty lock behind to block later runs."""
+        local write that fails (a full disk) leaves no empty lock behind to block later runs,
+        nor does a power loss: the lock is synced (its folder need not be: a lock gone after a
+        power loss blocks nothing; an empty one is unreadable, and refuses runs for a lease)."""
         try:
-            with naming(f"create {self._url}"), self._fs.open(self._path, "xb") as handle:
-                handle.write(self._encode(self.holder))
+            with naming(f"create {self._url}"):
+                with self._fs.open(self._path, "xb") as handle:
+                    handle.write(self._encode(self.holder))
+                sync_local(self._fs, self._path)
         except FileExistsError:
             raise
         except OSError:
