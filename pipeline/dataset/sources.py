@@ -1,4 +1,5 @@
-"""Where a dataset's images are: a folder of class subfolders, or a CSV/Parquet of (path, label).
+"""Where a dataset's images are: a folder of class subfolders, or a table of (path, label): a
+CSV, TSV or JSON Lines file (each may be compressed) or a Parquet one.
 
 Either becomes a ``Listing``: every image's URL with its integer label, and the label names
 (``classes[label]``). Listing touches no image; reading and checking them is ``convert``'s job.
@@ -18,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.csv
+import pyarrow.json
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -36,7 +38,15 @@ IMAGE_SUFFIXES = (
     *(".jpg", ".jpeg", ".jpe", ".jfif"),  # JPEG's spellings
     *(".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"),
 )
-TABLE_SUFFIXES = (".csv", ".parquet")
+#: A text table's format by its suffix; each may be compressed (``list.csv.gz``).
+TEXT_TABLES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: A text table's compression by its last suffix, as pyarrow names the codec.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+TABLE_SUFFIXES = (*TEXT_TABLES, ".parquet", *(t + c for t in TEXT_TABLES for c in COMPRESSIONS))
+#: The tables pvu reads, for messages.
+TABLES_READ = (
+    f"({', '.join(TEXT_TABLES)}, each may be compressed as {', '.join(COMPRESSIONS)}; or .parquet)"
+)
 #: Folder names that usually hold a split of a dataset, not a class.
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "dev"})
 #: The largest integer label a table may give: classes.json names every index up to it.
@@ -80,8 +90,15 @@ def list_dataset(
             url, path_column=path_column, label_column=label_column, label_names=label_names
         )
     raise ValueError(
-        f"input {url} is neither a folder of class subfolders nor a .csv / .parquet table"
+        f"input {url} is neither a folder of class subfolders nor a table {TABLES_READ}"
     )
+
+
+def _suffix(name: str) -> str:
+    """The suffix of the file ``name``, lower case: a table's whole one (``.csv.gz``), or the
+    last (``.jpg``, ``.gz``)."""
+    name = name.lower()
+    return next((s for s in TABLE_SUFFIXES if name.endswith(s)), posixpath.splitext(name)[1])
 
 
 def _none_read(unread: Counter[str]) -> str:
@@ -117,7 +134,7 @@ def list_folder(url: str) -> Listing:
         if in_class and path.lower().endswith(IMAGE_SUFFIXES):
             by_class[parts[0]].append(storage_url(fs, path))
         else:
-            suffix = readable(posixpath.splitext(path)[1].lower())
+            suffix = readable(_suffix(posixpath.basename(path)))
             ignored[suffix] += 1
             if in_class:
                 unread[suffix] += 1
@@ -258,7 +275,7 @@ def _and_above(path: str) -> set[str]:
 def list_table(
     url: str, *, path_column: str = "path", label_column: str = "label", label_names: bool = False
 ) -> Listing:
-    """Images named in the CSV or Parquet table at ``url``, one row each.
+    """Images named in the table at ``url`` (one of ``TABLE_SUFFIXES``), one row each.
 
     Paths are URLs or paths relative to the table's folder. Integer labels (or whole-number
     floats, as pandas writes a column that once held a NaN) keep their value (``classes``
@@ -396,18 +413,75 @@ def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
 
 
 def _read_table(url: str, path_column: str, label_column: str, *, label_names: bool) -> pa.Table:
-    """The table at ``url``, its numeric ``label_column`` as text where labels are names; a
-    CSV's ``path_column`` as written (``000123`` is no number; its bytes, checked as UTF-8
-    by the caller)."""
-    data = read_url(url)
-    if url.lower().endswith(".parquet"):
-        return _read_parquet(url, data, label_column, label_names=label_names)
-    return _read_csv(url, data, path_column, label_column, label_names=label_names)
+    """The table at ``url`` (of ``TABLE_SUFFIXES``, decompressed by its last suffix), its
+    numeric ``label_column`` as text where labels are names; a CSV's or TSV's ``path_column``
+    as written (``000123`` is no number; its bytes, checked as UTF-8 by the caller)."""
+    stem, last = posixpath.splitext(url.lower())
+    if last == ".parquet":
+        table = _decoded(pq.read_table(pa.BufferReader(read_url(url))))
+        return _typed_labels(url, table, label_column, label_names=label_names)
+    codec = COMPRESSIONS.get(last)  # list.csv.gz: a CSV in gzip
+    kind = TEXT_TABLES[posixpath.splitext(stem)[1] if codec else last]
+    data = _unpacked(url, read_url(url), codec)
+    _refuse_utf16(url, data)
+    if kind == "jsonl":
+        return _read_json_lines(url, data, label_column, label_names=label_names)
+    delimiter = "\t" if kind == "tsv" else ","
+    return _read_csv(url, data, path_column, label_column, delimiter, label_names=label_names)
 
 
-def _read_parquet(url: str, data: bytes, label_column: str, *, label_names: bool) -> pa.Table:
-    """The Parquet table ``data`` (of ``url``), its labels as names or indices as asked."""
-    table = _decoded(pq.read_table(pa.BufferReader(data)))
+def _unpacked(url: str, data: bytes, codec: str | None) -> bytes:
+    """``data`` (of ``url``) decompressed with pyarrow's ``codec``, if any; a ``ValueError``
+    naming ``url`` for data that is not so compressed or cut short."""
+    if codec is None:
+        return data
+    try:
+        return pa.CompressedInputStream(pa.BufferReader(data), codec).read()
+    except (OSError, pa.ArrowInvalid) as error:
+        raise ValueError(
+            f"table {url} is not whole {codec}-compressed data ({error}): compress it again, "
+            "or give it a suffix without the compression's"
+        ) from None
+
+
+def _refuse_utf16(url: str, data: bytes) -> None:
+    """A ``ValueError`` for a text table in UTF-16 (by its byte-order mark or zero bytes)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:1024]:
+        raise ValueError(
+            f"table {url} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8; "
+            "save it as UTF-8 (Excel: 'CSV UTF-8')"
+        )
+
+
+def _read_json_lines(url: str, data: bytes, label_column: str, *, label_names: bool) -> pa.Table:
+    """The JSON Lines table ``data`` (of ``url``, one object a line), its labels as names or
+    indices as asked; a text column that is not UTF-8 as bytes, which the caller names."""
+    try:
+        table = pyarrow.json.read_json(pa.BufferReader(data))
+    except pa.ArrowInvalid as error:
+        raise ValueError(
+            f"table {url} is not readable JSON Lines ({error}): write one JSON object a line, "
+            "each column of one type (labels all numbers or all strings)"
+        ) from None
+    if not table.num_rows:
+        raise ValueError(f"table {url} has no rows")
+    for index, name in enumerate(table.column_names):
+        if _is_text(table.schema.field(index).type) and not _valid(table.column(index)):
+            table = table.set_column(index, name, table.column(index).cast(pa.binary()))
+    return _typed_labels(url, table, label_column, label_names=label_names)
+
+
+def _valid(column: pa.ChunkedArray) -> bool:
+    """Whether the text ``column`` is UTF-8 throughout."""
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _typed_labels(url: str, table: pa.Table, label_column: str, *, label_names: bool) -> pa.Table:
+    """``table`` (Parquet or JSON Lines, typed) with its labels as names or indices as asked."""
     column = table.schema.get_field_index(label_column)
     if column < 0:
         return table
@@ -419,23 +493,28 @@ def _read_parquet(url: str, data: bytes, label_column: str, *, label_names: bool
 
 
 def _read_csv(
-    url: str, data: bytes, path_column: str, label_column: str, *, label_names: bool
+    url: str,
+    data: bytes,
+    path_column: str,
+    label_column: str,
+    delimiter: str,
+    *,
+    label_names: bool,
 ) -> pa.Table:
-    """The CSV table ``data`` (of ``url``), ``path_column`` as its bytes, its labels as
-    :func:`_numbers_as_text` reads them; ``ValueError`` naming ``url`` for text that is not
-    UTF-8 or no CSV."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:1024]:
-        raise ValueError(
-            f"table {url} is UTF-16 text (as Excel's 'Unicode Text' saves it), not a UTF-8 "
-            "CSV; save it as UTF-8 (Excel: 'CSV UTF-8')"
-        )
+    """The CSV table ``data`` (of ``url``; a TSV with ``delimiter`` tab), ``path_column`` as its
+    bytes, its labels as :func:`_numbers_as_text` reads them; ``ValueError`` naming ``url`` for
+    a header that is not UTF-8 or no CSV."""
+    parse = pyarrow.csv.ParseOptions(delimiter=delimiter)
     paths = pyarrow.csv.ConvertOptions(column_types={path_column: pa.binary()})
     try:
-        table = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=paths)
+        table = pyarrow.csv.read_csv(
+            pa.BufferReader(data), parse_options=parse, convert_options=paths
+        )
         table.column_names  # noqa: B018 - pyarrow decodes the header's bytes only here
-        return _numbers_as_text(url, table, data, label_column, always=label_names)
+        return _numbers_as_text(url, table, data, parse, label_column, always=label_names)
     except pa.ArrowInvalid as error:
-        raise ValueError(f"table {url} is not a readable CSV: {error}") from None
+        what = "TSV" if delimiter == "\t" else "CSV"
+        raise ValueError(f"table {url} is not a readable {what}: {error}") from None
     except UnicodeDecodeError:
         header = data.removeprefix(b"\xef\xbb\xbf").splitlines()[0]
         raise ValueError(
@@ -444,7 +523,13 @@ def _read_csv(
 
 
 def _numbers_as_text(
-    url: str, table: pa.Table, data: bytes, label_column: str, *, always: bool
+    url: str,
+    table: pa.Table,
+    data: bytes,
+    parse: pyarrow.csv.ParseOptions,
+    label_column: str,
+    *,
+    always: bool,
 ) -> pa.Table:
     """``table`` with its numeric label column read again from the CSV ``data`` as text, as it
     is written, if ``always`` or a label is zero-padded (``001``: said with a warning); its
@@ -456,7 +541,9 @@ def _numbers_as_text(
     as_text = pyarrow.csv.ConvertOptions(
         column_types={label_column: pa.string()}, include_columns=[label_column]
     )
-    labels = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=as_text)[label_column]
+    labels = pyarrow.csv.read_csv(
+        pa.BufferReader(data), parse_options=parse, convert_options=as_text
+    )[label_column]
     if always or boolean or _warn_of_padding(url, labels):  # 'true', '1': names as written
         return table.set_column(column, label_column, labels)
     return table
