@@ -138,7 +138,7 @@ def test_text_of_the_new_formats_must_be_utf8(tmp_path, name, caplog):
 
 def test_unreadable_tables_of_the_new_formats_are_refused_naming_them(tmp_path):
     """A .csv.gz that is no gzip (or cut short), JSON Lines whose labels change type or that
-    holds no row: each said what, naming the file, not a traceback."""
+    holds no row, a TSV saved as .csv: each said what, naming the file, not a traceback."""
     table = tmp_path / "list.csv.gz"
     table.write_bytes(text_table(ROWS, "csv"))
     with pytest.raises(ValueError, match=rf"table {table} is not whole gzip-compressed data"):
@@ -151,6 +151,10 @@ def test_unreadable_tables_of_the_new_formats_are_refused_naming_them(tmp_path):
         list_dataset(str(table))
     table.write_text("\n")
     with pytest.raises(ValueError, match=rf"table {table} has no rows"):
+        list_dataset(str(table))
+    table = tmp_path / "tabs.csv"
+    table.write_bytes(text_table(ROWS, "tsv"))
+    with pytest.raises(ValueError, match=r"header 'path\\tlabel' was read as one column.*\.tsv"):
         list_dataset(str(table))
     table = tmp_path / "list.json"  # a JSON array, or JSON Lines named so: not read as either
     table.write_text("[]")

@@ -288,7 +288,7 @@ def list_table(
         if column not in table.column_names:
             raise ValueError(
                 f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
-                f": name yours with {flag}"
+                f": name yours with {flag}{_separator_hint(table.column_names)}"
             )
         _refuse_nested(url, table, column, path_column)
         table = _bytes_as_text(url, table, column)
@@ -320,6 +320,17 @@ def list_table(
         numbers = [index[name] for name in names]
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _separator_hint(columns: list[str]) -> str:
+    """A hint for a header read as one column that holds a tab or comma: a TSV named .csv, or
+    a CSV named .tsv."""
+    if len(columns) != 1 or not ("\t" in columns[0] or "," in columns[0]):
+        return ""
+    return (
+        f"; its header {columns[0]!r} was read as one column: a .csv is read comma-separated, "
+        "a .tsv tab-separated, so name the file by its separator"
+    )
 
 
 def _refuse_nested(url: str, table: pa.Table, name: str, path_column: str) -> None:
