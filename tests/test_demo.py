@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections import Counter
 from html.parser import HTMLParser
@@ -18,7 +19,9 @@ import timm
 import torch
 from rich.console import Console
 
-from jobs.run.demo import BACKBONE, ZERO_SHOT, DemoConfig, run_demo
+from jobs.config import load_job_config
+from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.demo import BACKBONE, DEMO_CACHE, ZERO_SHOT, DemoConfig, run_demo
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import read_state_dict
 from pipeline.cache.decode import decode_image
@@ -33,8 +36,25 @@ KINDS = ("blur", "noise")
 STRENGTHS = (0.5, 1.0)
 
 
+class ActorStarts(logging.Handler):
+    """Counts the cache actors started (each says it is ready) while it is installed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("cache actor ready")
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def actor_starts():
+    """The cache actors the ``demo`` fixture's run started."""
+    return ActorStarts()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, actor_starts):
     config = DemoConfig(
         output=tmp_path_factory.mktemp("demo"),
         glyph_classes=20,
@@ -46,7 +66,16 @@ def demo(tmp_path_factory):
         strengths=STRENGTHS,
         clean_images=40,
     )
-    yield config.output, run_demo(config)
+    logger = logging.getLogger("pipeline.cache.distribute")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(actor_starts)
+    try:
+        result = run_demo(config)
+    finally:
+        logger.removeHandler(actor_starts)
+        logger.setLevel(level)
+    yield config.output, result
     ray.shutdown()
 
 
@@ -120,6 +149,30 @@ def test_deterioration_curves_come_from_really_deteriorated_images(demo):
             distances.append(float(np.linalg.norm(change, axis=1).mean()))
         assert 0 < distances[0] < distances[1], (kind, distances)
     assert result.report["deterioration"]["caches"][0].endswith("clean")
+
+
+def test_deterioration_caches_come_from_one_pass_and_equal_a_run_of_their_own(
+    demo, actor_starts, tmp_path
+):
+    """The clean set and its deteriorations are cached in one pass (an actor each took the
+    demo longer than their rows), and a deteriorated cache holds, bit for bit, the rows that
+    `pvu cache --deteriorate` of its own writes."""
+    output, _ = demo
+    assert actor_starts.count == 4, "train, upstream, zero-shot, clean and its deteriorations"
+    alone = load_job_config(
+        CacheJobConfig,
+        str(DEMO_CACHE),
+        shards=str(output / "shards" / "clean"),
+        weights=str(output / "backbone" / "backbone.safetensors"),
+        output=str(tmp_path / "noise-1"),
+        augment="eval",
+        epochs=1,
+        deteriorate="noise:1",
+    )
+    assert not run_cache(alone).failed
+    ours, theirs = rows(output / "cache" / "noise-1"), rows(tmp_path / "noise-1")
+    for column in ours:
+        assert np.array_equal(ours[column], theirs[column], equal_nan=column != "key"), column
 
 
 def test_figures_are_written_and_the_html_opens_offline(demo):

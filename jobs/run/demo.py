@@ -8,7 +8,8 @@
 3. ``pvu cache`` augmented epochs of the train shards; ``pvu train-head`` on them.
 4. ``pvu cache --augment eval`` the upstream set (classifier label space) and the zero-shot
    set (the dataset's own label space), both with their per-sample ambiguity, and clean
-   zero-shot digits deteriorated by each kind at each strength (figure 6).
+   zero-shot digits deteriorated by each kind at each strength (figure 6), all of those in
+   one cache pass.
 5. ``pvu evaluate`` all of it, then print R-AUROC and Recall@1 per set for the head and each
    baseline, the safe-retrieval error reduction and where the report is.
 """
@@ -39,7 +40,7 @@ from jobs.run.train_head import TrainHeadConfig, run_train_head
 from jobs.terminal import console, progress_bar
 from pipeline.cache.augment import TransformConfig
 from pipeline.cache.decode import decode_image
-from pipeline.cache.deteriorate import KINDS
+from pipeline.cache.deteriorate import KINDS, Deterioration
 from pipeline.cache.samples import iter_samples
 from pipeline.demo.backbone import save_backbone, train_tiny_backbone
 from pipeline.demo.sets import AMBIGUITY_KEY, DemoSets, SetsConfig, write_demo_sets
@@ -163,18 +164,17 @@ def run_demo(config: DemoConfig) -> DemoResult:
     sets = _write_sets(config, output / "shards")
     weights = _train_backbone(config, sets, output / "backbone" / "backbone.safetensors")
     cache = functools.partial(_cache, config, output, weights)
-    _train_head(config, output, cache("train", "train", epochs=config.cache_epochs))
+    _train_head(config, output, cache("train", "train", epochs=config.cache_epochs)[0])
 
     evaluated = {"augment": "eval", "epochs": 1, "ambiguity_key": AMBIGUITY_KEY}
-    upstream = cache("upstream", "upstream", label_space="classifier", **evaluated)
-    zero_shot = cache("zero-shot", "zero_shot", label_space="dataset", **evaluated)
-    deteriorated = [cache("clean", "clean", augment="eval", epochs=1)]
-    for kind in config.kinds:
-        for strength in config.strengths:
-            step = {"deteriorate": f"{kind}:{strength}"}
-            deteriorated.append(
-                cache(f"{kind}-{strength:g}", "clean", augment="eval", epochs=1, **step)
-            )
+    (upstream,) = cache("upstream", "upstream", label_space="classifier", **evaluated)
+    (zero_shot,) = cache("zero-shot", "zero_shot", label_space="dataset", **evaluated)
+    deteriorations = tuple(
+        Deterioration(kind=kind, strength=strength)
+        for kind in config.kinds
+        for strength in config.strengths
+    )
+    deteriorated = cache("clean", "clean", augment="eval", epochs=1, more=deteriorations)
     heldout = clean_recall_at_1(upstream)
     console.print(
         f"[bold]4/5[/bold] cached the upstream, zero-shot and {len(deteriorated)} deterioration "
@@ -251,13 +251,37 @@ def _train_backbone(config: DemoConfig, sets: DemoSets, weights: Path) -> str:
     return saved
 
 
+class _CachePass(CacheJobConfig):
+    """A cache job that also writes, in the same pass, a copy of its cache per deterioration
+    of ``more`` (into its ``KIND-STRENGTH`` folder beside ``output``).
+
+    Its caches share one actor and one read and decode of each sample, each deterioration
+    applied as a run of its own would apply it (``pipeline.cache.unit.Fanout``), so each holds
+    the rows its own run would write. The demo's deterioration caches, a run each, spent far
+    longer starting an actor apiece than computing their rows.
+    """
+
+    more: tuple[Deterioration, ...] = ()
+
+    def targets(self) -> list[CacheJobConfig]:
+        """This job's own cache, then one per deterioration of ``more``."""
+        own = self.model_copy(update={"more": ()})
+        folder = self.output.rsplit("/", 1)[0]
+        copies = [
+            {"deteriorate": more, "output": f"{folder}/{more.kind}-{more.strength:g}"}
+            for more in self.more
+        ]
+        return [own, *(own.model_copy(update=copy) for copy in copies)]
+
+
 def _cache(
     config: DemoConfig, output: Path, weights: str, name: str, shards: str, **options: Any
-) -> str:
+) -> list[str]:
     """The demo's cache ``name`` of the shards of set ``shards`` (``pvu cache`` with the
-    bundled config and ``options``); its URL."""
+    bundled config and ``options``), and its deteriorated copies (``more``, see
+    :class:`_CachePass`) from the same pass; their URLs."""
     job = load_job_config(
-        CacheJobConfig,
+        _CachePass,
         str(DEMO_CACHE),
         shards=str(output / "shards" / shards),
         weights=weights,
@@ -267,7 +291,7 @@ def _cache(
     )
     if run_cache(job).failed:
         raise RuntimeError(f"some units of the {name} cache failed; see the summary above")
-    return job.output
+    return [target.output for target in job.targets()]
 
 
 def _train_head(config: DemoConfig, output: Path, train: str) -> None:
