@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -101,6 +102,9 @@ def test_a_backbone_that_fails_is_named_with_its_cache(tmp_path, units):
             fanout.run(units[0])
     finally:
         fanout.close()
+    # the failed unit's decoding stopped with it, though its traceback is still held: a thread
+    # left augmenting would draw from torch's global RNG beside the actor's next unit
+    assert "pvu-prefetch" not in {thread.name for thread in threading.enumerate()}
     why = describe_failure(units[0].source, raised.value)
     assert why.startswith(f"{units[0].source}: AssertionError: Input height (32)"), why
     assert f"backbone {BACKBONE}, cache {tmp_path / 'mixer'}" in why, why

@@ -13,6 +13,7 @@ With ``decode_workers`` > 0 the thread hands decoding and augmentation to a proc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -457,21 +458,24 @@ class Fanout:
         record_batches: list[list[pa.RecordBatch]] = [[] for _ in self.runners]
         waited = time.perf_counter()
         batches = prefetch(self._batches(unit, shared, own), self.settings.prefetch_batches)
-        for target, batch in batches:
-            timings[0]["wait"] += time.perf_counter() - waited
-            timings[0]["prepare"] += batch.prepare_seconds
-            timings[0]["prepare_cpu"] += batch.prepare_cpu
-            tick = time.perf_counter()
-            try:
-                record_batches[target].append(self.runners[target]._record(batch, unit))
-            except Exception as error:  # which of several backbones failed, for the driver
-                if len(self.runners) > 1:
-                    settings = self.runners[target].settings
-                    backbone = settings.provenance.get("backbone")
-                    error.add_note(f"backbone {backbone}, cache {settings.output}")
-                raise
-            timings[target]["forward"] += time.perf_counter() - tick
-            waited = time.perf_counter()
+        # closed however the loop ends: a failed unit's decoding stops with it, not when its
+        # traceback is freed (meanwhile drawing from torch's global RNG beside the next unit)
+        with contextlib.closing(batches):
+            for target, batch in batches:
+                timings[0]["wait"] += time.perf_counter() - waited
+                timings[0]["prepare"] += batch.prepare_seconds
+                timings[0]["prepare_cpu"] += batch.prepare_cpu
+                tick = time.perf_counter()
+                try:
+                    record_batches[target].append(self.runners[target]._record(batch, unit))
+                except Exception as error:  # which of several backbones failed, for the driver
+                    if len(self.runners) > 1:
+                        settings = self.runners[target].settings
+                        backbone = settings.provenance.get("backbone")
+                        error.add_note(f"backbone {backbone}, cache {settings.output}")
+                    raise
+                timings[target]["forward"] += time.perf_counter() - tick
+                waited = time.perf_counter()
         said: set[tuple[str, int]] = set()
         for counts in (shared, *own):
             _log_skips(unit, counts, said)
