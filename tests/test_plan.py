@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import multiprocessing
 import re
 import shutil
 import tarfile
@@ -13,14 +14,16 @@ from pathlib import Path
 import fsspec
 import pytest
 import ray
+import torch
 from PIL import Image
-from support import SMALL_BACKBONE_FLAGS, make_runner, pvu
+from support import SMALL_BACKBONE_FLAGS, make_runner, pvu, unit_settings
 
 from jobs.run.cache import CacheJobConfig, run_cache
 from jobs.run.plan import PlanJobConfig, run_plan
+from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.info import read_cache_info
-from pipeline.cache.plan import read_prefix, sample_shards, shard_sizes
+from pipeline.cache.plan import measure, read_prefix, sample_shards, shard_sizes
 from pipeline.cache.unit import Unit
 from pipeline.demo.data import (
     encode_image,
@@ -289,3 +292,15 @@ def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     config.write_text(config.read_text() + "sample_image: 8\n")
     result = pvu("plan", "--config", str(config))
     assert result.exit_code == 2 and "unknown key 'sample_image'" in result.text, result.output
+
+
+def test_a_measure_that_fails_leaves_no_decode_workers(shards, tmp_path):
+    """A warm-up forward that failed (a model that takes 224 px only, at 32) left the plan's
+    decode worker processes and their shared memory running until its traceback was freed."""
+    settings = unit_settings(str(tmp_path / "cache"), decode_workers=1)
+    model = create_backbone_model("mixer_s32_224", "random")
+    prefixes = sample_shards(shard_sizes([f"{shards}/digits-0000.tar"]), 8)
+    with pytest.raises(AssertionError, match="Input height") as raised:
+        measure(Backbone(model, torch.device("cpu")), settings, prefixes)
+    assert raised.value.__traceback__ is not None  # still held, as a caller's handler would
+    assert not [child.name for child in multiprocessing.active_children()]

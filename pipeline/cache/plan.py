@@ -11,6 +11,7 @@ writes them gives the bytes per row and per file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -193,8 +194,14 @@ def measure(
     numbered = list(enumerate(prefixes.items()))
     urls = list(prefixes)
     samples = [sample for _, (_, prefix) in numbered for sample in prefix.samples]
-    with tempfile.TemporaryDirectory(prefix="pvu-plan-") as scratch:
-        runner = UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
+    with (
+        tempfile.TemporaryDirectory(prefix="pvu-plan-") as scratch,
+        # closed however measuring ends (a warm-up forward that fails too): its decode
+        # workers and their shared memory go with the error, not when its traceback is freed
+        contextlib.closing(
+            UnitRunner(backbone, settings.model_copy(update={"output": f"{scratch}/cache"}))
+        ) as runner,
+    ):
         batch = torch.zeros(settings.batch_size, *settings.transform["input_size"])
         backbone.forward(batch, torch.zeros(settings.batch_size, dtype=torch.long))  # warm up
         sample = _write_sample(f"{scratch}/sample.tar", numbered)
@@ -205,7 +212,6 @@ def measure(
             result = runner.run(Unit(sample, "sample", 0))
             table = pq.read_table(f"{scratch}/cache/{result.relpath}")
         finally:
-            runner.close()
             for logger in _READERS:
                 logger.removeFilter(names)
     kept = dict.fromkeys(urls, 0)
