@@ -20,7 +20,13 @@ from jobs.cli import app
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest, read_manifest
-from pipeline.cache.verify import CacheMismatch, list_unit_files, reconcile, verify_cache
+from pipeline.cache.verify import (
+    CacheMismatch,
+    check_pages,
+    list_unit_files,
+    reconcile,
+    verify_cache,
+)
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, provenance, write_synthetic_cache
 from schemas import SCHEMA_VERSION, UNIT_STATS_KEY
@@ -383,3 +389,20 @@ def test_a_storage_outage_is_an_error_not_a_damaged_unit(s3_bucket: str, fault_p
     fault_proxy.fail_next("500", 1000, pattern=unit, methods=["GET"])  # the store stays down
     with pytest.raises(OSError, match=UNITS[3]):
         verify_cache(url)
+
+
+@pytest.mark.slow
+def test_a_page_check_left_early_reads_no_more_units(s3_bucket: str, fault_proxy) -> None:
+    """``pvu info --checksums`` interrupted (or its caller failed) between two units: the
+    pool's exit read the pages of every unit left, the whole cache, before it let go."""
+    url = f"{s3_bucket}/cache"
+    spec = SyntheticCache(dim=8, samples_per_shard=4, shards=12, epochs=2)
+    write_synthetic_cache(url, spec)
+    check = verify_cache(url)
+    assert len(check.footers) == 24
+    fault_proxy.clear()
+    pages = check_pages(check, io_threads=1)
+    next(pages)
+    pages.close()
+    read = {path for method, path in fault_proxy.requests if method == "GET"}
+    assert len(read) <= 3, sorted(read)  # the unit taken, the one being read, and one more

@@ -336,13 +336,16 @@ def check_pages(check: CacheCheck, *, io_threads: int = 16) -> Iterator[str]:
     ``check.damaged_pages``. Yields each unit's relpath when it is done (for a progress bar)."""
     units = list(check.footers.items())
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        found = pool.map(lambda unit: page_problem(check.url, *unit), units)
-        for (relpath, _), why in zip(units, found, strict=True):
-            if why:
-                del check.footers[relpath]
-                check.damaged[relpath] = why
-                check.damaged_pages.add(relpath)
-            yield relpath
+        try:
+            found = pool.map(lambda unit: page_problem(check.url, *unit), units)
+            for (relpath, _), why in zip(units, found, strict=True):
+                if why:
+                    del check.footers[relpath]
+                    check.damaged[relpath] = why
+                    check.damaged_pages.add(relpath)
+                yield relpath
+        finally:  # left early (its caller failed or was interrupted): the reads not begun are
+            pool.shutdown(cancel_futures=True)  # not made, where the pool's exit made them all
 
 
 def verify_cache(url: str, *, footers: bool = True, io_threads: int = 16) -> CacheCheck:
