@@ -1,6 +1,7 @@
-"""``pvu shards``: an image folder of class subfolders, or a table of (path, label) (CSV, TSV,
-JSON Lines, each maybe compressed, or Parquet) -> WebDataset tar shards that ``pvu cache``
-reads, with a ``classes.json`` of label names.
+"""``pvu shards``: an image folder of class subfolders or of class tar archives (ImageNet's
+``n01440764.tar``), or a table of (path, label) (CSV, TSV, JSON Lines, each maybe compressed,
+or Parquet) -> WebDataset tar shards that ``pvu cache`` reads, with a ``classes.json`` of
+label names.
 
 Images are shuffled across classes (seeded) unless ``--no-shuffle``; one that cannot be read
 or decoded is left out and named in the summary, never fatal.
@@ -168,9 +169,11 @@ def shards(
         str | None,
         typer.Option(
             metavar="URL",
-            help="Required. A folder of class subfolders (<input>/<class>/<image>), or a table "
-            "of image paths or URLs and labels: .csv, .tsv, .jsonl / .ndjson (each may be "
-            ".gz, .bz2 or .zst compressed) or .parquet; local or any fsspec URL.",
+            help="Required. A folder of class subfolders (<input>/<class>/<image>) or of class "
+            "tar archives (<input>/<class>.tar of images, as ImageNet's n01440764.tar; read "
+            "without extracting), or a table of image paths or URLs and labels: .csv, .tsv, "
+            ".jsonl / .ndjson (each may be .gz, .bz2 or .zst compressed) or .parquet; local "
+            "or any fsspec URL.",
         ),
     ] = None,
     output: Annotated[

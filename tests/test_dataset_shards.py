@@ -26,7 +26,7 @@ from pipeline.cache.samples import iter_samples
 from pipeline.cache.shards import expand_shards
 from pipeline.dataset.convert import key_name, write_dataset
 from pipeline.dataset.sources import IMAGE_SUFFIXES, list_dataset
-from pipeline.demo.data import encode_image
+from pipeline.demo.data import encode_image, write_digit_shards
 from pipeline.evaluate.analyses import real_ambiguous
 from pipeline.named import NAMED
 
@@ -842,3 +842,124 @@ def test_output_in_a_missing_bucket_exits_2_naming_it(s3_server, tmp_path):
     assert (
         "--output s3://no-such-bucket/shards: bucket no-such-bucket does not exist" in result.text
     )
+
+
+def archive_classes(folder: Path, archives: Path) -> None:
+    """``archives/<class>.tar`` of each class folder of ``folder``, members named below it."""
+    archives.mkdir(parents=True, exist_ok=True)
+    import tarfile
+
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        with tarfile.open(archives / f"{class_folder.name}.tar", "w") as tar:
+            for path in sorted(class_folder.rglob("*")):
+                if path.is_file():
+                    tar.add(path, arcname=path.relative_to(class_folder).as_posix())
+
+
+def samples_of(output: Path) -> list[tuple[str, int, bytes]]:
+    """(key, label, image bytes) of every sample of the shards under ``output``, in order."""
+    counts: collections.Counter = collections.Counter()
+    found = [
+        (sample.key, sample.label, sample.image)
+        for url in expand_shards(str(output))
+        for sample in iter_samples(url, counts=counts)
+    ]
+    assert not counts, counts
+    return found
+
+
+def test_class_archives_make_the_shards_their_extracted_class_folders_make(tmp_path):
+    """ImageNet's per-class tars (n01440764.tar of JPEGs) were refused as 'no images in class
+    subfolders': 1.28M (13M for 21k) files had to be extracted first."""
+    valid = make_folder(tmp_path / "extracted" / "train")
+    (tmp_path / "extracted" / "train" / "cat" / ".img.9.jpg").write_bytes(b"hidden, ignored")
+    for i in range(3):  # ImageNet's spelling: .JPEG
+        path = tmp_path / "extracted" / "train" / "cat" / f"n0_{i}.JPEG"
+        path.write_bytes(image_bytes(np.random.default_rng(i), "jpg"))
+    archive_classes(tmp_path / "extracted" / "train", tmp_path / "archives" / "train")
+    (tmp_path / "archives" / "train" / "README.txt").write_text("beside the archives")
+    outputs = {}
+    for kind in ("extracted", "archives"):
+        outputs[kind] = tmp_path / f"shards-{kind}"
+        result = run(
+            *("--input", str(tmp_path / kind / "train"), "--output", str(outputs[kind])),
+            *("--shard-size", "20KB"),
+        )
+        assert result.exit_code == 0, result.output
+        assert "undecodable=1" in result.text and "truncated_image=1" in result.text
+    from_archives = samples_of(outputs["archives"])
+    assert from_archives == samples_of(outputs["extracted"])  # keys, labels, bytes, order
+    assert len(from_archives) == len(valid) + 3
+    classes = (outputs["archives"] / "classes.json").read_text()
+    assert json.loads(classes) == list(CLASSES)
+    assert classes == (outputs["extracted"] / "classes.json").read_text()
+    sources = {meta["source"] for *_, meta in read_shards(str(outputs["archives"]))}
+    archive = tmp_path / "archives" / "train" / "eel.tar"
+    assert f"tar://img.2.bmp::{archive}" in sources  # the member, as fsspec opens it
+    with fsspec.open(f"tar://img.2.bmp::{archive}", "rb") as member:
+        assert member.read() == (tmp_path / "extracted/train/eel/img.2.bmp").read_bytes()
+    assert f"tar://nested/truncated.jpg::{archive}" in result.text  # left out, named
+
+
+def test_a_class_archive_cut_short_is_refused_naming_it(tmp_path):
+    make_folder(tmp_path / "extracted")
+    archive_classes(tmp_path / "extracted", tmp_path / "in")
+    import tarfile
+
+    with tarfile.open(tmp_path / "in" / "cat.tar") as tar:
+        last = tar.getmembers()[-1]
+    data = (tmp_path / "in" / "cat.tar").read_bytes()
+    (tmp_path / "in" / "cat.tar").write_bytes(data[: last.offset_data + last.size // 2])
+    result = run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert f"class archive {tmp_path / 'in' / 'cat.tar'} is no readable tar" in result.text
+    assert "download it again" in result.text and not (tmp_path / "out").exists()
+
+
+def test_folders_the_layout_of_class_archives_does_not_fit_are_refused_saying_what_to_do(
+    tmp_path,
+):
+    make_folder(tmp_path / "extracted")
+    archive_classes(tmp_path / "extracted", tmp_path / "mixed")
+    shutil.copytree(tmp_path / "extracted" / "cat", tmp_path / "mixed" / "cat")
+    result = run("--input", str(tmp_path / "mixed"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "both class folders (1, e.g. cat) and class archives (3, e.g. cat.tar)" in result.text
+
+    write_digit_shards(str(tmp_path / "webdataset"), shards=2, per_shard=4)
+    result = run("--input", str(tmp_path / "webdataset"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "holds WebDataset shards, not class archives" in result.text, result.text
+    assert f"pvu cache --shards {tmp_path / 'webdataset'}" in result.text
+
+    (tmp_path / "gz").mkdir()
+    archive_classes(tmp_path / "extracted", tmp_path / "plain")
+    import gzip
+
+    for path in (tmp_path / "plain").iterdir():
+        (tmp_path / "gz" / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    result = run("--input", str(tmp_path / "gz"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "holds 3 compressed tar(s), e.g. cat.tar.gz" in result.text
+    assert f"gunzip {tmp_path / 'gz'}/*.tar.gz" in result.text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_class_archives_on_s3_make_the_shards_their_extracted_class_folders_make(
+    s3_bucket, tmp_path
+):
+    make_folder(tmp_path / "extracted" / "train")
+    archive_classes(tmp_path / "extracted" / "train", tmp_path / "archives")
+    fs = fsspec.filesystem("s3")
+    for path in (tmp_path / "archives").iterdir():
+        fs.pipe_file(f"{s3_bucket}/in/train/{path.name}", path.read_bytes())
+    for url, out in (
+        (f"{s3_bucket}/in/train", f"{s3_bucket}/shards"),
+        (str(tmp_path / "extracted" / "train"), str(tmp_path / "shards")),
+    ):
+        result = run("--input", url, "--output", out, "--shard-size", "20KB")
+        assert result.exit_code == 0, result.output
+    assert samples_of(f"{s3_bucket}/shards") == samples_of(tmp_path / "shards")
+    sources = {meta["source"] for *_, meta in read_shards(f"{s3_bucket}/shards")}
+    assert f"tar://img.0.jpg::{s3_bucket}/in/train/cat.tar" in sources

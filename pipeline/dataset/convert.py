@@ -36,10 +36,10 @@ from PIL import Image
 from pipeline.cache.decode import decode_image
 from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
-from pipeline.dataset.sources import Listing, Source, readable
+from pipeline.dataset.sources import Listing, Source, member_path, readable
 from pipeline.dataset.tar import ShardInfo, ShardWriter
 from pipeline.named import NAMED, named_level
-from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, write_bytes
+from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, retry, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,30 @@ class ConvertReport:
         return sum(shard.samples for shard in self.shards)
 
 
-def load_image(url: str) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of the image at ``url`` as a shard stores it.
+def read_source(source: Source) -> bytes:
+    """The bytes of ``source``'s image: its file, or its span of a class archive, read as a
+    range (so each image of an archive is read alone, in any order, from any thread).
+    ``OSError`` for an archive cut short."""
+    if source.span is None:
+        return read_url(source.url)
+    archive = source.url.split("::", 1)[1]
+    fs, path = fsspec.core.url_to_fs(archive)
+    start, size = source.span
+    data = retry(
+        lambda: fs.cat_file(path, start=start, end=start + size), what=f"read {source.url}"
+    )
+    if len(data) != size:
+        raise OSError(f"archive {archive} is cut short: {len(data):,} of {size:,} bytes")
+    return data
+
+
+def load_image(source: Source) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of ``source``'s image as a shard stores it.
 
     Raises ``BadSample`` if it does not decode, ``OSError`` if it cannot be read.
     """
-
-    data = read_url(url)
+    url = source.url
+    data = read_source(source)
     image = decode_image(data, key=url)
     fmt = Image.open(io.BytesIO(data)).format
     if fmt in KEPT_FORMATS:
@@ -180,6 +197,7 @@ def key_name(url: str) -> str:
     a name with none of them. Only a web URL has a query, fragment and %-escapes: an object
     store's or a local file's name keeps its ``?`` and ``#``."""
     path = unquote(urlsplit(url).path) if url.startswith(("http://", "https://")) else url
+    path = member_path(path)  # a class archive's member: its own name
     stem = readable(posixpath.splitext(posixpath.basename(path))[0])  # alike in any locale
     name = _UNSAFE_KEY.sub("_", stem).strip("_")[:_KEY_NAME_CHARS]
     return f"-{name}" if name else ""
@@ -191,21 +209,22 @@ def listing_tag(listing: Listing) -> str:
     share (``train/cat/1.jpg``) and by its label, so the same folder moved elsewhere keeps its
     keys; the sampled bytes tell apart datasets laid out alike (MNIST and Fashion-MNIST as
     ``train/<digit>/<n>.png``)."""
-    urls = [source.url for source in listing.sources]
+    urls = [member_path(source.url) for source in listing.sources]  # an archive's as extracted
     shared = os.path.commonprefix(urls)  # noqa: RUF071 - URLs; cut back to a "/" below
     shared = shared[: shared[: shared.rfind("/")].rfind("/") + 1]
     digest = hashlib.blake2b(digest_size=4)
     for url, source in zip(urls, listing.sources, strict=True):
         digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode(errors="surrogateescape"))
-    for url in sorted({urls[0], urls[len(urls) // 2], urls[-1]} if urls else ()):
+    sampled = {urls[i]: i for i in (0, len(urls) // 2, len(urls) - 1)} if urls else {}
+    for url in sorted(sampled):
         with contextlib.suppress(OSError):  # unreadable: it is left out, named, anyway
-            digest.update(read_url(url))  # as stored: no decoder's output is hashed
+            digest.update(read_source(listing.sources[sampled[url]]))  # as stored, not decoded
     return digest.hexdigest()
 
 
 def _load(source: Source) -> tuple[str, bytes] | Unreadable:
     try:
-        return load_image(source.url)
+        return load_image(source)
     except BadSample as bad:
         return Unreadable(readable(source.url), bad.reason.value, bad.detail)
     except (*PERMANENT_ERRORS, OSError) as error:
