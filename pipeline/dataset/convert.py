@@ -36,7 +36,9 @@ from PIL import Image
 from pipeline.cache.decode import decode_image
 from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
-from pipeline.dataset.sources import Listing, Source, member_path, readable
+from pipeline.dataset.archives import member_path
+from pipeline.dataset.names import readable
+from pipeline.dataset.sources import Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
 from pipeline.named import NAMED, named_level
 from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, retry, write_bytes

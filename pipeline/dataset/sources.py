@@ -4,20 +4,18 @@ ImageNet's ``n01440764.tar``), or a table of (path, label): a CSV, TSV or JSON L
 
 Either becomes a ``Listing``: every image's URL with its integer label, and the label names
 (``classes[label]``). Listing touches no image; reading and checking them is ``convert``'s job.
+A folder's class archives are read by ``archives``; the file-name conventions both follow
+(image suffixes, hidden names) are ``names``'.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
 import posixpath
 import re
-import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
@@ -34,20 +32,26 @@ from pipeline.cache.shards import (
     resolve_local,
     storage_url,
 )
-from pipeline.retry import read_url, retry
+from pipeline.dataset.archives import (
+    Images,
+    archive_images,
+    class_archives,
+    refuse_compressed_archives,
+)
+from pipeline.dataset.names import (
+    COMPRESSIONS,
+    IMAGE_SUFFIXES,
+    TABLE_SUFFIXES,
+    TEXT_TABLES,
+    entry_name,
+    file_suffix,
+    is_hidden,
+    readable,
+)
+from pipeline.retry import read_url
 
 log = logging.getLogger(__name__)
 
-#: File suffixes listed as images in a class folder (case-insensitive); others are ignored.
-IMAGE_SUFFIXES = (
-    *(".jpg", ".jpeg", ".jpe", ".jfif"),  # JPEG's spellings
-    *(".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"),
-)
-#: A text table's format by its suffix; each may be compressed (``list.csv.gz``).
-TEXT_TABLES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-#: A text table's compression by its last suffix, as pyarrow names the codec.
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
-TABLE_SUFFIXES = (*TEXT_TABLES, ".parquet", *(t + c for t in TEXT_TABLES for c in COMPRESSIONS))
 #: The tables pvu reads, for messages.
 TABLES_READ = (
     f"({', '.join(TEXT_TABLES)}, each may be compressed as {', '.join(COMPRESSIONS)}; or .parquet)"
@@ -56,13 +60,6 @@ TABLES_READ = (
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "dev"})
 #: The largest integer label a table may give: classes.json names every index up to it.
 MAX_INTEGER_LABEL = 1_000_000
-#: A class archive's suffix (case-insensitive): ``<input>/<class>.tar``.
-ARCHIVE_SUFFIX = ".tar"
-#: Compressed tars, refused as class archives: a member is read only by decompressing from the
-#: archive's start, once per image of a shuffled listing.
-COMPRESSED_ARCHIVES = (".tar.gz", ".tgz")
-#: Class archives whose member headers are read at once while listing.
-_ARCHIVE_THREADS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +108,6 @@ def list_dataset(
     )
 
 
-def _suffix(name: str) -> str:
-    """The suffix of the file ``name``, lower case: a table's whole one (``.csv.gz``), or the
-    last (``.jpg``, ``.gz``)."""
-    name = name.lower()
-    return next((s for s in TABLE_SUFFIXES if name.endswith(s)), posixpath.splitext(name)[1])
-
-
 def _none_read(unread: Counter[str], *, archives: bool = False) -> str:
     """What the class folders (``archives``) of a folder without images hold instead, by
     suffix, and what pvu reads: a folder of HEIC or AVIF photos was only said to hold no
@@ -145,9 +135,9 @@ def list_folder(url: str) -> Listing:
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     listed = fs.ls(root, detail=True)
-    entries = [e for e in listed if not _hidden(_entry_name(e))]
+    entries = [e for e in listed if not is_hidden(entry_name(e))]
     folders = _class_folders(fs, entries)
-    archives = _class_archives(fs, entries, ARCHIVE_SUFFIX)
+    archives = class_archives(fs, entries)
     if folders and archives:
         raise ValueError(
             f"{url} holds both class folders ({len(folders):,}, e.g. {readable(folders[0])}) "
@@ -155,10 +145,10 @@ def list_folder(url: str) -> Listing:
             "folder of one kind (move the archives out where they were extracted already)"
         )
     if not folders:
-        _refuse_compressed_archives(url, fs, root, entries)
+        refuse_compressed_archives(url, fs, root, entries)
     if archives:
-        files = [_entry_name(e) for e in listed if e["type"] != "directory"]
-        by_class, ignored, unread = _archive_images(url, fs, root, archives, files)
+        files = [entry_name(e) for e in listed if e["type"] != "directory"]
+        by_class, ignored, unread = archive_images(url, fs, root, archives, files)
         expected = f"{url}/<class>.tar holding <image>.jpg"
     else:
         by_class, ignored, unread = _folder_images(fs, root, folders)
@@ -184,143 +174,26 @@ def list_folder(url: str) -> Listing:
     return Listing(sources, classes, ignored, empty)
 
 
-#: A class's images, in order: URL and, for an archive's member, its span.
-_Images = dict[str, list[tuple[str, tuple[int, int] | None]]]
-
-
 def _folder_images(
     fs: fsspec.AbstractFileSystem, root: str, folders: list[str]
-) -> tuple[_Images, Counter[str], Counter[str]]:
+) -> tuple[Images, Counter[str], Counter[str]]:
     """The images of ``root``'s class ``folders``; the files ignored, by suffix (of
     ``root`` and of the class folders: ``unread``, not hidden ones)."""
     # keyed and sorted by the names as listed, as ImageFolder numbers them; text for output
-    by_class: _Images = {name: [] for name in folders}
+    by_class: Images = {name: [] for name in folders}
     ignored: Counter[str] = Counter()
     unread: Counter[str] = Counter()  # the ignored files of class folders, not hidden
     for path in sorted(_files_below(fs, root)):
         parts = path[len(root) + 1 :].split("/")
-        in_class = len(parts) >= 2 and not any(map(_hidden, parts))
+        in_class = len(parts) >= 2 and not any(map(is_hidden, parts))
         if in_class and path.lower().endswith(IMAGE_SUFFIXES):
             by_class[parts[0]].append((storage_url(fs, path), None))
         else:
-            suffix = readable(_suffix(posixpath.basename(path)))
+            suffix = readable(file_suffix(posixpath.basename(path)))
             ignored[suffix] += 1
             if in_class:
                 unread[suffix] += 1
     return by_class, ignored, unread
-
-
-def _archive_images(
-    url: str, fs: fsspec.AbstractFileSystem, root: str, archives: list[str], files: list[str]
-) -> tuple[_Images, Counter[str], Counter[str]]:
-    """The image members of ``root``'s class ``archives`` (``<class>.tar``) as a folder's
-    images, sorted alike by path; the other ``files`` of ``root`` and members ignored, by
-    suffix (``unread``: the members, not hidden ones). Each archive's headers are read
-    through once (a tar has no index), ``_ARCHIVE_THREADS`` archives at a time."""
-    by_class: _Images = {}
-    names = set(archives)
-    ignored = Counter(readable(_suffix(name)) for name in files if name not in names)
-    unread: Counter[str] = Counter()
-    odd: list[str] = []
-    with ThreadPoolExecutor(_ARCHIVE_THREADS, thread_name_prefix="pvu-archives") as pool:
-        read = pool.map(lambda name: _members(fs, f"{root}/{name}"), archives)
-        for name, (members, others) in zip(archives, read, strict=True):
-            archive = storage_url(fs, f"{root}/{name}")
-            _refuse_shards(url, archive, members)
-            images = by_class.setdefault(name[: -len(ARCHIVE_SUFFIX)], [])
-            odd += (f"tar://{member}::{archive}" for member in others)
-            for member, span in sorted(members.items()):
-                if member.lower().endswith(IMAGE_SUFFIXES) and not any(
-                    map(_hidden, member.split("/"))
-                ):
-                    images.append((f"tar://{member}::{archive}", span))
-                    continue
-                suffix = readable(_suffix(posixpath.basename(member)))
-                ignored[suffix] += 1
-                unread[suffix] += not any(map(_hidden, member.split("/")))
-    if odd:
-        log.warning(
-            "left out %d member(s) of class archives of %s that are no regular file (a link "
-            "or device), e.g. %s",
-            *(len(odd), url, readable(odd[0])),
-        )
-    return by_class, ignored, +unread
-
-
-def _members(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, tuple[int, int]], list]:
-    """The regular members of the tar ``path`` (names without ``./``) -> ``(offset, size)``
-    of their bytes, and the names of its other members that are no folder (links, devices);
-    its headers read through once, under :func:`retry`. A ``ValueError`` names an archive
-    that is no tar."""
-
-    def read() -> tuple[dict[str, tuple[int, int]], list]:
-        members, others = {}, []
-        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
-            for info in tar:
-                name = posixpath.normpath(info.name).lstrip("/")
-                if info.isreg():
-                    members[name] = (info.offset_data, info.size)
-                elif not info.isdir():
-                    others.append(name)
-        return members, others
-
-    try:
-        return retry(read, what=f"read the member headers of {fs.unstrip_protocol(path)}")
-    except tarfile.TarError as error:
-        raise ValueError(
-            f"class archive {readable(storage_url(fs, path))} is no readable tar ({error}): "
-            "download it again (a compressed one, decompress it into a .tar)"
-        ) from None
-
-
-def _refuse_shards(url: str, archive: str, members: dict | list) -> None:
-    """A ``ValueError`` for WebDataset shards given as class archives: members of a label
-    (``<key>.cls``), which ``pvu cache --shards`` reads."""
-    labels = [name for name in members if name.lower().endswith(".cls")]
-    if labels:
-        raise ValueError(
-            f"{url} holds WebDataset shards, not class archives ({readable(archive)} holds "
-            f"labels such as {readable(labels[0])}): give them to pvu cache --shards {url}"
-        )
-
-
-def _refuse_compressed_archives(
-    url: str, fs: fsspec.AbstractFileSystem, root: str, entries: list[dict]
-) -> None:
-    """A ``ValueError`` for a folder of compressed tars (``.tar.gz``, ``.tgz``) and no class
-    folders: as class archives, each image would decompress its archive from the start;
-    WebDataset shards so compressed are named as shards."""
-    names = sorted(
-        _entry_name(e)
-        for e in entries
-        if _entry_name(e).lower().endswith(COMPRESSED_ARCHIVES) and is_file_entry(fs, e)
-    )
-    if not names:
-        return
-    first = f"{root}/{names[0]}"
-    with (
-        contextlib.suppress(OSError, tarfile.TarError, EOFError),
-        fs.open(first, "rb") as file,
-        tarfile.open(fileobj=file, mode="r|gz") as tar,
-    ):
-        _refuse_shards(url, storage_url(fs, first), [m.name for m in itertools.islice(tar, 8)])
-    raise ValueError(
-        f"{url} holds {len(names):,} compressed tar(s), e.g. {readable(names[0])}: class archives "
-        "are read as plain .tar, whose images are read where they lie; decompress them "
-        f"(gunzip {url.rstrip('/')}/*.tar.gz {url.rstrip('/')}/*.tgz gives .tar), or extract "
-        "each into a folder named by its class"
-    )
-
-
-def member_path(url: str) -> str:
-    """Where the image at ``url`` would lie extracted: a class archive's member
-    ``tar://<member>::<folder>/<class>.tar`` as ``<folder>/<class>/<member>``; other URLs
-    as they are. Keys and the listing's digest are made from it, so a folder of class
-    archives and the same archives extracted into class folders make the same keys."""
-    if not url.startswith("tar://"):
-        return url
-    member, archive = url[len("tar://") :].split("::", 1)
-    return f"{archive[: -len(ARCHIVE_SUFFIX)]}/{member}"
 
 
 def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
@@ -338,30 +211,8 @@ def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
     )
 
 
-def readable(name: str) -> str:
-    """A listed file or folder ``name`` as text whatever the locale: its bytes decoded as UTF-8
-    (under a C locale Python lists ``café`` as ``caf\\udcc3\\udca9``), those that are not UTF-8
-    as ``\\xe9``. For output only: a file is opened by the name as listed."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _train_first(split: str) -> tuple[bool, str]:
     return (not split.lower().startswith("train"), split)
-
-
-#: Folders that tools leave beside users' images, of no class: macOS's ``__MACOSX`` of a zip
-#: (AppleDouble files), a Synology NAS's ``@eaDir`` (its thumbnails, ``SYNOPHOTO_THUMB_XL.jpg``).
-_TOOL_FOLDERS = {"__MACOSX", "@eaDir"}
-
-
-def _hidden(name: str) -> bool:
-    """Whether a file or folder ``name`` is hidden: a dot file, or a tool's folder."""
-    return name.startswith(".") or name in _TOOL_FOLDERS
-
-
-def _entry_name(entry: dict) -> str:
-    """The name of the fsspec listing ``entry``, without its folder."""
-    return posixpath.basename(entry["name"].rstrip("/"))
 
 
 def _class_folders(fs: fsspec.AbstractFileSystem, entries: list[dict]) -> list[str]:
@@ -371,18 +222,8 @@ def _class_folders(fs: fsspec.AbstractFileSystem, entries: list[dict]) -> list[s
     for entry in entries:
         is_link = entry.get("islink", False) and fs.isdir(entry["name"])
         if entry["type"] == "directory" or is_link:
-            names.append(_entry_name(entry))
+            names.append(entry_name(entry))
     return names
-
-
-def _class_archives(fs: fsspec.AbstractFileSystem, entries: list[dict], suffix: str) -> list[str]:
-    """The names of the files (links to files too) among a folder's visible ``entries`` that
-    end with ``suffix`` (case-insensitive), sorted."""
-    return sorted(
-        _entry_name(e)
-        for e in entries
-        if _entry_name(e).lower().endswith(suffix) and is_file_entry(fs, e)
-    )
 
 
 def _files_below(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
