@@ -916,6 +916,21 @@ def test_a_class_archive_cut_short_is_refused_naming_it(tmp_path):
     assert "download it again" in result.text and not (tmp_path / "out").exists()
 
 
+def test_split_archives_read_as_classes_are_warned_to_be_extracted(tmp_path, caplog):
+    """data/train.tar and data/val.tar became the classes 'train' and 'val'; the warning
+    said to give data/train, a folder there only once train.tar is extracted."""
+    for split in ("train", "val"):
+        make_folder(tmp_path / "extracted" / split, per_class=1)
+    archive_classes(tmp_path / "extracted", tmp_path / "data")
+    assert list_dataset(str(tmp_path / "data")).classes == ["train", "val"]
+    data = tmp_path / "data"
+    assert "class archives of" in caplog.text and "splits (train.tar, val.tar)" in caplog.text
+    said = (
+        f"mkdir {data}/train && tar -xf {data}/train.tar -C {data}/train, then --input {data}/train"
+    )
+    assert said in caplog.text
+
+
 def test_folders_the_layout_of_class_archives_does_not_fit_are_refused_saying_what_to_do(
     tmp_path,
 ):

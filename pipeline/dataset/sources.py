@@ -33,6 +33,7 @@ from pipeline.cache.shards import (
     storage_url,
 )
 from pipeline.dataset.archives import (
+    ARCHIVE_SUFFIX,
     Images,
     archive_images,
     class_archives,
@@ -162,10 +163,8 @@ def list_folder(url: str) -> Listing:
     listed = sorted(by_class)
     classes = [readable(name) for name in listed]
     if {name.lower() for name in classes} <= SPLIT_NAMES:
-        log.warning(
-            "the class folders of %s are named like splits (%s): if they are, give one split "
-            "as --input, e.g. %s/%s",
-            *(url, ", ".join(classes), url.rstrip("/"), min(classes, key=_train_first)),
+        _warn_of_splits(
+            url, [readable(name) for name in archives] or classes, archives=bool(archives)
         )
     sources = [
         Source(u, label, span) for label, name in enumerate(listed) for u, span in by_class[name]
@@ -208,6 +207,27 @@ def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
         "in parts (as Spark, Dask or pandas' partition_cols write one) is not read as one; "
         "merge them into one .csv or .parquet file and give that as --input (Parquet: "
         f"pyarrow.parquet.write_table(pyarrow.parquet.read_table({url!r}), 'table.parquet'))"
+    )
+
+
+def _warn_of_splits(url: str, names: list[str], *, archives: bool) -> None:
+    """Warn that ``url``'s class folders (or ``archives``), by ``names``, look like a dataset's
+    splits (``train``, ``val``), saying which folder to give: a split's archive is extracted
+    first, its folder not there yet."""
+    first = f"{url.rstrip('/')}/{min(names, key=_train_first)}"
+    if not archives:
+        log.warning(
+            "the class folders of %s are named like splits (%s): if they are, give one split "
+            "as --input, e.g. %s",
+            *(url, ", ".join(names), first),
+        )
+        return
+    folder = first[: -len(ARCHIVE_SUFFIX)]
+    log.warning(
+        "the class archives of %s are named like a dataset's splits (%s), not classes: if they "
+        "are, extract one split's archive and give its folder as --input, e.g. mkdir %s && "
+        "tar -xf %s -C %s, then --input %s",
+        *(url, ", ".join(names), folder, first, folder, folder),
     )
 
 
