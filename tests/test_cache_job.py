@@ -488,6 +488,8 @@ def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_ru
     text = " ".join(result.output.split())
     assert "no_label=4" in text and "the cache has no rows" in text
     assert "/ppm/pgm/pbm/pnm with <key>.txt, set --image-key / --label-key" in text
+    assert "per-class archives (one class per tar, no label members" in text  # ImageNet's
+    assert "make them into shards with pvu shards --input FOLDER" in text
     plan = CliRunner().invoke(app, ["plan", *args[1:], *SMALL_BACKBONE_FLAGS], terminal_width=200)
     assert "0 already in --output" in plan.output, plan.output  # it said 1 (of 1)
     corrected = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS])  # the units held none
@@ -742,6 +744,7 @@ def test_a_run_whose_every_label_is_outside_the_head_blames_the_labels_not_the_m
     text = " ".join(result.output.split())
     assert "label_outside_head=4" in text and "the cache has no rows" in text
     assert "--image-key" not in text and "check --label-remap" in text
+    assert "pvu shards --input" not in text  # the labels were read
 
 
 def test_the_summary_names_ten_failed_units_and_counts_the_rest():

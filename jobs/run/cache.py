@@ -734,9 +734,16 @@ def _finish(
                 "--label-remap (pvu label-remap), or keep the dataset's own labels with "
                 "--label-space dataset,"
             )
+        archives = ""
+        if skipped == {SkipReason.NO_LABEL.value}:  # as every member of a class's own tar
+            archives = (
+                "; per-class archives (one class per tar, no label members, as ImageNet's "
+                "n01440764.tar) are no shards: make them into shards with pvu shards --input "
+                "FOLDER (the folder of the .tar files) and cache those"
+            )
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
-            f"{advice} and run again (a cache without rows is computed afresh)"
+            f"{advice} and run again (a cache without rows is computed afresh){archives}"
         )
 
 
