@@ -276,6 +276,9 @@ def test_a_plan_whose_sample_keeps_no_row_names_the_member_flags(shards, tmp_pat
     assert result.exit_code == 0 and "no_label=8" in text, text
     assert "`pvu cache` would cache no row: every sampled sample was skipped" in text
     assert "/ppm/pgm/pbm/pnm with <key>.txt, set --image-key / --label-key" in text
+    # every skip no_label, as ImageNet's per-class tars given as shards: `pvu cache` says so
+    assert "per-class archives (one class per tar, no label members" in text
+    assert "make them into shards with pvu shards --input FOLDER" in text
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -734,16 +735,10 @@ def _finish(
                 "--label-remap (pvu label-remap), or keep the dataset's own labels with "
                 "--label-space dataset,"
             )
-        archives = ""
-        if skipped == {SkipReason.NO_LABEL.value}:  # as every member of a class's own tar
-            archives = (
-                "; per-class archives (one class per tar, no label members, as ImageNet's "
-                "n01440764.tar) are no shards: make them into shards with pvu shards --input "
-                "FOLDER (the folder of the .tar files) and cache those"
-            )
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
-            f"{advice} and run again (a cache without rows is computed afresh){archives}"
+            f"{advice} and run again (a cache without rows is computed afresh)"
+            f"{archives_advice(skipped)}"
         )
 
 
@@ -788,6 +783,19 @@ def member_advice(config: CacheJobConfig) -> str:
     return (
         f"if the shards' files are not <key>.{'/'.join(config.image_keys)} with {label}, "
         "set --image-key / --label-key"
+    )
+
+
+def archives_advice(skipped: Collection[str]) -> str:
+    """A clause for ``member_advice`` when every sample was skipped for the reasons ``skipped``:
+    all ``no_label`` is what per-class archives given as shards (a class's own tar holds no
+    label member) give; empty otherwise."""
+    if set(skipped) != {SkipReason.NO_LABEL.value}:
+        return ""
+    return (
+        "; per-class archives (one class per tar, no label members, as ImageNet's "
+        "n01440764.tar) are no shards: make them into shards with pvu shards --input "
+        "FOLDER (the folder of the .tar files) and cache those"
     )
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from jobs.preflight import check_storage
 from jobs.run.cache import (
     CacheJobConfig,
+    archives_advice,
     build_provenance,
     check_outputs,
     check_outputs_apart_from_shards,
@@ -273,8 +274,9 @@ def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
         console.print(describe(result, target))
     if not plans[0].measurement.kept:
         log.warning(
-            "`pvu cache` would cache no row: every sampled sample was skipped; %s",
+            "`pvu cache` would cache no row: every sampled sample was skipped; %s%s",
             member_advice(config),
+            archives_advice(plans[0].measurement.result.skipped),
         )
     if len(plans) > 1:
         console.print(
