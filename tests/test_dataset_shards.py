@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +357,19 @@ def test_a_fifo_a_table_lists_is_left_out_not_read_forever(tmp_path):
     assert [meta["source"] for *_, meta in read_shards(str(tmp_path / "out"))] == [
         str(tmp_path / "a.png")
     ]
+
+
+def test_a_dead_url_the_listing_digest_samples_is_read_once(tmp_path):
+    """The listing's digest reads a few images (first, middle, last); a dead URL among them was
+    read there through every retry and its backoff (~6 s), then again when converted: twice
+    the delay and two errors for one image."""
+    with socket.socket() as probe:  # a port of 127.0.0.1 that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/x.jpg"
+    (tmp_path / "t.csv").write_text(f"path,label\n{dead},cat\n")
+    result = run("--input", str(tmp_path / "t.csv"), "--output", str(tmp_path / "out"))
+    assert f"left out {dead}: read_error" in result.text, result.output
+    assert result.text.count(f"read {dead}: ") == 4, result.output  # retried once: 4 waits
 
 
 def test_links_to_image_files_are_images(tmp_path):

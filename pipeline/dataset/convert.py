@@ -14,7 +14,6 @@ reported, never fatal. ``classes.json`` beside the shards lists the label names.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -96,13 +95,14 @@ def read_source(source: Source) -> bytes:
     return data
 
 
-def load_image(source: Source) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of ``source``'s image as a shard stores it.
+def load_image(source: Source, data: bytes | None = None) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of ``source``'s image as a shard stores it; ``data``: its stored
+    bytes, if already read.
 
     Raises ``BadSample`` if it does not decode, ``OSError`` if it cannot be read.
     """
     url = source.url
-    data = read_source(source)
+    data = read_source(source) if data is None else data
     image = decode_image(data, key=url)
     fmt = Image.open(io.BytesIO(data)).format
     if fmt in KEPT_FORMATS:
@@ -141,14 +141,19 @@ def write_dataset(
     order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
     sources = [listing.sources[i] for i in order]
     width = max(8, len(str(count - 1)))
-    tag = listing_tag(listing)
+    reads = read_sampled(listing)
+    tag = listing_tag(listing, reads)
     unreadable: list[Unreadable] = []
     reasons: Counter[str] = Counter()
     with (
         ThreadPoolExecutor(threads, thread_name_prefix="pvu-shards") as pool,
         ShardWriter(output, prefix=prefix, max_bytes=max_bytes, max_samples=max_samples) as writer,
     ):
-        loaded = ordered_map(pool, _load, sources, window=4 * threads)
+
+        def load(index: int) -> tuple[str, bytes] | Unreadable:
+            return _load(listing.sources[index], reads.get(index))
+
+        loaded = ordered_map(pool, load, order.tolist(), window=4 * threads)
         for index, source, outcome in zip(order, sources, loaded, strict=True):
             if isinstance(outcome, Unreadable):
                 unreadable.append(outcome)
@@ -205,28 +210,47 @@ def key_name(url: str) -> str:
     return f"-{name}" if name else ""
 
 
-def listing_tag(listing: Listing) -> str:
+def read_sampled(listing: Listing) -> dict[int, bytes | OSError]:
+    """The stored bytes of ``listing``'s first, middle and last images, by index, or the error
+    that ended each read: read once, for ``listing_tag`` and as those images' shard bytes (a
+    dead URL's read costs seconds of retries)."""
+    count = len(listing.sources)
+    reads: dict[int, bytes | OSError] = {}
+    for index in dict.fromkeys((0, count // 2, count - 1)) if count else ():
+        try:
+            reads[index] = read_source(listing.sources[index])  # as stored, not decoded
+        except OSError as error:
+            reads[index] = error
+    return reads
+
+
+def listing_tag(listing: Listing, reads: dict[int, bytes | OSError]) -> str:
     """8 hex digits of a digest of ``listing``'s images and labels, in order, and of the bytes
-    of a few of its images. An image counts by its URL below the parent of the folder all
-    share (``train/cat/1.jpg``) and by its label, so the same folder moved elsewhere keeps its
-    keys; the sampled bytes tell apart datasets laid out alike (MNIST and Fashion-MNIST as
-    ``train/<digit>/<n>.png``)."""
+    of a few of its images (``reads``, of ``read_sampled``). An image counts by its URL below
+    the parent of the folder all share (``train/cat/1.jpg``) and by its label, so the same
+    folder moved elsewhere keeps its keys; the sampled bytes tell apart datasets laid out
+    alike (MNIST and Fashion-MNIST as ``train/<digit>/<n>.png``)."""
     urls = [member_path(source.url) for source in listing.sources]  # an archive's as extracted
     shared = os.path.commonprefix(urls)  # noqa: RUF071 - URLs; cut back to a "/" below
     shared = shared[: shared[: shared.rfind("/")].rfind("/") + 1]
     digest = hashlib.blake2b(digest_size=4)
     for url, source in zip(urls, listing.sources, strict=True):
         digest.update(f"{url[len(shared) :]}\0{source.label}\n".encode(errors="surrogateescape"))
-    sampled = {urls[i]: i for i in (0, len(urls) // 2, len(urls) - 1)} if urls else {}
+    sampled = {urls[i]: i for i in reads}
     for url in sorted(sampled):
-        with contextlib.suppress(OSError):  # unreadable: it is left out, named, anyway
-            digest.update(read_source(listing.sources[sampled[url]]))  # as stored, not decoded
+        data = reads[sampled[url]]
+        if isinstance(data, bytes):  # unreadable: it is left out, named, anyway
+            digest.update(data)
     return digest.hexdigest()
 
 
-def _load(source: Source) -> tuple[str, bytes] | Unreadable:
+def _load(source: Source, read: bytes | OSError | None = None) -> tuple[str, bytes] | Unreadable:
+    """``source``'s image as a shard stores it, or why it is left out; ``read``: the outcome
+    of reading it already (``read_sampled``), not repeated."""
     try:
-        return load_image(source)
+        if isinstance(read, OSError):
+            raise read
+        return load_image(source, read)
     except BadSample as bad:
         return Unreadable(readable(source.url), bad.reason.value, bad.detail)
     except (*PERMANENT_ERRORS, OSError) as error:
