@@ -6,6 +6,7 @@ its CRC-32."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Annotated
 
@@ -134,9 +135,14 @@ def storage_check(summary: CacheInfo, *, pages: bool) -> CacheCheck:
         check.orphans = {}
         check.damaged.update(summary.unreadable)
     if pages:
-        with counted_bar("checksums", "units", transient=True) as progress:
+        with (
+            counted_bar("checksums", "units", transient=True) as progress,
+            # closed however the loop ends (Ctrl-C in an update): its pool's reads not begun
+            # are cancelled then, not when the traceback holding the generator is freed
+            contextlib.closing(check_pages(check)) as checked,
+        ):
             task = progress.add_task("units", total=len(check.footers))
-            for _ in check_pages(check):
+            for _ in checked:
                 progress.advance(task)
     return check
 

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,7 +330,7 @@ def page_problem(url: str, relpath: str, footer: pq.FileMetaData) -> str | None:
     return None
 
 
-def check_pages(check: CacheCheck, *, io_threads: int = 16) -> Iterator[str]:
+def check_pages(check: CacheCheck, *, io_threads: int = 16) -> Generator[str, None, None]:
     """Read every page of the units ``check`` found sound (those whose footer it kept), in
     parallel; move those whose pages fail from ``check.footers`` to ``check.damaged`` and
     ``check.damaged_pages``. Yields each unit's relpath when it is done (for a progress bar)."""
