@@ -192,6 +192,17 @@ def cache(
             "Each image is decoded once; each cache is what its own run would write.",
         ),
     ] = None,
+    also_deteriorate: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KIND:STRENGTH,OUTPUT",
+            help="A copy of this backbone's cache deteriorated by KIND:STRENGTH (as "
+            "--deteriorate) into OUTPUT, from the same decode pass; repeat for more (figure 6: "
+            "each kind at each strength in one run). Needs --augment eval; each cache is what "
+            "--deteriorate KIND:STRENGTH --output OUTPUT alone would write. --also backbones "
+            "get no copies.",
+        ),
+    ] = None,
     config: ConfigFile = None,
     verbose: Verbose = False,
 ) -> None:

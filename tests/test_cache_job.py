@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from ray._private import ray_constants
-from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, unit_settings
+from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, pvu, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -783,3 +783,34 @@ def test_also_computes_only_the_backbone_whose_cache_lacks_the_units(local_ray, 
     assert sum(result.rows for result in report.results) == 8  # the new cache's
     manifest = json.loads((tmp_path / "b" / "_manifest.json").read_text())
     assert sorted(manifest["units"]) == [str(p.relative_to(tmp_path / "a")) for p in units]
+
+
+def test_also_deteriorate_caches_each_copy_in_one_pass_as_its_own_run_would(local_ray, tmp_path):
+    """The eval caches of figure 6 (a dataset deteriorated by each kind at each strength) took
+    a run each, every run reading and decoding every image again; --also-deteriorate writes
+    them in the pass of the clean cache, each exactly as `--deteriorate` alone would."""
+    shards = str(tmp_path / "shards")
+    write_digit_shards(shards, shards=2, per_shard=6, size=32)
+    common = ["--shards", shards, "--augment", "eval", *SMALL_BACKBONE_FLAGS]
+    noise, zoom, r14 = (str(tmp_path / name) for name in ("noise-1", "zoom-0.5", "clean-14t"))
+    more = ["--also-deteriorate", f"noise:1,{noise}", "--also-deteriorate", f"zoom:0.5,{zoom}"]
+    also = ["--also", f"resnet14t,random,{r14}"]  # another backbone: not deteriorated
+    result = pvu("cache", *common, "--output", str(tmp_path / "clean"), *more, *also)
+    assert result.exit_code == 0, result.output
+    assert result.text.count("cache actor ready") == 1, "one pass: one actor, one decode"
+    for told in ("resnet10t noise:1: 12 rows", "resnet10t zoom:0.5: 12 rows", "resnet14t: 12 rows"):
+        assert f"also {told} in" in result.text, told
+    assert "deterioration" not in read_manifest(r14)["provenance"]["transform"]
+
+    alone = pvu("cache", *common, "--deteriorate", "noise:1", "--output", f"{noise}-alone")
+    assert alone.exit_code == 0, alone.output
+    for relpath in ("epoch=0000/digits-0000.parquet", "epoch=0000/digits-0001.parquet"):
+        ours, theirs = (
+            pq.read_table(f"{noise}/{relpath}"),
+            pq.read_table(f"{noise}-alone/{relpath}"),
+        )
+        assert ours.equals(theirs), relpath
+        assert read_provenance(ours.schema) == read_provenance(theirs.schema)
+    ours, theirs = read_manifest(noise), read_manifest(f"{noise}-alone")
+    assert ours["provenance"] == theirs["provenance"]
+    assert ours["units"].keys() == theirs["units"].keys()

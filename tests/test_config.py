@@ -20,7 +20,7 @@ import jobs.run.train_head
 from jobs.cli import app
 from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, _load_yaml, load_job_config
 from jobs.info import InfoJobConfig
-from jobs.run.cache import AlsoTarget, CacheJobConfig
+from jobs.run.cache import AlsoDeterioration, AlsoTarget, CacheJobConfig
 from jobs.run.demo import DemoConfig
 from jobs.run.evaluate import EvaluateJobConfig
 from jobs.run.label_remap import LabelRemapJobConfig
@@ -158,6 +158,25 @@ def test_one_value_of_a_repeatable_setting_needs_no_list(tmp_path: Path) -> None
     )
     config = load_job_config(CacheJobConfig, path)
     assert [target.backbone for target in config.also] == ["resnet14t"]
+
+
+def test_also_deteriorate_reads_from_a_file_as_the_flag_reads_it(tmp_path: Path) -> None:
+    """``also_deteriorate:`` as ``also:``: one value or a list, each ``KIND:STRENGTH,OUTPUT``
+    (the flag's text) or ``{deteriorate, output}``."""
+    base = "shards: s\nbackbone: resnet10t\noutput: o\naugment: eval\n"
+    for given in (
+        "also_deteriorate: blur:0.5,o2\n",
+        "also_deteriorate:\n  - blur:0.5,o2\n",
+        "also_deteriorate: {deteriorate: 'blur:0.5', output: o2}\n",
+    ):
+        config = load_job_config(CacheJobConfig, _write(tmp_path, base + given))
+        own, copy = config.targets()
+        assert (own.deteriorate, own.output) == (None, str(Path.cwd() / "o"))
+        assert (copy.deteriorate.kind, copy.deteriorate.strength) == ("blur", 0.5)
+        assert (copy.output, copy.backbone) == (str(Path.cwd() / "o2"), "resnet10t")
+    path = _write(tmp_path, base + "also_deteriorate: [{deteriorate: 'blur:0.5', outptu: o2}]\n")
+    with pytest.raises(ConfigFileError, match="value 1: unknown key 'outptu'; did you mean output"):
+        load_job_config(CacheJobConfig, path)
 
 
 def test_a_pair_given_one_value_names_what_is_missing(tmp_path: Path) -> None:
@@ -300,6 +319,7 @@ PATH_FLAGS = [
       for flag in ("--shards", "--output", "--weights", "--label-remap")),
     ("cache", "--also", "resnet18,random,{}"),
     ("cache", "--also", "resnet18,{},o2"),
+    ("cache", "--also-deteriorate", "blur:0.5,{}"),
     ("train-head", "--cache", "{}"),
     ("train-head", "--output", "{}"),
     ("shards", "--input", "{}"),
@@ -340,8 +360,8 @@ def test_every_path_flag_refuses_an_empty_or_space_padded_path_naming_the_flag(
     file, unsaid; the others were refused, each job in its own words or not at all (``pvu
     shards --input ' x '`` did not exist). One type, :data:`jobs.config.PathOrUrl`, refuses
     every one in one form, naming the flag."""
-    if flag == "--also" and path.strip():
-        pytest.skip("--also trims its parts: 'resnet18, random, out' reads 'out'")
+    if flag in ("--also", "--also-deteriorate") and path.strip():
+        pytest.skip(f"{flag} trims its parts: 'resnet18, random, out' reads 'out'")
     monkeypatch.chdir(tmp_path)
     result = pvu(*_command_line(command, flag, value.format(path)))
     reason = "is empty: give a local path" if not path.strip() else "starts or ends with a space"
@@ -376,7 +396,9 @@ NOT_PATHS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("config_type", [*(c for _, c, _ in REQUIRED), AlsoTarget])
+@pytest.mark.parametrize(
+    "config_type", [*(c for _, c, _ in REQUIRED), AlsoTarget, AlsoDeterioration]
+)
 def test_every_path_setting_is_checked_as_one(config_type: type[BaseModel]) -> None:
     """A new path or URL setting gets PathOrUrl (or LocalPath), not a check of its own."""
     for name, field in config_type.model_fields.items():

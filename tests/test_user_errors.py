@@ -834,3 +834,45 @@ def test_a_dead_ray_address_fails_the_real_command_within_seconds(
     named = f"auto ({address}, from $RAY_ADDRESS)" if given == "auto" else address
     assert f"--ray-address {named}: no Ray cluster found there" in said, said
     assert "ray start --head" in said and "Traceback" not in said
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--also-deteriorate", "blur:0.5"], "--also-deteriorate takes KIND:STRENGTH,OUTPUT"),
+        (["--also-deteriorate", "blurr:0.5,d"], "KIND one of blur, box, zoom, noise"),
+        (["--also-deteriorate", "blur:1.5,d"], "'blur:1.5': strength must be in [0, 1]"),
+        (["--also-deteriorate", "blur:0.5,c"], "c is the output of two caches of this run"),
+        (["--also-deteriorate", "blur:0.5,d", "--also-deteriorate", "box:1,d"], "d is the output"),
+        (["--also-deteriorate", "blur:0.5,d", "--also", "resnet14t,random,d"], "d is the output"),
+        (
+            ["--also-deteriorate", "box:1,d", "--also-deteriorate", "box:1.0,e"],
+            "box:1 is given twice",
+        ),
+        (["--also-deteriorate", "box:1,d", "--deteriorate", "box:1"], "box:1 is given twice"),
+        (["--also-deteriorate", "box:1,c/d"], "is inside --output"),
+        (["--also-deteriorate", "blur:0.5,d", "--decode", "device"], "drop --decode device"),
+    ],
+)
+def test_also_deteriorate_refuses_what_deteriorate_refuses_and_an_output_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], said: str
+) -> None:
+    """--also-deteriorate KIND:STRENGTH,OUTPUT adds a cache --deteriorate KIND:STRENGTH
+    --output OUTPUT would write: what --deteriorate refuses, it refuses; and each cache of
+    the pass needs an output of its own."""
+    shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
+    monkeypatch.chdir(tmp_path)
+    cache = ["cache", "--shards", shard, "--output", "c", *SMALL_BACKBONE_FLAGS]
+    result, seconds = timed_pvu(*cache, "--augment", "eval", *flags)
+    assert_actionable(result, seconds, said)
+    assert sorted(os.listdir(tmp_path)) == ["shards"]  # no cache, no lock
+
+
+def test_also_deteriorate_needs_the_eval_transform_as_deteriorate_does(tmp_path: Path) -> None:
+    shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
+    cache = ["cache", "--shards", shard, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
+    for flag, value in (("--deteriorate", "blur:0.5"), ("--also-deteriorate", "blur:0.5,d")):
+        result, seconds = timed_pvu(*cache, flag, value)  # --augment train, the default
+        assert_actionable(
+            result, seconds, f"{flag} applies to the eval transform: add --augment eval"
+        )

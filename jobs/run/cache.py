@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -166,6 +167,32 @@ class AlsoTarget(BaseModel):
         )
 
 
+class AlsoDeterioration(BaseModel):
+    """A deteriorated copy of the job's own cache, written in the same pass: its
+    deterioration and output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deteriorate: Deterioration
+    output: OutputUrl
+
+    @field_validator("deteriorate", mode="before")
+    @classmethod
+    def _parse_deteriorate(cls, value: object) -> object:
+        return Deterioration.parse(value, "--also-deteriorate") if isinstance(value, str) else value
+
+    @classmethod
+    def parse(cls, text: str) -> AlsoDeterioration:
+        """``KIND:STRENGTH,OUTPUT``."""
+        deteriorate, comma, output = text.partition(",")
+        if not comma:
+            raise ValueError(
+                f"--also-deteriorate takes KIND:STRENGTH,OUTPUT, e.g. blur:0.5,caches/blur-0.5, "
+                f"got '{text}'"
+            )
+        return cls(deteriorate=deteriorate.strip(), output=output.strip())
+
+
 class CacheJobConfig(BaseModel):
     """The cache job's configuration, validated before anything runs."""
 
@@ -203,36 +230,58 @@ class CacheJobConfig(BaseModel):
     precision: Literal["bf16", "fp32"] = "bf16"
     #: More backbones cached from the same decode pass, each into its own output.
     also: list[AlsoTarget] = []
+    #: Deteriorated copies of this backbone's cache from the same pass, each into its own output.
+    also_deteriorate: list[AlsoDeterioration] = []
 
     @field_validator("deteriorate", mode="before")
     @classmethod
     def _parse_deteriorate(cls, value: object) -> object:
         return Deterioration.parse(value) if isinstance(value, str) else value
 
-    @field_validator("also", mode="before")
+    @field_validator("also", "also_deteriorate", mode="before")
     @classmethod
-    def _parse_also(cls, value: object) -> object:
+    def _parse_also(cls, value: object, info: ValidationInfo) -> object:
+        kind = AlsoTarget if info.field_name == "also" else AlsoDeterioration
         if value is None:
             return []
         if isinstance(value, (str, dict)):
             value = [value]  # one target, as one --also
         if isinstance(value, (list, tuple)):
-            return [AlsoTarget.parse(item) if isinstance(item, str) else item for item in value]
+            return [kind.parse(item) if isinstance(item, str) else item for item in value]
         return value
 
     @model_validator(mode="after")
     def _outputs_differ(self) -> CacheJobConfig:
-        outputs = [self.output, *(target.output for target in self.also)]
-        if len(set(outputs)) != len(outputs):
-            raise ValueError("--also: every backbone needs its own --output")
+        outputs = [target.output for _, target in self.flagged_targets()]
+        repeated = next((url for i, url in enumerate(outputs) if url in outputs[:i]), None)
+        if repeated is not None:
+            raise ValueError(
+                f"{repeated} is the output of two caches of this run (--output, --also, "
+                "--also-deteriorate): give each cache its own"
+            )
+        kinds = [self.deteriorate, *(target.deteriorate for target in self.also_deteriorate)]
+        twice = next((d for i, d in enumerate(kinds) if d is not None and d in kinds[:i]), None)
+        if twice is not None:
+            raise ValueError(
+                f"--also-deteriorate {twice.kind}:{twice.strength:g} is given twice (or is "
+                "--deteriorate's own): both caches would hold the same rows; give it once"
+            )
         return self
 
     def targets(self) -> list[CacheJobConfig]:
-        """This job as one configuration per backbone (the first is this one's own)."""
-        update = {"also": []}
+        """This job as one configuration per cache written (the first is this one's own)."""
+        return [target for _, target in self.flagged_targets()]
+
+    def flagged_targets(self) -> list[tuple[str, CacheJobConfig]]:
+        """:meth:`targets`, each with the flag that asked for it: ``--output`` (this job's own
+        cache), ``--also`` (another backbone) or ``--also-deteriorate`` (this backbone's cache
+        deteriorated otherwise)."""
+        own = self.model_copy(update={"also": [], "also_deteriorate": []})
+        more = [("--also", target) for target in self.also]
+        more += [("--also-deteriorate", target) for target in self.also_deteriorate]
         return [
-            self.model_copy(update=update),
-            *(self.model_copy(update={**update, **dict(target)}) for target in self.also),
+            ("--output", own),
+            *((flag, own.model_copy(update=dict(target))) for flag, target in more),
         ]
 
     @field_validator("label_remap")
@@ -290,10 +339,14 @@ class CacheJobConfig(BaseModel):
                 f"--augment eval caches one un-augmented epoch (0): set --epochs 1 (not "
                 f"{self.epochs})"
             )
-        if self.deteriorate is not None and self.augment != "eval":
-            raise ValueError("--deteriorate applies to the eval transform: add --augment eval")
-        if self.decode == "device" and self.deteriorate is not None:
-            raise ValueError("--deteriorate runs on PIL images: drop --decode device")
+        for flag, given in (
+            ("--deteriorate", self.deteriorate is not None),
+            ("--also-deteriorate", bool(self.also_deteriorate)),
+        ):
+            if given and self.augment != "eval":
+                raise ValueError(f"{flag} applies to the eval transform: add --augment eval")
+            if given and self.decode == "device":
+                raise ValueError(f"{flag} runs on PIL images: drop --decode device")
         if self.decode == "device" and self.decode_workers:
             raise ValueError(
                 f"--decode-workers {self.decode_workers} starts PIL decoding processes, but "
@@ -468,12 +521,9 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
 
 
 def check_outputs(config: CacheJobConfig) -> None:
-    """Refuse an ``--output`` (or ``--also`` target's) that cannot be written, that lies
+    """Refuse an ``--output`` (or another target's) that cannot be written, that lies
     inside another cache or another target's, or that holds another cache; creates nothing."""
-    outputs = [
-        ("--also" if index else "--output", target.output)
-        for index, target in enumerate(config.targets())
-    ]
+    outputs = [(flag, target.output) for flag, target in config.flagged_targets()]
     for flag, url in outputs:
         check_output_folder(url, flag=flag)
         check_not_in_a_cache(url, flag=flag)
@@ -579,10 +629,11 @@ def _order_warning(config: CacheJobConfig, classes: str, names: list[str]) -> st
 
 
 def check_outputs_apart_from_shards(config: CacheJobConfig, urls: list[str]) -> None:
-    """Refuse an ``--output`` (or ``--also`` target's) at or above the folder of a shard of
-    ``urls``: pyarrow's dataset of that cache would read the tar files as Parquet."""
-    for index, target in enumerate(config.targets()):
-        check_holds_no_shards(target.output, urls, flag="--also" if index else "--output")
+    """Refuse an ``--output`` (or ``--also`` / ``--also-deteriorate`` target's) at or above
+    the folder of a shard of ``urls``: pyarrow's dataset of that cache would read the tar
+    files as Parquet."""
+    for flag, target in config.flagged_targets():
+        check_holds_no_shards(target.output, urls, flag=flag)
 
 
 def _run_cache(
@@ -724,8 +775,11 @@ def _finish(
         )
     )
     for target in targets[:lead] + targets[lead + 1 :]:
-        rows = target.manifest.rows
-        console.print(f"also {target.config.backbone}: {rows:,} rows in {target.manifest.root}")
+        rows, deteriorate = target.manifest.rows, target.config.deteriorate
+        how = f" {deteriorate.kind}:{deteriorate.strength:g}" if deteriorate else ""
+        console.print(
+            f"also {target.config.backbone}{how}: {rows:,} rows in {target.manifest.root}"
+        )
     if not report.failed and not targets[0].manifest.rows:
         skipped = {reason for result in report.results for reason in result.skipped}
         advice = member_advice(config)

@@ -40,7 +40,7 @@ from jobs.run.train_head import TrainHeadConfig, run_train_head
 from jobs.terminal import console, progress_bar
 from pipeline.cache.augment import TransformConfig
 from pipeline.cache.decode import decode_image
-from pipeline.cache.deteriorate import KINDS, Deterioration
+from pipeline.cache.deteriorate import KINDS
 from pipeline.cache.samples import iter_samples
 from pipeline.demo.backbone import save_backbone, train_tiny_backbone
 from pipeline.demo.sets import AMBIGUITY_KEY, DemoSets, SetsConfig, write_demo_sets
@@ -169,12 +169,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
     evaluated = {"augment": "eval", "epochs": 1, "ambiguity_key": AMBIGUITY_KEY}
     (upstream,) = cache("upstream", "upstream", label_space="classifier", **evaluated)
     (zero_shot,) = cache("zero-shot", "zero_shot", label_space="dataset", **evaluated)
-    deteriorations = tuple(
-        Deterioration(kind=kind, strength=strength)
+    # Clean zero-shot digits, and a copy per kind and strength from the same pass (figure 6).
+    deteriorations = [
+        f"{kind}:{strength},{output / 'cache' / f'{kind}-{strength:g}'}"
         for kind in config.kinds
         for strength in config.strengths
+    ]
+    deteriorated = cache(
+        "clean", "clean", augment="eval", epochs=1, also_deteriorate=deteriorations
     )
-    deteriorated = cache("clean", "clean", augment="eval", epochs=1, more=deteriorations)
     heldout = clean_recall_at_1(upstream)
     console.print(
         f"[bold]4/5[/bold] cached the upstream, zero-shot and {len(deteriorated)} deterioration "
@@ -251,37 +254,14 @@ def _train_backbone(config: DemoConfig, sets: DemoSets, weights: Path) -> str:
     return saved
 
 
-class _CachePass(CacheJobConfig):
-    """A cache job that also writes, in the same pass, a copy of its cache per deterioration
-    of ``more`` (into its ``KIND-STRENGTH`` folder beside ``output``).
-
-    Its caches share one actor and one read and decode of each sample, each deterioration
-    applied as a run of its own would apply it (``pipeline.cache.unit.Fanout``), so each holds
-    the rows its own run would write. The demo's deterioration caches, a run each, spent far
-    longer starting an actor apiece than computing their rows.
-    """
-
-    more: tuple[Deterioration, ...] = ()
-
-    def targets(self) -> list[CacheJobConfig]:
-        """This job's own cache, then one per deterioration of ``more``."""
-        own = self.model_copy(update={"more": ()})
-        folder = self.output.rsplit("/", 1)[0]
-        copies = [
-            {"deteriorate": more, "output": f"{folder}/{more.kind}-{more.strength:g}"}
-            for more in self.more
-        ]
-        return [own, *(own.model_copy(update=copy) for copy in copies)]
-
-
 def _cache(
     config: DemoConfig, output: Path, weights: str, name: str, shards: str, **options: Any
 ) -> list[str]:
     """The demo's cache ``name`` of the shards of set ``shards`` (``pvu cache`` with the
-    bundled config and ``options``), and its deteriorated copies (``more``, see
-    :class:`_CachePass`) from the same pass; their URLs."""
+    bundled config and ``options``), and those of its ``--also-deteriorate`` copies; their
+    URLs."""
     job = load_job_config(
-        _CachePass,
+        CacheJobConfig,
         str(DEMO_CACHE),
         shards=str(output / "shards" / shards),
         weights=weights,

@@ -35,20 +35,21 @@ class Deterioration(BaseModel):
     strength: float = Field(ge=0, le=1)
 
     @classmethod
-    def parse(cls, text: str) -> Deterioration:
-        """``KIND:STRENGTH`` (e.g. ``blur:0.5``); raises ``ValueError`` saying what is wrong."""
+    def parse(cls, text: str, flag: str = "--deteriorate") -> Deterioration:
+        """``KIND:STRENGTH`` (e.g. ``blur:0.5``); raises ``ValueError`` saying what is wrong,
+        naming ``flag``."""
         kind, sep, strength = text.partition(":")
         if not sep or kind not in KINDS:
             raise ValueError(
-                f"--deteriorate {text!r}: expected KIND:STRENGTH with KIND one of "
+                f"{flag} {text!r}: expected KIND:STRENGTH with KIND one of "
                 f"{', '.join(KINDS)} and STRENGTH in [0, 1], e.g. blur:0.5"
             )
         try:
             value = float(strength)
         except ValueError:
-            raise ValueError(f"--deteriorate {text!r}: {strength!r} is not a number") from None
+            raise ValueError(f"{flag} {text!r}: {strength!r} is not a number") from None
         if not 0 <= value <= 1:
-            raise ValueError(f"--deteriorate {text!r}: strength must be in [0, 1]")
+            raise ValueError(f"{flag} {text!r}: strength must be in [0, 1]")
         return cls(kind=kind, strength=value)
 
     def __call__(self, image: Image.Image) -> Image.Image:
