@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.run.cache import CacheJobConfig, member_advice, run_cache, summarize
+from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import (
     FIRST_UNIT_DEADLINE_S,
     MIN_UNIT_DEADLINE_S,
@@ -814,3 +815,23 @@ def test_also_deteriorate_caches_each_copy_in_one_pass_as_its_own_run_would(loca
     ours, theirs = read_manifest(noise), read_manifest(f"{noise}-alone")
     assert ours["provenance"] == theirs["provenance"]
     assert ours["units"].keys() == theirs["units"].keys()
+
+
+def test_caches_of_one_model_share_it_on_the_actor(local_ray, tmp_path):
+    """Each --also-deteriorate copy loaded its own copy of the backbone on every actor: 17
+    copies of one model on a GPU for figure 6's 16 deteriorations."""
+    settings = [
+        unit_settings(str(tmp_path / name), augment="eval", deteriorate=deteriorate, backbone=b)
+        for name, deteriorate, b in (
+            ("clean", None, "resnet10t"),
+            ("noise", Deterioration(kind="noise", strength=1), "resnet10t"),
+            ("other", None, "resnet14t"),
+        )
+    ]
+    also = (("resnet10t", "random", settings[1]), ("resnet14t", "random", settings[2]))
+    worker = ray.remote(CacheWorker).remote("resnet10t", "random", settings[0], also=also)
+    ray.get(worker.start.remote())
+    models = worker.__ray_call__.remote(lambda self: [id(r.backbone) for r in self.fanout.runners])
+    clean, noise, other = ray.get(models)
+    assert noise == clean and other != clean
+    ray.kill(worker)

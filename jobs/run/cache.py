@@ -545,10 +545,15 @@ def checked_backbones(config: CacheJobConfig) -> list[BackboneInfo]:
     refuses, before any work, one whose probe embeds past what ``--dtype`` holds, or a
     ``--label-remap`` past its classifier's classes."""
     size = config.transform_config().input_size
-    infos = [
-        describe_backbone(c.backbone, c.weights, input_size=size, model_kwargs=c.model_kwargs)
-        for c in config.targets()
-    ]
+    probes: dict[str, BackboneInfo] = {}  # one probe per model (--also-deteriorate shares it)
+    infos = []
+    for c in config.targets():
+        key = json.dumps([c.backbone, c.weights, c.model_kwargs], sort_keys=True)
+        if key not in probes:
+            probes[key] = describe_backbone(
+                c.backbone, c.weights, input_size=size, model_kwargs=c.model_kwargs
+            )
+        infos.append(probes[key])
     for target, info in zip(config.targets(), infos, strict=True):
         check_fits(info.embedding_peak, target.dtype, f"backbone {info.name} (a probe)")
         check_label_remap(target, info.num_classes)

@@ -10,6 +10,7 @@ node dying (its raylet killed) stops the run: no actor could start or report aga
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -260,19 +261,25 @@ class CacheWorker:
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
         self.decode_workers = decode_workers(self._targets[0][2], self.device, cpus)
-        runners = [self._runner(*target) for target in self._targets]
+        models: dict[str, Backbone] = {}  # targets of one model (--also-deteriorate) share it
+        runners = [self._runner(*target, models) for target in self._targets]
         self.fanout = Fanout(runners, self.decode_workers)
         self.node_id = context.get_node_id()
         return self.describe()
 
-    def _runner(self, backbone: str, weights: str, settings: UnitSettings) -> UnitRunner:
+    def _runner(
+        self, backbone: str, weights: str, settings: UnitSettings, models: dict[str, Backbone]
+    ) -> UnitRunner:
+        """A runner of ``settings``' cache, its model taken from ``models`` where an earlier
+        target loaded the same one (an eval forward changes nothing in it)."""
         kwargs = settings.provenance.get("model_kwargs")  # the model the cache says it holds
-        model = Backbone(
-            create_backbone_model(backbone, weights, kwargs),
-            self.device,
-            settings.compute.autocast_dtype,
-        )
-        return UnitRunner(model, settings.model_copy(update={"decode_workers": 0}))
+        autocast = settings.compute.autocast_dtype
+        key = json.dumps([backbone, weights, kwargs, str(autocast)], sort_keys=True)
+        if key not in models:
+            models[key] = Backbone(
+                create_backbone_model(backbone, weights, kwargs), self.device, autocast
+            )
+        return UnitRunner(models[key], settings.model_copy(update={"decode_workers": 0}))
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs: node, device, GPU ids and torch threads."""
