@@ -270,7 +270,8 @@ def explain(
     path: str | None,
     spelled: Mapping[str, str] | None = None,
 ) -> str:
-    """A validation error as ``--flag: message`` clauses, or ``config file F: key: message``;
+    """A validation error as ``--flag: message`` clauses (the message alone where it begins with
+    its flag), or ``config file F: key: message``;
     ``spelled`` gives a field's name on the command line where it is not ``--field`` (an
     argument's ``CACHE``, a flag named otherwise)."""
     clauses = []
@@ -296,8 +297,14 @@ def explain(
             empty = part["type"] == "too_short" and not part["input"]  # a repeatable flag
             if (part["type"] == "missing" or empty) and len(loc) == 1:
                 message = f"required; give {where} or set {field} in --config"
-        clauses.append(f"{where}: {message}" if where else message)
+        clauses.append(message if _names_first(message, where) else f"{where}: {message}")
     return "; ".join(clauses)
+
+
+def _names_first(message: str, where: str | None) -> bool:
+    """Whether ``message`` needs no ``where:`` prefix: there is none, or the message (a
+    parser's own, ``--also takes ...``) already begins with that flag."""
+    return where is None or message == where or message.startswith((f"{where} ", f"{where}:"))
 
 
 def _build(

@@ -868,6 +868,27 @@ def test_also_deteriorate_refuses_what_deteriorate_refuses_and_an_output_taken(
     assert sorted(os.listdir(tmp_path)) == ["shards"]  # no cache, no lock
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--also", "resnet18", "--also takes BACKBONE,WEIGHTS,OUTPUT"),
+        ("--deteriorate", "blur", "--deteriorate 'blur': expected KIND:STRENGTH"),
+        ("--also-deteriorate", "blur:0.5", "--also-deteriorate takes KIND:STRENGTH,OUTPUT"),
+        ("--also-deteriorate", "blurr:0.5,d", "--also-deteriorate 'blurr:0.5': expected"),
+        ("--image-key", ".", "--image-key '.' names no file extension"),
+    ],
+)
+def test_a_malformed_value_names_its_flag_once(
+    tmp_path: Path, flag: str, value: str, said: str
+) -> None:
+    """A parser's message that names its flag itself was prefixed with the flag again
+    ("--also-deteriorate: --also-deteriorate takes ...")."""
+    cache = ["cache", "--shards", str(tmp_path), "--output", str(tmp_path / "c")]
+    result, seconds = timed_pvu(*cache, *SMALL_BACKBONE_FLAGS, "--augment", "eval", flag, value)
+    assert_actionable(result, seconds, said)
+    assert unboxed(result.text).count(flag) == 1, result.output
+
+
 def test_also_deteriorate_needs_the_eval_transform_as_deteriorate_does(tmp_path: Path) -> None:
     shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
     cache = ["cache", "--shards", shard, "--output", str(tmp_path / "c"), *SMALL_BACKBONE_FLAGS]
