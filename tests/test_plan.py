@@ -281,6 +281,21 @@ def test_a_plan_whose_sample_keeps_no_row_names_the_member_flags(shards, tmp_pat
     assert "make them into shards with pvu shards --input FOLDER" in text
 
 
+def test_a_plan_whose_every_label_is_outside_the_head_blames_the_labels(shards, tmp_path):
+    """Every sampled sample skipped as label_outside_head (a remap of another dataset's
+    classes): plan advised --image-key / --label-key, where `pvu cache` names the remap."""
+    remap = tmp_path / "remap.json"
+    remap.write_text("[-1]")  # digit 0 to no class; the others past its end
+    flags = ["--shards", digits_only(shards, tmp_path), "--output", str(tmp_path / "out")]
+    flags += ["--sample-images", "8", "--label-remap", str(remap)]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS)
+    text = result.text
+    assert result.exit_code == 0 and "label_outside_head=8" in text, text
+    assert "`pvu cache` would cache no row: every sampled sample was skipped" in text
+    assert "check --label-remap (pvu label-remap)" in text and "--label-space dataset" in text
+    assert "--image-key" not in text and "pvu shards --input" not in text  # labels were read
+
+
 @pytest.mark.slow
 def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     settings = {

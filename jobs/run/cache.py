@@ -787,16 +787,10 @@ def _finish(
         )
     if not report.failed and not targets[0].manifest.rows:
         skipped = {reason for result in report.results for reason in result.skipped}
-        advice = member_advice(config)
-        if skipped == {SkipReason.LABEL_OUTSIDE_HEAD.value}:  # the members were read
-            advice = (
-                "no sample's label is a class of the classifier (label_outside_head): check "
-                "--label-remap (pvu label-remap), or keep the dataset's own labels with "
-                "--label-space dataset,"
-            )
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
-            f"{advice} and run again (a cache without rows is computed afresh)"
+            f"{member_advice(config, skipped)} and run again (a cache without rows is computed "
+            "afresh)"
             f"{archives_advice(skipped)}"
         )
 
@@ -835,8 +829,16 @@ def _restarted_keys_note(dropped: int, kept: int) -> str:
     )
 
 
-def member_advice(config: CacheJobConfig) -> str:
-    """What to set when every sample is skipped: the flags that name a sample's members."""
+def member_advice(config: CacheJobConfig, skipped: Collection[str] = ()) -> str:
+    """What to set when every sample is skipped for the reasons ``skipped``: the flags that
+    name a sample's members, or, when every skip is ``label_outside_head`` (the members were
+    read), the flags that map its labels."""
+    if set(skipped) == {SkipReason.LABEL_OUTSIDE_HEAD.value}:
+        return (
+            "no sample's label is a class of the classifier (label_outside_head): check "
+            "--label-remap (pvu label-remap), or keep the dataset's own labels with "
+            "--label-space dataset"
+        )
     member, _, field = config.label_key.partition(":")
     label = f"<key>.{member}" + (f" (its field {field})" if field else "")
     return (

@@ -273,10 +273,11 @@ def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
     for target, result in zip(config.targets(), plans, strict=True):
         console.print(describe(result, target))
     if not plans[0].measurement.kept:
+        skipped = plans[0].measurement.result.skipped
         log.warning(
             "`pvu cache` would cache no row: every sampled sample was skipped; %s%s",
-            member_advice(config),
-            archives_advice(plans[0].measurement.result.skipped),
+            member_advice(config, skipped),
+            archives_advice(skipped),
         )
     if len(plans) > 1:
         console.print(
