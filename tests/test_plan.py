@@ -296,6 +296,23 @@ def test_a_plan_whose_every_label_is_outside_the_head_blames_the_labels(shards, 
     assert "--image-key" not in text and "pvu shards --input" not in text  # labels were read
 
 
+def test_a_plan_of_deteriorated_copies_counts_them_as_copies_of_one_backbone(shards, tmp_path):
+    """--also-deteriorate printed a full table per copy (the same model, rows and bytes,
+    measured again) and "One pass runs all 3 backbones" for one backbone and two copies."""
+    flags = ["--shards", digits_only(shards, tmp_path), "--output", str(tmp_path / "out")]
+    flags += ["--sample-images", "8", "--augment", "eval"]
+    blur, box = tmp_path / "blur", tmp_path / "box"
+    copies = ["--also-deteriorate", f"blur:0.5,{blur}", "--also-deteriorate", f"box:1,{box}"]
+    result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, *copies)
+    text = result.text
+    assert result.exit_code == 0, result.output
+    assert text.count("pvu plan: what `pvu cache` will do for") == 1, text
+    assert "pvu plan: 2 deteriorated copies of resnet10t (--also-deteriorate)" in text
+    assert f"blur:0.5 │ {blur}: ~" in text and f"box:1 │ {box}: ~" in text
+    assert "One pass runs resnet10t and 2 deteriorated copies of it" in text
+    assert "backbones" not in text
+
+
 @pytest.mark.slow
 def test_plan_reads_the_cache_jobs_config_file(shards, tmp_path):
     settings = {

@@ -9,7 +9,7 @@ starts no Ray and writes nothing to ``--output``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -67,6 +67,8 @@ class Plan:
     gpu_rate: float | None
     gpu_rate_source: str
     shares_decode: bool = False  # an --also target: the first backbone's pass decodes for it
+    #: An --also-deteriorate copy: the first backbone's measurement, its own units done.
+    copy: bool = False
 
 
 def committed_units(
@@ -113,7 +115,10 @@ def committed_units(
 
 def run_plan(config: PlanJobConfig) -> list[Plan]:
     """Sample the shards once, then measure each backbone of the job (the first, then each
-    ``--also`` target) on the sample on this machine and extrapolate to the job."""
+    ``--also`` target) on the sample on this machine and extrapolate to the job; one plan per
+    cache of the job (:meth:`CacheJobConfig.targets`). An ``--also-deteriorate`` copy is not
+    measured again: it is the first backbone's model on the same samples, so its rows, bytes
+    and forwards are the first plan's, less the units its own output holds."""
     check_storage(config.shards, flag="--shards")
     check_outputs(config)  # as pvu cache checks them
     urls = expand_shards(config.shards)
@@ -132,8 +137,49 @@ def run_plan(config: PlanJobConfig) -> list[Plan]:
             "count each as empty_shard or truncated_tar"
         )
     sample = (urls, sizes, prefixes)
-    targets = zip(config.targets(), infos, strict=True)
-    return [_plan_target(t, info, sample, first=i == 0) for i, (t, info) in enumerate(targets)]
+    plans: list[Plan] = []
+    for (flag, target), info in zip(config.flagged_targets(), infos, strict=True):
+        if flag == "--also-deteriorate":
+            plans.append(_plan_copy(target, info, sample, plans[0]))
+        else:
+            plans.append(_plan_target(target, info, sample, first=not plans))
+    return plans
+
+
+def _provenance(config: PlanJobConfig, info: BackboneInfo) -> tuple[dict, dict[str, Any]]:
+    """The resolved transform and the provenance ``pvu cache`` records for ``config``'s cache
+    (``info``: its backbone's probe)."""
+    transform = resolve_transform(config.transform_config(), info.data_config)
+    # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
+    # one or this machine has one.
+    on_gpu = bool(config.gpus_per_actor) or torch.cuda.is_available()
+    compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
+    return transform, build_provenance(config, info, transform, compute)
+
+
+def _plan_copy(
+    config: PlanJobConfig,
+    info: BackboneInfo,
+    sample: tuple[list[str], dict[str, int], dict[str, ShardPrefix]],
+    first: Plan,
+) -> Plan:
+    """The plan of an ``--also-deteriorate`` copy: ``first``'s measurement, extrapolated over
+    the units its own output lacks (refused, as ``pvu cache`` would, if it holds another
+    cache)."""
+    _, sizes, prefixes = sample
+    done = committed_units(config, _provenance(config, info)[1], sizes)
+    return replace(
+        first,
+        estimate=estimate(
+            sizes=sizes,
+            prefixes=prefixes,
+            measurement=first.measurement,
+            epochs=config.epochs,
+            done=done,
+        ),
+        shares_decode=True,
+        copy=True,
+    )
 
 
 def _plan_target(
@@ -146,12 +192,7 @@ def _plan_target(
     """The plan of one backbone (``info``: its probe); ``first``: the one whose pass decodes
     (``--also`` targets share it), and which ``--images-per-second-per-gpu`` rates."""
     _, sizes, prefixes = sample
-    transform = resolve_transform(config.transform_config(), info.data_config)
-    # No Ray here: the cache actors' device is taken to be a GPU when --gpus-per-actor asks for
-    # one or this machine has one.
-    on_gpu = bool(config.gpus_per_actor) or torch.cuda.is_available()
-    compute = Compute.resolve("cuda" if on_gpu else "cpu", config.precision)
-    provenance = build_provenance(config, info, transform, compute)
+    transform, provenance = _provenance(config, info)
     done = committed_units(config, provenance, sizes)
     model = create_backbone_model(config.backbone, config.weights, config.model_kwargs)
     settings = unit_settings(config, info, transform, provenance, Compute())  # measured on CPU
@@ -268,10 +309,41 @@ def _add_time_rows(table: Table, plan: Plan, config: PlanJobConfig) -> None:
         table.add_row(f"wall-clock, {config.actors} actors", _hours(est.rows, rate * config.actors))
 
 
+def describe_copies(plans: list[Plan], configs: list[PlanJobConfig]) -> Table:
+    """The ``--also-deteriorate`` copies (``plans``, ``configs``: their own targets) as one
+    table, a row per copy: each is the first backbone's cache again, deteriorated otherwise."""
+    backbone = configs[0].backbone
+    table = summary_table(
+        f"pvu plan: {_copies(len(plans), backbone)} (--also-deteriorate): the {backbone} "
+        "table's rows, bytes and forwards, per copy"
+    )
+    for plan, config in zip(plans, configs, strict=True):
+        est, how = plan.estimate, config.deteriorate
+        table.add_row(
+            f"{how.kind}:{how.strength:g}" if how else "-",
+            f"{config.output}: ~{est.rows:,} rows, ~{binary_size(est.bytes)}; {est.units_done:,} "
+            f"of {est.units:,} units already there",
+        )
+    return table
+
+
+def _copies(count: int, backbone: str) -> str:
+    """``2 deteriorated copies of resnet18``."""
+    return f"{count} deteriorated cop{'y' if count == 1 else 'ies'} of {backbone}"
+
+
 def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
-    """Each backbone's plan as a table, and what the tables leave unsaid."""
-    for target, result in zip(config.targets(), plans, strict=True):
-        console.print(describe(result, target))
+    """Each backbone's plan as a table, the ``--also-deteriorate`` copies in one, and what the
+    tables leave unsaid."""
+    targets = config.targets()
+    copies = [(plan, target) for plan, target in zip(plans, targets, strict=True) if plan.copy]
+    backbones = [
+        (plan, target) for plan, target in zip(plans, targets, strict=True) if not plan.copy
+    ]
+    for plan, target in backbones:
+        console.print(describe(plan, target))
+    if copies:
+        console.print(describe_copies(*map(list, zip(*copies, strict=True))))
     if not plans[0].measurement.kept:
         skipped = plans[0].measurement.result.skipped
         log.warning(
@@ -280,8 +352,18 @@ def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:
             archives_advice(skipped),
         )
     if len(plans) > 1:
+        lead = config.backbone
+        runs = f"{len(backbones)} backbones" if len(backbones) > 1 else lead
+        terms = (
+            "each table's actor-hours, less decoding for the --also ones"
+            if len(backbones) > 1
+            else "the table's actor-hours"
+        )
+        if copies:
+            runs += f" and {_copies(len(copies), 'it' if len(backbones) == 1 else lead)}"
+            terms += f"; once more per copy, {lead}'s less decoding"
+        unmeasured = " (a copy's deterioration and transform add to it, not measured)"
         console.print(
-            f"One pass runs all {len(plans)} backbones: its time is the sum of their forwards' "
-            "(each table's actor-hours, less decoding for the --also ones), its decoding the "
-            "first table's."
+            f"One pass runs {runs}: its time is the sum of their forwards' ({terms}), its "
+            f"decoding the first table's{unmeasured if copies else ''}."
         )
