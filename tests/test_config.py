@@ -179,6 +179,27 @@ def test_also_deteriorate_reads_from_a_file_as_the_flag_reads_it(tmp_path: Path)
         load_job_config(CacheJobConfig, path)
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("augment: eval\nalso_deteriorate: [blur:0.5,o2]\n", "got 'blur:0.5', 'o2' as values"),
+        ("also: [resnet18,hub,o2]\n", "got 'resnet18', 'hub', 'o2' as values"),
+        ("also: [resnet18,o2]\n", "got 'resnet18', 'o2' as values"),
+    ],
+)
+def test_a_flow_list_split_at_its_commas_says_to_quote_each_item(
+    tmp_path: Path, given: str, said: str
+) -> None:
+    """``also_deteriorate: [blur:0.5,o2]`` is two items to YAML, 'blur:0.5' and 'o2': the
+    error named 'blur:0.5' as lacking its output, which the file gives right beside it."""
+    path = _write(tmp_path, "shards: s\nbackbone: resnet10t\noutput: o\n" + given)
+    result = pvu("cache", "--config", path)
+    text = unboxed(result.text)
+    assert result.exit_code == 2, result.output
+    assert said in text and "a YAML flow list [a,b] splits at every comma" in text, text
+    assert "quote each item (['a,b']) or write one item per line (- a,b)" in text
+
+
 def test_a_pair_given_one_value_names_what_is_missing(tmp_path: Path) -> None:
     """``betas: 0.9`` was 'betas: Field required', for a key the file does set."""
     path = _write(tmp_path, "cache: c1\noutput: out\nbetas: [0.9, x]\n")

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import fsspec
 from pydantic import (
@@ -153,6 +153,11 @@ class AlsoTarget(BaseModel):
     output: OutputUrl
     model_kwargs: ModelKwargs = {}
 
+    #: What one value of the flag is, for its errors.
+    TAKES: ClassVar[str] = (
+        "--also takes BACKBONE,WEIGHTS,OUTPUT (or BACKBONE,OUTPUT for hub weights)"
+    )
+
     @classmethod
     def parse(cls, text: str) -> AlsoTarget:
         """``BACKBONE,WEIGHTS,OUTPUT`` (``BACKBONE,OUTPUT`` for hub weights)."""
@@ -161,10 +166,7 @@ class AlsoTarget(BaseModel):
             return cls(backbone=parts[0], output=parts[1])
         if len(parts) == 3:
             return cls(backbone=parts[0], weights=parts[1], output=parts[2])
-        raise ValueError(
-            "--also takes BACKBONE,WEIGHTS,OUTPUT (or BACKBONE,OUTPUT for hub weights), "
-            f"got '{text}'"
-        )
+        raise ValueError(f"{cls.TAKES}, got '{text}'")
 
 
 class AlsoDeterioration(BaseModel):
@@ -176,6 +178,11 @@ class AlsoDeterioration(BaseModel):
     deteriorate: Deterioration
     output: OutputUrl
 
+    #: What one value of the flag is, for its errors.
+    TAKES: ClassVar[str] = (
+        "--also-deteriorate takes KIND:STRENGTH,OUTPUT, e.g. blur:0.5,caches/blur-0.5"
+    )
+
     @field_validator("deteriorate", mode="before")
     @classmethod
     def _parse_deteriorate(cls, value: object) -> object:
@@ -186,11 +193,24 @@ class AlsoDeterioration(BaseModel):
         """``KIND:STRENGTH,OUTPUT``."""
         deteriorate, comma, output = text.partition(",")
         if not comma:
-            raise ValueError(
-                f"--also-deteriorate takes KIND:STRENGTH,OUTPUT, e.g. blur:0.5,caches/blur-0.5, "
-                f"got '{text}'"
-            )
+            raise ValueError(f"{cls.TAKES}, got '{text}'")
         return cls(deteriorate=deteriorate.strip(), output=output.strip())
+
+
+def _refuse_split_values(values: list | tuple, takes: str) -> None:
+    """Refuse ``values`` (of ``--also`` or ``--also-deteriorate``) where two in a row lack the
+    comma each value has: one value split in two, as a YAML flow list splits
+    ``[blur:0.5,o2]`` into ``blur:0.5`` and ``o2``; ``takes`` says what one value is."""
+    lone = [isinstance(value, str) and "," not in value for value in values]
+    first = next((i for i in range(len(lone) - 1) if lone[i] and lone[i + 1]), None)
+    if first is None:
+        return
+    end = next((i for i in range(first, len(lone)) if not lone[i]), len(lone))
+    raise ValueError(
+        f"{takes}, each as one value; got {', '.join(map(repr, values[first:end]))} as values "
+        "of their own: in a config file, a YAML flow list [a,b] splits at every comma, so "
+        "quote each item (['a,b']) or write one item per line (- a,b)"
+    )
 
 
 class CacheJobConfig(BaseModel):
@@ -247,6 +267,7 @@ class CacheJobConfig(BaseModel):
         if isinstance(value, (str, dict)):
             value = [value]  # one target, as one --also
         if isinstance(value, (list, tuple)):
+            _refuse_split_values(value, kind.TAKES)
             return [kind.parse(item) if isinstance(item, str) else item for item in value]
         return value
 
