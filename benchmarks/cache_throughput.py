@@ -81,7 +81,8 @@ def run_round(args: argparse.Namespace, output: str, shards: str, epochs: int) -
     """The real cache job up to ``epochs``; earlier epochs are committed, so only the last runs."""
     import torch
 
-    from jobs.run.cache import CacheJobConfig, run_cache
+    from jobs.run.cache import run_cache
+    from jobs.run.cache_config import CacheJobConfig
 
     config = CacheJobConfig(
         shards=f"{shards}/",

@@ -1,7 +1,7 @@
 """``pvu cache``'s command line: its flags and their help.
 
-The job itself, its config and run, is :mod:`jobs.run.cache`, imported only when the
-command runs: torch, timm and Ray take seconds to import, ``--help`` none.
+The job itself is :mod:`jobs.run.cache` (its config :mod:`jobs.run.cache_config`), imported
+only when the command runs: torch, timm and Ray take seconds to import, ``--help`` none.
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def cache(
     with reported(  # a Ctrl-C while torch and Ray import says so too
         "cache", verbose=verbose, resume="committed units are kept; the same command resumes"
     ):
-        from jobs.run.cache import CacheJobConfig, run_cache
+        from jobs.run.cache import run_cache
+        from jobs.run.cache_config import CacheJobConfig
 
         failures = len(run_cache(job_config(CacheJobConfig, ctx)).failed)
     if failures:

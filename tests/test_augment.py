@@ -66,7 +66,7 @@ def test_transforms_not_ending_in_to_tensor_normalize_are_not_split():
 
 
 def test_crop_scale_reaches_the_train_transform_and_its_provenance():
-    from jobs.run.cache import CacheJobConfig
+    from jobs.run.cache_config import CacheJobConfig
 
     def crop_scale(**flags) -> tuple[float, float]:
         job = CacheJobConfig(shards="s", backbone="resnet10t", output="o", **flags)

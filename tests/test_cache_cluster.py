@@ -19,7 +19,8 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.distribute import actor_device_type, plan_actors
 from pipeline.demo.data import write_digit_shards
 

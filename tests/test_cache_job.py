@@ -24,7 +24,8 @@ from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, pvu, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import CacheJobConfig, member_advice, run_cache, summarize
+from jobs.run.cache import member_advice, run_cache, summarize
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import (
     FIRST_UNIT_DEADLINE_S,

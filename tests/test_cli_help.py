@@ -116,7 +116,7 @@ def test_a_commands_module_still_offers_its_jobs_config_and_run(job: str) -> Non
 #: Each command's config class, and the fewest settings it validates with.
 CONFIGS = {
     "cache": (
-        "jobs.run.cache:CacheJobConfig",
+        "jobs.run.cache_config:CacheJobConfig",
         {"shards": "s", "backbone": "resnet18", "output": "o"},
     ),
     "plan": ("jobs.run.plan:PlanJobConfig", {"shards": "s", "backbone": "resnet18", "output": "o"}),

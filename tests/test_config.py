@@ -20,7 +20,7 @@ import jobs.run.train_head
 from jobs.cli import app
 from jobs.config import CLI_ONLY, CONFIGS, ConfigFileError, _load_yaml, load_job_config
 from jobs.info import InfoJobConfig
-from jobs.run.cache import AlsoDeterioration, AlsoTarget, CacheJobConfig
+from jobs.run.cache_config import AlsoDeterioration, AlsoTarget, CacheJobConfig
 from jobs.run.demo import DemoConfig
 from jobs.run.evaluate import EvaluateJobConfig
 from jobs.run.label_remap import LabelRemapJobConfig

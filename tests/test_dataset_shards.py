@@ -814,7 +814,8 @@ def test_folder_to_shards_to_cache(tmp_path):
     import pyarrow.dataset as ds
     import ray
 
-    from jobs.run.cache import CacheJobConfig, run_cache
+    from jobs.run.cache import run_cache
+    from jobs.run.cache_config import CacheJobConfig
 
     valid = make_folder(tmp_path / "images", per_class=5)
     result = run(

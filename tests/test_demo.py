@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 
 from jobs.config import load_job_config
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
 from jobs.run.demo import BACKBONE, DEMO_CACHE, ZERO_SHOT, DemoConfig, run_demo
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import read_state_dict

@@ -15,7 +15,7 @@ from skimage import data
 from support import BACKBONE, make_runner, unit_settings
 from torchvision import transforms
 
-from jobs.run.cache import CacheJobConfig
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache import device_decode
 from pipeline.cache.augment import TransformConfig, augment_pil, resolve_transform, seed_rngs
 from pipeline.cache.decode import decode_image

@@ -16,7 +16,7 @@ from support import SMALL_BACKBONE_FLAGS, make_runner
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import CacheJobConfig
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.augment import build_transform
 from pipeline.cache.backbone import create_backbone_model
 from pipeline.cache.decode import decode_image

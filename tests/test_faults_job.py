@@ -14,7 +14,8 @@ import ray
 import s3fs
 import torch
 
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.manifest import Manifest
 from pipeline.demo.data import write_digit_shards

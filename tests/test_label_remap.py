@@ -287,7 +287,8 @@ def test_a_shard_label_given_twice_is_refused_naming_both(tmp_path: Path, text: 
 def test_cache_warns_when_classes_json_is_not_the_hub_classifiers_order(tmp_path, caplog):
     """A folder's classes ('cat', 'dog', ...) cached against a hub ImageNet classifier with no
     remap: every loss was against another class, and nothing said so."""
-    from jobs.run.cache import CacheJobConfig, warn_of_label_order
+    from jobs.run.cache import warn_of_label_order
+    from jobs.run.cache_config import CacheJobConfig
 
     shards = [str(tmp_path / "shard-000000.tar")]
     base = {"shards": str(tmp_path), "backbone": "resnet18.a1_in1k", "output": str(tmp_path)}
@@ -325,7 +326,8 @@ def test_cache_warns_of_a_remap_made_for_another_head(tmp_path, caplog):
     """A remap made with --head imagenet-22k (21,841 classes) for a 21,843-class in21k
     classifier fits its class count, so it was taken without a word: 12,636 of its labels are
     then one or two classes off, and every loss of theirs is against another class."""
-    from jobs.run.cache import CacheJobConfig, warn_of_label_order
+    from jobs.run.cache import warn_of_label_order
+    from jobs.run.cache_config import CacheJobConfig
 
     fall11 = ImageNetInfo("imagenet-22k").label_names()
     classes = [GOOG[9212], GOOG[0]]  # past and before the classes fall11 lacks

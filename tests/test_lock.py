@@ -324,7 +324,8 @@ def test_two_cache_commands_at_once_one_refused_and_the_cache_exact(local_ray, t
 def test_a_library_run_that_lost_its_lock_stops_before_rewriting_units(tmp_path) -> None:
     """A library caller (no SIGTERM handler to unwind it) went on from a lost lock to the
     duplicate-key pass, which rewrites units, and returned a normal report."""
-    from jobs.run.cache import CacheJobConfig, _finish, _Target
+    from jobs.run.cache import _finish, _Target
+    from jobs.run.cache_config import CacheJobConfig
     from pipeline.cache.distribute import PoolReport
 
     output = str(tmp_path / "cache")

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from support import SMALL_BACKBONE_FLAGS, make_runner, pvu, unit_settings
 
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
 from jobs.run.plan import PlanJobConfig, run_plan
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.distribute import start_local_ray

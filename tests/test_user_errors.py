@@ -484,7 +484,8 @@ def test_an_output_that_holds_the_shards_is_refused_before_any_work(
     assert sorted(p.name for p in shards.iterdir()) == before  # no lock, no unit
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shards"]
     # a folder beside the shards (a name they start with, too) is apart from them
-    from jobs.run.cache import CacheJobConfig, check_outputs_apart_from_shards
+    from jobs.run.cache import check_outputs_apart_from_shards
+    from jobs.run.cache_config import CacheJobConfig
 
     beside = CacheJobConfig(shards=str(shards), output=f"{shards}-cache", backbone="resnet10t")
     check_outputs_apart_from_shards(beside, [str(shards / "digits-0000.tar")])
@@ -518,7 +519,8 @@ def test_an_also_target_inside_the_output_is_refused_on_the_first_run_too(
 ) -> None:
     """`--also` nested in `--output` was taken on the first run (one cache written inside the
     other), then the same command, run again to resume, was refused as inside the cache."""
-    from jobs.run.cache import CacheJobConfig, check_outputs
+    from jobs.run.cache import check_outputs
+    from jobs.run.cache_config import CacheJobConfig
 
     shard = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=2, size=32)[0]
     for output, also in (("c", "c/r18"), ("c/r18", "c")):
@@ -544,7 +546,8 @@ def test_an_output_that_holds_another_cache_is_refused(
     """`--output runs` with `runs/exp/vit_b` a cache was taken: its units were written beside
     the other's, and a Parquet reader of `runs` read both; an output inside a cache was already
     refused."""
-    from jobs.run.cache import CacheJobConfig, check_outputs
+    from jobs.run.cache import check_outputs
+    from jobs.run.cache_config import CacheJobConfig
 
     root = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
     held = f"{root}/runs/epoch=best/vit_b"  # only epoch=<number> folders go unlisted

@@ -34,7 +34,8 @@ from rich.table import Table
 
 from jobs.config import CONFIGS, LocalPath, load_job_config, read_config_file
 from jobs.preflight import check_output_folder
-from jobs.run.cache import CacheJobConfig, run_cache
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
 from jobs.run.evaluate import MAX_SEED, EvaluateJobConfig, run_evaluate
 from jobs.run.train_head import TrainHeadConfig, run_train_head
 from jobs.terminal import console, progress_bar

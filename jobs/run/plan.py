@@ -19,7 +19,6 @@ from rich.table import Table
 
 from jobs.preflight import check_storage
 from jobs.run.cache import (
-    CacheJobConfig,
     archives_advice,
     build_provenance,
     check_outputs,
@@ -29,6 +28,7 @@ from jobs.run.cache import (
     unit_settings,
     warn_of_label_order,
 )
+from jobs.run.cache_config import CacheJobConfig
 from jobs.terminal import binary_size, console, summary_table
 from pipeline.cache.augment import resolve_transform
 from pipeline.cache.backbone import Backbone, BackboneInfo, Compute, create_backbone_model
