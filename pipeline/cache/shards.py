@@ -297,6 +297,11 @@ def _spelled_alike(url: str) -> str:
     return f"{spellings if isinstance(spellings, str) else spellings[0]}://{rest}"
 
 
+def entry_name(entry: dict) -> str:
+    """The name of the fsspec listing ``entry``, without its folder."""
+    return posixpath.basename(entry["name"].rstrip("/"))
+
+
 def is_file_entry(fs: fsspec.AbstractFileSystem, info: dict) -> bool:
     """Whether the fsspec listing entry ``info`` is a file to read: a file, a link to one (a
     local listing types every link ``other``) or a dangling link, whose read fails naming it;
@@ -319,7 +324,7 @@ def _tar_files(fs: fsspec.AbstractFileSystem, infos: Iterable[dict]) -> list[str
         for info in infos
         if is_file_entry(fs, info)
         and is_tar(info["name"])
-        and not posixpath.basename(info["name"].rstrip("/")).startswith("._")
+        and not entry_name(info).startswith("._")
     )
 
 
@@ -371,7 +376,7 @@ def _found_or_raise(
     infos = list(infos)
     found = _tar_files(fs, infos)
     others = [
-        posixpath.basename(info["name"].rstrip("/"))
+        entry_name(info)
         for info in infos
         if is_file_entry(fs, info) and _OTHER_ARCHIVE.fullmatch(info["name"])
     ]

@@ -32,7 +32,7 @@ from pipeline.cache.manifest import (
     provenance_differences,
     read_manifest,
 )
-from pipeline.cache.shards import storage_url
+from pipeline.cache.shards import entry_name, storage_url
 from pipeline.cache.writer import unit_path
 from pipeline.named import NAMED, named_level
 from pipeline.retry import is_damaged_page, list_folder, read_bytes, retry
@@ -127,7 +127,7 @@ def caches_under(url: str) -> Iterator[str]:
                 entries = list_folder(fs, folder)
             except FileNotFoundError:  # an output not made yet
                 continue
-            names = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
+            names = {entry_name(entry): entry for entry in entries}
             if depth and MANIFEST_NAME in names:
                 yield storage_url(fs, folder)
             below += [
@@ -153,7 +153,7 @@ def list_unit_files(url: str) -> dict[str, int]:
         return {}
     sizes: dict[str, int] = {}
     for folder in folders:
-        name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
+        name = entry_name(folder)
         if folder["type"] != "directory" or not name.startswith("epoch="):
             continue
         if not EPOCH_FOLDER.fullmatch(name):
@@ -165,7 +165,7 @@ def list_unit_files(url: str) -> dict[str, int]:
             )
             continue
         for entry in list_folder(fs, folder["name"]):
-            filename = entry["name"].rsplit("/", 1)[-1]
+            filename = entry_name(entry)
             if (
                 entry["type"] == "file"
                 and filename.endswith(".parquet")

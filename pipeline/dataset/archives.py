@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
-from pipeline.cache.shards import is_file_entry, storage_url
-from pipeline.dataset.names import IMAGE_SUFFIXES, entry_name, file_suffix, is_hidden, readable
+from pipeline.cache.shards import entry_name, is_file_entry, storage_url
+from pipeline.dataset.names import IMAGE_SUFFIXES, file_suffix, is_hidden, readable
 from pipeline.retry import retry
 
 log = logging.getLogger(__name__)

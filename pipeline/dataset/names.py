@@ -28,11 +28,6 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in TOOL_FOLDERS
 
 
-def entry_name(entry: dict) -> str:
-    """The name of the fsspec listing ``entry``, without its folder."""
-    return posixpath.basename(entry["name"].rstrip("/"))
-
-
 def file_suffix(name: str) -> str:
     """The suffix of the file ``name``, lower case: a table's whole one (``.csv.gz``), or the
     last (``.jpg``, ``.gz``)."""

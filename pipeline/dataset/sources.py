@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.cache.shards import (
+    entry_name,
     is_file_entry,
     resolve_entry,
     resolve_local,
@@ -44,7 +45,6 @@ from pipeline.dataset.names import (
     IMAGE_SUFFIXES,
     TABLE_SUFFIXES,
     TEXT_TABLES,
-    entry_name,
     file_suffix,
     is_hidden,
     readable,
