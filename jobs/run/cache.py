@@ -7,7 +7,6 @@ executes). Re-running the same command resumes: committed units are skipped.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -45,6 +44,7 @@ from pipeline.cache.backbone import (
     Compute,
     describe_backbone,
     file_digest,
+    model_key,
 )
 from pipeline.cache.dedupe import deduplicate
 from pipeline.cache.distribute import (
@@ -235,7 +235,7 @@ def checked_backbones(config: CacheJobConfig) -> list[BackboneInfo]:
     probes: dict[str, BackboneInfo] = {}  # one probe per model (--also-deteriorate shares it)
     infos = []
     for c in config.targets():
-        key = json.dumps([c.backbone, c.weights, c.model_kwargs], sort_keys=True)
+        key = model_key(c.backbone, c.weights, c.model_kwargs)
         if key not in probes:
             probes[key] = describe_backbone(
                 c.backbone, c.weights, input_size=size, model_kwargs=c.model_kwargs

@@ -271,6 +271,12 @@ def _refuse_hub_head(name: str) -> None:
         )
 
 
+def model_key(backbone: str, weights: str, model_kwargs: dict[str, Any] | None) -> str:
+    """What tells one model from another: the arguments :func:`create_backbone_model` builds it
+    from, so that the caches of one pass (``--also-deteriorate``) share one model and probe."""
+    return json.dumps([backbone, weights, model_kwargs], sort_keys=True)
+
+
 def create_backbone_model(
     name: str, weights: str, model_kwargs: dict[str, Any] | None = None
 ) -> torch.nn.Module:

@@ -10,7 +10,6 @@ node dying (its raylet killed) stops the run: no actor could start or report aga
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from ray._common.utils import get_default_ray_temp_dir
 from ray._private import ray_constants
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from pipeline.cache.backbone import Backbone, create_backbone_model
+from pipeline.cache.backbone import Backbone, create_backbone_model, model_key
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import EmbeddingOverflow
 from pipeline.retry import PERMANENT_ERRORS, BucketGone, OutputDenied, StorageFull
@@ -274,7 +273,7 @@ class CacheWorker:
         target loaded the same one (an eval forward changes nothing in it)."""
         kwargs = settings.provenance.get("model_kwargs")  # the model the cache says it holds
         autocast = settings.compute.autocast_dtype
-        key = json.dumps([backbone, weights, kwargs, str(autocast)], sort_keys=True)
+        key = f"{model_key(backbone, weights, kwargs)} {autocast}"
         if key not in models:
             models[key] = Backbone(
                 create_backbone_model(backbone, weights, kwargs), self.device, autocast
