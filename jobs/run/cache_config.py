@@ -6,10 +6,9 @@ to the same pass. ``jobs.run.cache`` runs it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import fsspec
 from pydantic import (
@@ -30,7 +29,7 @@ from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.samples import IMAGE_KEYS
 from pipeline.dataset.remap import read_label_remap
 
-log = logging.getLogger("pvu.cache")
+T = TypeVar("T")
 
 
 def absolute(url: str | None) -> str | None:
@@ -158,6 +157,11 @@ def _refuse_split_values(values: list | tuple, takes: str) -> None:
     )
 
 
+def _first_repeated(items: list[T]) -> T | None:
+    """The first of ``items`` that an earlier one equals, if any."""
+    return next((item for i, item in enumerate(items) if item in items[:i]), None)
+
+
 class CacheJobConfig(BaseModel):
     """The cache job's configuration, validated before anything runs."""
 
@@ -219,14 +223,14 @@ class CacheJobConfig(BaseModel):
     @model_validator(mode="after")
     def _outputs_differ(self) -> CacheJobConfig:
         outputs = [target.output for _, target in self.flagged_targets()]
-        repeated = next((url for i, url in enumerate(outputs) if url in outputs[:i]), None)
+        repeated = _first_repeated(outputs)
         if repeated is not None:
             raise ValueError(
                 f"{repeated} is the output of two caches of this run (--output, --also, "
                 "--also-deteriorate): give each cache its own"
             )
         kinds = [self.deteriorate, *(target.deteriorate for target in self.also_deteriorate)]
-        twice = next((d for i, d in enumerate(kinds) if d is not None and d in kinds[:i]), None)
+        twice = _first_repeated([kind for kind in kinds if kind is not None])
         if twice is not None:
             raise ValueError(
                 f"--also-deteriorate {twice.kind}:{twice.strength:g} is given twice (or is "
