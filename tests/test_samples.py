@@ -332,6 +332,21 @@ def test_files_apart_or_dotted_names_are_counted_once_each_and_explained(tmp_pat
     assert "cat.0.jpg" in caplog.text and "first dot" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_stray_part_of_a_sample_that_is_cached_is_no_skip(tmp_path, caplog, where):
+    """A sample's image and label together, its ``.json`` apart (added with ``tar -rf``, or
+    stored in directory order): every sample was cached, yet each stray ``.json`` counted as a
+    skipped ``no_image`` sample, named as skipped, and the tar was never said to be apart."""
+    png = bad_samples()[0].files["png"]
+    whole = [(f"s{i}.{ext}", data) for i in range(2) for ext, data in (("png", png), ("cls", b"1"))]
+    stray = [(f"s{i}.json", b"{}") for i in range(2)]
+    members = [*stray, *whole] if where == "before" else [*whole, *stray]
+    samples, counts = _read(_write_members(tmp_path / "apart.tar", members))
+    assert [s.key for s in samples] == ["s0", "s1"]
+    assert not counts
+    assert "tar --sort=name" in caplog.text
+
+
 def test_oversized_member_is_skipped_unread(tmp_path):
     png = bad_samples()[0].files["png"]
     url = write_shard(

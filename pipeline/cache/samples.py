@@ -124,6 +124,7 @@ def iter_samples(
                 # The sample being assembled when the damage was found: all its files were
                 # read intact, but more may have followed. Keep it only if it is complete.
                 if isinstance(outcome, RawSample):
+                    skips.kept(outcome.key)
                     yielded += 1
                     yield outcome
                 else:
@@ -133,6 +134,7 @@ def iter_samples(
                 repeated.discard(group["__key__"])
                 counts[SkipReason.DUPLICATE_KEY.value] += 1
             if isinstance(outcome, RawSample):
+                skips.kept(outcome.key)
                 yielded += 1
                 yield outcome
             else:
@@ -412,7 +414,8 @@ class _Skips:
 
     - A sample's files apart (``tar -cf`` without ``--sort=name`` stores them in directory
       order): each part is a sample short of a member; the sample is counted once, by its
-      first part.
+      first part, and not at all where a part holds it whole (its image and label) and is
+      kept: the others only lack what it holds (a ``.json`` added with ``tar -rf``).
     - Dots in file names (``cat.0.jpg`` is key ``cat`` with extension ``0.jpg``): several
       images merge into one sample that has no ``jpg``.
     """
@@ -432,7 +435,8 @@ class _Skips:
         self.label = label  # its member and JSON field ("" for a whole member)
         self.counts = counts
         self.level = level  # of the warnings, and of the first skip of each kind
-        self.incomplete: set[str] = set()
+        self.incomplete: dict[str, SkipReason] = {}  # key -> the skip its first part counted
+        self.kept_keys: set[int] = set()  # hash() of the keys kept: 1M of them take ~60 MB
         self.warned: set[str] = set()
 
     def add(self, group: dict[str, Any], reason: SkipReason) -> None:
@@ -453,22 +457,27 @@ class _Skips:
             _why(reason, group, self.image_keys, self.label_key),
         )
 
+    def kept(self, key: str) -> None:
+        """Note that sample ``key`` is kept: a part of it counted as skipped before is
+        counted no more, and a part that follows is not counted."""
+        self.kept_keys.add(hash(key))
+        reason = self.incomplete.pop(key, None)
+        if reason is not None:
+            self.counts[reason.value] -= 1
+            if not self.counts[reason.value]:
+                del self.counts[reason.value]
+            self._warn_apart(key)
+
     def _counted(self, group: dict[str, Any], reason: SkipReason) -> bool:
         """Whether the skip of ``group`` for ``reason`` counts (not a later part of a sample
         already counted), warning about the layout that caused it."""
         if reason not in (SkipReason.NO_IMAGE, SkipReason.NO_LABEL):
             return True
         key = group["__key__"]
-        if key in self.incomplete:
-            self._warn(
-                "apart",
-                "%s: the files of sample %r are not next to each other in the tar; a WebDataset "
-                "shard keeps each sample's files together (write it with `tar --sort=name`); "
-                "each such sample is counted once",
-                key,
-            )
+        if key in self.incomplete or hash(key) in self.kept_keys:
+            self._warn_apart(key)
             return False
-        self.incomplete.add(key)
+        self.incomplete[key] = reason
         dotted = sorted(s for s in group if s.rsplit(".", 1)[-1] in self.image_keys and "." in s)
         if reason is SkipReason.NO_IMAGE and dotted:
             self._warn(
@@ -479,6 +488,15 @@ class _Skips:
                 ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
             )
         return True
+
+    def _warn_apart(self, key: str) -> None:
+        self._warn(
+            "apart",
+            "%s: the files of sample %r are not next to each other in the tar; a WebDataset "
+            "shard keeps each sample's files together (write it with `tar --sort=name`); "
+            "each such sample is counted once, and not where one part holds it whole",
+            key,
+        )
 
     def _bad_label(self, group: dict[str, Any]) -> None:
         """Warn of a label that is no class index, with its value (names, say, where pvu
