@@ -3,6 +3,8 @@ image struct, a multi-label list) and decimal labels (a SQL NUMERIC column)."""
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -87,3 +89,14 @@ def test_csv_paths_that_look_like_numbers_are_read_as_written(tmp_path):
     table.write_bytes("path,label\nchèvre.png,cat\n".encode("cp1252"))
     with pytest.raises(ValueError, match=r"column 'path' is not UTF-8 text \(row 1"):
         list_dataset(str(table))
+
+
+def test_windows_paths_are_warned_of_naming_the_row(tmp_path, caplog):
+    """A table written on Windows (``images\\cat\\1.jpg``): every image was left out as not
+    found, and nothing said that a backslash is part of a file name here."""
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\nhttp://host/a\\b.jpg,dog\nimages\\cat\\1.jpg,cat\n")
+    with caplog.at_level(logging.WARNING, logger="pipeline.dataset"):
+        list_dataset(str(table))
+    [warning] = [r.getMessage() for r in caplog.records if "backslash" in r.getMessage()]
+    assert "row 2's path 'images\\\\cat\\\\1.jpg'" in warning and "with '/'" in warning

@@ -340,6 +340,7 @@ def list_table(
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(url)
     urls = [resolve_entry(str(path).strip(), folder) for path in paths]
+    _warn_of_backslashes(url, paths)
     if not paths:
         raise ValueError(f"table {url} has no rows, only its header")
     if _is_number(table.schema.field(label_column).type):
@@ -361,6 +362,22 @@ def list_table(
         numbers = [index[name] for name in names]
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+def _warn_of_backslashes(url: str, paths: list) -> None:
+    """Warn of local paths written with Windows' ``\\`` (``images\\cat\\1.jpg``): here a
+    backslash is part of a file name, so each such image would be left out as not found."""
+    row = next(
+        (row for row, path in enumerate(paths) if "\\" in str(path) and "://" not in str(path)),
+        None,
+    )
+    if row is not None and os.sep == "/":
+        log.warning(
+            "table %s: row %d's path %r holds a backslash, which is part of a file name here, "
+            "not a folder separator: if the table was written on Windows, write its paths with "
+            "'/' (pandas: df[column].str.replace('\\\\', '/'))",
+            *(url, row + 1, str(paths[row]).strip()),
+        )
 
 
 def _separator_hint(columns: list[str]) -> str:
