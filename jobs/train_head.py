@@ -101,7 +101,10 @@ def train_head(
 ) -> None:
     """Train the uncertainty head on cached embeddings and losses; export it for timm."""
     setup_logging(verbose)
-    resume = "the same command with --resume continues from the last episode's checkpoint"
+    resume = (
+        "the same command with --resume continues from the last episode's checkpoint (from "
+        "the start where none was written yet)"
+    )
     with reported("train-head", verbose=verbose, resume=resume):  # Ctrl-C while torch imports
         from jobs.run.train_head import TrainHeadConfig, run_train_head
 

@@ -436,11 +436,14 @@ def test_resume_refuses_other_caches(cache: str, tmp_path: Path) -> None:
     write_synthetic_cache(str(fewer), dataclasses.replace(SPEC, epochs=2))
     output = str(tmp_path / "run")
     fit_head([cache], output, _config(episodes=3), RunOptions(stop_after=1))
-    with pytest.raises(ValueError, match=r"other caches \(units, digest, sources differ\)"):
+    with pytest.raises(ValueError, match=r"before they changed \(units, digest, sources differ\)"):
         fit_head([str(fewer)], output, _config(episodes=3), RunOptions(resume=True))
     other = tmp_path / "other-shards"  # the same layout and settings, other images
     write_synthetic_cache(str(other), dataclasses.replace(SPEC, noise=0.9))
-    with pytest.raises(ValueError, match=r"trained on other caches \(sources differ\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained on other caches, or on these before they changed \(sources differ\)",
+    ):
         fit_head([str(other)], output, _config(episodes=3), RunOptions(resume=True))
     moved = tmp_path / "moved"
     shutil.copytree(cache, moved)  # the same cache elsewhere still resumes

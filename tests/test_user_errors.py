@@ -641,7 +641,8 @@ def test_python_dash_m_jobs_cli_is_pvu() -> None:
             "train-head",
             ["--cache", "c", "--output", "o"],
             "run_train_head",
-            "the same command with --resume continues from the last episode's checkpoint",
+            "the same command with --resume continues from the last episode's checkpoint (from "
+            "the start where none was written yet)",
         ),
         ("evaluate", ["--dataset", "d=c"], "run_evaluate", None),
         ("shards", ["--input", "i", "--output", "o"], "run_shards", "run the same command again"),

@@ -142,9 +142,9 @@ def load_checkpoint(
         if _same_caches_reordered(recorded, data):
             detail = ["the same caches in another order? --cache in the first run's order"]
         raise ValueError(
-            f"cannot resume from {output}: its checkpoint was trained on other caches "
-            f"({'; '.join([differ, *detail])}); pass the --cache it was trained on, or use "
-            "another --output"
+            f"cannot resume from {output}: its checkpoint was trained on other caches, or on "
+            f"these before they changed ({'; '.join([differ, *detail])}); pass the --cache it "
+            "was trained on, as it was then, or train into another --output"
         )
     try:
         tensors = load_safetensors(read_bytes(fs, f"{folder}/{state['tensors']}"))
