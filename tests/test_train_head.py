@@ -767,15 +767,20 @@ def test_a_training_process_keeps_freed_memory_instead_of_faulting_it_in_each_st
 
 
 def _rewrite_unit(
-    cache: Path, relpath: str, *, loss: float | None = None, loss_statistics: bool = True
+    cache: Path,
+    relpath: str,
+    *,
+    loss: float | list[float] | None = None,
+    loss_statistics: bool = True,
 ) -> None:
-    """Write unit ``relpath`` of ``cache`` again: every loss ``loss`` (if given), the loss
-    column without footer statistics (as another writer may leave it); its manifest size too."""
+    """Write unit ``relpath`` of ``cache`` again: every loss ``loss`` (if given; a list repeats
+    down the rows), the loss column without footer statistics (as another writer may leave
+    it); its manifest size too."""
     path = cache / relpath
     table = pq.read_table(path)
     if loss is not None:
         column = table.schema.get_field_index("loss")
-        losses = pa.array(np.full(table.num_rows, loss, np.float32))
+        losses = pa.array(np.resize(np.asarray(loss, np.float32), table.num_rows))
         table = table.set_column(column, table.schema.field("loss"), losses)
     stats = True if loss_statistics else [name for name in table.column_names if name != "loss"]
     pq.write_table(table, path, row_group_size=64, write_statistics=stats)
@@ -801,6 +806,23 @@ def test_equal_losses_are_refused_when_the_first_row_group_has_no_statistics(
     with pytest.raises(ValueError, match=f"cache {cache}: every cached loss is 2.5"):
         open_cache([str(cache)])
     assert open_cache([str(varied)]).rows == spec.epochs * spec.images  # read, and they differ
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_cache_without_two_finite_losses_is_refused(tmp_path: Path, statistics: bool) -> None:
+    """Every finite loss one value beside some inf ones trained a head on a loss of 0 and
+    exported it; every loss NaN was blamed on --val-fraction (training drops such rows)."""
+    spec = SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1)
+    cases = {"inf": ([2.5] * 9 + [np.inf], "every cached loss is 2.5")}
+    cases["nan"] = ([np.nan, np.inf], "no cached loss is finite")
+    for name, (losses, words) in cases.items():
+        cache = tmp_path / name
+        write_synthetic_cache(str(cache), spec)
+        _rewrite_unit(
+            cache, "epoch=0000/shard-00000.parquet", loss=losses, loss_statistics=statistics
+        )
+        with pytest.raises(ValueError, match=f"cache {cache}: {words}"):
+            open_cache([str(cache)])
 
 
 def test_a_training_split_smaller_than_a_batch_is_warned_about(

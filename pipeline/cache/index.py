@@ -310,14 +310,17 @@ def _filled_groups(f: CacheFile) -> Iterator[int]:
 
 def _footer_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
     """(smallest, largest) loss of row group ``group`` of unit ``f`` by its footer's
-    statistics; None where it has none (another writer, or every loss NaN)."""
+    statistics; None where it has none (another writer, or every loss NaN) or they hold an
+    infinite loss (training drops it, so the finite ones must be read)."""
     stats = f.metadata.row_group(group).column(leaf_column(f.metadata, "loss")).statistics
-    return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+    if stats is None or not stats.has_min_max or not np.isfinite([stats.min, stats.max]).all():
+        return None
+    return stats.min, stats.max
 
 
 def _read_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
-    """(smallest, largest) non-NaN loss of row group ``group`` of unit ``f``, its loss column
-    read (4 bytes a row); None where every loss is NaN."""
+    """(smallest, largest) finite loss of row group ``group`` of unit ``f``, its loss column
+    read (4 bytes a row); None where no loss is finite."""
     fs, path = fsspec.core.url_to_fs(f.url)
 
     def read() -> pa.ChunkedArray:
@@ -327,7 +330,7 @@ def _read_loss_range(f: CacheFile, group: int) -> tuple[float, float] | None:
 
     column = retry(read, what=f"read the losses of row group {group} of {f.url}")
     losses = column.to_numpy().astype(np.float64)  # a null (no loss) reads as NaN
-    losses = losses[~np.isnan(losses)]
+    losses = losses[np.isfinite(losses)]  # training drops NaN/inf losses
     return (float(losses.min()), float(losses.max())) if losses.size else None
 
 
@@ -341,17 +344,25 @@ def _loss_extents(f: CacheFile) -> Iterator[tuple[float, float]]:
 
 
 def check_losses_vary(files: Sequence[CacheFile]) -> None:
-    """Refuse a cache whose every loss is one value: its classifier gives every image the same
-    prediction (random weights with a zero-initialised classifier, say), so a head trained on
-    it has no order to learn. Read from the footers' statistics, and the loss column of a row
-    group without them: the scan of a cache stops at its first row group whose losses differ
-    from the first's, or from each other (a cache's first group, as a rule)."""
+    """Refuse a cache whose every finite loss is one value: its classifier gives every image the
+    same prediction (random weights with a zero-initialised classifier, say), so a head trained
+    on it has no order to learn; and one whose rows hold no finite loss (training drops
+    NaN/inf losses, so it would have no row to learn from). Read from the footers' statistics,
+    and the loss column of a row group without them (or with an infinite loss): the scan of a
+    cache stops at its first row group whose losses differ from the first's, or from each other
+    (a cache's first group, as a rule)."""
     caches: dict[str, list[CacheFile]] = {}
     for f in files:
         caches.setdefault(f.origin, []).append(f)
     for cache, units in caches.items():
         ranges = itertools.chain.from_iterable(map(_loss_extents, units))
         first = next(ranges, None)
+        if first is None and any(f.rows for f in units):
+            raise ValueError(
+                f"cache {cache}: no cached loss is finite (each is NaN or inf), and training "
+                "drops such rows: the classifier's logits overflowed or are NaN (--weights "
+                "damaged, or the model cast to float16?); cache it again with working --weights"
+            )
         if first is None or first[0] != first[1] or sum(f.rows for f in units) < 2:
             continue
         if all(other == first for other in ranges):
