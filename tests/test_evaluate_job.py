@@ -511,6 +511,21 @@ def test_a_set_too_small_to_search_is_refused_before_any_row_is_read(
     evaluate(config.to_options())
 
 
+def test_a_deterioration_cache_of_no_finite_row_is_refused(tmp_path: Path, head_dir: str) -> None:
+    """Its curve point had no rows: NaN medians, numpy's warnings, and "rises: false" for a
+    curve whose Spearman's rho is undefined."""
+    x, labels = clustered(60, 3, seed=3)
+    clean = write_eval_cache(str(tmp_path / "clean"), x, labels)
+    blur = {"is_training": False, "deterioration": {"kind": "blur", "strength": 0.5}}
+    broken = write_eval_cache(str(tmp_path / "blur"), x * np.nan, labels, transform=blur)
+    result = run(
+        "--head", head_dir, "--dataset", f"d={clean}", "--deterioration", clean,
+        "--deterioration", broken, "--report", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"--deteriorationcache{broken}:everyoneofits60row(s)hasaNaN/inf" in said(result)
+
+
 def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_dir: str) -> None:
     ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
     report = tmp_path / "r"

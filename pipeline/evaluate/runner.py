@@ -120,6 +120,11 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         _add_id_vs_ood(entries, result.scores)
     for url in options.deteriorated:
         data = _load(url, url, indexes[url], track)
+        if not len(data):  # a curve point of no rows: its medians, and the curve's rho, are NaN
+            raise ValueError(
+                f"--deterioration cache {url}: every one of its {data.dropped} row(s) has a "
+                "NaN/inf embedding, max_prob or entropy; cache it again, or leave it out"
+            )
         kind = data.deterioration or {"kind": None, "strength": 0.0}
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
         result.deteriorated.append(DeterioratedSet(kind["kind"], float(kind["strength"]), scores))
