@@ -502,3 +502,24 @@ def _assert_scripts_the_same(model: torch.nn.Module, images: torch.Tensor) -> No
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+def test_a_timm_checkpoint_loaded_into_the_attached_model_is_refused_saying_where(
+    tmp_path: Path, model: torch.nn.Module, batch: torch.Tensor
+) -> None:
+    """The stock model's state_dict loaded into what attach_head returns failed listing every
+    weight twice (missing under ``model.``, unexpected without), and with strict=False loaded
+    nothing, silently; the attached model's own state_dict (``model.*``, ``head.*``) loads."""
+    folder = _export(tmp_path)
+    attached = attach_head(model, folder)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"timm model's own weights \('cls_token', .*load "):
+            attached.load_state_dict(model.state_dict(), strict=strict)
+    state = attached.state_dict()
+    assert {name.split(".")[0] for name in state} == {"model", "head"}
+    copy = attach_head(timm.create_model(BACKBONE, num_classes=10).eval(), folder)
+    assert not copy.load_state_dict(state).missing_keys
+    with torch.no_grad():
+        got, want = copy(batch[:2]), attached(batch[:2])
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name

@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
@@ -257,6 +258,24 @@ class HeadedModel(nn.Module):
         ):
             dtype = next(self.model.parameters()).dtype
             return self._outputs(*model_head(self.model, features, dtype))
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``; refuses a state_dict of the timm model alone (a timm
+        checkpoint, keys without ``model.``), whose weights would all be missing (or, with
+        ``strict=False``, none loaded)."""
+        own = self.model.state_dict().keys()
+        if not any(key.startswith("model.") for key in state_dict):
+            found = ", ".join([repr(key) for key in state_dict if key in own][:2])
+            if found:
+                raise ValueError(
+                    f"the state_dict holds the timm model's own weights ({found}, ...), not the "
+                    "attached model's (model.*, head.*): load it into the timm model, then "
+                    "attach the head (attach_head checks the weights against those the head "
+                    "was trained on)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _outputs(self, embedding: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`forward`'s outputs from the model's pre-logit ``embedding`` and ``logits``."""
