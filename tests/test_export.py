@@ -523,3 +523,24 @@ def test_a_timm_checkpoint_loaded_into_the_attached_model_is_refused_saying_wher
         got, want = copy(batch[:2]), attached(batch[:2])
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_attached_model_exports_with_a_dynamic_batch(tmp_path: Path, strict: bool) -> None:
+    """torch.export of an attached model, saved and loaded, gives its eager outputs for any
+    batch size (what docs/usage.md promises deployers; ONNX's dynamo export builds on it)."""
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    head = create_head(HeadConfig(embedding_dim=model.num_features, hidden=(16,)), seed=0)
+    export_head(head, str(tmp_path), backbone="resnet10t", weights_digest="x", loss="l2")
+    attached = attach_head(model, str(tmp_path))
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = {"images": {0: torch.export.Dim("batch", min=1, max=64)}}
+    program = torch.export.export(attached, (images[:2],), dynamic_shapes=batch, strict=strict)
+    torch.export.save(program, tmp_path / "attached.pt2")
+    loaded = torch.export.load(tmp_path / "attached.pt2").module()
+    for size in (1, 3):
+        with torch.no_grad():
+            expected, got = attached(images[:size]), loaded(images[:size])
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
