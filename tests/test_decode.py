@@ -206,6 +206,17 @@ def test_too_large_is_refused_from_the_header():
     assert limit == Image.MAX_IMAGE_PIXELS
 
 
+def test_a_photo_over_the_pixel_limit_is_told_to_be_downscaled():
+    """A 100-megapixel camera photo was skipped as '10000x10000 > 89478485 pixels', which says
+    what is wrong and not what to do; timm's loader would have read it with a warning."""
+    for bomb in (decompression_bomb_png(10_000, 10_000), decompression_bomb_png()):
+        with pytest.raises(BadSample) as error, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            decode_image(bomb, key="photo")
+        assert error.value.reason == SkipReason.TOO_LARGE
+        assert "downscale" in error.value.detail, error.value.detail
+
+
 def test_an_image_over_pillows_limit_is_counted_too_large_without_pillows_warning():
     """Pillow's warning would repeat the ``too_large`` count in every worker's log, printed
     whatever the warnings filter the process starts with."""

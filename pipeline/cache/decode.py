@@ -39,6 +39,8 @@ MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: about 9459 x 9459
 #: backbone's input (~256-600 px), so a strip 2,000,000 x 8 px, small as decoded, would
 #: become billions of pixels. Real photos and panoramas stay well under it.
 MAX_ASPECT = 100
+#: What to do with an image over the pixel limit (a camera's 100-megapixel photo, say).
+_DOWNSCALE = "a decompression bomb by its size: downscale it to cache it"
 _VIA = {"PA": "RGBA", "La": "LA", "RGBa": "RGBA"}
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # What Pillow raises on bad data (beyond its OSError subclasses); not TypeError or the like,
@@ -92,7 +94,7 @@ def open_image(
     try:
         image = Image.open(io.BytesIO(data), formats=_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise BadSample(SkipReason.TOO_LARGE, str(error), key) from None
+        raise BadSample(SkipReason.TOO_LARGE, f"{error} ({_DOWNSCALE})", key) from None
     except UnidentifiedImageError:
         raise BadSample(SkipReason.UNDECODABLE, "not a readable image", key) from None
     except _DATA_ERRORS as error:
@@ -100,7 +102,8 @@ def open_image(
 
     width, height = image.size
     if width * height > max_pixels:
-        raise BadSample(SkipReason.TOO_LARGE, f"{width}x{height} > {max_pixels} pixels", key)
+        detail = f"{width}x{height} > {max_pixels:,} pixels, {_DOWNSCALE}"
+        raise BadSample(SkipReason.TOO_LARGE, detail, key)
     if min(width, height) < min_side:
         raise BadSample(SkipReason.TOO_SMALL, f"{width}x{height}, a side < {min_side}", key)
     if max(width, height) > MAX_ASPECT * min(width, height):
@@ -116,7 +119,7 @@ def load_rgb(image: Image.Image, key: str = "") -> Image.Image:
         image.load()
         return _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise BadSample(SkipReason.TOO_LARGE, str(error), key) from None
+        raise BadSample(SkipReason.TOO_LARGE, f"{error} ({_DOWNSCALE})", key) from None
     except _DATA_ERRORS as error:
         raise BadSample(_reason_for(error), _describe(error), key) from None
 
