@@ -709,3 +709,24 @@ def test_a_shard_cut_short_after_it_was_listed_is_no_unit_of_fewer_samples(digit
     counts: collections.Counter[str] = collections.Counter()
     list(iter_samples(cut, counts=counts, source_bytes=os.path.getsize(cut)))
     assert counts == {"truncated_tar": 1}
+
+
+def test_json_python_cannot_read_is_a_bad_member_not_a_failed_unit(tmp_path):
+    """A label member nested past the JSON decoder's depth (RecursionError) and an ambiguity
+    member of a 400-digit integer (OverflowError in ``math.isfinite``) raised out of the shard
+    and failed its unit on every try: bad input is counted or read as absent instead."""
+    png = bad_samples()[0].files["png"]
+    members = [
+        ("a", {"png": png, "json": b'{"label": ' * 100_000, "amb": b"0.5"}),
+        ("b", {"png": png, "json": b'{"label": 2}', "amb": b"1" * 400}),
+        ("c", {"png": png, "json": b'{"label": 3}', "amb": b"[" + b"9" * 400 + b", 1]"}),
+        ("d", {"png": png, "json": b'{"label": 4}', "amb": b"[" * 100_000}),
+    ]
+    url = write_shard(str(tmp_path / "s.tar"), members)
+    samples, counts = _read(url, label_key="json:label", ambiguity_key="amb")
+    assert [(s.key, s.label, s.ambiguity) for s in samples] == [
+        ("b", 2, None),
+        ("c", 3, None),
+        ("d", 4, None),
+    ]
+    assert counts == {"bad_label": 1}

@@ -370,16 +370,24 @@ def parse_ambiguity(data: bytes | None) -> float | None:
 
 
 def _json(data: bytes) -> Any:
-    """The JSON value in ``data``, or None where it is not JSON (as for JSON's own null)."""
+    """The JSON value in ``data``, or None where it is not JSON (as for JSON's own null) or
+    nests deeper than Python's decoder goes (``[[[...``: a ``RecursionError``, which failed
+    the unit on every try)."""
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
 def _is_number(value: object) -> bool:
-    """A finite JSON number (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a bool); an integer past a float's range is none (its
+    ``OverflowError`` failed the unit on every try)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_utf8(key: str) -> bool:
