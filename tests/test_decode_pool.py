@@ -195,6 +195,40 @@ def test_killing_the_pool_and_its_whole_process_tree_leaves_no_shared_memory(tmp
     assert not left
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_pool_that_cannot_start_its_workers_frees_its_shared_memory():
+    """A worker whose start failed (no file descriptor left for its pipe) left the slots'
+    shared memory mapped and open, and the workers started before it running, until the
+    process ended; under every limit that fails the pool, nothing of it stays."""
+    script = (
+        "import multiprocessing, os, resource, sys\n"
+        "from pipeline.cache.decode_pool import DecodePool\n"
+        "def held():\n"
+        "    fds = [f'/proc/self/fd/{fd}' for fd in os.listdir('/proc/self/fd')]\n"
+        "    return [fd for fd in fds if 'pvu-' in os.path.realpath(fd)]\n"
+        "if __name__ == '__main__':\n"
+        "    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "    base, failed = len(os.listdir('/proc/self/fd')), 0\n"
+        "    for extra in range(40):\n"
+        "        resource.setrlimit(resource.RLIMIT_NOFILE, (base + extra, hard))\n"
+        "        try:\n"
+        f"            pool = DecodePool([{_TINY!r}], 2)\n"
+        "        except OSError:\n"
+        "            failed += 1\n"
+        "        else:\n"
+        "            break\n"
+        "        finally:\n"
+        "            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))\n"
+        "        assert not held(), (extra, held())\n"
+        "        assert not multiprocessing.active_children(), extra\n"
+        "    pool.close()\n"
+        "    print(failed)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) > 16, "limits that fail the slots, then the workers' starts"
+
+
 def _segments() -> set[str]:
     """The shared-memory files that a decode pool would leave (Python's names, or pvu's)."""
     return {name for name in os.listdir("/dev/shm") if name.startswith(("psm_", "pvu-"))}

@@ -145,7 +145,12 @@ class DecodePool:
                 error.errno, f"{error.strerror} ({workers} of them need {needed / 2**20:.1f} MiB)"
             ) from None
         self._resolved = resolved
-        self._workers = [self._spawn() for _ in range(workers)]
+        try:  # each worker kept as it starts: a start that fails (no fds left) stops those
+            for _ in range(workers):
+                self._workers.append(self._spawn())
+        except BaseException:
+            self.close()  # and frees the slots, which nothing else would until the process ends
+            raise
         self._wait_ready(range(workers))
 
     def _spawn(self) -> tuple[BaseProcess, Connection]:
