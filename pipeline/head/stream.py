@@ -165,6 +165,13 @@ class _Pool:
         """The pool rows of ``slot``."""
         return slice(slot * self.rows, (slot + 1) * self.rows)
 
+    def release(self) -> None:
+        """Free the rows (once no reader writes them): whatever still refers to the pool, a
+        traceback's frames say, then holds an empty one."""
+        self.embedding = self.embedding[:0].clone()
+        self.stored = self.embedding.numpy()
+        self.loss = self.loss[:0].copy()
+
 
 def pool_slots(groups: Sequence[RowGroupRef], config: StreamConfig) -> int:
     """Row groups a stream holds decoded at once: those of a window, the reads ahead, and those
@@ -241,10 +248,13 @@ class CacheStream:
         return Batch(embedding, loss, {name: np.concatenate(p) for name, p in extras.items()})
 
     def close(self) -> None:
-        """Stop the background reader."""
+        """Stop the background reader and free the pool's rows: a stream closed by an error
+        is still referenced by the error's frames (a notebook keeps the last one)."""
         self._pool.give(range(self._pool.slots))  # a reader waiting for a slot goes on to stop
         self._windows.close()
         self._io.shutdown(cancel_futures=True)
+        self._resident.clear()  # its groups' rows are views of the pool
+        self._pool.release()
 
     def __enter__(self) -> CacheStream:
         return self
