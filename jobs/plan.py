@@ -28,8 +28,9 @@ def _plan_options(
     images_per_second_per_gpu: Annotated[
         float | None,
         typer.Option(
-            help="Backbone images/s of one target GPU (default: measured here if this machine "
-            "has a GPU, else GPU hours are not estimated)."
+            help="--backbone's images/s on one target GPU (default: measured here if this "
+            "machine has a GPU, else GPU hours are not estimated; --also backbones are always "
+            "measured so)."
         ),
     ] = None,
 ) -> None:
