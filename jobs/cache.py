@@ -137,7 +137,7 @@ def cache(
         int | None,
         typer.Option(
             help="Decode + augmentation processes per actor, 0 = a thread of the actor "
-            "(default: 0 on CPUs, the actor's CPUs - 1 on a GPU)."
+            "(default: 0 on CPUs, the actor's whole CPUs - 1, at least 1, on a GPU)."
         ),
     ] = None,
     decode: Annotated[
