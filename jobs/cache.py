@@ -173,7 +173,7 @@ def cache(
             metavar="KIND:STRENGTH",
             help="Deteriorate every image before the eval transform: KIND one of blur, box "
             "(grey box), zoom (centre crop), noise; STRENGTH 0 (none) to 1 (content all but "
-            "gone), e.g. blur:0.5. Needs --augment eval.",
+            "gone), e.g. blur:0.5. Needs --augment eval and --decode pil.",
         ),
     ] = None,
     precision: Annotated[
@@ -198,9 +198,9 @@ def cache(
             metavar="KIND:STRENGTH,OUTPUT",
             help="A copy of this backbone's cache deteriorated by KIND:STRENGTH (as "
             "--deteriorate) into OUTPUT, from the same decode pass; repeat for more (figure 6: "
-            "each kind at each strength in one run). Needs --augment eval; each cache is what "
-            "--deteriorate KIND:STRENGTH --output OUTPUT alone would write. --also backbones "
-            "get no copies.",
+            "each kind at each strength in one run). Needs --augment eval and --decode pil; "
+            "each cache is what --deteriorate KIND:STRENGTH --output OUTPUT alone would write. "
+            "--also backbones get no copies.",
         ),
     ] = None,
     config: ConfigFile = None,
