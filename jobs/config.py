@@ -36,7 +36,8 @@ ConfigFile = Annotated[
     typer.Option(
         "--config",
         metavar="FILE.yaml",
-        help="YAML file of this job's settings (keys as the flags, e.g. batch_size: 64); "
+        help="YAML file of this job's settings (keys as this job's flags, - written _: "
+        "--some-flag X is some_flag: X); "
         "flags given on the command line override it. Shipped setups: jobs/configs/.",
     ),
 ]
