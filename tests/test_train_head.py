@@ -647,6 +647,12 @@ def test_resuming_a_finished_run_keeps_its_summary(cache: str, tmp_path: Path) -
     assert before["training"]["final"]["episode"] == 2
     assert after["training"] == before["training"]
     assert (tmp_path / "head.safetensors").read_bytes() == weights
+    # the same command with a --stop-after: it said 'stopped after episode 2; continue with
+    # --resume' of a finished run, and exported nothing where its head had been removed
+    (tmp_path / "head.json").unlink()
+    stopped = RunOptions(resume=True, stop_after=1)
+    assert fit_head([cache], str(tmp_path), _config(episodes=2), stopped).finished
+    assert json.loads((tmp_path / "head.json").read_text())["training"] == before["training"]
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

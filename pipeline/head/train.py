@@ -294,7 +294,7 @@ def fit_head(
                 history.append(record)
                 if options.on_episode:
                     options.on_episode(record)
-        finished = last == sched.episodes
+        finished = max(done, last) == sched.episodes  # a finished run resumed with --stop-after
         records = [*earlier, *map(json_safe, history)]  # a finished run resumed has no history
         document = (
             _export(head, output, index, config, caches, records, train_rows) if finished else None
