@@ -407,3 +407,15 @@ def test_classes_that_name_a_label_twice_are_refused(tmp_path: Path, suffix: str
     assert result.exit_code == 2, result.output
     assert f"{classes}: 'n01440764' names labels 0 and 2" in result.text
     assert not (tmp_path / "remap.json").exists()
+
+
+def test_classes_that_name_a_label_twice_in_another_case_are_refused(tmp_path: Path) -> None:
+    """'N01440764' and 'n01440764' were two labels remapped to one class without a word (names
+    match the head in any case), though a synset named twice alike was refused."""
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["N01440764", "n01443537", " n01440764 "]))
+    result = run("--classes", str(classes), "--head", "imagenet1k",
+                 "--output", str(tmp_path / "remap.json"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{classes}: labels 0 ('N01440764') and 2 ('n01440764') both name class 0" in result.text
+    assert not (tmp_path / "remap.json").exists()

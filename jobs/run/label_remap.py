@@ -15,7 +15,14 @@ from rich.table import Table
 from jobs.config import PathOrUrl
 from jobs.preflight import check_not_in_a_cache, check_storage
 from jobs.terminal import summary_table
-from pipeline.dataset.remap import Remap, build_remap, read_names, unique_names, write_remap
+from pipeline.dataset.remap import (
+    Remap,
+    build_remap,
+    read_names,
+    refuse_shared_classes,
+    unique_names,
+    write_remap,
+)
 
 SHOWN_MISSING = 20
 
@@ -37,6 +44,7 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     check_not_in_a_cache(config.output, flag="--output", itself=True)  # a .json/.txt, no Parquet
     classes = unique_names(config.classes, read_names(config.classes), of="labels")
     remap = build_remap(classes, config.head)
+    refuse_shared_classes(config.classes, remap)  # names alike but for their case
     if len(remap.missing) == len(remap.classes):
         raise ValueError(
             f"no label of {config.classes} is a class of head {remap.head} "

@@ -127,6 +127,21 @@ def build_remap(classes: list[str], head: str) -> Remap:
     return Remap(table, classes, description, len(names))
 
 
+def refuse_shared_classes(url: str, remap: Remap) -> None:
+    """Refuse ``remap`` (labels read from ``url``) where two labels map to one head class: names
+    that differ only in case (``N01440764``, ``n01440764``), which :func:`build_remap` matches
+    in any case, so their samples would be cached as one class."""
+    first: dict[int, int] = {}
+    for label, index in enumerate(remap.table):
+        if index >= 0 and first.setdefault(index, label) != label:
+            other = first[index]
+            raise ValueError(
+                f"{url}: labels {other} ({remap.classes[other]!r}) and {label} "
+                f"({remap.classes[label]!r}) both name class {index} of head {remap.head}: "
+                f"{_NAMED_ONCE['labels']}"
+            )
+
+
 def order_mismatch(classes: list[str], head: str) -> tuple[str, bool] | None:
     """Where label names ``classes`` (label ``i`` is ``classes[i]``) leave ``head``'s class order,
     and whether any of them is a class of ``head`` at all; None when they follow its order, are
