@@ -340,3 +340,13 @@ def test_a_measure_that_fails_leaves_no_decode_workers(shards, tmp_path):
         measure(Backbone(model, torch.device("cpu")), settings, prefixes)
     assert raised.value.__traceback__ is not None  # still held, as a caller's handler would
     assert not [child.name for child in multiprocessing.active_children()]
+
+
+def test_a_gpu_rate_that_is_no_number_is_refused(tmp_path):
+    """--images-per-second-per-gpu inf was taken: 'inf images/s per GPU', '0.0 min' of GPU
+    time and '~inf decode cores/GPU' to feed it."""
+    flags = ["--shards", str(tmp_path / "s.tar"), "--output", str(tmp_path / "out")]
+    for rate in ("inf", "infinity"):
+        result = pvu("plan", *flags, *SMALL_BACKBONE_FLAGS, "--images-per-second-per-gpu", rate)
+        assert result.exit_code == 2, result.output
+        assert "--images-per-second-per-gpu" in result.text and "finite" in result.text

@@ -54,7 +54,7 @@ class PlanJobConfig(CacheJobConfig):
     """The cache job's configuration, plus how the plan samples and rates GPUs."""
 
     sample_images: int = Field(default=256, ge=1)
-    images_per_second_per_gpu: float | None = Field(default=None, gt=0)
+    images_per_second_per_gpu: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
