@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+from dataclasses import replace
 from typing import Annotated
 
+import fsspec
 import typer
 from pydantic import BaseModel, ConfigDict
 from rich.markup import escape
@@ -30,6 +33,7 @@ from jobs.terminal import (
     summary_table,
 )
 from pipeline.cache.info import CacheInfo, read_cache_info
+from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import unfinished_note
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
 from pipeline.named import NAMED
@@ -85,7 +89,9 @@ def describe(info: CacheInfo) -> Table:
     table.add_row(
         "read from", f"{info.source}" + (f", updated {info.updated}" if info.updated else "")
     )
-    if info.last_run is not None:
+    if info.writer is not None:  # its last_run is this run's, unfinished as it runs
+        table.add_row("being written", f"by {info.writing()}: units and rows grow as it commits")
+    elif info.last_run is not None:
         table.add_row("last run", unfinished_note(info.last_run) or "finished, every unit")
     return table
 
@@ -151,7 +157,18 @@ def run_info(job: InfoJobConfig) -> tuple[CacheInfo, CacheCheck | None]:
     """The cache's summary, and the check of storage against it when ``job.verify`` (or
     ``job.checksums``)."""
     check_storage(job.cache, flag="CACHE", must_exist=True)
-    summary = read_cache_info(job.cache, keep_going=job.verify or job.checksums)
+    try:
+        summary = read_cache_info(job.cache, keep_going=job.verify or job.checksums)
+    except ValueError as error:  # no cache there, a file (no lock beside it), or damaged
+        fs, root = fsspec.core.url_to_fs(job.cache)
+        writer = live_holder(job.cache) if fs.isdir(root) else None
+        if writer is None:
+            raise
+        raise ValueError(
+            f"{error}; it is being written by {writer.describe(time.time())}, which has "
+            "committed nothing yet: run pvu info again once it has"
+        ) from None
+    summary = replace(summary, writer=live_holder(job.cache))
     if not (job.verify or job.checksums):
         return summary, None
     return summary, storage_check(summary, pages=job.checksums)
@@ -203,7 +220,8 @@ def info(
         if check is not None:
             answer.print(verification(check, pages=job.checksums))
     if check is not None and not check.ok:
-        console.print(f"[red]error:[/red] {escape(check.refusal())}", markup=True)
+        refusal = check.refusal() if summary.writer is None else check.being_written(summary.writer)
+        console.print(f"[red]error:[/red] {escape(refusal)}", markup=True)
         raise typer.Exit(code=1)
 
 

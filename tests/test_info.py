@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -430,3 +431,30 @@ def test_footer_reads_not_begun_are_not_made_once_the_caller_stops(cache, monkey
     next(footers)
     footers.close()  # the caller stops: the one yielded, and the one begun
     assert len(reads) <= 2, reads
+
+
+def test_info_of_a_cache_being_written_says_so(cache, tmp_path):
+    """A live pvu cache run's cache was shown as 'its last pvu cache run did not finish
+    (stopped or killed)', one that had committed nothing yet as 'not a pvu cache', and a unit
+    it was rewriting as damage to delete."""
+    from pipeline.cache.lock import RunLock
+
+    fresh, copy = tmp_path / "fresh", tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    manifest = copy / "_manifest.json"
+    document = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**document, "last_run": {"units": 9, "finished": False}}))
+    with RunLock(str(fresh), owner="pvu cache"), RunLock(str(copy), owner="pvu cache"):
+        result = pvu("info", str(fresh))
+        assert result.exit_code == 2, result.output
+        assert (
+            "it is being written by run" in result.text and "committed nothing yet" in result.text
+        )
+        result = pvu("info", str(copy))
+        assert result.exit_code == 0, result.output
+        assert "being written │ by run" in result.text and "did not finish" not in result.text
+        assert info_json(str(copy))["being_written_by"].startswith("run ")
+        next(copy.glob("epoch=*/*.parquet")).unlink()  # as its duplicate-key pass rewrites it
+        result = pvu("info", str(copy), "--verify")
+        assert result.exit_code == 1 and "is still being written, by run" in result.text
+    assert info_json(str(copy))["being_written_by"] is None

@@ -7,6 +7,7 @@ from ``_manifest.json`` or the ``pvu.unit`` stats each unit's Parquet footer car
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import fsspec
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
+from pipeline.cache.lock import Holder
 from pipeline.cache.manifest import MANIFEST_NAME, not_a_folder, read_manifest
 from pipeline.cache.verify import FooterRead, caches_under, list_unit_files, read_footers
 from schemas import label_space, read_provenance, read_unit_stats
@@ -32,6 +34,8 @@ class CacheInfo:
     last_run: dict[str, Any] | None = None
     #: Units whose footer could not be read, and why (read from footers with ``keep_going``).
     unreadable: dict[str, str] = field(default_factory=dict)
+    #: The live run holding the cache's lock as it was read (None: no run writes it).
+    writer: Holder | None = None
 
     @property
     def rows(self) -> int:
@@ -76,6 +80,10 @@ class CacheInfo:
         remap = provenance.get("label_remap_digest")
         return f"{text}, shard labels remapped (remap {remap})" if remap else text
 
+    def writing(self) -> str | None:
+        """The live run writing the cache, in words (None: none)."""
+        return self.writer.describe(time.time()) if self.writer else None
+
     def to_json(self) -> dict[str, Any]:
         """The summary as plain JSON (``pvu info --json``)."""
         return {
@@ -83,6 +91,7 @@ class CacheInfo:
             "source": self.source,
             "updated": self.updated,
             "last_run": self.last_run,
+            "being_written_by": self.writing(),
             "provenance": self.provenance,
             "label_space": self.label_space(),
             "units": len(self.units),
