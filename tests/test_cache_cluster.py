@@ -187,3 +187,16 @@ def test_plan_actors_warns_of_fractional_cpus_past_the_cores(caplog):
     with caplog.at_level(logging.WARNING):  # as many actors as cores: nothing to say
         plan_actors([{"CPU": 8}], actors=8, gpus_per_actor=0, cpus_per_actor=0.5)
     assert caplog.text == ""
+
+
+ASK = {"actors": None, "gpus_per_actor": None}
+
+
+def test_cpus_per_actor_past_the_gpu_nodes_names_them_not_the_cluster():
+    """--cpus-per-actor on a cluster of small GPU nodes and a large CPU node was refused as
+    'more than any node of the Ray cluster has (1)', which the CPU node's 8 belie, and on GPU
+    nodes without CPUs told to 'ask for at most' 0, which the flag refuses."""
+    with pytest.raises(ValueError, match=r"more than any node with 1 GPU\(s\) .* \(1\); .*-per-a"):
+        plan_actors([{"CPU": 1, "GPU": 1}, {"CPU": 8}], **ASK, cpus_per_actor=4)
+    with pytest.raises(ValueError, match=r"^--cpus-per-actor 1 beside its GPU, .* at most 0: st"):
+        plan_actors([{"CPU": 0, "GPU": 1}, {"CPU": 4}], **ASK, cpus_per_actor=1)

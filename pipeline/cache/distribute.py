@@ -166,7 +166,7 @@ def plan_actors(
         ]
         cpus = cpus_per_actor or max(1.0, math.floor(min(shares)))
         node_cpus = [node.get("CPU", 0) for node in gpu_nodes]
-        _check_fits(cpus, node_cpus, given=cpus_per_actor is not None)
+        _check_fits(cpus, node_cpus, given=cpus_per_actor is not None, gpus=gpus)
         fits = sum(
             min(count, math.floor(cores / cpus))
             for count, cores in zip(per_node, node_cpus, strict=True)
@@ -181,18 +181,23 @@ def plan_actors(
     return _warn_of_shared_cores(planned, cpus, cpu_nodes), 0.0, cpus
 
 
-def _check_fits(cpus: float, node_cpus: list[float], *, given: bool) -> None:
-    """Refuse actors no node can hold: Ray would keep them pending forever."""
+def _check_fits(cpus: float, node_cpus: list[float], *, given: bool, gpus: float = 0) -> None:
+    """Refuse actors no node can hold: Ray would keep them pending forever. ``node_cpus`` are
+    the CPUs of the nodes with the ``gpus`` an actor needs (every node for CPU actors)."""
     if cpus <= max(node_cpus):
         return
-    if given:
+    most = max(node_cpus)
+    if given and most >= 1:  # a smaller --cpus-per-actor fits
+        nodes = f"node with {gpus:g} GPU(s)" if gpus else "node"
+        also = ", or cache on CPUs with --gpus-per-actor 0" if gpus else ""
         raise ValueError(
-            f"--cpus-per-actor {cpus:g} is more than any node of the Ray cluster has "
-            f"({max(node_cpus):g}); ask for at most that many"
+            f"--cpus-per-actor {cpus:g} is more than any {nodes} of the Ray cluster has "
+            f"({most:g}); ask for at most that many{also}"
         )
+    flag = f"--cpus-per-actor {cpus:g}" if given else f"a cache actor needs {cpus:g} CPU(s)"
     raise ValueError(
-        f"a cache actor needs {cpus:g} CPU(s) beside its GPU, but the Ray cluster's GPU nodes "
-        f"have at most {max(node_cpus):g}: start them with CPUs (ray start --num-cpus N)"
+        f"{flag} beside its GPU, but the Ray cluster's GPU nodes have at most {most:g}: start "
+        "them with CPUs (ray start --num-cpus N), or cache on CPUs with --gpus-per-actor 0"
     )
 
 
