@@ -200,3 +200,16 @@ def test_cpus_per_actor_past_the_gpu_nodes_names_them_not_the_cluster():
         plan_actors([{"CPU": 1, "GPU": 1}, {"CPU": 8}], **ASK, cpus_per_actor=4)
     with pytest.raises(ValueError, match=r"^--cpus-per-actor 1 beside its GPU, .* at most 0: st"):
         plan_actors([{"CPU": 0, "GPU": 1}, {"CPU": 4}], **ASK, cpus_per_actor=1)
+
+
+def test_actors_no_alive_node_can_hold_are_named():
+    """The only GPU node lost mid-run: the replacement actor waited for a GPU forever while
+    the progress line repeated '1/4 units' and nothing said why."""
+    from pipeline.cache.distribute import unplaceable
+
+    left = [{"CPU": 0}, {"CPU": 1}]  # the head and a CPU node, the GPU node gone
+    assert "no alive node of the Ray cluster has the 1 GPU(s) and 1 CPU(s)" in unplaceable(
+        left, 1.0, 1.0
+    )
+    assert unplaceable([*left, {"CPU": 1, "GPU": 1}], 1.0, 1.0) is None
+    assert unplaceable(left, 0.0, 1.0) is None  # CPU actors fit on the CPU node

@@ -324,6 +324,19 @@ def _check_alive(node_id: str) -> None:
         )
 
 
+def unplaceable(nodes: list[dict[str, float]], gpus: float, cpus: float) -> str | None:
+    """Why no cache actor of ``gpus`` GPUs and ``cpus`` CPUs can start on a cluster of alive
+    ``nodes`` (their resources), or None where a node has them (busy or not)."""
+    if any(n.get("GPU", 0) >= gpus and n.get("CPU", 0) >= cpus for n in nodes):
+        return None
+    return (
+        f"no cache actor runs, and no alive node of the Ray cluster has the {gpus:g} GPU(s) and "
+        f"{cpus:g} CPU(s) one asks for (its nodes died?): the run waits until such a node "
+        "joins (an autoscaler adds one; `ray status` lists them), or stop it and run the same "
+        "command again, planned for the nodes there are then (the units written are kept)"
+    )
+
+
 @dataclass
 class PoolReport:
     """How a pool run went: results per unit, units that failed for good, actors replaced."""
@@ -352,6 +365,8 @@ class ActorPool:
         unit_timeout: float | None = None,
     ) -> None:
         self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(worker)
+        self._resources = (gpus, cpus)
+        self._said_unplaceable = False  # until an actor starts again
         self._args = (backbone, weights, settings, also)
         self.size = size
         self.max_attempts = max_attempts
@@ -392,6 +407,7 @@ class ActorPool:
                 ready, _ = ray.wait([*self._running, *self._starting], num_returns=1, timeout=5)
                 if not ready:
                     _check_alive(own_node)
+                    self._say_if_unplaceable()
                 for ref in ready:
                     if ref in self._starting:
                         self._on_started(ref, report)
@@ -407,6 +423,17 @@ class ActorPool:
             for actor, _ in self._running.values():
                 ray.kill(actor)
         return report
+
+    def _say_if_unplaceable(self) -> None:
+        """Warn once where no actor is alive and none can be placed: the run would wait,
+        unsaid, for a node that only an autoscaler (or a person) can add."""
+        if self._idle or self._running or self._said_unplaceable:
+            return
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        why = unplaceable(nodes, *self._resources)
+        if why:
+            log.warning(why)
+            self._said_unplaceable = True
 
     def unit_deadline(self, unit: Unit) -> float:
         """Seconds ``unit`` may run before it counts as hung: ``unit_timeout``, else
@@ -472,7 +499,7 @@ class ActorPool:
                     *(self._failed_starts, why, len(self._idle) + len(self._running)),
                 )
             return
-        self._failed_starts = 0
+        self._failed_starts, self._said_unplaceable = 0, False
         report.workers.append(description)
         log.info("cache actor ready: %s", description)
         self._idle.append(actor)
