@@ -34,7 +34,9 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
         fs, path = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as error:  # "Protocol not known: foo", "Install gcsfs ..."
         raise UserError(f"{where}: {error}; give a local path or an fsspec URL") from None
-    bucket = None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
+    # an object store's bucket (s3fs, gcsfs and adlfs split paths so); other stores (local, HTTP
+    # whose paths are whole URLs, hf:// whose first part is "datasets") have none to probe
+    bucket = fs.split_path(path)[0] if hasattr(fs, "split_path") else None
     try:
         if bucket is not None:
             fs.ls(bucket, detail=False)

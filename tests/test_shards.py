@@ -456,3 +456,26 @@ def test_a_list_file_names_a_non_ascii_shard_in_any_locale(tmp_path):
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == b"3", done.stderr.decode()[-800:]
+
+
+def test_shards_served_over_http_are_found_and_pass_the_storage_check(s3_bucket, s3_server):
+    """WebDataset shards at HTTP URLs (here moto's public objects, on 127.0.0.1): a brace
+    pattern finds them though HTTP lists no folder, each named as given (not http://http://),
+    a missing one is still named, and the storage check passes them (an HTTP path is its whole
+    URL: it has no bucket to probe)."""
+    import boto3
+
+    from jobs.preflight import check_storage
+
+    bucket = s3_bucket.removeprefix("s3://")
+    write_digit_shards(f"{s3_bucket}/shards", shards=2, per_shard=3, size=32)
+    for n in range(2):
+        boto3.client("s3").put_object_acl(
+            Bucket=bucket, Key=f"shards/digits-{n:04d}.tar", ACL="public-read"
+        )
+    folder = f"{s3_server}/{bucket}/shards"
+    urls = [f"{folder}/digits-0000.tar", f"{folder}/digits-0001.tar"]
+    assert expand_shards(f"{folder}/digits-{{0000..0001}}.tar") == urls
+    with pytest.raises(FileNotFoundError, match=f"1 of 3 shards .*{folder}/digits-0002.tar"):
+        expand_shards(f"{folder}/digits-{{0000..0002}}.tar")
+    check_storage(urls[0], flag="--shards", must_exist=True)

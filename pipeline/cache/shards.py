@@ -344,9 +344,10 @@ def storage_url(fs: fsspec.AbstractFileSystem, path: str, protocol: str | None =
     otherwise (``protocol`` as the user spelled it, else the filesystem's own)."""
     if isinstance(fs, LocalFileSystem):
         return path
-    if protocol:
+    full = fs.unstrip_protocol(path)
+    if protocol and full != path:  # an HTTP path is its whole URL already
         return f"{protocol}://{path}"
-    return fs.unstrip_protocol(path)
+    return full
 
 
 def _normalise(url: str) -> str:
@@ -536,8 +537,10 @@ def _verify_exist(urls: list[str], spec: str) -> None:
         try:
             present = {info["name"].rstrip("/"): info for info in fs.ls(folder, detail=True)}
             _refuse_unfinished(fs, [folder], proto or None, listed=set(present))
-        except FileNotFoundError:
-            present = {}
+        except FileNotFoundError:  # no such folder, or a store that lists none (HTTP)
+            # where the first shard is there all the same, ask for each
+            listable = _info(fs, entries[0][1]) is None
+            present = {} if listable else {p: i for _, p in entries if (i := _info(fs, p))}
         except PermissionError:
             logger.warning("cannot list %s; checking the shards of %r one by one", folder, spec)
             _refuse_unfinished(fs, [folder], proto or None)
