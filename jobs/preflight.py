@@ -21,7 +21,8 @@ from pipeline.cache.verify import caches_under
 
 CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
-    "for an S3-compatible store such as MinIO or Ceph"
+    "for an S3-compatible store such as MinIO or Ceph; for a public bucket, FSSPEC_S3_ANON=true "
+    "reads it without any"
 )
 
 

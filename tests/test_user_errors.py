@@ -417,7 +417,11 @@ def test_s3_without_credentials(no_credentials: None, tmp_path: Path) -> None:
         "train-head", "--cache", "s3://bucket/cache", "--output", str(tmp_path)
     )
     assert_actionable(
-        result, seconds, "--cache s3://bucket/cache: no credentials for s3://", "AWS_ACCESS_KEY_ID"
+        result,
+        seconds,
+        "--cache s3://bucket/cache: no credentials for s3://",
+        "AWS_ACCESS_KEY_ID",
+        "for a public bucket, FSSPEC_S3_ANON=true",
     )
 
 
