@@ -189,6 +189,23 @@ def test_plan_actors_warns_of_fractional_cpus_past_the_cores(caplog):
     assert caplog.text == ""
 
 
+def test_plan_actors_warns_of_gpu_shares_the_cpus_leave_idle(caplog):
+    """--gpus-per-actor 0.5 on GPU nodes of 1 CPU planned one actor a GPU, each taking 1 CPU, so
+    half of every GPU sat idle, with nothing said beyond '0.5 GPU and 1 CPU each'."""
+    with caplog.at_level(logging.WARNING):
+        planned = plan_actors([{"CPU": 1, "GPU": 1}] * 2, **ASK_GPUS, gpus_per_actor=0.5)
+    assert planned == (2, 0.5, 1.0)
+    assert "hold 2 cache actor(s) of 1 CPU(s), where their GPUs would hold 4 at 0.5" in (
+        caplog.text
+    )
+    assert "--gpus-per-actor 1, or start" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # CPUs enough for every share: nothing to say
+        assert plan_actors([{"CPU": 8, "GPU": 1}], **ASK_GPUS, gpus_per_actor=0.5)[0] == 2
+    assert caplog.text == ""
+
+
+ASK_GPUS = {"actors": None, "cpus_per_actor": None}
 ASK = {"actors": None, "gpus_per_actor": None}
 
 

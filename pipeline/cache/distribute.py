@@ -171,6 +171,7 @@ def plan_actors(
             min(count, math.floor(cores / cpus))
             for count, cores in zip(per_node, node_cpus, strict=True)
         )  # a GPU node without the CPUs for an actor holds none
+        _warn_of_idle_gpu_shares(fits, sum(per_node), gpus, cpus)
         return _warn_of_shared_cores(_asked_or(actors, fits), cpus, node_cpus), gpus, cpus
     cpu_nodes = [node.get("CPU", 0) for node in nodes if node.get("CPU", 0) >= 1]
     if not cpu_nodes:
@@ -199,6 +200,19 @@ def _check_fits(cpus: float, node_cpus: list[float], *, given: bool, gpus: float
         f"{flag} beside its GPU, but the Ray cluster's GPU nodes have at most {most:g}: start "
         "them with CPUs (ray start --num-cpus N), or cache on CPUs with --gpus-per-actor 0"
     )
+
+
+def _warn_of_idle_gpu_shares(fits: int, shares: int, gpus: float, cpus: float) -> None:
+    """Warn where the GPU nodes' CPUs hold fewer actors (``fits``) than their GPUs would at
+    ``gpus`` each (``shares``): the GPUs, or shares of them, left over sit idle all run."""
+    if fits < shares:
+        whole = ", or --gpus-per-actor 1" if gpus < 1 else ""
+        log.warning(
+            "the GPU nodes' CPUs hold %d cache actor(s) of %g CPU(s), where their GPUs would "
+            "hold %d at %g GPU each: the GPUs (or shares) left over sit idle all run; give a "
+            "smaller --cpus-per-actor%s, or start the GPU nodes with more CPUs",
+            *(fits, cpus, shares, gpus, whole),
+        )
 
 
 def _warn_of_shared_cores(planned: int, cpus: float, node_cpus: list[float]) -> int:
