@@ -508,6 +508,12 @@ def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return None
 
 
+def _asked_one_by_one(fs: fsspec.AbstractFileSystem, entries: list[tuple[str, str]]) -> dict:
+    """The listing entries, by path, of the ``(url, path)`` ``entries`` that exist, asked
+    about one by one where their folder cannot be listed."""
+    return {path: info for _, path in entries if (info := _info(fs, path))}
+
+
 def _not_a_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """What the entry at ``path``, no file, is instead, and what to give."""
     if fs.isdir(path):
@@ -539,12 +545,12 @@ def _verify_exist(urls: list[str], spec: str) -> None:
             _refuse_unfinished(fs, [folder], proto or None, listed=set(present))
         except FileNotFoundError:  # no such folder, or a store that lists none (HTTP)
             # where the first shard is there all the same, ask for each
-            listable = _info(fs, entries[0][1]) is None
-            present = {} if listable else {p: i for _, p in entries if (i := _info(fs, p))}
+            there = _info(fs, entries[0][1]) is not None
+            present = _asked_one_by_one(fs, entries) if there else {}
         except PermissionError:
             logger.warning("cannot list %s; checking the shards of %r one by one", folder, spec)
             _refuse_unfinished(fs, [folder], proto or None)
-            present = {path: info for _, path in entries if (info := _info(fs, path))}
+            present = _asked_one_by_one(fs, entries)
         missing.extend(url for url, path in entries if path not in present)
         for url, path in entries:
             if path in present and not is_file_entry(fs, present[path]):

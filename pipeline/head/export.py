@@ -265,8 +265,8 @@ class HeadedModel(nn.Module):
         """``nn.Module.load_state_dict``; refuses a state_dict of the timm model alone (a timm
         checkpoint, keys without ``model.``), whose weights would all be missing (or, with
         ``strict=False``, none loaded)."""
-        own = self.model.state_dict().keys()
         if not any(key.startswith("model.") for key in state_dict):
+            own = self.model.state_dict().keys()
             found = ", ".join([repr(key) for key in state_dict if key in own][:2])
             if found:
                 raise ValueError(
