@@ -185,9 +185,9 @@ def plan_actors(
 def _check_fits(cpus: float, node_cpus: list[float], *, given: bool, gpus: float = 0) -> None:
     """Refuse actors no node can hold: Ray would keep them pending forever. ``node_cpus`` are
     the CPUs of the nodes with the ``gpus`` an actor needs (every node for CPU actors)."""
-    if cpus <= max(node_cpus):
-        return
     most = max(node_cpus)
+    if cpus <= most:
+        return
     if given and most >= 1:  # a smaller --cpus-per-actor fits
         nodes = f"node with {gpus:g} GPU(s)" if gpus else "node"
         also = ", or cache on CPUs with --gpus-per-actor 0" if gpus else ""
