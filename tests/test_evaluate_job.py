@@ -722,3 +722,29 @@ def test_deterioration_caches_of_two_decodes_are_refused(tmp_path: Path, head_di
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert f"decodedtwoways(device:{clean};pil:{noise})" in said(result)
+
+
+def test_a_second_run_into_the_same_report_is_refused_naming_the_first(
+    tmp_path: Path, head_dir: str
+) -> None:
+    """evaluate took no lock: two runs into one --report both wrote, their files interleaved
+    (one's report.json listing the other's figures)."""
+    from pipeline.cache.lock import LOCK_NAME, RunLock
+
+    ok = write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    report = tmp_path / "r"
+    args = ["--head", head_dir, "--dataset", f"ok={ok}", "--report", str(report)]
+    first = run(*args, "--tsne-points", "30")
+    assert first.exit_code == 0, first.output
+    assert not (report / LOCK_NAME).exists(), "a finished run leaves no lock"
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in report.iterdir()}
+
+    with RunLock(str(report), owner="pvu evaluate --report r --seed 7"):
+        before = files()
+        second = run(*args)
+        assert files() == before, "the refused run changed the report folder"
+    assert second.exit_code == 2, second.output
+    text = " ".join(second.output.split())
+    assert "another pvu run is writing to" in text and "--seed 7" in text, second.output

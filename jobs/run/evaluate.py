@@ -20,7 +20,8 @@ from rich.table import Table
 from jobs import project_version
 from jobs.config import PathOrUrl, check_path, comma_separated_ints
 from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
-from jobs.terminal import console, progress_bar, resolve_device
+from jobs.terminal import command_line, console, progress_bar, resolve_device
+from pipeline.cache.lock import RunLock
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
 
@@ -141,6 +142,17 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     for flag, url in inputs:
         check_not_inside(config.report, url, flag="--report", folder_flag=flag, why=INSIDE_A_CACHE)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    # one run per report folder, as pvu cache and train-head hold theirs: two interleaved
+    with RunLock(config.report, owner=command_line()):
+        evaluation = _evaluate(config)
+        path = write_report(evaluation, config.report, pvu_version=project_version())
+    console.print(summary(evaluation.report))
+    console.print(f"report: {path} (and report.json, figures) in {config.report}", soft_wrap=True)
+    return evaluation
+
+
+def _evaluate(config: EvaluateJobConfig) -> Evaluation:
+    """The evaluation of ``config``, under progress bars."""
     with progress_bar(
         TextColumn("[bold]evaluate[/bold] {task.description}"),
         BarColumn(),
@@ -153,11 +165,7 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
             task = progress.add_task(description, total=total)
             return lambda n: progress.advance(task, n)
 
-        evaluation = evaluate(config.to_options(), track=track)
-    path = write_report(evaluation, config.report, pvu_version=project_version())
-    console.print(summary(evaluation.report))
-    console.print(f"report: {path} (and report.json, figures) in {config.report}", soft_wrap=True)
-    return evaluation
+        return evaluate(config.to_options(), track=track)
 
 
 def summary(report: dict[str, Any]) -> Table:
