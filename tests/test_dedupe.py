@@ -182,3 +182,45 @@ def test_a_reader_inside_a_live_runs_pass_is_told_the_run_still_writes(tmp_path,
     assert "Repair it" not in message
     with pytest.raises(CacheMismatch, match="Repair it by re-running"):  # no run: damage
         open_cache([root])
+
+
+class Killed(Exception):
+    """The run stopping dead: nothing after it is written."""
+
+
+def test_a_run_killed_after_the_pass_rewrote_a_unit_keeps_the_unit(tmp_path, shards, caplog):
+    """A run killed between the pass's rewrite of a unit and the manifest's (throttled) write
+    left the manifest recording the unit's old size: the next run warned that it was damaged
+    ("recomputing ...: N bytes, manifest records M"), deleted it and computed it again."""
+    from pipeline.cache.verify import reconcile
+
+    root = str(tmp_path / "cache")
+    units = [(name, epoch) for epoch in (0, 1) for name in ORDER]
+    manifest = committed(root, shards, units)
+    manifest.flush(force=True)  # as a run's last unit leaves it; the next write waits 10 s
+
+    def killed_once_epoch_0_is_rewritten(done: int, total: int) -> None:
+        if done == 3:  # epoch 0's duplicates dropped, epoch 1's keys being read
+            raise Killed
+
+    with pytest.raises(Killed):
+        deduplicate(manifest, ORDER, on_read=killed_once_epoch_0_is_rewritten)
+    unit = tmp_path / "cache" / "epoch=0000" / "dup-1.parquet"
+    rewritten = unit.read_bytes()
+    assert pq.read_metadata(unit).num_rows == 2  # rewritten on disk, not in the manifest
+
+    with caplog.at_level("INFO", logger="pipeline.cache.verify"):
+        reopened = reconcile(Manifest.open(root, manifest.provenance))  # the next run
+    assert "recomputing" not in caplog.text, caplog.text
+    assert "rewritten by the duplicate-key pass" in caplog.text
+    assert unit.read_bytes() == rewritten, "the rewritten unit is kept"
+    entry = reopened.units["epoch=0000/dup-1.parquet"]
+    assert (entry["rows"], entry["skipped"], entry["bytes"]) == (
+        2,
+        {"duplicate_key": 3},
+        unit.stat().st_size,
+    )
+    assert verify_cache(root).ok
+    assert deduplicate(reopened, ORDER) == {"epoch=0001/dup-1.parquet": 3}  # the rest of the pass
+    reopened.flush(force=True)
+    assert rows(root).equals(rows(str(cache_in_order(str(tmp_path / "whole"), shards, units).root)))

@@ -24,6 +24,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -213,11 +214,18 @@ def drop_rows(manifest: Manifest, relpath: str, rows: np.ndarray) -> None:
     keep = np.ones(table.num_rows, bool)
     keep[rows] = False
     kept = table.filter(pa.array(keep))
-    skipped = dict(entry["skipped"])
-    skipped[DUPLICATE] = skipped.get(DUPLICATE, 0) + len(rows)
-    stats = {name: value for name, value in entry.items() if name != "bytes"}
-    stats.update(rows=kept.num_rows, skipped=dict(sorted(skipped.items())))
+    stats = after_drop(entry, len(rows))
     size = commit_unit(
         kept.to_batches(), kept.schema, root=manifest.root, relpath=relpath, stats=stats
     )
     manifest.record(relpath, {**stats, "bytes": size})
+
+
+def after_drop(entry: dict[str, Any], dropped: int) -> dict[str, Any]:
+    """A unit's manifest ``entry``, less its ``bytes``, once :func:`drop_rows` has dropped
+    ``dropped`` more of its rows as duplicates (what the rewritten unit's footer records)."""
+    skipped = dict(entry["skipped"])
+    skipped[DUPLICATE] = skipped.get(DUPLICATE, 0) + dropped
+    stats = {name: value for name, value in entry.items() if name != "bytes"}
+    stats.update(rows=entry["rows"] - dropped, skipped=dict(sorted(skipped.items())))
+    return stats

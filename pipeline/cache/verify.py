@@ -24,6 +24,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.dedupe import after_drop
 from pipeline.cache.lock import Holder, live_holder
 from pipeline.cache.manifest import (
     MANIFEST_NAME,
@@ -64,6 +65,8 @@ class CacheCheck:
     """The units the manifest lists (relpaths, sorted); None for a cache without one."""
     last_run: dict[str, Any] | None = None
     """The manifest's record of the last ``pvu cache`` run (None without one)."""
+    resized: dict[str, int] = field(default_factory=dict)
+    """Damaged units whose file has another size than recorded: relpath -> size in bytes."""
     damaged_pages: set[str] = field(default_factory=set)
     """Damaged units whose pages fail (:func:`check_pages`): their size and footer are as
     recorded, so ``pvu cache`` keeps them until they are deleted."""
@@ -294,6 +297,7 @@ def check_cache(
             check.damaged[relpath] = (
                 f"{stored[relpath]} bytes, manifest records {entry.get('bytes')}"
             )
+            check.resized[relpath] = stored[relpath]
         else:
             present.append(relpath)
     if footers:
@@ -383,7 +387,9 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
 
     A damaged unit (missing, other size, footer of another unit) is forgotten and its file
     removed, so the run computes it again; the first ``NAMED`` are each logged with a warning
-    naming it, the rest in one line (each at debug level). An orphan
+    naming it, the rest in one line (each at debug level). A unit the duplicate-key pass
+    rewrote after the manifest's last write (the run killed before the next) is no damage: its
+    footer's entry is recorded. An orphan
     (committed, never recorded) is adopted from its own footer, unless that footer is
     unreadable or names another unit (then it is removed and computed again); an orphan of
     another cache is refused with ``ProvenanceMismatch``. Orphans' footers are read in parallel
@@ -391,6 +397,17 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     """
     fs, root = fsspec.core.url_to_fs(manifest.root)
     check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
+    rewritten = _rewritten_by_the_pass(manifest, check, io_threads)
+    for relpath, entry in rewritten.items():
+        del check.damaged[relpath]
+        manifest.record(relpath, entry)
+    if rewritten:
+        log.info(
+            "kept %s unit(s) rewritten by the duplicate-key pass of a run stopped before it "
+            "recorded them: %s",
+            f"{len(rewritten):,}",
+            _some(list(rewritten)),
+        )
     for count, (relpath, why) in enumerate(sorted(check.damaged.items())):
         log.log(named_level(count), "recomputing %s/%s: %s", manifest.root, relpath, why)
         manifest.forget(relpath)
@@ -422,6 +439,23 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
         )
     manifest.flush(force=True)
     return manifest
+
+
+def _rewritten_by_the_pass(
+    manifest: Manifest, check: CacheCheck, io_threads: int
+) -> dict[str, dict[str, Any]]:
+    """The entries of the units ``check`` found resized whose footer records their manifest
+    entry with rows dropped as duplicates (:func:`after_drop`): the duplicate-key pass rewrote
+    them after the manifest's last write. relpath -> entry."""
+    entries = {}
+    for relpath, footer in read_footers(manifest.root, check.resized, io_threads=io_threads):
+        if not isinstance(footer, pq.FileMetaData):
+            continue
+        dropped = manifest.units[relpath]["rows"] - footer.num_rows
+        entry = {**after_drop(manifest.units[relpath], dropped), "bytes": check.resized[relpath]}
+        if dropped > 0 and footer_problem(entry, footer, manifest.provenance) is None:
+            entries[relpath] = entry
+    return entries
 
 
 def _some(names: list[str], shown: int = 3) -> str:
