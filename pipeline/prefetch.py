@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -15,6 +16,21 @@ _DONE = object()
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def clear_frames(error: BaseException) -> None:
+    """Drop the locals of the finished frames in ``error``'s tracebacks (its chained errors'
+    too): a producer's frames hold what it was making (a stream's whole row pool), which a
+    kept traceback (a notebook's ``sys.last_traceback``) would keep allocated; the traceback
+    still names each file and line."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -34,6 +50,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 buffer.put(item)
             buffer.put(_DONE)
         except BaseException as error:  # re-raised in the consumer
+            clear_frames(error)
             buffer.put(_Failure(error))
 
     thread = threading.Thread(target=produce, name="pvu-prefetch", daemon=True)

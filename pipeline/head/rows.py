@@ -101,7 +101,15 @@ def read_group(
             wanted = columns if fast is not None else [*columns, "embedding"]
             return fast, parquet.read_row_group(ref.group, columns=wanted, use_threads=False)
 
-    fast, table = read_unit(f, read, what=f"read row group {ref.group} of {f.url}", again=_AGAIN)
+    try:
+        fast, table = read_unit(
+            f, read, what=f"read row group {ref.group} of {f.url}", again=_AGAIN
+        )
+    except BaseException:
+        # read's frame in the error's traceback keeps read, and through its closure ``out``
+        # (a stream's whole pool, a view of it); a kept traceback would keep that allocated
+        del out
+        raise
     if fast is None:
         flat = table.column("embedding").combine_chunks().flatten()
         embedding = flat.to_numpy(zero_copy_only=False).reshape(-1, index.dim)
