@@ -196,8 +196,9 @@ PLAIN_PROGRESS_SECONDS = 30.0
 @contextmanager
 def progress_bar(*columns: ProgressColumn | str, plain: str, **options: Any) -> Iterator[Progress]:
     """A rich progress bar on :data:`console`. Where stderr is no terminal (``ray job logs``,
-    ``kubectl logs``, a file), which a bar reaches only when it ends, each unfinished task is
-    written as the line ``plain`` (a format of ``task``) every ``PLAIN_PROGRESS_SECONDS``."""
+    ``kubectl logs``, a file), which a bar reaches only when it ends, each visible, unfinished
+    task is written as the line ``plain`` (a format of ``task``) every
+    ``PLAIN_PROGRESS_SECONDS``."""
     if not console.is_terminal:
         options["transient"] = True  # its last render too: the plain lines and summary say it
     with Progress(*columns, console=console, **options) as progress:
@@ -209,7 +210,7 @@ def progress_bar(*columns: ProgressColumn | str, plain: str, **options: Any) -> 
         def write_lines() -> None:
             while not stop.wait(PLAIN_PROGRESS_SECONDS):
                 for task in progress.tasks:
-                    if not task.finished:
+                    if task.visible and not task.finished:
                         console.print(_plain_line(plain, task), highlight=False, soft_wrap=True)
 
         writer = threading.Thread(target=write_lines, name="pvu-progress", daemon=True)

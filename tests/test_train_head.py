@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -20,10 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
+from rich.console import Console
 from support import unboxed
 from typer.testing import CliRunner
 
 import pipeline.head.train as train_module
+from jobs import terminal
 from jobs.run.train_head import TrainHeadConfig
 from jobs.train_head import train_head
 from pipeline.cache.index import open_cache
@@ -549,6 +552,24 @@ def test_cli_trains_and_exports(cache: str, tmp_path: Path) -> None:
     assert doc["training"]["config"]["schedule"]["lr"] == 0.003
     resumed = CliRunner().invoke(_app(), [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_resumed_run_s_bar_starts_where_the_run_resumes(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run's bar started at 0 and counted the episode's batches from there, so it
+    read 0/3,000 after two of three episodes (and jumped at the episode's end)."""
+    args = ["train-head", "--cache", cache, "--output", str(tmp_path / "run"), "--episodes", "3"]
+    args += ["--episode-size", "1000", "--batch-size", "250", "--warmup-episodes", "1"]
+    args += ["--hidden", "8", "--val-fraction", "0.2", "--shuffle-rows", "800"]
+    first = CliRunner().invoke(_app(), [*args, "--stop-after", "2"])
+    assert first.exit_code == 0, first.output
+    drawn = io.StringIO()
+    monkeypatch.setattr(terminal, "console", Console(file=drawn, force_terminal=True, width=160))
+    resumed = CliRunner().invoke(_app(), [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    shown = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+)/3,000", drawn.getvalue())]
+    assert shown and min(shown) >= 2000 and shown[-1] == 3000, shown
 
 
 def test_cli_rejects_bad_flags_by_name(cache: str, tmp_path: Path) -> None:

@@ -190,7 +190,11 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
     ]
     plain = "train-head: {task.completed:,.0f}/{task.total:,.0f} samples"
     with progress_bar(*columns, plain=plain, transient=False) as progress:
-        task = progress.add_task("train", total=schedule.episodes * schedule.episode_size)
+        # shown from where the run starts (a resumed one's episodes done), once fit_head knows
+        # it: a resumed bar counted from 0, and its jump back up read as a burst of samples/s
+        task = progress.add_task(
+            "train", total=schedule.episodes * schedule.episode_size, visible=False
+        )
 
         def on_episode(record: dict[str, Any]) -> None:
             progress.update(task, completed=record["samples"])
@@ -201,6 +205,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
             owner=command_line(),
             resume=config.resume,
             stop_after=config.stop_after,
+            on_start=lambda done: progress.reset(task, completed=done, visible=True),
             on_batch=lambda n: progress.advance(task, n),
             on_episode=on_episode,
         )

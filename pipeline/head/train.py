@@ -117,12 +117,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run (not what to train): device, resume, early stop, observers."""
+    """How to run (not what to train): device, resume, early stop, observers. ``on_start`` is
+    told the samples the schedule has done once the run knows them (a resumed run's, else 0)."""
 
     device: str = "cpu"
     owner: str = "pvu train-head"
     resume: bool = False
     stop_after: int | None = None
+    on_start: Callable[[int], None] | None = None
     on_batch: Callable[[int], None] | None = None
     on_episode: Callable[[dict[str, Any]], None] | None = None
 
@@ -272,6 +274,8 @@ def fit_head(
                 "none; give a --stop-after above %d, or none to finish the schedule",
                 options.stop_after, done, sched.episodes, done,
             )  # fmt: skip
+        if options.on_start:
+            options.on_start(done * sched.episode_size)
         with CacheStream(index, config.stream, position) as stream:
             for episode in range(done, last):
                 record = _run_episode(episode, head, optimizer, objective, stream, config, options)
