@@ -9,6 +9,7 @@ import multiprocessing
 import re
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -24,8 +25,15 @@ from jobs.run.plan import PlanJobConfig, run_plan
 from pipeline.cache.backbone import Backbone, create_backbone_model
 from pipeline.cache.distribute import start_local_ray
 from pipeline.cache.info import read_cache_info
-from pipeline.cache.plan import measure, read_prefix, sample_shards, shard_sizes
-from pipeline.cache.unit import Unit
+from pipeline.cache.plan import (
+    Measurement,
+    estimate,
+    measure,
+    read_prefix,
+    sample_shards,
+    shard_sizes,
+)
+from pipeline.cache.unit import Unit, UnitResult
 from pipeline.demo.data import (
     encode_image,
     truncate_shard,
@@ -182,6 +190,38 @@ def test_prefixes_stop_after_the_budget_and_survive_damage(tmp_path, caplog):
     assert all(len(p.samples) == 2 for p in spread.values())
     everything = sample_shards(sizes, 1000)
     assert len(everything) == 10 and all(p.complete for p in everything.values())
+
+
+def test_the_estimate_of_many_epochs_is_its_units_summed_and_prompt(tmp_path):
+    """The estimate walked every (epoch, shard) unit: pvu plan --epochs 10000000 took minutes
+    over a few shards before it printed anything."""
+    urls = write_digit_shards(str(tmp_path / "small"), shards=2, per_shard=2, size=16)
+    urls += write_digit_shards(str(tmp_path / "large"), shards=3, per_shard=10, size=16)
+    sizes = shard_sizes(urls)
+    prefixes = sample_shards(sizes, 15)  # the small shards whole, the large extrapolated
+    assert [prefixes[url].complete for url in urls] == [True, True, False, False, False]
+    kept = {url: max(0, len(prefix.samples) - 1) for url, prefix in prefixes.items()}
+    result = UnitResult("u", 0, "s", "s", rows=9, bytes=1, skipped={}, seconds=1.0)
+    measured = Measurement(15, result, kept, unit_file_bytes=1500.4, bytes_per_row=71.7)
+
+    def rows_bytes(epochs: int, done: set) -> tuple[int, int]:
+        est = estimate(sizes=sizes, prefixes=prefixes, measurement=measured, epochs=epochs,
+                       done=done)  # fmt: skip
+        return est.rows, est.bytes
+
+    one = rows_bytes(1, set())  # a unit's rows and bytes: what leaving it out takes off
+    unit = {url: [a - b for a, b in zip(one, rows_bytes(1, {(0, url)}), strict=True)]
+            for url in urls}  # fmt: skip
+    done = {(1, urls[0]), (2, urls[0]), (2, urls[3])}
+    left = [(e, u) for e in range(3) for u in urls if (e, u) not in done]
+    assert rows_bytes(3, done) == (sum(unit[u][0] for _, u in left),
+                                   sum(unit[u][1] for _, u in left))  # fmt: skip
+    epochs = 10_000_000
+    start = time.perf_counter()
+    many = rows_bytes(epochs, done)
+    assert time.perf_counter() - start < 1.0
+    assert many == (epochs * one[0] - sum(unit[u][0] for _, u in done),
+                    epochs * one[1] - sum(unit[u][1] for _, u in done))  # fmt: skip
 
 
 def test_a_key_repeated_across_shards_or_in_one_is_counted_once_as_the_cache_keeps_it(tmp_path):
