@@ -13,6 +13,7 @@ import typer
 from jobs import names_of
 from jobs.config import ConfigFile, job_config
 from jobs.terminal import Verbose, console, reported, run_cli, setup_logging
+from pipeline.named import counted
 
 
 def cache(
@@ -217,7 +218,8 @@ def cache(
         failures = len(run_cache(job_config(CacheJobConfig, ctx)).failed)
     if failures:
         console.print(
-            f"[red]{failures} unit(s) failed permanently; re-run to retry them", markup=True
+            f"[red]{counted(failures, 'unit')} failed permanently; re-run to retry them",
+            markup=True,
         )
         raise typer.Exit(code=1)
 

@@ -36,7 +36,7 @@ from pipeline.cache.info import CacheInfo, read_cache_info
 from pipeline.cache.lock import live_holder
 from pipeline.cache.manifest import unfinished_note
 from pipeline.cache.verify import CacheCheck, check_cache, check_pages
-from pipeline.named import NAMED
+from pipeline.named import NAMED, counted
 
 
 class InfoJobConfig(BaseModel):
@@ -77,10 +77,10 @@ def describe(info: CacheInfo) -> Table:
         "versions",
         f"schema {provenance.get('schema_version')}, pvu {provenance.get('project_version', '?')}",
     )
-    shards, epochs = f"{info.shards:,} shards", f"{len(info.epochs):,} epochs"
+    shards, epochs = counted(info.shards, "shard"), counted(len(info.epochs), "epoch")
     table.add_row("units", f"{len(info.units):,} ({shards} x {epochs})")
     for epoch, (units, rows) in info.epochs.items():
-        table.add_row(f"  epoch {epoch}", f"{units:,} units, {rows:,} rows")
+        table.add_row(f"  epoch {epoch}", f"{counted(units, 'unit')}, {counted(rows, 'row')}")
     table.add_row("rows", f"{info.rows:,}")
     per_row = f", {info.bytes / info.rows:,.0f} per row" if info.rows else ""
     table.add_row("bytes", f"{info.bytes:,} ({binary_size(info.bytes)}{per_row})")

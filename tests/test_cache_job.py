@@ -152,7 +152,7 @@ def test_units_of_shards_and_epochs_a_run_no_longer_names_are_warned_of(
     assert "this run's --shards and --epochs do not make" not in caplog.text
     run_cache(config)
     said = " ".join(caplog.text.split())
-    assert "holds 3 unit(s), 18 rows, that this run's --shards and --epochs do not make" in said
+    assert "holds 3 units, 18 rows, that this run's --shards and --epochs do not make" in said
     assert "e.g. epoch=0000/digits-0001.parquet (shard digits-0001, epoch 0)" in said
 
 
@@ -284,7 +284,7 @@ def test_shards_whose_keys_restart_are_named_in_the_summary(local_ray, tmp_path,
     config = CacheJobConfig(shards=str(tmp_path / "shards"), output=str(tmp_path / "c"), **COMMON)
     assert not run_cache(config).failed
     said = " ".join(capsys.readouterr().err.split()).replace("│ ", "")
-    assert "8 row(s) of 2 unit(s), the key's first row kept" in said, said
+    assert "8 rows of 2 units, the key's first row kept" in said, said
     assert "67% of the rows" in said and "if the shards' keys restart (000000 in" in said, said
 
 

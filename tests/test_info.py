@@ -136,6 +136,19 @@ def test_info_without_manifest_reads_the_footers(cache, tmp_path):
     assert verified.exit_code == 0 and "not checked │ missing units" in verified.text, verified.text
 
 
+def test_a_cache_of_one_epoch_says_1_epoch(cache, tmp_path):
+    """It said "3 shards x 1 epochs" of the most common cache, one un-augmented epoch."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (copy / "_manifest.json").unlink()
+    shutil.rmtree(copy / "epoch=0001")
+    result = pvu("info", str(copy))
+    assert result.exit_code == 0, result.output
+    assert "units │ 3 (3 shards x 1 epoch)" in result.text, result.text
+
+
 def test_a_folder_named_epoch_but_no_number_is_no_epoch_of_the_cache(cache, tmp_path):
     """A bare cache's epoch=abc folder (a backup, say) was taken for an epoch: its units were
     counted as an epoch's, and read by training."""

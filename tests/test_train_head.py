@@ -165,7 +165,7 @@ def test_metrics_count_passes_and_warn_when_views_repeat(
     )
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "1.90 passes over the cache" in warning[0].getMessage()
-    assert "3 augmented epoch(s)" in warning[0].getMessage()
+    assert "3 augmented epochs" in warning[0].getMessage()
     assert "one pass is ~4,731)" in warning[0].getMessage()  # how far to shorten it
     doc = json.loads((tmp_path / "long" / "head.json").read_text())
     assert doc["training"]["cached_epochs"] == 3
@@ -223,7 +223,7 @@ def test_a_handful_of_validation_rows_is_warned_about(
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):
         fit_head([cache], str(tmp_path), config)
-    assert "validation row(s) (--val-fraction 0.002 of 6000 rows)" in caplog.text
+    assert "validation rows (--val-fraction 0.002 of 6,000 rows)" in caplog.text
     caplog.clear()
     none = dataclasses.replace(config, stream=dataclasses.replace(config.stream, val_fraction=0))
     with caplog.at_level(logging.WARNING, logger="pipeline.head.train"):

@@ -67,7 +67,7 @@ from pipeline.cache.verify import reconcile
 from pipeline.cache.writer import check_fits, clear_staging
 from pipeline.dataset.convert import CLASSES_NAME
 from pipeline.dataset.remap import order_mismatch, read_label_remap, read_names, remap_mismatch
-from pipeline.named import NAMED
+from pipeline.named import NAMED, counted
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("pvu.cache")
@@ -144,8 +144,8 @@ def summarize(
         table.add_row(
             "duplicate keys dropped",
             Text.from_markup(
-                f"{dropped:,} row(s) of {len(duplicates)} unit(s), the key's first row kept (in "
-                "shard order)" + _restarted_keys_note(dropped, manifest.rows)
+                f"{counted(dropped, 'row')} of {counted(len(duplicates), 'unit')}, the key's first "
+                "row kept (in shard order)" + _restarted_keys_note(dropped, manifest.rows)
             ),
         )
     table.add_row("throughput", f"{rows / seconds:,.1f} images/s over {seconds:,.1f} s")
@@ -362,17 +362,17 @@ def _run_cache(
     for target in targets:  # until it ends, readers warn that units may be missing
         target.manifest.begin_run(len(units))
     log.info(
-        "%d shards x %d epochs = %d units; %d already committed, %d to do",
-        len(urls),
-        config.epochs,
-        len(units),
+        "%s x %s = %s; %d already committed, %d to do",
+        counted(len(urls), "shard"),
+        counted(config.epochs, "epoch"),
+        counted(len(units), "unit"),
         len(units) - len(todo),
         len(todo),
     )
     started = time.monotonic()
     report = PoolReport()
     if todo:
-        log.info("%d actor(s), %g GPU and %g CPU each", actors, gpus, cpus)
+        log.info("%s, %g GPU and %g CPU each", counted(actors, "actor"), gpus, cpus)
         for target in targets:
             if target not in running:
                 log.info("%s holds every unit: not computed again", target.manifest.root)
@@ -407,11 +407,12 @@ def _warn_of_units_not_planned(manifest: Manifest, planned: set[str]) -> None:
     if not others:
         return
     relpath, unit = min(others.items())
+    rows = sum(u["rows"] for u in others.values())
     log.warning(
-        "%s holds %d unit(s), %s rows, that this run's --shards and --epochs do not make (an "
+        "%s holds %s, %s, that this run's --shards and --epochs do not make (an "
         "earlier run's), e.g. %s (shard %s, epoch %d): pvu train-head and evaluate read them "
         "too; delete them, or cache into a new --output, to leave them out",
-        *(manifest.root, len(others), f"{sum(u['rows'] for u in others.values()):,}", relpath),
+        *(manifest.root, counted(len(others), "unit"), counted(rows, "row"), relpath),
         *(unit["shard"], unit["epoch"]),
     )
 

@@ -46,6 +46,7 @@ from pipeline.cache.plan import (
 )
 from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
 from pipeline.cache.verify import check_cache, list_unit_files
+from pipeline.named import counted
 
 log = logging.getLogger("pvu.plan")
 
@@ -230,13 +231,13 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     est, m = plan.estimate, plan.measurement
     title = f"pvu plan: what `pvu cache` will do for {config.backbone} into {config.output}"
     table = summary_table(title)
-    counted = (
+    how = (
         "all counted"
         if est.counted_shards == est.shards
         else f"{est.counted_shards:,} counted, the others estimated from their size"
     )
-    table.add_row("shards", f"{est.shards:,} ({counted})")
-    epochs = f"{est.epochs} epoch{'s' if est.epochs != 1 else ''}"
+    table.add_row("shards", f"{est.shards:,} ({how})")
+    epochs = counted(est.epochs, "epoch")
     table.add_row("units", f"{est.units:,} ({epochs}), {est.units_done:,} already in --output")
     about = "" if est.counted_shards == est.shards else "~"  # every shard counted: exact
     table.add_row("samples per epoch", f"{about}{est.samples:,}")
@@ -252,8 +253,8 @@ def describe(plan: Plan, config: PlanJobConfig) -> Table:
     )
     table.add_row(
         "measured sample",
-        f"{m.samples} images decoded, augmented, forwarded and written on this machine's CPU "
-        f"({plan.threads} threads): {m.images_per_second:,.1f} images/s, "
+        f"{counted(m.samples, 'image')} decoded, augmented, forwarded and written on this "
+        f"machine's CPU ({counted(plan.threads, 'thread')}): {m.images_per_second:,.1f} images/s, "
         f"{m.cpu_seconds_per_image * 1000:,.1f} CPU-ms per image",
     )
     _add_time_rows(table, plan, config)
@@ -306,7 +307,9 @@ def _add_time_rows(table: Table, plan: Plan, config: PlanJobConfig) -> None:
         rate = (
             plan.gpu_rate if plan.gpu_rate and config.gpus_per_actor != 0 else m.images_per_second
         )
-        table.add_row(f"wall-clock, {config.actors} actors", _hours(est.rows, rate * config.actors))
+        table.add_row(
+            f"wall-clock, {counted(config.actors, 'actor')}", _hours(est.rows, rate * config.actors)
+        )
 
 
 def describe_copies(plans: list[Plan], configs: list[PlanJobConfig]) -> Table:
@@ -329,7 +332,7 @@ def describe_copies(plans: list[Plan], configs: list[PlanJobConfig]) -> Table:
 
 def _copies(count: int, backbone: str) -> str:
     """``2 deteriorated copies of resnet18``."""
-    return f"{count} deteriorated cop{'y' if count == 1 else 'ies'} of {backbone}"
+    return f"{counted(count, 'deteriorated copy', 'deteriorated copies')} of {backbone}"
 
 
 def print_plans(plans: list[Plan], config: PlanJobConfig) -> None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.index import CacheFile, CacheIndex, open_cache, read_unit
+from pipeline.named import counted
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ def read_eval_set(
         finite &= np.isfinite(table.column(baseline).to_numpy(zero_copy_only=False))
     if not finite.all():
         log.warning(
-            "%s: dropped %d row(s) with a NaN/inf embedding, max_prob or entropy",
-            *(url, int((~finite).sum())),
+            "%s: dropped %s with a NaN/inf embedding, max_prob or entropy",
+            *(url, counted(int((~finite).sum()), "row")),
         )
     keep = slice(None) if finite.all() else np.flatnonzero(finite)
 
@@ -120,9 +121,9 @@ def read_eval_set(
     repeated = len(keys) - len(set(keys.tolist()))
     if repeated:
         log.warning(
-            "%s: %d row(s) repeat a key (rows cached twice?): a row and its copy are each "
+            "%s: %s repeating a key (rows cached twice?): a row and its copy are each "
             "other's nearest neighbours, which inflates Recall@1",
-            *(url, repeated),
+            *(url, counted(repeated, "row")),
         )
     ambiguity = None
     if "ambiguity" in table.column_names:

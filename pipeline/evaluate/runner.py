@@ -44,6 +44,7 @@ from pipeline.evaluate.sources import (
 )
 from pipeline.evaluate.tsne import TsnePoints, pick_rows, tsne_map
 from pipeline.head.export import image_input
+from pipeline.named import counted
 from pipeline.precision import exact_float32
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _check_inputs(inputs: list[tuple[str, str]], heads: list[LoadedHead]) -> dic
 def _check_searchable(name: str, url: str, rows: int) -> None:
     """Refuse the cache ``name`` at ``url`` if its ``rows`` are too few for a 1-NN search."""
     if rows < 2:
-        raise ValueError(f"{name}: cache {url} has {rows} row(s), Recall@1 needs 2")
+        raise ValueError(f"{name}: cache {url} has {counted(rows, 'row')}, Recall@1 needs 2")
 
 
 def _check_one_decode(deteriorated: list[str], indexes: dict[str, CacheIndex]) -> None:

@@ -51,6 +51,7 @@ from pipeline.head.stream import (
     read_validation,
 )
 from pipeline.head.validate import validation_metrics
+from pipeline.named import counted
 from pipeline.precision import exact_float32
 from pipeline.retry import exists, make_folder
 
@@ -374,9 +375,10 @@ def _validation_rows(index: CacheIndex, config: TrainConfig) -> Batch:
         )
     elif len(val) < few:
         log.warning(
-            "%d validation row(s) (--val-fraction %g of %d rows): the validation metrics "
-            "say little; cache more rows or raise --val-fraction",
-            *(len(val), config.stream.val_fraction, index.rows),
+            "%s (--val-fraction %g of %s): the validation metrics say little; cache more "
+            "rows or raise --val-fraction",
+            *(counted(len(val), "validation row"), config.stream.val_fraction),
+            counted(index.rows, "row"),
         )
     return val
 
@@ -518,17 +520,17 @@ def _log_passes(schedule: ScheduleConfig, train_rows: float, epochs: int) -> Non
     samples = schedule.episodes * schedule.episode_size
     passes = samples / train_rows
     log.info(
-        "schedule: %s samples = %.2f passes over ~%s training rows (%d cached epoch(s), "
-        "so %.1f views of each image)",
-        *(f"{samples:,}", passes, f"{train_rows:,.0f}", epochs, passes * epochs),
+        "schedule: %s samples = %.2f passes over ~%s training rows (%s cached, so %.1f views "
+        "of each image)",
+        *(f"{samples:,}", passes, f"{train_rows:,.0f}", counted(epochs, "epoch"), passes * epochs),
     )
     if passes > 1.0:
         log.warning(
-            "the schedule makes %.2f passes over the cache: each of its %d augmented epoch(s) "
+            "the schedule makes %.2f passes over the cache: each of its %s "
             "is seen ~%.1f times, so augmented views repeat; cache more epochs (pvu cache "
             "--epochs) for fresh views, or shorten the schedule (--episodes x --episode-size "
             "samples; one pass is ~%s)",
-            *(passes, epochs, passes, f"{train_rows:,.0f}"),
+            *(passes, counted(epochs, "augmented epoch"), passes, f"{train_rows:,.0f}"),
         )
 
 
