@@ -63,6 +63,13 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
         ) from None
 
 
+def check_each_storage(urls: list[tuple[str, str]]) -> None:
+    """:func:`check_storage` of each ``(flag, url)``: what each cache actor checks as it
+    starts, on its own node, whose S3 settings may not be the driver's."""
+    for flag, url in urls:
+        check_storage(url, flag=flag)
+
+
 def check_output_folder(url: str, *, flag: str) -> None:
     """:func:`check_storage`, and: ``url`` is not a file, and, local, it can be created (its
     nearest existing parent is a writable folder); so an output that cannot be written is named

@@ -7,6 +7,7 @@ executes). Re-running the same command resumes: committed units are skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from rich.text import Text
 from jobs import project_version
 from jobs.preflight import (
     check_apart,
+    check_each_storage,
     check_holds_no_cache,
     check_holds_no_shards,
     check_not_in_a_cache,
@@ -153,6 +155,8 @@ def summarize(
         "seconds by stage (all actors)",
         ", ".join(f"{k}={v:,.1f}" for k, v in stages.items()) or "-",
     )
+    for why in report.nodes_left_out.values():
+        table.add_row(Text("NODE LEFT OUT", style="red"), why)
     named = sorted(failed.items())[:NAMED]
     for relpath, error in named:
         table.add_row(Text(f"FAILED {relpath}", style="red"), error)
@@ -205,6 +209,13 @@ def run_cache(config: CacheJobConfig) -> PoolReport:
             stack.enter_context(RunLock(target.output, owner=owner)) for target in config.targets()
         ]
         return _run_cache(config, urls, [lock.lost for lock in locks])
+
+
+def storage_urls(config: CacheJobConfig) -> list[tuple[str, str]]:
+    """``(flag, url)`` of the storage the job reads and writes: ``--shards`` and each target's
+    output."""
+    outputs = [(flag, target.output) for flag, target in config.flagged_targets()]
+    return [("--shards", config.shards), *outputs]
 
 
 def check_outputs(config: CacheJobConfig) -> None:
@@ -386,6 +397,7 @@ def _run_cache(
             max_attempts=config.max_attempts,
             unit_timeout=config.unit_timeout,
             also=tuple((t.config.backbone, t.config.weights, t.settings) for t in running[1:]),
+            check=functools.partial(check_each_storage, storage_urls(config)),
         )
         report = _run_with_progress(pool, todo, [t.manifest for t in running], started)
         for target in running:  # the actors wrote there: this process's listings are stale

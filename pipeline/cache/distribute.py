@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -39,6 +40,33 @@ _ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 class RayNodeLost(ConnectionError):
     """The Ray node the driver runs on died (its raylet killed, or out of memory): no actor
     can start or report to it, so the run would wait forever."""
+
+
+class NodeUnfit(ConnectionError):
+    """A Ray node whose environment cannot use the job's storage, which the driver's could: no
+    cache actor runs there. ``node`` names it (host, IP, Ray id); ``node_id`` is its Ray id."""
+
+    def __init__(self, message: str, node: str = "", node_id: str = "") -> None:
+        super().__init__(message)
+        self.node, self.node_id = node, node_id
+
+
+def check_node(check: Callable[[], None], node_id: str) -> None:
+    """Run the driver's storage ``check`` on this node; raise :class:`NodeUnfit` naming the node
+    (host, IP, Ray id) and the error where it fails. A cache actor runs it as it starts: the
+    node's own S3 settings are the ones its units would use."""
+    try:
+        check()
+    except Exception as error:  # whatever the probe raises here, the driver's passed
+        node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, Ray node {node_id[:12]})"
+        raise NodeUnfit(
+            f"node {node} cannot use the job's storage, which the driver could: {error}. The "
+            "node's environment (its AWS_* variables, ~/.aws, fsspec's config) differs from the "
+            "driver's: give it the same settings and its own credentials (an IAM role, or its "
+            "environment; pvu ships none to the nodes)",
+            node,
+            node_id,
+        ) from error
 
 
 #: Without ``--unit-timeout``: a unit is taken as hung after this many times the longest unit
@@ -264,17 +292,26 @@ class CacheWorker:
     The constructor only keeps its arguments; :meth:`start` loads the backbones and starts the
     decode workers, so that a failure there reaches the driver as the error raised (one raised
     in a constructor comes back as an opaque ``ActorDiedError`` holding its traceback as text).
+    ``check`` (the driver's storage check) runs first there, through :func:`check_node`.
     """
 
     def __init__(
-        self, backbone: str, weights: str, settings: UnitSettings, also: tuple[Target, ...] = ()
+        self,
+        backbone: str,
+        weights: str,
+        settings: UnitSettings,
+        also: tuple[Target, ...] = (),
+        check: Callable[[], None] | None = None,
     ) -> None:
         self._targets = ((backbone, weights, settings), *also)
+        self._check = check
 
     def start(self) -> dict[str, Any]:
-        """Load the backbones onto this actor's device and start its decode workers; returns
-        :meth:`describe`."""
+        """Check the storage from this node, load the backbones onto this actor's device and
+        start its decode workers; returns :meth:`describe`."""
         context = ray.get_runtime_context()
+        if self._check is not None:
+            check_node(self._check, context.get_node_id())
         cpus = context.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = pick_device(ray.get_gpu_ids(), torch.cuda.is_available())
@@ -359,10 +396,16 @@ class PoolReport:
     failed: dict[str, str] = field(default_factory=dict)
     actors_replaced: int = 0
     workers: list[dict[str, Any]] = field(default_factory=list)
+    nodes_left_out: dict[str, str] = field(default_factory=dict)  # node id -> why
 
 
 class ActorPool:
-    """Distributes units over ``size`` actors, each asking Ray for ``gpus`` and ``cpus``."""
+    """Distributes units over ``size`` actors, each asking Ray for ``gpus`` and ``cpus``.
+
+    Each actor runs ``check`` (the driver's storage check) as it starts: one that fails there
+    (:class:`NodeUnfit`) leaves its node out of the run, named in the log and the report, and
+    no actor starts there again; the units run on the other nodes.
+    """
 
     def __init__(
         self,
@@ -377,8 +420,11 @@ class ActorPool:
         worker: type[CacheWorker] = CacheWorker,
         also: tuple[Target, ...] = (),
         unit_timeout: float | None = None,
+        check: Callable[[], None] | None = None,
     ) -> None:
         self._actor_class = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=0)(worker)
+        self._kwargs = {"check": check} if check else {}
+        self._unfit: dict[str, NodeUnfit] = {}  # nodes left out: no actor starts there
         self._resources = (gpus, cpus)
         self._said_unplaceable = False  # until an actor starts again
         self._args = (backbone, weights, settings, also)
@@ -394,7 +440,11 @@ class ActorPool:
         self._failed_starts = 0  # in a row; a start that succeeds resets it
 
     def _start_actor(self) -> None:
-        actor = self._actor_class.remote(*self._args)
+        actor_class = self._actor_class
+        if self._unfit:  # Ray's label of each node's id
+            avoid = ",".join(self._unfit)
+            actor_class = actor_class.options(label_selector={"ray.io/node-id": f"!in({avoid})"})
+        actor = actor_class.remote(*self._args, **self._kwargs)
         self._starting[actor.start.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
@@ -443,8 +493,15 @@ class ActorPool:
         unsaid, for a node that only an autoscaler (or a person) can add."""
         if self._idle or self._running or self._said_unplaceable:
             return
-        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        why = unplaceable(nodes, *self._resources)
+        alive = [node for node in ray.nodes() if node["Alive"]]
+        fit = [node["Resources"] for node in alive if node["NodeID"] not in self._unfit]
+        why = unplaceable(fit, *self._resources)
+        if (
+            why
+            and self._unfit
+            and not unplaceable([n["Resources"] for n in alive], *self._resources)
+        ):
+            raise self._no_node_fits()  # only the nodes left out could hold an actor
         if why:
             log.warning(why)
             self._said_unplaceable = True
@@ -498,6 +555,9 @@ class ActorPool:
             failure = error.cause if isinstance(error, RayTaskError) else error
             why = f"{type(failure).__name__}: {failure}"
             ray.kill(actor)
+            if isinstance(failure, NodeUnfit):
+                self._leave_out(failure, report)
+                return
             self._failed_starts += 1
             if self._failed_starts <= self.size + 2:
                 log.warning("cache actor failed to start (%s); starting another", why)
@@ -517,6 +577,24 @@ class ActorPool:
         report.workers.append(description)
         log.info("cache actor ready: %s", description)
         self._idle.append(actor)
+
+    def _leave_out(self, failure: NodeUnfit, report: PoolReport) -> None:
+        """Start no actor again on ``failure``'s node (its actor is not replaced: its slot is
+        that node's); with no actor left or starting, end the run (:meth:`_no_node_fits`)."""
+        if failure.node_id not in self._unfit:
+            log.error("%s. No cache actor starts there again; the units run elsewhere", failure)
+        self._unfit[failure.node_id] = failure
+        report.nodes_left_out[failure.node_id] = str(failure)
+        if not (self._idle or self._running or self._starting):
+            raise self._no_node_fits()
+
+    def _no_node_fits(self) -> NodeUnfit:
+        """The error that ends a run whose every node that could hold an actor is left out."""
+        first, *others = self._unfit.values()
+        if not others:
+            return first
+        named = ", ".join(other.node for other in others)
+        return NodeUnfit(f"{first}. So do the other node(s) able to hold an actor: {named}")
 
     def _retry_or_fail(
         self,

@@ -1,0 +1,88 @@
+"""A joined Ray cluster whose node reaches storage otherwise than the driver: each actor checks
+the job's storage from its own node as it starts; a node that fails is left out and named.
+
+A real multi-node ``ray.cluster_utils.Cluster`` (nodes declaring ``num_gpus=1``) and a real S3
+server (moto, 127.0.0.1); one node's raylet, and so its workers, is started with another
+AWS environment that holds no credentials, as a node set up otherwise than the driver's
+machine would be.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from jobs.run.cache import run_cache
+from jobs.run.cache_config import CacheJobConfig
+from pipeline.cache.distribute import NodeUnfit
+from pipeline.demo.data import write_digit_shards
+
+pytestmark = pytest.mark.slow
+
+#: A node's environment without the driver's S3 credentials (the keys only in the shell that
+#: ran the driver): none from the variables, no ~/.aws, no instance metadata to ask.
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "",
+    "AWS_SECRET_ACCESS_KEY": "",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def test_a_node_that_cannot_reach_the_storage_is_left_out_and_named(
+    s3_bucket, wide_console, capsys
+):
+    """Before: the node's actor took units and failed each on 3 tries (8 of the 12 here, as
+    'NoCredentialsError: Unable to locate credentials', no node named), and the summary said
+    the same command tries them again, which a node's environment does not change. Now its
+    actor fails as it starts, naming the node; the other node caches every unit; with only
+    such nodes, the run ends at once with that error."""
+    shards, epochs = 4, 3  # units enough that the node left out is seen before the run ends
+    write_digit_shards(f"{s3_bucket}/shards", shards=shards, per_shard=6, size=32)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    good = cluster.add_node(num_cpus=1, num_gpus=1)
+    bad = cluster.add_node(num_cpus=1, num_gpus=1, env_vars=NO_CREDENTIALS)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    try:
+        config = CacheJobConfig(
+            shards=f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar",
+            output=f"{s3_bucket}/cache",
+            epochs=epochs,
+            backbone="resnet10t",
+            weights="random",
+            input_size=32,
+            batch_size=8,
+            ray_address=cluster.address,
+        )
+        report = run_cache(config)
+        assert len(report.results) == shards * epochs and not report.failed
+        assert {worker["node_id"] for worker in report.workers} == {good.node_id}
+        assert list(report.nodes_left_out) == [bad.node_id]
+        named = f"node {socket.gethostname()} (127.0.0.1, Ray node {bad.node_id[:12]})"
+        why = report.nodes_left_out[bad.node_id]
+        assert why.startswith(f"{named} cannot use the job's storage, which the driver could:")
+        assert f"--shards {config.shards}: no credentials for s3://; set AWS_ACCESS_KEY_ID" in why
+        assert "The node's environment (its AWS_* variables, ~/.aws, fsspec's config)" in why
+        said = " ".join(capsys.readouterr().err.replace("│", " ").split())
+        assert f"NODE LEFT OUT {named}" in said
+
+        cluster.remove_node(good)
+        while any(node["Alive"] for node in ray.nodes() if node["NodeID"] == good.node_id):
+            time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(
+            NodeUnfit, match=rf"^{re.escape(named)} cannot use the job.s storage"
+        ) as ended:
+            run_cache(config.model_copy(update={"output": f"{s3_bucket}/cache-2"}))
+        assert "no credentials for s3://" in str(ended.value)
+        assert time.monotonic() - started < 60  # the actor's start, not a wait for a node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
