@@ -4,7 +4,8 @@
 # then with --decode device (nvJPEG and the transform on the GPU), each against the bare bf16
 # forward in the same run; head training on CUDA; the decode pool's cost in the actor; and
 # --decode device on its own: its images/s, the actor's CPU per image, and whether nvJPEG keeps
-# and skips what Pillow does; and the cached loss against float64 with TF32 on.
+# and skips what Pillow does; and the cached loss against float64 with TF32 on (also turned on
+# through torch's older flags, as NVIDIA's containers do: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1).
 # Logs and the node's description go to LOGS (default /tmp/pvu-gpu-check). Without a GPU it
 # runs the same steps, smaller, on the CPU.
 #
@@ -52,4 +53,6 @@ timeout 90 "$python" benchmarks/train_throughput.py --precision fp32 bf16 "${tra
     2>&1 | tee "$logs/train_throughput.log" || status=1
 timeout 60 "$python" benchmarks/loss_exactness.py "${exactness[@]}" \
     2>&1 | tee "$logs/loss_exactness.log" || status=1
+TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 timeout 60 "$python" benchmarks/loss_exactness.py \
+    --backbones mobilenetv3_large_100 "${exactness[@]}" 2>&1 | tee "$logs/loss_exactness_override.log" || status=1
 exit $status
