@@ -1,7 +1,7 @@
 """``pvu shards``: an image folder of class subfolders or of class tar archives (ImageNet's
 ``n01440764.tar``), or a table of (path, label) (CSV, TSV, JSON Lines, each maybe compressed,
-or Parquet) -> WebDataset tar shards that ``pvu cache`` reads, with a ``classes.json`` of
-label names.
+or Parquet, which may hold the images' bytes) -> WebDataset tar shards that ``pvu cache``
+reads, with a ``classes.json`` of label names.
 
 Images are shuffled across classes (seeded) unless ``--no-shuffle``; one that cannot be read
 or decoded is left out and named in the summary, never fatal.
@@ -172,8 +172,9 @@ def shards(
             help="Required. A folder of class subfolders (<input>/<class>/<image>) or of class "
             "tar archives (<input>/<class>.tar of images, as ImageNet's n01440764.tar; read "
             "without extracting), or a table of image paths or URLs and labels: .csv, .tsv, "
-            ".jsonl / .ndjson (each may be .gz, .bz2 or .zst compressed) or .parquet; local "
-            "or any fsspec URL.",
+            ".jsonl / .ndjson (each may be .gz, .bz2 or .zst compressed) or .parquet (its "
+            "images may be held in it, as a Hugging Face dataset's; see --path-column); one "
+            "file, local or any fsspec URL.",
         ),
     ] = None,
     output: Annotated[
@@ -203,7 +204,9 @@ def shards(
         typer.Option(
             metavar="COLUMN",
             help="Table column of image paths or URLs; relative paths are relative to the "
-            "table's own folder.",
+            "table's own folder. In a .parquet it may hold the images: struct<bytes, path> "
+            "(a Hugging Face dataset's; the path is read where bytes are null) or binary; "
+            "left at 'path' where the table has none, its 'image' column is read.",
         ),
     ] = "path",
     label_column: Annotated[

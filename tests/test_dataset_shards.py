@@ -810,17 +810,22 @@ def test_a_slow_listing_of_the_input_says_it_is_listing(fault_proxy, s3_bucket, 
 
 
 @pytest.mark.slow
-def test_folder_to_shards_to_cache(tmp_path):
+@pytest.mark.parametrize("kind", ["folder", "hugging face parquet"])
+def test_folder_to_shards_to_cache(tmp_path, kind):
     import pyarrow.dataset as ds
     import ray
 
     from jobs.run.cache import run_cache
     from jobs.run.cache_config import CacheJobConfig
 
-    valid = make_folder(tmp_path / "images", per_class=5)
+    if kind == "folder":
+        valid = make_folder(tmp_path / "images", per_class=5)
+        source = tmp_path / "images"
+    else:
+        source, valid = write_hf_table(tmp_path, rows=17)
     result = run(
         "--input",
-        str(tmp_path / "images"),
+        str(source),
         "--output",
         str(tmp_path / "shards"),
         "--samples-per-shard",
@@ -841,7 +846,7 @@ def test_folder_to_shards_to_cache(tmp_path):
         report = run_cache(config)
     finally:
         ray.shutdown()
-    assert not report.failed and len(report.results) == 2 * 4
+    assert not report.failed and len(report.results) == 2 * -(-len(valid) // 4)
     table = ds.dataset(str(tmp_path / "cache"), format="parquet", ignore_prefixes=["_", "."])
     rows = table.to_table(columns=["key", "epoch", "label"]).to_pylist()
     assert len({(row["key"], row["epoch"]) for row in rows}) == len(rows) == 2 * len(valid)
@@ -993,3 +998,80 @@ def test_class_archives_on_s3_make_the_shards_their_extracted_class_folders_make
     assert samples_of(f"{s3_bucket}/shards") == samples_of(tmp_path / "shards")
     sources = {meta["source"] for *_, meta in read_shards(f"{s3_bucket}/shards")}
     assert f"tar://img.0.jpg::{s3_bucket}/in/train/cat.tar" in sources
+
+
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def write_hf_table(folder: Path, *, rows: int = 23) -> tuple[Path, dict[str, tuple[int, bytes]]]:
+    """``folder/data/train-00000-of-00001.parquet`` as ``datasets`` writes one: an ``image``
+    column of {bytes, path} (PNG and JPEG bytes; row 3's bytes null, its path a file beside the
+    table; row 7's JPEG cut short) and integer labels, in row groups of 5. Returns the table
+    and the readable images by their path's stem: (label, bytes)."""
+    rng = np.random.default_rng(3)
+    (folder / "data").mkdir(parents=True)
+    images, valid = [], {}
+    for row in range(rows):
+        data = image_bytes(rng, ("png", "jpg")[row % 2])
+        stem = f"img_{row:03d}"
+        if row == 3:
+            (folder / "data" / f"{stem}.png").write_bytes(data)
+            images.append({"bytes": None, "path": f"{stem}.png"})
+        elif row == 7:
+            images.append({"bytes": data[: len(data) // 2], "path": f"{stem}.jpg"})
+            continue
+        else:
+            images.append({"bytes": data, "path": f"{stem}.{('png', 'jpg')[row % 2]}"})
+        valid[stem] = (row % 4, data)
+    table = pa.table({"image": pa.array(images, HF_IMAGE), "label": [r % 4 for r in range(rows)]})
+    path = folder / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    return path, valid
+
+
+def test_a_hugging_face_parquet_of_image_bytes_becomes_shards(tmp_path):
+    """A Hugging Face dataset's Parquet (an ``image`` column of {bytes, path}) was refused:
+    "column 'image' holds struct<bytes: binary, path: string>, not one image path"."""
+    table, valid = write_hf_table(tmp_path)
+    out = tmp_path / "shards"
+    args = ("--input", str(table), "--samples-per-shard", "4")
+    result = run(*args, "--path-column", "image", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "classes.json").read_text()) == ["0", "1", "2", "3"]
+    samples = samples_of(out)
+    assert len(samples) == len(valid) and len(list(out.glob("*.tar"))) == 6
+    by_name = {key.rsplit("-", 1)[1]: (label, image) for key, label, image in samples}
+    assert by_name == valid  # each image's own bytes and label, named by its path
+    assert [key.split("-")[1] for key, *_ in samples] != sorted(
+        k.split("-")[1] for k, *_ in samples
+    )
+    assert "truncated_image=1" in result.text and f"{table}#row=8" in result.text
+    # no 'path' column: the 'image' column is read by default, to the same shards
+    again = run(*args, "--output", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    assert samples_of(tmp_path / "again") == samples
+
+
+def test_a_parquet_binary_column_of_images_becomes_shards_keyed_by_row(tmp_path):
+    """A plain binary column of images was decoded as UTF-8 paths: "column 'jpeg' is not
+    UTF-8 text (row 1: b'\\xff\\xd8...')", the whole JPEG in the message."""
+    rng = np.random.default_rng(5)
+    images = [image_bytes(rng, "jpg") for _ in range(6)]
+    column = pa.array([*images[:4], None, *images[4:]], pa.binary())
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"jpeg": column, "y": ["cat", "dog"] * 3 + ["cat"]}), table)
+    out = tmp_path / "out"
+    args = ("--input", str(table), "--output", str(out), "--label-column", "y")
+    result = run(*args, "--path-column", "jpeg", "--no-shuffle")
+    assert result.exit_code == 0, result.output
+    samples = samples_of(out)
+    assert [image for _, _, image in samples] == images
+    assert [label for _, label, _ in samples] == [0, 1, 0, 1, 1, 0]
+    assert [key.split("-", 1)[1] for key, *_ in samples] == [
+        f"0000000{i}" for i in (0, 1, 2, 3, 5, 6)
+    ]
+    assert f"{table}#row=5" in result.text and "holds no image bytes" in result.text
+    # a column of other structs is refused naming its type
+    pq.write_table(pa.table({"jpeg": [{"x": 1}], "y": ["cat"]}), table)
+    result = run(*args, "--path-column", "jpeg")
+    assert result.exit_code == 2 and "column 'jpeg' holds struct<x: int64>" in result.text

@@ -37,7 +37,7 @@ from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.archives import member_path
 from pipeline.dataset.names import readable
-from pipeline.dataset.sources import Listing, Source
+from pipeline.dataset.sources import HeldImage, Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
 from pipeline.named import NAMED, named_level
 from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, retry, write_bytes
@@ -80,8 +80,16 @@ class ConvertReport:
 
 def read_source(source: Source) -> bytes:
     """The bytes of ``source``'s image: its file, or its span of a class archive, read as a
-    range (so each image of an archive is read alone, in any order, from any thread).
-    ``OSError`` for an archive cut short."""
+    range (so each image of an archive is read alone, in any order, from any thread), or the
+    bytes a table's row holds (else its path's). ``OSError`` for an archive cut short, or a
+    row that holds neither."""
+    if isinstance(source, HeldImage):
+        data = source.table.image(source.row)
+        if data is not None:
+            return data
+        if source.path is None:
+            raise OSError(f"row {source.row + 1} of {source.table.url} holds no image bytes")
+        return read_url(source.path)
     if source.span is None:
         return read_url(source.url)
     archive = source.url.split("::", 1)[1]
@@ -165,7 +173,7 @@ def write_dataset(
             ext, data = outcome
             name = listing.classes[source.label]
             writer.add(
-                f"{tag}-{index:0{width}d}{key_name(source.url)}",
+                f"{tag}-{index:0{width}d}{key_name(_named(source))}",
                 {
                     ext: data,
                     "cls": str(source.label).encode(),
@@ -208,6 +216,14 @@ def key_name(url: str) -> str:
     stem = readable(posixpath.splitext(posixpath.basename(path))[0])  # alike in any locale
     name = _UNSAFE_KEY.sub("_", stem).strip("_")[:_KEY_NAME_CHARS]
     return f"-{name}" if name else ""
+
+
+def _named(source: Source) -> str:
+    """What names ``source`` in its key: its URL, or the path a table's row gives with its
+    image (none: the key's position alone, the row's place in the table)."""
+    if isinstance(source, HeldImage):
+        return source.path or ""
+    return source.url
 
 
 def read_sampled(listing: Listing) -> dict[int, bytes | OSError]:

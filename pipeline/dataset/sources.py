@@ -40,6 +40,13 @@ from pipeline.dataset.archives import (
     class_archives,
     refuse_compressed_archives,
 )
+from pipeline.dataset.held import (
+    HeldTable,
+    holds_text,
+    is_binary,
+    is_image_struct,
+    parquet_schema,
+)
 from pipeline.dataset.names import (
     COMPRESSIONS,
     IMAGE_SUFFIXES,
@@ -49,7 +56,7 @@ from pipeline.dataset.names import (
     is_hidden,
     readable,
 )
-from pipeline.retry import read_url
+from pipeline.retry import read_url, retry
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,17 @@ class Source:
     url: str
     label: int
     span: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldImage(Source):
+    """An image held in a Parquet table's row (``url`` is ``<table>#row=<n>``, 1-based):
+    ``row`` of ``table`` (0-based), and the path its struct gives (resolved as a table's
+    paths are), read where the row's bytes are null, and the key's name."""
+
+    table: HeldTable
+    row: int
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -324,22 +342,24 @@ def list_table(
     numbered in sorted order. ``label_names`` reads numbers as names too, as a CSV's
     zero-padded numbers (``001``) always are: such IDs are no class indices.
     """
-    table = _read_table(url, path_column, label_column, label_names=label_names)
+    held = _held_column(url, path_column, label_column)
+    if held is None:
+        table = _read_table(url, path_column, label_column, label_names=label_names)
+    else:
+        path_column = held
+        table = _read_held(url, held, label_column, label_names=label_names)
     for column, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
-        if column not in table.column_names:
-            raise ValueError(
-                f"table {url} has no column {column!r} (it has {', '.join(table.column_names)})"
-                f": name yours with {flag}{_separator_hint(table.column_names)}"
-            )
+        _require_column(url, table.column_names, column, flag)
         _refuse_nested(url, table, column, path_column)
         table = _bytes_as_text(url, table, column)
     paths = table.column(path_column).to_pylist()
     labels = table.column(label_column).to_pylist()
     for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        if path is None or label is None or "" in (str(path).strip(), str(label).strip()):
+        unnamed = path is None or not str(path).strip()  # a held image needs no path
+        if (unnamed and held is None) or label is None or not str(label).strip():
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(url)
-    urls = [resolve_entry(str(path).strip(), folder) for path in paths]
+    urls = [None if path is None else resolve_entry(str(path).strip(), folder) for path in paths]
     _warn_of_backslashes(url, paths)
     if not paths:
         raise ValueError(f"table {url} has no rows, only its header")
@@ -360,8 +380,78 @@ def list_table(
         classes = sorted(set(names))
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
+    if held is not None:
+        images = HeldTable(url, held)
+        return Listing(
+            [
+                HeldImage(f"{url}#row={row + 1}", n, table=images, row=row, path=path)
+                for row, (path, n) in enumerate(zip(urls, numbers, strict=True))
+            ],
+            classes,
+        )
     _check_repeats(url, urls, numbers, classes)
     return Listing([Source(u, n) for u, n in zip(urls, numbers, strict=True)], classes)
+
+
+#: The column a Hugging Face dataset holds its images in, read when the table has no
+#: ``--path-column`` of the default name.
+IMAGE_COLUMN = "image"
+
+
+def _held_column(url: str, path_column: str, label_column: str) -> str | None:
+    """The column of the Parquet table at ``url`` that holds images' bytes, if it is
+    ``path_column`` (or, for the default ``path`` where there is none, ``image``), else
+    ``None``; refuses a missing label column naming the table's columns."""
+    if not url.lower().endswith(".parquet"):
+        return None
+    schema = parquet_schema(url)
+    column = path_column
+    if path_column == "path" and "path" not in schema.names and IMAGE_COLUMN in schema.names:
+        column = IMAGE_COLUMN
+    if column not in schema.names:
+        return None
+    data_type = schema.field(column).type
+    if not (is_image_struct(data_type) or (is_binary(data_type) and not holds_text(url, column))):
+        return None
+    _require_column(url, schema.names, label_column, "--label-column")
+    if column != path_column:
+        log.info("table %s has no column 'path': its images are read from %r", url, column)
+    return column
+
+
+def _require_column(url: str, names: list[str], column: str, flag: str) -> None:
+    """A ``ValueError`` for a table (of column ``names``) without ``column``."""
+    if column not in names:
+        raise ValueError(
+            f"table {url} has no column {column!r} (it has {', '.join(names)}): name yours "
+            f"with {flag}{_separator_hint(names)}"
+        )
+
+
+def _read_held(url: str, column: str, label_column: str, *, label_names: bool) -> pa.Table:
+    """The table at ``url`` without its images: ``column``'s paths (null for a binary column
+    or where the struct gives none) and the labels, read by batches (the images' bytes are
+    read by :class:`HeldTable` as they are converted)."""
+
+    def read() -> pa.Table:
+        with fsspec.open(url, "rb") as handle:
+            file = pq.ParquetFile(handle)
+            struct = pa.types.is_struct(file.schema_arrow.field(column).type)
+            has_path = struct and file.schema_arrow.field(column).type.get_field_index("path") >= 0
+            names = [f"{column}.path"] if has_path else []
+            batches = list(file.iter_batches(columns=[*names, label_column]))
+        labels = [batch.column(label_column) for batch in batches]
+        rows = sum(map(len, labels))
+        paths = (
+            pa.chunked_array([batch.column(column).field("path") for batch in batches], pa.string())
+            if has_path
+            else pa.nulls(rows, pa.string())
+        )
+        label_type = file.schema_arrow.field(label_column).type
+        return pa.table({column: paths, label_column: pa.chunked_array(labels, label_type)})
+
+    table = retry(read, what=f"read {url}")
+    return _typed_labels(url, _decoded(table), label_column, label_names=label_names)
 
 
 def _warn_of_backslashes(url: str, paths: list) -> None:
@@ -400,8 +490,8 @@ def _refuse_nested(url: str, table: pa.Table, name: str, path_column: str) -> No
         return
     what = "image path or URL" if name == path_column else "label"
     hint = (
-        ": images stored in the table (a Hugging Face dataset's {bytes, path}) are not read; "
-        "write them to files and list their paths"
+        ": images stored in a table are read from a column of struct<bytes: binary, path: "
+        "string> (a Hugging Face dataset's) or of binary"
         if name == path_column
         else " (a multi-label column?): give one class name or index per row"
     )
