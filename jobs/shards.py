@@ -40,7 +40,7 @@ from jobs.terminal import (
 )
 from pipeline.dataset.convert import CLASSES_NAME, ConvertReport, write_dataset
 from pipeline.dataset.sources import list_dataset
-from pipeline.named import NAMED
+from pipeline.named import NAMED, counted
 
 log = logging.getLogger("pvu.shards")
 
@@ -147,7 +147,7 @@ def run_shards(config: ShardsJobConfig) -> ConvertReport:
 def summarize(report: ConvertReport, output: str) -> Table:
     """The job's closing summary: shards, samples, classes, and each image left out."""
     table = summary_table("pvu shards: summary")
-    table.add_row("output", f"{output} ({len(report.shards)} shards, {CLASSES_NAME})")
+    table.add_row("output", f"{output} ({counted(len(report.shards), 'shard')}, {CLASSES_NAME})")
     table.add_row("samples written", f"{report.samples:,}")
     table.add_row("classes", f"{len(report.classes):,}")
     table.add_row("bytes", f"{sum(shard.bytes for shard in report.shards):,}")

@@ -175,7 +175,7 @@ def test_paths_with_square_brackets_are_printed_as_they_are(tmp_path, monkeypatc
         Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(f"images/cat/{i}.png")
     result = pvu("shards", "--input", "images", "--output", str(root / "shards"))
     assert result.exit_code == 0, result.output
-    assert f"{root / 'shards'} (1 shards, classes.json)" in result.output
+    assert f"{root / 'shards'} (1 shard, classes.json)" in result.output
 
 
 def test_train_heads_episode_lines_are_one_line_each_at_80_columns(tmp_path, monkeypatch) -> None:
