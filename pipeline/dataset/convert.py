@@ -36,6 +36,7 @@ from pipeline.cache.decode import decode_image
 from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.archives import member_path
+from pipeline.dataset.held import window_order
 from pipeline.dataset.names import readable
 from pipeline.dataset.sources import HeldImage, Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
@@ -134,9 +135,10 @@ def write_dataset(
 ) -> ConvertReport:
     """Write ``listing``'s images into shards under ``output``, then ``classes.json``.
 
-    ``shuffle`` permutes the images with ``seed`` across classes; ``threads`` read and check
-    images in parallel. ``on_image(ok)`` is called once per image (for a progress bar). The
-    first ``NAMED`` images left out for each reason get a warning each, the rest one in all.
+    ``shuffle`` permutes the images with ``seed`` across classes (``conversion_order``);
+    ``threads`` read and check images in parallel. ``on_image(ok)`` is called once per image
+    (for a progress bar). The first ``NAMED`` images left out for each reason get a warning
+    each, the rest one in all.
     Refuses an ``output`` that already holds shards, unless an unfinished run of this function
     wrote them (its ``UNFINISHED_NAME`` file is there): those are removed and written again.
     """
@@ -146,7 +148,7 @@ def write_dataset(
     make_folder(fs, root)
     write_bytes(fs, unfinished, b"pvu shards is writing this folder; its shards are unfinished\n")
     count = len(listing.sources)
-    order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
+    order = conversion_order(listing, seed) if shuffle else np.arange(count)
     sources = [listing.sources[i] for i in order]
     width = max(8, len(str(count - 1)))
     reads = read_sampled(listing)
@@ -191,6 +193,17 @@ def write_dataset(
             ", ".join(f"{reason}={n:,}" for reason, n in unnamed.items()),
         )
     return ConvertReport(writer.shards, listing.classes, unreadable)
+
+
+def conversion_order(listing: Listing, seed: int) -> np.ndarray:
+    """``listing``'s positions shuffled with ``seed``: uniformly, or for images held in a
+    table, by :func:`window_order` (each of its row groups read once)."""
+    rng = np.random.default_rng(seed)
+    sources = listing.sources
+    if not sources or not all(isinstance(source, HeldImage) for source in sources):
+        return rng.permutation(len(sources))
+    held = [source for source in sources if isinstance(source, HeldImage)]
+    return window_order(held[0].table, [source.row for source in held], rng)
 
 
 def _clear_unfinished(

@@ -3,9 +3,10 @@ column of ``struct<bytes: binary, path: string>`` (``datasets``' ``Image`` featu
 null where only a path is given) or of plain ``binary``.
 
 Listing reads the struct's paths and the labels only, by batches; an image's bytes are read
-when it is converted (:meth:`HeldTable.image`): the ``BATCH_ROWS`` rows holding it, streamed
-from its row group, the last ``CACHED_BATCHES`` batches kept for the rows read next. So the
-table is never read whole, in any order the shuffle asks for.
+when it is converted (:meth:`HeldTable.image`): its whole row group's images, read once and
+kept until each of the group's rows has been asked for (at most ``HELD_BYTES`` of them kept).
+A shuffled conversion asks in :func:`window_order`, which reads each row group once: the
+table is never read whole, nor any part of it twice.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import threading
 from collections import OrderedDict
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.retry import retry
 
-#: Rows read together, from the row group that holds them.
+#: Rows read at once where a table's first value is sampled.
 BATCH_ROWS = 16
-#: Batches kept per table for the rows read next (``--no-shuffle`` reads each batch once).
-CACHED_BATCHES = 8
-#: Rows a row group may hold before a shuffled read of it is warned of as slow.
-LARGE_ROW_GROUP = 1_000
+#: Image bytes (by the Parquet footer) of the row groups whose rows a shuffle mixes together.
+WINDOW_BYTES = 256 << 20
+#: Image bytes a table keeps read: two windows, the one converted and the next begun.
+HELD_BYTES = 2 * WINDOW_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -76,54 +78,101 @@ def holds_text(url: str, column: str) -> bool:
 
 class HeldTable:
     """The images in ``column`` of the Parquet table at ``url``, read by row; safe to share
-    among threads. Holds at most ``CACHED_BATCHES`` batches of ``BATCH_ROWS`` images, and one
-    more per thread reading."""
+    among threads. Reads a row group's images once, when its first row is asked for, and keeps
+    them until all its rows have been; at most ``HELD_BYTES`` of them (the least recently used
+    dropped beyond, and read again if asked), and one more row group per thread reading."""
 
     def __init__(self, url: str, column: str) -> None:
         self.url = url
         self.column = column
         self._metadata = retry(self._read_metadata, what=f"read {url}")
-        sizes = [self._metadata.row_group(i).num_rows for i in range(self._metadata.num_row_groups)]
-        self._starts = [0, *itertools.accumulate(sizes)]  # each row group's first row
-        largest = max(sizes, default=0)
-        if largest > LARGE_ROW_GROUP:
-            log.warning(
-                "table %s holds up to %d rows a row group: shuffled, each image is read with "
-                "its row group up to it (slow); pass --no-shuffle, or rewrite the table with "
-                "pyarrow.parquet.write_table(..., row_group_size=100)",
-                *(url, largest),
+        groups = [self._metadata.row_group(i) for i in range(self._metadata.num_row_groups)]
+        self._sizes = [group.num_rows for group in groups]
+        self._starts = [0, *itertools.accumulate(self._sizes)]  # each row group's first row
+        #: Each row group's image bytes, uncompressed, by the footer.
+        self.group_bytes = [
+            sum(
+                group.column(i).total_uncompressed_size
+                for i in range(group.num_columns)
+                if group.column(i).path_in_schema in (column, f"{column}.bytes")
             )
-        self._batches: OrderedDict[tuple[int, int], list[bytes | None]] = OrderedDict()
+            for group in groups
+        ]
+        largest = max(self.group_bytes, default=0)
+        if largest > WINDOW_BYTES:
+            log.warning(
+                "table %s holds row groups of up to %s MB of images: each is read and held "
+                "whole as it is converted; rewrite the table with "
+                "pyarrow.parquet.write_table(..., row_group_size=100)",
+                *(url, f"{largest >> 20:,}"),
+            )
+        self._groups: OrderedDict[int, list[bytes | None]] = OrderedDict()
+        self._unread: dict[int, int] = {}  # rows of a kept group not yet asked for
+        self._loading: dict[int, threading.Lock] = {}  # one thread reads a group, others wait
         self._lock = threading.Lock()
 
     def _read_metadata(self) -> pq.FileMetaData:
         with fsspec.open(self.url, "rb") as handle:
             return pq.ParquetFile(handle).metadata
 
+    def group_of(self, row: int) -> int:
+        """The row group that holds row ``row`` (0-based)."""
+        return bisect.bisect_right(self._starts, row) - 1
+
     def image(self, row: int) -> bytes | None:
         """The bytes row ``row`` holds (0-based), ``None`` where they are null."""
-        group = bisect.bisect_right(self._starts, row) - 1
-        batch, offset = divmod(row - self._starts[group], BATCH_ROWS)
+        group = self.group_of(row)
         with self._lock:
-            values = self._batches.get((group, batch))
-            if values is not None:
-                self._batches.move_to_end((group, batch))
-        if values is None:
-            values = retry(lambda: self._read(group, batch), what=f"read {self.url}")
+            loading = self._loading.setdefault(group, threading.Lock())
+        with loading:
             with self._lock:
-                self._batches[group, batch] = values
-                while len(self._batches) > CACHED_BATCHES:
-                    self._batches.popitem(last=False)
-        return values[offset]
+                values = self._groups.get(group)
+            if values is None:
+                values = retry(lambda: self._read(group), what=f"read {self.url}")
+                self._keep(group, values)
+        with self._lock:
+            self._unread[group] = self._unread.get(group, self._sizes[group]) - 1
+            if self._unread[group] <= 0:  # each row asked for: the group is done
+                self._groups.pop(group, None)
+                del self._unread[group]
+        return values[row - self._starts[group]]
 
-    def _read(self, group: int, batch: int) -> list[bytes | None]:
-        """Batch ``batch`` of row group ``group``'s bytes, streamed from the group's start."""
+    def _keep(self, group: int, values: list[bytes | None]) -> None:
+        """Keep ``group``'s ``values``, dropping the least recently read beyond ``HELD_BYTES``."""
+        with self._lock:
+            self._groups[group] = values
+            held = sum(self.group_bytes[kept] for kept in self._groups)
+            while held > HELD_BYTES and len(self._groups) > 1:
+                dropped, _ = self._groups.popitem(last=False)
+                held -= self.group_bytes[dropped]
+
+    def _read(self, group: int) -> list[bytes | None]:
+        """Row group ``group``'s image bytes, its image column alone."""
         column = self.column
         with fsspec.open(self.url, "rb") as handle:
             file = pq.ParquetFile(handle, metadata=self._metadata)
             struct = pa.types.is_struct(file.schema_arrow.field(column).type)
-            batches = file.iter_batches(
-                BATCH_ROWS, row_groups=[group], columns=[f"{column}.bytes" if struct else column]
-            )
-            values = next(itertools.islice(batches, batch, None)).column(0)
+            table = file.read_row_group(group, columns=[f"{column}.bytes" if struct else column])
+            values = table.column(0).combine_chunks()
         return (values.field("bytes") if struct else values).to_pylist()
+
+
+def window_order(table: HeldTable, rows: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A shuffle of the positions of ``rows`` (of ``table``) that reads each row group once,
+    at most ``HELD_BYTES`` held: the row groups in random order, and the rows of each window of
+    consecutive ones, as many as hold ``WINDOW_BYTES`` of images (at least one), shuffled
+    together."""
+    groups: dict[int, list[int]] = {}
+    for position, row in enumerate(rows):
+        groups.setdefault(table.group_of(row), []).append(position)
+    order: list[np.ndarray] = []
+    window: list[int] = []
+    held = 0
+    for group in rng.permutation(list(groups)).tolist():
+        if window and held + table.group_bytes[group] > WINDOW_BYTES:
+            order.append(rng.permutation(np.array(window, dtype=np.int64)))
+            window, held = [], 0
+        window += groups[group]
+        held += table.group_bytes[group]
+    order.append(rng.permutation(np.array(window, dtype=np.int64)))
+    return np.concatenate(order)
