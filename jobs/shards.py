@@ -1,7 +1,7 @@
 """``pvu shards``: an image folder of class subfolders or of class tar archives (ImageNet's
 ``n01440764.tar``), or a table of (path, label) (CSV, TSV, JSON Lines, each maybe compressed,
-or Parquet, which may hold the images' bytes) -> WebDataset tar shards that ``pvu cache``
-reads, with a ``classes.json`` of label names.
+or Parquet, which may hold the images' bytes, or be a folder of parts) -> WebDataset tar
+shards that ``pvu cache`` reads, with a ``classes.json`` of label names.
 
 Images are shuffled across classes (seeded) unless ``--no-shuffle``; one that cannot be read
 or decoded is left out and named in the summary, never fatal.
@@ -173,8 +173,10 @@ def shards(
             "tar archives (<input>/<class>.tar of images, as ImageNet's n01440764.tar; read "
             "without extracting), or a table of image paths or URLs and labels: .csv, .tsv, "
             ".jsonl / .ndjson (each may be .gz, .bz2 or .zst compressed) or .parquet (its "
-            "images may be held in it, as a Hugging Face dataset's; see --path-column); one "
-            "file, local or any fsspec URL.",
+            "images may be held in it, as a Hugging Face dataset's; see --path-column), or a "
+            "folder of .parquet files of one schema alone (a table in parts, as the Hub's "
+            "train-00000-of-00040.parquet, ...), read as one table; local or any fsspec URL "
+            "(no glob: give the folder).",
         ),
     ] = None,
     output: Annotated[

@@ -628,18 +628,20 @@ def test_a_folder_of_photos_pvu_cannot_read_names_what_it_holds(tmp_path):
 
 def test_a_table_written_in_parts_is_named_as_such_not_as_photos_to_convert(tmp_path):
     """A Parquet table as Spark or pandas' partition_cols write it (a folder of part files,
-    ``label=<class>/`` folders) was told its .parquet files were images to convert to .jpg."""
+    ``label=<class>/`` folders) was told its .parquet files were images to convert to .jpg.
+    A folder of .parquet files alone is read as one table; one in subfolders is refused."""
     image = tmp_path / "cat.png"
     image.write_bytes(image_bytes(np.random.default_rng(0), "png"))
     table = pa.table({"path": [str(image)], "label": ["cat"]})
     pq.write_to_dataset(table, tmp_path / "flat.parquet")
     pq.write_to_dataset(table, tmp_path / "hive.parquet", partition_cols=["label"])
-    for name in ("flat.parquet", "hive.parquet"):
-        result = run("--input", str(tmp_path / name), "--output", str(tmp_path / "out"))
-        said = " ".join(result.text.split())
-        assert result.exit_code == 2 and "convert them" not in said, said
-        assert f"{tmp_path / name} holds 1 table file(s) (1 .parquet), no images" in said, said
-        assert "merge them into one .csv or .parquet file" in said, said
+    result = run("--input", str(tmp_path / "flat.parquet"), "--output", str(tmp_path / "flat"))
+    assert result.exit_code == 0 and len(samples_of(tmp_path / "flat")) == 1, result.output
+    result = run("--input", str(tmp_path / "hive.parquet"), "--output", str(tmp_path / "out"))
+    said = " ".join(result.text.split())
+    assert result.exit_code == 2 and "convert them" not in said, said
+    assert f"{tmp_path / 'hive.parquet'} holds 1 table file(s) (1 .parquet), no images" in said
+    assert "merge these into one .csv or .parquet file" in said, said
 
 
 def test_jfif_files_are_images_and_ignored_files_are_named_by_suffix(tmp_path):
@@ -1140,9 +1142,122 @@ def test_a_held_tables_shuffle_mixes_the_rows_of_a_window_of_row_groups(tmp_path
     pq.write_table(pa.table({"image": pa.array(rows, HF_IMAGE)}), path, row_group_size=10)
     table = held.HeldTable(str(path), "image")
     monkeypatch.setattr(held, "WINDOW_BYTES", 2 * max(table.group_bytes))  # 2 groups a window
-    order = held.window_order(table, list(range(60)), np.random.default_rng(0))
+    order = held.window_order([(table, row) for row in range(60)], np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(60))
     windows = [order[i : i + 20] // 10 for i in range(0, 60, 20)]
     assert all(len(set(w.tolist())) == 2 for w in windows)  # each window: two whole groups
     assert all(len(set(w[:5].tolist())) == 2 for w in windows)  # ... mixed together
     assert sorted(g for w in windows for g in set(w.tolist())) == list(range(6))
+
+
+def write_hf_parts(folder: Path) -> tuple[Path, list[tuple[int, bytes]]]:
+    """``folder/data/train-0000<i>-of-00003.parquet`` as the Hub splits a dataset: an ``image``
+    column of {bytes, path} whose paths repeat across parts (``0.png``, ...), labels 0-4
+    (part 0 holds 0 and 1 alone, part 2 label 4 alone), row groups of 5. Returns the folder and
+    each row's (label, bytes) in file order."""
+    rng = np.random.default_rng(11)
+    (folder / "data").mkdir(parents=True)
+    rows = []
+    for part, (count, labels) in enumerate(((12, (0, 1)), (10, (2, 3, 1)), (8, (4,)))):
+        images = [image_bytes(rng, "png") for _ in range(count)]
+        column = [{"bytes": data, "path": f"{row}.png"} for row, data in enumerate(images)]
+        label = [labels[row % len(labels)] for row in range(count)]
+        rows += zip(label, images, strict=True)
+        table = pa.table({"image": pa.array(column, HF_IMAGE), "label": label})
+        pq.write_table(table, folder / "data" / f"train-0000{part}-of-00003.parquet", 5)
+    (folder / "data" / ".cache").mkdir()  # hidden: not a class folder, no part
+    return folder / "data", rows
+
+
+def test_a_folder_of_hugging_face_parquet_parts_is_read_as_one_table(tmp_path):
+    """The Hub publishes a split as many Parquet files (train-00000-of-00040.parquet, ...):
+    a folder of them was refused as 'a table written in parts', to merge by hand first."""
+    fsspec.register_implementation("counted", CountingFileSystem, clobber=True)
+    folder, rows = write_hf_parts(tmp_path)
+    total = sum(len(image) for _, image in rows)
+    outs = {}
+    for name, shuffle in (("shuffled", True), ("ordered", False)):
+        listing = list_dataset(f"counted://{folder}")
+        assert listing.classes == ["0", "1", "2", "3", "4"]  # numbered across the parts
+        CountingFileSystem.read_bytes = 0
+        outs[name] = tmp_path / name
+        report = write_dataset(
+            listing, str(outs[name]), max_bytes=1 << 30, max_samples=10, shuffle=shuffle
+        )
+        assert report.samples == len(rows) and not report.unreadable
+        read = CountingFileSystem.read_bytes  # through counted://: each row group once
+        assert 0.8 * total < read < 1.2 * total, (name, read, total)
+    ordered, shuffled = samples_of(outs["ordered"]), samples_of(outs["shuffled"])
+    assert [(label, image) for _, label, image in ordered] == rows  # file order, row order
+    assert sorted(shuffled) == sorted(ordered)  # every image once, its own label and key
+    assert len({key for key, *_ in ordered}) == len(rows)  # 0.png in each part: unique keys
+    assert [key.rsplit("-", 1)[1] for key, *_ in ordered][10:14] == ["10", "11", "0", "1"]
+    index = {image: i for i, (_, image) in enumerate(rows)}
+    parts = [(index[image] >= 12) + (index[image] >= 22) for *_, image in shuffled[:10]]
+    assert len(set(parts)) > 1, parts  # the first shard mixes the parts' rows
+    assert len({label for _, label, _ in shuffled[:10]}) > 2
+    meta = {m["source"] for *_, m in read_shards(str(outs["ordered"]))}
+    assert any(s.endswith("/data/train-00002-of-00003.parquet#row=8") for s in meta), meta
+    # through the command line: one table, classes.json numbered across the parts
+    result = run("--input", str(folder), "--output", str(tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "classes.json").read_text()) == ["0", "1", "2", "3", "4"]
+    assert sorted(samples_of(tmp_path / "cli")) == sorted(ordered)  # the same keys
+
+
+def test_a_folder_of_parquet_parts_of_paths_is_one_table_named_across_its_parts(tmp_path):
+    """Parts of a table of paths: paths relative to the parts' folder, class names sorted over
+    all parts (part 0's dog is class 1, after part 1's cat)."""
+    rng = np.random.default_rng(12)
+    folder = tmp_path / "table"
+    folder.mkdir()
+    (tmp_path / "images").mkdir()  # beside the parts: a subfolder makes a folder of classes
+    names = {"a": "dog", "b": "dog", "c": "cat", "d": "bird"}
+    for stem in names:
+        (tmp_path / "images" / f"{stem}.png").write_bytes(image_bytes(rng, "png"))
+    for part, stems in enumerate((("a", "b"), ("c",), ("d",))):
+        paths = [f"../images/{stem}.png" for stem in stems]
+        table = pa.table({"path": paths, "label": [names[stem] for stem in stems]})
+        pq.write_table(table, folder / f"part-{part}.parquet")
+    listing = list_dataset(str(folder))
+    assert listing.classes == ["bird", "cat", "dog"]
+    by_name = {Path(s.url).stem: listing.classes[s.label] for s in listing.sources}
+    assert by_name == names and [Path(s.url).stem for s in listing.sources] == list("abcd")
+    assert all(Path(s.url).is_file() for s in listing.sources)
+    result = run("--input", str(folder), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(samples_of(tmp_path / "out")) == 4
+
+
+def test_parquet_parts_of_different_schemas_are_refused_naming_the_file_and_column(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"path": ["a.png"], "label": [0]}), folder / "0.parquet")
+    pq.write_table(pa.table({"path": ["b.png"], "label": [1]}), folder / "1.parquet")
+    pq.write_table(pa.table({"path": ["c.png"], "label": ["cat"]}), folder / "2.parquet")
+    with pytest.raises(ValueError, match=rf"{folder / '2.parquet'}.*column 'label' holds string"):
+        list_dataset(str(folder))
+    pq.write_table(pa.table({"path": ["c.png"], "class": [2]}), folder / "2.parquet")
+    with pytest.raises(ValueError, match=rf"{folder / '2.parquet'} has no column 'label'.*class"):
+        list_dataset(str(folder))
+
+
+def test_the_parts_of_a_table_hold_at_most_held_bytes_of_images_together(tmp_path, monkeypatch):
+    """Each part's HeldTable kept up to HELD_BYTES of its own: 40 parts, 40 times as much."""
+    from pipeline.dataset import held
+
+    rng = np.random.default_rng(13)
+    tables = []
+    kept = held.Kept()
+    for part in range(3):
+        rows = [{"bytes": image_bytes(rng, "png", 16), "path": None} for _ in range(4)]
+        path = tmp_path / f"{part}.parquet"
+        pq.write_table(pa.table({"image": pa.array(rows, HF_IMAGE)}), path, row_group_size=2)
+        tables.append(held.HeldTable(str(path), "image", kept))
+    monkeypatch.setattr(held, "HELD_BYTES", 2 * max(tables[0].group_bytes))  # two groups
+    for table in tables:  # a row of each file's first group: each group begun, none done
+        assert table.image(0) is not None
+    assert len(kept.groups) == 2  # the least recently read dropped, whatever its file
+    assert [table.image(1) for table in tables] == [
+        pq.read_table(table.url)["image"][1]["bytes"].as_py() for table in tables
+    ]  # a dropped group is read again when asked

@@ -197,13 +197,13 @@ def write_dataset(
 
 def conversion_order(listing: Listing, seed: int) -> np.ndarray:
     """``listing``'s positions shuffled with ``seed``: uniformly, or for images held in a
-    table, by :func:`window_order` (each of its row groups read once)."""
+    table (or its parts), by :func:`window_order` (each row group read once)."""
     rng = np.random.default_rng(seed)
     sources = listing.sources
     if not sources or not all(isinstance(source, HeldImage) for source in sources):
         return rng.permutation(len(sources))
     held = [source for source in sources if isinstance(source, HeldImage)]
-    return window_order(held[0].table, [source.row for source in held], rng)
+    return window_order([(source.table, source.row) for source in held], rng)
 
 
 def _clear_unfinished(

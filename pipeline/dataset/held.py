@@ -4,8 +4,9 @@ null where only a path is given) or of plain ``binary``.
 
 Listing reads the struct's paths and the labels only, by batches; an image's bytes are read
 when it is converted (:meth:`HeldTable.image`): its whole row group's images, read once and
-kept until each of the group's rows has been asked for (at most ``HELD_BYTES`` of them kept).
-A shuffled conversion asks in :func:`window_order`, which reads each row group once: the
+kept until each of the group's rows has been asked for (at most ``HELD_BYTES`` of them kept,
+by all the files of a table in parts together: they share one :class:`Kept`). A shuffled
+conversion asks in :func:`window_order`, which reads each row group once, of any file: the
 table is never read whole, nor any part of it twice.
 """
 
@@ -76,15 +77,27 @@ def holds_text(url: str, column: str) -> bool:
     return False
 
 
+class Kept:
+    """The row groups' images read and kept by the :class:`HeldTable` s sharing it (the files
+    of one table in parts), by ``(table, group)``, at most ``HELD_BYTES`` of them, and the lock
+    that guards them and the tables' counts."""
+
+    def __init__(self) -> None:
+        self.groups: OrderedDict[tuple[HeldTable, int], list[bytes | None]] = OrderedDict()
+        self.lock = threading.Lock()
+
+
 class HeldTable:
     """The images in ``column`` of the Parquet table at ``url``, read by row; safe to share
     among threads. Reads a row group's images once, when its first row is asked for, and keeps
-    them until all its rows have been; at most ``HELD_BYTES`` of them (the least recently used
-    dropped beyond, and read again if asked), and one more row group per thread reading."""
+    them until all its rows have been; at most ``HELD_BYTES`` of them with those of the tables
+    sharing ``kept`` (the least recently used dropped beyond, and read again if asked), and one
+    more row group per thread reading."""
 
-    def __init__(self, url: str, column: str) -> None:
+    def __init__(self, url: str, column: str, kept: Kept | None = None) -> None:
         self.url = url
         self.column = column
+        self._kept = Kept() if kept is None else kept
         self._metadata = retry(self._read_metadata, what=f"read {url}")
         groups = [self._metadata.row_group(i) for i in range(self._metadata.num_row_groups)]
         self._sizes = [group.num_rows for group in groups]
@@ -106,10 +119,9 @@ class HeldTable:
                 "pyarrow.parquet.write_table(..., row_group_size=100)",
                 *(url, f"{largest >> 20:,}"),
             )
-        self._groups: OrderedDict[int, list[bytes | None]] = OrderedDict()
         self._unread: dict[int, int] = {}  # rows of a kept group not yet asked for
         self._loading: dict[int, threading.Lock] = {}  # one thread reads a group, others wait
-        self._lock = threading.Lock()
+        self._lock = self._kept.lock
 
     def _read_metadata(self) -> pq.FileMetaData:
         with fsspec.open(self.url, "rb") as handle:
@@ -126,25 +138,27 @@ class HeldTable:
             loading = self._loading.setdefault(group, threading.Lock())
         with loading:
             with self._lock:
-                values = self._groups.get(group)
+                values = self._kept.groups.get((self, group))
             if values is None:
                 values = retry(lambda: self._read(group), what=f"read {self.url}")
                 self._keep(group, values)
         with self._lock:
             self._unread[group] = self._unread.get(group, self._sizes[group]) - 1
             if self._unread[group] <= 0:  # each row asked for: the group is done
-                self._groups.pop(group, None)
+                self._kept.groups.pop((self, group), None)
                 del self._unread[group]
         return values[row - self._starts[group]]
 
     def _keep(self, group: int, values: list[bytes | None]) -> None:
-        """Keep ``group``'s ``values``, dropping the least recently read beyond ``HELD_BYTES``."""
+        """Keep ``group``'s ``values``, dropping the least recently read (of any table sharing
+        ``kept``) beyond ``HELD_BYTES``."""
+        kept = self._kept.groups
         with self._lock:
-            self._groups[group] = values
-            held = sum(self.group_bytes[kept] for kept in self._groups)
-            while held > HELD_BYTES and len(self._groups) > 1:
-                dropped, _ = self._groups.popitem(last=False)
-                held -= self.group_bytes[dropped]
+            kept[(self, group)] = values
+            held = sum(table.group_bytes[number] for table, number in kept)
+            while held > HELD_BYTES and len(kept) > 1:
+                (table, dropped), _ = kept.popitem(last=False)
+                held -= table.group_bytes[dropped]
 
     def _read(self, group: int) -> list[bytes | None]:
         """Row group ``group``'s image bytes, its image column alone."""
@@ -157,22 +171,23 @@ class HeldTable:
         return (values.field("bytes") if struct else values).to_pylist()
 
 
-def window_order(table: HeldTable, rows: list[int], rng: np.random.Generator) -> np.ndarray:
-    """A shuffle of the positions of ``rows`` (of ``table``) that reads each row group once,
-    at most ``HELD_BYTES`` held: the row groups in random order, and the rows of each window of
-    consecutive ones, as many as hold ``WINDOW_BYTES`` of images (at least one), shuffled
-    together."""
-    groups: dict[int, list[int]] = {}
-    for position, row in enumerate(rows):
-        groups.setdefault(table.group_of(row), []).append(position)
+def window_order(rows: list[tuple[HeldTable, int]], rng: np.random.Generator) -> np.ndarray:
+    """A shuffle of the positions of ``rows`` (each ``(table, row)``: of one table, or of the
+    files of a table in parts) that reads each row group once, at most ``HELD_BYTES`` held: the
+    row groups of all the tables in random order, and the rows of each window of consecutive
+    ones, as many as hold ``WINDOW_BYTES`` of images (at least one), shuffled together."""
+    groups: dict[tuple[HeldTable, int], list[int]] = {}
+    for position, (table, row) in enumerate(rows):
+        groups.setdefault((table, table.group_of(row)), []).append(position)
+    listed = list(groups)
     order: list[np.ndarray] = []
     window: list[int] = []
     held = 0
-    for group in rng.permutation(list(groups)).tolist():
+    for table, group in (listed[i] for i in rng.permutation(len(listed)).tolist()):
         if window and held + table.group_bytes[group] > WINDOW_BYTES:
             order.append(rng.permutation(np.array(window, dtype=np.int64)))
             window, held = [], 0
-        window += groups[group]
+        window += groups[(table, group)]
         held += table.group_bytes[group]
     order.append(rng.permutation(np.array(window, dtype=np.int64)))
     return np.concatenate(order)

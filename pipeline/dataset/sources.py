@@ -1,6 +1,7 @@
 """Where a dataset's images are: a folder of class subfolders or of class tar archives (as
 ImageNet's ``n01440764.tar``), or a table of (path, label): a CSV, TSV or JSON Lines file
-(each may be compressed) or a Parquet one.
+(each may be compressed) or a Parquet one, or a folder of Parquet files read as one table (a
+table in parts, as the Hugging Face Hub publishes a split).
 
 Either becomes a ``Listing``: every image's URL with its integer label, and the label names
 (``classes[label]``). Listing touches no image; reading and checking them is ``convert``'s job.
@@ -42,6 +43,7 @@ from pipeline.dataset.archives import (
 )
 from pipeline.dataset.held import (
     HeldTable,
+    Kept,
     holds_text,
     is_binary,
     is_image_struct,
@@ -109,8 +111,17 @@ def list_dataset(
     url: str, *, path_column: str = "path", label_column: str = "label", label_names: bool = False
 ) -> Listing:
     """The images of the folder or table at ``url`` (local path or any fsspec URL); see
-    :func:`list_table` for the table's arguments."""
+    :func:`list_table` for the table's arguments (a folder of ``.parquet`` files alone is
+    one table in parts)."""
     fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path) and (parts := _table_parts(url, fs, path)):
+        return list_table(
+            url,
+            path_column=path_column,
+            label_column=label_column,
+            label_names=label_names,
+            parts=parts,
+        )
     if fs.isdir(path) and label_names:
         raise ValueError(f"--label-names reads a table's labels; {url} is a folder of classes")
     if fs.isdir(path):
@@ -213,18 +224,32 @@ def _folder_images(
     return by_class, ignored, unread
 
 
+def _table_parts(url: str, fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The URLs (``url/<name>``, as the user spelled ``url``) of the files of the folder
+    ``root`` (of ``url``) in sorted order if they are a table in parts: its visible entries
+    are all ``.parquet`` files (the Hub's ``train-00000-of-00040.parquet``, ...); else none."""
+    entries = [e for e in fs.ls(root, detail=True) if not is_hidden(entry_name(e))]
+    names = sorted(entry_name(e) for e in entries if is_file_entry(fs, e))
+    parquet = all(file_suffix(name) == ".parquet" for name in names)
+    if not names or len(names) < len(entries) or not parquet:
+        return []
+    return [f"{url.rstrip('/')}/{name}" for name in names]
+
+
 def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
-    """A ``ValueError`` for a folder without images that holds tables: one written in parts
-    (a Spark or Dask output, pandas' ``partition_cols``), which is no folder of classes."""
+    """A ``ValueError`` for a folder without images that holds tables, but not as a table in
+    parts pvu reads (``.parquet`` files alone): text tables, or Parquet in subfolders (a
+    Spark or Dask output, pandas' ``partition_cols``), which is no folder of classes."""
     tables = Counter({suffix: ignored[suffix] for suffix in TABLE_SUFFIXES if ignored[suffix]})
     if not tables:
         return
     named = ", ".join(f"{n:,} {suffix}" for suffix, n in tables.most_common())
     raise ValueError(
         f"{url} holds {tables.total():,} table file(s) ({named}), no images: a table written "
-        "in parts (as Spark, Dask or pandas' partition_cols write one) is not read as one; "
-        "merge them into one .csv or .parquet file and give that as --input (Parquet: "
-        f"pyarrow.parquet.write_table(pyarrow.parquet.read_table({url!r}), 'table.parquet'))"
+        "in parts is read as one only as a folder of .parquet files alone (no subfolders, "
+        "text tables or other files beside them); merge these into one .csv or .parquet file "
+        "and give that as --input (Parquet: pyarrow.parquet.write_table("
+        f"pyarrow.parquet.read_table({url!r}), 'table.parquet'))"
     )
 
 
@@ -332,9 +357,17 @@ def _and_above(path: str) -> set[str]:
 
 
 def list_table(
-    url: str, *, path_column: str = "path", label_column: str = "label", label_names: bool = False
+    url: str,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    label_names: bool = False,
+    parts: list[str] | None = None,
 ) -> Listing:
-    """Images named in the table at ``url`` (one of ``TABLE_SUFFIXES``), one row each.
+    """Images named in the table at ``url`` (one of ``TABLE_SUFFIXES``), one row each; or in
+    the table in ``parts`` (Parquet files of one schema, in the folder ``url``), read as one:
+    their rows in order, labels typed and numbered over all, rows named by their place in
+    the whole in messages (a held image's source by its file's).
 
     Paths are URLs or paths relative to the table's folder. Integer labels (or whole-number
     floats, as pandas writes a column that once held a NaN) keep their value (``classes``
@@ -342,12 +375,22 @@ def list_table(
     numbered in sorted order. ``label_names`` reads numbers as names too, as a CSV's
     zero-padded numbers (``001``) always are: such IDs are no class indices.
     """
-    held = _held_column(url, path_column, label_column)
-    if held is None:
+    files = parts or [url]
+    parquet = file_suffix(files[0]) == ".parquet"
+    held = _held_column(url, files, path_column, label_column) if parquet else None
+    if parts:  # messages name the folder, and rows by their place in the whole
+        url = f"{url} (its {len(parts):,} .parquet parts as one table, rows counted through them)"
+    if held is None and not parts:
         table = _read_table(url, path_column, label_column, label_names=label_names)
+        counts = [table.num_rows]
     else:
-        path_column = held
-        table = _read_held(url, held, label_column, label_names=label_names)
+        path_column = held or path_column
+        tables = [
+            _read_held(file, held, label_column) if held else _read_parquet(file) for file in files
+        ]
+        counts = [part.num_rows for part in tables]
+        table = pa.concat_tables(tables, promote_options="default")  # nullability may differ
+        table = _typed_labels(url, table, label_column, label_names=label_names)
     for column, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
         _require_column(url, table.column_names, column, flag)
         _refuse_nested(url, table, column, path_column)
@@ -358,7 +401,7 @@ def list_table(
         unnamed = path is None or not str(path).strip()  # a held image needs no path
         if (unnamed and held is None) or label is None or not str(label).strip():
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
-    folder = _folder(url)
+    folder = _folder(files[0])
     urls = [None if path is None else resolve_entry(str(path).strip(), folder) for path in paths]
     _warn_of_backslashes(url, paths)
     if not paths:
@@ -381,11 +424,17 @@ def list_table(
         index = {name: number for number, name in enumerate(classes)}
         numbers = [index[name] for name in names]
     if held is not None:
-        images = HeldTable(url, held)
+        kept = Kept()  # the parts' images held at once, all together
+        held_tables = [HeldTable(file, held, kept) for file in files]
+        rows = [
+            (images, row)
+            for images, count in zip(held_tables, counts, strict=True)
+            for row in range(count)
+        ]
         return Listing(
             [
-                HeldImage(f"{url}#row={row + 1}", n, table=images, row=row, path=path)
-                for row, (path, n) in enumerate(zip(urls, numbers, strict=True))
+                HeldImage(f"{images.url}#row={row + 1}", n, table=images, row=row, path=path)
+                for (images, row), path, n in zip(rows, urls, numbers, strict=True)
             ],
             classes,
         )
@@ -398,25 +447,56 @@ def list_table(
 IMAGE_COLUMN = "image"
 
 
-def _held_column(url: str, path_column: str, label_column: str) -> str | None:
-    """The column of the Parquet table at ``url`` that holds images' bytes, if it is
-    ``path_column`` (or, for the default ``path`` where there is none, ``image``), else
-    ``None``; refuses a missing label column naming the table's columns."""
-    if not url.lower().endswith(".parquet"):
-        return None
-    schema = parquet_schema(url)
+def _held_column(url: str, files: list[str], path_column: str, label_column: str) -> str | None:
+    """The column of the Parquet table at ``url`` (in ``files``: itself, or its parts) that
+    holds images' bytes, if it is ``path_column`` (or, for the default ``path`` where there is
+    none, ``image``), else ``None``; refuses a missing label column naming the table's
+    columns, and parts that differ (:func:`_shared_schema`)."""
+    schema = _shared_schema(files)
     column = path_column
     if path_column == "path" and "path" not in schema.names and IMAGE_COLUMN in schema.names:
         column = IMAGE_COLUMN
     if column not in schema.names:
         return None
     data_type = schema.field(column).type
-    if not (is_image_struct(data_type) or (is_binary(data_type) and not holds_text(url, column))):
+    if not (
+        is_image_struct(data_type) or (is_binary(data_type) and not holds_text(files[0], column))
+    ):
         return None
     _require_column(url, schema.names, label_column, "--label-column")
     if column != path_column:
         log.info("table %s has no column 'path': its images are read from %r", url, column)
     return column
+
+
+def _shared_schema(files: list[str]) -> pa.Schema:
+    """The schema of the Parquet ``files`` (a table, or its parts), by their footers; a
+    ``ValueError`` naming the first file and column that differ from the first file's (a
+    column's type as read: a pandas category's values)."""
+    first = parquet_schema(files[0])
+    for file in files[1:]:
+        schema = parquet_schema(file)
+        for name in dict.fromkeys([*first.names, *schema.names]):
+            if name not in schema.names or name not in first.names:
+                has, lacks = (files[0], file) if name in first.names else (file, files[0])
+                raise ValueError(
+                    f"table part {lacks} has no column {name!r}, which {has} has ({file}'s "
+                    f"columns: {', '.join(schema.names)}; {files[0]}'s: "
+                    f"{', '.join(first.names)}): the parts of a table share its columns; "
+                    "move the parts of other tables out of the folder"
+                )
+            ours, theirs = (_read_type(s.field(name).type) for s in (schema, first))
+            if ours != theirs:
+                raise ValueError(
+                    f"table part {file}: column {name!r} holds {ours}, not {theirs} as in "
+                    f"{files[0]}: the parts of a table share its column types; write them alike"
+                )
+    return first
+
+
+def _read_type(data_type: pa.DataType) -> pa.DataType:
+    """``data_type`` as a table's column is read: a dictionary's (pandas category's) values."""
+    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 
 
 def _require_column(url: str, names: list[str], column: str, flag: str) -> None:
@@ -428,10 +508,10 @@ def _require_column(url: str, names: list[str], column: str, flag: str) -> None:
         )
 
 
-def _read_held(url: str, column: str, label_column: str, *, label_names: bool) -> pa.Table:
+def _read_held(url: str, column: str, label_column: str) -> pa.Table:
     """The table at ``url`` without its images: ``column``'s paths (null for a binary column
-    or where the struct gives none) and the labels, read by batches (the images' bytes are
-    read by :class:`HeldTable` as they are converted)."""
+    or where the struct gives none) and the labels as stored, read by batches (the images'
+    bytes are read by :class:`HeldTable` as they are converted)."""
 
     def read() -> pa.Table:
         with fsspec.open(url, "rb") as handle:
@@ -450,8 +530,7 @@ def _read_held(url: str, column: str, label_column: str, *, label_names: bool) -
         label_type = file.schema_arrow.field(label_column).type
         return pa.table({column: paths, label_column: pa.chunked_array(labels, label_type)})
 
-    table = retry(read, what=f"read {url}")
-    return _typed_labels(url, _decoded(table), label_column, label_names=label_names)
+    return _decoded(retry(read, what=f"read {url}"))
 
 
 def _warn_of_backslashes(url: str, paths: list) -> None:
@@ -577,8 +656,7 @@ def _read_table(url: str, path_column: str, label_column: str, *, label_names: b
     as written (``000123`` is no number; its bytes, checked as UTF-8 by the caller)."""
     stem, last = posixpath.splitext(url.lower())
     if last == ".parquet":
-        table = _decoded(pq.read_table(pa.BufferReader(read_url(url))))
-        return _typed_labels(url, table, label_column, label_names=label_names)
+        return _typed_labels(url, _read_parquet(url), label_column, label_names=label_names)
     codec = COMPRESSIONS.get(last)  # list.csv.gz: a CSV in gzip
     kind = TEXT_TABLES[posixpath.splitext(stem)[1] if codec else last]
     data = _unpacked(url, read_url(url), codec)
@@ -587,6 +665,11 @@ def _read_table(url: str, path_column: str, label_column: str, *, label_names: b
         return _read_json_lines(url, data, label_column, label_names=label_names)
     delimiter = "\t" if kind == "tsv" else ","
     return _read_csv(url, data, path_column, label_column, delimiter, label_names=label_names)
+
+
+def _read_parquet(url: str) -> pa.Table:
+    """The Parquet table at ``url``, whole, its labels as stored."""
+    return _decoded(pq.read_table(pa.BufferReader(read_url(url))))
 
 
 def _unpacked(url: str, data: bytes, codec: str | None) -> bytes:
