@@ -69,8 +69,8 @@ class InstantWorker:
     def start(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "device": "cpu", "gpu_ids": [], "threads": 1}
 
-    def run(self, unit: Unit) -> UnitResult:
-        return finished(unit)
+    def run(self, unit: Unit, targets: tuple[int, ...] | None = None) -> dict[int, UnitResult]:
+        return {0: finished(unit)}
 
     def close(self) -> None:
         pass

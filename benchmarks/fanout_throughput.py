@@ -72,7 +72,7 @@ def main() -> None:
                 figures["separate"].append((prepare, total - prepare))
                 one_prepare = results[0].timings["prepare_cpu"]
                 figures["one pass"].append((one_prepare, one_total - one_prepare))
-        for name, result in zip(args.backbones, results, strict=True):
+        for name, result in zip(args.backbones, results.values(), strict=True):
             mine = pq.read_table(f"{tmp}/one/{name}/{result.relpath}")
             assert mine.equals(pq.read_table(f"{tmp}/alone/{name}/{result.relpath}")), name
     images = args.images

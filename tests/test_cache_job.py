@@ -24,7 +24,7 @@ from support import JOB_FLAGS, SMALL_BACKBONE_FLAGS, pvu, unit_settings
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.run.cache import member_advice, run_cache, summarize
+from jobs.run.cache import failed_in, member_advice, run_cache, summarize
 from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.distribute import (
@@ -531,10 +531,10 @@ def small_pool(
 
 def test_a_unit_that_kills_every_actor_it_runs_on_fails_after_max_attempts(local_ray, tmp_path):
     class CrashesOnOneShard(CacheWorker):
-        def run(self, unit):
+        def run(self, unit, targets=None):
             if unit.shard == "digits-0001":
                 os._exit(1)  # as an OOM kill or a segfaulting decoder would
-            return super().run(unit)
+            return super().run(unit, targets)
 
     pool, units, _ = small_pool(tmp_path, CrashesOnOneShard, shards=2, max_attempts=2)
     report = pool.run(units, on_result=lambda result: None)
@@ -551,11 +551,11 @@ def test_a_unit_that_hangs_has_its_actor_killed_and_runs_again_elsewhere(local_r
     stopped = tmp_path / "stopped"
 
     class HangsOnceOnOneShard(CacheWorker):
-        def run(self, unit):
+        def run(self, unit, targets=None):
             if unit.shard == "digits-0001" and not stopped.exists():
                 stopped.touch()
                 os.kill(os.getpid(), signal.SIGSTOP)
-            return super().run(unit)
+            return super().run(unit, targets)
 
     pool, units, _ = small_pool(tmp_path, HangsOnceOnOneShard, shards=2, max_attempts=2)
     pool.unit_timeout = 10.0
@@ -648,12 +648,12 @@ def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_r
             self.worker = CacheWorker(*self.args)
             return self.worker.start()
 
-        def run(self, unit):
+        def run(self, unit, targets=None):
             (tmp_path / "running").touch()
             deadline = time.monotonic() + 120
             while len(list(failed.iterdir())) < 5 and time.monotonic() < deadline:
                 time.sleep(0.1)  # the run lasts until the starts have failed size + 3 times
-            return self.worker.run(unit)
+            return self.worker.run(unit, targets)
 
         def close(self):
             self.worker.close()
@@ -671,9 +671,9 @@ def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
     """Every later unit would fill the disk too: no retries, no other unit started."""
 
     class DiskFullOnOneShard(CacheWorker):
-        def run(self, unit):
+        def run(self, unit, targets=None):
             if unit.shard != "digits-0001":
-                return super().run(unit)
+                return super().run(unit, targets)
             import pipeline.cache.writer as writer
 
             write_table = writer.pq.write_table
@@ -684,7 +684,7 @@ def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
 
             writer.pq.write_table = onto_a_full_disk
             try:
-                return super().run(unit)
+                return super().run(unit, targets)
             finally:
                 writer.pq.write_table = write_table
 
@@ -766,7 +766,7 @@ def test_a_unit_out_of_tries_is_named_in_the_log(caplog):
     nowhere else (only its earlier tries were logged, as tried again)."""
     pool = types.SimpleNamespace(max_attempts=1)
     unit, report = Unit("s3://b/s-1.tar", "s-1", 0), PoolReport()
-    ActorPool._retry_or_fail(pool, unit, "its actor died", report, deque(), {})
+    ActorPool._retry_or_fail(pool, unit, (0,), "its actor died", report, deque(), {})
     assert list(report.failed) == [unit.relpath]
     assert f"unit {unit.relpath} failed: its actor died; gave up after 1 tries" in caplog.text
 
@@ -785,6 +785,50 @@ def test_also_computes_only_the_backbone_whose_cache_lacks_the_units(local_ray, 
     assert sum(result.rows for result in report.results) == 8  # the new cache's
     manifest = json.loads((tmp_path / "b" / "_manifest.json").read_text())
     assert sorted(manifest["units"]) == [str(p.relative_to(tmp_path / "a")) for p in units]
+
+
+def test_also_a_backbone_whose_forward_fails_fails_its_own_units_alone(local_ray, tmp_path):
+    """The paper's four ViTs in one run, ViT-L out of memory at the --batch-size the others
+    take: every unit failed for all four backbones after --max-attempts tries, and the small
+    ones' work was lost. Here the failing backbone takes 224 px only (a real forward error)."""
+    urls = write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=4, size=32)
+    units = [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)]
+    good = unit_settings(str(tmp_path / "good"))
+    mixer = str(tmp_path / "mixer")
+    provenance = {**good.provenance, "backbone": "mixer_s32_224"}
+    bad = good.model_copy(update={"output": mixer, "provenance": provenance})
+    pool = ActorPool(
+        size=1,
+        gpus=0,
+        cpus=1,
+        backbone="resnet10t",
+        weights="random",
+        settings=good,
+        max_attempts=2,
+        also=(("mixer_s32_224", "random", bad),),
+    )
+    committed = []
+    report = pool.run(units, on_result=committed.append)
+    relpaths = [unit.relpath for unit in units]
+    # each unit committed once for the good backbone: its tries again were the mixer's alone
+    assert sorted((r.target, r.relpath) for r in committed) == [(0, r) for r in relpaths]
+    alone = unit_settings(str(tmp_path / "alone"))
+    solo = ActorPool(size=1, gpus=0, cpus=1, backbone="resnet10t", weights="random", settings=alone)
+    assert not solo.run(units, on_result=lambda result: None).failed
+    for relpath in relpaths:
+        ours = pq.read_table(tmp_path / "good" / relpath)
+        assert ours.equals(pq.read_table(tmp_path / "alone" / relpath)), relpath
+    assert not list(tmp_path.glob("mixer/epoch=*/*.parquet"))
+    assert sorted(report.failed) == relpaths
+    assert report.failed_targets == {relpath: [1] for relpath in relpaths}
+    assert (failed_in(report, 0), failed_in(report, 1)) == ([], relpaths)  # each cache's
+    for why in report.failed.values():
+        assert "Input height (32)" in why and "gave up after 2 tries" in why, why
+        assert f"backbone mixer_s32_224, cache {mixer}" in why, why
+    table = summarize(report, already=0, seconds=1.0, manifest=Manifest(good.output, {}))
+    rows = dict(zip(*(map(str, column.cells) for column in table.columns), strict=True))
+    assert rows["units done / already committed / failed"] == "2 / 0 / 0"  # the good cache's
+    assert all(f"backbone mixer_s32_224, cache {mixer}" in rows[f"FAILED {r}"] for r in relpaths)
 
 
 def test_also_deteriorate_caches_each_copy_in_one_pass_as_its_own_run_would(local_ray, tmp_path):

@@ -334,7 +334,7 @@ def test_a_library_run_that_lost_its_lock_stops_before_rewriting_units(tmp_path)
     config = CacheJobConfig(shards="s", backbone="resnet10t", output=output)
     target = _Target(config, None, Manifest(output, {}, lock_lost=lost))  # type: ignore[arg-type]
     with pytest.raises(CacheLocked, match=f"lost the lock on {output} to another run"):
-        _finish(config, PoolReport(), [target], [], already=0, started=0.0)
+        _finish(config, PoolReport(), [target], [], [[]], already=0, started=0.0)
 
 
 def test_a_lock_being_created_is_read_again_and_its_holder_named(prefix: str) -> None:

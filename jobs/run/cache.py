@@ -113,14 +113,16 @@ def summarize(
     manifest: Manifest,
     duplicates: dict[str, int] | None = None,
 ) -> Table:
-    """The job's closing summary: units, rows, skips by reason, duplicate keys dropped,
-    throughput, time per stage."""
+    """The job's closing summary of the first target's cache (``manifest``): units, rows,
+    skips by reason, duplicate keys dropped, throughput, time per stage; and every unit that
+    failed, in any target."""
     results, failed = report.results, report.failed
     rows = sum(result.rows for result in results)
     table = summary_table("pvu cache: summary")
     table.add_row("output", manifest.root)
     table.add_row(
-        "units done / already committed / failed", f"{len(results)} / {already} / {len(failed)}"
+        "units done / already committed / failed",
+        f"{len(results)} / {already} / {len(failed_in(report, 0))}",
     )
     table.add_row("rows computed (this run)", f"{rows:,}")  # before duplicates dropped
     table.add_row("rows in cache", f"{manifest.rows:,}")
@@ -166,6 +168,12 @@ def summarize(
             "each is named in the log ('unit ... failed'); the same command tries them again",
         )
     return table
+
+
+def failed_in(report: PoolReport, target: int) -> list[str]:
+    """The units ``report`` has failed in the pool's ``target`` (each with no targets named
+    failed in every one)."""
+    return [r for r in report.failed if target in report.failed_targets.get(r, (target,))]
 
 
 def unit_settings(
@@ -403,8 +411,16 @@ def _run_cache(
         for target in running:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
     lead = targets.index(running[0]) if running else 0  # whose results the report holds
+    failed = [failed_in(report, running.index(t)) if t in running else [] for t in targets]
     _finish(
-        config, report, targets, names, lead=lead, already=len(units) - len(todo), started=started
+        config,
+        report,
+        targets,
+        names,
+        failed,
+        lead=lead,
+        already=len(units) - len(todo),
+        started=started,
     )
     planned = {unit.relpath for unit in units}
     for target in targets:
@@ -454,21 +470,22 @@ def _finish(
     report: PoolReport,
     targets: list[_Target],
     names: list[str],
+    failed: list[list[str]],
     *,
     lead: int = 0,
     already: int,
     started: float,
 ) -> None:
-    """After the pool: each key once per epoch, the run recorded as ended, staging cleared
-    (when no unit failed), the summary printed (of ``targets[lead]``, whose results ``report``
-    holds); a cache without rows is an error."""
+    """After the pool: each key once per epoch, the run recorded as ended with the units
+    ``failed`` in each target, staging cleared (where none failed), the summary printed (of
+    ``targets[lead]``, whose results ``report`` holds); a cache without rows is an error."""
     for target in targets:  # stopped by SIGTERM in a job; a library caller gets here
         if target.manifest.lock_lost.is_set():
             raise CacheLocked(f"lost the lock on {target.manifest.root} to another run")
     duplicates = _deduplicate_with_progress(targets, names)
-    for target in targets:
-        target.manifest.end_run(report.failed)
-        if not report.failed:
+    for target, its_failed in zip(targets, failed, strict=True):
+        target.manifest.end_run(its_failed)
+        if not its_failed:
             clear_staging(target.config.output)
     console.print(
         summarize(
@@ -479,11 +496,14 @@ def _finish(
             duplicates=duplicates[lead],
         )
     )
-    for target in targets[:lead] + targets[lead + 1 :]:
+    for place, (target, its_failed) in enumerate(zip(targets, failed, strict=True)):
+        if place == lead:
+            continue
         rows, deteriorate = target.manifest.rows, target.config.deteriorate
         how = f" {deteriorate.kind}:{deteriorate.strength:g}" if deteriorate else ""
+        lost = f", {counted(len(its_failed), 'unit')} failed (named above)" if its_failed else ""
         console.print(
-            f"also {target.config.backbone}{how}: {rows:,} rows in {target.manifest.root}"
+            f"also {target.config.backbone}{how}: {rows:,} rows in {target.manifest.root}{lost}"
         )
     if not report.failed and not targets[0].manifest.rows:
         skipped = {reason for result in report.results for reason in result.skipped}
@@ -585,13 +605,13 @@ def _run_with_progress(
     ) as progress:
         task = progress.add_task("units", total=len(todo), rate="")
 
-        def on_result(result: UnitResult) -> None:
+        def on_result(result: UnitResult) -> None:  # one target's unit: a share of the unit
             nonlocal images
-            for manifest, done in zip(manifests, [result, *result.also], strict=True):
-                manifest.record(done.relpath, done.manifest_entry())
-            images += result.rows
+            manifests[result.target].record(result.relpath, result.manifest_entry())
+            images += result.rows if result.target == 0 else 0
             rate = images / max(time.monotonic() - started, 1e-9)
-            progress.update(task, advance=1, rate=f"{images:,} images, {rate:,.1f}/s")
+            advance = 1 / len(manifests)
+            progress.update(task, advance=advance, rate=f"{images:,} images, {rate:,.1f}/s")
 
         stopped = True
         try:

@@ -3,6 +3,8 @@
 Ray only moves units and their results; the per-sample work is ``pipeline.cache.unit``. A unit whose
 actor or node dies is given to another actor; a unit that raises is retried, then reported failed,
 except for a permanent storage error (a missing object, a denied access), which fails it at once.
+With several targets (``--also``), a unit whose forward fails in some is committed for the others
+and retried, then reported failed, for those alone.
 A unit with no result by its deadline (a read that never returns, a hung device, a stopped
 process) has its actor killed and is tried again like one whose actor died. The driver's own
 node dying (its raylet killed) stops the run: no actor could start or report again.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -346,15 +349,33 @@ class CacheWorker:
             "decode_workers": self.decode_workers,
         }
 
-    def run(self, unit: Unit) -> UnitResult:
-        """Compute and commit one unit; the other backbones' results come in ``also``."""
-        first, *rest = self.fanout.run(unit)
-        first.also = rest
-        return first
+    def run(
+        self, unit: Unit, targets: tuple[int, ...] | None = None
+    ) -> dict[int, UnitResult | Exception]:
+        """Compute and commit one unit for ``targets`` (indices of the targets; default all):
+        per target, its result or the error its forward raised (``Fanout.run``)."""
+        outcomes = self.fanout.run(unit, targets)
+        return {target: _portable(outcome) for target, outcome in outcomes.items()}
 
     def close(self) -> None:
         """Stop the decode workers (they also exit on their own once the actor is gone)."""
         self.fanout.close()
+
+
+def _portable(outcome: UnitResult | Exception) -> UnitResult | Exception:
+    """``outcome``, or, for an error that would not come back through Ray (pickled and
+    unpickled, as an error with required arguments of its own), a ``RuntimeError`` that says
+    the same."""
+    if not isinstance(outcome, Exception):
+        return outcome
+    try:
+        pickle.loads(pickle.dumps(outcome))
+    except Exception:  # whatever its pickling raises, its text still comes back
+        portable = RuntimeError(f"{type(outcome).__name__}: {outcome}")
+        for note in getattr(outcome, "__notes__", ()):
+            portable.add_note(note)
+        return portable
+    return outcome
 
 
 def describe_failure(source: str, error: BaseException) -> str:
@@ -392,8 +413,12 @@ def unplaceable(nodes: list[dict[str, float]], gpus: float, cpus: float) -> str 
 class PoolReport:
     """How a pool run went: results per unit, units that failed for good, actors replaced."""
 
+    #: The first target's committed units (the others' reach ``on_result`` only).
     results: list[UnitResult] = field(default_factory=list)
+    #: Units that failed for good in one target or more: relpath -> why.
     failed: dict[str, str] = field(default_factory=dict)
+    #: The targets (indices) each failed unit failed in.
+    failed_targets: dict[str, list[int]] = field(default_factory=dict)
     actors_replaced: int = 0
     workers: list[dict[str, Any]] = field(default_factory=list)
     nodes_left_out: dict[str, str] = field(default_factory=dict)  # node id -> why
@@ -428,12 +453,13 @@ class ActorPool:
         self._resources = (gpus, cpus)
         self._said_unplaceable = False  # until an actor starts again
         self._args = (backbone, weights, settings, also)
+        self.targets = tuple(range(1 + len(also)))  # 0: the first, ``backbone``'s
         self.size = size
         self.max_attempts = max_attempts
         self.unit_timeout = unit_timeout
         self._idle: list[Any] = []
         self._starting: dict[ray.ObjectRef, Any] = {}
-        self._running: dict[ray.ObjectRef, tuple[Any, Unit]] = {}
+        self._running: dict[ray.ObjectRef, tuple[Any, Unit, tuple[int, ...]]] = {}
         self._given_at: dict[ray.ObjectRef, float] = {}  # when each running unit was given out
         self._longest = 0.0  # seconds, of the units finished so far
         self._slowest = 0.0  # seconds per shard byte, of the units finished so far
@@ -448,14 +474,16 @@ class ActorPool:
         self._starting[actor.start.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
-        """Run every unit once to completion (or failure); ``on_result`` sees each result.
+        """Run every unit once to completion (or failure) for every target; ``on_result`` sees
+        each result (each target's, its ``target`` the index). A unit tried again is tried for
+        the targets that failed it alone.
 
         A unit whose output storage is full (:class:`StorageFull`), whose output bucket is
         gone (:class:`BucketGone`) or whose write is denied (:class:`OutputDenied`) stops the
         run.
         """
         report = PoolReport()
-        pending = deque(units)
+        pending = deque((unit, self.targets) for unit in units)
         attempts: dict[str, int] = {}
         own_node = ray.get_runtime_context().get_node_id()
         for _ in range(min(self.size, len(pending))):
@@ -463,9 +491,10 @@ class ActorPool:
         try:
             while pending or self._running:
                 while pending and self._idle:
-                    actor, unit = self._idle.pop(), pending.popleft()
-                    ref = actor.run.remote(unit)
-                    self._running[ref], self._given_at[ref] = (actor, unit), time.monotonic()
+                    actor, (unit, targets) = self._idle.pop(), pending.popleft()
+                    ref = actor.run.remote(unit, targets)
+                    self._running[ref] = (actor, unit, targets)
+                    self._given_at[ref] = time.monotonic()
                 if not self._running and not self._starting:
                     raise RuntimeError("no cache actor is alive and none is starting")
                 ready, _ = ray.wait([*self._running, *self._starting], num_returns=1, timeout=5)
@@ -484,7 +513,7 @@ class ActorPool:
                 ray.wait(closing, num_returns=len(closing), timeout=5)
             for actor in [*self._idle, *self._starting.values()]:
                 ray.kill(actor)
-            for actor, _ in self._running.values():
+            for actor, *_ in self._running.values():
                 ray.kill(actor)
         return report
 
@@ -528,7 +557,7 @@ class ActorPool:
         ]
         done, _ = ray.wait(late, num_returns=len(late), timeout=0) if late else ([], [])
         for ref in [ref for ref in late if ref not in done]:
-            actor, unit = self._running.pop(ref)
+            actor, unit, targets = self._running.pop(ref)
             deadline = self.unit_deadline(unit)
             del self._given_at[ref]
             ray.kill(actor)
@@ -538,7 +567,7 @@ class ActorPool:
                 f"{unit.source}: no result after {deadline:.0f} s (a read that never returns, "
                 "a hung device?); its actor was killed (--unit-timeout sets the limit)"
             )
-            self._retry_or_fail(unit, why, report, pending, attempts)
+            self._retry_or_fail(unit, targets, why, report, pending, attempts)
 
     def _on_started(self, ref: ray.ObjectRef, report: PoolReport) -> None:
         """Take a started actor into the pool, or replace one that failed to start.
@@ -599,24 +628,50 @@ class ActorPool:
     def _retry_or_fail(
         self,
         unit: Unit,
+        targets: tuple[int, ...],
         why: str,
         report: PoolReport,
         pending: deque,
         attempts: dict[str, int],
     ) -> None:
-        """Queue ``unit`` again, or, after ``max_attempts`` tries, report it failed with ``why``.
+        """Queue ``unit`` again for ``targets``, or, after ``max_attempts`` tries, report it
+        failed in them with ``why``.
 
         Lost actors count too: a unit that kills every actor it runs on must not loop forever.
         """
         attempts[unit.relpath] = attempts.get(unit.relpath, 0) + 1
         if attempts[unit.relpath] >= self.max_attempts:
-            report.failed[unit.relpath] = f"{why}; gave up after {self.max_attempts} tries"
-            log.error("unit %s failed: %s", unit.relpath, report.failed[unit.relpath])
+            _fail(report, unit, targets, f"{why}; gave up after {self.max_attempts} tries")
             return
         log.warning(
             "unit %s: try %d failed, trying again: %s", unit.relpath, attempts[unit.relpath], why
         )
-        pending.append(unit)
+        pending.append((unit, targets))
+
+    def _on_failures(
+        self,
+        unit: Unit,
+        failures: list[tuple[tuple[int, ...], BaseException]],
+        report: PoolReport,
+        pending: deque,
+        attempts: dict[str, int],
+    ) -> None:
+        """Stop the run, fail ``unit`` or try it again, by each error of ``failures`` (the
+        targets it failed in, and the error): the targets of retriable errors in one more try."""
+        retry: list[int] = []
+        whys: list[str] = []
+        for targets, error in failures:
+            why = describe_failure(unit.source, error)
+            _stop_on(error, why)
+            if isinstance(error, PERMANENT_ERRORS):  # no other try can fix it
+                _fail(report, unit, targets, why)
+            else:
+                retry.extend(targets)
+                whys.append(why)
+        if retry:
+            self._retry_or_fail(
+                unit, tuple(sorted(retry)), "; ".join(whys), report, pending, attempts
+            )
 
     def _on_finished(
         self,
@@ -626,42 +681,59 @@ class ActorPool:
         attempts: dict[str, int],
         on_result: Callable[[UnitResult], None],
     ) -> None:
-        actor, unit = self._running.pop(ref)
+        actor, unit, targets = self._running.pop(ref)
         seconds = time.monotonic() - self._given_at.pop(ref)
         try:
-            result = ray.get(ref)
+            outcomes = ray.get(ref)
         except RayTaskError as error:  # the unit raised; its actor is fine
             self._idle.append(actor)
-            why = describe_failure(unit.source, error.cause)
-            if isinstance(error.cause, StorageFull):  # every other unit would fill it too
-                raise StorageFull(
-                    f"{why}. Stopped: free space (or raise the quota) where the cache is "
-                    "written and run the same command again; the units written are kept"
-                ) from None
-            if isinstance(error.cause, BucketGone):  # every other unit would fail too
-                raise BucketGone(f"{why}. Stopped; the units written are gone with it") from None
-            if isinstance(error.cause, OutputDenied):  # every other unit would be denied too
-                raise OutputDenied(
-                    f"{why}. Stopped: restore write access to the output and run the same "
-                    "command again; the units written are kept"
-                ) from None
-            if isinstance(error.cause, EmbeddingOverflow):  # every other unit would overflow
-                raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None
-            if isinstance(error.cause, PERMANENT_ERRORS):  # no other try can fix it
-                report.failed[unit.relpath] = why
-                log.error("unit %s failed: %s", unit.relpath, why)
-                return
-            self._retry_or_fail(unit, why, report, pending, attempts)
+            self._on_failures(unit, [(targets, error.cause)], report, pending, attempts)
             return
         except _ACTOR_LOST as error:  # the actor's process or node died while running it
             report.actors_replaced += 1
             self._start_actor()
             why = f"{unit.source}: its actor died ({type(error).__name__})"
-            self._retry_or_fail(unit, why, report, pending, attempts)
+            self._retry_or_fail(unit, targets, why, report, pending, attempts)
             return
+        self._idle.append(actor)
         self._longest = max(self._longest, seconds)
         if unit.source_bytes:
             self._slowest = max(self._slowest, seconds / unit.source_bytes)
-        report.results.append(result)
-        on_result(result)
-        self._idle.append(actor)
+        for result in outcomes.values():
+            if isinstance(result, UnitResult):
+                if result.target == 0:
+                    report.results.append(result)
+                on_result(result)
+        failures = [((t,), e) for t, e in outcomes.items() if isinstance(e, BaseException)]
+        if failures:  # in some targets only: the others are committed
+            self._on_failures(unit, failures, report, pending, attempts)
+
+
+def _fail(report: PoolReport, unit: Unit, targets: tuple[int, ...], why: str) -> None:
+    """Report ``unit`` failed for good in ``targets`` with ``why`` (beside an earlier failure
+    in other targets, if any)."""
+    earlier = report.failed.get(unit.relpath)
+    report.failed[unit.relpath] = why if earlier is None else f"{earlier}; {why}"
+    report.failed_targets[unit.relpath] = sorted(
+        {*report.failed_targets.get(unit.relpath, ()), *targets}
+    )
+    log.error("unit %s failed: %s", unit.relpath, why)
+
+
+def _stop_on(error: BaseException, why: str) -> None:
+    """Stop the run on a unit's ``error`` (told as ``why``) that every other unit would meet
+    too: its output storage full or gone, its writes denied, its embeddings past the dtype."""
+    if isinstance(error, StorageFull):
+        raise StorageFull(
+            f"{why}. Stopped: free space (or raise the quota) where the cache is "
+            "written and run the same command again; the units written are kept"
+        ) from None
+    if isinstance(error, BucketGone):
+        raise BucketGone(f"{why}. Stopped; the units written are gone with it") from None
+    if isinstance(error, OutputDenied):
+        raise OutputDenied(
+            f"{why}. Stopped: restore write access to the output and run the same "
+            "command again; the units written are kept"
+        ) from None
+    if isinstance(error, EmbeddingOverflow):
+        raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None

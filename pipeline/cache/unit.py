@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -106,9 +106,9 @@ class UnitResult:
     skipped: dict[str, int]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
-    #: The same unit's results for the other backbones of a one-pass run (``Fanout``).
-    also: list[UnitResult] = field(default_factory=list)
     source_bytes: int | None = None
+    #: Which target of a one-pass run (``Fanout``) this is the unit of: its runner's index.
+    target: int = 0
 
     def manifest_entry(self) -> dict[str, Any]:
         """The unit's entry in ``_manifest.json``."""
@@ -305,7 +305,9 @@ class UnitRunner:
         """Compute and commit ``unit``; returns its rows, bytes, skips and stage timings."""
         if self._fanout is None:
             raise RuntimeError("the runner is closed")
-        (result,) = self._fanout.run(unit)
+        (result,) = self._fanout.run(unit).values()
+        if isinstance(result, Exception):
+            raise result
         return result
 
 
@@ -315,7 +317,8 @@ class Fanout:
 
     Each target sees exactly the rows, batches and skips a run of its own would: its own label
     filter, its batches cut from its own rows in shard order, its own file. The targets must
-    share what picks and seeds the samples (seed, image/label/ambiguity keys).
+    share what picks and seeds the samples (seed, image/label/ambiguity keys). A target whose
+    forward fails fails alone: the unit is committed for the others (:meth:`run`).
     """
 
     SHARED = ("seed", "image_keys", "label_key", "ambiguity_key", "prefetch_batches")
@@ -352,10 +355,11 @@ class Fanout:
             self.pool = None
 
     def _labelled(
-        self, unit: Unit, shared: Counter, own: list[Counter]
+        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
     ) -> Iterator[tuple[Task, list[Meta | None]]]:
-        """The unit's samples some target keeps, each as a decode task and, per target, its
-        label and ambiguity (None where the target skips the sample)."""
+        """The unit's samples some ``active`` target keeps, each as a decode task and, per
+        target, its label and ambiguity (None where the target skips the sample or is not
+        active)."""
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
@@ -371,7 +375,10 @@ class Fanout:
             with_ambiguity += sample.ambiguity is not None
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
             metas: list[Meta | None] = []
-            for runner, counts in zip(self.runners, own, strict=True):
+            for target, (runner, counts) in enumerate(zip(self.runners, own, strict=True)):
+                if target not in active:
+                    metas.append(None)
+                    continue
                 try:
                     metas.append((runner.head_label(sample), ambiguity))
                 except BadSample as bad:
@@ -390,10 +397,10 @@ class Fanout:
             )
 
     def _prepared(
-        self, unit: Unit, shared: Counter, own: list[Counter]
+        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
     ) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
         """Each kept sample's key, its image per distinct transform and its metas."""
-        labelled = self._labelled(unit, shared, own)
+        labelled = self._labelled(unit, shared, own, active)
         if self.on_device is not None:
             results = _prepared_on(self.on_device, labelled, self.settings.batch_size)
         elif self.pool is None:
@@ -416,7 +423,7 @@ class Fanout:
                 yield key, images, metas
 
     def _batches(
-        self, unit: Unit, shared: Counter, own: list[Counter]
+        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
     ) -> Iterator[tuple[int, _Batch]]:
         """(target, batch) pairs: each target's rows cut into its own batches, in order.
 
@@ -432,7 +439,7 @@ class Fanout:
             pending[target] = []
             return batch
 
-        for key, images, metas in self._prepared(unit, shared, own):
+        for key, images, metas in self._prepared(unit, shared, own, active):
             for target, meta in enumerate(metas):
                 if meta is None:
                     continue
@@ -445,48 +452,71 @@ class Fanout:
                 yield target, collate(target)
                 started, cpu = time.perf_counter(), time.thread_time()
 
-    def run(self, unit: Unit) -> list[UnitResult]:
-        """Compute and commit ``unit`` for every target; one result per target, in order.
+    def run(
+        self, unit: Unit, targets: Collection[int] | None = None
+    ) -> dict[int, UnitResult | Exception]:
+        """Compute and commit ``unit`` for ``targets`` (runner indices; by default every one):
+        per target, in order, its result or the error its forward raised.
 
+        A target whose forward raises (an error, the device out of memory) gets no more
+        batches and no file; the others go on and are committed as they would be without it.
+        An error of what the targets share (reading, decoding) or of a write is raised.
         Stages decoding and augmentation share (prepare, wait, cpu) are reported on the first
-        target's result; forward and write on each target's own."""
+        committed result; forward and write on each target's own."""
+        active = range(len(self.runners)) if targets is None else sorted(set(targets))
         started, cpu_started = time.perf_counter(), time.process_time()
         shared: Counter = Counter()
         own: list[Counter] = [Counter() for _ in self.runners]
         timings = [{"forward": 0.0, "write": 0.0} for _ in self.runners]
-        timings[0].update(prepare=0.0, prepare_cpu=0.0, wait=0.0)
+        together = {"prepare": 0.0, "prepare_cpu": 0.0, "wait": 0.0}
         record_batches: list[list[pa.RecordBatch]] = [[] for _ in self.runners]
+        failed: dict[int, Exception] = {}
         waited = time.perf_counter()
-        batches = prefetch(self._batches(unit, shared, own), self.settings.prefetch_batches)
+        batches = prefetch(self._batches(unit, shared, own, active), self.settings.prefetch_batches)
         # closed however the loop ends: a failed unit's decoding stops with it, not when its
         # traceback is freed (meanwhile drawing from torch's global RNG beside the next unit)
         with contextlib.closing(batches):
             for target, batch in batches:
-                timings[0]["wait"] += time.perf_counter() - waited
-                timings[0]["prepare"] += batch.prepare_seconds
-                timings[0]["prepare_cpu"] += batch.prepare_cpu
-                tick = time.perf_counter()
-                try:
-                    record_batches[target].append(self.runners[target]._record(batch, unit))
-                except Exception as error:  # which of several backbones failed, for the driver
-                    if len(self.runners) > 1:
-                        settings = self.runners[target].settings
-                        backbone = settings.provenance.get("backbone")
-                        error.add_note(f"backbone {backbone}, cache {settings.output}")
-                    raise
-                timings[target]["forward"] += time.perf_counter() - tick
+                together["wait"] += time.perf_counter() - waited
+                together["prepare"] += batch.prepare_seconds
+                together["prepare_cpu"] += batch.prepare_cpu
+                if target not in failed:
+                    tick = time.perf_counter()
+                    try:
+                        record_batches[target].append(self.runners[target]._record(batch, unit))
+                    except Exception as error:  # this target's alone: the others go on
+                        failed[target] = self._named(target, error)
+                        record_batches[target] = []
+                        if len(failed) == len(active):
+                            break
+                    timings[target]["forward"] += time.perf_counter() - tick
                 waited = time.perf_counter()
         said: set[tuple[str, int]] = set()
-        for counts in (shared, *own):
+        for counts in (shared, *(own[target] for target in active)):
             _log_skips(unit, counts, said)
-        results = [
-            runner._commit(unit, rows, shared + counts, started, stage)
-            for runner, rows, counts, stage in zip(
-                self.runners, record_batches, own, timings, strict=True
-            )
-        ]
-        results[0].timings["cpu"] = time.process_time() - cpu_started  # all threads
-        return results
+        outcomes: dict[int, UnitResult | Exception] = {}
+        for target in active:
+            if target in failed:
+                outcomes[target] = failed[target]
+                continue
+            if not any(isinstance(done, UnitResult) for done in outcomes.values()):
+                timings[target].update(together)
+            rows, counts = record_batches[target], shared + own[target]
+            result = self.runners[target]._commit(unit, rows, counts, started, timings[target])
+            result.target = target
+            outcomes[target] = result
+        first = next((done for done in outcomes.values() if isinstance(done, UnitResult)), None)
+        if first is not None:
+            first.timings["cpu"] = time.process_time() - cpu_started  # all threads
+        return outcomes
+
+    def _named(self, target: int, error: Exception) -> Exception:
+        """``error``, noted with the backbone and cache of ``target`` where there are several."""
+        if len(self.runners) > 1:
+            settings = self.runners[target].settings
+            backbone = settings.provenance.get("backbone")
+            error.add_note(f"backbone {backbone}, cache {settings.output}")
+        return error
 
 
 def _augmentation(runner: UnitRunner) -> str:
