@@ -37,8 +37,8 @@ from pipeline.cache.shards import UNFINISHED_NAME
 from pipeline.cache.skips import BadSample
 from pipeline.dataset.archives import member_path
 from pipeline.dataset.held import window_order
+from pipeline.dataset.listing import HeldImage, Listing, Source
 from pipeline.dataset.names import readable
-from pipeline.dataset.sources import HeldImage, Listing, Source
 from pipeline.dataset.tar import ShardInfo, ShardWriter
 from pipeline.named import NAMED, named_level
 from pipeline.retry import PERMANENT_ERRORS, make_folder, read_url, retry, write_bytes

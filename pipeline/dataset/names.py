@@ -1,5 +1,6 @@
-"""How a dataset folder's file names are read, by ``sources`` and ``archives`` alike: which
-suffixes are images and which tables, which names are hidden, and a name as text for output.
+"""How a dataset's file names are read, by ``sources``, ``tables`` and ``archives`` alike:
+which suffixes are images and which tables, which names are hidden, and a name as text for
+output.
 """
 
 from __future__ import annotations
