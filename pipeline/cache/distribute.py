@@ -720,20 +720,26 @@ def _fail(report: PoolReport, unit: Unit, targets: tuple[int, ...], why: str) ->
     log.error("unit %s failed: %s", unit.relpath, why)
 
 
+#: The errors of a unit that every other unit would meet too (its output storage full or gone,
+#: its writes denied, its embeddings past the dtype), and what the run, stopped, tells.
+_STOPPING: tuple[tuple[type[Exception], str], ...] = (
+    (
+        StorageFull,
+        ": free space (or raise the quota) where the cache is written and run the same command "
+        "again; the units written are kept",
+    ),
+    (BucketGone, "; the units written are gone with it"),
+    (
+        OutputDenied,
+        ": restore write access to the output and run the same command again; the units "
+        "written are kept",
+    ),
+    (EmbeddingOverflow, "; the units written are kept"),
+)
+
+
 def _stop_on(error: BaseException, why: str) -> None:
-    """Stop the run on a unit's ``error`` (told as ``why``) that every other unit would meet
-    too: its output storage full or gone, its writes denied, its embeddings past the dtype."""
-    if isinstance(error, StorageFull):
-        raise StorageFull(
-            f"{why}. Stopped: free space (or raise the quota) where the cache is "
-            "written and run the same command again; the units written are kept"
-        ) from None
-    if isinstance(error, BucketGone):
-        raise BucketGone(f"{why}. Stopped; the units written are gone with it") from None
-    if isinstance(error, OutputDenied):
-        raise OutputDenied(
-            f"{why}. Stopped: restore write access to the output and run the same "
-            "command again; the units written are kept"
-        ) from None
-    if isinstance(error, EmbeddingOverflow):
-        raise EmbeddingOverflow(f"{why}. Stopped; the units written are kept") from None
+    """Stop the run on a unit's ``error`` (told as ``why``) of a kind in ``_STOPPING``."""
+    for kind, told in _STOPPING:
+        if isinstance(error, kind):
+            raise kind(f"{why}. Stopped{told}") from None
