@@ -1132,6 +1132,37 @@ def test_a_shuffled_held_table_reads_each_row_group_once_and_mixes_classes(tmp_p
     assert len({label for _, label, _ in samples["a"][:20]}) > 2  # the first shard mixes classes
 
 
+def test_a_held_tables_damaged_row_group_is_read_once_and_its_rows_left_out(tmp_path):
+    """A row group whose read failed was read again for each of its rows: a damaged group of
+    the Hub's 100 rows read in full 100 times from S3, each row then left out alike."""
+    fsspec.register_implementation("counted", CountingFileSystem, clobber=True)
+    rng = np.random.default_rng(14)
+    images = [image_bytes(rng, "png") for _ in range(30)]
+    table = tmp_path / "train.parquet"
+    rows = [{"bytes": data, "path": f"{row}.png"} for row, data in enumerate(images)]
+    labels = [row % 2 for row in range(30)]
+    pq.write_table(pa.table({"image": pa.array(rows, HF_IMAGE), "label": labels}), table, 10)
+    chunk = next(
+        column
+        for column in (pq.ParquetFile(table).metadata.row_group(1).column(i) for i in range(3))
+        if column.path_in_schema == "image.bytes"
+    )
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(table.read_bytes())  # row group 1's images overwritten: it fails to decode
+    data[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    table.write_bytes(bytes(data))
+    listing = list_dataset(f"counted://{table}")
+    CountingFileSystem.read_bytes = 0
+    report = write_dataset(listing, str(tmp_path / "out"), max_bytes=1 << 30, shuffle=False)
+    assert CountingFileSystem.read_bytes < 1.2 * sum(map(len, images))  # each row group once
+    assert report.samples == 20
+    assert [image for *_, image in samples_of(tmp_path / "out")] == images[:10] + images[20:]
+    assert [u.url.rsplit("#", 1)[1] for u in report.unreadable] == [
+        f"row={row}" for row in range(11, 21)
+    ]
+    assert all(u.reason == "read_error" and "deserialize" in u.detail for u in report.unreadable)
+
+
 def test_a_held_tables_shuffle_mixes_the_rows_of_a_window_of_row_groups(tmp_path, monkeypatch):
     """Row groups in random order, the rows of each window (``WINDOW_BYTES``) shuffled together."""
     from pipeline.dataset import held

@@ -119,7 +119,8 @@ class HeldTable:
                 "pyarrow.parquet.write_table(..., row_group_size=100)",
                 *(url, f"{largest >> 20:,}"),
             )
-        self._unread: dict[int, int] = {}  # rows of a kept group not yet asked for
+        self._unread: dict[int, int] = {}  # rows of a kept or failed group not yet asked for
+        self._failed: dict[int, OSError] = {}  # a group whose read failed: its rows' error
         self._loading: dict[int, threading.Lock] = {}  # one thread reads a group, others wait
         self._lock = self._kept.lock
 
@@ -132,21 +133,32 @@ class HeldTable:
         return bisect.bisect_right(self._starts, row) - 1
 
     def image(self, row: int) -> bytes | None:
-        """The bytes row ``row`` holds (0-based), ``None`` where they are null."""
+        """The bytes row ``row`` holds (0-based), ``None`` where they are null. ``OSError`` if
+        its row group's read failed: raised for each of the group's rows, read once."""
         group = self.group_of(row)
         with self._lock:
             loading = self._loading.setdefault(group, threading.Lock())
         with loading:
             with self._lock:
                 values = self._kept.groups.get((self, group))
-            if values is None:
-                values = retry(lambda: self._read(group), what=f"read {self.url}")
-                self._keep(group, values)
+                failed = self._failed.get(group)
+            if values is None and failed is None:
+                try:
+                    values = retry(lambda: self._read(group), what=f"read {self.url}")
+                except OSError as error:
+                    failed = error
+                    with self._lock:
+                        self._failed[group] = error
+                else:
+                    self._keep(group, values)
         with self._lock:
             self._unread[group] = self._unread.get(group, self._sizes[group]) - 1
             if self._unread[group] <= 0:  # each row asked for: the group is done
                 self._kept.groups.pop((self, group), None)
+                self._failed.pop(group, None)
                 del self._unread[group]
+        if failed is not None:
+            raise failed
         return values[row - self._starts[group]]
 
     def _keep(self, group: int, values: list[bytes | None]) -> None:
