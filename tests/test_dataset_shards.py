@@ -1080,6 +1080,36 @@ def test_a_parquet_binary_column_of_images_becomes_shards_keyed_by_row(tmp_path)
     assert result.exit_code == 2 and "column 'jpeg' holds struct<x: int64>" in result.text
 
 
+class RefusingFileSystem(LocalFileSystem):
+    """The local disk as ``refusing://<path>``, its first ``refusals`` opens refused as a
+    store's connection is."""
+
+    protocol = "refusing"
+    refusals = 0
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return super()._strip_protocol(path.removeprefix("refusing://"))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs):
+        if RefusingFileSystem.refusals:
+            RefusingFileSystem.refusals -= 1
+            raise ConnectionError(f"connection refused: {path}")
+        return super()._open(path, mode, **kwargs)
+
+
+def test_whether_a_binary_column_holds_paths_is_read_under_retry(tmp_path):
+    """Read bare: a connection dropped once as a binary column was sampled ended the listing."""
+    from pipeline.dataset.held import holds_text
+
+    fsspec.register_implementation("refusing", RefusingFileSystem, clobber=True)
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"jpeg": pa.array([b"a/1.png"], pa.binary())}), table)
+    RefusingFileSystem.refusals = 1
+    assert holds_text(f"refusing://{table}", "jpeg")
+    assert RefusingFileSystem.refusals == 0
+
+
 class CountingFileSystem(LocalFileSystem):
     """The local disk as ``counted://<path>``, counting the bytes read through it."""
 

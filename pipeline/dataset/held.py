@@ -65,16 +65,20 @@ def parquet_schema(url: str) -> pa.Schema:
 def holds_text(url: str, column: str) -> bool:
     """Whether the binary ``column`` of the Parquet table at ``url`` holds text (paths written
     as bytes), not images: its first value is UTF-8 without a NUL, which no image is."""
-    with fsspec.open(url, "rb") as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(BATCH_ROWS, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                if value is None:
-                    continue
-                try:
-                    return b"\0" not in value and bool(value.decode())
-                except UnicodeDecodeError:
-                    return False
-    return False
+
+    def read() -> bool:
+        with fsspec.open(url, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(BATCH_ROWS, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        continue
+                    try:
+                        return b"\0" not in value and bool(value.decode())
+                    except UnicodeDecodeError:
+                        return False
+        return False
+
+    return retry(read, what=f"read {url}")
 
 
 class Kept:
