@@ -1080,6 +1080,30 @@ def test_a_parquet_binary_column_of_images_becomes_shards_keyed_by_row(tmp_path)
     assert result.exit_code == 2 and "column 'jpeg' holds struct<x: int64>" in result.text
 
 
+def test_a_held_images_blank_path_names_no_key_and_reads_no_folder(tmp_path):
+    """A struct's path "" was resolved to the table's folder: the key named after the folder,
+    and a row of null bytes read the folder (an error naming it, not the row's lack)."""
+    rng = np.random.default_rng(15)
+    images = [image_bytes(rng, "png") for _ in range(2)]
+    column = [
+        {"bytes": images[0], "path": "a.png"},
+        {"bytes": images[1], "path": ""},
+        {"bytes": None, "path": " "},
+    ]
+    folder = tmp_path / "hubdata"
+    folder.mkdir()
+    table = folder / "t.parquet"
+    pq.write_table(pa.table({"image": pa.array(column, HF_IMAGE), "label": [0, 1, 0]}), table)
+    report = write_dataset(
+        list_dataset(str(table)), str(tmp_path / "out"), max_bytes=1 << 30, shuffle=False
+    )
+    samples = samples_of(tmp_path / "out")
+    assert [image for *_, image in samples] == images
+    assert samples[0][0].endswith("-a") and "hubdata" not in samples[1][0]
+    assert [(u.url, u.reason) for u in report.unreadable] == [(f"{table}#row=3", "read_error")]
+    assert "holds no image bytes" in report.unreadable[0].detail
+
+
 class RefusingFileSystem(LocalFileSystem):
     """The local disk as ``refusing://<path>``, its first ``refusals`` opens refused as a
     store's connection is."""

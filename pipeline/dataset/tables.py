@@ -79,12 +79,13 @@ def list_table(
         table = _bytes_as_text(url, table, column)
     paths = table.column(path_column).to_pylist()
     labels = table.column(label_column).to_pylist()
-    for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        unnamed = path is None or not str(path).strip()  # a held image needs no path
-        if (unnamed and held is None) or label is None or not str(label).strip():
+    named = [None if path is None else str(path).strip() or None for path in paths]
+    for row, (path, label) in enumerate(zip(named, labels, strict=True)):
+        if (path is None and held is None) or label is None or not str(label).strip():
             raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
     folder = _folder(files[0])
-    urls = [None if path is None else resolve_entry(str(path).strip(), folder) for path in paths]
+    # a held image's blank path is none: not the table's folder
+    urls = [None if path is None else resolve_entry(path, folder) for path in named]
     _warn_of_backslashes(url, paths)
     if not paths:
         raise ValueError(f"table {url} has no rows, only its header")
