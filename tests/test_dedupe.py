@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import types
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from support import make_runner
 
 import jobs.run.cache as cache_job
 from jobs import terminal
+from jobs.run.plan import PlanJobConfig, committed_units
 from pipeline.cache.dedupe import deduplicate, drop_rows
 from pipeline.cache.index import open_cache
 from pipeline.cache.lock import RunLock
@@ -208,6 +210,11 @@ def test_a_run_killed_after_the_pass_rewrote_a_unit_keeps_the_unit(tmp_path, sha
     unit = tmp_path / "cache" / "epoch=0000" / "dup-1.parquet"
     rewritten = unit.read_bytes()
     assert pq.read_metadata(unit).num_rows == 2  # rewritten on disk, not in the manifest
+    folder = str(Path(shards["dup-0"]).parent)
+    backbone = manifest.provenance["backbone"]
+    plan = PlanJobConfig(shards=folder, output=root, epochs=2, backbone=backbone, weights="random")
+    sizes = {url: Path(url).stat().st_size for url in shards.values()}
+    assert len(committed_units(plan, manifest.provenance, sizes)) == 4  # pvu plan: all done
 
     with caplog.at_level("INFO", logger="pipeline.cache.verify"):
         reopened = reconcile(Manifest.open(root, manifest.provenance))  # the next run

@@ -45,7 +45,7 @@ from pipeline.cache.plan import (
     shard_sizes,
 )
 from pipeline.cache.shards import check_committed_sources, expand_shards, shard_names
-from pipeline.cache.verify import check_cache, list_unit_files
+from pipeline.cache.verify import check_cache, list_unit_files, rewritten_by_the_pass
 from pipeline.named import counted
 
 log = logging.getLogger("pvu.plan")
@@ -102,9 +102,15 @@ def committed_units(
     if not info.rows:
         return set()  # a cache without a row is computed afresh by pvu cache
     units = info.units
-    if manifest:  # pvu cache recomputes a listed unit that is missing or resized: not done
-        damaged = check_cache(config.output, units, info.provenance, footers=False).damaged
-        units = {relpath: unit for relpath, unit in units.items() if relpath not in damaged}
+    if manifest:  # pvu cache recomputes a listed unit missing or resized, but one the
+        # duplicate-key pass rewrote before a kill it keeps: done
+        check = check_cache(config.output, units, info.provenance, footers=False)
+        kept = rewritten_by_the_pass(check, units, info.provenance)
+        units = {
+            relpath: kept.get(relpath, unit)
+            for relpath, unit in units.items()
+            if relpath not in check.damaged or relpath in kept
+        }
     by_name = dict(zip(shard_names(urls), urls, strict=True))
     check_committed_sources(units, by_name, sizes, config.output.rstrip("/"))
     return {

@@ -85,7 +85,8 @@ class CacheCheck:
             f"{self._named_damage()}. "
             f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
             f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
-            "are refused): it recomputes exactly these units and keeps the rest."
+            "are refused): it recomputes these units (but keeps one the duplicate-key pass "
+            "rewrote before a kill, as its footer records it) and keeps the rest."
         )
 
     def being_written(self, writer: Holder) -> str:
@@ -397,7 +398,7 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     """
     fs, root = fsspec.core.url_to_fs(manifest.root)
     check = check_cache(manifest.root, manifest.units, manifest.provenance, io_threads=io_threads)
-    rewritten = _rewritten_by_the_pass(manifest, check, io_threads)
+    rewritten = rewritten_by_the_pass(check, manifest.units, manifest.provenance, io_threads)
     for relpath, entry in rewritten.items():
         del check.damaged[relpath]
         manifest.record(relpath, entry)
@@ -441,19 +442,23 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     return manifest
 
 
-def _rewritten_by_the_pass(
-    manifest: Manifest, check: CacheCheck, io_threads: int
+def rewritten_by_the_pass(
+    check: CacheCheck,
+    units: Mapping[str, Mapping[str, Any]],
+    provenance: Mapping[str, Any],
+    io_threads: int = 16,
 ) -> dict[str, dict[str, Any]]:
     """The entries of the units ``check`` found resized whose footer records their manifest
-    entry with rows dropped as duplicates (:func:`after_drop`): the duplicate-key pass rewrote
-    them after the manifest's last write. relpath -> entry."""
+    entry (in ``units``) with rows dropped as duplicates (:func:`after_drop`): the duplicate-key
+    pass rewrote them after the manifest's last write, and ``pvu cache`` keeps them.
+    relpath -> entry."""
     entries = {}
-    for relpath, footer in read_footers(manifest.root, check.resized, io_threads=io_threads):
+    for relpath, footer in read_footers(check.url, check.resized, io_threads=io_threads):
         if not isinstance(footer, pq.FileMetaData):
             continue
-        dropped = manifest.units[relpath]["rows"] - footer.num_rows
-        entry = {**after_drop(manifest.units[relpath], dropped), "bytes": check.resized[relpath]}
-        if dropped > 0 and footer_problem(entry, footer, manifest.provenance) is None:
+        dropped = units[relpath]["rows"] - footer.num_rows
+        entry = {**after_drop(units[relpath], dropped), "bytes": check.resized[relpath]}
+        if dropped > 0 and footer_problem(entry, footer, provenance) is None:
             entries[relpath] = entry
     return entries
 
