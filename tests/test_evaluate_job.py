@@ -748,3 +748,22 @@ def test_a_second_run_into_the_same_report_is_refused_naming_the_first(
     assert second.exit_code == 2, second.output
     text = " ".join(second.output.split())
     assert "another pvu run is writing to" in text and "--seed 7" in text, second.output
+
+
+def test_a_refused_run_leaves_no_report_folder_it_created(tmp_path: Path) -> None:
+    """The lock creates --report as the run starts: a head of another backbone, refused after
+    it, left an empty report folder behind."""
+    x, labels = clustered(50, 3, seed=5)
+    ok = write_eval_cache(str(tmp_path / "ok"), x, labels)
+    other = str(tmp_path / "other-head")
+    export_head(
+        create_head(HeadConfig(embedding_dim=DIM, hidden=(4,)), seed=0),
+        other, loss="ranking", backbone="vit_base_patch16_224", weights_digest="sha256:x",
+    )  # fmt: skip
+    report = tmp_path / "r"
+    result = run("--head", other, "--dataset", f"ok={ok}", "--report", str(report))
+    assert result.exit_code == 2 and "wastrainedforbackbone" in said(result), result.output
+    assert not report.exists()
+    report.mkdir()  # the user's own folder, empty: kept
+    result = run("--head", other, "--dataset", f"ok={ok}", "--report", str(report))
+    assert result.exit_code == 2 and report.is_dir(), result.output

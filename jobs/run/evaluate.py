@@ -7,11 +7,13 @@ the training-free baselines, and writes ``<report>/report.json`` (schemas/report
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -24,6 +26,7 @@ from jobs.terminal import command_line, console, progress_bar, resolve_device
 from pipeline.cache.lock import RunLock
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
+from pipeline.retry import exists
 
 log = logging.getLogger("pvu.evaluate")
 
@@ -142,13 +145,28 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     for flag, url in inputs:
         check_not_inside(config.report, url, flag="--report", folder_flag=flag, why=INSIDE_A_CACHE)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    # one run per report folder, as pvu cache and train-head hold theirs: two interleaved
-    with RunLock(config.report, owner=command_line()):
-        evaluation = _evaluate(config)
-        path = write_report(evaluation, config.report, pvu_version=project_version())
+    fs, folder = fsspec.core.url_to_fs(config.report)
+    created = not exists(fs, folder)  # the lock creates it: a run that fails removes it again
+    try:
+        # one run per report folder, as pvu cache and train-head hold theirs: two interleaved
+        with RunLock(config.report, owner=command_line()):
+            evaluation = _evaluate(config)
+            path = write_report(evaluation, config.report, pvu_version=project_version())
+    except BaseException:
+        if created:
+            _remove_if_empty(fs, folder)
+        raise
     console.print(summary(evaluation.report))
     console.print(f"report: {path} (and report.json, figures) in {config.report}", soft_wrap=True)
     return evaluation
+
+
+def _remove_if_empty(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Remove ``folder`` if it holds nothing (an object store holds no empty folder); left as
+    it is where that fails, the run's own error standing."""
+    with contextlib.suppress(OSError):
+        if not fs.ls(folder, detail=False):
+            fs.rmdir(folder)
 
 
 def _evaluate(config: EvaluateJobConfig) -> Evaluation:

@@ -1,6 +1,7 @@
 """One run per output prefix: a lease in ``<output>/_lock.json``, kept alive by a heartbeat.
 
-``pvu cache`` holds one on its cache, ``pvu train-head`` on its output folder.
+``pvu cache`` holds one on its cache, ``pvu train-head`` on its output folder, ``pvu evaluate``
+on its ``--report`` folder.
 
 The lock is created with an exclusive write (``O_EXCL`` on a local disk, ``If-None-Match: *`` on
 S3), so of two runs started at once exactly one gets it; the other is refused with a message
