@@ -162,10 +162,10 @@ def test_rewritten_units_past_the_first_few_are_counted_not_each_warned_of(
     with caplog.at_level("DEBUG", logger="pipeline.cache.dedupe"):
         cache_in_order(str(tmp_path), shards, [(name, e) for e in (0, 1) for name in ORDER])
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len([line for line in warned if "dup-1.parquet: dropped 3 row(s)" in line]) == 1
-    assert any("1 more unit(s) than named above had rows dropped" in line for line in warned)
+    assert len([line for line in warned if "dup-1.parquet: dropped 3 rows" in line]) == 1
+    assert any("1 more unit than named above had rows dropped" in line for line in warned)
     debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
-    assert len([line for line in debug if "dup-1.parquet: dropped 3 row(s)" in line]) == 1
+    assert len([line for line in debug if "dup-1.parquet: dropped 3 rows" in line]) == 1
 
 
 def test_a_reader_inside_a_live_runs_pass_is_told_the_run_still_writes(tmp_path, shards):

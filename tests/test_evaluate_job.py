@@ -244,7 +244,7 @@ def test_tsne_classes_with_no_rows_name_the_flag(tmp_path: Path, head_dir: str) 
         "--tsne-classes", "99",
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "only0row(s)in--tsne-classes[99]" in said(result), result.output
+    assert "only0rowsin--tsne-classes[99]" in said(result), result.output
     result = run(
         "--head", head_dir, "--dataset", f"clean={clean}", "--report", str(tmp_path / "r"),
         "--tsne-classes", "0,1,99", "--tsne-points", "60",
@@ -269,7 +269,7 @@ def test_progress_covers_safe_retrieval_and_bad_tsne_classes_stop_before_the_sea
     evaluate(options, track=track)
     assert done["safe retrieval clean"] == [10, 10]  # 1 head + 4 baselines, 2 variants each
     done.clear()
-    with pytest.raises(ValueError, match=r"only 0 row\(s\) in --tsne-classes \[99\]"):
+    with pytest.raises(ValueError, match=r"only 0 rows in --tsne-classes \[99\]"):
         evaluate(replace(options, tsne_classes=(99,)), track=track)
     assert "read clean" in done and "1-NN clean" not in done
 
@@ -523,7 +523,7 @@ def test_a_deterioration_cache_of_no_finite_row_is_refused(tmp_path: Path, head_
         "--deterioration", broken, "--report", str(tmp_path / "r"),
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert f"--deteriorationcache{broken}:everyoneofits60row(s)hasaNaN/inf" in said(result)
+    assert f"--deteriorationcache{broken}:everyoneofits60rowshasaNaN/inf" in said(result)
 
 
 def test_a_report_that_cannot_be_written_names_its_folder(tmp_path: Path, head_dir: str) -> None:

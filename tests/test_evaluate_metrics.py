@@ -190,7 +190,7 @@ def test_identical_or_zero_embeddings_skip_the_map_and_rank_as_most_uncertain(ca
     options = EvaluateOptions(heads=(), datasets=(("same", "c"),))
     rows = _tsne_rows(same, options)
     assert rows is not None and _tsne(same, rows, {"entropy": same.entropy}, [], 0) is None
-    assert "distinct non-zero embedding(s), too few for a t-SNE map" in caplog.text
+    assert "hold 1 distinct non-zero embedding, too few for a t-SNE map" in caplog.text
     embedding = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float16)
     embedding[3] = 0
     scores = baseline_uncertainty("inverse_norm", _eval_set(embedding))

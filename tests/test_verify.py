@@ -181,7 +181,7 @@ def test_reconcile_names_ten_damaged_units_and_counts_the_rest(tmp_path: Path, c
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 11, lines
     assert lines[0] == f"recomputing {url}/epoch=0001/shard-00000.parquet: missing"
-    assert lines[-1].startswith(f"recomputing 5 more unit(s) of {url} (15 of all 15 missing")
+    assert lines[-1].startswith(f"recomputing 5 more units of {url} (15 of all 15 missing")
 
 
 def test_reconcile_adopts_a_cache_without_manifest_in_parallel_in_one_line(
@@ -201,7 +201,7 @@ def test_reconcile_adopts_a_cache_without_manifest_in_parallel_in_one_line(
     assert reads.peak > 1, "footers read one at a time"
     adopted = [r.getMessage() for r in caplog.records if "adopted" in r.getMessage()]
     assert adopted == [
-        f"adopted 6 committed unit(s) missing from the manifest: {', '.join(UNITS[:3])} and 3 more"
+        f"adopted 6 committed units missing from the manifest: {', '.join(UNITS[:3])} and 3 more"
     ]
     assert verify_cache(url).ok
 
@@ -254,7 +254,7 @@ def test_readers_warn_of_a_cache_whose_last_run_did_not_finish_or_failed_units(
         said = {
             None: "",
             "begun": "its last pvu cache run did not finish (stopped or killed)",
-            "failed": "failed 2 unit(s) (e.g. epoch=0000/shard-00003.parquet, epoch=0001/",
+            "failed": "failed 2 units (e.g. epoch=0000/shard-00003.parquet, epoch=0001/",
             "whole": "",
         }[last]
         assert (said in caplog.text) if said else "last pvu cache run" not in caplog.text, last

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.skips import SkipReason
 from pipeline.cache.writer import commit_unit
-from pipeline.named import NAMED, named_level
+from pipeline.named import NAMED, counted, named_level
 from pipeline.retry import retry
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,11 @@ def deduplicate(
             dropped[relpath] = len(rows)
             log.log(
                 named_level(len(dropped) - 1),
-                "%s/%s: dropped %d row(s) whose key an earlier row of epoch %d holds "
+                "%s/%s: dropped %s whose key an earlier row of epoch %d holds "
                 "(e.g. %s, kept in %s); counted as %s",
                 manifest.root,
                 relpath,
-                len(rows),
+                counted(len(rows), "row"),
                 epoch,
                 *example,
                 DUPLICATE,
@@ -105,8 +105,8 @@ def deduplicate(
         manifest.flush(force=True)
     if len(dropped) > NAMED:  # keys that restart in every shard: one line per unit else
         log.warning(
-            "%s: %s more unit(s) than named above had rows dropped as %s; --verbose names each",
-            *(manifest.root, f"{len(dropped) - NAMED:,}", DUPLICATE),
+            "%s: %s than named above had rows dropped as %s; --verbose names each",
+            *(manifest.root, counted(len(dropped) - NAMED, "more unit"), DUPLICATE),
         )
     return dropped
 

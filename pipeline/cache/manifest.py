@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.named import counted
 from pipeline.retry import bucket_kept, make_folder, place, read_bytes, retry
 from schemas import SCHEMA_VERSION, is_newer, validate_manifest
 
@@ -161,7 +162,7 @@ def unfinished_note(last_run: dict[str, Any] | None) -> str | None:
     if last_run.get("failed"):
         named = ", ".join(last_run.get("failed_units", [])[:3])
         return (
-            f"its last pvu cache run failed {last_run['failed']:,} unit(s) (e.g. {named}), "
+            f"its last pvu cache run failed {counted(last_run['failed'], 'unit')} (e.g. {named}), "
             "which it lacks; the same pvu cache command tries them again"
         )
     return None

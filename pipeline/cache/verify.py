@@ -35,7 +35,7 @@ from pipeline.cache.manifest import (
 )
 from pipeline.cache.shards import entry_name, storage_url
 from pipeline.cache.writer import unit_path
-from pipeline.named import NAMED, named_level
+from pipeline.named import NAMED, counted, named_level
 from pipeline.retry import is_damaged_page, list_folder, read_bytes, retry
 from schemas import read_provenance, read_unit_stats
 
@@ -81,8 +81,8 @@ class CacheCheck:
         delete = "deleting the units whose pages fail, then " if self.damaged_pages else ""
         problem = "does not match its manifest" if self.listed is not None else "has no manifest"
         return (
-            f"cache {self.url} {problem}: {len(self.damaged)} unit(s) missing or damaged: "
-            f"{self._named_damage()}. "
+            f"cache {self.url} {problem}: {counted(len(self.damaged), 'unit')} missing or "
+            f"damaged: {self._named_damage()}. "
             f"Repair it by {delete}re-running the `pvu cache` command that wrote it, every flag "
             f"the same (`pvu info {self.url}` shows the settings it was made with; other ones "
             "are refused): it recomputes these units (but keeps one the duplicate-key pass "
@@ -93,9 +93,10 @@ class CacheCheck:
         """A message for units that differ while ``writer``, a live run, writes the cache."""
         return (
             f"cache {self.url} is still being written, by {writer.describe(time.time())}: "
-            f"{len(self.damaged)} unit(s) differ from its manifest as that run rewrites them: "
-            f"{self._named_damage()}. Wait until it finishes, then run this command again (if "
-            "the units still differ then, re-running that `pvu cache` command repairs them)."
+            f"{counted(len(self.damaged), 'unit')} differing from its manifest as that run "
+            f"rewrites units: {self._named_damage()}. Wait until it finishes, then run this "
+            "command again (if the units still differ then, re-running that `pvu cache` command "
+            "repairs them)."
         )
 
     def _named_damage(self) -> str:
@@ -404,9 +405,9 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
         manifest.record(relpath, entry)
     if rewritten:
         log.info(
-            "kept %s unit(s) rewritten by the duplicate-key pass of a run stopped before it "
-            "recorded them: %s",
-            f"{len(rewritten):,}",
+            "kept %s rewritten by the duplicate-key pass of a run stopped before it "
+            "recorded the rewrite: %s",
+            counted(len(rewritten), "unit"),
             _some(list(rewritten)),
         )
     for count, (relpath, why) in enumerate(sorted(check.damaged.items())):
@@ -417,9 +418,8 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
     if len(check.damaged) > NAMED:
         missing = sum(why == "missing" for why in check.damaged.values())
         log.warning(
-            "recomputing %s more unit(s) of %s (%s of all %s missing, the rest damaged); "
-            "--verbose names each",
-            *(f"{len(check.damaged) - NAMED:,}", manifest.root, f"{missing:,}"),
+            "recomputing %s of %s (%s of all %s missing, the rest damaged); --verbose names each",
+            *(counted(len(check.damaged) - NAMED, "more unit"), manifest.root, f"{missing:,}"),
             f"{len(check.damaged):,}",
         )
     orphans = dict(sorted(check.orphans.items()))
@@ -434,8 +434,8 @@ def reconcile(manifest: Manifest, *, io_threads: int = 16) -> Manifest:
             log.debug("adopted committed unit %s missing from the manifest", relpath)
     if adopted:
         log.info(
-            "adopted %s committed unit(s) missing from the manifest: %s",
-            f"{len(adopted):,}",
+            "adopted %s missing from the manifest: %s",
+            counted(len(adopted), "committed unit"),
             _some(adopted),
         )
     manifest.flush(force=True)

@@ -123,8 +123,8 @@ def evaluate(options: EvaluateOptions, *, track: Track = no_progress) -> Evaluat
         data = _load(url, url, indexes[url], track)
         if not len(data):  # a curve point of no rows: its medians, and the curve's rho, are NaN
             raise ValueError(
-                f"--deterioration cache {url}: every one of its {data.dropped} row(s) has a "
-                "NaN/inf embedding, max_prob or entropy; cache it again, or leave it out"
+                f"--deterioration cache {url}: every one of its {counted(data.dropped, 'row')} "
+                "has a NaN/inf embedding, max_prob or entropy; cache it again, or leave it out"
             )
         kind = data.deterioration or {"kind": None, "strength": 0.0}
         scores = uncertainties(data, heads, device=options.device, seed=options.seed)
@@ -349,9 +349,12 @@ def _tsne_rows(data: EvalSet, options: EvaluateOptions) -> np.ndarray | None:
     if len(rows) < MIN_TSNE_POINTS:
         if classes is not None:
             raise ValueError(
-                f"t-SNE of {data.name}: only {len(rows)} row(s) in --tsne-classes {classes}"
+                f"t-SNE of {data.name}: only {counted(len(rows), 'row')} in --tsne-classes "
+                f"{classes}"
             )
-        log.warning("%s: %d row(s) are too few for a t-SNE map; skipped", data.name, len(rows))
+        log.warning(
+            "%s: %s, too few for a t-SNE map; skipped", data.name, counted(len(rows), "row")
+        )
         return None
     return rows
 
@@ -371,10 +374,9 @@ def _tsne(
     distinct = len(np.unique(unit, axis=0))
     if distinct < MIN_TSNE_POINTS:  # scikit-learn's t-SNE crashes the process on identical rows
         log.warning(
-            "%s: the chosen rows hold %d distinct non-zero embedding(s), too few for a t-SNE "
-            "map; skipped",
+            "%s: the chosen rows hold %s, too few for a t-SNE map; skipped",
             data.name,
-            distinct,
+            counted(distinct, "distinct non-zero embedding"),
         )
         return None
     xy = tsne_map(unit, seed=seed)
