@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.run.cache import run_cache
 from jobs.run.cache_config import CacheJobConfig
@@ -86,3 +88,60 @@ def test_a_node_that_cannot_reach_the_storage_is_left_out_and_named(
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_actors_packed_onto_a_node_left_out_are_started_again_on_another(s3_bucket, wide_console):
+    """Ray packs actors: here both of ``--actors 2`` land on the 2-GPU node without
+    credentials (the other node's GPU is held while they are placed). Before: each failed its
+    check, none was started in its place, and the run ended with NodeUnfit (exit 2) while the
+    good node idled. Now each is started again on the other nodes: the good node caches all."""
+    shards = 2
+    write_digit_shards(f"{s3_bucket}/shards", shards=shards, per_shard=6, size=32)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    bad = cluster.add_node(num_cpus=2, num_gpus=2, env_vars=NO_CREDENTIALS)
+    good = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    try:
+
+        class Holder:  # holds a GPU of its node until killed (a local class: pickled whole)
+            def ready(self) -> bool:
+                return True
+
+        holder = ray.remote(num_gpus=1, num_cpus=0)(Holder).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(good.node_id, soft=False)
+        )
+        held = holder.remote()
+        ray.get(held.ready.remote())
+        freed = threading.Thread(target=_free_once_full, args=(held, bad.node_id), daemon=True)
+        freed.start()
+        config = CacheJobConfig(
+            shards=f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar",
+            output=f"{s3_bucket}/cache",
+            backbone="resnet10t",
+            weights="random",
+            input_size=32,
+            batch_size=8,
+            actors=2,
+            ray_address=cluster.address,
+        )
+        report = run_cache(config)
+        freed.join(timeout=5)
+        assert len(report.results) == shards and not report.failed
+        assert {worker["node_id"] for worker in report.workers} == {good.node_id}
+        assert list(report.nodes_left_out) == [bad.node_id]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_once_full(held: ray.actor.ActorHandle, node_id: str, timeout: float = 120) -> None:
+    """Kill ``held`` once node ``node_id`` has no GPU free (the pool's first actors placed
+    there), or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        free = ray._private.state.available_resources_per_node().get(node_id, {})
+        if free.get("GPU", 0) == 0:
+            break
+        time.sleep(0.05)
+    ray.kill(held)

@@ -428,8 +428,8 @@ class ActorPool:
     """Distributes units over ``size`` actors, each asking Ray for ``gpus`` and ``cpus``.
 
     Each actor runs ``check`` (the driver's storage check) as it starts: one that fails there
-    (:class:`NodeUnfit`) leaves its node out of the run, named in the log and the report, and
-    no actor starts there again; the units run on the other nodes.
+    (:class:`NodeUnfit`) leaves its node out of the run, named in the log and the report, no
+    actor starts there again, and another is started on the other nodes in its place.
     """
 
     def __init__(
@@ -608,14 +608,16 @@ class ActorPool:
         self._idle.append(actor)
 
     def _leave_out(self, failure: NodeUnfit, report: PoolReport) -> None:
-        """Start no actor again on ``failure``'s node (its actor is not replaced: its slot is
-        that node's); with no actor left or starting, end the run (:meth:`_no_node_fits`)."""
+        """Start no actor again on ``failure``'s node, and another in its place on the other
+        nodes (Ray may have packed several of the first actors onto that node). Where only
+        nodes left out could hold one, :meth:`_say_if_unplaceable` ends the run."""
         if failure.node_id not in self._unfit:
-            log.error("%s. No cache actor starts there again; the units run elsewhere", failure)
+            log.error(
+                "%s. No cache actor starts there again; one is asked of the other nodes", failure
+            )
         self._unfit[failure.node_id] = failure
         report.nodes_left_out[failure.node_id] = str(failure)
-        if not (self._idle or self._running or self._starting):
-            raise self._no_node_fits()
+        self._start_actor()
 
     def _no_node_fits(self) -> NodeUnfit:
         """The error that ends a run whose every node that could hold an actor is left out."""
