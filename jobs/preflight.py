@@ -18,6 +18,7 @@ from jobs.terminal import UserError
 from pipeline.cache.manifest import MANIFEST_NAME
 from pipeline.cache.shards import storage_url
 from pipeline.cache.verify import caches_under
+from pipeline.retry import StorageRefused
 
 CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
@@ -65,9 +66,14 @@ def check_storage(url: str, *, flag: str, must_exist: bool = False) -> None:
 
 def check_each_storage(urls: list[tuple[str, str]]) -> None:
     """:func:`check_storage` of each ``(flag, url)``: what each cache actor checks as it
-    starts, on its own node, whose S3 settings may not be the driver's."""
-    for flag, url in urls:
-        check_storage(url, flag=flag)
+    starts, on its own node, whose S3 settings may not be the driver's. Its refusal is raised
+    as :class:`~pipeline.retry.StorageRefused` (the node is left out); any other
+    error as it is (the actor's start failed, and is tried again)."""
+    try:
+        for flag, url in urls:
+            check_storage(url, flag=flag)
+    except UserError as error:
+        raise StorageRefused(str(error)) from None
 
 
 def check_output_folder(url: str, *, flag: str) -> None:

@@ -105,6 +105,13 @@ class OutputDenied(PermissionError):
     later write would be too."""
 
 
+class StorageRefused(Exception):
+    """A storage check's finding that this process's settings cannot use the job's storage (no
+    credentials, endpoint unreachable, access denied, bucket missing): what a cache actor's
+    check raises where its node's configuration, not a passing fault, is at fault
+    (``pipeline.cache.distribute.check_node`` leaves that node out)."""
+
+
 _jitter = random.Random()  # private: the global ``random`` is seeded per sample elsewhere
 
 

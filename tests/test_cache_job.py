@@ -665,6 +665,36 @@ def test_a_node_where_no_actor_can_start_is_given_up_and_the_run_goes_on(local_r
     assert report.actors_replaced == 4  # and no replacement asked for after the last
 
 
+def test_a_storage_check_that_fails_in_passing_is_a_failed_start_not_a_node_left_out(
+    local_ray, tmp_path
+):
+    """Before: any error of an actor's storage check (here a reset connection, once) left its
+    node out as 'the node's environment differs from the driver's'; with one node, the run
+    ended with that. Now only the check's refusal (StorageRefused: no credentials, denied, no
+    bucket) does; another error is a failed start: the actor is replaced and the run goes on."""
+    failed_once = tmp_path / "failed-once"
+
+    def check() -> None:
+        if not failed_once.exists():
+            failed_once.touch()
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    urls = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
+    settings = unit_settings(str(tmp_path / "cache"))
+    pool = ActorPool(
+        size=1,
+        gpus=0,
+        cpus=1,
+        backbone="resnet10t",
+        weights="random",
+        settings=settings,
+        check=check,
+    )
+    report = pool.run([Unit(urls[0], "digits-0000", 0)], on_result=lambda result: None)
+    assert [result.rows for result in report.results] == [4] and not report.failed
+    assert not report.nodes_left_out and report.actors_replaced == 1 and failed_once.exists()
+
+
 def test_a_full_disk_stops_the_run_at_its_first_unit_and_keeps_what_was_written(
     local_ray, tmp_path
 ):

@@ -33,7 +33,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from pipeline.cache.backbone import Backbone, create_backbone_model, model_key
 from pipeline.cache.unit import Fanout, Unit, UnitResult, UnitRunner, UnitSettings
 from pipeline.cache.writer import EmbeddingOverflow
-from pipeline.retry import PERMANENT_ERRORS, BucketGone, OutputDenied, StorageFull
+from pipeline.retry import (
+    PERMANENT_ERRORS,
+    BucketGone,
+    OutputDenied,
+    StorageFull,
+    StorageRefused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +61,14 @@ class NodeUnfit(ConnectionError):
 
 
 def check_node(check: Callable[[], None], node_id: str) -> None:
-    """Run the driver's storage ``check`` on this node; raise :class:`NodeUnfit` naming the node
-    (host, IP, Ray id) and the error where it fails. A cache actor runs it as it starts: the
-    node's own S3 settings are the ones its units would use."""
+    """Run the driver's storage ``check`` on this node; where it raises :class:`StorageRefused`,
+    raise :class:`NodeUnfit` naming the node (host, IP, Ray id) and the error. A cache actor
+    runs it as it starts: the node's own S3 settings are the ones its units would use. Any
+    other error (a passing one: a reset connection) is raised as it is, a failed start like
+    any other (the actor is replaced, the failure counted)."""
     try:
         check()
-    except Exception as error:  # whatever the probe raises here, the driver's passed
+    except StorageRefused as error:  # the driver's check passed: this node's settings differ
         node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, Ray node {node_id[:12]})"
         raise NodeUnfit(
             f"node {node} cannot use the job's storage, which the driver could: {error}. The "
