@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 
 import pyarrow.parquet as pq
 import pytest
@@ -120,6 +121,30 @@ def test_a_backbone_whose_forward_fails_costs_the_others_nothing(tmp_path, units
     # still held: a thread left augmenting would draw from torch's global RNG beside the
     # actor's next unit
     assert "pvu-prefetch" not in {thread.name for thread in threading.enumerate()}
+
+
+def test_a_failed_forward_s_error_holds_none_of_its_tensors(tmp_path, units):
+    """With --also, the error kept for a backbone whose forward failed (a GPU out of memory)
+    held its traceback's frames and so that forward's batch and activations (on the GPU,
+    the memory the other backbones then need) until the unit was over."""
+    fits = make_runner(str(tmp_path / "resnet"))
+    model = create_backbone_model("mixer_s32_224", "random")  # takes 224 px only: fails
+    seen: list[weakref.ref] = []  # the images each forward of it was given
+    forward_features = model.forward_features
+
+    def seeing(images: torch.Tensor) -> torch.Tensor:  # a hook's closure would hold them
+        seen.append(weakref.ref(images))
+        return forward_features(images)
+
+    model.forward_features = seeing
+    fails = UnitRunner(Backbone(model, torch.device("cpu")), unit_settings(str(tmp_path / "m")))
+    fanout = Fanout([fits, fails], decode_workers=0)
+    try:
+        outcomes = fanout.run(units[0])
+    finally:
+        fanout.close()
+    assert isinstance(outcomes[1], AssertionError) and seen
+    assert [ref() for ref in seen] == [None] * len(seen)  # freed, though the error is held
 
 
 def test_a_single_backbone_whose_forward_fails_raises_the_error(tmp_path, units):

@@ -43,7 +43,7 @@ from pipeline.cache.samples import IMAGE_KEYS, RawSample, iter_samples
 from pipeline.cache.skips import BadSample, SkipReason
 from pipeline.cache.writer import commit_unit, to_record_batch, unit_path
 from pipeline.dataset.remap import read_label_remap
-from pipeline.prefetch import prefetch
+from pipeline.prefetch import clear_frames, prefetch
 from schemas import cache_schema, with_provenance
 
 log = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ class Fanout:
                     try:
                         record_batches[target].append(self.runners[target]._record(batch, unit))
                     except Exception as error:  # this target's alone: the others go on
-                        failed[target] = self._named(target, error)
+                        failed[target] = self._named(target, _frameless(error))
                         record_batches[target] = []
                         if len(failed) == len(active):
                             break
@@ -517,6 +517,17 @@ class Fanout:
             backbone = settings.provenance.get("backbone")
             error.add_note(f"backbone {backbone}, cache {settings.output}")
         return error
+
+
+def _frameless(error: Exception) -> Exception:
+    """``error``, its traceback's frames cleared and this one (the running unit's) left out:
+    kept until the unit ends, they would hold the failed forward's batch and activations (on
+    a GPU out of memory, what the other backbones need). The traceback still names each file
+    and line; Ray, pickling the error back to the driver, drops it anyway."""
+    clear_frames(error)
+    if error.__traceback__ is not None:
+        error.__traceback__ = error.__traceback__.tb_next
+    return error
 
 
 def _augmentation(runner: UnitRunner) -> str:
