@@ -486,9 +486,10 @@ class ActorPool:
         each result (each target's, its ``target`` the index). A unit tried again is tried for
         the targets that failed it alone.
 
-        A unit whose output storage is full (:class:`StorageFull`), whose output bucket is
-        gone (:class:`BucketGone`) or whose write is denied (:class:`OutputDenied`) stops the
-        run.
+        A unit's error that every other unit would meet too (a kind in ``_STOPPING``: its
+        output storage full, its bucket gone, its write denied, its embeddings past the
+        dtype) stops the run, as does a cluster where only nodes left out could hold an actor
+        (:class:`NodeUnfit`, :meth:`_say_if_unplaceable`).
         """
         report = PoolReport()
         pending = deque((unit, self.targets) for unit in units)
@@ -526,8 +527,9 @@ class ActorPool:
         return report
 
     def _say_if_unplaceable(self) -> None:
-        """Warn once where no actor is alive and none can be placed: the run would wait,
-        unsaid, for a node that only an autoscaler (or a person) can add."""
+        """Where no actor is alive and none can be placed, end the run if only nodes left out
+        could hold one (:meth:`_no_node_fits`), else warn, once until an actor starts again:
+        the run would wait, unsaid, for a node that only an autoscaler (or a person) can add."""
         if self._idle or self._running or self._said_unplaceable:
             return
         alive = [node for node in ray.nodes() if node["Alive"]]
