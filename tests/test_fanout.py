@@ -147,6 +147,30 @@ def test_a_failed_forward_s_error_holds_none_of_its_tensors(tmp_path, units):
     assert [ref() for ref in seen] == [None] * len(seen)  # freed, though the error is held
 
 
+def test_a_failed_backbone_s_samples_are_no_longer_labelled_for_it(tmp_path):
+    """With --also, a backbone whose forward failed at a unit's first batch still had every
+    later sample of the unit labelled and batched for it, to be dropped."""
+    (shard,) = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=160, size=32)
+    model = create_backbone_model("mixer_s32_224", "random")  # takes 224 px only: fails
+    fails = UnitRunner(Backbone(model, torch.device("cpu")), unit_settings(str(tmp_path / "m")))
+    labelled = 0
+    head_label = fails.head_label
+
+    def counting(sample):
+        nonlocal labelled
+        labelled += 1
+        return head_label(sample)
+
+    fails.head_label = counting
+    fanout = Fanout([make_runner(str(tmp_path / "resnet")), fails], decode_workers=0)
+    try:
+        outcomes = fanout.run(Unit(shard, "digits-0000", 0))
+    finally:
+        fanout.close()
+    assert outcomes[0].rows == 160 and isinstance(outcomes[1], AssertionError)
+    assert labelled < 80  # its first batch of 8, and those prefetched by its failure
+
+
 def test_a_single_backbone_whose_forward_fails_raises_the_error(tmp_path, units):
     settings = unit_settings(str(tmp_path / "mixer"))
     model = create_backbone_model("mixer_s32_224", "random")

@@ -355,11 +355,16 @@ class Fanout:
             self.pool = None
 
     def _labelled(
-        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
+        self,
+        unit: Unit,
+        shared: Counter,
+        own: list[Counter],
+        active: Collection[int],
+        failed: Collection[int],
     ) -> Iterator[tuple[Task, list[Meta | None]]]:
         """The unit's samples some ``active`` target keeps, each as a decode task and, per
-        target, its label and ambiguity (None where the target skips the sample or is not
-        active)."""
+        target, its label and ambiguity (None where the target skips the sample, is not
+        active or has ``failed``: the caller's collection, read as it grows)."""
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
@@ -376,7 +381,7 @@ class Fanout:
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
             metas: list[Meta | None] = []
             for target, (runner, counts) in enumerate(zip(self.runners, own, strict=True)):
-                if target not in active:
+                if target not in active or target in failed:
                     metas.append(None)
                     continue
                 try:
@@ -397,10 +402,15 @@ class Fanout:
             )
 
     def _prepared(
-        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
+        self,
+        unit: Unit,
+        shared: Counter,
+        own: list[Counter],
+        active: Collection[int],
+        failed: Collection[int],
     ) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
         """Each kept sample's key, its image per distinct transform and its metas."""
-        labelled = self._labelled(unit, shared, own, active)
+        labelled = self._labelled(unit, shared, own, active, failed)
         if self.on_device is not None:
             results = _prepared_on(self.on_device, labelled, self.settings.batch_size)
         elif self.pool is None:
@@ -423,9 +433,15 @@ class Fanout:
                 yield key, images, metas
 
     def _batches(
-        self, unit: Unit, shared: Counter, own: list[Counter], active: Collection[int]
+        self,
+        unit: Unit,
+        shared: Counter,
+        own: list[Counter],
+        active: Collection[int],
+        failed: Collection[int],
     ) -> Iterator[tuple[int, _Batch]]:
-        """(target, batch) pairs: each target's rows cut into its own batches, in order.
+        """(target, batch) pairs: each target's rows cut into its own batches, in order; none
+        of a target from when it is in ``failed`` (give or take the batches prefetched).
 
         A batch's seconds are those spent preparing since the previous batch was handed on,
         not the wait for the consumer to take it (the prefetch queue's room)."""
@@ -439,7 +455,7 @@ class Fanout:
             pending[target] = []
             return batch
 
-        for key, images, metas in self._prepared(unit, shared, own, active):
+        for key, images, metas in self._prepared(unit, shared, own, active, failed):
             for target, meta in enumerate(metas):
                 if meta is None:
                     continue
@@ -472,7 +488,11 @@ class Fanout:
         record_batches: list[list[pa.RecordBatch]] = [[] for _ in self.runners]
         failed: dict[int, Exception] = {}
         waited = time.perf_counter()
-        batches = prefetch(self._batches(unit, shared, own, active), self.settings.prefetch_batches)
+        # the producer reads ``failed`` as it grows: a failed target's samples are no longer
+        # labelled and batched for it
+        batches = prefetch(
+            self._batches(unit, shared, own, active, failed), self.settings.prefetch_batches
+        )
         # closed however the loop ends: a failed unit's decoding stops with it, not when its
         # traceback is freed (meanwhile drawing from torch's global RNG beside the next unit)
         with contextlib.closing(batches):
