@@ -817,6 +817,26 @@ def test_also_computes_only_the_backbone_whose_cache_lacks_the_units(local_ray, 
     assert sorted(manifest["units"]) == [str(p.relative_to(tmp_path / "a")) for p in units]
 
 
+def test_also_computes_each_unit_only_for_the_caches_that_lack_it(local_ray, tmp_path):
+    """Re-run after each cache lost a unit (a backbone's forward failed there): each unit was
+    computed, and its file rewritten, for both backbones, though one cache held it."""
+    write_digit_shards(str(tmp_path / "shards"), shards=2, per_shard=4, size=32)
+    also = f"resnet14t,random,{tmp_path / 'b'}"
+    flags = {"shards": str(tmp_path / "shards"), "output": str(tmp_path / "a"), **COMMON}
+    run_cache(CacheJobConfig(**flags, also=[also]))
+    first, second = "epoch=0000/digits-0000.parquet", "epoch=0000/digits-0001.parquet"
+    (tmp_path / "a" / first).unlink()
+    (tmp_path / "b" / second).unlink()
+    held = [tmp_path / "a" / second, tmp_path / "b" / first]
+    written = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in held}
+    report = run_cache(CacheJobConfig(**flags, also=[also]))
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in held} == written
+    assert (tmp_path / "a" / first).exists() and (tmp_path / "b" / second).exists()
+    assert [result.relpath for result in report.results] == [first] and not report.failed
+    for cache in ("a", "b"):
+        assert sorted(read_manifest(str(tmp_path / cache))["units"]) == [first, second]
+
+
 def test_also_a_backbone_whose_forward_fails_fails_its_own_units_alone(local_ray, tmp_path):
     """The paper's four ViTs in one run, ViT-L out of memory at the --batch-size the others
     take: every unit failed for all four backbones after --max-attempts tries, and the small

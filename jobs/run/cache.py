@@ -374,10 +374,16 @@ def _run_cache(
         for epoch in range(config.epochs)
         for url, name in zip(urls, names, strict=True)
     ]
-    # A unit runs if any backbone lacks it, for every backbone that lacks any unit to do
-    # (rewriting identical files): a cache that holds them all is not computed again.
+    # A unit runs if any backbone lacks it, for the backbones that lack it: a committed unit
+    # is not computed again, and a cache that holds them all takes no part.
     todo = [u for u in units if not all(t.manifest.is_done(u.relpath) for t in targets)]
     running = [t for t in targets if not all(t.manifest.is_done(u.relpath) for u in todo)]
+    lacking = {
+        u.relpath: tuple(i for i, t in enumerate(running) if not t.manifest.is_done(u.relpath))
+        for u in todo
+    }
+    lead = targets.index(running[0]) if running else 0  # whose results the report holds
+    held = sum(targets[lead].manifest.is_done(u.relpath) for u in units)  # before the run
     for target in targets:  # until it ends, readers warn that units may be missing
         target.manifest.begin_run(len(units))
     log.info(
@@ -407,10 +413,9 @@ def _run_cache(
             also=tuple((t.config.backbone, t.config.weights, t.settings) for t in running[1:]),
             check=functools.partial(check_each_storage, storage_urls(config)),
         )
-        report = _run_with_progress(pool, todo, [t.manifest for t in running], started)
+        report = _run_with_progress(pool, todo, lacking, [t.manifest for t in running], started)
         for target in running:  # the actors wrote there: this process's listings are stale
             fsspec.core.url_to_fs(target.config.output)[0].invalidate_cache()
-    lead = targets.index(running[0]) if running else 0  # whose results the report holds
     failed = [failed_in(report, running.index(t)) if t in running else [] for t in targets]
     _finish(
         config,
@@ -419,7 +424,7 @@ def _run_cache(
         names,
         failed,
         lead=lead,
-        already=len(units) - len(todo),
+        already=held,
         started=started,
     )
     planned = {unit.relpath for unit in units}
@@ -590,10 +595,14 @@ def _forget_if_empty(manifest: Manifest) -> None:
 
 
 def _run_with_progress(
-    pool: ActorPool, todo: list[Unit], manifests: list[Manifest], started: float
+    pool: ActorPool,
+    todo: list[Unit],
+    lacking: dict[str, tuple[int, ...]],
+    manifests: list[Manifest],
+    started: float,
 ) -> PoolReport:
-    """Run ``todo`` on ``pool`` under a progress bar, recording each unit in ``manifests``
-    (one per backbone of the pass)."""
+    """Run ``todo`` on ``pool`` under a progress bar, each unit for the backbones of the pass
+    that are ``lacking`` it (by relpath, indices of ``manifests``), recording it in theirs."""
     images = 0
     with progress_bar(
         TextColumn("[bold]cache"),
@@ -608,14 +617,15 @@ def _run_with_progress(
         def on_result(result: UnitResult) -> None:  # one target's unit: a share of the unit
             nonlocal images
             manifests[result.target].record(result.relpath, result.manifest_entry())
-            images += result.rows if result.target == 0 else 0
+            its = lacking[result.relpath]
+            images += result.rows if result.target == its[0] else 0
             rate = images / max(time.monotonic() - started, 1e-9)
-            advance = 1 / len(manifests)
+            advance = 1 / len(its)
             progress.update(task, advance=advance, rate=f"{images:,} images, {rate:,.1f}/s")
 
         stopped = True
         try:
-            report = pool.run(todo, on_result)
+            report = pool.run(todo, on_result, lacking)
             stopped = False
             return report
         finally:

@@ -20,7 +20,7 @@ import shutil
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -481,10 +481,15 @@ class ActorPool:
         actor = actor_class.remote(*self._args, **self._kwargs)
         self._starting[actor.start.remote()] = actor
 
-    def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> PoolReport:
-        """Run every unit once to completion (or failure) for every target; ``on_result`` sees
-        each result (each target's, its ``target`` the index). A unit tried again is tried for
-        the targets that failed it alone.
+    def run(
+        self,
+        units: Iterable[Unit],
+        on_result: Callable[[UnitResult], None],
+        targets: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> PoolReport:
+        """Run every unit once to completion (or failure) for the ``targets`` (indices) of its
+        relpath there, by default every one; ``on_result`` sees each result (each target's, its
+        ``target`` the index). A unit tried again is tried for the targets that failed it alone.
 
         A unit's error that every other unit would meet too (a kind in ``_STOPPING``: its
         output storage full, its bucket gone, its write denied, its embeddings past the
@@ -492,7 +497,8 @@ class ActorPool:
         (:class:`NodeUnfit`, :meth:`_say_if_unplaceable`).
         """
         report = PoolReport()
-        pending = deque((unit, self.targets) for unit in units)
+        targets = targets or {}
+        pending = deque((unit, targets.get(unit.relpath, self.targets)) for unit in units)
         attempts: dict[str, int] = {}
         own_node = ray.get_runtime_context().get_node_id()
         for _ in range(min(self.size, len(pending))):
