@@ -311,6 +311,19 @@ class UnitRunner:
         return result
 
 
+@dataclass
+class _UnitPass:
+    """One unit's pass for some of a :class:`Fanout`'s targets: the ``active`` ones (runner
+    indices), the skips counted for all (``shared``) and for each target (``own``), and the
+    targets whose forward has ``failed`` (index -> error), which the producer reads as it grows."""
+
+    unit: Unit
+    active: Collection[int]
+    own: list[Counter]
+    shared: Counter = field(default_factory=Counter)
+    failed: dict[int, Exception] = field(default_factory=dict)
+
+
 class Fanout:
     """Runs each unit for several targets (each a ``UnitRunner``: a backbone and its cache)
     from one read and one decode of every sample, one augmentation per distinct transform.
@@ -354,23 +367,17 @@ class Fanout:
             self.pool.close()
             self.pool = None
 
-    def _labelled(
-        self,
-        unit: Unit,
-        shared: Counter,
-        own: list[Counter],
-        active: Collection[int],
-        failed: Collection[int],
-    ) -> Iterator[tuple[Task, list[Meta | None]]]:
-        """The unit's samples some ``active`` target keeps, each as a decode task and, per
+    def _labelled(self, run: _UnitPass) -> Iterator[tuple[Task, list[Meta | None]]]:
+        """The unit's samples some ``run.active`` target keeps, each as a decode task and, per
         target, its label and ambiguity (None where the target skips the sample, is not
-        active or has ``failed``: the caller's collection, read as it grows)."""
+        active or has failed: ``run.failed``, read as it grows)."""
+        unit = run.unit
         samples = iter_samples(
             unit.source,
             image_keys=self.settings.image_keys,
             label_key=self.settings.label_key,
             ambiguity_key=self.settings.ambiguity_key,
-            counts=shared,
+            counts=run.shared,
             name_skips=unit.epoch == 0,
             source_bytes=unit.source_bytes,
         )
@@ -380,8 +387,8 @@ class Fanout:
             with_ambiguity += sample.ambiguity is not None
             ambiguity = np.nan if sample.ambiguity is None else sample.ambiguity
             metas: list[Meta | None] = []
-            for target, (runner, counts) in enumerate(zip(self.runners, own, strict=True)):
-                if target not in active or target in failed:
+            for target, (runner, counts) in enumerate(zip(self.runners, run.own, strict=True)):
+                if target not in run.active or target in run.failed:
                     metas.append(None)
                     continue
                 try:
@@ -401,16 +408,9 @@ class Fanout:
                 *(unit.source, seen, key),
             )
 
-    def _prepared(
-        self,
-        unit: Unit,
-        shared: Counter,
-        own: list[Counter],
-        active: Collection[int],
-        failed: Collection[int],
-    ) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
+    def _prepared(self, run: _UnitPass) -> Iterator[tuple[str, list[Any], list[Meta | None]]]:
         """Each kept sample's key, its image per distinct transform and its metas."""
-        labelled = self._labelled(unit, shared, own, active, failed)
+        labelled = self._labelled(run)
         if self.on_device is not None:
             results = _prepared_on(self.on_device, labelled, self.settings.batch_size)
         elif self.pool is None:
@@ -426,22 +426,15 @@ class Fanout:
             results = ((*handed.popleft(), images) for images in self.pool.map(tasks()))
         for (key, _, _), metas, images in results:
             if isinstance(images, Skip):  # the same for every target: named once
-                keeping = [c for meta, c in zip(metas, own, strict=True) if meta is not None]
+                keeping = [c for meta, c in zip(metas, run.own, strict=True) if meta is not None]
                 for place, counts in enumerate(keeping):
-                    _skip(key, images.error(), unit, counts, said=place > 0)
+                    _skip(key, images.error(), run.unit, counts, said=place > 0)
             else:
                 yield key, images, metas
 
-    def _batches(
-        self,
-        unit: Unit,
-        shared: Counter,
-        own: list[Counter],
-        active: Collection[int],
-        failed: Collection[int],
-    ) -> Iterator[tuple[int, _Batch]]:
+    def _batches(self, run: _UnitPass) -> Iterator[tuple[int, _Batch]]:
         """(target, batch) pairs: each target's rows cut into its own batches, in order; none
-        of a target from when it is in ``failed`` (give or take the batches prefetched).
+        of a target from when it is in ``run.failed`` (give or take the batches prefetched).
 
         A batch's seconds are those spent preparing since the previous batch was handed on,
         not the wait for the consumer to take it (the prefetch queue's room)."""
@@ -455,7 +448,7 @@ class Fanout:
             pending[target] = []
             return batch
 
-        for key, images, metas in self._prepared(unit, shared, own, active, failed):
+        for key, images, metas in self._prepared(run):
             for target, meta in enumerate(metas):
                 if meta is None:
                     continue
@@ -481,18 +474,15 @@ class Fanout:
         committed result; forward and write on each target's own."""
         active = range(len(self.runners)) if targets is None else sorted(set(targets))
         started, cpu_started = time.perf_counter(), time.process_time()
-        shared: Counter = Counter()
-        own: list[Counter] = [Counter() for _ in self.runners]
+        run = _UnitPass(unit, active, own=[Counter() for _ in self.runners])
+        shared, own, failed = run.shared, run.own, run.failed
         timings = [{"forward": 0.0, "write": 0.0} for _ in self.runners]
         together = {"prepare": 0.0, "prepare_cpu": 0.0, "wait": 0.0}
         record_batches: list[list[pa.RecordBatch]] = [[] for _ in self.runners]
-        failed: dict[int, Exception] = {}
         waited = time.perf_counter()
         # the producer reads ``failed`` as it grows: a failed target's samples are no longer
         # labelled and batched for it
-        batches = prefetch(
-            self._batches(unit, shared, own, active, failed), self.settings.prefetch_batches
-        )
+        batches = prefetch(self._batches(run), self.settings.prefetch_batches)
         # closed however the loop ends: a failed unit's decoding stops with it, not when its
         # traceback is freed (meanwhile drawing from torch's global RNG beside the next unit)
         with contextlib.closing(batches):
