@@ -1104,16 +1104,20 @@ def test_a_held_images_blank_path_names_no_key_and_reads_no_folder(tmp_path):
     assert "holds no image bytes" in report.unreadable[0].detail
 
 
-class RefusingFileSystem(LocalFileSystem):
+class LocalAs(LocalFileSystem):
+    """The local disk as ``<protocol>://<path>``, a store of its own to fsspec."""
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return super()._strip_protocol(path.removeprefix(f"{cls.protocol}://"))
+
+
+class RefusingFileSystem(LocalAs):
     """The local disk as ``refusing://<path>``, its first ``refusals`` opens refused as a
     store's connection is."""
 
     protocol = "refusing"
     refusals = 0
-
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:
-        return super()._strip_protocol(path.removeprefix("refusing://"))
 
     def _open(self, path: str, mode: str = "rb", **kwargs):
         if RefusingFileSystem.refusals:
@@ -1134,15 +1138,11 @@ def test_whether_a_binary_column_holds_paths_is_read_under_retry(tmp_path):
     assert RefusingFileSystem.refusals == 0
 
 
-class CountingFileSystem(LocalFileSystem):
+class CountingFileSystem(LocalAs):
     """The local disk as ``counted://<path>``, counting the bytes read through it."""
 
     protocol = "counted"
     read_bytes = 0
-
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:
-        return super()._strip_protocol(path.removeprefix("counted://"))
 
     def _open(self, path: str, mode: str = "rb", **kwargs):
         handle = super()._open(path, mode, **kwargs)
