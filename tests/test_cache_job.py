@@ -11,6 +11,7 @@ import sys
 import time
 import types
 from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
@@ -38,7 +39,7 @@ from pipeline.cache.distribute import (
 from pipeline.cache.index import open_cache
 from pipeline.cache.manifest import Manifest, read_manifest
 from pipeline.cache.shards import shard_name
-from pipeline.cache.unit import Unit
+from pipeline.cache.unit import Unit, UnitSettings
 from pipeline.cache.verify import verify_cache
 from pipeline.demo.data import (
     bad_samples,
@@ -509,6 +510,12 @@ def test_help_explains_every_flag_the_issues_fix(command, job):
         assert "one per GPU" in " ".join(result.output.replace("│", " ").split())
 
 
+def cpu_pool(settings: UnitSettings, size: int = 1, **options: Any) -> ActorPool:
+    """A pool of ``size`` one-CPU actors of resnet10t at random weights writing ``settings``."""
+    backbone = {"backbone": "resnet10t", "weights": "random"}
+    return ActorPool(size=size, gpus=0, cpus=1, settings=settings, **backbone, **options)
+
+
 def small_pool(
     tmp_path, worker: type[CacheWorker], *, shards: int, max_attempts: int, actors: int = 1
 ) -> tuple[ActorPool, list[Unit], str]:
@@ -516,16 +523,7 @@ def small_pool(
     digit shards, and the cache's output."""
     urls = write_digit_shards(str(tmp_path / "shards"), shards=shards, per_shard=4, size=32)
     settings = unit_settings(str(tmp_path / "cache"))
-    pool = ActorPool(
-        size=actors,
-        gpus=0,
-        cpus=1,
-        backbone="resnet10t",
-        weights="random",
-        settings=settings,
-        max_attempts=max_attempts,
-        worker=worker,
-    )
+    pool = cpu_pool(settings, size=actors, max_attempts=max_attempts, worker=worker)
     return pool, [Unit(url, f"digits-{i:04d}", 0) for i, url in enumerate(urls)], settings.output
 
 
@@ -681,15 +679,7 @@ def test_a_storage_check_that_fails_in_passing_is_a_failed_start_not_a_node_left
 
     urls = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=4, size=32)
     settings = unit_settings(str(tmp_path / "cache"))
-    pool = ActorPool(
-        size=1,
-        gpus=0,
-        cpus=1,
-        backbone="resnet10t",
-        weights="random",
-        settings=settings,
-        check=check,
-    )
+    pool = cpu_pool(settings, check=check)
     report = pool.run([Unit(urls[0], "digits-0000", 0)], on_result=lambda result: None)
     assert [result.rows for result in report.results] == [4] and not report.failed
     assert not report.nodes_left_out and report.actors_replaced == 1 and failed_once.exists()
@@ -847,23 +837,14 @@ def test_also_a_backbone_whose_forward_fails_fails_its_own_units_alone(local_ray
     mixer = str(tmp_path / "mixer")
     provenance = {**good.provenance, "backbone": "mixer_s32_224"}
     bad = good.model_copy(update={"output": mixer, "provenance": provenance})
-    pool = ActorPool(
-        size=1,
-        gpus=0,
-        cpus=1,
-        backbone="resnet10t",
-        weights="random",
-        settings=good,
-        max_attempts=2,
-        also=(("mixer_s32_224", "random", bad),),
-    )
+    pool = cpu_pool(good, max_attempts=2, also=(("mixer_s32_224", "random", bad),))
     committed = []
     report = pool.run(units, on_result=committed.append)
     relpaths = [unit.relpath for unit in units]
     # each unit committed once for the good backbone: its tries again were the mixer's alone
     assert sorted((r.target, r.relpath) for r in committed) == [(0, r) for r in relpaths]
     alone = unit_settings(str(tmp_path / "alone"))
-    solo = ActorPool(size=1, gpus=0, cpus=1, backbone="resnet10t", weights="random", settings=alone)
+    solo = cpu_pool(alone)
     assert not solo.run(units, on_result=lambda result: None).failed
     for relpath in relpaths:
         ours = pq.read_table(tmp_path / "good" / relpath)
