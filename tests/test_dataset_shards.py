@@ -1217,6 +1217,44 @@ def test_a_held_tables_damaged_row_group_is_read_once_and_its_rows_left_out(tmp_
     assert all(u.reason == "read_error" and "deserialize" in u.detail for u in report.unreadable)
 
 
+def test_a_held_row_group_whose_dictionary_index_is_damaged_is_left_out_not_a_crash(tmp_path):
+    """pyarrow raises most damaged pages as OSError, but a dictionary index past the dictionary
+    as ArrowInvalid (a ValueError): that escaped the conversion and ended pvu shards with a
+    traceback. Now the group's rows are left out as unreadable, like any damaged group's."""
+    rng = np.random.default_rng(15)
+    rows = [{"bytes": image_bytes(rng, "png", 16), "path": f"{row}.png"} for row in range(40)]
+    table = tmp_path / "train.parquet"
+    pq.write_table(
+        pa.table({"image": pa.array(rows, HF_IMAGE), "label": [row % 2 for row in range(40)]}),
+        table,
+        row_group_size=20,
+        compression="zstd",
+    )
+    chunk = pq.ParquetFile(table).metadata.row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    good = table.read_bytes()
+    for place in range(start + chunk.total_compressed_size - 1, start, -1):  # the indices last
+        damaged = bytearray(good)
+        damaged[place] ^= 0xFF
+        table.write_bytes(bytes(damaged))
+        try:
+            pq.ParquetFile(table).read_row_group(1, columns=["image.bytes"])
+        except pa.ArrowInvalid:
+            break
+        except OSError:
+            continue
+    else:
+        pytest.fail("no byte of the row group's indices makes pyarrow raise ArrowInvalid")
+    report = write_dataset(
+        list_dataset(str(table)), str(tmp_path / "out"), max_bytes=1 << 30, shuffle=False
+    )
+    assert report.samples == 20
+    assert [u.url.rsplit("#", 1)[1] for u in report.unreadable] == [
+        f"row={row}" for row in range(21, 41)
+    ]
+    assert all("ArrowInvalid" in u.detail for u in report.unreadable)
+
+
 def test_a_held_tables_shuffle_mixes_the_rows_of_a_window_of_row_groups(tmp_path, monkeypatch):
     """Row groups in random order, the rows of each window (``WINDOW_BYTES``) shuffled together."""
     from pipeline.dataset import held

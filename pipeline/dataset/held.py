@@ -149,10 +149,10 @@ class HeldTable:
             if values is None and failed is None:
                 try:
                     values = retry(lambda: self._read(group), what=f"read {self.url}")
-                except OSError as error:
-                    failed = error
+                except (OSError, pa.ArrowException) as error:
+                    failed = _as_read_error(error, self.url, group)
                     with self._lock:
-                        self._failed[group] = error
+                        self._failed[group] = failed
                 else:
                     self._keep(group, values)
         with self._lock:
@@ -185,6 +185,15 @@ class HeldTable:
             table = file.read_row_group(group, columns=[f"{column}.bytes" if struct else column])
             values = table.column(0).combine_chunks()
         return (values.field("bytes") if struct else values).to_pylist()
+
+
+def _as_read_error(error: Exception, url: str, group: int) -> OSError:
+    """``error`` of reading row group ``group`` of ``url`` as an ``OSError`` (its rows are left
+    out as unreadable): pyarrow raises damaged pages as ``OSError`` mostly, but a damaged
+    dictionary index as ``ArrowInvalid`` (a ``ValueError``), which ended ``pvu shards``."""
+    if isinstance(error, OSError):
+        return error
+    return OSError(f"row group {group} of {url}: {type(error).__name__}: {error}")
 
 
 def window_order(rows: list[tuple[HeldTable, int]], rng: np.random.Generator) -> np.ndarray:
