@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.augment import TransformConfig, resolve_transform
 from pipeline.cache.backbone import Backbone, create_backbone_model, describe_backbone
 from pipeline.cache.deteriorate import Deterioration
@@ -124,6 +125,21 @@ def unit_settings(
         provenance=provenance,
         embedding_dim=info.embedding_dim,
         **overrides,
+    )
+
+
+def small_cache_config(shards: str, output: str, address: str, **options) -> CacheJobConfig:
+    """A ``pvu cache`` config of the small backbone (``BACKBONE``, random weights, 32 px, batches
+    of 8) reading ``shards`` into ``output`` on the Ray cluster at ``address``."""
+    return CacheJobConfig(
+        shards=shards,
+        output=output,
+        backbone=BACKBONE,
+        weights="random",
+        input_size=32,
+        batch_size=8,
+        ray_address=address,
+        **options,
     )
 
 

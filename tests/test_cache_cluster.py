@@ -18,9 +18,9 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from support import small_cache_config
 
 from jobs.run.cache import run_cache
-from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.distribute import actor_device_type, plan_actors
 from pipeline.demo.data import write_digit_shards
 
@@ -95,15 +95,8 @@ def test_one_actor_per_gpu_and_a_lost_node_loses_no_row(gpu_cluster, tmp_path):
     shards, per_shard, epochs = 12, 24, 2
     write_digit_shards(str(tmp_path / "shards"), shards=shards, per_shard=per_shard, size=32)
     output = tmp_path / "cache"
-    config = CacheJobConfig(
-        shards=str(tmp_path / "shards"),
-        output=str(output),
-        epochs=epochs,
-        backbone="resnet10t",
-        weights="random",
-        input_size=32,
-        batch_size=8,
-        ray_address=cluster.address,
+    config = small_cache_config(
+        str(tmp_path / "shards"), str(output), cluster.address, epochs=epochs
     )
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(report=run_cache(config)))

@@ -18,9 +18,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from support import small_cache_config
 
 from jobs.run.cache import run_cache
-from jobs.run.cache_config import CacheJobConfig
 from pipeline.cache.distribute import NodeUnfit
 from pipeline.demo.data import write_digit_shards
 
@@ -53,16 +53,8 @@ def test_a_node_that_cannot_reach_the_storage_is_left_out_and_named(
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     try:
-        config = CacheJobConfig(
-            shards=f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar",
-            output=f"{s3_bucket}/cache",
-            epochs=epochs,
-            backbone="resnet10t",
-            weights="random",
-            input_size=32,
-            batch_size=8,
-            ray_address=cluster.address,
-        )
+        pattern = f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar"
+        config = small_cache_config(pattern, f"{s3_bucket}/cache", cluster.address, epochs=epochs)
         report = run_cache(config)
         assert len(report.results) == shards * epochs and not report.failed
         assert {worker["node_id"] for worker in report.workers} == {good.node_id}
@@ -115,16 +107,8 @@ def test_actors_packed_onto_a_node_left_out_are_started_again_on_another(s3_buck
         ray.get(held.ready.remote())
         freed = threading.Thread(target=_free_once_full, args=(held, bad.node_id), daemon=True)
         freed.start()
-        config = CacheJobConfig(
-            shards=f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar",
-            output=f"{s3_bucket}/cache",
-            backbone="resnet10t",
-            weights="random",
-            input_size=32,
-            batch_size=8,
-            actors=2,
-            ray_address=cluster.address,
-        )
+        pattern = f"{s3_bucket}/shards/digits-{{0000..{shards - 1:04d}}}.tar"
+        config = small_cache_config(pattern, f"{s3_bucket}/cache", cluster.address, actors=2)
         report = run_cache(config)
         freed.join(timeout=5)
         assert len(report.results) == shards and not report.failed
