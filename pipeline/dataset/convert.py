@@ -202,8 +202,7 @@ def conversion_order(listing: Listing, seed: int) -> np.ndarray:
     sources = listing.sources
     if not sources or not all(isinstance(source, HeldImage) for source in sources):
         return rng.permutation(len(sources))
-    held = [source for source in sources if isinstance(source, HeldImage)]
-    return window_order([(source.table, source.row) for source in held], rng)
+    return window_order([(source.table, source.row) for source in sources], rng)
 
 
 def _clear_unfinished(

@@ -56,24 +56,17 @@ def list_dataset(
     :func:`list_table` for the table's arguments (a folder of ``.parquet`` files alone is
     one table in parts)."""
     fs, path = fsspec.core.url_to_fs(url)
-    if fs.isdir(path) and (parts := _table_parts(url, fs, path)):
-        return list_table(
-            url,
-            path_column=path_column,
-            label_column=label_column,
-            label_names=label_names,
-            parts=parts,
-        )
-    if fs.isdir(path) and label_names:
-        raise ValueError(f"--label-names reads a table's labels; {url} is a folder of classes")
+    columns = {"path_column": path_column, "label_column": label_column}
     if fs.isdir(path):
+        if parts := _table_parts(url, fs, path):
+            return list_table(url, **columns, label_names=label_names, parts=parts)
+        if label_names:
+            raise ValueError(f"--label-names reads a table's labels; {url} is a folder of classes")
         return list_folder(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"input {url} does not exist")
     if path.lower().endswith(TABLE_SUFFIXES):
-        return list_table(
-            url, path_column=path_column, label_column=label_column, label_names=label_names
-        )
+        return list_table(url, **columns, label_names=label_names)
     raise ValueError(
         f"input {url} is neither a folder of class subfolders or class .tar archives nor a "
         f"table {TABLES_READ}"
