@@ -1384,3 +1384,26 @@ def test_the_parts_of_a_table_hold_at_most_held_bytes_of_images_together(tmp_pat
     assert [table.image(1) for table in tables] == [
         pq.read_table(table.url)["image"][1]["bytes"].as_py() for table in tables
     ]  # a dropped group is read again when asked
+
+
+def test_a_parquet_of_large_types_becomes_the_shards_of_its_plain_types(tmp_path):
+    """A Hugging Face table as polars writes it (large_binary bytes, large_string path and
+    label) ended `pvu shards` with a traceback: "ArrowTypeError: Array chunks must all be same
+    type", the struct's large_string paths put in a string column."""
+    table, valid = write_hf_table(tmp_path / "plain")
+    large = pq.read_table(table)
+    large = pa.table(
+        {
+            "image": large["image"].cast(
+                pa.struct([("bytes", pa.large_binary()), ("path", pa.large_string())])
+            ),
+            "label": large["label"].cast(pa.string()).cast(pa.large_string()),
+        }
+    )
+    pq.write_table(large, table.parent / "large.parquet", row_group_size=5)  # beside row 3's file
+    for name, source in (("plain", table), ("large", table.parent / "large.parquet")):
+        result = run("--input", str(source), "--output", str(tmp_path / f"{name}-out"))
+        assert result.exit_code == 0, result.output
+    samples = samples_of(tmp_path / "large-out")
+    assert {key.rsplit("-", 1)[1]: (label, image) for key, label, image in samples} == valid
+    assert [s[1:] for s in samples] == [s[1:] for s in samples_of(tmp_path / "plain-out")]

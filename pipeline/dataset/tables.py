@@ -205,8 +205,11 @@ def _read_held(url: str, column: str, label_column: str) -> pa.Table:
             batches = list(file.iter_batches(columns=[*names, label_column]))
         labels = [batch.column(label_column) for batch in batches]
         rows = sum(map(len, labels))
-        paths = (
-            pa.chunked_array([batch.column(column).field("path") for batch in batches], pa.string())
+        paths = (  # a large_string path (polars writes one) read as a string
+            pa.chunked_array(
+                [batch.column(column).field("path").cast(pa.string()) for batch in batches],
+                pa.string(),
+            )
             if has_path
             else pa.nulls(rows, pa.string())
         )
