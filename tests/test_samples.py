@@ -730,3 +730,21 @@ def test_json_python_cannot_read_is_a_bad_member_not_a_failed_unit(tmp_path):
         ("d", 4, None),
     ]
     assert counts == {"bad_label": 1}
+
+
+def test_a_sample_of_dotted_member_names_is_told_how_to_name_its_image(tmp_path, caplog):
+    """``n0.input.jpg`` + ``n0.target.cls`` (WebDataset's multi-part extensions) was skipped
+    with the advice to rename the files, as if several images shared one key; naming the
+    members reads them as they are."""
+    png = bad_samples()[0].files["png"]
+    members = [
+        (f"n{i}.{suffix}", data)
+        for i in range(2)
+        for suffix, data in (("input.png", png), ("seg.png", png), ("target.cls", str(i).encode()))
+    ]
+    url = _write_members(tmp_path / "multi.tar", members)
+    samples, counts = _read(url)
+    assert not samples and counts == {"no_image": 2}
+    assert "--image-key input.png" in caplog.text
+    samples, counts = _read(url, image_keys=("input.png",), label_key="target.cls")
+    assert [(s.key, s.label) for s in samples] == [("n0", 0), ("n1", 1)] and not counts

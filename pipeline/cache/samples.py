@@ -491,9 +491,11 @@ class _Skips:
             self._warn(
                 "dots",
                 "%s: sample %r has files %s: a WebDataset key ends at the first dot of a file "
-                "name, so several images share one sample; rename them (e.g. cat_0.jpg)",
+                "name, so several images share one sample; rename them (e.g. cat_0.jpg), or, "
+                "where they are one sample's files, name its image member: --image-key %s",
                 key,
                 ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
+                dotted[0],
             )
         return True
 
