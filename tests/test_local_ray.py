@@ -153,6 +153,36 @@ def test_a_local_ray_whose_node_never_comes_up_is_one_line(monkeypatch) -> None:
     assert "session_latest/logs" in str(said.value) and "free space" not in str(said.value)
 
 
+#: Starts the local Ray as ``pvu cache`` does and prints the one line it fails with.
+START = """
+from pipeline.cache.distribute import start_local_ray
+try:
+    start_local_ray(num_cpus=1)
+except OSError as error:
+    print(error)
+"""
+
+
+def test_a_home_ray_cannot_write_is_named_not_its_temp_folder(tmp_path: Path) -> None:
+    """A local Ray writes its auth token to ~/.ray as it starts: with HOME read-only (a pod's
+    read-only root) or a file, `pvu cache` pointed at Ray's temp folder, free space and logs."""
+    home = tmp_path / "home"
+    home.write_text("a file, so that nothing can be created below it, even by root")
+    unset = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    run = subprocess.run(
+        [sys.executable, "-c", START],
+        cwd=REPO,
+        env=env | {"PYTHONPATH": str(REPO), "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = run.stdout.strip()
+    assert f"it could not write {home}/.ray (Not a directory)" in said, run.stdout + run.stderr
+    assert "set HOME to a writable folder" in said and "session" not in said
+
+
 #: Joins the cluster at $RAY_ADDRESS through ``--ray-address auto`` as ``pvu cache`` does.
 JOIN_AUTO = """
 import ray

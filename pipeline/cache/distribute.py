@@ -115,7 +115,15 @@ def start_local_ray(**init_options: Any) -> None:
         # a full temp folder: RuntimeError "Timed out waiting for file .../gcs_server_port_...";
         # a raylet that died as it started (a resource limit): a bare Exception, "The current
         # node timed out during startup"
-        folder = get_default_ray_temp_dir()  # RAY_TMPDIR, TMPDIR or /tmp, then ray/
+        folder = os.path.abspath(get_default_ray_temp_dir())  # RAY_TMPDIR, TMPDIR or /tmp: ray/
+        path = error.filename if isinstance(error, OSError) else None
+        if path and os.path.commonpath([os.path.abspath(path), folder]) != folder:
+            # a path outside its temp folder: ~/.ray/auth_token, with HOME read-only or a file
+            raise OSError(
+                f"could not start a local Ray: it could not write {path} ({error.strerror}); "
+                "make that folder writable, or set HOME to a writable folder (Ray keeps its "
+                "token in $HOME/.ray)"
+            ) from None
         free = shutil.disk_usage(os.path.dirname(folder)).free / 2**20
         room = "free space there, or set TMPDIR to a folder with room; " if free < 1024 else ""
         raise OSError(
