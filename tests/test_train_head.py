@@ -298,6 +298,15 @@ def test_an_exported_head_without_its_run_is_not_overwritten(cache: str, tmp_pat
     assert (kept / "head.safetensors").read_bytes() == before
 
 
+def test_a_run_not_finished_given_as_a_head_says_to_resume_it(cache: str, tmp_path: Path) -> None:
+    """The --output of a run stopped before its last episode (killed, preempted) given to
+    `pvu evaluate --head` or `attach_head` was called no head export and the user told to give
+    the folder `pvu train-head --output` wrote, which it was."""
+    fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
+    with pytest.raises(ValueError, match=r"has not finished.*same `pvu train-head` command and "):
+        load_head(str(tmp_path))
+
+
 def test_a_run_named_like_a_glob_keeps_to_its_own_checkpoints(cache: str, tmp_path: Path) -> None:
     """Old checkpoints were globbed under the unescaped --output: run[1] removed run1's."""
     other = tmp_path / "run1" / "checkpoint" / "episode-00007.safetensors"

@@ -33,8 +33,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline.cache.backbone import model_head, state_digest
+from pipeline.head.checkpoint import CHECKPOINT_DIR, CHECKPOINT_JSON
 from pipeline.head.model import HeadConfig, UncertaintyHead
-from pipeline.retry import make_folder, read_bytes, write_bytes
+from pipeline.retry import exists, make_folder, read_bytes, write_bytes
 from schemas import is_newer, validate_head
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -143,6 +144,12 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
         head.load_state_dict(weights, strict=True)
     except OSError as error:  # no such folder, or the path of head.json itself
+        if exists(fs, f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):  # stopped, or still running
+            raise ValueError(
+                f"{head_dir} holds a training run that has not finished: its head is exported "
+                "when the last episode is done; finish it with the same `pvu train-head` "
+                "command and --resume"
+            ) from None
         raise ValueError(
             f"{head_dir} is not a valid pvu head export: {error}; give the folder `pvu "
             f"train-head --output` wrote, which holds {HEAD_JSON} and {HEAD_WEIGHTS}"
