@@ -253,6 +253,20 @@ def test_weights_files_are_read_by_their_bytes_and_damage_is_named(tmp_path):
             create_backbone_model(BACKBONE, str(tmp_path / name))
 
 
+def test_weights_of_a_grayscale_model_are_refused_as_such(tmp_path):
+    """Weights of a model made with in_chans=1 were said to need other --model-kwargs, which
+    then refused in_chans: the message sent the user to a flag that cannot help."""
+    from safetensors.torch import save_file
+
+    gray = timm.create_model(BACKBONE, pretrained=False, in_chans=1)
+    save_file(gray.state_dict(), str(tmp_path / "gray.safetensors"))
+    with pytest.raises(ValueError) as refused:
+        create_backbone_model(BACKBONE, str(tmp_path / "gray.safetensors"))
+    said = str(refused.value)
+    assert "its conv1.0.weight takes 1-channel images (a model made with in_chans=1)" in said
+    assert "--model-kwargs" not in said
+
+
 def test_a_trainers_checkpoint_is_opened_at_its_one_state_dict(tmp_path):
     """PyTorch's tutorial checkpoint ({'epoch', 'model_state_dict', 'optimizer_state_dict',
     'loss'}) and one under a key of a trainer's own ('net') were refused as 'not a state dict of

@@ -184,6 +184,18 @@ def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return None
 
 
+def _input_channels(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(name, image channels) of the first convolution stored in ``state`` for ``model``'s
+    architecture (timm's ``first_conv``, a Conv2d; CrossViT names one per branch); channels 3
+    where ``state`` holds none."""
+    first = model.pretrained_cfg.get("first_conv") or ()
+    for name in [first] if isinstance(first, str) else list(first):
+        weight = state.get(f"{name}.weight")
+        if weight is not None and weight.ndim == 4:  # a Conv2d (out, in, h, w)
+            return f"{name}.weight", int(weight.shape[1])
+    return "", 3
+
+
 def file_digest(url: str) -> str:
     """``sha256:<hex>`` of the bytes of the file at ``url``."""
     return "sha256:" + hashlib.sha256(read_url(url)).hexdigest()
@@ -312,6 +324,13 @@ def create_backbone_model(
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # tensors of other shapes: another model's weights
+            conv, channels = _input_channels(model, state)
+            if channels != 3:  # in_chans, which --model-kwargs may not set
+                raise ValueError(
+                    f"{weights} does not fit {name}: its {conv} takes {channels}-channel images "
+                    f"(a model made with in_chans={channels}), but pvu decodes every image to "
+                    "RGB; give weights of a 3-channel model"
+                ) from None
             shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
             raise ValueError(
                 f"{weights} does not fit {name}: {len(shapes)} tensor(s) of other shapes, e.g. "
