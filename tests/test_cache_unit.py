@@ -315,11 +315,20 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)") as raised:
         describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
     assert "its own input size, (3, 224, 224): leave --input-size out" in str(raised.value)
+    # ... or build it for any size, as the message says: a ViT resamples its position embedding
+    assert """--model-kwargs '{"dynamic_img_size": true}'""" in str(raised.value)
+    describe_backbone(
+        "vit_tiny_patch16_224",
+        "random",
+        input_size=(3, 32, 32),
+        model_kwargs={"dynamic_img_size": True},
+    )
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
     # timm's bare assert gave the reason "" ("(3, 40, 40): ; it may take only ...")
-    with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it takes only"):
+    with pytest.raises(ValueError, match=r"\(3, 40, 40\): AssertionError; it takes only") as raised:
         describe_backbone("halonet26t", "random", input_size=(3, 40, 40))
+    assert "dynamic_img_size" not in str(raised.value)  # timm cannot resample a HaloNet
     # at the model's own size, a pooling the weights do not fit left no word of the kwargs
     with pytest.raises(ValueError, match=r"cannot be multiplied .*; check --model-kwargs"):
         describe_backbone("resnet18", "random", model_kwargs={"global_pool": ""})

@@ -405,7 +405,11 @@ def _probe(
         own = tuple(native)
         hints = []
         if tuple(input_size) != own and _runs_at(model, own):
-            hints.append(f"it takes only its own input size, {own}: leave --input-size out")
+            hint = f"it takes only its own input size, {own}: leave --input-size out"
+            if getattr(model, "dynamic_img_size", None) is False:  # timm can resample it
+                hint += ", or build it for any size with --model-kwargs "
+                hint += """'{"dynamic_img_size": true}'"""
+            hints.append(hint)
         if model_kwargs:
             hints.append(f"check --model-kwargs {json.dumps(model_kwargs)}")
         hint = "".join(f"; {h}" for h in hints)
