@@ -767,3 +767,22 @@ def test_a_refused_run_leaves_no_report_folder_it_created(tmp_path: Path) -> Non
     report.mkdir()  # the user's own folder, empty: kept
     result = run("--head", other, "--dataset", f"ok={ok}", "--report", str(report))
     assert result.exit_code == 2 and report.is_dir(), result.output
+
+
+def test_safe_retrieval_that_rejects_no_row_says_so(tmp_path: Path, head_dir: str) -> None:
+    """Classes of fewer than 1 / --reject-fraction rows reject none per class (floor(q n_c)):
+    the report gave every source a +0% reduction under '0.1 most uncertain rejected', as if
+    no uncertainty helped retrieval, with no word that nothing had been rejected."""
+    x, _ = clustered(60, 30, seed=13)
+    pairs = write_eval_cache(str(tmp_path / "pairs"), x, np.arange(60) // 2)  # 2 rows a class
+    report = tmp_path / "r"
+    result = run("--head", head_dir, "--dataset", f"pairs={pairs}", "--report", str(report))
+    assert result.exit_code == 0, result.output
+    expected = "pairs: safe retrieval (per-class) rejects no row: --reject-fraction 0.1 of its "
+    expected += "largest class's 2 rows rounds down to 0"
+    assert expected.replace(" ", "") in said(result), result.output
+    assert "(class-agnostic)rejectsnorow" not in said(result)
+    markdown = (report / "report.md").read_text()
+    per_class, agnostic = markdown.split("### per-class\n")[1].split("### class-agnostic\n")
+    assert "Rows rejected: pairs 0 of 60." in per_class
+    assert "Rows rejected: pairs 6 of 60." in agnostic

@@ -285,6 +285,7 @@ def _evaluate_set(
                 for variant, groups in (("per_class", data.labels), ("class_agnostic", None))
             },
         }
+    _warn_none_rejected(data, sources, options.reject_fraction)
     return {
         "name": data.name,
         "url": data.url,
@@ -298,6 +299,24 @@ def _evaluate_set(
         "ambiguity": ambiguity,
         "sources": sources,
     }
+
+
+def _warn_none_rejected(data: EvalSet, sources: dict[str, dict[str, Any]], fraction: float) -> None:
+    """Warn of each safe-retrieval variant of ``data`` that rejected no row: the
+    ``fraction`` of each group rounds down to 0, so its "clean" errors are the full one's."""
+    first = next(iter(sources.values()))["safe_retrieval"]
+    for variant, largest in (
+        ("per_class", int(np.unique(data.labels, return_counts=True)[1].max())),
+        ("class_agnostic", len(data)),
+    ):
+        if first[variant]["queries"] == len(data):
+            log.warning(
+                "%s: safe retrieval (%s) rejects no row: --reject-fraction %g of %s rounds "
+                "down to 0, so its clean errors equal the full one; raise --reject-fraction",
+                *(data.name, variant.replace("_", "-"), fraction),
+                ("its largest class's " if variant == "per_class" else "")
+                + counted(largest, "row"),
+            )
 
 
 def _ambiguity(
