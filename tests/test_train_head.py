@@ -307,6 +307,22 @@ def test_a_run_not_finished_given_as_a_head_says_to_resume_it(cache: str, tmp_pa
         load_head(str(tmp_path))
 
 
+def test_pvu_evaluate_given_a_run_not_finished_says_to_resume_it(
+    cache: str, tmp_path: Path
+) -> None:
+    """`pvu evaluate --head` checks a local head folder before the work, and said of such a
+    run's --output only "is not an exported head (no head.json in it)"."""
+    from jobs.cli import app
+
+    fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
+    args = ["evaluate", "--head", str(tmp_path), "--dataset", f"d={cache}", "--report", "r"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    said = unboxed(result.output)
+    assert f"{tmp_path} holds a training run that has not finished" in said, result.output
+    assert "same `pvu train-head` command and --resume" in said
+
+
 def test_a_run_named_like_a_glob_keeps_to_its_own_checkpoints(cache: str, tmp_path: Path) -> None:
     """Old checkpoints were globbed under the unescaped --output: run[1] removed run1's."""
     other = tmp_path / "run1" / "checkpoint" / "episode-00007.safetensors"

@@ -26,6 +26,7 @@ from jobs.terminal import command_line, console, progress_bar, resolve_device
 from pipeline.cache.lock import RunLock
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.runner import UPSTREAM, EvaluateOptions, Evaluation, evaluate
+from pipeline.head.export import unfinished_run
 from pipeline.retry import exists
 
 log = logging.getLogger("pvu.evaluate")
@@ -89,7 +90,8 @@ class EvaluateJobConfig(BaseModel):
     def _heads_exist(cls, value: list[str]) -> list[str]:
         for path in value:
             if not (Path(path) / "head.json").is_file() and "://" not in path:
-                raise ValueError(f"{path} is not an exported head (no head.json in it)")
+                why = f"{path} is not an exported head (no head.json in it)"
+                raise ValueError(unfinished_run(path) or why)
         return value
 
     @field_validator("tsne_classes", mode="before")

@@ -128,6 +128,18 @@ def head_config(doc: dict[str, Any]) -> HeadConfig:
     )
 
 
+def unfinished_run(head_dir: str) -> str | None:
+    """Why ``head_dir`` holds no head yet, where it holds a `pvu train-head` run that has not
+    finished (stopped, or still running); else None."""
+    fs, root = fsspec.core.url_to_fs(head_dir)
+    if not exists(fs, f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
+        return None
+    return (
+        f"{head_dir} holds a training run that has not finished: its head is exported when the "
+        "last episode is done; finish it with the same `pvu train-head` command and --resume"
+    )
+
+
 def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
     """The head exported to ``head_dir`` (in eval mode) and its head.json document; raises
     ``ValueError`` naming the folder if its files are not a head export that fits together."""
@@ -144,14 +156,9 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         weights = load_safetensors(read_bytes(fs, f"{root}/{HEAD_WEIGHTS}"))
         head.load_state_dict(weights, strict=True)
     except OSError as error:  # no such folder, or the path of head.json itself
-        if exists(fs, f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):  # stopped, or still running
-            raise ValueError(
-                f"{head_dir} holds a training run that has not finished: its head is exported "
-                "when the last episode is done; finish it with the same `pvu train-head` "
-                "command and --resume"
-            ) from None
         raise ValueError(
-            f"{head_dir} is not a valid pvu head export: {error}; give the folder `pvu "
+            unfinished_run(head_dir)
+            or f"{head_dir} is not a valid pvu head export: {error}; give the folder `pvu "
             f"train-head --output` wrote, which holds {HEAD_JSON} and {HEAD_WEIGHTS}"
         ) from None
     # a bad size is a RuntimeError; a width JSON Schema let through as 16.0, a TypeError
