@@ -786,3 +786,15 @@ def test_safe_retrieval_that_rejects_no_row_says_so(tmp_path: Path, head_dir: st
     per_class, agnostic = markdown.split("### per-class\n")[1].split("### class-agnostic\n")
     assert "Rows rejected: pairs 0 of 60." in per_class
     assert "Rows rejected: pairs 6 of 60." in agnostic
+
+
+def test_a_unit_file_given_as_a_cache_is_named_a_file(tmp_path: Path) -> None:
+    """A unit's path as --dataset (or train-head's --cache) ended in 'read .../x.parquet/
+    _lock.json failed: NotADirectoryError', the readers' lock check reading under the file."""
+    write_eval_cache(str(tmp_path / "ok"), *clustered(60, 3, seed=7))
+    unit = str(next((tmp_path / "ok").glob("epoch=0000/*.parquet")))
+    result = run("--dataset", f"ok={unit}", "--report", str(tmp_path / "r"))
+    assert result.exit_code == 2, result.output
+    assert f"{unit}isafile,notacache:givethecache'sfolder" in said(result), result.output
+    with pytest.raises(ValueError, match="is a file, not a cache"):
+        open_cache([unit], need_loss=True)  # train-head reads through it too

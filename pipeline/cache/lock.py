@@ -363,6 +363,6 @@ def live_holder(root: str) -> Holder | None:
     one whose process died on this host: None). For readers, which take no lock."""
     try:
         holder = RunLock(root, owner="a reader")._read()
-    except UnreadableLock:
+    except (UnreadableLock, NotADirectoryError):  # a file's path: the reader refuses it so
         return None
     return holder if holder is not None and holder.live(time.time()) else None
