@@ -896,3 +896,20 @@ def test_a_training_split_smaller_than_a_batch_is_warned_about(
         "--val-fraction 0.5 leaves 30 of the cache's 50 rows to train on, fewer than one batch "
         "(--batch-size 32): every batch repeats rows"
     ) in caplog.text
+
+
+def test_caches_of_the_same_shards_with_other_seeds_count_their_views(tmp_path: Path) -> None:
+    """Two caches of one shard's epoch 0 made with seeds 0 and 1 hold two views of each image:
+    the run logged '1 epoch cached, so 1.0 views of each image' and head.json said
+    ``cached_epochs: 1``, half of what the schedule made of each image."""
+    from support import make_runner
+
+    from pipeline.cache.unit import Unit
+    from pipeline.demo.data import write_digit_shards
+
+    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
+    for seed in (0, 1):
+        make_runner(str(tmp_path / f"seed{seed}"), seed=seed).run(Unit(shard, "digits-0000", 0))
+    caches = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    assert open_cache(caches[:1]).epochs == 1
+    assert open_cache(caches).epochs == 2

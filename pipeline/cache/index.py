@@ -127,8 +127,14 @@ class CacheIndex:
 
     @property
     def epochs(self) -> int:
-        """Distinct augmentation epochs among the files (each one view of every image)."""
-        return len({f.epoch for f in self.files})
+        """Augmented views of an image among the files: the most distinct (epoch, augmentation)
+        pairs of any one source shard, so caches of the same shards made with other seeds or
+        transforms add their epochs (each one view of every image) rather than share them."""
+        views: dict[str, set[tuple[int | None, str]]] = {}
+        for f in self.files:
+            made = json.dumps(_views(identity(f.provenance)), sort_keys=True, default=str)
+            views.setdefault(str(f.unit.get("source", "")), set()).add((f.epoch, made))
+        return max(map(len, views.values()), default=0)
 
     def row_groups(self) -> list[RowGroupRef]:
         """Every non-empty row group, in file order."""
