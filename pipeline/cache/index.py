@@ -252,7 +252,9 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
             raise ValueError(
                 f"{first} and {f.url} are one unit (epoch {unit.get('epoch')} of "
                 f"{unit.get('source')}, made with the same settings): the same cache given "
-                "twice, under two paths or as a copy? Give each cache once"
+                "twice (under two paths, or as a copy), or two runs of the same shards and "
+                "settings holding the same epochs? Give each epoch once: one cache, or the one "
+                "with more epochs"
             )
         made[0] = _views(made[0])
         other = views.setdefault(json.dumps(made, sort_keys=True), f)
