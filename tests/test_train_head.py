@@ -383,10 +383,11 @@ def test_a_resumed_run_counts_the_nonfinite_rows_an_uninterrupted_one_does(
 
 def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
-    other = _config(episodes=4, seed=9)  # said only "other settings (schedule, stream)"
+    # said only "other settings (schedule, stream)", then named schedule.episodes, no flag
+    other = _config(episodes=4, seed=9)
     expected = (
-        "other settings (schedule.episodes: the checkpoint has 3, this run 4; "
-        "stream.seed: the checkpoint has 0, this run 9)"
+        "other settings (--episodes: the checkpoint has 3, this run 4; "
+        "--seed: the checkpoint has 0, this run 9)"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         fit_head([cache], str(tmp_path), other, RunOptions(resume=True))

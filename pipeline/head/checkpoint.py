@@ -122,7 +122,7 @@ def load_checkpoint(
     except (ValueError, KeyError, TypeError) as error:
         raise _damaged_checkpoint(output, error) from None
     if trained_with != settings:
-        differ = _differences(trained_with, settings)
+        differ = _differences(trained_with, settings, flags=True)
         raise ValueError(
             f"cannot resume from {output}: its checkpoint was trained with other settings "
             f"({'; '.join(differ)}); use another --output or the same settings"
@@ -168,16 +168,19 @@ def load_checkpoint(
         raise _damaged_checkpoint(output, error) from None
 
 
-def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+def _differences(
+    recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "", *, flags: bool = False
+) -> list[str]:
     """``name: the checkpoint has A, this run B`` for each setting that differs (nested ones
-    dotted: ``schedule.lr``)."""
+    dotted: ``schedule.lr``; with ``flags``, named by their ``pvu train-head`` flag: ``--lr``)."""
     found = []
     for key in dict.fromkeys([*wanted, *recorded]):
         have, want = recorded.get(key), wanted.get(key)
         if isinstance(have, dict) and isinstance(want, dict):
-            found += _differences(have, want, f"{prefix}{key}.")
+            found += _differences(have, want, f"{prefix}{key}.", flags=flags)
         elif have != want:
-            found.append(f"{prefix}{key}: the checkpoint has {have}, this run {want}")
+            name = f"--{key.replace('_', '-')}" if flags else f"{prefix}{key}"
+            found.append(f"{name}: the checkpoint has {have}, this run {want}")
     return found
 
 
