@@ -798,3 +798,19 @@ def test_a_unit_file_given_as_a_cache_is_named_a_file(tmp_path: Path) -> None:
     assert f"{unit}isafile,notacache:givethecache'sfolder" in said(result), result.output
     with pytest.raises(ValueError, match="is a file, not a cache"):
         open_cache([unit], need_loss=True)  # train-head reads through it too
+
+
+@pytest.mark.slow
+def test_a_unit_or_manifest_url_on_s3_given_as_a_cache_is_named_a_file(s3_bucket: str) -> None:
+    """On S3 (no NotADirectoryError) a unit's or the manifest's URL as --dataset or train-head's
+    --cache was refused as 'cache ... is empty: it has no committed Parquet unit'."""
+    write_eval_cache(f"{s3_bucket}/ok", *clustered(60, 3, seed=7))
+    fs, root = fsspec.core.url_to_fs(s3_bucket)
+    unit = fs.unstrip_protocol(fs.glob(f"{root}/ok/epoch=0000/*.parquet")[0])
+    fs.pipe_file(f"{root}/ok/_manifest.json", b"{}")  # only its URL is given, never read
+    for url in (unit, f"{s3_bucket}/ok/_manifest.json"):
+        result = run("--dataset", f"ok={url}", "--report", f"{s3_bucket}/r")
+        assert result.exit_code == 2, result.output
+        assert f"{url}isafile,notacache:givethecache'sfolder" in said(result), result.output
+        with pytest.raises(ValueError, match="is a file, not a cache"):
+            open_cache([url], need_loss=True)  # train-head reads through it too

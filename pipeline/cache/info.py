@@ -16,7 +16,7 @@ import fsspec
 
 from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.lock import Holder
-from pipeline.cache.manifest import MANIFEST_NAME, not_a_folder, read_manifest
+from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
 from pipeline.cache.verify import FooterRead, caches_under, list_unit_files, read_footers
 from schemas import label_space, read_provenance, read_unit_stats
 
@@ -141,10 +141,7 @@ def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
     """The info of the cache at ``url`` (``root`` on its filesystem) from its units' footers,
     read in parallel."""
     sizes = list_unit_files(url)
-    if not sizes:
-        fs, _ = fsspec.core.url_to_fs(url)
-        if fs.isfile(root):  # an object store has no NotADirectoryError to say so
-            raise not_a_folder(url)
+    if not sizes:  # a file's URL was refused by read_manifest
         held = list(itertools.islice(caches_under(url), SHOWN_CACHES + 1))
         raise ValueError(
             f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=<number>/*.parquet"

@@ -49,11 +49,14 @@ def identity(provenance: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(url: str) -> dict[str, Any] | None:
     """The validated ``_manifest.json`` of the cache at ``url``, or None where it has none;
-    raises ``ValueError`` naming the file if it is not a valid manifest."""
+    raises ``ValueError`` naming the file if it is not a valid manifest, or ``url`` if it
+    names a file (a unit's, the manifest's) rather than a cache's folder."""
     fs, root = fsspec.core.url_to_fs(url)
     try:
         data = read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}")
     except FileNotFoundError:
+        if fs.isfile(root):  # a file's URL on an object store, which has no NotADirectoryError
+            raise not_a_folder(url) from None
         return None
     except NotADirectoryError:  # a unit's, the manifest's or another file's path
         raise not_a_folder(url) from None
