@@ -466,6 +466,24 @@ def test_an_output_inside_a_cache_is_refused_before_any_work(
     assert timed_pvu(*train, "--output", f"{cache}-heads/h1")[0].exit_code == 0
 
 
+@pytest.mark.slow
+def test_an_output_at_or_inside_another_cache_is_refused(s3_bucket: str) -> None:
+    """A train-head `--output` or evaluate `--report` at or under a cache the run does not read
+    was taken: its head, checkpoints or report landed among that cache's units."""
+    spec = SyntheticCache(dim=8, samples_per_shard=64, shards=1, epochs=1)
+    read, other = f"{s3_bucket}/caches/read", f"{s3_bucket}/caches/other"
+    write_synthetic_cache(read, spec)
+    write_synthetic_cache(other, spec)
+    before = sorted(s3fs.S3FileSystem().find(s3_bucket))
+    train = ["train-head", "--cache", read, "--episodes", "1", "--warmup-episodes", "0"]
+    result, seconds = timed_pvu(*train, "--output", other)
+    assert_actionable(result, seconds, f"--output {other} is the cache {other}")
+    report = f"{other}/report"
+    result, seconds = timed_pvu("evaluate", "--dataset", f"d={read}", "--report", report)
+    assert_actionable(result, seconds, f"--report {report} is inside the cache {other}")
+    assert sorted(s3fs.S3FileSystem().find(s3_bucket)) == before
+
+
 @pytest.mark.parametrize("where", ["the shards' folder", "a folder above it"])
 @pytest.mark.parametrize("command", ["cache", "plan"])
 def test_an_output_that_holds_the_shards_is_refused_before_any_work(

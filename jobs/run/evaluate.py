@@ -21,7 +21,13 @@ from rich.table import Table
 
 from jobs import project_version
 from jobs.config import PathOrUrl, check_path, comma_separated_ints
-from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
+from jobs.preflight import (
+    INSIDE_A_CACHE,
+    check_not_in_a_cache,
+    check_not_inside,
+    check_output_folder,
+    check_storage,
+)
 from jobs.terminal import command_line, console, progress_bar, resolve_device
 from pipeline.cache.lock import RunLock
 from pipeline.evaluate.report import write_report
@@ -146,6 +152,7 @@ def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
     check_output_folder(config.report, flag="--report")
     for flag, url in inputs:
         check_not_inside(config.report, url, flag="--report", folder_flag=flag, why=INSIDE_A_CACHE)
+    check_not_in_a_cache(config.report, flag="--report", itself=True)  # nor another cache
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     fs, folder = fsspec.core.url_to_fs(config.report)
     created = not exists(fs, folder)  # the lock creates it: a run that fails removes it again

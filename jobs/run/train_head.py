@@ -25,7 +25,13 @@ from rich.progress import (
 from rich.text import Text
 
 from jobs.config import PathOrUrl, comma_separated_ints
-from jobs.preflight import INSIDE_A_CACHE, check_not_inside, check_output_folder, check_storage
+from jobs.preflight import (
+    INSIDE_A_CACHE,
+    check_not_in_a_cache,
+    check_not_inside,
+    check_output_folder,
+    check_storage,
+)
 from jobs.terminal import (
     command_line,
     console,
@@ -176,6 +182,7 @@ def run_train_head(config: TrainHeadConfig) -> TrainResult:
         check_not_inside(
             config.output, url, flag="--output", folder_flag="--cache", why=INSIDE_A_CACHE
         )
+    check_not_in_a_cache(config.output, flag="--output", itself=True)  # nor another cache
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     keep_freed_memory()
     train_config = config.to_train_config()
