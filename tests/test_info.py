@@ -287,6 +287,12 @@ def test_info_of_a_folder_of_caches_names_them(cache, tmp_path):
     text = result.text
     assert result.exit_code == 2, text
     assert f"it holds the cache(s) {held}: give one of those" in text, text
+    # train-head and evaluate said only 'cache ... is empty: it has no committed Parquet unit'
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    for args in (["train-head", "--cache", runs], ["evaluate", "--dataset", f"d={runs}"]):
+        result = pvu(*args, "--output" if args[0] == "train-head" else "--report", out)
+        assert result.exit_code == 2, result.output
+        assert f"it holds the cache(s) {held}: give one of those" in result.text, result.output
 
 
 def test_verify_names_missing_and_damaged_units(cache, tmp_path):

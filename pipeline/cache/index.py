@@ -31,7 +31,12 @@ from pipeline.cache.manifest import (
     unfinished_note,
 )
 from pipeline.cache.shards import is_tar
-from pipeline.cache.verify import list_unit_files, read_footer, require_consistent
+from pipeline.cache.verify import (
+    held_caches_note,
+    list_unit_files,
+    read_footer,
+    require_consistent,
+)
 from pipeline.retry import retry
 from schemas import (
     READABLE_VERSIONS,
@@ -453,7 +458,8 @@ def _check_trainable(urls: Sequence[str], files: list[CacheFile], shared: dict) 
 
 
 def _shards_hint(url: str) -> str:
-    """A note for a folder of shards given where a cache is wanted; empty otherwise."""
+    """A note for a folder of shards, or of caches, given where a cache is wanted; empty
+    otherwise."""
     fs, path = fsspec.core.url_to_fs(url)
     try:
         names = fs.ls(path, detail=False)
@@ -461,7 +467,7 @@ def _shards_hint(url: str) -> str:
         return ""
     if any(map(is_tar, names)):
         return "; it holds .tar shards: give the --output of a `pvu cache` run over them"
-    return ""
+    return held_caches_note(url)
 
 
 def read_unit(f: CacheFile, read: Callable[[], T], *, what: str, again: str) -> T:

@@ -6,7 +6,6 @@ from ``_manifest.json`` or the ``pvu.unit`` stats each unit's Parquet footer car
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import fsspec
 from pipeline.cache.index import COMPATIBLE_FIELDS
 from pipeline.cache.lock import Holder
 from pipeline.cache.manifest import MANIFEST_NAME, read_manifest
-from pipeline.cache.verify import FooterRead, caches_under, list_unit_files, read_footers
+from pipeline.cache.verify import FooterRead, held_caches_note, list_unit_files, read_footers
 from schemas import label_space, read_provenance, read_unit_stats
 
 
@@ -127,25 +126,14 @@ def read_cache_info(url: str, *, keep_going: bool = False) -> CacheInfo:
     return _from_footers(url, root, keep_going=keep_going)
 
 
-#: Caches named where a folder holding caches is given as one.
-SHOWN_CACHES = 5
-
-
-def _listed(caches: list[str]) -> str:
-    """``caches`` (up to ``SHOWN_CACHES`` and one more, to say there are more) for a message."""
-    more = ", ..." if len(caches) > SHOWN_CACHES else ""
-    return ", ".join(caches[:SHOWN_CACHES]) + more
-
-
 def _from_footers(url: str, root: str, *, keep_going: bool) -> CacheInfo:
     """The info of the cache at ``url`` (``root`` on its filesystem) from its units' footers,
     read in parallel."""
     sizes = list_unit_files(url)
     if not sizes:  # a file's URL was refused by read_manifest
-        held = list(itertools.islice(caches_under(url), SHOWN_CACHES + 1))
         raise ValueError(
             f"{url} is not a pvu cache: no {MANIFEST_NAME} and no epoch=<number>/*.parquet"
-            + (f"; it holds the cache(s) {_listed(held)}: give one of those" if held else "")
+            + held_caches_note(url)
         )
     units: dict[str, dict[str, Any]] = {}
     unreadable: dict[str, str] = {}

@@ -11,6 +11,7 @@ that passed and checks its CRC-32 (a byte damaged in place leaves size and foote
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -114,6 +115,20 @@ EPOCH_FOLDER = re.compile(r"epoch=[0-9]+")
 #: folders at most (an output at a bucket's top would list thousands).
 NESTED_CACHE_DEPTH = 2
 NESTED_CACHE_LISTINGS = 100
+
+
+#: Caches named where a folder holding caches is given as one.
+SHOWN_CACHES = 5
+
+
+def held_caches_note(url: str) -> str:
+    """A note naming the caches a few folders below ``url`` (:func:`caches_under`), for a
+    folder of caches given where one cache is wanted; empty where it holds none."""
+    held = list(itertools.islice(caches_under(url), SHOWN_CACHES + 1))
+    if not held:
+        return ""
+    more = ", ..." if len(held) > SHOWN_CACHES else ""
+    return f"; it holds the cache(s) {', '.join(held[:SHOWN_CACHES])}{more}: give one of those"
 
 
 def caches_under(url: str) -> Iterator[str]:
