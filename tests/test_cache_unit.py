@@ -265,6 +265,17 @@ def test_weights_of_a_grayscale_model_are_refused_as_such(tmp_path):
     said = str(refused.value)
     assert "its conv1.0.weight takes 1-channel images (a model made with in_chans=1)" in said
     assert "--model-kwargs" not in said
+    # TResNet's space-to-depth stem takes 16 channels an image channel: 48 for RGB
+    gray = timm.create_model("tresnet_m", pretrained=False, in_chans=1).state_dict()
+    save_file(gray, str(tmp_path / "gray-tresnet.safetensors"))
+    with pytest.raises(ValueError, match=r"takes 1-channel images \(a model made with in_chans=1"):
+        create_backbone_model("tresnet_m", str(tmp_path / "gray-tresnet.safetensors"))
+    rgb = timm.create_model("tresnet_m", pretrained=False).state_dict()  # of another size:
+    rgb["body.conv1.conv.weight"] = rgb["body.conv1.conv.weight"][:32]  # was 'in_chans=48'
+    save_file(rgb, str(tmp_path / "rgb-tresnet.safetensors"))
+    with pytest.raises(ValueError, match=r"tensor\(s\) of other shapes") as refused:
+        create_backbone_model("tresnet_m", str(tmp_path / "rgb-tresnet.safetensors"))
+    assert "in_chans" not in str(refused.value)
 
 
 def test_a_trainers_checkpoint_is_opened_at_its_one_state_dict(tmp_path):

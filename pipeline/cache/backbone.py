@@ -184,16 +184,25 @@ def _classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return None
 
 
-def _input_channels(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """(name, image channels) of the first convolution stored in ``state`` for ``model``'s
-    architecture (timm's ``first_conv``, a Conv2d; CrossViT names one per branch); channels 3
+def _first_conv(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(name, input channels) of the first convolution stored in ``state`` for ``model``'s
+    architecture (timm's ``first_conv``, a Conv2d; CrossViT names one per branch); ("", 0)
     where ``state`` holds none."""
     first = model.pretrained_cfg.get("first_conv") or ()
     for name in [first] if isinstance(first, str) else list(first):
         weight = state.get(f"{name}.weight")
         if weight is not None and weight.ndim == 4:  # a Conv2d (out, in, h, w)
             return f"{name}.weight", int(weight.shape[1])
-    return "", 3
+    return "", 0
+
+
+def _image_channels(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(name, image channels) of the first convolution in ``state``, from its input channels
+    against those of ``model``'s own, which takes 3 (TResNet's space-to-depth stem 48 for 3);
+    channels 3 where either holds none."""
+    conv, stored = _first_conv(model, state)
+    own = _first_conv(model, model.state_dict())[1]
+    return conv, round(3 * stored / own) if stored and own else 3
 
 
 def file_digest(url: str) -> str:
@@ -324,7 +333,7 @@ def create_backbone_model(
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # tensors of other shapes: another model's weights
-            conv, channels = _input_channels(model, state)
+            conv, channels = _image_channels(model, state)
             if channels != 3:  # in_chans, which --model-kwargs may not set
                 raise ValueError(
                     f"{weights} does not fit {name}: its {conv} takes {channels}-channel images "
