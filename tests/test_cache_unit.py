@@ -326,14 +326,18 @@ def test_backbones_that_cannot_run_the_job_are_refused_up_front():
     with pytest.raises(ValueError, match=r"does not run on inputs of \(3, 32, 32\)") as raised:
         describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 32, 32))
     assert "its own input size, (3, 224, 224): leave --input-size out" in str(raised.value)
-    # ... or build it for any size, as the message says: a ViT resamples its position embedding
+    # ... or build it for that size, as the message says: a ViT resamples its position
+    # embedding, and pads to whole patches a size that is not one
     assert """--model-kwargs '{"dynamic_img_size": true}'""" in str(raised.value)
-    describe_backbone(
-        "vit_tiny_patch16_224",
-        "random",
-        input_size=(3, 32, 32),
-        model_kwargs={"dynamic_img_size": True},
-    )
+    with pytest.raises(ValueError, match="does not run") as raised:
+        describe_backbone("vit_tiny_patch16_224", "random", input_size=(3, 40, 40))
+    told = re.search(r"--model-kwargs '(.*?)'", str(raised.value))
+    assert told and json.loads(told[1]) == {"dynamic_img_size": True, "dynamic_img_pad": True}
+    for size, kwargs in (
+        ((3, 32, 32), {"dynamic_img_size": True}),
+        ((3, 40, 40), json.loads(told[1])),
+    ):
+        describe_backbone("vit_tiny_patch16_224", "random", input_size=size, model_kwargs=kwargs)
     info = describe_backbone("mobilenetv3_small_050", "random", input_size=(3, 64, 64))
     assert info.embedding_dim == 1024  # the head's hidden width, not num_features
     # timm's bare assert gave the reason "" ("(3, 40, 40): ; it may take only ...")

@@ -397,6 +397,24 @@ def _runs_at(model: torch.nn.Module, input_size: tuple[int, ...]) -> bool:
     return True
 
 
+def _resized(
+    model: torch.nn.Module, name: str, input_size: tuple[int, ...], model_kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The timm arguments that build ``name`` to run at ``input_size`` where ``model`` does not:
+    a ViT, Swin or EVA resampling its position embedding (and padding to whole patches), the
+    same weights; None if none does."""
+    if getattr(model, "dynamic_img_size", None) is not False:
+        return None
+    for extra in ({"dynamic_img_size": True}, {"dynamic_img_size": True, "dynamic_img_pad": True}):
+        try:
+            resized = timm.create_model(name, pretrained=False, **{**model_kwargs, **extra})
+        except TypeError:  # a model that takes no dynamic_img_pad (Swin)
+            return None
+        if _runs_at(resized.eval(), input_size):
+            return {**model_kwargs, **extra}
+    return None
+
+
 def _probe(
     model: torch.nn.Module,
     name: str,
@@ -415,9 +433,9 @@ def _probe(
         hints = []
         if tuple(input_size) != own and _runs_at(model, own):
             hint = f"it takes only its own input size, {own}: leave --input-size out"
-            if getattr(model, "dynamic_img_size", None) is False:  # timm can resample it
-                hint += ", or build it for any size with --model-kwargs "
-                hint += """'{"dynamic_img_size": true}'"""
+            resized = _resized(model, name, input_size, model_kwargs)
+            if resized:
+                hint += f", or build it for this size with --model-kwargs '{json.dumps(resized)}'"
             hints.append(hint)
         if model_kwargs:
             hints.append(f"check --model-kwargs {json.dumps(model_kwargs)}")
