@@ -305,6 +305,13 @@ def test_a_run_not_finished_given_as_a_head_says_to_resume_it(cache: str, tmp_pa
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
     with pytest.raises(ValueError, match=r"has not finished.*same `pvu train-head` command and "):
         load_head(str(tmp_path))
+    finished = tmp_path / "finished"  # its export then lost: it was said not to have finished
+    fit_head([cache], str(finished), _config(episodes=2))
+    (finished / "head.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"that finished, but its head export .* missing"):
+        load_head(str(finished))
+    fit_head([cache], str(finished), _config(episodes=2), RunOptions(resume=True))
+    load_head(str(finished))  # as the message says: the same command and --resume
 
 
 def test_pvu_evaluate_given_a_run_not_finished_says_to_resume_it(
@@ -315,7 +322,8 @@ def test_pvu_evaluate_given_a_run_not_finished_says_to_resume_it(
     from jobs.cli import app
 
     fit_head([cache], str(tmp_path), _config(episodes=3), RunOptions(stop_after=1))
-    args = ["evaluate", "--head", str(tmp_path), "--dataset", f"d={cache}", "--report", "r"]
+    report = str(tmp_path / "report")
+    args = ["evaluate", "--head", str(tmp_path), "--dataset", f"d={cache}", "--report", report]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     said = unboxed(result.output)

@@ -129,11 +129,23 @@ def head_config(doc: dict[str, Any]) -> HeadConfig:
 
 
 def unfinished_run(head_dir: str) -> str | None:
-    """Why ``head_dir`` holds no head yet, where it holds a `pvu train-head` run that has not
-    finished (stopped, or still running); else None."""
+    """Why ``head_dir`` holds no whole head, where it holds a `pvu train-head` run that has not
+    finished (stopped, or still running) or whose export is gone; else None."""
     fs, root = fsspec.core.url_to_fs(head_dir)
-    if not exists(fs, f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"):
+    state = f"{root}/{CHECKPOINT_DIR}/{CHECKPOINT_JSON}"
+    if not exists(fs, state):
         return None
+    try:
+        doc = json.loads(read_bytes(fs, state))
+        finished = int(doc["episode"]) >= int(doc["config"]["schedule"]["episodes"])
+    except (ValueError, KeyError, TypeError):  # a damaged checkpoint: --resume names it
+        finished = False
+    if finished:
+        return (
+            f"{head_dir} holds a training run that finished, but its head export ({HEAD_JSON}, "
+            f"{HEAD_WEIGHTS}) is missing or cut short: write it again with the same `pvu "
+            "train-head` command and --resume"
+        )
     return (
         f"{head_dir} holds a training run that has not finished: its head is exported when the "
         "last episode is done; finish it with the same `pvu train-head` command and --resume"
