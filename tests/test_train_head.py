@@ -452,7 +452,7 @@ def test_a_run_diverged_after_a_checkpoint_says_where_to_train_again(
     with pytest.raises(ValueError, match=r"episode 2 .* lower --lr into another --output"):
         fit_head([cache], str(tmp_path), config)
     lower = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, lr=1e-3))
-    with pytest.raises(ValueError, match=r"other settings \(schedule.lr"):
+    with pytest.raises(ValueError, match=r"other settings \(--lr: "):
         fit_head([cache], str(tmp_path), lower, RunOptions(resume=True))
     fit_head([cache], str(tmp_path / "another"), lower)
 
