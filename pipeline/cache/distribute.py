@@ -119,10 +119,15 @@ def start_local_ray(**init_options: Any) -> None:
         path = error.filename if isinstance(error, OSError) else None
         if path and os.path.commonpath([os.path.abspath(path), folder]) != folder:
             # a path outside its temp folder: ~/.ray/auth_token, with HOME read-only or a file
+            home = os.path.expanduser("~")
+            or_home = (
+                ", or set HOME to a writable folder (Ray keeps its token in $HOME/.ray)"
+                if os.path.commonpath([os.path.abspath(path), home]) == home
+                else ""
+            )
             raise OSError(
                 f"could not start a local Ray: it could not write {path} ({error.strerror}); "
-                "make that folder writable, or set HOME to a writable folder (Ray keeps its "
-                "token in $HOME/.ray)"
+                f"make that folder writable{or_home}"
             ) from None
         free = shutil.disk_usage(os.path.dirname(folder)).free / 2**20
         room = "free space there, or set TMPDIR to a folder with room; " if free < 1024 else ""
