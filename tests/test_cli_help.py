@@ -150,3 +150,16 @@ def test_each_flags_default_is_its_configs_default(name: str) -> None:
                 f"{param.opts[0]}: {param.default!r} vs {getattr(left_out, param.name)!r}"
             )
     assert differ == [], f"pvu {name}: flag default vs config default: {differ}"
+
+
+def test_every_setting_a_resume_compares_is_named_by_a_train_head_flag() -> None:
+    """`--resume` refuses other settings naming each by its flag (`--lr: the checkpoint has
+    ...`): a setting without a flag of that name would send the user to no flag."""
+    from pipeline.head.train import TrainConfig
+
+    def leaves(doc: dict) -> list[str]:
+        return [k for key, v in doc.items() for k in (leaves(v) if isinstance(v, dict) else [key])]
+
+    flags = set(listed_options(PVU.job("train-head")))
+    named = {f"--{leaf.replace('_', '-')}" for leaf in leaves(TrainConfig().identity())}
+    assert named and named <= flags, sorted(named - flags)
