@@ -419,3 +419,21 @@ def test_classes_that_name_a_label_twice_in_another_case_are_refused(tmp_path: P
     assert result.exit_code == 2, result.output
     assert f"{classes}: labels 0 ('N01440764') and 2 ('n01440764') both name class 0" in result.text
     assert not (tmp_path / "remap.json").exists()
+
+
+def test_a_head_file_of_synsets_with_their_words_is_named_as_the_side_at_fault(
+    tmp_path: Path,
+) -> None:
+    """ImageNet's LOC_synset_mapping.txt (``n01440764 tench, Tinca tinca``) as ``--head``: the
+    refusal shows the head's classes, not only the labels, which are synsets already (it asked
+    "are they synsets like n01440764?" of labels that were)."""
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES[:2]))
+    head = tmp_path / "LOC_synset_mapping.txt"
+    head.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    output = tmp_path / "r.json"
+    result = run(
+        "--classes", str(tmp_path / "classes.json"), "--head", str(head), "--output", str(output)
+    )
+    assert result.exit_code == 2, result.text
+    assert "'n01440764 tench, Tinca tinca'" in result.text and "'n01440764'" in result.text
+    assert not output.exists()

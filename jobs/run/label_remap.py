@@ -18,6 +18,7 @@ from jobs.terminal import summary_table
 from pipeline.dataset.remap import (
     Remap,
     build_remap,
+    head_names,
     read_names,
     refuse_shared_classes,
     unique_names,
@@ -46,12 +47,20 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     remap = build_remap(classes, config.head)
     refuse_shared_classes(config.classes, remap)  # names alike but for their case
     if len(remap.missing) == len(remap.classes):
+        # either side may be at fault: a head file of "n01440764 tench, Tinca tinca" lines, too
+        _, head_classes = head_names(config.head)
         raise ValueError(
-            f"no label of {config.classes} is a class of head {remap.head} "
-            f"(first labels: {', '.join(remap.classes[:3])}); are they synsets like n01440764?"
+            f"no label of {config.classes} is a class of head {remap.head} (labels "
+            f"{_first(remap.classes)}; the head's classes {_first(head_classes)}): both must "
+            "name a class alike, as a synset alone such as 'n01440764'"
         )
     write_remap(remap, config.output)
     return remap
+
+
+def _first(names: list[str]) -> str:
+    """The first three of ``names``, quoted: a name may hold commas and blanks."""
+    return ", ".join(map(repr, names[:3])) + (", ..." if len(names) > 3 else "")
 
 
 def summarize(remap: Remap, config: LabelRemapJobConfig) -> Table:
