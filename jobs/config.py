@@ -185,6 +185,10 @@ def _check_key(key: str, model: type[BaseModel], where: str) -> None:
     fields = sorted(model.model_fields)
     close = difflib.get_close_matches(key, fields, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    on = key.removeprefix("no_")
+    if on != key and on in model.model_fields and _admits_bool(model.model_fields[on].annotation):
+        # the --no-shuffle flag's key is shuffle's: "did you mean shuffle?" would turn it on
+        hint = f"; --no-{on.replace('_', '-')} is {on}: false"
     raise ConfigFileError(f"{where}: unknown key '{key}'{hint} (known: {', '.join(fields)})")
 
 

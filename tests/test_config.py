@@ -260,6 +260,16 @@ def test_a_key_given_twice_is_refused_not_the_last_one_taken(
     assert _load_yaml(_write(tmp_path, merged))["batches"] == {"lr": 0.2}
 
 
+@pytest.mark.parametrize("key", ["no_shuffle", "no-shuffle"])
+def test_a_no_flag_as_a_key_says_which_value_it_is(tmp_path: Path, key: str) -> None:
+    """``no_shuffle: true``, the ``--no-shuffle`` flag as a key, was answered "did you mean
+    shuffle?", which written ``shuffle: true`` does the opposite."""
+    path = _write(tmp_path, f"{key}: true\n")
+    with pytest.raises(ConfigFileError, match="--no-shuffle is shuffle: false") as error:
+        load_job_config(ShardsJobConfig, path, input="i", output="o")
+    assert "did you mean" not in str(error.value)
+
+
 def test_a_yaml_boolean_is_no_number(tmp_path: Path) -> None:
     """YAML reads ``yes`` as true, which pydantic would take as 1 for an integer setting."""
     with pytest.raises(ConfigFileError, match=r"job\.yaml: seed: got the YAML boolean true"):
