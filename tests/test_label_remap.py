@@ -437,3 +437,20 @@ def test_a_head_file_of_synsets_with_their_words_is_named_as_the_side_at_fault(
     assert result.exit_code == 2, result.text
     assert "'n01440764 tench, Tinca tinca'" in result.text and "'n01440764'" in result.text
     assert not output.exists()
+
+
+@pytest.mark.parametrize("overwritten", ["classes", "head"])
+def test_an_output_that_is_the_classes_or_head_file_is_refused(
+    tmp_path: Path, overwritten: str
+) -> None:
+    """``--output`` given as the ``--classes`` (or ``--head``) file it reads replaced the shards'
+    classes.json with the remap, without a word."""
+    classes, head = tmp_path / "classes.json", tmp_path / "head.txt"
+    classes.write_text(json.dumps(CLASSES[:2]))
+    head.write_text("\n".join(IN1K[:3]) + "\n")
+    before = {path: path.read_bytes() for path in (classes, head)}
+    output = str(classes if overwritten == "classes" else head)
+    result = run("--classes", str(classes), "--head", str(head), "--output", output)
+    assert result.exit_code == 2, result.text
+    assert f"--{overwritten} {output}" in result.text and "overwrite" in result.text
+    assert {path: path.read_bytes() for path in (classes, head)} == before

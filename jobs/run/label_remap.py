@@ -9,11 +9,12 @@ map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
 
 from __future__ import annotations
 
+import fsspec
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from jobs.config import PathOrUrl
-from jobs.preflight import check_not_in_a_cache, check_storage
+from jobs.preflight import check_not_in_a_cache, check_not_inside, check_storage
 from jobs.terminal import summary_table
 from pipeline.dataset.remap import (
     Remap,
@@ -43,6 +44,16 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     check_storage(config.classes, flag="--classes", must_exist=True)
     check_storage(config.output, flag="--output")
     check_not_in_a_cache(config.output, flag="--output", itself=True)  # a .json/.txt, no Parquet
+    for flag, names in (("--classes", config.classes), ("--head", config.head)):
+        if flag == "--classes" or _is_file(names):  # a --head list's or model's name is no file
+            check_not_inside(
+                config.output,
+                names,
+                flag="--output",
+                folder_flag=flag,
+                why="the remap would overwrite the names it is made from; write it to a file "
+                "of its own",
+            )
     classes = unique_names(config.classes, read_names(config.classes), of="labels")
     remap = build_remap(classes, config.head)
     refuse_shared_classes(config.classes, remap)  # names alike but for their case
@@ -56,6 +67,12 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
         )
     write_remap(remap, config.output)
     return remap
+
+
+def _is_file(url: str) -> bool:
+    """Whether ``url`` is a file (``--head`` may name one, or a label list or a model)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isfile(path)
 
 
 def _first(names: list[str]) -> str:
