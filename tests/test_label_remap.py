@@ -454,3 +454,20 @@ def test_an_output_that_is_the_classes_or_head_file_is_refused(
     assert result.exit_code == 2, result.text
     assert f"--{overwritten} {output}" in result.text and "overwrite" in result.text
     assert {path: path.read_bytes() for path in (classes, head)} == before
+
+
+def test_an_output_in_a_folder_not_made_yet_is_written_there(tmp_path: Path) -> None:
+    """``--output remaps/in1k.json`` failed after all the work with ``FileNotFoundError``, where
+    every other job makes its output's folder."""
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    output = tmp_path / "remaps" / "in1k.json"
+    result = run(
+        "--classes",
+        str(tmp_path / "classes.json"),
+        "--head",
+        "imagenet-1k",
+        "--output",
+        str(output),
+    )
+    assert result.exit_code == 0, result.text
+    assert json.loads(output.read_text()) == [0, -1, -1, 999]

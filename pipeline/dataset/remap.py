@@ -19,7 +19,7 @@ import numpy as np
 import timm
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
-from pipeline.retry import read_url, write_bytes
+from pipeline.retry import make_folder, read_url, write_bytes
 
 #: Head label spaces timm ships (``timm.data.ImageNetInfo``), as ``--head`` accepts them (also
 #: spelled without - or _); ``infer_imagenet_subset`` names a model's among them.
@@ -196,7 +196,9 @@ def write_remap(remap: Remap, url: str) -> None:
         text = json.dumps(remap.table)
     else:
         text = "".join(f"{index}\n" for index in remap.table)
-    write_bytes(*fsspec.core.url_to_fs(url), text.encode())  # none left cut short
+    fs, path = fsspec.core.url_to_fs(url)
+    make_folder(fs, path.rsplit("/", 1)[0])  # --output remaps/in21k.json makes remaps/
+    write_bytes(fs, path, text.encode())  # none left cut short
 
 
 #: The largest shard label a ``--label-remap`` may map (ImageNet-21k's are below 22,000).
