@@ -183,7 +183,7 @@ def _check_key(key: str, model: type[BaseModel], where: str) -> None:
     if key in model.model_fields:
         return
     fields = sorted(model.model_fields)
-    close = difflib.get_close_matches(key, fields, n=3)
+    close = difflib.get_close_matches(key.lower(), fields, n=3)  # LR: difflib tells case
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     on = key.removeprefix("no_")
     if on != key and on in model.model_fields and _admits_bool(model.model_fields[on].annotation):

@@ -500,3 +500,9 @@ def test_model_kwargs_are_a_mapping_in_a_file_and_json_on_the_command_line(tmp_p
     for bad, said in refused:
         with pytest.raises(ValueError, match=said):
             CacheJobConfig(shards="s", backbone="resnet10t", output="o", model_kwargs=bad)
+
+
+def test_a_key_in_capitals_is_told_its_field(tmp_path: Path) -> None:
+    """``LR: 0.1`` got the list of known keys and no hint: difflib scores case as a difference."""
+    with pytest.raises(ConfigFileError, match="unknown key 'LR'; did you mean lr"):
+        load_job_config(TrainHeadConfig, _write(tmp_path, "LR: 0.1\n"), output="o")
