@@ -922,3 +922,53 @@ def test_caches_of_the_same_shards_with_other_seeds_count_their_views(tmp_path: 
     caches = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
     assert open_cache(caches[:1]).epochs == 1
     assert open_cache(caches).epochs == 2
+
+
+def test_caches_of_the_same_images_under_another_seed_or_ambiguity_key_are_refused(
+    tmp_path: Path,
+) -> None:
+    """An eval transform draws nothing from the seed, and --ambiguity-key only adds a column:
+    two such caches of one shard hold the same images, and were taken as two views of each,
+    their rows trained on twice. Eval noise does draw from the seed: other images."""
+    from support import make_runner, unit_settings
+
+    from pipeline.cache.deteriorate import Deterioration
+    from pipeline.cache.unit import Unit, UnitRunner
+    from pipeline.demo.data import write_digit_shards
+
+    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
+    unit = Unit(shard, "digits-0000", 0)
+
+    def cache(name: str, **options: Any) -> str:
+        make_runner(str(tmp_path / name), **options).run(unit)
+        return str(tmp_path / name)
+
+    evaluated = [cache(f"eval{seed}", seed=seed, augment="eval") for seed in (0, 1)]
+    with pytest.raises(ValueError, match=r"made twice \(seed: the first has 0, the second 1\)"):
+        open_cache(evaluated)
+    noise = Deterioration(kind="noise", strength=0.5)
+    noisy = [cache(f"noise{seed}", seed=seed, augment="eval", deteriorate=noise) for seed in (0, 1)]
+    assert open_cache(noisy, need_loss=False).epochs == 2
+    settings = unit_settings(str(tmp_path / "ambiguity"), ambiguity_key="amb")
+    with_key = settings.model_copy(
+        update={"provenance": {**settings.provenance, "ambiguity_key": "amb"}}
+    )
+    UnitRunner(make_runner(str(tmp_path / "plain")).backbone, with_key).run(unit)
+    with pytest.raises(ValueError, match=r"made twice \(ambiguity_key: .*None.*'amb'"):
+        open_cache([cache("plain"), str(tmp_path / "ambiguity")])
+
+
+def test_one_shard_spelled_two_ways_counts_its_views_once(tmp_path: Path) -> None:
+    """A shard named ``.../shards/x.tar`` by one cache and ``...//shards/x.tar`` by another
+    (or ``s3a://`` and ``s3://``) was taken for two shards of one view each: '1 epoch cached'
+    for two epochs of every image."""
+    from support import make_runner
+
+    from pipeline.cache.unit import Unit
+    from pipeline.demo.data import write_digit_shards
+
+    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
+    make_runner(str(tmp_path / "a")).run(Unit(shard, "digits-0000", 0))
+    respelled = shard.replace("/shards/", "//shards/")
+    make_runner(str(tmp_path / "b")).run(Unit(respelled, "digits-0000", 1))
+    assert open_cache([str(tmp_path / "a"), str(tmp_path / "b")]).epochs == 2

@@ -30,7 +30,7 @@ from pipeline.cache.manifest import (
     provenance_differences,
     unfinished_note,
 )
-from pipeline.cache.shards import is_tar
+from pipeline.cache.shards import is_tar, spelled_alike
 from pipeline.cache.verify import (
     held_caches_note,
     list_unit_files,
@@ -136,9 +136,12 @@ class CacheIndex:
         pairs of any one source shard, so caches of the same shards made with other seeds or
         transforms add their epochs (each one view of every image) rather than share them."""
         views: dict[str, set[tuple[int | None, str]]] = {}
+        spelled: dict[str, str] = {}  # one spelling per source, not one per unit
         for f in self.files:
             made = json.dumps(_views(identity(f.provenance)), sort_keys=True, default=str)
-            views.setdefault(str(f.unit.get("source", "")), set()).add((f.epoch, made))
+            source = str(f.unit.get("source", ""))
+            source = spelled.get(source) or spelled.setdefault(source, spelled_alike(source))
+            views.setdefault(source, set()).add((f.epoch, made))
         return max(map(len, views.values()), default=0)
 
     def row_groups(self) -> list[RowGroupRef]:
@@ -247,7 +250,8 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
         unit = f.unit
         if not unit:
             continue
-        where = [unit.get(k) for k in ("epoch", "shard", "source")]
+        source = unit.get("source")
+        where = [unit.get("epoch"), unit.get("shard"), source and spelled_alike(str(source))]
         # other images once staged at the same path differ in these, from the footer
         first_group = next(_filled_groups(f), None)
         loss = None if first_group is None else _footer_loss_range(f, first_group)
@@ -277,12 +281,24 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
 
 def _views(identity: dict[str, Any]) -> dict[str, Any]:
     """What of a cache's ``identity`` picks its augmented images: not where they were decoded
-    (``--decode``), on what device and precision, or how the embedding is stored."""
-    views = {name: value for name, value in identity.items() if name not in ("compute", "dtype")}
-    transform = views.get("transform")
+    (``--decode``), on what device and precision, how the embedding is stored, which member
+    gave the ambiguity column, or the seed of a transform that draws nothing from it."""
+    left_out = {"compute", "dtype", "ambiguity_key"}
+    transform = identity.get("transform")
+    if isinstance(transform, dict) and not _draws_from_seed(transform):
+        left_out.add("seed")
+    views = {name: value for name, value in identity.items() if name not in left_out}
     if isinstance(transform, dict):
         views["transform"] = {name: value for name, value in transform.items() if name != "decode"}
     return views
+
+
+def _draws_from_seed(transform: dict[str, Any]) -> bool:
+    """Whether the resolved ``transform`` (``pipeline.cache.augment``) draws from its samples'
+    seeds: a training one (random crops, flips, jitter), or an eval one adding noise
+    (``pipeline.cache.deteriorate``); any other eval transform makes one image of each seed."""
+    deterioration = transform.get("deterioration") or {}
+    return transform.get("is_training") is not False or deterioration.get("kind") == "noise"
 
 
 def check_same_dtype(files: Sequence[CacheFile]) -> str:

@@ -195,7 +195,7 @@ def warn_of_other_sources(units: Iterable[Mapping], by_name: Mapping[str, str]) 
     moved = {}
     for unit in units:
         url = by_name.get(unit["shard"])
-        if url is not None and _spelled_alike(unit["source"]) != _spelled_alike(url):
+        if url is not None and spelled_alike(unit["source"]) != spelled_alike(url):
             moved.setdefault(unit["shard"], (unit["source"], url))
     if moved:
         name, (old, new) = next(iter(moved.items()))
@@ -251,7 +251,7 @@ def _rebuilt(unit: Mapping, by_name: Mapping[str, str], sizes: Mapping[str, int]
     recorded = unit.get("source_bytes")
     if url is None or recorded is None or url not in sizes:
         return None
-    if _spelled_alike(unit["source"]) != _spelled_alike(url):
+    if spelled_alike(unit["source"]) != spelled_alike(url):
         return None
     return url if sizes[url] != recorded else None
 
@@ -284,7 +284,7 @@ def _folder_sizes(folder: str) -> dict[str, int | None]:
         return {}
 
 
-def _spelled_alike(url: str) -> str:
+def spelled_alike(url: str) -> str:
     """``url`` with a local path's ``//`` and ``/./`` undone, and a store's protocol in its
     filesystem's first spelling (``s3a://b/x.tar`` is ``s3://b/x.tar``: one object)."""
     if "://" not in url:
