@@ -17,15 +17,18 @@ from typing import ClassVar
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
+from support import make_runner
 
 from pipeline.cache.decode import decode_image
 from pipeline.cache.plan import read_prefix
 from pipeline.cache.samples import RawSample, iter_samples, parse_label
 from pipeline.cache.shards import expand_shards
 from pipeline.cache.skips import BadSample, SkipReason
+from pipeline.cache.unit import Unit
 from pipeline.demo.data import (
     bad_samples,
     write_bad_shard,
@@ -745,6 +748,22 @@ def test_a_sample_of_dotted_member_names_is_told_how_to_name_its_image(tmp_path,
     url = _write_members(tmp_path / "multi.tar", members)
     samples, counts = _read(url)
     assert not samples and counts == {"no_image": 2}
-    assert "--image-key input.png" in caplog.text
+    advice = " ".join(caplog.text.split())  # it named input.png alone, and no label member
+    assert (
+        "--image-key one of input.png, seg.png, and its label member: --label-key target.cls"
+        in (advice)
+    )
     samples, counts = _read(url, image_keys=("input.png",), label_key="target.cls")
     assert [(s.key, s.label) for s in samples] == [("n0", 0), ("n1", 1)] and not counts
+    image_key = re.search(r"--image-key one of (\S+),", advice)[1]  # the advice, followed
+    label_key = re.search(r"--label-key (\S+)", advice)[1]
+    output = tmp_path / "cache"
+    runner = make_runner(str(output), image_keys=(image_key,), label_key=label_key)
+    assert runner.run(Unit(url, "multi", 0)).rows == 2
+    rows = pq.read_table(output / "epoch=0000" / "multi.parquet").to_pydict()
+    assert rows["key"] == ["n0", "n1"] and rows["label"] == [0, 1]
+    caplog.clear()  # rgb.png + depth.png: it said --image-key depth.png, the first by name
+    members = [(f"n0.{suffix}", data) for suffix, data in (("rgb.png", png), ("depth.png", png))]
+    _read(_write_members(tmp_path / "rgbd.tar", [*members, ("n0.cls", b"1")]))
+    advice = " ".join(caplog.text.split())
+    assert "--image-key one of depth.png, rgb.png" in advice and "--label-key" not in advice

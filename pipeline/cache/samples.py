@@ -279,6 +279,12 @@ def _to_sample(
     return RawSample(key=group["__key__"], image=image, label=label, ambiguity=ambiguity)
 
 
+def _one_of(names: list[str], suffix: str = "") -> str:
+    """``names`` (each with ``suffix``) as one flag value to give: the name, or ``one of a, b``."""
+    spelled = [f"{name}{suffix}" for name in names]
+    return spelled[0] if len(spelled) == 1 else f"one of {', '.join(spelled)}"
+
+
 def _why(
     reason: SkipReason, group: dict[str, Any], image_keys: tuple[str, ...], label_key: str
 ) -> str:
@@ -492,12 +498,22 @@ class _Skips:
                 "dots",
                 "%s: sample %r has files %s: a WebDataset key ends at the first dot of a file "
                 "name, so several images share one sample; rename them (e.g. cat_0.jpg), or, "
-                "where they are one sample's files, name its image member: --image-key %s",
+                "where they are one sample's files, name its image member: --image-key %s%s",
                 key,
                 ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
-                dotted[0],
+                _one_of(dotted),
+                self._dotted_label(group),
             )
         return True
+
+    def _dotted_label(self, group: dict[str, Any]) -> str:
+        """The advice to name sample ``group``'s label member where it lacks the label key's
+        and has members ending in it (``target.cls`` for ``cls``); empty otherwise."""
+        member, field = self.label
+        found = sorted(s for s in group if s.endswith(f".{member}")) if member not in group else []
+        if not found:
+            return ""
+        return f", and its label member: --label-key {_one_of(found, f':{field}' * bool(field))}"
 
     def _warn_apart(self, key: str) -> None:
         self._warn(
