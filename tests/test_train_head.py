@@ -972,3 +972,38 @@ def test_one_shard_spelled_two_ways_counts_its_views_once(tmp_path: Path) -> Non
     respelled = shard.replace("/shards/", "//shards/")
     make_runner(str(tmp_path / "b")).run(Unit(respelled, "digits-0000", 1))
     assert open_cache([str(tmp_path / "a"), str(tmp_path / "b")]).epochs == 2
+
+
+def test_two_runs_of_the_same_shards_and_seed_are_told_which_epochs_to_give(
+    tmp_path: Path,
+) -> None:
+    """Two seed-0 caches of one shard hold the same rows for each epoch they share: refused
+    naming both units; the advice to give 'the one with more epochs' did not fit two caches
+    of epochs 0-1 and 1-2, each holding an epoch the other lacks."""
+    from support import make_runner
+
+    from pipeline.cache.unit import Unit
+    from pipeline.demo.data import write_digit_shards
+
+    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
+
+    def cache(name: str, epochs: range) -> str:
+        runner = make_runner(str(tmp_path / name))
+        for epoch in epochs:
+            runner.run(Unit(shard, "digits-0000", epoch))
+        return str(tmp_path / name)
+
+    one, two = cache("one", range(1)), cache("two", range(2))
+    with pytest.raises(ValueError) as error:
+        open_cache([one, two])
+    said = str(error.value)
+    assert f"{one}/epoch=0000/digits-0000.parquet and {two}/epoch=0000/" in said
+    assert "or two runs of the same shards and settings holding the same epochs?" in said
+    assert f"Give each epoch once: one cache, or {two}, which holds the other's epochs" in said
+    with pytest.raises(ValueError) as error:
+        open_cache([two, cache("later", range(1, 3))])
+    said = str(error.value)
+    assert (
+        "Give each epoch once: one cache, or, as each holds epochs the other lacks (0, 1 and "
+        "1, 2), one of them with every epoch (pvu cache --epochs 3 into it)"
+    ) in said

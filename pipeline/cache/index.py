@@ -244,7 +244,7 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
     copy), or of the same augmented images made twice (``--decode pil`` and ``device``, or on
     a CPU and a GPU: the same crops, losses a rounding apart), whose rows would be trained on
     twice."""
-    seen: dict[str, str] = {}
+    seen: dict[str, CacheFile] = {}
     views: dict[str, CacheFile] = {}
     for f in files:
         unit = f.unit
@@ -256,14 +256,14 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
         first_group = next(_filled_groups(f), None)
         loss = None if first_group is None else _footer_loss_range(f, first_group)
         made = [identity(f.provenance), *where, f.rows, *_key_range(f)]
-        first = seen.setdefault(json.dumps([*made, loss], sort_keys=True), f.url)
-        if first != f.url:
+        first = seen.setdefault(json.dumps([*made, loss], sort_keys=True), f)
+        if first is not f:
             raise ValueError(
-                f"{first} and {f.url} are one unit (epoch {unit.get('epoch')} of "
+                f"{first.url} and {f.url} are one unit (epoch {unit.get('epoch')} of "
                 f"{unit.get('source')}, made with the same settings): the same cache given "
                 "twice (under two paths, or as a copy), or two runs of the same shards and "
-                "settings holding the same epochs? Give each epoch once: one cache, or the one "
-                "with more epochs"
+                "settings holding the same epochs? Give each epoch once: one cache, "
+                + _epochs_once(files, first.origin, f.origin)
             )
         made[0] = _views(made[0])
         other = views.setdefault(json.dumps(made, sort_keys=True), f)
@@ -277,6 +277,21 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
                 "their rows would be trained on twice. Give one of the two caches, or cache "
                 "other epochs into the second"
             )
+
+
+def _epochs_once(files: Sequence[CacheFile], first: str, second: str) -> str:
+    """How to give each epoch of caches ``first`` and ``second`` (among ``files``) once: the
+    one holding the other's epochs or, where each holds epochs the other lacks, one of all."""
+    held = [{f.epoch for f in files if f.origin == cache} for cache in (first, second)]
+    for cache, mine, theirs in ((first, *held), (second, *held[::-1])):
+        if mine >= theirs:
+            return f"or {cache}, which holds the other's epochs"
+    listed = " and ".join(", ".join(map(str, sorted(epochs, key=str))) for epochs in held)
+    count = max((e for e in held[0] | held[1] if e is not None), default=0) + 1
+    return (
+        f"or, as each holds epochs the other lacks ({listed}), one of them with every epoch "
+        f"(pvu cache --epochs {count} into it)"
+    )
 
 
 def _views(identity: dict[str, Any]) -> dict[str, Any]:
