@@ -461,13 +461,7 @@ def test_an_output_in_a_folder_not_made_yet_is_written_there(tmp_path: Path) -> 
     every other job makes its output's folder."""
     (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
     output = tmp_path / "remaps" / "in1k.json"
-    result = run(
-        "--classes",
-        str(tmp_path / "classes.json"),
-        "--head",
-        "imagenet-1k",
-        "--output",
-        str(output),
-    )
+    args = ["--classes", str(tmp_path / "classes.json"), "--head", "imagenet-1k"]
+    result = run(*args, "--output", str(output))
     assert result.exit_code == 0, result.text
     assert json.loads(output.read_text()) == [0, -1, -1, 999]
