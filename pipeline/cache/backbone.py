@@ -406,12 +406,13 @@ def _resized(
     if getattr(model, "dynamic_img_size", None) is not False:
         return None
     for extra in ({"dynamic_img_size": True}, {"dynamic_img_size": True, "dynamic_img_pad": True}):
+        kwargs = {**model_kwargs, **extra}
         try:
-            resized = timm.create_model(name, pretrained=False, **{**model_kwargs, **extra})
-        except TypeError:  # a model that takes no dynamic_img_pad (Swin)
+            resized = _create(name, kwargs)
+        except ValueError:  # timm refuses them: a model that takes no dynamic_img_pad (Swin)
             return None
         if _runs_at(resized.eval(), input_size):
-            return {**model_kwargs, **extra}
+            return kwargs
     return None
 
 
