@@ -310,6 +310,9 @@ def test_a_run_not_finished_given_as_a_head_says_to_resume_it(cache: str, tmp_pa
     (finished / "head.safetensors").unlink()
     with pytest.raises(ValueError, match=r"that finished, but its head export .* missing"):
         load_head(str(finished))
+    (finished / "head.safetensors").write_bytes(b"\x10\x00\x00")  # cut short: no --resume said
+    with pytest.raises(ValueError, match=r"not a valid .*export .* cut short: write it again"):
+        load_head(str(finished))
     fit_head([cache], str(finished), _config(episodes=2), RunOptions(resume=True))
     load_head(str(finished))  # as the message says: the same command and --resume
 

@@ -175,7 +175,9 @@ def load_head(head_dir: str) -> tuple[UncertaintyHead, dict[str, Any]]:
         ) from None
     # a bad size is a RuntimeError; a width JSON Schema let through as 16.0, a TypeError
     except (ValueError, RuntimeError, TypeError, SafetensorError) as error:
-        reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reasons = [line.strip() for line in str(error).splitlines() if line.strip()]
+        run = unfinished_run(head_dir)  # an export cut short, which its run writes again
+        reason = "; ".join([*reasons, *([run] if run else [])])
         raise ValueError(f"{head_dir} is not a valid pvu head export: {reason}") from None
     return head.eval(), doc
 
