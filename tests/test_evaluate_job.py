@@ -814,3 +814,8 @@ def test_a_unit_or_manifest_url_on_s3_given_as_a_cache_is_named_a_file(s3_bucket
         assert f"{url}isafile,notacache:givethecache'sfolder" in said(result), result.output
         with pytest.raises(ValueError, match="is a file, not a cache"):
             open_cache([url], need_loss=True)  # train-head reads through it too
+    # a key that is an object and the prefix of a cache's units too is the cache (no manifest)
+    write_eval_cache(f"{s3_bucket}/both", *clustered(60, 3, seed=7))
+    fs.rm(f"{root}/both/_manifest.json")
+    fs.pipe_file(f"{root}/both", b"an object of the cache's name")
+    assert open_cache([f"{s3_bucket}/both"]).rows == 60

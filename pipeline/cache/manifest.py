@@ -55,7 +55,9 @@ def read_manifest(url: str) -> dict[str, Any] | None:
     try:
         data = read_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}")
     except FileNotFoundError:
-        if fs.isfile(root):  # a file's URL on an object store, which has no NotADirectoryError
+        # a file's URL on an object store, which has no NotADirectoryError (a key that is an
+        # object and a prefix of units too is read as the cache it holds)
+        if fs.isfile(root) and not fs.isdir(root):
             raise not_a_folder(url) from None
         return None
     except NotADirectoryError:  # a unit's, the manifest's or another file's path
