@@ -947,8 +947,11 @@ def test_caches_of_the_same_images_under_another_seed_or_ambiguity_key_are_refus
         return str(tmp_path / name)
 
     evaluated = [cache(f"eval{seed}", seed=seed, augment="eval") for seed in (0, 1)]
-    with pytest.raises(ValueError, match=r"made twice \(seed: the first has 0, the second 1\)"):
+    with pytest.raises(
+        ValueError, match=r"made twice \(seed: the first has 0, the second 1\)"
+    ) as e:
         open_cache(evaluated)
+    assert str(e.value).endswith("Give one of the two caches")  # an eval cache has one epoch
     noise = Deterioration(kind="noise", strength=0.5)
     noisy = [cache(f"noise{seed}", seed=seed, augment="eval", deteriorate=noise) for seed in (0, 1)]
     assert open_cache(noisy, need_loss=False).epochs == 2
@@ -1002,11 +1005,15 @@ def test_two_runs_of_the_same_shards_and_seed_are_told_which_epochs_to_give(
     said = str(error.value)
     assert f"{one}/epoch=0000/digits-0000.parquet and {two}/epoch=0000/" in said
     assert "or two runs of the same shards and settings holding the same epochs?" in said
-    assert f"Give each epoch once: one cache, or {two}, which holds the other's epochs" in said
-    with pytest.raises(ValueError) as error:
+    assert f"Give each epoch once: one cache, or {two}, which holds the other's units" in said
+    each_lacks = (
+        "Give each epoch once: one cache, or, as each holds units the other lacks, one cache of "
+        "every shard and epoch of both (pvu cache --epochs 3 into one of them, of both's shards)"
+    )
+    with pytest.raises(ValueError, match=re.escape(each_lacks)):
         open_cache([two, cache("later", range(1, 3))])
-    said = str(error.value)
-    assert (
-        "Give each epoch once: one cache, or, as each holds epochs the other lacks (0, 1 and "
-        "1, 2), one of them with every epoch (pvu cache --epochs 3 into it)"
-    ) in said
+    # another shard beside: the cache of more epochs does not hold all of the other's units
+    second = write_digit_shards(str(tmp_path / "more"), shards=2, per_shard=8, size=32)[1]
+    make_runner(str(tmp_path / "one")).run(Unit(second, "digits-0001", 0))
+    with pytest.raises(ValueError, match=r"as each holds units the other lacks, one cache of"):
+        open_cache([one, two])

@@ -271,26 +271,31 @@ def check_distinct_units(files: Sequence[CacheFile]) -> None:
         sides = ("the first has", "the second")
         differences = "; ".join(provenance_differences(other.provenance, f.provenance, sides))
         if differences:
+            transform = f.provenance.get("transform")
+            redrawn = not isinstance(transform, dict) or _draws_from_seed(transform)
             raise ValueError(
                 f"{other.url} and {f.url} hold the same augmented images (epoch "
                 f"{unit.get('epoch')} of {unit.get('source')}) made twice ({differences}): "
-                "their rows would be trained on twice. Give one of the two caches, or cache "
-                "other epochs into the second"
+                "their rows would be trained on twice. Give one of the two caches"
+                + (", or cache other epochs into the second" if redrawn else "")
             )
 
 
 def _epochs_once(files: Sequence[CacheFile], first: str, second: str) -> str:
     """How to give each epoch of caches ``first`` and ``second`` (among ``files``) once: the
-    one holding the other's epochs or, where each holds epochs the other lacks, one of all."""
-    held = [{f.epoch for f in files if f.origin == cache} for cache in (first, second)]
+    one holding the other's (shard, epoch) units or, where each holds units the other lacks,
+    one of all."""
+    held = [
+        {(spelled_alike(str(f.unit.get("source"))), f.epoch) for f in files if f.origin == cache}
+        for cache in (first, second)
+    ]
     for cache, mine, theirs in ((first, *held), (second, *held[::-1])):
         if mine >= theirs:
-            return f"or {cache}, which holds the other's epochs"
-    listed = " and ".join(", ".join(map(str, sorted(epochs, key=str))) for epochs in held)
-    count = max((e for e in held[0] | held[1] if e is not None), default=0) + 1
+            return f"or {cache}, which holds the other's units"
+    count = max((e for _, e in held[0] | held[1] if e is not None), default=0) + 1
     return (
-        f"or, as each holds epochs the other lacks ({listed}), one of them with every epoch "
-        f"(pvu cache --epochs {count} into it)"
+        "or, as each holds units the other lacks, one cache of every shard and epoch of both "
+        f"(pvu cache --epochs {count} into one of them, of both's shards)"
     )
 
 
