@@ -136,11 +136,9 @@ class CacheIndex:
         pairs of any one source shard, so caches of the same shards made with other seeds or
         transforms add their epochs (each one view of every image) rather than share them."""
         views: dict[str, set[tuple[int | None, str]]] = {}
-        spelled: dict[str, str] = {}  # one spelling per source, not one per unit
         for f in self.files:
             made = json.dumps(_views(identity(f.provenance)), sort_keys=True, default=str)
-            source = str(f.unit.get("source", ""))
-            source = spelled.get(source) or spelled.setdefault(source, spelled_alike(source))
+            source = spelled_alike(str(f.unit.get("source", "")))
             views.setdefault(source, set()).add((f.epoch, made))
         return max(map(len, views.values()), default=0)
 

@@ -284,6 +284,7 @@ def _folder_sizes(folder: str) -> dict[str, int | None]:
         return {}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked once per unit of a cache, of a few shards each
 def spelled_alike(url: str) -> str:
     """``url`` with a local path's ``//`` and ``/./`` undone, and a store's protocol in its
     filesystem's first spelling (``s3a://b/x.tar`` is ``s3://b/x.tar``: one object)."""
