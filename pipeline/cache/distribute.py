@@ -101,6 +101,12 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _is_under(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both made absolute)."""
+    folder = os.path.abspath(folder)
+    return os.path.commonpath([os.path.abspath(path), folder]) == folder
+
+
 def start_local_ray(**init_options: Any) -> None:
     """Start a Ray of this machine alone, every server of it on 127.0.0.1 (no dashboard).
 
@@ -115,14 +121,13 @@ def start_local_ray(**init_options: Any) -> None:
         # a full temp folder: RuntimeError "Timed out waiting for file .../gcs_server_port_...";
         # a raylet that died as it started (a resource limit): a bare Exception, "The current
         # node timed out during startup"
-        folder = os.path.abspath(get_default_ray_temp_dir())  # RAY_TMPDIR, TMPDIR or /tmp: ray/
+        folder = get_default_ray_temp_dir()  # RAY_TMPDIR, TMPDIR or /tmp, then ray/
         path = error.filename if isinstance(error, OSError) else None
-        if path and os.path.commonpath([os.path.abspath(path), folder]) != folder:
+        if path and not _is_under(path, folder):
             # a path outside its temp folder: ~/.ray/auth_token, with HOME read-only or a file
-            home = os.path.expanduser("~")
             or_home = (
                 ", or set HOME to a writable folder (Ray keeps its token in $HOME/.ray)"
-                if os.path.commonpath([os.path.abspath(path), home]) == home
+                if _is_under(path, os.path.expanduser("~"))
                 else ""
             )
             raise OSError(

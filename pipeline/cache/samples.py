@@ -513,7 +513,8 @@ class _Skips:
         found = sorted(s for s in group if s.endswith(f".{member}")) if member not in group else []
         if not found:
             return ""
-        return f", and its label member: --label-key {_one_of(found, f':{field}' * bool(field))}"
+        suffix = f":{field}" if field else ""  # a json label's field stays
+        return f", and its label member: --label-key {_one_of(found, suffix)}"
 
     def _warn_apart(self, key: str) -> None:
         self._warn(
