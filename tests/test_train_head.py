@@ -22,15 +22,18 @@ import pytest
 import torch
 import typer
 from rich.console import Console
-from support import unboxed
+from support import make_runner, unboxed, unit_settings
 from typer.testing import CliRunner
 
 import pipeline.head.train as train_module
 from jobs import terminal
 from jobs.run.train_head import TrainHeadConfig
 from jobs.train_head import train_head
+from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.index import open_cache
 from pipeline.cache.lock import RunLock
+from pipeline.cache.unit import Unit, UnitRunner
+from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
 from pipeline.head.export import load_head
 from pipeline.head.rows import key_fraction
@@ -910,18 +913,22 @@ def test_a_training_split_smaller_than_a_batch_is_warned_about(
     ) in caplog.text
 
 
-def test_caches_of_the_same_shards_with_other_seeds_count_their_views(tmp_path: Path) -> None:
+@pytest.fixture
+def digit_shard(tmp_path: Path) -> str:
+    """One shard of 8 digits at 32 px, for real caches made unit by unit."""
+    return write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)[0]
+
+
+def test_caches_of_the_same_shards_with_other_seeds_count_their_views(
+    tmp_path: Path, digit_shard: str
+) -> None:
     """Two caches of one shard's epoch 0 made with seeds 0 and 1 hold two views of each image:
     the run logged '1 epoch cached, so 1.0 views of each image' and head.json said
     ``cached_epochs: 1``, half of what the schedule made of each image."""
-    from support import make_runner
-
-    from pipeline.cache.unit import Unit
-    from pipeline.demo.data import write_digit_shards
-
-    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
     for seed in (0, 1):
-        make_runner(str(tmp_path / f"seed{seed}"), seed=seed).run(Unit(shard, "digits-0000", 0))
+        make_runner(str(tmp_path / f"seed{seed}"), seed=seed).run(
+            Unit(digit_shard, "digits-0000", 0)
+        )
     caches = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
     assert open_cache(caches[:1]).epochs == 1
     assert open_cache(caches).epochs == 2
@@ -929,18 +936,12 @@ def test_caches_of_the_same_shards_with_other_seeds_count_their_views(tmp_path: 
 
 def test_caches_of_the_same_images_under_another_seed_or_ambiguity_key_are_refused(
     tmp_path: Path,
+    digit_shard: str,
 ) -> None:
     """An eval transform draws nothing from the seed, and --ambiguity-key only adds a column:
     two such caches of one shard hold the same images, and were taken as two views of each,
     their rows trained on twice. Eval noise does draw from the seed: other images."""
-    from support import make_runner, unit_settings
-
-    from pipeline.cache.deteriorate import Deterioration
-    from pipeline.cache.unit import Unit, UnitRunner
-    from pipeline.demo.data import write_digit_shards
-
-    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
-    unit = Unit(shard, "digits-0000", 0)
+    unit = Unit(digit_shard, "digits-0000", 0)
 
     def cache(name: str, **options: Any) -> str:
         make_runner(str(tmp_path / name), **options).run(unit)
@@ -964,39 +965,28 @@ def test_caches_of_the_same_images_under_another_seed_or_ambiguity_key_are_refus
         open_cache([cache("plain"), str(tmp_path / "ambiguity")])
 
 
-def test_one_shard_spelled_two_ways_counts_its_views_once(tmp_path: Path) -> None:
+def test_one_shard_spelled_two_ways_counts_its_views_once(tmp_path: Path, digit_shard: str) -> None:
     """A shard named ``.../shards/x.tar`` by one cache and ``...//shards/x.tar`` by another
     (or ``s3a://`` and ``s3://``) was taken for two shards of one view each: '1 epoch cached'
     for two epochs of every image."""
-    from support import make_runner
-
-    from pipeline.cache.unit import Unit
-    from pipeline.demo.data import write_digit_shards
-
-    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
-    make_runner(str(tmp_path / "a")).run(Unit(shard, "digits-0000", 0))
-    respelled = shard.replace("/shards/", "//shards/")
+    make_runner(str(tmp_path / "a")).run(Unit(digit_shard, "digits-0000", 0))
+    respelled = digit_shard.replace("/shards/", "//shards/")
     make_runner(str(tmp_path / "b")).run(Unit(respelled, "digits-0000", 1))
     assert open_cache([str(tmp_path / "a"), str(tmp_path / "b")]).epochs == 2
 
 
 def test_two_runs_of_the_same_shards_and_seed_are_told_which_epochs_to_give(
     tmp_path: Path,
+    digit_shard: str,
 ) -> None:
     """Two seed-0 caches of one shard hold the same rows for each epoch they share: refused
     naming both units; the advice to give 'the one with more epochs' did not fit two caches
     of epochs 0-1 and 1-2, each holding an epoch the other lacks."""
-    from support import make_runner
-
-    from pipeline.cache.unit import Unit
-    from pipeline.demo.data import write_digit_shards
-
-    [shard] = write_digit_shards(str(tmp_path / "shards"), shards=1, per_shard=8, size=32)
 
     def cache(name: str, epochs: range) -> str:
         runner = make_runner(str(tmp_path / name))
         for epoch in epochs:
-            runner.run(Unit(shard, "digits-0000", epoch))
+            runner.run(Unit(digit_shard, "digits-0000", epoch))
         return str(tmp_path / name)
 
     one, two = cache("one", range(1)), cache("two", range(2))
