@@ -307,9 +307,10 @@ def test_macos_appledouble_members_are_left_out_not_read_as_samples(tmp_path, ca
     assert len(read_prefix(url, max_samples=10, size=Path(url).stat().st_size).samples) == 3
 
 
-def test_a_key_that_is_not_utf8_is_skipped_as_unsafe_not_fatal(tmp_path):
+def test_a_key_that_is_not_utf8_is_skipped_as_unsafe_not_fatal(tmp_path, caplog):
     """A latin-1 name (``café``) comes out of tarfile with surrogates no Parquet string holds:
-    before, the unit failed on it and lost the whole shard."""
+    before, the unit failed on it and lost the whole shard. The log names it in text any log
+    file takes (``caf\\xe9``): a surrogate made a UTF-8 log handler drop the line."""
     png = bad_samples()[0].files["png"]
     members = [("a.png", png), ("a.cls", b"1"), ("café.png", png), ("café.cls", b"2")]
     url = _write_members(
@@ -318,6 +319,8 @@ def test_a_key_that_is_not_utf8_is_skipped_as_unsafe_not_fatal(tmp_path):
     samples, counts = _read(url)
     assert [(s.key, s.label) for s in samples] == [("a", 1), ("z", 3)]
     assert counts == {"unsafe_name": 1}
+    assert "skipping caf\\xe9 in" in caplog.text
+    caplog.text.encode()  # no surrogate left
 
 
 def test_files_apart_or_dotted_names_are_counted_once_each_and_explained(tmp_path, caplog):

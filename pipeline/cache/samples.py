@@ -33,6 +33,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.cache.shards import TAR_FORMATS
 from pipeline.cache.skips import SkipReason
+from pipeline.dataset.names import readable
 from pipeline.retry import retry
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,9 @@ def iter_samples(
                     yielded += 1
                     yield outcome
                 else:
-                    logger.debug("%s: dropped %s, cut off by the damage", url, group["__key__"])
+                    logger.debug(
+                        "%s: dropped %s, cut off by the damage", url, readable(group["__key__"])
+                    )
                 break
             if group["__key__"] in repeated:
                 repeated.discard(group["__key__"])
@@ -414,7 +417,7 @@ def _duplicate_handler(url: str, repeated: set[str]):
         if isinstance(error, ValueError) and "duplicate file name" in str(error):
             name = error.args[0].split(": duplicate file name")[0]
             repeated.add(base_plus_ext(name)[0])
-            logger.warning("%s: %s; kept the first copy", url, error.args[0])
+            logger.warning("%s: %s; kept the first copy", url, readable(error.args[0]))
             return True
         raise error
 
@@ -466,7 +469,7 @@ class _Skips:
         logger.log(
             self.level if first else logging.DEBUG,
             "skipping %s in %s: %s",
-            group["__key__"],
+            readable(group["__key__"]),
             self.url,
             _why(reason, group, self.image_keys, self.label_key),
         )
@@ -591,7 +594,9 @@ def _tar_members(
                 if not info.isreg() or METADATA_MEMBER.match(info.name):
                     continue
                 if info.size > max_member_bytes:
-                    logger.warning("%s: %s has %d bytes; skipped", url, info.name, info.size)
+                    logger.warning(
+                        "%s: %s has %d bytes; skipped", url, readable(info.name), info.size
+                    )
                     data = None
                 else:
                     member = archive.extractfile(info)
@@ -610,7 +615,7 @@ def _tar_members(
             "%s: %d member(s) are links (e.g. %s), which a tar read as a stream cannot follow: "
             "their samples lack them; write the tars without links (GNU tar: --dereference "
             "for symbolic links, --hard-dereference for hard ones)",
-            *(url, len(links), links[0]),
+            *(url, len(links), readable(links[0])),
         )
 
 
