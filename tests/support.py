@@ -151,12 +151,15 @@ def make_runner(output: str, **options) -> UnitRunner:
 
 
 def pvu(*args: str):
-    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping undone."""
+    """``pvu ARGS`` in-process; the result's ``text`` is its output with rich's wrapping undone.
+
+    Its error panels are 250 columns wide: at 80, a long path (a deep ``tmp_path``) was cut
+    mid-word, and no phrase holding it matched."""
     from typer.testing import CliRunner
 
     from jobs.cli import app
 
-    result = CliRunner().invoke(app, list(args))
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
     result.text = " ".join(result.output.split())
     return result
 
