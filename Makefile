@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo
 
+# Two workers, a test file each: most tests wait on Ray, servers or subprocesses, not a core.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not faults"
+	$(BIN)/python -m pytest -q -m "not faults" -n 2 --dist loadfile
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
