@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def is_binary(data_type: pa.DataType) -> bool:
+    """Whether ``data_type`` holds bytes: ``binary`` or ``large_binary``."""
     return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)
+
+
+def is_text(data_type: pa.DataType) -> bool:
+    """Whether ``data_type`` holds text: ``string`` or ``large_string``."""
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
 
 
 def is_image_struct(data_type: pa.DataType) -> bool:
@@ -45,11 +51,7 @@ def is_image_struct(data_type: pa.DataType) -> bool:
         return False
     fields = {data_type.field(i).name: data_type.field(i).type for i in range(data_type.num_fields)}
     path = fields.pop("path", pa.string())
-    return (
-        set(fields) == {"bytes"}
-        and is_binary(fields["bytes"])
-        and (pa.types.is_string(path) or pa.types.is_large_string(path))
-    )
+    return set(fields) == {"bytes"} and is_binary(fields["bytes"]) and is_text(path)
 
 
 def parquet_schema(url: str) -> pa.Schema:

@@ -26,6 +26,7 @@ from pipeline.dataset.held import (
     holds_text,
     is_binary,
     is_image_struct,
+    is_text,
     parquet_schema,
 )
 from pipeline.dataset.listing import HeldImage, Listing, Source
@@ -270,7 +271,7 @@ def _bytes_as_text(url: str, table: pa.Table, name: str) -> pa.Table:
     not UTF-8, as Excel saves one, so: its labels became names like ``b'ch\\xe9vre'``); a
     ``ValueError`` naming the first row that is not UTF-8."""
     column = table.column(name)
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+    if not is_binary(column.type):
         return table
     for row, value in enumerate(column.to_pylist()):
         try:
@@ -394,7 +395,7 @@ def _read_json_lines(url: str, data: bytes, label_column: str, *, label_names: b
     if not table.num_rows:
         raise ValueError(f"table {url} has no rows")
     for index, name in enumerate(table.column_names):
-        if _is_text(table.schema.field(index).type) and not _valid(table.column(index)):
+        if is_text(table.schema.field(index).type) and not _valid(table.column(index)):
             table = table.set_column(index, name, table.column(index).cast(pa.binary()))
     return _typed_labels(url, table, label_column, label_names=label_names)
 
@@ -415,7 +416,7 @@ def _typed_labels(url: str, table: pa.Table, label_column: str, *, label_names: 
         return table
     if label_names and _is_number(table.schema.field(column).type):
         return table.set_column(column, label_column, table[column].cast(pa.string()))
-    if not label_names and _is_text(table.schema.field(column).type):
+    if not label_names and is_text(table.schema.field(column).type):
         return _indices_of_text(url, table, column)
     return table
 
@@ -519,10 +520,6 @@ def _is_number(data_type: pa.DataType) -> bool:
         or pa.types.is_floating(data_type)
         or pa.types.is_decimal(data_type)
     )
-
-
-def _is_text(data_type: pa.DataType) -> bool:
-    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
 
 
 def _folder(url: str) -> str:
