@@ -1407,3 +1407,44 @@ def test_a_parquet_of_large_types_becomes_the_shards_of_its_plain_types(tmp_path
     samples = samples_of(tmp_path / "large-out")
     assert {key.rsplit("-", 1)[1]: (label, image) for key, label, image in samples} == valid
     assert [s[1:] for s in samples] == [s[1:] for s in samples_of(tmp_path / "plain-out")]
+
+
+def test_a_parquet_of_view_types_becomes_the_shards_of_its_plain_types(tmp_path):
+    """A table as polars or DuckDB export it, of Arrow's view types (binary_view bytes,
+    string_view paths and labels), was no table of images: "has no column 'path' (it has
+    image, label)"; and its string_view labels ended the run, pyarrow's utf8_trim_whitespace
+    taking none."""
+    table, valid = write_hf_table(tmp_path / "hf")
+    hf = pq.read_table(table)
+    labels = hf["label"].cast(pa.string())  # '0'-'3': class indices, as the ints were
+    bytes_only = hf["image"].combine_chunks().field("bytes")
+    struct = pa.table({"image": hf["image"], "label": labels})
+    column = pa.table({"image": bytes_only, "label": labels})
+    view_struct = pa.struct([("bytes", pa.binary_view()), ("path", pa.string_view())])
+    for kind, plain, image_view in (
+        ("struct", struct, view_struct),
+        ("binary", column, pa.binary_view()),
+    ):
+        views = plain.cast(pa.schema([("image", image_view), ("label", pa.string_view())]))
+        outputs = []
+        for name, data in (("plain", plain), ("views", views)):
+            source = table.parent / f"{kind}-{name}.parquet"  # beside row 3's file
+            pq.write_table(data, source, row_group_size=5)
+            assert pq.read_schema(source) == data.schema  # the views reach pvu as views
+            outputs.append(tmp_path / f"{kind}-{name}-out")
+            result = run("--input", str(source), "--output", str(outputs[-1]))
+            assert result.exit_code == 0, result.output
+        plain_out, views_out = outputs
+        samples = samples_of(views_out)
+        assert len(samples) == len(valid) - (kind == "binary")  # row 3's bytes: null
+        assert [(key.split("-", 1)[1], *rest) for key, *rest in samples] == [
+            (key.split("-", 1)[1], *rest) for key, *rest in samples_of(plain_out)
+        ]
+        made = sorted(path.name for path in views_out.iterdir())
+        assert made == sorted(path.name for path in plain_out.iterdir()), made
+        assert json.loads((views_out / "classes.json").read_text()) == ["0", "1", "2", "3"]
+    by_name = {
+        key.rsplit("-", 1)[1]: (label, image)
+        for key, label, image in samples_of(tmp_path / "struct-views-out")
+    }
+    assert by_name == valid

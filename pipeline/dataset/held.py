@@ -36,13 +36,21 @@ log = logging.getLogger(__name__)
 
 
 def is_binary(data_type: pa.DataType) -> bool:
-    """Whether ``data_type`` holds bytes: ``binary`` or ``large_binary``."""
-    return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)
+    """Whether ``data_type`` holds bytes: ``binary``, ``large_binary`` or ``binary_view``."""
+    return (
+        pa.types.is_binary(data_type)
+        or pa.types.is_large_binary(data_type)
+        or pa.types.is_binary_view(data_type)
+    )
 
 
 def is_text(data_type: pa.DataType) -> bool:
-    """Whether ``data_type`` holds text: ``string`` or ``large_string``."""
-    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+    """Whether ``data_type`` holds text: ``string``, ``large_string`` or ``string_view``."""
+    return (
+        pa.types.is_string(data_type)
+        or pa.types.is_large_string(data_type)
+        or pa.types.is_string_view(data_type)
+    )
 
 
 def is_image_struct(data_type: pa.DataType) -> bool:

@@ -178,9 +178,16 @@ def _shared_schema(files: list[str]) -> pa.Schema:
     return first
 
 
+#: Arrow's view types (polars and DuckDB export them) and the plain types they are read as.
+_PLAIN_OF_VIEW = {pa.binary_view(): pa.binary(), pa.string_view(): pa.string()}
+
+
 def _read_type(data_type: pa.DataType) -> pa.DataType:
-    """``data_type`` as a table's column is read: a dictionary's (pandas category's) values."""
-    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
+    """``data_type`` as a table's column is read: a dictionary's (pandas category's) values, a
+    view type as its plain type (pyarrow's ``utf8_trim_whitespace`` takes no ``string_view``)."""
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    return _PLAIN_OF_VIEW.get(data_type, data_type)
 
 
 def _require_column(url: str, names: list[str], column: str, flag: str) -> None:
@@ -206,7 +213,7 @@ def _read_held(url: str, column: str, label_column: str) -> pa.Table:
             batches = list(file.iter_batches(columns=[*names, label_column]))
         labels = [batch.column(label_column) for batch in batches]
         rows = sum(map(len, labels))
-        paths = (  # a large_string path (polars writes one) read as a string
+        paths = (  # a large_string or string_view path (polars) read as a string
             pa.chunked_array(
                 [batch.column(column).field("path").cast(pa.string()) for batch in batches],
                 pa.string(),
@@ -505,11 +512,12 @@ def _indices_of_text(url: str, table: pa.Table, column: int) -> pa.Table:
 
 
 def _decoded(table: pa.Table) -> pa.Table:
-    """``table`` with its dictionary-encoded columns (a pandas category) plain."""
+    """``table`` with each column of its type as read (:func:`_read_type`): dictionary-encoded
+    ones (a pandas category) plain, those of a view type of its plain type."""
     for index, column in enumerate(table.schema):
-        if pa.types.is_dictionary(column.type):
-            plain = table.column(index).cast(column.type.value_type)
-            table = table.set_column(index, column.name, plain)
+        read_type = _read_type(column.type)
+        if read_type != column.type:
+            table = table.set_column(index, column.name, table.column(index).cast(read_type))
     return table
 
 
