@@ -983,6 +983,51 @@ def test_folders_the_layout_of_class_archives_does_not_fit_are_refused_saying_wh
     assert not (tmp_path / "out").exists()
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar at ``path`` of ``members`` (name, bytes), in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_with_labels_in_json_are_refused_not_read_as_classes(tmp_path):
+    """Shards whose labels lie in a .json member (no .cls), as many published WebDatasets'
+    do, were read as class archives: each shard became a class, every image's label lost."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "webdataset").mkdir()
+    for shard in range(2):
+        samples = [
+            (f"{shard}_{i}.{ext}", data)
+            for i in range(3)
+            for ext, data in (
+                ("jpg", image_bytes(rng, "jpg")),
+                ("json", json.dumps({"label": i}).encode()),
+                ("txt", b"a caption"),
+            )
+        ]
+        write_tar(tmp_path / "webdataset" / f"train-{shard:06d}.tar", samples)
+    result = run("--input", str(tmp_path / "webdataset"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    first = tmp_path / "webdataset" / "train-000000.tar"
+    assert f"holds WebDataset shards, not class archives ({first} holds" in result.text
+    assert f"pvu cache --shards {tmp_path / 'webdataset'}" in result.text
+    assert "--label-key" in result.text and not (tmp_path / "out").exists()
+
+    # an editor's sidecar beside each photo (photo.jpg.xmp) leaves a class archive one
+    (tmp_path / "photos").mkdir()
+    photos = [
+        (f"p{i}.{ext}", image_bytes(rng, "jpg")) for i in range(2) for ext in ("jpg", "jpg.xmp")
+    ]
+    write_tar(tmp_path / "photos" / "cat.tar", photos)
+    listing = list_dataset(str(tmp_path / "photos"))
+    assert listing.classes == ["cat"] and len(listing.sources) == 2
+
+
 @pytest.mark.slow
 def test_class_archives_on_s3_make_the_shards_their_extracted_class_folders_make(
     s3_bucket, tmp_path

@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.cache.shards import entry_name, is_file_entry, storage_url
 from pipeline.dataset.names import IMAGE_SUFFIXES, file_suffix, is_hidden, readable
@@ -31,6 +32,8 @@ ARCHIVE_SUFFIX = ".tar"
 #: Compressed tars, refused as class archives: a member is read only by decompressing from the
 #: archive's start, once per image of a shuffled listing.
 COMPRESSED_ARCHIVES = (".tar.gz", ".tgz")
+#: How an image's own sidecar's extension starts (``jpg.`` of ``<key>.jpg.xmp``).
+_IMAGE_SIDECARS = tuple(f"{suffix[1:]}." for suffix in IMAGE_SUFFIXES)
 #: Class archives whose member headers are read at once while listing.
 _ARCHIVE_THREADS = 8
 
@@ -117,14 +120,37 @@ def _members(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, tuple[
 
 
 def _refuse_shards(url: str, archive: str, members: dict | list) -> None:
-    """A ``ValueError`` for WebDataset shards given as class archives: members of a label
-    (``<key>.cls``), which ``pvu cache --shards`` reads."""
-    labels = [name for name in members if name.lower().endswith(".cls")]
-    if labels:
+    """A ``ValueError`` for WebDataset shards given as class archives (:func:`_sample_file`),
+    which ``pvu cache --shards`` reads: read as class archives, each shard would be a class."""
+    found = _sample_file(list(members))
+    if found:
         raise ValueError(
             f"{url} holds WebDataset shards, not class archives ({readable(archive)} holds "
-            f"labels such as {readable(labels[0])}): give them to pvu cache --shards {url}"
+            f"samples' files such as {readable(found)}): give them to pvu cache --shards {url} "
+            "(--label-key names the member holding the label, e.g. json:label); as class "
+            "archives, each shard would be a class"
         )
+
+
+def _sample_file(names: list[str]) -> str | None:
+    """A member of ``names`` that marks a WebDataset shard: a label (``<key>.cls``), or,
+    where most images share their WebDataset key with a file that is no image (``<key>.json``
+    or ``<key>.txt`` beside ``<key>.jpg``), the first such; else None. An image's own sidecar
+    (``<key>.jpg.xmp``, an editor's) is no sample's file."""
+    labels = [name for name in names if name.lower().endswith(".cls")]
+    if labels:
+        return labels[0]
+    images, others = set(), {}
+    for name in names:
+        key, extension = base_plus_ext(name)
+        if key is None:
+            continue
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            images.add(key)
+        elif not extension.lower().startswith(_IMAGE_SIDECARS):
+            others.setdefault(key, name)
+    paired = [others[key] for key in sorted(images) if key in others]
+    return paired[0] if images and 2 * len(paired) > len(images) else None
 
 
 def refuse_compressed_archives(
