@@ -626,6 +626,34 @@ def test_a_folder_of_photos_pvu_cannot_read_names_what_it_holds(tmp_path):
     assert result.exit_code == 2 and "no image pvu reads" not in result.text, result.output
 
 
+def test_images_in_no_class_folder_are_refused_naming_the_table_beside_them(tmp_path, caplog):
+    """A folder of images beside their labels.csv was told it held 'no images' and a table in
+    parts to merge; images beside class folders were left out with an info line alone."""
+    make_folder(tmp_path / "classes", per_class=1)
+    (tmp_path / "classes" / "stray.jpg").write_bytes(image_bytes(np.random.default_rng(1), "jpg"))
+    with caplog.at_level(logging.WARNING):
+        listing = list_dataset(str(tmp_path / "classes"))
+    assert listing.classes == list(CLASSES) and "stray" not in str(listing.sources)
+    assert "left out 1 image(s) directly in" in caplog.text and "stray.jpg" in caplog.text
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.png", "b.JPG"):
+        (flat / name).write_bytes(image_bytes(np.random.default_rng(0), "png"))
+    result = run("--input", str(flat), "--output", str(tmp_path / "out"))
+    said = " ".join(result.text.split())
+    assert result.exit_code == 2 and "holds 2 image(s) directly (e.g. a.png)" in said, said
+    assert f"move each class's images into {flat}/<class>/" in said
+    (flat / "labels.csv").write_text("path,label\na.png,cat\nb.JPG,dog\n")
+    result = run("--input", str(flat), "--output", str(tmp_path / "out"))
+    said = " ".join(result.text.split())
+    assert result.exit_code == 2 and f"--input {flat}/labels.csv" in said, said
+    assert "merge" not in said and not (tmp_path / "out").exists()
+    assert (
+        run("--input", str(flat / "labels.csv"), "--output", str(tmp_path / "out")).exit_code == 0
+    )
+
+
 def test_a_table_written_in_parts_is_named_as_such_not_as_photos_to_convert(tmp_path):
     """A Parquet table as Spark or pandas' partition_cols write it (a folder of part files,
     ``label=<class>/`` folders) was told its .parquet files were images to convert to .jpg.

@@ -118,11 +118,19 @@ def list_folder(url: str) -> Listing:
     else:
         by_class, ignored, unread = _folder_images(fs, root, folders)
         expected = f"{url}/<class>/<image>.jpg"
+    loose = _loose_images(entries)
     if not any(by_class.values()):
+        _refuse_loose_images(url, loose, entries)
         _refuse_table_parts(url, ignored)
         raise FileNotFoundError(
             f"no images in class {'archives' if archives else 'subfolders'} of {url} "
             f"(expected {expected})" + _none_read(unread, archives=bool(archives))
+        )
+    if loose:
+        log.warning(
+            "left out %d image(s) directly in %s, in no class %s (e.g. %s): only a class's "
+            "images are listed",
+            *(len(loose), url, "archive" if archives else "folder", readable(loose[0])),
         )
     listed = sorted(by_class)
     classes = [readable(name) for name in listed]
@@ -169,6 +177,32 @@ def _table_parts(url: str, fs: fsspec.AbstractFileSystem, root: str) -> list[str
     if not names or len(names) < len(entries) or not parquet:
         return []
     return [f"{url.rstrip('/')}/{name}" for name in names]
+
+
+def _loose_images(entries: list[dict]) -> list[str]:
+    """The names of the images among a folder's visible ``entries`` (directly in it), sorted."""
+    names = (entry_name(e) for e in entries if e["type"] != "directory")
+    return sorted(name for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _refuse_loose_images(url: str, loose: list[str], entries: list[dict]) -> None:
+    """A ``ValueError`` for a folder that holds its images directly (``loose``), in no class
+    folder, saying how to give their labels: in a table, such as one among its ``entries``
+    (``labels.csv`` beside the images), or by class subfolders."""
+    if not loose:
+        return
+    tables = sorted(
+        name for e in entries if (name := entry_name(e)).lower().endswith(TABLE_SUFFIXES)
+    )
+    beside = (
+        f", such as the one beside them: --input {url.rstrip('/')}/{tables[0]}" if tables else ""
+    )
+    raise ValueError(
+        f"{url} holds {len(loose):,} image(s) directly (e.g. {readable(loose[0])}), in no class "
+        "subfolder, so none has a label: give their labels in a table of path and label (paths "
+        f"relative to its folder) as --input{beside}; or move each class's "
+        f"images into {url.rstrip('/')}/<class>/"
+    )
 
 
 def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
