@@ -396,7 +396,9 @@ def test_links_to_image_files_are_images(tmp_path):
 
 def test_table_labels_must_be_class_indices_or_names(tmp_path):
     """Whole-number floats (pandas' float column) are indices, not names sorted as text
-    (which gave 10.0 the label 2); a fraction, a huge id or an empty name names its row."""
+    (which gave 10.0 the label 2); a fraction, a huge id or an empty name names its row; an
+    unlabelled image's -1 (a test split's) is refused as such, not with the advice of
+    --label-names, which would make -1 a class."""
     table = tmp_path / "list.csv"
     table.write_text("path,label\na.png,0.0\nb.png,1.0\nc.png,2.0\nd.png,10.0\n")
     listing = list_dataset(str(table))
@@ -405,11 +407,17 @@ def test_table_labels_must_be_class_indices_or_names(tmp_path):
     for first, bad, message in (
         ("1", "0.5", "label 0.5 in row 2"),
         ("1", "4000000000", "label 4000000000 in row 2"),
-        ("cat", "", "row 2 lacks path or label"),
+        ("cat", "", "row 2 has no label: an image without a label"),
+        ("1", "1\n,2", "row 3 has no path: give each row its image's path or URL"),
     ):
         table.write_text(f"path,label\na.png,{first}\nb.png,{bad}\n")
         with pytest.raises(ValueError, match=message):
             list_dataset(str(table))
+    table.write_text("path,label\na.png,1\nb.png,-1\n")
+    unlabelled = "label -1 in row 2 is no class index: an image without a label"
+    with pytest.raises(ValueError, match=unlabelled) as refused:
+        list_dataset(str(table))
+    assert "--label-names" not in str(refused.value)  # it would make -1 a class
     result = run("--input", str(table), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "row 2" in result.text, result.output
 

@@ -106,7 +106,7 @@ def test_the_new_formats_get_the_checks_a_csv_gets(tmp_path, name):
     with pytest.raises(ValueError, match=rf"table {table} has no column 'path'.*--path-column"):
         list_dataset(str(table))
     table = write(tmp_path, name, [("a.png", "cat"), ("b.png", None if "json" in name else " ")])
-    with pytest.raises(ValueError, match=rf"table {table}: row 2 lacks path or label"):
+    with pytest.raises(ValueError, match=rf"table {table}: row 2 has no label"):
         list_dataset(str(table))
     table = write(tmp_path, name, [("a.png", "cat"), ("./a.png", "dog")])
     with pytest.raises(ValueError, match=r"rows 1 and 2 give .*a.png two labels"):

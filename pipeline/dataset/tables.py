@@ -82,8 +82,13 @@ def list_table(
     labels = table.column(label_column).to_pylist()
     named = [None if path is None else str(path).strip() or None for path in paths]
     for row, (path, label) in enumerate(zip(named, labels, strict=True)):
-        if (path is None and held is None) or label is None or not str(label).strip():
-            raise ValueError(f"table {url}: row {row + 1} lacks {path_column} or {label_column}")
+        if path is None and held is None:
+            raise ValueError(
+                f"table {url}: row {row + 1} has no {path_column}: give each row its image's "
+                "path or URL, or remove the row"
+            )
+        if label is None or not str(label).strip():
+            raise ValueError(f"table {url}: row {row + 1} has no {label_column}{_UNLABELLED}")
     folder = _folder(files[0])
     # a held image's blank path is none: not the table's folder
     urls = [None if path is None else resolve_entry(path, folder) for path in named]
@@ -312,6 +317,12 @@ def _check_repeats(url: str, urls: list[str], numbers: list[int], classes: list[
         )
 
 
+#: What to do with a row whose label is missing, or a negative number (-1, as a Hugging Face
+#: test split marks an image without one): ``--label-names`` would make it a class.
+_UNLABELLED = (
+    ": an image without a label (as a test split's, left empty or marked -1) has no class to "
+    "learn or be scored by; remove the rows of such images, or give each its class"
+)
 #: A label that is a whole number as a CSV or pandas writes one: ``7``, ``7.0``.
 _WHOLE_NUMBER = re.compile(r"[0-9]+(\.0*)?")
 
@@ -335,6 +346,10 @@ def _refuse_mixed_labels(url: str, names: list[str]) -> None:
 def _integer_labels(url: str, labels: list[int | float]) -> list[int]:
     """``labels`` as class indices, or a ``ValueError`` naming the first that is not one."""
     for row, label in enumerate(labels):
+        if float(label).is_integer() and label < 0:
+            raise ValueError(
+                f"table {url}: label {label} in row {row + 1} is no class index{_UNLABELLED}"
+            )
         if not float(label).is_integer() or not 0 <= label <= MAX_INTEGER_LABEL:
             raise ValueError(
                 f"table {url}: label {label} in row {row + 1} is not a class index (a whole "
