@@ -1031,6 +1031,26 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def test_an_archive_of_the_whole_dataset_is_refused_saying_how_to_extract_it(tmp_path):
+    """ImageNet's ILSVRC2012_img_train.tar (an archive of class archives), given as --input or
+    in a folder, was refused as no table, or told to convert its .tar members to .jpg."""
+    make_folder(tmp_path / "extracted", per_class=1)
+    archive_classes(tmp_path / "extracted", tmp_path / "train")
+    (tmp_path / "in").mkdir()
+    whole = tmp_path / "in" / "ILSVRC2012_img_train.tar"
+    write_tar(
+        whole, [(path.name, path.read_bytes()) for path in sorted((tmp_path / "train").iterdir())]
+    )
+    folder = tmp_path / "in" / "ILSVRC2012_img_train"
+    extract = f"mkdir {folder} && tar -xf {whole} -C {folder}, then --input {folder}"
+    for given in (whole, tmp_path / "in"):
+        result = run("--input", str(given), "--output", str(tmp_path / "out"))
+        said = " ".join(result.text.split())
+        assert result.exit_code == 2 and f"extract it and give its folder, {extract}" in said, said
+        assert "convert them" not in said and not (tmp_path / "out").exists()
+    assert "hold archives, not images (3 .tar)" in said
+
+
 def test_webdataset_shards_with_labels_in_json_are_refused_not_read_as_classes(tmp_path):
     """Shards whose labels lie in a .json member (no .cls), as many published WebDatasets'
     do, were read as class archives: each shard became a class, every image's label lost."""

@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.cache.shards import entry_name, is_file_entry, storage_url
 from pipeline.dataset.archives import (
     ARCHIVE_SUFFIX,
+    COMPRESSED_ARCHIVES,
     Images,
     archive_images,
     class_archives,
@@ -67,6 +68,13 @@ def list_dataset(
         raise FileNotFoundError(f"input {url} does not exist")
     if path.lower().endswith(TABLE_SUFFIXES):
         return list_table(url, **columns, label_names=label_names)
+    if path.lower().endswith((ARCHIVE_SUFFIX, *COMPRESSED_ARCHIVES)):
+        raise ValueError(
+            f"input {url} is one tar archive; pvu shards reads a tar only as one class's, in a "
+            "folder of class archives (<folder>/<class>.tar). An archive of a whole dataset "
+            "(class folders, or class archives as ImageNet's ILSVRC2012_img_train.tar): extract "
+            f"it and give its folder, {_extract(url)}. WebDataset shards: pvu cache --shards {url}"
+        )
     raise ValueError(
         f"input {url} is neither a folder of class subfolders or class .tar archives nor a "
         f"table {TABLES_READ}"
@@ -122,6 +130,7 @@ def list_folder(url: str) -> Listing:
     if not any(by_class.values()):
         _refuse_loose_images(url, loose, entries)
         _refuse_table_parts(url, ignored)
+        _refuse_archived_archives(url, archives, unread)
         raise FileNotFoundError(
             f"no images in class {'archives' if archives else 'subfolders'} of {url} "
             f"(expected {expected})" + _none_read(unread, archives=bool(archives))
@@ -222,6 +231,19 @@ def _refuse_table_parts(url: str, ignored: Counter[str]) -> None:
     )
 
 
+def _refuse_archived_archives(url: str, archives: list[str], unread: Counter[str]) -> None:
+    """A ``ValueError`` for class ``archives`` of ``url`` that hold archives, not images (by
+    their members ``unread``, by suffix): ImageNet's ``ILSVRC2012_img_train.tar`` of class
+    archives, given in a folder, is no class; extracted, it is a folder of class archives."""
+    if not unread or unread.most_common(1)[0][0] != ARCHIVE_SUFFIX:
+        return
+    raise ValueError(
+        f"the class archives of {url} hold archives, not images ({unread[ARCHIVE_SUFFIX]:,} "
+        ".tar): an archive of class archives (as ImageNet's ILSVRC2012_img_train.tar) is no "
+        f"class: extract it and give its folder, {_extract(posixpath.join(url, archives[0]))}"
+    )
+
+
 def _warn_of_splits(url: str, names: list[str], *, archives: bool) -> None:
     """Warn that ``url``'s class folders (or ``archives``), by ``names``, look like a dataset's
     splits (``train``, ``val``), saying which folder to give: a split's archive is extracted
@@ -234,13 +256,20 @@ def _warn_of_splits(url: str, names: list[str], *, archives: bool) -> None:
             *(url, ", ".join(names), first),
         )
         return
-    folder = first[: -len(ARCHIVE_SUFFIX)]
     log.warning(
         "the class archives of %s are named like a dataset's splits (%s), not classes: if they "
-        "are, extract one split's archive and give its folder as --input, e.g. mkdir %s && "
-        "tar -xf %s -C %s, then --input %s",
-        *(url, ", ".join(names), folder, first, folder, folder),
+        "are, extract one split's archive and give its folder as --input, e.g. %s",
+        *(url, ", ".join(names), _extract(first)),
     )
+
+
+def _extract(archive: str) -> str:
+    """The commands that extract ``archive`` into a folder beside it, and that folder as
+    ``--input``."""
+    name = archive.lower()
+    suffix = next(s for s in (*COMPRESSED_ARCHIVES, ARCHIVE_SUFFIX) if name.endswith(s))
+    folder = archive[: -len(suffix)]
+    return f"mkdir {folder} && tar -xf {archive} -C {folder}, then --input {folder}"
 
 
 def _train_first(split: str) -> tuple[bool, str]:
