@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from collections import deque
@@ -479,6 +480,21 @@ def test_the_advice_for_a_run_without_rows_names_a_json_labels_member_and_field(
         shards="s", backbone="resnet10t", output=str(tmp_path), label_key="json:label"
     )
     assert "/ppm/pgm/pbm/pnm with <key>.json (its field label), set" in member_advice(config)
+
+
+def test_a_run_of_shards_without_samples_says_so_not_that_every_sample_was_skipped(
+    local_ray, tmp_path
+):
+    """Empty tars were said to have had 'every sample skipped (see samples skipped)', which
+    said none, and told to set --image-key / --label-key."""
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "empty-000000.tar", "w"):
+        pass
+    args = ["cache", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, [*args, *SMALL_BACKBONE_FLAGS])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "its shards hold no sample's files" in text, text
+    assert "every sample was skipped" not in text and "--image-key" not in text
 
 
 def test_a_run_that_skips_every_sample_fails_naming_the_flags_and_a_corrected_run_caches(

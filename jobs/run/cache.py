@@ -512,6 +512,12 @@ def _finish(
         )
     if not report.failed and not targets[0].manifest.rows:
         skipped = {reason for result in report.results for reason in result.skipped}
+        if not skipped:
+            raise ValueError(
+                "the cache has no rows: its shards hold no sample's files (tars without "
+                "members, or of folders and links alone, each named in a warning above): give "
+                "shards of <key>.<image> files, such as pvu shards writes"
+            )
         raise ValueError(
             "the cache has no rows: every sample was skipped (see 'samples skipped'); "
             f"{member_advice(config, skipped)} and run again (a cache without rows is computed "
