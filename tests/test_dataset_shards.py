@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import fsspec
@@ -960,6 +962,40 @@ def test_class_archives_make_the_shards_their_extracted_class_folders_make(tmp_p
     assert f"tar://nested/truncated.jpg::{archive}" in result.text  # left out, named
 
 
+def test_links_in_class_archives_are_the_images_they_are_extracted(tmp_path):
+    """A class archive's hard and symbolic links to its images were left out, where the
+    extracted class folder lists them: the shards differed from the extracted folder's. A link
+    out of the archive, or to nothing in it, is still left out, named."""
+    cat = tmp_path / "extracted" / "train" / "cat"
+    cat.mkdir(parents=True)
+    (cat / "a.jpg").write_bytes(image_bytes(np.random.default_rng(0), "jpg"))
+    (cat / "sub").mkdir()
+    (cat / "sub" / "link.jpg").symlink_to("../a.jpg")
+    (cat / "sub" / "link2.jpg").symlink_to("link.jpg")
+    os.link(cat / "a.jpg", cat / "hard.jpg")
+    archive_classes(tmp_path / "extracted" / "train", tmp_path / "archives" / "train")
+    (cat / "gone.jpg").symlink_to("../../../nowhere.jpg")  # archived alone: its target is not
+    with tarfile.open(tmp_path / "archives" / "train" / "cat.tar", "a") as tar:
+        tar.add(cat / "gone.jpg", arcname="gone.jpg")
+    (cat / "gone.jpg").unlink()
+    with tarfile.open(tmp_path / "archives" / "train" / "cat.tar") as tar:
+        assert {m.name for m in tar if m.issym() or m.islnk()} == {
+            "sub/link.jpg",
+            "sub/link2.jpg",
+            "hard.jpg",
+            "gone.jpg",
+        }
+    outputs = {kind: tmp_path / f"shards-{kind}" for kind in ("extracted", "archives")}
+    for kind, output in outputs.items():
+        result = run("--input", str(tmp_path / kind / "train"), "--output", str(output))
+        assert result.exit_code == 0, result.output
+    from_archives = samples_of(outputs["archives"])
+    assert from_archives == samples_of(outputs["extracted"])  # keys, labels, bytes, order
+    assert len(from_archives) == 4
+    said = " ".join(result.text.split())  # the archives' run
+    assert "left out 1 member(s) of class archives" in said and "gone.jpg" in said, said
+
+
 def test_a_class_archive_cut_short_is_refused_naming_it(tmp_path):
     make_folder(tmp_path / "extracted")
     archive_classes(tmp_path / "extracted", tmp_path / "in")
@@ -1021,9 +1057,6 @@ def test_folders_the_layout_of_class_archives_does_not_fit_are_refused_saying_wh
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     """A tar at ``path`` of ``members`` (name, bytes), in order."""
-    import io
-    import tarfile
-
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)

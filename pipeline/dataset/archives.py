@@ -87,7 +87,7 @@ def archive_images(
     if odd:
         log.warning(
             "left out %d member(s) of class archives of %s that are no regular file (a link "
-            "or device), e.g. %s",
+            "to no file of its archive, or a device), e.g. %s",
             *(len(odd), url, readable(odd[0])),
         )
     return by_class, ignored, +unread
@@ -95,19 +95,28 @@ def archive_images(
 
 def _members(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, tuple[int, int]], list]:
     """The regular members of the tar ``path`` (names without ``./``) -> ``(offset, size)``
-    of their bytes, and the names of its other members that are no folder (links, devices);
-    its headers read through once, under :func:`retry`. A ``ValueError`` names an archive
-    that is no tar."""
+    of their bytes, links to them too (a link's span is its target's, as extracting the archive
+    gives the file), and the names of its other members that are no folder (links to nothing
+    in it, devices); its headers read through once, under :func:`retry`. A ``ValueError``
+    names an archive that is no tar."""
 
     def read() -> tuple[dict[str, tuple[int, int]], list]:
-        members, others = {}, []
+        members, links, others = {}, {}, []
         with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
             for info in tar:
-                name = posixpath.normpath(info.name).lstrip("/")
+                name = _normalised(info.name)
                 if info.isreg():
                     members[name] = (info.offset_data, info.size)
+                elif info.islnk() or info.issym():
+                    links[name] = _link_target(name, info)
                 elif not info.isdir():
                     others.append(name)
+        for name, target in links.items():
+            span = _followed(target, members, links)
+            if span is None:
+                others.append(name)
+            else:
+                members[name] = span
         return members, others
 
     try:
@@ -117,6 +126,40 @@ def _members(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, tuple[
             f"class archive {readable(storage_url(fs, path))} is no readable tar ({error}): "
             "download it again (a compressed one, decompress it into a .tar)"
         ) from None
+
+
+def _normalised(name: str) -> str:
+    """A member's name as it lies extracted, below the archive's folder: no ``./``, no ``/``
+    first."""
+    return posixpath.normpath(name).lstrip("/")
+
+
+def _link_target(name: str, info: tarfile.TarInfo) -> str | None:
+    """The member that the link ``name`` (of header ``info``) names: a hard link's by its
+    name in the archive, a symbolic one's relative to its folder; None for one that leaves the
+    archive's folder (an absolute path, or up through ``..``)."""
+    if info.islnk():
+        return _normalised(info.linkname)
+    if info.linkname.startswith("/"):
+        return None
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+    return None if target.split("/")[0] == ".." else target
+
+
+#: The most links followed to reach a file (a link to a link ...), as a loop ends.
+_MOST_LINKS = 8
+
+
+def _followed(
+    target: str | None, members: dict[str, tuple[int, int]], links: dict[str, str | None]
+) -> tuple[int, int] | None:
+    """The span of the regular member that ``target`` names, through links to links; None
+    for a target outside the archive, not in it, a folder, or a loop."""
+    for _ in range(_MOST_LINKS):
+        if target not in links:
+            break
+        target = links[target]
+    return members.get(target) if target is not None else None
 
 
 def _refuse_shards(url: str, archive: str, members: dict | list) -> None:
