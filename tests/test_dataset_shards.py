@@ -1107,11 +1107,10 @@ def test_webdataset_shards_with_labels_in_json_are_refused_not_read_as_classes(t
     assert f"pvu cache --shards {tmp_path / 'webdataset'}" in result.text
     assert "--label-key" in result.text and not (tmp_path / "out").exists()
 
-    # an editor's sidecar beside each photo (photo.jpg.xmp) leaves a class archive one
+    # sidecars beside each photo (a Takeout's, an editor's, a VOC box) leave a class archive one
     (tmp_path / "photos").mkdir()
-    photos = [
-        (f"p{i}.{ext}", image_bytes(rng, "jpg")) for i in range(2) for ext in ("jpg", "jpg.xmp")
-    ]
+    sidecars = ("jpg", "jpg.json", "jpg.xmp", "xml")
+    photos = [(f"p{i}.{ext}", image_bytes(rng, "jpg")) for i in range(2) for ext in sidecars]
     write_tar(tmp_path / "photos" / "cat.tar", photos)
     listing = list_dataset(str(tmp_path / "photos"))
     assert listing.classes == ["cat"] and len(listing.sources) == 2

@@ -34,6 +34,8 @@ ARCHIVE_SUFFIX = ".tar"
 COMPRESSED_ARCHIVES = (".tar.gz", ".tgz")
 #: How an image's own sidecar's extension starts (``jpg.`` of ``<key>.jpg.xmp``).
 _IMAGE_SIDECARS = tuple(f"{suffix[1:]}." for suffix in IMAGE_SUFFIXES)
+#: The ends of the extensions of a WebDataset sample's label, metadata and caption files.
+_SAMPLE_FILES = (".cls", ".json", ".txt")
 #: Class archives whose member headers are read at once while listing.
 _ARCHIVE_THREADS = 8
 
@@ -177,9 +179,10 @@ def _refuse_shards(url: str, archive: str, members: dict | list) -> None:
 
 def _sample_file(names: list[str]) -> str | None:
     """A member of ``names`` that marks a WebDataset shard: a label (``<key>.cls``), or,
-    where most images share their WebDataset key with a file that is no image (``<key>.json``
-    or ``<key>.txt`` beside ``<key>.jpg``), the first such; else None. An image's own sidecar
-    (``<key>.jpg.xmp``, an editor's) is no sample's file."""
+    where most images share their WebDataset key with a sample's file (``<key>.json`` or
+    ``<key>.txt`` beside ``<key>.jpg``), the first such; else None. An image's own sidecar
+    (``<key>.jpg.json`` of a Google Takeout, ``<key>.jpg.xmp`` of an editor) and other
+    annotations (``<key>.xml``, a VOC box) are no sample's files."""
     labels = [name for name in names if name.lower().endswith(".cls")]
     if labels:
         return labels[0]
@@ -190,10 +193,16 @@ def _sample_file(names: list[str]) -> str | None:
             continue
         if name.lower().endswith(IMAGE_SUFFIXES):
             images.add(key)
-        elif not extension.lower().startswith(_IMAGE_SIDECARS):
+        elif _is_sample_file(extension.lower()):
             others.setdefault(key, name)
     paired = [others[key] for key in sorted(images) if key in others]
     return paired[0] if images and 2 * len(paired) > len(images) else None
+
+
+def _is_sample_file(extension: str) -> bool:
+    """Whether a member of the (lower-case) WebDataset ``extension`` is a sample's label,
+    metadata or caption (``json``, ``meta.json``), not an image's own (``jpg.json``)."""
+    return f".{extension}".endswith(_SAMPLE_FILES) and not extension.startswith(_IMAGE_SIDECARS)
 
 
 def refuse_compressed_archives(
