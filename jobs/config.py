@@ -25,6 +25,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
 
 Config = TypeVar("Config", bound=BaseModel)
+T = TypeVar("T")
 
 #: What the CLI itself owns: never a job setting.
 CLI_ONLY = frozenset({"config", "verbose"})
@@ -52,6 +53,12 @@ def check_path(value: str) -> str:
     if value != value.strip():
         raise ValueError(f"{value!r} starts or ends with a space: give it without")
     return value
+
+
+def first_repeated(items: list[T]) -> T | None:
+    """The first of ``items`` that an earlier one equals, if any: a setting's values given
+    twice, for its validator to refuse."""
+    return next((item for i, item in enumerate(items) if item in items[:i]), None)
 
 
 def _check_path_text(value: Any) -> Any:

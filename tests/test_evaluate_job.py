@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 from sklearn.metrics import roc_auc_score
+from support import pvu
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -292,6 +293,26 @@ def test_a_deterioration_cache_given_twice_is_refused(tmp_path: Path, head_dir: 
         "--deterioration", clean, "--deterioration", f"{clean}/.",
     )  # fmt: skip
     assert result.exit_code == 2 and "--deterioration:cache(s)giventwice:" in said(result)
+
+
+def test_a_head_given_twice_is_refused_naming_it(tmp_path: Path, head_dir: str) -> None:
+    """It was scored twice, as head:head#1 and head:head#2, two columns of the same numbers."""
+    clean = write_eval_cache(str(tmp_path / "clean"), *clustered(60, 3, seed=3))
+    report = tmp_path / "r"
+    for twice, named in (
+        (head_dir, f"head {head_dir} is given twice: give each head once"),
+        (f"{head_dir}/", f"head {head_dir} is given twice (as {head_dir} and {head_dir}/)"),
+    ):
+        result = pvu(
+            "evaluate", "--head", head_dir, "--head", twice, "--dataset", f"clean={clean}",
+            "--report", str(report),
+        )  # fmt: skip
+        assert result.exit_code == 2 and f"--head: {named}" in result.text, result.output
+    assert not report.exists()
+    config = tmp_path / "evaluate.yaml"  # a config file's list, as the flags
+    config.write_text(json.dumps({"head": [head_dir, head_dir], "dataset": [f"c={clean}"]}))
+    result = pvu("evaluate", "--config", str(config), "--report", str(report))
+    assert result.exit_code == 2 and f"head {head_dir} is given twice" in result.text, result.output
 
 
 def test_a_report_url_of_no_known_protocol_names_the_flag(tmp_path: Path) -> None:

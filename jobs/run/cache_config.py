@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import fsspec
 from pydantic import (
@@ -22,14 +22,12 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.config import PathOrUrl
+from jobs.config import PathOrUrl, first_repeated
 from pipeline.cache.augment import TransformConfig
 from pipeline.cache.backbone import check_model_name
 from pipeline.cache.deteriorate import Deterioration
 from pipeline.cache.samples import IMAGE_KEYS
 from pipeline.dataset.remap import read_label_remap
-
-T = TypeVar("T")
 
 
 def absolute(url: str | None) -> str | None:
@@ -157,11 +155,6 @@ def _refuse_split_values(values: list | tuple, takes: str) -> None:
     )
 
 
-def _first_repeated(items: list[T]) -> T | None:
-    """The first of ``items`` that an earlier one equals, if any."""
-    return next((item for i, item in enumerate(items) if item in items[:i]), None)
-
-
 class CacheJobConfig(BaseModel):
     """The cache job's configuration, validated before anything runs."""
 
@@ -223,14 +216,14 @@ class CacheJobConfig(BaseModel):
     @model_validator(mode="after")
     def _outputs_differ(self) -> CacheJobConfig:
         outputs = [target.output for _, target in self.flagged_targets()]
-        repeated = _first_repeated(outputs)
+        repeated = first_repeated(outputs)
         if repeated is not None:
             raise ValueError(
                 f"{repeated} is the output of two caches of this run (--output, --also, "
                 "--also-deteriorate): give each cache its own"
             )
         kinds = [self.deteriorate, *(target.deteriorate for target in self.also_deteriorate)]
-        twice = _first_repeated([kind for kind in kinds if kind is not None])
+        twice = first_repeated([kind for kind in kinds if kind is not None])
         if twice is not None:
             raise ValueError(
                 f"--also-deteriorate {twice.kind}:{twice.strength:g} is given twice (or is "

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from jobs import project_version
-from jobs.config import PathOrUrl, check_path, comma_separated_ints
+from jobs.config import PathOrUrl, check_path, comma_separated_ints, first_repeated
 from jobs.preflight import (
     INSIDE_A_CACHE,
     check_not_in_a_cache,
@@ -85,7 +85,7 @@ class EvaluateJobConfig(BaseModel):
     @field_validator("deterioration")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
-        caches = [url.rstrip("/") if "://" in url else os.path.realpath(url) for url in value]
+        caches = [_one_spelling(url) for url in value]
         repeated = sorted({value[i] for i, cache in enumerate(caches) if caches.count(cache) > 1})
         if repeated:
             raise ValueError(f"cache(s) given twice: {', '.join(repeated)}; give each once")
@@ -93,11 +93,19 @@ class EvaluateJobConfig(BaseModel):
 
     @field_validator("head")
     @classmethod
-    def _heads_exist(cls, value: list[str]) -> list[str]:
+    def _heads_exist_once(cls, value: list[str]) -> list[str]:
         for path in value:
             if not (Path(path) / "head.json").is_file() and "://" not in path:
                 why = f"{path} is not an exported head (no head.json in it)"
                 raise ValueError(unfinished_run(path) or why)
+        heads = [_one_spelling(path) for path in value]
+        twice = first_repeated(heads)
+        if twice is not None:  # scored and reported twice, as head:<folder>#1 and #2
+            given = list(
+                dict.fromkeys(p for p, head in zip(value, heads, strict=True) if head == twice)
+            )
+            spelled = f" (as {' and '.join(given)})" if len(given) > 1 else ""
+            raise ValueError(f"head {given[0]} is given twice{spelled}: give each head once")
         return value
 
     @field_validator("tsne_classes", mode="before")
@@ -140,6 +148,12 @@ class EvaluateJobConfig(BaseModel):
             device=self.resolved_device(),
             block_bytes=self.block_mb * 2**20,
         )
+
+
+def _one_spelling(url: str) -> str:
+    """``url`` as one spelling of what it names: a local path resolved (``h/``, ``./h`` and a
+    link to ``h`` are ``h``), a URL without its trailing slash."""
+    return url.rstrip("/") if "://" in url else os.path.realpath(url)
 
 
 def run_evaluate(config: EvaluateJobConfig) -> Evaluation:
