@@ -35,6 +35,7 @@ from pipeline.cache.lock import RunLock
 from pipeline.cache.unit import Unit, UnitRunner
 from pipeline.demo.data import write_digit_shards
 from pipeline.demo.synthetic import SyntheticCache, write_synthetic_cache
+from pipeline.head.checkpoint import _provenance_differences
 from pipeline.head.export import load_head
 from pipeline.head.rows import key_fraction
 from pipeline.head.stream import StreamConfig
@@ -405,6 +406,27 @@ def test_resume_refuses_other_settings(cache: str, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         fit_head([cache], str(tmp_path), other, RunOptions(resume=True))
+
+
+def test_resume_refusals_say_each_value_as_it_is_typed(cache: str, tmp_path: Path) -> None:
+    """They said `--hidden: the checkpoint has [64, 64], this run [32]` and `model_kwargs: the
+    checkpoint has None, this run {'global_pool': 'avg'}`: Python's spelling, not the flag's."""
+    config = _config(episodes=3)
+    fit_head([cache], str(tmp_path), config, RunOptions(stop_after=1))
+    schedule = dataclasses.replace(config.schedule, betas=(0.9, 0.95))
+    other = dataclasses.replace(config, hidden=(32,), schedule=schedule)
+    expected = (
+        "(--hidden: the checkpoint has 64,64, this run 32; "
+        "--betas: the checkpoint has 0.8,0.95, this run 0.9,0.95)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        fit_head([cache], str(tmp_path), other, RunOptions(resume=True))
+    unset = {"seed": 0, "ambiguity_key": None}
+    given = {"seed": 0, "ambiguity_key": "ambiguity", "model_kwargs": {"global_pool": "avg"}}
+    assert _provenance_differences([unset], [given]) == [
+        "ambiguity_key: the checkpoint has none, this run ambiguity",
+        'model_kwargs: the checkpoint has none, this run {"global_pool": "avg"}',
+    ]
 
 
 def test_a_damaged_metrics_line_is_named_when_resuming(cache: str, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from pipeline.cache.index import CacheIndex
 from pipeline.cache.manifest import identity, spelled_out
 from pipeline.head.stream import StreamState
+from pipeline.named import as_typed
 from pipeline.retry import exists, make_folder, move_file, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def _differences(
             found += _differences(have, want, f"{prefix}{key}.", flags=flags)
         elif have != want:
             name = f"--{key.replace('_', '-')}" if flags else f"{prefix}{key}"
-            found.append(f"{name}: the checkpoint has {have}, this run {want}")
+            found.append(f"{name}: the checkpoint has {as_typed(have)}, this run {as_typed(want)}")
     return found
 
 
