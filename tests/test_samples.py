@@ -770,3 +770,33 @@ def test_a_sample_of_dotted_member_names_is_told_how_to_name_its_image(tmp_path,
     _read(_write_members(tmp_path / "rgbd.tar", [*members, ("n0.cls", b"1")]))
     advice = " ".join(caplog.text.split())
     assert "--image-key one of depth.png, rgb.png" in advice and "--label-key" not in advice
+
+
+@pytest.mark.parametrize(
+    ("member", "text", "label_key", "advised"),
+    [
+        ("target.cls", b"%d", "cls", "target.cls"),
+        ("cls.txt", b"%d", "cls", "cls.txt"),
+        ("label.txt", b"%d", "label", "label.txt"),
+        ("meta.json", b'{"label": %d}', "json:label", "meta.json:label"),
+    ],
+)
+def test_a_plain_image_with_a_dotted_label_member_is_told_its_label_key(
+    tmp_path, caplog, member, text, label_key, advised
+):
+    """``n0.png`` + ``n0.cls.txt``: each sample was skipped as no_label with no word of the
+    --label-key that reads it, as dotted image names are told theirs."""
+    png = bad_samples()[0].files["png"]
+    members = [
+        (f"n{i}.{name}", data)
+        for i in range(2)
+        for name, data in (("png", png), (member, text % i))
+    ]
+    url = _write_members(tmp_path / "s.tar", members)
+    samples, counts = _read(url, label_key=label_key)
+    assert not samples and counts == {"no_label": 2}
+    advice = " ".join(caplog.text.split())
+    assert f"({label_key}); its label member: --label-key {advised}" in advice, advice
+    followed = re.search(r"its label member: --label-key (\S+)", advice)[1]  # the advice, followed
+    samples, counts = _read(url, label_key=followed)
+    assert [(s.key, s.label) for s in samples] == [("n0", 0), ("n1", 1)] and not counts

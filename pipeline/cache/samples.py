@@ -288,29 +288,6 @@ def _one_of(names: list[str], suffix: str = "") -> str:
     return spelled[0] if len(spelled) == 1 else f"one of {', '.join(spelled)}"
 
 
-def _why(
-    reason: SkipReason, group: dict[str, Any], image_keys: tuple[str, ...], label_key: str
-) -> str:
-    """``reason`` for the sample of files ``group``, in words that say what to change."""
-    files = ", ".join(f".{name}" for name in sorted(group) if not name.startswith("__"))
-    if reason is SkipReason.NO_IMAGE:
-        return (
-            f"no_image: none of its files ({files or 'none'}) is an image by --image-key "
-            f"({'/'.join(image_keys)})"
-        )
-    member, _, field = label_key.partition(":")
-    if reason is SkipReason.NO_LABEL and field and member in group:
-        return f"no_label: its .{member} has no field {field} (--label-key {label_key})"
-    if reason is SkipReason.NO_LABEL:
-        return f"no_label: its files ({files or 'none'}) hold no label by --label-key ({label_key})"
-    return {
-        SkipReason.UNSAFE_NAME: "unsafe_name: its name is absolute, climbs out with '..' or "
-        "is not UTF-8",
-        SkipReason.TOO_LARGE: "too_large: its image member is too large to read",
-        SkipReason.EMPTY_IMAGE: "empty_image: its image member is empty (0 bytes)",
-    }.get(reason, reason.value)
-
-
 def parse_label(data: bytes | None, field: str = "") -> int | None:
     """The non-negative integer in a ``.cls`` file (ASCII digits, whitespace around, a whole
     number's ``.0`` allowed: ``3.0`` is 3, ``3.5`` None), or None.
@@ -471,8 +448,33 @@ class _Skips:
             "skipping %s in %s: %s",
             readable(group["__key__"]),
             self.url,
-            _why(reason, group, self.image_keys, self.label_key),
+            self._why(reason, group),
         )
+
+    def _why(self, reason: SkipReason, group: dict[str, Any]) -> str:
+        """``reason`` for the sample of files ``group``, in words that say what to change."""
+        files = ", ".join(f".{name}" for name in sorted(group) if not name.startswith("__"))
+        if reason is SkipReason.NO_IMAGE:
+            return (
+                f"no_image: none of its files ({files or 'none'}) is an image by --image-key "
+                f"({'/'.join(self.image_keys)})"
+            )
+        member, field = self.label
+        if reason is SkipReason.NO_LABEL and field and member in group:
+            return f"no_label: its .{member} has no field {field} (--label-key {self.label_key})"
+        if reason is SkipReason.NO_LABEL:
+            dotted = self._dotted_label(group)
+            return (
+                f"no_label: its files ({files or 'none'}) hold no label by --label-key "
+                f"({self.label_key})"
+                + (f"; its label member: --label-key {dotted}" if dotted else "")
+            )
+        return {
+            SkipReason.UNSAFE_NAME: "unsafe_name: its name is absolute, climbs out with '..' "
+            "or is not UTF-8",
+            SkipReason.TOO_LARGE: "too_large: its image member is too large to read",
+            SkipReason.EMPTY_IMAGE: "empty_image: its image member is empty (0 bytes)",
+        }.get(reason, reason.value)
 
     def kept(self, key: str) -> None:
         """Note that sample ``key`` is kept: a part of it counted as skipped before is
@@ -497,6 +499,7 @@ class _Skips:
         self.incomplete[key] = reason
         dotted = sorted(s for s in group if s.rsplit(".", 1)[-1] in self.image_keys and "." in s)
         if reason is SkipReason.NO_IMAGE and dotted:
+            label = self._dotted_label(group)
             self._warn(
                 "dots",
                 "%s: sample %r has files %s: a WebDataset key ends at the first dot of a file "
@@ -505,19 +508,18 @@ class _Skips:
                 key,
                 ", ".join(f"{key}.{suffix}" for suffix in dotted[:3]),
                 _one_of(dotted),
-                self._dotted_label(group),
+                f", and its label member: --label-key {label}" if label else "",
             )
         return True
 
-    def _dotted_label(self, group: dict[str, Any]) -> str:
-        """The advice to name sample ``group``'s label member where it lacks the label key's
-        and has members ending in it (``target.cls`` for ``cls``); empty otherwise."""
+    def _dotted_label(self, group: dict[str, Any]) -> str | None:
+        """The ``--label-key`` naming sample ``group``'s label member where it lacks the label
+        key's but has members whose multi-part extension holds it (``target.cls`` or
+        ``cls.txt`` for ``cls``); None otherwise."""
         member, field = self.label
-        found = sorted(s for s in group if s.endswith(f".{member}")) if member not in group else []
-        if not found:
-            return ""
+        found = [] if member in group else sorted(s for s in group if member in s.split("."))
         suffix = f":{field}" if field else ""  # a json label's field stays
-        return f", and its label member: --label-key {_one_of(found, suffix)}"
+        return _one_of(found, suffix) if found else None
 
     def _warn_apart(self, key: str) -> None:
         self._warn(
