@@ -194,9 +194,11 @@ def test_a_remap_past_the_classifiers_classes_is_refused_before_any_work(tmp_pat
 
 def test_every_label_space_the_help_lists_is_one_timm_ships():
     for name in TIMM_SUBSETS:
-        description, names = head_names(name.replace("-", ""))
-        assert len(names) == ImageNetInfo(name).num_classes() >= 1000, name
-        assert description == f"{name.replace('-', '')} (timm {name}, {len(names):,} classes)"
+        spelled = name.replace("-", "")
+        head = head_names(spelled)
+        assert len(head.names) == ImageNetInfo(name).num_classes() >= 1000, name
+        assert head.description == f"{spelled} (timm {name}, {len(head.names):,} classes)"
+        assert head.file is None
 
 
 def test_a_classes_file_that_is_not_a_list_of_names_is_named(tmp_path: Path) -> None:
@@ -219,7 +221,7 @@ def test_a_blank_line_inside_a_synset_file_is_refused_not_dropped(tmp_path: Path
     (tmp_path / "classes.txt").write_text("n01440764\nn01443537\n\n\n")
     assert read_names(str(tmp_path / "classes.txt")) == ["n01440764", "n01443537"]
     with pytest.raises(ValueError, match=r"head.txt: line 2 is blank, and line i names label"):
-        build_remap(read_names(str(tmp_path / "classes.txt")), str(tmp_path / "head.txt"))
+        head_names(str(tmp_path / "head.txt"))
     result = pvu(
         *("label-remap", "--classes", str(tmp_path / "head.txt"), "--head", "imagenet-1k"),
         *("--output", str(tmp_path / "remap.json")),
@@ -236,7 +238,7 @@ def test_a_head_that_names_a_class_twice_is_refused(tmp_path: Path, suffix: str)
     head = tmp_path / f"head.{suffix}"
     head.write_text(json.dumps(names) if suffix == "json" else "\n".join(names))
     with pytest.raises(ValueError, match=r"head\.\w+: 'n01440764' names classes 0 and 2"):
-        build_remap(["n01440764"], str(head))
+        head_names(str(head))
 
 
 def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path: Path) -> None:
@@ -391,7 +393,7 @@ def test_names_in_a_json_list_are_stripped_as_a_text_files_are(tmp_path: Path) -
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     for name in ("classes.json", "classes.txt"):
         assert read_names(str(tmp_path / name)) == ["n01440764", "n01443537", "n15075141"]
-    remap = build_remap(read_names(str(tmp_path / "classes.json")), "imagenet-1k")
+    remap = build_remap(read_names(str(tmp_path / "classes.json")), head_names("imagenet-1k"))
     assert remap.table == [0, 1, 999] and not remap.missing
 
 

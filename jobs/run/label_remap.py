@@ -9,7 +9,6 @@ map to -1: ``pvu cache`` skips their samples as ``label_outside_head``.
 
 from __future__ import annotations
 
-import fsspec
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
@@ -44,8 +43,9 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
     check_storage(config.classes, flag="--classes", must_exist=True)
     check_storage(config.output, flag="--output")
     check_not_in_a_cache(config.output, flag="--output", itself=True)  # a .json/.txt, no Parquet
-    for flag, names in (("--classes", config.classes), ("--head", config.head)):
-        if flag == "--classes" or _is_file(names):  # a --head list's or model's name is no file
+    head = head_names(config.head)
+    for flag, names in (("--classes", config.classes), ("--head", head.file)):
+        if names is not None:  # a --head list's or model's name is no file
             check_not_inside(
                 config.output,
                 names,
@@ -55,24 +55,17 @@ def run_label_remap(config: LabelRemapJobConfig) -> Remap:
                 "of its own",
             )
     classes = unique_names(config.classes, read_names(config.classes), of="labels")
-    remap = build_remap(classes, config.head)
+    remap = build_remap(classes, head)
     refuse_shared_classes(config.classes, remap)  # names alike but for their case
     if len(remap.missing) == len(remap.classes):
         # either side may be at fault: a head file of "n01440764 tench, Tinca tinca" lines, too
-        _, head_classes = head_names(config.head)
         raise ValueError(
             f"no label of {config.classes} is a class of head {remap.head} (labels "
-            f"{_first(remap.classes)}; the head's classes {_first(head_classes)}): both must "
+            f"{_first(remap.classes)}; the head's classes {_first(head.names)}): both must "
             "name a class alike, as a synset alone such as 'n01440764'"
         )
     write_remap(remap, config.output)
     return remap
-
-
-def _is_file(url: str) -> bool:
-    """Whether ``url`` is a file (``--head`` may name one, or a label list or a model)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.isfile(path)
 
 
 def _first(names: list[str]) -> str:

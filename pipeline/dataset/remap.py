@@ -73,11 +73,21 @@ def read_names(url: str) -> list[str]:
     return [name.strip() for name in names]  # a text file's are already
 
 
-def head_names(head: str) -> tuple[str, list[str]]:
-    """(description, synsets) of a head: a synset file, a timm subset name or a timm model."""
+@dataclass(frozen=True)
+class HeadClasses:
+    """A head's label space: what it is (for messages), its classes' synsets in logit order,
+    and the synset file they were read from (None for a list timm ships)."""
+
+    description: str
+    names: list[str]
+    file: str | None = None
+
+
+def head_names(head: str) -> HeadClasses:
+    """The classes of a head: a synset file, a timm subset name or a timm model."""
     fs, path = fsspec.core.url_to_fs(head)
     if fs.isfile(path):
-        return head, unique_names(head, read_names(head), of="classes")
+        return HeadClasses(head, unique_names(head, read_names(head), of="classes"), file=head)
     subset = next((name for name in TIMM_SUBSETS if _spelling(name) == _spelling(head)), None)
     if subset is None:
         config = timm.models.get_pretrained_cfg(head)
@@ -88,7 +98,7 @@ def head_names(head: str) -> tuple[str, list[str]]:
                 f"({', '.join(TIMM_SUBSETS)}) nor a timm model with an ImageNet head"
             )
     names = ImageNetInfo(subset).label_names()
-    return f"{head} (timm {subset}, {len(names):,} classes)", names
+    return HeadClasses(f"{head} (timm {subset}, {len(names):,} classes)", names)
 
 
 #: Why a name may not name two of a list's entries, by what they are.
@@ -117,14 +127,14 @@ def _spelling(name: str) -> str:
     return re.sub(r"[-_\s]", "", name.lower())
 
 
-def build_remap(classes: list[str], head: str) -> Remap:
-    """The remap from label names ``classes`` (label ``i`` is ``classes[i]``) to ``head``; a
-    name the head does not spell so is matched in any case (``N01440764``)."""
-    description, names = head_names(head)
-    index = {name: i for i, name in reversed(list(enumerate(names)))}
-    folded = {name.casefold(): i for i, name in reversed(list(enumerate(names)))}
+def build_remap(classes: list[str], head: HeadClasses) -> Remap:
+    """The remap from label names ``classes`` (label ``i`` is ``classes[i]``) to ``head``'s
+    classes (:func:`head_names`); a name the head does not spell so is matched in any case
+    (``N01440764``)."""
+    index = {name: i for i, name in reversed(list(enumerate(head.names)))}
+    folded = {name.casefold(): i for i, name in reversed(list(enumerate(head.names)))}
     table = [index.get(name, folded.get(name.casefold(), -1)) for name in classes]
-    return Remap(table, classes, description, len(names))
+    return Remap(table, classes, head.description, len(head.names))
 
 
 def refuse_shared_classes(url: str, remap: Remap) -> None:
@@ -151,7 +161,7 @@ def order_mismatch(classes: list[str], head: str) -> tuple[str, bool] | None:
     if all(name == str(label) for label, name in enumerate(classes)):
         return None
     try:
-        _, names = head_names(head)
+        names = head_names(head).names
     except ValueError:
         return None
     shared = not {name.casefold() for name in classes}.isdisjoint(n.casefold() for n in names)
@@ -170,7 +180,7 @@ def remap_mismatch(classes: list[str], table: list[int], head: str) -> str | Non
     does (``--head imagenet-22k`` for a 21,843-class ``imagenet-21k-goog`` classifier: most
     indices off by one or two); None when it sends none so, or ``head`` has no synset list."""
     try:
-        _, names = head_names(head)
+        names = head_names(head).names
     except ValueError:
         return None
     known = {name.casefold() for name in names}  # in any case, as build_remap matches them
