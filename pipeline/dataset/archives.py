@@ -19,7 +19,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.cache.shards import entry_name, is_file_entry, storage_url
 from pipeline.dataset.names import IMAGE_SUFFIXES, file_suffix, is_hidden, readable
@@ -183,6 +182,8 @@ def _sample_file(names: list[str]) -> str | None:
     ``<key>.txt`` beside ``<key>.jpg``), the first such; else None. An image's own sidecar
     (``<key>.jpg.json`` of a Google Takeout, ``<key>.jpg.xmp`` of an editor) and other
     annotations (``<key>.xml``, a VOC box) are no sample's files."""
+    from webdataset.tariterators import base_plus_ext  # imports torch: not for `--help`
+
     labels = [name for name in names if name.lower().endswith(".cls")]
     if labels:
         return labels[0]
