@@ -379,7 +379,9 @@ def test_attach_warns_of_another_classifier_or_image_size_and_refuses_a_compiled
 
 def test_attach_warns_of_a_model_pooled_otherwise_than_its_cache(tmp_path: Path, model) -> None:
     """A head from a cache of timm's default pooling (no model_kwargs) attached silently to a
-    model built with global_pool='avg': another embedding, with no parameter to tell it by."""
+    model built with global_pool='avg': another embedding, with no parameter to tell it by.
+    Hiera's and MambaOut's pooling, which their head keeps as pool_type, went unread: any
+    global_pool attached silently, and a reset_classifier after attaching changed it unwarned."""
     folder = _export(tmp_path / "head")
     averaged = timm.create_model(BACKBONE, pretrained=False, num_classes=10, global_pool="avg")
     with pytest.warns(
@@ -394,6 +396,16 @@ def test_attach_warns_of_a_model_pooled_otherwise_than_its_cache(tmp_path: Path,
                 loss="l2", model_kwargs={"global_pool": "max"})  # fmt: skip
     with pytest.warns(UserWarning, match=r"global_pool='max', but the model has global_pool='avg'"):
         attach_head(timm.create_model("convnext_atto"), str(tmp_path / "convnext"))
+    # Hiera's and MambaOut's head keeps its pooling as pool_type, with no global_pool
+    mambaout = str(tmp_path / "mambaout")
+    narrow = create_head(HeadConfig(embedding_dim=256, hidden=(8,)), seed=0)
+    export_head(narrow, mambaout, backbone="test_mambaout", weights_digest="x", loss="l2")
+    with pytest.warns(UserWarning, match=r"global_pool='avg', but the model has global_pool='max'"):
+        attach_head(timm.create_model("test_mambaout", global_pool="max"), mambaout)
+    attached = attach_head(timm.create_model("test_mambaout").eval(), mambaout)
+    attached.model.reset_classifier(1000, global_pool="max")
+    with pytest.warns(UserWarning, match="global_pool is 'max' since the head was attached"):
+        attached(torch.rand(1, 3, 64, 64))
     # dropout is off in eval mode, where caches are made: the same embeddings without it
     export_head(head, str(tmp_path / "dropout"), backbone="convnext_atto", weights_digest="x",
                 loss="l2", model_kwargs={"drop_rate": 0.3, "drop_path_rate": 0.1})  # fmt: skip

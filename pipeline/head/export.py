@@ -485,11 +485,13 @@ def _check_model_kwargs(model: nn.Module, doc: dict[str, Any], head_dir: str) ->
 
 def _setting(model: nn.Module, name: str) -> str | int | float | bool | None:
     """``model``'s plain attribute ``name``, or its head's (ConvNeXt, RegNet, ... pool there);
-    of timm's pooling module, its ``pool_type``."""
-    value = getattr(model, name, None)
+    of timm's pooling module, its ``pool_type``. ``global_pool`` is also the ``pool_type`` a
+    head keeps without a pooling module (timm's ``ClNormMlpClassifierHead``: Hiera, MambaOut)."""
     head = getattr(model, "head", None)
-    if value is None and isinstance(head, nn.Module):
-        value = getattr(head, name, None)
+    owners = [model, head] if isinstance(head, nn.Module) else [model]
+    names = [name, "pool_type"] if name == "global_pool" else [name]
+    found = (getattr(owner, attr, None) for attr in names for owner in owners)
+    value = next((value for value in found if value is not None), None)
     if isinstance(value, nn.Module):
         value = getattr(value, "pool_type", None)
     return value if isinstance(value, (str, int, float, bool)) else None
