@@ -41,7 +41,6 @@ class Remap:
     table: list[int]
     classes: list[str]
     head: str
-    head_size: int
 
     @property
     def missing(self) -> list[str]:
@@ -134,7 +133,7 @@ def build_remap(classes: list[str], head: HeadClasses) -> Remap:
     index = {name: i for i, name in reversed(list(enumerate(head.names)))}
     folded = {name.casefold(): i for i, name in reversed(list(enumerate(head.names)))}
     table = [index.get(name, folded.get(name.casefold(), -1)) for name in classes]
-    return Remap(table, classes, head.description, len(head.names))
+    return Remap(table, classes, head.description)
 
 
 def refuse_shared_classes(url: str, remap: Remap) -> None:
